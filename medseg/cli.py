@@ -1,0 +1,180 @@
+"""``medseg`` command line: parses arguments and dispatches; heavy imports happen inside commands.
+
+Exit codes: 0 success, 1 the work failed (data errors, a failed run), 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("medseg")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML config, e.g. configs/demo_segmentation.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_epochs=5 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description="Medical imaging pipelines on MONAI + MLflow.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the pipeline of a config (verify, train, evaluate, log the model)")
+    _add_config_args(run)
+    run.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                     help="continue the newest unfinished run under output_dir, or the given run directory")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+
+    validate = sub.add_parser("validate", help="check a config (keys, values, model) without running it")
+    _add_config_args(validate)
+
+    verify = sub.add_parser("verify", help="check a data manifest: files, geometry, labels, leakage")
+    verify.add_argument("manifest", type=Path)
+    verify.add_argument("--root", type=Path, help="data root (default: from --config, else $MEDSEG_DATA_ROOT)")
+    verify.add_argument("--config", type=Path, help="take the data root and label map from this config")
+    verify.add_argument("--labels", help="allowed label values, comma-separated, e.g. 0,1,2")
+    verify.add_argument("--report", type=Path, help="where to write the JSON report (default: beside the manifest)")
+    verify.add_argument("--no-progress", action="store_true")
+
+    manifest = sub.add_parser("manifest", help="data manifests")
+    msub = manifest.add_subparsers(dest="manifest_command")
+    build = msub.add_parser("build", help="build a manifest from an MSD/nnU-Net or images/labels folder")
+    build.add_argument("--from", dest="source", type=Path, required=True, help="dataset folder (the data root)")
+    build.add_argument("--out", type=Path, required=True, help="CSV to write, e.g. data_manifests/mydata.csv")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--val-fraction", type=float, default=0.2)
+    build.add_argument("--test-fraction", type=float, default=0.0)
+    build.add_argument("--folds", type=int, help="k folds instead of a train/val split")
+    build.add_argument("--subject-pattern", help="regex with a (?P<subject>...) group applied to case ids")
+    build.add_argument("--limit", type=int, help="keep only the first N cases")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _quiet_third_parties()
+    if args.version:
+        import medseg
+
+        print(medseg.__version__)
+        return EXIT_OK
+    handlers = {"run": _cmd_run, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest}
+    if args.command not in handlers:
+        parser.print_help()
+        return EXIT_USAGE
+    from medseg.config import ConfigError
+    from medseg.data.manifest import ManifestError
+    from medseg.models import ModelError
+
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, ManifestError, ModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _quiet_third_parties() -> None:
+    warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("mlflow", "alembic", "urllib3", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from medseg.config import load_config
+    from medseg.data.verify import DataVerificationError
+    from medseg.runner import RunError, run_pipeline
+    from pipelines import PIPELINES
+
+    cfg = load_config(args.config, args.overrides)
+    resume = Path(args.resume) if isinstance(args.resume, str) else bool(args.resume)
+    try:
+        summary_path = run_pipeline(cfg, PIPELINES[str(cfg.task)], resume=resume, progress=not args.no_progress)
+    except (DataVerificationError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    summary = json.loads(summary_path.read_text())
+    shown = {k: v for k, v in summary["metrics"].items() if k.endswith("dice_mean") or k.startswith("test/dice")}
+    print(f"run {summary['run_id']} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
+    print(f"model: {summary['model_uri']}")
+    print(f"MLflow UI: {summary['mlflow_ui']}")
+    print(f"summary: {summary_path}")
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from medseg.config import load_config
+    from medseg.training.segmentation import build_network
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_network(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.config}: valid ({cfg.task}, model {cfg.model.name} with {params / 1e6:.2f} M parameters, "
+          f"patch {list(cfg.patch.size)}, manifest {cfg.data.manifest})")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from medseg.config import DATA_ROOT_ENV, ConfigError, load_config
+    from medseg.data.verify import verify_manifest
+
+    labels: list[int] | None = None
+    root = args.root
+    if args.config:
+        cfg = load_config(args.config)
+        labels = list(cfg.data.labels)
+        root = root or cfg.data.resolved_root()
+    if args.labels:
+        try:
+            labels = [int(v) for v in args.labels.split(",")]
+        except ValueError:
+            raise ConfigError(f"--labels {args.labels!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if root is None:
+        import os
+
+        env = os.environ.get(DATA_ROOT_ENV)
+        if not env:
+            raise ConfigError(f"verify: no data root; pass --root DIR, --config CONFIG or set ${DATA_ROOT_ENV}")
+        root = Path(env)
+    if labels is None:
+        log.warning("no label map given (--labels or --config): label values are not checked")
+    report = verify_manifest(args.manifest, root, labels if labels is not None else range(2**16),
+                             progress=not args.no_progress)
+    report_path = report.write(args.report or args.manifest.with_suffix(".verify.json"))
+    print(report.summary())
+    print(f"report: {report_path}")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from medseg.data.manifest import build_manifest
+
+    if args.manifest_command != "build":
+        build_parser().parse_args(["manifest", "--help"])
+        return EXIT_USAGE
+    manifest = build_manifest(args.source, args.out, seed=args.seed, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction, folds=args.folds,
+                              subject_pattern=args.subject_pattern, limit=args.limit)
+    splits = Counter(c.split if c.fold is None or c.fold < 0 else f"fold {c.fold}" for c in manifest.cases)
+    print(f"{args.out}: {len(manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in sorted(splits.items()))}); "
+          f"paths relative to {args.source}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""Typed run configuration: YAML in, validated pydantic objects out, at one boundary.
+
+Everything downstream sees attributes, never string keys. Unknown keys are errors that
+suggest the nearest valid key ("did you mean"), the way MONAI's ``look_up_option`` does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Environment variable that supplies ``data.root`` when the config leaves it empty.
+DATA_ROOT_ENV = "MEDSEG_DATA_ROOT"
+
+
+class StrEnum(str, Enum):
+    """String enum that prints as its value (``enum.StrEnum`` needs Python 3.11)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid :class:`RunConfig`."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class Task(StrEnum):
+    SEGMENTATION = "segmentation"
+
+
+class CacheMode(StrEnum):
+    MEMORY = "memory"
+    DISK = "disk"
+    NONE = "none"
+
+
+class IntensityMode(StrEnum):
+    ZSCORE = "zscore"
+    CT_WINDOW = "ct_window"
+    PERCENTILE = "percentile"
+    NONE = "none"
+
+
+class PatchSampler(StrEnum):
+    POS_NEG = "pos_neg"
+    PER_CLASS = "per_class"
+    UNIFORM = "uniform"
+
+
+class LossName(StrEnum):
+    DICE_CE = "dice_ce"
+    DICE = "dice"
+    DICE_FOCAL = "dice_focal"
+
+
+class OptimizerName(StrEnum):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class ScheduleName(StrEnum):
+    COSINE = "cosine"
+    POLY = "poly"
+    CONSTANT = "constant"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"  # fp16 autocast + GradScaler on CUDA, fp32 on CPU
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast on CUDA or on CPUs with native bf16
+    FP16 = "fp16"
+
+
+class DataConfig(_Strict):
+    manifest: Path
+    root: Path | None = Field(
+        default=None, description=f"Folder the manifest's relative paths start from; else ${DATA_ROOT_ENV}."
+    )
+    labels: dict[int, str] = Field(description="Label value -> name; 0 must be the background.")
+    channels: list[str] = Field(default_factory=lambda: ["image"], description="Names of input channels.")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    fold: int | None = Field(default=None, description="With fold-based manifests: this fold validates.")
+    cache: CacheMode = CacheMode.MEMORY
+    cache_dir: Path | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _background_first(cls, labels: dict[int, str]) -> dict[int, str]:
+        if 0 not in labels:
+            raise ValueError("data.labels must map 0 to the background name, e.g. {0: background, 1: tumour}")
+        if len(labels) < 2:
+            raise ValueError("data.labels needs at least one foreground label besides 0")
+        expected = list(range(len(labels)))
+        if sorted(labels) != expected:
+            raise ValueError(f"data.labels keys must be consecutive from 0; got {sorted(labels)}, expected {expected}")
+        if len(set(labels.values())) != len(labels):
+            raise ValueError(f"data.labels names must be unique; got {list(labels.values())}")
+        return labels
+
+    def resolved_root(self) -> Path:
+        """Data root from config, else the environment; relative paths start at the working directory."""
+        if self.root is not None:
+            return self.root
+        env = os.environ.get(DATA_ROOT_ENV)
+        if env:
+            return Path(env)
+        raise ConfigError(
+            f"No data root: set data.root in the config, pass --set data.root=/path/to/data, "
+            f"or export {DATA_ROOT_ENV}=/path/to/data"
+        )
+
+
+class IntensityConfig(_Strict):
+    mode: IntensityMode = IntensityMode.ZSCORE
+    window: tuple[float, float] | None = Field(default=None, description="CT window [low, high] in HU.")
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    nonzero: bool = Field(default=False, description="z-score over non-zero voxels only (skull-stripped MR).")
+
+    @model_validator(mode="after")
+    def _window_needed(self) -> IntensityConfig:
+        if self.mode == IntensityMode.CT_WINDOW and self.window is None:
+            raise ValueError("preprocess.intensity.window is required with mode: ct_window, e.g. [-160, 240]")
+        if self.window is not None and self.window[0] >= self.window[1]:
+            raise ValueError(f"preprocess.intensity.window must be [low, high] with low < high; got {self.window}")
+        return self
+
+
+class PreprocessConfig(_Strict):
+    orientation: str | None = "RAS"
+    spacing: tuple[float, ...] | None = Field(default=None, description="Target spacing in mm; null keeps native.")
+    intensity: IntensityConfig = IntensityConfig()
+    crop_foreground: bool = False
+
+
+class _Aug(_Strict):
+    prob: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class FlipAug(_Aug):
+    name: Literal["flip"]
+    axes: list[int] | None = Field(default=None, description="Spatial axes; null flips each axis independently.")
+
+
+class Rot90Aug(_Aug):
+    name: Literal["rot90"]
+    max_k: int = 3
+    axes: tuple[int, int] = (0, 1)
+
+
+class AffineAug(_Aug):
+    name: Literal["affine"]
+    rotate_deg: float = 15.0
+    scale: float = 0.1
+    translate: float = 0.0
+
+
+class ElasticAug(_Aug):
+    name: Literal["elastic"]
+    sigma: tuple[float, float] = (5.0, 8.0)
+    magnitude: tuple[float, float] = (50.0, 150.0)
+
+
+class NoiseAug(_Aug):
+    name: Literal["noise"]
+    std: float = 0.1
+
+
+class GammaAug(_Aug):
+    name: Literal["gamma"]
+    gamma: tuple[float, float] = (0.7, 1.5)
+
+
+class ContrastAug(_Aug):
+    name: Literal["contrast"]
+    scale: float = 0.25
+    shift: float = 0.1
+
+
+class BiasFieldAug(_Aug):
+    name: Literal["bias_field"]
+    coeff_range: tuple[float, float] = (0.0, 0.1)
+
+
+class KSpaceSpikeAug(_Aug):
+    name: Literal["kspace_spike"]
+    intensity_range: tuple[float, float] = (0.95, 1.10)
+
+
+class GibbsAug(_Aug):
+    name: Literal["gibbs"]
+    alpha: tuple[float, float] = (0.0, 0.6)
+
+
+AugmentConfig = Annotated[
+    Union[  # noqa: UP007 - pydantic discriminated unions read best spelled out
+        FlipAug, Rot90Aug, AffineAug, ElasticAug, NoiseAug, GammaAug, ContrastAug, BiasFieldAug, KSpaceSpikeAug, GibbsAug
+    ],
+    Field(discriminator="name"),
+]
+
+
+class PatchConfig(_Strict):
+    size: tuple[int, ...]
+    samples_per_volume: int = Field(default=2, ge=1)
+    sampler: PatchSampler = PatchSampler.POS_NEG
+    pos_fraction: float = Field(default=0.67, ge=0.0, le=1.0)
+
+
+class ModelConfig(_Strict):
+    name: str = "unet"
+    spatial_dims: Literal[2, 3] = 3
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] | None = Field(default=None, description="Default: 2 between every level.")
+    num_res_units: int = 1
+    norm: str = "instance"
+    dropout: float = 0.0
+    deep_supervision: bool = False
+
+
+class LossConfig(_Strict):
+    name: LossName = LossName.DICE_CE
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+
+
+class OptimConfig(_Strict):
+    name: OptimizerName = OptimizerName.ADAMW
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = 1e-5
+    momentum: float = 0.99
+    schedule: ScheduleName = ScheduleName.COSINE
+    warmup_fraction: float = Field(default=0.02, ge=0.0, lt=1.0)
+    min_lr_fraction: float = 0.01
+
+
+class TrainConfig(_Strict):
+    max_epochs: int = Field(default=100, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0, description="Wall-clock budget for training.")
+    batch_size: int = Field(default=2, ge=1)
+    iterations_per_epoch: int | None = Field(default=None, ge=1)
+    val_interval: int = Field(default=1, ge=1)
+    early_stopping_patience: int | None = Field(default=None, ge=1, description="In validations, not epochs.")
+    device: str = "auto"
+    precision: Precision = Precision.AUTO
+    num_workers: int | None = Field(default=None, ge=0, description="null picks from the core count.")
+    num_threads: int | None = Field(default=None, ge=1)
+    grad_clip: float | None = 12.0
+
+
+class ValidationConfig(_Strict):
+    overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
+    sw_batch_size: int = 4
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    hd95: bool = True
+    overlays: int = Field(default=3, ge=0)
+
+
+class TrackingConfig(_Strict):
+    uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "medseg"
+    run_name: str | None = None
+    register_model_as: str | None = None
+
+
+class RunConfig(_Strict):
+    task: Task = Task.SEGMENTATION
+    seed: int = 0
+    output_dir: Path = Path("runs/medseg")
+    data: DataConfig
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: list[AugmentConfig] = Field(default_factory=list)
+    patch: PatchConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    validation: ValidationConfig = ValidationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _dims_agree(self) -> RunConfig:
+        dims = self.model.spatial_dims
+        if len(self.patch.size) != dims:
+            raise ValueError(f"patch.size has {len(self.patch.size)} values but model.spatial_dims is {dims}")
+        if self.preprocess.spacing is not None and len(self.preprocess.spacing) != dims:
+            raise ValueError(
+                f"preprocess.spacing has {len(self.preprocess.spacing)} values but model.spatial_dims is {dims}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate it.
+
+    Args:
+        path: YAML file.
+        overrides: strings like ``train.max_epochs=5``; the value is parsed as YAML.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, an override is malformed, or a key or value
+            is invalid (unknown keys name the closest valid key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path} (working directory {Path.cwd()})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` inside a nested dict (list items by index, ``augment.0.prob=0.2``)."""
+    key, sep, value_text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_epochs=5")
+    value = yaml.safe_load(value_text) if value_text.strip() else None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: depth + 1])]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])} is a value, not a section")
+
+
+def _list_index(node: list[Any], part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set: {'.'.join(parts)}: expected a list index below {len(node)}, got {part!r}")
+    return int(part)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Validate a plain dict into a :class:`RunConfig`, rewriting pydantic errors for people."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe_error(e) for e in err.errors()]
+        raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
+
+
+def _describe_error(error: Any) -> str:
+    loc = [p for p in error["loc"]]
+    dotted = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys_at(RunConfig, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        suggestion = f"; did you mean {'.'.join(str(p) for p in [*_public(loc[:-1]), hint[0]])!r}?" if hint else ""
+        return f"unknown key {'.'.join(str(p) for p in _public(loc))!r}{suggestion} Valid keys here: {sorted(valid)}"
+    if error["type"] == "missing":
+        return f"{'.'.join(str(p) for p in _public(loc))}: required key is missing"
+    return f"{'.'.join(str(p) for p in _public(loc)) or dotted}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _public(loc: list[Any]) -> list[Any]:
+    """Drop pydantic's union-tag entries (``augment.0.flip.prob`` -> ``augment.0.prob``)."""
+    out: list[Any] = []
+    for i, part in enumerate(loc):
+        if i > 0 and isinstance(loc[i - 1], int) and isinstance(part, str) and part in _AUG_TAGS:
+            continue
+        out.append(part)
+    return out
+
+
+def _valid_keys_at(model: Any, loc: list[Any]) -> list[str]:
+    """Walk annotations along ``loc`` to the model that rejected the key and list its fields."""
+    node: Any = model
+    for part in loc:
+        node = _unwrap(node)
+        if isinstance(part, int):
+            continue
+        if isinstance(node, dict):  # discriminated union: tag -> model
+            node = node.get(part, node)
+            continue
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+    node = _unwrap(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Reduce Optional/list/dict/Annotated annotations to a model, or a tag->model map for unions."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (list, tuple):
+            annotation = typing.get_args(annotation)[0]
+        elif origin is dict:
+            annotation = typing.get_args(annotation)[1]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+            if len(models) > 1:
+                return {typing.get_args(m.model_fields["name"].annotation)[0]: m for m in models}
+            annotation = members[0] if len(members) == 1 else (models[0] if models else members[0])
+        else:
+            return annotation
+
+
+_AUG_TAGS = set(_unwrap(AugmentConfig))
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """JSON-friendly dict of a config (paths and enums as strings)."""
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: RunConfig, path: Path) -> Path:
+    """Write the resolved config as YAML (atomically) and return its path."""
+    from medseg.io.atomic import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists of mappings are indexed (``augment.0.name``)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}.{i}."))
+        else:
+            out[name] = value
+    return out

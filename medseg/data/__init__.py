@@ -1,0 +1,1 @@
+"""Manifests, integrity checks and datasets."""

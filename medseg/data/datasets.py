@@ -1,0 +1,41 @@
+"""Datasets from manifests: records for MONAI dictionary transforms, cached per config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose
+
+from medseg.config import CacheMode, DataConfig
+from medseg.data.manifest import Case
+
+
+def records(cases: Sequence[Case], root: Path, with_label: bool = True) -> list[dict[str, Any]]:
+    """One dict per case for dictionary transforms (several channels -> a list of paths)."""
+    out = []
+    for case in cases:
+        images = [str(p) for p in case.image_paths(root)]
+        item: dict[str, Any] = {"image": images[0] if len(images) == 1 else images, "case_id": case.case_id}
+        label = case.label_path(root)
+        if with_label and label is not None:
+            item["label"] = str(label)
+        out.append(item)
+    return out
+
+
+def make_dataset(items: list[dict[str, Any]], transform: Compose, cfg: DataConfig, cache_dir: Path,
+                 progress: bool = True, workers: int | None = None) -> Dataset:
+    """A dataset that caches the deterministic prefix of ``transform`` as configured.
+
+    ``memory`` keeps preprocessed volumes in RAM (MONAI ``CacheDataset``), ``disk`` stores them
+    in ``cache_dir`` (``PersistentDataset``, keyed by a hash of each record), ``none`` redoes the work.
+    """
+    if cfg.cache == CacheMode.MEMORY:
+        return CacheDataset(items, transform, cache_rate=1.0, num_workers=workers, progress=progress)
+    if cfg.cache == CacheMode.DISK:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform, cache_dir=cache_dir)
+    return Dataset(items, transform)

@@ -1,0 +1,343 @@
+"""Data manifests: one CSV row per case with paths, split/fold, subject and content hashes.
+
+Columns: ``case_id, image, label, split, fold, subject_id, image_sha256, label_sha256``.
+Several input channels are ``;``-separated in ``image`` (and, in the same order, in
+``image_sha256``). Paths are relative to a data root given in the config or ``$MEDSEG_DATA_ROOT``,
+so one manifest serves every machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from medseg.io.atomic import atomic_write_text
+from medseg.io.readers import NIFTI_SUFFIXES, VOLUME_SUFFIXES
+
+COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
+REQUIRED_COLUMNS = ("case_id", "image", "split")
+CHANNEL_SEP = ";"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read or built; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of a manifest."""
+
+    case_id: str
+    images: tuple[str, ...]
+    label: str | None
+    split: str
+    fold: int | None = None
+    subject_id: str | None = None
+    image_sha256: tuple[str, ...] = ()
+    label_sha256: str | None = None
+
+    @property
+    def subject(self) -> str:
+        return self.subject_id or self.case_id
+
+    def image_paths(self, root: Path) -> list[Path]:
+        return [root / p for p in self.images]
+
+    def label_path(self, root: Path) -> Path | None:
+        return root / self.label if self.label else None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path | None
+    cases: tuple[Case, ...]
+
+    def split(self, name: str) -> list[Case]:
+        return [c for c in self.cases if c.split == name]
+
+    def select(self, split: str, fold: int | None = None, role: str = "train") -> list[Case]:
+        """Cases of a split; with ``fold`` set, ``train`` means all other folds and ``val`` that fold."""
+        if fold is None:
+            return self.split(split)
+        pool = [c for c in self.cases if c.fold is not None and c.fold >= 0]
+        return [c for c in pool if (c.fold == fold) == (role == "val")]
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a DICOM folder's sorted member hashes."""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.iterdir() if p.is_file()):
+            digest.update(child.name.encode())
+            digest.update(sha256_of(child).encode())
+        return digest.hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the manifest's own identity in MLflow tags)."""
+    return sha256_of(path)
+
+
+# ------------------------------------------------------------------------------------ read/write
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and check a manifest CSV.
+
+    Raises:
+        ManifestError: missing file, missing columns, empty or duplicate case ids, bad fold values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(
+            f"Manifest not found: {path}. Build one with `medseg manifest build --from DATA_DIR --out {path}`."
+        )
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ManifestError(f"{path}: missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}, got {header}")
+        unknown = [c for c in header if c not in COLUMNS]
+        if unknown:
+            raise ManifestError(f"{path}: unknown column(s) {unknown}; valid columns are {list(COLUMNS)}")
+        cases: list[Case] = []
+        seen: dict[str, int] = {}
+        for line_no, row in enumerate(reader, start=2):
+            case_id = (row.get("case_id") or "").strip()
+            if not case_id:
+                raise ManifestError(f"{path}:{line_no}: empty case_id")
+            if case_id in seen:
+                raise ManifestError(f"{path}:{line_no}: case_id {case_id!r} already used on line {seen[case_id]}")
+            seen[case_id] = line_no
+            images = tuple(p.strip() for p in (row.get("image") or "").split(CHANNEL_SEP) if p.strip())
+            if not images:
+                raise ManifestError(f"{path}:{line_no}: case {case_id!r} has no image path")
+            fold_text = (row.get("fold") or "").strip()
+            try:
+                fold = int(fold_text) if fold_text else None
+            except ValueError:
+                raise ManifestError(f"{path}:{line_no}: fold must be an integer, got {fold_text!r}") from None
+            hashes = tuple(h.strip() for h in (row.get("image_sha256") or "").split(CHANNEL_SEP) if h.strip())
+            cases.append(
+                Case(
+                    case_id=case_id,
+                    images=images,
+                    label=(row.get("label") or "").strip() or None,
+                    split=(row.get("split") or "").strip(),
+                    fold=fold,
+                    subject_id=(row.get("subject_id") or "").strip() or None,
+                    image_sha256=hashes,
+                    label_sha256=(row.get("label_sha256") or "").strip() or None,
+                )
+            )
+    if not cases:
+        raise ManifestError(f"{path}: no cases (only a header line)")
+    return Manifest(path=path, cases=tuple(cases))
+
+
+def write_manifest(manifest: Manifest | Sequence[Case], path: str | Path) -> Path:
+    """Write a manifest CSV atomically."""
+    cases = manifest.cases if isinstance(manifest, Manifest) else tuple(manifest)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for c in cases:
+        writer.writerow(
+            [
+                c.case_id,
+                CHANNEL_SEP.join(c.images),
+                c.label or "",
+                c.split,
+                "" if c.fold is None else c.fold,
+                c.subject_id or "",
+                CHANNEL_SEP.join(c.image_sha256),
+                c.label_sha256 or "",
+            ]
+        )
+    return atomic_write_text(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------ discovery
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _volumes_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES) and not p.name.startswith("."))
+
+
+def discover_cases(root: Path) -> list[Case]:
+    """Find image/label pairs under ``root`` in MSD, nnU-Net v2 or plain images/labels layout.
+
+    Raises:
+        ManifestError: the folder matches none of the layouts, or an image/label pair is incomplete.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"--from {root}: not a folder")
+    dataset_json = root / "dataset.json"
+    if (root / "imagesTr").is_dir():
+        meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else {}
+        if isinstance(meta.get("training"), list) and meta["training"]:
+            return _from_msd_json(root, meta["training"])
+        return _from_nnunet_folders(root, root / "imagesTr", root / "labelsTr")
+    for images_name, labels_name in (("images", "labels"), ("imgs", "masks"), ("images", "masks")):
+        if (root / images_name).is_dir():
+            return _from_nnunet_folders(root, root / images_name, root / labels_name, channel_suffix=False)
+    raise ManifestError(
+        f"{root}: no known layout. Expected imagesTr/ + labelsTr/ (MSD or nnU-Net, optional dataset.json) "
+        "or images/ + labels/ folders holding files with the same names."
+    )
+
+
+def _from_msd_json(root: Path, training: list[dict[str, str]]) -> list[Case]:
+    cases = []
+    for item in training:
+        image = Path(item["image"])
+        label = Path(item["label"]) if item.get("label") else None
+        if not (root / image).exists():
+            raise ManifestError(f"{root / 'dataset.json'}: lists {image} but {root / image} does not exist")
+        case_id = _strip_suffix(image.name)
+        cases.append(Case(case_id, (image.as_posix().lstrip("./"),), label.as_posix().lstrip("./") if label else None, ""))
+    return cases
+
+
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _from_nnunet_folders(root: Path, images: Path, labels: Path, channel_suffix: bool = True) -> list[Case]:
+    grouped: dict[str, list[Path]] = {}
+    for path in _volumes_in(images):
+        stem = _strip_suffix(path.name)
+        match = _CHANNEL_RE.match(stem) if channel_suffix else None
+        grouped.setdefault(match["case"] if match else stem, []).append(path)
+    if not grouped:
+        raise ManifestError(f"{images}: no image files ({', '.join(VOLUME_SUFFIXES)})")
+    label_files = {_strip_suffix(p.name): p for p in _volumes_in(labels)} if labels.is_dir() else {}
+    cases = []
+    for case_id, paths in sorted(grouped.items()):
+        label = label_files.get(case_id)
+        cases.append(
+            Case(
+                case_id,
+                tuple(p.relative_to(root).as_posix() for p in sorted(paths)),
+                label.relative_to(root).as_posix() if label else None,
+                "",
+            )
+        )
+    orphans = sorted(set(label_files) - set(grouped))
+    if orphans:
+        raise ManifestError(f"{labels}: label(s) without an image: {orphans[:5]}{' ...' if len(orphans) > 5 else ''}")
+    return cases
+
+
+# ------------------------------------------------------------------------------------ splitting
+
+
+def assign_splits(
+    cases: Iterable[Case],
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    folds: int | None = None,
+) -> list[Case]:
+    """Seeded split grouped by subject, so one subject's cases never straddle two splits.
+
+    With ``folds`` the non-test subjects get fold numbers 0..k-1 and split ``train``; each fold
+    validates in turn (``data.fold``). Otherwise subjects go to train/val/test by fraction.
+    """
+    cases = list(cases)
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ManifestError(f"val ({val_fraction}) and test ({test_fraction}) fractions must be >= 0 and sum below 1")
+    subjects = sorted({c.subject for c in cases})
+    random.Random(seed).shuffle(subjects)
+    n = len(subjects)
+    n_test = round(n * test_fraction)
+    test = set(subjects[:n_test])
+    rest = subjects[n_test:]
+    out: list[Case] = []
+    if folds:
+        if folds < 2 or folds > len(rest):
+            raise ManifestError(f"--folds {folds}: need 2 <= folds <= number of non-test subjects ({len(rest)})")
+        fold_of = {s: i % folds for i, s in enumerate(rest)}
+        for c in cases:
+            if c.subject in test:
+                out.append(replace(c, split="test", fold=-1))
+            else:
+                out.append(replace(c, split="train", fold=fold_of[c.subject]))
+        return out
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    val = set(rest[:n_val])
+    for c in cases:
+        split = "test" if c.subject in test else "val" if c.subject in val else "train"
+        out.append(replace(c, split=split))
+    return out
+
+
+def build_manifest(
+    source: Path,
+    out: Path,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    folds: int | None = None,
+    subject_pattern: str | None = None,
+    limit: int | None = None,
+) -> Manifest:
+    """Discover cases under ``source``, hash them, split them and write ``out``.
+
+    Args:
+        source: dataset folder (the data root; manifest paths are relative to it).
+        out: CSV to write.
+        seed: split seed.
+        val_fraction, test_fraction, folds: see :func:`assign_splits`.
+        subject_pattern: regex with a group ``subject`` applied to the case id (e.g.
+            ``(?P<subject>[^_]+)_``); default: each case is its own subject.
+        limit: keep only the first N cases (sorted by id), e.g. for a demo subset.
+    """
+    cases = sorted(discover_cases(source), key=lambda c: c.case_id)
+    if limit:
+        cases = cases[:limit]
+    if subject_pattern:
+        regex = re.compile(subject_pattern)
+        with_subjects = []
+        for c in cases:
+            match = regex.search(c.case_id)
+            if not match or "subject" not in match.groupdict():
+                raise ManifestError(f"--subject-pattern {subject_pattern!r} finds no 'subject' group in {c.case_id!r}")
+            with_subjects.append(replace(c, subject_id=match["subject"]))
+        cases = with_subjects
+    hashed = [
+        replace(
+            c,
+            image_sha256=tuple(sha256_of(source / p) for p in c.images),
+            label_sha256=sha256_of(source / c.label) if c.label else None,
+        )
+        for c in cases
+    ]
+    split = assign_splits(hashed, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, folds=folds)
+    manifest = Manifest(path=Path(out), cases=tuple(split))
+    write_manifest(manifest, out)
+    return manifest
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)

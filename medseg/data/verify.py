@@ -1,0 +1,295 @@
+"""Dataset integrity checks, run by ``medseg verify`` and as the first stage of every pipeline.
+
+Each finding names the case, the file(s), what was expected and what was found (nnU-Net's
+``verify_dataset_integrity`` style). Errors block a run; warnings are reported and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medseg.data.manifest import Case, Manifest, file_sha256, read_manifest, sha256_of
+from medseg.io.atomic import atomic_write_text
+from medseg.io.geometry import Geometry, geometry_of
+from medseg.io.readers import VolumeReadError, load_volume
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # "error" | "warning"
+    check: str
+    case_id: str
+    files: list[str]
+    expected: str
+    got: str
+    message: str
+
+    def __str__(self) -> str:
+        files = ", ".join(self.files)
+        return (
+            f"[{self.severity.upper()}] {self.check}: case {self.case_id}: {self.message}\n"
+            f"    Expected: {self.expected}\n    Got:      {self.got}\n    Files:    {files}"
+        )
+
+
+@dataclass
+class VerifyReport:
+    manifest: str
+    manifest_sha256: str
+    n_cases: int
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "manifest": self.manifest,
+            "manifest_sha256": self.manifest_sha256,
+            "n_cases": self.n_cases,
+            "ok": self.ok,
+            "n_errors": len(self.errors),
+            "n_warnings": len(self.warnings),
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+    def write(self, path: Path) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2))
+
+    def summary(self) -> str:
+        head = f"verify {self.manifest}: {self.n_cases} cases, {len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+        return "\n".join([head, *(str(f) for f in self.findings)])
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    spacing: float = 1e-3  # relative
+    origin_mm: float = 1e-2
+    direction: float = 1e-3
+
+
+class DataVerificationError(RuntimeError):
+    """Verification found errors; the run stops before any training."""
+
+    def __init__(self, report: VerifyReport, report_path: Path | None):
+        self.report = report
+        self.report_path = report_path
+        where = f" Full report: {report_path}" if report_path else ""
+        shown = "\n".join(str(f) for f in report.errors[:10])
+        more = f"\n... and {len(report.errors) - 10} more" if len(report.errors) > 10 else ""
+        super().__init__(f"Data verification failed with {len(report.errors)} error(s).{where}\n{shown}{more}")
+
+
+def verify_manifest(
+    manifest: Manifest | str | Path,
+    root: Path,
+    label_values: Sequence[int],
+    require_labels_for: Sequence[str] = ("train", "val"),
+    tolerance: Tolerance = Tolerance(),
+    check_hashes: bool = True,
+    progress: bool = True,
+    workers: int | None = None,
+) -> VerifyReport:
+    """Check every case of a manifest and the manifest as a whole.
+
+    Args:
+        manifest: a manifest or the path of its CSV.
+        root: data root the manifest's paths are relative to.
+        label_values: allowed label values (the config's label map keys).
+        require_labels_for: splits whose cases must have a label.
+        tolerance: geometry tolerances between image channels and label.
+        check_hashes: compare files with the sha256 recorded in the manifest.
+        progress: show a progress bar.
+        workers: reader threads (default: the core count).
+
+    Returns:
+        The report; ``report.ok`` is False when any error was found.
+    """
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    manifest_hash = file_sha256(manifest.path) if manifest.path else ""
+    report = VerifyReport(str(manifest.path), manifest_hash, len(manifest.cases))
+    report.findings.extend(_cross_case_checks(manifest))
+    allowed = set(int(v) for v in label_values)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+
+    def check(case: Case) -> list[Finding]:
+        return _check_case(case, root, allowed, set(require_labels_for), tolerance, check_hashes)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(check, manifest.cases)
+        for findings in tqdm(results, total=len(manifest.cases), desc="verify", disable=not progress, unit="case"):
+            report.findings.extend(findings)
+    return report
+
+
+def _cross_case_checks(manifest: Manifest) -> list[Finding]:
+    findings: list[Finding] = []
+    by_hash: dict[str, list[tuple[Case, str]]] = defaultdict(list)
+    for case in manifest.cases:
+        for path, digest in zip(case.images, case.image_sha256):
+            by_hash[digest].append((case, path))
+    for digest, entries in by_hash.items():
+        if len(entries) < 2:
+            continue
+        splits = {c.split for c, _ in entries}
+        ids = [c.case_id for c, _ in entries]
+        files = [p for _, p in entries]
+        if len(splits) > 1:
+            findings.append(
+                Finding("error", "leak_duplicate_file", ids[0], files, "each file in one split only",
+                        f"sha256 {digest[:12]}... in splits {sorted(splits)} (cases {ids})",
+                        "the same image file is used in more than one split: held-out results would be inflated. "
+                        "Remove the duplicate or rebuild the manifest so both copies share a split.")
+            )
+        else:
+            findings.append(
+                Finding("warning", "duplicate_file", ids[0], files, "distinct files",
+                        f"sha256 {digest[:12]}... shared by cases {ids}", "the same image file appears twice")
+            )
+    subject_splits: dict[str, set[str]] = defaultdict(set)
+    subject_cases: dict[str, list[str]] = defaultdict(list)
+    for case in manifest.cases:
+        if case.subject_id:
+            key = f"fold {case.fold}" if case.fold is not None and case.fold >= 0 else case.split
+            subject_splits[case.subject_id].add(key)
+            subject_cases[case.subject_id].append(case.case_id)
+    for subject, splits in subject_splits.items():
+        if len(splits) > 1:
+            findings.append(
+                Finding("error", "leak_subject", subject_cases[subject][0], [], f"subject {subject} in one split",
+                        f"in {sorted(splits)} (cases {subject_cases[subject]})",
+                        "one subject's cases are in several splits or folds; rebuild the manifest "
+                        "(`medseg manifest build` groups splits by subject)")
+            )
+    return findings
+
+
+def _check_case(
+    case: Case, root: Path, allowed: set[int], require_labels_for: set[str], tol: Tolerance, check_hashes: bool
+) -> list[Finding]:
+    out: list[Finding] = []
+    images = case.image_paths(root)
+    label = case.label_path(root)
+
+    def add(severity: str, check: str, files: list[str], expected: str, got: str, message: str) -> None:
+        out.append(Finding(severity, check, case.case_id, files, expected, got, message))
+
+    missing = [p for p in ([*images, label] if label else images) if not p.exists()]
+    for p in missing:
+        add("error", "missing_file", [str(p)], "file exists", "not found",
+            f"file not found (root {root}); fix the path in the manifest or the data root")
+    if missing:
+        return out
+    if label is None and case.split in require_labels_for:
+        add("error", "missing_label", [str(p) for p in images], "a label path", "empty label column",
+            f"case in split {case.split!r} has no label; add one or move the case to the test split")
+    if check_hashes:
+        recorded = list(case.image_sha256) + ([case.label_sha256] if label and case.label_sha256 else [])
+        files = images + ([label] if label and case.label_sha256 else [])
+        for path, expected in zip(files, recorded):
+            got = sha256_of(path)
+            if got != expected:
+                add("error", "hash_mismatch", [str(path)], f"sha256 {expected}", f"sha256 {got}",
+                    "the file changed since the manifest was built; rebuild it with `medseg manifest build` "
+                    "if the change is intended")
+
+    volumes: list[tuple[Path, Any]] = []
+    for path in images:
+        try:
+            volumes.append((path, load_volume(path)))
+        except VolumeReadError as err:
+            add("error", "unreadable", [str(path)], "a readable image", type(err.__cause__ or err).__name__, str(err))
+    label_volume = None
+    if label is not None:
+        try:
+            label_volume = load_volume(label)
+        except VolumeReadError as err:
+            add("error", "unreadable", [str(label)], "a readable label", type(err.__cause__ or err).__name__, str(err))
+    if not volumes:
+        return out
+
+    ref_path, ref = volumes[0]
+    ref_geometry = geometry_of(ref)
+    for path, vol in volumes:
+        data = vol.as_tensor()
+        if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+            bad = int((~torch.isfinite(data)).sum())
+            add("error", "non_finite", [str(path)], "finite intensities", f"{bad} NaN/Inf voxel(s)",
+                "image holds NaN or Inf values; fix or exclude the file")
+        if path != ref_path:
+            _compare_grids(add, "channel_geometry_mismatch", ref_path, ref_geometry, path, geometry_of(vol), tol)
+
+    if label_volume is not None:
+        _compare_grids(add, "label_geometry_mismatch", ref_path, ref_geometry, label, geometry_of(label_volume), tol)
+        values = torch.unique(label_volume.as_tensor())
+        if values.is_floating_point() and not bool(torch.all(values == torch.round(values))):
+            add("error", "label_not_integer", [str(label)], "integer label values",
+                f"non-integer values e.g. {values[values != torch.round(values)][:5].tolist()}",
+                "labels must be integer class indices; was the label resampled with linear interpolation?")
+        present = {int(v) for v in values.tolist()}
+        outside = sorted(present - allowed)
+        if outside:
+            add("error", "label_values", [str(label)], f"values in {sorted(allowed)} (data.labels)",
+                f"values {sorted(present)}", f"label values {outside} are not in the configured label map")
+        if present <= {0}:
+            add("warning", "empty_label", [str(label)], "some foreground voxels", "only background",
+                "the label is empty; fine for negative cases, but check it is not a failed export")
+    return out
+
+
+def _compare_grids(add: Any, check: str, ref_path: Path, ref: Geometry, path: Path, other: Geometry, tol: Tolerance) -> None:
+    files = [str(ref_path), str(path)]
+    if ref.shape != other.shape:
+        add("error", check.replace("geometry", "shape"), files, f"shape {ref.shape}", f"shape {other.shape}",
+            "image and label (or channels) have different shapes; resample the label onto the image grid")
+        return
+    problems = []
+    if not np.allclose(ref.spacing, other.spacing, rtol=tol.spacing, atol=0):
+        problems.append(("spacing", _fmt(ref.spacing), _fmt(other.spacing)))
+    if not np.allclose(ref.origin, other.origin, rtol=0, atol=tol.origin_mm):
+        problems.append(("origin", _fmt(ref.origin), _fmt(other.origin)))
+    if not np.allclose(ref.direction, other.direction, rtol=0, atol=tol.direction):
+        problems.append(("direction", _fmt(ref.direction.ravel()), _fmt(other.direction.ravel())))
+    for what, expected, got in problems:
+        add("error", check, files, f"{what} {expected}", f"{what} {got}",
+            f"{what} differs between {Path(files[0]).name} and {Path(files[1]).name}; the files are not in the "
+            "same space: resample one onto the other (e.g. SimpleITK Resample) or fix the header")
+
+
+def _fmt(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in np.asarray(values).ravel()) + ")"
+
+
+@dataclass(frozen=True)
+class VerifyOutputs:
+    report_path: Path
+    report: VerifyReport
+
+
+def verify_stage(manifest_path: Path, root: Path, labels: Sequence[int], out_dir: Path,
+                 progress: bool = True) -> VerifyOutputs:
+    """Pipeline stage: verify the manifest and write ``verify_report.json`` (errors are not raised here,
+    so the caller can log the report before stopping the run)."""
+    report = verify_manifest(manifest_path, root, labels, progress=progress)
+    return VerifyOutputs(report.write(out_dir / "verify_report.json"), report)

@@ -1,0 +1,1 @@
+"""Whole-volume prediction with MONAI's sliding-window inferer."""

@@ -1,0 +1,29 @@
+"""Sliding-window prediction shared by validation, evaluation and batch inference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from medseg.training.runtime import autocast
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], *, overlap: float = 0.5,
+                   sw_batch_size: int = 4, blend: str = "gaussian", device: torch.device | None = None,
+                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits for one channel-first volume (C, *spatial) -> (K, *spatial), Gaussian-blended windows.
+
+    Windows run on ``device``; stitching stays on the volume's own device (CPU for big scans).
+    """
+    device = device or next(model.parameters()).device
+    batch = image.unsqueeze(0)
+    with autocast(amp_dtype, device):
+        logits = sliding_window_inference(
+            batch, roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap,
+            mode=blend, sw_device=device, device=batch.device,
+        )
+    return logits[0].float()

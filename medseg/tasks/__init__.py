@@ -1,0 +1,1 @@
+"""What differs between tasks: losses, metrics, post-processing."""

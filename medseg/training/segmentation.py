@@ -1,0 +1,408 @@
+"""Segmentation stages: train (patches, budgets, checkpoints), evaluate (whole volumes), package.
+
+Each stage is a function whose inputs and outputs are files, so a run can be stopped, inspected
+and resumed between stages.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader, ThreadDataLoader
+from monai.utils import set_determinism
+from torch import nn
+from tqdm import tqdm
+
+import medseg
+from medseg.config import CacheMode, OptimizerName, RunConfig, ScheduleName, config_to_dict
+from medseg.data.datasets import make_dataset, records
+from medseg.data.manifest import Manifest, read_manifest
+from medseg.inference.sliding import predict_logits
+from medseg.io.atomic import atomic_write_text
+from medseg.models import create_model
+from medseg.plots import learning_curve, overlay
+from medseg.tasks.segmentation import SegmentationMetrics, create_loss
+from medseg.tracking import MlflowTracker
+from medseg.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from medseg.training.runtime import autocast, autocast_dtype, configure_threads, resolve_device
+from medseg.transforms import training_transforms, validation_transforms
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: Path
+    learning_curve: Path
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    per_case: Path
+    metrics_file: Path
+    overlays: tuple[Path, ...]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    contract: Path
+    model_uri: str
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def split_cases(cfg: RunConfig, manifest: Manifest, role: str) -> list:
+    """Cases for ``train``/``val``/``test`` under the config's split names (or fold)."""
+    data = cfg.data
+    if role == "test":
+        return manifest.split(data.test_split)
+    if data.fold is not None:
+        return manifest.select(data.train_split, fold=data.fold, role=role)
+    return manifest.split(data.train_split if role == "train" else data.val_split)
+
+
+def build_network(cfg: RunConfig) -> nn.Module:
+    return create_model(cfg.model, len(cfg.data.channels), len(cfg.data.labels), cfg.patch.size)
+
+
+class BudgetSchedule:
+    """LR factor from training progress, where progress is the larger of epochs and minutes used.
+
+    With a wall-clock budget the cosine/poly decay therefore ends when the time does, instead
+    of being cut off half-way through an epoch count that was never reached.
+    """
+
+    def __init__(self, cfg: RunConfig, iterations_per_epoch: int):
+        self.cfg = cfg
+        self.iterations_per_epoch = max(1, iterations_per_epoch)
+        self.step_count = 0
+        self.elapsed = 0.0
+
+    def progress(self) -> float:
+        by_steps = self.step_count / (self.cfg.train.max_epochs * self.iterations_per_epoch)
+        minutes = self.cfg.train.max_minutes
+        by_time = self.elapsed / (minutes * 60) if minutes else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def factor(self, _: int = 0) -> float:
+        o = self.cfg.optim
+        p = self.progress()
+        if o.warmup_fraction > 0 and p < o.warmup_fraction:
+            return max(1e-3, p / o.warmup_fraction)
+        if o.schedule == ScheduleName.CONSTANT:
+            return 1.0
+        q = (p - o.warmup_fraction) / max(1e-8, 1 - o.warmup_fraction)
+        if o.schedule == ScheduleName.POLY:
+            decayed = (1 - q) ** 0.9
+        else:
+            decayed = 0.5 * (1 + math.cos(math.pi * q))
+        return o.min_lr_fraction + (1 - o.min_lr_fraction) * decayed
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == OptimizerName.SGD:
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _loader_workers(cfg: RunConfig) -> int:
+    if cfg.train.num_workers is not None:
+        return cfg.train.num_workers
+    # With the deterministic work cached, augmenting a few patches costs far less than the
+    # training step; extra processes would only fight the model for the cores.
+    return 0 if cfg.data.cache != CacheMode.NONE else 2
+
+
+def _case_spacing(item: dict[str, Any]) -> tuple[float, ...]:
+    return tuple(float(v) for v in item["image"].pixdim)
+
+
+# ----------------------------------------------------------------------------------- train stage
+
+
+def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
+          resume: bool = False, progress: bool = True) -> TrainOutputs:
+    """Train a segmentation network on patches; validate whole volumes by sliding window.
+
+    Args:
+        cfg: validated run config.
+        manifest_path: manifest CSV (already verified).
+        root: data root of the manifest's paths.
+        out_dir: run directory; ``checkpoints/``, ``history.csv`` and plots go here.
+        tracker: MLflow run to log to (already started).
+        resume: continue from ``out_dir/checkpoints/last.pt`` if it exists.
+        progress: show progress bars.
+
+    Returns:
+        Paths of the best and last checkpoints, the history and the learning curve, and the final metrics.
+    """
+    set_determinism(seed=cfg.seed)
+    threads = configure_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    manifest = read_manifest(manifest_path)
+    train_cases, val_cases = split_cases(cfg, manifest, "train"), split_cases(cfg, manifest, "val")
+    if not train_cases:
+        raise ValueError(f"{manifest_path}: no cases in the training split {cfg.data.train_split!r}")
+    labels = cfg.data.labels
+    ckpt_dir = out_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+
+    train_tf = training_transforms(cfg.preprocess, cfg.patch, cfg.augment, cfg.model.spatial_dims, len(labels))
+    val_tf = validation_transforms(cfg.preprocess)
+    cache_root = cfg.data.cache_dir or out_dir / "cache"
+    train_ds = make_dataset(records(train_cases, root), train_tf, cfg.data, cache_root / "train", progress)
+    val_ds = make_dataset(records(val_cases, root), val_tf, cfg.data, cache_root / "val", progress) if val_cases else None
+
+    workers = _loader_workers(cfg)
+    loader_cls = ThreadDataLoader if workers == 0 else DataLoader
+    loader_kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    loader = loader_cls(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.train.batch_size,
+                        **loader_kwargs)
+    iterations = cfg.train.iterations_per_epoch or len(loader)
+
+    model = build_network(cfg).to(device)
+    optimizer = make_optimizer(cfg, model)
+    budget = BudgetSchedule(cfg, iterations)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
+    loss_fn = create_loss(cfg.loss)
+    metrics = SegmentationMetrics(labels, hd95=cfg.validation.hd95)
+
+    state: dict[str, Any] = {"epoch": 0, "best_metric": -1.0, "best_epoch": -1, "elapsed": 0.0, "history": [],
+                             "stale_validations": 0}
+    if resume and last_path.is_file():
+        ckpt = load_checkpoint(last_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"])
+        state.update(json.loads(ckpt["state"]))
+        budget.step_count, budget.elapsed = int(ckpt["step_count"]), float(state["elapsed"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        log.info("resumed from %s at epoch %d", last_path, state["epoch"])
+
+    tracker.log_metrics({"system/threads": threads, "data/train_cases": len(train_cases),
+                         "data/val_cases": len(val_cases)}, step=0)
+    log.info("training on %s (%d threads, autocast=%s): %d train / %d val cases, %d iterations per epoch",
+             device, threads, amp_dtype, len(train_cases), len(val_cases), iterations)
+
+    started = time.monotonic() - state["elapsed"]
+    budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+    out_of_time = False
+    epoch = state["epoch"]
+    while epoch < cfg.train.max_epochs and not out_of_time:
+        model.train()
+        losses: list[float] = []
+        bar = tqdm(total=iterations, desc=f"epoch {epoch + 1}/{cfg.train.max_epochs}", disable=not progress,
+                   unit="it", leave=False)
+        data_iter = iter(loader)
+        for _ in range(iterations):
+            if time.monotonic() - started >= budget_s:
+                out_of_time = True
+                break
+            try:
+                batch = next(data_iter)
+            except StopIteration:
+                data_iter = iter(loader)
+                batch = next(data_iter)
+            image = batch["image"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(amp_dtype, device):
+                loss = loss_fn(model(image), label)
+            scaler.scale(loss).backward()
+            if cfg.train.grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            budget.step_count += 1
+            budget.elapsed = time.monotonic() - started
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+        bar.close()
+        if not losses:
+            break
+        epoch += 1
+        record: dict[str, float] = {"epoch": epoch, "train/loss": float(np.mean(losses)),
+                                    "lr": optimizer.param_groups[0]["lr"]}
+        last_epoch = epoch >= cfg.train.max_epochs or out_of_time
+        if val_ds is not None and (epoch % cfg.train.val_interval == 0 or last_epoch):
+            record.update(validate(model, val_ds, cfg, metrics, device, amp_dtype, progress))
+            score = record["val/dice_mean"]
+            if not math.isnan(score) and score > state["best_metric"]:
+                state.update(best_metric=score, best_epoch=epoch, stale_validations=0)
+                save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "val/dice_mean": score,
+                                            "config": json.dumps(config_to_dict(cfg))})
+            else:
+                state["stale_validations"] += 1
+        state["elapsed"] = time.monotonic() - started
+        record["time/elapsed_min"] = state["elapsed"] / 60
+        state["epoch"] = epoch
+        state["history"].append(record)
+        tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+        save_checkpoint(last_path, {
+            "version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "step_count": budget.step_count, "state": json.dumps(state), "config": json.dumps(config_to_dict(cfg)),
+        })
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
+        patience = cfg.train.early_stopping_patience
+        if patience and state["stale_validations"] >= patience:
+            log.info("early stopping: val/dice_mean did not improve in %d validations", patience)
+            break
+    if out_of_time:
+        log.info("wall-clock budget of %.1f min reached after %d epochs", cfg.train.max_minutes, epoch)
+    if not best_path.is_file():  # no validation split: the last weights are the ones to use
+        save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch, "val/dice_mean": float("nan"),
+                                    "config": json.dumps(config_to_dict(cfg))})
+
+    history_path = _write_history(state["history"], out_dir / "history.csv")
+    curve = learning_curve(state["history"], out_dir / "plots" / "learning_curve.png")
+    final = {k: v for rec in state["history"] for k, v in rec.items() if k != "epoch"}
+    final.update({"best_val/epoch": state["best_epoch"], "train/epochs": epoch, "train/minutes": state["elapsed"] / 60})
+    tracker.log_metrics({k: final[k] for k in ("best_val/epoch", "train/epochs", "train/minutes")}, step=epoch)
+    return TrainOutputs(best_path, last_path, history_path, curve, final)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, dataset: Any, cfg: RunConfig, metrics: SegmentationMetrics, device: torch.device,
+             amp_dtype: torch.dtype | None, progress: bool = False, prefix: str = "val") -> dict[str, float]:
+    """Sliding-window prediction of whole volumes and Dice/HD95 against their labels."""
+    model.eval()
+    metrics.reset()
+    for item in tqdm(dataset, desc=prefix, disable=not progress, leave=False, unit="case"):
+        pred = predict_segmentation(model, item["image"], cfg, device, amp_dtype)
+        metrics.update(pred, item["label"].as_tensor()[0], _case_spacing(item), item["case_id"])
+    model.train()
+    return metrics.aggregate(prefix)
+
+
+def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: RunConfig, device: torch.device,
+                         amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Label map (*spatial) for one preprocessed channel-first volume."""
+    v = cfg.validation
+    logits = predict_logits(model, image.as_tensor() if hasattr(image, "as_tensor") else image, cfg.patch.size,
+                            overlap=v.overlap, sw_batch_size=v.sw_batch_size, blend=v.blend, device=device,
+                            amp_dtype=amp_dtype)
+    return logits.argmax(0).to(torch.uint8)
+
+
+def _write_history(history: Sequence[dict[str, float]], path: Path) -> Path:
+    keys: list[str] = []
+    for rec in history:
+        keys.extend(k for k in rec if k not in keys)
+    lines = [",".join(keys)] + [",".join("" if k not in r else f"{r[k]:.6g}" for k in keys) for r in history]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------- evaluate stage
+
+
+def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
+             tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None) -> EvalOutputs:
+    """Score a checkpoint on a whole split: per-case CSV, metrics JSON and overlay PNGs.
+
+    Metric names are ``{prefix}/dice/<label>``, ``{prefix}/dice_mean``, ``{prefix}/dice_mean_per_case``
+    and ``{prefix}/hd95/<label>``; ``prefix`` defaults to the split name.
+    """
+    prefix = prefix or split
+    device = resolve_device(cfg.train.device)
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    manifest = read_manifest(manifest_path)
+    cases = [c for c in split_cases(cfg, manifest, split) if c.label]
+    model = build_network(cfg).to(device)
+    model.load_state_dict(load_checkpoint(checkpoint, device)["model"])
+    model.eval()
+    dataset = make_dataset(records(cases, root), validation_transforms(cfg.preprocess), cfg.data.model_copy(
+        update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
+    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
+    overlays: list[Path] = []
+    for index, item in enumerate(tqdm(dataset, desc=f"evaluate {split}", disable=not progress, unit="case")):
+        pred = predict_segmentation(model, item["image"], cfg, device, amp_dtype)
+        truth = item["label"].as_tensor()[0]
+        dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
+        if index < cfg.validation.overlays:
+            title = f"{split} {item['case_id']}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+            overlays.append(overlay(item["image"].as_tensor()[0].numpy(), truth.numpy(), pred.cpu().numpy(),
+                                    out_dir / "plots" / f"overlay_{split}_{item['case_id']}.png", title,
+                                    len(cfg.data.labels)))
+    values = metrics.aggregate(prefix)
+    per_case = out_dir / "evaluation" / f"{split}_cases.csv"
+    fields = list(metrics.per_case[0]) if metrics.per_case else ["case_id"]
+    rows = [",".join(fields)] + [",".join(str(r.get(f, "")) for f in fields) for r in metrics.per_case]
+    atomic_write_text(per_case, "\n".join(rows) + "\n")
+    case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
+    values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
+    metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
+    if tracker is not None:
+        tracker.log_metrics(values, step=0)
+        tracker.log_artifact(per_case, "evaluation")
+        tracker.log_artifact(metrics_file, "evaluation")
+        for path in overlays:
+            tracker.log_artifact(path, "plots")
+    return EvalOutputs(per_case, metrics_file, tuple(overlays), values)
+
+
+# ----------------------------------------------------------------------------------- package stage
+
+
+def model_contract(cfg: RunConfig) -> dict[str, Any]:
+    """What inference needs to reproduce training's view of the data (MONAI bundle ``metadata.json``)."""
+    pre = cfg.preprocess
+    return {
+        "medseg_version": medseg.__version__,
+        "task": str(cfg.task),
+        "spatial_dims": cfg.model.spatial_dims,
+        "in_channels": len(cfg.data.channels),
+        "channel_names": list(cfg.data.channels),
+        "labels": {str(k): v for k, v in cfg.data.labels.items()},
+        "orientation": pre.orientation,
+        "spacing": list(pre.spacing) if pre.spacing else None,
+        "intensity": pre.intensity.model_dump(mode="json"),
+        "crop_foreground": pre.crop_foreground,
+        "patch_size": list(cfg.patch.size),
+        "sliding_window": {"overlap": cfg.validation.overlap, "blend": cfg.validation.blend,
+                           "sw_batch_size": cfg.validation.sw_batch_size},
+        "output_activation": "softmax",
+        "model": cfg.model.model_dump(mode="json"),
+    }
+
+
+def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
+    """Log the checkpoint's network with MLflow's PyTorch flavour, its I/O contract alongside."""
+    contract = model_contract(cfg)
+    contract_path = atomic_write_text(out_dir / "contract.json", json.dumps(contract, indent=2))
+    model = build_network(cfg)
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    model.eval()
+    tracker.log_artifact(contract_path)
+    uri = tracker.log_model(model, contract, contract_path, registered_name=cfg.tracking.register_model_as)
+    return ModelOutputs(contract_path, uri)
+
+
+def has_labelled_cases(cfg: RunConfig, manifest_path: Path, split: str) -> bool:
+    """True when ``split`` has at least one case with a label (evaluation has something to score)."""
+    return any(c.label for c in split_cases(cfg, read_manifest(manifest_path), split))

@@ -1,0 +1,183 @@
+"""MONAI transform chains built from config: preprocessing, augmentation, patch sampling.
+
+The deterministic prefix (load, orientation, spacing, intensity, crop) is what the caching
+datasets store; everything random comes after it, so a cached epoch never re-reads or
+re-resamples a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    Rand2DElasticd,
+    Rand3DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasFieldd,
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGibbsNoised,
+    RandKSpaceSpikeNoised,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from medseg.config import (
+    AffineAug,
+    AugmentConfig,
+    BiasFieldAug,
+    ContrastAug,
+    ElasticAug,
+    FlipAug,
+    GammaAug,
+    GibbsAug,
+    IntensityConfig,
+    IntensityMode,
+    KSpaceSpikeAug,
+    NoiseAug,
+    PatchConfig,
+    PatchSampler,
+    PreprocessConfig,
+    Rot90Aug,
+)
+from medseg.io.readers import make_load_transform
+
+IMAGE = "image"
+LABEL = "label"
+
+
+def intensity_transform(cfg: IntensityConfig, key: str = IMAGE) -> MapTransform | None:
+    """The configured intensity normalisation for ``key`` (None for ``mode: none``)."""
+    if cfg.mode == IntensityMode.ZSCORE:
+        return NormalizeIntensityd(keys=key, nonzero=cfg.nonzero, channel_wise=True)
+    if cfg.mode == IntensityMode.CT_WINDOW:
+        low, high = cfg.window  # type: ignore[misc]  # validated present for ct_window
+        return ScaleIntensityRanged(keys=key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    if cfg.mode == IntensityMode.PERCENTILE:
+        low, high = cfg.percentiles
+        return ScaleIntensityRangePercentilesd(keys=key, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True,
+                                               channel_wise=True)
+    return None
+
+
+def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), load: bool = True,
+                  min_size: Sequence[int] | None = None) -> list[Callable]:
+    """Deterministic chain: load -> orientation -> spacing -> intensity -> crop -> pad to ``min_size``.
+
+    Args:
+        cfg: preprocessing section of the config.
+        keys: image key first, then the label key if any.
+        load: start with the file loader (False when the data are already MetaTensors).
+        min_size: pad every volume to at least this size so fixed-size patches fit.
+    """
+    keys = list(keys)
+    has_label = LABEL in keys
+    chain: list[Callable] = []
+    if load:
+        chain.append(make_load_transform(keys))
+    chain.append(EnsureTyped(keys=IMAGE, dtype=np.float32, track_meta=True))
+    if cfg.orientation:
+        chain.append(Orientationd(keys=keys, axcodes=cfg.orientation))
+    if cfg.spacing is not None:
+        modes = ["bilinear", "nearest"] if has_label else ["bilinear"]
+        chain.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes, dtype=np.float32))
+    norm = intensity_transform(cfg.intensity)
+    if norm is not None:
+        chain.append(norm)
+    if cfg.crop_foreground:
+        chain.append(CropForegroundd(keys=keys, source_key=IMAGE, allow_smaller=True))
+    if has_label:
+        chain.append(EnsureTyped(keys=LABEL, dtype=np.uint8, track_meta=True))
+    if min_size is not None:
+        chain.append(SpatialPadd(keys=keys, spatial_size=list(min_size), mode="constant"))
+    return chain
+
+
+def patch_sampler(cfg: PatchConfig, num_classes: int) -> MapTransform:
+    """Random patch sampling: pos/neg around the label, per-class ratios, or uniform."""
+    size = list(cfg.size)
+    if cfg.sampler == PatchSampler.POS_NEG:
+        return RandCropByPosNegLabeld(
+            keys=[IMAGE, LABEL], label_key=LABEL, spatial_size=size, pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction,
+            num_samples=cfg.samples_per_volume, image_key=None, allow_smaller=False,
+        )
+    if cfg.sampler == PatchSampler.PER_CLASS:
+        return RandCropByLabelClassesd(
+            keys=[IMAGE, LABEL], label_key=LABEL, spatial_size=size, num_classes=num_classes,
+            num_samples=cfg.samples_per_volume, allow_smaller=False,
+        )
+    return RandSpatialCropSamplesd(keys=[IMAGE, LABEL], roi_size=size, num_samples=cfg.samples_per_volume,
+                                   random_size=False)
+
+
+def augmentation(items: Sequence[AugmentConfig], spatial_dims: int) -> list[MapTransform]:
+    """MONAI random transforms for each configured augmentation, in order."""
+    keys = [IMAGE, LABEL]
+    out: list[MapTransform] = []
+    for aug in items:
+        if isinstance(aug, FlipAug):
+            axes = aug.axes if aug.axes is not None else list(range(spatial_dims))
+            out.extend(RandFlipd(keys=keys, prob=aug.prob, spatial_axis=axis) for axis in axes)
+        elif isinstance(aug, Rot90Aug):
+            out.append(RandRotate90d(keys=keys, prob=aug.prob, max_k=aug.max_k, spatial_axes=aug.axes))
+        elif isinstance(aug, AffineAug):
+            angle = np.deg2rad(aug.rotate_deg)
+            out.append(RandAffined(
+                keys=keys, prob=aug.prob, rotate_range=[angle] * (3 if spatial_dims == 3 else 1),
+                scale_range=[aug.scale] * spatial_dims, translate_range=[aug.translate] * spatial_dims,
+                mode=["bilinear", "nearest"], padding_mode="zeros",
+            ))
+        elif isinstance(aug, ElasticAug):
+            if spatial_dims == 3:
+                out.append(Rand3DElasticd(keys=keys, prob=aug.prob, sigma_range=aug.sigma, magnitude_range=aug.magnitude,
+                                          mode=["bilinear", "nearest"], padding_mode="zeros"))
+            else:
+                out.append(Rand2DElasticd(keys=keys, prob=aug.prob, spacing=aug.sigma, magnitude_range=aug.magnitude,
+                                          mode=["bilinear", "nearest"], padding_mode="zeros"))
+        elif isinstance(aug, NoiseAug):
+            out.append(RandGaussianNoised(keys=IMAGE, prob=aug.prob, std=aug.std))
+        elif isinstance(aug, GammaAug):
+            out.append(RandAdjustContrastd(keys=IMAGE, prob=aug.prob, gamma=aug.gamma))
+        elif isinstance(aug, ContrastAug):
+            out.append(RandScaleIntensityd(keys=IMAGE, prob=aug.prob, factors=aug.scale))
+            out.append(RandShiftIntensityd(keys=IMAGE, prob=aug.prob, offsets=aug.shift))
+        elif isinstance(aug, BiasFieldAug):
+            out.append(RandBiasFieldd(keys=IMAGE, prob=aug.prob, coeff_range=aug.coeff_range))
+        elif isinstance(aug, KSpaceSpikeAug):
+            out.append(RandKSpaceSpikeNoised(keys=IMAGE, prob=aug.prob, intensity_range=aug.intensity_range))
+        elif isinstance(aug, GibbsAug):
+            out.append(RandGibbsNoised(keys=IMAGE, prob=aug.prob, alpha=aug.alpha))
+        else:  # pragma: no cover - the config union and this mapping must grow together
+            raise TypeError(f"no transform for augmentation {aug!r}")
+    return out
+
+
+def training_transforms(pre: PreprocessConfig, patch: PatchConfig, augment: Sequence[AugmentConfig],
+                        spatial_dims: int, num_classes: int) -> Compose:
+    """Deterministic preprocessing (cached), then patch sampling and augmentation (random)."""
+    chain = preprocessing(pre, min_size=patch.size)
+    chain.append(patch_sampler(patch, num_classes))
+    chain.extend(augmentation(augment, spatial_dims))
+    chain.append(EnsureTyped(keys=[IMAGE, LABEL], track_meta=False))
+    return Compose(chain)
+
+
+def validation_transforms(pre: PreprocessConfig, with_label: bool = True) -> Compose:
+    """Deterministic preprocessing of whole volumes for sliding-window validation and inference."""
+    return Compose(preprocessing(pre, keys=(IMAGE, LABEL) if with_label else (IMAGE,)))

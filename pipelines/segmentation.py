@@ -1,0 +1,30 @@
+"""Segmentation: verify -> train -> evaluate (val, test) -> package the model."""
+
+from __future__ import annotations
+
+from medseg.data.verify import DataVerificationError, verify_stage
+from medseg.runner import PipelineContext
+from medseg.training import segmentation as seg
+
+
+def run(ctx: PipelineContext) -> None:
+    cfg = ctx.cfg
+    verified = verify_stage(ctx.manifest, ctx.root, list(cfg.data.labels), ctx.run_dir, ctx.progress)
+    ctx.tracker.log_artifact(verified.report_path)
+    if not verified.report.ok:
+        raise DataVerificationError(verified.report, verified.report_path)
+
+    trained = seg.train(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume, progress=ctx.progress)
+    ctx.tracker.log_artifact(trained.learning_curve, "plots")
+    ctx.tracker.log_artifact(trained.history)
+    ctx.metrics.update(trained.metrics)
+
+    # The best checkpoint is re-scored on val (overlays, per-case CSV) and, once, on the held-out test split.
+    for split, prefix in (("val", "best_val"), ("test", "test")):
+        if seg.has_labelled_cases(cfg, ctx.manifest, split):
+            evaluated = seg.evaluate(cfg, ctx.manifest, ctx.root, trained.best_checkpoint, ctx.run_dir, split,
+                                     ctx.tracker, ctx.progress, prefix=prefix)
+            ctx.metrics.update(evaluated.metrics)
+
+    packaged = seg.package(cfg, trained.best_checkpoint, ctx.run_dir, ctx.tracker)
+    ctx.model_uri = packaged.model_uri
