@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import posixpath
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -199,9 +200,11 @@ def discover_cases(root: Path) -> list[Case]:
         if isinstance(meta.get("training"), list) and meta["training"]:
             return _from_msd_json(root, meta["training"])
         return _from_nnunet_folders(root, root / "imagesTr", root / "labelsTr")
-    for images_name, labels_name in (("images", "labels"), ("imgs", "masks"), ("images", "masks")):
-        if (root / images_name).is_dir():
+    for images_name, labels_name in (("images", "labels"), ("images", "masks"), ("imgs", "masks")):
+        if (root / images_name).is_dir() and (root / labels_name).is_dir():
             return _from_nnunet_folders(root, root / images_name, root / labels_name, channel_suffix=False)
+    if (root / "images").is_dir():  # images without labels (e.g. a test set)
+        return _from_nnunet_folders(root, root / "images", root / "labels", channel_suffix=False)
     raise ManifestError(
         f"{root}: no known layout. Expected imagesTr/ + labelsTr/ (MSD or nnU-Net, optional dataset.json) "
         "or images/ + labels/ folders holding files with the same names."
@@ -211,12 +214,13 @@ def discover_cases(root: Path) -> list[Case]:
 def _from_msd_json(root: Path, training: list[dict[str, str]]) -> list[Case]:
     cases = []
     for item in training:
-        image = Path(item["image"])
-        label = Path(item["label"]) if item.get("label") else None
-        if not (root / image).exists():
-            raise ManifestError(f"{root / 'dataset.json'}: lists {image} but {root / image} does not exist")
-        case_id = _strip_suffix(image.name)
-        cases.append(Case(case_id, (image.as_posix().lstrip("./"),), label.as_posix().lstrip("./") if label else None, ""))
+        image = posixpath.normpath(item["image"])  # "./imagesTr/x.nii.gz" -> "imagesTr/x.nii.gz"
+        label = posixpath.normpath(item["label"]) if item.get("label") else None
+        for listed in (image, label):
+            if listed is not None and not (root / listed).exists():
+                raise ManifestError(f"{root / 'dataset.json'}: lists {listed} but {root / listed} does not exist; "
+                                    "fix dataset.json or restore the file")
+        cases.append(Case(_strip_suffix(Path(image).name), (image,), label, ""))
     return cases
 
 

@@ -152,7 +152,7 @@ def _cross_case_checks(manifest: Manifest) -> list[Finding]:
     for digest, entries in by_hash.items():
         if len(entries) < 2:
             continue
-        splits = {c.split for c, _ in entries}
+        splits = {_split_key(c) for c, _ in entries}
         ids = [c.case_id for c, _ in entries]
         files = [p for _, p in entries]
         if len(splits) > 1:
@@ -171,8 +171,7 @@ def _cross_case_checks(manifest: Manifest) -> list[Finding]:
     subject_cases: dict[str, list[str]] = defaultdict(list)
     for case in manifest.cases:
         if case.subject_id:
-            key = f"fold {case.fold}" if case.fold is not None and case.fold >= 0 else case.split
-            subject_splits[case.subject_id].add(key)
+            subject_splits[case.subject_id].add(_split_key(case))
             subject_cases[case.subject_id].append(case.case_id)
     for subject, splits in subject_splits.items():
         if len(splits) > 1:
@@ -183,6 +182,11 @@ def _cross_case_checks(manifest: Manifest) -> list[Finding]:
                         "(`medseg manifest build` groups splits by subject)")
             )
     return findings
+
+
+def _split_key(case: Case) -> str:
+    """Where a case is used: its fold when folds are set (all folds share split "train"), else its split."""
+    return f"fold {case.fold}" if case.fold is not None and case.fold >= 0 else case.split
 
 
 def _check_case(
@@ -205,9 +209,10 @@ def _check_case(
         add("error", "missing_label", [str(p) for p in images], "a label path", "empty label column",
             f"case in split {case.split!r} has no label; add one or move the case to the test split")
     if check_hashes:
-        recorded = list(case.image_sha256) + ([case.label_sha256] if label and case.label_sha256 else [])
-        files = images + ([label] if label and case.label_sha256 else [])
-        for path, expected in zip(files, recorded):
+        pairs = list(zip(images, case.image_sha256)) if len(case.image_sha256) == len(images) else []
+        if label is not None and case.label_sha256:
+            pairs.append((label, case.label_sha256))
+        for path, expected in pairs:
             got = sha256_of(path)
             if got != expected:
                 add("error", "hash_mismatch", [str(path)], f"sha256 {expected}", f"sha256 {got}",
@@ -243,6 +248,10 @@ def _check_case(
     if label_volume is not None:
         _compare_grids(add, "label_geometry_mismatch", ref_path, ref_geometry, label, geometry_of(label_volume), tol)
         values = torch.unique(label_volume.as_tensor())
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            add("error", "non_finite", [str(label)], "finite label values", "NaN/Inf in the label",
+                "the label holds NaN or Inf values; re-export it as an integer label map")
+            return out
         if values.is_floating_point() and not bool(torch.all(values == torch.round(values))):
             add("error", "label_not_integer", [str(label)], "integer label values",
                 f"non-integer values e.g. {values[values != torch.round(values)][:5].tolist()}",

@@ -182,7 +182,8 @@ def _check_same_grid(first: dict[str, Any], other: dict[str, Any]) -> None:
     ):
         raise VolumeReadError(
             "Channels are not on one grid: shapes "
-            f"{first[MetaKeys.SPATIAL_SHAPE].tolist()} vs {other[MetaKeys.SPATIAL_SHAPE].tolist()}. "
+            f"{first[MetaKeys.SPATIAL_SHAPE].tolist()} vs {other[MetaKeys.SPATIAL_SHAPE].tolist()}, affines "
+            f"{np.round(first[MetaKeys.AFFINE], 4).tolist()} vs {np.round(other[MetaKeys.AFFINE], 4).tolist()}. "
             "Resample every channel onto the first channel's grid before training."
         )
 
@@ -221,11 +222,12 @@ def load_volume(path: PathLike | Sequence[PathLike]) -> MetaTensor:
     except Exception as err:  # readers raise many types; the user needs the file and the cause
         names = ", ".join(str(p) for p in paths)
         raise VolumeReadError(
-            f"{names}: could not be read as an image ({type(err).__name__}: {_first_line(err)}). "
+            f"{names}: could not be read as an image ({type(err).__name__}: {_last_line(err)}). "
             "Check that the file is complete (not truncated) and is NIfTI, DICOM, MHA or NRRD."
         ) from err
 
 
-def _first_line(err: BaseException) -> str:
+def _last_line(err: BaseException) -> str:
+    """The last line of an exception's text: readers put the actual cause there."""
     text = str(err).strip().splitlines()
     return text[-1][:300] if text else ""

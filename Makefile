@@ -1,0 +1,37 @@
+# Two commands set medseg up on a fresh machine:
+#   make demo   create .venv, install, train the demo U-Net (SQLite MLflow store in runs/)
+#   make test   install the dev extras and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install install-dev ui clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23.1"
+
+# torch is a range whose newest member is the CPU build this machine serves, so a CPU-only
+# install never pulls the multi-GB CUDA wheels; on a GPU machine install your CUDA torch first.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/medseg run configs/demo_segmentation.yaml
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+ui: $(VENV)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+
+clean:
+	rm -rf runs $(VENV) *.egg-info

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny, seeded, deliberately awkward volumes written to disk in real layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+TCIA = SHARED_DATA / "tcia_brain_tumor_progression_pgbm001"
+HIPPO = SHARED_DATA / "msd_task04_hippocampus"
+DEMO = REPO / "medseg" / "demo" / "hippocampus"
+
+
+def require(path: Path) -> Path:
+    """The real data kit lives in ../shared/data beside the clone (CI has it); fail loudly if not."""
+    if not path.exists():
+        pytest.fail(f"real test data missing: {path}. Clone next to shared/ or set MEDSEG_SHARED_DATA.")
+    return path
+
+
+def oblique_affine(spacing: tuple[float, float, float], origin: tuple[float, float, float], angle_deg: float = 17.0) -> np.ndarray:
+    """A non-identity RAS affine: rotation about z plus anisotropic spacing and an offset origin."""
+    a = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def make_case(shape: tuple[int, int, int] = (29, 37, 23), seed: int = 0, num_labels: int = 2,
+              spacing: tuple[float, float, float] = (0.9, 1.1, 2.3)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image with bright blobs whose labels are 1..num_labels; returns (image, label, affine)."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, dtype=np.uint8)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
+    for value in range(1, num_labels + 1):
+        centre = np.array([rng.uniform(0.3, 0.7) * s for s in shape])
+        radius = rng.uniform(0.15, 0.22) * min(shape)
+        label[np.linalg.norm(grid - centre, axis=-1) < radius] = value
+    image = rng.normal(0.0, 0.3, shape).astype(np.float32) + label.astype(np.float32) * 1.5 + 10.0
+    affine = oblique_affine(spacing, (float(rng.uniform(-50, 50)), -12.5, 7.25))
+    return image, label, affine
+
+
+def write_msd_dataset(root: Path, n_cases: int = 8, shape: tuple[int, int, int] = (29, 37, 23), seed: int = 0,
+                      num_labels: int = 2) -> Path:
+    """An MSD-layout folder (imagesTr/, labelsTr/, dataset.json) of synthetic cases."""
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for i in range(n_cases):
+        image, label, affine = make_case(shape, seed=seed + i, num_labels=num_labels)
+        name = f"case_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    labels = {"0": "background", **{str(v): f"blob{v}" for v in range(1, num_labels + 1)}}
+    (root / "dataset.json").write_text(json.dumps({"name": "synthetic", "labels": labels, "training": training,
+                                                    "numTraining": n_cases, "modality": {"0": "MRI"}}))
+    return root
+
+
+@pytest.fixture
+def msd_dataset(tmp_path: Path) -> Path:
+    return write_msd_dataset(tmp_path / "dataset")
+
+
+def tiny_config(tmp_path: Path, dataset: Path, manifest: Path, tracking_uri: str, **sections: dict) -> Path:
+    """A config that trains a very small U-Net for a few seconds on the synthetic dataset."""
+    import yaml
+
+    cfg = {
+        "task": "segmentation",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"manifest": str(manifest), "root": str(dataset),
+                 "labels": {0: "background", 1: "blob1", 2: "blob2"}, "channels": ["mri"]},
+        "preprocess": {"orientation": "RAS", "spacing": [1.5, 1.5, 2.5], "intensity": {"mode": "zscore"}},
+        "augment": [{"name": "flip", "prob": 0.5, "axes": [0]}, {"name": "noise", "prob": 0.2, "std": 0.05}],
+        "patch": {"size": [16, 16, 8], "samples_per_volume": 2},
+        "model": {"name": "unet", "channels": [4, 8, 16], "num_res_units": 1},
+        "optim": {"lr": 0.01},
+        "train": {"max_epochs": 2, "batch_size": 2, "val_interval": 1, "num_threads": 1},
+        "validation": {"overlays": 2},
+        "tracking": {"uri": tracking_uri, "experiment": "tests"},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_run_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A synthetic MSD dataset (odd shapes, anisotropic oblique grids) and its manifest."""
+    from medseg.data.manifest import build_manifest
+
+    dataset = write_msd_dataset(tmp_path / "dataset", n_cases=6)
+    manifest = tmp_path / "manifest.csv"
+    build_manifest(dataset, manifest, val_fraction=0.34, seed=1)
+    return dataset, manifest

@@ -1,0 +1,72 @@
+"""The CLI through its real entry point: help, exit codes and messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medseg.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+
+from .conftest import REPO
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "medseg"
+
+
+def test_console_script_is_installed_and_answers_help() -> None:
+    assert CONSOLE_SCRIPT.is_file(), "install the package (pip install -e .) so the `medseg` command exists"
+    result = subprocess.run([str(CONSOLE_SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("run", "validate", "verify", "manifest"):
+        assert command in result.stdout
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == EXIT_USAGE
+    assert "usage: medseg" in capsys.readouterr().out
+
+
+def test_validate_ok_and_typo(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(["validate", "configs/demo_segmentation.yaml"]) == EXIT_OK
+    assert "valid" in capsys.readouterr().out
+    assert main(["validate", "configs/demo_segmentation.yaml", "--set", "model.chanels=[8,16]"]) == EXIT_USAGE
+    assert "did you mean 'model.channels'" in capsys.readouterr().err
+
+
+def test_validate_rejects_an_impossible_model(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(["validate", "configs/demo_segmentation.yaml", "--set", "patch.size=[30,48,32]"]) == EXIT_USAGE
+    assert "must be divisible by 8" in capsys.readouterr().err
+
+
+def test_run_with_a_missing_manifest_explains_how_to_build_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    code = main(["run", "configs/demo_segmentation.yaml", "--set", f"data.manifest={tmp_path / 'none.csv'}",
+                 "--set", f"output_dir={tmp_path / 'runs'}"])
+    assert code == EXIT_USAGE
+    assert "medseg manifest build" in capsys.readouterr().err
+
+
+def test_run_with_a_missing_data_root_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    code = main(["run", "configs/demo_segmentation.yaml", "--set", f"data.root={tmp_path / 'missing'}",
+                 "--set", f"output_dir={tmp_path / 'runs'}"])
+    assert code == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert str(tmp_path / "missing") in err and "MEDSEG_DATA_ROOT" in err
+
+
+def test_verify_the_shipped_demo_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    report = tmp_path / "report.json"
+    code = main(["verify", "data_manifests/demo_hippocampus.csv", "--config", "configs/demo_segmentation.yaml",
+                 "--report", str(report), "--no-progress"])
+    assert code == EXIT_OK
+    assert "40 cases, 0 error(s)" in capsys.readouterr().out
+    assert report.is_file()

@@ -1,0 +1,162 @@
+"""A tiny end-to-end training run on awkward synthetic volumes, checked through MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from medseg.cli import main
+from medseg.data.manifest import build_manifest, file_sha256
+
+from ..conftest import REPO, tiny_config
+
+LABEL_NAMES = ("blob1", "blob2")
+
+
+def _artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out: set[str] = set()
+    for item in client.list_artifacts(run_id, path):
+        out.add(item.path)
+        if item.is_dir:
+            out |= _artifact_paths(client, run_id, item.path)
+    return out
+
+
+def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_run_inputs, capsys) -> None:
+    dataset, manifest = tiny_run_inputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri)
+
+    assert main(["run", str(config), "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("summary: ")
+    summary_path = Path(out[-1].removeprefix("summary: "))
+    summary = json.loads(summary_path.read_text())
+    assert {"run_id", "model_uri", "tracking_uri", "metrics"} <= set(summary)
+    assert summary["tracking_uri"] == uri
+
+    client = MlflowClient(uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    for name in LABEL_NAMES:
+        history = client.get_metric_history(run.info.run_id, f"val/dice/{name}")
+        assert [m.step for m in history] == [1, 2]
+        assert all(0.0 <= m.value <= 1.0 for m in history)
+        assert f"val/hd95/{name}" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert {"val/dice_mean", "lr", "best_val/dice_mean"} <= set(run.data.metrics)
+    assert summary["metrics"]["val/dice_mean"] == pytest.approx(run.data.metrics["val/dice_mean"])
+
+    assert run.data.params["train.max_epochs"] == "2"
+    assert run.data.params["patch.size"] == "[16, 16, 8]"
+    assert run.data.tags["manifest_sha256"] == file_sha256(manifest)
+    assert run.data.tags["medseg_version"]
+    assert run.data.tags["git_commit"]
+
+    artifacts = _artifact_paths(client, run.info.run_id)
+    for expected in ("resolved_config.yaml", "verify_report.json", "plots/learning_curve.png", "contract.json",
+                     "history.csv", "summary.json", "evaluation/val_cases.csv"):
+        assert expected in artifacts, f"{expected} not logged; have {sorted(artifacts)}"
+    assert len([a for a in artifacts if a.startswith("plots/overlay_val_")]) == 2
+
+    model = mlflow.pytorch.load_model(summary["model_uri"])
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 1, 16, 16, 8))
+    assert logits.shape == (1, 3, 16, 16, 8)
+    info = mlflow.models.get_model_info(summary["model_uri"])
+    contract = info.metadata["medseg_contract"]
+    assert contract["labels"] == {"0": "background", "1": "blob1", "2": "blob2"}
+    assert contract["spacing"] == [1.5, 1.5, 2.5] and contract["orientation"] == "RAS"
+    assert contract["patch_size"] == [16, 16, 8] and contract["in_channels"] == 1
+    assert contract["intensity"]["mode"] == "zscore"
+
+
+def test_bad_data_stops_the_run_and_marks_it_failed(tmp_path: Path, tiny_run_inputs, capsys) -> None:
+    dataset, _ = tiny_run_inputs
+    label_path = dataset / "labelsTr" / "case_000.nii.gz"
+    label = nib.load(label_path)
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, label.affine), label_path)
+    manifest = tmp_path / "manifest_broken.csv"
+    build_manifest(dataset, manifest, val_fraction=0.34, seed=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri)
+
+    assert main(["run", str(config), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "label_values" in err and "case_000" in err and "values [0, 1, 2, 7]" in err
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "verify_report.json" in _artifact_paths(client, run.info.run_id)
+    assert "train/loss" not in run.data.metrics
+
+
+def test_wall_clock_budget_ends_training_and_still_validates(tmp_path: Path, tiny_run_inputs) -> None:
+    dataset, manifest = tiny_run_inputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1000, "max_minutes": 0.05})
+    assert main(["run", str(config), "--no-progress"]) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    epochs = run.data.metrics["train/epochs"]
+    assert 1 <= epochs < 1000
+    assert "val/dice_mean" in run.data.metrics
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_in_the_same_mlflow_run(tmp_path: Path, tiny_run_inputs) -> None:
+    dataset, manifest = tiny_run_inputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 6, "iterations_per_epoch": 6})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "medseg.cli", "run", str(config), "--no-progress"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    last = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs").glob("*/checkpoints/last.pt"))
+        if found:
+            last = found[0]
+            break
+        time.sleep(0.2)
+    assert last is not None, proc.stdout.read().decode() if proc.stdout else ""
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash, not a clean shutdown
+    proc.wait()
+    assert not (last.parent.parent / "summary.json").exists()
+
+    ckpt = torch.load(last, weights_only=True)
+    done_before = json.loads(ckpt["state"])["epoch"]
+    assert 1 <= done_before < 6
+
+    assert main(["run", str(config), "--resume", "--no-progress"]) == 0
+    summary = json.loads((last.parent.parent / "summary.json").read_text())
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert len(runs) == 1, "resume must continue the same MLflow run"
+    assert runs[0].info.run_id == summary["run_id"]
+    assert runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "train/loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
+    assert summary["metrics"]["train/epochs"] == 6
+
+
+def test_resume_without_an_unfinished_run_is_a_clear_error(tmp_path: Path, tiny_run_inputs, capsys) -> None:
+    dataset, manifest = tiny_run_inputs
+    config = tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["run", str(config), "--resume", "--no-progress"]) == 1
+    assert "no unfinished run" in capsys.readouterr().err
