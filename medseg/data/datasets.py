@@ -37,5 +37,8 @@ def make_dataset(items: list[dict[str, Any]], transform: Compose, cfg: DataConfi
         return CacheDataset(items, transform, cache_rate=1.0, num_workers=workers, progress=progress)
     if cfg.cache == CacheMode.DISK:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(items, transform, cache_dir=cache_dir)
+        # The cache holds MetaTensors whose metadata include NumPy arrays, which weights_only
+        # loading rejects (MONAI would then silently recompute every item). The files are
+        # written by medseg itself into the run's own cache folder.
+        return PersistentDataset(items, transform, cache_dir=cache_dir, track_meta=True, weights_only=False)
     return Dataset(items, transform)

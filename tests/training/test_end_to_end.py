@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -160,3 +161,60 @@ def test_resume_without_an_unfinished_run_is_a_clear_error(tmp_path: Path, tiny_
     config = tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert main(["run", str(config), "--resume", "--no-progress"]) == 1
     assert "no unfinished run" in capsys.readouterr().err
+
+
+def _write_2d_dataset(root: Path, n_cases: int = 6) -> Path:
+    rng = np.random.default_rng(5)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir(parents=True)
+    affine = np.diag([0.7, 1.3, 1.0, 1.0])
+    affine[:2, 3] = (-20.0, 13.5)
+    for i in range(n_cases):
+        label = np.zeros((37, 29), dtype=np.uint8)
+        cx, cy = rng.integers(10, 27), rng.integers(8, 21)
+        label[cx - 5:cx + 5, cy - 4:cy + 4] = 1
+        label[cx - 2:cx + 2, cy - 2:cy + 2] = 2
+        image = (rng.normal(0, 0.2, label.shape) + label * 1.2).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"slice_{i:02d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"slice_{i:02d}.nii.gz")
+    return root
+
+
+def test_2d_dynunet_with_disk_cache_bf16_and_model_registry(tmp_path: Path) -> None:
+    dataset = _write_2d_dataset(tmp_path / "data2d")
+    manifest = tmp_path / "manifest2d.csv"
+    build_manifest(dataset, manifest, val_fraction=0.34, seed=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(
+        tmp_path, dataset, manifest, uri,
+        data={"cache": "disk", "cache_dir": str(tmp_path / "cache")},
+        preprocess={"orientation": "RA", "spacing": None, "intensity": {"mode": "percentile"}},
+        augment=[{"name": "rot90", "prob": 0.5}, {"name": "elastic", "prob": 0.3}],
+        patch={"size": [16, 16], "samples_per_volume": 2, "sampler": "per_class"},
+        model={"name": "dynunet", "spatial_dims": 2, "channels": [8, 16, 32]},
+        loss={"name": "dice_focal"},
+        optim={"name": "sgd", "lr": 0.01, "schedule": "poly"},
+        train={"max_epochs": 3, "precision": "bf16", "early_stopping_patience": 5},
+        tracking={"uri": uri, "experiment": "tests", "register_model_as": "tiny-2d"},
+    )
+    with warnings.catch_warnings():
+        # MONAI only warns when it cannot read its cache back, then silently recomputes.
+        warnings.filterwarnings("error", message=".*Corrupt cache file.*")
+        assert main(["run", str(config), "--no-progress"]) == 0
+    assert list((tmp_path / "cache").rglob("*.pt")), "the disk cache stored nothing"
+    model = mlflow.pytorch.load_model("models:/tiny-2d/1")
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 16, 16)).shape == (1, 3, 16, 16)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert "val/dice/blob2" in run.data.metrics
+
+
+def test_demo_config_runs_one_epoch_on_the_shipped_real_data(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(REPO)
+    code = main(["run", "configs/demo_segmentation.yaml", "--no-progress", "--set", "train.max_epochs=1",
+                 "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 0
+    summary = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+    assert set(summary["metrics"]) >= {"val/dice/anterior", "val/dice/posterior", "best_val/dice_mean_per_case"}
+    assert 0.0 <= summary["metrics"]["val/dice_mean"] <= 1.0
