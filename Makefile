@@ -26,6 +26,7 @@ install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(BIN)/medseg run configs/demo_segmentation.yaml
+	@echo "Open the MLflow UI on this store:  make ui   (= $(BIN)/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db, then http://127.0.0.1:5000)"
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

@@ -75,15 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in handlers:
         parser.print_help()
         return EXIT_USAGE
-    from medseg.config import ConfigError
-    from medseg.data.manifest import ManifestError
-    from medseg.models import ModelError
+    from medseg.errors import MedsegError, UsageError
 
     try:
         return handlers[args.command](args)
-    except (ConfigError, ManifestError, ModelError) as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except MedsegError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _quiet_third_parties() -> None:
@@ -95,17 +96,12 @@ def _quiet_third_parties() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from medseg.config import load_config
-    from medseg.data.verify import DataVerificationError
-    from medseg.runner import RunError, run_pipeline
+    from medseg.runner import run_pipeline
     from pipelines import PIPELINES
 
     cfg = load_config(args.config, args.overrides)
     resume = Path(args.resume) if isinstance(args.resume, str) else bool(args.resume)
-    try:
-        summary_path = run_pipeline(cfg, PIPELINES[str(cfg.task)], resume=resume, progress=not args.no_progress)
-    except (DataVerificationError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    summary_path = run_pipeline(cfg, PIPELINES[str(cfg.task)], resume=resume, progress=not args.no_progress)
     summary = json.loads(summary_path.read_text())
     shown = {k: v for k, v in summary["metrics"].items() if k.endswith("dice_mean") or k.startswith("test/dice")}
     print(f"run {summary['run_id']} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medseg.errors import UsageError
+
 #: Environment variable that supplies ``data.root`` when the config leaves it empty.
 DATA_ROOT_ENV = "MEDSEG_DATA_ROOT"
 
@@ -28,7 +30,7 @@ class StrEnum(str, Enum):
         return str(self.value)
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file or override that cannot be turned into a valid :class:`RunConfig`."""
 
 

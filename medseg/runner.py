@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 import medseg
 from medseg.config import RunConfig, config_to_dict, dump_config, flatten
 from medseg.data.manifest import file_sha256, read_manifest
+from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_write_text
 from medseg.tracking import MlflowTracker
 from medseg.tracking.mlflow_tracker import git_commit
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id.txt"
 
 
-class RunError(RuntimeError):
+class RunError(MedsegError, RuntimeError):
     """The run cannot start (bad data root, nothing to resume, ...)."""
 
 

@@ -19,15 +19,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from medseg.errors import UsageError
 from medseg.io.atomic import atomic_write_text
-from medseg.io.readers import NIFTI_SUFFIXES, VOLUME_SUFFIXES
+from medseg.io.readers import VOLUME_SUFFIXES
 
 COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
 REQUIRED_COLUMNS = ("case_id", "image", "split")
 CHANNEL_SEP = ";"
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     """A manifest that cannot be read or built; the message names the file and the fix."""
 
 
@@ -341,7 +342,3 @@ def build_manifest(
     manifest = Manifest(path=Path(out), cases=tuple(split))
     write_manifest(manifest, out)
     return manifest
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)

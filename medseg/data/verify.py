@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from medseg.data.manifest import Case, Manifest, file_sha256, read_manifest, sha256_of
+from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_write_text
 from medseg.io.geometry import Geometry, geometry_of
 from medseg.io.readers import VolumeReadError, load_volume
@@ -88,7 +89,7 @@ class Tolerance:
     direction: float = 1e-3
 
 
-class DataVerificationError(RuntimeError):
+class DataVerificationError(MedsegError, RuntimeError):
     """Verification found errors; the run stops before any training."""
 
     def __init__(self, report: VerifyReport, report_path: Path | None):

@@ -19,6 +19,8 @@ from monai.transforms import LoadImage, LoadImaged
 from monai.utils import ensure_tuple
 from monai.utils.enums import MetaKeys, SpaceKeys
 
+from medseg.errors import MedsegError
+
 PathLike = str | Path
 
 #: File suffixes SimpleITK handles for us (NIfTI stays with nibabel).
@@ -35,7 +37,7 @@ _DICOM_TAGS = {
 }
 
 
-class VolumeReadError(RuntimeError):
+class VolumeReadError(MedsegError, RuntimeError):
     """A file or folder that cannot be read as an image volume; the message names it and the fix."""
 
 

@@ -9,9 +9,10 @@ from monai.networks.nets import DynUNet, UNet
 from torch import nn
 
 from medseg.config import ModelConfig
+from medseg.errors import UsageError
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """Unknown model name or an impossible architecture for the patch size."""
 
 

@@ -6,7 +6,6 @@ and resumed between stages.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ import medseg
 from medseg.config import CacheMode, OptimizerName, RunConfig, ScheduleName, config_to_dict
 from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import Manifest, read_manifest
+from medseg.errors import MedsegError
 from medseg.inference.sliding import predict_logits
 from medseg.io.atomic import atomic_write_text
 from medseg.models import create_model
@@ -162,7 +162,8 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
     manifest = read_manifest(manifest_path)
     train_cases, val_cases = split_cases(cfg, manifest, "train"), split_cases(cfg, manifest, "val")
     if not train_cases:
-        raise ValueError(f"{manifest_path}: no cases in the training split {cfg.data.train_split!r}")
+        raise MedsegError(f"{manifest_path}: no cases in the training split {cfg.data.train_split!r}; "
+                          "check data.train_split / data.fold against the manifest's split and fold columns")
     labels = cfg.data.labels
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
