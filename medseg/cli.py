@@ -46,6 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--report", type=Path, help="where to write the JSON report (default: beside the manifest)")
     verify.add_argument("--no-progress", action="store_true")
 
+    predict = sub.add_parser("predict", help="predict every scan in a folder with a trained model")
+    predict.add_argument("--model", required=True,
+                         help="MLflow model URI (runs:/<id>/model, models:/<name>/<version>, models:/m-...) or folder")
+    predict.add_argument("--input", type=Path, required=True, help="folder of scans (searched recursively) or one file")
+    predict.add_argument("--output", type=Path, required=True, help="folder for masks and the report")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's contract)")
+    predict.add_argument("--tta", action="store_true", help="average predictions over all axis flips")
+    predict.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    predict.add_argument("--num-parts", type=int, default=1, help="split the folder into N shards ...")
+    predict.add_argument("--part-id", type=int, default=0, help="... and predict shard I (0-based)")
+    predict.add_argument("--save-probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
+    predict.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
+                         help="keep the largest component per label (default: the model's contract)")
+    predict.add_argument("--tracking-uri", help="MLflow store for model URIs and the inference run "
+                                                "(default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+    predict.add_argument("--experiment", default="medseg-predict", help="MLflow experiment of the inference run")
+    predict.add_argument("--no-tracking", action="store_true", help="do not log the batch as an MLflow run")
+    predict.add_argument("--no-progress", action="store_true")
+
     manifest = sub.add_parser("manifest", help="data manifests")
     msub = manifest.add_subparsers(dest="manifest_command")
     build = msub.add_parser("build", help="build a manifest from an MSD/nnU-Net or images/labels folder")
@@ -66,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_third_parties()
+    if getattr(args, "no_progress", False):
+        import os
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.version:
         import medseg
 
         print(medseg.__version__)
         return EXIT_OK
-    handlers = {"run": _cmd_run, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest}
+    handlers = {"run": _cmd_run, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
+                "predict": _cmd_predict}
     if args.command not in handlers:
         parser.print_help()
         return EXIT_USAGE
@@ -153,6 +178,42 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     print(report.summary())
     print(f"report: {report_path}")
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import os
+
+    from medseg.inference.predict import PredictOptions, predict_folder
+    from medseg.tracking import MlflowTracker, default_tracking_uri
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    options = PredictOptions(device=args.device, overlap=args.overlap, tta=args.tta, overwrite=args.overwrite,
+                             save_probabilities=args.save_probabilities, keep_largest=args.keep_largest,
+                             num_parts=args.num_parts, part_id=args.part_id, progress=not args.no_progress)
+    tracker = None
+    if not args.no_tracking:
+        tracker = MlflowTracker(uri, args.experiment)
+        tracker.start(f"predict-{args.input.name}", {"medseg_task": "predict"})
+    try:
+        outputs = predict_folder(args.model, args.input, args.output, options, tracker)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    summary = json.loads(outputs.summary.read_text())
+    if tracker is not None:
+        tracker.end("FINISHED" if outputs.n_failed == 0 else "FAILED")
+    counts = summary["counts"]
+    print(f"predicted {summary['cases']} case(s) on {summary['device']}: {counts['ok']} ok, {counts['failed']} failed, "
+          f"{counts['skipped']} skipped; peak RSS {summary['peak_rss_mb']:.0f} MiB")
+    for case_id, error in summary["failed"].items():
+        print(f"  FAILED {case_id}: {error}")
+    print(f"report: {outputs.report}")
+    print(f"summary: {outputs.summary}")
+    return EXIT_OK if outputs.n_failed == 0 else EXIT_FAILED
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:

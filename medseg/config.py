@@ -271,6 +271,12 @@ class ValidationConfig(_Strict):
     overlays: int = Field(default=3, ge=0)
 
 
+class PostprocessConfig(_Strict):
+    keep_largest_component: bool = Field(
+        default=False, description="Keep only the largest connected component of each foreground label."
+    )
+
+
 class TrackingConfig(_Strict):
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "medseg"
@@ -291,6 +297,7 @@ class RunConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     validation: ValidationConfig = ValidationConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -388,6 +388,7 @@ def model_contract(cfg: RunConfig) -> dict[str, Any]:
         "sliding_window": {"overlap": cfg.validation.overlap, "blend": cfg.validation.blend,
                            "sw_batch_size": cfg.validation.sw_batch_size},
         "output_activation": "softmax",
+        "postprocess": cfg.postprocess.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
     }
 

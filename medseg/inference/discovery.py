@@ -1,0 +1,117 @@
+"""Find the scans in a folder tree: NIfTI/MHA/NRRD files, DICOM series folders, single DICOM files.
+
+DICOM files are grouped by folder and SeriesInstanceUID from their headers (pixel data is not
+read). Non-image DICOM objects (structured reports, presentation states, ...) are skipped
+with a note; a folder that mixes several image series becomes one failed case listing them,
+because which series was meant cannot be guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from medseg.io.readers import NIFTI_SUFFIXES, SITK_SUFFIXES, is_dicom_file
+
+#: Non-DICOM volume files that are one case each.
+FILE_SUFFIXES = NIFTI_SUFFIXES + tuple(s for s in SITK_SUFFIXES if s not in (".dcm", ".dicom", ".ima"))
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_HEADER_TAGS = ["SeriesInstanceUID", "SeriesDescription", "Rows", "Columns", "NumberOfFrames", "SOPClassUID", "Modality"]
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One scan to predict: a file, or a folder holding one DICOM series."""
+
+    case_id: str
+    path: Path
+    kind: str  # "file" | "dicom_series" | "dicom_file"
+    series_uid: str | None = None
+    problem: str | None = None  # set when discovery already knows the case cannot be read
+
+
+@dataclass
+class Discovery:
+    cases: list[InputCase] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _strip(name: str) -> str:
+    lower = name.lower()
+    for suffix in sorted(FILE_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _case_id(root: Path, path: Path, strip_suffix: bool) -> str:
+    rel = path.relative_to(root) if path != root else Path(path.name)
+    parts = list(rel.parts)
+    if strip_suffix:
+        parts[-1] = _strip(parts[-1])
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(parts)) or "case"
+
+
+def discover(root: Path) -> Discovery:
+    """All scans under ``root`` (recursively), sorted by case id.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"--input {root}: no such file or folder")
+    found = Discovery()
+    if root.is_file():
+        found.cases.append(InputCase(_strip(root.name), root, "file"))
+        return found
+    dicom_by_folder: dict[Path, list[Path]] = defaultdict(list)
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        lower = path.name.lower()
+        if lower.endswith(FILE_SUFFIXES):
+            found.cases.append(InputCase(_case_id(root, path, True), path, "file"))
+        elif lower.endswith(DICOM_SUFFIXES) or is_dicom_file(path):
+            dicom_by_folder[path.parent].append(path)
+    for folder, files in sorted(dicom_by_folder.items()):
+        _dicom_cases(root, folder, files, found)
+    found.cases.sort(key=lambda c: c.case_id)
+    return found
+
+
+def _dicom_cases(root: Path, folder: Path, files: list[Path], found: Discovery) -> None:
+    series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    for path in files:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+            found.notes.append(f"{path}: skipped, not a readable DICOM file ({type(err).__name__}: {err})")
+            continue
+        if "Rows" not in header or "Columns" not in header:
+            found.notes.append(f"{path}: skipped, a DICOM object without an image "
+                               f"(SOP class {getattr(header, 'SOPClassUID', 'unknown')})")
+            continue
+        series[str(getattr(header, "SeriesInstanceUID", "unknown"))].append((path, header))
+    if not series:
+        return
+    case_id = _case_id(root, folder, False) if folder != root else root.name
+    if len(series) > 1:
+        listing = "; ".join(
+            f"{uid} ({len(items)} files, {str(getattr(items[0][1], 'SeriesDescription', '')).strip()!r})"
+            for uid, items in sorted(series.items())
+        )
+        found.cases.append(InputCase(
+            case_id, folder, "dicom_series",
+            problem=f"{folder}: holds {len(series)} DICOM image series: {listing}. "
+                    "Put each series in its own folder so each becomes one case."))
+        return
+    ((uid, items),) = series.items()
+    if len(items) == 1:
+        path = items[0][0]
+        found.cases.append(InputCase(_case_id(root, path, True), path, "dicom_file", series_uid=uid))
+    else:
+        found.cases.append(InputCase(case_id, folder, "dicom_series", series_uid=uid))

@@ -1,0 +1,345 @@
+"""Batch inference over folders of scans with a model that carries its I/O contract.
+
+The model is loaded once; preprocessing, patch size, overlap and label map come from its
+contract. Each prediction is inverted back onto the scan's own grid (MONAI ``Invertd`` over
+the same transforms that prepared it), written atomically, and reported per case. A case
+that fails is recorded and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
+from torch import nn
+from tqdm import tqdm
+
+import medseg
+from medseg.config import IntensityConfig, Precision, PreprocessConfig
+from medseg.errors import MedsegError, UsageError
+from medseg.inference.discovery import InputCase, discover
+from medseg.inference.sliding import predict_logits
+from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.training.runtime import autocast_dtype, resolve_device
+from medseg.transforms import IMAGE, preprocessing
+
+log = logging.getLogger(__name__)
+
+PRED = "pred"
+
+
+class CaseError(MedsegError):
+    """This case cannot be predicted; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    network: nn.Module
+    contract: dict[str, Any]
+    uri: str
+    source_run_id: str | None
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.contract["labels"].items()}
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    device: str = "auto"
+    overlap: float | None = None  # None: the contract's
+    tta: bool = False
+    overwrite: bool = False
+    save_probabilities: bool = False
+    keep_largest: bool | None = None  # None: the contract's
+    num_parts: int = 1
+    part_id: int = 0
+    progress: bool = True
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    input: str
+    status: str  # ok | failed | skipped
+    error: str = ""
+    seconds: float = 0.0
+    output: str = ""
+    voxels: dict[str, int] = field(default_factory=dict)
+    volume_ml: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PredictOutputs:
+    report: Path
+    summary: Path
+    results: tuple[CaseResult, ...]
+
+    @property
+    def n_failed(self) -> int:
+        return sum(r.status == "failed" for r in self.results)
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def load_model(ref: str, device: torch.device) -> LoadedModel:
+    """Load an MLflow model (``runs:/``, ``models:/`` URI or a local model folder) and its contract.
+
+    Raises:
+        UsageError: the reference is not an MLflow model, or the model has no medseg contract.
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    local = Path(ref)
+    try:
+        if local.exists():
+            if not (local / "MLmodel").is_file():
+                raise UsageError(f"--model {ref}: folder has no MLmodel file; give an MLflow model folder "
+                                 "(e.g. an artifact download of runs:/<id>/model) or a model URI")
+            meta = Model.load(str(local))
+        else:
+            meta = mlflow.models.get_model_info(ref)
+        network = mlflow.pytorch.load_model(ref, map_location=device)
+    except UsageError:
+        raise
+    except Exception as err:  # MLflow raises many types for a missing run/model/registry entry
+        raise UsageError(f"--model {ref}: could not be loaded ({type(err).__name__}: {err}). Check the URI and "
+                         "that the tracking URI (--tracking-uri or $MLFLOW_TRACKING_URI) points at its store") from err
+    contract = (meta.metadata or {}).get("medseg_contract")
+    if not contract:
+        raise UsageError(f"--model {ref}: the model carries no medseg contract (metadata.medseg_contract); "
+                         "only models logged by `medseg run` can be used, since inference must not guess")
+    network.eval()
+    return LoadedModel(network, contract, ref, getattr(meta, "run_id", None))
+
+
+def contract_preprocessing(contract: dict[str, Any]) -> Compose:
+    """The deterministic chain the model was trained behind, rebuilt from its contract."""
+    cfg = PreprocessConfig(
+        orientation=contract["orientation"],
+        spacing=tuple(contract["spacing"]) if contract.get("spacing") else None,
+        intensity=IntensityConfig(**contract["intensity"]),
+        crop_foreground=contract.get("crop_foreground", False),
+    )
+    return Compose(preprocessing(cfg, keys=(IMAGE,)))
+
+
+# ----------------------------------------------------------------------------------- one case
+
+
+def predict_probabilities(model: LoadedModel, image: torch.Tensor, device: torch.device, overlap: float,
+                          tta: bool) -> torch.Tensor:
+    """Softmax probabilities (K, *spatial) on the CPU, averaged over all axis flips with ``tta``."""
+    c = model.contract
+    window = c["sliding_window"]
+    dims = c["spatial_dims"]
+    amp = autocast_dtype(Precision.AUTO, device)
+
+    def run(axes: tuple[int, ...]) -> torch.Tensor:
+        x = image.flip(axes) if axes else image
+        logits = predict_logits(model.network, x, c["patch_size"], overlap=overlap,
+                                sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=device,
+                                amp_dtype=amp)
+        probs = torch.softmax(logits, dim=0)
+        return probs.flip(axes) if axes else probs
+
+    total = run(())
+    flips = [combo for r in range(1, dims + 1) for combo in itertools.combinations(range(1, dims + 1), r)] if tta else []
+    for axes in flips:
+        total.add_(run(axes))
+    return total.div_(1 + len(flips))
+
+
+def _check_input(model: LoadedModel, image: MetaTensor, case: InputCase) -> None:
+    c = model.contract
+    channels, spatial = image.shape[0], tuple(image.shape[1:])
+    if channels != c["in_channels"]:
+        raise CaseError(f"{case.path}: the model expects {c['in_channels']} channel(s) {c['channel_names']}, "
+                        f"got {channels} (shape {tuple(image.shape)}); give one file per case with the channels "
+                        "the model was trained on")
+    dims = c["spatial_dims"]
+    real_dims = sum(s > 1 for s in spatial)
+    if len(spatial) != dims or real_dims < dims:
+        raise CaseError(f"{case.path}: a {real_dims}D image (spatial shape {spatial}) given to a {dims}D model; "
+                        f"use a {dims}D scan (a DICOM series folder rather than one slice, for instance)")
+
+
+def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: Path, device: torch.device,
+                 options: PredictOptions) -> CaseResult:
+    """Predict one scan and write ``<case_id>.nii.gz`` on its native grid."""
+    started = time.monotonic()
+    out_path = output_dir / f"{case.case_id}.nii.gz"
+    result = CaseResult(case.case_id, str(case.path), "ok", output=str(out_path))
+    if case.problem:
+        raise CaseError(case.problem)
+    if out_path.exists() and not options.overwrite:
+        result.status = "skipped"
+        result.error = "output exists (use --overwrite to redo)"
+        return result
+    try:
+        data = pre({IMAGE: str(case.path)})
+    except MedsegError:
+        raise
+    except Exception as err:
+        raise CaseError(f"{case.path}: could not be read or preprocessed ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}). "
+                        "Check that it is a complete NIfTI/DICOM/MHA/NRRD image") from err
+    image: MetaTensor = data[IMAGE]
+    _check_input(model, image, case)
+    overlap = options.overlap if options.overlap is not None else model.contract["sliding_window"]["overlap"]
+    probs = predict_probabilities(model, image.as_tensor(), device, overlap, options.tta)
+    data[PRED] = MetaTensor(probs, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+    native = Invertd(keys=PRED, transform=pre, orig_keys=IMAGE, nearest_interp=False)(data)[PRED]
+    original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+    labels = native.as_tensor().argmax(0)
+    expected_shape = tuple(int(s) for s in image.meta["spatial_shape"])
+    if tuple(labels.shape) != expected_shape:  # pragma: no cover - Invertd guarantees this; keep it loud
+        raise CaseError(f"{case.path}: prediction shape {tuple(labels.shape)} does not match the input {expected_shape}")
+    keep = options.keep_largest if options.keep_largest is not None else model.contract.get(
+        "postprocess", {}).get("keep_largest_component", False)
+    if keep:
+        foreground = [k for k in model.label_names if k != 0]
+        labels = KeepLargestConnectedComponent(applied_labels=foreground, independent=True)(labels[None])[0]
+    label_array = labels.cpu().numpy().astype(np.uint8 if max(model.label_names) < 256 else np.uint16)
+    write_nifti(label_array, original_affine, out_path)
+    if options.save_probabilities:
+        prob_array = np.moveaxis(native.as_tensor().cpu().numpy().astype(np.float32), 0, -1)
+        write_nifti(prob_array, original_affine, output_dir / f"{case.case_id}_probabilities.nii.gz")
+    voxel_ml = abs(float(np.linalg.det(original_affine[:3, :3]))) / 1000.0
+    for value, name in model.label_names.items():
+        if value == 0:
+            continue
+        count = int((label_array == value).sum())
+        result.voxels[name] = count
+        result.volume_ml[name] = count * voxel_ml
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Write a NIfTI with qform and sform set to ``affine`` (RAS), atomically."""
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+# ----------------------------------------------------------------------------------- batch
+
+
+def predict_folder(model_ref: str, input_dir: Path, output_dir: Path, options: PredictOptions,
+                   tracker: Any | None = None) -> PredictOutputs:
+    """Predict every scan under ``input_dir`` (this process's share with ``num_parts``).
+
+    Args:
+        model_ref: MLflow model URI or local MLflow model folder.
+        input_dir: folder searched recursively (or one file).
+        output_dir: where masks, ``predictions.csv`` and ``predict_summary.json`` go.
+        options: see :class:`PredictOptions`.
+        tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, or None.
+
+    Raises:
+        UsageError: bad model, missing input, empty input folder, bad shard options.
+    """
+    if options.num_parts < 1 or not 0 <= options.part_id < options.num_parts:
+        raise UsageError(f"--part-id {options.part_id} must be in [0, --num-parts={options.num_parts})")
+    device = resolve_device(options.device)
+    try:
+        found = discover(input_dir)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    for note in found.notes:
+        log.info("%s", note)
+    if not found.cases:
+        raise UsageError(f"--input {input_dir}: no scans found (NIfTI, MHA, NRRD or DICOM), recursively")
+    cases = found.cases[options.part_id::options.num_parts]
+    model = load_model(model_ref, device)
+    pre = contract_preprocessing(model.contract)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
+    report_path = output_dir / f"predictions{suffix}.csv"
+    results: list[CaseResult] = []
+    started = time.monotonic()
+    for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
+        t0 = time.monotonic()
+        try:
+            result = predict_case(model, case, pre, output_dir, device, options)
+        except Exception as err:  # one bad case must not stop the batch
+            message = str(err) if isinstance(err, MedsegError) else f"{case.path}: {type(err).__name__}: {err}"
+            log.warning("case %s failed: %s", case.case_id, message)
+            result = CaseResult(case.case_id, str(case.path), "failed", error=message, seconds=time.monotonic() - t0)
+        results.append(result)
+        _write_report(results, model, report_path)  # rewritten after each case: a crash keeps what is done
+    summary = {
+        "model_uri": model.uri,
+        "source_run_id": model.source_run_id,
+        "contract": model.contract,
+        "medseg_version": medseg.__version__,
+        "device": str(device),
+        "input": str(input_dir),
+        "output": str(output_dir),
+        "part": {"part_id": options.part_id, "num_parts": options.num_parts},
+        "options": {"tta": options.tta, "overlap": options.overlap, "overwrite": options.overwrite,
+                    "save_probabilities": options.save_probabilities, "keep_largest": options.keep_largest},
+        "counts": {status: sum(r.status == status for r in results) for status in ("ok", "failed", "skipped")},
+        "cases": len(results),
+        "seconds_total": time.monotonic() - started,
+        "seconds_per_ok_case": _mean([r.seconds for r in results if r.status == "ok"]),
+        "volume_ml_total": {name: sum(r.volume_ml.get(name, 0.0) for r in results)
+                            for name in model.label_names.values() if name != model.label_names.get(0)},
+        "peak_rss_mb": peak_rss_mb(),
+        "discovery_notes": found.notes,
+        "failed": {r.case_id: r.error for r in results if r.status == "failed"},
+    }
+    summary_path = atomic_write_text(output_dir / f"predict_summary{suffix}.json", json.dumps(summary, indent=2))
+    if tracker is not None:
+        tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
+        tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
+                            "tta": options.tta, "overlap": options.overlap, "device": str(device),
+                            "part_id": options.part_id, "num_parts": options.num_parts})
+        tracker.log_metrics({f"predict/{k}": v for k, v in summary["counts"].items()}, step=0)
+        tracker.log_metrics({"predict/seconds_total": summary["seconds_total"],
+                             "predict/peak_rss_mb": summary["peak_rss_mb"]}, step=0)
+        tracker.log_artifact(report_path)
+        tracker.log_artifact(summary_path)
+    return PredictOutputs(report_path, summary_path, tuple(results))
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _write_report(results: Sequence[CaseResult], model: LoadedModel, path: Path) -> None:
+    names = [n for v, n in sorted(model.label_names.items()) if v != 0]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case_id", "input", "status", "error", "seconds", "output",
+                     *[f"voxels_{n}" for n in names], *[f"volume_ml_{n}" for n in names]])
+    for r in results:
+        writer.writerow([r.case_id, r.input, r.status, r.error, f"{r.seconds:.3f}", r.output if r.status == "ok" else "",
+                         *[r.voxels.get(n, "") for n in names],
+                         *[f"{r.volume_ml[n]:.4f}" if n in r.volume_ml else "" for n in names]])
+    atomic_write_text(path, buffer.getvalue())
