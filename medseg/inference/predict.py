@@ -34,6 +34,7 @@ from medseg.errors import MedsegError, UsageError
 from medseg.inference.discovery import InputCase, discover
 from medseg.inference.sliding import predict_logits
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
 from medseg.training.runtime import autocast_dtype, resolve_device
 from medseg.transforms import IMAGE, preprocessing
 
@@ -79,6 +80,7 @@ class CaseResult:
     error: str = ""
     seconds: float = 0.0
     output: str = ""
+    dicom_seg: str = ""
     voxels: dict[str, int] = field(default_factory=dict)
     volume_ml: dict[str, float] = field(default_factory=dict)
 
@@ -218,6 +220,10 @@ def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: 
         labels = KeepLargestConnectedComponent(applied_labels=foreground, independent=True)(labels[None])[0]
     label_array = labels.cpu().numpy().astype(np.uint8 if max(model.label_names) < 256 else np.uint16)
     write_nifti(label_array, original_affine, out_path)
+    if case.kind == "dicom_series" and case.series_uid and dicom_seg_available():
+        seg_path = write_dicom_seg(label_array, case.path, case.series_uid, model.label_names,
+                                   output_dir / f"{case.case_id}_seg.dcm")
+        result.dicom_seg = str(seg_path)
     if options.save_probabilities:
         prob_array = np.moveaxis(native.as_tensor().cpu().numpy().astype(np.float32), 0, -1)
         write_nifti(prob_array, original_affine, output_dir / f"{case.case_id}_probabilities.nii.gz")
@@ -306,7 +312,8 @@ def predict_folder(model_ref: str, input_dir: Path, output_dir: Path, options: P
         "volume_ml_total": {name: sum(r.volume_ml.get(name, 0.0) for r in results)
                             for name in model.label_names.values() if name != model.label_names.get(0)},
         "peak_rss_mb": peak_rss_mb(),
-        "discovery_notes": found.notes,
+        "discovery_notes": found.notes + ([] if dicom_seg_available() or not any(
+            c.kind == "dicom_series" for c in cases) else ["DICOM SEG not written: install medseg[dicom-seg] (highdicom)"]),
         "failed": {r.case_id: r.error for r in results if r.status == "failed"},
     }
     summary_path = atomic_write_text(output_dir / f"predict_summary{suffix}.json", json.dumps(summary, indent=2))
@@ -336,10 +343,11 @@ def _write_report(results: Sequence[CaseResult], model: LoadedModel, path: Path)
     names = [n for v, n in sorted(model.label_names.items()) if v != 0]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_id", "input", "status", "error", "seconds", "output",
+    writer.writerow(["case_id", "input", "status", "error", "seconds", "output", "dicom_seg",
                      *[f"voxels_{n}" for n in names], *[f"volume_ml_{n}" for n in names]])
     for r in results:
         writer.writerow([r.case_id, r.input, r.status, r.error, f"{r.seconds:.3f}", r.output if r.status == "ok" else "",
+                         r.dicom_seg,
                          *[r.voxels.get(n, "") for n in names],
                          *[f"{r.volume_ml[n]:.4f}" if n in r.volume_ml else "" for n in names]])
     atomic_write_text(path, buffer.getvalue())

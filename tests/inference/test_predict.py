@@ -96,6 +96,31 @@ def test_dicom_series_mask_is_on_the_series_grid(trained, tmp_path: Path) -> Non
     np.testing.assert_allclose(g_mask.origin, g_series.origin, atol=1e-3)
     np.testing.assert_allclose(g_mask.direction, g_series.direction, atol=1e-4)
 
+    # the DICOM SEG references the source series and holds the same mask, frame for frame
+    seg = pydicom.dcmread(row["dicom_seg"])
+    assert seg.Modality == "SEG"
+    source_uid = pydicom.dcmread(next((inputs / "PGBM-001" / "T1post").glob("*.dcm"))).SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source_uid
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["blob1", "blob2"]
+    mask_array = mask.as_tensor()[0].numpy()
+    n_frames_expected = sum(int((mask_array[:, :, k] == v).any()) for k in range(24) for v in (1, 2))
+    assert n_frames_expected > 0, "the tiny model predicted nothing: the SEG check below would be empty"
+    assert int(seg.NumberOfFrames) == n_frames_expected  # empty frames are omitted
+    slice_of = {uid: k for k, uid in enumerate(_sop_uids_by_position(inputs / "PGBM-001" / "T1post"))}
+    for frame, groups in zip(seg.pixel_array, seg.PerFrameFunctionalGroupsSequence):
+        segment = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = slice_of[source]
+        np.testing.assert_array_equal(frame.astype(bool), (mask_array[:, :, k] == segment).T)
+
+
+def _sop_uids_by_position(folder: Path) -> list[str]:
+    """SOPInstanceUIDs sorted along the slice normal, independently of medseg's reader."""
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in folder.glob("*.dcm")]
+    row, col = np.array(headers[0].ImageOrientationPatient[:3]), np.array(headers[0].ImageOrientationPatient[3:])
+    normal = np.cross(row, col)
+    return [h.SOPInstanceUID for h in sorted(headers, key=lambda h: float(np.dot(normal, h.ImagePositionPatient)))]
+
 
 def _non_image_dicom(source: Path, target: Path) -> Path:
     ds = pydicom.dcmread(source)

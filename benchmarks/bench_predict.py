@@ -1,0 +1,188 @@
+"""Batch inference: ``medseg predict`` beside a plain MONAI tutorial pipeline, same network and overlap.
+
+Each workload runs both paths in separate child processes (so peak RSS is each path's own),
+interleaved, several repetitions; the table reports medians and the ratio plain/medseg
+(> 1 means medseg is faster).
+
+Workloads:
+- ``hippocampus``: the ``configs/msd_hippocampus.yaml`` network on held-out MSD Task04 cases.
+- ``ct512``: one 512x512x300 int16 CT-like volume (0.7x0.7x1.5 mm) with a lean 3D U-Net whose
+  patch is 96x96x64 (overlap 0.25), the size a CT model would use.
+
+Usage: python benchmarks/bench_predict.py [--repeats 3] [--cases 20] [--skip-ct] [--out benchmarks/results]
+The networks are freshly initialised: speed does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPO = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
+
+
+def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
+    """Log a freshly initialised network with its contract, as `medseg run` would."""
+    import mlflow
+
+    from medseg.config import load_config
+    from medseg.io.atomic import atomic_write_text
+    from medseg.tracking import MlflowTracker
+    from medseg.training.segmentation import build_network, model_contract
+
+    cfg = load_config(config, overrides)
+    tracker = MlflowTracker(f"sqlite:///{workdir / 'mlflow.db'}", "bench")
+    tracker.start("bench-model", {})
+    contract = model_contract(cfg)
+    path = atomic_write_text(workdir / "contract.json", json.dumps(contract))
+    uri = tracker.log_model(build_network(cfg).eval(), contract, path)
+    tracker.end()
+    mlflow.set_tracking_uri(tracker.uri)
+    return uri
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """Child process: predict the input folder with one path and print a JSON line."""
+    import resource
+
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    out = Path(args.output)
+    if args.path == "medseg":
+        from medseg.inference.predict import PredictOptions, predict_folder
+
+        started = time.perf_counter()
+        outputs = predict_folder(args.model, Path(args.input), out, PredictOptions(progress=False, overwrite=True))
+        seconds = [r.seconds for r in outputs.results if r.status == "ok"]
+        total = time.perf_counter() - started
+    else:
+        from monai.inferers import sliding_window_inference
+        from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
+                                      NormalizeIntensityd, Orientationd, SaveImaged, ScaleIntensityRanged)
+
+        model = mlflow.pytorch.load_model(args.model, map_location="cpu").eval()
+        contract = mlflow.models.get_model_info(args.model).metadata["medseg_contract"]
+        intensity = contract["intensity"]
+        norm = (ScaleIntensityRanged("image", *intensity["window"], 0.0, 1.0, clip=True)
+                if intensity["mode"] == "ct_window" else NormalizeIntensityd("image", nonzero=intensity["nonzero"]))
+        pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"), norm])
+        post = Compose([
+            Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
+            AsDiscreted("pred", argmax=True),
+            SaveImaged("pred", output_dir=str(out), output_postfix="seg", separate_folder=False, print_log=False),
+        ])
+        window = contract["sliding_window"]
+        seconds = []
+        started = time.perf_counter()
+        for path in sorted(Path(args.input).glob("*.nii.gz")):
+            t0 = time.perf_counter()
+            data = pre({"image": str(path)})
+            with torch.no_grad():
+                data["pred"] = sliding_window_inference(
+                    data["image"][None], contract["patch_size"], window["sw_batch_size"], model,
+                    overlap=window["overlap"], mode=window["blend"])[0]
+            post(data)
+            seconds.append(time.perf_counter() - t0)
+        total = time.perf_counter() - started
+    print(json.dumps({"path": args.path, "seconds_per_case": statistics.median(seconds), "cases": len(seconds),
+                      "total_s": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _run_child(path: str, model: str, tracking_uri: str, input_dir: Path, output_dir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", path, "--model", model, "--tracking-uri", tracking_uri,
+           "--input", str(input_dir), "--output", str(output_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{path} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _make_ct(path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = (512, 512, 300)
+    grid = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    body = ((grid[0] - 256) ** 2 / 200**2 + (grid[1] - 256) ** 2 / 150**2) < 1
+    volume = np.where(body, 40, -1000).astype(np.int16)
+    volume += rng.normal(0, 20, shape).astype(np.int16)
+    affine = np.diag([-0.7, -0.7, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", type=int, default=20)
+    parser.add_argument("--skip-ct", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--worker", choices=["medseg", "monai"])
+    parser.add_argument("--model")
+    parser.add_argument("--tracking-uri")
+    parser.add_argument("--input")
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    if args.worker:
+        args.path = args.worker
+        _worker(args)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    workloads = []
+    hippo_in = work / "hippo_in"
+    hippo_in.mkdir()
+    manifest = (REPO / "data_manifests" / "msd_hippocampus.csv").read_text().splitlines()[1:]
+    test_images = [line.split(",")[1] for line in manifest if line.split(",")[3] == "test"][: args.cases]
+    for rel in test_images:
+        (hippo_in / Path(rel).name).symlink_to(HIPPO / rel)
+    hippo_model = _log_model(work, REPO / "configs" / "msd_hippocampus.yaml", [])
+    workloads.append(("hippocampus", hippo_model, hippo_in))
+    if not args.skip_ct:
+        ct_in = work / "ct_in"
+        ct_in.mkdir()
+        _make_ct(ct_in / "ct512.nii.gz")
+        ct_model = _log_model(work, REPO / "configs" / "msd_hippocampus.yaml", [
+            "patch.size=[96,96,64]", "model.channels=[8,16,32,64]", "validation.overlap=0.25",
+            "preprocess.intensity.mode=ct_window", "preprocess.intensity.window=[-160,240]",
+            "data.labels={0: background, 1: organ}"])
+        workloads.append(("ct512", ct_model, ct_in))
+
+    results: dict[str, dict[str, list[dict]]] = {}
+    for name, model, input_dir in workloads:
+        runs: dict[str, list[dict]] = {"medseg": [], "monai": []}
+        for repeat in range(args.repeats):
+            for path in ("medseg", "monai") if repeat % 2 == 0 else ("monai", "medseg"):
+                runs[path].append(_run_child(path, model, tracking, input_dir, work / f"out_{name}_{path}"))
+                print(f"{name} {path} repeat {repeat}: {runs[path][-1]}", flush=True)
+        results[name] = runs
+
+    rows = []
+    for name, runs in results.items():
+        med = {p: statistics.median(r["seconds_per_case"] for r in runs[p]) for p in runs}
+        rss = {p: max(r["peak_rss_mb"] for r in runs[p]) for p in runs}
+        rows.append({"workload": name, "medseg_s_per_case": med["medseg"], "monai_s_per_case": med["monai"],
+                     "speedup": med["monai"] / med["medseg"], "medseg_peak_rss_mb": rss["medseg"],
+                     "monai_peak_rss_mb": rss["monai"], "cases": runs["medseg"][0]["cases"], "repeats": args.repeats})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "predict.json").write_text(json.dumps({"rows": rows, "raw": results}, indent=2))
+    table = ["| workload | cases | medseg s/case | plain MONAI s/case | speed-up (MONAI/medseg) | peak RSS medseg / MONAI (MiB) |",
+             "|---|---|---|---|---|---|"]
+    table += [f"| {r['workload']} | {r['cases']} | {r['medseg_s_per_case']:.3f} | {r['monai_s_per_case']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['medseg_peak_rss_mb']:.0f} / {r['monai_peak_rss_mb']:.0f} |" for r in rows]
+    (args.out / "predict.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
