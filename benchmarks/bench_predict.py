@@ -50,10 +50,10 @@ def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
 
 def _worker(args: argparse.Namespace) -> None:
     """Child process: predict the input folder with one path and print a JSON line."""
-    import resource
-
     import mlflow
     import torch
+
+    from medseg.inference.predict import peak_rss_mb
 
     mlflow.set_tracking_uri(args.tracking_uri)
     out = Path(args.output)
@@ -66,8 +66,17 @@ def _worker(args: argparse.Namespace) -> None:
         total = time.perf_counter() - started
     else:
         from monai.inferers import sliding_window_inference
-        from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
-                                      NormalizeIntensityd, Orientationd, SaveImaged, ScaleIntensityRanged)
+        from monai.transforms import (
+            AsDiscreted,
+            Compose,
+            EnsureChannelFirstd,
+            Invertd,
+            LoadImaged,
+            NormalizeIntensityd,
+            Orientationd,
+            SaveImaged,
+            ScaleIntensityRanged,
+        )
 
         model = mlflow.pytorch.load_model(args.model, map_location="cpu").eval()
         contract = mlflow.models.get_model_info(args.model).metadata["medseg_contract"]
@@ -94,7 +103,7 @@ def _worker(args: argparse.Namespace) -> None:
             seconds.append(time.perf_counter() - t0)
         total = time.perf_counter() - started
     print(json.dumps({"path": args.path, "seconds_per_case": statistics.median(seconds), "cases": len(seconds),
-                      "total_s": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "total_s": total, "peak_rss_mb": peak_rss_mb()}))
 
 
 def _run_child(path: str, model: str, tracking_uri: str, input_dir: Path, output_dir: Path) -> dict:
@@ -114,7 +123,7 @@ def _make_ct(path: Path) -> None:
     shape = (512, 512, 300)
     grid = np.ogrid[: shape[0], : shape[1], : shape[2]]
     body = ((grid[0] - 256) ** 2 / 200**2 + (grid[1] - 256) ** 2 / 150**2) < 1
-    volume = np.where(body, 40, -1000).astype(np.int16)
+    volume = np.where(np.broadcast_to(body, shape), 40, -1000).astype(np.int16)
     volume += rng.normal(0, 20, shape).astype(np.int16)
     affine = np.diag([-0.7, -0.7, 1.5, 1.0])
     nib.save(nib.Nifti1Image(volume, affine), path)

@@ -41,6 +41,7 @@ from medseg.transforms import IMAGE, preprocessing
 log = logging.getLogger(__name__)
 
 PRED = "pred"
+SUPPORTED_TASKS = {"segmentation"}
 
 
 class CaseError(MedsegError):
@@ -127,6 +128,9 @@ def load_model(ref: str, device: torch.device) -> LoadedModel:
     if not contract:
         raise UsageError(f"--model {ref}: the model carries no medseg contract (metadata.medseg_contract); "
                          "only models logged by `medseg run` can be used, since inference must not guess")
+    if contract.get("task") not in SUPPORTED_TASKS:
+        raise UsageError(f"--model {ref}: task {contract.get('task')!r} has no batch predictor yet; "
+                         f"supported: {sorted(SUPPORTED_TASKS)}")
     network.eval()
     return LoadedModel(network, contract, ref, getattr(meta, "run_id", None))
 
@@ -191,8 +195,13 @@ def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: 
     if case.problem:
         raise CaseError(case.problem)
     if out_path.exists() and not options.overwrite:
+        # Outputs are only ever renamed into place complete, so an existing one is finished work;
+        # its volumes are read back so the report stays whole.
+        existing = nib.load(out_path)
+        _measure(np.asarray(existing.dataobj), existing.affine, model, result)
         result.status = "skipped"
         result.error = "output exists (use --overwrite to redo)"
+        result.seconds = time.monotonic() - started
         return result
     try:
         data = pre({IMAGE: str(case.path)})
@@ -227,15 +236,19 @@ def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: 
     if options.save_probabilities:
         prob_array = np.moveaxis(native.as_tensor().cpu().numpy().astype(np.float32), 0, -1)
         write_nifti(prob_array, original_affine, output_dir / f"{case.case_id}_probabilities.nii.gz")
-    voxel_ml = abs(float(np.linalg.det(original_affine[:3, :3]))) / 1000.0
-    for value, name in model.label_names.items():
-        if value == 0:
-            continue
-        count = int((label_array == value).sum())
-        result.voxels[name] = count
-        result.volume_ml[name] = count * voxel_ml
+    _measure(label_array, original_affine, model, result)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _measure(label_array: np.ndarray, affine: np.ndarray, model: LoadedModel, result: CaseResult) -> None:
+    """Voxel counts and volumes (mL) per foreground label into ``result``."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    for value, name in model.label_names.items():
+        if value != 0:
+            count = int((label_array == value).sum())
+            result.voxels[name] = count
+            result.volume_ml[name] = count * voxel_ml
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -280,6 +293,8 @@ def predict_folder(model_ref: str, input_dir: Path, output_dir: Path, options: P
     model = load_model(model_ref, device)
     pre = contract_preprocessing(model.contract)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".*.tmp*"):  # temp files of a run that was killed mid-write
+        stale.unlink()
     suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
     report_path = output_dir / f"predictions{suffix}.csv"
     results: list[CaseResult] = []
@@ -335,7 +350,17 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    """Peak resident memory of this process in MiB.
+
+    ``VmHWM`` first: ``ru_maxrss`` survives fork+exec, so a process started by a big parent
+    would report the parent's peak instead of its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

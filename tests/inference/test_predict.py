@@ -187,9 +187,13 @@ def test_rerun_skips_finished_cases_unless_overwrite(trained, tmp_path: Path) ->
     out = tmp_path / "out"
     assert _predict(trained, inputs, out) == 0
     first_mtime = (out / "c0.nii.gz").stat().st_mtime_ns
+    first_report = _report(out)
     assert _predict(trained, inputs, out) == 0
-    assert {r["status"] for r in _report(out).values()} == {"skipped"}
+    rerun = _report(out)
+    assert {r["status"] for r in rerun.values()} == {"skipped"}
     assert (out / "c0.nii.gz").stat().st_mtime_ns == first_mtime
+    for case_id, row in rerun.items():  # volumes of finished cases stay in the report
+        assert row["volume_ml_blob1"] == first_report[case_id]["volume_ml_blob1"]
     assert _predict(trained, inputs, out, "--overwrite") == 0
     assert {r["status"] for r in _report(out).values()} == {"ok"}
 
@@ -210,6 +214,20 @@ def test_an_interrupted_write_leaves_no_partial_file(trained, tmp_path: Path, mo
         _predict(trained, inputs, tmp_path / "out", "--no-tracking")
     leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".gz" or ".tmp" in p.name]
     assert leftovers == []
+
+
+def test_temp_files_of_a_killed_run_are_cleared_and_the_case_redone(trained, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    image, _, affine = make_case((19, 23, 13), seed=31)
+    _save(inputs / "case.nii.gz", image, affine)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".case.nii.gz.abc123.tmp.nii.gz"  # what a SIGKILL between write and rename leaves
+    stale.write_bytes(b"half a file")
+    assert _predict(trained, inputs, out, "--no-tracking") == 0
+    assert not stale.exists()
+    assert _report(out)["case"]["status"] == "ok"
+    assert nib.load(out / "case.nii.gz").shape == (19, 23, 13)
 
 
 def test_shards_split_the_folder_without_overlap(trained, tmp_path: Path) -> None:

@@ -9,9 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
 from medseg.cli import main
+from medseg.data.manifest import read_manifest
+from medseg.tasks.segmentation import SegmentationMetrics
 
 from ..conftest import HIPPO, REPO, require
 
@@ -29,3 +34,24 @@ def test_msd_hippocampus_30_minutes_reaches_dice_085_on_the_test_split(tmp_path:
     assert metrics["train/minutes"] <= 30.5
     assert metrics["test/dice_mean"] >= 0.85, metrics
     assert metrics["test/dice/anterior"] >= 0.80 and metrics["test/dice/posterior"] >= 0.80
+
+    # Batch inference on the same held-out cases gives the Dice the training run logged
+    # (the same preprocessing path, inverted back onto each scan's own grid).
+    summary = json.loads(summary_path.read_text())
+    inputs = tmp_path / "test_images"
+    inputs.mkdir()
+    manifest = read_manifest(REPO / "data_manifests" / "msd_hippocampus.csv")
+    test_cases = manifest.split("test")
+    for case in test_cases:
+        (inputs / Path(case.images[0]).name).symlink_to(HIPPO / case.images[0])
+    out = tmp_path / "predictions"
+    assert main(["predict", "--model", summary["model_uri"], "--input", str(inputs), "--output", str(out),
+                 "--tracking-uri", summary["tracking_uri"], "--no-progress"]) == 0
+    scores = SegmentationMetrics({0: "background", 1: "anterior", 2: "posterior"}, hd95=False)
+    for case in test_cases:
+        predicted = nib.load(out / Path(case.images[0]).name)
+        reference = nib.load(HIPPO / case.label)
+        np.testing.assert_allclose(predicted.affine, reference.affine, atol=1e-5)
+        scores.update(torch.from_numpy(np.asarray(predicted.dataobj).astype(np.int64)),
+                      torch.from_numpy(np.asarray(reference.dataobj).astype(np.int64)))
+    assert scores.aggregate("test")["test/dice_mean"] == pytest.approx(metrics["test/dice_mean"], abs=0.005)
