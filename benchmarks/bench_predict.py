@@ -151,8 +151,10 @@ def main() -> None:
     workloads = []
     hippo_in = work / "hippo_in"
     hippo_in.mkdir()
-    manifest = (REPO / "data_manifests" / "msd_hippocampus.csv").read_text().splitlines()[1:]
-    test_images = [line.split(",")[1] for line in manifest if line.split(",")[3] == "test"][: args.cases]
+    from medseg.data.manifest import read_manifest
+
+    manifest = read_manifest(REPO / "data_manifests" / "msd_hippocampus.csv")
+    test_images = [case.images[0] for case in manifest.split("test")][: args.cases]
     for rel in test_images:
         (hippo_in / Path(rel).name).symlink_to(HIPPO / rel)
     hippo_model = _log_model(work, REPO / "configs" / "msd_hippocampus.yaml", [])

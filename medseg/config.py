@@ -230,7 +230,6 @@ class ModelConfig(_Strict):
     num_res_units: int = 1
     norm: str = "instance"
     dropout: float = 0.0
-    deep_supervision: bool = False
 
 
 class LossConfig(_Strict):
@@ -305,6 +304,14 @@ class RunConfig(_Strict):
         dims = self.model.spatial_dims
         if len(self.patch.size) != dims:
             raise ValueError(f"patch.size has {len(self.patch.size)} values but model.spatial_dims is {dims}")
+        for i, aug in enumerate(self.augment):
+            if isinstance(aug, Rot90Aug):
+                a, b = aug.axes
+                if max(a, b) >= dims or self.patch.size[a] != self.patch.size[b]:
+                    raise ValueError(
+                        f"augment.{i} (rot90) turns spatial axes {a} and {b}, so patch.size must be equal on both "
+                        f"(got {list(self.patch.size)}); set augment.{i}.axes to two axes of equal patch size"
+                    )
         if self.preprocess.spacing is not None and len(self.preprocess.spacing) != dims:
             raise ValueError(
                 f"preprocess.spacing has {len(self.preprocess.spacing)} values but model.spatial_dims is {dims}"
@@ -348,7 +355,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value_text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_epochs=5")
-    value = yaml.safe_load(value_text) if value_text.strip() else None
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err}); quote it or fix the brackets") from None
     parts = key.strip().split(".")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):

@@ -73,6 +73,30 @@ def find_resumable(base: Path) -> Path:
     return candidates[-1]
 
 
+#: Config keys a resumed run may change: budgets only, never what was trained or how.
+RESUMABLE_CHANGES = ("train.max_epochs", "train.max_minutes", "train.early_stopping_patience", "tracking.uri")
+
+
+def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a directory that has nothing to resume, is finished, or ran another config."""
+    import yaml
+
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise RunError(f"--resume {run_dir}: no checkpoints/last.pt there; check the path or start a new run")
+    if (run_dir / "summary.json").is_file():
+        raise RunError(f"--resume {run_dir}: that run finished (summary.json exists); start a new run instead")
+    saved_path = run_dir / "resolved_config.yaml"
+    if saved_path.is_file():
+        saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+        current = flatten(config_to_dict(cfg))
+        changed = sorted(k for k in set(saved) | set(current)
+                         if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES))
+        if changed:
+            details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:8])
+            raise RunError(f"--resume {run_dir}: the config differs from the one this run started with ({details}). "
+                           f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run otherwise")
+
+
 def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = False, progress: bool = True) -> Path:
     """Execute ``pipeline`` as one MLflow run.
 
@@ -94,6 +118,7 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
     read_manifest(manifest_path)  # fail before creating anything if the manifest is unusable
     if resume:
         run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
+        check_resumable(run_dir, cfg)
         previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
     else:
         run_dir, previous_run = _new_run_dir(cfg.output_dir), None

@@ -9,7 +9,9 @@ from medseg.training import segmentation as seg
 
 def run(ctx: PipelineContext) -> None:
     cfg = ctx.cfg
-    verified = verify_stage(ctx.manifest, ctx.root, list(cfg.data.labels), ctx.run_dir, ctx.progress)
+    verified = verify_stage(ctx.manifest, ctx.root, list(cfg.data.labels), ctx.run_dir, ctx.progress,
+                            require_labels_for=(cfg.data.train_split, cfg.data.val_split),
+                            expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims)
     ctx.tracker.log_artifact(verified.report_path)
     if not verified.report.ok:
         raise DataVerificationError(verified.report, verified.report_path)

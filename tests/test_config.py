@@ -132,3 +132,18 @@ def test_missing_data_root_says_how_to_set_it(monkeypatch: pytest.MonkeyPatch) -
         cfg.data.resolved_root()
     monkeypatch.setenv("MEDSEG_DATA_ROOT", "/data/here")
     assert cfg.data.resolved_root() == Path("/data/here")
+
+
+def test_rot90_needs_equal_patch_sizes_on_its_axes() -> None:
+    raw = _minimal()
+    raw["patch"] = {"size": [32, 48, 32]}
+    raw["augment"] = [{"name": "rot90", "axes": [0, 1]}]
+    with pytest.raises(ConfigError, match=r"augment.0 \(rot90\) turns spatial axes 0 and 1"):
+        validate_config(raw)
+    raw["augment"] = [{"name": "rot90", "axes": [0, 2]}]
+    assert validate_config(raw).augment[0].axes == (0, 2)
+
+
+def test_bad_yaml_in_an_override_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        apply_override(_minimal(), "augment=[{name: flip")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import json_hashing
 from monai.transforms import Compose
 
 from medseg.config import CacheMode, DataConfig
@@ -18,7 +19,9 @@ def records(cases: Sequence[Case], root: Path, with_label: bool = True) -> list[
     out = []
     for case in cases:
         images = [str(p) for p in case.image_paths(root)]
-        item: dict[str, Any] = {"image": images[0] if len(images) == 1 else images, "case_id": case.case_id}
+        item: dict[str, Any] = {"image": images[0] if len(images) == 1 else images, "case_id": case.case_id,
+                                # content hashes make the disk-cache key change when a file changes in place
+                                "sha256": ";".join([*case.image_sha256, case.label_sha256 or ""])}
         label = case.label_path(root)
         if with_label and label is not None:
             item["label"] = str(label)
@@ -40,5 +43,7 @@ def make_dataset(items: list[dict[str, Any]], transform: Compose, cfg: DataConfi
         # The cache holds MetaTensors whose metadata include NumPy arrays, which weights_only
         # loading rejects (MONAI would then silently recompute every item). The files are
         # written by medseg itself into the run's own cache folder.
-        return PersistentDataset(items, transform, cache_dir=cache_dir, track_meta=True, weights_only=False)
+        # hash_transform: a cache built under other preprocessing settings is never reused.
+        return PersistentDataset(items, transform, cache_dir=cache_dir, track_meta=True, weights_only=False,
+                                 hash_transform=json_hashing)
     return Dataset(items, transform)

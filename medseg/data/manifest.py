@@ -197,7 +197,10 @@ def discover_cases(root: Path) -> list[Case]:
         raise ManifestError(f"--from {root}: not a folder")
     dataset_json = root / "dataset.json"
     if (root / "imagesTr").is_dir():
-        meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else {}
+        try:
+            meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else {}
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{dataset_json}: not valid JSON ({err}); fix or remove it") from None
         if isinstance(meta.get("training"), list) and meta["training"]:
             return _from_msd_json(root, meta["training"])
         return _from_nnunet_folders(root, root / "imagesTr", root / "labelsTr")
@@ -214,7 +217,9 @@ def discover_cases(root: Path) -> list[Case]:
 
 def _from_msd_json(root: Path, training: list[dict[str, str]]) -> list[Case]:
     cases = []
-    for item in training:
+    for index, item in enumerate(training):
+        if not isinstance(item, dict) or not item.get("image"):
+            raise ManifestError(f"{root / 'dataset.json'}: training[{index}] has no 'image' entry: {item!r}")
         image = posixpath.normpath(item["image"])  # "./imagesTr/x.nii.gz" -> "imagesTr/x.nii.gz"
         label = posixpath.normpath(item["label"]) if item.get("label") else None
         for listed in (image, label):
@@ -322,7 +327,10 @@ def build_manifest(
     if limit:
         cases = cases[:limit]
     if subject_pattern:
-        regex = re.compile(subject_pattern)
+        try:
+            regex = re.compile(subject_pattern)
+        except re.error as err:
+            raise ManifestError(f"--subject-pattern {subject_pattern!r}: not a valid regular expression ({err})") from None
         with_subjects = []
         for c in cases:
             match = regex.search(c.case_id)

@@ -110,6 +110,8 @@ def verify_manifest(
     check_hashes: bool = True,
     progress: bool = True,
     workers: int | None = None,
+    expected_channels: int | None = None,
+    spatial_dims: int | None = None,
 ) -> VerifyReport:
     """Check every case of a manifest and the manifest as a whole.
 
@@ -122,6 +124,8 @@ def verify_manifest(
         check_hashes: compare files with the sha256 recorded in the manifest.
         progress: show a progress bar.
         workers: reader threads (default: the core count).
+        expected_channels: input channels the model takes (all image files of a case together).
+        spatial_dims: 2 or 3, the model's; images with another number of non-singleton axes are errors.
 
     Returns:
         The report; ``report.ok`` is False when any error was found.
@@ -135,7 +139,8 @@ def verify_manifest(
     workers = workers or max(1, min(4, os.cpu_count() or 1))
 
     def check(case: Case) -> list[Finding]:
-        return _check_case(case, root, allowed, set(require_labels_for), tolerance, check_hashes)
+        return _check_case(case, root, allowed, set(require_labels_for), tolerance, check_hashes,
+                           expected_channels, spatial_dims)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(check, manifest.cases)
@@ -191,7 +196,8 @@ def _split_key(case: Case) -> str:
 
 
 def _check_case(
-    case: Case, root: Path, allowed: set[int], require_labels_for: set[str], tol: Tolerance, check_hashes: bool
+    case: Case, root: Path, allowed: set[int], require_labels_for: set[str], tol: Tolerance, check_hashes: bool,
+    expected_channels: int | None = None, spatial_dims: int | None = None,
 ) -> list[Finding]:
     out: list[Finding] = []
     images = case.image_paths(root)
@@ -237,6 +243,16 @@ def _check_case(
 
     ref_path, ref = volumes[0]
     ref_geometry = geometry_of(ref)
+    channels = sum(int(vol.shape[0]) for _, vol in volumes)
+    if expected_channels is not None and len(volumes) == len(images) and channels != expected_channels:
+        add("error", "channel_count", [str(p) for p in images], f"{expected_channels} channel(s) (data.channels)",
+            f"{channels} channel(s)", "the case's image files hold a different number of channels than the config "
+            "names; list one path per channel in the manifest, or fix data.channels")
+    real_dims = sum(int(s) > 1 for s in ref.shape[1:])
+    if spatial_dims is not None and real_dims != spatial_dims:
+        add("error", "dimensions", [str(ref_path)], f"a {spatial_dims}D image (model.spatial_dims)",
+            f"{real_dims}D, spatial shape {tuple(int(s) for s in ref.shape[1:])}",
+            "the image does not have the dimensionality the model is configured for")
     for path, vol in volumes:
         data = vol.as_tensor()
         if data.is_floating_point() and not bool(torch.isfinite(data).all()):
@@ -297,9 +313,11 @@ class VerifyOutputs:
     report: VerifyReport
 
 
-def verify_stage(manifest_path: Path, root: Path, labels: Sequence[int], out_dir: Path,
-                 progress: bool = True) -> VerifyOutputs:
+def verify_stage(manifest_path: Path, root: Path, labels: Sequence[int], out_dir: Path, progress: bool = True,
+                 require_labels_for: Sequence[str] = ("train", "val"), expected_channels: int | None = None,
+                 spatial_dims: int | None = None) -> VerifyOutputs:
     """Pipeline stage: verify the manifest and write ``verify_report.json`` (errors are not raised here,
     so the caller can log the report before stopping the run)."""
-    report = verify_manifest(manifest_path, root, labels, progress=progress)
+    report = verify_manifest(manifest_path, root, labels, require_labels_for=require_labels_for, progress=progress,
+                             expected_channels=expected_channels, spatial_dims=spatial_dims)
     return VerifyOutputs(report.write(out_dir / "verify_report.json"), report)

@@ -79,8 +79,27 @@ def discover(root: Path) -> Discovery:
             dicom_by_folder[path.parent].append(path)
     for folder, files in sorted(dicom_by_folder.items()):
         _dicom_cases(root, folder, files, found)
-    found.cases.sort(key=lambda c: c.case_id)
+    found.cases = _refuse_shared_ids(found.cases)
+    found.cases.sort(key=lambda c: (c.case_id, str(c.path)))
     return found
+
+
+def _refuse_shared_ids(cases: list[InputCase]) -> list[InputCase]:
+    """Two scans whose names map to one case id would overwrite each other's outputs: fail both."""
+    by_id: dict[str, list[InputCase]] = defaultdict(list)
+    for case in cases:
+        by_id[case.case_id].append(case)
+    out = []
+    for case_id, group in by_id.items():
+        if len(group) == 1:
+            out.extend(group)
+            continue
+        names = ", ".join(str(c.path) for c in group)
+        for c in group:
+            out.append(InputCase(c.case_id, c.path, c.kind, c.series_uid,
+                                 problem=f"{c.path}: case id {case_id!r} is shared by {names}, whose outputs would "
+                                         "overwrite each other; rename or move one of them"))
+    return out
 
 
 def _dicom_cases(root: Path, folder: Path, files: list[Path], found: Discovery) -> None:

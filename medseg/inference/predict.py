@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import to_affine_nd
 from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
@@ -190,11 +191,12 @@ def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: 
                  options: PredictOptions) -> CaseResult:
     """Predict one scan and write ``<case_id>.nii.gz`` on its native grid."""
     started = time.monotonic()
-    out_path = output_dir / f"{case.case_id}.nii.gz"
+    paths = case_outputs(case, output_dir, options)
+    out_path = paths["mask"]
     result = CaseResult(case.case_id, str(case.path), "ok", output=str(out_path))
     if case.problem:
         raise CaseError(case.problem)
-    if out_path.exists() and not options.overwrite:
+    if all(p.exists() for p in paths.values()) and not options.overwrite:
         # Outputs are only ever renamed into place complete, so an existing one is finished work;
         # its volumes are read back so the report stays whole.
         existing = nib.load(out_path)
@@ -228,22 +230,34 @@ def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: 
         foreground = [k for k in model.label_names if k != 0]
         labels = KeepLargestConnectedComponent(applied_labels=foreground, independent=True)(labels[None])[0]
     label_array = labels.cpu().numpy().astype(np.uint8 if max(model.label_names) < 256 else np.uint16)
-    write_nifti(label_array, original_affine, out_path)
-    if case.kind == "dicom_series" and case.series_uid and dicom_seg_available():
-        seg_path = write_dicom_seg(label_array, case.path, case.series_uid, model.label_names,
-                                   output_dir / f"{case.case_id}_seg.dcm")
-        result.dicom_seg = str(seg_path)
-    if options.save_probabilities:
+    # The mask goes last: its presence is what tells a rerun that the case is finished.
+    if "dicom_seg" in paths:
+        result.dicom_seg = str(write_dicom_seg(label_array, case.path, case.series_uid or "", model.label_names,
+                                               paths["dicom_seg"]))
+    if "probabilities" in paths:
         prob_array = np.moveaxis(native.as_tensor().cpu().numpy().astype(np.float32), 0, -1)
-        write_nifti(prob_array, original_affine, output_dir / f"{case.case_id}_probabilities.nii.gz")
+        write_nifti(prob_array, original_affine, paths["probabilities"])
+    write_nifti(label_array, original_affine, out_path)
     _measure(label_array, original_affine, model, result)
     result.seconds = time.monotonic() - started
     return result
 
 
+def case_outputs(case: InputCase, output_dir: Path, options: PredictOptions) -> dict[str, Path]:
+    """Every file this case should produce under the given options."""
+    paths = {"mask": output_dir / f"{case.case_id}.nii.gz"}
+    if case.kind == "dicom_series" and case.series_uid and dicom_seg_available():
+        paths["dicom_seg"] = output_dir / f"{case.case_id}_seg.dcm"
+    if options.save_probabilities:
+        paths["probabilities"] = output_dir / f"{case.case_id}_probabilities.nii.gz"
+    return paths
+
+
 def _measure(label_array: np.ndarray, affine: np.ndarray, model: LoadedModel, result: CaseResult) -> None:
-    """Voxel counts and volumes (mL) per foreground label into ``result``."""
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    """Voxel counts and volumes (mL, or mm² / 1000 for 2D) per foreground label into ``result``."""
+    a = np.asarray(affine, dtype=np.float64)
+    d = min(label_array.ndim, a.shape[0] - 1)
+    voxel_ml = abs(float(np.linalg.det(a[:d, :d]))) / 1000.0
     for value, name in model.label_names.items():
         if value != 0:
             count = int((label_array == value).sum())
@@ -252,7 +266,8 @@ def _measure(label_array: np.ndarray, affine: np.ndarray, model: LoadedModel, re
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """Write a NIfTI with qform and sform set to ``affine`` (RAS), atomically."""
+    """Write a NIfTI with qform and sform set to ``affine`` (RAS), atomically (2D affines are padded)."""
+    affine = np.asarray(to_affine_nd(3, affine), dtype=np.float64)
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -280,6 +295,8 @@ def predict_folder(model_ref: str, input_dir: Path, output_dir: Path, options: P
     """
     if options.num_parts < 1 or not 0 <= options.part_id < options.num_parts:
         raise UsageError(f"--part-id {options.part_id} must be in [0, --num-parts={options.num_parts})")
+    if options.overlap is not None and not 0 <= options.overlap < 1:
+        raise UsageError(f"--overlap {options.overlap}: must be in [0, 1), e.g. 0.5")
     device = resolve_device(options.device)
     try:
         found = discover(input_dir)
@@ -293,8 +310,11 @@ def predict_folder(model_ref: str, input_dir: Path, output_dir: Path, options: P
     model = load_model(model_ref, device)
     pre = contract_preprocessing(model.contract)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(".*.tmp*"):  # temp files of a run that was killed mid-write
-        stale.unlink()
+    # Temp files of a run killed mid-write; only this shard's own, since other shards may be writing.
+    mine = {p.name for case in cases for p in case_outputs(case, output_dir, options).values()}
+    for stale in output_dir.glob(".*.tmp*"):
+        if stale.name[1:].split(".tmp")[0].rsplit(".", 1)[0] in mine:
+            stale.unlink()
     suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
     report_path = output_dir / f"predictions{suffix}.csv"
     results: list[CaseResult] = []

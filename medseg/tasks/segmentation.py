@@ -76,7 +76,13 @@ class SegmentationMetrics:
         if self.hd95:
             hd = compute_hausdorff_distance(pred_oh, ref_oh, include_background=False, percentile=95,
                                             spacing=list(spacing) if spacing else None)[0]
-            values = [float(v) for v in hd]
+            # When only one of prediction/reference holds a class, MONAI returns no distance; dropping
+            # those would reward misses, so they count as the volume's diagonal (the worst possible).
+            extent = np.asarray(pred.shape, dtype=np.float64) * (np.asarray(spacing) if spacing else 1.0)
+            diagonal = float(np.linalg.norm(extent))
+            in_pred = pred_oh[0, 1:].flatten(1).any(1).tolist()
+            in_ref = ref_oh[0, 1:].flatten(1).any(1).tolist()
+            values = [diagonal if p != r else float(v) for v, p, r in zip(hd, in_pred, in_ref)]
             self.hd_values.append(values)
             row.update({f"hd95/{name}": v for name, v in zip(self.names, values)})
         self.per_case.append(row)

@@ -26,25 +26,44 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states in a form ``weights_only`` loading accepts."""
-    np_state = np.random.get_state()
+def _np_state(state: tuple) -> dict[str, Any]:
+    return {"keys": torch.from_numpy(state[1].astype(np.int64)), "pos": int(state[2]),
+            "has_gauss": int(state[3]), "cached": float(state[4])}
+
+
+def _np_tuple(state: dict[str, Any]) -> tuple:
+    return ("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached"])
+
+
+def rng_state(transforms: Any = None) -> dict[str, Any]:
+    """Python, NumPy, torch and (given a MONAI ``Compose``) per-transform RNG states, in a form
+    ``weights_only`` loading accepts. MONAI's random transforms each own a ``RandomState``; without
+    them a resumed run would replay the augmentation stream from its first epoch."""
     return {
         "python": repr(random.getstate()),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": _np_state(np.random.get_state()),
         "torch": torch.get_rng_state(),
+        "transforms": [_np_state(t.R.get_state()) for t in _randomizable(transforms)],
     }
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any], transforms: Any = None) -> None:
     import ast
 
     random.setstate(_tuples(ast.literal_eval(state["python"])))
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached"]))
+    np.random.set_state(_np_tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
+    saved = state.get("transforms", [])
+    randomizable = _randomizable(transforms)
+    if transforms is not None and len(saved) == len(randomizable):
+        for t, s in zip(randomizable, saved):
+            t.R.set_state(_np_tuple(s))
+
+
+def _randomizable(transforms: Any) -> list[Any]:
+    from monai.transforms import Randomizable
+
+    return [t for t in getattr(transforms, "transforms", []) if isinstance(t, Randomizable)]
 
 
 def _tuples(value: Any) -> Any:

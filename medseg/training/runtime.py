@@ -9,19 +9,25 @@ from collections.abc import Iterator
 import torch
 
 from medseg.config import Precision
+from medseg.errors import UsageError
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> the first CUDA device if present, else CPU; ``cuda:1``/``cpu`` as given.
 
     Raises:
-        ValueError: a CUDA device was asked for on a machine without one.
+        UsageError: an unknown device name, or a CUDA device on a machine without one.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available here; use 'auto' or 'cpu'")
+        raise UsageError(f"device {name!r} asked for, but no CUDA device is available here; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 

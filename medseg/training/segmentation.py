@@ -6,6 +6,8 @@ and resumed between stages.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -26,7 +28,7 @@ import medseg
 from medseg.config import CacheMode, OptimizerName, RunConfig, ScheduleName, config_to_dict
 from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import Manifest, read_manifest
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, UsageError
 from medseg.inference.sliding import predict_logits
 from medseg.io.atomic import atomic_write_text
 from medseg.models import create_model
@@ -74,6 +76,10 @@ def split_cases(cfg: RunConfig, manifest: Manifest, role: str) -> list:
     if role == "test":
         return manifest.split(data.test_split)
     if data.fold is not None:
+        folds = sorted({c.fold for c in manifest.cases if c.fold is not None and c.fold >= 0})
+        if data.fold not in folds:
+            raise UsageError(f"data.fold={data.fold} but the manifest {manifest.path} has folds {folds}; "
+                             "pick one of them or rebuild the manifest with --folds")
         return manifest.select(data.train_split, fold=data.fold, role=role)
     return manifest.split(data.train_split if role == "train" else data.val_split)
 
@@ -196,7 +202,7 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        restore_rng_state(ckpt["rng"])
+        restore_rng_state(ckpt["rng"], train_tf)
         state.update(json.loads(ckpt["state"]))
         budget.step_count, budget.elapsed = int(ckpt["step_count"]), float(state["elapsed"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -211,7 +217,7 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
     budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
     out_of_time = False
     epoch = state["epoch"]
-    while epoch < cfg.train.max_epochs and not out_of_time:
+    while epoch < cfg.train.max_epochs and not out_of_time and not state.get("stopped_early"):
         model.train()
         losses: list[float] = []
         bar = tqdm(total=iterations, desc=f"epoch {epoch + 1}/{cfg.train.max_epochs}", disable=not progress,
@@ -264,16 +270,16 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
         state["epoch"] = epoch
         state["history"].append(record)
         tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-        save_checkpoint(last_path, {
-            "version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-            "step_count": budget.step_count, "state": json.dumps(state), "config": json.dumps(config_to_dict(cfg)),
-        })
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
         patience = cfg.train.early_stopping_patience
         if patience and state["stale_validations"] >= patience:
             log.info("early stopping: val/dice_mean did not improve in %d validations", patience)
-            break
+            state["stopped_early"] = True  # saved below, so a resumed run does not train on
+        save_checkpoint(last_path, {
+            "version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(train_tf),
+            "step_count": budget.step_count, "state": json.dumps(state), "config": json.dumps(config_to_dict(cfg)),
+        })
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
     if out_of_time:
         log.info("wall-clock budget of %.1f min reached after %d epochs", cfg.train.max_minutes, epoch)
     if not best_path.is_file():  # no validation split: the last weights are the ones to use
@@ -315,8 +321,15 @@ def _write_history(history: Sequence[dict[str, float]], path: Path) -> Path:
     keys: list[str] = []
     for rec in history:
         keys.extend(k for k in rec if k not in keys)
-    lines = [",".join(keys)] + [",".join("" if k not in r else f"{r[k]:.6g}" for k in keys) for r in history]
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+    return _write_csv(path, keys, [{k: f"{r[k]:.6g}" for k in r} for r in history])
+
+
+def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------- evaluate stage
@@ -352,9 +365,7 @@ def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, 
                                     len(cfg.data.labels)))
     values = metrics.aggregate(prefix)
     per_case = out_dir / "evaluation" / f"{split}_cases.csv"
-    fields = list(metrics.per_case[0]) if metrics.per_case else ["case_id"]
-    rows = [",".join(fields)] + [",".join(str(r.get(f, "")) for f in fields) for r in metrics.per_case]
-    atomic_write_text(per_case, "\n".join(rows) + "\n")
+    _write_csv(per_case, list(metrics.per_case[0]) if metrics.per_case else ["case_id"], metrics.per_case)
     case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
     values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
     metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))

@@ -8,6 +8,7 @@ re-resamples a file.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from monai.transforms import (
@@ -62,6 +63,11 @@ IMAGE = "image"
 LABEL = "label"
 
 
+def nonzero(x: Any) -> Any:
+    """Foreground for cropping: every voxel that is not exactly zero (nnU-Net's nonzero crop)."""
+    return x != 0
+
+
 def intensity_transform(cfg: IntensityConfig, key: str = IMAGE) -> MapTransform | None:
     """The configured intensity normalisation for ``key`` (None for ``mode: none``)."""
     if cfg.mode == IntensityMode.ZSCORE:
@@ -97,11 +103,11 @@ def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), l
     if cfg.spacing is not None:
         modes = ["bilinear", "nearest"] if has_label else ["bilinear"]
         chain.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes, dtype=np.float32))
+    if cfg.crop_foreground:  # on raw intensities: after z-scoring, "> 0" would mean "above the mean"
+        chain.append(CropForegroundd(keys=keys, source_key=IMAGE, select_fn=nonzero, allow_smaller=True))
     norm = intensity_transform(cfg.intensity)
     if norm is not None:
         chain.append(norm)
-    if cfg.crop_foreground:
-        chain.append(CropForegroundd(keys=keys, source_key=IMAGE, allow_smaller=True))
     if has_label:
         chain.append(EnsureTyped(keys=LABEL, dtype=np.uint8, track_meta=True))
     if min_size is not None:

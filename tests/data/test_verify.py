@@ -480,3 +480,20 @@ def test_nan_in_label_is_reported_not_raised(data: Data) -> None:
     data.rebuild()
     finding = _only(data.verify(), "non_finite")
     assert finding.files == [str(label)]
+
+
+def test_channel_count_and_dimensions_are_checked_against_the_config(data: Data) -> None:
+    report = verify_manifest(data.manifest_path, data.root, LABELS, progress=False, workers=1,
+                             expected_channels=2, spatial_dims=3)
+    assert {f.check for f in report.findings} == {"channel_count"}
+    finding = report.findings[0]
+    assert finding.expected == "2 channel(s) (data.channels)" and finding.got == "1 channel(s)"
+
+    mid = SHAPE[2] // 2  # a slice through the blobs, so the label is not empty
+    _rewrite(data.image(data.train_id), _array(data.image(data.train_id))[:, :, mid:mid + 1])
+    _rewrite(data.label(data.train_id), _array(data.label(data.train_id))[:, :, mid:mid + 1])
+    data.rebuild()
+    report = verify_manifest(data.manifest_path, data.root, LABELS, progress=False, workers=1,
+                             expected_channels=1, spatial_dims=3)
+    finding = _only(report, "dimensions")
+    assert finding.case_id == data.train_id and "2D" in finding.got

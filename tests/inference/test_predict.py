@@ -287,3 +287,43 @@ def test_inference_run_is_logged_and_linked_to_the_training_run(trained, tmp_pat
     assert latest.data.metrics["predict/ok"] == 1
     artifacts = {a.path for a in client.list_artifacts(latest.info.run_id)}
     assert {"predictions.csv", "predict_summary.json"} <= artifacts
+
+
+def test_two_scans_with_one_case_id_both_fail_instead_of_overwriting(trained, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    image, _, affine = make_case((15, 17, 9), seed=80)
+    nib.save(nib.Nifti1Image(image, affine), _mkdir(inputs) / "scan.nii")
+    _save(inputs / "scan.nii.gz", image, affine)
+    _save(inputs / "other.nii.gz", image, affine)
+    out = tmp_path / "out"
+    assert _predict(trained, inputs, out, "--no-tracking") == 1
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    scan_rows = [r for r in rows if r["case_id"] == "scan"]
+    assert len(scan_rows) == 2 and all(r["status"] == "failed" and "shared by" in r["error"] for r in scan_rows)
+    assert not (out / "scan.nii.gz").exists()
+    assert [r["status"] for r in rows if r["case_id"] == "other"] == ["ok"]
+
+
+def test_bad_options_and_a_model_without_contract_are_usage_errors(trained, tmp_path: Path, capsys) -> None:
+    import torch
+
+    inputs = tmp_path / "in"
+    image, _, affine = make_case((15, 15, 9), seed=90)
+    _save(inputs / "x.nii.gz", image, affine)
+    assert _predict(trained, inputs, tmp_path / "out", "--overlap", "1.0") == 2
+    assert "--overlap 1.0: must be in [0, 1)" in capsys.readouterr().err
+    assert _predict(trained, inputs, tmp_path / "out", "--device", "gpu") == 2
+    assert "is not a device name" in capsys.readouterr().err
+
+    mlflow.set_tracking_uri(trained["tracking_uri"])
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(torch.nn.Conv3d(1, 2, 1), name="plain", serialization_format="pickle")
+    assert main(["predict", "--model", info.model_uri, "--input", str(inputs), "--output", str(tmp_path / "o2"),
+                 "--tracking-uri", trained["tracking_uri"], "--no-progress", "--no-tracking"]) == 2
+    assert "carries no medseg contract" in capsys.readouterr().err
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -71,3 +71,12 @@ def test_shape_mismatch_is_an_error() -> None:
     metrics = SegmentationMetrics(LABELS, hd95=False)
     with pytest.raises(ValueError, match="differs from reference"):
         metrics.update(torch.zeros(3, 3, 3), torch.zeros(3, 3, 4))
+
+
+def test_a_missed_structure_counts_as_the_worst_distance_not_as_nothing() -> None:
+    ref = torch.zeros(10, 20, 30, dtype=torch.uint8)
+    ref[2:5, 2:5, 2:5] = 1
+    metrics = SegmentationMetrics({0: "bg", 1: "a"})
+    metrics.update(torch.zeros_like(ref), ref, spacing=(1.0, 2.0, 0.5))
+    diagonal = float(np.linalg.norm([10 * 1.0, 20 * 2.0, 30 * 0.5]))
+    assert metrics.aggregate()["val/hd95/a"] == pytest.approx(diagonal)

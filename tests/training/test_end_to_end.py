@@ -218,3 +218,23 @@ def test_demo_config_runs_one_epoch_on_the_shipped_real_data(tmp_path: Path, mon
     summary = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
     assert set(summary["metrics"]) >= {"val/dice/anterior", "val/dice/posterior", "best_val/dice_mean_per_case"}
     assert 0.0 <= summary["metrics"]["val/dice_mean"] <= 1.0
+
+
+def test_resume_refuses_a_finished_run_a_missing_checkpoint_and_a_changed_config(tmp_path: Path,
+                                                                                tiny_run_inputs) -> None:
+    from medseg.config import load_config
+    from medseg.runner import RunError, check_resumable
+
+    dataset, manifest = tiny_run_inputs
+    config = tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["run", str(config), "--no-progress"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    cfg = load_config(config)
+    with pytest.raises(RunError, match="that run finished"):
+        check_resumable(run_dir, cfg)
+    (run_dir / "summary.json").unlink()
+    check_resumable(run_dir, load_config(config, ["train.max_epochs=9"]))  # budgets may change
+    with pytest.raises(RunError, match=r"optim.lr: 0.01 -> 0.5"):
+        check_resumable(run_dir, load_config(config, ["optim.lr=0.5"]))
+    with pytest.raises(RunError, match="no checkpoints/last.pt"):
+        check_resumable(tmp_path / "runs" / "typo", cfg)

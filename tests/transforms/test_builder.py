@@ -94,3 +94,18 @@ def test_flip_axes_and_2d_elastic() -> None:
     (elastic,) = augmentation([ElasticAug(name="elastic", prob=1)], spatial_dims=2)
     data = {"image": torch.rand(1, 20, 24), "label": torch.zeros(1, 20, 24)}
     assert elastic(data)["image"].shape == (1, 20, 24)
+
+
+def test_foreground_crop_uses_raw_intensities_not_z_scores(tmp_path: Path) -> None:
+    # a dark (below-mean) labelled region inside the nonzero body must survive the crop
+    image = np.zeros((30, 30, 20), dtype=np.float32)
+    image[5:25, 5:25, 3:17] = 100.0
+    image[6:9, 6:9, 4:7] = 1.0  # dark but nonzero tissue
+    label = np.zeros_like(image, dtype=np.uint8)
+    label[6:9, 6:9, 4:7] = 1
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "i.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "l.nii.gz")
+    pre = PreprocessConfig(crop_foreground=True, intensity=IntensityConfig(mode="zscore"))
+    out = validation_transforms(pre)({"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")})
+    assert tuple(out["image"].shape[1:]) == (20, 20, 14)
+    assert int(out["label"].sum()) == 27
