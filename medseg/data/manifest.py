@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medseg.errors import UsageError
 from medseg.io.atomic import atomic_write_text
-from medseg.io.readers import VOLUME_SUFFIXES
+from medseg.io.readers import VOLUME_SUFFIXES, strip_volume_suffix
 
 COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
 REQUIRED_COLUMNS = ("case_id", "image", "split")
@@ -175,13 +175,6 @@ def write_manifest(manifest: Manifest | Sequence[Case], path: str | Path) -> Pat
 # ------------------------------------------------------------------------------------ discovery
 
 
-def _strip_suffix(name: str) -> str:
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _volumes_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES) and not p.name.startswith("."))
 
@@ -226,7 +219,7 @@ def _from_msd_json(root: Path, training: list[dict[str, str]]) -> list[Case]:
             if listed is not None and not (root / listed).exists():
                 raise ManifestError(f"{root / 'dataset.json'}: lists {listed} but {root / listed} does not exist; "
                                     "fix dataset.json or restore the file")
-        cases.append(Case(_strip_suffix(Path(image).name), (image,), label, ""))
+        cases.append(Case(strip_volume_suffix(Path(image).name), (image,), label, ""))
     return cases
 
 
@@ -236,12 +229,12 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 def _from_nnunet_folders(root: Path, images: Path, labels: Path, channel_suffix: bool = True) -> list[Case]:
     grouped: dict[str, list[Path]] = {}
     for path in _volumes_in(images):
-        stem = _strip_suffix(path.name)
+        stem = strip_volume_suffix(path.name)
         match = _CHANNEL_RE.match(stem) if channel_suffix else None
         grouped.setdefault(match["case"] if match else stem, []).append(path)
     if not grouped:
         raise ManifestError(f"{images}: no image files ({', '.join(VOLUME_SUFFIXES)})")
-    label_files = {_strip_suffix(p.name): p for p in _volumes_in(labels)} if labels.is_dir() else {}
+    label_files = {strip_volume_suffix(p.name): p for p in _volumes_in(labels)} if labels.is_dir() else {}
     cases = []
     for case_id, paths in sorted(grouped.items()):
         label = label_files.get(case_id)

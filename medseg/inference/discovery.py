@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medseg.io.readers import NIFTI_SUFFIXES, SITK_SUFFIXES, is_dicom_file
+from medseg.io.readers import NIFTI_SUFFIXES, SITK_SUFFIXES, is_dicom_file, strip_volume_suffix
 
 #: Non-DICOM volume files that are one case each.
 FILE_SUFFIXES = NIFTI_SUFFIXES + tuple(s for s in SITK_SUFFIXES if s not in (".dcm", ".dicom", ".ima"))
@@ -41,19 +41,11 @@ class Discovery:
     notes: list[str] = field(default_factory=list)
 
 
-def _strip(name: str) -> str:
-    lower = name.lower()
-    for suffix in sorted(FILE_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _case_id(root: Path, path: Path, strip_suffix: bool) -> str:
     rel = path.relative_to(root) if path != root else Path(path.name)
     parts = list(rel.parts)
     if strip_suffix:
-        parts[-1] = _strip(parts[-1])
+        parts[-1] = strip_volume_suffix(parts[-1])
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(parts)) or "case"
 
 
@@ -68,7 +60,7 @@ def discover(root: Path) -> Discovery:
         raise FileNotFoundError(f"--input {root}: no such file or folder")
     found = Discovery()
     if root.is_file():
-        found.cases.append(InputCase(_strip(root.name), root, "file"))
+        found.cases.append(InputCase(strip_volume_suffix(root.name), root, "file"))
         return found
     dicom_by_folder: dict[Path, list[Path]] = defaultdict(list)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):

@@ -37,6 +37,15 @@ _DICOM_TAGS = {
 }
 
 
+def strip_volume_suffix(name: str) -> str:
+    """``case.nii.gz`` -> ``case``: the name without its (longest) volume suffix."""
+    lower = name.lower()
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 class VolumeReadError(MedsegError, RuntimeError):
     """A file or folder that cannot be read as an image volume; the message names it and the fix."""
 
