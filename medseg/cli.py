@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                      help="continue the newest unfinished run under output_dir, or the given run directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="train with N processes on this machine (DDP through torchrun; one per GPU, "
+                          "or CPU processes sharing the cores). For several machines run "
+                          "`torchrun --nnodes ... -m medseg run CONFIG` instead")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic algorithms and step-based LR schedule: reruns give identical curves")
+    repeat = run.add_mutually_exclusive_group()
+    repeat.add_argument("--seeds", type=int, metavar="K",
+                        help="K runs with seeds seed..seed+K-1, as MLflow children of one parent with mean and std")
+    repeat.add_argument("--folds", type=int, metavar="K",
+                        help="cross-validation: one child run per fold 0..K-1 of a --folds manifest")
 
     validate = sub.add_parser("validate", help="check a config (keys, values, model) without running it")
     _add_config_args(validate)
@@ -119,17 +130,71 @@ def _quiet_third_parties() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _run_argv(args: argparse.Namespace) -> list[str]:
+    """The ``run`` arguments each distributed worker gets (everything but ``--nproc``)."""
+    argv = ["run", str(args.config), *[f"--set={item}" for item in args.overrides]]
+    if args.resume:
+        argv += ["--resume"] + ([str(args.resume)] if isinstance(args.resume, str) else [])
+    for flag in ("no_progress", "deterministic"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    for option in ("seeds", "folds"):
+        if getattr(args, option) is not None:
+            argv += [f"--{option}", str(getattr(args, option))]
+    return argv
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
     from medseg.config import load_config
-    from medseg.runner import run_pipeline
+    from medseg.errors import UsageError
+
+    overrides = list(args.overrides) + (["train.deterministic=true"] if args.deterministic else [])
+    cfg = load_config(args.config, overrides)  # checked before any worker starts
+    if args.nproc < 1:
+        raise UsageError(f"--nproc {args.nproc}: must be at least 1")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from medseg.training import distributed
+
+        distributed.launch(_run_argv(args), args.nproc)
+        return EXIT_OK
+    return _run_here(args, cfg)
+
+
+def _run_here(args: argparse.Namespace, cfg) -> int:  # noqa: ANN001 - RunConfig, imported lazily
+    import signal
+
+    from medseg.runner import RepeatKind, run_pipeline, run_repeated
+    from medseg.training import distributed
     from pipelines import PIPELINES
 
-    cfg = load_config(args.config, args.overrides)
+    ctx = distributed.init_distributed(cfg.train.device)
+    if ctx.enabled:
+        # torchrun stops the surviving workers with SIGTERM when one dies: unwind, so the MLflow
+        # run is marked FAILED instead of being left RUNNING.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     resume = Path(args.resume) if isinstance(args.resume, str) else bool(args.resume)
-    summary_path = run_pipeline(cfg, PIPELINES[str(cfg.task)], resume=resume, progress=not args.no_progress)
+    pipeline = PIPELINES[str(cfg.task)]
+    progress = not args.no_progress
+    try:
+        if args.seeds is not None or args.folds is not None:
+            kind = RepeatKind.SEEDS if args.seeds is not None else RepeatKind.FOLDS
+            summary_path = run_repeated(cfg, pipeline, kind, args.seeds or args.folds, resume=resume,
+                                        progress=progress)
+        else:
+            summary_path = run_pipeline(cfg, pipeline, resume=resume, progress=progress)
+    finally:
+        distributed.shutdown()
+    if summary_path is None:  # a non-main process of a distributed run: the main one reports
+        return EXIT_OK
     summary = json.loads(summary_path.read_text())
     shown = {k: v for k, v in summary["metrics"].items() if k.endswith("dice_mean") or k.startswith("test/dice")}
+    shown.update({f"{k}_std": summary["metrics"][f"{k}_std"] for k in list(shown) if f"{k}_std" in summary["metrics"]})
     print(f"run {summary['run_id']} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
+    for child in summary.get("children", []):
+        print(f"  {child['name']}: run {child['run_id']}, " + ", ".join(
+            f"{k}={v:.4f}" for k, v in child["metrics"].items() if k in shown and v is not None))
     print(f"model: {summary['model_uri']}")
     print(f"MLflow UI: {summary['mlflow_ui']}")
     print(f"summary: {summary_path}")

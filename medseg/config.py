@@ -260,6 +260,12 @@ class TrainConfig(_Strict):
     num_workers: int | None = Field(default=None, ge=0, description="null picks from the core count.")
     num_threads: int | None = Field(default=None, ge=1)
     grad_clip: float | None = 12.0
+    deterministic: bool = Field(
+        default=False, description="Deterministic algorithms and a step-based LR schedule: reruns give identical "
+        "curves (same machine, same thread count). Slower on GPUs.")
+    checkpoint_interval_minutes: float = Field(
+        default=10.0, ge=0, description="Also save checkpoints/last.pt mid-epoch this often (0: every iteration), "
+        "so a crash loses at most this much work.")
 
 
 class ValidationConfig(_Strict):

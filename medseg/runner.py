@@ -10,18 +10,22 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import medseg
 from medseg.config import RunConfig, config_to_dict, dump_config, flatten
 from medseg.data.manifest import file_sha256, read_manifest
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, UsageError
 from medseg.io.atomic import atomic_write_text
-from medseg.tracking import MlflowTracker
+from medseg.tracking import MlflowTracker, NullTracker
+from medseg.training import distributed
 from medseg.tracking.mlflow_tracker import git_commit
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class PipelineContext:
     tracker: MlflowTracker
     resume: bool = False
     progress: bool = True
+    dist: distributed.DistContext = field(default_factory=distributed.DistContext)
     metrics: dict[str, float] = field(default_factory=dict)
     model_uri: str | None = None
 
@@ -74,14 +79,15 @@ def find_resumable(base: Path) -> Path:
 
 
 #: Config keys a resumed run may change: budgets only, never what was trained or how.
-RESUMABLE_CHANGES = ("train.max_epochs", "train.max_minutes", "train.early_stopping_patience", "tracking.uri")
+RESUMABLE_CHANGES = ("train.max_epochs", "train.max_minutes", "train.early_stopping_patience",
+                     "train.checkpoint_interval_minutes", "tracking.uri")
 
 
-def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+def check_resumable(run_dir: Path, cfg: RunConfig, require_checkpoint: bool = True) -> None:
     """Refuse to resume a directory that has nothing to resume, is finished, or ran another config."""
     import yaml
 
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
+    if require_checkpoint and not (run_dir / "checkpoints" / "last.pt").is_file():
         raise RunError(f"--resume {run_dir}: no checkpoints/last.pt there; check the path or start a new run")
     if (run_dir / "summary.json").is_file():
         raise RunError(f"--resume {run_dir}: that run finished (summary.json exists); start a new run instead")
@@ -97,8 +103,12 @@ def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
                            f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run otherwise")
 
 
-def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = False, progress: bool = True) -> Path:
+def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = False, progress: bool = True,
+                 run_dir: Path | None = None, parent_run_id: str | None = None) -> Path | None:
     """Execute ``pipeline`` as one MLflow run.
+
+    In a distributed job every process calls this; the main process owns the run directory and
+    the MLflow run and tells the others where they are.
 
     Args:
         cfg: validated config.
@@ -106,40 +116,52 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         resume: False for a new run; True to continue the newest unfinished run under
             ``cfg.output_dir``; a path to continue that run directory.
         progress: progress bars on or off.
+        run_dir: for a new run, this directory instead of a fresh ``output_dir/<timestamp>``.
+        parent_run_id: make the MLflow run a child of this one (``--seeds`` / ``--folds``).
 
     Returns:
-        Path of ``summary.json`` (keys ``run_id``, ``model_uri``, ``tracking_uri``, ``metrics``).
+        Path of ``summary.json`` (keys ``run_id``, ``model_uri``, ``tracking_uri``, ``metrics``);
+        None on the non-main processes of a distributed run.
     """
+    dist = distributed.current()
     root = cfg.data.resolved_root()
-    if not root.is_dir():
-        raise RunError(f"data root {root} is not a folder (working directory {Path.cwd()}); "
-                       "set data.root, --set data.root=... or $MEDSEG_DATA_ROOT")
     manifest_path = cfg.data.manifest
-    read_manifest(manifest_path)  # fail before creating anything if the manifest is unusable
-    if resume:
-        run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
-        check_resumable(run_dir, cfg)
-        previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
-    else:
-        run_dir, previous_run = _new_run_dir(cfg.output_dir), None
-    dump_config(cfg, run_dir / "resolved_config.yaml")
-
-    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
-    tags = {
-        "medseg_version": medseg.__version__,
-        "git_commit": git_commit(),
-        "mlflow.source.git.commit": git_commit(),
-        "manifest_sha256": file_sha256(manifest_path),
-        "manifest": str(manifest_path),
-        "task": str(cfg.task),
-        "run_dir": str(run_dir.resolve()),
-    }
-    run_name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{run_dir.name}"
-    run_id = tracker.start(run_name, tags, run_id=previous_run)
-    atomic_write_text(run_dir / RUN_ID_FILE, run_id)
-    tracker.log_params(flatten(config_to_dict(cfg)))
-    tracker.log_artifact(run_dir / "resolved_config.yaml")
-    ctx = PipelineContext(cfg, manifest_path, root, run_dir, tracker, resume=bool(resume), progress=progress)
+    tracker: MlflowTracker = NullTracker(cfg.tracking.uri)
+    run_id = ""
+    if dist.is_main:
+        if not root.is_dir():
+            raise RunError(f"data root {root} is not a folder (working directory {Path.cwd()}); "
+                           "set data.root, --set data.root=... or $MEDSEG_DATA_ROOT")
+        read_manifest(manifest_path)  # fail before creating anything if the manifest is unusable
+        if resume:
+            run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
+            check_resumable(run_dir, cfg)
+            previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+        else:
+            if run_dir is None:
+                run_dir = _new_run_dir(cfg.output_dir)
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            previous_run = None
+        dump_config(cfg, run_dir / "resolved_config.yaml")
+        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
+        tags = {
+            "medseg_version": medseg.__version__,
+            "git_commit": git_commit(),
+            "mlflow.source.git.commit": git_commit(),
+            "manifest_sha256": file_sha256(manifest_path),
+            "manifest": str(manifest_path),
+            "task": str(cfg.task),
+            "run_dir": str(run_dir.resolve()),
+            "world_size": str(dist.world_size),
+        }
+        run_name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{run_dir.name}"
+        run_id = tracker.start(run_name, tags, run_id=previous_run, parent_run_id=parent_run_id)
+        atomic_write_text(run_dir / RUN_ID_FILE, run_id)
+        tracker.log_params(flatten(config_to_dict(cfg)))
+        tracker.log_artifact(run_dir / "resolved_config.yaml")
+    shared_dir, resumed = dist.broadcast((run_dir, bool(resume)))  # where the main process put the run
+    ctx = PipelineContext(cfg, manifest_path, root, Path(shared_dir), tracker, resume=resumed, progress=progress, dist=dist)
     started = time.time()
     try:
         pipeline(ctx)
@@ -149,17 +171,168 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
     except BaseException:
         tracker.end("FAILED")
         raise
+    if not dist.is_main:
+        return None
     summary = {
         "run_id": run_id,
         "model_uri": ctx.model_uri,
         "tracking_uri": cfg.tracking.uri,
         "experiment": cfg.tracking.experiment,
-        "run_dir": str(run_dir.resolve()),
+        "run_dir": str(ctx.run_dir.resolve()),
+        "world_size": dist.world_size,
         "wall_minutes": (time.time() - started) / 60,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in ctx.metrics.items()},
         "mlflow_ui": tracker.ui_hint(),
     }
-    summary_path = atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    summary_path = atomic_write_text(ctx.run_dir / "summary.json",
+                                     json.dumps(summary, indent=2, default=_json_default))
+    tracker.log_artifact(summary_path)
+    if ctx.model_uri:  # lets `medseg predict --model runs:/<parent>` find the members of an ensemble
+        tracker.set_tags({"medseg.model_uri": ctx.model_uri})
+    tracker.end("FINISHED")
+    return summary_path
+
+
+# ----------------------------------------------------------------------------------- repeated runs
+
+REPEAT_FILE = "repeat.json"
+ENSEMBLE_FILE = "ensemble.json"
+
+
+class RepeatKind(str, Enum):
+    SEEDS = "seeds"
+    FOLDS = "folds"
+
+
+def child_configs(cfg: RunConfig, kind: RepeatKind, count: int) -> list[tuple[str, RunConfig]]:
+    """``(child name, config)`` for each run of ``--seeds K`` (seed, seed+1, ...) or ``--folds K``.
+
+    Raises:
+        UsageError: K < 1, or a fold count the manifest does not have.
+    """
+    if count < 1:
+        raise UsageError(f"--{kind.value} {count}: must be at least 1")
+    if kind == RepeatKind.SEEDS:
+        return [(f"seed-{cfg.seed + i}", cfg.model_copy(update={"seed": cfg.seed + i})) for i in range(count)]
+    manifest = read_manifest(cfg.data.manifest)
+    folds = sorted({c.fold for c in manifest.cases if c.fold is not None and c.fold >= 0})
+    if folds[:count] != list(range(count)):
+        raise UsageError(f"--folds {count}: the manifest {cfg.data.manifest} has folds {folds or 'none'}; rebuild "
+                         f"it with `medseg manifest build --folds {count} ...` or ask for at most {len(folds)}")
+    return [(f"fold-{i}", cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": i})}))
+            for i in range(count)]
+
+
+def find_resumable_parent(base: Path) -> Path:
+    """The newest ``--seeds``/``--folds`` parent directory under ``base`` without a summary."""
+    candidates = sorted((d for d in base.glob("*") if (d / REPEAT_FILE).is_file() and not (d / "summary.json").is_file()),
+                        key=lambda d: d.stat().st_mtime)
+    if not candidates:
+        raise RunError(f"--resume: no unfinished --seeds/--folds run under {base}; start a new one instead")
+    return candidates[-1]
+
+
+def aggregate(children: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean and sample standard deviation (n-1) of every numeric metric all children have.
+
+    ``test/dice_mean`` becomes ``test/dice_mean`` (the mean, so parents and single runs compare
+    under one name in the MLflow UI) and ``test/dice_mean_std``.
+    """
+    keys = set.intersection(*(set(k for k, v in c["metrics"].items() if isinstance(v, (int, float)))
+                              for c in children)) if children else set()
+    out: dict[str, float] = {}
+    for key in sorted(keys):
+        values = np.asarray([float(c["metrics"][key]) for c in children], dtype=np.float64)
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: int, *, resume: bool | Path = False,
+                 progress: bool = True) -> Path | None:
+    """Run ``pipeline`` once per seed or fold as MLflow child runs of one parent run.
+
+    The parent directory holds one child run directory per seed/fold, ``summary.json`` with the
+    aggregate (mean, ``_std``) and ``ensemble.json`` listing the child models, which
+    ``medseg predict --model <parent dir>`` averages. A resumed parent skips finished children
+    and resumes an interrupted one.
+
+    Returns:
+        The parent's ``summary.json`` (None on non-main processes).
+    """
+    dist = distributed.current()
+    children = child_configs(cfg, kind, count)
+    plan: tuple[Path, str] | None = None
+    tracker: MlflowTracker = NullTracker(cfg.tracking.uri)
+    if dist.is_main:
+        if resume:
+            parent_dir = Path(resume) if isinstance(resume, Path) else find_resumable_parent(cfg.output_dir)
+            if not (parent_dir / REPEAT_FILE).is_file():
+                raise RunError(f"--resume {parent_dir}: not a --seeds/--folds run (no {REPEAT_FILE})")
+            saved = json.loads((parent_dir / REPEAT_FILE).read_text())
+            if (saved["kind"], saved["count"]) != (kind.value, count):
+                raise RunError(f"--resume {parent_dir}: that run was --{saved['kind']} {saved['count']}, "
+                               f"not --{kind.value} {count}")
+            check_resumable(parent_dir, cfg, require_checkpoint=False)
+            parent_id = (parent_dir / RUN_ID_FILE).read_text().strip()
+        else:
+            parent_dir, parent_id = _new_run_dir(cfg.output_dir), ""
+            atomic_write_text(parent_dir / REPEAT_FILE, json.dumps(
+                {"kind": kind.value, "count": count, "children": [name for name, _ in children]}, indent=2))
+        dump_config(cfg, parent_dir / "resolved_config.yaml")
+        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
+        name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{parent_dir.name}-{count}{kind.value}"
+        parent_id = tracker.start(name, {"medseg_version": medseg.__version__, "git_commit": git_commit(),
+                                         "manifest_sha256": file_sha256(cfg.data.manifest), "task": str(cfg.task),
+                                         "medseg.repeat": kind.value, "run_dir": str(parent_dir.resolve())},
+                                  run_id=parent_id or None)
+        atomic_write_text(parent_dir / RUN_ID_FILE, parent_id)
+        tracker.log_params({**flatten(config_to_dict(cfg)), "repeat.kind": kind.value, "repeat.count": count})
+        tracker.log_artifact(parent_dir / "resolved_config.yaml")
+        plan = (parent_dir, parent_id)
+    parent_dir, parent_id = dist.broadcast(plan)  # type: ignore[misc]
+    results: list[dict[str, Any]] = []
+    try:
+        for child_name, child_cfg in children:
+            child_dir = parent_dir / child_name
+            if child_cfg.tracking.run_name is None:
+                child_cfg = child_cfg.model_copy(update={"tracking": child_cfg.tracking.model_copy(
+                    update={"run_name": f"{cfg.task}-{cfg.model.name}-{parent_dir.name}-{child_name}"})})
+            finished = dist.broadcast((child_dir / "summary.json").is_file())
+            if finished:
+                log.info("%s: finished earlier, skipped", child_dir)
+            else:
+                interrupted = dist.broadcast((child_dir / "checkpoints" / "last.pt").is_file())
+                log.info("%s run %s of %d", kind.value[:-1], child_name, count)
+                run_pipeline(child_cfg, pipeline, resume=child_dir if interrupted else False, progress=progress,
+                             run_dir=child_dir, parent_run_id=parent_id)
+            if dist.is_main:
+                results.append({"name": child_name, **json.loads((child_dir / "summary.json").read_text())})
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    if not dist.is_main:
+        return None
+    metrics = aggregate(results)
+    tracker.log_metrics(metrics, step=0)
+    models = [r["model_uri"] for r in results if r.get("model_uri")]
+    ensemble = atomic_write_text(parent_dir / ENSEMBLE_FILE, json.dumps(
+        {"kind": kind.value, "models": models, "runs": [r["run_id"] for r in results]}, indent=2))
+    summary = {
+        "run_id": parent_id,
+        "kind": kind.value,
+        "model_uri": str(parent_dir.resolve()),  # `medseg predict --model` takes the directory: an ensemble
+        "model_uris": models,
+        "tracking_uri": cfg.tracking.uri,
+        "experiment": cfg.tracking.experiment,
+        "run_dir": str(parent_dir.resolve()),
+        "metrics": metrics,
+        "children": [{"name": r["name"], "run_id": r["run_id"], "run_dir": r["run_dir"], "metrics": r["metrics"]}
+                     for r in results],
+        "mlflow_ui": tracker.ui_hint(),
+    }
+    summary_path = atomic_write_text(parent_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    tracker.log_artifact(ensemble)
     tracker.log_artifact(summary_path)
     tracker.end("FINISHED")
     return summary_path

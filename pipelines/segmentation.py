@@ -9,17 +9,21 @@ from medseg.training import segmentation as seg
 
 def run(ctx: PipelineContext) -> None:
     cfg = ctx.cfg
-    verified = verify_stage(ctx.manifest, ctx.root, list(cfg.data.labels), ctx.run_dir, ctx.progress,
-                            require_labels_for=(cfg.data.train_split, cfg.data.val_split),
-                            expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims)
-    ctx.tracker.log_artifact(verified.report_path)
-    if not verified.report.ok:
-        raise DataVerificationError(verified.report, verified.report_path)
+    if ctx.dist.is_main:
+        verified = verify_stage(ctx.manifest, ctx.root, list(cfg.data.labels), ctx.run_dir, ctx.progress,
+                                require_labels_for=(cfg.data.train_split, cfg.data.val_split),
+                                expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims)
+        ctx.tracker.log_artifact(verified.report_path)
+        if not verified.report.ok:
+            raise DataVerificationError(verified.report, verified.report_path)
+    ctx.dist.barrier()
 
     trained = seg.train(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume, progress=ctx.progress)
+    ctx.metrics.update(trained.metrics)
+    if not ctx.dist.is_main:  # the other processes of a distributed run are done once training is
+        return
     ctx.tracker.log_artifact(trained.learning_curve, "plots")
     ctx.tracker.log_artifact(trained.history)
-    ctx.metrics.update(trained.metrics)
 
     # The best checkpoint is re-scored on val (overlays, per-case CSV) and, once, on the held-out test split.
     for split, prefix in (("val", "best_val"), ("test", "test")):

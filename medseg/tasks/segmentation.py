@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +88,22 @@ class SegmentationMetrics:
             row.update({f"hd95/{name}": v for name, v in zip(self.names, values)})
         self.per_case.append(row)
         return {name: float(d) for name, d in zip(self.names, case_dice)}
+
+    def reduce(self, ctx: Any) -> None:
+        """Combine the cases of every process of a distributed run into each process's totals.
+
+        Counts are summed (float64, exact), so Dice equals the single-process value; HD95 and
+        per-case rows are gathered in rank order.
+
+        Args:
+            ctx: a :class:`~medseg.training.distributed.DistContext`.
+        """
+        if not ctx.enabled:
+            return
+        ctx.sum_(self.counts)
+        gathered = ctx.gather((self.hd_values, self.per_case))
+        self.hd_values = [values for hd, _ in gathered for values in hd]
+        self.per_case = [row for _, rows in gathered for row in rows]
 
     def aggregate(self, prefix: str = "val") -> dict[str, float]:
         """Metric name -> value: ``{prefix}/dice/<label>``, ``{prefix}/dice_mean``, ``{prefix}/hd95/<label>``."""

@@ -62,15 +62,22 @@ class MlflowTracker:
         else:
             self.experiment_id = found.experiment_id
         self.run_id: str | None = None
+        # On a resumed run: metric key -> steps already in the store, so nothing is logged twice.
+        self._logged_steps: dict[str, set[int]] | None = None
 
     # ---------------------------------------------------------------------------- lifecycle
-    def start(self, run_name: str | None, tags: Mapping[str, str], run_id: str | None = None) -> str:
-        """Start a run, or continue ``run_id`` when resuming."""
+    def start(self, run_name: str | None, tags: Mapping[str, str], run_id: str | None = None,
+              parent_run_id: str | None = None) -> str:
+        """Start a run (a child of ``parent_run_id`` if given), or continue ``run_id`` when resuming."""
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
+            self._logged_steps = {}
         else:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+            tags = dict(tags)
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id  # the MLflow UI nests children under it
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
         return self.run_id
 
@@ -94,8 +101,18 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
+        if self._logged_steps is not None:  # resumed: steps logged before the crash stay single
+            items = [m for m in items if step not in self._steps_of(m.key)]
+            for m in items:
+                self._logged_steps[m.key].add(step)
         if items:
             self.client.log_batch(self._run, metrics=items)
+
+    def _steps_of(self, key: str) -> set[int]:
+        assert self._logged_steps is not None
+        if key not in self._logged_steps:
+            self._logged_steps[key] = {m.step for m in self.client.get_metric_history(self._run, key)}
+        return self._logged_steps[key]
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self._run, str(path), artifact_path)
@@ -140,3 +157,35 @@ class MlflowTracker:
 def _param_text(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+class NullTracker(MlflowTracker):
+    """Stands in for the tracker on the non-main processes of a distributed run: one run, one writer."""
+
+    def __init__(self, uri: str = "", experiment: str = ""):  # noqa: D107 - no store is touched
+        self.uri = uri
+        self.run_id = None
+        self._logged_steps = None
+
+    def start(self, run_name: str | None, tags: Mapping[str, str], run_id: str | None = None,
+              parent_run_id: str | None = None) -> str:
+        return ""
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: Any, contract: Mapping[str, Any], contract_file: Path,
+                  registered_name: str | None = None) -> str:
+        return ""

@@ -31,11 +31,42 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def configure_threads(num_threads: int | None) -> int:
-    """Use every core for intra-op parallelism unless told otherwise; returns the count in use."""
+def configure_threads(num_threads: int | None, processes_here: int = 1) -> int:
+    """Intra-op threads: the configured count, else this machine's cores shared evenly between
+    the ``processes_here`` training processes on it (so DDP workers do not fight over cores)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, int(num_threads or cores)))
+    torch.set_num_threads(max(1, int(num_threads or cores // max(1, processes_here))))
     return torch.get_num_threads()
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also demand deterministic kernels.
+
+    Without it cuDNN may benchmark and pick the fastest (possibly nondeterministic) kernels;
+    on CPUs medseg's results are reproducible either way for a fixed thread count.
+    """
+    from monai.utils import set_determinism
+
+    set_determinism(seed=seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at first use
+        # warn_only: a kernel without a deterministic version warns (and is named) instead of failing a run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_step(seed: int, epoch: int, iteration: int, rank: int) -> None:
+    """Reseed torch for one training step (dropout and other in-model randomness).
+
+    Deriving the state from the step instead of carrying it makes a run resumed at any
+    iteration continue exactly as the uninterrupted run would have.
+    """
+    from medseg.data.sampling import stream_seed
+
+    torch.manual_seed(stream_seed(seed, epoch, iteration, rank, 0xD409))
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
