@@ -25,8 +25,8 @@ from medseg.data.manifest import file_sha256, read_manifest
 from medseg.errors import MedsegError, UsageError
 from medseg.io.atomic import atomic_write_text
 from medseg.tracking import MlflowTracker, NullTracker
-from medseg.training import distributed
 from medseg.tracking.mlflow_tracker import git_commit
+from medseg.training import distributed
 
 log = logging.getLogger(__name__)
 

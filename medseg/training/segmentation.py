@@ -36,8 +36,8 @@ from medseg.models import create_model
 from medseg.plots import learning_curve, overlay
 from medseg.tasks.segmentation import SegmentationMetrics, create_loss
 from medseg.tracking import MlflowTracker
-from medseg.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from medseg.training import distributed
+from medseg.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from medseg.training.runtime import (
     autocast,
     autocast_dtype,
