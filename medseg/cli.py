@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-progress", action="store_true")
 
     predict = sub.add_parser("predict", help="predict every scan in a folder with a trained model")
-    predict.add_argument("--model", required=True,
-                         help="MLflow model URI (runs:/<id>/model, models:/<name>/<version>, models:/m-...) or folder")
+    predict.add_argument("--model", required=True, action="append",
+                         help="MLflow model URI (runs:/<id>/model, models:/<name>/<version>, models:/m-...) or folder; "
+                              "repeat it, or give a --seeds/--folds parent (runs:/<parent id> or its run directory), "
+                              "to average an ensemble")
     predict.add_argument("--input", type=Path, required=True, help="folder of scans (searched recursively) or one file")
     predict.add_argument("--output", type=Path, required=True, help="folder for masks and the report")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

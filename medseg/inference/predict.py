@@ -51,14 +51,30 @@ class CaseError(MedsegError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    network: nn.Module
+    """One model, or an ensemble (folds, seeds) whose members share one preprocessing contract."""
+
+    networks: tuple[nn.Module, ...]
     contract: dict[str, Any]
-    uri: str
-    source_run_id: str | None
+    uris: tuple[str, ...]
+    source_run_ids: tuple[str | None, ...]
+
+    @property
+    def uri(self) -> str:
+        return ",".join(self.uris)
+
+    @property
+    def source_run_id(self) -> str | None:
+        return self.source_run_ids[0] if len(self.source_run_ids) == 1 else ",".join(r or "" for r in self.source_run_ids)
 
     @property
     def label_names(self) -> dict[int, str]:
         return {int(k): v for k, v in self.contract["labels"].items()}
+
+
+#: Contract entries every member of an ensemble must share: they define the grid and the
+#: meaning of the averaged probabilities. Patch size and window settings may differ.
+ENSEMBLE_KEYS = ("task", "spatial_dims", "in_channels", "labels", "orientation", "spacing", "intensity",
+                 "crop_foreground")
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,67 @@ def load_model(ref: str, device: torch.device) -> LoadedModel:
         raise UsageError(f"--model {ref}: task {contract.get('task')!r} has no batch predictor yet; "
                          f"supported: {sorted(SUPPORTED_TASKS)}")
     network.eval()
-    return LoadedModel(network, contract, ref, getattr(meta, "run_id", None))
+    return LoadedModel((network,), contract, (ref,), (getattr(meta, "run_id", None),))
+
+
+def expand_model_refs(refs: Sequence[str]) -> list[str]:
+    """Model references with ensembles spelled out.
+
+    A ``--seeds``/``--folds`` parent run directory (its ``ensemble.json``) or a parent run URI
+    ``runs:/<parent id>`` stands for the models of its child runs.
+
+    Raises:
+        UsageError: an ensemble that lists no models.
+    """
+    out: list[str] = []
+    for ref in refs:
+        local = Path(ref)
+        if (local / "ensemble.json").is_file():
+            members = json.loads((local / "ensemble.json").read_text()).get("models", [])
+            if not members:
+                raise UsageError(f"--model {ref}: ensemble.json lists no models; did every child run finish?")
+            out.extend(members)
+        elif ref.startswith("runs:/") and "/" not in ref[len("runs:/"):].strip("/"):
+            out.extend(_child_models(ref[len("runs:/"):].strip("/")) or [ref])
+        else:
+            out.append(ref)
+    return out
+
+
+def _child_models(parent_run_id: str) -> list[str]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        parent = client.get_run(parent_run_id)
+    except Exception:  # not a run of this store: let the loader report the reference as given
+        return []
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  order_by=["attributes.run_name ASC"], run_view_type=mlflow.entities.ViewType.ALL)
+    return [c.data.tags["medseg.model_uri"] for c in children if c.data.tags.get("medseg.model_uri")]
+
+
+def load_models(refs: str | Sequence[str], device: torch.device) -> LoadedModel:
+    """Load one model or an ensemble (several references, a parent run or its directory).
+
+    Raises:
+        UsageError: a member cannot be loaded, or members disagree on their preprocessing contract.
+    """
+    expanded = expand_model_refs([refs] if isinstance(refs, str) else list(refs))
+    if not expanded:
+        raise UsageError("--model: no model given")
+    members = [load_model(ref, device) for ref in expanded]
+    first = members[0]
+    for member in members[1:]:
+        for key in ENSEMBLE_KEYS:
+            if member.contract.get(key) != first.contract.get(key):
+                raise UsageError(f"--model {member.uri}: its {key} {member.contract.get(key)!r} differs from "
+                                 f"{first.contract.get(key)!r} of {first.uri}; an ensemble averages models trained "
+                                 "with the same preprocessing and labels (the folds or seeds of one config)")
+    return LoadedModel(tuple(n for m in members for n in m.networks), first.contract,
+                       tuple(u for m in members for u in m.uris), tuple(r for m in members for r in m.source_run_ids))
 
 
 def contract_preprocessing(contract: dict[str, Any]) -> Compose:
@@ -152,25 +228,27 @@ def contract_preprocessing(contract: dict[str, Any]) -> Compose:
 
 def predict_probabilities(model: LoadedModel, image: torch.Tensor, device: torch.device, overlap: float,
                           tta: bool) -> torch.Tensor:
-    """Softmax probabilities (K, *spatial) on the CPU, averaged over all axis flips with ``tta``."""
+    """Softmax probabilities (K, *spatial) on the CPU, averaged over the ensemble's members and,
+    with ``tta``, over all axis flips (nnU-Net's mirroring)."""
     c = model.contract
     window = c["sliding_window"]
     dims = c["spatial_dims"]
     amp = autocast_dtype(Precision.AUTO, device)
 
-    def run(axes: tuple[int, ...]) -> torch.Tensor:
+    def run(network: nn.Module, axes: tuple[int, ...]) -> torch.Tensor:
         x = image.flip(axes) if axes else image
-        logits = predict_logits(model.network, x, c["patch_size"], overlap=overlap,
+        logits = predict_logits(network, x, c["patch_size"], overlap=overlap,
                                 sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=device,
                                 amp_dtype=amp)
         probs = torch.softmax(logits, dim=0)
         return probs.flip(axes) if axes else probs
 
-    total = run(())
     flips = [combo for r in range(1, dims + 1) for combo in itertools.combinations(range(1, dims + 1), r)] if tta else []
-    for axes in flips:
-        total.add_(run(axes))
-    return total.div_(1 + len(flips))
+    runs = [(network, axes) for network in model.networks for axes in [(), *flips]]
+    total = run(*runs[0])
+    for network, axes in runs[1:]:
+        total.add_(run(network, axes))
+    return total.div_(len(runs))
 
 
 def _check_input(model: LoadedModel, image: MetaTensor, case: InputCase) -> None:
@@ -279,12 +357,13 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
 # ----------------------------------------------------------------------------------- batch
 
 
-def predict_folder(model_ref: str, input_dir: Path, output_dir: Path, options: PredictOptions,
+def predict_folder(model_ref: str | Sequence[str], input_dir: Path, output_dir: Path, options: PredictOptions,
                    tracker: Any | None = None) -> PredictOutputs:
     """Predict every scan under ``input_dir`` (this process's share with ``num_parts``).
 
     Args:
-        model_ref: MLflow model URI or local MLflow model folder.
+        model_ref: MLflow model URI or local MLflow model folder; several, or a ``--seeds``/``--folds``
+            parent (run URI or directory), for an ensemble averaging their probabilities.
         input_dir: folder searched recursively (or one file).
         output_dir: where masks, ``predictions.csv`` and ``predict_summary.json`` go.
         options: see :class:`PredictOptions`.
@@ -307,7 +386,7 @@ def predict_folder(model_ref: str, input_dir: Path, output_dir: Path, options: P
     if not found.cases:
         raise UsageError(f"--input {input_dir}: no scans found (NIfTI, MHA, NRRD or DICOM), recursively")
     cases = found.cases[options.part_id::options.num_parts]
-    model = load_model(model_ref, device)
+    model = load_models(model_ref, device)
     pre = contract_preprocessing(model.contract)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Temp files of a run killed mid-write; only this shard's own, since other shards may be writing.
@@ -331,6 +410,7 @@ def predict_folder(model_ref: str, input_dir: Path, output_dir: Path, options: P
         _write_report(results, model, report_path)  # rewritten after each case: a crash keeps what is done
     summary = {
         "model_uri": model.uri,
+        "ensemble_size": len(model.networks),
         "source_run_id": model.source_run_id,
         "contract": model.contract,
         "medseg_version": medseg.__version__,

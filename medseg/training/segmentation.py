@@ -260,7 +260,9 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
 
     tracker.log_metrics({"system/threads": threads, "system/world_size": ctx.world_size,
                          "system/batch_per_process": batch_size, "system/global_batch": batch_size * ctx.world_size,
-                         "data/train_cases": len(train_cases), "data/val_cases": len(val_cases)}, step=0)
+                         "data/train_cases": len(train_cases), "data/val_cases": len(val_cases),
+                         # what the main process holds: its shard with a memory cache in DDP, else all
+                         "data/train_cases_per_process": len(train_ds)}, step=0)
     log.info("training on %s (%d process(es) x %d threads, autocast=%s): %d train / %d val cases, "
              "%d iterations per epoch of %d x %d volumes", device, ctx.world_size, threads, amp_dtype,
              len(train_cases), len(val_cases), iterations, ctx.world_size, batch_size)
