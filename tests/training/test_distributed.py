@@ -77,19 +77,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
-def test_a_memory_cache_is_sharded_between_processes(tmp_path: Path, eight_cases) -> None:
-    dataset, manifest = eight_cases
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1})
-    done = subprocess.run([sys.executable, "-m", "medseg", "run", str(config), "--nproc", "2", "--no-progress"],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    _, run = _only_run(uri)
-    assert run.data.metrics["data/train_cases"] == 6
-    assert run.data.metrics["data/train_cases_per_process"] == 3  # each process caches its half only
-    assert "val/dice_mean" in run.data.metrics
-
-
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -115,7 +102,7 @@ def _rank_of(pid: int) -> str | None:
     return ranks[0] if ranks else None
 
 
-def test_a_killed_worker_ends_the_job_with_a_clear_error_instead_of_a_hang(tmp_path: Path, eight_cases) -> None:
+def test_a_killed_worker_ends_the_job_with_a_clear_error_and_memory_caches_are_sharded(tmp_path: Path, eight_cases) -> None:
     dataset, manifest = eight_cases
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 500, "num_threads": 1,
@@ -139,6 +126,8 @@ def test_a_killed_worker_ends_the_job_with_a_clear_error_instead_of_a_hang(tmp_p
     assert "distributed run failed" in output and "SIGKILL" in output
     _, run = _only_run(uri)
     assert run.info.status == "FAILED"  # the surviving rank 0 was stopped and marked its run
+    assert run.data.metrics["data/train_cases"] == 6
+    assert run.data.metrics["data/train_cases_per_process"] == 3  # a memory cache holds each process's half
 
 
 def _reduce_worker(rank: int, world: int, port: int, cases: list, queue) -> None:  # noqa: ANN001
