@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench install install-dev ui clean
+.PHONY: demo test bench bench-ddp install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_predict.py
+
+# 1 process against 2 (torchrun, gloo on CPUs) on the demo config: about 8 minutes on 2 cores
+bench-ddp: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_ddp.py --repeats 3
 
 ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db

@@ -239,3 +239,27 @@ def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tm
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "system/world_size")] == [0]
+
+
+def test_the_documented_multi_node_form_runs_two_torchrun_agents_as_two_machines(tmp_path: Path,
+                                                                                 eight_cases) -> None:
+    """Two torchrun agents meeting at a c10d rendezvous, as two machines would (here on one host)."""
+    import socket
+
+    dataset, manifest = eight_cases
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1,
+                                                                  "num_workers": 0})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                "--rdzv-id=medseg-test", "-m", "medseg", "run", str(config), "--no-progress"],
+                               cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for node in (0, 1)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(outputs)
+    _, run = _only_run(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert run.data.metrics["system/global_batch"] == 4

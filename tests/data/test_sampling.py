@@ -1,0 +1,89 @@
+"""The sample stream: a function of (seed, epoch, position), whoever draws it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+from monai.transforms import Compose, RandFlipd, RandGaussianNoised, RandSpatialCropSamplesd
+
+from medseg.data.sampling import EpochSamples, epoch_order, process_positions, split_transforms
+
+
+def _cases(n: int = 5) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"image": torch.from_numpy(rng.normal(size=(1, 13, 11, 9)).astype(np.float32)), "case_id": f"c{i}"}
+            for i in range(n)]
+
+
+AUGMENT = Compose([RandSpatialCropSamplesd(keys="image", roi_size=(6, 5, 4), num_samples=2, random_size=False),
+                   RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+                   RandGaussianNoised(keys="image", prob=0.5, std=0.1)])
+
+
+def _stream(world: int, rank: int, epoch: int = 0, start: int = 0, iterations: int = 4, batch: int = 1) -> list:
+    cases = _cases()
+    length, positions = process_positions(iterations, batch, world, rank, start)
+    samples = EpochSamples(cases, AUGMENT, epoch_order(len(cases), length, 7, epoch), positions, seed=7, epoch=epoch)
+    return [samples[i] for i in range(len(samples))]
+
+
+def test_processes_split_each_global_batch_without_gaps_or_overlap() -> None:
+    length, one = process_positions(iterations=3, batch_size=4, world_size=1, rank=0)
+    _, r0 = process_positions(iterations=3, batch_size=2, world_size=2, rank=0)
+    _, r1 = process_positions(iterations=3, batch_size=2, world_size=2, rank=1)
+    assert length == 12
+    for k in range(3):  # global batch k: the same positions however many processes share it
+        assert sorted([*r0[2 * k:2 * k + 2], *r1[2 * k:2 * k + 2]]) == list(one[4 * k:4 * k + 4])
+    _, resumed = process_positions(iterations=3, batch_size=2, world_size=2, rank=1, start_iteration=2)
+    assert list(resumed) == list(r1[4:])
+
+
+def test_a_position_holds_the_same_augmented_sample_for_any_process_count() -> None:
+    single = _stream(world=1, rank=0, iterations=4, batch=2)
+    rank1 = _stream(world=2, rank=1, iterations=4, batch=1)
+    for k, item in enumerate(rank1):  # rank 1 holds odd positions
+        for a, b in zip(item, single[2 * k + 1]):
+            assert a["case_id"] == b["case_id"]
+            assert torch.equal(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))
+
+
+def test_a_resumed_stream_continues_where_it_stopped_and_epochs_differ() -> None:
+    whole = _stream(world=1, rank=0, iterations=4)
+    tail = _stream(world=1, rank=0, iterations=4, start=2)
+    for a, b in zip(tail, whole[2:]):
+        assert torch.equal(torch.as_tensor(a[0]["image"]), torch.as_tensor(b[0]["image"]))
+    other_epoch = _stream(world=1, rank=0, epoch=1, iterations=4)
+    assert not all(torch.equal(torch.as_tensor(a[0]["image"]), torch.as_tensor(b[0]["image"]))
+                   for a, b in zip(other_epoch, whole))
+
+
+def test_loader_workers_do_not_change_the_batches() -> None:
+    cases = _cases()
+    length, positions = process_positions(4, 2, 1, 0)
+    order = epoch_order(len(cases), length, 3, 0)
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        samples = EpochSamples(cases, AUGMENT, order, positions, seed=3, epoch=0)
+        return [torch.as_tensor(b["image"]) for b in DataLoader(samples, batch_size=2, num_workers=workers)]
+
+    for a, b in zip(batches(0), batches(2)):
+        assert torch.equal(a, b)
+
+
+def test_epoch_order_visits_every_case_before_repeating_and_the_cache_stays_untouched() -> None:
+    order = epoch_order(5, 12, seed=1, epoch=0)
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
+    cases = _cases()
+    before = cases[0]["image"].clone()
+    EpochSamples(cases, AUGMENT, [0] * 4, range(4), seed=1, epoch=0)[0]
+    assert torch.equal(cases[0]["image"], before)
+
+
+def test_split_transforms_keeps_the_deterministic_prefix_for_the_cache() -> None:
+    from monai.transforms import ScaleIntensityd
+
+    prefix, rest = split_transforms(Compose([ScaleIntensityd(keys="image"), *AUGMENT.transforms]))
+    assert len(prefix.transforms) == 1 and len(rest.transforms) == 3
+    prefix, rest = split_transforms(Compose([ScaleIntensityd(keys="image")]))
+    assert rest is None
