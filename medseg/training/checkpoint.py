@@ -13,8 +13,9 @@ from medseg.io.atomic import atomic_path
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` via a temp file, so a crash never leaves a torn checkpoint."""
-    with atomic_path(path) as tmp:
+    """Write ``state`` to ``path`` via a temp file, flushed to disk before the rename, so neither a
+    killed process nor a crashed machine leaves a torn checkpoint."""
+    with atomic_path(path, durable=True) as tmp:
         torch.save(state, tmp)
     return path
 
