@@ -134,7 +134,8 @@ def _quiet_third_parties() -> None:
 
 def _run_argv(args: argparse.Namespace) -> list[str]:
     """The ``run`` arguments each distributed worker gets (everything but ``--nproc``)."""
-    argv = ["run", str(args.config), *[f"--set={item}" for item in args.overrides]]
+    argv = (["--verbose"] if args.verbose else []) + ["run", str(args.config),
+                                                       *[f"--set={item}" for item in args.overrides]]
     if args.resume:
         argv += ["--resume"] + ([str(args.resume)] if isinstance(args.resume, str) else [])
     for flag in ("no_progress", "deterministic"):
@@ -159,7 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from medseg.training import distributed
 
-        distributed.launch(_run_argv(args), args.nproc)
+        distributed.launch(_run_argv(args), args.nproc, cfg.train.device)
         return EXIT_OK
     return _run_here(args, cfg)
 
@@ -179,15 +180,12 @@ def _run_here(args: argparse.Namespace, cfg) -> int:  # noqa: ANN001 - RunConfig
     resume = Path(args.resume) if isinstance(args.resume, str) else bool(args.resume)
     pipeline = PIPELINES[str(cfg.task)]
     progress = not args.no_progress
-    try:
-        if args.seeds is not None or args.folds is not None:
-            kind = RepeatKind.SEEDS if args.seeds is not None else RepeatKind.FOLDS
-            summary_path = run_repeated(cfg, pipeline, kind, args.seeds or args.folds, resume=resume,
-                                        progress=progress)
-        else:
-            summary_path = run_pipeline(cfg, pipeline, resume=resume, progress=progress)
-    finally:
-        distributed.shutdown()
+    if args.seeds is not None or args.folds is not None:
+        kind = RepeatKind.SEEDS if args.seeds is not None else RepeatKind.FOLDS
+        summary_path = run_repeated(cfg, pipeline, kind, args.seeds or args.folds, resume=resume, progress=progress)
+    else:
+        summary_path = run_pipeline(cfg, pipeline, resume=resume, progress=progress)
+    distributed.shutdown()  # on success only: see its docstring
     if summary_path is None:  # a non-main process of a distributed run: the main one reports
         return EXIT_OK
     summary = json.loads(summary_path.read_text())

@@ -137,12 +137,13 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
             run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
             check_resumable(run_dir, cfg)
             previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+        elif run_dir is None:
+            run_dir, previous_run = _new_run_dir(cfg.output_dir), None
         else:
-            if run_dir is None:
-                run_dir = _new_run_dir(cfg.output_dir)
-            else:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            previous_run = None
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # A child of --seeds/--folds that died before its first checkpoint starts over, but in
+            # its own MLflow run rather than leaving that one behind as a stray RUNNING child.
+            previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
         dump_config(cfg, run_dir / "resolved_config.yaml")
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
         tags = {
@@ -274,25 +275,26 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
                 raise RunError(f"--resume {parent_dir}: that run was --{saved['kind']} {saved['count']}, "
                                f"not --{kind.value} {count}")
             check_resumable(parent_dir, cfg, require_checkpoint=False)
-            parent_id = (parent_dir / RUN_ID_FILE).read_text().strip()
         else:
-            parent_dir, parent_id = _new_run_dir(cfg.output_dir), ""
-            atomic_write_text(parent_dir / REPEAT_FILE, json.dumps(
-                {"kind": kind.value, "count": count, "children": [name for name, _ in children]}, indent=2))
+            parent_dir = _new_run_dir(cfg.output_dir)
+        previous = (parent_dir / RUN_ID_FILE).read_text().strip() if (parent_dir / RUN_ID_FILE).is_file() else None
         dump_config(cfg, parent_dir / "resolved_config.yaml")
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
         name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{parent_dir.name}-{count}{kind.value}"
         parent_id = tracker.start(name, {"medseg_version": medseg.__version__, "git_commit": git_commit(),
                                          "manifest_sha256": file_sha256(cfg.data.manifest), "task": str(cfg.task),
-                                         "medseg.repeat": kind.value, "run_dir": str(parent_dir.resolve())},
-                                  run_id=parent_id or None)
+                                         "medseg.repeat": kind.value, "medseg.repeat_count": str(count),
+                                         "run_dir": str(parent_dir.resolve())}, run_id=previous)
         atomic_write_text(parent_dir / RUN_ID_FILE, parent_id)
-        tracker.log_params({**flatten(config_to_dict(cfg)), "repeat.kind": kind.value, "repeat.count": count})
-        tracker.log_artifact(parent_dir / "resolved_config.yaml")
+        # Written once the parent run exists: a directory with it is always a resumable parent.
+        atomic_write_text(parent_dir / REPEAT_FILE, json.dumps(
+            {"kind": kind.value, "count": count, "children": [name for name, _ in children]}, indent=2))
         plan = (parent_dir, parent_id)
     parent_dir, parent_id = dist.broadcast(plan)  # type: ignore[misc]
     results: list[dict[str, Any]] = []
     try:
+        tracker.log_params({**flatten(config_to_dict(cfg)), "repeat.kind": kind.value, "repeat.count": count})
+        tracker.log_artifact(parent_dir / "resolved_config.yaml")
         for child_name, child_cfg in children:
             child_dir = parent_dir / child_name
             if child_cfg.tracking.run_name is None:
@@ -308,11 +310,15 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
                              run_dir=child_dir, parent_run_id=parent_id)
             if dist.is_main:
                 results.append({"name": child_name, **json.loads((child_dir / "summary.json").read_text())})
+        return _finish_parent(cfg, kind, parent_dir, parent_id, results, tracker) if dist.is_main else None
     except BaseException:
         tracker.end("FAILED")
         raise
-    if not dist.is_main:
-        return None
+
+
+def _finish_parent(cfg: RunConfig, kind: RepeatKind, parent_dir: Path, parent_id: str,
+                   results: list[dict[str, Any]], tracker: MlflowTracker) -> Path:
+    """Aggregate the children onto the parent: metrics, ``ensemble.json``, ``summary.json``."""
     metrics = aggregate(results)
     tracker.log_metrics(metrics, step=0)
     models = [r["model_uri"] for r in results if r.get("model_uri")]

@@ -54,9 +54,14 @@ class LoadedModel:
     """One model, or an ensemble (folds, seeds) whose members share one preprocessing contract."""
 
     networks: tuple[nn.Module, ...]
-    contract: dict[str, Any]
+    contract: dict[str, Any]  # the first member's; the preprocessing every member shares
     uris: tuple[str, ...]
     source_run_ids: tuple[str | None, ...]
+    member_contracts: tuple[dict[str, Any], ...] = ()  # each member's own windowing (patch size, overlap)
+
+    def members(self) -> list[tuple[nn.Module, dict[str, Any]]]:
+        contracts = self.member_contracts or (self.contract,) * len(self.networks)
+        return list(zip(self.networks, contracts))
 
     @property
     def uri(self) -> str:
@@ -73,8 +78,8 @@ class LoadedModel:
 
 #: Contract entries every member of an ensemble must share: they define the grid and the
 #: meaning of the averaged probabilities. Patch size and window settings may differ.
-ENSEMBLE_KEYS = ("task", "spatial_dims", "in_channels", "labels", "orientation", "spacing", "intensity",
-                 "crop_foreground")
+ENSEMBLE_KEYS = ("task", "spatial_dims", "in_channels", "channel_names", "labels", "orientation", "spacing",
+                 "intensity", "crop_foreground")
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,11 @@ def expand_model_refs(refs: Sequence[str]) -> list[str]:
 
 
 def _child_models(parent_run_id: str) -> list[str]:
-    import mlflow
+    """The models of a finished ``--seeds``/``--folds`` parent run's children ([] if not a parent).
+
+    Raises:
+        UsageError: the parent has not finished all its children.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -185,10 +194,19 @@ def _child_models(parent_run_id: str) -> list[str]:
         parent = client.get_run(parent_run_id)
     except Exception:  # not a run of this store: let the loader report the reference as given
         return []
+    if "medseg.repeat" not in parent.data.tags:
+        return []
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                  order_by=["attributes.run_name ASC"], run_view_type=mlflow.entities.ViewType.ALL)
-    return [c.data.tags["medseg.model_uri"] for c in children if c.data.tags.get("medseg.model_uri")]
+                                  order_by=["attributes.run_name ASC"])
+    models = [c.data.tags["medseg.model_uri"] for c in children if c.data.tags.get("medseg.model_uri")]
+    expected = int(parent.data.tags.get("medseg.repeat_count", len(models)))
+    if parent.info.status != "FINISHED" or len(models) < expected:
+        run_dir = parent.data.tags.get("run_dir", "<parent run dir>")
+        raise UsageError(f"--model runs:/{parent_run_id}: {len(models)} of {expected} child models exist and the "
+                         f"parent run is {parent.info.status}; finish it with `medseg run CONFIG --resume {run_dir} "
+                         f"--{parent.data.tags['medseg.repeat']} {expected}` first")
+    return models
 
 
 def load_models(refs: str | Sequence[str], device: torch.device) -> LoadedModel:
@@ -209,7 +227,8 @@ def load_models(refs: str | Sequence[str], device: torch.device) -> LoadedModel:
                                  f"{first.contract.get(key)!r} of {first.uri}; an ensemble averages models trained "
                                  "with the same preprocessing and labels (the folds or seeds of one config)")
     return LoadedModel(tuple(n for m in members for n in m.networks), first.contract,
-                       tuple(u for m in members for u in m.uris), tuple(r for m in members for r in m.source_run_ids))
+                       tuple(u for m in members for u in m.uris), tuple(r for m in members for r in m.source_run_ids),
+                       tuple(m.contract for m in members))
 
 
 def contract_preprocessing(contract: dict[str, Any]) -> Compose:
@@ -226,28 +245,28 @@ def contract_preprocessing(contract: dict[str, Any]) -> Compose:
 # ----------------------------------------------------------------------------------- one case
 
 
-def predict_probabilities(model: LoadedModel, image: torch.Tensor, device: torch.device, overlap: float,
+def predict_probabilities(model: LoadedModel, image: torch.Tensor, device: torch.device, overlap: float | None,
                           tta: bool) -> torch.Tensor:
     """Softmax probabilities (K, *spatial) on the CPU, averaged over the ensemble's members and,
     with ``tta``, over all axis flips (nnU-Net's mirroring)."""
-    c = model.contract
-    window = c["sliding_window"]
-    dims = c["spatial_dims"]
+    dims = model.contract["spatial_dims"]
     amp = autocast_dtype(Precision.AUTO, device)
 
-    def run(network: nn.Module, axes: tuple[int, ...]) -> torch.Tensor:
+    def run(network: nn.Module, contract: dict[str, Any], axes: tuple[int, ...]) -> torch.Tensor:
+        window = contract["sliding_window"]
         x = image.flip(axes) if axes else image
-        logits = predict_logits(network, x, c["patch_size"], overlap=overlap,
+        logits = predict_logits(network, x, contract["patch_size"],
+                                overlap=overlap if overlap is not None else window["overlap"],
                                 sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=device,
                                 amp_dtype=amp)
         probs = torch.softmax(logits, dim=0)
         return probs.flip(axes) if axes else probs
 
     flips = [combo for r in range(1, dims + 1) for combo in itertools.combinations(range(1, dims + 1), r)] if tta else []
-    runs = [(network, axes) for network in model.networks for axes in [(), *flips]]
+    runs = [(network, contract, axes) for network, contract in model.members() for axes in [(), *flips]]
     total = run(*runs[0])
-    for network, axes in runs[1:]:
-        total.add_(run(network, axes))
+    for network, contract, axes in runs[1:]:
+        total.add_(run(network, contract, axes))
     return total.div_(len(runs))
 
 
@@ -293,8 +312,7 @@ def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: 
                         "Check that it is a complete NIfTI/DICOM/MHA/NRRD image") from err
     image: MetaTensor = data[IMAGE]
     _check_input(model, image, case)
-    overlap = options.overlap if options.overlap is not None else model.contract["sliding_window"]["overlap"]
-    probs = predict_probabilities(model, image.as_tensor(), device, overlap, options.tta)
+    probs = predict_probabilities(model, image.as_tensor(), device, options.overlap, options.tta)
     data[PRED] = MetaTensor(probs, meta=dict(image.meta), applied_operations=list(image.applied_operations))
     native = Invertd(keys=PRED, transform=pre, orig_keys=IMAGE, nearest_interp=False)(data)[PRED]
     original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)

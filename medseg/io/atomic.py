@@ -39,7 +39,10 @@ def atomic_path(path: str | Path, suffix: str | None = None, durable: bool = Fal
             _fsync(tmp)
         os.replace(tmp, path)
         if durable:
-            _fsync(path.parent)
+            try:
+                _fsync(path.parent)  # makes the rename itself durable
+            except OSError:  # some filesystems (and Windows) cannot fsync a folder; the data are safe
+                pass
     finally:
         if tmp.exists():
             tmp.unlink()

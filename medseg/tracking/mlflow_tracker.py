@@ -62,8 +62,8 @@ class MlflowTracker:
         else:
             self.experiment_id = found.experiment_id
         self.run_id: str | None = None
-        # On a resumed run: metric key -> steps already in the store, so nothing is logged twice.
-        self._logged_steps: dict[str, set[int]] | None = None
+        # On a resumed run: metric key -> (step, value) already in the store, so nothing is logged twice.
+        self._logged: dict[str, set[tuple[int, float]]] | None = None
 
     # ---------------------------------------------------------------------------- lifecycle
     def start(self, run_name: str | None, tags: Mapping[str, str], run_id: str | None = None,
@@ -72,7 +72,7 @@ class MlflowTracker:
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
-            self._logged_steps = {}
+            self._logged = {}
         else:
             tags = dict(tags)
             if parent_run_id:
@@ -101,18 +101,20 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
-        if self._logged_steps is not None:  # resumed: steps logged before the crash stay single
-            items = [m for m in items if step not in self._steps_of(m.key)]
+        if self._logged is not None:
+            # Resumed: what was logged before the crash is not logged again. A new value for an
+            # old step (a re-evaluation after more training) is, and the newer one is what MLflow shows.
+            items = [m for m in items if (step, m.value) not in self._logged_points(m.key)]
             for m in items:
-                self._logged_steps[m.key].add(step)
+                self._logged_points(m.key).add((step, m.value))
         if items:
             self.client.log_batch(self._run, metrics=items)
 
-    def _steps_of(self, key: str) -> set[int]:
-        assert self._logged_steps is not None
-        if key not in self._logged_steps:
-            self._logged_steps[key] = {m.step for m in self.client.get_metric_history(self._run, key)}
-        return self._logged_steps[key]
+    def _logged_points(self, key: str) -> set[tuple[int, float]]:
+        logged = self._logged if self._logged is not None else {}
+        if key not in logged:
+            logged[key] = {(m.step, m.value) for m in self.client.get_metric_history(self._run, key)}
+        return logged[key]
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self._run, str(path), artifact_path)
@@ -165,7 +167,7 @@ class NullTracker(MlflowTracker):
     def __init__(self, uri: str = "", experiment: str = ""):  # noqa: D107 - no store is touched
         self.uri = uri
         self.run_id = None
-        self._logged_steps = None
+        self._logged = None
 
     def start(self, run_name: str | None, tags: Mapping[str, str], run_id: str | None = None,
               parent_run_id: str | None = None) -> str:

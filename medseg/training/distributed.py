@@ -7,8 +7,11 @@ the same entry point. Every process reads the rendezvous from the environment va
 torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``).
 
 When a worker dies, torchrun's agent stops the others and exits non-zero, so a job ends
-instead of hanging in a collective; a worker that is alive but stuck is ended by the
-process-group timeout (``$MEDSEG_DIST_TIMEOUT_MINUTES``, default 30).
+instead of hanging in a collective; a worker that is alive but stuck in a training collective
+is ended by the process-group timeout (``$MEDSEG_DIST_TIMEOUT_MINUTES``, default 30). Waiting
+for the main process while it works alone (verifying data, evaluating, logging the model) goes
+through a separate gloo group whose timeout is ``$MEDSEG_DIST_WAIT_HOURS`` (default 24), since
+that work may take longer than any training step.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from medseg.errors import MedsegError, UsageError
 log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "MEDSEG_DIST_TIMEOUT_MINUTES"
+WAIT_ENV = "MEDSEG_DIST_WAIT_HOURS"
 T = TypeVar("T")
 
 
@@ -57,16 +61,18 @@ class DistContext:
         return self.rank == 0
 
     # ------------------------------------------------------------------------ collectives
+    # Objects and barriers go through the control group (gloo, long timeout); tensors of the
+    # training loop through the default group (NCCL on GPUs).
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            dist.barrier(group=_control_group)
 
     def broadcast(self, value: T) -> T:
         """``value`` as the main process has it (any picklable object)."""
         if not self.enabled:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_control_group)
         return box[0]
 
     def gather(self, value: T) -> list[T]:
@@ -74,7 +80,7 @@ class DistContext:
         if not self.enabled:
             return [value]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, value)
+        dist.all_gather_object(out, value, group=_control_group)
         return out
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -94,6 +100,7 @@ class DistContext:
 
 
 _current = DistContext()
+_control_group: Any = None
 
 
 def current() -> DistContext:
@@ -123,7 +130,7 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     Raises:
         UsageError: torchrun asked for more processes per machine than there are GPUs.
     """
-    global _current
+    global _current, _control_group
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1 or (_current.enabled and dist.is_initialized()):
         return _current
@@ -139,6 +146,8 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     backend = "nccl" if use_cuda else "gloo"
     timeout = timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, "30")))
     dist.init_process_group(backend=backend, timeout=timeout)
+    _control_group = dist.new_group(backend="gloo",
+                                    timeout=timedelta(hours=float(os.environ.get(WAIT_ENV, "24"))))
     _current = DistContext(rank, world, local_rank, local_world, backend)
     if rank != 0:  # one voice in the logs; errors still reach stderr through torchrun
         logging.getLogger("medseg").setLevel(logging.WARNING)
@@ -147,11 +156,16 @@ def init_distributed(device_name: str = "auto") -> DistContext:
 
 
 def shutdown() -> None:
-    """Leave the process group (every rank calls this once its work is done)."""
-    global _current
+    """Leave the process group once every process's work is done.
+
+    Only after success: after an exception the process just exits, since tearing down an
+    NCCL communicator can itself wait for the others, and torchrun stops them anyway.
+    """
+    global _current, _control_group
     if dist.is_available() and dist.is_initialized():
+        _current.barrier()  # all done: nobody tears down a group another still uses
         dist.destroy_process_group()
-    _current = DistContext()
+    _current, _control_group = DistContext(), None
 
 
 def process_device(device: torch.device, ctx: DistContext) -> torch.device:
@@ -161,15 +175,24 @@ def process_device(device: torch.device, ctx: DistContext) -> torch.device:
     return device
 
 
-def launch(argv: Sequence[str], nproc: int) -> int:
+def launch(argv: Sequence[str], nproc: int, device_name: str = "auto") -> int:
     """Run ``medseg <argv>`` in ``nproc`` processes on this machine through ``torchrun --standalone``.
+
+    Args:
+        argv: the ``medseg`` arguments of every worker.
+        nproc: processes on this machine.
+        device_name: the config's ``train.device`` (GPU runs need a GPU per process).
 
     Returns:
         0 when every worker succeeded.
 
     Raises:
+        UsageError: more processes than GPUs on a GPU machine.
         DistributedRunError: a worker failed or was killed; torchrun has stopped the rest.
     """
+    if torch.cuda.is_available() and not device_name.startswith("cpu") and nproc > torch.cuda.device_count():
+        raise UsageError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); use at most that "
+                         "many processes, or --set train.device=cpu")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "--max-restarts=0", "-m", "medseg", *argv]
     log.info("launching %d processes: %s", nproc, " ".join(command))

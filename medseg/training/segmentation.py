@@ -248,12 +248,17 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
         scheduler.load_state_dict(ckpt["scheduler"])
         saved_world = int(ckpt.get("world_size", 1))
         if saved_world != ctx.world_size:
+            # An epoch has another number of steps now: restate the position and the schedule's step
+            # count in the new steps, so the LR schedule keeps its shape and no part of an epoch is lost.
+            state["iteration"] = min(int(state["iteration"]), iterations)
+            budget.step_count = int(state["epoch"]) * iterations + state["iteration"]
             log.warning("resuming a run of %d process(es) with %d: the global batch changes, so the run "
                         "continues but will not match an uninterrupted one", saved_world, ctx.world_size)
         log.info("resumed from %s at epoch %d, iteration %d", last_path, state["epoch"], state["iteration"])
     if ctx.enabled:
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # SyncBatchNorm exists for GPUs only; on CPUs each process keeps its own batch statistics.
+        if device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same Parameter objects: the optimiser stays valid
         model: nn.Module = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         model = net
@@ -335,7 +340,7 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
                                                 "config": json.dumps(config_to_dict(cfg))})
             else:
                 state["stale_validations"] += 1
-        state["elapsed"] = budget.elapsed
+        state["elapsed"] = time.monotonic() - started  # validation time counts against the budget too
         record["time/elapsed_min"] = state["elapsed"] / 60
         state.update(epoch=epoch, iteration=0, partial_losses=[])
         state["history"].append(record)
@@ -369,9 +374,10 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
 
 
 def _warm_disk_cache(dataset: Any, ctx: distributed.DistContext) -> None:
-    """Each process preprocesses its share of a shared disk cache before anyone reads from it,
-    so no two processes write the same cache file and none reads a half-written one."""
-    for index in range(ctx.rank, len(dataset), ctx.world_size):
+    """The processes of each machine fill the disk cache together before anyone reads from it,
+    so none reads a half-written file. Per machine, because a cache folder need not be shared
+    between machines; where it is, two machines write identical complete files."""
+    for index in range(ctx.local_rank, len(dataset), ctx.local_world_size):
         dataset[index]
     ctx.barrier()
 

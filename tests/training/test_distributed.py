@@ -248,8 +248,9 @@ def test_the_documented_multi_node_form_runs_two_torchrun_agents_as_two_machines
 
     dataset, manifest = eight_cases
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1,
-                                                                  "num_workers": 0})
+    # Batch norm and dropout too: CPU processes keep per-process batch statistics (SyncBatchNorm is GPU-only).
+    config = tiny_config(tmp_path, dataset, manifest, uri, model={"norm": "batch", "dropout": 0.1},
+                         train={"max_epochs": 1, "num_threads": 1, "num_workers": 0})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
