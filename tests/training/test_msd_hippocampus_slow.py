@@ -55,3 +55,25 @@ def test_msd_hippocampus_30_minutes_reaches_dice_085_on_the_test_split(tmp_path:
         scores.update(torch.from_numpy(np.asarray(predicted.dataobj).astype(np.int64)),
                       torch.from_numpy(np.asarray(reference.dataobj).astype(np.int64)))
     assert scores.aggregate("test")["test/dice_mean"] == pytest.approx(metrics["test/dice_mean"], abs=0.005)
+
+
+@pytest.mark.slow
+def test_msd_hippocampus_30_minutes_with_two_processes_reaches_dice_085(tmp_path: Path) -> None:
+    """The same budget as above with `--nproc 2` (torchrun, gloo): DDP on real data, end to end."""
+    import subprocess
+    import sys
+
+    require(HIPPO)
+    done = subprocess.run([sys.executable, "-m", "medseg", "run", "configs/msd_hippocampus.yaml", "--nproc", "2",
+                           "--no-progress", "--set", "train.max_minutes=30", "--set", "train.batch_size=1",
+                           "--set", f"data.root={HIPPO}", "--set", f"output_dir={tmp_path / 'runs'}",
+                           "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=45 * 60)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary_path = Path(done.stdout.strip().splitlines()[-1].removeprefix("summary: "))
+    summary = json.loads(summary_path.read_text())
+    metrics = summary["metrics"]
+    print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("test/", "train/", "best_val/"))}, indent=2))
+    assert summary["world_size"] == 2
+    assert metrics["train/minutes"] <= 30.5
+    assert metrics["test/dice_mean"] >= 0.85, metrics
