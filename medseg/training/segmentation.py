@@ -208,8 +208,10 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
         train_items = train_items[ctx.rank::ctx.world_size]
     train_ds = make_dataset(train_items, prepare_tf, cfg.data, cache_root / "train", progress and ctx.is_main)
     val_items = records(val_cases, root)[ctx.rank::ctx.world_size]
-    val_ds = make_dataset(val_items, validation_transforms(cfg.preprocess), cfg.data, cache_root / "val",
-                          progress and ctx.is_main) if val_cases else None
+    val_ds: Any = None  # no validation split; otherwise every process validates (its share may be empty)
+    if val_cases:
+        val_ds = make_dataset(val_items, validation_transforms(cfg.preprocess), cfg.data, cache_root / "val",
+                              progress and ctx.is_main) if val_items else []
     if ctx.enabled and cfg.data.cache == CacheMode.DISK:
         _warm_disk_cache(train_ds, ctx)
     stream_world, stream_rank = (1, 0) if sharded else (ctx.world_size, ctx.rank)

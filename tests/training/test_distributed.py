@@ -246,7 +246,9 @@ def test_the_documented_multi_node_form_runs_two_torchrun_agents_as_two_machines
     """Two torchrun agents meeting at a c10d rendezvous, as two machines would (here on one host)."""
     import socket
 
-    dataset, manifest = eight_cases
+    dataset, _ = eight_cases
+    manifest = tmp_path / "one_val_case.csv"  # one validation case for two processes: one has none to score
+    build_manifest(dataset, manifest, val_fraction=0.125, seed=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Batch norm and dropout too: CPU processes keep per-process batch statistics (SyncBatchNorm is GPU-only).
     config = tiny_config(tmp_path, dataset, manifest, uri, model={"norm": "batch", "dropout": 0.1},
@@ -264,3 +266,4 @@ def test_the_documented_multi_node_form_runs_two_torchrun_agents_as_two_machines
     _, run = _only_run(uri)
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert run.data.metrics["system/global_batch"] == 4
+    assert run.data.metrics["data/val_cases"] == 1 and "val/dice_mean" in run.data.metrics
