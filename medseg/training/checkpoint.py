@@ -36,35 +36,26 @@ def _np_tuple(state: dict[str, Any]) -> tuple:
     return ("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached"])
 
 
-def rng_state(transforms: Any = None) -> dict[str, Any]:
-    """Python, NumPy, torch and (given a MONAI ``Compose``) per-transform RNG states, in a form
-    ``weights_only`` loading accepts. MONAI's random transforms each own a ``RandomState``; without
-    them a resumed run would replay the augmentation stream from its first epoch."""
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, in a form ``weights_only`` loading accepts.
+
+    Augmentation needs no state here: each sample is drawn from seeds of its own position
+    (:mod:`medseg.data.sampling`), and torch is reseeded every step; these are kept so code
+    outside the training step also continues where it stopped.
+    """
     return {
         "python": repr(random.getstate()),
         "numpy": _np_state(np.random.get_state()),
         "torch": torch.get_rng_state(),
-        "transforms": [_np_state(t.R.get_state()) for t in _randomizable(transforms)],
     }
 
 
-def restore_rng_state(state: dict[str, Any], transforms: Any = None) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
     import ast
 
     random.setstate(_tuples(ast.literal_eval(state["python"])))
     np.random.set_state(_np_tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
-    saved = state.get("transforms", [])
-    randomizable = _randomizable(transforms)
-    if transforms is not None and len(saved) == len(randomizable):
-        for t, s in zip(randomizable, saved):
-            t.R.set_state(_np_tuple(s))
-
-
-def _randomizable(transforms: Any) -> list[Any]:
-    from monai.transforms import Randomizable
-
-    return [t for t in getattr(transforms, "transforms", []) if isinstance(t, Randomizable)]
 
 
 def _tuples(value: Any) -> Any:
