@@ -40,6 +40,7 @@ class _Strict(BaseModel):
 
 class Task(StrEnum):
     SEGMENTATION = "segmentation"
+    CLASSIFICATION = "classification"
 
 
 class CacheMode(StrEnum):
@@ -62,9 +63,32 @@ class PatchSampler(StrEnum):
 
 
 class LossName(StrEnum):
+    # segmentation
     DICE_CE = "dice_ce"
     DICE = "dice"
     DICE_FOCAL = "dice_focal"
+    # classification
+    CE = "ce"  # cross-entropy, optional class weights and label smoothing
+    FOCAL = "focal"
+    HINGE = "hinge"  # multi-class SVM hinge (Weston-Watkins), torch MultiMarginLoss
+    ORDINAL = "ordinal"  # cumulative-link: K-1 "label > k" logits (CORAL-style), for ordered grades
+
+
+SEGMENTATION_LOSSES = (LossName.DICE_CE, LossName.DICE, LossName.DICE_FOCAL)
+
+
+class Activation(StrEnum):
+    RELU = "relu"
+    LEAKYRELU = "leakyrelu"
+    PRELU = "prelu"
+    ELU = "elu"
+    SWISH = "swish"
+
+
+class Stem(StrEnum):
+    SMALL = "small"  # 3x3 conv, stride 1, no max pool: MedMNIST's choice for 28 px inputs
+    STRIDED = "strided"  # 3x3 conv, stride 2, no max pool: a quarter (2D) / eighth (3D) of the FLOPs
+    IMAGENET = "imagenet"  # 7x7 conv, stride 2, max pool: for inputs of 128 px and more
 
 
 class OptimizerName(StrEnum):
@@ -90,7 +114,8 @@ class DataConfig(_Strict):
     root: Path | None = Field(
         default=None, description=f"Folder the manifest's relative paths start from; else ${DATA_ROOT_ENV}."
     )
-    labels: dict[int, str] = Field(description="Label value -> name; 0 must be the background.")
+    labels: dict[int, str] = Field(description="Label value -> name; 0 is the background (segmentation) or "
+                                   "the first class (classification).")
     channels: list[str] = Field(default_factory=lambda: ["image"], description="Names of input channels.")
     train_split: str = "train"
     val_split: str = "val"
@@ -98,14 +123,17 @@ class DataConfig(_Strict):
     fold: int | None = Field(default=None, description="With fold-based manifests: this fold validates.")
     cache: CacheMode = CacheMode.MEMORY
     cache_dir: Path | None = None
+    ordinal: bool = Field(default=False, description="Classification: the classes are ordered grades (adds MAE "
+                          "and quadratic-weighted kappa; allows loss.name: ordinal).")
 
     @field_validator("labels")
     @classmethod
     def _background_first(cls, labels: dict[int, str]) -> dict[int, str]:
         if 0 not in labels:
-            raise ValueError("data.labels must map 0 to the background name, e.g. {0: background, 1: tumour}")
+            raise ValueError("data.labels must map 0 to a name, e.g. {0: background, 1: tumour} or "
+                             "{0: normal, 1: pneumonia}")
         if len(labels) < 2:
-            raise ValueError("data.labels needs at least one foreground label besides 0")
+            raise ValueError("data.labels needs at least two entries (0 and one more)")
         expected = list(range(len(labels)))
         if sorted(labels) != expected:
             raise ValueError(f"data.labels keys must be consecutive from 0; got {sorted(labels)}, expected {expected}")
@@ -146,6 +174,9 @@ class PreprocessConfig(_Strict):
     spacing: tuple[float, ...] | None = Field(default=None, description="Target spacing in mm; null keeps native.")
     intensity: IntensityConfig = IntensityConfig()
     crop_foreground: bool = False
+    resize: tuple[int, ...] | None = Field(
+        default=None, description="Classification: resize every image to this spatial size (the network input); "
+        "null keeps the native size, which must then be the same for all images.")
 
 
 class _Aug(_Strict):
@@ -225,17 +256,34 @@ class PatchConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "unet"
     spatial_dims: Literal[2, 3] = 3
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    channels: tuple[int, ...] = Field(
+        default=(16, 32, 64, 128), description="U-Net: features per level; lenet: conv features per stage; "
+        "mlp: hidden units per layer.")
     strides: tuple[int, ...] | None = Field(default=None, description="Default: 2 between every level.")
     num_res_units: int = 1
     norm: str = "instance"
-    dropout: float = 0.0
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    activation: Activation = Activation.RELU
+    widen_factor: float = Field(default=1.0, gt=0, description="ResNet: width multiplier of 64-128-256-512.")
+    stem: Stem = Field(default=Stem.SMALL, description="ResNet/DenseNet first layers: small, strided or imagenet.")
+    init_from: str | None = Field(
+        default=None, description="Start from this model's weights (runs:/<id>/model, models:/<name>/<version>, "
+        "a model folder or a .pt checkpoint); layers whose shape differs (e.g. another class count) start fresh.")
+    freeze: list[str] = Field(
+        default_factory=list, description="Parameter-name prefixes to keep fixed (e.g. [conv1, layer1]); "
+        "'backbone' freezes everything but the classification head.")
 
 
 class LossConfig(_Strict):
     name: LossName = LossName.DICE_CE
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        default=None, description="Classification: per-class loss weights, or 'balanced' (inverse training "
+        "frequency, scikit-learn's definition).")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+    focal_gamma: float = Field(default=2.0, ge=0.0)
+    hinge_margin: float = Field(default=1.0, gt=0.0)
 
 
 class OptimConfig(_Strict):
@@ -246,6 +294,9 @@ class OptimConfig(_Strict):
     schedule: ScheduleName = ScheduleName.COSINE
     warmup_fraction: float = Field(default=0.02, ge=0.0, lt=1.0)
     min_lr_fraction: float = 0.01
+    l1: float = Field(default=0.0, ge=0.0, description="L1 penalty on weights (not biases or norms), added to the loss.")
+    l2: float = Field(default=0.0, ge=0.0, description="L2 penalty (sum of squares) on the same weights; "
+                      "weight_decay is the decoupled alternative.")
 
 
 class TrainConfig(_Strict):
@@ -274,6 +325,8 @@ class ValidationConfig(_Strict):
     blend: Literal["gaussian", "constant"] = "gaussian"
     hd95: bool = True
     overlays: int = Field(default=3, ge=0)
+    calibration_bins: int = Field(default=10, ge=2, description="Classification: bins of the reliability diagram/ECE.")
+    tsne: bool = Field(default=True, description="Classification: t-SNE map of the penultimate layer on the test split.")
 
 
 class PostprocessConfig(_Strict):
@@ -296,7 +349,7 @@ class RunConfig(_Strict):
     data: DataConfig
     preprocess: PreprocessConfig = PreprocessConfig()
     augment: list[AugmentConfig] = Field(default_factory=list)
-    patch: PatchConfig
+    patch: PatchConfig | None = Field(default=None, description="Segmentation: training patches (required there).")
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -305,9 +358,51 @@ class RunConfig(_Strict):
     postprocess: PostprocessConfig = PostprocessConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        """Defaults that depend on the task: a classification config without a loss or model
+        name gets cross-entropy and ResNet-18 rather than the segmentation defaults."""
+        if isinstance(raw, dict) and str(raw.get("task", "")) == Task.CLASSIFICATION.value:
+            for section, key, default in (("loss", "name", LossName.CE.value), ("model", "name", "resnet18"),
+                                          ("model", "norm", "batch")):
+                value = raw.get(section)
+                if value is None:
+                    raw = {**raw, section: {key: default}}
+                    continue
+                elif isinstance(value, dict) and key not in value:
+                    raw = {**raw, section: {**value, key: default}}
+        return raw
+
+    @model_validator(mode="after")
+    def _task_sections(self) -> RunConfig:
+        seg = self.task == Task.SEGMENTATION
+        if seg and self.patch is None:
+            raise ValueError("patch is required for task: segmentation, e.g. patch: {size: [96, 96, 96]}")
+        if not seg and self.patch is not None:
+            raise ValueError(f"patch is for segmentation; task: {self.task} takes whole images "
+                             "(set preprocess.resize for the input size)")
+        if seg != (self.loss.name in SEGMENTATION_LOSSES):
+            names = [str(n) for n in LossName if (n in SEGMENTATION_LOSSES) == seg]
+            raise ValueError(f"loss.name {self.loss.name} does not fit task: {self.task}; use one of {names}")
+        if self.loss.name == LossName.ORDINAL and not self.data.ordinal:
+            raise ValueError("loss.name: ordinal needs ordered classes: set data.ordinal: true")
+        if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != len(self.data.labels):
+            raise ValueError(f"loss.class_weights has {len(self.loss.class_weights)} values for "
+                             f"{len(self.data.labels)} classes in data.labels")
+        if self.preprocess.resize is not None and len(self.preprocess.resize) != self.model.spatial_dims:
+            raise ValueError(f"preprocess.resize has {len(self.preprocess.resize)} values but model.spatial_dims "
+                             f"is {self.model.spatial_dims}")
+        return self
+
     @model_validator(mode="after")
     def _dims_agree(self) -> RunConfig:
         dims = self.model.spatial_dims
+        if self.patch is None:  # classification: the image itself is the input
+            if self.preprocess.spacing is not None and len(self.preprocess.spacing) != dims:
+                raise ValueError(f"preprocess.spacing has {len(self.preprocess.spacing)} values but "
+                                 f"model.spatial_dims is {dims}")
+            return self
         if len(self.patch.size) != dims:
             raise ValueError(f"patch.size has {len(self.patch.size)} values but model.spatial_dims is {dims}")
         for i, aug in enumerate(self.augment):
