@@ -81,9 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     manifest = sub.add_parser("manifest", help="data manifests")
     msub = manifest.add_subparsers(dest="manifest_command")
-    build = msub.add_parser("build", help="build a manifest from an MSD/nnU-Net or images/labels folder")
-    build.add_argument("--from", dest="source", type=Path, required=True, help="dataset folder (the data root)")
+    build = msub.add_parser("build", help="build a manifest from an MSD/nnU-Net or images/labels folder, "
+                                           "or import a MedMNIST .npz file")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from", dest="source", type=Path, help="dataset folder (the data root)")
+    source.add_argument("--from-medmnist", type=Path, metavar="FILE.npz",
+                        help="MedMNIST file (2D or 3D): writes one image per sample under --data-dir and keeps "
+                             "the official train/val/test split")
     build.add_argument("--out", type=Path, required=True, help="CSV to write, e.g. data_manifests/mydata.csv")
+    build.add_argument("--data-dir", type=Path,
+                       help="with --from-medmnist: folder for the images, the data root of the manifest "
+                            "(default: data/<file name> under the working directory)")
+    build.add_argument("--labels", help="with --from-medmnist: class names, e.g. 0=normal,1=pneumonia "
+                                        "(default: MedMNIST's names for the known sets)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--val-fraction", type=float, default=0.2)
     build.add_argument("--test-fraction", type=float, default=0.0)
@@ -189,7 +199,8 @@ def _run_here(args: argparse.Namespace, cfg) -> int:  # noqa: ANN001 - RunConfig
     if summary_path is None:  # a non-main process of a distributed run: the main one reports
         return EXIT_OK
     summary = json.loads(summary_path.read_text())
-    shown = {k: v for k, v in summary["metrics"].items() if k.endswith("dice_mean") or k.startswith("test/dice")}
+    headline = ("dice_mean", "/auc", "/acc")  # segmentation; classification
+    shown = {k: v for k, v in summary["metrics"].items() if k.endswith(headline) or k.startswith("test/dice")}
     shown.update({f"{k}_std": summary["metrics"][f"{k}_std"] for k in list(shown) if f"{k}_std" in summary["metrics"]})
     print(f"run {summary['run_id']} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
     for child in summary.get("children", []):
@@ -202,14 +213,20 @@ def _run_here(args: argparse.Namespace, cfg) -> int:  # noqa: ANN001 - RunConfig
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from medseg.config import load_config
-    from medseg.training.segmentation import build_network
+    from medseg.config import Task, load_config
 
     cfg = load_config(args.config, args.overrides)
-    model = build_network(cfg)
+    if cfg.task == Task.CLASSIFICATION:
+        from medseg.training.classification import build_classifier
+
+        model, shape = build_classifier(cfg), f"input {list(cfg.preprocess.resize or [])}"
+    else:
+        from medseg.training.segmentation import build_network
+
+        model, shape = build_network(cfg), f"patch {list(cfg.patch.size)}"  # type: ignore[union-attr]
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.config}: valid ({cfg.task}, model {cfg.model.name} with {params / 1e6:.2f} M parameters, "
-          f"patch {list(cfg.patch.size)}, manifest {cfg.data.manifest})")
+          f"{shape}, manifest {cfg.data.manifest})")
     return EXIT_OK
 
 
@@ -219,10 +236,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     labels: list[int] | None = None
     root = args.root
+    options: dict[str, object] = {}
     if args.config:
         cfg = load_config(args.config)
         labels = list(cfg.data.labels)
         root = root or cfg.data.resolved_root()
+        options = {"class_labels": str(cfg.task) == "classification", "spatial_dims": cfg.model.spatial_dims,
+                   "expected_channels": len(cfg.data.channels),
+                   "cross_split_duplicates": cfg.data.cross_split_duplicates}
     if args.labels:
         try:
             labels = [int(v) for v in args.labels.split(",")]
@@ -238,7 +259,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if labels is None:
         log.warning("no label map given (--labels or --config): label values are not checked")
     report = verify_manifest(args.manifest, root, labels if labels is not None else range(2**16),
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, **options)  # type: ignore[arg-type]
     report_path = report.write(args.report or args.manifest.with_suffix(".verify.json"))
     print(report.summary())
     print(f"report: {report_path}")
@@ -289,12 +310,38 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     if args.manifest_command != "build":
         build_parser().parse_args(["manifest", "--help"])
         return EXIT_USAGE
+    if args.from_medmnist is not None:
+        return _import_medmnist(args)
     manifest = build_manifest(args.source, args.out, seed=args.seed, val_fraction=args.val_fraction,
                               test_fraction=args.test_fraction, folds=args.folds,
                               subject_pattern=args.subject_pattern, limit=args.limit)
     splits = Counter(c.split if c.fold is None or c.fold < 0 else f"fold {c.fold}" for c in manifest.cases)
     print(f"{args.out}: {len(manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in sorted(splits.items()))}); "
           f"paths relative to {args.source}")
+    return EXIT_OK
+
+
+def _import_medmnist(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from medseg.config import ConfigError
+    from medseg.data.medmnist import import_medmnist
+
+    labels = None
+    if args.labels:
+        try:
+            labels = {int(k): v.strip() for k, v in (item.split("=", 1) for item in args.labels.split(","))}
+        except ValueError:
+            raise ConfigError(f"--labels {args.labels!r}: expected INDEX=NAME pairs, e.g. 0=normal,1=pneumonia") from None
+    data_dir = args.data_dir or Path("data") / args.from_medmnist.name.removesuffix(".npz")
+    imported = import_medmnist(args.from_medmnist, args.out, data_dir, labels, limit=args.limit)
+    splits = Counter(c.split for c in imported.manifest.cases)
+    print(f"{args.out}: {len(imported.manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in sorted(splits.items()))}), "
+          f"{imported.spatial_dims}D, {imported.channels} channel(s), size {list(imported.size)}; images in {data_dir}")
+    print("config:\n  task: classification\n  data:\n"
+          f"    manifest: {args.out}\n    root: {data_dir}\n    labels: {imported.labels}\n"
+          f"    channels: {['red', 'green', 'blue'] if imported.channels == 3 else ['image']}\n"
+          f"  model: {{spatial_dims: {imported.spatial_dims}}}")
     return EXIT_OK
 
 

@@ -123,6 +123,9 @@ class DataConfig(_Strict):
     fold: int | None = Field(default=None, description="With fold-based manifests: this fold validates.")
     cache: CacheMode = CacheMode.MEMORY
     cache_dir: Path | None = None
+    cross_split_duplicates: Literal["error", "warning"] = Field(
+        default="error", description="An identical image file in two splits is a leak; 'warning' accepts it "
+        "(e.g. to keep an official benchmark split that has a few, as PneumoniaMNIST and BreastMNIST do).")
     ordinal: bool = Field(default=False, description="Classification: the classes are ordered grades (adds MAE "
                           "and quadratic-weighted kappa; allows loss.name: ordinal).")
 
@@ -175,8 +178,8 @@ class PreprocessConfig(_Strict):
     intensity: IntensityConfig = IntensityConfig()
     crop_foreground: bool = False
     resize: tuple[int, ...] | None = Field(
-        default=None, description="Classification: resize every image to this spatial size (the network input); "
-        "null keeps the native size, which must then be the same for all images.")
+        default=None, description="Classification (required there): resize every image to this spatial size, "
+        "the network's input.")
 
 
 class _Aug(_Strict):
@@ -379,6 +382,9 @@ class RunConfig(_Strict):
         seg = self.task == Task.SEGMENTATION
         if seg and self.patch is None:
             raise ValueError("patch is required for task: segmentation, e.g. patch: {size: [96, 96, 96]}")
+        if not seg and self.preprocess.resize is None:
+            raise ValueError(f"preprocess.resize is required for task: {self.task}: the network's input size, "
+                             "e.g. [28, 28] (images of another size are resized to it)")
         if not seg and self.patch is not None:
             raise ValueError(f"patch is for segmentation; task: {self.task} takes whole images "
                              "(set preprocess.resize for the input size)")

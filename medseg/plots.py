@@ -62,3 +62,81 @@ def overlay(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray,
         ax.axis("off")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------- classification
+
+
+def roc_curves(probs: np.ndarray, labels: np.ndarray, names: Mapping[int, str], path: Path, title: str) -> Path:
+    """ROC curve of the positive class (binary) or of each class against the rest, with AUCs."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    classes = [1] if len(names) == 2 else list(names)
+    for c in classes:
+        truth = labels == c
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, probs[:, c])
+        ax.plot(fpr, tpr, label=f"{names[c]} (AUC {roc_auc_score(truth, probs[:, c]):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_matrix_plot(matrix: np.ndarray, names: Sequence[str], path: Path, title: str) -> Path:
+    """Counts, with each row's share (recall of that true class) as the colour."""
+    rows = matrix.sum(1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    size = 1.2 + 0.8 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{matrix[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def reliability_diagram(table: Sequence[Mapping[str, float]], ece: float, path: Path, title: str) -> Path:
+    """Accuracy against confidence per bin (the calibration figure), with the ECE in the title."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    centres = [(b["low"] + b["high"]) / 2 for b in table]
+    width = table[0]["high"] - table[0]["low"] if table else 0.1
+    ax.bar(centres, [0 if np.isnan(b["accuracy"]) else b["accuracy"] for b in table], width=width * 0.95,
+           edgecolor="black", color="tab:blue", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect calibration")
+    for x, b in zip(centres, table):
+        if b["count"]:
+            ax.text(x, 0.02, str(b["count"]), ha="center", fontsize=6, rotation=90)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}: ECE {ece:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def embedding_map(points: np.ndarray, labels: np.ndarray, names: Mapping[int, str], path: Path, title: str) -> Path:
+    """2-D embedding (t-SNE) of features, coloured by true class."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    cmap = plt.get_cmap("tab10", max(len(names), 2))
+    for c, name in names.items():
+        chosen = labels == c
+        if chosen.any():
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=6, color=cmap(c), label=name, alpha=0.7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8, markerscale=2)
+    return _save(fig, path)

@@ -1,7 +1,7 @@
 """Pipelines: compositions of medseg stages, one per task. Nothing but the order of stages lives here."""
 
-from pipelines import segmentation
+from pipelines import classification, segmentation
 
-PIPELINES = {"segmentation": segmentation.run}
+PIPELINES = {"segmentation": segmentation.run, "classification": classification.run}
 
 __all__ = ["PIPELINES"]

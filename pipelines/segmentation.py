@@ -12,7 +12,8 @@ def run(ctx: PipelineContext) -> None:
     if ctx.dist.is_main:
         verified = verify_stage(ctx.manifest, ctx.root, list(cfg.data.labels), ctx.run_dir, ctx.progress,
                                 require_labels_for=(cfg.data.train_split, cfg.data.val_split),
-                                expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims)
+                                expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims,
+                                cross_split_duplicates=cfg.data.cross_split_duplicates)
         ctx.tracker.log_artifact(verified.report_path)
         if not verified.report.ok:
             raise DataVerificationError(verified.report, verified.report_path)

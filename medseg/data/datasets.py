@@ -11,22 +11,35 @@ from monai.data.utils import json_hashing
 from monai.transforms import Compose
 
 from medseg.config import CacheMode, DataConfig
-from medseg.data.manifest import Case
+from medseg.data.manifest import Case, ManifestError
 
 
-def records(cases: Sequence[Case], root: Path, with_label: bool = True) -> list[dict[str, Any]]:
-    """One dict per case for dictionary transforms (several channels -> a list of paths)."""
+def records(cases: Sequence[Case], root: Path, with_label: bool = True,
+            class_labels: bool = False) -> list[dict[str, Any]]:
+    """One dict per case for dictionary transforms (several channels -> a list of paths).
+
+    ``class_labels``: the manifest's label column holds a class index (classification), which
+    becomes an int; otherwise it is a label-map path.
+    """
     out = []
     for case in cases:
         images = [str(p) for p in case.image_paths(root)]
         item: dict[str, Any] = {"image": images[0] if len(images) == 1 else images, "case_id": case.case_id,
                                 # content hashes make the disk-cache key change when a file changes in place
                                 "sha256": ";".join([*case.image_sha256, case.label_sha256 or ""])}
-        label = case.label_path(root)
-        if with_label and label is not None:
-            item["label"] = str(label)
+        if with_label and case.label is not None:
+            item["label"] = class_index(case) if class_labels else str(case.label_path(root))
         out.append(item)
     return out
+
+
+def class_index(case: Case) -> int:
+    """The class of a classification case (its label column), checked by ``verify`` beforehand."""
+    try:
+        return int(str(case.label))
+    except ValueError:
+        raise ManifestError(f"case {case.case_id}: label {case.label!r} is not a class index; a classification "
+                            "manifest's label column holds the class number (0, 1, ...)") from None
 
 
 def make_dataset(items: list[dict[str, Any]], transform: Compose, cfg: DataConfig, cache_dir: Path,

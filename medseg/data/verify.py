@@ -112,6 +112,8 @@ def verify_manifest(
     workers: int | None = None,
     expected_channels: int | None = None,
     spatial_dims: int | None = None,
+    class_labels: bool = False,
+    cross_split_duplicates: str = "error",
 ) -> VerifyReport:
     """Check every case of a manifest and the manifest as a whole.
 
@@ -126,6 +128,8 @@ def verify_manifest(
         workers: reader threads (default: the core count).
         expected_channels: input channels the model takes (all image files of a case together).
         spatial_dims: 2 or 3, the model's; images with another number of non-singleton axes are errors.
+        class_labels: the label column holds a class index (classification) instead of a label-map path.
+        cross_split_duplicates: severity of an identical image file in two splits (``error`` or ``warning``).
 
     Returns:
         The report; ``report.ok`` is False when any error was found.
@@ -134,13 +138,13 @@ def verify_manifest(
         manifest = read_manifest(manifest)
     manifest_hash = file_sha256(manifest.path) if manifest.path else ""
     report = VerifyReport(str(manifest.path), manifest_hash, len(manifest.cases))
-    report.findings.extend(_cross_case_checks(manifest))
+    report.findings.extend(_cross_case_checks(manifest, cross_split_duplicates))
     allowed = set(int(v) for v in label_values)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
 
     def check(case: Case) -> list[Finding]:
         return _check_case(case, root, allowed, set(require_labels_for), tolerance, check_hashes,
-                           expected_channels, spatial_dims)
+                           expected_channels, spatial_dims, class_labels)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(check, manifest.cases)
@@ -149,7 +153,7 @@ def verify_manifest(
     return report
 
 
-def _cross_case_checks(manifest: Manifest) -> list[Finding]:
+def _cross_case_checks(manifest: Manifest, cross_split_duplicates: str = "error") -> list[Finding]:
     findings: list[Finding] = []
     by_hash: dict[str, list[tuple[Case, str]]] = defaultdict(list)
     for case in manifest.cases:
@@ -163,10 +167,11 @@ def _cross_case_checks(manifest: Manifest) -> list[Finding]:
         files = [p for _, p in entries]
         if len(splits) > 1:
             findings.append(
-                Finding("error", "leak_duplicate_file", ids[0], files, "each file in one split only",
+                Finding(cross_split_duplicates, "leak_duplicate_file", ids[0], files, "each file in one split only",
                         f"sha256 {digest[:12]}... in splits {sorted(splits)} (cases {ids})",
                         "the same image file is used in more than one split: held-out results would be inflated. "
-                        "Remove the duplicate or rebuild the manifest so both copies share a split.")
+                        "Remove the duplicate or rebuild the manifest so both copies share a split (or, to keep an "
+                        "official benchmark split as published, set data.cross_split_duplicates: warning).")
             )
         else:
             findings.append(
@@ -197,11 +202,11 @@ def _split_key(case: Case) -> str:
 
 def _check_case(
     case: Case, root: Path, allowed: set[int], require_labels_for: set[str], tol: Tolerance, check_hashes: bool,
-    expected_channels: int | None = None, spatial_dims: int | None = None,
+    expected_channels: int | None = None, spatial_dims: int | None = None, class_labels: bool = False,
 ) -> list[Finding]:
     out: list[Finding] = []
     images = case.image_paths(root)
-    label = case.label_path(root)
+    label = None if class_labels else case.label_path(root)
 
     def add(severity: str, check: str, files: list[str], expected: str, got: str, message: str) -> None:
         out.append(Finding(severity, check, case.case_id, files, expected, got, message))
@@ -212,7 +217,9 @@ def _check_case(
             f"file not found (root {root}); fix the path in the manifest or the data root")
     if missing:
         return out
-    if label is None and case.split in require_labels_for:
+    if class_labels and case.label is not None:
+        _check_class_label(add, case, images, allowed)
+    if case.label is None and case.split in require_labels_for:
         add("error", "missing_label", [str(p) for p in images], "a label path", "empty label column",
             f"case in split {case.split!r} has no label; add one or move the case to the test split")
     if check_hashes:
@@ -284,6 +291,19 @@ def _check_case(
     return out
 
 
+def _check_class_label(add: Any, case: Case, images: list[Path], allowed: set[int]) -> None:
+    files = [str(p) for p in images]
+    try:
+        value = int(str(case.label))
+    except ValueError:
+        add("error", "label_not_class", files, f"a class index in {sorted(allowed)}", repr(case.label),
+            "a classification manifest's label column holds the class number (0, 1, ...), not a path or a name")
+        return
+    if value not in allowed:
+        add("error", "label_values", files, f"a class in {sorted(allowed)} (data.labels)", str(value),
+            f"class {value} is not in the configured label map; add it to data.labels or fix the manifest")
+
+
 def _compare_grids(add: Any, check: str, ref_path: Path, ref: Geometry, path: Path, other: Geometry, tol: Tolerance) -> None:
     files = [str(ref_path), str(path)]
     if ref.shape != other.shape:
@@ -315,9 +335,11 @@ class VerifyOutputs:
 
 def verify_stage(manifest_path: Path, root: Path, labels: Sequence[int], out_dir: Path, progress: bool = True,
                  require_labels_for: Sequence[str] = ("train", "val"), expected_channels: int | None = None,
-                 spatial_dims: int | None = None) -> VerifyOutputs:
+                 spatial_dims: int | None = None, class_labels: bool = False,
+                 cross_split_duplicates: str = "error") -> VerifyOutputs:
     """Pipeline stage: verify the manifest and write ``verify_report.json`` (errors are not raised here,
     so the caller can log the report before stopping the run)."""
     report = verify_manifest(manifest_path, root, labels, require_labels_for=require_labels_for, progress=progress,
-                             expected_channels=expected_channels, spatial_dims=spatial_dims)
+                             expected_channels=expected_channels, spatial_dims=spatial_dims,
+                             class_labels=class_labels, cross_split_duplicates=cross_split_duplicates)
     return VerifyOutputs(report.write(out_dir / "verify_report.json"), report)

@@ -105,6 +105,13 @@ def split_cases(cfg: RunConfig, manifest: Manifest, role: str) -> list:
     return manifest.split(data.train_split if role == "train" else data.val_split)
 
 
+def has_labelled_cases(cfg: RunConfig, manifest_path: Path, split: str) -> bool:
+    """True when ``split`` has at least one case with a label (evaluation has something to score)."""
+    from medseg.data.manifest import read_manifest
+
+    return any(c.label for c in split_cases(cfg, read_manifest(manifest_path), split))
+
+
 class BudgetSchedule:
     """LR factor from training progress, where progress is the larger of epochs and minutes used.
 

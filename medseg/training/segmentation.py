@@ -29,13 +29,14 @@ from medseg.tasks.segmentation import SegmentationMetrics, create_loss
 from medseg.tracking import MlflowTracker
 from medseg.training import distributed
 from medseg.training.checkpoint import load_checkpoint
-from medseg.training.loop import TrainOutputs, TrainTask, fit, split_cases, write_csv
+from medseg.training.loop import TrainOutputs, TrainTask, fit, has_labelled_cases, split_cases, write_csv
 from medseg.training.runtime import autocast_dtype, resolve_device
 from medseg.transforms import training_transforms, validation_transforms
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainOutputs", "build_network", "evaluate", "model_contract", "package", "train"]
+__all__ = ["TrainOutputs", "build_network", "evaluate", "has_labelled_cases", "model_contract", "package",
+           "train"]
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,3 @@ def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTrac
     tracker.log_artifact(contract_path)
     uri = tracker.log_model(model, contract, contract_path, registered_name=cfg.tracking.register_model_as)
     return ModelOutputs(contract_path, uri)
-
-
-def has_labelled_cases(cfg: RunConfig, manifest_path: Path, split: str) -> bool:
-    """True when ``split`` has at least one case with a label (evaluation has something to score)."""
-    return any(c.label for c in split_cases(cfg, read_manifest(manifest_path), split))

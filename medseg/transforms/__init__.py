@@ -33,6 +33,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
+    Resized,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
@@ -132,9 +133,15 @@ def patch_sampler(cfg: PatchConfig, num_classes: int) -> MapTransform:
                                    random_size=False)
 
 
-def augmentation(items: Sequence[AugmentConfig], spatial_dims: int) -> list[MapTransform]:
-    """MONAI random transforms for each configured augmentation, in order."""
-    keys = [IMAGE, LABEL]
+def augmentation(items: Sequence[AugmentConfig], spatial_dims: int,
+                 keys: Sequence[str] = (IMAGE, LABEL)) -> list[MapTransform]:
+    """MONAI random transforms for each configured augmentation, in order.
+
+    Spatial ones move every key in ``keys`` (a label map with nearest-neighbour interpolation);
+    intensity ones touch the image only.
+    """
+    keys = list(keys)
+    modes = ["bilinear", "nearest"] if LABEL in keys else ["bilinear"]
     out: list[MapTransform] = []
     for aug in items:
         if isinstance(aug, FlipAug):
@@ -147,15 +154,15 @@ def augmentation(items: Sequence[AugmentConfig], spatial_dims: int) -> list[MapT
             out.append(RandAffined(
                 keys=keys, prob=aug.prob, rotate_range=[angle] * (3 if spatial_dims == 3 else 1),
                 scale_range=[aug.scale] * spatial_dims, translate_range=[aug.translate] * spatial_dims,
-                mode=["bilinear", "nearest"], padding_mode="zeros",
+                mode=modes, padding_mode="zeros",
             ))
         elif isinstance(aug, ElasticAug):
             if spatial_dims == 3:
                 out.append(Rand3DElasticd(keys=keys, prob=aug.prob, sigma_range=aug.sigma, magnitude_range=aug.magnitude,
-                                          mode=["bilinear", "nearest"], padding_mode="zeros"))
+                                          mode=modes, padding_mode="zeros"))
             else:
                 out.append(Rand2DElasticd(keys=keys, prob=aug.prob, spacing=aug.sigma, magnitude_range=aug.magnitude,
-                                          mode=["bilinear", "nearest"], padding_mode="zeros"))
+                                          mode=modes, padding_mode="zeros"))
         elif isinstance(aug, NoiseAug):
             out.append(RandGaussianNoised(keys=IMAGE, prob=aug.prob, std=aug.std))
         elif isinstance(aug, GammaAug):
@@ -187,3 +194,16 @@ def training_transforms(pre: PreprocessConfig, patch: PatchConfig, augment: Sequ
 def validation_transforms(pre: PreprocessConfig, with_label: bool = True) -> Compose:
     """Deterministic preprocessing of whole volumes for sliding-window validation and inference."""
     return Compose(preprocessing(pre, keys=(IMAGE, LABEL) if with_label else (IMAGE,)))
+
+
+def classification_transforms(pre: PreprocessConfig, augment: Sequence[AugmentConfig] = (), spatial_dims: int = 2,
+                              load: bool = True) -> Compose:
+    """Whole-image chain for classification: preprocessing and resizing to the network input
+    (cached), then augmentation of the image (training only); the class label passes through."""
+    chain = preprocessing(pre, keys=(IMAGE,), load=load)
+    if pre.resize is not None:
+        # "area" averages when shrinking, so thin structures are not aliased away
+        chain.append(Resized(keys=IMAGE, spatial_size=list(pre.resize), mode="area"))
+    chain.extend(augmentation(augment, spatial_dims, keys=(IMAGE,)))
+    chain.append(EnsureTyped(keys=IMAGE, track_meta=False))
+    return Compose(chain)
