@@ -111,3 +111,51 @@ def tiny_run_inputs(tmp_path: Path) -> tuple[Path, Path]:
     manifest = tmp_path / "manifest.csv"
     build_manifest(dataset, manifest, val_fraction=0.34, seed=1)
     return dataset, manifest
+
+
+def write_medmnist_npz(path: Path, shape: tuple[int, ...] = (21, 17), counts: tuple[int, int, int] = (24, 8, 8),
+                       classes: int = 2, seed: int = 0) -> Path:
+    """A MedMNIST-layout .npz (uint8 images, (N, 1) labels) of a learnable task: class k has a
+    bright square whose size grows with k, on noise. Odd image sizes on purpose."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for split, n in zip(("train", "val", "test"), counts):
+        labels = np.arange(n) % classes
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(n, *shape), dtype=np.uint8)
+        for i, k in enumerate(labels):
+            half = 1 + 2 * int(k)
+            centre = [s // 2 + int(rng.integers(-2, 3)) for s in shape[:3] if s > 3]
+            region = tuple(slice(max(0, c - half), c + half + 1) for c in centre)
+            images[i][region] = 200
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def classification_config(tmp_path: Path, manifest: Path, root: Path, tracking_uri: str, dims: int = 2,
+                          size: tuple[int, ...] = (21, 17), **sections: dict) -> Path:
+    """A config that trains a tiny LeNet for a few seconds on an imported synthetic MedMNIST file."""
+    import yaml
+
+    cfg = {
+        "task": "classification",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"manifest": str(manifest), "root": str(root), "labels": {0: "normal", 1: "lesion"},
+                 "channels": ["image"]},
+        "preprocess": {"orientation": None, "intensity": {"mode": "ct_window", "window": [0, 255]},
+                       "resize": list(size)},
+        "augment": [{"name": "flip", "prob": 0.5, "axes": [0]}, {"name": "noise", "prob": 0.2, "std": 0.02}],
+        "model": {"name": "lenet", "spatial_dims": dims, "channels": [4, 8]},
+        "loss": {"name": "ce", "class_weights": "balanced"},
+        "optim": {"lr": 0.01},
+        "train": {"max_epochs": 3, "batch_size": 8, "val_interval": 1, "num_threads": 1},
+        "tracking": {"uri": tracking_uri, "experiment": "tests"},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

@@ -27,7 +27,12 @@ def test_shipped_configs_validate_and_build_their_model(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert (REPO / cfg.data.manifest).is_file(), f"{path.name} points at a manifest that is not in the repo"
-    model = create_model(cfg.model, len(cfg.data.channels), len(cfg.data.labels), cfg.patch.size)
+    if cfg.patch is None:  # classification: the whole (resized) image is the input
+        from medseg.training.classification import build_classifier
+
+        model = build_classifier(cfg)
+    else:
+        model = create_model(cfg.model, len(cfg.data.channels), len(cfg.data.labels), cfg.patch.size)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -98,7 +103,7 @@ def test_override_with_a_typo_is_caught_by_validation(tmp_path: Path) -> None:
 def test_label_map_must_start_at_background() -> None:
     raw = _minimal()
     raw["data"]["labels"] = {1: "tumour", 2: "oedema"}
-    with pytest.raises(ConfigError, match="must map 0 to the background"):
+    with pytest.raises(ConfigError, match="must map 0 to a name"):
         validate_config(raw)
 
 
@@ -147,3 +152,38 @@ def test_rot90_needs_equal_patch_sizes_on_its_axes() -> None:
 def test_bad_yaml_in_an_override_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         apply_override(_minimal(), "augment=[{name: flip")
+
+
+# ----------------------------------------------------------------------------------- classification
+
+def _classification(**changes) -> dict:
+    raw = {"task": "classification", "data": {"manifest": "m.csv", "labels": {0: "normal", 1: "pneumonia"}},
+           "preprocess": {"resize": [28, 28]}, "model": {"spatial_dims": 2}}
+    for key, value in changes.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def test_classification_defaults_are_its_own() -> None:
+    cfg = validate_config(_classification())
+    assert (str(cfg.loss.name), cfg.model.name, cfg.model.norm) == ("ce", "resnet18", "batch")
+    assert cfg.patch is None
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"patch": {"size": [28, 28]}}, "patch is for segmentation"),
+    ({"preprocess": {"resize": None}}, "preprocess.resize is required"),
+    ({"loss": {"name": "dice_ce"}}, "does not fit task: classification"),
+    ({"loss": {"name": "ordinal"}}, "set data.ordinal: true"),
+    ({"loss": {"class_weights": [1.0, 2.0, 3.0]}}, "3 values for 2 classes"),
+    ({"model": {"spatial_dims": 2, "activation": "tanh"}}, "model.activation"),
+    ({"preprocess": {"resize": [28, 28, 28]}}, "preprocess.resize has 3 values"),
+])
+def test_classification_config_errors(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_classification(**changes))
+
+
+def test_segmentation_still_needs_a_patch() -> None:
+    with pytest.raises(ConfigError, match="patch is required"):
+        validate_config({"data": {"manifest": "m.csv", "labels": {0: "bg", 1: "fg"}}})

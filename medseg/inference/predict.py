@@ -42,7 +42,7 @@ from medseg.transforms import IMAGE, preprocessing
 log = logging.getLogger(__name__)
 
 PRED = "pred"
-SUPPORTED_TASKS = {"segmentation"}
+SUPPORTED_TASKS = {"segmentation", "classification"}
 
 
 class CaseError(MedsegError):
@@ -79,7 +79,7 @@ class LoadedModel:
 #: Contract entries every member of an ensemble must share: they define the grid and the
 #: meaning of the averaged probabilities. Patch size and window settings may differ.
 ENSEMBLE_KEYS = ("task", "spatial_dims", "in_channels", "channel_names", "labels", "orientation", "spacing",
-                 "intensity", "crop_foreground")
+                 "intensity", "crop_foreground", "resize", "output_activation")
 
 
 @dataclass(frozen=True)
@@ -407,6 +407,8 @@ def predict_folder(model_ref: str | Sequence[str], input_dir: Path, output_dir: 
     model = load_models(model_ref, device)
     pre = contract_preprocessing(model.contract)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if model.contract["task"] == "classification":
+        return _classify_folder(model, found, cases, pre, input_dir, output_dir, device, options, tracker)
     # Temp files of a run killed mid-write; only this shard's own, since other shards may be writing.
     mine = {p.name for case in cases for p in case_outputs(case, output_dir, options).values()}
     for stale in output_dir.glob(".*.tmp*"):
@@ -461,6 +463,43 @@ def predict_folder(model_ref: str | Sequence[str], input_dir: Path, output_dir: 
         tracker.log_artifact(report_path)
         tracker.log_artifact(summary_path)
     return PredictOutputs(report_path, summary_path, tuple(results))
+
+
+def _classify_folder(model: LoadedModel, found: Any, cases: Sequence[InputCase], pre: Compose, input_dir: Path,
+                     output_dir: Path, device: torch.device, options: PredictOptions,
+                     tracker: Any | None) -> PredictOutputs:
+    """``predict_folder`` for a classification model: ``predictions.csv`` with class probabilities."""
+    from medseg.inference.classify import classification_preprocessing, classify_cases
+
+    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
+    report_path = output_dir / f"predictions{suffix}.csv"
+    started = time.monotonic()
+    results = classify_cases(model, cases, classification_preprocessing(model.contract, pre), device, report_path,
+                             options.tta, options.overwrite, _check_input,
+                             lambda items: tqdm(items, desc="classify", unit="image", disable=not options.progress))
+    counts = {status: sum(r.status == status for r in results) for status in ("ok", "failed", "skipped")}
+    predicted = [r.predicted_name for r in results if r.status in ("ok", "skipped")]
+    summary = {
+        "model_uri": model.uri, "ensemble_size": len(model.networks), "source_run_id": model.source_run_id,
+        "contract": model.contract, "medseg_version": medseg.__version__, "device": str(device),
+        "input": str(input_dir), "output": str(output_dir),
+        "part": {"part_id": options.part_id, "num_parts": options.num_parts},
+        "options": {"tta": options.tta, "overwrite": options.overwrite},
+        "counts": counts, "cases": len(results), "seconds_total": time.monotonic() - started,
+        "seconds_per_ok_case": _mean([r.seconds for r in results if r.status == "ok"]),
+        "predicted_counts": {name: predicted.count(name) for name in model.label_names.values()},
+        "peak_rss_mb": peak_rss_mb(), "discovery_notes": found.notes,
+        "failed": {r.case_id: r.error for r in results if r.status == "failed"},
+    }
+    summary_path = atomic_write_text(output_dir / f"predict_summary{suffix}.json", json.dumps(summary, indent=2))
+    if tracker is not None:
+        tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
+        tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
+                            "tta": options.tta, "device": str(device)})
+        tracker.log_metrics({f"predict/{k}": v for k, v in counts.items()}, step=0)
+        tracker.log_artifact(report_path)
+        tracker.log_artifact(summary_path)
+    return PredictOutputs(report_path, summary_path, tuple(results))  # type: ignore[arg-type]
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -41,6 +41,11 @@ def _act_arg(cfg: ModelConfig) -> str | tuple:
     return (name, {"inplace": True}) if name in ("relu", "leakyrelu", "elu") else name
 
 
+def _norm_arg(cfg: ModelConfig) -> str | tuple:
+    # MONAI's ResNet initialises norm weights, which a non-affine instance norm does not have
+    return ("instance", {"affine": True}) if cfg.norm == "instance" else cfg.norm
+
+
 def _head(features: int, outputs: int, dropout: float) -> nn.Module:
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(features, outputs)) if dropout else nn.Linear(features, outputs)
 
@@ -100,7 +105,7 @@ def _resnet(depth: str) -> ClassifierFactory:
         kernel, stride, no_pool = _STEMS[cfg.stem]
         net = ResNet(block, layers, [64, 128, 256, 512], spatial_dims=cfg.spatial_dims, n_input_channels=in_channels,
                      conv1_t_size=kernel, conv1_t_stride=stride, no_max_pool=no_pool, widen_factor=cfg.widen_factor,
-                     num_classes=outputs, act=_act_arg(cfg), norm=cfg.norm)
+                     num_classes=outputs, act=_act_arg(cfg), norm=_norm_arg(cfg))
         if cfg.dropout:
             net.fc = _head(net.fc.in_features, outputs, cfg.dropout)
         return net
@@ -115,7 +120,7 @@ for _name in _RESNETS:
 @register_classifier("densenet121")
 def _densenet121(cfg: ModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
     net = DenseNet121(spatial_dims=cfg.spatial_dims, in_channels=in_channels, out_channels=outputs,
-                      act=_act_arg(cfg), norm=cfg.norm, dropout_prob=cfg.dropout)
+                      act=_act_arg(cfg), norm=_norm_arg(cfg), dropout_prob=cfg.dropout)
     if cfg.stem != Stem.IMAGENET:  # MONAI's stem divides by 4 before the first block; small inputs cannot afford it
         kernel, stride, _ = _STEMS[cfg.stem]
         conv0 = net.features.conv0
