@@ -130,11 +130,11 @@ def reliability_diagram(table: Sequence[Mapping[str, float]], ece: float, path: 
 def embedding_map(points: np.ndarray, labels: np.ndarray, names: Mapping[int, str], path: Path, title: str) -> Path:
     """2-D embedding (t-SNE) of features, coloured by true class."""
     fig, ax = plt.subplots(figsize=(5.2, 4.8))
-    cmap = plt.get_cmap("tab10", max(len(names), 2))
+    colours = plt.get_cmap("tab10")  # distinct hues; a resampled map would give near-identical blues for 2 classes
     for c, name in names.items():
         chosen = labels == c
         if chosen.any():
-            ax.scatter(points[chosen, 0], points[chosen, 1], s=6, color=cmap(c), label=name, alpha=0.7)
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=6, color=colours(c % 10), label=name, alpha=0.7)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)

@@ -34,6 +34,28 @@ def output_count(cfg: LossConfig, num_classes: int) -> int:
     return num_classes - 1 if cfg.name == LossName.ORDINAL else num_classes
 
 
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy (with label smoothing) where a class weight scales each sample's loss, then
+    the plain batch mean (Keras's sample weights).
+
+    torch's ``CrossEntropyLoss(weight=...)`` divides by the batch's sum of weights instead, which
+    depends on which samples share a batch: a batch split across DDP processes would then not
+    give the gradient of the whole batch. With "balanced" weights, whose mean over the training
+    set is 1, the loss keeps the scale of an unweighted one.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        per_sample = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=self.label_smoothing)
+        if self.weight is not None:
+            per_sample = per_sample * self.weight[labels]
+        return per_sample.mean()
+
+
 class OrdinalLoss(nn.Module):
     """Cumulative-link loss (CORAL-style): K-1 binary "label > k" tasks with logistic losses."""
 
@@ -45,9 +67,8 @@ class OrdinalLoss(nn.Module):
         thresholds = torch.arange(logits.shape[1], device=logits.device)
         targets = (labels[:, None] > thresholds[None, :]).to(logits.dtype)
         per_sample = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1)
-        if self.weight is not None:
-            w = self.weight[labels]
-            return (per_sample * w).sum() / w.sum().clamp_min(1e-12)
+        if self.weight is not None:  # per-sample scaling and a plain mean, as in WeightedCrossEntropy
+            per_sample = per_sample * self.weight[labels]
         return per_sample.mean()
 
 
@@ -63,7 +84,11 @@ class _FocalOnLabels(nn.Module):
 
 
 def create_classification_loss(cfg: LossConfig, class_weights: Sequence[float] | None) -> nn.Module:
-    """The configured loss on ``(B, outputs)`` logits and ``(B,)`` integer labels."""
+    """The configured loss on ``(B, outputs)`` logits and ``(B,)`` integer labels.
+
+    Every loss is a plain mean over the batch's samples (class weights scale samples), so a
+    batch split across processes averages to the loss of the whole batch.
+    """
     weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
     if cfg.name == LossName.FOCAL:
         return _FocalOnLabels(cfg.focal_gamma, weight)
@@ -71,7 +96,7 @@ def create_classification_loss(cfg: LossConfig, class_weights: Sequence[float] |
         return nn.MultiMarginLoss(margin=cfg.hinge_margin, weight=weight)
     if cfg.name == LossName.ORDINAL:
         return OrdinalLoss(weight)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    return WeightedCrossEntropy(weight, cfg.label_smoothing)
 
 
 def class_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:

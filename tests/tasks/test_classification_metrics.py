@@ -91,10 +91,17 @@ def test_losses_train_on_logits_and_labels(name: str) -> None:
     assert value.ndim == 0 and torch.isfinite(value) and logits.grad is not None
 
 
-def test_weighted_cross_entropy_equals_torch() -> None:
+def test_weighted_cross_entropy_scales_samples_and_splits_like_one_batch() -> None:
+    torch.manual_seed(0)
     logits, labels = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
-    ours = create_classification_loss(LossConfig(name="ce"), [3.0, 1.0])(logits, labels)
-    assert ours == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor([3.0, 1.0]))))
+    loss = create_classification_loss(LossConfig(name="ce"), [3.0, 1.0])
+    per_sample = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert loss(logits, labels) == pytest.approx(float((per_sample * torch.tensor([3.0, 1.0])[labels]).mean()))
+    # two halves (two DDP processes) average to the whole batch's loss
+    halves = (loss(logits[:3], labels[:3]) + loss(logits[3:], labels[3:])) / 2
+    assert float(halves) == pytest.approx(float(loss(logits, labels)))
+    unweighted = create_classification_loss(LossConfig(name="ce"), None)(logits, labels)
+    assert unweighted == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)))
 
 
 def test_ordinal_loss_prefers_the_right_grade() -> None:

@@ -129,3 +129,35 @@ def test_3d_run_with_a_resnet(tmp_path: Path, capsys) -> None:
     summary = _summary(capsys)
     assert 0.0 <= summary["metrics"]["test/auc"] <= 1.0
     assert json.loads((Path(summary["run_dir"]) / "contract.json").read_text())["resize"] == [12, 12, 12]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, imported) -> None:
+    """Predictions are gathered from both processes before scoring: AUC, ACC and the loss curve
+    of `--nproc 2` equal those of one process (LeNet has no batch norm to differ per process)."""
+    import os
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    manifest, images = imported
+    curves = {}
+    for nproc, batch in ((2, 4), (1, 8)):
+        uri = f"sqlite:///{tmp_path / f'{nproc}.db'}"
+        (tmp_path / str(nproc)).mkdir()
+        # one shared sample stream (a memory cache would give each process its own shard and stream)
+        config = classification_config(tmp_path / str(nproc), manifest, images, uri, train={"max_epochs": 2},
+                                       data={"cache": "none"})
+        done = subprocess.run([sys.executable, "-m", "medseg", "run", str(config), "--nproc", str(nproc),
+                               "--deterministic", "--no-progress", "--set", f"train.batch_size={batch}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_ASYNC_LOGGING": "false"})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        curves[nproc] = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                       key=lambda m: m.step)]
+                         for key in ("train/loss", "val/auc", "val/acc", "test/auc")}
+    for key, one in curves[1].items():
+        assert len(one) == len(curves[2][key]) > 0
+        assert curves[2][key] == pytest.approx(one, abs=2e-3), key
