@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medseg.data.verify import DataVerificationError, verify_stage
+from medseg.data.verify import verify_run_data
 from medseg.runner import PipelineContext
 from medseg.training import classification as cls
 from medseg.training.loop import has_labelled_cases
@@ -11,14 +11,7 @@ from medseg.training.loop import has_labelled_cases
 def run(ctx: PipelineContext) -> None:
     cfg = ctx.cfg
     if ctx.dist.is_main:
-        verified = verify_stage(ctx.manifest, ctx.root, list(cfg.data.labels), ctx.run_dir, ctx.progress,
-                                require_labels_for=(cfg.data.train_split, cfg.data.val_split),
-                                expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims,
-                                cross_split_duplicates=cfg.data.cross_split_duplicates,
-                                class_labels=True)
-        ctx.tracker.log_artifact(verified.report_path)
-        if not verified.report.ok:
-            raise DataVerificationError(verified.report, verified.report_path)
+        verify_run_data(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, ctx.progress)
     ctx.dist.barrier()
 
     trained = cls.train(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,

@@ -76,10 +76,29 @@ def msd_dataset(tmp_path: Path) -> Path:
     return write_msd_dataset(tmp_path / "dataset")
 
 
-def tiny_config(tmp_path: Path, dataset: Path, manifest: Path, tracking_uri: str, **sections: dict) -> Path:
-    """A config that trains a very small U-Net for a few seconds on the synthetic dataset."""
+def write_config(folder: Path, cfg: dict, sections: dict) -> Path:
+    """``folder/config.yaml`` from ``cfg`` with ``sections`` merged in (a dict merges, anything else replaces)."""
     import yaml
 
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def artifact_paths(client, run_id: str, path: str = "") -> set[str]:  # noqa: ANN001 - MlflowClient
+    """Every artifact path of an MLflow run, recursively."""
+    out: set[str] = set()
+    for item in client.list_artifacts(run_id, path):
+        out.add(item.path)
+        if item.is_dir:
+            out |= artifact_paths(client, run_id, item.path)
+    return out
+
+
+def tiny_config(tmp_path: Path, dataset: Path, manifest: Path, tracking_uri: str, **sections: dict) -> Path:
+    """A config that trains a very small U-Net for a few seconds on the synthetic dataset."""
     cfg = {
         "task": "segmentation",
         "seed": 0,
@@ -95,11 +114,7 @@ def tiny_config(tmp_path: Path, dataset: Path, manifest: Path, tracking_uri: str
         "validation": {"overlays": 2},
         "tracking": {"uri": tracking_uri, "experiment": "tests"},
     }
-    for name, values in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return write_config(tmp_path, cfg, sections)
 
 
 @pytest.fixture
@@ -137,8 +152,6 @@ def write_medmnist_npz(path: Path, shape: tuple[int, ...] = (21, 17), counts: tu
 def classification_config(tmp_path: Path, manifest: Path, root: Path, tracking_uri: str, dims: int = 2,
                           size: tuple[int, ...] = (21, 17), **sections: dict) -> Path:
     """A config that trains a tiny LeNet for a few seconds on an imported synthetic MedMNIST file."""
-    import yaml
-
     cfg = {
         "task": "classification",
         "seed": 0,
@@ -154,8 +167,4 @@ def classification_config(tmp_path: Path, manifest: Path, root: Path, tracking_u
         "train": {"max_epochs": 3, "batch_size": 8, "val_interval": 1, "num_threads": 1},
         "tracking": {"uri": tracking_uri, "experiment": "tests"},
     }
-    for name, values in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return write_config(tmp_path, cfg, sections)

@@ -343,3 +343,22 @@ def verify_stage(manifest_path: Path, root: Path, labels: Sequence[int], out_dir
                              expected_channels=expected_channels, spatial_dims=spatial_dims,
                              class_labels=class_labels, cross_split_duplicates=cross_split_duplicates)
     return VerifyOutputs(report.write(out_dir / "verify_report.json"), report)
+
+
+def verify_run_data(cfg: Any, manifest_path: Path, root: Path, out_dir: Path, tracker: Any,
+                    progress: bool = True) -> VerifyOutputs:
+    """The verify stage of a run: check the manifest as the config will use it, log the report to
+    MLflow, and stop the run (``DataVerificationError``) if it found errors.
+
+    Args:
+        cfg: the run's :class:`~medseg.config.RunConfig`.
+    """
+    verified = verify_stage(manifest_path, root, list(cfg.data.labels), out_dir, progress,
+                            require_labels_for=(cfg.data.train_split, cfg.data.val_split),
+                            expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims,
+                            class_labels=str(cfg.task) == "classification",
+                            cross_split_duplicates=cfg.data.cross_split_duplicates)
+    tracker.log_artifact(verified.report_path)
+    if not verified.report.ok:
+        raise DataVerificationError(verified.report, verified.report_path)
+    return verified

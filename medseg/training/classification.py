@@ -18,7 +18,6 @@ from sklearn.metrics import confusion_matrix
 from torch import nn
 from tqdm import tqdm
 
-import medseg
 from medseg.config import CacheMode, RunConfig
 from medseg.data.datasets import class_index, make_dataset, records
 from medseg.data.manifest import read_manifest
@@ -38,7 +37,15 @@ from medseg.tasks.classification import (
 from medseg.tracking import MlflowTracker
 from medseg.training import distributed
 from medseg.training.checkpoint import load_checkpoint
-from medseg.training.loop import TrainOutputs, TrainTask, fit, split_cases, write_csv
+from medseg.training.loop import (
+    TrainOutputs,
+    TrainTask,
+    base_contract,
+    fit,
+    package_model,
+    split_cases,
+    write_csv,
+)
 from medseg.training.runtime import autocast, autocast_dtype, resolve_device
 from medseg.transforms import classification_transforms
 
@@ -236,20 +243,10 @@ def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, 
 
 def model_contract(cfg: RunConfig) -> dict[str, Any]:
     """What inference needs to see images as training did, and to read the outputs."""
-    pre = cfg.preprocess
     return {
-        "medseg_version": medseg.__version__,
-        "task": str(cfg.task),
-        "spatial_dims": cfg.model.spatial_dims,
-        "in_channels": len(cfg.data.channels),
-        "channel_names": list(cfg.data.channels),
-        "labels": {str(k): v for k, v in cfg.data.labels.items()},
+        **base_contract(cfg),
         "ordinal": cfg.data.ordinal,
-        "orientation": pre.orientation,
-        "spacing": list(pre.spacing) if pre.spacing else None,
-        "intensity": pre.intensity.model_dump(mode="json"),
-        "crop_foreground": pre.crop_foreground,
-        "resize": list(pre.resize) if pre.resize else None,
+        "resize": list(cfg.preprocess.resize) if cfg.preprocess.resize else None,
         "output_activation": head_kind(cfg),
         "model": cfg.model.model_dump(mode="json"),
     }
@@ -257,11 +254,6 @@ def model_contract(cfg: RunConfig) -> dict[str, Any]:
 
 def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
     """Log the selected checkpoint's network as an MLflow PyTorch model with its I/O contract."""
-    contract = model_contract(cfg)
-    contract_path = atomic_write_text(out_dir / "contract.json", json.dumps(contract, indent=2))
-    net = build_classifier(cfg)
-    net.load_state_dict(load_checkpoint(checkpoint)["model"])
-    net.eval()
-    tracker.log_artifact(contract_path)
-    uri = tracker.log_model(net, contract, contract_path, registered_name=cfg.tracking.register_model_as)
+    contract_path, uri = package_model(build_classifier(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
+                                       cfg.tracking.register_model_as)
     return ModelOutputs(contract_path, uri)

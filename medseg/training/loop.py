@@ -407,6 +407,46 @@ def _warm_disk_cache(dataset: Any, ctx: distributed.DistContext) -> None:
     ctx.barrier()
 
 
+# ----------------------------------------------------------------------------------- packaging
+
+
+def base_contract(cfg: RunConfig) -> dict[str, Any]:
+    """The contract entries every task shares: how inference must see the images, and the labels.
+
+    Tasks add their own (patch and sliding window; resize and output head). Together they are
+    what MONAI bundles keep in ``metadata.json``: inference reads them and never guesses.
+    """
+    import medseg
+
+    pre = cfg.preprocess
+    return {
+        "medseg_version": medseg.__version__,
+        "task": str(cfg.task),
+        "spatial_dims": cfg.model.spatial_dims,
+        "in_channels": len(cfg.data.channels),
+        "channel_names": list(cfg.data.channels),
+        "labels": {str(k): v for k, v in cfg.data.labels.items()},
+        "orientation": pre.orientation,
+        "spacing": list(pre.spacing) if pre.spacing else None,
+        "intensity": pre.intensity.model_dump(mode="json"),
+        "crop_foreground": pre.crop_foreground,
+    }
+
+
+def package_model(network: nn.Module, checkpoint: Path, contract: dict[str, Any], out_dir: Path,
+                  tracker: MlflowTracker, registered_name: str | None = None) -> tuple[Path, str]:
+    """Load ``checkpoint`` into ``network`` and log it as an MLflow PyTorch model carrying ``contract``.
+
+    Returns:
+        ``(contract.json path, model URI)``.
+    """
+    contract_path = atomic_write_text(out_dir / "contract.json", json.dumps(contract, indent=2))
+    network.load_state_dict(load_checkpoint(checkpoint)["model"])
+    network.eval()
+    tracker.log_artifact(contract_path)
+    return contract_path, tracker.log_model(network, contract, contract_path, registered_name=registered_name)
+
+
 def write_history(history: Sequence[dict[str, float]], path: Path) -> Path:
     keys: list[str] = []
     for rec in history:

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import medseg
 from medseg.config import CacheMode, RunConfig
 from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import read_manifest
@@ -29,7 +28,16 @@ from medseg.tasks.segmentation import SegmentationMetrics, create_loss
 from medseg.tracking import MlflowTracker
 from medseg.training import distributed
 from medseg.training.checkpoint import load_checkpoint
-from medseg.training.loop import TrainOutputs, TrainTask, fit, has_labelled_cases, split_cases, write_csv
+from medseg.training.loop import (
+    TrainOutputs,
+    TrainTask,
+    base_contract,
+    fit,
+    has_labelled_cases,
+    package_model,
+    split_cases,
+    write_csv,
+)
 from medseg.training.runtime import autocast_dtype, resolve_device
 from medseg.transforms import training_transforms, validation_transforms
 
@@ -182,18 +190,8 @@ def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, 
 
 def model_contract(cfg: RunConfig) -> dict[str, Any]:
     """What inference needs to reproduce training's view of the data (MONAI bundle ``metadata.json``)."""
-    pre = cfg.preprocess
     return {
-        "medseg_version": medseg.__version__,
-        "task": str(cfg.task),
-        "spatial_dims": cfg.model.spatial_dims,
-        "in_channels": len(cfg.data.channels),
-        "channel_names": list(cfg.data.channels),
-        "labels": {str(k): v for k, v in cfg.data.labels.items()},
-        "orientation": pre.orientation,
-        "spacing": list(pre.spacing) if pre.spacing else None,
-        "intensity": pre.intensity.model_dump(mode="json"),
-        "crop_foreground": pre.crop_foreground,
+        **base_contract(cfg),
         "patch_size": list(cfg.patch.size),
         "sliding_window": {"overlap": cfg.validation.overlap, "blend": cfg.validation.blend,
                            "sw_batch_size": cfg.validation.sw_batch_size},
@@ -205,11 +203,6 @@ def model_contract(cfg: RunConfig) -> dict[str, Any]:
 
 def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
     """Log the checkpoint's network with MLflow's PyTorch flavour, its I/O contract alongside."""
-    contract = model_contract(cfg)
-    contract_path = atomic_write_text(out_dir / "contract.json", json.dumps(contract, indent=2))
-    model = build_network(cfg)
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    model.eval()
-    tracker.log_artifact(contract_path)
-    uri = tracker.log_model(model, contract, contract_path, registered_name=cfg.tracking.register_model_as)
+    contract_path, uri = package_model(build_network(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
+                                       cfg.tracking.register_model_as)
     return ModelOutputs(contract_path, uri)

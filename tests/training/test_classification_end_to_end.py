@@ -16,16 +16,7 @@ from sklearn.metrics import roc_auc_score
 from medseg.cli import main
 from medseg.data.medmnist import import_medmnist
 
-from ..conftest import classification_config, write_medmnist_npz
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    out: set[str] = set()
-    for item in client.list_artifacts(run_id, path):
-        out.add(item.path)
-        if item.is_dir:
-            out |= _artifacts(client, run_id, item.path)
-    return out
+from ..conftest import artifact_paths, classification_config, write_medmnist_npz
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -61,7 +52,7 @@ def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, importe
     for key in ("val/acc", "val/f1", "val/sensitivity", "val/specificity", "val/ece", "val/recall/lesion",
                 "test/auc", "test/acc", "test/f1", "best_val/auc"):
         assert key in run.data.metrics, key
-    artifacts = _artifacts(client, run.info.run_id)
+    artifacts = artifact_paths(client, run.info.run_id)
     for name in ("roc_test.png", "confusion_test.png", "calibration_test.png", "tsne_test.png", "roc_val.png",
                  "learning_curve.png"):
         assert f"plots/{name}" in artifacts, name

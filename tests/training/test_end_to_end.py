@@ -16,18 +16,9 @@ from mlflow.tracking import MlflowClient
 from medseg.cli import main
 from medseg.data.manifest import build_manifest, file_sha256
 
-from ..conftest import REPO, tiny_config
+from ..conftest import REPO, artifact_paths, tiny_config
 
 LABEL_NAMES = ("blob1", "blob2")
-
-
-def _artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    out: set[str] = set()
-    for item in client.list_artifacts(run_id, path):
-        out.add(item.path)
-        if item.is_dir:
-            out |= _artifact_paths(client, run_id, item.path)
-    return out
 
 
 def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_run_inputs, capsys) -> None:
@@ -61,7 +52,7 @@ def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_ru
     assert run.data.tags["medseg_version"]
     assert run.data.tags["git_commit"]
 
-    artifacts = _artifact_paths(client, run.info.run_id)
+    artifacts = artifact_paths(client, run.info.run_id)
     for expected in ("resolved_config.yaml", "verify_report.json", "plots/learning_curve.png", "contract.json",
                      "history.csv", "summary.json", "evaluation/val_cases.csv"):
         assert expected in artifacts, f"{expected} not logged; have {sorted(artifacts)}"
@@ -99,7 +90,7 @@ def test_bad_data_stops_the_run_and_marks_it_failed(tmp_path: Path, tiny_run_inp
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FAILED"
-    assert "verify_report.json" in _artifact_paths(client, run.info.run_id)
+    assert "verify_report.json" in artifact_paths(client, run.info.run_id)
     assert "train/loss" not in run.data.metrics
 
 
