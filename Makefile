@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-ddp install install-dev ui clean
+.PHONY: demo test bench bench-ddp bench-classification medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ bench: $(VENV)/.installed-dev
 # 1 process against 2 (torchrun, gloo on CPUs) on the demo config: about 8 minutes on 2 cores
 bench-ddp: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_ddp.py --repeats 3
+
+# medseg's cached, in-process data path against a plain MONAI Dataset + 2 workers, PneumoniaMNIST training
+bench-classification: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_classification.py --repeats 3 --epochs 2
+
+# Import the MedMNIST files from ../shared/data (images under data/, manifests as committed)
+MEDMNIST ?= ../shared/data/medmnist
+medmnist: $(VENV)/.installed
+	$(BIN)/medseg manifest build --from-medmnist $(MEDMNIST)/pneumoniamnist.npz --out data_manifests/medmnist_pneumonia.csv --data-dir data/pneumoniamnist
+	$(BIN)/medseg manifest build --from-medmnist $(MEDMNIST)/breastmnist.npz --out data_manifests/medmnist_breast.csv --data-dir data/breastmnist
+	$(BIN)/medseg manifest build --from-medmnist $(MEDMNIST)/adrenalmnist3d.npz --out data_manifests/medmnist_adrenal3d.csv --data-dir data/adrenalmnist3d
 
 ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db

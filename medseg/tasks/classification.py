@@ -133,6 +133,11 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece), table
 
 
+def confusion_counts(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts of true class (rows) against the arg-max prediction (columns)."""
+    return confusion_matrix(labels, probs.argmax(1), labels=list(range(num_classes)))
+
+
 def classification_scores(probs: np.ndarray, labels: np.ndarray, names: Mapping[int, str], *, ordinal: bool = False,
                           calibration_bins: int = 10, prefix: str = "val") -> dict[str, float]:
     """Every classification metric for a set of predictions.
@@ -151,7 +156,7 @@ def classification_scores(probs: np.ndarray, labels: np.ndarray, names: Mapping[
     """
     k = len(names)
     pred = probs.argmax(1)
-    cm = confusion_matrix(labels, pred, labels=list(range(k)))
+    cm = confusion_counts(probs, labels, k)
     out = {f"{prefix}/acc": float((pred == labels).mean()) if len(labels) else float("nan")}
     present = np.unique(labels)
     if len(present) < 2:

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from monai.data import DataLoader
-from sklearn.metrics import confusion_matrix
 from torch import nn
 from tqdm import tqdm
 
@@ -30,6 +29,7 @@ from medseg.tasks.classification import (
     balanced_class_weights,
     class_probabilities,
     classification_scores,
+    confusion_counts,
     create_classification_loss,
     expected_calibration_error,
     output_count,
@@ -211,7 +211,7 @@ def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, 
     metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
     probs, labels = predictions.prob_array(), predictions.label_array()
     plots = out_dir / "plots"
-    matrix = confusion_matrix(labels, probs.argmax(1), labels=list(names))
+    matrix = confusion_counts(probs, labels, len(names))
     ece, table = expected_calibration_error(probs, labels, cfg.validation.calibration_bins)
     figures = [
         roc_curves(probs, labels, names, plots / f"roc_{split}.png", f"ROC, {split} ({len(labels)} cases)"),

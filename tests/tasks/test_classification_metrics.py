@@ -13,6 +13,7 @@ from medseg.tasks.classification import (
     balanced_class_weights,
     class_probabilities,
     classification_scores,
+    confusion_counts,
     create_classification_loss,
     expected_calibration_error,
 )
@@ -44,12 +45,14 @@ def test_multiclass_one_vs_rest_macro_auc_by_hand() -> None:
     assert out["val/recall/c"] == 1.0 and out["val/recall/a"] == 0.5
 
 
-def test_confusion_matrix_figure_data_matches_hand_count(tmp_path) -> None:
-    from sklearn.metrics import confusion_matrix
-
-    labels = np.array([0, 1, 2, 0, 1, 2])
-    preds = np.array([0, 1, 2, 1, 0, 2])
-    assert confusion_matrix(labels, preds, labels=[0, 1, 2]).tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 2]]
+def test_confusion_matrix_by_hand() -> None:
+    labels = np.array([0, 1, 2, 0, 1, 2, 1])
+    probs = np.array([[.7, .2, .1], [.2, .6, .2], [.1, .3, .6], [.3, .4, .3], [.5, .3, .2], [.2, .2, .6],
+                      [.1, .1, .8]])
+    # arg-max [0, 1, 2, 1, 0, 2, 2]: rows are the true class, columns the prediction
+    assert confusion_counts(probs, labels, 3).tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 2]]
+    # a class that never occurs still gets its row and column
+    assert confusion_counts(probs[:2, :], labels[:2], 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
 
 
 def test_expected_calibration_error_by_hand() -> None:

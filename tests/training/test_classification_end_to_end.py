@@ -152,3 +152,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, impo
     for key, one in curves[1].items():
         assert len(one) == len(curves[2][key]) > 0
         assert curves[2][key] == pytest.approx(one, abs=2e-3), key
+
+
+def test_ordinal_grades_with_the_cumulative_head(tmp_path: Path, capsys) -> None:
+    npz = write_medmnist_npz(tmp_path / "grades.npz", counts=(30, 9, 9), classes=3)
+    import_medmnist(npz, tmp_path / "manifest.csv", tmp_path / "images", progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = classification_config(tmp_path, tmp_path / "manifest.csv", tmp_path / "images", uri,
+                                   data={"labels": {0: "grade_0", 1: "grade_1", 2: "grade_2"}, "ordinal": True},
+                                   loss={"name": "ordinal", "class_weights": None}, validation={"tsne": False})
+    assert main(["run", str(config), "--no-progress"]) == 0
+    summary = _summary(capsys)
+    for key in ("test/mae", "test/qwk", "test/auc", "val/recall/grade_2"):
+        assert key in summary["metrics"], key
+    run_dir = Path(summary["run_dir"])
+    contract = json.loads((run_dir / "contract.json").read_text())
+    assert contract["output_activation"] == "ordinal"
+    rows = _rows(run_dir / "evaluation" / "test_cases.csv")
+    sums = [sum(float(r[f"prob_grade_{k}"]) for k in range(3)) for r in rows]
+    assert sums == pytest.approx([1.0] * len(rows), abs=1e-5)
