@@ -214,6 +214,8 @@ class ClassificationPredictions:
         parts = ctx.gather((self.case_ids, self.labels, self.prob_array(), self.feature_array()))
         out = ClassificationPredictions()
         for case_ids, labels, probs, features in parts:
+            if not case_ids:  # a process whose share of the cases is empty
+                continue
             out.case_ids.extend(case_ids)
             out.labels.extend(labels)
             out.probs.append(probs)

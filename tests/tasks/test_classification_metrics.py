@@ -121,3 +121,14 @@ def test_predictions_sort_by_case_id_when_gathered() -> None:
     gathered = p.gather(DistContext())
     assert gathered.case_ids == ["a", "b"] and gathered.labels == [0, 1]
     assert gathered.prob_array()[0].tolist() == pytest.approx([.9, .1])
+
+
+def test_an_empty_share_joins_the_gather() -> None:
+    class TwoProcesses:  # all_gather_object's result when process 1 had no cases
+        def gather(self, value):  # noqa: ANN001, ANN202
+            return [value, ([], [], np.zeros((0, 0)), None)]
+
+    p = ClassificationPredictions()
+    p.add(["a"], torch.tensor([1]), torch.tensor([[.3, .7]]))
+    gathered = p.gather(TwoProcesses())
+    assert gathered.case_ids == ["a"] and gathered.prob_array().shape == (1, 2)
