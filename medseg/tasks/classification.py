@@ -8,7 +8,6 @@ so every process count gives the same numbers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -237,7 +236,3 @@ class ClassificationPredictions:
 
     def label_array(self) -> np.ndarray:
         return np.asarray(self.labels, dtype=np.int64)
-
-
-def is_nan(value: float) -> bool:
-    return isinstance(value, float) and math.isnan(value)
