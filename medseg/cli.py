@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--num-parts", type=int, default=1, help="split the folder into N shards ...")
     predict.add_argument("--part-id", type=int, default=0, help="... and predict shard I (0-based)")
     predict.add_argument("--save-probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
+    predict.add_argument("--measured", action="store_true",
+                         help="reconstruction (CT, denoising): the inputs already are the degraded images (FBP, "
+                         "noisy scans); default: fully sampled images whose measurement is simulated")
     predict.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
                          help="keep the largest component per label (default: the model's contract)")
     predict.add_argument("--tracking-uri", help="MLflow store for model URIs and the inference run "
@@ -199,7 +202,7 @@ def _run_here(args: argparse.Namespace, cfg) -> int:  # noqa: ANN001 - RunConfig
     if summary_path is None:  # a non-main process of a distributed run: the main one reports
         return EXIT_OK
     summary = json.loads(summary_path.read_text())
-    headline = ("dice_mean", "/auc", "/acc")  # segmentation; classification
+    headline = ("dice_mean", "/auc", "/acc", "/psnr", "/ssim", "_psnr", "_ssim")  # segmentation; classification; recon
     shown = {k: v for k, v in summary["metrics"].items() if k.endswith(headline) or k.startswith("test/dice")}
     shown.update({f"{k}_std": summary["metrics"][f"{k}_std"] for k in list(shown) if f"{k}_std" in summary["metrics"]})
     print(f"run {summary['run_id']} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
@@ -220,6 +223,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         from medseg.training.classification import build_classifier
 
         model, shape = build_classifier(cfg), f"input {list(cfg.preprocess.resize or [])}"
+    elif cfg.task == Task.RECONSTRUCTION:
+        from medseg.training.reconstruction import build_network as build_reconstructor
+
+        recon = cfg.recon
+        model, shape = build_reconstructor(cfg), f"{recon.problem} slices {list(recon.image_size)}"  # type: ignore[union-attr]
     else:
         from medseg.training.segmentation import build_network
 
@@ -278,7 +286,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     mlflow.set_tracking_uri(uri)
     options = PredictOptions(device=args.device, overlap=args.overlap, tta=args.tta, overwrite=args.overwrite,
                              save_probabilities=args.save_probabilities, keep_largest=args.keep_largest,
-                             num_parts=args.num_parts, part_id=args.part_id, progress=not args.no_progress)
+                             num_parts=args.num_parts, part_id=args.part_id, progress=not args.no_progress,
+                             measured=args.measured)
     tracker = None
     if not args.no_tracking:
         tracker = MlflowTracker(uri, args.experiment)
@@ -295,6 +304,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     counts = summary["counts"]
     print(f"predicted {summary['cases']} case(s) on {summary['device']}: {counts['ok']} ok, {counts['failed']} failed, "
           f"{counts['skipped']} skipped; peak RSS {summary['peak_rss_mb']:.0f} MiB")
+    means = {k: v for k, v in summary.get("mean_metrics", {}).items() if v is not None}
+    if means:
+        print("mean over cases: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     for case_id, error in summary["failed"].items():
         print(f"  FAILED {case_id}: {error}")
     print(f"report: {outputs.report}")

@@ -41,6 +41,7 @@ class _Strict(BaseModel):
 class Task(StrEnum):
     SEGMENTATION = "segmentation"
     CLASSIFICATION = "classification"
+    RECONSTRUCTION = "reconstruction"
 
 
 class CacheMode(StrEnum):
@@ -72,9 +73,17 @@ class LossName(StrEnum):
     FOCAL = "focal"
     HINGE = "hinge"  # multi-class SVM hinge (Weston-Watkins), torch MultiMarginLoss
     ORDINAL = "ordinal"  # cumulative-link: K-1 "label > k" logits (CORAL-style), for ordered grades
+    # reconstruction (image regression)
+    L1 = "l1"
+    L2 = "l2"  # mean squared error
+    HUBER = "huber"  # smooth L1: L2 below loss.huber_delta, L1 above
+    LOG_COSH = "log_cosh"
+    SSIM = "ssim"  # 1 - SSIM
+    L1_SSIM = "l1_ssim"  # (1 - a) L1 + a (1 - SSIM), a = loss.ssim_weight (Zhao et al. 2017)
 
 
 SEGMENTATION_LOSSES = (LossName.DICE_CE, LossName.DICE, LossName.DICE_FOCAL)
+RECONSTRUCTION_LOSSES = (LossName.L1, LossName.L2, LossName.HUBER, LossName.LOG_COSH, LossName.SSIM, LossName.L1_SSIM)
 
 
 class Activation(StrEnum):
@@ -89,6 +98,11 @@ class Stem(StrEnum):
     SMALL = "small"  # 3x3 conv, stride 1, no max pool: MedMNIST's choice for 28 px inputs
     STRIDED = "strided"  # 3x3 conv, stride 2, no max pool: a quarter (2D) / eighth (3D) of the FLOPs
     IMAGENET = "imagenet"  # 7x7 conv, stride 2, max pool: for inputs of 128 px and more
+
+
+#: Reconstruction networks: residual U-Net (FBPConvNet for CT), the same with a data-consistency
+#: step, and an unrolled cascade of both (Schlemper et al. 2018).
+RECON_MODELS = ("unet", "unet_dc", "cascade")
 
 
 class OptimizerName(StrEnum):
@@ -114,8 +128,9 @@ class DataConfig(_Strict):
     root: Path | None = Field(
         default=None, description=f"Folder the manifest's relative paths start from; else ${DATA_ROOT_ENV}."
     )
-    labels: dict[int, str] = Field(description="Label value -> name; 0 is the background (segmentation) or "
-                                   "the first class (classification).")
+    labels: dict[int, str] | None = Field(
+        default=None, description="Label value -> name; 0 is the background (segmentation) or the first class "
+        "(classification). Required for both; reconstruction has none.")
     channels: list[str] = Field(default_factory=lambda: ["image"], description="Names of input channels.")
     train_split: str = "train"
     val_split: str = "val"
@@ -131,7 +146,9 @@ class DataConfig(_Strict):
 
     @field_validator("labels")
     @classmethod
-    def _background_first(cls, labels: dict[int, str]) -> dict[int, str]:
+    def _background_first(cls, labels: dict[int, str] | None) -> dict[int, str] | None:
+        if labels is None:
+            return None
         if 0 not in labels:
             raise ValueError("data.labels must map 0 to a name, e.g. {0: background, 1: tumour} or "
                              "{0: normal, 1: pneumonia}")
@@ -275,6 +292,8 @@ class ModelConfig(_Strict):
     freeze: list[str] = Field(
         default_factory=list, description="Parameter-name prefixes to keep fixed (e.g. [conv1, layer1]); "
         "'backbone' freezes everything but the classification head.")
+    cascades: int = Field(default=3, description="Reconstruction, model.name: cascade: unrolled (U-Net, data "
+                          "consistency) stages.")
 
 
 class LossConfig(_Strict):
@@ -287,6 +306,9 @@ class LossConfig(_Strict):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
     focal_gamma: float = Field(default=2.0, ge=0.0)
     hinge_margin: float = Field(default=1.0, gt=0.0)
+    huber_delta: float = Field(default=0.05, gt=0.0, description="Reconstruction: where huber turns from L2 to L1 "
+                               "(images are scaled to [0, 1]).")
+    ssim_weight: float = Field(default=0.84, ge=0.0, le=1.0, description="l1_ssim: weight of the SSIM term.")
 
 
 class OptimConfig(_Strict):
@@ -338,6 +360,68 @@ class PostprocessConfig(_Strict):
     )
 
 
+class ReconProblem(StrEnum):
+    MRI = "mri"  # retrospective Cartesian undersampling of k-space
+    CT = "ct"  # sparse-view parallel-beam CT, filtered back-projection as input
+    DENOISE = "denoise"
+
+
+class MaskKind(StrEnum):
+    EQUISPACED = "equispaced"
+    RANDOM = "random"
+
+
+class NoiseKind(StrEnum):
+    GAUSSIAN = "gaussian"
+    RICIAN = "rician"
+
+
+class PhantomConfig(_Strict):
+    """Random-ellipse phantoms written by the pipeline (CT training data) and listed in data.manifest."""
+
+    train: int = Field(default=800, ge=1)
+    val: int = Field(default=40, ge=1)
+    test: int = Field(default=60, ge=1)
+    size: int = Field(default=128, ge=16, description="Phantom side in pixels.")
+    ellipses: tuple[int, int] = Field(default=(4, 12), description="How many ellipses per phantom [min, max].")
+    seed: int = Field(default=1234, description="Phantoms depend on this seed only (not on the run's seed).")
+
+
+class ReconConfig(_Strict):
+    """How measurements are simulated from the images (fully sampled ground truth) and what the network sees."""
+
+    problem: ReconProblem = ReconProblem.MRI
+    image_size: tuple[int, int] = Field(
+        default=(64, 64), description="In-plane size of a training slice: smaller slices are zero-padded to it "
+        "(centred), larger ones cropped at random. Evaluation pads each volume to at least this size.")
+    slice_axis: int = Field(default=2, ge=0, le=2, description="Axis of the (oriented) volume that slices are taken "
+                            "along; the network is 2D.")
+    slices_per_volume: int = Field(default=4, ge=1, description="Training slices drawn per volume visit.")
+    # MRI
+    mask: MaskKind = MaskKind.EQUISPACED
+    acceleration: float = Field(default=4.0, gt=1.0)
+    center_fraction: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="Fully sampled centre fraction; null: fastMRI's 0.08 at 4x, "
+        "0.04 at 8x (0.32 / acceleration).")
+    input: Literal["complex", "magnitude"] = Field(
+        default="complex", description="MRI network input: the zero-filled image as 2 channels (real, imaginary) "
+        "or its magnitude (data consistency needs complex).")
+    # CT
+    views: int = Field(default=60, ge=2, description="Projection angles, evenly spread over 180 degrees.")
+    # denoising
+    noise: NoiseKind = NoiseKind.GAUSSIAN
+    noise_level: float = Field(default=0.05, gt=0.0, description="Noise standard deviation relative to the image "
+                               "maximum (images are scaled to [0, 1]).")
+    phantoms: PhantomConfig | None = Field(
+        default=None, description="Generate random-ellipse phantoms into data.root and list them in data.manifest.")
+    real_images: list[str] = Field(
+        default_factory=list, description="Extra evaluation on real images (metrics prefixed real/): files or DICOM "
+        "series folders, relative to data.root, or 'pydicom:<test file>' for images that ship with pydicom.")
+
+    def resolved_center_fraction(self) -> float:
+        return self.center_fraction if self.center_fraction is not None else 0.32 / self.acceleration
+
+
 class TrackingConfig(_Strict):
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "medseg"
@@ -353,6 +437,8 @@ class RunConfig(_Strict):
     preprocess: PreprocessConfig = PreprocessConfig()
     augment: list[AugmentConfig] = Field(default_factory=list)
     patch: PatchConfig | None = Field(default=None, description="Segmentation: training patches (required there).")
+    recon: ReconConfig | None = Field(default=None, description="Reconstruction: the simulated acquisition "
+                                      "(required there).")
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -366,9 +452,20 @@ class RunConfig(_Strict):
     def _task_defaults(cls, raw: Any) -> Any:
         """Defaults that depend on the task: a classification config without a loss or model
         name gets cross-entropy and ResNet-18 rather than the segmentation defaults."""
-        if isinstance(raw, dict) and str(raw.get("task", "")) == Task.CLASSIFICATION.value:
-            for section, key, default in (("loss", "name", LossName.CE.value), ("model", "name", "resnet18"),
-                                          ("model", "norm", "batch")):
+        task = str(raw.get("task", "")) if isinstance(raw, dict) else ""
+        defaults = {
+            Task.CLASSIFICATION.value: (("loss", "name", LossName.CE.value), ("model", "name", "resnet18"),
+                                        ("model", "norm", "batch")),
+            Task.RECONSTRUCTION.value: (("loss", "name", LossName.L1_SSIM.value), ("model", "spatial_dims", 2),
+                                        ("recon", "problem", ReconProblem.MRI.value)),
+        }
+        if task == Task.RECONSTRUCTION.value:
+            # reconstruction scales every volume to [0, 1] itself (min-max): no other normalisation
+            pre = raw.get("preprocess") or {}
+            if isinstance(pre, dict) and "intensity" not in pre:
+                raw = {**raw, "preprocess": {**pre, "intensity": {"mode": IntensityMode.NONE.value}}}
+        if task in defaults:
+            for section, key, default in defaults[task]:
                 value = raw.get(section)
                 if value is None:
                     raw = {**raw, section: {key: default}}
@@ -379,6 +476,12 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _task_sections(self) -> RunConfig:
+        if self.task == Task.RECONSTRUCTION:
+            return self._reconstruction_sections()
+        if self.data.labels is None:
+            raise ValueError(f"data.labels is required for task: {self.task}, e.g. {{0: background, 1: tumour}}")
+        if self.recon is not None:
+            raise ValueError(f"recon is for task: reconstruction, not {self.task}")
         seg = self.task == Task.SEGMENTATION
         if seg and self.patch is None:
             raise ValueError("patch is required for task: segmentation, e.g. patch: {size: [96, 96, 96]}")
@@ -401,9 +504,42 @@ class RunConfig(_Strict):
                              f"is {self.model.spatial_dims}")
         return self
 
+    def _reconstruction_sections(self) -> RunConfig:
+        recon = self.recon
+        if recon is None:  # pragma: no cover - the before-validator always supplies one
+            raise ValueError("recon is required for task: reconstruction")
+        if self.patch is not None:
+            raise ValueError("patch is for segmentation; reconstruction takes whole slices of recon.image_size")
+        if self.loss.name not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"loss.name {self.loss.name} does not fit task: reconstruction; use one of "
+                             f"{[str(n) for n in RECONSTRUCTION_LOSSES]}")
+        if self.model.spatial_dims != 2:
+            raise ValueError("reconstruction networks are 2D (slice by slice): set model.spatial_dims: 2")
+        if self.model.name not in RECON_MODELS:
+            raise ValueError(f"model.name {self.model.name!r} is not a reconstruction network; use one of {RECON_MODELS}")
+        if self.model.name != "unet" and recon.problem != ReconProblem.MRI:
+            raise ValueError(f"model.name {self.model.name} puts measured k-space back, so it needs recon.problem: "
+                             f"mri (got {recon.problem}); use unet (FBPConvNet / residual denoiser)")
+        if self.model.name != "unet" and recon.input != "complex":
+            raise ValueError(f"model.name {self.model.name}: data consistency works on the complex image; "
+                             "set recon.input: complex")
+        if self.model.cascades < 1:
+            raise ValueError("model.cascades must be at least 1")
+        if recon.problem == ReconProblem.MRI and recon.resolved_center_fraction() * recon.acceleration > 1:
+            raise ValueError(f"recon.center_fraction {recon.resolved_center_fraction()} at acceleration "
+                             f"{recon.acceleration}: the centre alone exceeds the line budget; lower one of them")
+        if len(self.data.channels) != 1:
+            raise ValueError("reconstruction takes single-channel images (data.channels: [image])")
+        if self.preprocess.intensity.mode != IntensityMode.NONE:
+            raise ValueError("reconstruction scales every volume to [0, 1] itself; set preprocess.intensity.mode: "
+                             "none (or leave preprocess.intensity out)")
+        return self
+
     @model_validator(mode="after")
     def _dims_agree(self) -> RunConfig:
         dims = self.model.spatial_dims
+        if self.task == Task.RECONSTRUCTION:  # 2D networks over slices of volumes: nothing to match
+            return self
         if self.patch is None:  # classification: the image itself is the input
             if self.preprocess.spacing is not None and len(self.preprocess.spacing) != dims:
                 raise ValueError(f"preprocess.spacing has {len(self.preprocess.spacing)} values but "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -139,4 +140,24 @@ def embedding_map(points: np.ndarray, labels: np.ndarray, names: Mapping[int, st
     ax.set_yticks([])
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8, markerscale=2)
+    return _save(fig, path)
+
+
+def reconstruction_grid(baseline: Any, output: Any, target: Any, path: Path, title: str,
+                        baseline_name: str = "input") -> Path:
+    """Baseline, network output, target and both error maps on the middle slice of (N, 1, H, W) stacks."""
+    index = len(target) // 2
+    base, out, truth = (np.asarray(a[index, 0], dtype=np.float32) for a in (baseline, output, target))
+    vmax = float(truth.max()) or 1.0
+    err_max = float(max(np.abs(base - truth).max(), np.abs(out - truth).max())) or 1.0
+    panels = [(baseline_name, base, "gray", 0, vmax), ("network", out, "gray", 0, vmax), ("target", truth, "gray", 0, vmax),
+              (f"|{baseline_name} - target|", np.abs(base - truth), "magma", 0, err_max),
+              ("|network - target|", np.abs(out - truth), "magma", 0, err_max)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4))
+    for ax, (name, image, cmap, low, high) in zip(axes, panels):
+        ax.imshow(image.T, cmap=cmap, vmin=low, vmax=high, origin="lower")  # arrays are (x, y)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)

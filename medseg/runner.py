@@ -129,6 +129,7 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
     tracker: MlflowTracker = NullTracker(cfg.tracking.uri)
     run_id = ""
     if dist.is_main:
+        generate_configured_data(cfg, root, progress)
         if not root.is_dir():
             raise RunError(f"data root {root} is not a folder (working directory {Path.cwd()}); "
                            "set data.root, --set data.root=... or $MEDSEG_DATA_ROOT")
@@ -192,6 +193,17 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         tracker.set_tags({"medseg.model_uri": ctx.model_uri})
     tracker.end("FINISHED")
     return summary_path
+
+
+def generate_configured_data(cfg: RunConfig, root: Path, progress: bool = True) -> None:
+    """Write the data a config generates itself (``recon.phantoms``) before anything reads the manifest.
+    An identical set already on disk is kept."""
+    if cfg.recon is not None and cfg.recon.phantoms is not None:
+        from medseg.data.phantoms import write_phantoms
+
+        made = write_phantoms(cfg.recon.phantoms, cfg.data.manifest, root, progress)
+        log.info("%s %d phantoms in %s (manifest %s)", "wrote" if made.generated else "reusing", made.cases,
+                 made.data_dir, made.manifest)
 
 
 # ----------------------------------------------------------------------------------- repeated runs

@@ -27,7 +27,11 @@ def test_shipped_configs_validate_and_build_their_model(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert (REPO / cfg.data.manifest).is_file(), f"{path.name} points at a manifest that is not in the repo"
-    if cfg.patch is None:  # classification: the whole (resized) image is the input
+    if str(cfg.task) == "reconstruction":
+        from medseg.training.reconstruction import build_network
+
+        model = build_network(cfg)
+    elif cfg.patch is None:  # classification: the whole (resized) image is the input
         from medseg.training.classification import build_classifier
 
         model = build_classifier(cfg)
@@ -38,7 +42,8 @@ def test_shipped_configs_validate_and_build_their_model(path: Path) -> None:
 
 def test_shipped_configs_include_the_issue_keys() -> None:
     names = {p.name for p in CONFIGS}
-    assert {"demo_segmentation.yaml", "msd_hippocampus.yaml"} <= names
+    assert {"demo_segmentation.yaml", "msd_hippocampus.yaml", "recon_mri_4x.yaml", "recon_ct_sparse.yaml",
+            "denoise_mri.yaml"} <= names
     cfg = load_config(REPO / "configs" / "demo_segmentation.yaml")
     keys = flatten(cfg.model_dump(mode="json"))
     for key in ("data.manifest", "train.max_epochs", "train.max_minutes", "tracking.uri", "tracking.experiment"):
@@ -187,3 +192,42 @@ def test_classification_config_errors(changes: dict, message: str) -> None:
 def test_segmentation_still_needs_a_patch() -> None:
     with pytest.raises(ConfigError, match="patch is required"):
         validate_config({"data": {"manifest": "m.csv", "labels": {0: "bg", 1: "fg"}}})
+
+
+def _reconstruction(**changes) -> dict:
+    raw = {"task": "reconstruction", "data": {"manifest": "m.csv"}, "recon": {"problem": "mri"}}
+    for key, value in changes.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def test_reconstruction_defaults_are_its_own() -> None:
+    cfg = validate_config(_reconstruction())
+    assert (str(cfg.loss.name), cfg.model.spatial_dims, str(cfg.preprocess.intensity.mode)) == ("l1_ssim", 2, "none")
+    assert cfg.data.labels is None and cfg.patch is None
+    assert cfg.recon.resolved_center_fraction() == pytest.approx(0.08)
+    eight = validate_config(_reconstruction(recon={"problem": "mri", "acceleration": 8}))
+    assert eight.recon.resolved_center_fraction() == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"loss": {"name": "dice_ce"}}, "does not fit task: reconstruction"),
+    ({"model": {"name": "resnet18"}}, "not a reconstruction network"),
+    ({"model": {"name": "unet_dc"}, "recon": {"problem": "ct"}}, "needs recon.problem: mri"),
+    ({"model": {"name": "cascade"}, "recon": {"input": "magnitude"}}, "set recon.input: complex"),
+    ({"model": {"spatial_dims": 3}}, "model.spatial_dims: 2"),
+    ({"patch": {"size": [16, 16]}}, "patch is for segmentation"),
+    ({"preprocess": {"intensity": {"mode": "zscore"}}}, "scales every volume to \\[0, 1\\] itself"),
+    ({"recon": {"acceleration": 4, "center_fraction": 0.5}}, "exceeds the line budget"),
+    ({"recon": {"problme": "ct"}}, "did you mean 'recon.problem'"),
+])
+def test_reconstruction_config_errors(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_reconstruction(**changes))
+
+
+def test_other_tasks_still_need_labels_and_refuse_a_recon_section() -> None:
+    with pytest.raises(ConfigError, match="data.labels is required"):
+        validate_config({"data": {"manifest": "m.csv"}, "patch": {"size": [16, 16, 16]}})
+    with pytest.raises(ConfigError, match="recon is for task: reconstruction"):
+        validate_config({**_minimal(), "recon": {"problem": "mri"}})

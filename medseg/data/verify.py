@@ -353,9 +353,11 @@ def verify_run_data(cfg: Any, manifest_path: Path, root: Path, out_dir: Path, tr
     Args:
         cfg: the run's :class:`~medseg.config.RunConfig`.
     """
-    verified = verify_stage(manifest_path, root, list(cfg.data.labels), out_dir, progress,
-                            require_labels_for=(cfg.data.train_split, cfg.data.val_split),
-                            expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims,
+    recon = str(cfg.task) == "reconstruction"  # the images are the targets: labels, if listed, are not used
+    verified = verify_stage(manifest_path, root, range(2**16) if recon else list(cfg.data.labels), out_dir, progress,
+                            require_labels_for=() if recon else (cfg.data.train_split, cfg.data.val_split),
+                            expected_channels=len(cfg.data.channels),
+                            spatial_dims=None if recon else cfg.model.spatial_dims,
                             class_labels=str(cfg.task) == "classification",
                             cross_split_duplicates=cfg.data.cross_split_duplicates)
     tracker.log_artifact(verified.report_path)

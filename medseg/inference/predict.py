@@ -42,7 +42,7 @@ from medseg.transforms import IMAGE, preprocessing
 log = logging.getLogger(__name__)
 
 PRED = "pred"
-SUPPORTED_TASKS = {"segmentation", "classification"}
+SUPPORTED_TASKS = {"segmentation", "classification", "reconstruction"}
 
 
 class CaseError(MedsegError):
@@ -93,6 +93,7 @@ class PredictOptions:
     num_parts: int = 1
     part_id: int = 0
     progress: bool = True
+    measured: bool = False  # reconstruction: the inputs already are the degraded images
 
 
 @dataclass
@@ -405,10 +406,15 @@ def predict_folder(model_ref: str | Sequence[str], input_dir: Path, output_dir: 
         raise UsageError(f"--input {input_dir}: no scans found (NIfTI, MHA, NRRD or DICOM), recursively")
     cases = found.cases[options.part_id::options.num_parts]
     model = load_models(model_ref, device)
-    pre = contract_preprocessing(model.contract)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if model.contract["task"] == "reconstruction":  # its own chain: scaling to [0, 1] and back
+        return _reconstruct_folder(model, found, cases, input_dir, output_dir, device, options, tracker)
+    pre = contract_preprocessing(model.contract)
     if model.contract["task"] == "classification":
         return _classify_folder(model, found, cases, pre, input_dir, output_dir, device, options, tracker)
+    if options.measured:
+        raise UsageError("--measured is for reconstruction models; this model is a "
+                         f"{model.contract['task']} model")
     # Temp files of a run killed mid-write; only this shard's own, since other shards may be writing.
     mine = {p.name for case in cases for p in case_outputs(case, output_dir, options).values()}
     for stale in output_dir.glob(".*.tmp*"):
@@ -497,6 +503,45 @@ def _classify_folder(model: LoadedModel, found: Any, cases: Sequence[InputCase],
         tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
                             "tta": options.tta, "device": str(device)})
         tracker.log_metrics({f"predict/{k}": v for k, v in counts.items()}, step=0)
+        tracker.log_artifact(report_path)
+        tracker.log_artifact(summary_path)
+    return PredictOutputs(report_path, summary_path, tuple(results))  # type: ignore[arg-type]
+
+
+def _reconstruct_folder(model: LoadedModel, found: Any, cases: Sequence[InputCase], input_dir: Path,
+                        output_dir: Path, device: torch.device, options: PredictOptions,
+                        tracker: Any | None) -> PredictOutputs:
+    """``predict_folder`` for a reconstruction model: NIfTI reconstructions (and baselines) and a
+    report with NMSE / PSNR / SSIM per case."""
+    from medseg.inference.reconstruct import reconstruct_cases
+
+    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
+    report_path = output_dir / f"predictions{suffix}.csv"
+    started = time.monotonic()
+    results = reconstruct_cases(model, cases, output_dir, device, report_path, options.measured, options.overwrite,
+                                lambda items: tqdm(items, desc="reconstruct", unit="case", disable=not options.progress),
+                                write_nifti)
+    counts = {status: sum(r.status == status for r in results) for status in ("ok", "failed", "skipped")}
+    scored = [r.metrics for r in results if r.status == "ok" and r.metrics]
+    summary = {
+        "model_uri": model.uri, "ensemble_size": len(model.networks), "source_run_id": model.source_run_id,
+        "contract": model.contract, "medseg_version": medseg.__version__, "device": str(device),
+        "input": str(input_dir), "output": str(output_dir), "mode": "measured" if options.measured else "retrospective",
+        "part": {"part_id": options.part_id, "num_parts": options.num_parts},
+        "options": {"overwrite": options.overwrite, "measured": options.measured},
+        "counts": counts, "cases": len(results), "seconds_total": time.monotonic() - started,
+        "seconds_per_ok_case": _mean([r.seconds for r in results if r.status == "ok"]),
+        "mean_metrics": {k: _mean([m[k] for m in scored]) for k in (scored[0] if scored else {})},
+        "peak_rss_mb": peak_rss_mb(), "discovery_notes": found.notes,
+        "failed": {r.case_id: r.error for r in results if r.status == "failed"},
+    }
+    summary_path = atomic_write_text(output_dir / f"predict_summary{suffix}.json", json.dumps(summary, indent=2))
+    if tracker is not None:
+        tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
+        tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
+                            "measured": options.measured, "device": str(device)})
+        tracker.log_metrics({f"predict/{k}": v for k, v in counts.items()}, step=0)
+        tracker.log_metrics({f"predict/{k}": v for k, v in summary["mean_metrics"].items() if v is not None}, step=0)
         tracker.log_artifact(report_path)
         tracker.log_artifact(summary_path)
     return PredictOutputs(report_path, summary_path, tuple(results))  # type: ignore[arg-type]

@@ -425,7 +425,7 @@ def base_contract(cfg: RunConfig) -> dict[str, Any]:
         "spatial_dims": cfg.model.spatial_dims,
         "in_channels": len(cfg.data.channels),
         "channel_names": list(cfg.data.channels),
-        "labels": {str(k): v for k, v in cfg.data.labels.items()},
+        "labels": {str(k): v for k, v in (cfg.data.labels or {}).items()},
         "orientation": pre.orientation,
         "spacing": list(pre.spacing) if pre.spacing else None,
         "intensity": pre.intensity.model_dump(mode="json"),

@@ -1,0 +1,39 @@
+"""Reconstruction: (phantoms, before the run) -> verify -> train -> evaluate (val, test, real images)
+with the selected checkpoint, each beside its classical baseline -> package the model."""
+
+from __future__ import annotations
+
+from medseg.data.verify import verify_run_data
+from medseg.runner import PipelineContext
+from medseg.training import reconstruction as recon
+
+
+def run(ctx: PipelineContext) -> None:
+    cfg = ctx.cfg
+    if ctx.dist.is_main:
+        verify_run_data(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, ctx.progress)
+    ctx.dist.barrier()
+
+    trained = recon.train(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
+                          progress=ctx.progress)
+    ctx.metrics.update(trained.metrics)
+    if not ctx.dist.is_main:
+        return
+    ctx.tracker.log_artifact(trained.learning_curve, "plots")
+    ctx.tracker.log_artifact(trained.history)
+
+    # The checkpoint with the best validation SSIM is scored on val, once on the held-out test
+    # split, and on the real images the config lists.
+    for split, prefix in (("val", "best_val"), ("test", "test")):
+        items = recon.split_items(cfg, ctx.manifest, ctx.root, split)
+        if items:
+            evaluated = recon.evaluate(cfg, items, trained.best_checkpoint, ctx.run_dir, split, ctx.tracker,
+                                       ctx.progress, prefix=prefix)
+            ctx.metrics.update(evaluated.metrics)
+    real = recon.resolve_real_images(cfg, ctx.root)
+    if real:
+        evaluated = recon.evaluate(cfg, real, trained.best_checkpoint, ctx.run_dir, "real", ctx.tracker, ctx.progress)
+        ctx.metrics.update(evaluated.metrics)
+
+    packaged = recon.package(cfg, trained.best_checkpoint, ctx.run_dir, ctx.tracker)
+    ctx.model_uri = packaged.model_uri
