@@ -247,11 +247,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     options: dict[str, object] = {}
     if args.config:
         cfg = load_config(args.config)
-        labels = list(cfg.data.labels)
+        recon = str(cfg.task) == "reconstruction"  # images only: no label map, 2D networks over volumes
+        labels = None if cfg.data.labels is None else list(cfg.data.labels)
         root = root or cfg.data.resolved_root()
-        options = {"class_labels": str(cfg.task) == "classification", "spatial_dims": cfg.model.spatial_dims,
+        options = {"class_labels": str(cfg.task) == "classification",
+                   "spatial_dims": None if recon else cfg.model.spatial_dims,
                    "expected_channels": len(cfg.data.channels),
                    "cross_split_duplicates": cfg.data.cross_split_duplicates}
+        if recon:
+            options["require_labels_for"] = ()
     if args.labels:
         try:
             labels = [int(v) for v in args.labels.split(",")]

@@ -477,35 +477,16 @@ def _classify_folder(model: LoadedModel, found: Any, cases: Sequence[InputCase],
     """``predict_folder`` for a classification model: ``predictions.csv`` with class probabilities."""
     from medseg.inference.classify import classification_preprocessing, classify_cases
 
-    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
-    report_path = output_dir / f"predictions{suffix}.csv"
+    report_path = output_dir / f"predictions{_part_suffix(options)}.csv"
     started = time.monotonic()
     results = classify_cases(model, cases, classification_preprocessing(model.contract, pre), device, report_path,
                              options.tta, options.overwrite, _check_input,
                              lambda items: tqdm(items, desc="classify", unit="image", disable=not options.progress))
-    counts = {status: sum(r.status == status for r in results) for status in ("ok", "failed", "skipped")}
     predicted = [r.predicted_name for r in results if r.status in ("ok", "skipped")]
-    summary = {
-        "model_uri": model.uri, "ensemble_size": len(model.networks), "source_run_id": model.source_run_id,
-        "contract": model.contract, "medseg_version": medseg.__version__, "device": str(device),
-        "input": str(input_dir), "output": str(output_dir),
-        "part": {"part_id": options.part_id, "num_parts": options.num_parts},
-        "options": {"tta": options.tta, "overwrite": options.overwrite},
-        "counts": counts, "cases": len(results), "seconds_total": time.monotonic() - started,
-        "seconds_per_ok_case": _mean([r.seconds for r in results if r.status == "ok"]),
-        "predicted_counts": {name: predicted.count(name) for name in model.label_names.values()},
-        "peak_rss_mb": peak_rss_mb(), "discovery_notes": found.notes,
-        "failed": {r.case_id: r.error for r in results if r.status == "failed"},
-    }
-    summary_path = atomic_write_text(output_dir / f"predict_summary{suffix}.json", json.dumps(summary, indent=2))
-    if tracker is not None:
-        tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
-        tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
-                            "tta": options.tta, "device": str(device)})
-        tracker.log_metrics({f"predict/{k}": v for k, v in counts.items()}, step=0)
-        tracker.log_artifact(report_path)
-        tracker.log_artifact(summary_path)
-    return PredictOutputs(report_path, summary_path, tuple(results))  # type: ignore[arg-type]
+    return _finish_folder(model, found, results, started, input_dir, output_dir, device, options, tracker, report_path,
+                          {"options": {"tta": options.tta, "overwrite": options.overwrite},
+                           "predicted_counts": {name: predicted.count(name) for name in model.label_names.values()}},
+                          {"tta": options.tta})
 
 
 def _reconstruct_folder(model: LoadedModel, found: Any, cases: Sequence[InputCase], input_dir: Path,
@@ -515,36 +496,53 @@ def _reconstruct_folder(model: LoadedModel, found: Any, cases: Sequence[InputCas
     report with NMSE / PSNR / SSIM per case."""
     from medseg.inference.reconstruct import reconstruct_cases
 
-    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
-    report_path = output_dir / f"predictions{suffix}.csv"
+    report_path = output_dir / f"predictions{_part_suffix(options)}.csv"
     started = time.monotonic()
     results = reconstruct_cases(model, cases, output_dir, device, report_path, options.measured, options.overwrite,
                                 lambda items: tqdm(items, desc="reconstruct", unit="case", disable=not options.progress),
                                 write_nifti)
-    counts = {status: sum(r.status == status for r in results) for status in ("ok", "failed", "skipped")}
     scored = [r.metrics for r in results if r.status == "ok" and r.metrics]
+    means = {k: _mean([m[k] for m in scored]) for k in (scored[0] if scored else {})}
+    return _finish_folder(model, found, results, started, input_dir, output_dir, device, options, tracker, report_path,
+                          {"mode": "measured" if options.measured else "retrospective",
+                           "options": {"overwrite": options.overwrite, "measured": options.measured},
+                           "mean_metrics": means},
+                          {"measured": options.measured}, {f"predict/{k}": v for k, v in means.items() if v is not None})
+
+
+def _part_suffix(options: PredictOptions) -> str:
+    return f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
+
+
+def _finish_folder(model: LoadedModel, found: Any, results: Sequence[Any], started: float, input_dir: Path,
+                   output_dir: Path, device: torch.device, options: PredictOptions, tracker: Any | None,
+                   report_path: Path, extra_summary: dict[str, Any], extra_params: dict[str, Any],
+                   extra_metrics: dict[str, float] | None = None) -> PredictOutputs:
+    """Summary JSON and the MLflow inference run shared by the classification and reconstruction folders."""
+    counts = {status: sum(r.status == status for r in results) for status in ("ok", "failed", "skipped")}
     summary = {
         "model_uri": model.uri, "ensemble_size": len(model.networks), "source_run_id": model.source_run_id,
         "contract": model.contract, "medseg_version": medseg.__version__, "device": str(device),
-        "input": str(input_dir), "output": str(output_dir), "mode": "measured" if options.measured else "retrospective",
+        "input": str(input_dir), "output": str(output_dir),
         "part": {"part_id": options.part_id, "num_parts": options.num_parts},
-        "options": {"overwrite": options.overwrite, "measured": options.measured},
         "counts": counts, "cases": len(results), "seconds_total": time.monotonic() - started,
         "seconds_per_ok_case": _mean([r.seconds for r in results if r.status == "ok"]),
-        "mean_metrics": {k: _mean([m[k] for m in scored]) for k in (scored[0] if scored else {})},
         "peak_rss_mb": peak_rss_mb(), "discovery_notes": found.notes,
         "failed": {r.case_id: r.error for r in results if r.status == "failed"},
+        **extra_summary,
     }
-    summary_path = atomic_write_text(output_dir / f"predict_summary{suffix}.json", json.dumps(summary, indent=2))
+    summary_path = atomic_write_text(output_dir / f"predict_summary{_part_suffix(options)}.json",
+                                     json.dumps(summary, indent=2))
     if tracker is not None:
         tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
         tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
-                            "measured": options.measured, "device": str(device)})
+                            "device": str(device), **extra_params})
         tracker.log_metrics({f"predict/{k}": v for k, v in counts.items()}, step=0)
-        tracker.log_metrics({f"predict/{k}": v for k, v in summary["mean_metrics"].items() if v is not None}, step=0)
+        if extra_metrics:
+            tracker.log_metrics(extra_metrics, step=0)
         tracker.log_artifact(report_path)
         tracker.log_artifact(summary_path)
-    return PredictOutputs(report_path, summary_path, tuple(results))  # type: ignore[arg-type]
+    return PredictOutputs(report_path, summary_path, tuple(results))
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,8 @@ from medseg.tracking import MlflowTracker
 from medseg.training import distributed
 from medseg.training.checkpoint import load_checkpoint
 from medseg.training.loop import (
+    EvalOutputs,
+    ModelOutputs,
     TrainOutputs,
     TrainTask,
     base_contract,
@@ -52,20 +53,6 @@ from medseg.transforms import classification_transforms
 log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "val/auc"
-
-
-@dataclass(frozen=True)
-class EvalOutputs:
-    per_case: Path
-    metrics_file: Path
-    figures: tuple[Path, ...]
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class ModelOutputs:
-    contract: Path
-    model_uri: str
 
 
 def head_kind(cfg: RunConfig) -> str:

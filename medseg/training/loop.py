@@ -63,6 +63,24 @@ class TrainOutputs:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class EvalOutputs:
+    """What an evaluate stage wrote: the per-case CSV, the metrics JSON and its figures."""
+
+    per_case: Path
+    metrics_file: Path
+    figures: tuple[Path, ...]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What a package stage logged: the contract file and the MLflow model URI."""
+
+    contract: Path
+    model_uri: str
+
+
 @dataclass
 class TrainTask:
     """What a task gives the shared loop.

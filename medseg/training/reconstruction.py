@@ -36,6 +36,8 @@ from medseg.tracking import MlflowTracker
 from medseg.training import distributed
 from medseg.training.checkpoint import load_checkpoint
 from medseg.training.loop import (
+    EvalOutputs,
+    ModelOutputs,
     TrainOutputs,
     TrainTask,
     base_contract,
@@ -54,20 +56,6 @@ log = logging.getLogger(__name__)
 
 SELECTION_METRIC = "val/ssim"  # fastMRI's leaderboard metric
 METRICS = ("psnr", "ssim", "nmse")
-
-
-@dataclass(frozen=True)
-class EvalOutputs:
-    per_case: Path
-    metrics_file: Path
-    figures: tuple[Path, ...]
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class ModelOutputs:
-    contract: Path
-    model_uri: str
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from medseg.tracking import MlflowTracker
 from medseg.training import distributed
 from medseg.training.checkpoint import load_checkpoint
 from medseg.training.loop import (
+    ModelOutputs,
     TrainOutputs,
     TrainTask,
     base_contract,
@@ -53,12 +54,6 @@ class EvalOutputs:
     metrics_file: Path
     overlays: tuple[Path, ...]
     metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class ModelOutputs:
-    contract: Path
-    model_uri: str
 
 
 # ----------------------------------------------------------------------------------- helpers
