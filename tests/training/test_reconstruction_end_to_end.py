@@ -151,3 +151,35 @@ def test_ct_run_generates_phantoms_scores_real_images_and_predicts_measured_inpu
     row = _rows(out / "predictions.csv")[0]
     assert row["status"] == "ok" and row["psnr"] == ""  # nothing to compare with in measured mode
     assert not (out / "scan_fbp.nii.gz").exists()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, volumes) -> None:
+    """Each process simulates its share of the sample stream's measurements and scores its share of
+    the validation volumes; the all-reduced curves equal one process's (instance norm only)."""
+    import os
+    import subprocess
+    import sys
+
+    from ..conftest import REPO
+
+    dataset, manifest = volumes
+    curves = {}
+    for nproc, batch in ((2, 1), (1, 2)):
+        folder = tmp_path / str(nproc)
+        folder.mkdir()
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        config = _config(folder, uri, data={"manifest": str(manifest), "root": str(dataset), "cache": "none"},
+                         train={"max_epochs": 2, "batch_size": batch, "iterations_per_epoch": 3})
+        done = subprocess.run([sys.executable, "-m", "medseg", "run", str(config), "--nproc", str(nproc),
+                               "--deterministic", "--no-progress"], cwd=folder, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                "MLFLOW_ENABLE_ASYNC_LOGGING": "false"})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        curves[nproc] = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                       key=lambda m: m.step)]
+                         for key in ("train/loss", "val/psnr", "val/ssim", "val/zero_filled_psnr", "test/psnr")}
+    for key, one in curves[1].items():
+        assert len(one) == len(curves[2][key]) > 0
+        assert curves[2][key] == pytest.approx(one, rel=1e-3), key
