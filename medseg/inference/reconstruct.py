@@ -153,10 +153,13 @@ def _reconstruct_case(case: InputCase, pre: Compose, net: nn.Module, acquisition
         raise MedsegError(f"{case.path}: could not be read or preprocessed ({type(root).__name__}: {text}). "
                           "Check that it is a complete NIfTI/DICOM/MHA/NRRD image") from err
     image: MetaTensor = data[IMAGE]
-    if image.shape[0] != 1 or image.ndim != 4:
+    if image.shape[0] != 1 or image.ndim not in (3, 4):
         raise MedsegError(f"{case.path}: reconstruction takes single-channel 2D or 3D images; got shape "
                           f"{tuple(image.shape)}")
+    flat = image.ndim == 3  # a 2D image: one slice
     raw = image.as_tensor().float()
+    if flat:
+        raw = raw[..., None]
     low, high = float(raw.min()), float(raw.max())
     if high <= low:
         raise MedsegError(f"{case.path}: the image is constant ({low}); there is nothing to reconstruct")
@@ -175,6 +178,8 @@ def _reconstruct_case(case: InputCase, pre: Compose, net: nn.Module, acquisition
 
     def to_native(slices: torch.Tensor) -> np.ndarray:
         volume = slices[:, 0].permute(1, 2, 0)[None] * (high - low) + low  # back to (1, H, W, S), input units
+        if flat:
+            volume = volume[..., 0]
         data[OUTPUT] = MetaTensor(volume, meta=dict(image.meta), applied_operations=list(image.applied_operations))
         native = Invertd(keys=OUTPUT, transform=pre, orig_keys=IMAGE, nearest_interp=False)(data)[OUTPUT]
         return native.as_tensor()[0].numpy().astype(np.float32)

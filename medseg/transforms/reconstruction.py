@@ -44,6 +44,17 @@ def slice_axis_last(slice_axis: int) -> list[int] | None:
     return [0, *[a + 1 for a in spatial]]
 
 
+class AddSliceAxisd(MapTransform):
+    """A 2D image (C, H, W) becomes a volume of one slice (C, H, W, 1); volumes pass unchanged."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key].ndim == 3:
+                d[key] = d[key].unsqueeze(-1)
+        return d
+
+
 class SparseViewFBPd(MapTransform):
     """Adds ``fbp``: the sparse-view filtered back-projection of every slice of ``image`` (deterministic)."""
 
@@ -84,8 +95,10 @@ class SimulateAcquisitiond(RandomizableTransform, MapTransform):
 def reconstruction_prefix(pre: PreprocessConfig, recon: ReconConfig, load: bool = True,
                           scale: bool = True) -> list[Callable]:
     """Deterministic part shared by training, evaluation and inference: a channel-first volume in
-    [0, 1] with the slice axis last (not padded). Inference leaves ``scale`` off and scales itself,
-    keeping the range to write the output back in the input's units; every step left is invertible."""
+    [0, 1] with the slice axis last (not padded); a 2D image is a volume of one slice.
+
+    Inference leaves ``scale`` off: it scales itself, keeping the range to write the output back in
+    the input's units, and handles 2D images itself, so that every step left is invertible."""
     chain: list[Callable] = []
     if load:
         chain.append(make_load_transform([IMAGE]))
@@ -97,6 +110,7 @@ def reconstruction_prefix(pre: PreprocessConfig, recon: ReconConfig, load: bool 
     # min-max to [0, 1]: magnitude MR keeps its zero, CT's HU become attenuation above air
     if scale:
         chain.append(ScaleIntensityd(keys=IMAGE, minv=0.0, maxv=1.0))
+        chain.append(AddSliceAxisd(keys=IMAGE))
     order = slice_axis_last(recon.slice_axis)
     if order is not None:
         chain.append(Transposed(keys=IMAGE, indices=order))

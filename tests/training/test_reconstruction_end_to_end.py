@@ -143,14 +143,17 @@ def test_ct_run_generates_phantoms_scores_real_images_and_predicts_measured_inpu
     affine[:3, 3] = (-11.0, 4.0, 30.0)
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((30, 27, 2)).astype(np.float32), affine),
              inputs / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((25, 19)).astype(np.float32), affine),
+             inputs / "flat.nii.gz")  # a 2D image: a volume of one slice
     out = tmp_path / "restored"
     assert main(["predict", "--model", summary["model_uri"], "--input", str(inputs), "--output", str(out),
                  "--measured", "--no-tracking", "--no-progress"]) == 0
-    written = nib.load(out / "scan_reconstruction.nii.gz")
-    assert written.shape == (30, 27, 2) and np.allclose(written.affine, affine)
-    row = _rows(out / "predictions.csv")[0]
-    assert row["status"] == "ok" and row["psnr"] == ""  # nothing to compare with in measured mode
-    assert not (out / "scan_fbp.nii.gz").exists()
+    for name, shape in (("scan", (30, 27, 2)), ("flat", (25, 19))):
+        written = nib.load(out / f"{name}_reconstruction.nii.gz")
+        assert written.shape == shape and np.allclose(written.affine, affine)
+        assert not (out / f"{name}_fbp.nii.gz").exists()
+    rows = _rows(out / "predictions.csv")
+    assert all(r["status"] == "ok" and r["psnr"] == "" for r in rows)  # nothing to compare with when measured
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, volumes) -> None:
