@@ -39,7 +39,7 @@ def _worker(args: argparse.Namespace) -> None:
     from medseg.data.manifest import read_manifest
     from medseg.tasks.classification import create_classification_loss
     from medseg.training.classification import build_classifier
-    from medseg.training.loop import make_optimizer
+    from medseg.training.loop import loader_workers, make_optimizer
     from medseg.transforms import classification_transforms
 
     cfg = load_config(CONFIG, [f"data.root={args.root}", f"data.manifest={args.manifest}"])
@@ -52,7 +52,7 @@ def _worker(args: argparse.Namespace) -> None:
     optimiser = make_optimizer(cfg, net)
     loss_fn = create_classification_loss(cfg.loss, None)
     result = train_with_data_path(args.path, items, chain, cfg.data, net, optimiser, loss_fn, batch, steps,
-                                  args.epochs, "samples_per_s", Path(args.workdir) / "cache")
+                                  args.epochs, "samples_per_s", Path(args.workdir) / "cache", loader_workers(cfg))
     print(json.dumps(result))
 
 

@@ -6,8 +6,8 @@ k-space mask per slice, the L1 + SSIM loss. Both paths train the same steps; onl
 differs:
 
 - **medseg**: load, orientation, [0, 1] scaling and padding cached once in memory
-  (``CacheDataset``); slices drawn and undersampled in-process on the seeded sample stream
-  (``EpochSamples`` + ``ThreadDataLoader``): what ``medseg run`` does.
+  (``CacheDataset``); slices drawn and undersampled on the seeded sample stream (``EpochSamples``)
+  by the loader workers ``medseg run`` uses for reconstruction (2, forked over the cache).
 - **plain MONAI** (the MONAI fastMRI-tutorial style): ``Dataset`` with every transform, loading
   included, per step, ``DataLoader(num_workers=2, shuffle=True)``.
 
@@ -37,7 +37,7 @@ def _worker(args: argparse.Namespace) -> None:
     from medseg.data.datasets import records
     from medseg.data.manifest import read_manifest
     from medseg.tasks.reconstruction import Acquisition, create_reconstruction_loss
-    from medseg.training.loop import make_optimizer
+    from medseg.training.loop import loader_workers, make_optimizer
     from medseg.training.reconstruction import build_network
     from medseg.transforms.reconstruction import reconstruction_training_transforms
 
@@ -52,7 +52,7 @@ def _worker(args: argparse.Namespace) -> None:
     optimiser = make_optimizer(cfg, net)
     loss_fn = create_reconstruction_loss(cfg.loss)
     result = train_with_data_path(args.path, items, chain, cfg.data, net, optimiser, loss_fn, batch, steps,
-                                  args.epochs, "slices_per_s", Path("/nonexistent"))
+                                  args.epochs, "slices_per_s", Path("/nonexistent"), loader_workers(cfg))
     print(json.dumps(result))
 
 

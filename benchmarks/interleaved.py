@@ -62,12 +62,13 @@ def summarise_and_write(runs: dict[str, list[dict]], rate: str, unit: str, epoch
 
 
 def train_with_data_path(path: str, items: list, chain, data_cfg, net, optimiser, loss_fn, batch: int, steps: int,
-                         epochs: int, rate: str, cache_dir: Path) -> dict:
+                         epochs: int, rate: str, cache_dir: Path, workers: int = 0) -> dict:
     """The worker's body: ``epochs`` epochs of ``steps`` steps through one data path; per-epoch rates.
 
     ``medseg``: the chain's deterministic prefix cached (``make_dataset``), the seeded sample stream
-    in-process (``EpochSamples`` + ``ThreadDataLoader``), torch threads = cores: what ``medseg run``
-    does. ``plain``: MONAI ``Dataset`` with the whole chain per sample, ``DataLoader(num_workers=2,
+    (``EpochSamples``) in-process (``ThreadDataLoader``) or in ``workers`` processes, as
+    ``medseg.training.loop.loader_workers`` picks for the config; torch threads = cores: what
+    ``medseg run`` does. ``plain``: MONAI ``Dataset`` with the whole chain per sample, ``DataLoader(num_workers=2,
     shuffle=True)``, torch's default threads. The first epoch's time includes building the cache.
     """
     import time
@@ -89,6 +90,8 @@ def train_with_data_path(path: str, items: list, chain, data_cfg, net, optimiser
         def loader(epoch: int):
             length, positions = process_positions(steps, batch, 1, 0)
             samples = EpochSamples(cached, rest, epoch_order(len(cached), length, 0, epoch), positions, 0, epoch)
+            if workers:
+                return DataLoader(samples, batch_size=batch, shuffle=False, num_workers=workers)
             return ThreadDataLoader(samples, batch_size=batch, shuffle=False, num_workers=0)
     else:
         cache_seconds = 0.0

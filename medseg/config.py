@@ -292,7 +292,7 @@ class ModelConfig(_Strict):
     freeze: list[str] = Field(
         default_factory=list, description="Parameter-name prefixes to keep fixed (e.g. [conv1, layer1]); "
         "'backbone' freezes everything but the classification head.")
-    cascades: int = Field(default=3, description="Reconstruction, model.name: cascade: unrolled (U-Net, data "
+    cascades: int = Field(default=3, ge=1, description="Reconstruction, model.name: cascade: unrolled (U-Net, data "
                           "consistency) stages.")
 
 
@@ -523,8 +523,6 @@ class RunConfig(_Strict):
         if self.model.name != "unet" and recon.input != "complex":
             raise ValueError(f"model.name {self.model.name}: data consistency works on the complex image; "
                              "set recon.input: complex")
-        if self.model.cascades < 1:
-            raise ValueError("model.cascades must be at least 1")
         if recon.problem == ReconProblem.MRI and recon.resolved_center_fraction() * recon.acceleration > 1:
             raise ValueError(f"recon.center_fraction {recon.resolved_center_fraction()} at acceleration "
                              f"{recon.acceleration}: the centre alone exceeds the line budget; lower one of them")

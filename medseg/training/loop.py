@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from medseg.config import CacheMode, OptimizerName, RunConfig, ScheduleName, config_to_dict
+from medseg.config import CacheMode, OptimizerName, RunConfig, ScheduleName, Task, config_to_dict
 from medseg.data.datasets import make_dataset
 from medseg.data.manifest import Manifest
 from medseg.data.sampling import EpochSamples, epoch_order, process_positions, split_transforms, stream_seed
@@ -192,6 +192,11 @@ def weight_penalty(cfg: RunConfig, model: nn.Module) -> torch.Tensor | None:
 def loader_workers(cfg: RunConfig) -> int:
     if cfg.train.num_workers is not None:
         return cfg.train.num_workers
+    if cfg.task == Task.RECONSTRUCTION:
+        # Simulating a measurement (masks and FFTs, or noise) for every slice is per-sample work of
+        # the order of the training step: two workers overlap it with the step (1.5x measured,
+        # benchmarks/bench_recon.py).
+        return 2
     # With the deterministic work cached, augmenting a few samples costs far less than the
     # training step; extra processes would only fight the model for the cores.
     return 0 if cfg.data.cache != CacheMode.NONE else 2
