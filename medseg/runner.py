@@ -52,6 +52,27 @@ class PipelineContext:
     metrics: dict[str, float] = field(default_factory=dict)
     model_uri: str | None = None
 
+    def verify_and_train(self, train: Callable[..., Any]) -> Any | None:
+        """The stages every task opens with: verify the data (main process; errors stop the run),
+        then ``train(cfg, manifest, root, run_dir, tracker, resume=, progress=)`` in every process.
+
+        Returns the training outputs on the main process, after logging the learning curve and the
+        history; None on the other processes of a distributed run, which are then done.
+        """
+        from medseg.data.verify import verify_run_data
+
+        if self.dist.is_main:
+            verify_run_data(self.cfg, self.manifest, self.root, self.run_dir, self.tracker, self.progress)
+        self.dist.barrier()
+        trained = train(self.cfg, self.manifest, self.root, self.run_dir, self.tracker, resume=self.resume,
+                        progress=self.progress)
+        self.metrics.update(trained.metrics)
+        if not self.dist.is_main:
+            return None
+        self.tracker.log_artifact(trained.learning_curve, "plots")
+        self.tracker.log_artifact(trained.history)
+        return trained
+
 
 Pipeline = Callable[[PipelineContext], None]
 
@@ -168,10 +189,10 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
     try:
         pipeline(ctx)
     except KeyboardInterrupt:
-        tracker.end("KILLED")
+        end_despite_sigterm(tracker, "KILLED")
         raise
     except BaseException:
-        tracker.end("FAILED")
+        end_despite_sigterm(tracker, "FAILED")
         raise
     if not dist.is_main:
         return None
@@ -193,6 +214,30 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         tracker.set_tags({"medseg.model_uri": ctx.model_uri})
     tracker.end("FINISHED")
     return summary_path
+
+
+def end_despite_sigterm(tracker: MlflowTracker, status: str) -> None:
+    """End the MLflow run with ``status`` even while torchrun is stopping this process.
+
+    When one worker dies, the survivors see a collective fail and torchrun sends them SIGTERM at
+    about the same moment; a SIGTERM landing inside ``tracker.end`` would leave the run RUNNING
+    for ever. It waits here until the store has the status (torchrun allows seconds before SIGKILL),
+    then takes effect.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        tracker.end(status)
+        return
+    pending: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        tracker.end(status)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if pending and callable(previous):
+        previous(*pending[0])
 
 
 def generate_configured_data(cfg: RunConfig, root: Path, progress: bool = True) -> None:
@@ -324,7 +369,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
                 results.append({"name": child_name, **json.loads((child_dir / "summary.json").read_text())})
         return _finish_parent(cfg, kind, parent_dir, parent_id, results, tracker) if dist.is_main else None
     except BaseException:
-        tracker.end("FAILED")
+        end_despite_sigterm(tracker, "FAILED")
         raise
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from medseg.data.verify import verify_run_data
 from medseg.runner import PipelineContext
 from medseg.training import classification as cls
 from medseg.training.loop import has_labelled_cases
@@ -10,17 +9,9 @@ from medseg.training.loop import has_labelled_cases
 
 def run(ctx: PipelineContext) -> None:
     cfg = ctx.cfg
-    if ctx.dist.is_main:
-        verify_run_data(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, ctx.progress)
-    ctx.dist.barrier()
-
-    trained = cls.train(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
-                        progress=ctx.progress)
-    ctx.metrics.update(trained.metrics)
-    if not ctx.dist.is_main:
+    trained = ctx.verify_and_train(cls.train)
+    if trained is None:  # the other processes of a distributed run are done once training is
         return
-    ctx.tracker.log_artifact(trained.learning_curve, "plots")
-    ctx.tracker.log_artifact(trained.history)
 
     # The checkpoint with the best validation AUC, not the last epoch, is scored on val and,
     # once, on the held-out test split (with the t-SNE map there).

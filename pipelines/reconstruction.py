@@ -3,24 +3,15 @@ with the selected checkpoint, each beside its classical baseline -> package the 
 
 from __future__ import annotations
 
-from medseg.data.verify import verify_run_data
 from medseg.runner import PipelineContext
 from medseg.training import reconstruction as recon
 
 
 def run(ctx: PipelineContext) -> None:
     cfg = ctx.cfg
-    if ctx.dist.is_main:
-        verify_run_data(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, ctx.progress)
-    ctx.dist.barrier()
-
-    trained = recon.train(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
-                          progress=ctx.progress)
-    ctx.metrics.update(trained.metrics)
-    if not ctx.dist.is_main:
+    trained = ctx.verify_and_train(recon.train)
+    if trained is None:  # the other processes of a distributed run are done once training is
         return
-    ctx.tracker.log_artifact(trained.learning_curve, "plots")
-    ctx.tracker.log_artifact(trained.history)
 
     # The checkpoint with the best validation SSIM is scored on val, once on the held-out test
     # split, and on the real images the config lists.

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from medseg.data.verify import verify_run_data
 from medseg.runner import PipelineContext
 from medseg.training import segmentation as seg
 
 
 def run(ctx: PipelineContext) -> None:
     cfg = ctx.cfg
-    if ctx.dist.is_main:
-        verify_run_data(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, ctx.progress)
-    ctx.dist.barrier()
-
-    trained = seg.train(cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume, progress=ctx.progress)
-    ctx.metrics.update(trained.metrics)
-    if not ctx.dist.is_main:  # the other processes of a distributed run are done once training is
+    trained = ctx.verify_and_train(seg.train)
+    if trained is None:  # the other processes of a distributed run are done once training is
         return
-    ctx.tracker.log_artifact(trained.learning_curve, "plots")
-    ctx.tracker.log_artifact(trained.history)
 
     # The best checkpoint is re-scored on val (overlays, per-case CSV) and, once, on the held-out test split.
     for split, prefix in (("val", "best_val"), ("test", "test")):

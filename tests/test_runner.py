@@ -109,3 +109,28 @@ def test_a_resumed_parent_skips_finished_children(tmp_path: Path, tiny_run_input
 def test_aggregate_takes_metrics_every_child_has() -> None:
     children = [{"metrics": {"a": 1.0, "b": 2.0, "note": "x"}}, {"metrics": {"a": 3.0}}]
     assert aggregate(children) == {"a": 2.0, "a_std": pytest.approx(2 ** 0.5)}
+
+
+def test_a_sigterm_during_the_final_status_waits_until_the_status_is_stored() -> None:
+    """torchrun's SIGTERM can land while a survivor marks its run FAILED: the mark must complete."""
+    import os
+    import signal
+
+    from medseg.runner import end_despite_sigterm
+
+    class SlowTracker:
+        stored: list[str] = []
+
+        def end(self, status: str) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of writing the status
+            for _ in range(1000):  # Python runs signal handlers between bytecodes: give it the chance
+                pass
+            self.stored.append(status)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+    try:
+        with pytest.raises(SystemExit):
+            end_despite_sigterm(SlowTracker(), "FAILED")  # type: ignore[arg-type]
+        assert SlowTracker.stored == ["FAILED"]  # stored first, then the SIGTERM took effect
+    finally:
+        signal.signal(signal.SIGTERM, previous)
