@@ -155,14 +155,17 @@ def _reconstruct_case(case: InputCase, pre: Compose, net: nn.Module, acquisition
     image: MetaTensor = data[IMAGE]
     if image.shape[0] != 1 or image.ndim not in (3, 4):
         raise MedsegError(f"{case.path}: reconstruction takes single-channel 2D or 3D images; got shape "
-                          f"{tuple(image.shape)}")
+                          f"{tuple(image.shape)}. Give one grey image (or DICOM series) per file; split "
+                          "multi-channel or 4D files into one file per channel or time point")
     flat = image.ndim == 3  # a 2D image: one slice
     raw = image.as_tensor().float()
     if flat:
         raw = raw[..., None]
     low, high = float(raw.min()), float(raw.max())
     if high <= low:
-        raise MedsegError(f"{case.path}: the image is constant ({low}); there is nothing to reconstruct")
+        raise MedsegError(f"{case.path}: every voxel has the value {low}, so there is nothing to reconstruct; "
+                          "check that the file is the intended scan (not an empty mask or a blank export) "
+                          "or remove it from the input folder")
     scaled = (raw - low) / (high - low)
     if measured:
         output = _restore_measured(net, scaled, recon.image_size, device)
