@@ -333,6 +333,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: int | None = Field(default=None, ge=1, description="In validations, not epochs.")
     device: str = "auto"
     precision: Precision = Precision.AUTO
+    channels_last: bool | None = Field(
+        default=None, description="Channels-last memory order for the network and its batches; null: on for 3D "
+        "networks (faster convolutions on CPUs and GPUs), off for 2D.")
     num_workers: int | None = Field(default=None, ge=0, description="null picks from the core count.")
     num_threads: int | None = Field(default=None, ge=1)
     grad_clip: float | None = 12.0

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
+import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.data.utils import json_hashing
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, MetaTensor
 from monai.transforms import Compose
 
 from medseg.config import CacheMode, DataConfig
@@ -43,20 +50,124 @@ def class_index(case: Case) -> int:
 
 
 def make_dataset(items: list[dict[str, Any]], transform: Compose, cfg: DataConfig, cache_dir: Path,
-                 progress: bool = True, workers: int | None = None) -> Dataset:
+                 progress: bool = True, workers: int | None = None) -> Any:
     """A dataset that caches the deterministic prefix of ``transform`` as configured.
 
-    ``memory`` keeps preprocessed volumes in RAM (MONAI ``CacheDataset``), ``disk`` stores them
-    in ``cache_dir`` (``PersistentDataset``, keyed by a hash of each record), ``none`` redoes the work.
+    ``memory`` keeps preprocessed volumes in RAM (MONAI ``CacheDataset``); ``disk`` stores them
+    uncompressed in ``cache_dir`` and memory-maps them (:class:`MappedCacheDataset`), so reruns and
+    the processes of a DDP job share one copy; ``none`` redoes the work every time.
     """
     if cfg.cache == CacheMode.MEMORY:
         return CacheDataset(items, transform, cache_rate=1.0, num_workers=workers, progress=progress)
     if cfg.cache == CacheMode.DISK:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # The cache holds MetaTensors whose metadata include NumPy arrays, which weights_only
-        # loading rejects (MONAI would then silently recompute every item). The files are
-        # written by medseg itself into the run's own cache folder.
-        # hash_transform: a cache built under other preprocessing settings is never reused.
-        return PersistentDataset(items, transform, cache_dir=cache_dir, track_meta=True, weights_only=False,
-                                 hash_transform=json_hashing)
+        return MappedCacheDataset(items, transform, cache_dir)
     return Dataset(items, transform)
+
+
+class MappedCacheDataset(torch.utils.data.Dataset):
+    """Each record's preprocessed arrays stored once as uncompressed ``.npy`` files and read back
+    memory-mapped: an epoch never re-decompresses or re-resamples, a patch reads only its pages,
+    and every process on the machine shares the page cache instead of holding its own copy.
+
+    An entry's folder is named by a hash of the record (paths and content hashes) and of the
+    transform chain (MONAI's ``json_hashing``), so changed data or preprocessing settings never
+    reuse a stale entry. Entries are written to a temporary folder and renamed into place, so a
+    crash or a second process writing the same entry never leaves a half-written one. Arrays are
+    mapped copy-on-write: a transform writing into one can never change the cache.
+    """
+
+    def __init__(self, items: Sequence[dict[str, Any]], transform: Compose, cache_dir: Path):
+        self.items = list(items)
+        self.transform = transform
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._transform_hash = hashlib.sha256(describe(transform).encode()).digest()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def entry(self, index: int) -> Path:
+        """The folder holding record ``index``'s preprocessed arrays."""
+        key = hashlib.sha256(json.dumps(self.items[index], sort_keys=True, default=str).encode()
+                             + self._transform_hash).hexdigest()[:32]
+        return self.cache_dir / key
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        folder = self.entry(index)
+        if not (folder / _INDEX).is_file():
+            self._store(self.transform(dict(self.items[index])), folder)
+        return _load_entry(folder)
+
+    @staticmethod
+    def _store(item: dict[str, Any], folder: Path) -> None:
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        index: dict[str, Any] = {}
+        for key, value in item.items():
+            if isinstance(value, (torch.Tensor, np.ndarray)):
+                array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+                name = f"{len(index)}.npy"
+                np.save(tmp / name, np.ascontiguousarray(array), allow_pickle=False)
+                meta = ({"meta": dict(value.meta), "applied_operations": value.applied_operations,
+                         "spatial_ndim": getattr(value, "spatial_ndim", None)}
+                        if isinstance(value, MetaTensor) else None)
+                index[key] = {"array": name, "tensor": isinstance(value, torch.Tensor), "metatensor": meta}
+            else:
+                index[key] = {"value": value}
+        # metadata hold NumPy arrays and tuples: pickled, in medseg's own cache folder only
+        torch.save(index, tmp / _INDEX)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process stored the same entry first: its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_INDEX = "index.pt"
+
+
+def describe(obj: Any, depth: int = 16) -> str:
+    """A deterministic description of a transform chain: every transform's class and settings,
+    recursively. Unlike MONAI's ``json_hashing`` of transforms (which falls back to class names
+    alone), a changed spacing, window or crop makes a different description."""
+    if depth < 0:
+        return type(obj).__name__
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return repr(obj)
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return f"array{tuple(obj.shape)}:" + hashlib.sha256(np.ascontiguousarray(
+            obj.detach().cpu().numpy() if isinstance(obj, torch.Tensor) else obj).tobytes()).hexdigest()[:16]
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(describe(v, depth - 1) for v in obj) + "]"
+    if isinstance(obj, dict):
+        return "{" + ",".join(f"{k!s}:{describe(v, depth - 1)}" for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))) + "}"
+    if isinstance(obj, (np.random.RandomState, np.random.Generator)):
+        return type(obj).__name__  # state changes as it is used; not a setting
+    if isinstance(obj, type) or inspect.isroutine(obj) or isinstance(obj, functools.partial):
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    if hasattr(obj, "__dict__"):
+        fields = {k: v for k, v in vars(obj).items() if not k.startswith("_") or k in ("_keys",)}
+        return f"{type(obj).__name__}" + describe(fields, depth - 1)
+    return type(obj).__name__
+
+
+def _load_entry(folder: Path) -> dict[str, Any]:
+    index = torch.load(folder / _INDEX, weights_only=False)
+    out: dict[str, Any] = {}
+    for key, spec in index.items():
+        if "value" in spec:
+            out[key] = spec["value"]
+            continue
+        try:
+            array = np.load(folder / spec["array"], mmap_mode="c", allow_pickle=False)
+        except ValueError:  # an empty array (e.g. no background voxels) cannot be mapped
+            array = np.load(folder / spec["array"], allow_pickle=False)
+        if not spec["tensor"]:
+            out[key] = array
+        elif spec["metatensor"] is not None:
+            out[key] = MetaTensor(torch.from_numpy(array), meta=spec["metatensor"]["meta"],
+                                  applied_operations=spec["metatensor"]["applied_operations"],
+                                  spatial_ndim=spec["metatensor"].get("spatial_ndim"))
+        else:
+            out[key] = torch.from_numpy(array)
+    return out

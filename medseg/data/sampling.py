@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import Compose, Randomizable
+from monai.transforms.traits import MultiSampleTrait
 from torch.utils.data import Dataset
 
 
@@ -69,14 +70,20 @@ class EpochSamples(Dataset):
         self.positions = list(positions)
         self.seed = seed
         self.epoch = epoch
+        # A patch sampler first takes views of the cached volume and every later transform makes
+        # new tensors, so the cache is never written and the copy CacheDataset would make of the
+        # whole volume (per sample) is not needed; any other chain augments a deep copy.
+        first = augment.transforms[0] if augment is not None and augment.transforms else None
+        self.copy_item = not isinstance(first, MultiSampleTrait)
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, index: int) -> Any:
         position = self.positions[index]
-        # The cache must stay pristine for the next epoch: augment a copy (as CacheDataset does).
-        item = copy.deepcopy(self.base[self.order[position]])
+        # The cache must stay pristine for the next epoch (tests/data/test_sampling.py checks it).
+        item = self.base[self.order[position]]
+        item = copy.deepcopy(item) if self.copy_item else dict(item)
         if self.augment is None:
             return item
         self.augment.set_random_state(seed=stream_seed(self.seed, self.epoch, position))

@@ -36,7 +36,7 @@ from medseg.inference.discovery import InputCase, discover
 from medseg.inference.sliding import predict_logits
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
-from medseg.training.runtime import autocast_dtype, resolve_device
+from medseg.training.runtime import autocast_dtype, resolve_device, to_channels_last, tune_allocator, use_channels_last
 from medseg.transforms import IMAGE, preprocessing
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,8 @@ def load_model(ref: str, device: torch.device) -> LoadedModel:
         raise UsageError(f"--model {ref}: task {contract.get('task')!r} has no batch predictor yet; "
                          f"supported: {sorted(SUPPORTED_TASKS)}")
     network.eval()
+    if use_channels_last(None, int(contract.get("spatial_dims", 3))):  # same values, faster 3D convolutions
+        network = to_channels_last(network, 3)
     return LoadedModel((network,), contract, (ref,), (getattr(meta, "run_id", None),))
 
 
@@ -396,6 +398,7 @@ def predict_folder(model_ref: str | Sequence[str], input_dir: Path, output_dir: 
     if options.overlap is not None and not 0 <= options.overlap < 1:
         raise UsageError(f"--overlap {options.overlap}: must be in [0, 1), e.g. 0.5")
     device = resolve_device(options.device)
+    tune_allocator()
     try:
         found = discover(input_dir)
     except FileNotFoundError as err:

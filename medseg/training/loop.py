@@ -43,6 +43,9 @@ from medseg.training.runtime import (
     resolve_device,
     seed_everything,
     seed_step,
+    to_channels_last,
+    tune_allocator,
+    use_channels_last,
 )
 
 log = logging.getLogger(__name__)
@@ -225,6 +228,7 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
         Paths of the best and last checkpoints, the history and the learning curve, and the final metrics.
     """
     ctx = distributed.current()
+    tune_allocator()
     seed_everything(cfg.seed, cfg.train.deterministic)
     threads = configure_threads(cfg.train.num_threads, ctx.local_world_size)
     device = distributed.process_device(resolve_device(cfg.train.device), ctx)
@@ -273,7 +277,9 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
         samples = EpochSamples(train_ds, augment_tf, order, positions, stream_seed_base, epoch)
         return loader_cls(samples, batch_size=batch_size, shuffle=False, drop_last=False, **loader_kwargs)
 
-    net = task.build_network().to(device)
+    dims = cfg.model.spatial_dims
+    channels_last = use_channels_last(cfg.train.channels_last, dims)
+    net = to_channels_last(task.build_network().to(device), dims) if channels_last else task.build_network().to(device)
     optimizer = make_optimizer(cfg, net)
     budget = BudgetSchedule(cfg, iterations, by_time=not cfg.train.deterministic)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.factor)
@@ -313,8 +319,8 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
                          "data/train_cases": n_train, "data/val_cases": n_val,
                          # what the main process holds: its shard with a memory cache in DDP, else all
                          "data/train_cases_per_process": len(train_ds)}, step=0)
-    log.info("training on %s (%d process(es) x %d threads, autocast=%s): %d train / %d val cases, "
-             "%d iterations per epoch of %d x %d samples", device, ctx.world_size, threads, amp_dtype,
+    log.info("training on %s (%d process(es) x %d threads, autocast=%s, channels-last=%s): %d train / %d val "
+             "cases, %d iterations per epoch of %d x %d samples", device, ctx.world_size, threads, amp_dtype, channels_last,
              n_train, n_val, iterations, ctx.world_size, batch_size)
 
     started = time.monotonic() - state["elapsed"]
@@ -340,6 +346,8 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
         for batch in epoch_loader(epoch, iteration):
             seed_step(cfg.seed, epoch, iteration, ctx.rank)
             image = batch["image"].to(device, non_blocking=True)
+            if channels_last:
+                image = to_channels_last(image, dims)
             label = batch["label"].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast(amp_dtype, device):

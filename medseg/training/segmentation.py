@@ -39,7 +39,7 @@ from medseg.training.loop import (
     split_cases,
     write_csv,
 )
-from medseg.training.runtime import autocast_dtype, resolve_device
+from medseg.training.runtime import autocast_dtype, resolve_device, to_channels_last, use_channels_last
 from medseg.transforms import training_transforms, validation_transforms
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,8 @@ def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, 
     model = build_network(cfg).to(device)
     model.load_state_dict(load_checkpoint(checkpoint, device)["model"])
     model.eval()
+    if use_channels_last(cfg.train.channels_last, cfg.model.spatial_dims):
+        model = to_channels_last(model, cfg.model.spatial_dims)
     dataset = make_dataset(records(cases, root), validation_transforms(cfg.preprocess), cfg.data.model_copy(
         update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
     metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)

@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
     CropForegroundd,
     EnsureTyped,
+    FgBgToIndicesd,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -62,6 +64,9 @@ from medseg.io.readers import make_load_transform
 
 IMAGE = "image"
 LABEL = "label"
+# Where the cached prefix keeps the voxel indices the patch samplers draw centres from; the
+# samplers pop them, so they never reach a batch.
+FG_INDICES, BG_INDICES, CLASS_INDICES = f"{LABEL}_fg_indices", f"{LABEL}_bg_indices", f"{LABEL}_cls_indices"
 
 
 def nonzero(x: Any) -> Any:
@@ -116,18 +121,36 @@ def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), l
     return chain
 
 
-def patch_sampler(cfg: PatchConfig, num_classes: int) -> MapTransform:
-    """Random patch sampling: pos/neg around the label, per-class ratios, or uniform."""
+def sampling_indices(cfg: PatchConfig, num_classes: int) -> MapTransform | None:
+    """The deterministic half of patch sampling: the label's voxel indices per class (or fg/bg).
+
+    Computed once in the cached prefix, not at every draw: MONAI's samplers otherwise scan the
+    whole label map for each sample, the largest cost of a cached epoch on big volumes.
+    """
+    if cfg.sampler == PatchSampler.POS_NEG:
+        return FgBgToIndicesd(keys=LABEL)
+    if cfg.sampler == PatchSampler.PER_CLASS:
+        return ClassesToIndicesd(keys=LABEL, num_classes=num_classes)
+    return None
+
+
+def patch_sampler(cfg: PatchConfig, num_classes: int, precomputed: bool = False) -> MapTransform:
+    """Random patch sampling: pos/neg around the label, per-class ratios, or uniform.
+
+    ``precomputed``: draw centres from the indices :func:`sampling_indices` stored in the item
+    (same draws as computing them here, without rescanning the label).
+    """
     size = list(cfg.size)
     if cfg.sampler == PatchSampler.POS_NEG:
         return RandCropByPosNegLabeld(
             keys=[IMAGE, LABEL], label_key=LABEL, spatial_size=size, pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction,
             num_samples=cfg.samples_per_volume, image_key=None, allow_smaller=False,
+            fg_indices_key=FG_INDICES if precomputed else None, bg_indices_key=BG_INDICES if precomputed else None,
         )
     if cfg.sampler == PatchSampler.PER_CLASS:
         return RandCropByLabelClassesd(
             keys=[IMAGE, LABEL], label_key=LABEL, spatial_size=size, num_classes=num_classes,
-            num_samples=cfg.samples_per_volume, allow_smaller=False,
+            num_samples=cfg.samples_per_volume, allow_smaller=False, indices_key=CLASS_INDICES if precomputed else None,
         )
     return RandSpatialCropSamplesd(keys=[IMAGE, LABEL], roi_size=size, num_samples=cfg.samples_per_volume,
                                    random_size=False)
@@ -183,9 +206,17 @@ def augmentation(items: Sequence[AugmentConfig], spatial_dims: int,
 
 def training_transforms(pre: PreprocessConfig, patch: PatchConfig, augment: Sequence[AugmentConfig],
                         spatial_dims: int, num_classes: int) -> Compose:
-    """Deterministic preprocessing (cached), then patch sampling and augmentation (random)."""
+    """Deterministic preprocessing (cached), then patch sampling and augmentation (random).
+
+    The cached prefix ends with the sampler's voxel indices and plain tensors: training patches
+    need no metadata, and MONAI's random transforms skip their bookkeeping on plain tensors.
+    """
     chain = preprocessing(pre, min_size=patch.size)
-    chain.append(patch_sampler(patch, num_classes))
+    indices = sampling_indices(patch, num_classes)
+    if indices is not None:
+        chain.append(indices)
+    chain.append(EnsureTyped(keys=[IMAGE, LABEL], track_meta=False))
+    chain.append(patch_sampler(patch, num_classes, precomputed=indices is not None))
     chain.extend(augmentation(augment, spatial_dims))
     chain.append(EnsureTyped(keys=[IMAGE, LABEL], track_meta=False))
     return Compose(chain)
