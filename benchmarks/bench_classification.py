@@ -6,7 +6,7 @@ number of steps per epoch; only the data path differs:
 
 - **medseg**: the deterministic prefix (load, window, resize) cached once in memory
   (``CacheDataset``), the seeded sample stream (``EpochSamples``) augmenting in-process with
-  ``ThreadDataLoader`` and torch threads = cores: what ``medseg run`` does.
+  a synchronous in-process ``DataLoader`` and torch threads = cores: what ``medseg run`` does.
 - **plain MONAI** (MedNIST tutorial style): ``Dataset`` with ``LoadImaged`` and every transform
   per epoch, ``DataLoader(num_workers=2, shuffle=True)``, torch's default threads.
 

@@ -66,7 +66,7 @@ def train_with_data_path(path: str, items: list, chain, data_cfg, net, optimiser
     """The worker's body: ``epochs`` epochs of ``steps`` steps through one data path; per-epoch rates.
 
     ``medseg``: the chain's deterministic prefix cached (``make_dataset``), the seeded sample stream
-    (``EpochSamples``) in-process (``ThreadDataLoader``) or in ``workers`` processes, as
+    (``EpochSamples``) in-process (a synchronous ``DataLoader``) or in ``workers`` processes, as
     ``medseg.training.loop.loader_workers`` picks for the config; torch threads = cores: what
     ``medseg run`` does. ``plain``: MONAI ``Dataset`` with the whole chain per sample, ``DataLoader(num_workers=2,
     shuffle=True)``, torch's default threads. The first epoch's time includes building the cache.
@@ -74,7 +74,7 @@ def train_with_data_path(path: str, items: list, chain, data_cfg, net, optimiser
     import time
 
     import torch
-    from monai.data import DataLoader, Dataset, ThreadDataLoader
+    from monai.data import DataLoader, Dataset
 
     from medseg.data.datasets import make_dataset
     from medseg.data.sampling import EpochSamples, epoch_order, process_positions, split_transforms
@@ -92,7 +92,7 @@ def train_with_data_path(path: str, items: list, chain, data_cfg, net, optimiser
             samples = EpochSamples(cached, rest, epoch_order(len(cached), length, 0, epoch), positions, 0, epoch)
             if workers:
                 return DataLoader(samples, batch_size=batch, shuffle=False, num_workers=workers)
-            return ThreadDataLoader(samples, batch_size=batch, shuffle=False, num_workers=0)
+            return DataLoader(samples, batch_size=batch, shuffle=False, num_workers=0)
     else:
         cache_seconds = 0.0
         dataset = Dataset(items, chain)

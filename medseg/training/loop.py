@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, ThreadDataLoader
+from monai.data import DataLoader
 from monai.transforms import Compose
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -248,6 +248,7 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
         log.warning("train.deterministic with train.max_minutes: the number of epochs then depends on the "
                     "machine's speed; the LR schedule follows steps only")
 
+    prepare_started = time.monotonic()
     prepare_tf, augment_tf = split_transforms(task.train_transform)
     cache_root = cfg.data.cache_dir or out_dir / "cache"
     # A memory cache is split between processes (each holds its shard, as MONAI's partition_dataset
@@ -263,19 +264,22 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
                               progress and ctx.is_main) if val_items else []
     if ctx.enabled and cfg.data.cache == CacheMode.DISK:
         _warm_disk_cache(train_ds, ctx)
+    prepare_seconds = time.monotonic() - prepare_started  # the memory cache's preprocessing happens here
     stream_world, stream_rank = (1, 0) if sharded else (ctx.world_size, ctx.rank)
     stream_seed_base = stream_seed(cfg.seed, ctx.rank) if sharded else cfg.seed
     iterations = cfg.train.iterations_per_epoch or max(1, n_train // (batch_size * ctx.world_size))
 
     workers = loader_workers(cfg)
-    loader_cls = ThreadDataLoader if workers == 0 else DataLoader
+    # In-process loading is synchronous: MONAI's ThreadDataLoader would augment in a background
+    # thread that fights the step's compute threads for the cores (an epoch 1.6x slower measured
+    # on 2 cores, benchmarks/bench_perf.py W4).
     loader_kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
 
     def epoch_loader(epoch: int, start_iteration: int) -> Any:
         length, positions = process_positions(iterations, batch_size, stream_world, stream_rank, start_iteration)
         order = epoch_order(len(train_ds), length, stream_seed_base, epoch)
         samples = EpochSamples(train_ds, augment_tf, order, positions, stream_seed_base, epoch)
-        return loader_cls(samples, batch_size=batch_size, shuffle=False, drop_last=False, **loader_kwargs)
+        return DataLoader(samples, batch_size=batch_size, shuffle=False, drop_last=False, **loader_kwargs)
 
     dims = cfg.model.spatial_dims
     channels_last = use_channels_last(cfg.train.channels_last, dims)
@@ -318,7 +322,8 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
                          "system/batch_per_process": batch_size, "system/global_batch": batch_size * ctx.world_size,
                          "data/train_cases": n_train, "data/val_cases": n_val,
                          # what the main process holds: its shard with a memory cache in DDP, else all
-                         "data/train_cases_per_process": len(train_ds)}, step=0)
+                         "data/train_cases_per_process": len(train_ds), "time/cache_build_s": prepare_seconds},
+                        step=0)
     log.info("training on %s (%d process(es) x %d threads, autocast=%s, channels-last=%s): %d train / %d val "
              "cases, %d iterations per epoch of %d x %d samples", device, ctx.world_size, threads, amp_dtype, channels_last,
              n_train, n_val, iterations, ctx.world_size, batch_size)
@@ -340,6 +345,7 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
 
     while epoch < cfg.train.max_epochs and not out_of_time and not state.get("stopped_early"):
         model.train()
+        epoch_started = time.monotonic()
         iteration, losses = state["iteration"], list(state["partial_losses"])
         bar = tqdm(total=iterations, initial=iteration, desc=f"epoch {epoch + 1}/{cfg.train.max_epochs}",
                    disable=not (progress and ctx.is_main), unit="it", leave=False)
@@ -383,7 +389,9 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
             break
         epoch += 1
         record: dict[str, float] = {"epoch": epoch, "train/loss": float(np.mean(losses)),
-                                    "lr": optimizer.param_groups[0]["lr"]}
+                                    "lr": optimizer.param_groups[0]["lr"],
+                                    # training only (a resumed epoch: its remaining part), validation excluded
+                                    "time/epoch_train_s": time.monotonic() - epoch_started}
         last_epoch = epoch >= cfg.train.max_epochs or out_of_time
         if val_ds is not None and (epoch % cfg.train.val_interval == 0 or last_epoch):
             record.update(task.validate(net, val_ds, device, amp_dtype, progress and ctx.is_main))
