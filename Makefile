@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
+.PHONY: demo test bench bench-predict bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
+# W1-W4 against plain MONAI tutorial pipelines, interleaved in one run: about 10 minutes on 2 cores
 bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_perf.py --repeats 3
+
+# medseg predict against the tutorial inference loop (hippocampus folder and a 512x512x300 CT)
+bench-predict: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_predict.py
 
 # 1 process against 2 (torchrun, gloo on CPUs) on the demo config: about 8 minutes on 2 cores

@@ -307,7 +307,7 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
             logits = sliding_window_inference(MetaTensor(image), ROI, 4, net, overlap=0.25)
         mask = logits[0].argmax(0).to(torch.uint8)
     else:
-        from medseg.inference.sliding import predict_logits
+        from medseg.inference.sliding import label_map, predict_logits
         from medseg.training.runtime import configure_threads, tune_allocator
 
         tune_allocator()
@@ -317,7 +317,7 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
         net.eval()
         logits = predict_logits(net, image[0], ROI, overlap=0.25, sw_batch_size=4, blend="constant",
                                 device=torch.device("cpu"), amp_dtype=amp)
-        mask = logits.argmax(0).to(torch.uint8)
+        mask = label_map(logits)
     seconds = time.perf_counter() - t0
     np.save(work / "w3" / f"mask_{volume}_{path}.npy", mask.numpy())
     return {"path": path, "volume": volume, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
@@ -391,6 +391,7 @@ def worker_w4(path: str, epochs: int, work: Path) -> dict:
 
 def _tutorial_hippocampus(cfg: Any, epochs: int) -> dict:
     """The MONAI spleen tutorial's training loop, with the config's network, patches and augmentations."""
+    import numpy as np
     import torch
     from monai.data import CacheDataset, DataLoader
     from monai.losses import DiceCELoss
@@ -411,8 +412,6 @@ def _tutorial_hippocampus(cfg: Any, epochs: int) -> dict:
     )
 
     from medseg.data.manifest import read_manifest
-
-    import numpy as np
 
     manifest = read_manifest(REPO / cfg.data.manifest)
     files = [{"image": str(HIPPO / c.images[0]), "label": str(HIPPO / c.label)} for c in manifest.split("train")]
@@ -440,7 +439,7 @@ def _tutorial_hippocampus(cfg: Any, epochs: int) -> dict:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.AdamW(net.parameters(), cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     per_epoch = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         net.train()
         t0 = time.perf_counter()
         for batch in loader:
@@ -485,7 +484,7 @@ def main() -> None:
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--volume", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=5, help="W2: timed steps per child")
-    parser.add_argument("--epochs", type=int, default=3, help="W4: epochs per child")
+    parser.add_argument("--epochs", type=int, default=2, help="W4: epochs per child")
     args = parser.parse_args()
     if args.worker:
         result = {"w1": lambda: worker_w1(args.worker, args.work), "w2": lambda: worker_w2(args.worker, args.steps),
@@ -548,7 +547,7 @@ def main() -> None:
         report["w3"] = {}
         for volume, repeats in (("ct192", args.repeats), ("ct512", 1)):
             paths = ("plain", "medseg", "medseg_bf16") if volume == "ct192" else ("plain", "medseg")
-            runs = _interleaved(paths, repeats, lambda p: _child(work, p, "--workload", "w3", "--volume", volume))
+            runs = _interleaved(paths, repeats, lambda p, v=volume: _child(work, p, "--workload", "w3", "--volume", v))
             reference = np.load(work / "w3" / f"mask_{volume}_plain.npy") > 0
             summary = {}
             for path, results in runs.items():

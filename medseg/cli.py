@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.errors import MedsegError, UsageError
 
     try:
+        _preload_allocator(in_process=argv is not None)
         return handlers[args.command](args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -136,6 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     except MedsegError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _preload_allocator(in_process: bool) -> None:
+    """``MEDSEG_ALLOCATOR=jemalloc``: run this command again with jemalloc preloaded (a library
+    can only replace malloc before the process starts). Raises UsageError when it is missing."""
+    import os
+
+    from medseg.allocator import jemalloc_environment
+
+    env = jemalloc_environment()
+    if env is not None and not in_process:
+        log.info("re-running under %s", env["LD_PRELOAD"].split(":")[0])
+        os.execve(sys.executable, [sys.executable, "-m", "medseg", *sys.argv[1:]], env)
 
 
 def _quiet_third_parties() -> None:

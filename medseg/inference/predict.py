@@ -33,10 +33,16 @@ import medseg
 from medseg.config import IntensityConfig, Precision, PreprocessConfig
 from medseg.errors import MedsegError, UsageError
 from medseg.inference.discovery import InputCase, discover
-from medseg.inference.sliding import predict_logits
+from medseg.inference.sliding import label_map, predict_logits
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
-from medseg.training.runtime import autocast_dtype, resolve_device, to_channels_last, tune_allocator, use_channels_last
+from medseg.training.runtime import (
+    autocast_dtype,
+    resolve_device,
+    to_channels_last,
+    tune_allocator,
+    use_channels_last,
+)
 from medseg.transforms import IMAGE, preprocessing
 
 log = logging.getLogger(__name__)
@@ -319,7 +325,7 @@ def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: 
     data[PRED] = MetaTensor(probs, meta=dict(image.meta), applied_operations=list(image.applied_operations))
     native = Invertd(keys=PRED, transform=pre, orig_keys=IMAGE, nearest_interp=False)(data)[PRED]
     original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
-    labels = native.as_tensor().argmax(0)
+    labels = label_map(native.as_tensor())
     expected_shape = tuple(int(s) for s in image.meta["spatial_shape"])
     if tuple(labels.shape) != expected_shape:  # pragma: no cover - Invertd guarantees this; keep it loud
         raise CaseError(f"{case.path}: prediction shape {tuple(labels.shape)} does not match the input {expected_shape}")

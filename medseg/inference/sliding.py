@@ -27,3 +27,21 @@ def predict_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int
             mode=blend, sw_device=device, device=batch.device,
         )
     return logits[0].float()
+
+
+def label_map(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(0)`` as uint8 for channel-first (K, *spatial) scores, first maximum on ties.
+
+    torch's argmax over the leading dimension of a contiguous volume walks it with a stride of the
+    whole volume: 12.8 s for 2x512x512x300 on 2 cores, against 0.5 s for these K-1 elementwise
+    passes (tests/inference/test_sliding.py checks they agree).
+    """
+    if scores.shape[0] > 255:
+        return scores.argmax(0)
+    best = scores[0].clone()
+    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8, device=scores.device)
+    for k in range(1, scores.shape[0]):
+        better = scores[k] > best
+        labels.masked_fill_(better, k)
+        torch.maximum(best, scores[k], out=best)
+    return labels

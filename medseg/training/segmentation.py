@@ -20,7 +20,7 @@ from tqdm import tqdm
 from medseg.config import CacheMode, RunConfig
 from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import read_manifest
-from medseg.inference.sliding import predict_logits
+from medseg.inference.sliding import label_map, predict_logits
 from medseg.io.atomic import atomic_write_text
 from medseg.models import create_model
 from medseg.plots import overlay
@@ -131,7 +131,7 @@ def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: RunConfig, 
     logits = predict_logits(model, image.as_tensor() if hasattr(image, "as_tensor") else image, cfg.patch.size,
                             overlap=v.overlap, sw_batch_size=v.sw_batch_size, blend=v.blend, device=device,
                             amp_dtype=amp_dtype)
-    return logits.argmax(0).to(torch.uint8)
+    return label_map(logits)
 
 
 # ----------------------------------------------------------------------------------- evaluate stage

@@ -87,3 +87,78 @@ def test_split_transforms_keeps_the_deterministic_prefix_for_the_cache() -> None
     assert len(prefix.transforms) == 1 and len(rest.transforms) == 3
     prefix, rest = split_transforms(Compose([ScaleIntensityd(keys="image")]))
     assert rest is None
+
+
+def test_patch_sampling_never_writes_into_the_cached_volumes(tmp_path) -> None:
+    """EpochSamples skips CacheDataset's per-sample deep copy before a patch sampler: every
+    transform of the config then makes new tensors, which this checks for all of them."""
+    import nibabel as nib
+    from monai.data import CacheDataset
+
+    from medseg.config import (
+        AffineAug,
+        BiasFieldAug,
+        ContrastAug,
+        ElasticAug,
+        FlipAug,
+        GammaAug,
+        GibbsAug,
+        KSpaceSpikeAug,
+        NoiseAug,
+        PatchConfig,
+        PreprocessConfig,
+        Rot90Aug,
+    )
+    from medseg.transforms import training_transforms
+
+    from ..conftest import make_case
+
+    image, label, affine = make_case((25, 29, 21), seed=4)
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "lbl.nii.gz")
+    augment = [FlipAug(name="flip", prob=1.0), Rot90Aug(name="rot90", prob=1.0), AffineAug(name="affine", prob=1.0),
+               ElasticAug(name="elastic", prob=1.0), NoiseAug(name="noise", prob=1.0), GammaAug(name="gamma", prob=1.0),
+               ContrastAug(name="contrast", prob=1.0), BiasFieldAug(name="bias_field", prob=1.0),
+               KSpaceSpikeAug(name="kspace_spike", prob=1.0), GibbsAug(name="gibbs", prob=1.0)]
+    for sampler in ("pos_neg", "per_class", "uniform"):
+        chain = training_transforms(PreprocessConfig(), PatchConfig(size=(8, 8, 8), sampler=sampler), augment, 3, 3)
+        prefix, rest = split_transforms(chain)
+        cache = CacheDataset([{"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lbl.nii.gz")}], prefix,
+                             progress=False)
+        before = {k: v.clone() for k, v in cache[0].items() if isinstance(v, torch.Tensor)}
+        samples = EpochSamples(cache, rest, [0] * 6, range(6), seed=1, epoch=0)
+        assert not samples.copy_item
+        for i in range(len(samples)):
+            patches = samples[i]
+            assert all(p["image"].shape[1:] == (8, 8, 8) for p in patches)
+            for patch in patches:
+                patch["image"].add_(1.0)  # whatever later code does to a batch stays out of the cache
+        for key, value in before.items():
+            assert torch.equal(cache[0][key], value), f"{sampler}: cached {key} changed"
+
+
+def test_precomputed_sampler_indices_draw_the_same_patches(tmp_path) -> None:
+    import nibabel as nib
+
+    from medseg.config import PatchConfig, PreprocessConfig
+    from medseg.transforms import patch_sampler, preprocessing, training_transforms
+
+    from ..conftest import make_case
+
+    image, label, affine = make_case((25, 29, 21), seed=5)
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), tmp_path / "lbl.nii.gz")
+    item = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lbl.nii.gz")}
+    for sampler in ("pos_neg", "per_class"):
+        patch = PatchConfig(size=(8, 8, 8), sampler=sampler, samples_per_volume=3)
+        fast = training_transforms(PreprocessConfig(), patch, [], 3, 3)
+        slow = Compose([*preprocessing(PreprocessConfig(), min_size=patch.size), patch_sampler(patch, 3)])
+        for seed in range(3):
+            fast.set_random_state(seed=seed)
+            slow.set_random_state(seed=seed)
+            a, b = fast(dict(item)), slow(dict(item))
+            assert len(a) == len(b) == 3
+            for pa, pb in zip(a, b, strict=True):
+                assert torch.equal(torch.as_tensor(pa["image"]), torch.as_tensor(pb["image"]))
+                assert torch.equal(torch.as_tensor(pa["label"]), torch.as_tensor(pb["label"]))
+                assert not any(k.endswith("_indices") for k in pa), "sampler indices must not reach a batch"
