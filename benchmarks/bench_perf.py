@@ -232,7 +232,17 @@ def worker_w2(path: str, steps: int) -> dict:
         net, channels_last, amp = _medseg_unet("bf16" if path == "medseg_bf16" else "auto")
         if channels_last:
             image = to_channels_last(image, 3)
-    optimiser = torch.optim.Adam(net.parameters(), 1e-4)
+    if path == "plain":
+        optimiser = torch.optim.Adam(net.parameters(), 1e-4)
+    else:  # medseg's own optimiser construction (AdamW without decay is the tutorial's Adam, fused)
+        from types import SimpleNamespace
+
+        from medseg.config import LossConfig, OptimConfig
+        from medseg.tasks.segmentation import create_loss
+        from medseg.training.loop import make_optimizer
+
+        optimiser = make_optimizer(SimpleNamespace(optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=0.0)), net)
+        loss_fn = create_loss(LossConfig(name="dice_ce"))
     net.train()
     times = []
     warmup = 2  # oneDNN builds its primitives and the allocator grows its heap in the first steps

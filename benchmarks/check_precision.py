@@ -1,0 +1,78 @@
+"""Do medseg's speed choices change a trained model's Dice? fp32 against bf16 autocast, and
+contiguous against channels-last, on the MSD Hippocampus validation split.
+
+It trains ``configs/msd_hippocampus.yaml`` for ``--minutes`` (a real run: verify, train,
+evaluate, package, MLflow) unless ``--run-dir`` names a finished one, then scores the best
+checkpoint on the validation cases under each setting with medseg's own evaluate stage
+(sliding window, whole volumes) and writes ``precision.json`` / ``precision.md``.
+
+Usage: python benchmarks/check_precision.py [--minutes 6] [--run-dir RUNS/msd_hippocampus/<run>]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HIPPO = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
+SETTINGS = {  # name -> overrides of the trained config
+    "fp32, contiguous": ["train.precision=fp32", "train.channels_last=false"],
+    "fp32, channels-last (medseg's CPU default)": ["train.precision=fp32", "train.channels_last=true"],
+    "bf16 autocast, channels-last": ["train.precision=bf16", "train.channels_last=true"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=6.0, help="training budget when no --run-dir is given")
+    parser.add_argument("--run-dir", type=Path, help="a finished medseg run of msd_hippocampus.yaml")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    from medseg.config import load_config
+    from medseg.training.segmentation import evaluate
+
+    run_dir = args.run_dir
+    if run_dir is None:
+        work = Path(tempfile.mkdtemp(prefix="check_precision_"))
+        subprocess.run([sys.executable, "-m", "medseg", "run", "configs/msd_hippocampus.yaml", "--no-progress",
+                        "--set", f"data.root={HIPPO}", "--set", f"train.max_minutes={args.minutes}",
+                        "--set", f"output_dir={work / 'runs'}", "--set", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"],
+                       check=True, cwd=REPO)
+        run_dir = next((work / "runs").iterdir())
+    checkpoint = run_dir / "checkpoints" / "best.pt"
+    rows = {}
+    for name, overrides in SETTINGS.items():
+        cfg = load_config(run_dir / "resolved_config.yaml", overrides)
+        started = time.perf_counter()
+        out = evaluate(cfg, REPO / cfg.data.manifest, HIPPO, checkpoint, Path(tempfile.mkdtemp()), "val", progress=False)
+        rows[name] = {"seconds": time.perf_counter() - started,
+                      **{k: v for k, v in out.metrics.items() if k.startswith("val/dice")}}
+        print(name, json.dumps(rows[name]), flush=True)
+    reference = rows["fp32, contiguous"]
+    names = [k for k in reference if k.startswith("val/dice/")]
+    table = ["| setting | " + " | ".join(n.split("/")[-1] for n in names) + " | mean Dice | Δ mean vs fp32 | s |",
+             "|---|" + "---|" * (len(names) + 3)]
+    for name, row in rows.items():
+        table.append(f"| {name} | " + " | ".join(f"{row[n]:.4f}" for n in names)
+                     + f" | {row['val/dice_mean']:.4f} | {row['val/dice_mean'] - reference['val/dice_mean']:+.4f} "
+                     f"| {row['seconds']:.1f} |")
+    history = (run_dir / "history.csv").read_text().strip().splitlines()
+    text = "\n".join(table) + f"\n\nModel: {run_dir} ({len(history) - 1} epochs), 26 validation cases.\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "precision.json").write_text(json.dumps({"run_dir": str(run_dir), "rows": rows}, indent=2))
+    (args.out / "precision.md").write_text(text)
+    print(text)
+    worst = max(abs(row["val/dice_mean"] - reference["val/dice_mean"]) for row in rows.values())
+    if worst > 0.005:
+        raise SystemExit(f"a setting moved the mean validation Dice by {worst:.4f} (> 0.005)")
+
+
+if __name__ == "__main__":
+    main()
