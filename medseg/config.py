@@ -136,8 +136,12 @@ class DataConfig(_Strict):
     val_split: str = "val"
     test_split: str = "test"
     fold: int | None = Field(default=None, description="With fold-based manifests: this fold validates.")
-    cache: CacheMode = CacheMode.MEMORY
+    cache: CacheMode = Field(default=CacheMode.MEMORY, description="Where preprocessed volumes are kept: memory, "
+                             "disk (uncompressed, memory-mapped, reused by later runs) or none.")
     cache_dir: Path | None = None
+    augment_on_device: bool | None = Field(
+        default=None, description="Keep the memory cache on the GPU and augment there; null: on when training "
+        "on a GPU in-process and the cache takes under a quarter of its memory.")
     cross_split_duplicates: Literal["error", "warning"] = Field(
         default="error", description="An identical image file in two splits is a leak; 'warning' accepts it "
         "(e.g. to keep an official benchmark split that has a few, as PneumoniaMNIST and BreastMNIST do).")

@@ -64,6 +64,34 @@ def make_dataset(items: list[dict[str, Any]], transform: Compose, cfg: DataConfi
     return Dataset(items, transform)
 
 
+class DeviceCache(torch.utils.data.Dataset):
+    """A cached dataset's items with their tensors moved to ``device`` once, on first use: the
+    random part of the chain (patch sampling, flips, affine, intensity) then runs on the GPU
+    and each batch is already there. MONAI's random transforms work on CUDA tensors as they are."""
+
+    def __init__(self, base: Any, device: torch.device):
+        self.base = base
+        self.device = device
+        self._items: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index not in self._items:
+            self._items[index] = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                  for k, v in self.base[index].items()}
+        return self._items[index]
+
+
+def cached_bytes(dataset: Any) -> int:
+    """Estimated size of a dataset's tensors in memory: its first item's times its length."""
+    if not len(dataset):
+        return 0
+    first = dataset[0]
+    return len(dataset) * sum(v.numel() * v.element_size() for v in first.values() if isinstance(v, torch.Tensor))
+
+
 class MappedCacheDataset(torch.utils.data.Dataset):
     """Each record's preprocessed arrays stored once as uncompressed ``.npy`` files and read back
     memory-mapped: an epoch never re-decompresses or re-resamples, a patch reads only its pages,

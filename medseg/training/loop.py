@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medseg.config import CacheMode, OptimizerName, RunConfig, ScheduleName, Task, config_to_dict
-from medseg.data.datasets import make_dataset
+from medseg.data.datasets import DeviceCache, cached_bytes, make_dataset
 from medseg.data.manifest import Manifest
 from medseg.data.sampling import EpochSamples, epoch_order, process_positions, split_transforms, stream_seed
 from medseg.errors import MedsegError, UsageError
@@ -209,6 +209,25 @@ def loader_workers(cfg: RunConfig) -> int:
     return 0 if cfg.data.cache != CacheMode.NONE else 2
 
 
+def augment_on_device(cfg: RunConfig, device: torch.device, workers: int, dataset: Any) -> bool:
+    """Whether the training cache moves to the GPU and augmentation runs there (``data.augment_on_device``).
+
+    Auto (null) says yes on a CUDA device with a memory cache, in-process loading (worker
+    processes cannot share CUDA tensors) and a cache under a quarter of the GPU's memory.
+    """
+    wanted = cfg.data.augment_on_device
+    possible = device.type == "cuda" and cfg.data.cache == CacheMode.MEMORY and workers == 0
+    if wanted and not possible:
+        raise UsageError("data.augment_on_device: true needs a CUDA device, data.cache: memory and in-process "
+                         "loading (train.num_workers: 0); set it to null to let medseg decide")
+    if wanted is False or not possible:
+        return False
+    if wanted:
+        return True
+    budget = torch.cuda.get_device_properties(device).total_memory // 4
+    return cached_bytes(dataset) <= budget
+
+
 # ----------------------------------------------------------------------------------- the loop
 
 
@@ -274,10 +293,13 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
     iterations = cfg.train.iterations_per_epoch or max(1, n_train // (batch_size * ctx.world_size))
 
     workers = loader_workers(cfg)
+    if augment_on_device(cfg, device, workers, train_ds):
+        train_ds = DeviceCache(train_ds, device)
     # In-process loading is synchronous: MONAI's ThreadDataLoader would augment in a background
     # thread that fights the step's compute threads for the cores (an epoch 1.6x slower measured
     # on 2 cores, benchmarks/bench_perf.py W4).
-    loader_kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    on_device = isinstance(train_ds, DeviceCache)
+    loader_kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda" and not on_device}
 
     def epoch_loader(epoch: int, start_iteration: int) -> Any:
         length, positions = process_positions(iterations, batch_size, stream_world, stream_rank, start_iteration)
@@ -324,6 +346,7 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
 
     tracker.log_metrics({"system/threads": threads, "system/world_size": ctx.world_size,
                          "system/batch_per_process": batch_size, "system/global_batch": batch_size * ctx.world_size,
+                         "system/channels_last": float(channels_last), "system/augment_on_device": float(on_device),
                          "data/train_cases": n_train, "data/val_cases": n_val,
                          # what the main process holds: its shard with a memory cache in DDP, else all
                          "data/train_cases_per_process": len(train_ds), "time/cache_build_s": prepare_seconds},
