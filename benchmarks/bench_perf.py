@@ -245,7 +245,10 @@ def worker_w2(path: str, steps: int) -> dict:
         loss_fn = create_loss(LossConfig(name="dice_ce"))
     net.train()
     times = []
-    warmup = 2  # oneDNN builds its primitives and the allocator grows its heap in the first steps
+    # oneDNN builds its primitives in the first step, and glibc's default malloc needs a few steps to
+    # raise its mmap threshold past the activations (until then every step page-faults them in):
+    # untimed, so the ratio is the steady state of both paths, not medseg's warm start.
+    warmup = 4
     for step in range(steps + warmup):
         t0 = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
