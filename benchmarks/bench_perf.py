@@ -320,14 +320,14 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
             logits = sliding_window_inference(MetaTensor(image), ROI, 4, net, overlap=0.25)
         mask = logits[0].argmax(0).to(torch.uint8)
     else:
-        from medseg.inference.sliding import label_map, predict_logits
-        from medseg.training.runtime import configure_threads, tune_allocator
+        from medseg.inference.sliding import fold_batch_norms, label_map, predict_logits
+        from medseg.training.runtime import configure_threads, to_channels_last, tune_allocator
 
         tune_allocator()
         configure_threads(None)
         net, _, amp = _medseg_unet("bf16" if path == "medseg_bf16" else "auto")
         net.load_state_dict(state)
-        net.eval()
+        net = to_channels_last(fold_batch_norms(net.eval()), 3)  # what medseg predict does with a model
         logits = predict_logits(net, image[0], ROI, overlap=0.25, sw_batch_size=4, blend="constant",
                                 device=torch.device("cpu"), amp_dtype=amp)
         mask = label_map(logits)

@@ -33,7 +33,7 @@ import medseg
 from medseg.config import IntensityConfig, Precision, PreprocessConfig
 from medseg.errors import MedsegError, UsageError
 from medseg.inference.discovery import InputCase, discover
-from medseg.inference.sliding import label_map, predict_logits
+from medseg.inference.sliding import fold_batch_norms, label_map, predict_logits
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
 from medseg.training.runtime import (
@@ -160,7 +160,7 @@ def load_model(ref: str, device: torch.device) -> LoadedModel:
     if contract.get("task") not in SUPPORTED_TASKS:
         raise UsageError(f"--model {ref}: task {contract.get('task')!r} has no batch predictor yet; "
                          f"supported: {sorted(SUPPORTED_TASKS)}")
-    network.eval()
+    network = fold_batch_norms(network.eval())
     if use_channels_last(None, int(contract.get("spatial_dims", 3))):  # same values, faster 3D convolutions
         network = to_channels_last(network, 3)
     return LoadedModel((network,), contract, (ref,), (getattr(meta, "run_id", None),))

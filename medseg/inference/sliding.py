@@ -45,3 +45,24 @@ def label_map(scores: torch.Tensor) -> torch.Tensor:
         labels.masked_fill_(better, k)
         torch.maximum(best, scores[k], out=best)
     return labels
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode batch norm that follows a convolution into that convolution's weights
+    (``torch.nn.utils.fusion``), in place: one pass over each activation fewer per layer, the same
+    outputs up to float rounding. MONAI's ``Convolution`` blocks (conv, then norm/dropout/activation)
+    are what the U-Nets are built of; other modules are left as they are. For inference only."""
+    from monai.networks.blocks import Convolution
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_batch_norms: the model is in training mode; its batch norms still learn")
+    for block in model.modules():
+        norm = getattr(getattr(block, "adn", None), "N", None)
+        conv = getattr(block, "conv", None)
+        first = next(iter(block.adn.named_children()), ("", None))[0] if norm is not None else ""
+        if isinstance(block, Convolution) and isinstance(norm, nn.modules.batchnorm._BatchNorm) and first == "N" \
+                and isinstance(conv, nn.modules.conv._ConvNd) and norm.track_running_stats:  # norm right after conv
+            block.conv = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
+            block.adn.N = nn.Identity()
+    return model

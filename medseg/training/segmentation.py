@@ -20,7 +20,7 @@ from tqdm import tqdm
 from medseg.config import CacheMode, RunConfig
 from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import read_manifest
-from medseg.inference.sliding import label_map, predict_logits
+from medseg.inference.sliding import fold_batch_norms, label_map, predict_logits
 from medseg.io.atomic import atomic_write_text
 from medseg.models import create_model
 from medseg.plots import overlay
@@ -151,7 +151,7 @@ def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, 
     cases = [c for c in split_cases(cfg, manifest, split) if c.label]
     model = build_network(cfg).to(device)
     model.load_state_dict(load_checkpoint(checkpoint, device)["model"])
-    model.eval()
+    model = fold_batch_norms(model.eval())
     if use_channels_last(cfg.train.channels_last, cfg.model.spatial_dims):
         model = to_channels_last(model, cfg.model.spatial_dims)
     dataset = make_dataset(records(cases, root), validation_transforms(cfg.preprocess), cfg.data.model_copy(

@@ -73,3 +73,33 @@ def test_bf16_and_fp32_predictions_agree(trained_unet: UNet) -> None:
     assert _dice(bf16, fp32) > 0.99
     assert abs(_dice(bf16, truth) - _dice(fp32, truth)) < 0.005
     assert np.isfinite(_dice(bf16, truth))
+
+
+def test_folding_batch_norms_keeps_the_outputs_and_removes_the_norms() -> None:
+    from monai.networks.blocks import Convolution
+
+    from medseg.inference.sliding import fold_batch_norms
+
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=2, norm="batch")
+    net.train()
+    with torch.no_grad():  # running statistics far from the identity, as after training
+        for _ in range(3):
+            net(torch.randn(2, 1, 16, 16, 16) * 3 + 1)
+    net.eval()
+    with pytest.raises(ValueError, match="training mode"):
+        fold_batch_norms(copy.deepcopy(net).train())
+    x = torch.randn(1, 17, 23, 19)  # channel-first volume
+    with torch.no_grad():
+        expected = predict_logits(net, x, (16, 16, 16), overlap=0.5)
+        folded = to_channels_last(fold_batch_norms(copy.deepcopy(net)), 3)
+        got = predict_logits(folded, x, (16, 16, 16), overlap=0.5)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert torch.equal(label_map(got), label_map(expected))
+    # a norm after the activation cannot be folded into the convolution: left alone
+    late = Convolution(3, 2, 4, norm="batch", act="prelu", adn_ordering="AN").eval()
+    assert isinstance(fold_batch_norms(late).adn.N, torch.nn.BatchNorm3d)
+    # instance norms depend on each input: untouched
+    inst = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1, norm="instance").eval()
+    assert sum(isinstance(m, torch.nn.InstanceNorm3d) for m in fold_batch_norms(inst).modules()) > 0
