@@ -98,7 +98,7 @@ class MappedCacheDataset(torch.utils.data.Dataset):
     and every process on the machine shares the page cache instead of holding its own copy.
 
     An entry's folder is named by a hash of the record (paths and content hashes) and of the
-    transform chain (MONAI's ``json_hashing``), so changed data or preprocessing settings never
+    transform chain's settings (:func:`describe`), so changed data or preprocessing settings never
     reuse a stale entry. Entries are written to a temporary folder and renamed into place, so a
     crash or a second process writing the same entry never leaves a half-written one. Arrays are
     mapped copy-on-write: a transform writing into one can never change the cache.

@@ -293,12 +293,12 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
     iterations = cfg.train.iterations_per_epoch or max(1, n_train // (batch_size * ctx.world_size))
 
     workers = loader_workers(cfg)
-    if augment_on_device(cfg, device, workers, train_ds):
+    on_device = augment_on_device(cfg, device, workers, train_ds)
+    if on_device:
         train_ds = DeviceCache(train_ds, device)
     # In-process loading is synchronous: MONAI's ThreadDataLoader would augment in a background
     # thread that fights the step's compute threads for the cores (an epoch 1.6x slower measured
     # on 2 cores, benchmarks/bench_perf.py W4).
-    on_device = isinstance(train_ds, DeviceCache)
     loader_kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda" and not on_device}
 
     def epoch_loader(epoch: int, start_iteration: int) -> Any:
@@ -309,7 +309,9 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
 
     dims = cfg.model.spatial_dims
     channels_last = use_channels_last(cfg.train.channels_last, dims)
-    net = to_channels_last(task.build_network().to(device), dims) if channels_last else task.build_network().to(device)
+    net = task.build_network().to(device)
+    if channels_last:
+        net = to_channels_last(net, dims)
     optimizer = make_optimizer(cfg, net)
     budget = BudgetSchedule(cfg, iterations, by_time=not cfg.train.deterministic)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.factor)

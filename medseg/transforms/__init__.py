@@ -121,17 +121,34 @@ def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), l
     return chain
 
 
-def sampling_indices(cfg: PatchConfig, num_classes: int) -> MapTransform | None:
+def sampling_indices(cfg: PatchConfig, num_classes: int) -> list[MapTransform]:
     """The deterministic half of patch sampling: the label's voxel indices per class (or fg/bg).
 
     Computed once in the cached prefix, not at every draw: MONAI's samplers otherwise scan the
     whole label map for each sample, the largest cost of a cached epoch on big volumes.
     """
     if cfg.sampler == PatchSampler.POS_NEG:
-        return FgBgToIndicesd(keys=LABEL)
+        return [FgBgToIndicesd(keys=LABEL), CompactIndicesd(keys=[FG_INDICES, BG_INDICES])]
     if cfg.sampler == PatchSampler.PER_CLASS:
-        return ClassesToIndicesd(keys=LABEL, num_classes=num_classes)
-    return None
+        return [ClassesToIndicesd(keys=LABEL, num_classes=num_classes), CompactIndicesd(keys=CLASS_INDICES)]
+    return []  # uniform sampling needs no indices
+
+
+class CompactIndicesd(MapTransform):
+    """Voxel indices as int32 (MONAI returns int64): the cache holds one index per voxel, so this
+    halves what the indices cost in memory next to the volume itself. Volumes of 2^31 voxels or
+    more keep int64."""
+
+    def __call__(self, data: Any) -> Any:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = [self._compact(a) for a in d[key]] if isinstance(d[key], (list, tuple)) else self._compact(d[key])
+        return d
+
+    @staticmethod
+    def _compact(indices: Any) -> Any:
+        array = np.asarray(indices)
+        return array.astype(np.int32) if array.size == 0 or array.max() < np.iinfo(np.int32).max else array
 
 
 def patch_sampler(cfg: PatchConfig, num_classes: int, precomputed: bool = False) -> MapTransform:
@@ -213,10 +230,9 @@ def training_transforms(pre: PreprocessConfig, patch: PatchConfig, augment: Sequ
     """
     chain = preprocessing(pre, min_size=patch.size)
     indices = sampling_indices(patch, num_classes)
-    if indices is not None:
-        chain.append(indices)
+    chain.extend(indices)
     chain.append(EnsureTyped(keys=[IMAGE, LABEL], track_meta=False))
-    chain.append(patch_sampler(patch, num_classes, precomputed=indices is not None))
+    chain.append(patch_sampler(patch, num_classes, precomputed=bool(indices)))
     chain.extend(augmentation(augment, spatial_dims))
     chain.append(EnsureTyped(keys=[IMAGE, LABEL], track_meta=False))
     return Compose(chain)

@@ -55,6 +55,8 @@ def test_training_prefix_with_sampler_indices_round_trips(tmp_path: Path) -> Non
     items = _items(tmp_path, 1)
     prefix, _ = split_transforms(training_transforms(PRE, PatchConfig(size=(8, 8, 8)), [], 3, 3))
     fresh = prefix(dict(items[0]))
+    # the deterministic, cached prefix computes the sampler's indices, as int32
+    assert fresh["label_fg_indices"].dtype == np.int32 and fresh["label_bg_indices"].dtype == np.int32
     cached = MappedCacheDataset(items, prefix, tmp_path / "cache")[0]
     assert set(cached) == set(fresh)
     for key, value in fresh.items():
