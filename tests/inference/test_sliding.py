@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
@@ -72,7 +71,6 @@ def test_bf16_and_fp32_predictions_agree(trained_unet: UNet) -> None:
     assert _dice(fp32, truth) > 0.8, "the network did not learn the sphere; the comparison would mean nothing"
     assert _dice(bf16, fp32) > 0.99
     assert abs(_dice(bf16, truth) - _dice(fp32, truth)) < 0.005
-    assert np.isfinite(_dice(bf16, truth))
 
 
 def test_folding_batch_norms_keeps_the_outputs_and_removes_the_norms() -> None:
