@@ -136,8 +136,8 @@ def worker_w1(path: str, work: Path) -> dict:
         from medseg.config import CacheMode, DataConfig
         from medseg.data.datasets import make_dataset, records  # noqa: F401 - records: what medseg run builds
         from medseg.data.sampling import EpochSamples, epoch_order, split_transforms
-        from medseg.training.runtime import configure_threads, tune_allocator
-        from medseg.transforms import training_transforms
+        from medseg.engine.runtime import configure_threads, tune_allocator
+        from medseg.data.transforms import training_transforms
 
         tune_allocator()
         configure_threads(None)
@@ -188,8 +188,8 @@ def _medseg_unet(precision: str = "auto"):
     import torch
 
     from medseg.config import ModelConfig, Precision
-    from medseg.models import create_model
-    from medseg.training.runtime import autocast_dtype, to_channels_last, use_channels_last
+    from medseg.engine.models import create_model
+    from medseg.engine.runtime import autocast_dtype, to_channels_last, use_channels_last
 
     cfg = ModelConfig(name="unet", spatial_dims=3, channels=UNET_CHANNELS, strides=(2, 2, 2, 2), num_res_units=2,
                       norm="batch")
@@ -225,7 +225,7 @@ def worker_w2(path: str, steps: int) -> dict:
         image, label = batch["image"], batch["label"]
         amp = None
     else:
-        from medseg.training.runtime import autocast, configure_threads, to_channels_last, tune_allocator
+        from medseg.engine.runtime import autocast, configure_threads, to_channels_last, tune_allocator
 
         tune_allocator()
         configure_threads(None)
@@ -238,8 +238,8 @@ def worker_w2(path: str, steps: int) -> dict:
         from types import SimpleNamespace
 
         from medseg.config import LossConfig, OptimConfig
-        from medseg.tasks.segmentation import create_loss
-        from medseg.training.loop import make_optimizer
+        from medseg.tasks.segmentation.metrics import create_loss
+        from medseg.engine.loop import make_optimizer
 
         optimiser = make_optimizer(SimpleNamespace(optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=0.0)), net)
         loss_fn = create_loss(LossConfig(name="dice_ce"))
@@ -271,7 +271,7 @@ def worker_peak() -> dict:
     from monai.losses import DiceCELoss
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medseg.training.runtime import tune_allocator
+    from medseg.engine.runtime import tune_allocator
 
     tune_allocator()
     out: dict[str, Any] = {}
@@ -304,7 +304,7 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from medseg.inference.predict import peak_rss_mb
+    from medseg.engine.predict import peak_rss_mb
 
     torch.manual_seed(0)
     array = np.asarray(nib.load(work / "w3" / f"{volume}.nii.gz").dataobj, dtype=np.float32)
@@ -320,8 +320,8 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
             logits = sliding_window_inference(MetaTensor(image), ROI, 4, net, overlap=0.25)
         mask = logits[0].argmax(0).to(torch.uint8)
     else:
-        from medseg.inference.sliding import fold_batch_norms, label_map, predict_logits
-        from medseg.training.runtime import configure_threads, to_channels_last, tune_allocator
+        from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
+        from medseg.engine.runtime import configure_threads, to_channels_last, tune_allocator
 
         tune_allocator()
         configure_threads(None)
@@ -385,7 +385,7 @@ def worker_w4(path: str, epochs: int, work: Path) -> dict:
         f"output_dir={work / f'w4_{path}'}"])
     if path == "medseg":
         from medseg.tracking.mlflow_tracker import NullTracker
-        from medseg.training.segmentation import train
+        from medseg.tasks.segmentation.training import train
 
         os.chdir(REPO)
         out_dir = work / f"w4_medseg_{time.time_ns()}"

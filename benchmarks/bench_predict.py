@@ -35,7 +35,7 @@ def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
     from medseg.config import load_config
     from medseg.io.atomic import atomic_write_text
     from medseg.tracking import MlflowTracker
-    from medseg.training.segmentation import build_network, model_contract
+    from medseg.tasks.segmentation.training import build_network, model_contract
 
     cfg = load_config(config, overrides)
     tracker = MlflowTracker(f"sqlite:///{workdir / 'mlflow.db'}", "bench")
@@ -53,12 +53,12 @@ def _worker(args: argparse.Namespace) -> None:
     import mlflow
     import torch
 
-    from medseg.inference.predict import peak_rss_mb
+    from medseg.engine.predict import peak_rss_mb
 
     mlflow.set_tracking_uri(args.tracking_uri)
     out = Path(args.output)
     if args.path == "medseg":
-        from medseg.inference.predict import PredictOptions, predict_folder
+        from medseg.engine.predict import PredictOptions, predict_folder
 
         started = time.perf_counter()
         outputs = predict_folder(args.model, Path(args.input), out, PredictOptions(progress=False, overwrite=True))

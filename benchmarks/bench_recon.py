@@ -36,10 +36,10 @@ def _worker(args: argparse.Namespace) -> None:
     from medseg.config import load_config
     from medseg.data.datasets import records
     from medseg.data.manifest import read_manifest
-    from medseg.tasks.reconstruction import Acquisition, create_reconstruction_loss
-    from medseg.training.loop import loader_workers, make_optimizer
-    from medseg.training.reconstruction import build_network
-    from medseg.transforms.reconstruction import reconstruction_training_transforms
+    from medseg.tasks.reconstruction.operators import Acquisition, create_reconstruction_loss
+    from medseg.engine.loop import loader_workers, make_optimizer
+    from medseg.tasks.reconstruction.training import build_network
+    from medseg.tasks.reconstruction.transforms import reconstruction_training_transforms
 
     cfg = load_config(CONFIG)
     torch.manual_seed(0)

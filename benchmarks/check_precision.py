@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from medseg.config import load_config
-    from medseg.training.segmentation import evaluate
+    from medseg.tasks.segmentation.training import evaluate
 
     run_dir = args.run_dir
     if run_dir is None:

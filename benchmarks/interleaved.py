@@ -67,7 +67,7 @@ def train_with_data_path(path: str, items: list, chain, data_cfg, net, optimiser
 
     ``medseg``: the chain's deterministic prefix cached (``make_dataset``), the seeded sample stream
     (``EpochSamples``) in-process (a synchronous ``DataLoader``) or in ``workers`` processes, as
-    ``medseg.training.loop.loader_workers`` picks for the config; torch threads = cores: what
+    ``medseg.engine.loop.loader_workers`` picks for the config; torch threads = cores: what
     ``medseg run`` does. ``plain``: MONAI ``Dataset`` with the whole chain per sample, ``DataLoader(num_workers=2,
     shuffle=True)``, torch's default threads. The first epoch's time includes building the cache.
     """
@@ -78,7 +78,7 @@ def train_with_data_path(path: str, items: list, chain, data_cfg, net, optimiser
 
     from medseg.data.datasets import make_dataset
     from medseg.data.sampling import EpochSamples, epoch_order, process_positions, split_transforms
-    from medseg.training.runtime import configure_threads
+    from medseg.engine.runtime import configure_threads
 
     if path == "medseg":
         configure_threads(None, 1)

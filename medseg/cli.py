@@ -185,7 +185,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UsageError(f"--nproc {args.nproc}: must be at least 1")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from medseg.training import distributed
+        from medseg.engine import distributed
 
         distributed.launch(_run_argv(args), args.nproc, cfg.train.device)
         return EXIT_OK
@@ -195,8 +195,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _run_here(args: argparse.Namespace, cfg) -> int:  # noqa: ANN001 - RunConfig, imported lazily
     import signal
 
-    from medseg.runner import RepeatKind, run_pipeline, run_repeated
-    from medseg.training import distributed
+    from medseg.engine import distributed
+    from medseg.engine.runner import RepeatKind, run_pipeline, run_repeated
     from pipelines import PIPELINES
 
     ctx = distributed.init_distributed(cfg.train.device)
@@ -234,16 +234,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.task == Task.CLASSIFICATION:
-        from medseg.training.classification import build_classifier
+        from medseg.tasks.classification.training import build_classifier
 
         model, shape = build_classifier(cfg), f"input {list(cfg.preprocess.resize or [])}"
     elif cfg.task == Task.RECONSTRUCTION:
-        from medseg.training.reconstruction import build_network as build_reconstructor
+        from medseg.tasks.reconstruction.training import build_network as build_reconstructor
 
         recon = cfg.recon
         model, shape = build_reconstructor(cfg), f"{recon.problem} slices {list(recon.image_size)}"  # type: ignore[union-attr]
     else:
-        from medseg.training.segmentation import build_network
+        from medseg.tasks.segmentation.training import build_network
 
         model, shape = build_network(cfg), f"patch {list(cfg.patch.size)}"  # type: ignore[union-attr]
     params = sum(p.numel() for p in model.parameters())
@@ -295,7 +295,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import os
 
-    from medseg.inference.predict import PredictOptions, predict_folder
+    from medseg.engine.predict import PredictOptions, predict_folder
     from medseg.tracking import MlflowTracker, default_tracking_uri
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medseg.errors import UsageError
+from medseg.errors import ConfigError
 
 #: Environment variable that supplies ``data.root`` when the config leaves it empty.
 DATA_ROOT_ENV = "MEDSEG_DATA_ROOT"
@@ -28,10 +28,6 @@ class StrEnum(str, Enum):
 
     def __str__(self) -> str:
         return str(self.value)
-
-
-class ConfigError(UsageError):
-    """A config file or override that cannot be turned into a valid :class:`RunConfig`."""
 
 
 class _Strict(BaseModel):

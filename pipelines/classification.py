@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from medseg.runner import PipelineContext
-from medseg.training import classification as cls
-from medseg.training.loop import has_labelled_cases
+from medseg.engine.runner import PipelineContext
+from medseg.tasks.classification import training as cls
+from medseg.engine.loop import has_labelled_cases
 
 
 def run(ctx: PipelineContext) -> None:

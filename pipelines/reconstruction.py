@@ -3,8 +3,8 @@ with the selected checkpoint, each beside its classical baseline -> package the 
 
 from __future__ import annotations
 
-from medseg.runner import PipelineContext
-from medseg.training import reconstruction as recon
+from medseg.engine.runner import PipelineContext
+from medseg.tasks.reconstruction import training as recon
 
 
 def run(ctx: PipelineContext) -> None:

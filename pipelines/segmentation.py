@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from medseg.runner import PipelineContext
-from medseg.training import segmentation as seg
+from medseg.engine.runner import PipelineContext
+from medseg.tasks.segmentation import training as seg
 
 
 def run(ctx: PipelineContext) -> None:

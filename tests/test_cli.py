@@ -10,7 +10,7 @@ import pytest
 
 from medseg.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "medseg"
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from medseg.config import ConfigError, RunConfig, apply_override, flatten, load_config, validate_config
-from medseg.models import create_model
+from medseg.engine.models import create_model
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -28,11 +28,11 @@ def test_shipped_configs_validate_and_build_their_model(path: Path) -> None:
     assert isinstance(cfg, RunConfig)
     assert (REPO / cfg.data.manifest).is_file(), f"{path.name} points at a manifest that is not in the repo"
     if str(cfg.task) == "reconstruction":
-        from medseg.training.reconstruction import build_network
+        from medseg.tasks.reconstruction.training import build_network
 
         model = build_network(cfg)
     elif cfg.patch is None:  # classification: the whole (resized) image is the input
-        from medseg.training.classification import build_classifier
+        from medseg.tasks.classification.training import build_classifier
 
         model = build_classifier(cfg)
     else:

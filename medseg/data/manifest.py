@@ -19,17 +19,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from medseg.errors import UsageError
+from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_write_text
 from medseg.io.readers import VOLUME_SUFFIXES, strip_volume_suffix
 
 COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
 REQUIRED_COLUMNS = ("case_id", "image", "split")
 CHANNEL_SEP = ";"
-
-
-class ManifestError(UsageError):
-    """A manifest that cannot be read or built; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from medseg.data.manifest import Case, Manifest, file_sha256, read_manifest, sha256_of
-from medseg.errors import MedsegError
+from medseg.errors import DataVerificationError
 from medseg.io.atomic import atomic_write_text
 from medseg.io.geometry import Geometry, geometry_of
 from medseg.io.readers import VolumeReadError, load_volume
@@ -87,18 +87,6 @@ class Tolerance:
     spacing: float = 1e-3  # relative
     origin_mm: float = 1e-2
     direction: float = 1e-3
-
-
-class DataVerificationError(MedsegError, RuntimeError):
-    """Verification found errors; the run stops before any training."""
-
-    def __init__(self, report: VerifyReport, report_path: Path | None):
-        self.report = report
-        self.report_path = report_path
-        where = f" Full report: {report_path}" if report_path else ""
-        shown = "\n".join(str(f) for f in report.errors[:10])
-        more = f"\n... and {len(report.errors) - 10} more" if len(report.errors) > 10 else ""
-        super().__init__(f"Data verification failed with {len(report.errors)} error(s).{where}\n{shown}{more}")
 
 
 def verify_manifest(

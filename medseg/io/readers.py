@@ -19,7 +19,7 @@ from monai.transforms import LoadImage, LoadImaged
 from monai.utils import ensure_tuple
 from monai.utils.enums import MetaKeys, SpaceKeys
 
-from medseg.errors import MedsegError
+from medseg.errors import VolumeReadError
 
 PathLike = str | Path
 
@@ -44,10 +44,6 @@ def strip_volume_suffix(name: str) -> str:
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-class VolumeReadError(MedsegError, RuntimeError):
-    """A file or folder that cannot be read as an image volume; the message names it and the fix."""
 
 
 def is_dicom_file(path: Path) -> bool:

@@ -12,9 +12,9 @@ from monai.data import MetaTensor
 from medseg.config import IntensityConfig, PatchConfig, PreprocessConfig
 from medseg.data.datasets import MappedCacheDataset
 from medseg.data.sampling import split_transforms
-from medseg.transforms import training_transforms, validation_transforms
+from medseg.data.transforms import training_transforms, validation_transforms
 
-from ..conftest import make_case
+from tests.conftest import make_case
 
 
 def _items(tmp_path: Path, n: int = 2) -> list[dict]:

@@ -12,7 +12,7 @@ from medseg.data.manifest import ManifestError, read_manifest
 from medseg.data.medmnist import import_medmnist
 from medseg.io.readers import load_volume
 
-from ..conftest import write_medmnist_npz
+from tests.conftest import write_medmnist_npz
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist"
 

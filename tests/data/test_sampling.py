@@ -109,9 +109,9 @@ def test_patch_sampling_never_writes_into_the_cached_volumes(tmp_path) -> None:
         PreprocessConfig,
         Rot90Aug,
     )
-    from medseg.transforms import training_transforms
+    from medseg.data.transforms import training_transforms
 
-    from ..conftest import make_case
+    from tests.conftest import make_case
 
     image, label, affine = make_case((25, 29, 21), seed=4)
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "img.nii.gz")
@@ -141,9 +141,9 @@ def test_precomputed_sampler_indices_draw_the_same_patches(tmp_path) -> None:
     import nibabel as nib
 
     from medseg.config import PatchConfig, PreprocessConfig
-    from medseg.transforms import patch_sampler, preprocessing, training_transforms
+    from medseg.data.transforms import patch_sampler, preprocessing, training_transforms
 
-    from ..conftest import make_case
+    from tests.conftest import make_case
 
     image, label, affine = make_case((25, 29, 21), seed=5)
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "img.nii.gz")

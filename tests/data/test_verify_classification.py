@@ -9,7 +9,7 @@ from medseg.data.manifest import Manifest, write_manifest
 from medseg.data.medmnist import import_medmnist
 from medseg.data.verify import verify_manifest
 
-from ..conftest import write_medmnist_npz
+from tests.conftest import write_medmnist_npz
 
 
 def _imported(tmp_path: Path) -> Manifest:

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from medseg.cli import main
 
-from ..conftest import tiny_config
+from tests.conftest import tiny_config
 
 
 def _free_port() -> int:

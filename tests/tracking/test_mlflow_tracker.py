@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from medseg.errors import UsageError
-from medseg.inference.predict import expand_model_refs
+from medseg.engine.predict import expand_model_refs
 from medseg.tracking import MlflowTracker, NullTracker
 
 

@@ -1,0 +1,403 @@
+"""Runs a pipeline (a list of stages) inside one MLflow run and writes ``summary.json``.
+
+The runner owns the run's lifecycle: run directory, resolved config, tags and params, status
+FAILED on any exception, and the summary that scripts read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import medseg
+from medseg.config import RunConfig, config_to_dict, dump_config, flatten
+from medseg.data.manifest import file_sha256, read_manifest
+from medseg.engine import distributed
+from medseg.errors import RunError, UsageError
+from medseg.io.atomic import atomic_write_text
+from medseg.tracking import MlflowTracker, NullTracker
+from medseg.tracking.mlflow_tracker import git_commit
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id.txt"
+
+
+@dataclass
+class PipelineContext:
+    """What every stage of a pipeline may use."""
+
+    cfg: RunConfig
+    manifest: Path
+    root: Path
+    run_dir: Path
+    tracker: MlflowTracker
+    resume: bool = False
+    progress: bool = True
+    dist: distributed.DistContext = field(default_factory=distributed.DistContext)
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+
+    def verify_and_train(self, train: Callable[..., Any]) -> Any | None:
+        """The stages every task opens with: verify the data (main process; errors stop the run),
+        then ``train(cfg, manifest, root, run_dir, tracker, resume=, progress=)`` in every process.
+
+        Returns the training outputs on the main process, after logging the learning curve and the
+        history; None on the other processes of a distributed run, which are then done.
+        """
+        from medseg.data.verify import verify_run_data
+
+        if self.dist.is_main:
+            verify_run_data(self.cfg, self.manifest, self.root, self.run_dir, self.tracker, self.progress)
+        self.dist.barrier()
+        trained = train(self.cfg, self.manifest, self.root, self.run_dir, self.tracker, resume=self.resume,
+                        progress=self.progress)
+        self.metrics.update(trained.metrics)
+        if not self.dist.is_main:
+            return None
+        self.tracker.log_artifact(trained.learning_curve, "plots")
+        self.tracker.log_artifact(trained.history)
+        return trained
+
+
+Pipeline = Callable[[PipelineContext], None]
+
+
+def _new_run_dir(base: Path) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    candidate = base / stamp
+    suffix = 1
+    while candidate.exists():
+        candidate = base / f"{stamp}-{suffix}"
+        suffix += 1
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def find_resumable(base: Path) -> Path:
+    """The newest run directory under ``base`` that has a last checkpoint and no summary."""
+    candidates = sorted(
+        (d for d in base.glob("*") if (d / "checkpoints" / "last.pt").is_file() and not (d / "summary.json").is_file()),
+        key=lambda d: d.stat().st_mtime,
+    )
+    if not candidates:
+        raise RunError(f"--resume: no unfinished run with checkpoints/last.pt under {base}; start a new run instead")
+    return candidates[-1]
+
+
+#: Config keys a resumed run may change: budgets only, never what was trained or how.
+RESUMABLE_CHANGES = ("train.max_epochs", "train.max_minutes", "train.early_stopping_patience",
+                     "train.checkpoint_interval_minutes", "tracking.uri")
+
+
+def check_resumable(run_dir: Path, cfg: RunConfig, require_checkpoint: bool = True) -> None:
+    """Refuse to resume a directory that has nothing to resume, is finished, or ran another config."""
+    import yaml
+
+    if require_checkpoint and not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise RunError(f"--resume {run_dir}: no checkpoints/last.pt there; check the path or start a new run")
+    if (run_dir / "summary.json").is_file():
+        raise RunError(f"--resume {run_dir}: that run finished (summary.json exists); start a new run instead")
+    saved_path = run_dir / "resolved_config.yaml"
+    if saved_path.is_file():
+        saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+        current = flatten(config_to_dict(cfg))
+        changed = sorted(k for k in set(saved) | set(current)
+                         if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES))
+        if changed:
+            details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:8])
+            raise RunError(f"--resume {run_dir}: the config differs from the one this run started with ({details}). "
+                           f"Only {', '.join(RESUMABLE_CHANGES)} may change on resume; start a new run otherwise")
+
+
+def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = False, progress: bool = True,
+                 run_dir: Path | None = None, parent_run_id: str | None = None) -> Path | None:
+    """Execute ``pipeline`` as one MLflow run.
+
+    In a distributed job every process calls this; the main process owns the run directory and
+    the MLflow run and tells the others where they are.
+
+    Args:
+        cfg: validated config.
+        pipeline: composition of stages (see ``pipelines/``).
+        resume: False for a new run; True to continue the newest unfinished run under
+            ``cfg.output_dir``; a path to continue that run directory.
+        progress: progress bars on or off.
+        run_dir: for a new run, this directory instead of a fresh ``output_dir/<timestamp>``.
+        parent_run_id: make the MLflow run a child of this one (``--seeds`` / ``--folds``).
+
+    Returns:
+        Path of ``summary.json`` (keys ``run_id``, ``model_uri``, ``tracking_uri``, ``metrics``);
+        None on the non-main processes of a distributed run.
+    """
+    dist = distributed.current()
+    root = cfg.data.resolved_root()
+    manifest_path = cfg.data.manifest
+    tracker: MlflowTracker = NullTracker(cfg.tracking.uri)
+    run_id = ""
+    if dist.is_main:
+        generate_configured_data(cfg, root, progress)
+        if not root.is_dir():
+            raise RunError(f"data root {root} is not a folder (working directory {Path.cwd()}); "
+                           "set data.root, --set data.root=... or $MEDSEG_DATA_ROOT")
+        read_manifest(manifest_path)  # fail before creating anything if the manifest is unusable
+        if resume:
+            run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
+            check_resumable(run_dir, cfg)
+            previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+        elif run_dir is None:
+            run_dir, previous_run = _new_run_dir(cfg.output_dir), None
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # A child of --seeds/--folds that died before its first checkpoint starts over, but in
+            # its own MLflow run rather than leaving that one behind as a stray RUNNING child.
+            previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+        dump_config(cfg, run_dir / "resolved_config.yaml")
+        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
+        tags = {
+            "medseg_version": medseg.__version__,
+            "git_commit": git_commit(),
+            "mlflow.source.git.commit": git_commit(),
+            "manifest_sha256": file_sha256(manifest_path),
+            "manifest": str(manifest_path),
+            "task": str(cfg.task),
+            "run_dir": str(run_dir.resolve()),
+            "world_size": str(dist.world_size),
+        }
+        run_name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{run_dir.name}"
+        run_id = tracker.start(run_name, tags, run_id=previous_run, parent_run_id=parent_run_id)
+        atomic_write_text(run_dir / RUN_ID_FILE, run_id)
+        tracker.log_params(flatten(config_to_dict(cfg)))
+        tracker.log_artifact(run_dir / "resolved_config.yaml")
+    shared_dir, resumed = dist.broadcast((run_dir, bool(resume)))  # where the main process put the run
+    ctx = PipelineContext(cfg, manifest_path, root, Path(shared_dir), tracker, resume=resumed, progress=progress, dist=dist)
+    started = time.time()
+    try:
+        pipeline(ctx)
+    except KeyboardInterrupt:
+        end_despite_sigterm(tracker, "KILLED")
+        raise
+    except BaseException:
+        end_despite_sigterm(tracker, "FAILED")
+        raise
+    if not dist.is_main:
+        return None
+    summary = {
+        "run_id": run_id,
+        "model_uri": ctx.model_uri,
+        "tracking_uri": cfg.tracking.uri,
+        "experiment": cfg.tracking.experiment,
+        "run_dir": str(ctx.run_dir.resolve()),
+        "world_size": dist.world_size,
+        "wall_minutes": (time.time() - started) / 60,
+        "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in ctx.metrics.items()},
+        "mlflow_ui": tracker.ui_hint(),
+    }
+    summary_path = atomic_write_text(ctx.run_dir / "summary.json",
+                                     json.dumps(summary, indent=2, default=_json_default))
+    tracker.log_artifact(summary_path)
+    if ctx.model_uri:  # lets `medseg predict --model runs:/<parent>` find the members of an ensemble
+        tracker.set_tags({"medseg.model_uri": ctx.model_uri})
+    tracker.end("FINISHED")
+    return summary_path
+
+
+def end_despite_sigterm(tracker: MlflowTracker, status: str) -> None:
+    """End the MLflow run with ``status`` even while torchrun is stopping this process.
+
+    When one worker dies, the survivors see a collective fail and torchrun sends them SIGTERM at
+    about the same moment; a SIGTERM landing inside ``tracker.end`` would leave the run RUNNING
+    for ever. It waits here until the store has the status (torchrun allows seconds before SIGKILL),
+    then takes effect.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        tracker.end(status)
+        return
+    pending: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        tracker.end(status)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if pending and callable(previous):
+        previous(*pending[0])
+
+
+def generate_configured_data(cfg: RunConfig, root: Path, progress: bool = True) -> None:
+    """Write the data a config generates itself (``recon.phantoms``) before anything reads the manifest.
+    An identical set already on disk is kept."""
+    if cfg.recon is not None and cfg.recon.phantoms is not None:
+        from medseg.tasks.reconstruction.phantoms import write_phantoms
+
+        made = write_phantoms(cfg.recon.phantoms, cfg.data.manifest, root, progress)
+        log.info("%s %d phantoms in %s (manifest %s)", "wrote" if made.generated else "reusing", made.cases,
+                 made.data_dir, made.manifest)
+
+
+# ----------------------------------------------------------------------------------- repeated runs
+
+REPEAT_FILE = "repeat.json"
+ENSEMBLE_FILE = "ensemble.json"
+
+
+class RepeatKind(str, Enum):
+    SEEDS = "seeds"
+    FOLDS = "folds"
+
+
+def child_configs(cfg: RunConfig, kind: RepeatKind, count: int) -> list[tuple[str, RunConfig]]:
+    """``(child name, config)`` for each run of ``--seeds K`` (seed, seed+1, ...) or ``--folds K``.
+
+    Raises:
+        UsageError: K < 1, or a fold count the manifest does not have.
+    """
+    if count < 1:
+        raise UsageError(f"--{kind.value} {count}: must be at least 1")
+    if kind == RepeatKind.SEEDS:
+        return [(f"seed-{cfg.seed + i}", cfg.model_copy(update={"seed": cfg.seed + i})) for i in range(count)]
+    manifest = read_manifest(cfg.data.manifest)
+    folds = sorted({c.fold for c in manifest.cases if c.fold is not None and c.fold >= 0})
+    if folds[:count] != list(range(count)):
+        raise UsageError(f"--folds {count}: the manifest {cfg.data.manifest} has folds {folds or 'none'}; rebuild "
+                         f"it with `medseg manifest build --folds {count} ...` or ask for at most {len(folds)}")
+    return [(f"fold-{i}", cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": i})}))
+            for i in range(count)]
+
+
+def find_resumable_parent(base: Path) -> Path:
+    """The newest ``--seeds``/``--folds`` parent directory under ``base`` without a summary."""
+    candidates = sorted((d for d in base.glob("*") if (d / REPEAT_FILE).is_file() and not (d / "summary.json").is_file()),
+                        key=lambda d: d.stat().st_mtime)
+    if not candidates:
+        raise RunError(f"--resume: no unfinished --seeds/--folds run under {base}; start a new one instead")
+    return candidates[-1]
+
+
+def aggregate(children: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean and sample standard deviation (n-1) of every numeric metric all children have.
+
+    ``test/dice_mean`` becomes ``test/dice_mean`` (the mean, so parents and single runs compare
+    under one name in the MLflow UI) and ``test/dice_mean_std``.
+    """
+    keys = set.intersection(*(set(k for k, v in c["metrics"].items() if isinstance(v, (int, float)))
+                              for c in children)) if children else set()
+    out: dict[str, float] = {}
+    for key in sorted(keys):
+        values = np.asarray([float(c["metrics"][key]) for c in children], dtype=np.float64)
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: int, *, resume: bool | Path = False,
+                 progress: bool = True) -> Path | None:
+    """Run ``pipeline`` once per seed or fold as MLflow child runs of one parent run.
+
+    The parent directory holds one child run directory per seed/fold, ``summary.json`` with the
+    aggregate (mean, ``_std``) and ``ensemble.json`` listing the child models, which
+    ``medseg predict --model <parent dir>`` averages. A resumed parent skips finished children
+    and resumes an interrupted one.
+
+    Returns:
+        The parent's ``summary.json`` (None on non-main processes).
+    """
+    dist = distributed.current()
+    children = child_configs(cfg, kind, count)
+    plan: tuple[Path, str] | None = None
+    tracker: MlflowTracker = NullTracker(cfg.tracking.uri)
+    if dist.is_main:
+        if resume:
+            parent_dir = Path(resume) if isinstance(resume, Path) else find_resumable_parent(cfg.output_dir)
+            if not (parent_dir / REPEAT_FILE).is_file():
+                raise RunError(f"--resume {parent_dir}: not a --seeds/--folds run (no {REPEAT_FILE})")
+            saved = json.loads((parent_dir / REPEAT_FILE).read_text())
+            if (saved["kind"], saved["count"]) != (kind.value, count):
+                raise RunError(f"--resume {parent_dir}: that run was --{saved['kind']} {saved['count']}, "
+                               f"not --{kind.value} {count}")
+            check_resumable(parent_dir, cfg, require_checkpoint=False)
+        else:
+            parent_dir = _new_run_dir(cfg.output_dir)
+        previous = (parent_dir / RUN_ID_FILE).read_text().strip() if (parent_dir / RUN_ID_FILE).is_file() else None
+        dump_config(cfg, parent_dir / "resolved_config.yaml")
+        tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
+        name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{parent_dir.name}-{count}{kind.value}"
+        parent_id = tracker.start(name, {"medseg_version": medseg.__version__, "git_commit": git_commit(),
+                                         "manifest_sha256": file_sha256(cfg.data.manifest), "task": str(cfg.task),
+                                         "medseg.repeat": kind.value, "medseg.repeat_count": str(count),
+                                         "run_dir": str(parent_dir.resolve())}, run_id=previous)
+        atomic_write_text(parent_dir / RUN_ID_FILE, parent_id)
+        # Written once the parent run exists: a directory with it is always a resumable parent.
+        atomic_write_text(parent_dir / REPEAT_FILE, json.dumps(
+            {"kind": kind.value, "count": count, "children": [name for name, _ in children]}, indent=2))
+        plan = (parent_dir, parent_id)
+    parent_dir, parent_id = dist.broadcast(plan)  # type: ignore[misc]
+    results: list[dict[str, Any]] = []
+    try:
+        tracker.log_params({**flatten(config_to_dict(cfg)), "repeat.kind": kind.value, "repeat.count": count})
+        tracker.log_artifact(parent_dir / "resolved_config.yaml")
+        for child_name, child_cfg in children:
+            child_dir = parent_dir / child_name
+            if child_cfg.tracking.run_name is None:
+                child_cfg = child_cfg.model_copy(update={"tracking": child_cfg.tracking.model_copy(
+                    update={"run_name": f"{cfg.task}-{cfg.model.name}-{parent_dir.name}-{child_name}"})})
+            finished = dist.broadcast((child_dir / "summary.json").is_file())
+            if finished:
+                log.info("%s: finished earlier, skipped", child_dir)
+            else:
+                interrupted = dist.broadcast((child_dir / "checkpoints" / "last.pt").is_file())
+                log.info("%s run %s of %d", kind.value[:-1], child_name, count)
+                run_pipeline(child_cfg, pipeline, resume=child_dir if interrupted else False, progress=progress,
+                             run_dir=child_dir, parent_run_id=parent_id)
+            if dist.is_main:
+                results.append({"name": child_name, **json.loads((child_dir / "summary.json").read_text())})
+        return _finish_parent(cfg, kind, parent_dir, parent_id, results, tracker) if dist.is_main else None
+    except BaseException:
+        end_despite_sigterm(tracker, "FAILED")
+        raise
+
+
+def _finish_parent(cfg: RunConfig, kind: RepeatKind, parent_dir: Path, parent_id: str,
+                   results: list[dict[str, Any]], tracker: MlflowTracker) -> Path:
+    """Aggregate the children onto the parent: metrics, ``ensemble.json``, ``summary.json``."""
+    metrics = aggregate(results)
+    tracker.log_metrics(metrics, step=0)
+    models = [r["model_uri"] for r in results if r.get("model_uri")]
+    ensemble = atomic_write_text(parent_dir / ENSEMBLE_FILE, json.dumps(
+        {"kind": kind.value, "models": models, "runs": [r["run_id"] for r in results]}, indent=2))
+    summary = {
+        "run_id": parent_id,
+        "kind": kind.value,
+        "model_uri": str(parent_dir.resolve()),  # `medseg predict --model` takes the directory: an ensemble
+        "model_uris": models,
+        "tracking_uri": cfg.tracking.uri,
+        "experiment": cfg.tracking.experiment,
+        "run_dir": str(parent_dir.resolve()),
+        "metrics": metrics,
+        "children": [{"name": r["name"], "run_id": r["run_id"], "run_dir": r["run_dir"], "metrics": r["metrics"]}
+                     for r in results],
+        "mlflow_ui": tracker.ui_hint(),
+    }
+    summary_path = atomic_write_text(parent_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    tracker.log_artifact(ensemble)
+    tracker.log_artifact(summary_path)
+    tracker.end("FINISHED")
+    return summary_path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)

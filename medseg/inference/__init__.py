@@ -1,1 +1,0 @@
-"""Whole-volume prediction with MONAI's sliding-window inferer."""

@@ -1,0 +1,115 @@
+"""The protocol every task implements, and the defaults most tasks share.
+
+A task is everything that differs between segmentation, classification and reconstruction: its
+config class, its networks, transforms, losses and metrics, its train / evaluate / package
+stages, its contract and how it predicts one case. The engine (loop, checkpoints, distributed,
+sliding window, batch prediction) and the run / predict drivers know nothing else about it, so a
+new task is a new package plus one registry entry (see :mod:`medseg.tasks.registry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from monai.transforms import Compose
+from torch import nn
+
+from medseg.config import RunConfig
+from medseg.data.verify import VerifyOptions
+from medseg.engine.loop import ModelOutputs, TrainOutputs
+from medseg.engine.predict import CasePredictor, LoadedModel, PredictOptions
+from medseg.engine.runner import PipelineContext
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a task provides. medseg's three implement it; so can a separate package.
+
+    Attributes:
+        name: the value of ``task:`` in a config, and of ``task`` in a model's contract.
+        config_type: the task's config class (a :class:`~medseg.config.RunConfig` subclass whose
+            ``task`` field is ``Literal[name]``); its sections are typed, required ones required.
+        predict_options: the :class:`~medseg.engine.predict.PredictOptions` fields, beyond the ones
+            every task honours, that this task's prediction uses; the driver refuses the others.
+        selection_metric: the validation metric whose maximum picks ``best.pt``.
+    """
+
+    name: str
+    config_type: type[RunConfig]
+    predict_options: frozenset[str]
+    selection_metric: str
+
+    def build_network(self, cfg: Any) -> nn.Module:
+        """The untrained network the config describes (also what a checkpoint is loaded into)."""
+        ...
+
+    def describe_input(self, cfg: Any) -> str:
+        """A few words on what the network takes (``patch [96, 96, 96]``), for ``medseg validate``."""
+        ...
+
+    def transforms(self, cfg: Any) -> tuple[Compose, Compose | None]:
+        """The training chain (its deterministic prefix is cached) and the validation chain."""
+        ...
+
+    def create_loss(self, cfg: Any) -> nn.Module:
+        """``loss(network output, batch label) -> scalar``."""
+        ...
+
+    def verify_options(self, cfg: Any) -> VerifyOptions:
+        """How ``verify`` checks this task's data (label values, class labels, dimensions)."""
+        ...
+
+    def prepare_data(self, cfg: Any, root: Path, progress: bool) -> None:
+        """Write the data the config generates itself, before anything reads the manifest."""
+        ...
+
+    def train(self, ctx: PipelineContext) -> TrainOutputs:
+        """The train stage: the engine's loop with this task's network, data, loss and validation."""
+        ...
+
+    def evaluate(self, ctx: PipelineContext, checkpoint: Path) -> dict[str, float]:
+        """The evaluate stage: score ``checkpoint`` on the validation and test splits; return metrics."""
+        ...
+
+    def package(self, ctx: PipelineContext, checkpoint: Path) -> ModelOutputs:
+        """The package stage: log ``checkpoint``'s network and its contract as an MLflow model."""
+        ...
+
+    def contract(self, cfg: Any) -> dict[str, Any]:
+        """The model's I/O contract: everything inference needs so that it never guesses."""
+        ...
+
+    def case_predictor(self, model: LoadedModel, options: PredictOptions, device: torch.device) -> CasePredictor:
+        """What the one batch-predict driver calls for each case of a folder with this task's model."""
+        ...
+
+
+class TaskBase:
+    """Defaults a task may inherit: no generated data, standard verify options, a network summary."""
+
+    name: str = ""
+    selection_metric: str = "val/loss"
+    predict_options: frozenset[str] = frozenset()
+
+    def describe_input(self, cfg: Any) -> str:
+        return f"{len(cfg.data.channels)} channel(s), {cfg.model.spatial_dims}D"
+
+    def prepare_data(self, cfg: Any, root: Path, progress: bool) -> None:
+        return None
+
+    def verify_options(self, cfg: Any) -> VerifyOptions:
+        return VerifyOptions(labels=sorted(cfg.data.labels) if getattr(cfg.data, "labels", None) else None,
+                             spatial_dims=cfg.model.spatial_dims, expected_channels=len(cfg.data.channels),
+                             cross_split_duplicates=cfg.data.cross_split_duplicates)
+
+
+def parameter_count(network: nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters())
+
+
+def splits_to_evaluate(names: Sequence[str] = ("val", "test")) -> list[tuple[str, str]]:
+    """``(split role, metric prefix)``: the best checkpoint is re-scored on val, then once on test."""
+    return [(name, "best_val" if name == "val" else name) for name in names]

@@ -1,0 +1,1 @@
+"""medseg.tasks.classification.metrics."""

@@ -1,0 +1,246 @@
+"""Classification stages: train (whole images, selection by validation AUC), evaluate (per-case
+CSV, ROC, confusion matrix, calibration, t-SNE), package.
+
+The loop itself (budgets, checkpoints, exact resume, DDP) is :func:`medseg.engine.loop.fit`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import DataLoader
+from torch import nn
+from tqdm import tqdm
+
+from medseg.config import CacheMode, RunConfig
+from medseg.data.datasets import class_index, make_dataset, records
+from medseg.data.manifest import read_manifest
+from medseg.data.transforms import classification_transforms
+from medseg.engine import distributed
+from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.loop import (
+    EvalOutputs,
+    ModelOutputs,
+    TrainOutputs,
+    TrainTask,
+    base_contract,
+    fit,
+    package_model,
+    split_cases,
+    write_csv,
+)
+from medseg.engine.runtime import autocast, autocast_dtype, resolve_device
+from medseg.io.atomic import atomic_write_text
+from medseg.plots import confusion_matrix_plot, embedding_map, reliability_diagram, roc_curves
+from medseg.tasks.classification.metrics import (
+    ClassificationPredictions,
+    balanced_class_weights,
+    class_probabilities,
+    classification_scores,
+    confusion_counts,
+    create_classification_loss,
+    expected_calibration_error,
+    output_count,
+)
+from medseg.tasks.classification.networks import create_classifier, head_prefix
+from medseg.tasks.classification.transfer import freeze, initialise_from
+from medseg.tracking import MlflowTracker
+
+log = logging.getLogger(__name__)
+
+SELECTION_METRIC = "val/auc"
+
+
+def head_kind(cfg: RunConfig) -> str:
+    """How logits become probabilities: ``softmax``, or ``ordinal`` for the cumulative-link head."""
+    return "ordinal" if str(cfg.loss.name) == "ordinal" else "softmax"
+
+
+def build_classifier(cfg: RunConfig, pretrained: bool = False) -> nn.Module:
+    """The configured network; with ``pretrained``, initialised from ``model.init_from`` and with
+    ``model.freeze`` applied (training); without, a bare architecture to load a checkpoint into."""
+    net = create_classifier(cfg.model, len(cfg.data.channels), output_count(cfg.loss, len(cfg.data.labels)),
+                            cfg.preprocess.resize)  # type: ignore[arg-type]  # required for classification
+    if pretrained and cfg.model.init_from:
+        initialise_from(net, cfg.model.init_from, cfg.tracking.uri)
+    if pretrained and cfg.model.freeze:
+        frozen = freeze(net, cfg.model.freeze)
+        log.info("model.freeze %s: %d of %d parameter tensors fixed", cfg.model.freeze, len(frozen),
+                 len(list(net.parameters())))
+    return net
+
+
+@torch.no_grad()
+def predict_dataset(net: nn.Module, dataset: Any, head: str, device: torch.device, amp_dtype: torch.dtype | None,
+                    batch_size: int = 256, features: bool = False, progress: bool = False,
+                    desc: str = "predict") -> ClassificationPredictions:
+    """Class probabilities for every item of ``dataset`` (and the head's input features if asked)."""
+    net.eval()
+    out = ClassificationPredictions()
+    if len(dataset) == 0:
+        return out
+    captured: list[torch.Tensor] = []
+    hook = None
+    if features:
+        # the input of the last linear layer: the penultimate representation
+        hook = net.get_submodule(head_prefix(net)).register_forward_hook(
+            lambda _m, inputs, _o: captured.append(inputs[0].detach().float().flatten(1)))
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+            image = batch["image"].to(device)
+            with autocast(amp_dtype, device):
+                logits = net(image)
+            probs = class_probabilities(logits, head)
+            out.add(batch["case_id"], batch["label"], probs, captured.pop() if features else None)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return out
+
+
+def _score(predictions: ClassificationPredictions, cfg: RunConfig, prefix: str) -> dict[str, float]:
+    return classification_scores(predictions.prob_array(), predictions.label_array(), cfg.data.labels,
+                                 ordinal=cfg.data.ordinal, calibration_bins=cfg.validation.calibration_bins,
+                                 prefix=prefix)
+
+
+# ----------------------------------------------------------------------------------- train stage
+
+
+def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
+          resume: bool = False, progress: bool = True) -> TrainOutputs:
+    """Train a classifier on whole (resized, augmented) images; the best validation AUC is kept.
+
+    Args:
+        cfg: validated run config (``task: classification``).
+        manifest_path: manifest CSV whose label column holds class indices (already verified).
+        root: data root of the manifest's paths.
+        out_dir: run directory.
+        tracker: MLflow run (a no-op tracker off the main process).
+        resume: continue from ``out_dir/checkpoints/last.pt``.
+        progress: show progress bars.
+    """
+    manifest = read_manifest(manifest_path)
+    train_cases = split_cases(cfg, manifest, "train")
+    num_classes = len(cfg.data.labels)
+    weights = cfg.loss.class_weights
+    if weights == "balanced":
+        weights = balanced_class_weights([class_index(c) for c in train_cases], num_classes)
+        log.info("balanced class weights: %s", ", ".join(f"{cfg.data.labels[i]} {w:.3f}" for i, w in enumerate(weights)))
+        tracker.log_params({"loss.class_weights_resolved": [round(w, 4) for w in weights]})
+    head = head_kind(cfg)
+    batch = max(cfg.train.batch_size, 64)
+
+    def validate(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None,
+                 show: bool) -> dict[str, float]:
+        mine = predict_dataset(net, dataset, head, device, amp_dtype, batch, progress=show, desc="val")
+        return _score(mine.gather(distributed.current()), cfg, "val")
+
+    task = TrainTask(
+        build_network=lambda: build_classifier(cfg, pretrained=True),
+        train_items=records(train_cases, root, class_labels=True),
+        val_items=records(split_cases(cfg, manifest, "val"), root, class_labels=True),
+        train_transform=classification_transforms(cfg.preprocess, cfg.augment, cfg.model.spatial_dims),
+        val_transform=classification_transforms(cfg.preprocess, (), cfg.model.spatial_dims),
+        loss=create_classification_loss(cfg.loss, weights),
+        validate=validate,
+        selection_metric=SELECTION_METRIC,
+    )
+    return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
+
+
+# ----------------------------------------------------------------------------------- evaluate stage
+
+
+def per_case_rows(predictions: ClassificationPredictions, names: dict[int, str]) -> tuple[list[str], list[dict]]:
+    """Columns and rows of the per-case CSV: case id, label, predicted class and one probability per class."""
+    probs = predictions.prob_array()
+    fields = ["case_id", "label", "predicted", *[f"prob_{n}" for n in names.values()]]
+    rows = []
+    for i, case_id in enumerate(predictions.case_ids):
+        row: dict[str, Any] = {"case_id": case_id, "label": predictions.labels[i],
+                               "predicted": int(probs[i].argmax())}
+        row.update({f"prob_{n}": f"{probs[i, k]:.6f}" for k, n in names.items()})
+        rows.append(row)
+    return fields, rows
+
+
+def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
+             tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None,
+             tsne: bool = False) -> EvalOutputs:
+    """Score a checkpoint on a split: per-case CSV, metrics JSON, ROC / confusion / calibration
+    figures and, with ``tsne``, a t-SNE map of the penultimate layer.
+
+    Metric names are ``{prefix}/acc``, ``/auc``, ``/f1``, ``/sensitivity``, ... (see
+    :func:`~medseg.tasks.classification.metrics.classification_scores`).
+    """
+    prefix = prefix or split
+    device = resolve_device(cfg.train.device)
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    manifest = read_manifest(manifest_path)
+    cases = [c for c in split_cases(cfg, manifest, split) if c.label is not None]
+    net = build_classifier(cfg).to(device)
+    net.load_state_dict(load_checkpoint(checkpoint, device)["model"])
+    dataset = make_dataset(records(cases, root, class_labels=True),
+                           classification_transforms(cfg.preprocess, (), cfg.model.spatial_dims),
+                           cfg.data.model_copy(update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
+    predictions = predict_dataset(net, dataset, head_kind(cfg), device, amp_dtype, features=tsne, progress=progress,
+                                  desc=f"evaluate {split}")
+    values = _score(predictions, cfg, prefix)
+    names = cfg.data.labels
+    fields, rows = per_case_rows(predictions, names)
+    per_case = write_csv(out_dir / "evaluation" / f"{split}_cases.csv", fields, rows)
+    metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
+    probs, labels = predictions.prob_array(), predictions.label_array()
+    plots = out_dir / "plots"
+    matrix = confusion_counts(probs, labels, len(names))
+    ece, table = expected_calibration_error(probs, labels, cfg.validation.calibration_bins)
+    figures = [
+        roc_curves(probs, labels, names, plots / f"roc_{split}.png", f"ROC, {split} ({len(labels)} cases)"),
+        confusion_matrix_plot(matrix, list(names.values()), plots / f"confusion_{split}.png",
+                              f"confusion, {split}: ACC {values[f'{prefix}/acc']:.3f}"),
+        reliability_diagram(table, ece, plots / f"calibration_{split}.png", f"calibration, {split}"),
+    ]
+    atomic_write_text(out_dir / "evaluation" / f"{split}_confusion.json",
+                      json.dumps({"labels": list(names.values()), "matrix": matrix.tolist()}, indent=2))
+    features = predictions.feature_array()
+    if tsne and features is not None and len(features) >= 5:
+        from sklearn.manifold import TSNE
+
+        points = TSNE(n_components=2, init="pca", random_state=cfg.seed,
+                      perplexity=float(min(30.0, (len(features) - 1) / 3))).fit_transform(features)
+        figures.append(embedding_map(points, labels, names, plots / f"tsne_{split}.png",
+                                     f"t-SNE of the penultimate layer, {split} ({len(labels)} cases)"))
+    if tracker is not None:
+        tracker.log_metrics(values, step=0)
+        tracker.log_artifact(per_case, "evaluation")
+        tracker.log_artifact(metrics_file, "evaluation")
+        for path in figures:
+            tracker.log_artifact(path, "plots")
+    return EvalOutputs(per_case, metrics_file, tuple(figures), values)
+
+
+# ----------------------------------------------------------------------------------- package stage
+
+
+def model_contract(cfg: RunConfig) -> dict[str, Any]:
+    """What inference needs to see images as training did, and to read the outputs."""
+    return {
+        **base_contract(cfg),
+        "ordinal": cfg.data.ordinal,
+        "resize": list(cfg.preprocess.resize) if cfg.preprocess.resize else None,
+        "output_activation": head_kind(cfg),
+        "model": cfg.model.model_dump(mode="json"),
+    }
+
+
+def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
+    """Log the selected checkpoint's network as an MLflow PyTorch model with its I/O contract."""
+    contract_path, uri = package_model(build_classifier(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
+                                       cfg.tracking.register_model_as)
+    return ModelOutputs(contract_path, uri)

@@ -1,0 +1,99 @@
+"""Transfer learning: start from an earlier model's weights, optionally with frozen layers."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medseg.engine.models import ModelError
+from medseg.tasks.classification.networks import head_prefix
+
+log = logging.getLogger(__name__)
+
+BACKBONE = "backbone"
+
+
+def pretrained_state(ref: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict behind ``ref``: a ``.pt``/``.pth`` checkpoint (medseg's or a bare state dict),
+    or a medseg MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>``, a model folder)."""
+    path = Path(ref)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ModelError(f"model.init_from {ref}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                             f"{err})") from err
+        state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+        if not isinstance(state, dict):
+            raise ModelError(f"model.init_from {ref}: holds no state dict (expected a medseg checkpoint or the "
+                             "output of torch.save(model.state_dict()))")
+        return state
+    import mlflow
+
+    from medseg.engine.predict import load_model
+
+    if tracking_uri and not path.exists():
+        mlflow.set_tracking_uri(tracking_uri)
+    loaded_model = load_model(ref, torch.device("cpu"))
+    return loaded_model.networks[0].state_dict()
+
+
+def initialise_from(model: nn.Module, ref: str, tracking_uri: str | None = None) -> dict[str, list[str]]:
+    """Copy every tensor of ``ref`` whose name and shape match ``model``; the rest start fresh.
+
+    A head for another number of classes is thus re-initialised, which is what fine-tuning on a
+    new label set needs.
+
+    Returns:
+        ``{"loaded": [...], "fresh": [...]}`` tensor names.
+
+    Raises:
+        ModelError: nothing matches (a different architecture), or ``ref`` cannot be read.
+    """
+    source = pretrained_state(ref, tracking_uri)
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not matched:
+        raise ModelError(f"model.init_from {ref}: none of its {len(source)} tensors matches this model by name and "
+                         "shape; it was trained with another architecture (check model.name, widen_factor, stem)")
+    model.load_state_dict(matched, strict=False)
+    fresh = sorted(set(own) - set(matched))
+    log.info("model.init_from %s: %d tensors loaded, %d start fresh%s", ref, len(matched), len(fresh),
+             f" ({', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''})" if fresh else "")
+    return {"loaded": sorted(matched), "fresh": fresh}
+
+
+def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    """Stop gradients for every parameter under the given name prefixes (``backbone``: all but the head).
+
+    Returns:
+        Names of the frozen parameters.
+
+    Raises:
+        ModelError: a prefix that names no parameter (with the closest module name).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for prefix in prefixes:
+        if prefix == BACKBONE:
+            head = head_prefix(model)
+            chosen.update(n for n in names if not n.startswith(head + "."))
+            continue
+        hits = [n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")]
+        if not hits:
+            modules = sorted({n.split(".")[0] for n in names})
+            hint = difflib.get_close_matches(prefix, modules, n=1)
+            raise ModelError(f"model.freeze: {prefix!r} names no parameter{f'; did you mean {hint[0]!r}?' if hint else ''}"
+                             f" Top-level modules: {modules}, or 'backbone' for all but the head")
+        chosen.update(hits)
+    for name, parameter in model.named_parameters():
+        if name in chosen:
+            parameter.requires_grad_(False)
+    if chosen and len(chosen) == len(names):
+        raise ModelError("model.freeze leaves nothing to train; freeze fewer layers")
+    return sorted(chosen)

@@ -1,0 +1,127 @@
+"""Segmentation losses and metrics.
+
+Dice is defined once here: per class from tp/fp/fn summed over all validation cases,
+background excluded, NaN where the reference and prediction are both empty. Summed counts are
+what a distributed run can all-reduce, so every process count gives the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
+from monai.metrics import compute_hausdorff_distance, get_confusion_matrix
+from monai.networks.utils import one_hot
+from torch import nn
+
+from medseg.config import LossConfig, LossName
+
+
+def create_loss(cfg: LossConfig) -> nn.Module:
+    """The configured loss on raw logits and integer labels of shape (B, 1, ...)."""
+    common = {"to_onehot_y": True, "softmax": True, "include_background": True}
+    if cfg.name == LossName.DICE_CE:
+        return DiceCELoss(**common, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
+    if cfg.name == LossName.DICE_FOCAL:
+        return DiceFocalLoss(**common, lambda_dice=cfg.lambda_dice, lambda_focal=cfg.lambda_ce)
+    return DiceLoss(**common)
+
+
+class SegmentationMetrics:
+    """Accumulates per-class tp/fp/fn (and HD95 per case) over a validation pass.
+
+    Args:
+        labels: label value -> name, background at 0.
+        hd95: also compute the 95th-percentile Hausdorff distance (mm) per case and class.
+    """
+
+    def __init__(self, labels: Mapping[int, str], hd95: bool = True):
+        self.labels = dict(labels)
+        self.names = [self.labels[i] for i in sorted(self.labels) if i != 0]
+        self.hd95 = hd95
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = torch.zeros(len(self.names), 3, dtype=torch.float64)  # tp, fp, fn
+        self.hd_values: list[list[float]] = []
+        self.per_case: list[dict[str, float | str]] = []
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, spacing: tuple[float, ...] | None = None,
+               case_id: str = "") -> dict[str, float]:
+        """Add one case.
+
+        Args:
+            pred: predicted label map, (*spatial) integers.
+            target: reference label map, same shape.
+            spacing: voxel spacing in mm for HD95.
+            case_id: recorded with the per-case values.
+
+        Returns:
+            This case's per-class Dice (NaN where both are empty).
+        """
+        n = len(self.labels)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} differs from reference {tuple(target.shape)}")
+        pred_oh = one_hot(pred[None, None].long(), num_classes=n)
+        ref_oh = one_hot(target[None, None].long(), num_classes=n)
+        cm = get_confusion_matrix(pred_oh, ref_oh, include_background=False)[0]  # (C, 4): tp, fp, tn, fn
+        case_counts = torch.stack([cm[:, 0], cm[:, 1], cm[:, 3]], dim=1).double().cpu()
+        self.counts += case_counts
+        case_dice = dice_from_counts(case_counts)
+        row: dict[str, float | str] = {"case_id": case_id}
+        row.update({f"dice/{name}": float(d) for name, d in zip(self.names, case_dice)})
+        if self.hd95:
+            hd = compute_hausdorff_distance(pred_oh, ref_oh, include_background=False, percentile=95,
+                                            spacing=list(spacing) if spacing else None)[0]
+            # When only one of prediction/reference holds a class, MONAI returns no distance; dropping
+            # those would reward misses, so they count as the volume's diagonal (the worst possible).
+            extent = np.asarray(pred.shape, dtype=np.float64) * (np.asarray(spacing) if spacing else 1.0)
+            diagonal = float(np.linalg.norm(extent))
+            in_pred = pred_oh[0, 1:].flatten(1).any(1).tolist()
+            in_ref = ref_oh[0, 1:].flatten(1).any(1).tolist()
+            values = [diagonal if p != r else float(v) for v, p, r in zip(hd, in_pred, in_ref)]
+            self.hd_values.append(values)
+            row.update({f"hd95/{name}": v for name, v in zip(self.names, values)})
+        self.per_case.append(row)
+        return {name: float(d) for name, d in zip(self.names, case_dice)}
+
+    def reduce(self, ctx: Any) -> None:
+        """Combine the cases of every process of a distributed run into each process's totals.
+
+        Counts are summed (float64, exact), so Dice equals the single-process value; HD95 and
+        per-case rows are gathered in rank order.
+
+        Args:
+            ctx: a :class:`~medseg.engine.distributed.DistContext`.
+        """
+        if not ctx.enabled:
+            return
+        ctx.sum_(self.counts)
+        gathered = ctx.gather((self.hd_values, self.per_case))
+        self.hd_values = [values for hd, _ in gathered for values in hd]
+        self.per_case = [row for _, rows in gathered for row in rows]
+
+    def aggregate(self, prefix: str = "val") -> dict[str, float]:
+        """Metric name -> value: ``{prefix}/dice/<label>``, ``{prefix}/dice_mean``, ``{prefix}/hd95/<label>``."""
+        dice = dice_from_counts(self.counts)
+        out = {f"{prefix}/dice/{name}": float(d) for name, d in zip(self.names, dice)}
+        finite = [float(d) for d in dice if not math.isnan(float(d))]
+        out[f"{prefix}/dice_mean"] = float(np.mean(finite)) if finite else float("nan")
+        if self.hd95 and self.hd_values:
+            values = np.asarray(self.hd_values, dtype=np.float64)
+            for j, name in enumerate(self.names):
+                column = values[:, j]
+                column = column[np.isfinite(column)]
+                out[f"{prefix}/hd95/{name}"] = float(column.mean()) if column.size else float("nan")
+        return out
+
+
+def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Dice per class from (C, 3) tp/fp/fn; NaN where tp + fp + fn == 0."""
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1e-12), torch.full_like(denom, float("nan")))

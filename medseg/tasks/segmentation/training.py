@@ -1,0 +1,205 @@
+"""Segmentation stages: train (patches, budgets, checkpoints), evaluate (whole volumes), package.
+
+Each stage is a function whose inputs and outputs are files, so a run can be stopped, inspected
+and resumed between stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from medseg.config import CacheMode, RunConfig
+from medseg.data.datasets import make_dataset, records
+from medseg.data.manifest import read_manifest
+from medseg.data.transforms import training_transforms, validation_transforms
+from medseg.engine import distributed
+from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.loop import (
+    ModelOutputs,
+    TrainOutputs,
+    TrainTask,
+    base_contract,
+    fit,
+    has_labelled_cases,
+    package_model,
+    split_cases,
+    write_csv,
+)
+from medseg.engine.models import create_model
+from medseg.engine.runtime import autocast_dtype, resolve_device, to_channels_last, use_channels_last
+from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
+from medseg.io.atomic import atomic_write_text
+from medseg.plots import overlay
+from medseg.tasks.segmentation.metrics import SegmentationMetrics, create_loss
+from medseg.tracking import MlflowTracker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainOutputs", "build_network", "evaluate", "has_labelled_cases", "model_contract", "package",
+           "train"]
+
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    per_case: Path
+    metrics_file: Path
+    overlays: tuple[Path, ...]
+    metrics: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def build_network(cfg: RunConfig) -> nn.Module:
+    return create_model(cfg.model, len(cfg.data.channels), len(cfg.data.labels), cfg.patch.size)
+
+
+def _case_spacing(item: dict[str, Any]) -> tuple[float, ...]:
+    return tuple(float(v) for v in item["image"].pixdim)
+
+
+# ----------------------------------------------------------------------------------- train stage
+
+
+def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
+          resume: bool = False, progress: bool = True) -> TrainOutputs:
+    """Train a segmentation network on patches; validate whole volumes by sliding window.
+
+    The loop itself (budgets, checkpoints, resume, DDP) is :func:`medseg.engine.loop.fit`.
+
+    Args:
+        cfg: validated run config.
+        manifest_path: manifest CSV (already verified).
+        root: data root of the manifest's paths.
+        out_dir: run directory; ``checkpoints/``, ``history.csv`` and plots go here.
+        tracker: MLflow run to log to (already started; a no-op tracker off the main process).
+        resume: continue from ``out_dir/checkpoints/last.pt`` if it exists.
+        progress: show progress bars.
+    """
+    manifest = read_manifest(manifest_path)
+    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
+
+    def validate_hook(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None,
+                      show: bool) -> dict[str, float]:
+        return validate(net, dataset, cfg, metrics, device, amp_dtype, show)
+
+    task = TrainTask(
+        build_network=lambda: build_network(cfg),
+        train_items=records(split_cases(cfg, manifest, "train"), root),
+        val_items=records(split_cases(cfg, manifest, "val"), root),
+        train_transform=training_transforms(cfg.preprocess, cfg.patch, cfg.augment, cfg.model.spatial_dims,
+                                            len(cfg.data.labels)),
+        val_transform=validation_transforms(cfg.preprocess),
+        loss=create_loss(cfg.loss),
+        validate=validate_hook,
+        selection_metric="val/dice_mean",
+    )
+    return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, dataset: Any, cfg: RunConfig, metrics: SegmentationMetrics, device: torch.device,
+             amp_dtype: torch.dtype | None, progress: bool = False, prefix: str = "val") -> dict[str, float]:
+    """Sliding-window prediction of whole volumes and Dice/HD95 against their labels.
+
+    In a distributed run each process scores its share of the cases and the counts are summed
+    across processes, so every process returns the single-process value.
+    """
+    model.eval()
+    metrics.reset()
+    for item in tqdm(dataset, desc=prefix, disable=not progress, leave=False, unit="case"):
+        pred = predict_segmentation(model, item["image"], cfg, device, amp_dtype)
+        metrics.update(pred, item["label"].as_tensor()[0], _case_spacing(item), item["case_id"])
+    metrics.reduce(distributed.current())
+    model.train()
+    return metrics.aggregate(prefix)
+
+
+def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: RunConfig, device: torch.device,
+                         amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Label map (*spatial) for one preprocessed channel-first volume."""
+    v = cfg.validation
+    logits = predict_logits(model, image.as_tensor() if hasattr(image, "as_tensor") else image, cfg.patch.size,
+                            overlap=v.overlap, sw_batch_size=v.sw_batch_size, blend=v.blend, device=device,
+                            amp_dtype=amp_dtype)
+    return label_map(logits)
+
+
+# ----------------------------------------------------------------------------------- evaluate stage
+
+
+def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
+             tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None) -> EvalOutputs:
+    """Score a checkpoint on a whole split: per-case CSV, metrics JSON and overlay PNGs.
+
+    Metric names are ``{prefix}/dice/<label>``, ``{prefix}/dice_mean``, ``{prefix}/dice_mean_per_case``
+    and ``{prefix}/hd95/<label>``; ``prefix`` defaults to the split name.
+    """
+    prefix = prefix or split
+    device = resolve_device(cfg.train.device)
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    manifest = read_manifest(manifest_path)
+    cases = [c for c in split_cases(cfg, manifest, split) if c.label]
+    model = build_network(cfg).to(device)
+    model.load_state_dict(load_checkpoint(checkpoint, device)["model"])
+    model = fold_batch_norms(model.eval())
+    if use_channels_last(cfg.train.channels_last, cfg.model.spatial_dims):
+        model = to_channels_last(model, cfg.model.spatial_dims)
+    dataset = make_dataset(records(cases, root), validation_transforms(cfg.preprocess), cfg.data.model_copy(
+        update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
+    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
+    overlays: list[Path] = []
+    for index, item in enumerate(tqdm(dataset, desc=f"evaluate {split}", disable=not progress, unit="case")):
+        pred = predict_segmentation(model, item["image"], cfg, device, amp_dtype)
+        truth = item["label"].as_tensor()[0]
+        dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
+        if index < cfg.validation.overlays:
+            title = f"{split} {item['case_id']}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+            overlays.append(overlay(item["image"].as_tensor()[0].numpy(), truth.numpy(), pred.cpu().numpy(),
+                                    out_dir / "plots" / f"overlay_{split}_{item['case_id']}.png", title,
+                                    len(cfg.data.labels)))
+    values = metrics.aggregate(prefix)
+    per_case = out_dir / "evaluation" / f"{split}_cases.csv"
+    write_csv(per_case, list(metrics.per_case[0]) if metrics.per_case else ["case_id"], metrics.per_case)
+    case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
+    values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
+    metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
+    if tracker is not None:
+        tracker.log_metrics(values, step=0)
+        tracker.log_artifact(per_case, "evaluation")
+        tracker.log_artifact(metrics_file, "evaluation")
+        for path in overlays:
+            tracker.log_artifact(path, "plots")
+    return EvalOutputs(per_case, metrics_file, tuple(overlays), values)
+
+
+# ----------------------------------------------------------------------------------- package stage
+
+
+def model_contract(cfg: RunConfig) -> dict[str, Any]:
+    """What inference needs to reproduce training's view of the data (MONAI bundle ``metadata.json``)."""
+    return {
+        **base_contract(cfg),
+        "patch_size": list(cfg.patch.size),
+        "sliding_window": {"overlap": cfg.validation.overlap, "blend": cfg.validation.blend,
+                           "sw_batch_size": cfg.validation.sw_batch_size},
+        "output_activation": "softmax",
+        "postprocess": cfg.postprocess.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+    }
+
+
+def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
+    """Log the checkpoint's network with MLflow's PyTorch flavour, its I/O contract alongside."""
+    contract_path, uri = package_model(build_network(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
+                                       cfg.tracking.register_model_as)
+    return ModelOutputs(contract_path, uri)

@@ -1,0 +1,269 @@
+"""Distributed training with real processes: torchrun workers talking gloo on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from mlflow.tracking import MlflowClient
+
+from medseg.cli import main
+from medseg.data.manifest import build_manifest
+
+from tests.conftest import REPO, make_case, tiny_config, write_msd_dataset
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+
+
+def _curves(run_dir: Path) -> list[dict[str, str]]:
+    """history.csv without the wall-clock column, which no rerun repeats."""
+    with open(run_dir / "history.csv") as f:
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in csv.DictReader(f)]
+
+
+def _only_run(uri: str, experiment: str = "tests"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+@pytest.fixture
+def eight_cases(tmp_path: Path) -> tuple[Path, Path]:
+    dataset = write_msd_dataset(tmp_path / "dataset", n_cases=8)
+    manifest = tmp_path / "manifest.csv"
+    build_manifest(dataset, manifest, val_fraction=0.25, seed=1)
+    return dataset, manifest
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, eight_cases) -> None:
+    dataset, manifest = eight_cases
+    common = {"train": {"max_epochs": 3, "num_threads": 1}, "data": {"cache": "disk",
+                                                                     "cache_dir": str(tmp_path / "cache")}}
+    two_uri, one_uri = f"sqlite:///{tmp_path / 'two.db'}", f"sqlite:///{tmp_path / 'one.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, two_uri, **common)
+    done = subprocess.run([sys.executable, "-m", "medseg", "run", str(config), "--nproc", "2", "--deterministic",
+                           "--no-progress", "--set", "train.batch_size=1", "--set", f"output_dir={tmp_path / 'two'}"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert main(["run", str(config), "--deterministic", "--no-progress", "--set", "train.batch_size=2",
+                 "--set", f"output_dir={tmp_path / 'one'}", "--set", f"tracking.uri={one_uri}"]) == 0
+
+    client, two = _only_run(two_uri)  # one MLflow run for the whole job: only rank 0 talks to MLflow
+    assert two.info.status == "FINISHED"
+    assert two.data.tags["world_size"] == "2"
+    assert two.data.metrics["system/world_size"] == 2
+    assert two.data.metrics["system/batch_per_process"] == 1
+    assert two.data.metrics["system/global_batch"] == 2
+    _, one = _only_run(one_uri)
+    for key in ("train/loss", "val/dice_mean", "val/dice/blob1", "val/dice/blob2"):
+        two_curve = [m.value for m in sorted(client.get_metric_history(two.info.run_id, key), key=lambda m: m.step)]
+        one_curve = [m.value for m in sorted(MlflowClient(one_uri).get_metric_history(one.info.run_id, key),
+                                             key=lambda m: m.step)]
+        assert len(two_curve) == len(one_curve) == 3
+        # Same samples, same augmentation, DDP-averaged gradients: equal up to float summation order.
+        assert two_curve == pytest.approx(one_curve, abs=2e-3), key
+    # Only the main process wrote the run: one run directory, one checkpoint set.
+    (run_dir,) = (tmp_path / "two").iterdir()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def test_a_killed_worker_ends_the_job_with_a_clear_error_and_memory_caches_are_sharded(tmp_path: Path, eight_cases) -> None:
+    dataset, manifest = eight_cases
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 500, "num_threads": 1,
+                                                                  "num_workers": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "run", str(config), "--nproc", "2", "--no-progress"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/checkpoints/last.pt")):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.2)
+        workers = [p for p in _descendants(proc.pid) if _rank_of(p) == "1"]
+        assert workers, "no rank-1 worker found"
+        os.kill(min(workers), signal.SIGKILL)  # the worker itself (its lowest pid), as the OOM killer would
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1
+    assert "distributed run failed" in output and "SIGKILL" in output
+    _, run = _only_run(uri)
+    assert run.info.status == "FAILED"  # the surviving rank 0 was stopped and marked its run
+    assert run.data.metrics["data/train_cases"] == 6
+    assert run.data.metrics["data/train_cases_per_process"] == 3  # a memory cache holds each process's half
+
+
+def _reduce_worker(rank: int, world: int, port: int, cases: list, queue) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    from medseg.tasks.segmentation.metrics import SegmentationMetrics
+    from medseg.engine.distributed import DistContext
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    metrics = SegmentationMetrics({0: "background", 1: "a", 2: "b"})
+    for pred, truth, case_id in cases[rank::world]:
+        metrics.update(pred, truth, (1.0, 1.2, 2.5), case_id)
+    metrics.reduce(DistContext(rank, world, rank, world, "gloo"))
+    queue.put((rank, metrics.aggregate("val"), [r["case_id"] for r in metrics.per_case]))
+    dist.destroy_process_group()
+
+
+def test_validation_metrics_summed_across_processes_equal_the_single_process_values() -> None:
+    from medseg.tasks.segmentation.metrics import SegmentationMetrics
+
+    cases = []
+    for i in range(5):  # five cases over two processes: uneven shares
+        _, truth, _ = make_case((19, 23, 11), seed=i)
+        pred = torch.from_numpy(truth).clone()
+        pred[:: 2 + i] = 0  # different damage per case
+        cases.append((pred, torch.from_numpy(truth), f"case{i}"))
+    single = SegmentationMetrics({0: "background", 1: "a", 2: "b"})
+    for pred, truth, case_id in cases:
+        single.update(pred, truth, (1.0, 1.2, 2.5), case_id)
+    expected = single.aggregate("val")
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_reduce_worker, args=(r, 2, port, cases, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for _, values, case_ids in results:
+        assert values == pytest.approx(expected, abs=1e-12)
+        assert sorted(case_ids) == [f"case{i}" for i in range(5)]
+
+
+def test_deterministic_runs_repeat_their_curves_exactly(tmp_path: Path, tiny_run_inputs) -> None:
+    dataset, manifest = tiny_run_inputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri,
+                         augment=[{"name": "flip", "prob": 0.5, "axes": [0, 1]}, {"name": "noise", "prob": 0.5},
+                                  {"name": "affine", "prob": 0.5, "rotate_deg": 15}],
+                         train={"max_epochs": 3, "num_threads": 1})
+    for name in ("a", "b"):
+        assert main(["run", str(config), "--deterministic", "--no-progress",
+                     "--set", f"output_dir={tmp_path / name}"]) == 0
+    (a,), (b,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
+    assert len(_curves(a)) == 3 and "val/dice_mean" in _curves(a)[0]
+    assert _curves(a) == _curves(b)
+    assert torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"].keys() == \
+           torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"].keys()
+    for key, tensor in torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"].items():
+        assert torch.equal(tensor, torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"][key]), key
+
+
+def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path: Path,
+                                                                              tiny_run_inputs) -> None:
+    dataset, manifest = tiny_run_inputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri,
+                         train={"max_epochs": 4, "iterations_per_epoch": 6, "num_threads": 1, "deterministic": True,
+                                "checkpoint_interval_minutes": 0})  # a checkpoint after every iteration
+    assert main(["run", str(config), "--no-progress", "--set", f"output_dir={tmp_path / 'whole'}",
+                 "--set", f"tracking.uri=sqlite:///{tmp_path / 'whole.db'}"]) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "run", str(config), "--no-progress"], cwd=tmp_path,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, killed_at = time.monotonic() + 180, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        for last in (tmp_path / "runs").glob("*/checkpoints/last.pt"):
+            try:
+                state = json.loads(torch.load(last, weights_only=True)["state"])
+            except Exception:  # noqa: BLE001 - read between two renames: try again
+                continue
+            if state["epoch"] >= 1 and state["iteration"] >= 2:  # well inside the second epoch
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_at = (state["epoch"], state["iteration"])
+        if killed_at:
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, proc.stdout.read().decode() if proc.stdout else ""
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "summary.json").exists()
+
+    assert main(["run", str(config), "--resume", "--no-progress"]) == 0
+    (whole_dir,) = (tmp_path / "whole").iterdir()
+    assert len(_curves(run_dir)) == 4
+    assert _curves(run_dir) == _curves(whole_dir)
+    resumed = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key, tensor in torch.load(whole_dir / "checkpoints" / "last.pt", weights_only=True)["model"].items():
+        assert torch.equal(tensor, resumed[key]), key
+
+    client, run = _only_run(uri)  # the same MLflow run continued, each epoch logged once
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "system/world_size")] == [0]
+
+
+def test_the_documented_multi_node_form_runs_two_torchrun_agents_as_two_machines(tmp_path: Path,
+                                                                                 eight_cases) -> None:
+    """Two torchrun agents meeting at a c10d rendezvous, as two machines would (here on one host)."""
+    import socket
+
+    dataset, _ = eight_cases
+    manifest = tmp_path / "one_val_case.csv"  # one validation case for two processes: one has none to score
+    build_manifest(dataset, manifest, val_fraction=0.125, seed=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Batch norm and dropout too: CPU processes keep per-process batch statistics (SyncBatchNorm is GPU-only).
+    config = tiny_config(tmp_path, dataset, manifest, uri, model={"norm": "batch", "dropout": 0.1},
+                         train={"max_epochs": 1, "num_threads": 1, "num_workers": 0})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                "--rdzv-id=medseg-test", "-m", "medseg", "run", str(config), "--no-progress"],
+                               cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for node in (0, 1)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(outputs)
+    _, run = _only_run(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert run.data.metrics["system/global_batch"] == 4
+    assert run.data.metrics["data/val_cases"] == 1 and "val/dice_mean" in run.data.metrics

@@ -1,0 +1,136 @@
+"""Repeated runs (--seeds, --folds) as MLflow parent and child runs, and ensembles of their models."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from medseg.cli import EXIT_OK, EXIT_USAGE, main
+from medseg.data.manifest import build_manifest
+from medseg.engine.runner import aggregate
+
+from tests.conftest import tiny_config, write_msd_dataset
+
+
+def _summary_from_output(out: str) -> dict:
+    return json.loads(Path(out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+
+
+def _parent_and_children(uri: str) -> tuple:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    (parent,) = [r for r in runs if "medseg.repeat" in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, children
+
+
+def test_seeds_make_one_parent_with_a_child_per_seed_and_mean_and_std(tmp_path: Path, tiny_run_inputs,
+                                                                      capsys) -> None:
+    dataset, manifest = tiny_run_inputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri, seed=3, train={"max_epochs": 1, "num_threads": 1})
+    assert main(["run", str(config), "--seeds", "2", "--no-progress"]) == EXIT_OK
+    summary = _summary_from_output(capsys.readouterr().out)
+
+    client, parent, children = _parent_and_children(uri)
+    assert parent.info.status == "FINISHED" and parent.data.tags["medseg.repeat"] == "seeds"
+    assert sorted(c.data.params["seed"] for c in children) == ["3", "4"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    for key in ("val/dice_mean", "train/loss", "best_val/dice_mean"):
+        values = [c.data.metrics[key] for c in children]
+        assert parent.data.metrics[key] == pytest.approx(statistics.mean(values))
+        assert parent.data.metrics[f"{key}_std"] == pytest.approx(statistics.stdev(values))
+    assert summary["run_id"] == parent.info.run_id
+    assert [c["name"] for c in summary["children"]] == ["seed-3", "seed-4"]
+    parent_dir = Path(summary["run_dir"])
+    assert len(json.loads((parent_dir / "ensemble.json").read_text())["models"]) == 2
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"ensemble.json", "summary.json"}
+
+
+def test_folds_train_each_fold_and_predict_averages_the_fold_models(tmp_path: Path, capsys) -> None:
+    dataset = write_msd_dataset(tmp_path / "dataset", n_cases=6)
+    manifest = tmp_path / "folds.csv"
+    build_manifest(dataset, manifest, folds=2, seed=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1})
+
+    assert main(["run", str(config), "--folds", "3", "--no-progress"]) == EXIT_USAGE
+    assert "has folds [0, 1]" in capsys.readouterr().err
+    assert main(["run", str(config), "--folds", "2", "--no-progress"]) == EXIT_OK
+    summary = _summary_from_output(capsys.readouterr().out)
+    _, parent, children = _parent_and_children(uri)
+    assert sorted(c.data.params["data.fold"] for c in children) == ["0", "1"]
+
+    scan = dataset / "imagesTr" / "case_000.nii.gz"
+    common = ["--input", str(scan), "--save-probabilities", "--tracking-uri", uri, "--no-tracking", "--no-progress"]
+    assert main(["predict", "--model", summary["run_dir"], "--output", str(tmp_path / "ens"), *common]) == EXIT_OK
+    assert json.loads((tmp_path / "ens" / "predict_summary.json").read_text())["ensemble_size"] == 2
+    members = []
+    for i, uri_i in enumerate(summary["model_uris"]):
+        assert main(["predict", "--model", uri_i, "--output", str(tmp_path / f"m{i}"), *common]) == EXIT_OK
+        members.append(nib.load(tmp_path / f"m{i}" / "case_000_probabilities.nii.gz").get_fdata())
+    ensemble = nib.load(tmp_path / "ens" / "case_000_probabilities.nii.gz").get_fdata()
+    np.testing.assert_allclose(ensemble, np.mean(members, axis=0), atol=1e-5)
+
+    # The parent run's URI stands for the same ensemble.
+    assert main(["predict", "--model", f"runs:/{parent.info.run_id}", "--output", str(tmp_path / "byrun"),
+                 *common]) == EXIT_OK
+    byrun = json.loads((tmp_path / "byrun" / "predict_summary.json").read_text())
+    assert byrun["ensemble_size"] == 2 and set(byrun["model_uri"].split(",")) == set(summary["model_uris"])
+
+
+def test_a_resumed_parent_skips_finished_children(tmp_path: Path, tiny_run_inputs, capsys) -> None:
+    dataset, manifest = tiny_run_inputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1})
+    assert main(["run", str(config), "--seeds", "2", "--no-progress"]) == EXIT_OK
+    summary = _summary_from_output(capsys.readouterr().out)
+    parent_dir = Path(summary["run_dir"])
+    # As if the job died while the second child ran: its summary and the parent's are missing.
+    (parent_dir / "summary.json").unlink()
+    (parent_dir / "seed-1" / "summary.json").unlink()
+    assert main(["run", str(config), "--seeds", "3", "--resume", "--no-progress"]) == 1
+    assert "was --seeds 2" in capsys.readouterr().err
+    assert main(["run", str(config), "--seeds", "2", "--resume", "--no-progress"]) == EXIT_OK
+    resumed = _summary_from_output(capsys.readouterr().out)
+    assert resumed["run_id"] == summary["run_id"]
+    assert resumed["children"][0]["run_id"] == summary["children"][0]["run_id"]  # not rerun
+    assert resumed["children"][1]["run_id"] == summary["children"][1]["run_id"]  # same child run continued
+    _, parent, children = _parent_and_children(uri)
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+
+
+def test_aggregate_takes_metrics_every_child_has() -> None:
+    children = [{"metrics": {"a": 1.0, "b": 2.0, "note": "x"}}, {"metrics": {"a": 3.0}}]
+    assert aggregate(children) == {"a": 2.0, "a_std": pytest.approx(2 ** 0.5)}
+
+
+def test_a_sigterm_during_the_final_status_waits_until_the_status_is_stored() -> None:
+    """torchrun's SIGTERM can land while a survivor marks its run FAILED: the mark must complete."""
+    import os
+    import signal
+
+    from medseg.engine.runner import end_despite_sigterm
+
+    class SlowTracker:
+        stored: list[str] = []
+
+        def end(self, status: str) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of writing the status
+            for _ in range(1000):  # Python runs signal handlers between bytecodes: give it the chance
+                pass
+            self.stored.append(status)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+    try:
+        with pytest.raises(SystemExit):
+            end_despite_sigterm(SlowTracker(), "FAILED")  # type: ignore[arg-type]
+        assert SlowTracker.stored == ["FAILED"]  # stored first, then the SIGTERM took effect
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,173 @@
+"""Classification end to end on an imported MedMNIST-layout file: MLflow metrics and figures,
+selection by validation AUC, predict on a folder, fine-tuning from the logged model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
+
+from medseg.cli import main
+from medseg.data.medmnist import import_medmnist
+
+from tests.conftest import artifact_paths, classification_config, write_medmnist_npz
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture
+def imported(tmp_path: Path) -> tuple[Path, Path]:
+    npz = write_medmnist_npz(tmp_path / "toymnist.npz", counts=(32, 12, 12))
+    import_medmnist(npz, tmp_path / "manifest.csv", tmp_path / "images", labels={0: "normal", 1: "lesion"},
+                    progress=False)
+    return tmp_path / "manifest.csv", tmp_path / "images"
+
+
+def _summary(capsys) -> dict:
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("summary: ")
+    return json.loads(Path(last.removeprefix("summary: ")).read_text())
+
+
+def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, imported, capsys) -> None:
+    manifest, images = imported
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = classification_config(tmp_path, manifest, images, uri)
+    assert main(["run", str(config), "--no-progress"]) == 0
+    summary = _summary(capsys)
+    client = MlflowClient(uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    auc_history = sorted(client.get_metric_history(run.info.run_id, "val/auc"), key=lambda m: m.step)
+    assert [m.step for m in auc_history] == [1, 2, 3]
+    for key in ("val/acc", "val/f1", "val/sensitivity", "val/specificity", "val/ece", "val/recall/lesion",
+                "test/auc", "test/acc", "test/f1", "best_val/auc"):
+        assert key in run.data.metrics, key
+    artifacts = artifact_paths(client, run.info.run_id)
+    for name in ("roc_test.png", "confusion_test.png", "calibration_test.png", "tsne_test.png", "roc_val.png",
+                 "learning_curve.png"):
+        assert f"plots/{name}" in artifacts, name
+    assert "evaluation/test_cases.csv" in artifacts and summary["model_uri"].startswith("models:/")
+
+    # The checkpoint with the best validation AUC is the one evaluated, not the last epoch.
+    run_dir = Path(summary["run_dir"])
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    values = [m.value for m in auc_history]
+    assert best["epoch"] == 1 + int(np.argmax(values))
+    assert best["val/auc"] == pytest.approx(max(values))
+    assert run.data.metrics["best_val/auc"] == pytest.approx(max(values), abs=1e-6)
+    # The test metrics are those of the per-case CSV's probabilities.
+    rows = _rows(run_dir / "evaluation" / "test_cases.csv")
+    assert len(rows) == 12 and set(rows[0]) == {"case_id", "label", "predicted", "prob_normal", "prob_lesion"}
+    labels = [int(r["label"]) for r in rows]
+    assert run.data.metrics["test/auc"] == pytest.approx(roc_auc_score(labels, [float(r["prob_lesion"]) for r in rows]),
+                                                          abs=1e-5)
+    assert summary["metrics"]["test/auc"] > 0.8  # the toy task is learnable: a bright square's size
+
+    # predict on the folder of test images gives the evaluation's probabilities, one row each.
+    out = tmp_path / "predicted"
+    assert main(["predict", "--model", summary["model_uri"], "--input", str(images / "test"), "--output", str(out),
+                 "--tracking-uri", uri, "--no-progress"]) == 0
+    predicted = {r["case_id"]: r for r in _rows(out / "predictions.csv")}
+    assert len(predicted) == 12 and {r["status"] for r in predicted.values()} == {"ok"}
+    for row in rows:
+        assert float(predicted[row["case_id"]]["prob_lesion"]) == pytest.approx(float(row["prob_lesion"]), abs=1e-5)
+        assert predicted[row["case_id"]]["predicted"] == row["predicted"]
+
+    # A bad file fails alone; a rerun skips what is done.
+    (images / "test" / "zz_broken.nii").write_bytes(b"not a nifti at all")
+    assert main(["predict", "--model", summary["model_uri"], "--input", str(images / "test"), "--output", str(out),
+                 "--tracking-uri", uri, "--no-progress", "--no-tracking"]) == 1
+    statuses = {r["case_id"]: r["status"] for r in _rows(out / "predictions.csv")}
+    assert statuses.pop("zz_broken") == "failed" and set(statuses.values()) == {"skipped"}
+
+    assert "zz_broken.nii: could not be read" in _rows(out / "predictions.csv")[-1]["error"]
+
+    # Fine-tuning from the logged model with a frozen backbone: the backbone stays the source's.
+    (tmp_path / "tuned").mkdir()
+    tuned_config = classification_config(tmp_path / "tuned", manifest, images, uri,
+                                         model={"init_from": summary["model_uri"], "freeze": ["backbone"]},
+                                         train={"max_epochs": 1})
+    assert main(["run", str(tuned_config), "--no-progress"]) == 0
+    tuned = _summary(capsys)
+    source_weights = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
+    tuned_weights = torch.load(Path(tuned["run_dir"]) / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert torch.equal(source_weights["features.0.weight"], tuned_weights["features.0.weight"])
+    assert not torch.equal(source_weights["classifier.5.weight"], tuned_weights["classifier.5.weight"])
+
+
+def test_3d_run_with_a_resnet(tmp_path: Path, capsys) -> None:
+    npz = write_medmnist_npz(tmp_path / "toy3d.npz", shape=(12, 13, 11), counts=(16, 6, 6))
+    import_medmnist(npz, tmp_path / "manifest.csv", tmp_path / "images", progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = classification_config(tmp_path, tmp_path / "manifest.csv", tmp_path / "images", uri, dims=3,
+                                   size=(12, 12, 12), model={"name": "resnet18", "spatial_dims": 3, "widen_factor": 0.125,
+                                                             "stem": "strided", "norm": "batch"},
+                                   augment=[{"name": "flip", "prob": 0.5}, {"name": "affine", "prob": 0.5}],
+                                   loss={"name": "focal", "class_weights": None},
+                                   data={"labels": {0: "class_0", 1: "class_1"}},
+                                   train={"max_epochs": 2}, validation={"tsne": False})
+    assert main(["run", str(config), "--no-progress"]) == 0
+    summary = _summary(capsys)
+    assert 0.0 <= summary["metrics"]["test/auc"] <= 1.0
+    assert json.loads((Path(summary["run_dir"]) / "contract.json").read_text())["resize"] == [12, 12, 12]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, imported) -> None:
+    """Predictions are gathered from both processes before scoring: AUC, ACC and the loss curve
+    of `--nproc 2` equal those of one process (LeNet has no batch norm to differ per process)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    manifest, images = imported
+    curves = {}
+    for nproc, batch in ((2, 4), (1, 8)):
+        uri = f"sqlite:///{tmp_path / f'{nproc}.db'}"
+        (tmp_path / str(nproc)).mkdir()
+        # one shared sample stream (a memory cache would give each process its own shard and stream)
+        config = classification_config(tmp_path / str(nproc), manifest, images, uri, train={"max_epochs": 2},
+                                       data={"cache": "none"})
+        done = subprocess.run([sys.executable, "-m", "medseg", "run", str(config), "--nproc", str(nproc),
+                               "--deterministic", "--no-progress", "--set", f"train.batch_size={batch}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_ASYNC_LOGGING": "false"})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        curves[nproc] = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                       key=lambda m: m.step)]
+                         for key in ("train/loss", "val/auc", "val/acc", "test/auc")}
+    for key, one in curves[1].items():
+        assert len(one) == len(curves[2][key]) > 0
+        assert curves[2][key] == pytest.approx(one, abs=2e-3), key
+
+
+def test_ordinal_grades_with_the_cumulative_head(tmp_path: Path, capsys) -> None:
+    npz = write_medmnist_npz(tmp_path / "grades.npz", counts=(30, 9, 9), classes=3)
+    import_medmnist(npz, tmp_path / "manifest.csv", tmp_path / "images", progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = classification_config(tmp_path, tmp_path / "manifest.csv", tmp_path / "images", uri,
+                                   data={"labels": {0: "grade_0", 1: "grade_1", 2: "grade_2"}, "ordinal": True},
+                                   loss={"name": "ordinal", "class_weights": None}, validation={"tsne": False})
+    assert main(["run", str(config), "--no-progress"]) == 0
+    summary = _summary(capsys)
+    for key in ("test/mae", "test/qwk", "test/auc", "val/recall/grade_2"):
+        assert key in summary["metrics"], key
+    run_dir = Path(summary["run_dir"])
+    contract = json.loads((run_dir / "contract.json").read_text())
+    assert contract["output_activation"] == "ordinal"
+    rows = _rows(run_dir / "evaluation" / "test_cases.csv")
+    sums = [sum(float(r[f"prob_grade_{k}"]) for k in range(3)) for r in rows]
+    assert sums == pytest.approx([1.0] * len(rows), abs=1e-5)
