@@ -136,8 +136,8 @@ def worker_w1(path: str, work: Path) -> dict:
         from medseg.config import CacheMode, DataConfig
         from medseg.data.datasets import make_dataset, records  # noqa: F401 - records: what medseg run builds
         from medseg.data.sampling import EpochSamples, epoch_order, split_transforms
-        from medseg.engine.runtime import configure_threads, tune_allocator
         from medseg.data.transforms import training_transforms
+        from medseg.engine.runtime import configure_threads, tune_allocator
 
         tune_allocator()
         configure_threads(None)
@@ -238,8 +238,8 @@ def worker_w2(path: str, steps: int) -> dict:
         from types import SimpleNamespace
 
         from medseg.config import LossConfig, OptimConfig
-        from medseg.tasks.segmentation.metrics import create_loss
         from medseg.engine.loop import make_optimizer
+        from medseg.tasks.segmentation.metrics import create_loss
 
         optimiser = make_optimizer(SimpleNamespace(optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=0.0)), net)
         loss_fn = create_loss(LossConfig(name="dice_ce"))
@@ -320,8 +320,8 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
             logits = sliding_window_inference(MetaTensor(image), ROI, 4, net, overlap=0.25)
         mask = logits[0].argmax(0).to(torch.uint8)
     else:
-        from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
         from medseg.engine.runtime import configure_threads, to_channels_last, tune_allocator
+        from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
 
         tune_allocator()
         configure_threads(None)
@@ -384,8 +384,8 @@ def worker_w4(path: str, epochs: int, work: Path) -> dict:
         f"data.root={HIPPO}", f"train.max_epochs={epochs}", "train.max_minutes=null", "train.val_interval=1000",
         f"output_dir={work / f'w4_{path}'}"])
     if path == "medseg":
-        from medseg.tracking.mlflow_tracker import NullTracker
         from medseg.tasks.segmentation.training import train
+        from medseg.tracking.mlflow_tracker import NullTracker
 
         os.chdir(REPO)
         out_dir = work / f"w4_medseg_{time.time_ns()}"

@@ -34,8 +34,8 @@ def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
 
     from medseg.config import load_config
     from medseg.io.atomic import atomic_write_text
-    from medseg.tracking import MlflowTracker
     from medseg.tasks.segmentation.training import build_network, model_contract
+    from medseg.tracking import MlflowTracker
 
     cfg = load_config(config, overrides)
     tracker = MlflowTracker(f"sqlite:///{workdir / 'mlflow.db'}", "bench")

@@ -36,8 +36,8 @@ def _worker(args: argparse.Namespace) -> None:
     from medseg.config import load_config
     from medseg.data.datasets import records
     from medseg.data.manifest import read_manifest
-    from medseg.tasks.reconstruction.operators import Acquisition, create_reconstruction_loss
     from medseg.engine.loop import loader_workers, make_optimizer
+    from medseg.tasks.reconstruction.operators import Acquisition, create_reconstruction_loss
     from medseg.tasks.reconstruction.training import build_network
     from medseg.tasks.reconstruction.transforms import reconstruction_training_transforms
 

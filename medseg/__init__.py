@@ -1,3 +1,80 @@
-"""medseg: medical imaging deep-learning pipelines on MONAI, tracked in MLflow."""
+"""medseg: medical imaging deep-learning pipelines on MONAI, tracked in MLflow.
+
+The public API (see :mod:`medseg.api`)::
+
+    import medseg
+    cfg = medseg.load_config("configs/demo_segmentation.yaml")
+    result = medseg.train(cfg)                       # -> RunResult (run id, model URI, run dir, metrics)
+    report = medseg.verify("data_manifests/demo_hippocampus.csv", config=cfg)   # -> VerifyReport
+    predictor = medseg.Predictor.from_uri(result.model_uri)
+    prediction = predictor.predict("scan.nii.gz")    # -> Prediction (label map, volumes, ...)
+    batch = predictor.predict_folder("scans/", "out/")  # -> BatchReport
+    medseg.list_tasks(), medseg.list_models("segmentation")
+
+Names are imported on first use, so ``import medseg`` (and ``medseg --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name -> module that defines it
+_EXPORTS = {
+    "load_config": "medseg.tasks.registry",
+    "validate_config": "medseg.tasks.registry",
+    "list_tasks": "medseg.tasks.registry",
+    "get_task": "medseg.tasks.registry",
+    "list_models": "medseg.api",
+    "train": "medseg.api",
+    "verify": "medseg.api",
+    "describe": "medseg.api",
+    "build_manifest": "medseg.api",
+    "import_medmnist": "medseg.api",
+    "Predictor": "medseg.api",
+    "RunResult": "medseg.api",
+    "Prediction": "medseg.engine.predict",
+    "BatchReport": "medseg.engine.predict",
+    "CaseResult": "medseg.engine.predict",
+    "VerifyReport": "medseg.data.verify",
+    "RunConfig": "medseg.config",
+    "Task": "medseg.tasks.base",
+}
+
+__all__ = [
+    "BatchReport", "CaseResult", "Prediction", "Predictor", "RunConfig", "RunResult", "Task", "VerifyReport",
+    "__version__", "build_manifest", "describe", "get_task", "import_medmnist", "list_models", "list_tasks",
+    "load_config", "train", "validate_config", "verify",
+]
+
+if TYPE_CHECKING:
+    from medseg.api import (
+        Predictor,
+        RunResult,
+        build_manifest,
+        describe,
+        import_medmnist,
+        list_models,
+        train,
+        verify,
+    )
+    from medseg.config import RunConfig
+    from medseg.data.verify import VerifyReport
+    from medseg.engine.predict import BatchReport, CaseResult, Prediction
+    from medseg.tasks.base import Task
+    from medseg.tasks.registry import get_task, list_tasks, load_config, validate_config
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

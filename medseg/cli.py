@@ -177,11 +177,11 @@ def _run_argv(args: argparse.Namespace) -> list[str]:
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
 
-    from medseg.config import load_config
+    import medseg
     from medseg.errors import UsageError
 
     overrides = list(args.overrides) + (["train.deterministic=true"] if args.deterministic else [])
-    cfg = load_config(args.config, overrides)  # checked before any worker starts
+    cfg = medseg.load_config(args.config, overrides)  # checked before any worker starts
     if args.nproc < 1:
         raise UsageError(f"--nproc {args.nproc}: must be at least 1")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -189,137 +189,76 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         distributed.launch(_run_argv(args), args.nproc, cfg.train.device)
         return EXIT_OK
-    return _run_here(args, cfg)
-
-
-def _run_here(args: argparse.Namespace, cfg) -> int:  # noqa: ANN001 - RunConfig, imported lazily
-    import signal
-
-    from medseg.engine import distributed
-    from medseg.engine.runner import RepeatKind, run_pipeline, run_repeated
-    from pipelines import PIPELINES
-
-    ctx = distributed.init_distributed(cfg.train.device)
-    if ctx.enabled:
-        # torchrun stops the surviving workers with SIGTERM when one dies: unwind, so the MLflow
-        # run is marked FAILED instead of being left RUNNING.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    resume = Path(args.resume) if isinstance(args.resume, str) else bool(args.resume)
-    pipeline = PIPELINES[str(cfg.task)]
-    progress = not args.no_progress
-    if args.seeds is not None or args.folds is not None:
-        kind = RepeatKind.SEEDS if args.seeds is not None else RepeatKind.FOLDS
-        summary_path = run_repeated(cfg, pipeline, kind, args.seeds or args.folds, resume=resume, progress=progress)
-    else:
-        summary_path = run_pipeline(cfg, pipeline, resume=resume, progress=progress)
-    distributed.shutdown()  # on success only: see its docstring
-    if summary_path is None:  # a non-main process of a distributed run: the main one reports
+    resume = args.resume if isinstance(args.resume, str) else bool(args.resume)
+    result = medseg.train(cfg, resume=resume, progress=not args.no_progress, seeds=args.seeds, folds=args.folds)
+    if result is None:  # a non-main process of a distributed run: the main one reports
         return EXIT_OK
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(result.summary_path.read_text())
     headline = ("dice_mean", "/auc", "/acc", "/psnr", "/ssim", "_psnr", "_ssim")  # segmentation; classification; recon
-    shown = {k: v for k, v in summary["metrics"].items() if k.endswith(headline) or k.startswith("test/dice")}
-    shown.update({f"{k}_std": summary["metrics"][f"{k}_std"] for k in list(shown) if f"{k}_std" in summary["metrics"]})
-    print(f"run {summary['run_id']} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
-    for child in summary.get("children", []):
+    shown = {k: v for k, v in result.metrics.items() if k.endswith(headline) or k.startswith("test/dice")}
+    shown.update({f"{k}_std": result.metrics[f"{k}_std"] for k in list(shown) if f"{k}_std" in result.metrics})
+    print(f"run {result.run_id} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
+    for child in result.children:
         print(f"  {child['name']}: run {child['run_id']}, " + ", ".join(
             f"{k}={v:.4f}" for k, v in child["metrics"].items() if k in shown and v is not None))
-    print(f"model: {summary['model_uri']}")
+    print(f"model: {result.model_uri}")
     print(f"MLflow UI: {summary['mlflow_ui']}")
-    print(f"summary: {summary_path}")
+    print(f"summary: {result.summary_path}")
     return EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from medseg.config import Task, load_config
+    import medseg
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.task == Task.CLASSIFICATION:
-        from medseg.tasks.classification.training import build_classifier
-
-        model, shape = build_classifier(cfg), f"input {list(cfg.preprocess.resize or [])}"
-    elif cfg.task == Task.RECONSTRUCTION:
-        from medseg.tasks.reconstruction.training import build_network as build_reconstructor
-
-        recon = cfg.recon
-        model, shape = build_reconstructor(cfg), f"{recon.problem} slices {list(recon.image_size)}"  # type: ignore[union-attr]
-    else:
-        from medseg.tasks.segmentation.training import build_network
-
-        model, shape = build_network(cfg), f"patch {list(cfg.patch.size)}"  # type: ignore[union-attr]
+    cfg = medseg.load_config(args.config, args.overrides)
+    task, model, shape = medseg.describe(cfg)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.config}: valid ({cfg.task}, model {cfg.model.name} with {params / 1e6:.2f} M parameters, "
+    print(f"{args.config}: valid ({task.name}, model {cfg.model.name} with {params / 1e6:.2f} M parameters, "
           f"{shape}, manifest {cfg.data.manifest})")
     return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from medseg.config import DATA_ROOT_ENV, ConfigError, load_config
-    from medseg.data.verify import verify_manifest
+    import medseg
+    from medseg.errors import ConfigError
 
     labels: list[int] | None = None
-    root = args.root
-    options: dict[str, object] = {}
-    if args.config:
-        cfg = load_config(args.config)
-        recon = str(cfg.task) == "reconstruction"  # images only: no label map, 2D networks over volumes
-        labels = None if cfg.data.labels is None else list(cfg.data.labels)
-        root = root or cfg.data.resolved_root()
-        options = {"class_labels": str(cfg.task) == "classification",
-                   "spatial_dims": None if recon else cfg.model.spatial_dims,
-                   "expected_channels": len(cfg.data.channels),
-                   "cross_split_duplicates": cfg.data.cross_split_duplicates}
-        if recon:
-            options["require_labels_for"] = ()
     if args.labels:
         try:
             labels = [int(v) for v in args.labels.split(",")]
         except ValueError:
             raise ConfigError(f"--labels {args.labels!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    if root is None:
-        import os
-
-        env = os.environ.get(DATA_ROOT_ENV)
-        if not env:
-            raise ConfigError(f"verify: no data root; pass --root DIR, --config CONFIG or set ${DATA_ROOT_ENV}")
-        root = Path(env)
-    if labels is None:
-        log.warning("no label map given (--labels or --config): label values are not checked")
-    report = verify_manifest(args.manifest, root, labels if labels is not None else range(2**16),
-                             progress=not args.no_progress, **options)  # type: ignore[arg-type]
-    report_path = report.write(args.report or args.manifest.with_suffix(".verify.json"))
+    report_path = args.report or args.manifest.with_suffix(".verify.json")
+    report = medseg.verify(args.manifest, config=args.config, root=args.root, labels=labels, report=report_path,
+                           progress=not args.no_progress)
     print(report.summary())
     print(f"report: {report_path}")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import os
+    import medseg
+    from medseg.tracking import MlflowTracker
 
-    from medseg.engine.predict import PredictOptions, predict_folder
-    from medseg.tracking import MlflowTracker, default_tracking_uri
-
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    options = PredictOptions(device=args.device, overlap=args.overlap, tta=args.tta, overwrite=args.overwrite,
-                             save_probabilities=args.save_probabilities, keep_largest=args.keep_largest,
-                             num_parts=args.num_parts, part_id=args.part_id, progress=not args.no_progress,
-                             measured=args.measured)
+    predictor = medseg.Predictor.from_uri(args.model, device=args.device, tracking_uri=args.tracking_uri,
+                                          tta=args.tta, overlap=args.overlap, keep_largest=args.keep_largest,
+                                          measured=args.measured)
     tracker = None
     if not args.no_tracking:
-        tracker = MlflowTracker(uri, args.experiment)
-        tracker.start(f"predict-{args.input.name}", {"medseg_task": "predict"})
+        tracker = MlflowTracker(predictor.tracking_uri, args.experiment)
+        tracker.start(f"predict-{args.input.resolve().name}", {"medseg_task": "predict", "task": predictor.task.name})
     try:
-        outputs = predict_folder(args.model, args.input, args.output, options, tracker)
+        batch = predictor.predict_folder(args.input, args.output, overwrite=args.overwrite,
+                                         save_probabilities=args.save_probabilities, num_parts=args.num_parts,
+                                         part_id=args.part_id, progress=not args.no_progress, tracker=tracker)
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")
         raise
-    summary = json.loads(outputs.summary.read_text())
+    summary = batch.summary_dict()
     if tracker is not None:
-        tracker.end("FINISHED" if outputs.n_failed == 0 else "FAILED")
-    counts = summary["counts"]
+        tracker.end("FINISHED" if batch.n_failed == 0 else "FAILED")
+    counts = batch.counts
     print(f"predicted {summary['cases']} case(s) on {summary['device']}: {counts['ok']} ok, {counts['failed']} failed, "
           f"{counts['skipped']} skipped; peak RSS {summary['peak_rss_mb']:.0f} MiB")
     means = {k: v for k, v in summary.get("mean_metrics", {}).items() if v is not None}
@@ -327,46 +266,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print("mean over cases: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     for case_id, error in summary["failed"].items():
         print(f"  FAILED {case_id}: {error}")
-    print(f"report: {outputs.report}")
-    print(f"summary: {outputs.summary}")
-    return EXIT_OK if outputs.n_failed == 0 else EXIT_FAILED
+    print(f"report: {batch.report}")
+    print(f"summary: {batch.summary}")
+    return EXIT_OK if batch.n_failed == 0 else EXIT_FAILED
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
-    from collections import Counter
-
-    from medseg.data.manifest import build_manifest
+    import medseg
+    from medseg.api import manifest_summary
 
     if args.manifest_command != "build":
         build_parser().parse_args(["manifest", "--help"])
         return EXIT_USAGE
     if args.from_medmnist is not None:
         return _import_medmnist(args)
-    manifest = build_manifest(args.source, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                              test_fraction=args.test_fraction, folds=args.folds,
-                              subject_pattern=args.subject_pattern, limit=args.limit)
-    splits = Counter(c.split if c.fold is None or c.fold < 0 else f"fold {c.fold}" for c in manifest.cases)
-    print(f"{args.out}: {len(manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in sorted(splits.items()))}); "
+    manifest = medseg.build_manifest(args.source, args.out, seed=args.seed, val_fraction=args.val_fraction,
+                                     test_fraction=args.test_fraction, folds=args.folds,
+                                     subject_pattern=args.subject_pattern, limit=args.limit)
+    splits = manifest_summary(manifest)
+    print(f"{args.out}: {len(manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in splits.items())}); "
           f"paths relative to {args.source}")
     return EXIT_OK
 
 
 def _import_medmnist(args: argparse.Namespace) -> int:
-    from collections import Counter
+    import medseg
+    from medseg.api import manifest_summary, parse_label_names
 
-    from medseg.config import ConfigError
-    from medseg.data.medmnist import import_medmnist
-
-    labels = None
-    if args.labels:
-        try:
-            labels = {int(k): v.strip() for k, v in (item.split("=", 1) for item in args.labels.split(","))}
-        except ValueError:
-            raise ConfigError(f"--labels {args.labels!r}: expected INDEX=NAME pairs, e.g. 0=normal,1=pneumonia") from None
+    labels = parse_label_names(args.labels) if args.labels else None
     data_dir = args.data_dir or Path("data") / args.from_medmnist.name.removesuffix(".npz")
-    imported = import_medmnist(args.from_medmnist, args.out, data_dir, labels, limit=args.limit)
-    splits = Counter(c.split for c in imported.manifest.cases)
-    print(f"{args.out}: {len(imported.manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in sorted(splits.items()))}), "
+    imported = medseg.import_medmnist(args.from_medmnist, args.out, data_dir, labels, limit=args.limit)
+    splits = manifest_summary(imported.manifest)
+    print(f"{args.out}: {len(imported.manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in splits.items())}), "
           f"{imported.spatial_dims}D, {imported.channels} channel(s), size {list(imported.size)}; images in {data_dir}")
     print("config:\n  task: classification\n  data:\n"
           f"    manifest: {args.out}\n    root: {data_dir}\n    labels: {imported.labels}\n"

@@ -1,7 +1,18 @@
 """Typed run configuration: YAML in, validated pydantic objects out, at one boundary.
 
-Everything downstream sees attributes, never string keys. Unknown keys are errors that
-suggest the nearest valid key ("did you mean"), the way MONAI's ``look_up_option`` does.
+This module holds what every task shares: the option enums, the sections every task has
+(:class:`DataConfig`, :class:`PreprocessConfig`, augmentation, :class:`ModelConfig`,
+:class:`OptimConfig`, :class:`TrainConfig`, :class:`TrackingConfig`, ...), the base
+:class:`RunConfig`, and the reading, override and error-rewriting helpers. Each task's config class
+lives with the task (``medseg.tasks.<task>.config``): it subclasses :class:`RunConfig`, fixes
+``task`` to its name and narrows the sections to its own, so an option of another task is refused
+by ``extra="forbid"`` and a section the task needs is a required field. Which class validates a
+file is the task registry's business (:func:`medseg.tasks.registry.load_config`); nothing here
+branches on the task.
+
+Everything downstream sees attributes, never string keys. Unknown keys are errors that suggest
+the nearest valid key ("did you mean"), the way MONAI's ``look_up_option`` does, or name the task
+the key belongs to.
 """
 
 from __future__ import annotations
@@ -10,12 +21,22 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from medseg.errors import ConfigError
 
@@ -30,11 +51,16 @@ class StrEnum(str, Enum):
         return str(self.value)
 
 
-class _Strict(BaseModel):
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors and values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
 class Task(StrEnum):
+    """medseg's own task names. Kept while code outside medseg/tasks still imports it; the config
+    classes do not use it (a task's name is the ``Literal`` of its config class's ``task``)."""
+
     SEGMENTATION = "segmentation"
     CLASSIFICATION = "classification"
     RECONSTRUCTION = "reconstruction"
@@ -60,45 +86,23 @@ class PatchSampler(StrEnum):
 
 
 class LossName(StrEnum):
-    # segmentation
+    """Every task's loss names in one enum: kept only for code that still imports it. Configs are
+    validated against each task's own enum (``SegmentationLoss``, ``ClassificationLoss``,
+    ``ReconstructionLoss``), whose members compare equal to these by value."""
+
     DICE_CE = "dice_ce"
     DICE = "dice"
     DICE_FOCAL = "dice_focal"
-    # classification
-    CE = "ce"  # cross-entropy, optional class weights and label smoothing
+    CE = "ce"
     FOCAL = "focal"
-    HINGE = "hinge"  # multi-class SVM hinge (Weston-Watkins), torch MultiMarginLoss
-    ORDINAL = "ordinal"  # cumulative-link: K-1 "label > k" logits (CORAL-style), for ordered grades
-    # reconstruction (image regression)
+    HINGE = "hinge"
+    ORDINAL = "ordinal"
     L1 = "l1"
-    L2 = "l2"  # mean squared error
-    HUBER = "huber"  # smooth L1: L2 below loss.huber_delta, L1 above
+    L2 = "l2"
+    HUBER = "huber"
     LOG_COSH = "log_cosh"
-    SSIM = "ssim"  # 1 - SSIM
-    L1_SSIM = "l1_ssim"  # (1 - a) L1 + a (1 - SSIM), a = loss.ssim_weight (Zhao et al. 2017)
-
-
-SEGMENTATION_LOSSES = (LossName.DICE_CE, LossName.DICE, LossName.DICE_FOCAL)
-RECONSTRUCTION_LOSSES = (LossName.L1, LossName.L2, LossName.HUBER, LossName.LOG_COSH, LossName.SSIM, LossName.L1_SSIM)
-
-
-class Activation(StrEnum):
-    RELU = "relu"
-    LEAKYRELU = "leakyrelu"
-    PRELU = "prelu"
-    ELU = "elu"
-    SWISH = "swish"
-
-
-class Stem(StrEnum):
-    SMALL = "small"  # 3x3 conv, stride 1, no max pool: MedMNIST's choice for 28 px inputs
-    STRIDED = "strided"  # 3x3 conv, stride 2, no max pool: a quarter (2D) / eighth (3D) of the FLOPs
-    IMAGENET = "imagenet"  # 7x7 conv, stride 2, max pool: for inputs of 128 px and more
-
-
-#: Reconstruction networks: residual U-Net (FBPConvNet for CT), the same with a data-consistency
-#: step, and an unrolled cascade of both (Schlemper et al. 2018).
-RECON_MODELS = ("unet", "unet_dc", "cascade")
+    SSIM = "ssim"
+    L1_SSIM = "l1_ssim"
 
 
 class OptimizerName(StrEnum):
@@ -119,14 +123,20 @@ class Precision(StrEnum):
     FP16 = "fp16"
 
 
-class DataConfig(_Strict):
-    manifest: Path
+# --------------------------------------------------------------------------------------- sections
+
+
+class DataConfig(Section):
+    """Where the cases are and how they are cached. Tasks that need a label map use
+    :class:`LabelledDataConfig`, where ``labels`` is required."""
+
+    manifest: Path = Field(examples=["data_manifests/cases.csv"])
     root: Path | None = Field(
         default=None, description=f"Folder the manifest's relative paths start from; else ${DATA_ROOT_ENV}."
     )
     labels: dict[int, str] | None = Field(
         default=None, description="Label value -> name; 0 is the background (segmentation) or the first class "
-        "(classification). Required for both; reconstruction has none.")
+        "(classification).")
     channels: list[str] = Field(default_factory=lambda: ["image"], description="Names of input channels.")
     train_split: str = "train"
     val_split: str = "val"
@@ -141,8 +151,6 @@ class DataConfig(_Strict):
     cross_split_duplicates: Literal["error", "warning"] = Field(
         default="error", description="An identical image file in two splits is a leak; 'warning' accepts it "
         "(e.g. to keep an official benchmark split that has a few, as PneumoniaMNIST and BreastMNIST do).")
-    ordinal: bool = Field(default=False, description="Classification: the classes are ordered grades (adds MAE "
-                          "and quadratic-weighted kappa; allows loss.name: ordinal).")
 
     @field_validator("labels")
     @classmethod
@@ -162,7 +170,11 @@ class DataConfig(_Strict):
         return labels
 
     def resolved_root(self) -> Path:
-        """Data root from config, else the environment; relative paths start at the working directory."""
+        """Data root from config, else the environment; relative paths start at the working directory.
+
+        Raises:
+            ConfigError: neither is set; the message says how to set one.
+        """
         if self.root is not None:
             return self.root
         env = os.environ.get(DATA_ROOT_ENV)
@@ -174,7 +186,15 @@ class DataConfig(_Strict):
         )
 
 
-class IntensityConfig(_Strict):
+class LabelledDataConfig(DataConfig):
+    """Data of a task that learns from a label map: ``labels`` is required."""
+
+    labels: dict[int, str] = Field(
+        examples=[{0: "background", 1: "tumour"}], description="Label value -> name; 0 is the background "
+        "(segmentation) or the first class (classification).")
+
+
+class IntensityConfig(Section):
     mode: IntensityMode = IntensityMode.ZSCORE
     window: tuple[float, float] | None = Field(default=None, description="CT window [low, high] in HU.")
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -189,17 +209,12 @@ class IntensityConfig(_Strict):
         return self
 
 
-class PreprocessConfig(_Strict):
+class PreprocessConfig(Section):
     orientation: str | None = "RAS"
     spacing: tuple[float, ...] | None = Field(default=None, description="Target spacing in mm; null keeps native.")
     intensity: IntensityConfig = IntensityConfig()
     crop_foreground: bool = False
-    resize: tuple[int, ...] | None = Field(
-        default=None, description="Classification (required there): resize every image to this spatial size, "
-        "the network's input.")
-
-
-class _Aug(_Strict):
+class _Aug(Section):
     prob: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
@@ -266,52 +281,42 @@ AugmentConfig = Annotated[
 ]
 
 
-class PatchConfig(_Strict):
-    size: tuple[int, ...]
+class PatchConfig(Section):
+    """Training patches (segmentation). Lives here because the data layer's samplers read it."""
+
+    size: tuple[int, ...] = Field(examples=[[96, 96, 96]])
     samples_per_volume: int = Field(default=2, ge=1)
     sampler: PatchSampler = PatchSampler.POS_NEG
     pos_fraction: float = Field(default=0.67, ge=0.0, le=1.0)
 
 
-class ModelConfig(_Strict):
-    name: str = "unet"
+class ModelConfig(Section):
+    """What every task's network section has; each task narrows it to its own class."""
+
+    name: str
     spatial_dims: Literal[2, 3] = 3
     channels: tuple[int, ...] = Field(
         default=(16, 32, 64, 128), description="U-Net: features per level; lenet: conv features per stage; "
         "mlp: hidden units per layer.")
-    strides: tuple[int, ...] | None = Field(default=None, description="Default: 2 between every level.")
-    num_res_units: int = 1
     norm: str = "instance"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    activation: Activation = Activation.RELU
-    widen_factor: float = Field(default=1.0, gt=0, description="ResNet: width multiplier of 64-128-256-512.")
-    stem: Stem = Field(default=Stem.SMALL, description="ResNet/DenseNet first layers: small, strided or imagenet.")
-    init_from: str | None = Field(
-        default=None, description="Start from this model's weights (runs:/<id>/model, models:/<name>/<version>, "
-        "a model folder or a .pt checkpoint); layers whose shape differs (e.g. another class count) start fresh.")
-    freeze: list[str] = Field(
-        default_factory=list, description="Parameter-name prefixes to keep fixed (e.g. [conv1, layer1]); "
-        "'backbone' freezes everything but the classification head.")
-    cascades: int = Field(default=3, ge=1, description="Reconstruction, model.name: cascade: unrolled (U-Net, data "
-                          "consistency) stages.")
 
 
-class LossConfig(_Strict):
-    name: LossName = LossName.DICE_CE
-    lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
-    class_weights: Literal["balanced"] | list[float] | None = Field(
-        default=None, description="Classification: per-class loss weights, or 'balanced' (inverse training "
-        "frequency, scikit-learn's definition).")
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
-    focal_gamma: float = Field(default=2.0, ge=0.0)
-    hinge_margin: float = Field(default=1.0, gt=0.0)
-    huber_delta: float = Field(default=0.05, gt=0.0, description="Reconstruction: where huber turns from L2 to L1 "
-                               "(images are scaled to [0, 1]).")
-    ssim_weight: float = Field(default=0.84, ge=0.0, le=1.0, description="l1_ssim: weight of the SSIM term.")
+class UNetModelConfig(ModelConfig):
+    """The U-Net family's options, shared by the segmentation and reconstruction networks."""
+
+    name: str = "unet"
+    strides: tuple[int, ...] | None = Field(default=None, description="Default: 2 between every level.")
+    num_res_units: int = 1
 
 
-class OptimConfig(_Strict):
+class LossConfig(Section):
+    """Every task's loss section has a name; each task narrows it to its own enum and options."""
+
+    name: str
+
+
+class OptimConfig(Section):
     name: OptimizerName = OptimizerName.ADAMW
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = 1e-5
@@ -322,9 +327,7 @@ class OptimConfig(_Strict):
     l1: float = Field(default=0.0, ge=0.0, description="L1 penalty on weights (not biases or norms), added to the loss.")
     l2: float = Field(default=0.0, ge=0.0, description="L2 penalty (sum of squares) on the same weights; "
                       "weight_decay is the decoupled alternative.")
-
-
-class TrainConfig(_Strict):
+class TrainConfig(Section):
     max_epochs: int = Field(default=100, ge=1)
     max_minutes: float | None = Field(default=None, gt=0, description="Wall-clock budget for training.")
     batch_size: int = Field(default=2, ge=1)
@@ -347,238 +350,62 @@ class TrainConfig(_Strict):
         "so a crash loses at most this much work.")
 
 
-class ValidationConfig(_Strict):
-    overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
-    sw_batch_size: int = 4
-    blend: Literal["gaussian", "constant"] = "gaussian"
-    hd95: bool = True
-    overlays: int = Field(default=3, ge=0)
-    calibration_bins: int = Field(default=10, ge=2, description="Classification: bins of the reliability diagram/ECE.")
-    tsne: bool = Field(default=True, description="Classification: t-SNE map of the penultimate layer on the test split.")
+class ValidationConfig(Section):
+    """Every task validates; what it can be told about it is the task's (see its config class)."""
 
 
-class PostprocessConfig(_Strict):
-    keep_largest_component: bool = Field(
-        default=False, description="Keep only the largest connected component of each foreground label."
-    )
-
-
-class ReconProblem(StrEnum):
-    MRI = "mri"  # retrospective Cartesian undersampling of k-space
-    CT = "ct"  # sparse-view parallel-beam CT, filtered back-projection as input
-    DENOISE = "denoise"
-
-
-class MaskKind(StrEnum):
-    EQUISPACED = "equispaced"
-    RANDOM = "random"
-
-
-class NoiseKind(StrEnum):
-    GAUSSIAN = "gaussian"
-    RICIAN = "rician"
-
-
-class PhantomConfig(_Strict):
-    """Random-ellipse phantoms written by the pipeline (CT training data) and listed in data.manifest."""
-
-    train: int = Field(default=800, ge=1)
-    val: int = Field(default=40, ge=1)
-    test: int = Field(default=60, ge=1)
-    size: int = Field(default=128, ge=16, description="Phantom side in pixels.")
-    ellipses: tuple[int, int] = Field(default=(4, 12), description="How many ellipses per phantom [min, max].")
-    seed: int = Field(default=1234, description="Phantoms depend on this seed only (not on the run's seed).")
-
-
-class ReconConfig(_Strict):
-    """How measurements are simulated from the images (fully sampled ground truth) and what the network sees."""
-
-    problem: ReconProblem = ReconProblem.MRI
-    image_size: tuple[int, int] = Field(
-        default=(64, 64), description="In-plane size of a training slice: smaller slices are zero-padded to it "
-        "(centred), larger ones cropped at random. Evaluation pads each volume to at least this size.")
-    slice_axis: int = Field(default=2, ge=0, le=2, description="Axis of the (oriented) volume that slices are taken "
-                            "along; the network is 2D.")
-    slices_per_volume: int = Field(default=4, ge=1, description="Training slices drawn per volume visit.")
-    # MRI
-    mask: MaskKind = MaskKind.EQUISPACED
-    acceleration: float = Field(default=4.0, gt=1.0)
-    center_fraction: float | None = Field(
-        default=None, gt=0.0, lt=1.0, description="Fully sampled centre fraction; null: fastMRI's 0.08 at 4x, "
-        "0.04 at 8x (0.32 / acceleration).")
-    input: Literal["complex", "magnitude"] = Field(
-        default="complex", description="MRI network input: the zero-filled image as 2 channels (real, imaginary) "
-        "or its magnitude (data consistency needs complex).")
-    # CT
-    views: int = Field(default=60, ge=2, description="Projection angles, evenly spread over 180 degrees.")
-    # denoising
-    noise: NoiseKind = NoiseKind.GAUSSIAN
-    noise_level: float = Field(default=0.05, gt=0.0, description="Noise standard deviation relative to the image "
-                               "maximum (images are scaled to [0, 1]).")
-    phantoms: PhantomConfig | None = Field(
-        default=None, description="Generate random-ellipse phantoms into data.root and list them in data.manifest.")
-    real_images: list[str] = Field(
-        default_factory=list, description="Extra evaluation on real images (metrics prefixed real/): files or DICOM "
-        "series folders, relative to data.root, or 'pydicom:<test file>' for images that ship with pydicom.")
-
-    def resolved_center_fraction(self) -> float:
-        return self.center_fraction if self.center_fraction is not None else 0.32 / self.acceleration
-
-
-class TrackingConfig(_Strict):
+class TrackingConfig(Section):
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "medseg"
     run_name: str | None = None
     register_model_as: str | None = None
 
 
-class RunConfig(_Strict):
-    task: Task = Task.SEGMENTATION
+class RunConfig(Section):
+    """The sections every task has. A task's config class subclasses it, sets ``task`` to
+    ``Literal["<name>"]``, narrows ``data``, ``preprocess``, ``model``, ``loss`` and ``validation`` to
+    its own section classes and adds its own sections; the task registry picks the class."""
+
+    task: str
     seed: int = 0
     output_dir: Path = Path("runs/medseg")
-    data: DataConfig
+    data: DataConfig = Field(examples=[{"manifest": "data_manifests/cases.csv"}])
     preprocess: PreprocessConfig = PreprocessConfig()
     augment: list[AugmentConfig] = Field(default_factory=list)
-    patch: PatchConfig | None = Field(default=None, description="Segmentation: training patches (required there).")
-    recon: ReconConfig | None = Field(default=None, description="Reconstruction: the simulated acquisition "
-                                      "(required there).")
-    model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
+    model: ModelConfig = Field(examples=[{"name": "unet"}])
+    loss: LossConfig = Field(examples=[{"name": "dice_ce"}])
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     validation: ValidationConfig = ValidationConfig()
-    postprocess: PostprocessConfig = PostprocessConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _task_defaults(cls, raw: Any) -> Any:
-        """Defaults that depend on the task: a classification config without a loss or model
-        name gets cross-entropy and ResNet-18 rather than the segmentation defaults."""
-        task = str(raw.get("task", "")) if isinstance(raw, dict) else ""
-        defaults = {
-            Task.CLASSIFICATION.value: (("loss", "name", LossName.CE.value), ("model", "name", "resnet18"),
-                                        ("model", "norm", "batch")),
-            Task.RECONSTRUCTION.value: (("loss", "name", LossName.L1_SSIM.value), ("model", "spatial_dims", 2),
-                                        ("recon", "problem", ReconProblem.MRI.value)),
-        }
-        if task == Task.RECONSTRUCTION.value:
-            # reconstruction scales every volume to [0, 1] itself (min-max): no other normalisation
-            pre = raw.get("preprocess") or {}
-            if isinstance(pre, dict) and "intensity" not in pre:
-                raw = {**raw, "preprocess": {**pre, "intensity": {"mode": IntensityMode.NONE.value}}}
-        if task in defaults:
-            for section, key, default in defaults[task]:
-                value = raw.get(section)
-                if value is None:
-                    raw = {**raw, section: {key: default}}
-                    continue
-                elif isinstance(value, dict) and key not in value:
-                    raw = {**raw, section: {**value, key: default}}
-        return raw
 
-    @model_validator(mode="after")
-    def _task_sections(self) -> RunConfig:
-        if self.task == Task.RECONSTRUCTION:
-            return self._reconstruction_sections()
-        if self.data.labels is None:
-            raise ValueError(f"data.labels is required for task: {self.task}, e.g. {{0: background, 1: tumour}}")
-        if self.recon is not None:
-            raise ValueError(f"recon is for task: reconstruction, not {self.task}")
-        seg = self.task == Task.SEGMENTATION
-        if seg and self.patch is None:
-            raise ValueError("patch is required for task: segmentation, e.g. patch: {size: [96, 96, 96]}")
-        if not seg and self.preprocess.resize is None:
-            raise ValueError(f"preprocess.resize is required for task: {self.task}: the network's input size, "
-                             "e.g. [28, 28] (images of another size are resized to it)")
-        if not seg and self.patch is not None:
-            raise ValueError(f"patch is for segmentation; task: {self.task} takes whole images "
-                             "(set preprocess.resize for the input size)")
-        if seg != (self.loss.name in SEGMENTATION_LOSSES):
-            names = [str(n) for n in LossName if (n in SEGMENTATION_LOSSES) == seg]
-            raise ValueError(f"loss.name {self.loss.name} does not fit task: {self.task}; use one of {names}")
-        if self.loss.name == LossName.ORDINAL and not self.data.ordinal:
-            raise ValueError("loss.name: ordinal needs ordered classes: set data.ordinal: true")
-        if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != len(self.data.labels):
-            raise ValueError(f"loss.class_weights has {len(self.loss.class_weights)} values for "
-                             f"{len(self.data.labels)} classes in data.labels")
-        if self.preprocess.resize is not None and len(self.preprocess.resize) != self.model.spatial_dims:
-            raise ValueError(f"preprocess.resize has {len(self.preprocess.resize)} values but model.spatial_dims "
-                             f"is {self.model.spatial_dims}")
-        return self
+def check_spatial_length(key: str, values: Sequence[Any] | None, spatial_dims: int) -> None:
+    """For a task's cross-section validator: a per-axis setting needs one value per spatial axis.
 
-    def _reconstruction_sections(self) -> RunConfig:
-        recon = self.recon
-        if recon is None:  # pragma: no cover - the before-validator always supplies one
-            raise ValueError("recon is required for task: reconstruction")
-        if self.patch is not None:
-            raise ValueError("patch is for segmentation; reconstruction takes whole slices of recon.image_size")
-        if self.loss.name not in RECONSTRUCTION_LOSSES:
-            raise ValueError(f"loss.name {self.loss.name} does not fit task: reconstruction; use one of "
-                             f"{[str(n) for n in RECONSTRUCTION_LOSSES]}")
-        if self.model.spatial_dims != 2:
-            raise ValueError("reconstruction networks are 2D (slice by slice): set model.spatial_dims: 2")
-        if self.model.name not in RECON_MODELS:
-            raise ValueError(f"model.name {self.model.name!r} is not a reconstruction network; use one of {RECON_MODELS}")
-        if self.model.name != "unet" and recon.problem != ReconProblem.MRI:
-            raise ValueError(f"model.name {self.model.name} puts measured k-space back, so it needs recon.problem: "
-                             f"mri (got {recon.problem}); use unet (FBPConvNet / residual denoiser)")
-        if self.model.name != "unet" and recon.input != "complex":
-            raise ValueError(f"model.name {self.model.name}: data consistency works on the complex image; "
-                             "set recon.input: complex")
-        if recon.problem == ReconProblem.MRI and recon.resolved_center_fraction() * recon.acceleration > 1:
-            raise ValueError(f"recon.center_fraction {recon.resolved_center_fraction()} at acceleration "
-                             f"{recon.acceleration}: the centre alone exceeds the line budget; lower one of them")
-        if len(self.data.channels) != 1:
-            raise ValueError("reconstruction takes single-channel images (data.channels: [image])")
-        if self.preprocess.intensity.mode != IntensityMode.NONE:
-            raise ValueError("reconstruction scales every volume to [0, 1] itself; set preprocess.intensity.mode: "
-                             "none (or leave preprocess.intensity out)")
-        return self
-
-    @model_validator(mode="after")
-    def _dims_agree(self) -> RunConfig:
-        dims = self.model.spatial_dims
-        if self.task == Task.RECONSTRUCTION:  # 2D networks over slices of volumes: nothing to match
-            return self
-        if self.patch is None:  # classification: the image itself is the input
-            if self.preprocess.spacing is not None and len(self.preprocess.spacing) != dims:
-                raise ValueError(f"preprocess.spacing has {len(self.preprocess.spacing)} values but "
-                                 f"model.spatial_dims is {dims}")
-            return self
-        if len(self.patch.size) != dims:
-            raise ValueError(f"patch.size has {len(self.patch.size)} values but model.spatial_dims is {dims}")
-        for i, aug in enumerate(self.augment):
-            if isinstance(aug, Rot90Aug):
-                a, b = aug.axes
-                if max(a, b) >= dims or self.patch.size[a] != self.patch.size[b]:
-                    raise ValueError(
-                        f"augment.{i} (rot90) turns spatial axes {a} and {b}, so patch.size must be equal on both "
-                        f"(got {list(self.patch.size)}); set augment.{i}.axes to two axes of equal patch size"
-                    )
-        if self.preprocess.spacing is not None and len(self.preprocess.spacing) != dims:
-            raise ValueError(
-                f"preprocess.spacing has {len(self.preprocess.spacing)} values but model.spatial_dims is {dims}"
-            )
-        return self
+    Raises:
+        ValueError: ``values`` is given and its length is not ``spatial_dims``.
+    """
+    if values is not None and len(values) != spatial_dims:
+        raise ValueError(f"{key} has {len(values)} values but model.spatial_dims is {spatial_dims}")
 
 
-# --------------------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------------------- reading
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply ``key.sub=value`` overrides and validate it.
+def read_config_file(path: str | Path, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+    """Read a YAML config as a plain dict and apply ``key.sub=value`` overrides (not validated yet).
 
     Args:
         path: YAML file.
         overrides: strings like ``train.max_epochs=5``; the value is parsed as YAML.
 
     Returns:
-        The validated, frozen config.
+        The mapping of sections, ready for :func:`validate_config`.
 
     Raises:
-        ConfigError: the file is missing or not YAML, an override is malformed, or a key or value
-            is invalid (unknown keys name the closest valid key).
+        ConfigError: the file is missing or not YAML, its top level is not a mapping, or an override
+            is malformed.
     """
     path = Path(path)
     if not path.is_file():
@@ -591,11 +418,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
         apply_override(raw, item)
-    return validate_config(raw, source=str(path))
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` inside a nested dict (list items by index, ``augment.0.prob=0.2``)."""
+    """Set ``a.b.c=value`` inside a nested dict (list items by index, ``augment.0.prob=0.2``).
+
+    Raises:
+        ConfigError: not ``KEY=VALUE``, the value is not YAML, or the path runs through a value or
+            past the end of a list.
+    """
     key, sep, value_text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_epochs=5")
@@ -609,6 +441,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if isinstance(node, list):
             node = node[_list_index(node, part, parts[: depth + 1])]
             continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
         child = node.get(part)
         if child is None:
             child = node[part] = {}
@@ -628,26 +462,76 @@ def _list_index(node: list[Any], part: str, parts: list[str]) -> int:
     return int(part)
 
 
-def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
-    """Validate a plain dict into a :class:`RunConfig`, rewriting pydantic errors for people."""
+# ------------------------------------------------------------------------------------- validating
+
+ConfigT = TypeVar("ConfigT", bound=RunConfig)
+
+
+def validate_config(raw: Mapping[str, Any], config_type: type[ConfigT], source: str = "<config>",
+                    others: Mapping[str, type[RunConfig]] | None = None) -> ConfigT:
+    """Validate a plain dict into ``config_type``, rewriting pydantic's errors for people.
+
+    Args:
+        raw: the mapping of sections (from :func:`read_config_file`).
+        config_type: the task's config class.
+        source: the file name, for the message.
+        others: the other tasks' config classes by task name; a key or value this task refuses but
+            one of them accepts is reported as belonging to that task.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: every problem, one per line: unknown keys name the closest valid key or the
+            task they belong to, a missing required section shows an example.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return RunConfig.model_validate(raw)
+        return config_type.model_validate(dict(raw))
     except ValidationError as err:
-        lines = [_describe_error(e) for e in err.errors()]
+        task = _task_name(config_type)
+        lines = [_describe_error(e, config_type, task, others or {}) for e in err.errors()]
         raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
 
 
-def _describe_error(error: Any) -> str:
-    loc = [p for p in error["loc"]]
-    dotted = ".".join(str(p) for p in loc)
-    if error["type"] == "extra_forbidden":
-        valid = _valid_keys_at(RunConfig, loc[:-1])
+def _task_name(config_type: type[RunConfig]) -> str:
+    default = config_type.model_fields["task"].default
+    return default if isinstance(default, str) else config_type.__name__
+
+
+def _describe_error(error: Any, model: type[RunConfig], task: str, others: Mapping[str, type[RunConfig]]) -> str:
+    loc = list(error["loc"])
+    key = ".".join(str(p) for p in _public(loc))
+    kind, value, message = error["type"], error.get("input"), str(error["msg"])
+    if kind == "extra_forbidden":
+        owners = [name for name, other in others.items() if str(loc[-1]) in _valid_keys_at(other, loc[:-1])]
+        if owners:
+            return f"{key} does not apply to task: {task} (it is an option of task: {' and '.join(owners)}); remove it"
+        valid = _valid_keys_at(model, loc[:-1])
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         suggestion = f"; did you mean {'.'.join(str(p) for p in [*_public(loc[:-1]), hint[0]])!r}?" if hint else ""
-        return f"unknown key {'.'.join(str(p) for p in _public(loc))!r}{suggestion} Valid keys here: {sorted(valid)}"
-    if error["type"] == "missing":
-        return f"{'.'.join(str(p) for p in _public(loc))}: required key is missing"
-    return f"{'.'.join(str(p) for p in _public(loc)) or dotted}: {error['msg']} (got {error.get('input')!r})"
+        return f"unknown key {key!r}{suggestion} Valid keys here: {sorted(valid)}"
+    field = _field_at(model, loc)
+    if field is not None and field.is_required() and (kind == "missing" or value is None):
+        example = f", e.g. {loc[-1]}: {_flow(field.examples[0])}" if field.examples else ""
+        return f"{key}: required for task: {task}{example}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind in ("enum", "literal_error"):
+        owners = [name for name, other in others.items() if _accepts(other, loc, value)]
+        if owners:
+            return (f"{key}: {value!r} does not fit task: {task} (it is an option of task: {' and '.join(owners)}); "
+                    f"{message[:1].lower()}{message[1:]}")
+    if kind == "value_error":  # our own validators' messages name their keys
+        message = message.removeprefix("Value error, ")
+        return message if not key or message.startswith(key) else f"{key}: {message}"
+    return f"{key or '<top level>'}: {message} (got {value!r})"
+
+
+def _flow(example: Any) -> str:
+    """An example value as one line of YAML (``{size: [96, 96, 96]}``)."""
+    return str(yaml.safe_dump(example, default_flow_style=True, sort_keys=False)).strip().removesuffix("...").strip()
 
 
 def _public(loc: list[Any]) -> list[Any]:
@@ -660,22 +544,54 @@ def _public(loc: list[Any]) -> list[Any]:
     return out
 
 
-def _valid_keys_at(model: Any, loc: list[Any]) -> list[str]:
-    """Walk annotations along ``loc`` to the model that rejected the key and list its fields."""
+def _is_model(node: Any) -> bool:
+    return isinstance(node, type) and issubclass(node, BaseModel)
+
+
+def _node_at(model: Any, loc: list[Any]) -> Any:
+    """Walk field annotations along ``loc``: the model (or tag -> model map) there, or None when
+    ``loc`` leaves the models (a key that is not a field)."""
     node: Any = model
     for part in loc:
         node = _unwrap(node)
         if isinstance(part, int):
             continue
         if isinstance(node, dict):  # discriminated union: tag -> model
-            node = node.get(part, node)
-            continue
-        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.get(part)
+        elif _is_model(node) and part in node.model_fields:
             node = node.model_fields[part].annotation
-    node = _unwrap(node)
-    if isinstance(node, type) and issubclass(node, BaseModel):
-        return list(node.model_fields)
-    return []
+        else:
+            return None
+    return _unwrap(node)
+
+
+def _valid_keys_at(model: Any, loc: list[Any]) -> list[str]:
+    """The fields of the model that ``loc`` leads to (the one that rejected a key), if any."""
+    node = _node_at(model, loc)
+    return list(node.model_fields) if _is_model(node) else []
+
+
+def _field_at(model: Any, loc: list[Any]) -> FieldInfo | None:
+    """The field ``loc`` names, when it names one (not a list item or a union member)."""
+    if not loc or not isinstance(loc[-1], str):
+        return None
+    parent = _node_at(model, loc[:-1])
+    return parent.model_fields.get(loc[-1]) if _is_model(parent) else None
+
+
+def _accepts(model: type[RunConfig], loc: list[Any], value: Any) -> bool:
+    """Whether ``model`` has a field with a closed set of values (enum, literal) at ``loc`` that
+    takes ``value``: then the value is an option of that model's task."""
+    field = _field_at(model, loc)
+    annotation: Any = field.annotation if field is not None else None
+    closed = (isinstance(annotation, type) and issubclass(annotation, Enum)) or typing.get_origin(annotation) is Literal
+    if not closed:
+        return False
+    try:
+        TypeAdapter(annotation).validate_python(value)
+    except ValidationError:
+        return False
+    return True
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -690,7 +606,7 @@ def _unwrap(annotation: Any) -> Any:
             annotation = typing.get_args(annotation)[1]
         elif origin in (Union, types.UnionType):
             members = [a for a in typing.get_args(annotation) if a is not type(None)]
-            models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+            models = [m for m in members if _is_model(m)]
             if len(models) > 1:
                 return {typing.get_args(m.model_fields["name"].annotation)[0]: m for m in models}
             annotation = members[0] if len(members) == 1 else (models[0] if models else members[0])
@@ -699,6 +615,9 @@ def _unwrap(annotation: Any) -> Any:
 
 
 _AUG_TAGS = set(_unwrap(AugmentConfig))
+
+
+# --------------------------------------------------------------------------------------- writing
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from medseg.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-
 from tests.conftest import REPO
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "medseg"

@@ -131,7 +131,8 @@ def import_medmnist(npz: Path, out: Path, data_dir: Path, labels: Mapping[int, s
                           unit="image"))
     manifest = Manifest(Path(out), tuple(cases))
     write_manifest(manifest, out)
+    size = tuple(int(s) for s in arrays["train_images"].shape[1:1 + dims])
     info = {"source": str(npz), "source_sha256": sha256_of(npz), "labels": {str(k): v for k, v in names.items()},
-            "spatial_dims": dims, "channels": channels, "size": list(arrays["train_images"].shape[1:1 + dims])}
+            "spatial_dims": dims, "channels": channels, "size": list(size)}
     atomic_write_text(data_dir / "medmnist_import.json", json.dumps(info, indent=2))
-    return ImportedMedmnist(manifest, names, dims, channels, tuple(info["size"]), data_dir)
+    return ImportedMedmnist(manifest, names, dims, channels, size, data_dir)

@@ -90,9 +90,38 @@ class EpochSamples(Dataset):
         return self.augment(item)
 
 
-def process_positions(iterations: int, batch_size: int, world_size: int, rank: int,
-                      start_iteration: int = 0) -> tuple[int, range]:
-    """Stream length of an epoch and the positions of process ``rank`` from ``start_iteration`` on."""
-    global_batch = batch_size * world_size
+def remaining_steps(iterations: int, global_batch: int, samples_done: int) -> int:
+    """Steps left in an epoch of ``iterations`` steps of ``global_batch`` positions whose first
+    ``samples_done`` positions are trained: enough whole steps to reach the epoch's end, 0 past it."""
     length = iterations * global_batch
-    return length, range(start_iteration * global_batch + rank, length, world_size)
+    return max(0, -(-(length - samples_done) // global_batch))
+
+
+def process_positions(iterations: int, batch_size: int, world_size: int, rank: int,
+                      samples_done: int = 0) -> tuple[int, range]:
+    """The stream length an epoch reaches and the positions of process ``rank`` after ``samples_done``.
+
+    The positions left are trained in whole global batches from ``samples_done`` on: global
+    batch ``k`` of what remains is ``[samples_done + k·B·W, samples_done + (k+1)·B·W)``, whatever
+    ``samples_done`` is. A run resumed with another number of processes (another global batch)
+    therefore starts at the first position not yet trained, whether or not that falls on a
+    boundary of its own steps. Where the positions left are not a whole number of its steps, the
+    last step runs on past the epoch's length into positions this epoch has not trained: a
+    shorter step would leave some processes without a sample, and DDP cannot step a process that
+    has none. No position is trained twice or left out; such an epoch trains up to ``B·W - B``
+    positions more (a full epoch's length is rounded to whole steps anyway).
+
+    Args:
+        iterations: steps of a whole epoch.
+        batch_size: samples per process and step (``B``).
+        world_size: processes sharing the stream (``W``).
+        rank: this process.
+        samples_done: positions of the epoch already trained (0 for a fresh epoch).
+
+    Returns:
+        ``(length, positions)``: the stream length :func:`epoch_order` must cover, and this
+        process's positions, in order.
+    """
+    global_batch = batch_size * world_size
+    end = samples_done + remaining_steps(iterations, global_batch, samples_done) * global_batch
+    return end, range(samples_done + rank, end, world_size)

@@ -60,6 +60,7 @@ from medseg.config import (
     PreprocessConfig,
     Rot90Aug,
 )
+from medseg.errors import ConfigError
 from medseg.io.readers import make_load_transform
 
 IMAGE = "image"
@@ -79,7 +80,9 @@ def intensity_transform(cfg: IntensityConfig, key: str = IMAGE) -> MapTransform 
     if cfg.mode == IntensityMode.ZSCORE:
         return NormalizeIntensityd(keys=key, nonzero=cfg.nonzero, channel_wise=True)
     if cfg.mode == IntensityMode.CT_WINDOW:
-        low, high = cfg.window  # type: ignore[misc]  # validated present for ct_window
+        if cfg.window is None:  # IntensityConfig refuses this; a hand-built one may not have been validated
+            raise ConfigError("preprocess.intensity.window is required with mode: ct_window, e.g. [-160, 240]")
+        low, high = cfg.window
         return ScaleIntensityRanged(keys=key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
     if cfg.mode == IntensityMode.PERCENTILE:
         low, high = cfg.percentiles
@@ -248,9 +251,28 @@ def classification_transforms(pre: PreprocessConfig, augment: Sequence[AugmentCo
     """Whole-image chain for classification: preprocessing and resizing to the network input
     (cached), then augmentation of the image (training only); the class label passes through."""
     chain = preprocessing(pre, keys=(IMAGE,), load=load)
-    if pre.resize is not None:
+    # ``resize`` is a field of the classification task's preprocess section, which this layer cannot import
+    resize: Sequence[int] | None = getattr(pre, "resize", None)
+    if resize is not None:
         # "area" averages when shrinking, so thin structures are not aliased away
-        chain.append(Resized(keys=IMAGE, spatial_size=list(pre.resize), mode="area"))
+        chain.append(Resized(keys=IMAGE, spatial_size=list(resize), mode="area"))
     chain.extend(augmentation(augment, spatial_dims, keys=(IMAGE,)))
     chain.append(EnsureTyped(keys=IMAGE, track_meta=False))
     return Compose(chain)
+
+
+def preprocessing_from_contract(contract: dict[str, Any], load: bool = True) -> Compose:
+    """The deterministic image chain a model was trained behind, rebuilt from its contract.
+
+    Args:
+        contract: the model's I/O contract (orientation, spacing, intensity, crop).
+        load: start with the file loader; False for images already in memory (channel-first
+            ``MetaTensor`` with their affine).
+    """
+    cfg = PreprocessConfig(
+        orientation=contract["orientation"],
+        spacing=tuple(contract["spacing"]) if contract.get("spacing") else None,
+        intensity=IntensityConfig(**contract["intensity"]),
+        crop_foreground=contract.get("crop_foreground", False),
+    )
+    return Compose(preprocessing(cfg, keys=(IMAGE,), load=load))

@@ -257,7 +257,7 @@ def _check_case(
         if path != ref_path:
             _compare_grids(add, "channel_geometry_mismatch", ref_path, ref_geometry, path, geometry_of(vol), tol)
 
-    if label_volume is not None:
+    if label is not None and label_volume is not None:
         _compare_grids(add, "label_geometry_mismatch", ref_path, ref_geometry, label, geometry_of(label_volume), tol)
         values = torch.unique(label_volume.as_tensor())
         if values.is_floating_point() and not bool(torch.isfinite(values).all()):
@@ -321,33 +321,41 @@ class VerifyOutputs:
     report: VerifyReport
 
 
-def verify_stage(manifest_path: Path, root: Path, labels: Sequence[int], out_dir: Path, progress: bool = True,
-                 require_labels_for: Sequence[str] = ("train", "val"), expected_channels: int | None = None,
-                 spatial_dims: int | None = None, class_labels: bool = False,
-                 cross_split_duplicates: str = "error") -> VerifyOutputs:
-    """Pipeline stage: verify the manifest and write ``verify_report.json`` (errors are not raised here,
-    so the caller can log the report before stopping the run)."""
-    report = verify_manifest(manifest_path, root, labels, require_labels_for=require_labels_for, progress=progress,
-                             expected_channels=expected_channels, spatial_dims=spatial_dims,
-                             class_labels=class_labels, cross_split_duplicates=cross_split_duplicates)
-    return VerifyOutputs(report.write(out_dir / "verify_report.json"), report)
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How a task's data are checked (its ``Task.verify_options`` makes these from a config).
 
-
-def verify_run_data(cfg: Any, manifest_path: Path, root: Path, out_dir: Path, tracker: Any,
-                    progress: bool = True) -> VerifyOutputs:
-    """The verify stage of a run: check the manifest as the config will use it, log the report to
-    MLflow, and stop the run (``DataVerificationError``) if it found errors.
-
-    Args:
-        cfg: the run's :class:`~medseg.config.RunConfig`.
+    Attributes:
+        labels: allowed label values; None: not checked (no label map given).
+        require_labels_for: splits whose cases must have a label.
+        expected_channels: input channels the model takes; None: not checked.
+        spatial_dims: 2 or 3, the model's; None: not checked (reconstruction takes slices of volumes).
+        class_labels: the label column holds a class index (classification), not a label-map path.
+        cross_split_duplicates: severity of an identical image file in two splits.
     """
-    recon = str(cfg.task) == "reconstruction"  # the images are the targets: labels, if listed, are not used
-    verified = verify_stage(manifest_path, root, range(2**16) if recon else list(cfg.data.labels), out_dir, progress,
-                            require_labels_for=() if recon else (cfg.data.train_split, cfg.data.val_split),
-                            expected_channels=len(cfg.data.channels),
-                            spatial_dims=None if recon else cfg.model.spatial_dims,
-                            class_labels=str(cfg.task) == "classification",
-                            cross_split_duplicates=cfg.data.cross_split_duplicates)
+
+    labels: Sequence[int] | None = None
+    require_labels_for: tuple[str, ...] = ("train", "val")
+    expected_channels: int | None = None
+    spatial_dims: int | None = None
+    class_labels: bool = False
+    cross_split_duplicates: str = "error"
+
+    def check(self, manifest: Manifest | str | Path, root: Path, progress: bool = True) -> VerifyReport:
+        """:func:`verify_manifest` with these options."""
+        return verify_manifest(manifest, root, self.labels if self.labels is not None else range(2**16),
+                               require_labels_for=self.require_labels_for, progress=progress,
+                               expected_channels=self.expected_channels, spatial_dims=self.spatial_dims,
+                               class_labels=self.class_labels, cross_split_duplicates=self.cross_split_duplicates)
+
+
+def verify_run_data(options: VerifyOptions, manifest_path: Path, root: Path, out_dir: Path, tracker: Any,
+                    progress: bool = True) -> VerifyOutputs:
+    """The verify stage of a run: check the manifest as the task will use it, write
+    ``verify_report.json``, log it to MLflow, and stop the run (``DataVerificationError``) if it
+    found errors."""
+    report = options.check(manifest_path, root, progress)
+    verified = VerifyOutputs(report.write(out_dir / "verify_report.json"), report)
     tracker.log_artifact(verified.report_path)
     if not verified.report.ok:
         raise DataVerificationError(verified.report, verified.report_path)

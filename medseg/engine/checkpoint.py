@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ def rng_state() -> dict[str, Any]:
     """
     return {
         "python": repr(random.getstate()),
-        "numpy": _np_state(np.random.get_state()),
+        # numpy's stubs type the argument-less call as the legacy=False overload (a dict); the global
+        # RandomState is MT19937, whose legacy state is the tuple
+        "numpy": _np_state(cast("tuple[Any, ...]", np.random.get_state(legacy=True))),
         "torch": torch.get_rng_state(),
     }
 

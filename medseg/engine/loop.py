@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from medseg.config import CacheMode, OptimizerName, RunConfig, ScheduleName, Task, config_to_dict
+from medseg.config import CacheMode, OptimizerName, RunConfig, ScheduleName, config_to_dict
 from medseg.data.datasets import DeviceCache, cached_bytes, make_dataset
 from medseg.data.manifest import Manifest
-from medseg.data.sampling import EpochSamples, epoch_order, process_positions, split_transforms, stream_seed
+from medseg.data.sampling import (
+    EpochSamples,
+    epoch_order,
+    process_positions,
+    remaining_steps,
+    split_transforms,
+    stream_seed,
+)
 from medseg.engine import distributed
 from medseg.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from medseg.engine.runtime import (
@@ -97,6 +104,8 @@ class TrainTask:
         loss: ``loss(network output, batch label) -> scalar``.
         validate: see :data:`Validator`.
         selection_metric: the validation metric whose maximum picks ``best.pt`` (``val/dice_mean``, ``val/auc``).
+        default_num_workers: loader worker processes when ``train.num_workers`` is null; None
+            leaves the choice to :func:`loader_workers`.
     """
 
     build_network: Callable[[], nn.Module]
@@ -107,6 +116,7 @@ class TrainTask:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     validate: Validator
     selection_metric: str
+    default_num_workers: int | None = None
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -196,14 +206,13 @@ def weight_penalty(cfg: RunConfig, model: nn.Module) -> torch.Tensor | None:
     return total
 
 
-def loader_workers(cfg: RunConfig) -> int:
+def loader_workers(cfg: RunConfig, task_default: int | None = None) -> int:
+    """Loader worker processes: ``train.num_workers`` when set, else the task's default
+    (:attr:`TrainTask.default_num_workers`), else none for cached data and two for uncached."""
     if cfg.train.num_workers is not None:
         return cfg.train.num_workers
-    if cfg.task == Task.RECONSTRUCTION:
-        # Simulating a measurement (masks and FFTs, or noise) for every slice is per-sample work of
-        # the order of the training step: two workers overlap it with the step (1.5x measured,
-        # benchmarks/bench_recon.py).
-        return 2
+    if task_default is not None:
+        return task_default
     # With the deterministic work cached, augmenting a few samples costs far less than the
     # training step; extra processes would only fight the model for the cores.
     return 0 if cfg.data.cache != CacheMode.NONE else 2
@@ -228,7 +237,111 @@ def augment_on_device(cfg: RunConfig, device: torch.device, workers: int, datase
     return cached_bytes(dataset) <= budget
 
 
+# ----------------------------------------------------------------------------------- loop state
+
+
+@dataclass
+class LoopState:
+    """Where training stands: every checkpoint carries it as JSON (``state``) and a resumed run
+    continues from it.
+
+    Attributes:
+        epoch: epochs finished (the 0-based index of the epoch in progress).
+        iteration: steps trained in the epoch in progress.
+        samples_done: positions of the epoch's sample stream trained so far (the next step starts
+            there). Counted in samples, not steps, because it must keep its meaning when a run is
+            resumed with another number of processes, and so another global batch.
+        partial_losses: the all-process loss of each step of the epoch in progress.
+        best_metric: the best score of the selection metric so far.
+        best_epoch: the epoch that scored it (-1 before any validation).
+        elapsed: seconds of training and validation, all sessions of the run together.
+        history: one record per finished epoch (``history.csv``).
+        stale_validations: validations in a row without a new best (early stopping counts them).
+        stopped_early: early stopping ended the run, so a resumed run does not train on.
+    """
+
+    epoch: int = 0
+    iteration: int = 0
+    samples_done: int = 0
+    partial_losses: list[float] = field(default_factory=list)
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    elapsed: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    stale_validations: int = 0
+    stopped_early: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, saved_global_batch: int) -> LoopState:
+        """The state a checkpoint saved.
+
+        Args:
+            text: the checkpoint's ``state``.
+            saved_global_batch: samples per step of the run that saved it; checkpoints written
+                before ``samples_done`` existed give their position as ``iteration`` steps of it.
+        """
+        saved = json.loads(text)
+        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        if "samples_done" not in saved:
+            state.samples_done = state.iteration * saved_global_batch
+        return state
+
+
 # ----------------------------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    """Where this process trains."""
+
+    ctx: distributed.DistContext
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    threads: int
+
+
+@dataclass(frozen=True)
+class _TrainData:
+    """This process's data and how its epochs are drawn.
+
+    Attributes:
+        train: preprocessed training cases (all of them, or this process's shard: ``sharded``).
+        augment: the random rest of the training chain, applied per stream position.
+        val: validation dataset (this process's share, possibly empty), or None without validation.
+        sharded: each process draws from its own stream over its own shard (a memory cache in
+            DDP) rather than its share of one stream of all cases.
+        stream_seed: the seed of the stream this process draws from.
+        iterations: steps per epoch.
+        loader_kwargs: DataLoader arguments (workers, pinning).
+        on_device: the training cache lives on the GPU and augmentation runs there.
+        prepare_seconds: time spent building the caches.
+    """
+
+    train: Any
+    augment: Compose | None
+    val: Any
+    sharded: bool
+    stream_seed: int
+    iterations: int
+    loader_kwargs: dict[str, Any]
+    on_device: bool
+    prepare_seconds: float
+
+
+@dataclass(frozen=True)
+class _Trainables:
+    """The network and what updates it; ``model`` is the network as trained (DDP-wrapped in a job)."""
+
+    net: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    budget: BudgetSchedule
+    channels_last: bool
 
 
 def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, *, resume: bool = False,
@@ -250,28 +363,55 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
     Returns:
         Paths of the best and last checkpoints, the history and the learning curve, and the final metrics.
     """
+    runtime = _start_runtime(cfg)
+    ctx = runtime.ctx
+    _check_training_cases(cfg, task, ctx)
+    data = _prepare_data(cfg, task, runtime, out_dir, progress)
+    parts = _build_model(cfg, task, runtime, data.iterations)
+    last_path = out_dir / "checkpoints" / "last.pt"
+    # The main process reads the checkpoint and hands it to the others: no shared disk needed.
+    checkpoint = ctx.broadcast(load_checkpoint(last_path) if ctx.is_main and resume and last_path.is_file() else None)
+    state = LoopState()
+    if checkpoint is not None:
+        state = _restore(checkpoint, cfg, ctx, data, parts)
+        log.info("resumed from %s at epoch %d, sample %d of its stream (step %d of %d)", last_path, state.epoch,
+                 state.samples_done, state.iteration, data.iterations)
+    parts = replace(parts, model=_distribute(parts.net, ctx, runtime.device))
+    loop = _Loop(cfg, task, runtime, data, parts, state, out_dir, tracker, progress)
+    loop.log_setup()
+    loop.train()
+    if checkpoint is not None:
+        loop.log_history()
+    return loop.finish()
+
+
+def _start_runtime(cfg: RunConfig) -> _Runtime:
+    """Seed the run and pick this process's threads, device and autocast dtype."""
     ctx = distributed.current()
     tune_allocator()
     seed_everything(cfg.seed, cfg.train.deterministic)
     threads = configure_threads(cfg.train.num_threads, ctx.local_world_size)
     device = distributed.process_device(resolve_device(cfg.train.device), ctx)
-    amp_dtype = autocast_dtype(cfg.train.precision, device)
-    n_train, n_val = len(task.train_items), len(task.val_items)
+    return _Runtime(ctx, device, autocast_dtype(cfg.train.precision, device), threads)
+
+
+def _check_training_cases(cfg: RunConfig, task: TrainTask, ctx: distributed.DistContext) -> None:
+    n_train = len(task.train_items)
     if not n_train:
         raise MedsegError(f"{cfg.data.manifest}: no cases in the training split {cfg.data.train_split!r}; "
                           "check data.train_split / data.fold against the manifest's split and fold columns")
     if n_train < ctx.world_size:
         raise UsageError(f"{n_train} training case(s) for {ctx.world_size} processes; "
                          "use fewer processes (--nproc) or more data")
-    select = task.selection_metric
-    ckpt_dir = out_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    batch_size = cfg.train.batch_size
     if cfg.train.deterministic and cfg.train.max_minutes:
         log.warning("train.deterministic with train.max_minutes: the number of epochs then depends on the "
                     "machine's speed; the LR schedule follows steps only")
 
-    prepare_started = time.monotonic()
+
+def _prepare_data(cfg: RunConfig, task: TrainTask, runtime: _Runtime, out_dir: Path, progress: bool) -> _TrainData:
+    """Build (or load) the caches of this process's cases and choose how batches are loaded."""
+    ctx = runtime.ctx
+    started = time.monotonic()
     prepare_tf, augment_tf = split_transforms(task.train_transform)
     cache_root = cfg.data.cache_dir or out_dir / "cache"
     # A memory cache is split between processes (each holds its shard, as MONAI's partition_dataset
@@ -282,32 +422,31 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
     train_ds = make_dataset(train_items, prepare_tf, cfg.data, cache_root / "train", progress and ctx.is_main)
     val_items = task.val_items[ctx.rank::ctx.world_size]
     val_ds: Any = None  # no validation split; otherwise every process validates (its share may be empty)
-    if n_val and task.val_transform is not None:
+    if task.val_items and task.val_transform is not None:
         val_ds = make_dataset(val_items, task.val_transform, cfg.data, cache_root / "val",
                               progress and ctx.is_main) if val_items else []
     if ctx.enabled and cfg.data.cache == CacheMode.DISK:
         _warm_disk_cache(train_ds, ctx)
-    prepare_seconds = time.monotonic() - prepare_started  # the memory cache's preprocessing happens here
-    stream_world, stream_rank = (1, 0) if sharded else (ctx.world_size, ctx.rank)
-    stream_seed_base = stream_seed(cfg.seed, ctx.rank) if sharded else cfg.seed
-    iterations = cfg.train.iterations_per_epoch or max(1, n_train // (batch_size * ctx.world_size))
+    prepare_seconds = time.monotonic() - started  # the memory cache's preprocessing happens here
+    global_batch = cfg.train.batch_size * ctx.world_size
+    iterations = cfg.train.iterations_per_epoch or max(1, len(task.train_items) // global_batch)
 
-    workers = loader_workers(cfg)
-    on_device = augment_on_device(cfg, device, workers, train_ds)
+    workers = loader_workers(cfg, task.default_num_workers)
+    on_device = augment_on_device(cfg, runtime.device, workers, train_ds)
     if on_device:
-        train_ds = DeviceCache(train_ds, device)
+        train_ds = DeviceCache(train_ds, runtime.device)
     # In-process loading is synchronous: MONAI's ThreadDataLoader would augment in a background
-    # thread that fights the step's compute threads for the cores (an epoch 1.6x slower measured
-    # on 2 cores, benchmarks/bench_perf.py W4).
-    loader_kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda" and not on_device}
+    # thread that fights the step's compute threads for the cores (benchmarks/results/perf.md, W4,
+    # and the README's notes on it).
+    loader_kwargs: dict[str, Any] = {"num_workers": workers,
+                                     "pin_memory": runtime.device.type == "cuda" and not on_device}
+    return _TrainData(train_ds, augment_tf, val_ds, sharded, stream_seed(cfg.seed, ctx.rank) if sharded else cfg.seed,
+                      iterations, loader_kwargs, on_device, prepare_seconds)
 
-    def epoch_loader(epoch: int, start_iteration: int) -> Any:
-        length, positions = process_positions(iterations, batch_size, stream_world, stream_rank, start_iteration)
-        order = epoch_order(len(train_ds), length, stream_seed_base, epoch)
-        samples = EpochSamples(train_ds, augment_tf, order, positions, stream_seed_base, epoch)
-        return DataLoader(samples, batch_size=batch_size, shuffle=False, drop_last=False, **loader_kwargs)
 
-    dims = cfg.model.spatial_dims
+def _build_model(cfg: RunConfig, task: TrainTask, runtime: _Runtime, iterations: int) -> _Trainables:
+    """The network of a fresh run (not yet wrapped for DDP), its optimiser, LR schedule and grad scaler."""
+    device, dims = runtime.device, cfg.model.spatial_dims
     channels_last = use_channels_last(cfg.train.channels_last, dims)
     net = task.build_network().to(device)
     if channels_last:
@@ -315,155 +454,254 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
     optimizer = make_optimizer(cfg, net)
     budget = BudgetSchedule(cfg, iterations, by_time=not cfg.train.deterministic)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16 and device.type == "cuda")
+    return _Trainables(net, net, optimizer, scheduler, scaler, budget, channels_last)
 
-    state: dict[str, Any] = {"epoch": 0, "iteration": 0, "partial_losses": [], "best_metric": -math.inf,
-                             "best_epoch": -1, "elapsed": 0.0, "history": [], "stale_validations": 0}
-    # The main process reads the checkpoint and hands it to the others: no shared disk needed.
-    ckpt = ctx.broadcast(load_checkpoint(last_path) if ctx.is_main and resume and last_path.is_file() else None)
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        restore_rng_state(ckpt["rng"])
-        state.update(json.loads(ckpt["state"]))
-        budget.step_count, budget.elapsed = int(ckpt["step_count"]), float(state["elapsed"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        saved_world = int(ckpt.get("world_size", 1))
-        if saved_world != ctx.world_size:
-            # An epoch has another number of steps now: restate the position and the schedule's step
-            # count in the new steps, so the LR schedule keeps its shape and no part of an epoch is lost.
-            state["iteration"] = min(int(state["iteration"]), iterations)
-            budget.step_count = int(state["epoch"]) * iterations + state["iteration"]
-            log.warning("resuming a run of %d process(es) with %d: the global batch changes, so the run "
-                        "continues but will not match an uninterrupted one", saved_world, ctx.world_size)
-        log.info("resumed from %s at epoch %d, iteration %d", last_path, state["epoch"], state["iteration"])
-    if ctx.enabled:
-        # SyncBatchNorm exists for GPUs only; on CPUs each process keeps its own batch statistics.
-        if device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same Parameter objects: the optimiser stays valid
-        model: nn.Module = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        model = net
 
-    tracker.log_metrics({"system/threads": threads, "system/world_size": ctx.world_size,
-                         "system/batch_per_process": batch_size, "system/global_batch": batch_size * ctx.world_size,
-                         "system/channels_last": float(channels_last), "system/augment_on_device": float(on_device),
-                         "data/train_cases": n_train, "data/val_cases": n_val,
-                         # what the main process holds: its shard with a memory cache in DDP, else all
-                         "data/train_cases_per_process": len(train_ds), "time/cache_build_s": prepare_seconds},
-                        step=0)
-    log.info("training on %s (%d process(es) x %d threads, autocast=%s, channels-last=%s): %d train / %d val "
-             "cases, %d iterations per epoch of %d x %d samples", device, ctx.world_size, threads, amp_dtype, channels_last,
-             n_train, n_val, iterations, ctx.world_size, batch_size)
+def _restore(checkpoint: dict[str, Any], cfg: RunConfig, ctx: distributed.DistContext, data: _TrainData,
+             parts: _Trainables) -> LoopState:
+    """Load ``last.pt`` into the run's parts (before DDP wraps the network) and return the loop state it saved."""
+    parts.net.load_state_dict(checkpoint["model"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng_state(checkpoint["rng"])
+    saved_world = int(checkpoint.get("world_size", 1))
+    # train.batch_size cannot change on resume (runner.check_resumable); the process count can.
+    state = LoopState.from_json(checkpoint["state"], cfg.train.batch_size * saved_world)
+    parts.budget.step_count, parts.budget.elapsed = int(checkpoint["step_count"]), float(state.elapsed)
+    parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    if saved_world != ctx.world_size:
+        _restate_position(state, cfg, ctx, data, parts.budget, saved_world)
+    return state
 
-    started = time.monotonic() - state["elapsed"]
-    budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
-    checkpoint_every_s = cfg.train.checkpoint_interval_minutes * 60
-    last_saved = time.monotonic()
-    out_of_time = False
-    epoch = state["epoch"]
 
-    def save_last() -> None:
-        if ctx.is_main:
-            save_checkpoint(last_path, {
-                "version": CHECKPOINT_VERSION, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "step_count": budget.step_count, "world_size": ctx.world_size, "state": json.dumps(state),
-                "config": json.dumps(config_to_dict(cfg))})
+def _restate_position(state: LoopState, cfg: RunConfig, ctx: distributed.DistContext, data: _TrainData,
+                      budget: BudgetSchedule, saved_world: int) -> None:
+    """Restate a position saved by a run of ``saved_world`` processes in this run's steps.
 
-    while epoch < cfg.train.max_epochs and not out_of_time and not state.get("stopped_early"):
-        model.train()
-        epoch_started = time.monotonic()
-        iteration, losses = state["iteration"], list(state["partial_losses"])
-        bar = tqdm(total=iterations, initial=iteration, desc=f"epoch {epoch + 1}/{cfg.train.max_epochs}",
-                   disable=not (progress and ctx.is_main), unit="it", leave=False)
-        for batch in epoch_loader(epoch, iteration):
-            seed_step(cfg.seed, epoch, iteration, ctx.rank)
-            image = batch["image"].to(device, non_blocking=True)
-            if channels_last:
-                image = to_channels_last(image, dims)
-            label = batch["label"].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(amp_dtype, device):
-                loss = task.loss(model(image), label)
-            penalty = weight_penalty(cfg, net)
-            objective = loss if penalty is None else loss + penalty
-            scaler.scale(objective).backward()
-            if cfg.train.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            # One small all-reduce gives every process the global loss and the same clock, so the
-            # LR schedule and the decision to stop agree everywhere (a disagreement would hang DDP).
-            shared = ctx.sum_(torch.tensor([float(loss.detach()), time.monotonic() - started],
-                                           dtype=torch.float64)) / ctx.world_size
-            iteration += 1
-            budget.step_count += 1
-            budget.elapsed = float(shared[1])
-            scheduler.step()
-            losses.append(float(shared[0]))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            bar.update()
-            if budget.elapsed >= budget_s:
-                out_of_time = True
+    The position in samples stays: the epoch continues at the first position of its stream not
+    yet trained, whatever step of the new global batch that falls in (see
+    :func:`~medseg.data.sampling.process_positions` for a remainder that is not a whole step). The
+    step counter and the LR schedule's step count are restated to the steps of the new global
+    batch that cover those samples, so that the epoch ends after the step that reaches its end
+    and the schedule's progress carries on from where it was.
+    """
+    global_batch = cfg.train.batch_size * ctx.world_size
+    state.iteration = data.iterations - remaining_steps(data.iterations, global_batch, state.samples_done)
+    budget.step_count = state.epoch * data.iterations + state.iteration
+    log.warning("resuming a run of %d process(es) with %d: the global batch changes, so the run continues but "
+                "will not match an uninterrupted one", saved_world, ctx.world_size)
+    if cfg.data.cache == CacheMode.MEMORY:
+        # With a memory cache in DDP every process samples its own shard of the cases from its own
+        # stream, and the shards change with the process count: only the number of samples left in
+        # the epoch carries over, not which ones.
+        log.warning("data.cache: memory shards the training cases between processes, and the shards change "
+                    "with the process count: the rest of epoch %d draws its remaining samples from the new "
+                    "shards, so it may see some cases twice and others not at all (later epochs are whole)",
+                    state.epoch + 1)
+
+
+def _distribute(net: nn.Module, ctx: distributed.DistContext, device: torch.device) -> nn.Module:
+    """``net`` wrapped for DDP in a distributed job (after the checkpoint is loaded), else ``net``."""
+    if not ctx.enabled:
+        return net
+    # SyncBatchNorm exists for GPUs only; on CPUs each process keeps its own batch statistics.
+    if device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same Parameter objects: the optimiser stays valid
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _Loop:
+    """The epochs of one :func:`fit` call, from a fresh or restored :class:`LoopState`."""
+
+    def __init__(self, cfg: RunConfig, task: TrainTask, runtime: _Runtime, data: _TrainData, parts: _Trainables,
+                 state: LoopState, out_dir: Path, tracker: MlflowTracker, progress: bool):
+        self.cfg, self.task, self.runtime, self.data, self.parts, self.state = cfg, task, runtime, data, parts, state
+        self.ctx = runtime.ctx
+        self.out_dir, self.tracker = out_dir, tracker
+        self.progress = progress and self.ctx.is_main
+        self.last_path = out_dir / "checkpoints" / "last.pt"
+        self.best_path = out_dir / "checkpoints" / "best.pt"
+        self.global_batch = cfg.train.batch_size * self.ctx.world_size
+        self.resumed_after = state.samples_done if state.samples_done else None  # an epoch resumed part-way
+        self.budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+        self.checkpoint_every_s = cfg.train.checkpoint_interval_minutes * 60
+        self.started = self.last_saved = time.monotonic()  # both restart with train()
+        self.out_of_time = False
+
+    def log_setup(self) -> None:
+        cfg, ctx, data, parts = self.cfg, self.ctx, self.data, self.parts
+        batch_size = cfg.train.batch_size
+        self.tracker.log_metrics({
+            "system/threads": self.runtime.threads, "system/world_size": ctx.world_size,
+            "system/batch_per_process": batch_size, "system/global_batch": self.global_batch,
+            "system/channels_last": float(parts.channels_last), "system/augment_on_device": float(data.on_device),
+            "data/train_cases": len(self.task.train_items), "data/val_cases": len(self.task.val_items),
+            # what the main process holds: its shard with a memory cache in DDP, else all
+            "data/train_cases_per_process": len(data.train), "time/cache_build_s": data.prepare_seconds}, step=0)
+        log.info("training on %s (%d process(es) x %d threads, autocast=%s, channels-last=%s): %d train / %d val "
+                 "cases, %d iterations per epoch of %d x %d samples", self.runtime.device, ctx.world_size,
+                 self.runtime.threads, self.runtime.amp_dtype, parts.channels_last, len(self.task.train_items),
+                 len(self.task.val_items), data.iterations, ctx.world_size, batch_size)
+
+    # ------------------------------------------------------------------------ training
+    def train(self) -> None:
+        """Train epochs until ``max_epochs``, the wall-clock budget or early stopping."""
+        state = self.state
+        self.started = time.monotonic() - state.elapsed
+        self.last_saved = time.monotonic()
+        while state.epoch < self.cfg.train.max_epochs and not self.out_of_time and not state.stopped_early:
+            self.parts.model.train()
+            epoch_started = time.monotonic()
+            if not self._train_epoch():
                 break
-            if time.monotonic() - last_saved >= checkpoint_every_s and iteration < iterations:
-                state.update(epoch=epoch, iteration=iteration, partial_losses=losses, elapsed=budget.elapsed)
-                save_last()
-                last_saved = time.monotonic()
+            self._end_epoch(epoch_started)
+
+    def _train_epoch(self) -> bool:
+        """Train what is left of the epoch in progress; False when it has nothing to show (no steps)."""
+        state, iterations = self.state, self.data.iterations
+        bar = tqdm(total=iterations, initial=state.iteration, desc=f"epoch {state.epoch + 1}/{self.cfg.train.max_epochs}",
+                   disable=not self.progress, unit="it", leave=False)
+        for batch in self._epoch_loader():
+            self._train_step(batch)
+            bar.set_postfix(loss=f"{state.partial_losses[-1]:.4f}")
+            bar.update()
+            if self.parts.budget.elapsed >= self.budget_s:
+                self.out_of_time = True
+                break
+            if time.monotonic() - self.last_saved >= self.checkpoint_every_s and state.iteration < iterations:
+                self.save_last()
         bar.close()
-        if not losses:
-            break
-        epoch += 1
-        record: dict[str, float] = {"epoch": epoch, "train/loss": float(np.mean(losses)),
-                                    "lr": optimizer.param_groups[0]["lr"],
+        return bool(state.partial_losses)
+
+    def _epoch_loader(self) -> DataLoader:
+        """Batches of this process's remaining positions of the epoch in progress."""
+        data, state, batch_size = self.data, self.state, self.cfg.train.batch_size
+        if data.sharded:  # a stream of its own per process, at the same step as every other
+            length, positions = process_positions(data.iterations, batch_size, 1, 0, state.iteration * batch_size)
+        else:
+            length, positions = process_positions(data.iterations, batch_size, self.ctx.world_size, self.ctx.rank,
+                                                  state.samples_done)
+        order = epoch_order(len(data.train), length, data.stream_seed, state.epoch)
+        samples = EpochSamples(data.train, data.augment, order, positions, data.stream_seed, state.epoch)
+        return DataLoader(samples, batch_size=batch_size, shuffle=False, drop_last=False, **data.loader_kwargs)
+
+    def _train_step(self, batch: dict[str, Any]) -> None:
+        """One optimiser step on ``batch``; every process then agrees on the loss and the clock."""
+        cfg, parts, state, device = self.cfg, self.parts, self.state, self.runtime.device
+        seed_step(cfg.seed, state.epoch, state.iteration, self.ctx.rank)
+        image = batch["image"].to(device, non_blocking=True)
+        if parts.channels_last:
+            image = to_channels_last(image, cfg.model.spatial_dims)
+        label = batch["label"].to(device, non_blocking=True)
+        parts.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.runtime.amp_dtype, device):
+            loss = self.task.loss(parts.model(image), label)
+        penalty = weight_penalty(cfg, parts.net)
+        objective = loss if penalty is None else loss + penalty
+        parts.scaler.scale(objective).backward()
+        if cfg.train.grad_clip:
+            parts.scaler.unscale_(parts.optimizer)
+            nn.utils.clip_grad_norm_(parts.net.parameters(), cfg.train.grad_clip)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        # One small all-reduce gives every process the global loss and the same clock, so the
+        # LR schedule and the decision to stop agree everywhere (a disagreement would hang DDP).
+        shared = self.ctx.sum_(torch.tensor([float(loss.detach()), time.monotonic() - self.started],
+                                            dtype=torch.float64)) / self.ctx.world_size
+        state.iteration += 1
+        state.samples_done += self.global_batch
+        parts.budget.step_count += 1
+        parts.budget.elapsed = state.elapsed = float(shared[1])
+        parts.scheduler.step()
+        state.partial_losses.append(float(shared[0]))
+
+    def _end_epoch(self, epoch_started: float) -> None:
+        """Close the epoch: its record, validation, early stopping, the checkpoint, then the log."""
+        cfg, state = self.cfg, self.state
+        if self.resumed_after is not None:
+            log.info("epoch %d: resumed after %d of its %d samples, trained %d more", state.epoch + 1,
+                     self.resumed_after, self.data.iterations * self.global_batch,
+                     state.samples_done - self.resumed_after)
+            self.resumed_after = None
+        state.epoch += 1
+        record: dict[str, float] = {"epoch": state.epoch, "train/loss": float(np.mean(state.partial_losses)),
+                                    "lr": self.parts.optimizer.param_groups[0]["lr"],
                                     # training only (a resumed epoch: its remaining part), validation excluded
                                     "time/epoch_train_s": time.monotonic() - epoch_started}
-        last_epoch = epoch >= cfg.train.max_epochs or out_of_time
-        if val_ds is not None and (epoch % cfg.train.val_interval == 0 or last_epoch):
-            record.update(task.validate(net, val_ds, device, amp_dtype, progress and ctx.is_main))
-            net.train()
-            score = record[select]
-            if not math.isnan(score) and score > state["best_metric"]:
-                state.update(best_metric=score, best_epoch=epoch, stale_validations=0)
-                if ctx.is_main:
-                    save_checkpoint(best_path, {"model": net.state_dict(), "epoch": epoch, "metric": select,
-                                                select: score, "config": json.dumps(config_to_dict(cfg))})
-            else:
-                state["stale_validations"] += 1
-        state["elapsed"] = time.monotonic() - started  # validation time counts against the budget too
-        record["time/elapsed_min"] = state["elapsed"] / 60
-        state.update(epoch=epoch, iteration=0, partial_losses=[])
-        state["history"].append(record)
+        last_epoch = state.epoch >= cfg.train.max_epochs or self.out_of_time
+        if self.data.val is not None and (state.epoch % cfg.train.val_interval == 0 or last_epoch):
+            self._validate_and_select(record)
+        state.elapsed = time.monotonic() - self.started  # validation time counts against the budget too
+        record["time/elapsed_min"] = state.elapsed / 60
+        state.iteration, state.samples_done, state.partial_losses = 0, 0, []
+        state.history.append(record)
         patience = cfg.train.early_stopping_patience
-        if patience and state["stale_validations"] >= patience:
-            log.info("early stopping: %s did not improve in %d validations", select, patience)
-            state["stopped_early"] = True  # saved below, so a resumed run does not train on
-        # Checkpoint first, then log: a crash in between is healed on resume (see below), while the
-        # other order would log an epoch twice.
-        save_last()
-        last_saved = time.monotonic()
-        tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
-    if ckpt is not None:  # epochs checkpointed but not logged before the crash (the tracker skips logged steps)
-        for record in state["history"]:
-            tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
-    if out_of_time:
-        log.info("wall-clock budget of %.1f min reached after %d epochs", cfg.train.max_minutes, epoch)
-    if ctx.is_main and not best_path.is_file():  # no validation split: the last weights are the ones to use
-        save_checkpoint(best_path, {"model": net.state_dict(), "epoch": epoch, "metric": select, select: float("nan"),
-                                    "config": json.dumps(config_to_dict(cfg))})
+        if patience and state.stale_validations >= patience:
+            log.info("early stopping: %s did not improve in %d validations", self.task.selection_metric, patience)
+            state.stopped_early = True  # saved below, so a resumed run does not train on
+        # Checkpoint first, then log: a crash in between is healed on resume (log_history), while
+        # the other order would log an epoch twice.
+        self.save_last()
+        self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=state.epoch)
+        log.info("epoch %d: %s", state.epoch, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
 
-    history_path, curve = out_dir / "history.csv", out_dir / "plots" / "learning_curve.png"
-    if ctx.is_main:
-        write_history(state["history"], history_path)
-        learning_curve(state["history"], curve, metric=select)
-    final = {k: v for rec in state["history"] for k, v in rec.items() if k != "epoch"}
-    final.update({"best_val/epoch": state["best_epoch"], "train/epochs": epoch, "train/minutes": state["elapsed"] / 60})
-    tracker.log_metrics({k: final[k] for k in ("best_val/epoch", "train/epochs", "train/minutes")}, step=epoch)
-    return TrainOutputs(best_path, last_path, history_path, curve, final)
+    def _validate_and_select(self, record: dict[str, float]) -> None:
+        """Add the validation metrics to ``record``; a new best score writes ``best.pt``."""
+        state, select, net = self.state, self.task.selection_metric, self.parts.net
+        record.update(self.task.validate(net, self.data.val, self.runtime.device, self.runtime.amp_dtype,
+                                         self.progress))
+        net.train()
+        score = record[select]
+        if not math.isnan(score) and score > state.best_metric:
+            state.best_metric, state.best_epoch, state.stale_validations = score, state.epoch, 0
+            self._save_best(score)
+        else:
+            state.stale_validations += 1
+
+    # ------------------------------------------------------------------------ checkpoints and results
+    def save_last(self) -> None:
+        """``last.pt``: everything a resumed run needs to continue exactly (main process only)."""
+        if self.ctx.is_main:
+            parts = self.parts
+            save_checkpoint(self.last_path, {
+                "version": CHECKPOINT_VERSION, "model": parts.net.state_dict(),
+                "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                "scaler": parts.scaler.state_dict(), "rng": rng_state(), "step_count": parts.budget.step_count,
+                "world_size": self.ctx.world_size, "state": self.state.to_json(),
+                "config": json.dumps(config_to_dict(self.cfg))})
+        self.last_saved = time.monotonic()
+
+    def _save_best(self, score: float) -> None:
+        if self.ctx.is_main:
+            select = self.task.selection_metric
+            save_checkpoint(self.best_path, {"model": self.parts.net.state_dict(), "epoch": self.state.epoch,
+                                             "metric": select, select: score,
+                                             "config": json.dumps(config_to_dict(self.cfg))})
+
+    def log_history(self) -> None:
+        """Log every epoch of the history: those checkpointed but not logged before a crash get
+        logged now (the tracker skips steps it already has)."""
+        for record in self.state.history:
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+
+    def finish(self) -> TrainOutputs:
+        """Write the history and learning curve, make sure ``best.pt`` exists, log the totals."""
+        state = self.state
+        if self.out_of_time:
+            log.info("wall-clock budget of %.1f min reached after %d epochs", self.cfg.train.max_minutes, state.epoch)
+        if not self.best_path.is_file():  # no validation split: the last weights are the ones to use
+            self._save_best(float("nan"))
+        history_path, curve = self.out_dir / "history.csv", self.out_dir / "plots" / "learning_curve.png"
+        if self.ctx.is_main:
+            write_history(state.history, history_path)
+            learning_curve(state.history, curve, metric=self.task.selection_metric)
+        final = {k: v for rec in state.history for k, v in rec.items() if k != "epoch"}
+        final.update({"best_val/epoch": state.best_epoch, "train/epochs": state.epoch,
+                      "train/minutes": state.elapsed / 60})
+        self.tracker.log_metrics({k: final[k] for k in ("best_val/epoch", "train/epochs", "train/minutes")},
+                                 step=state.epoch)
+        return TrainOutputs(self.best_path, self.last_path, history_path, curve, final)
 
 
 def _warm_disk_cache(dataset: Any, ctx: distributed.DistContext) -> None:

@@ -1,54 +1,206 @@
-"""Batch inference over folders of scans with a model that carries its I/O contract.
+"""Batch prediction: load a model once, then run every scan of a folder through its task.
 
-The model is loaded once; preprocessing, patch size, overlap and label map come from its
-contract. Each prediction is inverted back onto the scan's own grid (MONAI ``Invertd`` over
-the same transforms that prepared it), written atomically, and reported per case. A case
-that fails is recorded and the batch goes on.
+The one driver every task plugs into. It owns what is the same for all of them: discovery of
+the scans, sharding (``num_parts``), skipping finished cases or redoing them (``overwrite``),
+per-case error isolation (one bad scan is reported, the rest go on), the report (one row per
+case, rewritten atomically after each case, so a crash keeps what is done), the summary and the
+MLflow inference run. A task supplies a :class:`CasePredictor`: the files a case produces, and
+how to predict and write one case.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import logging
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
-from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
 
 import medseg
-from medseg.config import IntensityConfig, Precision, PreprocessConfig
-from medseg.data.transforms import IMAGE, preprocessing
-from medseg.engine.runtime import (
-    autocast_dtype,
-    resolve_device,
-    to_channels_last,
-    tune_allocator,
-    use_channels_last,
-)
-from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
-from medseg.errors import CaseError, MedsegError, UsageError
+from medseg.engine.runtime import to_channels_last, use_channels_last
+from medseg.engine.sliding import fold_batch_norms
+from medseg.errors import CaseError, MedsegError, ModelLoadError, PredictOptionError, UsageError
 from medseg.io.atomic import atomic_path, atomic_write_text
-from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
-from medseg.io.discovery import InputCase, discover
+from medseg.io.discovery import Discovery, InputCase, discover
 
 log = logging.getLogger(__name__)
 
-PRED = "pred"
-SUPPORTED_TASKS = {"segmentation", "classification", "reconstruction"}
+#: The statuses a case ends with.
+STATUSES = ("ok", "failed", "skipped")
+#: Report columns every task has, first.
+COMMON_COLUMNS = ("case_id", "input", "status", "error", "seconds")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to predict. The first group applies to every task; a task lists the others it uses in
+    ``Task.predict_options`` and the driver refuses the rest (see :func:`check_options`)."""
+
+    device: str = "auto"
+    overwrite: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    progress: bool = True
+    # task-specific: None / False means "not asked for"
+    tta: bool = False  # average over every axis flip (segmentation, classification)
+    overlap: float | None = None  # sliding-window overlap; None: the contract's (segmentation)
+    save_probabilities: bool = False  # write the class probabilities beside the mask (segmentation)
+    keep_largest: bool | None = None  # keep each label's largest component; None: the contract's (segmentation)
+    measured: bool = False  # the inputs already are the degraded images (reconstruction)
+
+
+#: Options every task honours.
+COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "progress"})
+#: How each task-specific option reads on the command line, for messages.
+OPTION_FLAGS = {"tta": "--tta", "overlap": "--overlap", "save_probabilities": "--save-probabilities",
+                "keep_largest": "--keep-largest", "measured": "--measured"}
+
+
+def check_options(options: PredictOptions, task_name: str, supported: frozenset[str]) -> None:
+    """Refuse every option that was asked for but does not apply to ``task_name``.
+
+    Raises:
+        PredictOptionError: names the option, the task and the tasks... that do use it.
+    """
+    defaults = PredictOptions()
+    asked = [f.name for f in fields(PredictOptions)
+             if f.name not in COMMON_OPTIONS and getattr(options, f.name) != getattr(defaults, f.name)]
+    refused = [name for name in asked if name not in supported]
+    if refused:
+        flags = ", ".join(OPTION_FLAGS.get(name, name) for name in refused)
+        usable = ", ".join(OPTION_FLAGS.get(name, name) for name in sorted(supported)) or "none"
+        raise PredictOptionError(f"{flags}: not used by a {task_name} model, so it would be ignored; leave it out "
+                                 f"(options a {task_name} model takes: {usable})")
+    if options.num_parts < 1 or not 0 <= options.part_id < options.num_parts:
+        raise UsageError(f"--part-id {options.part_id} must be in [0, --num-parts={options.num_parts})")
+    if options.overlap is not None and not 0 <= options.overlap < 1:
+        raise UsageError(f"--overlap {options.overlap}: must be in [0, 1), e.g. 0.5")
+
+
+@dataclass
+class CaseResult:
+    """One case of a batch: its status, its output files and the task's values (report columns)."""
+
+    case_id: str
+    input: str
+    status: str = "ok"  # ok | failed | skipped
+    error: str = ""
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)  # report column -> file written
+    values: dict[str, Any] = field(default_factory=dict)  # report column -> value (volumes, probabilities, ...)
+
+    def row(self) -> dict[str, Any]:
+        outputs = self.outputs if self.status in ("ok", "skipped") else {}
+        return {"case_id": self.case_id, "input": self.input, "status": self.status, "error": self.error,
+                "seconds": f"{self.seconds:.3f}", **outputs, **{k: _cell(v) for k, v in self.values.items()}}
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What :func:`predict_folder` wrote: the per-case CSV, the summary JSON and every case's result."""
+
+    report: Path
+    summary: Path
+    results: tuple[CaseResult, ...]
+
+    @property
+    def n_failed(self) -> int:
+        return sum(r.status == "failed" for r in self.results)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {status: sum(r.status == status for r in self.results) for status in STATUSES}
+
+    def summary_dict(self) -> dict[str, Any]:
+        return dict(json.loads(self.summary.read_text()))
+
+
+@dataclass
+class Prediction:
+    """One image's prediction, on the input's own grid (what ``Predictor.predict`` returns).
+
+    Attributes:
+        case_id: the case (the file's name for a path).
+        task: the model's task.
+        affine: the input's own affine (RAS, as nibabel writes it): the grid of every array here.
+        label_map: segmentation: the label of each voxel (*spatial).
+        probabilities: segmentation: class probabilities (K, *spatial); classification: (K,).
+        class_probabilities: classification: class name -> probability.
+        predicted_class: classification: the most probable class's name.
+        reconstruction: reconstruction: the network's image, in the input's intensity units.
+        baseline: reconstruction: the classical baseline (zero-filled, FBP or the noisy input).
+        voxels / volumes_ml: segmentation: per foreground label, its voxel count and volume in mL.
+        metrics: values the task computes for the case (reconstruction: PSNR/SSIM/NMSE against the input).
+    """
+
+    case_id: str
+    task: str
+    affine: np.ndarray
+    label_map: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    class_probabilities: dict[str, float] = field(default_factory=dict)
+    predicted_class: str | None = None
+    reconstruction: np.ndarray | None = None
+    baseline: np.ndarray | None = None
+    voxels: dict[str, int] = field(default_factory=dict)
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class CasePredictor(Protocol):
+    """What a task gives the driver for one loaded model (see ``Task.case_predictor``).
+
+    Attributes:
+        output_columns: report columns that hold output paths, in order.
+        value_columns: report columns of the task's values, in order.
+    """
+
+    output_columns: Sequence[str]
+    value_columns: Sequence[str]
+
+    def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
+        """Every file this case produces (report column -> path); empty if it writes none. A
+        finished case has all of them: each is renamed into place complete, the main one last."""
+        ...
+
+    def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
+        """Predict one image: a file or DICOM folder to read, or a channel-first ``MetaTensor``
+        (affine in its meta, RAS) that is already in memory."""
+        ...
+
+    def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
+        """Read, predict and write one case (atomically); raise :class:`CaseError` if it cannot be."""
+        ...
+
+    def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
+        """The values of a case finished by an earlier run whose report row is lost (read back from its files)."""
+        ...
+
+    def summarise(self, results: Sequence[CaseResult]) -> tuple[dict[str, Any], dict[str, float]]:
+        """Task entries for the summary JSON, and metrics for the MLflow inference run."""
+        ...
+
+
+# ----------------------------------------------------------------------------------- model
 
 
 @dataclass(frozen=True)
@@ -66,6 +218,10 @@ class LoadedModel:
         return list(zip(self.networks, contracts))
 
     @property
+    def task(self) -> str:
+        return str(self.contract.get("task", ""))
+
+    @property
     def uri(self) -> str:
         return ",".join(self.uris)
 
@@ -75,61 +231,21 @@ class LoadedModel:
 
     @property
     def label_names(self) -> dict[int, str]:
-        return {int(k): v for k, v in self.contract["labels"].items()}
+        return {int(k): v for k, v in self.contract.get("labels", {}).items()}
 
 
 #: Contract entries every member of an ensemble must share: they define the grid and the
-#: meaning of the averaged probabilities. Patch size and window settings may differ.
+#: meaning of the averaged outputs. Patch size and window settings may differ.
 ENSEMBLE_KEYS = ("task", "spatial_dims", "in_channels", "channel_names", "labels", "orientation", "spacing",
-                 "intensity", "crop_foreground", "resize", "output_activation")
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    device: str = "auto"
-    overlap: float | None = None  # None: the contract's
-    tta: bool = False
-    overwrite: bool = False
-    save_probabilities: bool = False
-    keep_largest: bool | None = None  # None: the contract's
-    num_parts: int = 1
-    part_id: int = 0
-    progress: bool = True
-    measured: bool = False  # reconstruction: the inputs already are the degraded images
-
-
-@dataclass
-class CaseResult:
-    case_id: str
-    input: str
-    status: str  # ok | failed | skipped
-    error: str = ""
-    seconds: float = 0.0
-    output: str = ""
-    dicom_seg: str = ""
-    voxels: dict[str, int] = field(default_factory=dict)
-    volume_ml: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PredictOutputs:
-    report: Path
-    summary: Path
-    results: tuple[CaseResult, ...]
-
-    @property
-    def n_failed(self) -> int:
-        return sum(r.status == "failed" for r in self.results)
-
-
-# ----------------------------------------------------------------------------------- model
+                 "intensity", "crop_foreground", "resize", "output_activation", "recon")
 
 
 def load_model(ref: str, device: torch.device) -> LoadedModel:
     """Load an MLflow model (``runs:/``, ``models:/`` URI or a local model folder) and its contract.
 
     Raises:
-        UsageError: the reference is not an MLflow model, or the model has no medseg contract.
+        UsageError: the reference names no MLflow model, or the model has no medseg contract.
+        ModelLoadError: the model was found but could not be loaded (corrupt file, out of memory).
     """
     import mlflow
     from mlflow.models import Model
@@ -143,19 +259,23 @@ def load_model(ref: str, device: torch.device) -> LoadedModel:
             meta = Model.load(str(local))
         else:
             meta = mlflow.models.get_model_info(ref)
-        network = mlflow.pytorch.load_model(ref, map_location=device)
     except UsageError:
         raise
     except Exception as err:  # MLflow raises many types for a missing run/model/registry entry
-        raise UsageError(f"--model {ref}: could not be loaded ({type(err).__name__}: {err}). Check the URI and "
-                         "that the tracking URI (--tracking-uri or $MLFLOW_TRACKING_URI) points at its store") from err
+        raise UsageError(f"--model {ref}: not found ({type(err).__name__}: {err}). Check the URI and that the "
+                         "tracking URI (--tracking-uri or $MLFLOW_TRACKING_URI) points at its store") from err
     contract = (meta.metadata or {}).get("medseg_contract")
     if not contract:
         raise UsageError(f"--model {ref}: the model carries no medseg contract (metadata.medseg_contract); "
                          "only models logged by `medseg run` can be used, since inference must not guess")
-    if contract.get("task") not in SUPPORTED_TASKS:
-        raise UsageError(f"--model {ref}: task {contract.get('task')!r} has no batch predictor yet; "
-                         f"supported: {sorted(SUPPORTED_TASKS)}")
+    try:
+        network = mlflow.pytorch.load_model(ref, map_location=device)
+    except MemoryError as err:
+        raise ModelLoadError(f"--model {ref}: ran out of memory while loading it; free memory or use a machine "
+                             "with more") from err
+    except Exception as err:  # found, but broken: a truncated download, a corrupt file
+        raise ModelLoadError(f"--model {ref}: found, but its network could not be loaded ({type(err).__name__}: "
+                             f"{err}). The model files may be incomplete or corrupt: download or log it again") from err
     network = fold_batch_norms(network.eval())
     if use_channels_last(None, int(contract.get("spatial_dims", 3))):  # same values, faster 3D convolutions
         network = to_channels_last(network, 3)
@@ -218,7 +338,8 @@ def load_models(refs: str | Sequence[str], device: torch.device) -> LoadedModel:
     """Load one model or an ensemble (several references, a parent run or its directory).
 
     Raises:
-        UsageError: a member cannot be loaded, or members disagree on their preprocessing contract.
+        UsageError: a member cannot be found, or members disagree on their preprocessing contract.
+        ModelLoadError: a member was found but could not be loaded.
     """
     expanded = expand_model_refs([refs] if isinstance(refs, str) else list(refs))
     if not expanded:
@@ -236,134 +357,45 @@ def load_models(refs: str | Sequence[str], device: torch.device) -> LoadedModel:
                        tuple(m.contract for m in members))
 
 
-def contract_preprocessing(contract: dict[str, Any]) -> Compose:
-    """The deterministic chain the model was trained behind, rebuilt from its contract."""
-    cfg = PreprocessConfig(
-        orientation=contract["orientation"],
-        spacing=tuple(contract["spacing"]) if contract.get("spacing") else None,
-        intensity=IntensityConfig(**contract["intensity"]),
-        crop_foreground=contract.get("crop_foreground", False),
-    )
-    return Compose(preprocessing(cfg, keys=(IMAGE,)))
+# ----------------------------------------------------------------------------------- helpers for tasks
 
 
-# ----------------------------------------------------------------------------------- one case
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost cause: MONAI wraps a reader's error in "applying transform ..." layers."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
-def predict_probabilities(model: LoadedModel, image: torch.Tensor, device: torch.device, overlap: float | None,
-                          tta: bool) -> torch.Tensor:
-    """Softmax probabilities (K, *spatial) on the CPU, averaged over the ensemble's members and,
-    with ``tta``, over all axis flips (nnU-Net's mirroring)."""
-    dims = model.contract["spatial_dims"]
-    amp = autocast_dtype(Precision.AUTO, device)
-
-    def run(network: nn.Module, contract: dict[str, Any], axes: tuple[int, ...]) -> torch.Tensor:
-        window = contract["sliding_window"]
-        x = image.flip(axes) if axes else image
-        logits = predict_logits(network, x, contract["patch_size"],
-                                overlap=overlap if overlap is not None else window["overlap"],
-                                sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=device,
-                                amp_dtype=amp)
-        probs = torch.softmax(logits, dim=0)
-        return probs.flip(axes) if axes else probs
-
-    flips = [combo for r in range(1, dims + 1) for combo in itertools.combinations(range(1, dims + 1), r)] if tta else []
-    runs = [(network, contract, axes) for network, contract in model.members() for axes in [(), *flips]]
-    total = run(*runs[0])
-    for network, contract, axes in runs[1:]:
-        total.add_(run(network, contract, axes))
-    return total.div_(len(runs))
+def read_error(path: Path | str, err: BaseException) -> CaseError:
+    """The error for an input that could not be read or preprocessed, naming its root cause."""
+    if isinstance(err, CaseError):
+        return err
+    cause = root_cause(err)
+    if isinstance(cause, MedsegError):
+        return CaseError(str(cause))
+    text = str(cause).strip().splitlines()
+    detail = text[-1][:300] if text else ""
+    return CaseError(f"{path}: could not be read or preprocessed ({type(cause).__name__}: {detail}). "
+                     "Check that it is a complete NIfTI/DICOM/MHA/NRRD image")
 
 
-def _check_input(model: LoadedModel, image: MetaTensor, case: InputCase) -> None:
-    c = model.contract
-    channels, spatial = image.shape[0], tuple(image.shape[1:])
-    if channels != c["in_channels"]:
-        raise CaseError(f"{case.path}: the model expects {c['in_channels']} channel(s) {c['channel_names']}, "
-                        f"got {channels} (shape {tuple(image.shape)}); give one file per case with the channels "
-                        "the model was trained on")
-    dims = c["spatial_dims"]
+def check_input_shape(contract: dict[str, Any], shape: Sequence[int], source: str) -> None:
+    """Refuse an image whose channels or dimensions are not what the model takes.
+
+    Raises:
+        CaseError: names the input, what the model expects and what it got.
+    """
+    channels, spatial = int(shape[0]), tuple(int(s) for s in shape[1:])
+    if channels != contract["in_channels"]:
+        raise CaseError(f"{source}: the model expects {contract['in_channels']} channel(s) "
+                        f"{contract['channel_names']}, got {channels} (shape {tuple(shape)}); give one file per case "
+                        "with the channels the model was trained on")
+    dims = contract["spatial_dims"]
     real_dims = sum(s > 1 for s in spatial)
     if len(spatial) != dims or real_dims < dims:
-        raise CaseError(f"{case.path}: a {real_dims}D image (spatial shape {spatial}) given to a {dims}D model; "
+        raise CaseError(f"{source}: a {real_dims}D image (spatial shape {spatial}) given to a {dims}D model; "
                         f"use a {dims}D scan (a DICOM series folder rather than one slice, for instance)")
-
-
-def predict_case(model: LoadedModel, case: InputCase, pre: Compose, output_dir: Path, device: torch.device,
-                 options: PredictOptions) -> CaseResult:
-    """Predict one scan and write ``<case_id>.nii.gz`` on its native grid."""
-    started = time.monotonic()
-    paths = case_outputs(case, output_dir, options)
-    out_path = paths["mask"]
-    result = CaseResult(case.case_id, str(case.path), "ok", output=str(out_path))
-    if case.problem:
-        raise CaseError(case.problem)
-    if all(p.exists() for p in paths.values()) and not options.overwrite:
-        # Outputs are only ever renamed into place complete, so an existing one is finished work;
-        # its volumes are read back so the report stays whole.
-        existing = nib.load(out_path)
-        _measure(np.asarray(existing.dataobj), existing.affine, model, result)
-        result.status = "skipped"
-        result.error = "output exists (use --overwrite to redo)"
-        result.seconds = time.monotonic() - started
-        return result
-    try:
-        data = pre({IMAGE: str(case.path)})
-    except MedsegError:
-        raise
-    except Exception as err:
-        raise CaseError(f"{case.path}: could not be read or preprocessed ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}). "
-                        "Check that it is a complete NIfTI/DICOM/MHA/NRRD image") from err
-    image: MetaTensor = data[IMAGE]
-    _check_input(model, image, case)
-    probs = predict_probabilities(model, image.as_tensor(), device, options.overlap, options.tta)
-    data[PRED] = MetaTensor(probs, meta=dict(image.meta), applied_operations=list(image.applied_operations))
-    native = Invertd(keys=PRED, transform=pre, orig_keys=IMAGE, nearest_interp=False)(data)[PRED]
-    original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
-    labels = label_map(native.as_tensor())
-    expected_shape = tuple(int(s) for s in image.meta["spatial_shape"])
-    if tuple(labels.shape) != expected_shape:  # pragma: no cover - Invertd guarantees this; keep it loud
-        raise CaseError(f"{case.path}: prediction shape {tuple(labels.shape)} does not match the input {expected_shape}")
-    keep = options.keep_largest if options.keep_largest is not None else model.contract.get(
-        "postprocess", {}).get("keep_largest_component", False)
-    if keep:
-        foreground = [k for k in model.label_names if k != 0]
-        labels = KeepLargestConnectedComponent(applied_labels=foreground, independent=True)(labels[None])[0]
-    label_array = labels.cpu().numpy().astype(np.uint8 if max(model.label_names) < 256 else np.uint16)
-    # The mask goes last: its presence is what tells a rerun that the case is finished.
-    if "dicom_seg" in paths:
-        result.dicom_seg = str(write_dicom_seg(label_array, case.path, case.series_uid or "", model.label_names,
-                                               paths["dicom_seg"]))
-    if "probabilities" in paths:
-        prob_array = np.moveaxis(native.as_tensor().cpu().numpy().astype(np.float32), 0, -1)
-        write_nifti(prob_array, original_affine, paths["probabilities"])
-    write_nifti(label_array, original_affine, out_path)
-    _measure(label_array, original_affine, model, result)
-    result.seconds = time.monotonic() - started
-    return result
-
-
-def case_outputs(case: InputCase, output_dir: Path, options: PredictOptions) -> dict[str, Path]:
-    """Every file this case should produce under the given options."""
-    paths = {"mask": output_dir / f"{case.case_id}.nii.gz"}
-    if case.kind == "dicom_series" and case.series_uid and dicom_seg_available():
-        paths["dicom_seg"] = output_dir / f"{case.case_id}_seg.dcm"
-    if options.save_probabilities:
-        paths["probabilities"] = output_dir / f"{case.case_id}_probabilities.nii.gz"
-    return paths
-
-
-def _measure(label_array: np.ndarray, affine: np.ndarray, model: LoadedModel, result: CaseResult) -> None:
-    """Voxel counts and volumes (mL, or mm² / 1000 for 2D) per foreground label into ``result``."""
-    a = np.asarray(affine, dtype=np.float64)
-    d = min(label_array.ndim, a.shape[0] - 1)
-    voxel_ml = abs(float(np.linalg.det(a[:d, :d]))) / 1000.0
-    for value, name in model.label_names.items():
-        if value != 0:
-            count = int((label_array == value).sum())
-            result.voxels[name] = count
-            result.volume_ml[name] = count * voxel_ml
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -377,180 +409,14 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------- batch
+def voxel_volume_ml(affine: np.ndarray, spatial_dims: int) -> float:
+    """Volume of one voxel in mL (for 2D images: area in mm² / 1000)."""
+    a = np.asarray(affine, dtype=np.float64)
+    d = min(spatial_dims, a.shape[0] - 1)
+    return abs(float(np.linalg.det(a[:d, :d]))) / 1000.0
 
 
-def predict_folder(model_ref: str | Sequence[str], input_dir: Path, output_dir: Path, options: PredictOptions,
-                   tracker: Any | None = None) -> PredictOutputs:
-    """Predict every scan under ``input_dir`` (this process's share with ``num_parts``).
-
-    Args:
-        model_ref: MLflow model URI or local MLflow model folder; several, or a ``--seeds``/``--folds``
-            parent (run URI or directory), for an ensemble averaging their probabilities.
-        input_dir: folder searched recursively (or one file).
-        output_dir: where masks, ``predictions.csv`` and ``predict_summary.json`` go.
-        options: see :class:`PredictOptions`.
-        tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, or None.
-
-    Raises:
-        UsageError: bad model, missing input, empty input folder, bad shard options.
-    """
-    if options.num_parts < 1 or not 0 <= options.part_id < options.num_parts:
-        raise UsageError(f"--part-id {options.part_id} must be in [0, --num-parts={options.num_parts})")
-    if options.overlap is not None and not 0 <= options.overlap < 1:
-        raise UsageError(f"--overlap {options.overlap}: must be in [0, 1), e.g. 0.5")
-    device = resolve_device(options.device)
-    tune_allocator()
-    try:
-        found = discover(input_dir)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
-    for note in found.notes:
-        log.info("%s", note)
-    if not found.cases:
-        raise UsageError(f"--input {input_dir}: no scans found (NIfTI, MHA, NRRD or DICOM), recursively")
-    cases = found.cases[options.part_id::options.num_parts]
-    model = load_models(model_ref, device)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if model.contract["task"] == "reconstruction":  # its own chain: scaling to [0, 1] and back
-        return _reconstruct_folder(model, found, cases, input_dir, output_dir, device, options, tracker)
-    pre = contract_preprocessing(model.contract)
-    if model.contract["task"] == "classification":
-        return _classify_folder(model, found, cases, pre, input_dir, output_dir, device, options, tracker)
-    if options.measured:
-        raise UsageError("--measured is for reconstruction models; this model is a "
-                         f"{model.contract['task']} model")
-    # Temp files of a run killed mid-write; only this shard's own, since other shards may be writing.
-    mine = {p.name for case in cases for p in case_outputs(case, output_dir, options).values()}
-    for stale in output_dir.glob(".*.tmp*"):
-        if stale.name[1:].split(".tmp")[0].rsplit(".", 1)[0] in mine:
-            stale.unlink()
-    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
-    report_path = output_dir / f"predictions{suffix}.csv"
-    results: list[CaseResult] = []
-    started = time.monotonic()
-    for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
-        t0 = time.monotonic()
-        try:
-            result = predict_case(model, case, pre, output_dir, device, options)
-        except Exception as err:  # one bad case must not stop the batch
-            message = str(err) if isinstance(err, MedsegError) else f"{case.path}: {type(err).__name__}: {err}"
-            log.warning("case %s failed: %s", case.case_id, message)
-            result = CaseResult(case.case_id, str(case.path), "failed", error=message, seconds=time.monotonic() - t0)
-        results.append(result)
-        _write_report(results, model, report_path)  # rewritten after each case: a crash keeps what is done
-    summary = {
-        "model_uri": model.uri,
-        "ensemble_size": len(model.networks),
-        "source_run_id": model.source_run_id,
-        "contract": model.contract,
-        "medseg_version": medseg.__version__,
-        "device": str(device),
-        "input": str(input_dir),
-        "output": str(output_dir),
-        "part": {"part_id": options.part_id, "num_parts": options.num_parts},
-        "options": {"tta": options.tta, "overlap": options.overlap, "overwrite": options.overwrite,
-                    "save_probabilities": options.save_probabilities, "keep_largest": options.keep_largest},
-        "counts": {status: sum(r.status == status for r in results) for status in ("ok", "failed", "skipped")},
-        "cases": len(results),
-        "seconds_total": time.monotonic() - started,
-        "seconds_per_ok_case": _mean([r.seconds for r in results if r.status == "ok"]),
-        "volume_ml_total": {name: sum(r.volume_ml.get(name, 0.0) for r in results)
-                            for name in model.label_names.values() if name != model.label_names.get(0)},
-        "peak_rss_mb": peak_rss_mb(),
-        "discovery_notes": found.notes + ([] if dicom_seg_available() or not any(
-            c.kind == "dicom_series" for c in cases) else ["DICOM SEG not written: install medseg[dicom-seg] (highdicom)"]),
-        "failed": {r.case_id: r.error for r in results if r.status == "failed"},
-    }
-    summary_path = atomic_write_text(output_dir / f"predict_summary{suffix}.json", json.dumps(summary, indent=2))
-    if tracker is not None:
-        tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
-        tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
-                            "tta": options.tta, "overlap": options.overlap, "device": str(device),
-                            "part_id": options.part_id, "num_parts": options.num_parts})
-        tracker.log_metrics({f"predict/{k}": v for k, v in summary["counts"].items()}, step=0)
-        tracker.log_metrics({"predict/seconds_total": summary["seconds_total"],
-                             "predict/peak_rss_mb": summary["peak_rss_mb"]}, step=0)
-        tracker.log_artifact(report_path)
-        tracker.log_artifact(summary_path)
-    return PredictOutputs(report_path, summary_path, tuple(results))
-
-
-def _classify_folder(model: LoadedModel, found: Any, cases: Sequence[InputCase], pre: Compose, input_dir: Path,
-                     output_dir: Path, device: torch.device, options: PredictOptions,
-                     tracker: Any | None) -> PredictOutputs:
-    """``predict_folder`` for a classification model: ``predictions.csv`` with class probabilities."""
-    from medseg.tasks.classification.predict import classification_preprocessing, classify_cases
-
-    report_path = output_dir / f"predictions{_part_suffix(options)}.csv"
-    started = time.monotonic()
-    results = classify_cases(model, cases, classification_preprocessing(model.contract, pre), device, report_path,
-                             options.tta, options.overwrite, _check_input,
-                             lambda items: tqdm(items, desc="classify", unit="image", disable=not options.progress))
-    predicted = [r.predicted_name for r in results if r.status in ("ok", "skipped")]
-    return _finish_folder(model, found, results, started, input_dir, output_dir, device, options, tracker, report_path,
-                          {"options": {"tta": options.tta, "overwrite": options.overwrite},
-                           "predicted_counts": {name: predicted.count(name) for name in model.label_names.values()}},
-                          {"tta": options.tta})
-
-
-def _reconstruct_folder(model: LoadedModel, found: Any, cases: Sequence[InputCase], input_dir: Path,
-                        output_dir: Path, device: torch.device, options: PredictOptions,
-                        tracker: Any | None) -> PredictOutputs:
-    """``predict_folder`` for a reconstruction model: NIfTI reconstructions (and baselines) and a
-    report with NMSE / PSNR / SSIM per case."""
-    from medseg.tasks.reconstruction.predict import reconstruct_cases
-
-    report_path = output_dir / f"predictions{_part_suffix(options)}.csv"
-    started = time.monotonic()
-    results = reconstruct_cases(model, cases, output_dir, device, report_path, options.measured, options.overwrite,
-                                lambda items: tqdm(items, desc="reconstruct", unit="case", disable=not options.progress),
-                                write_nifti)
-    scored = [r.metrics for r in results if r.status == "ok" and r.metrics]
-    means = {k: _mean([m[k] for m in scored]) for k in (scored[0] if scored else {})}
-    return _finish_folder(model, found, results, started, input_dir, output_dir, device, options, tracker, report_path,
-                          {"mode": "measured" if options.measured else "retrospective",
-                           "options": {"overwrite": options.overwrite, "measured": options.measured},
-                           "mean_metrics": means},
-                          {"measured": options.measured}, {f"predict/{k}": v for k, v in means.items() if v is not None})
-
-
-def _part_suffix(options: PredictOptions) -> str:
-    return f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
-
-
-def _finish_folder(model: LoadedModel, found: Any, results: Sequence[Any], started: float, input_dir: Path,
-                   output_dir: Path, device: torch.device, options: PredictOptions, tracker: Any | None,
-                   report_path: Path, extra_summary: dict[str, Any], extra_params: dict[str, Any],
-                   extra_metrics: dict[str, float] | None = None) -> PredictOutputs:
-    """Summary JSON and the MLflow inference run shared by the classification and reconstruction folders."""
-    counts = {status: sum(r.status == status for r in results) for status in ("ok", "failed", "skipped")}
-    summary = {
-        "model_uri": model.uri, "ensemble_size": len(model.networks), "source_run_id": model.source_run_id,
-        "contract": model.contract, "medseg_version": medseg.__version__, "device": str(device),
-        "input": str(input_dir), "output": str(output_dir),
-        "part": {"part_id": options.part_id, "num_parts": options.num_parts},
-        "counts": counts, "cases": len(results), "seconds_total": time.monotonic() - started,
-        "seconds_per_ok_case": _mean([r.seconds for r in results if r.status == "ok"]),
-        "peak_rss_mb": peak_rss_mb(), "discovery_notes": found.notes,
-        "failed": {r.case_id: r.error for r in results if r.status == "failed"},
-        **extra_summary,
-    }
-    summary_path = atomic_write_text(output_dir / f"predict_summary{_part_suffix(options)}.json",
-                                     json.dumps(summary, indent=2))
-    if tracker is not None:
-        tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
-        tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
-                            "device": str(device), **extra_params})
-        tracker.log_metrics({f"predict/{k}": v for k, v in counts.items()}, step=0)
-        if extra_metrics:
-            tracker.log_metrics(extra_metrics, step=0)
-        tracker.log_artifact(report_path)
-        tracker.log_artifact(summary_path)
-    return PredictOutputs(report_path, summary_path, tuple(results))
-
-
-def _mean(values: Sequence[float]) -> float | None:
+def mean_or_none(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
@@ -569,15 +435,139 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _write_report(results: Sequence[CaseResult], model: LoadedModel, path: Path) -> None:
-    names = [n for v, n in sorted(model.label_names.items()) if v != 0]
+# ----------------------------------------------------------------------------------- the batch
+
+
+def discover_inputs(input_dir: Path) -> Discovery:
+    """The scans under ``input_dir``.
+
+    Raises:
+        UsageError: the input does not exist or holds no scans.
+    """
+    try:
+        found = discover(input_dir)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    for note in found.notes:
+        log.info("%s", note)
+    if not found.cases:
+        raise UsageError(f"--input {input_dir}: no scans found (NIfTI, MHA, NRRD or DICOM), recursively")
+    return found
+
+
+def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
+                   options: PredictOptions, device: torch.device, tracker: Any | None = None,
+                   found: Discovery | None = None) -> BatchReport:
+    """Predict every scan under ``input_dir`` (this process's share with ``num_parts``).
+
+    Args:
+        predictor: the model's task's case predictor.
+        model: the loaded model (for the summary: URIs, contract, source run).
+        input_dir: folder searched recursively (or one file).
+        output_dir: where outputs, ``predictions.csv`` and ``predict_summary.json`` go.
+        options: see :class:`PredictOptions` (already checked against the task).
+        device: where the network runs.
+        tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, or None.
+        found: the discovery of ``input_dir``, if already made.
+
+    Raises:
+        UsageError: missing input or an empty input folder.
+    """
+    found = found or discover_inputs(input_dir)
+    cases = found.cases[options.part_id::options.num_parts]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(predictor, cases, output_dir)
+    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
+    report_path = output_dir / f"predictions{suffix}.csv"
+    previous = {} if options.overwrite else _finished_rows(report_path)
+    columns = [*COMMON_COLUMNS, *predictor.output_columns, *predictor.value_columns]
+    results: list[CaseResult] = []
+    started = time.monotonic()
+    for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
+        results.append(_one_case(predictor, case, output_dir, options.overwrite, previous.get(case.case_id)))
+        write_report(results, columns, report_path)  # after each case: a crash keeps what is done
+    task_summary, task_metrics = predictor.summarise(results)
+    report = BatchReport(report_path, output_dir / f"predict_summary{suffix}.json", tuple(results))
+    summary = {
+        "model_uri": model.uri,
+        "ensemble_size": len(model.networks),
+        "source_run_id": model.source_run_id,
+        "task": model.task,
+        "contract": model.contract,
+        "medseg_version": medseg.__version__,
+        "device": str(device),
+        "input": str(input_dir),
+        "output": str(output_dir),
+        "part": {"part_id": options.part_id, "num_parts": options.num_parts},
+        "options": {k: v for k, v in vars(options).items() if k not in ("device", "progress", "num_parts", "part_id")},
+        "counts": report.counts,
+        "cases": len(results),
+        "seconds_total": time.monotonic() - started,
+        "seconds_per_ok_case": mean_or_none([r.seconds for r in results if r.status == "ok"]),
+        "peak_rss_mb": peak_rss_mb(),
+        "discovery_notes": list(found.notes),
+        "failed": {r.case_id: r.error for r in results if r.status == "failed"},
+        **task_summary,
+    }
+    atomic_write_text(report.summary, json.dumps(summary, indent=2))
+    if tracker is not None:
+        tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
+        tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
+                            "device": str(device), "part_id": options.part_id, "num_parts": options.num_parts,
+                            **{k: v for k, v in summary["options"].items()}})
+        tracker.log_metrics({f"predict/{k}": v for k, v in report.counts.items()}, step=0)
+        tracker.log_metrics({"predict/seconds_total": summary["seconds_total"],
+                             "predict/peak_rss_mb": summary["peak_rss_mb"], **task_metrics}, step=0)
+        tracker.log_artifact(report.report)
+        tracker.log_artifact(report.summary)
+    return report
+
+
+def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overwrite: bool,
+              previous_row: dict[str, str] | None) -> CaseResult:
+    started = time.monotonic()
+    try:
+        if case.problem:
+            raise CaseError(case.problem)
+        expected = predictor.expected_outputs(case, output_dir)
+        finished = all(p.exists() for p in expected.values()) if expected else previous_row is not None
+        if finished and not overwrite:
+            # Outputs are only ever renamed into place complete, so existing ones are finished work;
+            # their values come from the earlier report (or the files), so the report stays whole.
+            values = ({k: previous_row.get(k, "") for k in predictor.value_columns} if previous_row is not None
+                      else predictor.values_of_finished(case, expected))
+            return CaseResult(case.case_id, str(case.path), "skipped", "output exists (use --overwrite to redo)",
+                              time.monotonic() - started, {k: str(p) for k, p in expected.items()}, values)
+        result = predictor.predict_case(case, output_dir)
+    except Exception as err:  # one bad case must not stop the batch
+        message = str(err) if isinstance(err, MedsegError) else f"{case.path}: {type(err).__name__}: {err}"
+        log.warning("case %s failed: %s", case.case_id, message)
+        return CaseResult(case.case_id, str(case.path), "failed", message, time.monotonic() - started)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _remove_stale_temporaries(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path) -> None:
+    """Temp files of a run killed mid-write; only this shard's own, since other shards may be writing."""
+    mine = {p.name for case in cases for p in predictor.expected_outputs(case, output_dir).values()}
+    for stale in output_dir.glob(".*.tmp*"):
+        if stale.name[1:].split(".tmp")[0].rsplit(".", 1)[0] in mine:
+            stale.unlink()
+
+
+def _finished_rows(path: Path) -> dict[str, dict[str, str]]:
+    """Rows of an earlier run's report that finished (status ok or skipped), by case id."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {row["case_id"]: row for row in csv.DictReader(fh) if row.get("status") in ("ok", "skipped")}
+
+
+def write_report(results: Sequence[CaseResult], columns: Sequence[str], path: Path) -> Path:
+    """The per-case CSV (one writer for every task), written atomically."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_id", "input", "status", "error", "seconds", "output", "dicom_seg",
-                     *[f"voxels_{n}" for n in names], *[f"volume_ml_{n}" for n in names]])
-    for r in results:
-        writer.writerow([r.case_id, r.input, r.status, r.error, f"{r.seconds:.3f}", r.output if r.status == "ok" else "",
-                         r.dicom_seg,
-                         *[r.voxels.get(n, "") for n in names],
-                         *[f"{r.volume_ml[n]:.4f}" if n in r.volume_ml else "" for n in names]])
-    atomic_write_text(path, buffer.getvalue())
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(r.row() for r in results)
+    return atomic_write_text(path, buffer.getvalue())
+

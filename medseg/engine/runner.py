@@ -22,6 +22,7 @@ import numpy as np
 import medseg
 from medseg.config import RunConfig, config_to_dict, dump_config, flatten
 from medseg.data.manifest import file_sha256, read_manifest
+from medseg.data.verify import VerifyOptions, verify_run_data
 from medseg.engine import distributed
 from medseg.errors import RunError, UsageError
 from medseg.io.atomic import atomic_write_text
@@ -48,20 +49,17 @@ class PipelineContext:
     metrics: dict[str, float] = field(default_factory=dict)
     model_uri: str | None = None
 
-    def verify_and_train(self, train: Callable[..., Any]) -> Any | None:
+    def verify_and_train(self, train: Callable[[PipelineContext], Any], verify: VerifyOptions) -> Any | None:
         """The stages every task opens with: verify the data (main process; errors stop the run),
-        then ``train(cfg, manifest, root, run_dir, tracker, resume=, progress=)`` in every process.
+        then ``train(ctx)`` in every process.
 
         Returns the training outputs on the main process, after logging the learning curve and the
         history; None on the other processes of a distributed run, which are then done.
         """
-        from medseg.data.verify import verify_run_data
-
         if self.dist.is_main:
-            verify_run_data(self.cfg, self.manifest, self.root, self.run_dir, self.tracker, self.progress)
+            verify_run_data(verify, self.manifest, self.root, self.run_dir, self.tracker, self.progress)
         self.dist.barrier()
-        trained = train(self.cfg, self.manifest, self.root, self.run_dir, self.tracker, resume=self.resume,
-                        progress=self.progress)
+        trained = train(self)
         self.metrics.update(trained.metrics)
         if not self.dist.is_main:
             return None
@@ -71,6 +69,7 @@ class PipelineContext:
 
 
 Pipeline = Callable[[PipelineContext], None]
+DataPreparer = Callable[[RunConfig, Path, bool], None]
 
 
 def _new_run_dir(base: Path) -> Path:
@@ -121,7 +120,8 @@ def check_resumable(run_dir: Path, cfg: RunConfig, require_checkpoint: bool = Tr
 
 
 def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = False, progress: bool = True,
-                 run_dir: Path | None = None, parent_run_id: str | None = None) -> Path | None:
+                 run_dir: Path | None = None, parent_run_id: str | None = None,
+                 prepare_data: DataPreparer | None = None) -> Path | None:
     """Execute ``pipeline`` as one MLflow run.
 
     In a distributed job every process calls this; the main process owns the run directory and
@@ -135,6 +135,8 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         progress: progress bars on or off.
         run_dir: for a new run, this directory instead of a fresh ``output_dir/<timestamp>``.
         parent_run_id: make the MLflow run a child of this one (``--seeds`` / ``--folds``).
+        prepare_data: ``prepare_data(cfg, root, progress)`` writes the data a config generates itself
+            (the task's hook), on the main process, before anything reads the manifest.
 
     Returns:
         Path of ``summary.json`` (keys ``run_id``, ``model_uri``, ``tracking_uri``, ``metrics``);
@@ -146,7 +148,8 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
     tracker: MlflowTracker = NullTracker(cfg.tracking.uri)
     run_id = ""
     if dist.is_main:
-        generate_configured_data(cfg, root, progress)
+        if prepare_data is not None:
+            prepare_data(cfg, root, progress)
         if not root.is_dir():
             raise RunError(f"data root {root} is not a folder (working directory {Path.cwd()}); "
                            "set data.root, --set data.root=... or $MEDSEG_DATA_ROOT")
@@ -236,17 +239,6 @@ def end_despite_sigterm(tracker: MlflowTracker, status: str) -> None:
         previous(*pending[0])
 
 
-def generate_configured_data(cfg: RunConfig, root: Path, progress: bool = True) -> None:
-    """Write the data a config generates itself (``recon.phantoms``) before anything reads the manifest.
-    An identical set already on disk is kept."""
-    if cfg.recon is not None and cfg.recon.phantoms is not None:
-        from medseg.tasks.reconstruction.phantoms import write_phantoms
-
-        made = write_phantoms(cfg.recon.phantoms, cfg.data.manifest, root, progress)
-        log.info("%s %d phantoms in %s (manifest %s)", "wrote" if made.generated else "reusing", made.cases,
-                 made.data_dir, made.manifest)
-
-
 # ----------------------------------------------------------------------------------- repeated runs
 
 REPEAT_FILE = "repeat.json"
@@ -303,7 +295,7 @@ def aggregate(children: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: int, *, resume: bool | Path = False,
-                 progress: bool = True) -> Path | None:
+                 progress: bool = True, prepare_data: DataPreparer | None = None) -> Path | None:
     """Run ``pipeline`` once per seed or fold as MLflow child runs of one parent run.
 
     The parent directory holds one child run directory per seed/fold, ``summary.json`` with the
@@ -360,7 +352,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
                 interrupted = dist.broadcast((child_dir / "checkpoints" / "last.pt").is_file())
                 log.info("%s run %s of %d", kind.value[:-1], child_name, count)
                 run_pipeline(child_cfg, pipeline, resume=child_dir if interrupted else False, progress=progress,
-                             run_dir=child_dir, parent_run_id=parent_id)
+                             run_dir=child_dir, parent_run_id=parent_id, prepare_data=prepare_data)
             if dist.is_main:
                 results.append({"name": child_name, **json.loads((child_dir / "summary.json").read_text())})
         return _finish_parent(cfg, kind, parent_dir, parent_id, results, tracker) if dist.is_main else None

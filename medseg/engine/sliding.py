@@ -58,11 +58,14 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     if model.training:
         raise ValueError("fold_batch_norms: the model is in training mode; its batch norms still learn")
     for block in model.modules():
-        norm = getattr(getattr(block, "adn", None), "N", None)
+        adn = getattr(block, "adn", None)  # absent when the block is conv_only
+        if not isinstance(block, Convolution) or not isinstance(adn, nn.Module):
+            continue
+        norm = getattr(adn, "N", None)
         conv = getattr(block, "conv", None)
-        first = next(iter(block.adn.named_children()), ("", None))[0] if norm is not None else ""
-        if isinstance(block, Convolution) and isinstance(norm, nn.modules.batchnorm._BatchNorm) and first == "N" \
+        first = next(iter(adn.named_children()), ("", None))[0]
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and first == "N" \
                 and isinstance(conv, nn.modules.conv._ConvNd) and norm.track_running_stats:  # norm right after conv
             block.conv = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
-            block.adn.N = nn.Identity()
+            adn.N = nn.Identity()
     return model

@@ -42,11 +42,15 @@ class Discovery:
 
 
 def _case_id(root: Path, path: Path, strip_suffix: bool) -> str:
-    rel = path.relative_to(root) if path != root else Path(path.name)
-    parts = list(rel.parts)
+    """A file-name-safe id from the path below ``root``; never hidden (no leading dot), never empty.
+
+    The root itself (``--input .`` on a DICOM series folder) is named after the folder it resolves to.
+    """
+    rel = path.relative_to(root) if path != root else Path(path.resolve().name)
+    parts = list(rel.parts) or [path.resolve().name]
     if strip_suffix:
         parts[-1] = strip_volume_suffix(parts[-1])
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(parts)) or "case"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(parts)).lstrip("._") or "case"
 
 
 def discover(root: Path) -> Discovery:
@@ -60,7 +64,7 @@ def discover(root: Path) -> Discovery:
         raise FileNotFoundError(f"--input {root}: no such file or folder")
     found = Discovery()
     if root.is_file():
-        found.cases.append(InputCase(strip_volume_suffix(root.name), root, "file"))
+        found.cases.append(InputCase(_case_id(root.parent, root, True), root, "file"))
         return found
     dicom_by_folder: dict[Path, list[Path]] = defaultdict(list)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
@@ -109,7 +113,7 @@ def _dicom_cases(root: Path, folder: Path, files: list[Path], found: Discovery) 
         series[str(getattr(header, "SeriesInstanceUID", "unknown"))].append((path, header))
     if not series:
         return
-    case_id = _case_id(root, folder, False) if folder != root else root.name
+    case_id = _case_id(root, folder, False)
     if len(series) > 1:
         listing = "; ".join(
             f"{uid} ({len(items)} files, {str(getattr(items[0][1], 'SeriesDescription', '')).strip()!r})"

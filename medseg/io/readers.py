@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from monai.config import PathLike
 from monai.data import ImageReader, MetaTensor
 from monai.transforms import LoadImage, LoadImaged
 from monai.utils import ensure_tuple
 from monai.utils.enums import MetaKeys, SpaceKeys
 
 from medseg.errors import VolumeReadError
-
-PathLike = str | Path
 
 #: File suffixes SimpleITK handles for us (NIfTI stays with nibabel).
 SITK_SUFFIXES = (".dcm", ".dicom", ".ima", ".mha", ".mhd", ".nrrd", ".nhdr")

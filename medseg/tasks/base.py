@@ -9,7 +9,6 @@ new task is a new package plus one registry entry (see :mod:`medseg.tasks.regist
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -70,8 +69,9 @@ class Task(Protocol):
         """The train stage: the engine's loop with this task's network, data, loss and validation."""
         ...
 
-    def evaluate(self, ctx: PipelineContext, checkpoint: Path) -> dict[str, float]:
-        """The evaluate stage: score ``checkpoint`` on the validation and test splits; return metrics."""
+    def evaluate(self, ctx: PipelineContext, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
+        """The evaluate stage: score ``checkpoint`` on ``split`` (metrics named ``<prefix>/...``);
+        an empty dict when the split has nothing to score."""
         ...
 
     def package(self, ctx: PipelineContext, checkpoint: Path) -> ModelOutputs:
@@ -101,15 +101,14 @@ class TaskBase:
         return None
 
     def verify_options(self, cfg: Any) -> VerifyOptions:
-        return VerifyOptions(labels=sorted(cfg.data.labels) if getattr(cfg.data, "labels", None) else None,
+        """Label values and labelled train/val cases are checked when the config has a label map."""
+        labels = sorted(cfg.data.labels) if getattr(cfg.data, "labels", None) else None
+        return VerifyOptions(labels=labels,
+                             require_labels_for=(cfg.data.train_split, cfg.data.val_split) if labels else (),
                              spatial_dims=cfg.model.spatial_dims, expected_channels=len(cfg.data.channels),
                              cross_split_duplicates=cfg.data.cross_split_duplicates)
 
 
 def parameter_count(network: nn.Module) -> int:
+    """Trainable and frozen parameters of ``network``."""
     return sum(p.numel() for p in network.parameters())
-
-
-def splits_to_evaluate(names: Sequence[str] = ("val", "test")) -> list[tuple[str, str]]:
-    """``(split role, metric prefix)``: the best checkpoint is re-scored on val, then once on test."""
-    return [(name, "best_val" if name == "val" else name) for name in names]

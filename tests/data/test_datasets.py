@@ -13,7 +13,6 @@ from medseg.config import IntensityConfig, PatchConfig, PreprocessConfig
 from medseg.data.datasets import MappedCacheDataset
 from medseg.data.sampling import split_transforms
 from medseg.data.transforms import training_transforms, validation_transforms
-
 from tests.conftest import make_case
 
 

@@ -11,7 +11,6 @@ import pytest
 from medseg.data.manifest import ManifestError, read_manifest
 from medseg.data.medmnist import import_medmnist
 from medseg.io.readers import load_volume
-
 from tests.conftest import write_medmnist_npz
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist"

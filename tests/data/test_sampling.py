@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from monai.data import DataLoader
 from monai.transforms import Compose, RandFlipd, RandGaussianNoised, RandSpatialCropSamplesd
 
-from medseg.data.sampling import EpochSamples, epoch_order, process_positions, split_transforms
+from medseg.data.sampling import (
+    EpochSamples,
+    epoch_order,
+    process_positions,
+    remaining_steps,
+    split_transforms,
+)
 
 
 def _cases(n: int = 5) -> list[dict]:
@@ -23,7 +30,7 @@ AUGMENT = Compose([RandSpatialCropSamplesd(keys="image", roi_size=(6, 5, 4), num
 
 def _stream(world: int, rank: int, epoch: int = 0, start: int = 0, iterations: int = 4, batch: int = 1) -> list:
     cases = _cases()
-    length, positions = process_positions(iterations, batch, world, rank, start)
+    length, positions = process_positions(iterations, batch, world, rank, samples_done=start)
     samples = EpochSamples(cases, AUGMENT, epoch_order(len(cases), length, 7, epoch), positions, seed=7, epoch=epoch)
     return [samples[i] for i in range(len(samples))]
 
@@ -35,8 +42,63 @@ def test_processes_split_each_global_batch_without_gaps_or_overlap() -> None:
     assert length == 12
     for k in range(3):  # global batch k: the same positions however many processes share it
         assert sorted([*r0[2 * k:2 * k + 2], *r1[2 * k:2 * k + 2]]) == list(one[4 * k:4 * k + 4])
-    _, resumed = process_positions(iterations=3, batch_size=2, world_size=2, rank=1, start_iteration=2)
+    _, resumed = process_positions(iterations=3, batch_size=2, world_size=2, rank=1, samples_done=8)
     assert list(resumed) == list(r1[4:])
+
+
+def _positions_by_step(iterations: int, batch: int, world: int, samples_done: int = 0) -> list[list[int]]:
+    """The positions each global step trains (all processes together), from ``samples_done`` on."""
+    per_rank = [list(process_positions(iterations, batch, world, r, samples_done)[1]) for r in range(world)]
+    counts = {len(p) for p in per_rank}
+    assert len(counts) == 1, f"processes would take different numbers of steps: {counts}"  # DDP would hang
+    (count,) = counts
+    assert count % batch == 0, "a step would be short on some process"
+    return [sorted(p for rank in per_rank for p in rank[k * batch:(k + 1) * batch]) for k in range(count // batch)]
+
+
+@pytest.mark.parametrize(("world_before", "world_after"), [(1, 2), (2, 1), (1, 3), (3, 2), (2, 4), (4, 2), (3, 3)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_resuming_with_another_process_count_trains_every_position_of_the_epoch_once(world_before: int,
+                                                                                  world_after: int,
+                                                                                  batch: int) -> None:
+    n_cases = 13  # epochs of whole steps: 12, 12 and 13 positions for 1, 2 and 3 processes of batch 1
+    before_iterations = n_cases // (batch * world_before)
+    after_iterations = n_cases // (batch * world_after)
+    after_batch = batch * world_after
+    length = after_iterations * after_batch
+    for steps_done in range(before_iterations + 1):
+        done = [p for step in _positions_by_step(before_iterations, batch, world_before)[:steps_done] for p in step]
+        samples_done = steps_done * batch * world_before
+        assert sorted(done) == list(range(samples_done))  # what a checkpoint's samples_done stands for
+        rest = _positions_by_step(after_iterations, batch, world_after, samples_done)
+        assert len(rest) == remaining_steps(after_iterations, after_batch, samples_done)
+        assert all(len(step) == after_batch for step in rest)  # every step a whole global batch
+        trained = [p for step in rest for p in step]
+        assert len(set(trained)) == len(trained), "a position trained twice after resuming"
+        assert not set(trained) & set(done), "a position trained before and after resuming"
+        # Nothing of the epoch is left out, and the remainder starts at the first untrained position,
+        # with no gap; a remainder that is not whole steps runs on past the epoch's end by less than
+        # one step (see process_positions).
+        assert sorted(done + trained) == list(range(len(done) + len(trained)))
+        assert len(done) + len(trained) >= length
+        assert len(done) + len(trained) - length < after_batch or not trained
+        if samples_done % after_batch == 0 and samples_done <= length:
+            assert len(done) + len(trained) == length
+
+
+def test_remaining_steps_rounds_up_to_whole_steps_and_stops_at_the_epochs_end() -> None:
+    assert remaining_steps(iterations=3, global_batch=2, samples_done=0) == 3
+    assert remaining_steps(iterations=3, global_batch=2, samples_done=3) == 2  # positions 3..6
+    assert remaining_steps(iterations=3, global_batch=2, samples_done=4) == 1
+    assert remaining_steps(iterations=3, global_batch=2, samples_done=6) == 0
+    assert remaining_steps(iterations=3, global_batch=2, samples_done=9) == 0  # past the end: nothing left
+    length, positions = process_positions(3, 1, 2, 1, samples_done=9)
+    assert not positions
+
+
+def test_a_longer_stream_keeps_the_cases_of_the_shorter_one() -> None:
+    """A resumed epoch may run a step past its length: the positions it already has keep their cases."""
+    assert epoch_order(5, 12, seed=3, epoch=1)[:7] == epoch_order(5, 7, seed=3, epoch=1)
 
 
 def test_a_position_holds_the_same_augmented_sample_for_any_process_count() -> None:
@@ -110,7 +172,6 @@ def test_patch_sampling_never_writes_into_the_cached_volumes(tmp_path) -> None:
         Rot90Aug,
     )
     from medseg.data.transforms import training_transforms
-
     from tests.conftest import make_case
 
     image, label, affine = make_case((25, 29, 21), seed=4)
@@ -142,7 +203,6 @@ def test_precomputed_sampler_indices_draw_the_same_patches(tmp_path) -> None:
 
     from medseg.config import PatchConfig, PreprocessConfig
     from medseg.data.transforms import patch_sampler, preprocessing, training_transforms
-
     from tests.conftest import make_case
 
     image, label, affine = make_case((25, 29, 21), seed=5)

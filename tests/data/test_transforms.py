@@ -24,9 +24,8 @@ from medseg.config import (
     PreprocessConfig,
     Rot90Aug,
 )
-from medseg.io.geometry import geometry_of
 from medseg.data.transforms import augmentation, training_transforms, validation_transforms
-
+from medseg.io.geometry import geometry_of
 from tests.conftest import make_case
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from medseg.data.manifest import Manifest, write_manifest
 from medseg.data.medmnist import import_medmnist
 from medseg.data.verify import verify_manifest
-
 from tests.conftest import write_medmnist_npz
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,6 @@ from mlflow.tracking import MlflowClient
 
 from medseg.cli import main
 from medseg.data.manifest import build_manifest
-
 from tests.conftest import REPO, make_case, tiny_config, write_msd_dataset
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
@@ -133,8 +133,8 @@ def test_a_killed_worker_ends_the_job_with_a_clear_error_and_memory_caches_are_s
 def _reduce_worker(rank: int, world: int, port: int, cases: list, queue) -> None:  # noqa: ANN001
     import torch.distributed as dist
 
-    from medseg.tasks.segmentation.metrics import SegmentationMetrics
     from medseg.engine.distributed import DistContext
+    from medseg.tasks.segmentation.metrics import SegmentationMetrics
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     metrics = SegmentationMetrics({0: "background", 1: "a", 2: "b"})
@@ -267,3 +267,119 @@ def test_the_documented_multi_node_form_runs_two_torchrun_agents_as_two_machines
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert run.data.metrics["system/global_batch"] == 4
     assert run.data.metrics["data/val_cases"] == 1 and "val/dice_mean" in run.data.metrics
+
+
+class _Stop(Exception):
+    """Ends a run part-way, as a crash would."""
+
+
+def _finished_as_one_run(run_dir: Path, uri: str, epochs: int, steps: int) -> None:
+    """The run ended once, each epoch in its history and in MLflow once, the LR schedule at its end."""
+    assert [int(float(row["epoch"])) for row in _curves(run_dir)] == list(range(1, epochs + 1))
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["step_count"] == steps  # progress reached 1 exactly: the schedule carried over the resume
+    assert json.loads(last["state"])["samples_done"] == 0
+    client, run = _only_run(uri)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, epochs + 1))
+
+
+def _signal_job(pid: int, signum: int) -> None:
+    """``signum`` to a job: the launcher and every process under it (torchrun's workers have
+    sessions of their own, so a process group does not reach them)."""
+    for target in [pid, *_descendants(pid)]:
+        try:
+            os.kill(target, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _stop_mid_epoch(proc: subprocess.Popen, runs: Path) -> dict:
+    """Kill the job ``proc`` launched once ``last.pt`` is part-way through an epoch after the first.
+
+    The job is paused before the checkpoint is read for good, so the state returned is the one
+    the resumed run starts from; a pause that caught an epoch's end lets it go on.
+    """
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        for last in runs.glob("*/checkpoints/last.pt"):
+            try:
+                state = json.loads(torch.load(last, weights_only=True)["state"])
+            except Exception:  # noqa: BLE001 - read between two renames: try again
+                continue
+            if state["epoch"] >= 1 and state["iteration"] >= 1:
+                _signal_job(proc.pid, signal.SIGSTOP)
+                state = json.loads(torch.load(last, weights_only=True)["state"])
+                if state["iteration"] >= 1:
+                    _signal_job(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return state
+                _signal_job(proc.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    _signal_job(proc.pid, signal.SIGKILL)
+    raise AssertionError("the run ended before it could be stopped mid-epoch:\n"
+                         + (proc.stdout.read().decode() if proc.stdout else ""))
+
+
+def _resume_config(tmp_path: Path, eight_cases, epochs: int) -> Path:
+    """6 training cases in batches of 1, a checkpoint after every step, one shared sample stream
+    (a disk cache; a memory cache would be sharded between processes)."""
+    dataset, manifest = eight_cases
+    return tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}",
+                       data={"cache": "disk", "cache_dir": str(tmp_path / "cache")},
+                       train={"max_epochs": epochs, "batch_size": 1, "num_threads": 1, "num_workers": 0,
+                              "checkpoint_interval_minutes": 0})
+
+
+def test_a_run_of_one_process_resumed_with_two_trains_the_rest_of_its_epoch_once(tmp_path: Path, eight_cases,
+                                                                                 monkeypatch) -> None:
+    config = _resume_config(tmp_path, eight_cases, epochs=2)
+    from medseg.engine import loop
+
+    seed_step = loop.seed_step
+
+    def stop_in_the_second_epoch(seed: int, epoch: int, iteration: int, rank: int) -> None:
+        if (epoch, iteration) == (1, 3):  # last.pt holds the first 3 of the epoch's 6 steps
+            raise _Stop
+        seed_step(seed, epoch, iteration, rank)
+
+    monkeypatch.setattr(loop, "seed_step", stop_in_the_second_epoch)
+    with pytest.raises(_Stop):
+        main(["run", str(config), "--no-progress"])
+    monkeypatch.undo()
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    state = json.loads(saved["state"])
+    assert (saved["world_size"], state["epoch"], state["iteration"], state["samples_done"]) == (1, 1, 3, 3)
+
+    done = subprocess.run([sys.executable, "-m", "medseg", "run", str(config), "--resume", "--nproc", "2",
+                           "--no-progress"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "resuming a run of 1 process(es) with 2" in output
+    # Positions 0-2 were trained; two processes take steps of 2 from position 3 on: 3-4 and 5-6, the
+    # last one past the epoch's 6 rather than a step without a sample on one process. (Restated in
+    # steps, as before, the run skipped to position 6: nothing of the epoch was left.)
+    assert "epoch 2: resumed after 3 of its 6 samples, trained 4 more" in output
+    _finished_as_one_run(run_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", epochs=2, steps=2 * 3)
+
+
+def test_a_run_of_two_processes_resumed_with_one_trains_the_rest_of_its_epoch_once(tmp_path: Path, eight_cases,
+                                                                                   caplog) -> None:
+    config = _resume_config(tmp_path, eight_cases, epochs=3)
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "run", str(config), "--nproc", "2", "--no-progress"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    state = _stop_mid_epoch(proc, tmp_path / "runs")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    samples_done = state["samples_done"]
+    assert samples_done == 2 * state["iteration"]  # two processes, one sample each per step
+
+    with caplog.at_level(logging.INFO, logger="medseg"):
+        assert main(["run", str(config), "--resume", "--no-progress"]) == 0
+    assert "resuming a run of 2 process(es) with 1" in caplog.text
+    # One process continues at the first position not trained (restated in steps, as before, it
+    # went back to position samples_done / 2 and trained those positions twice).
+    assert (f"epoch {state['epoch'] + 1}: resumed after {samples_done} of its 6 samples, "
+            f"trained {6 - samples_done} more") in caplog.text
+    _finished_as_one_run(run_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", epochs=3, steps=3 * 6)

@@ -14,11 +14,13 @@ import pydicom
 import pytest
 from mlflow.tracking import MlflowClient
 
+import medseg
 from medseg.cli import main
 from medseg.data.manifest import build_manifest
+from medseg.errors import CaseError, UsageError
+from medseg.io.discovery import discover
 from medseg.io.geometry import geometry_of
 from medseg.io.readers import load_volume
-
 from tests.conftest import HIPPO, TCIA, make_case, require, tiny_config, write_msd_dataset
 
 
@@ -32,10 +34,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     config = tiny_config(tmp, dataset, manifest, uri, train={"max_epochs": 1, "batch_size": 2, "num_threads": 1},
                          validation={"overlays": 0, "hd95": False})
-    assert main(["run", str(config), "--no-progress"]) == 0
-    (run_dir,) = (tmp / "runs").iterdir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"model_uri": summary["model_uri"], "run_id": summary["run_id"], "tracking_uri": uri, "tmp": str(tmp)}
+    result = medseg.train(config, progress=False)
+    assert result is not None and result.model_uri
+    return {"model_uri": result.model_uri, "run_id": result.run_id, "tracking_uri": uri, "tmp": str(tmp)}
 
 
 def _predict(trained: dict[str, str], input_dir: Path, output_dir: Path, *extra: str) -> int:
@@ -270,7 +271,23 @@ def test_model_without_contract_or_missing_is_refused(trained, tmp_path: Path, c
     _save(inputs / "x.nii.gz", image, affine)
     assert main(["predict", "--model", "models:/does-not-exist/1", "--input", str(inputs), "--output",
                  str(tmp_path / "out"), "--tracking-uri", trained["tracking_uri"], "--no-progress"]) == 2
-    assert "could not be loaded" in capsys.readouterr().err
+    assert "models:/does-not-exist/1: not found" in capsys.readouterr().err
+
+
+def test_a_found_but_corrupt_model_is_a_failure_not_bad_usage(trained, tmp_path: Path, capsys) -> None:
+    """A model folder whose weights file is damaged: exit 1 with what to do, not 2 ("bad usage")."""
+    import mlflow
+
+    mlflow.set_tracking_uri(trained["tracking_uri"])
+    folder = Path(mlflow.artifacts.download_artifacts(trained["model_uri"], dst_path=str(tmp_path / "model")))
+    weights = next(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".pth", ".pt", ".pkl"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    inputs = tmp_path / "in"
+    image, _, affine = make_case((15, 15, 9), seed=61)
+    _save(inputs / "x.nii.gz", image, affine)
+    assert main(["predict", "--model", str(folder), "--input", str(inputs), "--output", str(tmp_path / "out"),
+                 "--no-tracking", "--no-progress"]) == 1
+    assert "found, but its network could not be loaded" in capsys.readouterr().err
 
 
 def test_inference_run_is_logged_and_linked_to_the_training_run(trained, tmp_path: Path) -> None:
@@ -327,3 +344,68 @@ def test_bad_options_and_a_model_without_contract_are_usage_errors(trained, tmp_
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# ----------------------------------------------------------------------------------- the Python API
+
+
+@pytest.fixture(scope="module")
+def predictor(trained) -> medseg.Predictor:
+    return medseg.Predictor.from_uri(trained["model_uri"], device="cpu", tracking_uri=trained["tracking_uri"])
+
+
+def test_predictor_gives_one_mask_for_a_file_a_metatensor_and_an_array(predictor, tmp_path: Path) -> None:
+    image, _, affine = make_case((19, 23, 11), seed=80, spacing=(0.9, 1.2, 2.1))
+    path = _save(tmp_path / "scan.nii.gz", image, affine)
+
+    from_file = predictor.predict(path)
+    from_tensor = predictor.predict(load_volume(path), case_id="scan")
+    from_array = predictor.predict(np.asarray(nib.load(path).dataobj), affine=nib.load(path).affine, case_id="scan")
+
+    assert from_file.case_id == "scan" and from_file.task == "segmentation"
+    assert from_file.label_map is not None and from_file.label_map.shape == (19, 23, 11)
+    np.testing.assert_allclose(from_file.affine, nib.load(path).affine, atol=1e-5)
+    np.testing.assert_array_equal(from_tensor.label_map, from_file.label_map)
+    np.testing.assert_array_equal(from_array.label_map, from_file.label_map)
+    assert from_file.probabilities is not None and from_file.probabilities.shape == (3, 19, 23, 11)
+    voxel_ml = abs(np.linalg.det(nib.load(path).affine[:3, :3])) / 1000
+    assert set(from_file.volumes_ml) == {"blob1", "blob2"}
+    assert from_file.volumes_ml["blob1"] == pytest.approx(from_file.voxels["blob1"] * voxel_ml)
+
+
+def test_predictor_folder_returns_the_batch_report(predictor, tmp_path: Path) -> None:
+    image, _, affine = make_case((15, 17, 9), seed=81)
+    _save(tmp_path / "in" / "a.nii.gz", image, affine)
+    (tmp_path / "in" / "b.nii.gz").write_bytes(b"not an image")
+    batch = predictor.predict_folder(tmp_path / "in", tmp_path / "out", progress=False)
+    assert batch.counts == {"ok": 1, "failed": 1, "skipped": 0} and batch.n_failed == 1
+    ok, failed = sorted(batch.results, key=lambda r: r.status != "ok")
+    assert ok.case_id == "a" and Path(ok.outputs["output"]).is_file() and ok.values["voxels_blob1"] >= 0
+    assert failed.case_id == "b" and "b.nii.gz: could not be read" in failed.error
+    assert batch.summary_dict()["task"] == "segmentation"
+
+
+def test_an_array_without_its_affine_or_of_the_wrong_rank_is_refused(predictor) -> None:
+    with pytest.raises(UsageError, match="an array needs its affine"):
+        predictor.predict(np.zeros((9, 9, 9), np.float32))
+    with pytest.raises(UsageError, match=r"expected a 3D image as \(channels, \*spatial\) or \(\*spatial\), got shape"):
+        predictor.predict(np.zeros((9, 9), np.float32), affine=np.eye(4))
+    with pytest.raises(CaseError, match="the model expects 1 channel"):
+        predictor.predict(np.zeros((2, 9, 9, 9), np.float32), affine=np.eye(4), case_id="two-channels")
+
+
+def test_options_a_segmentation_model_does_not_use_are_refused(trained, tmp_path: Path, capsys) -> None:
+    with pytest.raises(UsageError, match="--measured: not used by a segmentation model"):
+        medseg.Predictor.from_uri(trained["model_uri"], device="cpu", tracking_uri=trained["tracking_uri"],
+                                  measured=True)
+    image, _, affine = make_case((15, 15, 9), seed=82)
+    _save(tmp_path / "in" / "x.nii.gz", image, affine)
+    assert _predict(trained, tmp_path / "in", tmp_path / "out", "--measured") == 2
+    assert "--measured: not used by a segmentation model" in capsys.readouterr().err
+
+
+def test_input_dot_on_a_dicom_series_names_the_case_after_its_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--input .`` inside a series folder: the case is named after the folder, never a hidden '.'-file."""
+    monkeypatch.chdir(require(TCIA / "T1post"))
+    (case,) = discover(Path(".")).cases
+    assert case.case_id == "T1post" and case.kind == "dicom_series"

@@ -15,9 +15,8 @@ import pytest
 from medseg.cli import main
 from medseg.config import load_config
 from medseg.io.atomic import atomic_write_text
-from medseg.tracking import MlflowTracker
 from medseg.tasks.segmentation.training import build_network, model_contract
-
+from medseg.tracking import MlflowTracker
 from tests.conftest import REPO
 
 

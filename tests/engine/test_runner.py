@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 from medseg.cli import EXIT_OK, EXIT_USAGE, main
 from medseg.data.manifest import build_manifest
 from medseg.engine.runner import aggregate
-
 from tests.conftest import tiny_config, write_msd_dataset
 
 

@@ -9,8 +9,8 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from medseg.engine.sliding import label_map, predict_logits
 from medseg.engine.runtime import to_channels_last
+from medseg.engine.sliding import label_map, predict_logits
 
 
 def test_label_map_is_argmax_with_first_maximum_on_ties() -> None:

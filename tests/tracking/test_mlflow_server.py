@@ -17,7 +17,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from medseg.cli import main
-
 from tests.conftest import tiny_config
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from medseg.errors import UsageError
 from medseg.engine.predict import expand_model_refs
+from medseg.errors import UsageError
 from medseg.tracking import MlflowTracker, NullTracker
 
 

@@ -18,7 +18,7 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_a
 from torch import nn
 from torch.nn import functional as F
 
-from medseg.config import LossConfig, LossName
+from medseg.tasks.classification.config import ClassificationLoss, ClassificationLossConfig
 
 
 def balanced_class_weights(labels: Sequence[int], num_classes: int) -> list[float]:
@@ -28,9 +28,9 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> list[floa
     return [float(total / (num_classes * c)) if c else 0.0 for c in counts]
 
 
-def output_count(cfg: LossConfig, num_classes: int) -> int:
+def output_count(cfg: ClassificationLossConfig, num_classes: int) -> int:
     """Logits the network must produce: one per class, or K-1 "grade > k" logits for ``ordinal``."""
-    return num_classes - 1 if cfg.name == LossName.ORDINAL else num_classes
+    return num_classes - 1 if cfg.name == ClassificationLoss.ORDINAL else num_classes
 
 
 class WeightedCrossEntropy(nn.Module):
@@ -42,6 +42,8 @@ class WeightedCrossEntropy(nn.Module):
     give the gradient of the whole batch. With "balanced" weights, whose mean over the training
     set is 1, the loss keeps the scale of an unweighted one.
     """
+
+    weight: torch.Tensor | None  # registered as a buffer (moves with the module); declared for type checkers
 
     def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
         super().__init__()
@@ -57,6 +59,8 @@ class WeightedCrossEntropy(nn.Module):
 
 class OrdinalLoss(nn.Module):
     """Cumulative-link loss (CORAL-style): K-1 binary "label > k" tasks with logistic losses."""
+
+    weight: torch.Tensor | None  # registered as a buffer (moves with the module); declared for type checkers
 
     def __init__(self, weight: torch.Tensor | None = None):
         super().__init__()
@@ -82,18 +86,18 @@ class _FocalOnLabels(nn.Module):
         return self.focal(logits, labels[:, None])
 
 
-def create_classification_loss(cfg: LossConfig, class_weights: Sequence[float] | None) -> nn.Module:
+def create_classification_loss(cfg: ClassificationLossConfig, class_weights: Sequence[float] | None) -> nn.Module:
     """The configured loss on ``(B, outputs)`` logits and ``(B,)`` integer labels.
 
     Every loss is a plain mean over the batch's samples (class weights scale samples), so a
     batch split across processes averages to the loss of the whole batch.
     """
     weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-    if cfg.name == LossName.FOCAL:
+    if cfg.name == ClassificationLoss.FOCAL:
         return _FocalOnLabels(cfg.focal_gamma, weight)
-    if cfg.name == LossName.HINGE:
+    if cfg.name == ClassificationLoss.HINGE:
         return nn.MultiMarginLoss(margin=cfg.hinge_margin, weight=weight)
-    if cfg.name == LossName.ORDINAL:
+    if cfg.name == ClassificationLoss.ORDINAL:
         return OrdinalLoss(weight)
     return WeightedCrossEntropy(weight, cfg.label_smoothing)
 

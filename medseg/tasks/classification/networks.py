@@ -7,41 +7,38 @@ Every factory takes ``(cfg, in_channels, num_outputs, input_size)`` and returns 
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from monai.networks.layers.factories import Act, Conv, Pool
 from monai.networks.nets import DenseNet121, ResNet
 from torch import nn
 
-from medseg.config import ModelConfig, Stem
-from medseg.engine.models import ModelError
+from medseg.engine.models import create_model, register_model
+from medseg.errors import ModelError
+from medseg.tasks.classification.config import ClassificationModelConfig, Stem
 
-ClassifierFactory = Callable[[ModelConfig, int, int, Sequence[int]], nn.Module]
-CLASSIFIER_REGISTRY: dict[str, ClassifierFactory] = {}
+TASK = "classification"
+ClassifierFactory = Callable[[ClassificationModelConfig, int, int, Sequence[int]], nn.Module]
 
 
 def register_classifier(name: str) -> Callable[[ClassifierFactory], ClassifierFactory]:
-    def add(factory: ClassifierFactory) -> ClassifierFactory:
-        CLASSIFIER_REGISTRY[name] = factory
-        return factory
-
-    return add
+    return register_model(TASK, name)
 
 
-def activation(cfg: ModelConfig) -> nn.Module:
+def activation(cfg: ClassificationModelConfig) -> nn.Module:
     """A fresh activation layer of the configured kind (MONAI's ``Act`` factory)."""
     name = str(cfg.activation)
     return Act[name](inplace=True) if name in ("relu", "leakyrelu", "elu") else Act[name]()
 
 
-def _act_arg(cfg: ModelConfig) -> str | tuple:
+def _act_arg(cfg: ClassificationModelConfig) -> str | tuple:
     name = str(cfg.activation)
     return (name, {"inplace": True}) if name in ("relu", "leakyrelu", "elu") else name
 
 
-def _norm_arg(cfg: ModelConfig) -> str | tuple:
+def _norm_arg(cfg: ClassificationModelConfig) -> str | tuple:
     # MONAI's ResNet initialises norm weights, which a non-affine instance norm does not have
     return ("instance", {"affine": True}) if cfg.norm == "instance" else cfg.norm
 
@@ -51,7 +48,7 @@ def _head(features: int, outputs: int, dropout: float) -> nn.Module:
 
 
 @register_classifier("mlp")
-def _mlp(cfg: ModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
+def _mlp(cfg: ClassificationModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
     """Flattened voxels -> hidden layers (``model.channels``) -> logits: the background material's start."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_channels * math.prod(size)
@@ -67,7 +64,7 @@ def _mlp(cfg: ModelConfig, in_channels: int, outputs: int, size: Sequence[int]) 
 class LeNet(nn.Module):
     """LeNet-5 style: (conv 5, act, max pool 2) per stage, then 120 and 84 hidden units."""
 
-    def __init__(self, cfg: ModelConfig, in_channels: int, outputs: int, size: Sequence[int]):
+    def __init__(self, cfg: ClassificationModelConfig, in_channels: int, outputs: int, size: Sequence[int]):
         super().__init__()
         dims = cfg.spatial_dims
         stages: list[nn.Module] = []
@@ -89,7 +86,7 @@ class LeNet(nn.Module):
 
 
 @register_classifier("lenet")
-def _lenet(cfg: ModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
+def _lenet(cfg: ClassificationModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
     return LeNet(cfg, in_channels, outputs, size)
 
 
@@ -101,13 +98,14 @@ _STEMS = {Stem.SMALL: (3, 1, True), Stem.STRIDED: (3, 2, True), Stem.IMAGENET: (
 def _resnet(depth: str) -> ClassifierFactory:
     block, layers = _RESNETS[depth]
 
-    def build(cfg: ModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
+    def build(cfg: ClassificationModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
         kernel, stride, no_pool = _STEMS[cfg.stem]
         net = ResNet(block, layers, [64, 128, 256, 512], spatial_dims=cfg.spatial_dims, n_input_channels=in_channels,
                      conv1_t_size=kernel, conv1_t_stride=stride, no_max_pool=no_pool, widen_factor=cfg.widen_factor,
                      num_classes=outputs, act=_act_arg(cfg), norm=_norm_arg(cfg))
-        if cfg.dropout:
-            net.fc = _head(net.fc.in_features, outputs, cfg.dropout)
+        if cfg.dropout and isinstance(net.fc, nn.Linear):  # always a Linear: num_classes is given
+            # add_module swaps the child in place; MONAI types ``fc`` as ``Linear | None``, not any head
+            net.add_module("fc", _head(net.fc.in_features, outputs, cfg.dropout))
         return net
 
     return build
@@ -118,30 +116,26 @@ for _name in _RESNETS:
 
 
 @register_classifier("densenet121")
-def _densenet121(cfg: ModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
+def _densenet121(cfg: ClassificationModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
     net = DenseNet121(spatial_dims=cfg.spatial_dims, in_channels=in_channels, out_channels=outputs,
                       act=_act_arg(cfg), norm=_norm_arg(cfg), dropout_prob=cfg.dropout)
     if cfg.stem != Stem.IMAGENET:  # MONAI's stem divides by 4 before the first block; small inputs cannot afford it
         kernel, stride, _ = _STEMS[cfg.stem]
-        conv0 = net.features.conv0
+        # torch types a child looked up by attribute as ``Tensor | Module``; MONAI's DenseNet makes conv0 a conv
+        conv0 = cast(nn.modules.conv._ConvNd, net.features.conv0)
         net.features.conv0 = Conv[Conv.CONV, cfg.spatial_dims](in_channels, conv0.out_channels, kernel_size=kernel,
                                                                stride=stride, padding=kernel // 2, bias=False)
         net.features.pool0 = nn.Identity()
     return net
 
 
-def create_classifier(cfg: ModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
+def create_classifier(cfg: ClassificationModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
     """Build the classification network named by ``cfg.name``.
 
     Raises:
         ModelError: unknown name (with the closest registered one) or an input too small for it.
     """
-    factory = CLASSIFIER_REGISTRY.get(cfg.name)
-    if factory is None:
-        hint = difflib.get_close_matches(cfg.name, CLASSIFIER_REGISTRY, n=1)
-        raise ModelError(f"model.name {cfg.name!r} is not a classification network"
-                         f"{f'; did you mean {hint[0]!r}?' if hint else ''} Registered: {sorted(CLASSIFIER_REGISTRY)}")
-    return factory(cfg, in_channels, outputs, size)
+    return create_model(TASK, cfg.name, cfg, in_channels, outputs, size)
 
 
 def head_prefix(model: nn.Module) -> str:

@@ -1,140 +1,102 @@
-"""Batch classification of a folder of images: one CSV row per image with the class probabilities.
+"""Classification of one image with a loaded model: class probabilities, TTA/ensemble averaged.
 
-The same columns as the evaluation stage's per-case CSV (``case_id, label, predicted,
-prob_<class>...``; ``label`` stays empty here), plus the input path, status and error. The CSV
-is rewritten atomically after each image, so a crash keeps what is done, and a rerun skips the
-images it already has (``--overwrite`` redoes them).
+A batch's report has the evaluation stage's per-case columns (``label, predicted,
+predicted_name, prob_<class>...``; ``label`` stays empty here) beside the driver's common ones.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
-import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, Resized
+from torch import nn
 
 from medseg.config import Precision
-from medseg.data.transforms import IMAGE
+from medseg.data.transforms import IMAGE, preprocessing_from_contract
+from medseg.engine.predict import (
+    CaseResult,
+    LoadedModel,
+    Prediction,
+    PredictOptions,
+    check_input_shape,
+    read_error,
+)
 from medseg.engine.runtime import autocast, autocast_dtype
-from medseg.errors import MedsegError
-from medseg.io.atomic import atomic_write_text
+from medseg.engine.tta import average_predictions
 from medseg.io.discovery import InputCase
 from medseg.tasks.classification.metrics import class_probabilities
 
-log = logging.getLogger(__name__)
 
-FIXED_FIELDS = ("case_id", "label", "predicted", "predicted_name")
-TRAILING_FIELDS = ("input", "status", "error", "seconds")
-
-
-@dataclass
-class ClassifiedCase:
-    case_id: str
-    input: str
-    status: str  # ok | failed | skipped
-    error: str = ""
-    seconds: float = 0.0
-    probabilities: dict[str, float] = field(default_factory=dict)
-    predicted: int | None = None
-    predicted_name: str = ""
-
-
-def classification_preprocessing(contract: dict[str, Any], base: Compose) -> Compose:
+def classification_preprocessing(contract: dict[str, Any], load: bool = True) -> Compose:
     """The contract's deterministic chain followed by the resize to the network input."""
-    chain = list(base.transforms)
+    chain = list(preprocessing_from_contract(contract, load=load).transforms)
     if contract.get("resize"):
         chain.append(Resized(keys=IMAGE, spatial_size=list(contract["resize"]), mode="area"))
     return Compose(chain)
 
 
-@torch.no_grad()
-def classify_image(model: Any, image: torch.Tensor, device: torch.device, tta: bool) -> torch.Tensor:
-    """Class probabilities (K,) averaged over the ensemble's members and, with ``tta``, all axis flips."""
-    dims = model.contract["spatial_dims"]
-    head = model.contract.get("output_activation", "softmax")
-    amp = autocast_dtype(Precision.AUTO, device)
-    x = image[None].to(device)
-    flips = [c for r in range(1, dims + 1) for c in itertools.combinations(range(2, dims + 2), r)] if tta else []
-    total = None
-    count = 0
-    for network, _ in model.members():
-        for axes in [(), *flips]:
-            with autocast(amp, device):
-                logits = network(x.flip(axes) if axes else x)
-            probs = class_probabilities(logits, head)[0].cpu()
-            total = probs if total is None else total + probs
-            count += 1
-    return total / count  # type: ignore[operator]
+class ClassificationPredictor:
+    """Class probabilities for the images of a folder or in memory."""
 
+    output_columns: tuple[str, ...] = ()
 
-def previous_rows(path: Path) -> dict[str, dict[str, str]]:
-    """Rows of an earlier run's CSV that finished (status ok or skipped), by case id."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as fh:
-        return {row["case_id"]: row for row in csv.DictReader(fh) if row.get("status") in ("ok", "skipped")}
+    def __init__(self, model: LoadedModel, options: PredictOptions, device: torch.device):
+        self.model = model
+        self.options = options
+        self.device = device
+        self.names = model.label_names
+        self.value_columns = ["label", "predicted", "predicted_name", *(f"prob_{n}" for n in self.names.values())]
+        self._chains = {True: classification_preprocessing(model.contract),
+                        False: classification_preprocessing(model.contract, load=False)}
 
+    @torch.no_grad()
+    def class_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (K,) averaged over the ensemble's members and, with TTA, all axis flips."""
+        dims = int(self.model.contract["spatial_dims"])
+        head = self.model.contract.get("output_activation", "softmax")
+        amp = autocast_dtype(Precision.AUTO, self.device)
 
-def classify_cases(model: Any, cases: Sequence[InputCase], pre: Compose, device: torch.device, report_path: Path,
-                   tta: bool, overwrite: bool, check_input: Any, progress_bar: Any) -> list[ClassifiedCase]:
-    """Classify every case, one CSV row each; a failing case is recorded and the rest go on."""
-    names = {int(k): v for k, v in model.contract["labels"].items()}
-    done = {} if overwrite else previous_rows(report_path)
-    results: list[ClassifiedCase] = []
-    for case in progress_bar(cases):
-        started = time.monotonic()
-        if case.case_id in done:
-            row = done[case.case_id]
-            results.append(ClassifiedCase(case.case_id, str(case.path), "skipped", "already classified (use "
-                                          "--overwrite to redo)", 0.0,
-                                          {n: float(row[f"prob_{n}"]) for n in names.values()},
-                                          int(row["predicted"]), row["predicted_name"]))
-        else:
-            try:
-                if case.problem:
-                    raise MedsegError(case.problem)
-                try:
-                    image = pre({IMAGE: str(case.path)})[IMAGE]
-                except Exception as err:
-                    root = _root_cause(err)
-                    text = str(root).strip().splitlines()[-1][:300] if str(root).strip() else ""
-                    raise MedsegError(f"{case.path}: could not be read or preprocessed ({type(root).__name__}: "
-                                      f"{text}). Check that it is a complete NIfTI/DICOM/MHA/NRRD image") from err
-                check_input(model, image, case)
-                probs = classify_image(model, torch.as_tensor(image), device, tta)
-                k = int(probs.argmax())
-                results.append(ClassifiedCase(case.case_id, str(case.path), "ok", "", time.monotonic() - started,
-                                              {n: float(probs[i]) for i, n in names.items()}, k, names[k]))
-            except Exception as err:  # one bad image must not stop the batch
-                message = str(err) if isinstance(err, MedsegError) else f"{case.path}: {type(err).__name__}: {err}"
-                log.warning("case %s failed: %s", case.case_id, message)
-                results.append(ClassifiedCase(case.case_id, str(case.path), "failed", message,
-                                              time.monotonic() - started))
-        write_report(results, names, report_path)
-    return results
+        def run(member: tuple[nn.Module, dict[str, Any]], x: torch.Tensor) -> torch.Tensor:
+            with autocast(amp, self.device):
+                logits = member[0](x)
+            return class_probabilities(logits, head)[0].float().cpu()
 
+        x = image[None].to(self.device)
+        return average_predictions(self.model.members(), x, dims, self.options.tta, run, spatial_output=False)
 
-def _root_cause(err: BaseException) -> BaseException:
-    """The innermost cause: MONAI wraps a reader's error in "applying transform ..." layers."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
+    def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
+        loaded = isinstance(image, MetaTensor)
+        try:
+            data = self._chains[not loaded]({IMAGE: image if loaded else str(image)})
+        except Exception as err:
+            raise read_error(image if not loaded else case_id, err) from err
+        volume: MetaTensor = data[IMAGE]
+        check_input_shape(self.model.contract, volume.shape, case_id if loaded else str(image))
+        probs = self.class_probabilities(torch.as_tensor(volume))
+        k = int(probs.argmax())
+        affine = np.asarray(volume.meta.get("original_affine", volume.affine), dtype=np.float64)
+        return Prediction(case_id, "classification", affine, probabilities=probs.numpy(),
+                          class_probabilities={n: float(probs[i]) for i, n in self.names.items()},
+                          predicted_class=self.names[k])
 
+    def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
+        return {}  # the report row is the output
 
-def write_report(results: Sequence[ClassifiedCase], names: dict[int, str], path: Path) -> Path:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*FIXED_FIELDS, *[f"prob_{n}" for n in names.values()], *TRAILING_FIELDS])
-    for r in results:
-        writer.writerow([r.case_id, "", "" if r.predicted is None else r.predicted, r.predicted_name,
-                         *[f"{r.probabilities[n]:.6f}" if n in r.probabilities else "" for n in names.values()],
-                         r.input, r.status, r.error, f"{r.seconds:.4f}"])
-    return atomic_write_text(path, buffer.getvalue())
+    def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
+        prediction = self.predict(case.path, case.case_id)
+        index = {n: i for i, n in self.names.items()}[str(prediction.predicted_class)]
+        values: dict[str, Any] = {"label": "", "predicted": index, "predicted_name": prediction.predicted_class,
+                                  **{f"prob_{n}": f"{p:.6f}" for n, p in prediction.class_probabilities.items()}}
+        return CaseResult(case.case_id, str(case.path), "ok", values=values)
+
+    def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
+        return {}  # unreachable: a classified case is known by its report row
+
+    def summarise(self, results: Sequence[CaseResult]) -> tuple[dict[str, Any], dict[str, float]]:
+        predicted = [r.values.get("predicted_name") for r in results if r.status in ("ok", "skipped")]
+        return {"predicted_counts": {name: predicted.count(name) for name in self.names.values()}}, {}

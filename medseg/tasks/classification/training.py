@@ -16,7 +16,7 @@ from monai.data import DataLoader
 from torch import nn
 from tqdm import tqdm
 
-from medseg.config import CacheMode, RunConfig
+from medseg.config import CacheMode
 from medseg.data.datasets import class_index, make_dataset, records
 from medseg.data.manifest import read_manifest
 from medseg.data.transforms import classification_transforms
@@ -29,6 +29,7 @@ from medseg.engine.loop import (
     TrainTask,
     base_contract,
     fit,
+    has_labelled_cases,
     package_model,
     split_cases,
     write_csv,
@@ -36,6 +37,7 @@ from medseg.engine.loop import (
 from medseg.engine.runtime import autocast, autocast_dtype, resolve_device
 from medseg.io.atomic import atomic_write_text
 from medseg.plots import confusion_matrix_plot, embedding_map, reliability_diagram, roc_curves
+from medseg.tasks.classification.config import ClassificationConfig
 from medseg.tasks.classification.metrics import (
     ClassificationPredictions,
     balanced_class_weights,
@@ -52,19 +54,22 @@ from medseg.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SELECTION_METRIC", "build_classifier", "evaluate", "has_labelled_cases", "head_kind", "model_contract",
+           "package", "per_case_rows", "predict_dataset", "train"]
+
 SELECTION_METRIC = "val/auc"
 
 
-def head_kind(cfg: RunConfig) -> str:
+def head_kind(cfg: ClassificationConfig) -> str:
     """How logits become probabilities: ``softmax``, or ``ordinal`` for the cumulative-link head."""
     return "ordinal" if str(cfg.loss.name) == "ordinal" else "softmax"
 
 
-def build_classifier(cfg: RunConfig, pretrained: bool = False) -> nn.Module:
+def build_classifier(cfg: ClassificationConfig, pretrained: bool = False) -> nn.Module:
     """The configured network; with ``pretrained``, initialised from ``model.init_from`` and with
     ``model.freeze`` applied (training); without, a bare architecture to load a checkpoint into."""
     net = create_classifier(cfg.model, len(cfg.data.channels), output_count(cfg.loss, len(cfg.data.labels)),
-                            cfg.preprocess.resize)  # type: ignore[arg-type]  # required for classification
+                            cfg.preprocess.resize)
     if pretrained and cfg.model.init_from:
         initialise_from(net, cfg.model.init_from, cfg.tracking.uri)
     if pretrained and cfg.model.freeze:
@@ -103,7 +108,7 @@ def predict_dataset(net: nn.Module, dataset: Any, head: str, device: torch.devic
     return out
 
 
-def _score(predictions: ClassificationPredictions, cfg: RunConfig, prefix: str) -> dict[str, float]:
+def _score(predictions: ClassificationPredictions, cfg: ClassificationConfig, prefix: str) -> dict[str, float]:
     return classification_scores(predictions.prob_array(), predictions.label_array(), cfg.data.labels,
                                  ordinal=cfg.data.ordinal, calibration_bins=cfg.validation.calibration_bins,
                                  prefix=prefix)
@@ -112,7 +117,7 @@ def _score(predictions: ClassificationPredictions, cfg: RunConfig, prefix: str) 
 # ----------------------------------------------------------------------------------- train stage
 
 
-def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
+def train(cfg: ClassificationConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
           resume: bool = False, progress: bool = True) -> TrainOutputs:
     """Train a classifier on whole (resized, augmented) images; the best validation AUC is kept.
 
@@ -170,7 +175,7 @@ def per_case_rows(predictions: ClassificationPredictions, names: dict[int, str])
     return fields, rows
 
 
-def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
+def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
              tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None,
              tsne: bool = False) -> EvalOutputs:
     """Score a checkpoint on a split: per-case CSV, metrics JSON, ROC / confusion / calibration
@@ -228,7 +233,7 @@ def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, 
 # ----------------------------------------------------------------------------------- package stage
 
 
-def model_contract(cfg: RunConfig) -> dict[str, Any]:
+def model_contract(cfg: ClassificationConfig) -> dict[str, Any]:
     """What inference needs to see images as training did, and to read the outputs."""
     return {
         **base_contract(cfg),
@@ -239,7 +244,7 @@ def model_contract(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
+def package(cfg: ClassificationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
     """Log the selected checkpoint's network as an MLflow PyTorch model with its I/O contract."""
     contract_path, uri = package_model(build_classifier(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
                                        cfg.tracking.register_model_as)

@@ -1,1 +1,115 @@
-"""medseg.tasks.reconstruction.operators."""
+"""Reconstruction: undersampled MRI, sparse-view CT and denoising with residual U-Nets.
+
+Everything reconstruction-specific lives in this package: its config (``config``), the
+simulated acquisitions, losses and metrics (``operators``), networks (``networks``), transforms,
+phantoms, the train / evaluate / package stages (``training``) and the reconstruction of one
+image (``predict``). :data:`TASK` is what the registry hands out under the name ``reconstruction``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.transforms import Compose
+from torch import nn
+
+from medseg.tasks.base import TaskBase
+from medseg.tasks.reconstruction import networks as _networks  # noqa: F401 - fills the model registry
+from medseg.tasks.reconstruction.config import ReconstructionConfig
+
+
+class ReconstructionTask(TaskBase):
+    """The :class:`~medseg.tasks.base.Task` of reconstruction."""
+
+    name = "reconstruction"
+    config_type = ReconstructionConfig
+    predict_options = frozenset({"measured"})
+    selection_metric = "val/ssim"
+
+    def build_network(self, cfg: Any) -> nn.Module:
+        from medseg.tasks.reconstruction.training import build_network
+
+        return build_network(cfg)
+
+    def describe_input(self, cfg: Any) -> str:
+        return f"{cfg.recon.problem} slices {list(cfg.recon.image_size)}"
+
+    def transforms(self, cfg: Any) -> tuple[Compose, Compose | None]:
+        from medseg.tasks.reconstruction.operators import Acquisition
+        from medseg.tasks.reconstruction.transforms import (
+            reconstruction_eval_transforms,
+            reconstruction_training_transforms,
+        )
+
+        return (reconstruction_training_transforms(cfg.preprocess, cfg.recon, cfg.augment, Acquisition(cfg.recon)),
+                reconstruction_eval_transforms(cfg.preprocess, cfg.recon))
+
+    def create_loss(self, cfg: Any) -> nn.Module:
+        from medseg.tasks.reconstruction.operators import create_reconstruction_loss
+
+        return create_reconstruction_loss(cfg.loss)
+
+    def verify_options(self, cfg: Any) -> Any:
+        """The images are the targets: labels, if listed, are not used, and 2D networks take slices
+        of volumes, so neither labels nor dimensions are checked."""
+        from medseg.data.verify import VerifyOptions
+
+        return VerifyOptions(labels=None, require_labels_for=(), expected_channels=len(cfg.data.channels),
+                             spatial_dims=None, cross_split_duplicates=cfg.data.cross_split_duplicates)
+
+    def prepare_data(self, cfg: Any, root: Path, progress: bool) -> None:
+        """Write the random-ellipse phantoms of ``recon.phantoms`` (an identical set on disk is kept)."""
+        if cfg.recon.phantoms is None:
+            return
+        import logging
+
+        from medseg.tasks.reconstruction.phantoms import write_phantoms
+
+        made = write_phantoms(cfg.recon.phantoms, cfg.data.manifest, root, progress)
+        logging.getLogger(__name__).info("%s %d phantoms in %s (manifest %s)",
+                                         "wrote" if made.generated else "reusing", made.cases, made.data_dir,
+                                         made.manifest)
+
+    def train(self, ctx: Any) -> Any:
+        from medseg.tasks.reconstruction import training
+
+        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
+                              progress=ctx.progress)
+
+    def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
+        """Score ``checkpoint`` on ``split`` beside the classical baseline; the split ``real`` is
+        the real images ``recon.real_images`` lists."""
+        from medseg.tasks.reconstruction import training
+
+        if split == "real":
+            items = training.resolve_real_images(ctx.cfg, ctx.root)
+            prefix_arg = None
+        else:
+            items = training.split_items(ctx.cfg, ctx.manifest, ctx.root, split)
+            prefix_arg = prefix
+        if not items:
+            return {}
+        return training.evaluate(ctx.cfg, items, checkpoint, ctx.run_dir, split, ctx.tracker, ctx.progress,
+                                 prefix=prefix_arg).metrics
+
+    def package(self, ctx: Any, checkpoint: Path) -> Any:
+        from medseg.tasks.reconstruction import training
+
+        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
+
+    def contract(self, cfg: Any) -> dict[str, Any]:
+        from medseg.tasks.reconstruction.training import model_contract
+
+        return model_contract(cfg)
+
+    def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
+        from medseg.tasks.reconstruction.predict import ReconstructionPredictor
+
+        return ReconstructionPredictor(model, options, device)
+
+
+TASK = ReconstructionTask()
+
+__all__ = ["TASK", "ReconstructionConfig", "ReconstructionTask"]

@@ -22,7 +22,9 @@ from monai.apps.reconstruction.networks.nets.utils import divisible_pad_t, inver
 from monai.networks.nets import UNet
 from torch import nn
 
-from medseg.config import ModelConfig, ReconConfig, ReconProblem
+from medseg.config import UNetModelConfig
+from medseg.engine.models import create_model, register_model
+from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem, ReconstructionModelConfig
 from medseg.tasks.reconstruction.operators import MRI_CHANNELS, data_consistency, fft2c, unpack_mri_input
 
 
@@ -30,7 +32,7 @@ class ResidualUNet(nn.Module):
     """``x + std * U((x - mean) / std)``: per-image, per-channel normalisation (fastMRI's NormUnet)
     so the U-Net sees the same scale whatever the image's brightness, and padding to ``factor``."""
 
-    def __init__(self, cfg: ModelConfig, channels: int):
+    def __init__(self, cfg: UNetModelConfig, channels: int):
         super().__init__()
         strides = tuple(cfg.strides or (2,) * (len(cfg.channels) - 1))
         self.factor = math.prod(strides)
@@ -39,8 +41,8 @@ class ResidualUNet(nn.Module):
         # zero-initialised output layer: the network starts as the identity (the baseline) and
         # learns the correction, instead of first unlearning a random one (SkipInit / ReZero)
         self.head = nn.Conv2d(channels, channels, kernel_size=1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        for param in self.head.parameters():  # weight and bias
+            nn.init.zeros_(param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dim=(2, 3), keepdim=True)
@@ -53,7 +55,7 @@ class ResidualUNet(nn.Module):
 class ImageRestorer(nn.Module):
     """Residual U-Net on a one-channel image (CT: FBPConvNet; denoising)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: UNetModelConfig):
         super().__init__()
         self.block = ResidualUNet(cfg, 1)
 
@@ -72,7 +74,7 @@ class MriReconstructor(nn.Module):
         complex_input: the U-Net sees (real, imaginary); otherwise the magnitude.
     """
 
-    def __init__(self, cfg: ModelConfig, stages: int, dc: bool, complex_input: bool):
+    def __init__(self, cfg: UNetModelConfig, stages: int, dc: bool, complex_input: bool):
         super().__init__()
         self.dc = dc
         self.complex_input = complex_input
@@ -101,9 +103,29 @@ class MriReconstructor(nn.Module):
         return image
 
 
-def create_reconstruction_model(model: ModelConfig, recon: ReconConfig) -> nn.Module:
-    """The network named by ``model.name`` for the configured acquisition."""
+TASK = "reconstruction"
+
+
+@register_model(TASK, "unet")
+def _unet(model: ReconstructionModelConfig, recon: ReconConfig) -> nn.Module:
+    """Residual U-Net: FBPConvNet for CT, a residual denoiser, or the MRI image-domain network."""
     if ReconProblem(recon.problem) != ReconProblem.MRI:
         return ImageRestorer(model)
-    stages = model.cascades if model.name == "cascade" else 1
-    return MriReconstructor(model, stages, dc=model.name != "unet", complex_input=recon.input == "complex")
+    return MriReconstructor(model, 1, dc=False, complex_input=recon.input == "complex")
+
+
+@register_model(TASK, "unet_dc")
+def _unet_dc(model: ReconstructionModelConfig, recon: ReconConfig) -> nn.Module:
+    """The U-Net followed by hard data consistency (MRI)."""
+    return MriReconstructor(model, 1, dc=True, complex_input=recon.input == "complex")
+
+
+@register_model(TASK, "cascade")
+def _cascade(model: ReconstructionModelConfig, recon: ReconConfig) -> nn.Module:
+    """``model.cascades`` rounds of (U-Net, data consistency) (Schlemper et al. 2018)."""
+    return MriReconstructor(model, model.cascades, dc=True, complex_input=recon.input == "complex")
+
+
+def create_reconstruction_model(model: ReconstructionModelConfig, recon: ReconConfig) -> nn.Module:
+    """The network named by ``model.name`` for the configured acquisition."""
+    return create_model(TASK, model.name, model, recon)

@@ -30,7 +30,14 @@ from monai.metrics.regression import compute_ssim_and_cs
 from monai.networks.blocks.fft_utils_t import fftn_centered_t, ifftn_centered_t
 from torch import nn
 
-from medseg.config import LossConfig, LossName, MaskKind, NoiseKind, ReconConfig, ReconProblem
+from medseg.tasks.reconstruction.config import (
+    MaskKind,
+    NoiseKind,
+    ReconConfig,
+    ReconProblem,
+    ReconstructionLoss,
+    ReconstructionLossConfig,
+)
 
 #: channels of an MRI network input: zero-filled real, zero-filled imaginary, sampling mask
 MRI_CHANNELS = 3
@@ -241,20 +248,20 @@ class MixedL1Ssim(nn.Module):
         return (1 - self.weight) * nn.functional.l1_loss(pred.float(), target.float()) + self.weight * self.ssim(pred, target)
 
 
-def create_reconstruction_loss(cfg: LossConfig) -> nn.Module:
+def create_reconstruction_loss(cfg: ReconstructionLossConfig) -> nn.Module:
     """The configured image loss ``loss(prediction, target)`` on (N, 1, H, W) batches."""
-    name = LossName(cfg.name)
-    if name == LossName.L1:
+    name = ReconstructionLoss(cfg.name)
+    if name == ReconstructionLoss.L1:
         return nn.L1Loss()
-    if name == LossName.L2:
+    if name == ReconstructionLoss.L2:
         return nn.MSELoss()
-    if name == LossName.HUBER:
+    if name == ReconstructionLoss.HUBER:
         return nn.HuberLoss(delta=cfg.huber_delta)
-    if name == LossName.LOG_COSH:
+    if name == ReconstructionLoss.LOG_COSH:
         return LogCoshLoss()
-    if name == LossName.SSIM:
+    if name == ReconstructionLoss.SSIM:
         return SsimLoss()
-    if name == LossName.L1_SSIM:
+    if name == ReconstructionLoss.L1_SSIM:
         return MixedL1Ssim(cfg.ssim_weight)
     raise ValueError(f"loss.name {cfg.name} is not a reconstruction loss")  # pragma: no cover - config validates
 

@@ -17,9 +17,9 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from medseg.config import PhantomConfig
 from medseg.data.manifest import Case, Manifest, read_manifest, sha256_of, write_manifest
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.tasks.reconstruction.config import PhantomConfig
 
 INFO_FILE = "phantoms.json"
 

@@ -17,14 +17,9 @@ A case that fails is reported and the batch goes on; a rerun skips finished case
 
 from __future__ import annotations
 
-import csv
-import io
-import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,32 +27,27 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 from torch import nn
 
-from medseg.config import IntensityConfig, Precision, PreprocessConfig, ReconConfig, ReconProblem
+from medseg.config import IntensityConfig, Precision, PreprocessConfig
+from medseg.engine.predict import (
+    CaseResult,
+    LoadedModel,
+    Prediction,
+    PredictOptions,
+    mean_or_none,
+    read_error,
+    write_nifti,
+)
 from medseg.engine.runtime import autocast, autocast_dtype
-from medseg.errors import MedsegError, UsageError
-from medseg.io.atomic import atomic_write_text
+from medseg.engine.tta import average_predictions
+from medseg.errors import CaseError, UsageError
 from medseg.io.discovery import InputCase
+from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem
 from medseg.tasks.reconstruction.operators import Acquisition, case_seed, volume_metrics
 from medseg.tasks.reconstruction.training import VolumeReconstruction, pad_slices, reconstruct_volume
 from medseg.tasks.reconstruction.transforms import IMAGE, reconstruction_prefix
 
-log = logging.getLogger(__name__)
-
 OUTPUT = "reconstruction"
 METRICS = ("psnr", "ssim", "nmse")
-
-
-@dataclass
-class ReconstructedCase:
-    case_id: str
-    input: str
-    status: str  # ok | failed | skipped
-    error: str = ""
-    seconds: float = 0.0
-    output: str = ""
-    baseline_output: str = ""
-    slices: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def contract_recon(contract: dict[str, Any]) -> ReconConfig:
@@ -66,12 +56,12 @@ def contract_recon(contract: dict[str, Any]) -> ReconConfig:
     return ReconConfig(**fields)
 
 
-def recon_preprocessing(contract: dict[str, Any]) -> Compose:
+def recon_preprocessing(contract: dict[str, Any], load: bool = True) -> Compose:
     """Load, orient, resample and move the slice axis last, as training did (without the scaling)."""
     pre = PreprocessConfig(orientation=contract["orientation"],
                            spacing=tuple(contract["spacing"]) if contract.get("spacing") else None,
                            intensity=IntensityConfig(mode="none"))
-    return Compose(reconstruction_prefix(pre, contract_recon(contract), scale=False))
+    return Compose(reconstruction_prefix(pre, contract_recon(contract), load=load, scale=False))
 
 
 class _Ensemble(nn.Module):
@@ -82,7 +72,7 @@ class _Ensemble(nn.Module):
         self.networks = nn.ModuleList(networks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([n(x) for n in self.networks]).mean(0)
+        return average_predictions(list(self.networks), x, 2, False, lambda network, image: network(image))
 
 
 @torch.no_grad()
@@ -101,105 +91,100 @@ def _restore_measured(net: nn.Module, volume: torch.Tensor, image_size: tuple[in
     return torch.cat(outputs)[..., top:top + h, left:left + w]
 
 
-def reconstruct_cases(model: Any, cases: Sequence[InputCase], output_dir: Path, device: torch.device,
-                      report_path: Path, measured: bool, overwrite: bool, progress_bar: Any,
-                      write_nifti: Any) -> list[ReconstructedCase]:
-    """Reconstruct every case; one report row each, the report rewritten after each case."""
-    contract = model.contract
-    recon = contract_recon(contract)
-    acquisition = Acquisition(recon)
-    if measured and ReconProblem(recon.problem) == ReconProblem.MRI:
-        raise UsageError("--measured: an MRI model needs the measured k-space, which a magnitude image does not "
-                         "hold; give fully sampled images (the retrospective mode, without --measured)")
-    pre = recon_preprocessing(contract)
-    net = model.networks[0] if len(model.networks) == 1 else _Ensemble(model.networks)
-    baseline = acquisition.baseline_name
-    results: list[ReconstructedCase] = []
-    for case in progress_bar(cases):
-        started = time.monotonic()
-        out_path = output_dir / f"{case.case_id}_{OUTPUT}.nii.gz"
-        base_path = output_dir / f"{case.case_id}_{baseline}.nii.gz"
-        expected = [out_path] if measured else [out_path, base_path]
-        result = ReconstructedCase(case.case_id, str(case.path), "ok", output=str(out_path),
-                                   baseline_output="" if measured else str(base_path))
+class ReconstructionPredictor:
+    """Reconstructions (and their baselines) for the images of a folder or in memory."""
+
+    output_columns: tuple[str, ...]
+
+    def __init__(self, model: LoadedModel, options: PredictOptions, device: torch.device):
+        self.model = model
+        self.options = options
+        self.device = device
+        self.recon = contract_recon(model.contract)
+        self.acquisition = Acquisition(self.recon)
+        if options.measured and ReconProblem(self.recon.problem) == ReconProblem.MRI:
+            raise UsageError("--measured: an MRI model needs the measured k-space, which a magnitude image does not "
+                             "hold; give fully sampled images (the retrospective mode, without --measured)")
+        self.baseline = self.acquisition.baseline_name
+        self.output_columns = ("output",) if options.measured else ("output", f"{self.baseline}_output")
+        self.value_columns = ["slices", *METRICS, *(f"{self.baseline}_{m}" for m in METRICS)]
+        self.net = model.networks[0] if len(model.networks) == 1 else _Ensemble(model.networks)
+        self._chains = {True: recon_preprocessing(model.contract), False: recon_preprocessing(model.contract, load=False)}
+
+    def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
+        loaded = isinstance(image, MetaTensor)
+        source = case_id if loaded else str(image)
+        chain = self._chains[not loaded]
         try:
-            if all(p.exists() for p in expected) and not overwrite:
-                result.status, result.error = "skipped", "output exists (use --overwrite to redo)"
-            else:
-                if case.problem:
-                    raise MedsegError(case.problem)
-                _reconstruct_case(case, pre, net, acquisition, recon, measured, device, out_path, base_path,
-                                  write_nifti, result)
-        except Exception as err:  # one bad image must not stop the batch
-            message = str(err) if isinstance(err, MedsegError) else f"{case.path}: {type(err).__name__}: {err}"
-            log.warning("case %s failed: %s", case.case_id, message)
-            result = ReconstructedCase(case.case_id, str(case.path), "failed", message)
-        result.seconds = time.monotonic() - started
-        results.append(result)
-        write_report(results, baseline, report_path)
-    return results
-
-
-def _reconstruct_case(case: InputCase, pre: Compose, net: nn.Module, acquisition: Acquisition, recon: ReconConfig,
-                      measured: bool, device: torch.device, out_path: Path, base_path: Path, write_nifti: Any,
-                      result: ReconstructedCase) -> None:
-    try:
-        data = pre({IMAGE: str(case.path)})
-    except Exception as err:
-        from medseg.tasks.classification.predict import _root_cause
-
-        root = _root_cause(err)
-        text = str(root).strip().splitlines()[-1][:300] if str(root).strip() else ""
-        raise MedsegError(f"{case.path}: could not be read or preprocessed ({type(root).__name__}: {text}). "
-                          "Check that it is a complete NIfTI/DICOM/MHA/NRRD image") from err
-    image: MetaTensor = data[IMAGE]
-    if image.shape[0] != 1 or image.ndim not in (3, 4):
-        raise MedsegError(f"{case.path}: reconstruction takes single-channel 2D or 3D images; got shape "
-                          f"{tuple(image.shape)}. Give one grey image (or DICOM series) per file; split "
-                          "multi-channel or 4D files into one file per channel or time point")
-    flat = image.ndim == 3  # a 2D image: one slice
-    raw = image.as_tensor().float()
-    if flat:
-        raw = raw[..., None]
-    low, high = float(raw.min()), float(raw.max())
-    if high <= low:
-        raise MedsegError(f"{case.path}: every voxel has the value {low}, so there is nothing to reconstruct; "
-                          "check that the file is the intended scan (not an empty mask or a blank export) "
-                          "or remove it from the input folder")
-    scaled = (raw - low) / (high - low)
-    if measured:
-        output = _restore_measured(net, scaled, recon.image_size, device)
-        baseline_slices = None
-    else:
-        rec: VolumeReconstruction = reconstruct_volume(net, scaled, acquisition, case_seed(case.case_id),
-                                                       recon.image_size, device, autocast_dtype(Precision.AUTO, device))
-        output, baseline_slices = rec.output, rec.baseline
-        model_scores, base_scores = volume_metrics(rec.output, rec.target), volume_metrics(rec.baseline, rec.target)
-        result.metrics = {**model_scores, **{f"baseline_{k}": v for k, v in base_scores.items()}}
-    result.slices = int(output.shape[0])
-    original_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
-
-    def to_native(slices: torch.Tensor) -> np.ndarray:
-        volume = slices[:, 0].permute(1, 2, 0)[None] * (high - low) + low  # back to (1, H, W, S), input units
+            data = chain({IMAGE: image if loaded else str(image)})
+        except Exception as err:
+            raise read_error(source, err) from err
+        volume: MetaTensor = data[IMAGE]
+        if volume.shape[0] != 1 or volume.ndim not in (3, 4):
+            raise CaseError(f"{source}: reconstruction takes single-channel 2D or 3D images; got shape "
+                            f"{tuple(volume.shape)}. Give one grey image (or DICOM series) per file; split "
+                            "multi-channel or 4D files into one file per channel or time point")
+        flat = volume.ndim == 3  # a 2D image: one slice
+        raw = volume.as_tensor().float()
         if flat:
-            volume = volume[..., 0]
-        data[OUTPUT] = MetaTensor(volume, meta=dict(image.meta), applied_operations=list(image.applied_operations))
-        native = Invertd(keys=OUTPUT, transform=pre, orig_keys=IMAGE, nearest_interp=False)(data)[OUTPUT]
-        return native.as_tensor()[0].numpy().astype(np.float32)
+            raw = raw[..., None]
+        low, high = float(raw.min()), float(raw.max())
+        if high <= low:
+            raise CaseError(f"{source}: every voxel has the value {low}, so there is nothing to reconstruct; "
+                            "check that the file is the intended scan (not an empty mask or a blank export) "
+                            "or remove it from the input folder")
+        scaled = (raw - low) / (high - low)
+        metrics: dict[str, float] = {}
+        baseline_slices = None
+        if self.options.measured:
+            output = _restore_measured(self.net, scaled, self.recon.image_size, self.device)
+        else:
+            rec: VolumeReconstruction = reconstruct_volume(self.net, scaled, self.acquisition, case_seed(case_id),
+                                                           self.recon.image_size, self.device,
+                                                           autocast_dtype(Precision.AUTO, self.device))
+            output, baseline_slices = rec.output, rec.baseline
+            scores, base_scores = volume_metrics(rec.output, rec.target), volume_metrics(rec.baseline, rec.target)
+            metrics = {**scores, **{f"{self.baseline}_{k}": v for k, v in base_scores.items()}}
+        affine = np.asarray(volume.meta["original_affine"], dtype=np.float64)
 
-    if baseline_slices is not None:
-        write_nifti(to_native(baseline_slices), original_affine, base_path)
-    write_nifti(to_native(output), original_affine, out_path)  # last: its presence marks the case done
+        def to_native(slices: torch.Tensor) -> np.ndarray:
+            restored = slices[:, 0].permute(1, 2, 0)[None] * (high - low) + low  # back to (1, H, W, S), input units
+            if flat:
+                restored = restored[..., 0]
+            data[OUTPUT] = MetaTensor(restored, meta=dict(volume.meta), applied_operations=list(volume.applied_operations))
+            native = Invertd(keys=OUTPUT, transform=chain, orig_keys=IMAGE, nearest_interp=False)(data)[OUTPUT]
+            return native.as_tensor()[0].numpy().astype(np.float32)
 
+        return Prediction(case_id, "reconstruction", affine, reconstruction=to_native(output),
+                          baseline=None if baseline_slices is None else to_native(baseline_slices),
+                          metrics={"slices": float(output.shape[0]), **metrics})
 
-def write_report(results: Sequence[ReconstructedCase], baseline: str, path: Path) -> Path:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_id", "input", "status", "error", "seconds", "output", f"{baseline}_output", "slices",
-                     *METRICS, *[f"{baseline}_{m}" for m in METRICS]])
-    for r in results:
-        writer.writerow([r.case_id, r.input, r.status, r.error, f"{r.seconds:.3f}", r.output if r.status == "ok" else "",
-                         r.baseline_output if r.status == "ok" else "", r.slices or "",
-                         *[f"{r.metrics[m]:.6g}" if m in r.metrics else "" for m in METRICS],
-                         *[f"{r.metrics[f'baseline_{m}']:.6g}" if f"baseline_{m}" in r.metrics else "" for m in METRICS]])
-    return atomic_write_text(path, buffer.getvalue())
+    def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
+        paths = {"output": output_dir / f"{case.case_id}_{OUTPUT}.nii.gz"}
+        if not self.options.measured:
+            paths[f"{self.baseline}_output"] = output_dir / f"{case.case_id}_{self.baseline}.nii.gz"
+        return paths
+
+    def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
+        paths = self.expected_outputs(case, output_dir)
+        prediction = self.predict(case.path, case.case_id)
+        outputs: dict[str, str] = {}
+        if prediction.baseline is not None:
+            key = f"{self.baseline}_output"
+            outputs[key] = str(write_nifti(prediction.baseline, prediction.affine, paths[key]))
+        # last: its presence marks the case done
+        outputs["output"] = str(write_nifti(cast(np.ndarray, prediction.reconstruction), prediction.affine,
+                                            paths["output"]))
+        metrics = dict(prediction.metrics)
+        values: dict[str, Any] = {"slices": int(metrics.pop("slices")), **metrics}
+        return CaseResult(case.case_id, str(case.path), "ok", outputs=outputs, values=values)
+
+    def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
+        return {}
+
+    def summarise(self, results: Sequence[CaseResult]) -> tuple[dict[str, Any], dict[str, float]]:
+        scored = [r.values for r in results if r.status == "ok" and METRICS[0] in r.values]
+        keys = [*METRICS, *(f"{self.baseline}_{m}" for m in METRICS)]
+        means = {k: mean_or_none([float(v[k]) for v in scored if k in v]) for k in keys} if scored else {}
+        return ({"mode": "measured" if self.options.measured else "retrospective", "mean_metrics": means},
+                {f"predict/{k}": v for k, v in means.items() if v is not None})

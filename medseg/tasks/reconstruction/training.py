@@ -18,7 +18,6 @@ from monai.data import Dataset
 from torch import nn
 from tqdm import tqdm
 
-from medseg.config import RunConfig
 from medseg.data.datasets import records
 from medseg.data.manifest import read_manifest
 from medseg.engine import distributed
@@ -38,6 +37,7 @@ from medseg.engine.runtime import autocast, autocast_dtype, resolve_device
 from medseg.errors import UsageError
 from medseg.io.atomic import atomic_write_text
 from medseg.plots import reconstruction_grid
+from medseg.tasks.reconstruction.config import ReconstructionConfig
 from medseg.tasks.reconstruction.networks import create_reconstruction_model
 from medseg.tasks.reconstruction.operators import (
     Acquisition,
@@ -68,8 +68,8 @@ class VolumeReconstruction:
     inputs: torch.Tensor
 
 
-def build_network(cfg: RunConfig) -> nn.Module:
-    return create_reconstruction_model(cfg.model, cfg.recon)  # type: ignore[arg-type]  # required for the task
+def build_network(cfg: ReconstructionConfig) -> nn.Module:
+    return create_reconstruction_model(cfg.model, cfg.recon)
 
 
 # ----------------------------------------------------------------------------------- one volume
@@ -123,14 +123,15 @@ def score_volume(rec: VolumeReconstruction, baseline_name: str) -> dict[str, flo
     return row
 
 
-def _score_dataset(net: nn.Module, dataset: Any, cfg: RunConfig, device: torch.device, amp_dtype: torch.dtype | None,
-                   progress: bool, desc: str) -> tuple[list[dict[str, Any]], list[tuple[str, VolumeReconstruction]]]:
-    acquisition = Acquisition(cfg.recon)  # type: ignore[arg-type]
+def _score_dataset(net: nn.Module, dataset: Any, cfg: ReconstructionConfig, device: torch.device,
+                   amp_dtype: torch.dtype | None, progress: bool,
+                   desc: str) -> tuple[list[dict[str, Any]], list[tuple[str, VolumeReconstruction]]]:
+    acquisition = Acquisition(cfg.recon)
     rows: list[dict[str, Any]] = []
     kept: list[tuple[str, VolumeReconstruction]] = []
     for item in tqdm(dataset, desc=desc, disable=not progress, leave=False, unit="volume"):
         case_id = str(item["case_id"])
-        rec = reconstruct_volume(net, item["image"], acquisition, case_seed(case_id), cfg.recon.image_size,  # type: ignore[union-attr]
+        rec = reconstruct_volume(net, item["image"], acquisition, case_seed(case_id), cfg.recon.image_size,
                                  device, amp_dtype)
         rows.append({"case_id": case_id, "slices": int(rec.target.shape[0]),
                      **score_volume(rec, acquisition.baseline_name)})
@@ -142,7 +143,7 @@ def _score_dataset(net: nn.Module, dataset: Any, cfg: RunConfig, device: torch.d
 # ----------------------------------------------------------------------------------- train stage
 
 
-def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
+def train(cfg: ReconstructionConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
           resume: bool = False, progress: bool = True) -> TrainOutputs:
     """Train the reconstruction network on slices with freshly simulated measurements; the best
     validation SSIM (per volume, masks seeded from the case ids) is kept.
@@ -157,7 +158,7 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
         progress: show progress bars.
     """
     manifest = read_manifest(manifest_path)
-    acquisition = Acquisition(cfg.recon)  # type: ignore[arg-type]
+    acquisition = Acquisition(cfg.recon)
     baseline = acquisition.baseline_name
 
     def validate(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None,
@@ -181,12 +182,16 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
         build_network=lambda: build_network(cfg),
         train_items=records(split_cases(cfg, manifest, "train"), root, with_label=False),
         val_items=records(split_cases(cfg, manifest, "val"), root, with_label=False),
-        train_transform=reconstruction_training_transforms(cfg.preprocess, cfg.recon, cfg.augment,  # type: ignore[arg-type]
+        train_transform=reconstruction_training_transforms(cfg.preprocess, cfg.recon, cfg.augment,
                                                            acquisition),
-        val_transform=reconstruction_eval_transforms(cfg.preprocess, cfg.recon),  # type: ignore[arg-type]
+        val_transform=reconstruction_eval_transforms(cfg.preprocess, cfg.recon),
         loss=create_reconstruction_loss(cfg.loss),
         validate=validate,
         selection_metric=SELECTION_METRIC,
+        # Simulating a measurement (masks and FFTs, or noise) for every slice is per-sample work of
+        # the order of the training step: two loader workers overlap it with the step
+        # (benchmarks/results/recon.md times this data path).
+        default_num_workers=2,
     )
     return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
 
@@ -194,14 +199,14 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
 # ----------------------------------------------------------------------------------- evaluate stage
 
 
-def resolve_real_images(cfg: RunConfig, root: Path) -> list[dict[str, Any]]:
+def resolve_real_images(cfg: ReconstructionConfig, root: Path) -> list[dict[str, Any]]:
     """Records for ``recon.real_images``: paths under the data root, or ``pydicom:<file>`` test images.
 
     Raises:
         UsageError: a listed image does not exist (named, with the fix).
     """
     out = []
-    for entry in cfg.recon.real_images:  # type: ignore[union-attr]
+    for entry in cfg.recon.real_images:
         if entry.startswith("pydicom:"):
             from pydicom.data import get_testdata_file
 
@@ -221,7 +226,7 @@ def resolve_real_images(cfg: RunConfig, root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def evaluate(cfg: RunConfig, items: list[dict[str, Any]], checkpoint: Path, out_dir: Path, name: str,
+def evaluate(cfg: ReconstructionConfig, items: list[dict[str, Any]], checkpoint: Path, out_dir: Path, name: str,
              tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None) -> EvalOutputs:
     """Score a checkpoint on whole volumes: per-case CSV (network and baseline side by side),
     metrics JSON and image grids (input, output, target, error) of the first few cases.
@@ -234,9 +239,9 @@ def evaluate(cfg: RunConfig, items: list[dict[str, Any]], checkpoint: Path, out_
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     net = build_network(cfg).to(device)
     net.load_state_dict(load_checkpoint(checkpoint, device)["model"])
-    dataset = Dataset(items, reconstruction_eval_transforms(cfg.preprocess, cfg.recon))  # type: ignore[arg-type]
+    dataset = Dataset(items, reconstruction_eval_transforms(cfg.preprocess, cfg.recon))
     rows, kept = _score_dataset(net, dataset, cfg, device, amp_dtype, progress, f"evaluate {name}")
-    baseline = Acquisition(cfg.recon).baseline_name  # type: ignore[arg-type]
+    baseline = Acquisition(cfg.recon).baseline_name
     values = summarise(rows, prefix, baseline)
     fields = ["case_id", "slices", *METRICS, *[f"{baseline}_{m}" for m in METRICS], *[f"{m}_gain" for m in METRICS]]
     per_case = write_csv(out_dir / "evaluation" / f"{name}_cases.csv", fields,
@@ -261,28 +266,28 @@ def evaluate(cfg: RunConfig, items: list[dict[str, Any]], checkpoint: Path, out_
     return EvalOutputs(per_case, metrics_file, tuple(figures), values)
 
 
-def split_items(cfg: RunConfig, manifest_path: Path, root: Path, split: str) -> list[dict[str, Any]]:
+def split_items(cfg: ReconstructionConfig, manifest_path: Path, root: Path, split: str) -> list[dict[str, Any]]:
     return records(split_cases(cfg, read_manifest(manifest_path), split), root, with_label=False)
 
 
 # ----------------------------------------------------------------------------------- package stage
 
 
-def model_contract(cfg: RunConfig) -> dict[str, Any]:
+def model_contract(cfg: ReconstructionConfig) -> dict[str, Any]:
     """What inference needs to simulate the same measurement and read the network's output."""
     recon = cfg.recon
     return {
         **base_contract(cfg),
         "intensity": {"mode": "minmax"},  # every volume is scaled to [0, 1] and back
-        "recon": {**recon.model_dump(mode="json", exclude={"phantoms", "real_images"}),  # type: ignore[union-attr]
-                  "center_fraction": recon.resolved_center_fraction(),  # type: ignore[union-attr]
-                  "baseline": Acquisition(recon).baseline_name},  # type: ignore[arg-type]
+        "recon": {**recon.model_dump(mode="json", exclude={"phantoms", "real_images"}),
+                  "center_fraction": recon.resolved_center_fraction(),
+                  "baseline": Acquisition(recon).baseline_name},
         "output_activation": "image",
         "model": cfg.model.model_dump(mode="json"),
     }
 
 
-def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
+def package(cfg: ReconstructionConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
     """Log the selected checkpoint's network as an MLflow PyTorch model with its I/O contract."""
     contract_path, uri = package_model(build_network(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
                                        cfg.tracking.register_model_as)

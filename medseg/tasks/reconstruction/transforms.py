@@ -29,8 +29,9 @@ from monai.transforms import (
     Transposed,
 )
 
-from medseg.config import AugmentConfig, PreprocessConfig, ReconConfig, ReconProblem
+from medseg.config import AugmentConfig, PreprocessConfig
 from medseg.io.readers import make_load_transform
+from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem
 from medseg.tasks.reconstruction.operators import Acquisition, fbp_volume
 
 IMAGE, TARGET, FBP = "image", "label", "fbp"

@@ -1,1 +1,91 @@
-"""medseg.tasks.segmentation.metrics."""
+"""Segmentation: a U-Net trained on patches, validated on whole volumes by sliding window.
+
+Everything segmentation-specific lives in this package: its config (``config``), networks
+(``networks``), losses and metrics (``metrics``), the train / evaluate / package stages
+(``training``) and the prediction of one scan (``predict``). :data:`TASK` is what the registry
+hands out under the name ``segmentation``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.transforms import Compose
+from torch import nn
+
+from medseg.engine.loop import has_labelled_cases
+from medseg.tasks.base import TaskBase
+from medseg.tasks.segmentation import networks as _networks  # noqa: F401 - fills the model registry
+from medseg.tasks.segmentation.config import SegmentationConfig
+
+
+class SegmentationTask(TaskBase):
+    """The :class:`~medseg.tasks.base.Task` of segmentation."""
+
+    name = "segmentation"
+    config_type = SegmentationConfig
+    predict_options = frozenset({"tta", "overlap", "save_probabilities", "keep_largest"})
+    selection_metric = "val/dice_mean"
+
+    def build_network(self, cfg: Any) -> nn.Module:
+        from medseg.tasks.segmentation.training import build_network
+
+        return build_network(cfg)
+
+    def describe_input(self, cfg: Any) -> str:
+        return f"patch {list(cfg.patch.size)}"
+
+    def transforms(self, cfg: Any) -> tuple[Compose, Compose | None]:
+        from medseg.data.transforms import training_transforms, validation_transforms
+
+        return (training_transforms(cfg.preprocess, cfg.patch, cfg.augment, cfg.model.spatial_dims,
+                                    len(cfg.data.labels)), validation_transforms(cfg.preprocess))
+
+    def create_loss(self, cfg: Any) -> nn.Module:
+        from medseg.tasks.segmentation.metrics import create_loss
+
+        return create_loss(cfg.loss)
+
+    def verify_options(self, cfg: Any) -> Any:
+        from medseg.data.verify import VerifyOptions
+
+        return VerifyOptions(labels=list(cfg.data.labels),
+                             require_labels_for=(cfg.data.train_split, cfg.data.val_split),
+                             expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims,
+                             cross_split_duplicates=cfg.data.cross_split_duplicates)
+
+    def train(self, ctx: Any) -> Any:
+        from medseg.tasks.segmentation import training
+
+        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
+                              progress=ctx.progress)
+
+    def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
+        from medseg.tasks.segmentation import training
+
+        if not has_labelled_cases(ctx.cfg, ctx.manifest, split):
+            return {}
+        return training.evaluate(ctx.cfg, ctx.manifest, ctx.root, checkpoint, ctx.run_dir, split, ctx.tracker,
+                                 ctx.progress, prefix=prefix).metrics
+
+    def package(self, ctx: Any, checkpoint: Path) -> Any:
+        from medseg.tasks.segmentation import training
+
+        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
+
+    def contract(self, cfg: Any) -> dict[str, Any]:
+        from medseg.tasks.segmentation.training import model_contract
+
+        return model_contract(cfg)
+
+    def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
+        from medseg.tasks.segmentation.predict import SegmentationPredictor
+
+        return SegmentationPredictor(model, options, device)
+
+
+TASK = SegmentationTask()
+
+__all__ = ["TASK", "SegmentationConfig", "SegmentationTask"]

@@ -18,15 +18,15 @@ from monai.metrics import compute_hausdorff_distance, get_confusion_matrix
 from monai.networks.utils import one_hot
 from torch import nn
 
-from medseg.config import LossConfig, LossName
+from medseg.tasks.segmentation.config import SegmentationLoss, SegmentationLossConfig
 
 
-def create_loss(cfg: LossConfig) -> nn.Module:
+def create_loss(cfg: SegmentationLossConfig) -> nn.Module:
     """The configured loss on raw logits and integer labels of shape (B, 1, ...)."""
-    common = {"to_onehot_y": True, "softmax": True, "include_background": True}
-    if cfg.name == LossName.DICE_CE:
+    common: dict[str, Any] = {"to_onehot_y": True, "softmax": True, "include_background": True}
+    if cfg.name == SegmentationLoss.DICE_CE:
         return DiceCELoss(**common, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
-    if cfg.name == LossName.DICE_FOCAL:
+    if cfg.name == SegmentationLoss.DICE_FOCAL:
         return DiceFocalLoss(**common, lambda_dice=cfg.lambda_dice, lambda_focal=cfg.lambda_ce)
     return DiceLoss(**common)
 

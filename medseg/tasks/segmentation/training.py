@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from medseg.config import CacheMode, RunConfig
+from medseg.config import CacheMode
 from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import read_manifest
 from medseg.data.transforms import training_transforms, validation_transforms
@@ -34,12 +34,13 @@ from medseg.engine.loop import (
     split_cases,
     write_csv,
 )
-from medseg.engine.models import create_model
 from medseg.engine.runtime import autocast_dtype, resolve_device, to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
 from medseg.io.atomic import atomic_write_text
 from medseg.plots import overlay
+from medseg.tasks.segmentation.config import SegmentationConfig
 from medseg.tasks.segmentation.metrics import SegmentationMetrics, create_loss
+from medseg.tasks.segmentation.networks import create_segmentation_network
 from medseg.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ class EvalOutputs:
 # ----------------------------------------------------------------------------------- helpers
 
 
-def build_network(cfg: RunConfig) -> nn.Module:
-    return create_model(cfg.model, len(cfg.data.channels), len(cfg.data.labels), cfg.patch.size)
+def build_network(cfg: SegmentationConfig) -> nn.Module:
+    return create_segmentation_network(cfg.model, len(cfg.data.channels), len(cfg.data.labels), cfg.patch.size)
 
 
 def _case_spacing(item: dict[str, Any]) -> tuple[float, ...]:
@@ -70,7 +71,7 @@ def _case_spacing(item: dict[str, Any]) -> tuple[float, ...]:
 # ----------------------------------------------------------------------------------- train stage
 
 
-def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
+def train(cfg: SegmentationConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
           resume: bool = False, progress: bool = True) -> TrainOutputs:
     """Train a segmentation network on patches; validate whole volumes by sliding window.
 
@@ -107,8 +108,9 @@ def train(cfg: RunConfig, manifest_path: Path, root: Path, out_dir: Path, tracke
 
 
 @torch.no_grad()
-def validate(model: nn.Module, dataset: Any, cfg: RunConfig, metrics: SegmentationMetrics, device: torch.device,
-             amp_dtype: torch.dtype | None, progress: bool = False, prefix: str = "val") -> dict[str, float]:
+def validate(model: nn.Module, dataset: Any, cfg: SegmentationConfig, metrics: SegmentationMetrics,
+             device: torch.device, amp_dtype: torch.dtype | None, progress: bool = False,
+             prefix: str = "val") -> dict[str, float]:
     """Sliding-window prediction of whole volumes and Dice/HD95 against their labels.
 
     In a distributed run each process scores its share of the cases and the counts are summed
@@ -124,7 +126,7 @@ def validate(model: nn.Module, dataset: Any, cfg: RunConfig, metrics: Segmentati
     return metrics.aggregate(prefix)
 
 
-def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: RunConfig, device: torch.device,
+def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: SegmentationConfig, device: torch.device,
                          amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Label map (*spatial) for one preprocessed channel-first volume."""
     v = cfg.validation
@@ -137,7 +139,7 @@ def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: RunConfig, 
 # ----------------------------------------------------------------------------------- evaluate stage
 
 
-def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
+def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
              tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None) -> EvalOutputs:
     """Score a checkpoint on a whole split: per-case CSV, metrics JSON and overlay PNGs.
 
@@ -185,7 +187,7 @@ def evaluate(cfg: RunConfig, manifest_path: Path, root: Path, checkpoint: Path, 
 # ----------------------------------------------------------------------------------- package stage
 
 
-def model_contract(cfg: RunConfig) -> dict[str, Any]:
+def model_contract(cfg: SegmentationConfig) -> dict[str, Any]:
     """What inference needs to reproduce training's view of the data (MONAI bundle ``metadata.json``)."""
     return {
         **base_contract(cfg),
@@ -198,7 +200,7 @@ def model_contract(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def package(cfg: RunConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
+def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
     """Log the checkpoint's network with MLflow's PyTorch flavour, its I/O contract alongside."""
     contract_path, uri = package_model(build_network(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
                                        cfg.tracking.register_model_as)

@@ -15,7 +15,6 @@ from sklearn.metrics import roc_auc_score
 
 from medseg.cli import main
 from medseg.data.medmnist import import_medmnist
-
 from tests.conftest import artifact_paths, classification_config, write_medmnist_npz
 
 

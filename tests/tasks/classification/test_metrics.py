@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from medseg.config import LossConfig
+from medseg.engine.distributed import DistContext
 from medseg.tasks.classification.metrics import (
     ClassificationPredictions,
     OrdinalLoss,
@@ -17,7 +18,6 @@ from medseg.tasks.classification.metrics import (
     create_classification_loss,
     expected_calibration_error,
 )
-from medseg.engine.distributed import DistContext
 
 
 def test_binary_auc_confusion_sensitivity_specificity_by_hand() -> None:

@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from medseg.cli import main
 from medseg.data.manifest import build_manifest
-
 from tests.conftest import artifact_paths, write_config, write_msd_dataset
 
 METRICS = ("psnr", "ssim", "nmse")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medseg.config import ModelConfig, ReconConfig
+from medseg.config import ModelConfig
+from medseg.tasks.reconstruction.config import ReconConfig
 from medseg.tasks.reconstruction.networks import ImageRestorer, MriReconstructor, create_reconstruction_model
 from medseg.tasks.reconstruction.operators import Acquisition, fft2c, unpack_mri_input
 

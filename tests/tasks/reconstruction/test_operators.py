@@ -9,7 +9,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from medseg.config import LossConfig, ReconConfig
+from medseg.config import LossConfig
+from medseg.tasks.reconstruction.config import ReconConfig
 from medseg.tasks.reconstruction.operators import (
     Acquisition,
     CartesianOperator,

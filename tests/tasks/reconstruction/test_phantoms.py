@@ -7,8 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medseg.config import PhantomConfig
 from medseg.data.manifest import read_manifest, sha256_of
+from medseg.tasks.reconstruction.config import PhantomConfig
 from medseg.tasks.reconstruction.phantoms import ellipse_phantom, write_phantoms
 
 

@@ -15,7 +15,6 @@ from mlflow.tracking import MlflowClient
 
 from medseg.cli import main
 from medseg.data.manifest import build_manifest, file_sha256
-
 from tests.conftest import REPO, artifact_paths, tiny_config
 
 LABEL_NAMES = ("blob1", "blob2")

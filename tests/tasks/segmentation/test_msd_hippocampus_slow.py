@@ -17,7 +17,6 @@ import torch
 from medseg.cli import main
 from medseg.data.manifest import read_manifest
 from medseg.tasks.segmentation.metrics import SegmentationMetrics
-
 from tests.conftest import HIPPO, REPO, require
 
 

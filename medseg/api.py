@@ -1,0 +1,389 @@
+"""medseg's public Python API: what the CLI calls, and what notebooks and scripts import.
+
+>>> import medseg
+>>> cfg = medseg.load_config("configs/demo_segmentation.yaml", overrides=["train.max_epochs=2"])
+>>> result = medseg.train(cfg)                      # one MLflow run: verify, train, evaluate, package
+>>> predictor = medseg.Predictor.from_uri(result.model_uri)
+>>> prediction = predictor.predict("scan.nii.gz")   # a file, a DICOM folder, a MetaTensor or an array
+>>> prediction.label_map.shape, prediction.volumes_ml
+>>> report = predictor.predict_folder("scans/", "masks/")
+
+Every function returns a typed result; nothing here prints. Errors a user can cause are
+:mod:`medseg.errors` exceptions whose message names the file or key, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medseg.config import RunConfig
+from medseg.data.manifest import Manifest, build_manifest
+from medseg.data.medmnist import import_medmnist
+from medseg.data.verify import VerifyOptions, VerifyReport
+from medseg.engine import distributed
+from medseg.engine.models import list_models as registered_models
+from medseg.engine.predict import (
+    BatchReport,
+    CasePredictor,
+    LoadedModel,
+    Prediction,
+    PredictOptions,
+    check_options,
+    discover_inputs,
+    load_models,
+    predict_folder,
+)
+from medseg.engine.runner import RepeatKind, run_pipeline, run_repeated
+from medseg.engine.runtime import resolve_device, tune_allocator
+from medseg.errors import ConfigError, UsageError
+from medseg.io.readers import strip_volume_suffix
+from medseg.tasks.base import Task
+from medseg.tasks.registry import get_task, list_tasks, load_config, validate_config
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "import_medmnist",
+    "list_models", "list_tasks", "load_config", "train", "validate_config", "verify",
+]
+
+
+# ----------------------------------------------------------------------------------- registries
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """The ``model.name`` values ``task`` accepts (every task's as ``task/name`` when None).
+
+    Raises:
+        UnknownTaskError: ``task`` is not registered.
+    """
+    for name in [task] if task else list_tasks():
+        get_task(name)  # importing a task registers its networks
+    return registered_models(task)
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run (or a ``seeds``/``folds`` parent run), as its ``summary.json`` records it.
+
+    Attributes:
+        run_id: the MLflow run.
+        model_uri: the logged model (``runs:/<id>/model`` or ``models:/<name>/<version>``); for a
+            parent run, the first child's; ``run_dir`` (its ``ensemble.json``) stands for all.
+        run_dir: the run directory (config, checkpoints, evaluation, contract, summary).
+        tracking_uri: the MLflow store the run is in.
+        metrics: final metrics (``test/dice_mean``, ``best_val/...``, ``train/epochs``...).
+        summary_path: the ``summary.json`` these come from.
+        children: for a parent run, each child's name, run id and metrics.
+    """
+
+    run_id: str
+    model_uri: str | None
+    run_dir: Path
+    tracking_uri: str
+    metrics: dict[str, float | None]
+    summary_path: Path
+    children: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def from_summary(cls, path: Path) -> RunResult:
+        summary = json.loads(Path(path).read_text())
+        return cls(summary["run_id"], summary.get("model_uri"), Path(summary["run_dir"]), summary["tracking_uri"],
+                   dict(summary.get("metrics", {})), Path(path), tuple(summary.get("children", ())))
+
+
+def _as_config(config: RunConfig | str | Path, overrides: Sequence[str] | None) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            raise UsageError("train: overrides go with a config path; for a config object use "
+                             "medseg.load_config(path, overrides=[...]) or cfg.model_copy(update=...)")
+        return config
+    return load_config(config, list(overrides or []))
+
+
+def train(config: RunConfig | str | Path, *, overrides: Sequence[str] | None = None, resume: bool | str | Path = False,
+          progress: bool = True, seeds: int | None = None, folds: int | None = None) -> RunResult | None:
+    """Run the config's task pipeline (verify, train, evaluate, package) as one MLflow run.
+
+    Under ``torchrun`` every process calls this; they train together (DDP) and only the main
+    process returns a result.
+
+    Args:
+        config: a validated config (:func:`load_config`) or the path of its YAML file.
+        overrides: ``key.sub=value`` strings, with a config path.
+        resume: True continues the newest unfinished run under ``output_dir``; a path, that run.
+        progress: progress bars.
+        seeds: run K seeds (seed, seed+1, ...) as child runs of one parent run.
+        folds: run folds 0..K-1 of the manifest as child runs of one parent run.
+
+    Returns:
+        The run's :class:`RunResult`; None on the non-main processes of a distributed run.
+
+    Raises:
+        ConfigError: an invalid config. DataVerificationError: the data failed verification.
+        RunError: nothing to resume, or a resumed run's config changed.
+    """
+    cfg = _as_config(config, overrides)
+    if seeds is not None and folds is not None:
+        raise UsageError("train: give seeds or folds, not both")
+    task = get_task(str(cfg.task))
+    from medseg_pipelines import pipeline_for
+
+    stages = pipeline_for(task.name)
+
+    def pipeline(ctx: Any) -> None:
+        stages(ctx, task)
+
+    ctx = distributed.init_distributed(cfg.train.device)
+    if ctx.enabled and threading.current_thread() is threading.main_thread():
+        # torchrun stops the surviving workers with SIGTERM when one dies: unwind, so the MLflow
+        # run is marked FAILED instead of being left RUNNING.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    resume_arg: bool | Path = Path(resume) if isinstance(resume, (str, Path)) else bool(resume)
+    if seeds is not None or folds is not None:
+        kind = RepeatKind.SEEDS if seeds is not None else RepeatKind.FOLDS
+        summary_path = run_repeated(cfg, pipeline, kind, int(seeds or folds or 0), resume=resume_arg,
+                                    progress=progress, prepare_data=task.prepare_data)
+    else:
+        summary_path = run_pipeline(cfg, pipeline, resume=resume_arg, progress=progress,
+                                    prepare_data=task.prepare_data)
+    distributed.shutdown()  # on success only: see its docstring
+    return None if summary_path is None else RunResult.from_summary(summary_path)
+
+
+def describe(config: RunConfig) -> tuple[Task, torch.nn.Module, str]:
+    """The task of ``config``, the network it builds and a few words on its input (``medseg validate``)."""
+    task = get_task(str(config.task))
+    return task, task.build_network(config), task.describe_input(config)
+
+
+# ----------------------------------------------------------------------------------- verify
+
+
+def verify(manifest: str | Path | Manifest, *, config: RunConfig | str | Path | None = None, root: str | Path | None = None,
+           labels: Sequence[int] | None = None, report: str | Path | None = None,
+           progress: bool = True) -> VerifyReport:
+    """Check every case of a manifest: files, hashes, geometry, labels, leakage between splits.
+
+    Args:
+        manifest: the manifest CSV (or a read :class:`~medseg.data.manifest.Manifest`).
+        config: check the data as this config's task will use them (labels, channels,
+            dimensions); its data root is the default ``root``.
+        root: the folder the manifest's paths start from (else the config's, else ``$MEDSEG_DATA_ROOT``).
+        labels: allowed label values, overriding the config's; neither: label values are not checked.
+        report: also write the report as JSON here.
+        progress: progress bar.
+
+    Returns:
+        The report; ``report.ok`` is False when it found errors.
+    """
+    options = VerifyOptions()
+    if config is not None:
+        cfg = config if isinstance(config, RunConfig) else load_config(config)
+        options = get_task(str(cfg.task)).verify_options(cfg)
+        root = root if root is not None else cfg.data.resolved_root()
+    if labels is not None:
+        options = replace(options, labels=list(labels))
+    if root is None:
+        from medseg.config import DATA_ROOT_ENV
+
+        env = os.environ.get(DATA_ROOT_ENV)
+        if not env:
+            raise ConfigError(f"verify: no data root; pass root=DIR (--root), a config, or set ${DATA_ROOT_ENV}")
+        root = env
+    if options.labels is None:
+        log.warning("no label map given (labels or a config): label values are not checked")
+    result = options.check(manifest, Path(root), progress)
+    if report is not None:
+        result.write(Path(report))
+    return result
+
+
+# ----------------------------------------------------------------------------------- predict
+
+
+def _tracking(tracking_uri: str | None) -> str:
+    """The MLflow store model URIs resolve against: given, ``$MLFLOW_TRACKING_URI``, or medseg's default."""
+    import mlflow
+
+    from medseg.tracking import default_tracking_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+class Predictor:
+    """A trained model (or an ensemble), loaded once, that predicts images and folders of scans.
+
+    Preprocessing, patch size, overlap and labels come from the model's contract; outputs are on
+    each input's own grid. Build one with :meth:`from_uri`.
+    """
+
+    def __init__(self, model: LoadedModel, task: Task, device: torch.device, options: PredictOptions,
+                 tracking_uri: str = ""):
+        check_options(options, task.name, task.predict_options)
+        self.model = model
+        self.task = task
+        self.device = device
+        self.options = options
+        self.tracking_uri = tracking_uri
+        self._case_predictor: CasePredictor = task.case_predictor(model, options, device)
+
+    @classmethod
+    def from_uri(cls, uri: str | Path | Sequence[str | Path], device: str = "auto", *, tracking_uri: str | None = None,
+                 tta: bool = False, overlap: float | None = None, keep_largest: bool | None = None,
+                 measured: bool = False) -> Predictor:
+        """Load a model: an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``), a model
+        folder, a ``seeds``/``folds`` parent (run URI ``runs:/<parent id>`` or its run directory), or
+        several of these as an ensemble.
+
+        Args:
+            uri: the model reference(s).
+            device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``...
+            tracking_uri: the MLflow store for ``runs:/`` and ``models:/`` URIs (default:
+                ``$MLFLOW_TRACKING_URI``, else medseg's ``sqlite:///runs/mlflow.db``).
+            tta: average over every axis flip (segmentation, classification).
+            overlap: sliding-window overlap instead of the contract's (segmentation).
+            keep_largest: keep each label's largest connected component; None: the contract's (segmentation).
+            measured: the inputs already are the degraded images (reconstruction).
+
+        Raises:
+            UsageError: the model cannot be found, has no contract, or an option does not apply to its task.
+            ModelLoadError: the model was found but could not be loaded (corrupt, out of memory).
+        """
+        store = _tracking(tracking_uri)
+        torch_device = resolve_device(device)
+        tune_allocator()
+        refs = [str(uri)] if isinstance(uri, (str, Path)) else [str(u) for u in uri]
+        model = load_models(refs, torch_device)
+        task = get_task(model.task)
+        options = PredictOptions(device=device, tta=tta, overlap=overlap, keep_largest=keep_largest, measured=measured)
+        return cls(model, task, torch_device, options, store)
+
+    @property
+    def contract(self) -> dict[str, Any]:
+        """The model's I/O contract (channels, labels, orientation, spacing, intensity, ...)."""
+        return self.model.contract
+
+    @property
+    def labels(self) -> dict[int, str]:
+        return self.model.label_names
+
+    def predict(self, image: str | Path | MetaTensor | np.ndarray | torch.Tensor, *,
+                affine: np.ndarray | None = None, case_id: str | None = None) -> Prediction:
+        """Predict one image.
+
+        Args:
+            image: a NIfTI/MHA/NRRD/DICOM file or a DICOM series folder; or a MONAI ``MetaTensor``
+                (channel first, or without a channel axis for one channel) with its affine; or a
+                numpy array / tensor of the same layout with ``affine``.
+            affine: the 4x4 (RAS, as nibabel reads it) voxel-to-world matrix of an array input.
+            case_id: the name used in messages (default: the file's name, or ``image``).
+
+        Returns:
+            The :class:`~medseg.engine.predict.Prediction`, on the input's own grid.
+
+        Raises:
+            UsageError: an array without ``affine``. CaseError: the image cannot be read or does not
+                fit the model (channels, dimensions); the message names it and the fix.
+        """
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            name = case_id or strip_volume_suffix(path.resolve().name)
+            return self._case_predictor.predict(path, name)
+        return self._case_predictor.predict(self._as_meta_tensor(image, affine), case_id or "image")
+
+    def _as_meta_tensor(self, image: MetaTensor | np.ndarray | torch.Tensor, affine: np.ndarray | None) -> MetaTensor:
+        dims = int(self.contract["spatial_dims"])
+        if isinstance(image, MetaTensor):
+            tensor = image
+            matrix = np.asarray(affine if affine is not None else image.affine, dtype=np.float64)
+        else:
+            if affine is None:
+                raise UsageError("Predictor.predict: an array needs its affine (4x4 voxel-to-world, RAS), e.g. "
+                                 "predict(array, affine=nibabel.load(path).affine); or pass the file's path")
+            matrix = np.asarray(affine, dtype=np.float64)
+            tensor = MetaTensor(torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image))
+        if tensor.ndim == dims:  # no channel axis: one channel
+            tensor = tensor[None]
+        if tensor.ndim != dims + 1:
+            raise UsageError(f"Predictor.predict: expected a {dims}D image as (channels, *spatial) or (*spatial), "
+                             f"got shape {tuple(tensor.shape)}")
+        if matrix.shape != (4, 4) and matrix.shape != (dims + 1, dims + 1):
+            raise UsageError(f"Predictor.predict: affine must be 4x4 (or {dims + 1}x{dims + 1}), got {matrix.shape}")
+        meta = {k: v for k, v in (getattr(tensor, "meta", {}) or {}).items() if k != "affine"}
+        meta.update({"original_affine": matrix, "spatial_shape": np.asarray(tensor.shape[1:])})
+        meta.setdefault("original_channel_dim", 0)
+        return MetaTensor(tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor, affine=torch.as_tensor(matrix),
+                          meta=meta)
+
+    def predict_folder(self, input: str | Path, output: str | Path, *, overwrite: bool = False,
+                       save_probabilities: bool = False, num_parts: int = 1, part_id: int = 0, progress: bool = True,
+                       tracker: Any | None = None) -> BatchReport:
+        """Predict every scan under ``input`` (recursively) into ``output``.
+
+        Each case is written atomically on its own grid; a case that fails is reported and the rest
+        go on; a rerun skips finished cases unless ``overwrite``. ``output`` gets
+        ``predictions.csv`` (one row per case) and ``predict_summary.json``.
+
+        Args:
+            input: a folder (or one file).
+            output: the output folder.
+            overwrite: redo cases that already have their outputs.
+            save_probabilities: also write the class probabilities (segmentation).
+            num_parts / part_id: predict only every ``num_parts``-th case from ``part_id`` (sharding).
+            progress: progress bar.
+            tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, to log to.
+
+        Raises:
+            UsageError: no such input, no scans in it, an option its task does not use.
+        """
+        options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities,
+                          num_parts=num_parts, part_id=part_id, progress=progress)
+        check_options(options, self.task.name, self.task.predict_options)
+        found = discover_inputs(Path(input))
+        case_predictor = self.task.case_predictor(self.model, options, self.device)
+        return predict_folder(case_predictor, self.model, Path(input), Path(output), options, self.device, tracker,
+                              found)
+
+
+# ----------------------------------------------------------------------------------- manifests
+
+
+def manifest_summary(manifest: Manifest) -> dict[str, int]:
+    """Cases per split (or fold) of a manifest."""
+    counts: dict[str, int] = {}
+    for case in manifest.cases:
+        key = case.split if case.fold is None or case.fold < 0 else f"fold {case.fold}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def parse_label_names(text: str) -> dict[int, str]:
+    """``0=normal,1=pneumonia`` -> ``{0: "normal", 1: "pneumonia"}``.
+
+    Raises:
+        ConfigError: a pair is not INDEX=NAME.
+    """
+    try:
+        return {int(k): v.strip() for k, v in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise ConfigError(f"--labels {text!r}: expected INDEX=NAME pairs, e.g. 0=normal,1=pneumonia") from None
+

@@ -1,0 +1,108 @@
+"""The classification config: whole images resized to the network input, ResNet / DenseNet /
+LeNet / MLP networks, cross-entropy-family losses, calibration and t-SNE at validation. Light on
+purpose (pydantic only): ``medseg validate`` and the registry import it without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from medseg.config import (
+    LabelledDataConfig,
+    LossConfig,
+    ModelConfig,
+    PreprocessConfig,
+    RunConfig,
+    StrEnum,
+    ValidationConfig,
+    check_spatial_length,
+)
+
+
+class ClassificationLoss(StrEnum):
+    CE = "ce"  # cross-entropy, optional class weights and label smoothing
+    FOCAL = "focal"
+    HINGE = "hinge"  # multi-class SVM hinge (Weston-Watkins), torch MultiMarginLoss
+    ORDINAL = "ordinal"  # cumulative-link: K-1 "label > k" logits (CORAL-style), for ordered grades
+
+
+class Activation(StrEnum):
+    RELU = "relu"
+    LEAKYRELU = "leakyrelu"
+    PRELU = "prelu"
+    ELU = "elu"
+    SWISH = "swish"
+
+
+class Stem(StrEnum):
+    SMALL = "small"  # 3x3 conv, stride 1, no max pool: MedMNIST's choice for 28 px inputs
+    STRIDED = "strided"  # 3x3 conv, stride 2, no max pool: a quarter (2D) / eighth (3D) of the FLOPs
+    IMAGENET = "imagenet"  # 7x7 conv, stride 2, max pool: for inputs of 128 px and more
+
+
+class ClassificationDataConfig(LabelledDataConfig):
+    labels: dict[int, str] = Field(examples=[{0: "normal", 1: "pneumonia"}],
+                                   description="Class index -> name, from 0.")
+    ordinal: bool = Field(default=False, description="The classes are ordered grades (adds MAE and "
+                          "quadratic-weighted kappa; allows loss.name: ordinal).")
+
+
+class ClassificationPreprocessConfig(PreprocessConfig):
+    resize: tuple[int, ...] = Field(
+        examples=[[28, 28]], description="Resize every image to this spatial size, the network's input.")
+
+
+class ClassificationModelConfig(ModelConfig):
+    name: str = "resnet18"
+    norm: str = "batch"
+    activation: Activation = Activation.RELU
+    widen_factor: float = Field(default=1.0, gt=0, description="ResNet: width multiplier of 64-128-256-512.")
+    stem: Stem = Field(default=Stem.SMALL, description="ResNet/DenseNet first layers: small, strided or imagenet.")
+    init_from: str | None = Field(
+        default=None, description="Start from this model's weights (runs:/<id>/model, models:/<name>/<version>, "
+        "a model folder or a .pt checkpoint); layers whose shape differs (e.g. another class count) start fresh.")
+    freeze: list[str] = Field(
+        default_factory=list, description="Parameter-name prefixes to keep fixed (e.g. [conv1, layer1]); "
+        "'backbone' freezes everything but the classification head.")
+
+
+class ClassificationLossConfig(LossConfig):
+    name: ClassificationLoss = ClassificationLoss.CE
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        default=None, description="Per-class loss weights, or 'balanced' (inverse training frequency, "
+        "scikit-learn's definition).")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+    focal_gamma: float = Field(default=2.0, ge=0.0)
+    hinge_margin: float = Field(default=1.0, gt=0.0)
+
+
+class ClassificationValidationConfig(ValidationConfig):
+    calibration_bins: int = Field(default=10, ge=2, description="Bins of the reliability diagram / ECE.")
+    tsne: bool = Field(default=True, description="t-SNE map of the penultimate layer on the test split.")
+
+
+class ClassificationConfig(RunConfig):
+    """``task: classification``: one class per image, from the whole (resized) image."""
+
+    task: Literal["classification"] = "classification"
+    data: ClassificationDataConfig = Field(examples=[{"manifest": "data_manifests/cases.csv",
+                                                      "labels": {0: "normal", 1: "pneumonia"}}])
+    preprocess: ClassificationPreprocessConfig = Field(examples=[{"resize": [28, 28]}])
+    model: ClassificationModelConfig = ClassificationModelConfig()
+    loss: ClassificationLossConfig = ClassificationLossConfig()
+    validation: ClassificationValidationConfig = ClassificationValidationConfig()
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> ClassificationConfig:
+        dims = self.model.spatial_dims
+        check_spatial_length("preprocess.resize", self.preprocess.resize, dims)
+        check_spatial_length("preprocess.spacing", self.preprocess.spacing, dims)
+        if self.loss.name == ClassificationLoss.ORDINAL and not self.data.ordinal:
+            raise ValueError("loss.name: ordinal needs ordered classes: set data.ordinal: true")
+        weights = self.loss.class_weights
+        if isinstance(weights, list) and len(weights) != len(self.data.labels):
+            raise ValueError(f"loss.class_weights has {len(weights)} values for {len(self.data.labels)} classes "
+                             "in data.labels")
+        return self

@@ -1,0 +1,162 @@
+"""Segmentation of one scan with a loaded model: sliding window, TTA/ensemble, back to the native grid.
+
+Preprocessing, patch size, overlap and label map come from the model's contract. The
+probabilities are inverted onto the scan's own grid (MONAI ``Invertd`` over the same transforms
+that prepared it) before the argmax, so the mask has the input's shape and affine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd, KeepLargestConnectedComponent
+from torch import nn
+
+from medseg.config import Precision
+from medseg.data.transforms import IMAGE, preprocessing_from_contract
+from medseg.engine.predict import (
+    CaseResult,
+    LoadedModel,
+    Prediction,
+    PredictOptions,
+    check_input_shape,
+    read_error,
+    voxel_volume_ml,
+    write_nifti,
+)
+from medseg.engine.runtime import autocast_dtype
+from medseg.engine.sliding import label_map, predict_logits
+from medseg.engine.tta import average_predictions
+from medseg.errors import CaseError
+from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
+from medseg.io.discovery import InputCase
+
+PRED = "pred"
+
+
+class SegmentationPredictor:
+    """Masks (and optionally probabilities, DICOM SEG) for the scans of a folder or in memory."""
+
+    output_columns = ("output", "dicom_seg", "probabilities")
+
+    def __init__(self, model: LoadedModel, options: PredictOptions, device: torch.device):
+        self.model = model
+        self.options = options
+        self.device = device
+        self.names = model.label_names
+        self.foreground = [n for v, n in sorted(self.names.items()) if v != 0]
+        self.value_columns = [*(f"voxels_{n}" for n in self.foreground), *(f"volume_ml_{n}" for n in self.foreground)]
+        self._chains = {True: preprocessing_from_contract(model.contract),
+                        False: preprocessing_from_contract(model.contract, load=False)}
+        self.keep_largest = options.keep_largest if options.keep_largest is not None else bool(
+            model.contract.get("postprocess", {}).get("keep_largest_component", False))
+
+    # ------------------------------------------------------------------------------- one image
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (K, *spatial) on the CPU for a preprocessed image, averaged over the
+        ensemble's members and, with TTA, over all axis flips (nnU-Net's mirroring)."""
+        dims = int(self.model.contract["spatial_dims"])
+        amp = autocast_dtype(Precision.AUTO, self.device)
+        overlap = self.options.overlap
+
+        def run(member: tuple[nn.Module, dict[str, Any]], x: torch.Tensor) -> torch.Tensor:
+            network, contract = member
+            window = contract["sliding_window"]
+            logits = predict_logits(network, x, contract["patch_size"],
+                                    overlap=overlap if overlap is not None else window["overlap"],
+                                    sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=self.device,
+                                    amp_dtype=amp)
+            return torch.softmax(logits, dim=0)
+
+        return average_predictions(self.model.members(), image, dims, self.options.tta, run)
+
+    def predict(self, image: str | Path | MetaTensor, case_id: str, keep_probabilities: bool = True) -> Prediction:
+        """The mask of one image on its own grid (see :class:`~medseg.engine.predict.Prediction`).
+
+        Args:
+            image: a file or DICOM folder, or a channel-first ``MetaTensor`` already in memory.
+            case_id: its name in messages and results.
+            keep_probabilities: also return the class probabilities on the native grid (K times
+                the image's memory as float32).
+        """
+        loaded = isinstance(image, MetaTensor)
+        chain = self._chains[not loaded]
+        try:
+            data = chain({IMAGE: image if loaded else str(image)})
+        except Exception as err:
+            raise read_error(image if not loaded else case_id, err) from err
+        volume: MetaTensor = data[IMAGE]
+        source = case_id if loaded else str(image)
+        check_input_shape(self.model.contract, volume.shape, source)
+        probs = self.probabilities(volume.as_tensor())
+        data[PRED] = MetaTensor(probs, meta=dict(volume.meta), applied_operations=list(volume.applied_operations))
+        native = Invertd(keys=PRED, transform=chain, orig_keys=IMAGE, nearest_interp=False)(data)[PRED]
+        affine = np.asarray(volume.meta["original_affine"], dtype=np.float64)
+        labels = label_map(native.as_tensor())
+        expected_shape = tuple(int(s) for s in volume.meta["spatial_shape"])
+        if tuple(labels.shape) != expected_shape:  # pragma: no cover - Invertd guarantees this; keep it loud
+            raise CaseError(f"{source}: prediction shape {tuple(labels.shape)} does not match the input {expected_shape}")
+        if self.keep_largest:
+            foreground = [k for k in self.names if k != 0]
+            labels = KeepLargestConnectedComponent(applied_labels=foreground, independent=True)(labels[None])[0]
+        label_array = labels.cpu().numpy().astype(np.uint8 if max(self.names) < 256 else np.uint16)
+        voxels, volumes = self.measure(label_array, affine)
+        return Prediction(case_id, "segmentation", affine, label_map=label_array,
+                          probabilities=native.as_tensor().cpu().numpy().astype(np.float32) if keep_probabilities
+                          else None,
+                          voxels=voxels, volumes_ml=volumes)
+
+    def measure(self, label_array: np.ndarray, affine: np.ndarray) -> tuple[dict[str, int], dict[str, float]]:
+        """Voxel counts and volumes (mL, or mm² / 1000 for 2D) per foreground label."""
+        voxel_ml = voxel_volume_ml(affine, label_array.ndim)
+        voxels = {name: int((label_array == value).sum()) for value, name in self.names.items() if value != 0}
+        return voxels, {name: count * voxel_ml for name, count in voxels.items()}
+
+    # ------------------------------------------------------------------------------- one case of a batch
+
+    def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
+        paths = {"output": output_dir / f"{case.case_id}.nii.gz"}
+        if case.kind == "dicom_series" and case.series_uid and dicom_seg_available():
+            paths["dicom_seg"] = output_dir / f"{case.case_id}_seg.dcm"
+        if self.options.save_probabilities:
+            paths["probabilities"] = output_dir / f"{case.case_id}_probabilities.nii.gz"
+        return paths
+
+    def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
+        paths = self.expected_outputs(case, output_dir)
+        prediction = self.predict(case.path, case.case_id, keep_probabilities="probabilities" in paths)
+        label_array = cast(np.ndarray, prediction.label_map)
+        outputs: dict[str, str] = {}
+        if "dicom_seg" in paths:
+            outputs["dicom_seg"] = str(write_dicom_seg(label_array, case.path, case.series_uid or "",
+                                                       self.names, paths["dicom_seg"]))
+        if "probabilities" in paths:
+            write_nifti(np.moveaxis(cast(np.ndarray, prediction.probabilities), 0, -1), prediction.affine, paths["probabilities"])
+            outputs["probabilities"] = str(paths["probabilities"])
+        # The mask goes last: its presence is what tells a rerun that the case is finished.
+        write_nifti(label_array, prediction.affine, paths["output"])
+        outputs["output"] = str(paths["output"])
+        return CaseResult(case.case_id, str(case.path), "ok", outputs=outputs,
+                          values=self._values(prediction.voxels, prediction.volumes_ml))
+
+    def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
+        existing = nib.load(outputs["output"])
+        return self._values(*self.measure(np.asarray(existing.dataobj), existing.affine))
+
+    def _values(self, voxels: dict[str, int], volumes: dict[str, float]) -> dict[str, Any]:
+        return {**{f"voxels_{n}": voxels[n] for n in self.foreground},
+                **{f"volume_ml_{n}": round(volumes[n], 4) for n in self.foreground}}
+
+    def summarise(self, results: Sequence[CaseResult]) -> tuple[dict[str, Any], dict[str, float]]:
+        done = [r for r in results if r.status in ("ok", "skipped")]
+        notes = [] if dicom_seg_available() or not any(r.input and Path(r.input).is_dir() for r in results) else [
+            "DICOM SEG not written: install medseg[dicom-seg] (highdicom)"]
+        totals = {n: sum(float(r.values.get(f"volume_ml_{n}") or 0.0) for r in done) for n in self.foreground}
+        return {"volume_ml_total": totals, "task_notes": notes}, {}

@@ -1,0 +1,45 @@
+"""The shape of the code, checked: imports point one way, tasks stay in their packages, the
+installed packages are the ones listed, and medseg type-checks."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def test_import_layers_and_task_independence_hold() -> None:
+    """import-linter's contracts in pyproject.toml: cli -> api -> tasks -> engine -> data/tracking -> ..."""
+    done = subprocess.run([str(BIN / "lint-imports"), "--no-cache"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "2 kept, 0 broken" in done.stdout
+
+
+def test_no_task_branches_outside_the_task_packages() -> None:
+    """A new task is a new package plus one registry entry: nothing else may ask which task it is."""
+    pattern = re.compile(r"\btask\s*(==|!=)|\.task\s+in\s|\bTask\.(SEGMENTATION|CLASSIFICATION|RECONSTRUCTION)\b")
+    offenders = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+                 for path in (REPO / "medseg").rglob("*.py") if "tasks" not in path.relative_to(REPO / "medseg").parts
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
+
+
+def test_every_package_is_installed_and_pipelines_is_not_a_top_level_name() -> None:
+    block = re.search(r"^packages = \[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.S | re.M)
+    assert block, "pyproject.toml lists no [tool.setuptools] packages"
+    listed = set(re.findall(r'"([\w.]+)"', block.group(1)))
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "medseg").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+    assert "pipelines" not in listed and "medseg_pipelines" in listed
+
+
+def test_mypy_is_clean_on_medseg() -> None:
+    done = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "medseg"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:]
