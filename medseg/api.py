@@ -312,6 +312,7 @@ class Predictor:
 
     def _as_meta_tensor(self, image: MetaTensor | np.ndarray | torch.Tensor, affine: np.ndarray | None) -> MetaTensor:
         dims = int(self.contract["spatial_dims"])
+        tensor: torch.Tensor
         if isinstance(image, MetaTensor):
             tensor = image
             matrix = np.asarray(affine if affine is not None else image.affine, dtype=np.float64)

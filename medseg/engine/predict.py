@@ -251,6 +251,7 @@ def load_model(ref: str, device: torch.device) -> LoadedModel:
     from mlflow.models import Model
 
     local = Path(ref)
+    meta: Any
     try:
         if local.exists():
             if not (local / "MLmodel").is_file():

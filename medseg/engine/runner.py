@@ -183,7 +183,7 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         tracker.log_params(flatten(config_to_dict(cfg)))
         tracker.log_artifact(run_dir / "resolved_config.yaml")
     shared_dir, resumed = dist.broadcast((run_dir, bool(resume)))  # where the main process put the run
-    ctx = PipelineContext(cfg, manifest_path, root, Path(shared_dir), tracker, resume=resumed, progress=progress, dist=dist)
+    ctx = PipelineContext(cfg, manifest_path, root, Path(str(shared_dir)), tracker, resume=resumed, progress=progress, dist=dist)
     started = time.time()
     try:
         pipeline(ctx)

@@ -97,7 +97,7 @@ def autocast(dtype: torch.dtype | None, device: torch.device) -> Iterator[None]:
 
 def use_channels_last(setting: bool | None, spatial_dims: int) -> bool:
     """``model.channels_last``: None (auto) means on for 3D networks, where oneDNN's and cuDNN's
-    channels-last convolutions are the fast ones (measured 1.5x a whole 3D U-Net step on CPU)."""
+    channels-last convolutions are the fast ones (benchmarks/results/perf.md, W2)."""
     return spatial_dims == 3 if setting is None else setting
 
 

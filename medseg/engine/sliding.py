@@ -33,8 +33,8 @@ def label_map(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argmax(0)`` as uint8 for channel-first (K, *spatial) scores, first maximum on ties.
 
     torch's argmax over the leading dimension of a contiguous volume walks it with a stride of the
-    whole volume: 12.8 s for 2x512x512x300 on 2 cores, against 0.5 s for these K-1 elementwise
-    passes (tests/inference/test_sliding.py checks they agree).
+    whole volume, which is far slower on large volumes than these K-1 elementwise passes (timings
+    in benchmarks/results/predict.md; tests/engine/test_sliding.py checks they agree).
     """
     if scores.shape[0] > 255:
         return scores.argmax(0)

@@ -9,6 +9,7 @@ new task is a new package plus one registry entry (see :mod:`medseg.tasks.regist
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -88,11 +89,33 @@ class Task(Protocol):
 
 
 class TaskBase:
-    """Defaults a task may inherit: no generated data, standard verify options, a network summary."""
+    """Defaults a task may inherit: no generated data, standard verify options, a network summary,
+    and train / package / contract from a stage module (``stages_module``) whose functions are
+    ``train(cfg, manifest, root, run_dir, tracker, resume=, progress=)``,
+    ``package(cfg, checkpoint, run_dir, tracker)`` and ``model_contract(cfg)``."""
 
     name: str = ""
     selection_metric: str = "val/loss"
     predict_options: frozenset[str] = frozenset()
+    #: the module holding the task's stages, imported on first use (torch-heavy)
+    stages_module: str = ""
+    #: the manifest's label column holds a class index (classification), not a label-map path
+    class_labels: bool = False
+
+    def _stages(self) -> Any:
+        if not self.stages_module:
+            raise NotImplementedError(f"task {self.name!r}: set stages_module or override train/package/contract")
+        return importlib.import_module(self.stages_module)
+
+    def train(self, ctx: PipelineContext) -> TrainOutputs:
+        return self._stages().train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker,  # type: ignore[no-any-return]
+                                    resume=ctx.resume, progress=ctx.progress)
+
+    def package(self, ctx: PipelineContext, checkpoint: Path) -> ModelOutputs:
+        return self._stages().package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)  # type: ignore[no-any-return]
+
+    def contract(self, cfg: Any) -> dict[str, Any]:
+        return self._stages().model_contract(cfg)  # type: ignore[no-any-return]
 
     def describe_input(self, cfg: Any) -> str:
         return f"{len(cfg.data.channels)} channel(s), {cfg.model.spatial_dims}D"
@@ -106,7 +129,7 @@ class TaskBase:
         return VerifyOptions(labels=labels,
                              require_labels_for=(cfg.data.train_split, cfg.data.val_split) if labels else (),
                              spatial_dims=cfg.model.spatial_dims, expected_channels=len(cfg.data.channels),
-                             cross_split_duplicates=cfg.data.cross_split_duplicates)
+                             class_labels=self.class_labels, cross_split_duplicates=cfg.data.cross_split_duplicates)
 
 
 def parameter_count(network: nn.Module) -> int:

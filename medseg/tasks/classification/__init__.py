@@ -27,7 +27,9 @@ class ClassificationTask(TaskBase):
     name = "classification"
     config_type = ClassificationConfig
     predict_options = frozenset({"tta"})
+    stages_module = "medseg.tasks.classification.training"
     selection_metric = "val/auc"
+    class_labels = True
 
     def build_network(self, cfg: Any) -> nn.Module:
         from medseg.tasks.classification.training import build_classifier
@@ -49,20 +51,6 @@ class ClassificationTask(TaskBase):
         weights = cfg.loss.class_weights if isinstance(cfg.loss.class_weights, list) else None
         return create_classification_loss(cfg.loss, weights)
 
-    def verify_options(self, cfg: Any) -> Any:
-        from medseg.data.verify import VerifyOptions
-
-        return VerifyOptions(labels=list(cfg.data.labels),
-                             require_labels_for=(cfg.data.train_split, cfg.data.val_split),
-                             expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims,
-                             class_labels=True, cross_split_duplicates=cfg.data.cross_split_duplicates)
-
-    def train(self, ctx: Any) -> Any:
-        from medseg.tasks.classification import training
-
-        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
-                              progress=ctx.progress)
-
     def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
         """The checkpoint with the best validation AUC, scored on ``split`` (the t-SNE map on test)."""
         from medseg.tasks.classification import training
@@ -72,16 +60,6 @@ class ClassificationTask(TaskBase):
         return training.evaluate(ctx.cfg, ctx.manifest, ctx.root, checkpoint, ctx.run_dir, split, ctx.tracker,
                                  ctx.progress, prefix=prefix,
                                  tsne=split == "test" and ctx.cfg.validation.tsne).metrics
-
-    def package(self, ctx: Any, checkpoint: Path) -> Any:
-        from medseg.tasks.classification import training
-
-        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
-
-    def contract(self, cfg: Any) -> dict[str, Any]:
-        from medseg.tasks.classification.training import model_contract
-
-        return model_contract(cfg)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.classification.predict import ClassificationPredictor

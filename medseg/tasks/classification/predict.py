@@ -74,7 +74,7 @@ class ClassificationPredictor:
         try:
             data = self._chains[not loaded]({IMAGE: image if loaded else str(image)})
         except Exception as err:
-            raise read_error(image if not loaded else case_id, err) from err
+            raise read_error(case_id if isinstance(image, MetaTensor) else image, err) from err
         volume: MetaTensor = data[IMAGE]
         check_input_shape(self.model.contract, volume.shape, case_id if loaded else str(image))
         probs = self.class_probabilities(torch.as_tensor(volume))

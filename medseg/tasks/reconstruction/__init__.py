@@ -26,6 +26,7 @@ class ReconstructionTask(TaskBase):
     name = "reconstruction"
     config_type = ReconstructionConfig
     predict_options = frozenset({"measured"})
+    stages_module = "medseg.tasks.reconstruction.training"
     selection_metric = "val/ssim"
 
     def build_network(self, cfg: Any) -> nn.Module:
@@ -72,12 +73,6 @@ class ReconstructionTask(TaskBase):
                                          "wrote" if made.generated else "reusing", made.cases, made.data_dir,
                                          made.manifest)
 
-    def train(self, ctx: Any) -> Any:
-        from medseg.tasks.reconstruction import training
-
-        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
-                              progress=ctx.progress)
-
     def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
         """Score ``checkpoint`` on ``split`` beside the classical baseline; the split ``real`` is
         the real images ``recon.real_images`` lists."""
@@ -93,16 +88,6 @@ class ReconstructionTask(TaskBase):
             return {}
         return training.evaluate(ctx.cfg, items, checkpoint, ctx.run_dir, split, ctx.tracker, ctx.progress,
                                  prefix=prefix_arg).metrics
-
-    def package(self, ctx: Any, checkpoint: Path) -> Any:
-        from medseg.tasks.reconstruction import training
-
-        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
-
-    def contract(self, cfg: Any) -> dict[str, Any]:
-        from medseg.tasks.reconstruction.training import model_contract
-
-        return model_contract(cfg)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.reconstruction.predict import ReconstructionPredictor

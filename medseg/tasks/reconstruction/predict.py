@@ -27,7 +27,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 from torch import nn
 
-from medseg.config import IntensityConfig, Precision, PreprocessConfig
+from medseg.config import IntensityConfig, IntensityMode, Precision, PreprocessConfig
 from medseg.engine.predict import (
     CaseResult,
     LoadedModel,
@@ -60,7 +60,7 @@ def recon_preprocessing(contract: dict[str, Any], load: bool = True) -> Compose:
     """Load, orient, resample and move the slice axis last, as training did (without the scaling)."""
     pre = PreprocessConfig(orientation=contract["orientation"],
                            spacing=tuple(contract["spacing"]) if contract.get("spacing") else None,
-                           intensity=IntensityConfig(mode="none"))
+                           intensity=IntensityConfig(mode=IntensityMode.NONE))
     return Compose(reconstruction_prefix(pre, contract_recon(contract), load=load, scale=False))
 
 

@@ -27,6 +27,7 @@ class SegmentationTask(TaskBase):
     name = "segmentation"
     config_type = SegmentationConfig
     predict_options = frozenset({"tta", "overlap", "save_probabilities", "keep_largest"})
+    stages_module = "medseg.tasks.segmentation.training"
     selection_metric = "val/dice_mean"
 
     def build_network(self, cfg: Any) -> nn.Module:
@@ -48,20 +49,6 @@ class SegmentationTask(TaskBase):
 
         return create_loss(cfg.loss)
 
-    def verify_options(self, cfg: Any) -> Any:
-        from medseg.data.verify import VerifyOptions
-
-        return VerifyOptions(labels=list(cfg.data.labels),
-                             require_labels_for=(cfg.data.train_split, cfg.data.val_split),
-                             expected_channels=len(cfg.data.channels), spatial_dims=cfg.model.spatial_dims,
-                             cross_split_duplicates=cfg.data.cross_split_duplicates)
-
-    def train(self, ctx: Any) -> Any:
-        from medseg.tasks.segmentation import training
-
-        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
-                              progress=ctx.progress)
-
     def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
         from medseg.tasks.segmentation import training
 
@@ -69,16 +56,6 @@ class SegmentationTask(TaskBase):
             return {}
         return training.evaluate(ctx.cfg, ctx.manifest, ctx.root, checkpoint, ctx.run_dir, split, ctx.tracker,
                                  ctx.progress, prefix=prefix).metrics
-
-    def package(self, ctx: Any, checkpoint: Path) -> Any:
-        from medseg.tasks.segmentation import training
-
-        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
-
-    def contract(self, cfg: Any) -> dict[str, Any]:
-        from medseg.tasks.segmentation.training import model_contract
-
-        return model_contract(cfg)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.segmentation.predict import SegmentationPredictor

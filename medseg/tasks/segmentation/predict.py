@@ -91,7 +91,7 @@ class SegmentationPredictor:
         try:
             data = chain({IMAGE: image if loaded else str(image)})
         except Exception as err:
-            raise read_error(image if not loaded else case_id, err) from err
+            raise read_error(case_id if isinstance(image, MetaTensor) else image, err) from err
         volume: MetaTensor = data[IMAGE]
         source = case_id if loaded else str(image)
         check_input_shape(self.model.contract, volume.shape, source)
@@ -147,8 +147,8 @@ class SegmentationPredictor:
                           values=self._values(prediction.voxels, prediction.volumes_ml))
 
     def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
-        existing = nib.load(outputs["output"])
-        return self._values(*self.measure(np.asarray(existing.dataobj), existing.affine))
+        existing = cast(nib.Nifti1Image, nib.load(outputs["output"]))
+        return self._values(*self.measure(np.asarray(existing.dataobj), np.asarray(existing.affine)))
 
     def _values(self, voxels: dict[str, int], volumes: dict[str, float]) -> dict[str, Any]:
         return {**{f"voxels_{n}": voxels[n] for n in self.foreground},

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from medseg.data.transforms import training_transforms, validation_transforms
 from medseg.engine import distributed
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.loop import (
+    EvalOutputs,
     ModelOutputs,
     TrainOutputs,
     TrainTask,
@@ -47,14 +47,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TrainOutputs", "build_network", "evaluate", "has_labelled_cases", "model_contract", "package",
            "train"]
-
-
-@dataclass(frozen=True)
-class EvalOutputs:
-    per_case: Path
-    metrics_file: Path
-    overlays: tuple[Path, ...]
-    metrics: dict[str, float]
 
 
 # ----------------------------------------------------------------------------------- helpers

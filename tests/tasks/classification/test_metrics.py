@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.config import LossConfig
 from medseg.engine.distributed import DistContext
+from medseg.tasks.classification.config import ClassificationLossConfig
 from medseg.tasks.classification.metrics import (
     ClassificationPredictions,
     OrdinalLoss,
@@ -86,8 +86,8 @@ def test_balanced_weights_follow_scikit_learn() -> None:
 @pytest.mark.parametrize("name", ["ce", "focal", "hinge"])
 def test_losses_train_on_logits_and_labels(name: str) -> None:
     torch.manual_seed(0)
-    loss = create_classification_loss(LossConfig(name=name, label_smoothing=0.1 if name == "ce" else 0.0),
-                                      [1.0, 2.0, 0.5])
+    cfg = ClassificationLossConfig(name=name, label_smoothing=0.1 if name == "ce" else 0.0)
+    loss = create_classification_loss(cfg, [1.0, 2.0, 0.5])
     logits = torch.randn(5, 3, requires_grad=True)
     value = loss(logits, torch.tensor([0, 1, 2, 1, 0]))
     value.backward()
@@ -97,13 +97,13 @@ def test_losses_train_on_logits_and_labels(name: str) -> None:
 def test_weighted_cross_entropy_scales_samples_and_splits_like_one_batch() -> None:
     torch.manual_seed(0)
     logits, labels = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
-    loss = create_classification_loss(LossConfig(name="ce"), [3.0, 1.0])
+    loss = create_classification_loss(ClassificationLossConfig(name="ce"), [3.0, 1.0])
     per_sample = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     assert loss(logits, labels) == pytest.approx(float((per_sample * torch.tensor([3.0, 1.0])[labels]).mean()))
     # two halves (two DDP processes) average to the whole batch's loss
     halves = (loss(logits[:3], labels[:3]) + loss(logits[3:], labels[3:])) / 2
     assert float(halves) == pytest.approx(float(loss(logits, labels)))
-    unweighted = create_classification_loss(LossConfig(name="ce"), None)(logits, labels)
+    unweighted = create_classification_loss(ClassificationLossConfig(name="ce"), None)(logits, labels)
     assert unweighted == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)))
 
 

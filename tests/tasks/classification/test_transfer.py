@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from medseg.config import ModelConfig
-from medseg.engine.models import ModelError
+from medseg.errors import ModelError
+from medseg.tasks.classification.config import ClassificationModelConfig
 from medseg.tasks.classification.networks import create_classifier
 from medseg.tasks.classification.transfer import freeze, initialise_from
 
-CFG = ModelConfig(name="resnet18", spatial_dims=2, widen_factor=0.25, norm="batch")
+CFG = ClassificationModelConfig(name="resnet18", spatial_dims=2, widen_factor=0.25, norm="batch")
 
 
 def test_init_from_a_checkpoint_with_another_class_count(tmp_path: Path) -> None:
@@ -30,7 +30,8 @@ def test_init_from_a_checkpoint_with_another_class_count(tmp_path: Path) -> None
 
 
 def test_init_from_another_architecture_is_refused(tmp_path: Path) -> None:
-    lenet = create_classifier(ModelConfig(name="lenet", spatial_dims=2, channels=(4, 8)), 1, 2, (28, 28))
+    lenet = create_classifier(ClassificationModelConfig(name="lenet", spatial_dims=2, channels=(4, 8)), 1, 2,
+                              (28, 28))
     torch.save(lenet.state_dict(), tmp_path / "lenet.pt")
     with pytest.raises(ModelError, match="none of its .* tensors matches"):
         initialise_from(create_classifier(CFG, 1, 2, (28, 28)), str(tmp_path / "lenet.pt"))

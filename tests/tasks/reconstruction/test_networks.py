@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medseg.config import ModelConfig
-from medseg.tasks.reconstruction.config import ReconConfig
+from medseg.tasks.reconstruction.config import ReconConfig, ReconstructionModelConfig
 from medseg.tasks.reconstruction.networks import ImageRestorer, MriReconstructor, create_reconstruction_model
 from medseg.tasks.reconstruction.operators import Acquisition, fft2c, unpack_mri_input
 
-SMALL = ModelConfig(name="unet", spatial_dims=2, channels=(4, 8, 16), num_res_units=1)
+SMALL = ReconstructionModelConfig(name="unet", spatial_dims=2, channels=(4, 8, 16), num_res_units=1)
 
 
 @pytest.mark.parametrize("name", ["unet", "unet_dc", "cascade"])

@@ -9,8 +9,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from medseg.config import LossConfig
-from medseg.tasks.reconstruction.config import ReconConfig
+from medseg.tasks.reconstruction.config import ReconConfig, ReconstructionLossConfig
 from medseg.tasks.reconstruction.operators import (
     Acquisition,
     CartesianOperator,
@@ -121,7 +120,7 @@ def test_metrics_match_scikit_image_on_a_hand_made_pair() -> None:
 
 @pytest.mark.parametrize("name", ["l1", "l2", "huber", "log_cosh", "ssim", "l1_ssim"])
 def test_losses_are_zero_on_the_target_and_grow_with_the_error(name: str) -> None:
-    loss = create_reconstruction_loss(LossConfig(name=name))
+    loss = create_reconstruction_loss(ReconstructionLossConfig(name=name))
     torch.manual_seed(0)
     target = torch.rand(2, 1, 24, 19)
     small = target + 0.02 * torch.randn_like(target)
@@ -134,7 +133,7 @@ def test_losses_are_zero_on_the_target_and_grow_with_the_error(name: str) -> Non
 
 
 def test_log_cosh_stays_finite_for_huge_errors() -> None:
-    loss = create_reconstruction_loss(LossConfig(name="log_cosh"))
+    loss = create_reconstruction_loss(ReconstructionLossConfig(name="log_cosh"))
     value = float(loss(torch.full((1, 1, 4, 4), 1e4), torch.zeros(1, 1, 4, 4)))
     assert value == pytest.approx(1e4 - math.log(2), rel=1e-6)
 
