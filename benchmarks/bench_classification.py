@@ -37,7 +37,7 @@ def _worker(args: argparse.Namespace) -> None:
     from medseg.config import load_config
     from medseg.data.datasets import records
     from medseg.data.manifest import read_manifest
-    from medseg.data.transforms import classification_transforms
+    from medseg.tasks.classification.transforms import classification_transforms
     from medseg.engine.loop import loader_workers, make_optimizer
     from medseg.tasks.classification.metrics import create_classification_loss
     from medseg.tasks.classification.training import build_classifier

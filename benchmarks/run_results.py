@@ -71,12 +71,14 @@ class Run:
     title: str = ""  # what the table calls it; the config and overrides when empty
 
     def name(self) -> str:
+        """The table's name for the run: its title, else the config and its non-budget overrides."""
         if self.title:
             return self.title
         extra = [o for o in self.overrides if not o.startswith("train.max_minutes=")]
         return f"`{Path(self.config).stem}`" + (f" (`{' '.join(extra)}`)" if extra else "")
 
     def argv(self, extra: list[str]) -> list[str]:
+        """``medseg`` arguments, with ``extra`` overrides after the run's own (the later one wins)."""
         cmd = ["run", self.config, "--no-progress"]
         if self.seeds:
             cmd += ["--seeds", str(self.seeds)]

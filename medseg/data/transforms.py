@@ -35,7 +35,6 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
-    Resized,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
@@ -244,21 +243,6 @@ def training_transforms(pre: PreprocessConfig, patch: PatchConfig, augment: Sequ
 def validation_transforms(pre: PreprocessConfig, with_label: bool = True) -> Compose:
     """Deterministic preprocessing of whole volumes for sliding-window validation and inference."""
     return Compose(preprocessing(pre, keys=(IMAGE, LABEL) if with_label else (IMAGE,)))
-
-
-def classification_transforms(pre: PreprocessConfig, augment: Sequence[AugmentConfig] = (), spatial_dims: int = 2,
-                              load: bool = True) -> Compose:
-    """Whole-image chain for classification: preprocessing and resizing to the network input
-    (cached), then augmentation of the image (training only); the class label passes through."""
-    chain = preprocessing(pre, keys=(IMAGE,), load=load)
-    # ``resize`` is a field of the classification task's preprocess section, which this layer cannot import
-    resize: Sequence[int] | None = getattr(pre, "resize", None)
-    if resize is not None:
-        # "area" averages when shrinking, so thin structures are not aliased away
-        chain.append(Resized(keys=IMAGE, spatial_size=list(resize), mode="area"))
-    chain.extend(augmentation(augment, spatial_dims, keys=(IMAGE,)))
-    chain.append(EnsureTyped(keys=IMAGE, track_meta=False))
-    return Compose(chain)
 
 
 def preprocessing_from_contract(contract: dict[str, Any], load: bool = True) -> Compose:

@@ -17,7 +17,7 @@ def toy_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "MODEL_REGISTRY", {})
     register_model("toy", "alpha")(lambda width: nn.Linear(width, 2))
     register_model("toy", "beta")(lambda width: nn.Linear(width, 3))
-    register_model("other", "gamma")(lambda width: nn.Linear(width, 4))
+    register_model("detection", "gamma")(lambda width: nn.Linear(width, 4))
 
 
 def test_create_model_passes_the_factory_its_task_arguments(toy_registry: None) -> None:
@@ -27,9 +27,9 @@ def test_create_model_passes_the_factory_its_task_arguments(toy_registry: None) 
 
 def test_list_models_per_task_and_of_every_task(toy_registry: None) -> None:
     assert list_models("toy") == ["alpha", "beta"]
-    assert list_models("other") == ["gamma"]
+    assert list_models("detection") == ["gamma"]
     assert list_models("nobody") == []
-    assert list_models() == ["other/gamma", "toy/alpha", "toy/beta"]
+    assert list_models() == ["detection/gamma", "toy/alpha", "toy/beta"]
 
 
 def test_unknown_name_suggests_the_closest_and_lists_the_task_s_networks(toy_registry: None) -> None:
@@ -44,7 +44,7 @@ def test_a_name_without_a_close_match_still_lists_the_task_s_networks(toy_regist
 
 
 def test_a_name_of_another_task_says_which_task_it_belongs_to(toy_registry: None) -> None:
-    with pytest.raises(ModelError, match=r"'gamma' is not a toy network \(it is a other network\)"):
+    with pytest.raises(ModelError, match=r"'gamma' is not a toy network \(it is a detection network\)"):
         create_model("toy", "gamma", 5)
 
 

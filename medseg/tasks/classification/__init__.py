@@ -40,7 +40,7 @@ class ClassificationTask(TaskBase):
         return f"input {list(cfg.preprocess.resize or [])}"
 
     def transforms(self, cfg: Any) -> tuple[Compose, Compose | None]:
-        from medseg.data.transforms import classification_transforms
+        from medseg.tasks.classification.transforms import classification_transforms
 
         return (classification_transforms(cfg.preprocess, cfg.augment, cfg.model.spatial_dims),
                 classification_transforms(cfg.preprocess, (), cfg.model.spatial_dims))

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from medseg.config import CacheMode
 from medseg.data.datasets import class_index, make_dataset, records
 from medseg.data.manifest import read_manifest
-from medseg.data.transforms import classification_transforms
 from medseg.engine import distributed
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.loop import (
@@ -50,6 +49,7 @@ from medseg.tasks.classification.metrics import (
 )
 from medseg.tasks.classification.networks import create_classifier, head_prefix
 from medseg.tasks.classification.transfer import freeze, initialise_from
+from medseg.tasks.classification.transforms import classification_transforms
 from medseg.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from medseg.cli import main
+import medseg
+from medseg import RunResult
+from medseg.cli import EXIT_FAILED, main
 from medseg.data.medmnist import import_medmnist
 from tests.conftest import artifact_paths, classification_config, write_medmnist_npz
 
@@ -31,20 +33,19 @@ def imported(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "manifest.csv", tmp_path / "images"
 
 
-def _summary(capsys) -> dict:
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("summary: ")
-    return json.loads(Path(last.removeprefix("summary: ")).read_text())
+def _train(config: Path) -> RunResult:
+    result = medseg.train(config, progress=False)
+    assert result is not None  # a single-process run always reports
+    return result
 
 
 def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, imported, capsys) -> None:
     manifest, images = imported
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = classification_config(tmp_path, manifest, images, uri)
-    assert main(["run", str(config), "--no-progress"]) == 0
-    summary = _summary(capsys)
+    result = _train(config)
     client = MlflowClient(uri)
-    run = client.get_run(summary["run_id"])
+    run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     auc_history = sorted(client.get_metric_history(run.info.run_id, "val/auc"), key=lambda m: m.step)
     assert [m.step for m in auc_history] == [1, 2, 3]
@@ -55,10 +56,10 @@ def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, importe
     for name in ("roc_test.png", "confusion_test.png", "calibration_test.png", "tsne_test.png", "roc_val.png",
                  "learning_curve.png"):
         assert f"plots/{name}" in artifacts, name
-    assert "evaluation/test_cases.csv" in artifacts and summary["model_uri"].startswith("models:/")
+    assert "evaluation/test_cases.csv" in artifacts and str(result.model_uri).startswith("models:/")
 
     # The checkpoint with the best validation AUC is the one evaluated, not the last epoch.
-    run_dir = Path(summary["run_dir"])
+    run_dir = result.run_dir
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     values = [m.value for m in auc_history]
     assert best["epoch"] == 1 + int(np.argmax(values))
@@ -70,41 +71,47 @@ def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, importe
     labels = [int(r["label"]) for r in rows]
     assert run.data.metrics["test/auc"] == pytest.approx(roc_auc_score(labels, [float(r["prob_lesion"]) for r in rows]),
                                                           abs=1e-5)
-    assert summary["metrics"]["test/auc"] > 0.8  # the toy task is learnable: a bright square's size
+    assert result.metrics["test/auc"] > 0.8  # the toy task is learnable: a bright square's size
 
     # predict on the folder of test images gives the evaluation's probabilities, one row each.
     out = tmp_path / "predicted"
-    assert main(["predict", "--model", summary["model_uri"], "--input", str(images / "test"), "--output", str(out),
-                 "--tracking-uri", uri, "--no-progress"]) == 0
-    predicted = {r["case_id"]: r for r in _rows(out / "predictions.csv")}
-    assert len(predicted) == 12 and {r["status"] for r in predicted.values()} == {"ok"}
+    predictor = medseg.Predictor.from_uri(result.model_uri, tracking_uri=uri)
+    batch = predictor.predict_folder(images / "test", out, progress=False)
+    predicted = {r.case_id: r for r in batch.results}
+    assert len(predicted) == 12 and batch.counts["ok"] == 12 and batch.n_failed == 0
     for row in rows:
-        assert float(predicted[row["case_id"]]["prob_lesion"]) == pytest.approx(float(row["prob_lesion"]), abs=1e-5)
-        assert predicted[row["case_id"]]["predicted"] == row["predicted"]
+        values = predicted[row["case_id"]].values
+        assert float(values["prob_lesion"]) == pytest.approx(float(row["prob_lesion"]), abs=1e-5)
+        assert str(values["predicted"]) == row["predicted"]
+    assert {r["case_id"] for r in _rows(batch.report)} == set(predicted)  # the report is written too
 
     # A bad file fails alone; a rerun skips what is done.
     (images / "test" / "zz_broken.nii").write_bytes(b"not a nifti at all")
-    assert main(["predict", "--model", summary["model_uri"], "--input", str(images / "test"), "--output", str(out),
-                 "--tracking-uri", uri, "--no-progress", "--no-tracking"]) == 1
-    statuses = {r["case_id"]: r["status"] for r in _rows(out / "predictions.csv")}
+    again = predictor.predict_folder(images / "test", out, progress=False)
+    statuses = {r.case_id: r.status for r in again.results}
     assert statuses.pop("zz_broken") == "failed" and set(statuses.values()) == {"skipped"}
-
-    assert "zz_broken.nii: could not be read" in _rows(out / "predictions.csv")[-1]["error"]
+    assert again.n_failed == 1 and again.counts["skipped"] == 12
+    assert "zz_broken.nii: could not be read" in again.results[-1].error
+    assert "zz_broken.nii: could not be read" in _rows(again.report)[-1]["error"]
+    assert again.summary_dict()["failed"] == {"zz_broken": again.results[-1].error}
+    # the CLI exits 1 when a case failed, and names it
+    assert main(["predict", "--model", str(result.model_uri), "--input", str(images / "test"), "--output", str(out),
+                 "--tracking-uri", uri, "--no-progress", "--no-tracking"]) == EXIT_FAILED
+    assert "FAILED zz_broken" in capsys.readouterr().out
 
     # Fine-tuning from the logged model with a frozen backbone: the backbone stays the source's.
     (tmp_path / "tuned").mkdir()
     tuned_config = classification_config(tmp_path / "tuned", manifest, images, uri,
-                                         model={"init_from": summary["model_uri"], "freeze": ["backbone"]},
+                                         model={"init_from": result.model_uri, "freeze": ["backbone"]},
                                          train={"max_epochs": 1})
-    assert main(["run", str(tuned_config), "--no-progress"]) == 0
-    tuned = _summary(capsys)
+    tuned = _train(tuned_config)
     source_weights = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
-    tuned_weights = torch.load(Path(tuned["run_dir"]) / "checkpoints" / "best.pt", weights_only=True)["model"]
+    tuned_weights = torch.load(tuned.run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert torch.equal(source_weights["features.0.weight"], tuned_weights["features.0.weight"])
     assert not torch.equal(source_weights["classifier.5.weight"], tuned_weights["classifier.5.weight"])
 
 
-def test_3d_run_with_a_resnet(tmp_path: Path, capsys) -> None:
+def test_3d_run_with_a_resnet(tmp_path: Path) -> None:
     npz = write_medmnist_npz(tmp_path / "toy3d.npz", shape=(12, 13, 11), counts=(16, 6, 6))
     import_medmnist(npz, tmp_path / "manifest.csv", tmp_path / "images", progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -115,10 +122,9 @@ def test_3d_run_with_a_resnet(tmp_path: Path, capsys) -> None:
                                    loss={"name": "focal", "class_weights": None},
                                    data={"labels": {0: "class_0", 1: "class_1"}},
                                    train={"max_epochs": 2}, validation={"tsne": False})
-    assert main(["run", str(config), "--no-progress"]) == 0
-    summary = _summary(capsys)
-    assert 0.0 <= summary["metrics"]["test/auc"] <= 1.0
-    assert json.loads((Path(summary["run_dir"]) / "contract.json").read_text())["resize"] == [12, 12, 12]
+    result = _train(config)
+    assert 0.0 <= result.metrics["test/auc"] <= 1.0
+    assert json.loads((result.run_dir / "contract.json").read_text())["resize"] == [12, 12, 12]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, imported) -> None:
@@ -153,18 +159,17 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, impo
         assert curves[2][key] == pytest.approx(one, abs=2e-3), key
 
 
-def test_ordinal_grades_with_the_cumulative_head(tmp_path: Path, capsys) -> None:
+def test_ordinal_grades_with_the_cumulative_head(tmp_path: Path) -> None:
     npz = write_medmnist_npz(tmp_path / "grades.npz", counts=(30, 9, 9), classes=3)
     import_medmnist(npz, tmp_path / "manifest.csv", tmp_path / "images", progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = classification_config(tmp_path, tmp_path / "manifest.csv", tmp_path / "images", uri,
                                    data={"labels": {0: "grade_0", 1: "grade_1", 2: "grade_2"}, "ordinal": True},
                                    loss={"name": "ordinal", "class_weights": None}, validation={"tsne": False})
-    assert main(["run", str(config), "--no-progress"]) == 0
-    summary = _summary(capsys)
+    result = _train(config)
     for key in ("test/mae", "test/qwk", "test/auc", "val/recall/grade_2"):
-        assert key in summary["metrics"], key
-    run_dir = Path(summary["run_dir"])
+        assert key in result.metrics, key
+    run_dir = result.run_dir
     contract = json.loads((run_dir / "contract.json").read_text())
     assert contract["output_activation"] == "ordinal"
     rows = _rows(run_dir / "evaluation" / "test_cases.csv")

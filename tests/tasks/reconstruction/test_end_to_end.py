@@ -1,5 +1,5 @@
 """Reconstruction end to end: tiny runs that log every metric beside its baseline, image grids and a
-model that ``medseg predict`` uses to write reconstructions on the input's own grid."""
+model that ``medseg.Predictor`` uses to write reconstructions on the input's own grid."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from medseg.cli import main
+import medseg
+from medseg import RunResult
 from medseg.data.manifest import build_manifest
 from tests.conftest import artifact_paths, write_config, write_msd_dataset
 
@@ -24,10 +25,10 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _summary(capsys) -> dict:
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("summary: ")
-    return json.loads(Path(last.removeprefix("summary: ")).read_text())
+def _train(config: Path) -> RunResult:
+    result = medseg.train(config, progress=False)
+    assert result is not None  # a single-process run always reports
+    return result
 
 
 def _config(tmp_path: Path, uri: str, **sections: dict) -> Path:
@@ -54,17 +55,15 @@ def volumes(tmp_path: Path) -> tuple[Path, Path]:
     return dataset, manifest
 
 
-def test_mri_run_logs_metrics_beside_the_baseline_and_predicts_on_the_input_grid(tmp_path: Path, volumes,
-                                                                                capsys) -> None:
+def test_mri_run_logs_metrics_beside_the_baseline_and_predicts_on_the_input_grid(tmp_path: Path, volumes) -> None:
     dataset, manifest = volumes
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # slices along the first axis: the slice-axis move must be undone when writing outputs
     config = _config(tmp_path, uri, data={"manifest": str(manifest), "root": str(dataset)},
                      recon={"slice_axis": 0, "mask": "random", "acceleration": 4})
-    assert main(["run", str(config), "--no-progress"]) == 0
-    summary = _summary(capsys)
+    result = _train(config)
     client = MlflowClient(uri)
-    run = client.get_run(summary["run_id"])
+    run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     for split in ("val", "best_val", "test"):
         for metric in METRICS:
@@ -75,11 +74,13 @@ def test_mri_run_logs_metrics_beside_the_baseline_and_predicts_on_the_input_grid
     artifacts = artifact_paths(client, run.info.run_id)
     assert "evaluation/test_cases.csv" in artifacts and "plots/learning_curve.png" in artifacts
     assert any(a.startswith("plots/recon_test_") and a.endswith(".png") for a in artifacts)
-    contract = json.loads((Path(summary["run_dir"]) / "contract.json").read_text())
+    for key in ("test/psnr", "test/zero_filled_psnr", "test/psnr_gain"):
+        assert result.metrics[key] == pytest.approx(run.data.metrics[key]), key
+    contract = json.loads((result.run_dir / "contract.json").read_text())
     assert contract["task"] == "reconstruction" and contract["recon"]["baseline"] == "zero_filled"
     assert contract["recon"]["center_fraction"] == pytest.approx(0.08)
 
-    rows = _rows(Path(summary["run_dir"]) / "evaluation" / "test_cases.csv")
+    rows = _rows(result.run_dir / "evaluation" / "test_cases.csv")
     assert rows and {"case_id", "slices", "psnr", "zero_filled_psnr", "psnr_gain", "ssim", "nmse"} <= set(rows[0])
     mean_psnr = np.mean([float(r["psnr"]) for r in rows])
     assert run.data.metrics["test/psnr"] == pytest.approx(mean_psnr, abs=1e-3)
@@ -93,15 +94,17 @@ def test_mri_run_logs_metrics_beside_the_baseline_and_predicts_on_the_input_grid
         (inputs / name).write_bytes((dataset / "imagesTr" / name).read_bytes())
     (inputs / "broken.nii.gz").write_bytes(b"not an image")
     out = tmp_path / "predicted"
-    code = main(["predict", "--model", summary["model_uri"], "--input", str(inputs), "--output", str(out),
-                 "--tracking-uri", uri, "--no-progress"])
-    assert code != 0  # one case failed ...
-    report = {r["case_id"]: r for r in _rows(out / "predictions.csv")}
-    assert report["broken"]["status"] == "failed" and "broken.nii.gz" in report["broken"]["error"]
+    predictor = medseg.Predictor.from_uri(result.model_uri, tracking_uri=uri)
+    batch = predictor.predict_folder(inputs, out, progress=False)
+    assert batch.n_failed == 1 and batch.counts["ok"] == len(names)  # one case failed ...
+    report = {r.case_id: r for r in batch.results}
+    assert report["broken"].status == "failed" and "broken.nii.gz" in report["broken"].error
+    assert {r["case_id"]: r["status"] for r in _rows(batch.report)} == {k: r.status for k, r in report.items()}
     for name in names:  # ... and the others went on
         case_id = name.removesuffix(".nii.gz")
-        row = report[case_id]
-        assert row["status"] == "ok" and float(row["zero_filled_psnr"]) > 0 and row["slices"] == "29"
+        case = report[case_id]
+        assert case.status == "ok" and float(case.values["zero_filled_psnr"]) > 0 and case.values["slices"] == 29
+        assert case.outputs["output"] == str(out / f"{case_id}_reconstruction.nii.gz")
         source = nib.load(inputs / name)
         for suffix in ("reconstruction", "zero_filled"):
             written = nib.load(out / f"{case_id}_{suffix}.nii.gz")
@@ -112,13 +115,11 @@ def test_mri_run_logs_metrics_beside_the_baseline_and_predicts_on_the_input_grid
         original = np.asarray(source.dataobj, dtype=np.float32)
         assert abs(float(recon.mean()) - float(original.mean())) < 0.2 * float(np.abs(original).mean())
     # a rerun skips finished cases
-    main(["predict", "--model", summary["model_uri"], "--input", str(inputs), "--output", str(out),
-          "--tracking-uri", uri, "--no-progress"])
-    again = {r["case_id"]: r for r in _rows(out / "predictions.csv")}
-    assert all(again[n.removesuffix(".nii.gz")]["status"] == "skipped" for n in names)
+    again = {r.case_id: r for r in predictor.predict_folder(inputs, out, progress=False).results}
+    assert all(again[n.removesuffix(".nii.gz")].status == "skipped" for n in names)
 
 
-def test_ct_run_generates_phantoms_scores_real_images_and_predicts_measured_inputs(tmp_path: Path, capsys) -> None:
+def test_ct_run_generates_phantoms_scores_real_images_and_predicts_measured_inputs(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data = tmp_path / "phantoms"
     config = _config(tmp_path, uri, data={"manifest": str(tmp_path / "phantoms.csv"), "root": str(data)},
@@ -126,16 +127,16 @@ def test_ct_run_generates_phantoms_scores_real_images_and_predicts_measured_inpu
                             "phantoms": {"train": 6, "val": 2, "test": 2, "size": 32},
                             "real_images": ["pydicom:CT_small.dcm"]},
                      model={"name": "unet", "channels": [4, 8, 16], "num_res_units": 1})
-    assert main(["run", str(config), "--no-progress"]) == 0
-    summary = _summary(capsys)
-    run = MlflowClient(uri).get_run(summary["run_id"])
+    result = _train(config)
+    run = MlflowClient(uri).get_run(result.run_id)
     for key in ("test/psnr", "test/fbp_psnr", "test/psnr_gain", "real/psnr", "real/fbp_psnr", "real/ssim"):
         assert key in run.data.metrics, key
     assert (data / "phantoms.json").is_file() and len(_rows(tmp_path / "phantoms.csv")) == 10
-    real = _rows(Path(summary["run_dir"]) / "evaluation" / "real_cases.csv")
+    assert result.metrics["real/psnr"] == pytest.approx(run.data.metrics["real/psnr"])
+    real = _rows(result.run_dir / "evaluation" / "real_cases.csv")
     assert [r["case_id"] for r in real] == ["CT_small"]
 
-    # --measured: the inputs already are FBP images; the network's output is written, on their grid
+    # measured: the inputs already are FBP images; the network's output is written, on their grid
     inputs = tmp_path / "fbp_images"
     inputs.mkdir()
     affine = np.diag([0.7, 0.7, 2.0, 1.0])
@@ -145,14 +146,16 @@ def test_ct_run_generates_phantoms_scores_real_images_and_predicts_measured_inpu
     nib.save(nib.Nifti1Image(np.random.default_rng(1).random((25, 19)).astype(np.float32), affine),
              inputs / "flat.nii.gz")  # a 2D image: a volume of one slice
     out = tmp_path / "restored"
-    assert main(["predict", "--model", summary["model_uri"], "--input", str(inputs), "--output", str(out),
-                 "--measured", "--no-tracking", "--no-progress"]) == 0
+    batch = medseg.Predictor.from_uri(result.model_uri, tracking_uri=uri, measured=True).predict_folder(
+        inputs, out, progress=False)
+    assert batch.n_failed == 0 and batch.counts["ok"] == 2
     for name, shape in (("scan", (30, 27, 2)), ("flat", (25, 19))):
         written = nib.load(out / f"{name}_reconstruction.nii.gz")
         assert written.shape == shape and np.allclose(written.affine, affine)
         assert not (out / f"{name}_fbp.nii.gz").exists()
-    rows = _rows(out / "predictions.csv")
-    assert all(r["status"] == "ok" and r["psnr"] == "" for r in rows)  # nothing to compare with when measured
+    # nothing to compare with when measured
+    assert all(r.status == "ok" and r.values.get("psnr") is None for r in batch.results)
+    assert all(r["status"] == "ok" and r["psnr"] == "" for r in _rows(batch.report))
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, volumes) -> None:

@@ -13,28 +13,31 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from medseg.cli import main
+import medseg
+from medseg.cli import EXIT_FAILED, main
 from medseg.data.manifest import build_manifest, file_sha256
+from medseg.errors import DataVerificationError, RunError
 from tests.conftest import REPO, artifact_paths, tiny_config
 
 LABEL_NAMES = ("blob1", "blob2")
 
 
-def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_run_inputs, capsys) -> None:
+def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_run_inputs) -> None:
     dataset, manifest = tiny_run_inputs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri)
 
-    assert main(["run", str(config), "--no-progress"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1].startswith("summary: ")
-    summary_path = Path(out[-1].removeprefix("summary: "))
-    summary = json.loads(summary_path.read_text())
-    assert {"run_id", "model_uri", "tracking_uri", "metrics"} <= set(summary)
-    assert summary["tracking_uri"] == uri
+    result = medseg.train(config, progress=False)
+    assert result is not None and result.run_id and result.model_uri
+    assert result.tracking_uri == uri
+    assert result.run_dir.parent.resolve() == (tmp_path / "runs").resolve()
+    assert result.summary_path == result.run_dir / "summary.json"
+    summary = json.loads(result.summary_path.read_text())  # the result is what summary.json records
+    assert (summary["run_id"], summary["model_uri"], summary["tracking_uri"]) == (result.run_id, result.model_uri, uri)
+    assert summary["metrics"] == result.metrics
 
     client = MlflowClient(uri)
-    run = client.get_run(summary["run_id"])
+    run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     for name in LABEL_NAMES:
         history = client.get_metric_history(run.info.run_id, f"val/dice/{name}")
@@ -43,7 +46,7 @@ def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_ru
         assert f"val/hd95/{name}" in run.data.metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
     assert {"val/dice_mean", "lr", "best_val/dice_mean"} <= set(run.data.metrics)
-    assert summary["metrics"]["val/dice_mean"] == pytest.approx(run.data.metrics["val/dice_mean"])
+    assert result.metrics["val/dice_mean"] == pytest.approx(run.data.metrics["val/dice_mean"])
 
     assert run.data.params["train.max_epochs"] == "2"
     assert run.data.params["patch.size"] == "[16, 16, 8]"
@@ -57,12 +60,13 @@ def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_ru
         assert expected in artifacts, f"{expected} not logged; have {sorted(artifacts)}"
     assert len([a for a in artifacts if a.startswith("plots/overlay_val_")]) == 2
 
-    model = mlflow.pytorch.load_model(summary["model_uri"])
+    assert (result.run_dir / "contract.json").is_file() and (result.run_dir / "checkpoints" / "best.pt").is_file()
+    model = mlflow.pytorch.load_model(result.model_uri)
     model.eval()
     with torch.no_grad():
         logits = model(torch.randn(1, 1, 16, 16, 8))
     assert logits.shape == (1, 3, 16, 16, 8)
-    info = mlflow.models.get_model_info(summary["model_uri"])
+    info = mlflow.models.get_model_info(result.model_uri)
     contract = info.metadata["medseg_contract"]
     assert contract["labels"] == {"0": "background", "1": "blob1", "2": "blob2"}
     assert contract["spacing"] == [1.5, 1.5, 2.5] and contract["orientation"] == "RAS"
@@ -70,7 +74,7 @@ def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_ru
     assert contract["intensity"]["mode"] == "zscore"
 
 
-def test_bad_data_stops_the_run_and_marks_it_failed(tmp_path: Path, tiny_run_inputs, capsys) -> None:
+def test_bad_data_stops_the_run_and_marks_it_failed(tmp_path: Path, tiny_run_inputs) -> None:
     dataset, _ = tiny_run_inputs
     label_path = dataset / "labelsTr" / "case_000.nii.gz"
     label = nib.load(label_path)
@@ -82,9 +86,10 @@ def test_bad_data_stops_the_run_and_marks_it_failed(tmp_path: Path, tiny_run_inp
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri)
 
-    assert main(["run", str(config), "--no-progress"]) == 1
-    err = capsys.readouterr().err
-    assert "label_values" in err and "case_000" in err and "values [0, 1, 2, 7]" in err
+    with pytest.raises(DataVerificationError) as raised:
+        medseg.train(config, progress=False)
+    message = str(raised.value)
+    assert "label_values" in message and "case_000" in message and "values [0, 1, 2, 7]" in message
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
@@ -97,18 +102,25 @@ def test_wall_clock_budget_ends_training_and_still_validates(tmp_path: Path, tin
     dataset, manifest = tiny_run_inputs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1000, "max_minutes": 0.05})
-    assert main(["run", str(config), "--no-progress"]) == 0
+    result = medseg.train(config, progress=False)
+    assert result is not None
+    epochs = result.metrics["train/epochs"]
+    assert epochs is not None and 1 <= epochs < 1000
+    assert result.metrics["val/dice_mean"] is not None
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    epochs = run.data.metrics["train/epochs"]
-    assert 1 <= epochs < 1000
+    assert run.info.run_id == result.run_id
+    assert run.data.metrics["train/epochs"] == epochs
     assert "val/dice_mean" in run.data.metrics
 
 
 def test_resume_without_an_unfinished_run_is_a_clear_error(tmp_path: Path, tiny_run_inputs, capsys) -> None:
     dataset, manifest = tiny_run_inputs
     config = tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert main(["run", str(config), "--resume", "--no-progress"]) == 1
+    with pytest.raises(RunError, match="no unfinished run"):
+        medseg.train(config, resume=True, progress=False)
+    # the CLI's --resume: the same message, exit code 1
+    assert main(["run", str(config), "--resume", "--no-progress"]) == EXIT_FAILED
     assert "no unfinished run" in capsys.readouterr().err
 
 
@@ -149,41 +161,43 @@ def test_2d_dynunet_with_disk_cache_bf16_and_model_registry(tmp_path: Path) -> N
     with warnings.catch_warnings():
         # MONAI only warns when it cannot read its cache back, then silently recomputes.
         warnings.filterwarnings("error", message=".*Corrupt cache file.*")
-        assert main(["run", str(config), "--no-progress"]) == 0
+        result = medseg.train(config, progress=False)
+    assert result is not None
     assert list((tmp_path / "cache").rglob("*.pt")), "the disk cache stored nothing"
     model = mlflow.pytorch.load_model("models:/tiny-2d/1")
     with torch.no_grad():
         assert model(torch.randn(1, 1, 16, 16)).shape == (1, 3, 16, 16)
+    assert "val/dice/blob2" in result.metrics
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert "val/dice/blob2" in run.data.metrics
+    assert run.info.run_id == result.run_id and "val/dice/blob2" in run.data.metrics
 
 
-def test_demo_config_runs_one_epoch_on_the_shipped_real_data(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_demo_config_runs_one_epoch_on_the_shipped_real_data(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
-    code = main(["run", "configs/demo_segmentation.yaml", "--no-progress", "--set", "train.max_epochs=1",
-                 "--set", f"output_dir={tmp_path / 'runs'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
-    assert code == 0
-    summary = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
-    assert set(summary["metrics"]) >= {"val/dice/anterior", "val/dice/posterior", "best_val/dice_mean_per_case"}
-    assert 0.0 <= summary["metrics"]["val/dice_mean"] <= 1.0
+    result = medseg.train("configs/demo_segmentation.yaml", progress=False, overrides=[
+        "train.max_epochs=1", f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    assert result is not None and result.run_dir.parent.resolve() == (tmp_path / "runs").resolve()
+    assert set(result.metrics) >= {"val/dice/anterior", "val/dice/posterior", "best_val/dice_mean_per_case"}
+    assert 0.0 <= result.metrics["val/dice_mean"] <= 1.0
 
 
 def test_resume_refuses_a_finished_run_a_missing_checkpoint_and_a_changed_config(tmp_path: Path,
                                                                                 tiny_run_inputs) -> None:
-    from medseg.config import load_config
-    from medseg.engine.runner import RunError, check_resumable
+    from medseg.engine.runner import check_resumable
 
     dataset, manifest = tiny_run_inputs
     config = tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert main(["run", str(config), "--no-progress"]) == 0
+    result = medseg.train(config, progress=False)
+    assert result is not None
     (run_dir,) = (tmp_path / "runs").iterdir()
-    cfg = load_config(config)
+    assert run_dir.resolve() == result.run_dir.resolve()
+    cfg = medseg.load_config(config)
     with pytest.raises(RunError, match="that run finished"):
         check_resumable(run_dir, cfg)
     (run_dir / "summary.json").unlink()
-    check_resumable(run_dir, load_config(config, ["train.max_epochs=9"]))  # budgets may change
+    check_resumable(run_dir, medseg.load_config(config, ["train.max_epochs=9"]))  # budgets may change
     with pytest.raises(RunError, match=r"optim.lr: 0.01 -> 0.5"):
-        check_resumable(run_dir, load_config(config, ["optim.lr=0.5"]))
+        check_resumable(run_dir, medseg.load_config(config, ["optim.lr=0.5"]))
     with pytest.raises(RunError, match="no checkpoints/last.pt"):
         check_resumable(tmp_path / "runs" / "typo", cfg)
