@@ -34,13 +34,13 @@ def _worker(args: argparse.Namespace) -> None:
     """Child process: train ``--epochs`` epochs with one data path; print one JSON line."""
     import torch
 
-    from medseg.config import load_config
+    from medseg import load_config
     from medseg.data.datasets import records
     from medseg.data.manifest import read_manifest
-    from medseg.tasks.classification.transforms import classification_transforms
     from medseg.engine.loop import loader_workers, make_optimizer
     from medseg.tasks.classification.metrics import create_classification_loss
     from medseg.tasks.classification.training import build_classifier
+    from medseg.tasks.classification.transforms import classification_transforms
 
     cfg = load_config(CONFIG, [f"data.root={args.root}", f"data.manifest={args.manifest}"])
     torch.manual_seed(0)

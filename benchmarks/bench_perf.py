@@ -187,13 +187,13 @@ def _medseg_unet(precision: str = "auto"):
     """The same network as medseg builds it from a config, with medseg's runtime choices."""
     import torch
 
-    from medseg.config import ModelConfig, Precision
-    from medseg.engine.models import create_model
+    from medseg.config import Precision, UNetModelConfig
     from medseg.engine.runtime import autocast_dtype, to_channels_last, use_channels_last
+    from medseg.tasks.segmentation.networks import create_segmentation_network
 
-    cfg = ModelConfig(name="unet", spatial_dims=3, channels=UNET_CHANNELS, strides=(2, 2, 2, 2), num_res_units=2,
-                      norm="batch")
-    net = create_model(cfg, 1, 2, ROI)
+    cfg = UNetModelConfig(name="unet", spatial_dims=3, channels=UNET_CHANNELS, strides=(2, 2, 2, 2), num_res_units=2,
+                          norm="batch")
+    net = create_segmentation_network(cfg, 1, 2, ROI)
     channels_last = use_channels_last(None, 3)
     if channels_last:
         net = to_channels_last(net, 3)
@@ -237,12 +237,13 @@ def worker_w2(path: str, steps: int) -> dict:
     else:  # medseg's own optimiser construction (AdamW without decay is the tutorial's Adam, fused)
         from types import SimpleNamespace
 
-        from medseg.config import LossConfig, OptimConfig
+        from medseg.config import OptimConfig
         from medseg.engine.loop import make_optimizer
+        from medseg.tasks.segmentation.config import SegmentationLossConfig
         from medseg.tasks.segmentation.metrics import create_loss
 
         optimiser = make_optimizer(SimpleNamespace(optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=0.0)), net)
-        loss_fn = create_loss(LossConfig(name="dice_ce"))
+        loss_fn = create_loss(SegmentationLossConfig(name="dice_ce"))
     net.train()
     times = []
     # oneDNN builds its primitives in the first step, and glibc's default malloc needs a few steps to
@@ -378,7 +379,7 @@ def _dice(a, b) -> float:
 
 def worker_w4(path: str, epochs: int, work: Path) -> dict:
     """``epochs`` training epochs of configs/msd_hippocampus.yaml; seconds per epoch."""
-    from medseg.config import load_config
+    from medseg import load_config
 
     cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml", [
         f"data.root={HIPPO}", f"train.max_epochs={epochs}", "train.max_minutes=null", "train.val_interval=1000",

@@ -32,7 +32,7 @@ def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
     """Log a freshly initialised network with its contract, as `medseg run` would."""
     import mlflow
 
-    from medseg.config import load_config
+    from medseg import load_config
     from medseg.io.atomic import atomic_write_text
     from medseg.tasks.segmentation.training import build_network, model_contract
     from medseg.tracking import MlflowTracker
@@ -58,10 +58,11 @@ def _worker(args: argparse.Namespace) -> None:
     mlflow.set_tracking_uri(args.tracking_uri)
     out = Path(args.output)
     if args.path == "medseg":
-        from medseg.engine.predict import PredictOptions, predict_folder
+        from medseg import Predictor
 
-        started = time.perf_counter()
-        outputs = predict_folder(args.model, Path(args.input), out, PredictOptions(progress=False, overwrite=True))
+        started = time.perf_counter()  # loading the model counts, as it did in `medseg predict`
+        predictor = Predictor.from_uri(args.model, tracking_uri=args.tracking_uri)
+        outputs = predictor.predict_folder(Path(args.input), out, overwrite=True, progress=False)
         seconds = [r.seconds for r in outputs.results if r.status == "ok"]
         total = time.perf_counter() - started
     else:

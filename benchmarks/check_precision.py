@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
-    from medseg.config import load_config
+    from medseg import load_config
     from medseg.tasks.segmentation.training import evaluate
 
     run_dir = args.run_dir

@@ -84,8 +84,9 @@ class RunResult:
 
     Attributes:
         run_id: the MLflow run.
-        model_uri: the logged model (``runs:/<id>/model`` or ``models:/<name>/<version>``); for a
-            parent run, the first child's; ``run_dir`` (its ``ensemble.json``) stands for all.
+        model_uri: the logged model (an MLflow model URI, ``models:/m-<id>``); for a ``seeds``/``folds``
+            parent run, its run directory, which :meth:`Predictor.from_uri` loads as the ensemble.
+        model_uris: for a parent run, each child's model URI.
         run_dir: the run directory (config, checkpoints, evaluation, contract, summary).
         tracking_uri: the MLflow store the run is in.
         metrics: final metrics (``test/dice_mean``, ``best_val/...``, ``train/epochs``...).
@@ -100,12 +101,14 @@ class RunResult:
     metrics: dict[str, float | None]
     summary_path: Path
     children: tuple[dict[str, Any], ...] = ()
+    model_uris: tuple[str, ...] = ()
 
     @classmethod
     def from_summary(cls, path: Path) -> RunResult:
         summary = json.loads(Path(path).read_text())
         return cls(summary["run_id"], summary.get("model_uri"), Path(summary["run_dir"]), summary["tracking_uri"],
-                   dict(summary.get("metrics", {})), Path(path), tuple(summary.get("children", ())))
+                   dict(summary.get("metrics", {})), Path(path), tuple(summary.get("children", ())),
+                   tuple(summary.get("model_uris", ())))
 
 
 def _as_config(config: RunConfig | str | Path, overrides: Sequence[str] | None) -> RunConfig:

@@ -57,15 +57,6 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
-class Task(StrEnum):
-    """medseg's own task names. Kept while code outside medseg/tasks still imports it; the config
-    classes do not use it (a task's name is the ``Literal`` of its config class's ``task``)."""
-
-    SEGMENTATION = "segmentation"
-    CLASSIFICATION = "classification"
-    RECONSTRUCTION = "reconstruction"
-
-
 class CacheMode(StrEnum):
     MEMORY = "memory"
     DISK = "disk"
@@ -83,26 +74,6 @@ class PatchSampler(StrEnum):
     POS_NEG = "pos_neg"
     PER_CLASS = "per_class"
     UNIFORM = "uniform"
-
-
-class LossName(StrEnum):
-    """Every task's loss names in one enum: kept only for code that still imports it. Configs are
-    validated against each task's own enum (``SegmentationLoss``, ``ClassificationLoss``,
-    ``ReconstructionLoss``), whose members compare equal to these by value."""
-
-    DICE_CE = "dice_ce"
-    DICE = "dice"
-    DICE_FOCAL = "dice_focal"
-    CE = "ce"
-    FOCAL = "focal"
-    HINGE = "hinge"
-    ORDINAL = "ordinal"
-    L1 = "l1"
-    L2 = "l2"
-    HUBER = "huber"
-    LOG_COSH = "log_cosh"
-    SSIM = "ssim"
-    L1_SSIM = "l1_ssim"
 
 
 class OptimizerName(StrEnum):

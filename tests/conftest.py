@@ -6,10 +6,14 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from medseg import RunResult
 
 warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -85,6 +89,16 @@ def write_config(folder: Path, cfg: dict, sections: dict) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def train_run(config: Path | str, **options: Any) -> RunResult:
+    """``medseg.train(config, progress=False, **options)``: the :class:`~medseg.RunResult` of a
+    single-process run (which always has one)."""
+    import medseg
+
+    result = medseg.train(config, **{"progress": False, **options})
+    assert result is not None, "medseg.train returned None outside a distributed run"
+    return result
 
 
 def artifact_paths(client, run_id: str, path: str = "") -> set[str]:  # noqa: ANN001 - MlflowClient

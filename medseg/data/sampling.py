@@ -8,7 +8,8 @@ loader workers share the stream, or on where a run was interrupted:
   global batch ``k`` is positions ``[k·B·W, (k+1)·B·W)`` whatever ``W`` is, and gradients
   averaged by DDP equal those of one process with batch ``B·W``;
 * a resumed run starts at the first position it had not trained on and sees exactly what an
-  uninterrupted run would have seen.
+  uninterrupted run would have seen; resumed with another number of processes, it still trains
+  every remaining position once (:func:`process_positions`), in other global batches.
 """
 
 from __future__ import annotations

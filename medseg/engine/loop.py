@@ -183,7 +183,7 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]  # frozen layers (model.freeze) stay out
     # One fused kernel for all parameters instead of torch's per-tensor loop, which is its default
     # on CPUs (on GPUs its default already batches the tensors).
-    fused = {"fused": True} if params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
+    fused: dict[str, Any] = {"fused": True} if params and all(p.device.type in ("cpu", "cuda") for p in params) else {}
     if o.name == OptimizerName.SGD:
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True,
                                **fused)
@@ -484,7 +484,9 @@ def _restate_position(state: LoopState, cfg: RunConfig, ctx: distributed.DistCon
     :func:`~medseg.data.sampling.process_positions` for a remainder that is not a whole step). The
     step counter and the LR schedule's step count are restated to the steps of the new global
     batch that cover those samples, so that the epoch ends after the step that reaches its end
-    and the schedule's progress carries on from where it was.
+    and the schedule's progress carries on from where it was. (With ``train.iterations_per_epoch``
+    an epoch is that many steps, so its length in samples changes with the process count; a
+    position at or past the new end leaves nothing of the epoch to train.)
     """
     global_batch = cfg.train.batch_size * ctx.world_size
     state.iteration = data.iterations - remaining_steps(data.iterations, global_batch, state.samples_done)

@@ -50,5 +50,5 @@ def create_model(task: str, name: str, *args: Any, **kwargs: Any) -> nn.Module:
         elsewhere = sorted(t for t, n in MODEL_REGISTRY if n == name)
         where = f" (it is a {' / '.join(elsewhere)} network)" if elsewhere else ""
         raise ModelError(f"model.name {name!r} is not a {task} network{where}"
-                         f"{f'; did you mean {hint[0]!r}?' if hint else ''} Registered for {task}: {known}")
+                         f"{f'; did you mean {hint[0]!r}?' if hint else '.'} Registered for {task}: {known}")
     return factory(*args, **kwargs)

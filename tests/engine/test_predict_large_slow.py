@@ -1,4 +1,4 @@
-"""A CT-sized 512x512x300 volume goes through `medseg predict` within this machine's 24 GiB.
+"""A CT-sized 512x512x300 volume goes through batch prediction within this machine's 24 GiB.
 
 Slow (a few minutes on 2 cores): run with `pytest -m slow`.
 """
@@ -12,8 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.cli import main
-from medseg.config import load_config
+import medseg
 from medseg.io.atomic import atomic_write_text
 from medseg.tasks.segmentation.training import build_network, model_contract
 from medseg.tracking import MlflowTracker
@@ -22,7 +21,7 @@ from tests.conftest import REPO
 
 @pytest.mark.slow
 def test_512x512x300_volume_fits_in_memory_and_keeps_its_geometry(tmp_path: Path) -> None:
-    cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml", [
+    cfg = medseg.load_config(REPO / "configs" / "msd_hippocampus.yaml", [
         "patch.size=[96,96,64]", "model.channels=[8,16,32,64]", "validation.overlap=0.25",
         "preprocess.intensity.mode=ct_window", "preprocess.intensity.window=[-160,240]"])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -42,10 +41,11 @@ def test_512x512x300_volume_fits_in_memory_and_keeps_its_geometry(tmp_path: Path
     del volume
 
     out = tmp_path / "out"
-    assert main(["predict", "--model", model_uri, "--input", str(inputs), "--output", str(out),
-                 "--tracking-uri", uri, "--no-progress"]) == 0
-    summary = json.loads((out / "predict_summary.json").read_text())
-    assert summary["peak_rss_mb"] < 24 * 1024
+    batch = medseg.Predictor.from_uri(model_uri, tracking_uri=uri).predict_folder(inputs, out, progress=False)
+    assert batch.n_failed == 0 and batch.counts["ok"] == 1
+    assert batch.summary_dict()["peak_rss_mb"] < 24 * 1024
+    (case,) = batch.results
+    assert case.outputs["output"] == str(out / "ct.nii.gz")
     mask = nib.load(out / "ct.nii.gz")
     assert mask.shape == (512, 512, 300)
     np.testing.assert_allclose(mask.affine, affine, atol=1e-5)

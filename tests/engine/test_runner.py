@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from medseg.cli import EXIT_OK, EXIT_USAGE, main
+import medseg
+from medseg.cli import EXIT_FAILED, EXIT_USAGE, main
 from medseg.data.manifest import build_manifest
 from medseg.engine.runner import aggregate
-from tests.conftest import tiny_config, write_msd_dataset
-
-
-def _summary_from_output(out: str) -> dict:
-    return json.loads(Path(out.strip().splitlines()[-1].removeprefix("summary: ")).read_text())
+from medseg.errors import UsageError
+from tests.conftest import tiny_config, train_run, write_msd_dataset
 
 
 def _parent_and_children(uri: str) -> tuple:
@@ -29,13 +27,11 @@ def _parent_and_children(uri: str) -> tuple:
     return client, parent, children
 
 
-def test_seeds_make_one_parent_with_a_child_per_seed_and_mean_and_std(tmp_path: Path, tiny_run_inputs,
-                                                                      capsys) -> None:
+def test_seeds_make_one_parent_with_a_child_per_seed_and_mean_and_std(tmp_path: Path, tiny_run_inputs) -> None:
     dataset, manifest = tiny_run_inputs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri, seed=3, train={"max_epochs": 1, "num_threads": 1})
-    assert main(["run", str(config), "--seeds", "2", "--no-progress"]) == EXIT_OK
-    summary = _summary_from_output(capsys.readouterr().out)
+    result = train_run(config, seeds=2)
 
     client, parent, children = _parent_and_children(uri)
     assert parent.info.status == "FINISHED" and parent.data.tags["medseg.repeat"] == "seeds"
@@ -45,9 +41,12 @@ def test_seeds_make_one_parent_with_a_child_per_seed_and_mean_and_std(tmp_path: 
         values = [c.data.metrics[key] for c in children]
         assert parent.data.metrics[key] == pytest.approx(statistics.mean(values))
         assert parent.data.metrics[f"{key}_std"] == pytest.approx(statistics.stdev(values))
-    assert summary["run_id"] == parent.info.run_id
-    assert [c["name"] for c in summary["children"]] == ["seed-3", "seed-4"]
-    parent_dir = Path(summary["run_dir"])
+        assert result.metrics[key] == pytest.approx(parent.data.metrics[key])
+        assert result.metrics[f"{key}_std"] == pytest.approx(parent.data.metrics[f"{key}_std"])
+    assert result.run_id == parent.info.run_id
+    assert [c["name"] for c in result.children] == ["seed-3", "seed-4"]
+    assert {c["run_id"] for c in result.children} == {c.info.run_id for c in children}
+    parent_dir = result.run_dir
     assert len(json.loads((parent_dir / "ensemble.json").read_text())["models"]) == 2
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"ensemble.json", "summary.json"}
 
@@ -59,48 +58,54 @@ def test_folds_train_each_fold_and_predict_averages_the_fold_models(tmp_path: Pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1})
 
+    with pytest.raises(UsageError, match=r"has folds \[0, 1\]"):
+        medseg.train(config, folds=3, progress=False)
+    # the CLI's --folds: the same message, exit code 2
     assert main(["run", str(config), "--folds", "3", "--no-progress"]) == EXIT_USAGE
     assert "has folds [0, 1]" in capsys.readouterr().err
-    assert main(["run", str(config), "--folds", "2", "--no-progress"]) == EXIT_OK
-    summary = _summary_from_output(capsys.readouterr().out)
+    result = train_run(config, folds=2)
     _, parent, children = _parent_and_children(uri)
+    assert result.run_id == parent.info.run_id
     assert sorted(c.data.params["data.fold"] for c in children) == ["0", "1"]
+    model_uris = json.loads((result.run_dir / "ensemble.json").read_text())["models"]
+    assert len(model_uris) == 2
 
-    scan = dataset / "imagesTr" / "case_000.nii.gz"
-    common = ["--input", str(scan), "--save-probabilities", "--tracking-uri", uri, "--no-tracking", "--no-progress"]
-    assert main(["predict", "--model", summary["run_dir"], "--output", str(tmp_path / "ens"), *common]) == EXIT_OK
+    def predict(model: str | Path, out: Path) -> np.ndarray:
+        predictor = medseg.Predictor.from_uri(model, tracking_uri=uri)
+        batch = predictor.predict_folder(dataset / "imagesTr" / "case_000.nii.gz", out, save_probabilities=True,
+                                         progress=False)
+        assert batch.counts["ok"] == 1 and batch.n_failed == 0
+        assert batch.summary_dict()["ensemble_size"] == len(predictor.model.networks)
+        (case,) = batch.results
+        return nib.load(case.outputs["probabilities"]).get_fdata()
+
+    ensemble = predict(result.run_dir, tmp_path / "ens")
     assert json.loads((tmp_path / "ens" / "predict_summary.json").read_text())["ensemble_size"] == 2
-    members = []
-    for i, uri_i in enumerate(summary["model_uris"]):
-        assert main(["predict", "--model", uri_i, "--output", str(tmp_path / f"m{i}"), *common]) == EXIT_OK
-        members.append(nib.load(tmp_path / f"m{i}" / "case_000_probabilities.nii.gz").get_fdata())
-    ensemble = nib.load(tmp_path / "ens" / "case_000_probabilities.nii.gz").get_fdata()
+    members = [predict(uri_i, tmp_path / f"m{i}") for i, uri_i in enumerate(model_uris)]
     np.testing.assert_allclose(ensemble, np.mean(members, axis=0), atol=1e-5)
 
     # The parent run's URI stands for the same ensemble.
-    assert main(["predict", "--model", f"runs:/{parent.info.run_id}", "--output", str(tmp_path / "byrun"),
-                 *common]) == EXIT_OK
+    predict(f"runs:/{parent.info.run_id}", tmp_path / "byrun")
     byrun = json.loads((tmp_path / "byrun" / "predict_summary.json").read_text())
-    assert byrun["ensemble_size"] == 2 and set(byrun["model_uri"].split(",")) == set(summary["model_uris"])
+    assert byrun["ensemble_size"] == 2 and set(byrun["model_uri"].split(",")) == set(model_uris)
 
 
 def test_a_resumed_parent_skips_finished_children(tmp_path: Path, tiny_run_inputs, capsys) -> None:
     dataset, manifest = tiny_run_inputs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1})
-    assert main(["run", str(config), "--seeds", "2", "--no-progress"]) == EXIT_OK
-    summary = _summary_from_output(capsys.readouterr().out)
-    parent_dir = Path(summary["run_dir"])
+    first = train_run(config, seeds=2)
+    parent_dir = first.run_dir
     # As if the job died while the second child ran: its summary and the parent's are missing.
     (parent_dir / "summary.json").unlink()
     (parent_dir / "seed-1" / "summary.json").unlink()
-    assert main(["run", str(config), "--seeds", "3", "--resume", "--no-progress"]) == 1
+    # the CLI's --seeds with --resume: a different count is refused, exit code 1
+    assert main(["run", str(config), "--seeds", "3", "--resume", "--no-progress"]) == EXIT_FAILED
     assert "was --seeds 2" in capsys.readouterr().err
-    assert main(["run", str(config), "--seeds", "2", "--resume", "--no-progress"]) == EXIT_OK
-    resumed = _summary_from_output(capsys.readouterr().out)
-    assert resumed["run_id"] == summary["run_id"]
-    assert resumed["children"][0]["run_id"] == summary["children"][0]["run_id"]  # not rerun
-    assert resumed["children"][1]["run_id"] == summary["children"][1]["run_id"]  # same child run continued
+    resumed = train_run(config, seeds=2, resume=True)
+    assert resumed.run_id == first.run_id and resumed.run_dir == first.run_dir
+    assert resumed.children[0]["run_id"] == first.children[0]["run_id"]  # not rerun
+    assert resumed.children[1]["run_id"] == first.children[1]["run_id"]  # same child run continued
     _, parent, children = _parent_and_children(uri)
     assert len(children) == 2 and parent.info.status == "FINISHED"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from medseg.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_run
 
 
 def _free_port() -> int:
@@ -59,17 +57,15 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def test_pipeline_logs_a_run_and_model_to_a_real_server(tmp_path: Path, tiny_run_inputs, mlflow_server: str,
-                                                       capsys) -> None:
+def test_pipeline_logs_a_run_and_model_to_a_real_server(tmp_path: Path, tiny_run_inputs, mlflow_server: str) -> None:
     dataset, manifest = tiny_run_inputs
     config = tiny_config(tmp_path, dataset, manifest, mlflow_server, train={"max_epochs": 1})
-    assert main(["run", str(config), "--no-progress"]) == 0
-    summary_path = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: "))
-    summary = json.loads(summary_path.read_text())
-    assert summary["tracking_uri"] == mlflow_server
+    result = train_run(config)
+    assert result.model_uri
+    assert result.tracking_uri == mlflow_server
 
     client = MlflowClient(mlflow_server)
-    run = client.get_run(summary["run_id"])
+    run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert "val/dice/blob1" in run.data.metrics and "train/loss" in run.data.metrics
     assert run.data.params["tracking.uri"] == mlflow_server
@@ -78,6 +74,6 @@ def test_pipeline_logs_a_run_and_model_to_a_real_server(tmp_path: Path, tiny_run
     assert stored, "artifacts were not proxied to the server's artifact destination"
 
     mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pytorch.load_model(summary["model_uri"])
+    model = mlflow.pytorch.load_model(result.model_uri)
     with torch.no_grad():
         assert model(torch.randn(1, 1, 16, 16, 8)).shape == (1, 3, 16, 16, 8)

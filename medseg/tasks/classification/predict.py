@@ -91,7 +91,7 @@ class ClassificationPredictor:
         prediction = self.predict(case.path, case.case_id)
         index = {n: i for i, n in self.names.items()}[str(prediction.predicted_class)]
         values: dict[str, Any] = {"label": "", "predicted": index, "predicted_name": prediction.predicted_class,
-                                  **{f"prob_{n}": f"{p:.6f}" for n, p in prediction.class_probabilities.items()}}
+                                  **{f"prob_{n}": round(p, 6) for n, p in prediction.class_probabilities.items()}}
         return CaseResult(case.case_id, str(case.path), "ok", values=values)
 
     def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:

@@ -68,6 +68,12 @@ class VolumeReconstruction:
     inputs: torch.Tensor
 
 
+#: Simulating a measurement (masks and FFTs, or noise) for every slice is per-sample work of the
+#: order of the training step: two loader workers overlap it with the step (benchmarks/results/recon.md
+#: times this data path against a plain MONAI pipeline).
+LOADER_WORKERS = 2
+
+
 def build_network(cfg: ReconstructionConfig) -> nn.Module:
     return create_reconstruction_model(cfg.model, cfg.recon)
 
@@ -188,10 +194,7 @@ def train(cfg: ReconstructionConfig, manifest_path: Path, root: Path, out_dir: P
         loss=create_reconstruction_loss(cfg.loss),
         validate=validate,
         selection_metric=SELECTION_METRIC,
-        # Simulating a measurement (masks and FFTs, or noise) for every slice is per-sample work of
-        # the order of the training step: two loader workers overlap it with the step
-        # (benchmarks/results/recon.md times this data path).
-        default_num_workers=2,
+        default_num_workers=LOADER_WORKERS,
     )
     return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
 

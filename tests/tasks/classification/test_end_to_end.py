@@ -14,10 +14,9 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
 import medseg
-from medseg import RunResult
 from medseg.cli import EXIT_FAILED, main
 from medseg.data.medmnist import import_medmnist
-from tests.conftest import artifact_paths, classification_config, write_medmnist_npz
+from tests.conftest import artifact_paths, classification_config, train_run, write_medmnist_npz
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -33,17 +32,11 @@ def imported(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "manifest.csv", tmp_path / "images"
 
 
-def _train(config: Path) -> RunResult:
-    result = medseg.train(config, progress=False)
-    assert result is not None  # a single-process run always reports
-    return result
-
-
 def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, imported, capsys) -> None:
     manifest, images = imported
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = classification_config(tmp_path, manifest, images, uri)
-    result = _train(config)
+    result = train_run(config)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -104,7 +97,7 @@ def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, importe
     tuned_config = classification_config(tmp_path / "tuned", manifest, images, uri,
                                          model={"init_from": result.model_uri, "freeze": ["backbone"]},
                                          train={"max_epochs": 1})
-    tuned = _train(tuned_config)
+    tuned = train_run(tuned_config)
     source_weights = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
     tuned_weights = torch.load(tuned.run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert torch.equal(source_weights["features.0.weight"], tuned_weights["features.0.weight"])
@@ -122,7 +115,7 @@ def test_3d_run_with_a_resnet(tmp_path: Path) -> None:
                                    loss={"name": "focal", "class_weights": None},
                                    data={"labels": {0: "class_0", 1: "class_1"}},
                                    train={"max_epochs": 2}, validation={"tsne": False})
-    result = _train(config)
+    result = train_run(config)
     assert 0.0 <= result.metrics["test/auc"] <= 1.0
     assert json.loads((result.run_dir / "contract.json").read_text())["resize"] == [12, 12, 12]
 
@@ -166,7 +159,7 @@ def test_ordinal_grades_with_the_cumulative_head(tmp_path: Path) -> None:
     config = classification_config(tmp_path, tmp_path / "manifest.csv", tmp_path / "images", uri,
                                    data={"labels": {0: "grade_0", 1: "grade_1", 2: "grade_2"}, "ordinal": True},
                                    loss={"name": "ordinal", "class_weights": None}, validation={"tsne": False})
-    result = _train(config)
+    result = train_run(config)
     for key in ("test/mae", "test/qwk", "test/auc", "val/recall/grade_2"):
         assert key in result.metrics, key
     run_dir = result.run_dir

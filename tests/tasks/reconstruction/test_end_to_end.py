@@ -13,9 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import medseg
-from medseg import RunResult
 from medseg.data.manifest import build_manifest
-from tests.conftest import artifact_paths, write_config, write_msd_dataset
+from tests.conftest import artifact_paths, train_run, write_config, write_msd_dataset
 
 METRICS = ("psnr", "ssim", "nmse")
 
@@ -23,12 +22,6 @@ METRICS = ("psnr", "ssim", "nmse")
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-def _train(config: Path) -> RunResult:
-    result = medseg.train(config, progress=False)
-    assert result is not None  # a single-process run always reports
-    return result
 
 
 def _config(tmp_path: Path, uri: str, **sections: dict) -> Path:
@@ -61,7 +54,7 @@ def test_mri_run_logs_metrics_beside_the_baseline_and_predicts_on_the_input_grid
     # slices along the first axis: the slice-axis move must be undone when writing outputs
     config = _config(tmp_path, uri, data={"manifest": str(manifest), "root": str(dataset)},
                      recon={"slice_axis": 0, "mask": "random", "acceleration": 4})
-    result = _train(config)
+    result = train_run(config)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -127,7 +120,7 @@ def test_ct_run_generates_phantoms_scores_real_images_and_predicts_measured_inpu
                             "phantoms": {"train": 6, "val": 2, "test": 2, "size": 32},
                             "real_images": ["pydicom:CT_small.dcm"]},
                      model={"name": "unet", "channels": [4, 8, 16], "num_res_units": 1})
-    result = _train(config)
+    result = train_run(config)
     run = MlflowClient(uri).get_run(result.run_id)
     for key in ("test/psnr", "test/fbp_psnr", "test/psnr_gain", "real/psnr", "real/fbp_psnr", "real/ssim"):
         assert key in run.data.metrics, key

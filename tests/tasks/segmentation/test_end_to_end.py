@@ -17,7 +17,7 @@ import medseg
 from medseg.cli import EXIT_FAILED, main
 from medseg.data.manifest import build_manifest, file_sha256
 from medseg.errors import DataVerificationError, RunError
-from tests.conftest import REPO, artifact_paths, tiny_config
+from tests.conftest import REPO, artifact_paths, tiny_config, train_run
 
 LABEL_NAMES = ("blob1", "blob2")
 
@@ -27,8 +27,8 @@ def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_ru
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri)
 
-    result = medseg.train(config, progress=False)
-    assert result is not None and result.run_id and result.model_uri
+    result = train_run(config)
+    assert result.run_id and result.model_uri
     assert result.tracking_uri == uri
     assert result.run_dir.parent.resolve() == (tmp_path / "runs").resolve()
     assert result.summary_path == result.run_dir / "summary.json"
@@ -102,8 +102,7 @@ def test_wall_clock_budget_ends_training_and_still_validates(tmp_path: Path, tin
     dataset, manifest = tiny_run_inputs
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1000, "max_minutes": 0.05})
-    result = medseg.train(config, progress=False)
-    assert result is not None
+    result = train_run(config)
     epochs = result.metrics["train/epochs"]
     assert epochs is not None and 1 <= epochs < 1000
     assert result.metrics["val/dice_mean"] is not None
@@ -161,8 +160,7 @@ def test_2d_dynunet_with_disk_cache_bf16_and_model_registry(tmp_path: Path) -> N
     with warnings.catch_warnings():
         # MONAI only warns when it cannot read its cache back, then silently recomputes.
         warnings.filterwarnings("error", message=".*Corrupt cache file.*")
-        result = medseg.train(config, progress=False)
-    assert result is not None
+        result = train_run(config)
     assert list((tmp_path / "cache").rglob("*.pt")), "the disk cache stored nothing"
     model = mlflow.pytorch.load_model("models:/tiny-2d/1")
     with torch.no_grad():
@@ -175,9 +173,9 @@ def test_2d_dynunet_with_disk_cache_bf16_and_model_registry(tmp_path: Path) -> N
 
 def test_demo_config_runs_one_epoch_on_the_shipped_real_data(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
-    result = medseg.train("configs/demo_segmentation.yaml", progress=False, overrides=[
+    result = train_run("configs/demo_segmentation.yaml", overrides=[
         "train.max_epochs=1", f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
-    assert result is not None and result.run_dir.parent.resolve() == (tmp_path / "runs").resolve()
+    assert result.run_dir.parent.resolve() == (tmp_path / "runs").resolve()
     assert set(result.metrics) >= {"val/dice/anterior", "val/dice/posterior", "best_val/dice_mean_per_case"}
     assert 0.0 <= result.metrics["val/dice_mean"] <= 1.0
 
@@ -188,8 +186,7 @@ def test_resume_refuses_a_finished_run_a_missing_checkpoint_and_a_changed_config
 
     dataset, manifest = tiny_run_inputs
     config = tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    result = medseg.train(config, progress=False)
-    assert result is not None
+    result = train_run(config)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.resolve() == result.run_dir.resolve()
     cfg = medseg.load_config(config)

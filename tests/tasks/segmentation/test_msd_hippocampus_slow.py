@@ -14,29 +14,27 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.cli import main
+import medseg
 from medseg.data.manifest import read_manifest
 from medseg.tasks.segmentation.metrics import SegmentationMetrics
-from tests.conftest import HIPPO, REPO, require
+from tests.conftest import HIPPO, REPO, require, train_run
 
 
 @pytest.mark.slow
-def test_msd_hippocampus_30_minutes_reaches_dice_085_on_the_test_split(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_msd_hippocampus_30_minutes_reaches_dice_085_on_the_test_split(tmp_path: Path, monkeypatch) -> None:
     require(HIPPO)
     monkeypatch.chdir(REPO)
-    code = main(["run", "configs/msd_hippocampus.yaml", "--no-progress", "--set", "train.max_minutes=30",
-                 "--set", f"data.root={HIPPO}", "--set", f"output_dir={tmp_path / 'runs'}",
-                 "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
-    assert code == 0
-    summary_path = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: "))
-    metrics = json.loads(summary_path.read_text())["metrics"]
+    result = train_run("configs/msd_hippocampus.yaml", overrides=[
+        "train.max_minutes=30", f"data.root={HIPPO}", f"output_dir={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert result.model_uri
+    metrics = result.metrics
     assert metrics["train/minutes"] <= 30.5
     assert metrics["test/dice_mean"] >= 0.85, metrics
     assert metrics["test/dice/anterior"] >= 0.80 and metrics["test/dice/posterior"] >= 0.80
 
     # Batch inference on the same held-out cases gives the Dice the training run logged
     # (the same preprocessing path, inverted back onto each scan's own grid).
-    summary = json.loads(summary_path.read_text())
     inputs = tmp_path / "test_images"
     inputs.mkdir()
     manifest = read_manifest(REPO / "data_manifests" / "msd_hippocampus.csv")
@@ -44,8 +42,9 @@ def test_msd_hippocampus_30_minutes_reaches_dice_085_on_the_test_split(tmp_path:
     for case in test_cases:
         (inputs / Path(case.images[0]).name).symlink_to(HIPPO / case.images[0])
     out = tmp_path / "predictions"
-    assert main(["predict", "--model", summary["model_uri"], "--input", str(inputs), "--output", str(out),
-                 "--tracking-uri", summary["tracking_uri"], "--no-progress"]) == 0
+    predictor = medseg.Predictor.from_uri(result.model_uri, tracking_uri=result.tracking_uri)
+    batch = predictor.predict_folder(inputs, out, progress=False)
+    assert batch.n_failed == 0 and batch.counts["ok"] == len(test_cases)
     scores = SegmentationMetrics({0: "background", 1: "anterior", 2: "posterior"}, hd95=False)
     for case in test_cases:
         predicted = nib.load(out / Path(case.images[0]).name)
