@@ -755,6 +755,18 @@ def package_model(network: nn.Module, checkpoint: Path, contract: dict[str, Any]
     return contract_path, tracker.log_model(network, contract, contract_path, registered_name=registered_name)
 
 
+def log_evaluation(tracker: MlflowTracker | None, outputs: EvalOutputs) -> EvalOutputs:
+    """Log what an evaluate stage wrote to MLflow: its metrics, the per-case CSV and metrics JSON
+    (under ``evaluation/``) and its figures (under ``plots/``)."""
+    if tracker is not None:
+        tracker.log_metrics(outputs.metrics, step=0)
+        tracker.log_artifact(outputs.per_case, "evaluation")
+        tracker.log_artifact(outputs.metrics_file, "evaluation")
+        for path in outputs.figures:
+            tracker.log_artifact(path, "plots")
+    return outputs
+
+
 def write_history(history: Sequence[dict[str, float]], path: Path) -> Path:
     keys: list[str] = []
     for rec in history:

@@ -29,6 +29,7 @@ from medseg.engine.loop import (
     base_contract,
     fit,
     has_labelled_cases,
+    log_evaluation,
     package_model,
     split_cases,
     write_csv,
@@ -221,13 +222,7 @@ def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpo
                       perplexity=float(min(30.0, (len(features) - 1) / 3))).fit_transform(features)
         figures.append(embedding_map(points, labels, names, plots / f"tsne_{split}.png",
                                      f"t-SNE of the penultimate layer, {split} ({len(labels)} cases)"))
-    if tracker is not None:
-        tracker.log_metrics(values, step=0)
-        tracker.log_artifact(per_case, "evaluation")
-        tracker.log_artifact(metrics_file, "evaluation")
-        for path in figures:
-            tracker.log_artifact(path, "plots")
-    return EvalOutputs(per_case, metrics_file, tuple(figures), values)
+    return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, tuple(figures), values))
 
 
 # ----------------------------------------------------------------------------------- package stage

@@ -29,6 +29,7 @@ from medseg.engine.loop import (
     TrainTask,
     base_contract,
     fit,
+    log_evaluation,
     package_model,
     split_cases,
     write_csv,
@@ -257,16 +258,10 @@ def evaluate(cfg: ReconstructionConfig, items: list[dict[str, Any]], checkpoint:
             rec.baseline, rec.output, rec.target, out_dir / "plots" / f"recon_{name}_{case_id}.png",
             f"{name} {case_id}: {baseline} {row[f'{baseline}_psnr']:.2f} dB / SSIM {row[f'{baseline}_ssim']:.3f} -> "
             f"network {row['psnr']:.2f} dB / {row['ssim']:.3f}", baseline))
-    if tracker is not None:
-        tracker.log_metrics(values, step=0)
-        tracker.log_artifact(per_case, "evaluation")
-        tracker.log_artifact(metrics_file, "evaluation")
-        for path in figures:
-            tracker.log_artifact(path, "plots")
     log.info("%s: PSNR %.2f dB (%s %.2f), SSIM %.4f (%.4f), NMSE %.4f (%.4f) over %d volume(s)", name,
              values[f"{prefix}/psnr"], baseline, values[f"{prefix}/{baseline}_psnr"], values[f"{prefix}/ssim"],
              values[f"{prefix}/{baseline}_ssim"], values[f"{prefix}/nmse"], values[f"{prefix}/{baseline}_nmse"], len(rows))
-    return EvalOutputs(per_case, metrics_file, tuple(figures), values)
+    return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, tuple(figures), values))
 
 
 def split_items(cfg: ReconstructionConfig, manifest_path: Path, root: Path, split: str) -> list[dict[str, Any]]:

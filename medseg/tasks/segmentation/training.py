@@ -30,6 +30,7 @@ from medseg.engine.loop import (
     base_contract,
     fit,
     has_labelled_cases,
+    log_evaluation,
     package_model,
     split_cases,
     write_csv,
@@ -167,13 +168,7 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
     case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
     values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
     metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
-    if tracker is not None:
-        tracker.log_metrics(values, step=0)
-        tracker.log_artifact(per_case, "evaluation")
-        tracker.log_artifact(metrics_file, "evaluation")
-        for path in overlays:
-            tracker.log_artifact(path, "plots")
-    return EvalOutputs(per_case, metrics_file, tuple(overlays), values)
+    return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, tuple(overlays), values))
 
 
 # ----------------------------------------------------------------------------------- package stage
