@@ -73,7 +73,7 @@ def check_options(options: PredictOptions, task_name: str, supported: frozenset[
     """Refuse every option that was asked for but does not apply to ``task_name``.
 
     Raises:
-        PredictOptionError: names the option, the task and the tasks... that do use it.
+        PredictOptionError: names the refused options, the model's task and the options it does take.
     """
     defaults = PredictOptions()
     asked = [f.name for f in fields(PredictOptions)
