@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_write_text
-from medseg.io.readers import VOLUME_SUFFIXES, strip_volume_suffix
+from medseg.io.formats import FORMATS, strip_volume_suffix
 
 COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
 REQUIRED_COLUMNS = ("case_id", "image", "split")
@@ -172,7 +172,9 @@ def write_manifest(manifest: Manifest | Sequence[Case], path: str | Path) -> Pat
 
 
 def _volumes_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES) and not p.name.startswith("."))
+    """Image files directly in ``folder``, by the suffixes of the format registry (hidden files skipped)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and FORMATS.by_suffix(p.name) is not None and not p.name.startswith("."))
 
 
 def discover_cases(root: Path) -> list[Case]:
@@ -229,7 +231,7 @@ def _from_nnunet_folders(root: Path, images: Path, labels: Path, channel_suffix:
         match = _CHANNEL_RE.match(stem) if channel_suffix else None
         grouped.setdefault(match["case"] if match else stem, []).append(path)
     if not grouped:
-        raise ManifestError(f"{images}: no image files ({', '.join(VOLUME_SUFFIXES)})")
+        raise ManifestError(f"{images}: no image files; expected one of: {FORMATS.describe()}")
     label_files = {strip_volume_suffix(p.name): p for p in _volumes_in(labels)} if labels.is_dir() else {}
     cases = []
     for case_id, paths in sorted(grouped.items()):

@@ -1,4 +1,8 @@
-"""Find the scans in a folder tree: NIfTI/MHA/NRRD files, DICOM series folders, single DICOM files.
+"""Find the scans in a folder tree: one case per image file of a registered format (NIfTI, MHA,
+NRRD, plugins), and per DICOM series folder or single DICOM file.
+
+What counts as an image comes from :data:`medseg.io.formats.FORMATS`, the registry that reading
+and ``manifest build`` use too.
 
 DICOM files are grouped by folder and SeriesInstanceUID from their headers (pixel data is not
 read). Non-image DICOM objects (structured reports, presentation states, ...) are skipped
@@ -16,11 +20,8 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medseg.io.readers import NIFTI_SUFFIXES, SITK_SUFFIXES, is_dicom_file, strip_volume_suffix
+from medseg.io.formats import FORMATS, strip_volume_suffix
 
-#: Non-DICOM volume files that are one case each.
-FILE_SUFFIXES = NIFTI_SUFFIXES + tuple(s for s in SITK_SUFFIXES if s not in (".dcm", ".dicom", ".ima"))
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _HEADER_TAGS = ["SeriesInstanceUID", "SeriesDescription", "Rows", "Columns", "NumberOfFrames", "SOPClassUID", "Modality"]
 
 
@@ -68,11 +69,13 @@ def discover(root: Path) -> Discovery:
         return found
     dicom_by_folder: dict[Path, list[Path]] = defaultdict(list)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        lower = path.name.lower()
-        if lower.endswith(FILE_SUFFIXES):
-            found.cases.append(InputCase(_case_id(root, path, True), path, "file"))
-        elif lower.endswith(DICOM_SUFFIXES) or is_dicom_file(path):
+        fmt = FORMATS.for_path(path)
+        if fmt is None:
+            continue
+        if fmt.series:  # DICOM: files are grouped into series per folder below
             dicom_by_folder[path.parent].append(path)
+        else:
+            found.cases.append(InputCase(_case_id(root, path, True), path, "file"))
     for folder, files in sorted(dicom_by_folder.items()):
         _dicom_cases(root, folder, files, found)
     found.cases = _refuse_shared_ids(found.cases)
