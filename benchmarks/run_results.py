@@ -25,7 +25,7 @@ Suites (minutes on this project's 2-core CPU, from the README's figures):
 
 Usage:
     python benchmarks/run_results.py SUITE [--minutes M] [--set KEY=VALUE ...] [--seeds K]
-                                     [--only TEXT] [--work DIR] [--out benchmarks/results]
+                                     [--only REGEX ...] [--work DIR] [--out benchmarks/results]
 
 A smoke test that leaves ``runs/`` and ``benchmarks/results/`` alone:
     python benchmarks/run_results.py demo --minutes 0.2 --set train.max_epochs=1 \\
@@ -424,7 +424,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for every run (repeatable), e.g. train.max_epochs=1")
     parser.add_argument("--seeds", type=int, help="seeds per repeated run (default: the suite's, 3)")
-    parser.add_argument("--only", help="only the runs whose command contains this text")
+    parser.add_argument("--only", action="append", metavar="REGEX",
+                        help="only the runs whose command matches this regular expression (repeat: any of them)")
     parser.add_argument("--work", type=Path, help="output_dir and MLflow store under this folder instead of the "
                         "configs' runs/ (for smoke tests)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -438,7 +439,7 @@ def main() -> None:
         runs = [replace(r, overrides=tuple(o for o in r.overrides if not o.startswith("train.max_minutes=")))
                 for r in runs]
     if args.only:
-        runs = [r for r in runs if args.only in " ".join(r.argv(extra))]
+        runs = [r for r in runs if any(re.search(pattern, " ".join(r.argv(extra))) for pattern in args.only)]
         if not runs:
             raise SystemExit(f"--only {args.only!r} matches none of the {args.suite} runs: "
                              + "; ".join(" ".join(r.argv(extra)) for r in suite.runs))
