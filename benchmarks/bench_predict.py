@@ -33,7 +33,7 @@ def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
     import mlflow
 
     from medseg import load_config
-    from medseg.io.atomic import atomic_write_text
+    from medseg.engine.loop import log_network
     from medseg.tasks.segmentation.training import build_network, model_contract
     from medseg.tracking import MlflowTracker
 
@@ -41,8 +41,7 @@ def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
     tracker = MlflowTracker(f"sqlite:///{workdir / 'mlflow.db'}", "bench")
     tracker.start("bench-model", {})
     contract = model_contract(cfg)
-    path = atomic_write_text(workdir / "contract.json", json.dumps(contract))
-    uri = tracker.log_model(build_network(cfg).eval(), contract, path)
+    uri = log_network(build_network(cfg), cfg, contract, workdir, tracker)
     tracker.end()
     mlflow.set_tracking_uri(tracker.uri)
     return uri
@@ -79,8 +78,16 @@ def _worker(args: argparse.Namespace) -> None:
             ScaleIntensityRanged,
         )
 
-        model = mlflow.pytorch.load_model(args.model, map_location="cpu").eval()
-        contract = mlflow.models.get_model_info(args.model).metadata["medseg_contract"]
+        from medseg.engine.model_format import local_model_folder, read_model_folder
+        from medseg.tasks.registry import network_from_spec
+
+        # as a MONAI tutorial does it: build the network, load its state dict
+        with local_model_folder(args.model) as (folder, _):
+            files = read_model_folder(folder)
+        model = network_from_spec(files.network_spec)
+        model.load_state_dict(files.state_dict)
+        model.eval()
+        contract = files.contract
         intensity = contract["intensity"]
         norm = (ScaleIntensityRanged("image", *intensity["window"], 0.0, 1.0, clip=True)
                 if intensity["mode"] == "ct_window" else NormalizeIntensityd("image", nonzero=intensity["nonzero"]))

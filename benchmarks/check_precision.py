@@ -46,7 +46,7 @@ def main() -> None:
                         "--set", f"output_dir={work / 'runs'}", "--set", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"],
                        check=True, cwd=REPO)
         run_dir = next((work / "runs").iterdir())
-    checkpoint = run_dir / "checkpoints" / "best.pt"
+    checkpoint = run_dir / "checkpoints" / "best.safetensors"
     rows = {}
     for name, overrides in SETTINGS.items():
         cfg = load_config(run_dir / "resolved_config.yaml", overrides)

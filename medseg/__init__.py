@@ -33,6 +33,7 @@ _EXPORTS = {
     "describe": "medseg.api",
     "build_manifest": "medseg.api",
     "import_medmnist": "medseg.api",
+    "convert_model": "medseg.api",
     "Predictor": "medseg.api",
     "RunResult": "medseg.api",
     "Prediction": "medseg.engine.predict",
@@ -45,7 +46,7 @@ _EXPORTS = {
 
 __all__ = [
     "BatchReport", "CaseResult", "Prediction", "Predictor", "RunConfig", "RunResult", "Task", "VerifyReport",
-    "__version__", "build_manifest", "describe", "get_task", "import_medmnist", "list_models", "list_tasks",
+    "__version__", "build_manifest", "convert_model", "describe", "get_task", "import_medmnist", "list_models", "list_tasks",
     "load_config", "train", "validate_config", "verify",
 ]
 
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
         Predictor,
         RunResult,
         build_manifest,
+        convert_model,
         describe,
         import_medmnist,
         list_models,

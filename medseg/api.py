@@ -49,14 +49,16 @@ from medseg.engine.predict import (
 from medseg.engine.runner import RepeatKind, run_pipeline, run_repeated
 from medseg.engine.runtime import resolve_device, tune_allocator
 from medseg.errors import ConfigError, UsageError
+from medseg.io.discovery import discover_paths
 from medseg.io.readers import strip_volume_suffix
 from medseg.tasks.base import Task
-from medseg.tasks.registry import get_task, list_tasks, load_config, validate_config
+from medseg.tasks.registry import get_task, list_tasks, load_config, network_from_spec, validate_config
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "import_medmnist",
+    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "convert_model",
+    "import_medmnist",
     "list_models", "list_tasks", "load_config", "train", "validate_config", "verify",
 ]
 
@@ -275,7 +277,7 @@ class Predictor:
         torch_device = resolve_device(device)
         tune_allocator()
         refs = [str(uri)] if isinstance(uri, (str, Path)) else [str(u) for u in uri]
-        model = load_models(refs, torch_device)
+        model = load_models(refs, torch_device, network_from_spec)
         task = get_task(model.task)
         options = PredictOptions(device=device, tta=tta, overlap=overlap, keep_largest=keep_largest, measured=measured)
         return cls(model, task, torch_device, options, store)
@@ -288,6 +290,11 @@ class Predictor:
     @property
     def labels(self) -> dict[int, str]:
         return self.model.label_names
+
+    @property
+    def output_columns(self) -> tuple[str, ...]:
+        """The report columns holding each case's output files, the main one first."""
+        return tuple(self._case_predictor.output_columns)
 
     def predict(self, image: str | Path | MetaTensor | np.ndarray | torch.Tensor, *,
                 affine: np.ndarray | None = None, case_id: str | None = None) -> Prediction:
@@ -366,6 +373,75 @@ class Predictor:
         case_predictor = self.task.case_predictor(self.model, options, self.device)
         return predict_folder(case_predictor, self.model, Path(input), Path(output), options, self.device, tracker,
                               found)
+
+    def predict_paths(self, paths: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
+                      save_probabilities: bool = False, progress: bool = False) -> BatchReport:
+        """Predict the scans at ``paths`` (files, DICOM series folders or folders of scans) into ``output``,
+        as one batch: what a served model does with a column of paths. A path that does not exist
+        is a failed row, the others go on."""
+        options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities, progress=progress)
+        check_options(options, self.task.name, self.task.predict_options)
+        found = discover_paths([Path(p) for p in paths])
+        case_predictor = self.task.case_predictor(self.model, options, self.device)
+        return predict_folder(case_predictor, self.model, Path(str(paths[0]) if len(paths) == 1 else "."),
+                              Path(output), options, self.device, None, found)
+
+
+# ----------------------------------------------------------------------------------- model files
+
+
+PICKLE_WARNING = ("converting unpickles {source}, which runs whatever code the file holds: only convert a model "
+                  "whose origin you trust")
+
+
+def convert_model(source: str | Path, out: str | Path, *, config: RunConfig | str | Path | None = None,
+                  tracking_uri: str | None = None) -> Path:
+    """Convert a pickled model into medseg's safe format, knowingly unpickling it once.
+
+    Args:
+        source: a pickled state dict (``.pt``/``.pth``/``.bin``, read with ``weights_only=True``), or
+            a pickled MLflow PyTorch model (an older medseg's model: folder or URI).
+        out: for a state dict, the ``.safetensors`` file to write (for ``model.init_from``); for a
+            model, the model folder to write (``medseg_model.json`` + ``weights.safetensors``).
+        config: the run's config (its ``resolved_config.yaml``): what rebuilds the network; needed
+            for a model, which carried no network spec before.
+
+    Returns:
+        The file or folder written.
+
+    Raises:
+        UsageError: a model without ``config``, or weights that do not fit the config's network.
+    """
+    from medseg.engine.loop import network_spec
+    from medseg.engine.model_format import write_model_folder
+    from medseg.io import safe_tree
+
+    log.warning(PICKLE_WARNING.format(source=source))
+    path = Path(source)
+    out = Path(out)
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)  # the one knowing unpickle
+        state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UsageError(f"{source}: holds no state dict of tensors; nothing to convert")
+        return safe_tree.save(out, {k: v.contiguous() for k, v in state.items()})
+    if config is None:
+        raise UsageError(f"{source}: converting a model needs --config, the config it was trained with (its run "
+                         "folder's resolved_config.yaml): it says how to rebuild the network")
+    import mlflow
+
+    _tracking(tracking_uri)
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    task = get_task(str(cfg.task))
+    pickled = mlflow.pytorch.load_model(str(source), map_location="cpu")  # the one knowing unpickle
+    network = task.build_network(cfg)
+    try:
+        network.load_state_dict(pickled.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise UsageError(f"{source}: its weights do not fit the network of {config} ({str(err).splitlines()[0]}); "
+                         "give the config of the run that trained it") from err
+    write_model_folder(out, network, network_spec(cfg), task.contract(cfg), extra={"converted_from": str(source)})
+    return out
 
 
 # ----------------------------------------------------------------------------------- manifests

@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-tracking", action="store_true", help="do not log the batch as an MLflow run")
     predict.add_argument("--no-progress", action="store_true")
 
+    model = sub.add_parser("model", help="model files")
+    model_sub = model.add_subparsers(dest="model_command")
+    convert = model_sub.add_parser(
+        "convert", help="convert a pickled model or state dict (an older medseg, torch.save) into medseg's safe "
+                        "format; this unpickles the source once, so only convert what you trust")
+    convert.add_argument("source", help="a .pt/.pth state dict, or an older medseg model (folder or runs:/ URI)")
+    convert.add_argument("--out", type=Path, required=True,
+                         help="the .safetensors file (state dict) or the model folder (model) to write")
+    convert.add_argument("--config", type=Path, help="for a model: the config it was trained with "
+                                                     "(its run folder's resolved_config.yaml)")
+    convert.add_argument("--tracking-uri", help="MLflow store of a runs:/ or models:/ source")
+
     manifest = sub.add_parser("manifest", help="data manifests")
     msub = manifest.add_subparsers(dest="manifest_command")
     build = msub.add_parser("build", help="build a manifest from an MSD/nnU-Net or images/labels folder, "
@@ -122,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(medseg.__version__)
         return EXIT_OK
     handlers = {"run": _cmd_run, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
-                "predict": _cmd_predict}
+                "predict": _cmd_predict, "model": _cmd_model}
     if args.command not in handlers:
         parser.print_help()
         return EXIT_USAGE
@@ -269,6 +281,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"report: {batch.report}")
     print(f"summary: {batch.summary}")
     return EXIT_OK if batch.n_failed == 0 else EXIT_FAILED
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    import medseg
+
+    if args.model_command != "convert":
+        print("usage: medseg model convert SOURCE --out PATH [--config CONFIG]", file=sys.stderr)
+        return EXIT_USAGE
+    written = medseg.convert_model(args.source, args.out, config=args.config, tracking_uri=args.tracking_uri)
+    print(f"converted: {written}")
+    return EXIT_OK
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:

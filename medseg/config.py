@@ -317,7 +317,7 @@ class TrainConfig(Section):
         default=False, description="Deterministic algorithms and a step-based LR schedule: reruns give identical "
         "curves (same machine, same thread count). Slower on GPUs.")
     checkpoint_interval_minutes: float = Field(
-        default=10.0, ge=0, description="Also save checkpoints/last.pt mid-epoch this often (0: every iteration), "
+        default=10.0, ge=0, description="Also save checkpoints/last.safetensors mid-epoch this often (0: every iteration), "
         "so a crash loses at most this much work.")
 
 
@@ -330,6 +330,15 @@ class TrackingConfig(Section):
     experiment: str = "medseg"
     run_name: str | None = None
     register_model_as: str | None = None
+    model_alias: str | None = Field(
+        default=None, description="Set this alias (e.g. champion) on the registered version, so "
+        "models:/<register_model_as>@<alias> names it; needs register_model_as.")
+
+    @model_validator(mode="after")
+    def _alias_needs_a_name(self) -> TrackingConfig:
+        if self.model_alias and not self.register_model_as:
+            raise ValueError("tracking.model_alias needs tracking.register_model_as (the registered model to alias)")
+        return self
 
 
 class RunConfig(Section):

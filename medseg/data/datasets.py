@@ -6,7 +6,9 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,9 @@ from monai.transforms import Compose
 
 from medseg.config import CacheMode, DataConfig
 from medseg.data.manifest import Case, ManifestError
+from medseg.io import safe_tree
+
+log = logging.getLogger(__name__)
 
 
 def records(cases: Sequence[Case], root: Path, with_label: bool = True,
@@ -122,8 +127,14 @@ class MappedCacheDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         folder = self.entry(index)
-        if not (folder / _INDEX).is_file():
-            self._store(self.transform(dict(self.items[index])), folder)
+        if (folder / _INDEX).is_file():
+            try:
+                return _load_entry(folder)
+            except (CacheEntryError, OSError, ValueError, KeyError, TypeError) as err:
+                # Rebuilt, never trusted: an edited or torn entry is only data, so nothing is lost
+                log.warning("cache entry %s is unreadable (%s); preprocessing record %d again", folder, err, index)
+                shutil.rmtree(folder, ignore_errors=True)
+        self._store(self.transform(dict(self.items[index])), folder)
         return _load_entry(folder)
 
     @staticmethod
@@ -143,15 +154,15 @@ class MappedCacheDataset(torch.utils.data.Dataset):
                 index[key] = {"array": name, "tensor": isinstance(value, torch.Tensor), "metatensor": meta}
             else:
                 index[key] = {"value": value}
-        # metadata hold NumPy arrays and tuples: pickled, in medseg's own cache folder only
-        torch.save(index, tmp / _INDEX)
+        # JSON (arrays inlined): a cache folder shared between runs or users can never run code
+        (tmp / _INDEX).write_text(safe_tree.dumps_json(index))
         try:
             os.rename(tmp, folder)
         except OSError:  # another process stored the same entry first: its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_INDEX = "index.pt"
+_INDEX = "index.json"
 
 
 def describe(obj: Any, depth: int = 16) -> str:
@@ -179,13 +190,30 @@ def describe(obj: Any, depth: int = 16) -> str:
     return type(obj).__name__
 
 
+class CacheEntryError(ValueError):
+    """A cache entry's index is not what :meth:`MappedCacheDataset._store` writes."""
+
+
 def _load_entry(folder: Path) -> dict[str, Any]:
-    index = torch.load(folder / _INDEX, weights_only=False)
+    """Read one entry: its JSON index, and its arrays as ``.npy`` (``allow_pickle=False``).
+
+    Raises:
+        CacheEntryError: the index is not valid JSON of the expected shape.
+        OSError, ValueError: an array file is missing or not a plain ``.npy``.
+    """
+    try:
+        index = safe_tree.loads_json((folder / _INDEX).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, safe_tree.SafeTreeError) as err:
+        raise CacheEntryError(f"{folder / _INDEX}: not medseg's JSON cache index ({err})") from err
+    if not isinstance(index, dict) or not all(isinstance(v, dict) for v in index.values()):
+        raise CacheEntryError(f"{folder / _INDEX}: expected a JSON object of entries")
     out: dict[str, Any] = {}
     for key, spec in index.items():
         if "value" in spec:
             out[key] = spec["value"]
             continue
+        if not re.fullmatch(r"\d+\.npy", str(spec.get("array"))):  # only files of this entry's own folder
+            raise CacheEntryError(f"{folder / _INDEX}: entry {key!r} names array {spec.get('array')!r}")
         try:
             array = np.load(folder / spec["array"], mmap_mode="c", allow_pickle=False)
         except ValueError:  # an empty array (e.g. no background voxels) cannot be mapped

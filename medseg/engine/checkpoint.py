@@ -1,4 +1,5 @@
-"""Checkpoints written atomically and loaded with ``weights_only=True``."""
+"""Checkpoints: ``.safetensors`` files (tensors, plus the structure as JSON in the header),
+written atomically and read without unpickling anything (:mod:`medseg.io.safe_tree`)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,35 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from medseg.io.atomic import atomic_path
+from medseg.errors import RunError
+from medseg.io import safe_tree
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` via a temp file, flushed to disk before the rename, so neither a
     killed process nor a crashed machine leaves a torn checkpoint."""
-    with atomic_path(path, durable=True) as tmp:
-        torch.save(state, tmp)
-    return path
+    return safe_tree.save(path, state, durable=True)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain containers only)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain containers only).
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        RunError: the file is not a medseg checkpoint (truncated, corrupt, or a pickle).
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}. Train first, or point at an existing run directory.")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        pickled = path.with_suffix(".pt")
+        hint = (f" {pickled} is a pickled checkpoint of an older medseg, which is not loaded: start a new run"
+                if pickled.is_file() else " Train first, or point at an existing run directory.")
+        raise FileNotFoundError(f"Checkpoint not found: {path}.{hint}")
+    try:
+        state = safe_tree.load(path, device=map_location)
+    except safe_tree.SafeTreeError as err:
+        raise RunError(f"checkpoint {err}. Resume from an earlier run, or start a new one") from err
+    if not isinstance(state, dict):
+        raise RunError(f"checkpoint {path}: holds {type(state).__name__}, expected medseg's checkpoint dict")
+    return state
 
 
 def _np_state(state: tuple) -> dict[str, Any]:
@@ -37,7 +51,7 @@ def _np_tuple(state: dict[str, Any]) -> tuple:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states, in a form ``weights_only`` loading accepts.
+    """Python, NumPy and torch RNG states, as tensors and plain values.
 
     Augmentation needs no state here: each sample is drawn from seeds of its own position
     (:mod:`medseg.data.sampling`), and torch is reseeded every step; these are kept so code

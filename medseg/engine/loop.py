@@ -39,6 +39,7 @@ from medseg.data.sampling import (
 )
 from medseg.engine import distributed
 from medseg.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from medseg.engine.model_format import write_model_folder
 from medseg.engine.runtime import (
     autocast,
     autocast_dtype,
@@ -103,7 +104,7 @@ class TrainTask:
         val_transform: the validation chain (deterministic, cached).
         loss: ``loss(network output, batch label) -> scalar``.
         validate: see :data:`Validator`.
-        selection_metric: the validation metric whose maximum picks ``best.pt`` (``val/dice_mean``, ``val/auc``).
+        selection_metric: the validation metric whose maximum picks ``best.safetensors`` (``val/dice_mean``, ``val/auc``).
         default_num_workers: loader worker processes when ``train.num_workers`` is null; None
             leaves the choice to :func:`loader_workers`.
     """
@@ -357,7 +358,7 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
         task: the task's network, data and hooks.
         out_dir: run directory; ``checkpoints/``, ``history.csv`` and plots go here.
         tracker: MLflow run to log to (already started; a no-op tracker off the main process).
-        resume: continue from ``out_dir/checkpoints/last.pt`` if it exists.
+        resume: continue from ``out_dir/checkpoints/last.safetensors`` if it exists.
         progress: show progress bars.
 
     Returns:
@@ -368,7 +369,7 @@ def fit(cfg: RunConfig, task: TrainTask, out_dir: Path, tracker: MlflowTracker, 
     _check_training_cases(cfg, task, ctx)
     data = _prepare_data(cfg, task, runtime, out_dir, progress)
     parts = _build_model(cfg, task, runtime, data.iterations)
-    last_path = out_dir / "checkpoints" / "last.pt"
+    last_path = out_dir / "checkpoints" / "last.safetensors"
     # The main process reads the checkpoint and hands it to the others: no shared disk needed.
     checkpoint = ctx.broadcast(load_checkpoint(last_path) if ctx.is_main and resume and last_path.is_file() else None)
     state = LoopState()
@@ -460,7 +461,7 @@ def _build_model(cfg: RunConfig, task: TrainTask, runtime: _Runtime, iterations:
 
 def _restore(checkpoint: dict[str, Any], cfg: RunConfig, ctx: distributed.DistContext, data: _TrainData,
              parts: _Trainables) -> LoopState:
-    """Load ``last.pt`` into the run's parts (before DDP wraps the network) and return the loop state it saved."""
+    """Load ``last.safetensors`` into the run's parts (before DDP wraps the network) and return the loop state it saved."""
     parts.net.load_state_dict(checkpoint["model"])
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.scaler.load_state_dict(checkpoint["scaler"])
@@ -522,8 +523,8 @@ class _Loop:
         self.ctx = runtime.ctx
         self.out_dir, self.tracker = out_dir, tracker
         self.progress = progress and self.ctx.is_main
-        self.last_path = out_dir / "checkpoints" / "last.pt"
-        self.best_path = out_dir / "checkpoints" / "best.pt"
+        self.last_path = out_dir / "checkpoints" / "last.safetensors"
+        self.best_path = out_dir / "checkpoints" / "best.safetensors"
         self.global_batch = cfg.train.batch_size * self.ctx.world_size
         self.resumed_after = state.samples_done if state.samples_done else None  # an epoch resumed part-way
         self.budget_s = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
@@ -649,7 +650,7 @@ class _Loop:
         log.info("epoch %d: %s", state.epoch, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
 
     def _validate_and_select(self, record: dict[str, float]) -> None:
-        """Add the validation metrics to ``record``; a new best score writes ``best.pt``."""
+        """Add the validation metrics to ``record``; a new best score writes ``best.safetensors``."""
         state, select, net = self.state, self.task.selection_metric, self.parts.net
         record.update(self.task.validate(net, self.data.val, self.runtime.device, self.runtime.amp_dtype,
                                          self.progress))
@@ -663,7 +664,7 @@ class _Loop:
 
     # ------------------------------------------------------------------------ checkpoints and results
     def save_last(self) -> None:
-        """``last.pt``: everything a resumed run needs to continue exactly (main process only)."""
+        """``last.safetensors``: everything a resumed run needs to continue exactly (main process only)."""
         if self.ctx.is_main:
             parts = self.parts
             save_checkpoint(self.last_path, {
@@ -688,7 +689,7 @@ class _Loop:
             self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
 
     def finish(self) -> TrainOutputs:
-        """Write the history and learning curve, make sure ``best.pt`` exists, log the totals."""
+        """Write the history and learning curve, make sure ``best.safetensors`` exists, log the totals."""
         state = self.state
         if self.out_of_time:
             log.info("wall-clock budget of %.1f min reached after %d epochs", self.cfg.train.max_minutes, state.epoch)
@@ -741,18 +742,38 @@ def base_contract(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def network_spec(cfg: RunConfig) -> dict[str, Any]:
+    """What rebuilds the network: its task, its registry name and the config its factory reads."""
+    return {"task": str(cfg.task), "name": str(getattr(cfg.model, "name", "")), "config": config_to_dict(cfg)}
+
+
 def package_model(network: nn.Module, checkpoint: Path, contract: dict[str, Any], out_dir: Path,
-                  tracker: MlflowTracker, registered_name: str | None = None) -> tuple[Path, str]:
-    """Load ``checkpoint`` into ``network`` and log it as an MLflow PyTorch model carrying ``contract``.
+                  tracker: MlflowTracker, cfg: RunConfig) -> tuple[Path, str]:
+    """Load ``checkpoint`` into ``network`` and save and log it (:func:`log_network`).
 
     Returns:
         ``(contract.json path, model URI)``.
     """
     contract_path = atomic_write_text(out_dir / "contract.json", json.dumps(contract, indent=2))
     network.load_state_dict(load_checkpoint(checkpoint)["model"])
-    network.eval()
     tracker.log_artifact(contract_path)
-    return contract_path, tracker.log_model(network, contract, contract_path, registered_name=registered_name)
+    return contract_path, log_network(network, cfg, contract, out_dir, tracker, {"checkpoint": checkpoint.name})
+
+
+def log_network(network: nn.Module, cfg: RunConfig, contract: dict[str, Any], out_dir: Path,
+                tracker: MlflowTracker, extra: dict[str, Any] | None = None) -> str:
+    """Write the model folder ``out_dir/model`` (weights as safetensors, network spec and contract
+    as JSON) and log it to MLflow as a pyfunc model, registered (and aliased) as ``cfg.tracking`` says.
+
+    Returns:
+        The model URI; the local model folder when nothing is tracked (a non-main process).
+    """
+    folder = out_dir / "model"
+    write_model_folder(folder, network.eval(), network_spec(cfg), contract,
+                       extra={"run_id": tracker.run_id, **(extra or {})})
+    uri = tracker.log_model(folder, contract, registered_name=cfg.tracking.register_model_as,
+                            alias=cfg.tracking.model_alias)
+    return uri or str(folder)
 
 
 def log_evaluation(tracker: MlflowTracker | None, outputs: EvalOutputs) -> EvalOutputs:

@@ -11,6 +11,7 @@ how to predict and write one case.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -30,9 +31,11 @@ from torch import nn
 from tqdm import tqdm
 
 import medseg
+from medseg.engine.model_format import NetworkBuilder, local_model_folder, read_model_folder
+from medseg.engine.model_format import build_network as build_model_network
 from medseg.engine.runtime import to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms
-from medseg.errors import CaseError, MedsegError, ModelLoadError, PredictOptionError, UsageError
+from medseg.errors import CaseError, MedsegError, PredictOptionError, UsageError
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.discovery import Discovery, InputCase, discover
 
@@ -212,6 +215,14 @@ class LoadedModel:
     uris: tuple[str, ...]
     source_run_ids: tuple[str | None, ...]
     member_contracts: tuple[dict[str, Any], ...] = ()  # each member's own windowing (patch size, overlap)
+    weights_sha256: tuple[str, ...] = ()  # each member's weights file: which model made an output
+
+    @property
+    def weights_id(self) -> str:
+        """One id for the weights of all members (the hash itself for a single model)."""
+        if len(self.weights_sha256) == 1:
+            return self.weights_sha256[0]
+        return hashlib.sha256(",".join(self.weights_sha256).encode()).hexdigest()
 
     def members(self) -> list[tuple[nn.Module, dict[str, Any]]]:
         contracts = self.member_contracts or (self.contract,) * len(self.networks)
@@ -240,47 +251,27 @@ ENSEMBLE_KEYS = ("task", "spatial_dims", "in_channels", "channel_names", "labels
                  "intensity", "crop_foreground", "resize", "output_activation", "recon")
 
 
-def load_model(ref: str, device: torch.device) -> LoadedModel:
-    """Load an MLflow model (``runs:/``, ``models:/`` URI or a local model folder) and its contract.
+def load_model(ref: str, device: torch.device, build: NetworkBuilder) -> LoadedModel:
+    """Load a medseg model (``runs:/`` or ``models:/`` URI, ``models:/<name>@<alias>``, or a local
+    model folder): its JSON and safetensors only, the network rebuilt by ``build`` from medseg's
+    registry (:mod:`medseg.engine.model_format`). Nothing in the folder is imported or unpickled.
 
     Raises:
-        UsageError: the reference names no MLflow model, or the model has no medseg contract.
-        ModelLoadError: the model was found but could not be loaded (corrupt file, out of memory).
+        UsageError: the reference names no medseg model (a pickled one is refused, with the
+            command that converts it), or a network this medseg cannot build.
+        ModelLoadError: the model was found but is damaged (corrupt or truncated file, changed
+            weights) or could not be loaded (out of memory).
     """
-    import mlflow
-    from mlflow.models import Model
-
-    local = Path(ref)
-    meta: Any
-    try:
-        if local.exists():
-            if not (local / "MLmodel").is_file():
-                raise UsageError(f"--model {ref}: folder has no MLmodel file; give an MLflow model folder "
-                                 "(e.g. an artifact download of runs:/<id>/model) or a model URI")
-            meta = Model.load(str(local))
-        else:
-            meta = mlflow.models.get_model_info(ref)
-    except UsageError:
-        raise
-    except Exception as err:  # MLflow raises many types for a missing run/model/registry entry
-        raise UsageError(f"--model {ref}: not found ({type(err).__name__}: {err}). Check the URI and that the "
-                         "tracking URI (--tracking-uri or $MLFLOW_TRACKING_URI) points at its store") from err
-    contract = (meta.metadata or {}).get("medseg_contract")
-    if not contract:
-        raise UsageError(f"--model {ref}: the model carries no medseg contract (metadata.medseg_contract); "
-                         "only models logged by `medseg run` can be used, since inference must not guess")
-    try:
-        network = mlflow.pytorch.load_model(ref, map_location=device)
-    except MemoryError as err:
-        raise ModelLoadError(f"--model {ref}: ran out of memory while loading it; free memory or use a machine "
-                             "with more") from err
-    except Exception as err:  # found, but broken: a truncated download, a corrupt file
-        raise ModelLoadError(f"--model {ref}: found, but its network could not be loaded ({type(err).__name__}: "
-                             f"{err}). The model files may be incomplete or corrupt: download or log it again") from err
+    with local_model_folder(ref) as (folder, run_id):
+        files = read_model_folder(folder, ref)
+    contract = files.contract
+    if not contract.get("task"):
+        raise UsageError(f"--model {ref}: its contract names no task; inference must not guess")
+    network = build_model_network(files, build, ref).to(device)
     network = fold_batch_norms(network.eval())
     if use_channels_last(None, int(contract.get("spatial_dims", 3))):  # same values, faster 3D convolutions
         network = to_channels_last(network, 3)
-    return LoadedModel((network,), contract, (ref,), (getattr(meta, "run_id", None),))
+    return LoadedModel((network,), contract, (ref,), (run_id,), weights_sha256=(files.weights_sha256,))
 
 
 def expand_model_refs(refs: Sequence[str]) -> list[str]:
@@ -335,7 +326,7 @@ def _child_models(parent_run_id: str) -> list[str]:
     return models
 
 
-def load_models(refs: str | Sequence[str], device: torch.device) -> LoadedModel:
+def load_models(refs: str | Sequence[str], device: torch.device, build: NetworkBuilder) -> LoadedModel:
     """Load one model or an ensemble (several references, a parent run or its directory).
 
     Raises:
@@ -345,7 +336,7 @@ def load_models(refs: str | Sequence[str], device: torch.device) -> LoadedModel:
     expanded = expand_model_refs([refs] if isinstance(refs, str) else list(refs))
     if not expanded:
         raise UsageError("--model: no model given")
-    members = [load_model(ref, device) for ref in expanded]
+    members = [load_model(ref, device, build) for ref in expanded]
     first = members[0]
     for member in members[1:]:
         for key in ENSEMBLE_KEYS:
@@ -355,7 +346,7 @@ def load_models(refs: str | Sequence[str], device: torch.device) -> LoadedModel:
                                  "with the same preprocessing and labels (the folds or seeds of one config)")
     return LoadedModel(tuple(n for m in members for n in m.networks), first.contract,
                        tuple(u for m in members for u in m.uris), tuple(r for m in members for r in m.source_run_ids),
-                       tuple(m.contract for m in members))
+                       tuple(m.contract for m in members), tuple(h for m in members for h in m.weights_sha256))
 
 
 # ----------------------------------------------------------------------------------- helpers for tasks
@@ -477,6 +468,7 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     found = found or discover_inputs(input_dir)
     cases = found.cases[options.part_id::options.num_parts]
     output_dir.mkdir(parents=True, exist_ok=True)
+    _claim_output_folder(output_dir, model, options.overwrite)
     _remove_stale_temporaries(predictor, cases, output_dir)
     suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
     report_path = output_dir / f"predictions{suffix}.csv"
@@ -491,6 +483,7 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     report = BatchReport(report_path, output_dir / f"predict_summary{suffix}.json", tuple(results))
     summary = {
         "model_uri": model.uri,
+        "weights_sha256": list(model.weights_sha256),
         "ensemble_size": len(model.networks),
         "source_run_id": model.source_run_id,
         "task": model.task,
@@ -522,6 +515,35 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         tracker.log_artifact(report.report)
         tracker.log_artifact(report.summary)
     return report
+
+
+#: Hidden file in an output folder naming the model whose outputs it holds.
+MODEL_STAMP = ".medseg_predict_model.json"
+
+
+def _claim_output_folder(output_dir: Path, model: LoadedModel, overwrite: bool) -> None:
+    """Record which model writes into ``output_dir``; refuse to mix two models' outputs.
+
+    A rerun with the same weights skips finished cases; one with other weights would skip them
+    too and report the new model for masks the old one made, so it is refused unless
+    ``overwrite`` re-predicts every case.
+
+    Raises:
+        UsageError: the folder holds outputs of a model with other weights.
+    """
+    stamp = output_dir / MODEL_STAMP
+    if stamp.is_file() and not overwrite:
+        try:
+            earlier = json.loads(stamp.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            earlier = {}
+        if isinstance(earlier, dict) and earlier.get("weights_id") not in (None, model.weights_id):
+            raise UsageError(
+                f"--output {output_dir}: holds outputs of another model ({earlier.get('model_uri')}, weights sha256 "
+                f"{str(earlier.get('weights_id'))[:12]}…); this one ({model.uri}) has weights {model.weights_id[:12]}…. "
+                "Use --overwrite to re-predict every case with this model, or another --output folder")
+    atomic_write_text(stamp, json.dumps({"weights_id": model.weights_id, "weights_sha256": list(model.weights_sha256),
+                                         "model_uri": model.uri, "medseg_version": medseg.__version__}, indent=2))
 
 
 def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overwrite: bool,

@@ -86,11 +86,11 @@ def _new_run_dir(base: Path) -> Path:
 def find_resumable(base: Path) -> Path:
     """The newest run directory under ``base`` that has a last checkpoint and no summary."""
     candidates = sorted(
-        (d for d in base.glob("*") if (d / "checkpoints" / "last.pt").is_file() and not (d / "summary.json").is_file()),
+        (d for d in base.glob("*") if (d / "checkpoints" / "last.safetensors").is_file() and not (d / "summary.json").is_file()),
         key=lambda d: d.stat().st_mtime,
     )
     if not candidates:
-        raise RunError(f"--resume: no unfinished run with checkpoints/last.pt under {base}; start a new run instead")
+        raise RunError(f"--resume: no unfinished run with checkpoints/last.safetensors under {base}; start a new run instead")
     return candidates[-1]
 
 
@@ -103,8 +103,8 @@ def check_resumable(run_dir: Path, cfg: RunConfig, require_checkpoint: bool = Tr
     """Refuse to resume a directory that has nothing to resume, is finished, or ran another config."""
     import yaml
 
-    if require_checkpoint and not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise RunError(f"--resume {run_dir}: no checkpoints/last.pt there; check the path or start a new run")
+    if require_checkpoint and not (run_dir / "checkpoints" / "last.safetensors").is_file():
+        raise RunError(f"--resume {run_dir}: no checkpoints/last.safetensors there; check the path or start a new run")
     if (run_dir / "summary.json").is_file():
         raise RunError(f"--resume {run_dir}: that run finished (summary.json exists); start a new run instead")
     saved_path = run_dir / "resolved_config.yaml"
@@ -349,7 +349,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
             if finished:
                 log.info("%s: finished earlier, skipped", child_dir)
             else:
-                interrupted = dist.broadcast((child_dir / "checkpoints" / "last.pt").is_file())
+                interrupted = dist.broadcast((child_dir / "checkpoints" / "last.safetensors").is_file())
                 log.info("%s run %s of %d", kind.value[:-1], child_name, count)
                 run_pipeline(child_cfg, pipeline, resume=child_dir if interrupted else False, progress=progress,
                              run_dir=child_dir, parent_run_id=parent_id, prepare_data=prepare_data)

@@ -133,3 +133,24 @@ def _dicom_cases(root: Path, folder: Path, files: list[Path], found: Discovery) 
         found.cases.append(InputCase(_case_id(root, path, True), path, "dicom_file", series_uid=uid))
     else:
         found.cases.append(InputCase(case_id, folder, "dicom_series", series_uid=uid))
+
+
+def discover_paths(paths: list[Path]) -> Discovery:
+    """The scans at each of ``paths`` (a file, a DICOM series folder, or a folder of scans), as one
+    batch: what a served model receives as a column of paths. A path that does not exist is a
+    failed case of its own, not an error for the whole batch."""
+    found = Discovery()
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            found.cases.append(InputCase(_case_id(path.parent, path, True) if path.name else "case", path, "file",
+                                         problem=f"{path}: no such file or folder"))
+            continue
+        one = discover(path)
+        found.notes.extend(one.notes)
+        if not one.cases:
+            found.cases.append(InputCase(_case_id(path.parent, path, True), path, "file",
+                                         problem=f"{path}: no scan found there (expected one of: {FORMATS.describe()})"))
+        found.cases.extend(one.cases)
+    found.cases = _refuse_shared_ids(found.cases)
+    return found

@@ -34,7 +34,7 @@ class Task(Protocol):
             ``task`` field is ``Literal[name]``); its sections are typed, required ones required.
         predict_options: the :class:`~medseg.engine.predict.PredictOptions` fields, beyond the ones
             every task honours, that this task's prediction uses; the driver refuses the others.
-        selection_metric: the validation metric whose maximum picks ``best.pt``.
+        selection_metric: the validation metric whose maximum picks ``best.safetensors``.
     """
 
     name: str

@@ -18,6 +18,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from medseg.config import RunConfig, read_config_file
 from medseg.config import validate_config as validate_as
 from medseg.errors import ConfigError, UnknownTaskError
@@ -115,3 +117,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             registered, or a key or value is invalid (unknown keys name the closest valid key).
     """
     return validate_config(read_config_file(path, overrides), source=str(path))
+
+
+def network_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """The bare network a model's ``network`` spec describes (see :mod:`medseg.engine.model_format`),
+    built by its task from medseg's registries: what loading a model runs instead of unpickling.
+
+    Raises:
+        ConfigError: the spec's config is not valid for this medseg (or its task is unknown).
+    """
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+        raise ConfigError("the model's network spec has no 'config' object")
+    cfg = validate_config(dict(spec["config"]), source="the model's network spec")
+    return get_task(str(cfg.task)).build_network(cfg)

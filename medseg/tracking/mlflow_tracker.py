@@ -119,27 +119,48 @@ class MlflowTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self._run, str(path), artifact_path)
 
-    def log_model(self, model: Any, contract: Mapping[str, Any], contract_file: Path,
-                  registered_name: str | None = None) -> str:
-        """Log a torch model with MLflow's PyTorch flavour; the contract travels inside the model.
+    def log_model(self, model_folder: Path, contract: Mapping[str, Any], registered_name: str | None = None,
+                  alias: str | None = None) -> str:
+        """Log a medseg model folder as an MLflow pyfunc model (models from code: no pickle).
+
+        The folder's ``medseg_model.json`` and ``weights.safetensors`` become the model's artifacts;
+        its code is :mod:`medseg.serving.pyfunc_model`, which only imports the installed medseg, so
+        ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run the whole read -> preprocess ->
+        network -> invert -> write pipeline. medseg's own loaders read the two artifacts only.
+
+        Args:
+            registered_name: also register the model under this name (a new version).
+            alias: set this alias (e.g. ``champion``) on the new version; needs ``registered_name``.
 
         Returns:
-            The model URI that ``mlflow.pytorch.load_model`` and ``medseg predict`` accept.
+            The model URI (``models:/m-<id>``) that ``medseg predict`` and ``mlflow.pyfunc`` accept.
         """
-        import monai
-        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+        model_folder = Path(model_folder)
+        code = Path(medseg.__file__).parent / "serving" / "pyfunc_model.py"
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string", "path")]),
+            outputs=Schema([ColSpec("string", name) for name in ("case_id", "status", "error", "output")]),
+            params=ParamSchema([ParamSpec("output_dir", "string", ""), ParamSpec("device", "string", "auto"),
+                                ParamSpec("overwrite", "boolean", False)]),
+        )
         with mlflow.start_run(run_id=self._run, nested=False):
-            info = mlflow.pytorch.log_model(
-                model,
+            info = mlflow.pyfunc.log_model(
                 name="model",
-                serialization_format="pickle",  # pt2 needs a fixed-shape example; sliding windows vary the batch
-                extra_files=[str(contract_file)],
-                metadata={"medseg_contract": dict(contract)},
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}",
-                                  f"medseg=={medseg.__version__}"],
+                python_model=str(code),
+                artifacts={"medseg_model": str(model_folder / "medseg_model.json"),
+                           "weights": str(model_folder / "weights.safetensors")},
+                signature=signature,
+                metadata={"medseg_contract": dict(contract), "medseg_format": "medseg-model/1"},
+                pip_requirements=[f"medseg=={medseg.__version__}"],
                 registered_model_name=registered_name,
             )
+        if registered_name and alias:
+            version = info.registered_model_version
+            self.client.set_registered_model_alias(registered_name, alias, str(version))
+            log.info("registered %s version %s as models:/%s@%s", registered_name, version, registered_name, alias)
         return str(info.model_uri)
 
     @property
@@ -188,6 +209,6 @@ class NullTracker(MlflowTracker):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
-    def log_model(self, model: Any, contract: Mapping[str, Any], contract_file: Path,
-                  registered_name: str | None = None) -> str:
+    def log_model(self, model_folder: Path, contract: Mapping[str, Any], registered_name: str | None = None,
+                  alias: str | None = None) -> str:
         return ""

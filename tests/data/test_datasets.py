@@ -103,3 +103,32 @@ def test_writing_into_a_mapped_array_never_changes_the_cache(tmp_path: Path) -> 
     before = dataset[0]["image"].as_tensor().clone()
     dataset[0]["image"].as_tensor().fill_(7.0)  # copy-on-write mapping: a private page, not the file
     assert torch.equal(dataset[0]["image"].as_tensor(), before)
+
+
+class _Marker:
+    """Unpickling this creates a file: what a hostile pickle planted in a shared cache would do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_tampered_cache_index_runs_nothing_and_the_entry_is_rebuilt(tmp_path: Path) -> None:
+    import pickle
+
+    items = _items(tmp_path, 1)
+    chain = validation_transforms(PRE)
+    dataset = MappedCacheDataset(items, chain, tmp_path / "cache")
+    expected = dataset[0]["image"].as_tensor().clone()
+    entry = dataset.entry(0)
+    marker = tmp_path / "pwned"
+    for planted in (pickle.dumps(_Marker(str(marker))), b'{"image": {"array": "../../etc/passwd"}}', b""):
+        (entry / "index.json").write_bytes(planted)
+        # the old format's file name too: never read, whatever it holds
+        (entry / "index.pt").write_bytes(pickle.dumps(_Marker(str(marker))))
+        again = MappedCacheDataset(items, chain, tmp_path / "cache")[0]
+        assert torch.equal(again["image"].as_tensor(), expected)
+        assert not marker.exists(), "unpickling the planted index ran its code"
+        assert (entry / "index.json").read_bytes().startswith(b"{")

@@ -74,7 +74,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         assert two_curve == pytest.approx(one_curve, abs=2e-3), key
     # Only the main process wrote the run: one run directory, one checkpoint set.
     (run_dir,) = (tmp_path / "two").iterdir()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -112,7 +112,7 @@ def test_a_killed_worker_ends_the_job_with_a_clear_error_and_memory_caches_are_s
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/checkpoints/last.pt")):
+        while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/checkpoints/last.safetensors")):
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             time.sleep(0.2)
         workers = [p for p in _descendants(proc.pid) if _rank_of(p) == "1"]
@@ -191,10 +191,10 @@ def test_deterministic_runs_repeat_their_curves_exactly(tmp_path: Path, tiny_run
     (a,), (b,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
     assert len(_curves(a)) == 3 and "val/dice_mean" in _curves(a)[0]
     assert _curves(a) == _curves(b)
-    assert torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"].keys() == \
-           torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"].keys()
-    for key, tensor in torch.load(a / "checkpoints" / "last.pt", weights_only=True)["model"].items():
-        assert torch.equal(tensor, torch.load(b / "checkpoints" / "last.pt", weights_only=True)["model"][key]), key
+    assert torch.load(a / "checkpoints" / "last.safetensors", weights_only=True)["model"].keys() == \
+           torch.load(b / "checkpoints" / "last.safetensors", weights_only=True)["model"].keys()
+    for key, tensor in torch.load(a / "checkpoints" / "last.safetensors", weights_only=True)["model"].items():
+        assert torch.equal(tensor, torch.load(b / "checkpoints" / "last.safetensors", weights_only=True)["model"][key]), key
 
 
 def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path: Path,
@@ -211,7 +211,7 @@ def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tm
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline, killed_at = time.monotonic() + 180, None
     while time.monotonic() < deadline and proc.poll() is None:
-        for last in (tmp_path / "runs").glob("*/checkpoints/last.pt"):
+        for last in (tmp_path / "runs").glob("*/checkpoints/last.safetensors"):
             try:
                 state = json.loads(torch.load(last, weights_only=True)["state"])
             except Exception:  # noqa: BLE001 - read between two renames: try again
@@ -231,8 +231,8 @@ def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tm
     (whole_dir,) = (tmp_path / "whole").iterdir()
     assert len(_curves(run_dir)) == 4
     assert _curves(run_dir) == _curves(whole_dir)
-    resumed = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
-    for key, tensor in torch.load(whole_dir / "checkpoints" / "last.pt", weights_only=True)["model"].items():
+    resumed = torch.load(run_dir / "checkpoints" / "last.safetensors", weights_only=True)["model"]
+    for key, tensor in torch.load(whole_dir / "checkpoints" / "last.safetensors", weights_only=True)["model"].items():
         assert torch.equal(tensor, resumed[key]), key
 
     client, run = _only_run(uri)  # the same MLflow run continued, each epoch logged once
@@ -276,7 +276,7 @@ class _Stop(Exception):
 def _finished_as_one_run(run_dir: Path, uri: str, epochs: int, steps: int) -> None:
     """The run ended once, each epoch in its history and in MLflow once, the LR schedule at its end."""
     assert [int(float(row["epoch"])) for row in _curves(run_dir)] == list(range(1, epochs + 1))
-    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    last = torch.load(run_dir / "checkpoints" / "last.safetensors", weights_only=True)
     assert last["step_count"] == steps  # progress reached 1 exactly: the schedule carried over the resume
     assert json.loads(last["state"])["samples_done"] == 0
     client, run = _only_run(uri)
@@ -295,14 +295,14 @@ def _signal_job(pid: int, signum: int) -> None:
 
 
 def _stop_mid_epoch(proc: subprocess.Popen, runs: Path) -> dict:
-    """Kill the job ``proc`` launched once ``last.pt`` is part-way through an epoch after the first.
+    """Kill the job ``proc`` launched once ``last.safetensors`` is part-way through an epoch after the first.
 
     The job is paused before the checkpoint is read for good, so the state returned is the one
     the resumed run starts from; a pause that caught an epoch's end lets it go on.
     """
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        for last in runs.glob("*/checkpoints/last.pt"):
+        for last in runs.glob("*/checkpoints/last.safetensors"):
             try:
                 state = json.loads(torch.load(last, weights_only=True)["state"])
             except Exception:  # noqa: BLE001 - read between two renames: try again
@@ -339,7 +339,7 @@ def test_a_run_of_one_process_resumed_with_two_trains_the_rest_of_its_epoch_once
     seed_step = loop.seed_step
 
     def stop_in_the_second_epoch(seed: int, epoch: int, iteration: int, rank: int) -> None:
-        if (epoch, iteration) == (1, 3):  # last.pt holds the first 3 of the epoch's 6 steps
+        if (epoch, iteration) == (1, 3):  # last.safetensors holds the first 3 of the epoch's 6 steps
             raise _Stop
         seed_step(seed, epoch, iteration, rank)
 
@@ -348,7 +348,7 @@ def test_a_run_of_one_process_resumed_with_two_trains_the_rest_of_its_epoch_once
         main(["run", str(config), "--no-progress"])
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "runs").iterdir()
-    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    saved = torch.load(run_dir / "checkpoints" / "last.safetensors", weights_only=True)
     state = json.loads(saved["state"])
     assert (saved["world_size"], state["epoch"], state["iteration"], state["samples_done"]) == (1, 1, 3, 3)
 

@@ -5,7 +5,6 @@ Slow (a few minutes on 2 cores): run with `pytest -m slow`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 import medseg
-from medseg.io.atomic import atomic_write_text
+from medseg.engine.loop import log_network
 from medseg.tasks.segmentation.training import build_network, model_contract
 from medseg.tracking import MlflowTracker
 from tests.conftest import REPO
@@ -28,8 +27,7 @@ def test_512x512x300_volume_fits_in_memory_and_keeps_its_geometry(tmp_path: Path
     tracker = MlflowTracker(uri, "large")
     tracker.start("untrained", {})
     contract = model_contract(cfg)
-    model_uri = tracker.log_model(build_network(cfg).eval(), contract,
-                                  atomic_write_text(tmp_path / "contract.json", json.dumps(contract)))
+    model_uri = log_network(build_network(cfg), cfg, contract, tmp_path, tracker)
     tracker.end()
 
     rng = np.random.default_rng(0)

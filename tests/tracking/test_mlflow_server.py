@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import medseg
 from tests.conftest import tiny_config, train_run
 
 
@@ -74,6 +75,6 @@ def test_pipeline_logs_a_run_and_model_to_a_real_server(tmp_path: Path, tiny_run
     assert stored, "artifacts were not proxied to the server's artifact destination"
 
     mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pytorch.load_model(result.model_uri)
+    model = medseg.Predictor.from_uri(result.model_uri, device="cpu", tracking_uri=mlflow_server).model.networks[0]
     with torch.no_grad():
         assert model(torch.randn(1, 1, 16, 16, 8)).shape == (1, 3, 16, 16, 8)

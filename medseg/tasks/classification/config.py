@@ -62,7 +62,7 @@ class ClassificationModelConfig(ModelConfig):
     stem: Stem = Field(default=Stem.SMALL, description="ResNet/DenseNet first layers: small, strided or imagenet.")
     init_from: str | None = Field(
         default=None, description="Start from this model's weights (runs:/<id>/model, models:/<name>/<version>, "
-        "a model folder or a .pt checkpoint); layers whose shape differs (e.g. another class count) start fresh.")
+        "models:/<name>@<alias>, a model folder, or a .safetensors checkpoint or state dict); layers whose shape differs (e.g. another class count) start fresh.")
     freeze: list[str] = Field(
         default_factory=list, description="Parameter-name prefixes to keep fixed (e.g. [conv1, layer1]); "
         "'backbone' freezes everything but the classification head.")

@@ -128,7 +128,7 @@ def train(cfg: ClassificationConfig, manifest_path: Path, root: Path, out_dir: P
         root: data root of the manifest's paths.
         out_dir: run directory.
         tracker: MLflow run (a no-op tracker off the main process).
-        resume: continue from ``out_dir/checkpoints/last.pt``.
+        resume: continue from ``out_dir/checkpoints/last.safetensors``.
         progress: show progress bars.
     """
     manifest = read_manifest(manifest_path)
@@ -241,6 +241,5 @@ def model_contract(cfg: ClassificationConfig) -> dict[str, Any]:
 
 def package(cfg: ClassificationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
     """Log the selected checkpoint's network as an MLflow PyTorch model with its I/O contract."""
-    contract_path, uri = package_model(build_classifier(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
-                                       cfg.tracking.register_model_as)
+    contract_path, uri = package_model(build_classifier(cfg), checkpoint, model_contract(cfg), out_dir, tracker, cfg)
     return ModelOutputs(contract_path, uri)

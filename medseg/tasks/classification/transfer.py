@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medseg.engine.model_format import local_model_folder, read_model_folder
 from medseg.engine.models import ModelError
+from medseg.io import safe_tree
 from medseg.tasks.classification.networks import head_prefix
 
 log = logging.getLogger(__name__)
@@ -19,28 +21,33 @@ BACKBONE = "backbone"
 
 
 def pretrained_state(ref: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor]:
-    """The state dict behind ``ref``: a ``.pt``/``.pth`` checkpoint (medseg's or a bare state dict),
-    or a medseg MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>``, a model folder)."""
+    """The state dict behind ``ref``: a ``.safetensors`` file (a medseg checkpoint or a bare state
+    dict), or a medseg model (``runs:/<id>/model``, ``models:/<name>@<alias>``, a model folder).
+
+    Only tensors and JSON are read. A pickled ``.pt``/``.pth`` file is refused with the command
+    that converts it, since unpickling a file can run code.
+    """
     path = Path(ref)
-    if path.is_file() and path.suffix in (".pt", ".pth"):
+    if path.is_file() and path.suffix in (".pt", ".pth", ".pkl", ".bin"):
+        raise ModelError(f"model.init_from {ref}: a pickled PyTorch file, which medseg does not load (unpickling "
+                         "runs whatever code the file holds). If you trust where it came from, convert it once: "
+                         f"`medseg model convert {ref} --out {path.with_suffix('.safetensors')}`")
+    if path.is_file():
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ModelError(f"model.init_from {ref}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                             f"{err})") from err
+            loaded = safe_tree.load(path)
+        except safe_tree.SafeTreeError as err:
+            raise ModelError(f"model.init_from {err}") from err
         state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-        if not isinstance(state, dict):
-            raise ModelError(f"model.init_from {ref}: holds no state dict (expected a medseg checkpoint or the "
-                             "output of torch.save(model.state_dict()))")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"model.init_from {ref}: holds no state dict (expected a medseg checkpoint or a "
+                             "safetensors file of a model's state_dict())")
         return state
     import mlflow
 
-    from medseg.engine.predict import load_model
-
     if tracking_uri and not path.exists():
         mlflow.set_tracking_uri(tracking_uri)
-    loaded_model = load_model(ref, torch.device("cpu"))
-    return loaded_model.networks[0].state_dict()
+    with local_model_folder(ref) as (folder, _):
+        return read_model_folder(folder, ref).state_dict
 
 
 def initialise_from(model: nn.Module, ref: str, tracking_uri: str | None = None) -> dict[str, list[str]]:

@@ -76,7 +76,7 @@ def train(cfg: SegmentationConfig, manifest_path: Path, root: Path, out_dir: Pat
         root: data root of the manifest's paths.
         out_dir: run directory; ``checkpoints/``, ``history.csv`` and plots go here.
         tracker: MLflow run to log to (already started; a no-op tracker off the main process).
-        resume: continue from ``out_dir/checkpoints/last.pt`` if it exists.
+        resume: continue from ``out_dir/checkpoints/last.safetensors`` if it exists.
         progress: show progress bars.
     """
     manifest = read_manifest(manifest_path)
@@ -189,6 +189,5 @@ def model_contract(cfg: SegmentationConfig) -> dict[str, Any]:
 
 def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
     """Log the checkpoint's network with MLflow's PyTorch flavour, its I/O contract alongside."""
-    contract_path, uri = package_model(build_network(cfg), checkpoint, model_contract(cfg), out_dir, tracker,
-                                       cfg.tracking.register_model_as)
+    contract_path, uri = package_model(build_network(cfg), checkpoint, model_contract(cfg), out_dir, tracker, cfg)
     return ModelOutputs(contract_path, uri)

@@ -164,7 +164,7 @@ class ToyRegressionTask(TaskBase):
 
     def package(self, ctx: Any, checkpoint: Path) -> ModelOutputs:
         contract_path, uri = package_model(self.build_network(ctx.cfg), checkpoint, self.contract(ctx.cfg),
-                                           ctx.run_dir, ctx.tracker)
+                                           ctx.run_dir, ctx.tracker, ctx.cfg)
         return ModelOutputs(contract_path, uri)
 
     def contract(self, cfg: Any) -> dict[str, Any]:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from medseg.engine.checkpoint import save_checkpoint
 from medseg.errors import ModelError
 from medseg.tasks.classification.config import ClassificationModelConfig
 from medseg.tasks.classification.networks import create_classifier
@@ -18,11 +20,11 @@ CFG = ClassificationModelConfig(name="resnet18", spatial_dims=2, widen_factor=0.
 def test_init_from_a_checkpoint_with_another_class_count(tmp_path: Path) -> None:
     torch.manual_seed(1)
     source = create_classifier(CFG, 1, 2, (28, 28))
-    torch.save({"model": source.state_dict()}, tmp_path / "best.pt")
+    save_checkpoint(tmp_path / "best.safetensors", {"model": source.state_dict(), "epoch": 3})
     torch.manual_seed(2)
     target = create_classifier(CFG, 1, 5, (28, 28))  # 5 classes: the head cannot be copied
     before_head = target.fc.weight.clone()
-    report = initialise_from(target, str(tmp_path / "best.pt"))
+    report = initialise_from(target, str(tmp_path / "best.safetensors"))
     assert report["fresh"] == ["fc.bias", "fc.weight"]
     assert torch.equal(target.conv1.weight, source.conv1.weight)
     assert torch.equal(target.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
@@ -32,9 +34,15 @@ def test_init_from_a_checkpoint_with_another_class_count(tmp_path: Path) -> None
 def test_init_from_another_architecture_is_refused(tmp_path: Path) -> None:
     lenet = create_classifier(ClassificationModelConfig(name="lenet", spatial_dims=2, channels=(4, 8)), 1, 2,
                               (28, 28))
-    torch.save(lenet.state_dict(), tmp_path / "lenet.pt")
+    save_file(lenet.state_dict(), str(tmp_path / "lenet.safetensors"))
     with pytest.raises(ModelError, match="none of its .* tensors matches"):
-        initialise_from(create_classifier(CFG, 1, 2, (28, 28)), str(tmp_path / "lenet.pt"))
+        initialise_from(create_classifier(CFG, 1, 2, (28, 28)), str(tmp_path / "lenet.safetensors"))
+
+
+def test_a_pickled_state_dict_is_refused_with_the_conversion_command(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(1)}, tmp_path / "weights.pt")
+    with pytest.raises(ModelError, match=r"pickled PyTorch file.*medseg model convert .*weights\.pt --out"):
+        initialise_from(create_classifier(CFG, 1, 2, (28, 28)), str(tmp_path / "weights.pt"))
 
 
 def test_freeze_backbone_leaves_only_the_head_trainable() -> None:

@@ -60,13 +60,15 @@ def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_ru
         assert expected in artifacts, f"{expected} not logged; have {sorted(artifacts)}"
     assert len([a for a in artifacts if a.startswith("plots/overlay_val_")]) == 2
 
-    assert (result.run_dir / "contract.json").is_file() and (result.run_dir / "checkpoints" / "best.pt").is_file()
-    model = mlflow.pytorch.load_model(result.model_uri)
-    model.eval()
+    assert (result.run_dir / "contract.json").is_file() and (result.run_dir / "checkpoints" / "best.safetensors").is_file()
+    model = medseg.Predictor.from_uri(result.model_uri, device="cpu").model.networks[0]
     with torch.no_grad():
         logits = model(torch.randn(1, 1, 16, 16, 8))
     assert logits.shape == (1, 3, 16, 16, 8)
+    local = result.run_dir / "model"
+    assert sorted(p.name for p in local.iterdir()) == ["medseg_model.json", "weights.safetensors"]
     info = mlflow.models.get_model_info(result.model_uri)
+    assert "python_function" in info.flavors and "pytorch" not in info.flavors
     contract = info.metadata["medseg_contract"]
     assert contract["labels"] == {"0": "background", "1": "blob1", "2": "blob2"}
     assert contract["spacing"] == [1.5, 1.5, 2.5] and contract["orientation"] == "RAS"
@@ -161,8 +163,8 @@ def test_2d_dynunet_with_disk_cache_bf16_and_model_registry(tmp_path: Path) -> N
         # MONAI only warns when it cannot read its cache back, then silently recomputes.
         warnings.filterwarnings("error", message=".*Corrupt cache file.*")
         result = train_run(config)
-    assert list((tmp_path / "cache").rglob("*.pt")), "the disk cache stored nothing"
-    model = mlflow.pytorch.load_model("models:/tiny-2d/1")
+    assert list((tmp_path / "cache").rglob("index.json")), "the disk cache stored nothing"
+    model = medseg.Predictor.from_uri("models:/tiny-2d/1", device="cpu").model.networks[0]
     with torch.no_grad():
         assert model(torch.randn(1, 1, 16, 16)).shape == (1, 3, 16, 16)
     assert "val/dice/blob2" in result.metrics
@@ -196,5 +198,5 @@ def test_resume_refuses_a_finished_run_a_missing_checkpoint_and_a_changed_config
     check_resumable(run_dir, medseg.load_config(config, ["train.max_epochs=9"]))  # budgets may change
     with pytest.raises(RunError, match=r"optim.lr: 0.01 -> 0.5"):
         check_resumable(run_dir, medseg.load_config(config, ["optim.lr=0.5"]))
-    with pytest.raises(RunError, match="no checkpoints/last.pt"):
+    with pytest.raises(RunError, match="no checkpoints/last.safetensors"):
         check_resumable(tmp_path / "runs" / "typo", cfg)

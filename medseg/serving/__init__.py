@@ -1,0 +1,1 @@
+"""medseg as an MLflow pyfunc model: ``mlflow.pyfunc.load_model(uri).predict(df)`` and ``mlflow models serve``."""
