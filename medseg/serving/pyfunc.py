@@ -43,13 +43,18 @@ class MedsegPyfuncModel(PythonModel):  # type: ignore[misc]
                              f"columns {list(frame.columns)}")
         output_dir = str(params.get("output_dir") or "") or tempfile.mkdtemp(prefix="medseg-predict-")
         predictor = self._predictor(str(params.get("device") or "auto"))
+        # A server predicts what it is sent: by default a case is redone even if output_dir holds a file
+        # of that name from an earlier request (the CLI's "skip finished cases" is for reruns of a batch).
         report = predictor.predict_paths([str(p) for p in frame["path"]], output_dir,
-                                         overwrite=bool(params.get("overwrite", False)))
-        main_column = predictor.output_columns[0]
+                                         overwrite=bool(params.get("overwrite", True)))
+        main_column = next(iter(predictor.output_columns), None)  # a classifier writes no file per case
         rows = []
         for result in report.results:
             row: dict[str, Any] = {"case_id": result.case_id, "path": result.input, "status": result.status,
-                                   "error": result.error, "output": result.outputs.get(main_column, "")}
+                                   "error": result.error,
+                                   "output": result.outputs.get(main_column, "") if main_column else ""}
             row.update(result.values)
             rows.append(row)
-        return pd.DataFrame(rows)
+        table = pd.DataFrame(rows)
+        # a failed row has no values: None (JSON null), not NaN, which strict JSON parsers refuse
+        return table.astype(object).where(pd.notna(table), None)

@@ -144,7 +144,7 @@ class MlflowTracker:
             inputs=Schema([ColSpec("string", "path")]),
             outputs=Schema([ColSpec("string", name) for name in ("case_id", "status", "error", "output")]),
             params=ParamSchema([ParamSpec("output_dir", "string", ""), ParamSpec("device", "string", "auto"),
-                                ParamSpec("overwrite", "boolean", False)]),
+                                ParamSpec("overwrite", "boolean", True)]),
         )
         with mlflow.start_run(run_id=self._run, nested=False):
             info = mlflow.pyfunc.log_model(

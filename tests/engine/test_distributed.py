@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from medseg.cli import main
 from medseg.data.manifest import build_manifest
+from medseg.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO, make_case, tiny_config, write_msd_dataset
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
@@ -191,10 +192,10 @@ def test_deterministic_runs_repeat_their_curves_exactly(tmp_path: Path, tiny_run
     (a,), (b,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
     assert len(_curves(a)) == 3 and "val/dice_mean" in _curves(a)[0]
     assert _curves(a) == _curves(b)
-    assert torch.load(a / "checkpoints" / "last.safetensors", weights_only=True)["model"].keys() == \
-           torch.load(b / "checkpoints" / "last.safetensors", weights_only=True)["model"].keys()
-    for key, tensor in torch.load(a / "checkpoints" / "last.safetensors", weights_only=True)["model"].items():
-        assert torch.equal(tensor, torch.load(b / "checkpoints" / "last.safetensors", weights_only=True)["model"][key]), key
+    assert load_checkpoint(a / "checkpoints" / "last.safetensors")["model"].keys() == \
+           load_checkpoint(b / "checkpoints" / "last.safetensors")["model"].keys()
+    for key, tensor in load_checkpoint(a / "checkpoints" / "last.safetensors")["model"].items():
+        assert torch.equal(tensor, load_checkpoint(b / "checkpoints" / "last.safetensors")["model"][key]), key
 
 
 def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path: Path,
@@ -213,7 +214,7 @@ def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tm
     while time.monotonic() < deadline and proc.poll() is None:
         for last in (tmp_path / "runs").glob("*/checkpoints/last.safetensors"):
             try:
-                state = json.loads(torch.load(last, weights_only=True)["state"])
+                state = json.loads(load_checkpoint(last)["state"])
             except Exception:  # noqa: BLE001 - read between two renames: try again
                 continue
             if state["epoch"] >= 1 and state["iteration"] >= 2:  # well inside the second epoch
@@ -231,8 +232,8 @@ def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tm
     (whole_dir,) = (tmp_path / "whole").iterdir()
     assert len(_curves(run_dir)) == 4
     assert _curves(run_dir) == _curves(whole_dir)
-    resumed = torch.load(run_dir / "checkpoints" / "last.safetensors", weights_only=True)["model"]
-    for key, tensor in torch.load(whole_dir / "checkpoints" / "last.safetensors", weights_only=True)["model"].items():
+    resumed = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")["model"]
+    for key, tensor in load_checkpoint(whole_dir / "checkpoints" / "last.safetensors")["model"].items():
         assert torch.equal(tensor, resumed[key]), key
 
     client, run = _only_run(uri)  # the same MLflow run continued, each epoch logged once
@@ -276,7 +277,7 @@ class _Stop(Exception):
 def _finished_as_one_run(run_dir: Path, uri: str, epochs: int, steps: int) -> None:
     """The run ended once, each epoch in its history and in MLflow once, the LR schedule at its end."""
     assert [int(float(row["epoch"])) for row in _curves(run_dir)] == list(range(1, epochs + 1))
-    last = torch.load(run_dir / "checkpoints" / "last.safetensors", weights_only=True)
+    last = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
     assert last["step_count"] == steps  # progress reached 1 exactly: the schedule carried over the resume
     assert json.loads(last["state"])["samples_done"] == 0
     client, run = _only_run(uri)
@@ -304,12 +305,12 @@ def _stop_mid_epoch(proc: subprocess.Popen, runs: Path) -> dict:
     while time.monotonic() < deadline and proc.poll() is None:
         for last in runs.glob("*/checkpoints/last.safetensors"):
             try:
-                state = json.loads(torch.load(last, weights_only=True)["state"])
+                state = json.loads(load_checkpoint(last)["state"])
             except Exception:  # noqa: BLE001 - read between two renames: try again
                 continue
             if state["epoch"] >= 1 and state["iteration"] >= 1:
                 _signal_job(proc.pid, signal.SIGSTOP)
-                state = json.loads(torch.load(last, weights_only=True)["state"])
+                state = json.loads(load_checkpoint(last)["state"])
                 if state["iteration"] >= 1:
                     _signal_job(proc.pid, signal.SIGKILL)
                     proc.wait()
@@ -348,7 +349,7 @@ def test_a_run_of_one_process_resumed_with_two_trains_the_rest_of_its_epoch_once
         main(["run", str(config), "--no-progress"])
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "runs").iterdir()
-    saved = torch.load(run_dir / "checkpoints" / "last.safetensors", weights_only=True)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
     state = json.loads(saved["state"])
     assert (saved["world_size"], state["epoch"], state["iteration"], state["samples_done"]) == (1, 1, 3, 3)
 

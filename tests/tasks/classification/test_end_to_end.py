@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 import medseg
 from medseg.cli import EXIT_FAILED, main
 from medseg.data.medmnist import import_medmnist
+from medseg.engine.checkpoint import load_checkpoint
 from tests.conftest import artifact_paths, classification_config, train_run, write_medmnist_npz
 
 
@@ -53,7 +54,7 @@ def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, importe
 
     # The checkpoint with the best validation AUC is the one evaluated, not the last epoch.
     run_dir = result.run_dir
-    best = torch.load(run_dir / "checkpoints" / "best.safetensors", weights_only=True)
+    best = load_checkpoint(run_dir / "checkpoints" / "best.safetensors")
     values = [m.value for m in auc_history]
     assert best["epoch"] == 1 + int(np.argmax(values))
     assert best["val/auc"] == pytest.approx(max(values))
@@ -98,8 +99,8 @@ def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, importe
                                          model={"init_from": result.model_uri, "freeze": ["backbone"]},
                                          train={"max_epochs": 1})
     tuned = train_run(tuned_config)
-    source_weights = torch.load(run_dir / "checkpoints" / "best.safetensors", weights_only=True)["model"]
-    tuned_weights = torch.load(tuned.run_dir / "checkpoints" / "best.safetensors", weights_only=True)["model"]
+    source_weights = load_checkpoint(run_dir / "checkpoints" / "best.safetensors")["model"]
+    tuned_weights = load_checkpoint(tuned.run_dir / "checkpoints" / "best.safetensors")["model"]
     assert torch.equal(source_weights["features.0.weight"], tuned_weights["features.0.weight"])
     assert not torch.equal(source_weights["classifier.5.weight"], tuned_weights["classifier.5.weight"])
 
