@@ -125,7 +125,8 @@ def network_digest(network: nn.Module, example: torch.Tensor, dynamic_spatial: b
     channels (and spatial size when fixed), the opset and the torch version that exported it."""
     sha = hashlib.sha256()
     spatial = "dynamic" if dynamic_spatial else tuple(example.shape[2:])
-    sha.update(repr((type(network).__qualname__, int(example.shape[1]), example.ndim, spatial, ONNX_OPSET,
+    # the repr holds what weights do not (strides, paddings, activations); the weights the rest
+    sha.update(repr((repr(network), int(example.shape[1]), example.ndim, spatial, ONNX_OPSET,
                      torch.__version__)).encode())
     for name, tensor in network.state_dict().items():
         sha.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -147,12 +148,13 @@ def _size_bitwise_or(self: Any, other: Any) -> Any:
     return op.BitwiseOr(self, other)
 
 
-def _root_cause(err: BaseException) -> str:
-    """``Type: first line`` of the innermost exception: the exporter wraps the real problem in several layers."""
+def _root_cause(err: BaseException, max_lines: int = 3) -> str:
+    """``Type: message`` of the innermost exception (its first lines): the exporter wraps the real
+    problem in several layers, and torch.export's messages put the detail on the second line."""
     while err.__cause__ is not None:
         err = err.__cause__
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:400] if lines else ''}"
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {' '.join(lines[:max_lines])[:600]}"
 
 
 def _axis_names(ndim: int) -> list[str]:
@@ -188,15 +190,16 @@ def export_onnx(network: nn.Module, example: torch.Tensor, path: Path, *, dynami
         UsageError: ``onnx`` or ``onnxscript`` is not installed (the message gives the pip command).
         ModelError: the network cannot be exported as asked (the message names it, why, and the fix).
     """
+    example = _export_input(network, example, "export_onnx")
     for package, extra in _EXPORT_PACKAGES:
         _import_package(package, extra, "ONNX export")
     import onnx
     from torch.export import Dim
 
-    example = _export_input(network, example, "export_onnx")
     name = type(network).__name__
     free_axes = [0, *range(2, example.ndim)] if dynamic_spatial else [0]
-    # Dim.DYNAMIC, not AUTO: a free axis the network would fix must fail, not be fixed silently
+    # Dim.DYNAMIC, not AUTO: torch.export refuses to fix an axis asked to be free instead of fixing it
+    # silently (and the input check below catches one it fixes all the same)
     dynamic_shapes = ({axis: Dim.DYNAMIC for axis in free_axes},)
     fix = (f"; try dynamic_spatial=False (spatial size fixed at {list(example.shape[2:])})"
            if dynamic_spatial else "")
@@ -273,12 +276,13 @@ def export_torchscript(network: nn.Module, example: torch.Tensor, path: Path) ->
                          f"{_root_cause(err)}") from err
     # torch's own layers warn about their input checks (instance norm's size check), which are no
     # computation; a warning from the network's code means a size-dependent value became a constant
-    fixed_here = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
-                  and f"torch{os.sep}nn{os.sep}" not in w.filename]
-    if fixed_here:
-        log.warning("%s: the TorchScript trace turned values its forward computes from the input into constants "
-                    "(%s:%d, e.g. padding from the input size); use it only for inputs of shape %s", name,
-                    fixed_here[0].filename, fixed_here[0].lineno, tuple(example.shape[1:]))
+    fixed_at = list(dict.fromkeys(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                  if issubclass(w.category, torch.jit.TracerWarning)
+                                  and f"torch{os.sep}nn{os.sep}" not in w.filename))
+    if fixed_at:
+        log.warning("%s: the TorchScript trace turned values its forward computes from the input size into "
+                    "constants (%s); use it only for inputs of shape %s", name, ", ".join(fixed_at),
+                    tuple(example.shape[1:]))
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.jit.save(traced, str(tmp))
@@ -488,20 +492,23 @@ def backend_network(network: nn.Module, backend: str, example: torch.Tensor, wor
         threads: the backend's threads; default ``torch.get_num_threads()``.
 
     Raises:
-        ValueError: an unknown backend (the message lists :data:`BACKENDS`).
-        UsageError: the backend's package (or the exporter's) is not installed; the message
-            gives the pip command. Also a missing ``onnx_path``.
+        UsageError: an unknown backend (the message lists :data:`BACKENDS`; a ``ValueError`` too),
+            a backend or exporter package that is not installed (the message gives the pip
+            command), or an ``onnx_path`` that does not exist.
+        ValueError: the network is in training mode.
         ModelError: the network cannot be exported, or the graph does not take ``example``'s shape.
         ModelLoadError: the runtime cannot load the graph.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r} is not an inference backend; use one of {list(BACKENDS)}")
+        raise UsageError(f"--backend {backend!r} is not an inference backend; use one of {list(BACKENDS)}")
     chosen = Backend(backend)
     if chosen == Backend.TORCH:
         return network
     package, extra = _BACKEND_PACKAGES[chosen]
     _import_package(package, extra, f"--backend {backend}")  # before a possibly long export
     if onnx_path is None:
+        for export_package, export_extra in _EXPORT_PACKAGES:
+            _import_package(export_package, export_extra, f"--backend {backend} (exporting the network to ONNX)")
         onnx_path = Path(work_dir) / EXPORTED_NAME
         digest = network_digest(network, example, dynamic_spatial)
         if onnx_path.is_file() and exported_digest(onnx_path) == digest:

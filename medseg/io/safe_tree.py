@@ -69,8 +69,15 @@ def encode(value: Any, inline_arrays: bool = False) -> tuple[Any, dict[str, torc
             if inline_arrays:
                 return {_TAG: "tensor_inline", "dtype": str(tensor.dtype).removeprefix("torch."),
                         "shape": list(tensor.shape), "v": tensor.reshape(-1).tolist()}
-            tensors[path] = tensor.contiguous().clone()
-            return {_TAG: "tensor", "key": path}
+            key = path if path not in tensors else f"{path}#{len(tensors)}"  # "a.b" of {"a": {"b"}} vs {"a.b"}
+            tensors[key] = tensor.contiguous().clone()
+            entry = {_TAG: "tensor", "key": key}
+            layout = _memory_format(tensor)
+            if layout is not None:
+                # Kept: a resumed optimizer's state must have its parameters' layout (channels-last
+                # 3D convolutions), or fused kernels pair up the wrong elements.
+                entry["memory_format"] = layout
+            return entry
         if isinstance(obj, np.ndarray):
             if obj.dtype == object:
                 raise TypeError(f"{path or 'value'}: an object array cannot be stored without pickling")
@@ -78,8 +85,9 @@ def encode(value: Any, inline_arrays: bool = False) -> tuple[Any, dict[str, torc
                 return {_TAG: "ndarray_inline", "dtype": obj.dtype.str, "shape": list(obj.shape),
                         "v": obj.reshape(-1).tolist()}
             native = obj.astype(obj.dtype.newbyteorder("="), copy=False)  # torch reads native byte order only
-            tensors[path] = torch.from_numpy(np.ascontiguousarray(native).copy())
-            return {_TAG: "ndarray", "key": path, "dtype": obj.dtype.str}
+            key = path if path not in tensors else f"{path}#{len(tensors)}"
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(native).copy())
+            return {_TAG: "ndarray", "key": key, "dtype": obj.dtype.str}
         if isinstance(obj, tuple):
             return {_TAG: "tuple", "v": [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]}
         if isinstance(obj, list):
@@ -126,13 +134,29 @@ def decode(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         if key not in tensors:
             raise SafeTreeError(f"the structure names tensor {key!r}, which the file does not hold")
         tensor = tensors[key]
-        return tensor.numpy().astype(np.dtype(str(tree["dtype"])), copy=False) if tag == "ndarray" else tensor
+        if tag == "ndarray":
+            return tensor.numpy().astype(np.dtype(str(tree["dtype"])), copy=False)
+        layout = _MEMORY_FORMATS.get(str(tree.get("memory_format")))
+        return tensor.contiguous(memory_format=layout) if layout is not None else tensor
     if tag == "ndarray_inline":
         return np.asarray(tree["v"], dtype=np.dtype(str(tree["dtype"]))).reshape(tree["shape"])
     if tag == "tensor_inline":
         dtype = getattr(torch, str(tree["dtype"]))
         return torch.tensor(tree["v"], dtype=dtype).reshape(tree["shape"])
     raise SafeTreeError(f"unknown entry type {tag!r}")
+
+
+_MEMORY_FORMATS = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}
+
+
+def _memory_format(tensor: torch.Tensor) -> str | None:
+    """The name of a channels-last layout the tensor is in (and is not also plainly contiguous)."""
+    if tensor.is_contiguous():
+        return None
+    for name, layout in _MEMORY_FORMATS.items():
+        if tensor.dim() == (4 if name == "channels_last" else 5) and tensor.is_contiguous(memory_format=layout):
+            return name
+    return None
 
 
 def _hashable(key: Any) -> Any:

@@ -123,25 +123,34 @@ SLOW = {"segmentation-dynunet-2d", "classification-densenet121-3d", "reconstruct
 
 
 @dataclass(frozen=True)
-class Exported:
+class Built:
     name: str
     family: Family
     network: nn.Module
+
+
+@dataclass(frozen=True)
+class Exported(Built):
     path: Path
 
 
 @pytest.fixture(scope="module", params=[pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [])
                                         for name in FAMILIES])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+def built(request: pytest.FixtureRequest) -> Built:
+    """Each family's network, built once for every test of this module."""
+    family = FAMILIES[request.param]
+    torch.manual_seed(0)
+    return Built(request.param, family, trained_like(family.build()))
+
+
+@pytest.fixture(scope="module")
+def exported(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """Each family's network exported once for every test of this module."""
     pytest.importorskip("onnxscript")
-    name = request.param
-    family = FAMILIES[name]
-    torch.manual_seed(0)
-    network = trained_like(family.build())
-    path = export_onnx(network, family.inputs(family.example, 0), tmp_path_factory.mktemp(name) / "network.onnx",
-                       dynamic_spatial=family.dynamic_spatial)
-    return Exported(name, family, network, path)
+    family = built.family
+    path = export_onnx(built.network, family.inputs(family.example, 0),
+                       tmp_path_factory.mktemp(built.name) / "network.onnx", dynamic_spatial=family.dynamic_spatial)
+    return Exported(built.name, family, built.network, path)
 
 
 def test_export_onnx_writes_a_checked_graph_with_free_batch_and_spatial_axes(exported: Exported) -> None:
@@ -174,10 +183,11 @@ def test_backend_gives_torch_s_outputs_for_other_batches_and_sizes(exported: Exp
             got = wrapped(x)
         assert got.dtype == torch.float32 and got.device == x.device and got.shape == expected.shape
         assert expected.std() > 1e-2  # a real output, not a constant both could agree on
-        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL, msg=lambda m: f"{backend}, {shape}: {m}")
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL,
+                                   msg=lambda m, shape=shape: f"{backend}, batch {shape}: {m}")
 
 
-@pytest.mark.parametrize("exported", ["segmentation-unet-3d"], indirect=True)
+@pytest.mark.parametrize("built", ["segmentation-unet-3d"], indirect=True)
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_backend_takes_channels_last_and_bfloat16_batches(exported: Exported, backend: str) -> None:
     """What the predictor may hand it: channels-last windows (3D) and autocast's bfloat16."""
@@ -193,15 +203,15 @@ def test_backend_takes_channels_last_and_bfloat16_batches(exported: Exported, ba
     torch.testing.assert_close(rounded, exported.network(x.to(torch.bfloat16).float()).detach(), atol=ATOL, rtol=RTOL)
 
 
-def test_export_torchscript_matches_torch_at_the_example_size(exported: Exported, tmp_path: Path,
+def test_export_torchscript_matches_torch_at_the_example_size(built: Built, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    family = exported.family
+    family = built.family
     with caplog.at_level(logging.WARNING, logger="medseg.engine.backends"):
-        path = export_torchscript(exported.network, family.inputs(family.example, 0), tmp_path / "network.pt")
+        path = export_torchscript(built.network, family.inputs(family.example, 0), tmp_path / "network.pt")
     traced = torch.jit.load(str(path))
     x = family.inputs((3, *family.example[1:]), 5)
     with torch.no_grad():
-        torch.testing.assert_close(traced(x), exported.network(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced(x), built.network(x), atol=1e-5, rtol=1e-5)
     # a network that pads to a multiple of the input size is told it is fixed; instance norm's checks are not
     assert ("use it only for inputs of shape" in caplog.text) == family.pads_in_forward
 
@@ -238,7 +248,7 @@ def test_torch_backend_is_the_network_itself(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_lists_the_backends(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"--backend 'tensorrt' is not an inference backend; use one of "
+    with pytest.raises(UsageError, match=r"--backend 'tensorrt' is not an inference backend; use one of "
                                          r"\['torch', 'onnxruntime', 'openvino'\]"):
         backend_network(tiny_network(), "tensorrt", torch.zeros(EXAMPLE), tmp_path)
 
@@ -255,8 +265,8 @@ def test_missing_backend_package_names_it_and_the_pip_command(backend: str, extr
 
 
 def test_export_without_onnxscript_names_the_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "onnxscript", None)
-    with pytest.raises(UsageError, match=r"ONNX export needs the Python package 'onnxscript'.*"
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # (onnx is checked first, where it is missing too)
+    with pytest.raises(UsageError, match=r"ONNX export needs the Python package 'onnx(script)?'.*"
                                          r"pip install 'medseg\[onnx\]'"):
         export_onnx(tiny_network(), torch.zeros(EXAMPLE), tmp_path / "network.onnx")
 
@@ -340,6 +350,25 @@ def test_a_network_that_fixes_the_batch_is_refused_by_name(tmp_path: Path) -> No
     with pytest.raises(ModelError, match=r"FixedBatch: the exported output's batch axis is \[2\], not the input's"):
         export_onnx(FixedBatch().eval(), torch.zeros(EXAMPLE), tmp_path / "network.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+class FixedSize(nn.Module):
+    """A forward that takes 8x8 images only (it adds an 8x8 constant): its spatial axes cannot be free."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(64.0).reshape(8, 8)
+
+
+def test_a_network_that_fixes_its_size_is_refused_by_name_then_exported_at_that_size(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript")
+    with pytest.raises(ModelError, match=r"FixedSize could not be exported to ONNX with a free batch and spatial "
+                                         r"axes .*static shape of 8.*try dynamic_spatial=False \(spatial size "
+                                         r"fixed at \[8, 8\]\)"):
+        export_onnx(FixedSize().eval(), torch.zeros(2, 1, 8, 8), tmp_path / "network.onnx")
+    path = export_onnx(FixedSize().eval(), torch.zeros(2, 1, 8, 8), tmp_path / "network.onnx", dynamic_spatial=False)
+    wrapped = BACKEND_CLASSES[any_onnx_backend()](path)
+    x = images((3, 1, 8, 8), 1)
+    torch.testing.assert_close(wrapped(x), x + torch.arange(64.0).reshape(8, 8))
 
 
 def test_export_network_dispatches_on_the_format_and_refuses_others(tmp_path: Path) -> None:

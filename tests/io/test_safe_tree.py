@@ -80,3 +80,13 @@ def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(safe_tree.SafeTreeError):
         safe_tree.load(path)
+
+
+def test_channels_last_layouts_and_colliding_names_survive(tmp_path: Path) -> None:
+    weight = torch.randn(4, 3, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    image = torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    value = {"a": {"b": torch.ones(2)}, "a.b": torch.zeros(2), "w": weight, "x": image}
+    back = safe_tree.load(safe_tree.save(tmp_path / "s.safetensors", value))
+    assert back["w"].stride() == weight.stride() and torch.equal(back["w"], weight)
+    assert back["x"].stride() == image.stride() and torch.equal(back["x"], image)
+    assert torch.equal(back["a"]["b"], torch.ones(2)) and torch.equal(back["a.b"], torch.zeros(2))
