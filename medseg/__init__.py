@@ -34,6 +34,7 @@ _EXPORTS = {
     "build_manifest": "medseg.api",
     "import_medmnist": "medseg.api",
     "convert_model": "medseg.api",
+    "export_model": "medseg.api",
     "Predictor": "medseg.api",
     "RunResult": "medseg.api",
     "Prediction": "medseg.engine.predict",
@@ -46,7 +47,7 @@ _EXPORTS = {
 
 __all__ = [
     "BatchReport", "CaseResult", "Prediction", "Predictor", "RunConfig", "RunResult", "Task", "VerifyReport",
-    "__version__", "build_manifest", "convert_model", "describe", "get_task", "import_medmnist", "list_models", "list_tasks",
+    "__version__", "build_manifest", "convert_model", "describe", "export_model", "get_task", "import_medmnist", "list_models", "list_tasks",
     "load_config", "train", "validate_config", "verify",
 ]
 
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
         build_manifest,
         convert_model,
         describe,
+        export_model,
         import_medmnist,
         list_models,
         train,

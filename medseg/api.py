@@ -57,7 +57,7 @@ from medseg.tasks.registry import get_task, list_tasks, load_config, network_fro
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "convert_model",
+    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "convert_model", "export_model",
     "import_medmnist",
     "list_models", "list_tasks", "load_config", "train", "validate_config", "verify",
 ]
@@ -254,7 +254,7 @@ class Predictor:
     @classmethod
     def from_uri(cls, uri: str | Path | Sequence[str | Path], device: str = "auto", *, tracking_uri: str | None = None,
                  tta: bool = False, overlap: float | None = None, keep_largest: bool | None = None,
-                 measured: bool = False) -> Predictor:
+                 measured: bool = False, backend: str = "torch") -> Predictor:
         """Load a model: an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``), a model
         folder, a ``seeds``/``folds`` parent (run URI ``runs:/<parent id>`` or its run directory), or
         several of these as an ensemble.
@@ -268,6 +268,9 @@ class Predictor:
             overlap: sliding-window overlap instead of the contract's (segmentation).
             keep_largest: keep each label's largest connected component; None: the contract's (segmentation).
             measured: the inputs already are the degraded images (reconstruction).
+            backend: what runs the network: ``torch``, ``onnxruntime`` or ``openvino`` (the network
+                exported to ONNX once, cached by its weights, inside the same preprocessing,
+                sliding-window and inversion path). A ``medseg export`` folder's own graph is used.
 
         Raises:
             UsageError: the model cannot be found, has no contract, or an option does not apply to its task.
@@ -279,6 +282,7 @@ class Predictor:
         refs = [str(uri)] if isinstance(uri, (str, Path)) else [str(u) for u in uri]
         model = load_models(refs, torch_device, network_from_spec)
         task = get_task(model.task)
+        model = on_backend(model, task, backend)
         options = PredictOptions(device=device, tta=tta, overlap=overlap, keep_largest=keep_largest, measured=measured)
         return cls(model, task, torch_device, options, store)
 
@@ -388,6 +392,70 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------------- model files
+
+
+def export_cache_dir() -> Path:
+    """Where networks exported for a backend are kept (``$MEDSEG_CACHE_DIR``, else ``~/.cache/medseg``)."""
+    return Path(os.environ.get("MEDSEG_CACHE_DIR") or Path.home() / ".cache" / "medseg") / "exports"
+
+
+def _plain_layout(network: torch.nn.Module) -> torch.nn.Module:
+    """A copy with contiguous parameters: channels-last is a torch speed-up, not part of the graph."""
+    import copy
+
+    plain = copy.deepcopy(network)
+    for tensor in (*plain.parameters(), *plain.buffers()):
+        tensor.data = tensor.data.contiguous()
+    return plain
+
+
+def on_backend(model: LoadedModel, task: Task, backend: str) -> LoadedModel:
+    """``model`` with each member's network running on ``backend`` (itself for ``torch``)."""
+    from medseg.engine.backends import EXPORTED_NAME, backend_network
+    from medseg.engine.model_format import model_folder_of
+
+    if backend == "torch":
+        return model
+    contracts = model.member_contracts or (model.contract,) * len(model.networks)
+    networks = []
+    for index, (network, contract) in enumerate(zip(model.networks, contracts)):
+        example, dynamic = task.export_example(contract)
+        local = model_folder_of(Path(model.uris[index])) if index < len(model.uris) and len(model.uris) == len(
+            model.networks) and Path(model.uris[index]).exists() else None
+        exported = local / EXPORTED_NAME if local is not None and (local / EXPORTED_NAME).is_file() else None
+        weights = model.weights_sha256[index] if index < len(model.weights_sha256) else f"member{index}"
+        networks.append(backend_network(_plain_layout(network), backend, example, export_cache_dir() / weights[:16],
+                                        onnx_path=exported, dynamic_spatial=dynamic))
+    return replace(model, networks=tuple(networks), backend=backend)
+
+
+def export_model(uri: str | Path, out: str | Path, export_format: str = "onnx", *,
+                 tracking_uri: str | None = None) -> Path:
+    """Write ``out``: the model folder (weights, network spec, contract) plus its network as
+    ``network.onnx`` (run by ``--backend onnxruntime|openvino``, or by any ONNX tool) or
+    ``network.pt`` (TorchScript, for other tools: medseg never loads TorchScript, which is code).
+
+    Returns:
+        The exported network file.
+    """
+    from medseg.engine.backends import EXPORT_FORMATS, EXPORTED_NAME, export_network
+    from medseg.engine.model_format import local_model_folder, read_model_folder, write_model_folder
+    from medseg.engine.sliding import fold_batch_norms
+
+    if export_format not in EXPORT_FORMATS:
+        raise UsageError(f"--format {export_format!r}: use one of {list(EXPORT_FORMATS)}")
+    _tracking(tracking_uri)
+    with local_model_folder(str(uri)) as (folder, run_id):
+        files = read_model_folder(folder, str(uri))
+    task = get_task(str(files.contract.get("task")))
+    network = network_from_spec(files.network_spec)
+    network.load_state_dict(files.state_dict)
+    out = Path(out)
+    write_model_folder(out, network, files.network_spec, files.contract,
+                       extra={"run_id": run_id, "exported_from": str(uri), "export_format": export_format})
+    example, dynamic = task.export_example(files.contract)
+    name = EXPORTED_NAME if export_format == "onnx" else "network.pt"
+    return export_network(fold_batch_norms(network.eval()), example, out / name, export_format, dynamic_spatial=dynamic)
 
 
 PICKLE_WARNING = ("converting unpickles {source}, which runs whatever code the file holds: only convert a model "

@@ -80,7 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     predict.add_argument("--experiment", default="medseg-predict", help="MLflow experiment of the inference run")
     predict.add_argument("--no-tracking", action="store_true", help="do not log the batch as an MLflow run")
+    predict.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
+                         help="what runs the network: torch, or the network exported to ONNX and run by ONNX "
+                              "Runtime or OpenVINO (pip install 'medseg[onnx]' / 'medseg[openvino]')")
     predict.add_argument("--no-progress", action="store_true")
+
+    export = sub.add_parser("export", help="export a model's network (ONNX or TorchScript) with its contract")
+    export.add_argument("model", help="model URI or folder (as for predict --model)")
+    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    export.add_argument("--out", type=Path, required=True, help="folder to write (model files + network)")
+    export.add_argument("--tracking-uri", help="MLflow store of a runs:/ or models:/ model")
 
     model = sub.add_parser("model", help="model files")
     model_sub = model.add_subparsers(dest="model_command")
@@ -134,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(medseg.__version__)
         return EXIT_OK
     handlers = {"run": _cmd_run, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
-                "predict": _cmd_predict, "model": _cmd_model}
+                "predict": _cmd_predict, "model": _cmd_model,
+                "export": _cmd_export}
     if args.command not in handlers:
         parser.print_help()
         return EXIT_USAGE
@@ -254,7 +264,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = medseg.Predictor.from_uri(args.model, device=args.device, tracking_uri=args.tracking_uri,
                                           tta=args.tta, overlap=args.overlap, keep_largest=args.keep_largest,
-                                          measured=args.measured)
+                                          measured=args.measured, backend=args.backend)
     tracker = None
     if not args.no_tracking:
         tracker = MlflowTracker(predictor.tracking_uri, args.experiment)
@@ -281,6 +291,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"report: {batch.report}")
     print(f"summary: {batch.summary}")
     return EXIT_OK if batch.n_failed == 0 else EXIT_FAILED
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import medseg
+
+    written = medseg.export_model(args.model, args.out, args.format, tracking_uri=args.tracking_uri)
+    print(f"exported: {written}")
+    return EXIT_OK
 
 
 def _cmd_model(args: argparse.Namespace) -> int:

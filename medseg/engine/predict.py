@@ -216,6 +216,7 @@ class LoadedModel:
     source_run_ids: tuple[str | None, ...]
     member_contracts: tuple[dict[str, Any], ...] = ()  # each member's own windowing (patch size, overlap)
     weights_sha256: tuple[str, ...] = ()  # each member's weights file: which model made an output
+    backend: str = "torch"  # what runs the networks: torch, onnxruntime, openvino
 
     @property
     def weights_id(self) -> str:
@@ -484,6 +485,7 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     summary = {
         "model_uri": model.uri,
         "weights_sha256": list(model.weights_sha256),
+        "backend": model.backend,
         "ensemble_size": len(model.networks),
         "source_run_id": model.source_run_id,
         "task": model.task,
@@ -506,7 +508,7 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     atomic_write_text(report.summary, json.dumps(summary, indent=2))
     if tracker is not None:
         tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
-        tracker.log_params({"model_uri": model.uri, "input": str(input_dir), "output": str(output_dir),
+        tracker.log_params({"model_uri": model.uri, "backend": model.backend, "input": str(input_dir), "output": str(output_dir),
                             "device": str(device), "part_id": options.part_id, "num_parts": options.num_parts,
                             **{k: v for k, v in summary["options"].items()}})
         tracker.log_metrics({f"predict/{k}": v for k, v in report.counts.items()}, step=0)

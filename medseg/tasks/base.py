@@ -87,6 +87,11 @@ class Task(Protocol):
         """What the one batch-predict driver calls for each case of a folder with this task's model."""
         ...
 
+    def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+        """One input batch as prediction feeds the network (to export it to ONNX), and whether
+        its spatial size varies (sliding windows, slices) or is fixed (a resized image)."""
+        ...
+
 
 class TaskBase:
     """Defaults a task may inherit: no generated data, standard verify options, a network summary,
@@ -122,6 +127,12 @@ class TaskBase:
 
     def prepare_data(self, cfg: Any, root: Path, progress: bool) -> None:
         return None
+
+    def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+        from medseg.errors import UsageError
+
+        raise UsageError(f"task {getattr(self, 'name', '?')!r} does not run on another inference backend; "
+                         "use --backend torch")
 
     def verify_options(self, cfg: Any) -> VerifyOptions:
         """Label values and labelled train/val cases are checked when the config has a label map."""

@@ -31,6 +31,9 @@ class ClassificationTask(TaskBase):
     selection_metric = "val/auc"
     class_labels = True
 
+    def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+        return torch.zeros(2, int(contract["in_channels"]), *[int(s) for s in contract["resize"]]), False
+
     def build_network(self, cfg: Any) -> nn.Module:
         from medseg.tasks.classification.training import build_classifier
 

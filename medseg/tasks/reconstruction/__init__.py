@@ -29,6 +29,13 @@ class ReconstructionTask(TaskBase):
     stages_module = "medseg.tasks.reconstruction.training"
     selection_metric = "val/ssim"
 
+    def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+        from medseg.tasks.reconstruction.operators import MRI_CHANNELS
+
+        recon = contract["recon"]
+        channels = MRI_CHANNELS if recon.get("problem") == "mri" else 1
+        return torch.zeros(2, channels, *[int(s) for s in recon["image_size"]]), True
+
     def build_network(self, cfg: Any) -> nn.Module:
         from medseg.tasks.reconstruction.training import build_network
 

@@ -30,6 +30,11 @@ class SegmentationTask(TaskBase):
     stages_module = "medseg.tasks.segmentation.training"
     selection_metric = "val/dice_mean"
 
+    def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+        window = contract.get("sliding_window") or {}
+        return torch.zeros(int(window.get("sw_batch_size", 1)), int(contract["in_channels"]),
+                           *[int(s) for s in contract["patch_size"]]), True
+
     def build_network(self, cfg: Any) -> nn.Module:
         from medseg.tasks.segmentation.training import build_network
 

@@ -1,0 +1,89 @@
+"""``--backend onnxruntime|openvino`` runs the exported network inside the same preprocessing,
+sliding-window and inversion path as torch, and gives the same masks; ``medseg export`` writes a
+folder whose own ONNX graph the backends then use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import medseg
+from medseg.cli import main
+from medseg.data.manifest import build_manifest
+from medseg.errors import UsageError
+from tests.conftest import make_case, tiny_config, write_msd_dataset
+
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("backends")
+    dataset = write_msd_dataset(tmp / "dataset", n_cases=4)
+    manifest = tmp / "manifest.csv"
+    build_manifest(dataset, manifest, val_fraction=0.25, seed=0)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    config = tiny_config(tmp, dataset, manifest, uri, train={"max_epochs": 2, "batch_size": 2, "num_threads": 1},
+                         validation={"overlays": 0, "hd95": False})
+    result = medseg.train(config, progress=False)
+    assert result is not None
+    inputs = tmp / "inputs"
+    for i, shape in enumerate([(19, 17, 11), (26, 21, 9)]):  # odd sizes: partial windows, a last batch of 1
+        image, _, affine = make_case(shape, seed=40 + i, spacing=(0.9, 1.3, 2.2))
+        inputs.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(image, affine), inputs / f"scan{i}.nii.gz")
+    return {"uri": result.model_uri, "tracking_uri": uri, "inputs": str(inputs), "run_dir": str(result.run_dir)}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    scores = []
+    for label in (1, 2):
+        x, y = a == label, b == label
+        if x.sum() + y.sum():
+            scores.append(2 * float((x & y).sum()) / float(x.sum() + y.sum()))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _run(model: dict[str, str], out: Path, uri: str | None = None, *extra: str) -> dict:
+    assert main(["predict", "--model", uri or model["uri"], "--input", model["inputs"], "--output", str(out),
+                 "--tracking-uri", model["tracking_uri"], "--no-progress", "--no-tracking", *extra]) == 0
+    return json.loads((out / "predict_summary.json").read_text())
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_backend_gives_the_masks_torch_gives(model: dict[str, str], backend: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip(backend)
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(tmp_path / "cache"))
+    torch_summary = _run(model, tmp_path / "torch")
+    summary = _run(model, tmp_path / backend, None, "--backend", backend)
+    assert torch_summary["backend"] == "torch" and summary["backend"] == backend
+    assert summary["weights_sha256"] == torch_summary["weights_sha256"]
+    assert list((tmp_path / "cache" / "exports").rglob("network.onnx")), "the export was not cached"
+    for name in ("scan0.nii.gz", "scan1.nii.gz"):
+        reference = nib.load(tmp_path / "torch" / name)
+        mask = nib.load(tmp_path / backend / name)
+        assert np.allclose(mask.affine, reference.affine) and mask.shape == reference.shape
+        assert _dice(np.asarray(mask.dataobj), np.asarray(reference.dataobj)) >= 0.999
+
+
+def test_export_writes_onnx_and_torchscript_folders_that_predict_uses(model: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    assert main(["export", model["uri"], "--format", "onnx", "--out", str(tmp_path / "onnx"),
+                 "--tracking-uri", model["tracking_uri"]]) == 0
+    assert {p.name for p in (tmp_path / "onnx").iterdir()} == {"medseg_model.json", "weights.safetensors",
+                                                               "network.onnx"}
+    predictor = medseg.Predictor.from_uri(tmp_path / "onnx", device="cpu", backend="onnxruntime")
+    assert Path(predictor.model.networks[0].onnx_path) == tmp_path / "onnx" / "network.onnx"
+    reference = medseg.Predictor.from_uri(model["uri"], device="cpu", tracking_uri=model["tracking_uri"])
+    scan = Path(model["inputs"]) / "scan1.nii.gz"
+    assert _dice(predictor.predict(scan).label_map, reference.predict(scan).label_map) >= 0.999
+
+    path = medseg.export_model(model["uri"], tmp_path / "ts", "torchscript", tracking_uri=model["tracking_uri"])
+    assert path.name == "network.pt" and path.stat().st_size > 0
+    with pytest.raises(UsageError, match="use one of"):
+        medseg.export_model(model["uri"], tmp_path / "x", "tflite", tracking_uri=model["tracking_uri"])
