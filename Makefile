@@ -39,9 +39,10 @@ bench: $(VENV)/.installed-dev
 bench-precision: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/check_precision.py --minutes 6
 
-# medseg predict against the tutorial inference loop (hippocampus folder and a 512x512x300 CT)
+# medseg predict on each backend (torch, onnxruntime, openvino) against the tutorial inference loop
+# (hippocampus folder and a 512x512x300 CT); BENCH_PREDICT_ARGS="--hippocampus-model DIR" for a trained model
 bench-predict: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/bench_predict.py
+	$(BIN)/python benchmarks/bench_predict.py $(BENCH_PREDICT_ARGS)
 
 # 1 process against 2 (torchrun, gloo on CPUs) on the demo config: about 8 minutes on 2 cores
 bench-ddp: $(VENV)/.installed-dev

@@ -1,8 +1,13 @@
-"""Batch inference: ``medseg predict`` beside a plain MONAI tutorial pipeline, same network and overlap.
+"""Batch inference: ``medseg predict`` on each backend beside a plain MONAI tutorial pipeline,
+same network and overlap.
 
-Each workload runs both paths in separate child processes (so peak RSS is each path's own),
-interleaved, several repetitions; the table reports medians and the ratio plain/medseg
-(> 1 means medseg is faster).
+Paths: medseg with ``--backend torch``, ``onnxruntime`` and ``openvino`` (those installed), and
+plain MONAI (LoadImaged, Orientationd, normalisation, ``sliding_window_inference`` with the
+torch network, Invertd, SaveImaged). Each runs in its own child process (so peak RSS is its
+own), in rotating order, several repetitions; the table reports median seconds per case, the
+ratio of each to medseg's torch backend and to plain MONAI, and the Dice of each backend's
+masks against the torch backend's (the backends' ONNX exports are made in the first repetition,
+which the per-case median does not count).
 
 Workloads:
 - ``hippocampus``: the ``configs/msd_hippocampus.yaml`` network on held-out MSD Task04 cases.
@@ -10,13 +15,15 @@ Workloads:
   patch is 96x96x64 (overlap 0.25), the size a CT model would use.
 
 Usage: python benchmarks/bench_predict.py [--repeats 3] [--cases 20] [--skip-ct] [--out benchmarks/results]
-The networks are freshly initialised: speed does not depend on the weights.
+The networks are freshly initialised (speed does not depend on the weights) unless
+``--hippocampus-model`` names a trained model, which makes the Dice between backends meaningful.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PATHS = ("medseg", "medseg-onnxruntime", "medseg-openvino")
 HIPPO = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
 
 
@@ -56,11 +64,12 @@ def _worker(args: argparse.Namespace) -> None:
 
     mlflow.set_tracking_uri(args.tracking_uri)
     out = Path(args.output)
-    if args.path == "medseg":
+    if args.path.startswith("medseg"):
         from medseg import Predictor
 
+        backend = args.path.partition("-")[2] or "torch"
         started = time.perf_counter()  # loading the model counts, as it did in `medseg predict`
-        predictor = Predictor.from_uri(args.model, tracking_uri=args.tracking_uri)
+        predictor = Predictor.from_uri(args.model, tracking_uri=args.tracking_uri, backend=backend)
         outputs = predictor.predict_folder(Path(args.input), out, overwrite=True, progress=False)
         seconds = [r.seconds for r in outputs.results if r.status == "ok"]
         total = time.perf_counter() - started
@@ -143,7 +152,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--skip-ct", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--worker", choices=["medseg", "monai"])
+    parser.add_argument("--worker", choices=[*PATHS, "monai"])
+    parser.add_argument("--hippocampus-model", help="a trained model for the hippocampus workload (URI or folder)")
     parser.add_argument("--model")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--input")
@@ -165,7 +175,7 @@ def main() -> None:
     test_images = [case.images[0] for case in manifest.split("test")][: args.cases]
     for rel in test_images:
         (hippo_in / Path(rel).name).symlink_to(HIPPO / rel)
-    hippo_model = _log_model(work, REPO / "configs" / "msd_hippocampus.yaml", [])
+    hippo_model = args.hippocampus_model or _log_model(work, REPO / "configs" / "msd_hippocampus.yaml", [])
     workloads.append(("hippocampus", hippo_model, hippo_in))
     if not args.skip_ct:
         ct_in = work / "ct_in"
@@ -177,30 +187,79 @@ def main() -> None:
             "data.labels={0: background, 1: organ}"])
         workloads.append(("ct512", ct_model, ct_in))
 
+    from medseg.engine.backends import available_backends
+
+    paths = [p for p in PATHS if (p.partition("-")[2] or "torch") in available_backends()] + ["monai"]
+    os.environ["MEDSEG_CACHE_DIR"] = str(work / "cache")  # the children's exports, reused across repeats
     results: dict[str, dict[str, list[dict]]] = {}
+    dice: dict[str, dict[str, float]] = {}
     for name, model, input_dir in workloads:
-        runs: dict[str, list[dict]] = {"medseg": [], "monai": []}
+        runs: dict[str, list[dict]] = {p: [] for p in paths}
         for repeat in range(args.repeats):
-            for path in ("medseg", "monai") if repeat % 2 == 0 else ("monai", "medseg"):
+            order = paths[repeat % len(paths):] + paths[:repeat % len(paths)]
+            for path in order:
                 runs[path].append(_run_child(path, model, tracking, input_dir, work / f"out_{name}_{path}"))
                 print(f"{name} {path} repeat {repeat}: {runs[path][-1]}", flush=True)
         results[name] = runs
+        dice[name] = {p: _min_dice(work / f"out_{name}_medseg", work / f"out_{name}_{p}")
+                      for p in paths if p.startswith("medseg-")}
 
     rows = []
     for name, runs in results.items():
         med = {p: statistics.median(r["seconds_per_case"] for r in runs[p]) for p in runs}
         rss = {p: max(r["peak_rss_mb"] for r in runs[p]) for p in runs}
-        rows.append({"workload": name, "medseg_s_per_case": med["medseg"], "monai_s_per_case": med["monai"],
-                     "speedup": med["monai"] / med["medseg"], "medseg_peak_rss_mb": rss["medseg"],
-                     "monai_peak_rss_mb": rss["monai"], "cases": runs["medseg"][0]["cases"], "repeats": args.repeats})
+        for path in paths:
+            rows.append({"workload": name, "path": path, "cases": runs[path][0]["cases"], "repeats": args.repeats,
+                         "s_per_case": med[path], "vs_medseg_torch": med["medseg"] / med[path],
+                         "vs_plain_monai": med["monai"] / med[path], "peak_rss_mb": rss[path],
+                         "min_dice_vs_torch": dice[name].get(path)})
+    fastest = {name: min((r for r in rows if r["workload"] == name and r["path"] != "monai"),
+                         key=lambda r: r["s_per_case"])["path"] for name in results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "predict.json").write_text(json.dumps({"rows": rows, "raw": results}, indent=2))
-    table = ["| workload | cases | medseg s/case | plain MONAI s/case | speed-up (MONAI/medseg) | peak RSS medseg / MONAI (MiB) |",
-             "|---|---|---|---|---|---|"]
-    table += [f"| {r['workload']} | {r['cases']} | {r['medseg_s_per_case']:.3f} | {r['monai_s_per_case']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['medseg_peak_rss_mb']:.0f} / {r['monai_peak_rss_mb']:.0f} |" for r in rows]
+    import platform
+
+    import torch
+
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+    (args.out / "predict.json").write_text(json.dumps({"rows": rows, "fastest_medseg_backend": fastest,
+                                                       "hippocampus_model": args.hippocampus_model or "untrained",
+                                                       "machine": machine, "raw": results}, indent=2))
+    names = {"medseg": "medseg (torch)", "medseg-onnxruntime": "medseg (onnxruntime)",
+             "medseg-openvino": "medseg (openvino)", "monai": "plain MONAI (torch)"}
+    table = ["| workload | path | cases | s/case (median) | vs medseg torch | vs plain MONAI | min Dice vs torch | "
+             "peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = "" if r["min_dice_vs_torch"] is None else f"{r['min_dice_vs_torch']:.4f}"
+        table.append(f"| {r['workload']} | {names[r['path']]} | {r['cases']} | {r['s_per_case']:.3f} | "
+                     f"{r['vs_medseg_torch']:.2f}x | {r['vs_plain_monai']:.2f}x | {d} | {r['peak_rss_mb']:.0f} |")
+    table.append("")
+    table.append("Ratios are speed-ups (> 1: faster than the reference). Fastest medseg backend: "
+                 + ", ".join(f"{k}: {names[v]}" for k, v in fastest.items())
+                 + f". Hippocampus model: {args.hippocampus_model or 'freshly initialised'}. {args.repeats} repetitions, "
+                 f"medians; machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}.")
     (args.out / "predict.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
+
+
+def _min_dice(reference: Path, other: Path) -> float:
+    """The lowest per-case Dice (foreground labels, mean) between two folders of masks."""
+    import nibabel as nib
+    import numpy as np
+
+    scores = []
+    for ref in sorted(reference.glob("*.nii.gz")):
+        if ref.name.endswith("_probabilities.nii.gz") or not (other / ref.name).is_file():
+            continue
+        a, b = np.asarray(nib.load(ref).dataobj), np.asarray(nib.load(other / ref.name).dataobj)
+        per_label = []
+        for label in np.union1d(np.unique(a), np.unique(b)):
+            if label == 0:
+                continue
+            x, y = a == label, b == label
+            per_label.append(2.0 * float((x & y).sum()) / float(x.sum() + y.sum()))
+        scores.append(float(np.mean(per_label)) if per_label else 1.0)
+    return min(scores) if scores else float("nan")
 
 
 if __name__ == "__main__":
