@@ -280,14 +280,15 @@ def test_a_found_but_corrupt_model_is_a_failure_not_bad_usage(trained, tmp_path:
 
     mlflow.set_tracking_uri(trained["tracking_uri"])
     folder = Path(mlflow.artifacts.download_artifacts(trained["model_uri"], dst_path=str(tmp_path / "model")))
-    weights = next(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".pth", ".pt", ".pkl"))
-    weights.write_bytes(weights.read_bytes()[:100])
+    weights = folder / "artifacts" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
     inputs = tmp_path / "in"
     image, _, affine = make_case((15, 15, 9), seed=61)
     _save(inputs / "x.nii.gz", image, affine)
     assert main(["predict", "--model", str(folder), "--input", str(inputs), "--output", str(tmp_path / "out"),
                  "--no-tracking", "--no-progress"]) == 1
-    assert "found, but its network could not be loaded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "weights.safetensors" in err and "corrupt download" in err and "download or log the model again" in err.lower()
 
 
 def test_inference_run_is_logged_and_linked_to_the_training_run(trained, tmp_path: Path) -> None:

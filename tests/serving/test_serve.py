@@ -366,3 +366,23 @@ def test_champion_alias_names_the_trained_model_for_predictor_and_pyfunc(
     _assert_mask_on_nifti_grid(row, oblique_scan)
     assert {name: int(row[f"voxels_{name}"]) for name in ("blob1", "blob2")} == prediction.voxels
     np.testing.assert_array_equal(np.asarray(nib.load(row["output"]).dataobj), prediction.label_map)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_class_probabilities_on_an_exported_backend_match_torch(classification_model: tuple[Trained, list[Path]],
+                                                                backend: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip(backend)
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("MEDSEG_CACHE_DIR", str(tmp_path / "cache"))
+    model, images = classification_model
+    reference = medseg.Predictor.from_uri(model.model_uri, device="cpu", tracking_uri=model.tracking_uri)
+    exported = medseg.Predictor.from_uri(model.model_uri, device="cpu", tracking_uri=model.tracking_uri,
+                                         backend=backend)
+    assert exported.model.backend == backend
+    for image in images:
+        want, got = reference.predict(image), exported.predict(image)
+        assert set(got.class_probabilities) == set(CLASS_NAMES)
+        for name in CLASS_NAMES:
+            assert abs(got.class_probabilities[name] - want.class_probabilities[name]) <= 1e-4
+        assert got.predicted_class == want.predicted_class
