@@ -254,7 +254,7 @@ class Predictor:
     @classmethod
     def from_uri(cls, uri: str | Path | Sequence[str | Path], device: str = "auto", *, tracking_uri: str | None = None,
                  tta: bool = False, overlap: float | None = None, keep_largest: bool | None = None,
-                 measured: bool = False, backend: str = "torch") -> Predictor:
+                 measured: bool = False, backend: str | None = None) -> Predictor:
         """Load a model: an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``), a model
         folder, a ``seeds``/``folds`` parent (run URI ``runs:/<parent id>`` or its run directory), or
         several of these as an ensemble.
@@ -270,7 +270,9 @@ class Predictor:
             measured: the inputs already are the degraded images (reconstruction).
             backend: what runs the network: ``torch``, ``onnxruntime`` or ``openvino`` (the network
                 exported to ONNX once, cached by its weights, inside the same preprocessing,
-                sliding-window and inversion path). A ``medseg export`` folder's own graph is used.
+                sliding-window and inversion path; a ``medseg export`` folder's own graph is used),
+                or ``auto``: the fastest measured backend installed here for a CPU, torch on a GPU
+                (:data:`BACKEND_PREFERENCE`). Default: ``$MEDSEG_BACKEND``, else ``auto``.
 
         Raises:
             UsageError: the model cannot be found, has no contract, or an option does not apply to its task.
@@ -282,7 +284,8 @@ class Predictor:
         refs = [str(uri)] if isinstance(uri, (str, Path)) else [str(u) for u in uri]
         model = load_models(refs, torch_device, network_from_spec)
         task = get_task(model.task)
-        model = on_backend(model, task, backend)
+        automatic = (backend or os.environ.get(BACKEND_ENV) or "auto") == "auto"
+        model = on_backend(model, task, resolve_backend(backend, torch_device), automatic)
         options = PredictOptions(device=device, tta=tta, overlap=overlap, keep_largest=keep_largest, measured=measured)
         return cls(model, task, torch_device, options, store)
 
@@ -409,10 +412,34 @@ def _plain_layout(network: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
-def on_backend(model: LoadedModel, task: Task, backend: str) -> LoadedModel:
-    """``model`` with each member's network running on ``backend`` (itself for ``torch``)."""
+#: ``--backend auto`` on a CPU: the first of these that is installed. The order is what
+#: ``make bench-predict`` measured on this project's CPU (benchmarks/results/predict.md).
+BACKEND_PREFERENCE = ("openvino", "onnxruntime", "torch")
+#: The environment variable that sets the default backend (the test suite pins ``torch``).
+BACKEND_ENV = "MEDSEG_BACKEND"
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend ``backend`` names; ``auto`` (the default) is the fastest installed for ``device``."""
+    from medseg.engine.backends import available_backends
+
+    chosen = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if chosen != "auto":
+        return chosen
+    if device.type != "cpu":
+        return "torch"  # the exported graphs run on the CPU here; CUDA stays with torch
+    installed = set(available_backends())
+    return next(b for b in BACKEND_PREFERENCE if b in installed or b == "torch")
+
+
+def on_backend(model: LoadedModel, task: Task, backend: str, automatic: bool = False) -> LoadedModel:
+    """``model`` with each member's network running on ``backend`` (itself for ``torch``).
+
+    A network that cannot be exported runs on torch, with a warning, when the backend was chosen
+    automatically; named explicitly, the error is raised."""
     from medseg.engine.backends import EXPORTED_NAME, backend_network
     from medseg.engine.model_format import model_folder_of
+    from medseg.errors import MedsegError
 
     if backend == "torch":
         return model
@@ -424,8 +451,15 @@ def on_backend(model: LoadedModel, task: Task, backend: str) -> LoadedModel:
             model.networks) and Path(model.uris[index]).exists() else None
         exported = local / EXPORTED_NAME if local is not None and (local / EXPORTED_NAME).is_file() else None
         weights = model.weights_sha256[index] if index < len(model.weights_sha256) else f"member{index}"
-        networks.append(backend_network(_plain_layout(network), backend, example, export_cache_dir() / weights[:16],
-                                        onnx_path=exported, dynamic_spatial=dynamic))
+        try:
+            networks.append(backend_network(_plain_layout(network), backend, example,
+                                            export_cache_dir() / weights[:16], onnx_path=exported,
+                                            dynamic_spatial=dynamic))
+        except MedsegError as err:
+            if not automatic:
+                raise
+            log.warning("backend %s is not usable for this model (%s); predicting with torch", backend, err)
+            return model
     return replace(model, networks=tuple(networks), backend=backend)
 
 

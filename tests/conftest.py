@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Predict on torch unless a test names another backend: an ONNX export per loaded model (what the
+# default, auto, does where OpenVINO or ONNX Runtime is installed) would add seconds to every test
+# that predicts; tests/engine/test_predict_backends.py covers the backends and auto.
+os.environ.setdefault("MEDSEG_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
