@@ -30,6 +30,18 @@ def test_no_task_branches_outside_the_task_packages() -> None:
     assert offenders == []
 
 
+def test_nothing_in_medseg_unpickles_except_the_explicit_conversion() -> None:
+    """Models, checkpoints and caches are read as tensors and JSON; the one unpickling call is
+    ``medseg model convert`` (``medseg.api.convert_model``), which a user runs knowingly."""
+    pattern = re.compile(r"\btorch\.load\(|\bpickle\.loads?\(|mlflow\.pytorch\.load_model\(|jit\.load\(|"
+                         r"allow_pickle\s*=\s*True|weights_only\s*=\s*False|cloudpickle")
+    found = [f"{path.relative_to(REPO)}:{n}" for path in (REPO / "medseg").rglob("*.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    convert = (REPO / "medseg" / "api.py").read_text().split("def convert_model(")[1].split("\ndef ")[0]
+    assert len(found) == 2 and all(f.startswith("medseg/api.py:") for f in found), found
+    assert "torch.load(path" in convert and "mlflow.pytorch.load_model(" in convert
+
+
 def test_every_package_is_installed_and_pipelines_is_not_a_top_level_name() -> None:
     block = re.search(r"^packages = \[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.S | re.M)
     assert block, "pyproject.toml lists no [tool.setuptools] packages"
