@@ -186,3 +186,23 @@ def classification_config(tmp_path: Path, manifest: Path, root: Path, tracking_u
         "tracking": {"uri": tracking_uri, "experiment": "tests"},
     }
     return write_config(tmp_path, cfg, sections)
+
+
+@pytest.fixture(scope="session")
+def trained_segmentation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny U-Net trained two epochs on 4 synthetic cases, registered as ``tiny-seg`` with the
+    alias ``champion``: one model for every test that predicts, loads or tampers with one (copy
+    its files before changing them). Predictions only need to be well-formed, not good."""
+    from medseg.data.manifest import build_manifest
+
+    tmp = tmp_path_factory.mktemp("trained_segmentation")
+    dataset = write_msd_dataset(tmp / "dataset", n_cases=4)
+    manifest = tmp / "manifest.csv"
+    build_manifest(dataset, manifest, val_fraction=0.25, seed=0)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    config = tiny_config(tmp, dataset, manifest, uri, train={"max_epochs": 2, "batch_size": 2, "num_threads": 1},
+                         validation={"overlays": 0, "hd95": False},
+                         tracking={"register_model_as": "tiny-seg", "model_alias": "champion"})
+    result = train_run(config)
+    return {"model_uri": result.model_uri, "run_id": result.run_id, "tracking_uri": uri, "tmp": str(tmp),
+            "run_dir": str(result.run_dir)}

@@ -20,12 +20,11 @@ import torch
 
 import medseg
 from medseg.cli import main
-from medseg.data.manifest import build_manifest
 from medseg.engine.model_format import MODEL_FILE, WEIGHTS_FILE, read_model_folder, write_model_folder
 from medseg.errors import ModelError, ModelLoadError, UsageError
 from medseg.tasks.classification.transfer import pretrained_state
 from medseg.tasks.registry import network_from_spec
-from tests.conftest import make_case, tiny_config, write_msd_dataset
+from tests.conftest import make_case
 
 
 class _Marker:
@@ -43,27 +42,18 @@ def _hostile(marker: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A tiny U-Net trained one epoch, registered as tiny-seg@champion, and its downloaded MLflow folder."""
+def logged(trained_segmentation: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The shared tiny U-Net (registered as tiny-seg@champion), its downloaded MLflow folder and a scan."""
     tmp = tmp_path_factory.mktemp("logged")
-    dataset = write_msd_dataset(tmp / "dataset", n_cases=4)
-    manifest = tmp / "manifest.csv"
-    build_manifest(dataset, manifest, val_fraction=0.25, seed=0)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    config = tiny_config(tmp, dataset, manifest, uri, train={"max_epochs": 1, "batch_size": 2, "num_threads": 1},
-                         validation={"overlays": 0, "hd95": False},
-                         tracking={"uri": uri, "experiment": "tests", "register_model_as": "tiny-seg",
-                                   "model_alias": "champion"})
-    result = medseg.train(config, progress=False)
-    assert result is not None
-    mlflow.set_tracking_uri(uri)
-    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp / "download")))
+    mlflow.set_tracking_uri(trained_segmentation["tracking_uri"])
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=trained_segmentation["model_uri"],
+                                                      dst_path=str(tmp / "download")))
     inputs = tmp / "inputs"
     inputs.mkdir()
     image, _, affine = make_case((19, 17, 11), seed=5, spacing=(0.9, 1.3, 2.2))
     nib.save(nib.Nifti1Image(image, affine), inputs / "scan.nii.gz")
-    return {"uri": result.model_uri, "tracking_uri": uri, "folder": str(folder), "run_dir": str(result.run_dir),
-            "inputs": str(inputs), "tmp": str(tmp)}
+    return {"uri": trained_segmentation["model_uri"], "tracking_uri": trained_segmentation["tracking_uri"],
+            "folder": str(folder), "run_dir": trained_segmentation["run_dir"], "inputs": str(inputs), "tmp": str(tmp)}
 
 
 def _predict(model: str, logged: dict[str, str], out: Path, *extra: str) -> int:

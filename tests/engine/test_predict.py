@@ -16,27 +16,16 @@ from mlflow.tracking import MlflowClient
 
 import medseg
 from medseg.cli import main
-from medseg.data.manifest import build_manifest
 from medseg.errors import CaseError, UsageError
 from medseg.io.discovery import discover
 from medseg.io.geometry import geometry_of
 from medseg.io.readers import load_volume
-from tests.conftest import HIPPO, TCIA, make_case, require, tiny_config, write_msd_dataset
+from tests.conftest import HIPPO, TCIA, make_case, require
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A tiny U-Net trained for one epoch; predictions only need to be well-formed, not good."""
-    tmp = tmp_path_factory.mktemp("trained")
-    dataset = write_msd_dataset(tmp / "dataset", n_cases=4)
-    manifest = tmp / "manifest.csv"
-    build_manifest(dataset, manifest, val_fraction=0.25, seed=0)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    config = tiny_config(tmp, dataset, manifest, uri, train={"max_epochs": 1, "batch_size": 2, "num_threads": 1},
-                         validation={"overlays": 0, "hd95": False})
-    result = medseg.train(config, progress=False)
-    assert result is not None and result.model_uri
-    return {"model_uri": result.model_uri, "run_id": result.run_id, "tracking_uri": uri, "tmp": str(tmp)}
+def trained(trained_segmentation: dict[str, str]) -> dict[str, str]:
+    return trained_segmentation
 
 
 def _predict(trained: dict[str, str], input_dir: Path, output_dir: Path, *extra: str) -> int:

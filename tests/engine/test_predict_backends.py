@@ -13,30 +13,20 @@ import pytest
 
 import medseg
 from medseg.cli import main
-from medseg.data.manifest import build_manifest
 from medseg.errors import UsageError
-from tests.conftest import make_case, tiny_config, write_msd_dataset
+from tests.conftest import make_case
 
 pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    tmp = tmp_path_factory.mktemp("backends")
-    dataset = write_msd_dataset(tmp / "dataset", n_cases=4)
-    manifest = tmp / "manifest.csv"
-    build_manifest(dataset, manifest, val_fraction=0.25, seed=0)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    config = tiny_config(tmp, dataset, manifest, uri, train={"max_epochs": 2, "batch_size": 2, "num_threads": 1},
-                         validation={"overlays": 0, "hd95": False})
-    result = medseg.train(config, progress=False)
-    assert result is not None
-    inputs = tmp / "inputs"
+def model(trained_segmentation: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    inputs = tmp_path_factory.mktemp("backend_inputs")
     for i, shape in enumerate([(19, 17, 11), (26, 21, 9)]):  # odd sizes: partial windows, a last batch of 1
         image, _, affine = make_case(shape, seed=40 + i, spacing=(0.9, 1.3, 2.2))
-        inputs.mkdir(exist_ok=True)
         nib.save(nib.Nifti1Image(image, affine), inputs / f"scan{i}.nii.gz")
-    return {"uri": result.model_uri, "tracking_uri": uri, "inputs": str(inputs), "run_dir": str(result.run_dir)}
+    return {"uri": trained_segmentation["model_uri"], "tracking_uri": trained_segmentation["tracking_uri"],
+            "inputs": str(inputs), "run_dir": trained_segmentation["run_dir"]}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
