@@ -206,3 +206,32 @@ def trained_segmentation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     result = train_run(config)
     return {"model_uri": result.model_uri, "run_id": result.run_id, "tracking_uri": uri, "tmp": str(tmp),
             "run_dir": str(result.run_dir)}
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_answering(url: str, proc: Any, timeout_s: float, log_path: Path, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail the test with ``log_path``'s tail if ``proc`` exits first
+    or ``timeout_s`` passes (a real server process takes seconds to start)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else "still not answering"
+            pytest.fail(f"{what} did not come up ({state}); its log:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)

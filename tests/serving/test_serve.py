@@ -11,10 +11,8 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -39,10 +37,12 @@ from tests.conftest import (
     HIPPO,
     TCIA,
     classification_config,
+    free_port,
     make_case,
     require,
     tiny_config,
     train_run,
+    wait_until_answering,
     write_medmnist_npz,
     write_msd_dataset,
 )
@@ -159,17 +159,11 @@ def _report_statuses(output_dir: Path) -> dict[str, str]:
         return {row["case_id"]: row["status"] for row in csv.DictReader(fh)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _served(model: Trained, workdir: Path, startup_timeout_s: float = 180.0) -> Iterator[str]:
     """``mlflow models serve`` of ``model`` on a free localhost port; yields its URL, then stops it."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     log_path = workdir / "serve.log"
     # mlflow starts the scoring server as `bash -c "exec uvicorn ..."`: uvicorn must be on PATH even
     # when this virtual environment is not activated, or the server exits 127 ("uvicorn: not found").
@@ -184,19 +178,8 @@ def _served(model: Trained, workdir: Path, startup_timeout_s: float = 180.0) -> 
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + startup_timeout_s
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    state = f"exited with {proc.returncode}" if proc.poll() is not None else "still not answering"
-                    pytest.fail(f"mlflow models serve {model.model_uri} did not come up ({state}); its log:\n"
-                                f"{log_path.read_text(errors='replace')[-3000:]}")
-                time.sleep(0.5)
+            wait_until_answering(f"{url}/ping", proc, startup_timeout_s, log_path,
+                                 f"mlflow models serve {model.model_uri}")
             yield url
         finally:
             _stop_group(proc)
