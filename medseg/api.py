@@ -272,7 +272,7 @@ class Predictor:
                 exported to ONNX once, cached by its weights, inside the same preprocessing,
                 sliding-window and inversion path; a ``medseg export`` folder's own graph is used),
                 or ``auto``: the fastest measured backend installed here for a CPU, torch on a GPU
-                (:data:`BACKEND_PREFERENCE`). Default: ``$MEDSEG_BACKEND``, else ``auto``.
+                (:data:`BACKEND_PREFERENCE`). Default: ``$MEDSEG_BACKEND``, else :data:`DEFAULT_BACKEND`.
 
         Raises:
             UsageError: the model cannot be found, has no contract, or an option does not apply to its task.
@@ -284,7 +284,7 @@ class Predictor:
         refs = [str(uri)] if isinstance(uri, (str, Path)) else [str(u) for u in uri]
         model = load_models(refs, torch_device, network_from_spec)
         task = get_task(model.task)
-        automatic = (backend or os.environ.get(BACKEND_ENV) or "auto") == "auto"
+        automatic = (backend or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND) == "auto"
         model = on_backend(model, task, resolve_backend(backend, torch_device), automatic)
         options = PredictOptions(device=device, tta=tta, overlap=overlap, keep_largest=keep_largest, measured=measured)
         return cls(model, task, torch_device, options, store)
@@ -412,18 +412,21 @@ def _plain_layout(network: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
-#: ``--backend auto`` on a CPU: the first of these that is installed. The order is what
-#: ``make bench-predict`` measured on this project's CPU (benchmarks/results/predict.md).
+#: ``--backend auto`` on a CPU: the first of these that is installed. Provisional: the order of a
+#: 2-case smoke run of ``make bench-predict``; auto becomes the default once a full run's
+#: benchmarks/results/predict.md is committed and confirms it.
 BACKEND_PREFERENCE = ("openvino", "onnxruntime", "torch")
 #: The environment variable that sets the default backend (the test suite pins ``torch``).
 BACKEND_ENV = "MEDSEG_BACKEND"
+#: The backend when none is named: torch until bench-predict's committed results back ``auto``.
+DEFAULT_BACKEND = "torch"
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend ``backend`` names; ``auto`` (the default) is the fastest installed for ``device``."""
     from medseg.engine.backends import available_backends
 
-    chosen = backend or os.environ.get(BACKEND_ENV) or "auto"
+    chosen = backend or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
     if chosen != "auto":
         return chosen
     if device.type != "cpu":

@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-tracking", action="store_true", help="do not log the batch as an MLflow run")
     predict.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"],
                          help="what runs the network: torch, or the network exported to ONNX and run by ONNX "
-                              "Runtime or OpenVINO (pip install 'medseg[onnx]' / 'medseg[openvino]'); default "
-                              "$MEDSEG_BACKEND, else auto: the fastest installed (measured: openvino, onnxruntime, "
-                              "torch) on a CPU, torch on a GPU")
+                              "Runtime or OpenVINO (pip install 'medseg[onnx]' / 'medseg[openvino]'), or auto: the "
+                              "first installed of openvino, onnxruntime, torch on a CPU, torch on a GPU; default "
+                              "$MEDSEG_BACKEND, else torch")
     predict.add_argument("--no-progress", action="store_true")
 
     export = sub.add_parser("export", help="export a model's network (ONNX or TorchScript) with its contract")

@@ -79,7 +79,7 @@ def test_export_writes_onnx_and_torchscript_folders_that_predict_uses(model: dic
         medseg.export_model(model["uri"], tmp_path / "x", "tflite", tracking_uri=model["tracking_uri"])
 
 
-def test_auto_picks_the_fastest_installed_backend_on_a_cpu_and_torch_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_picks_the_first_installed_backend_on_a_cpu_and_torch_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from medseg.api import BACKEND_PREFERENCE, resolve_backend
@@ -87,10 +87,11 @@ def test_auto_picks_the_fastest_installed_backend_on_a_cpu_and_torch_elsewhere(m
 
     monkeypatch.delenv("MEDSEG_BACKEND", raising=False)
     monkeypatch.setattr(backends, "available_backends", lambda: ["torch", "onnxruntime", "openvino"])
-    assert resolve_backend(None, torch.device("cpu")) == BACKEND_PREFERENCE[0]
+    assert resolve_backend("auto", torch.device("cpu")) == BACKEND_PREFERENCE[0]
+    assert resolve_backend(None, torch.device("cpu")) == "torch"  # the default until bench-predict backs auto
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
     monkeypatch.setattr(backends, "available_backends", lambda: ["torch"])  # the lean default install
-    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("onnxruntime", torch.device("cpu")) == "onnxruntime"  # named: used as named
     monkeypatch.setenv("MEDSEG_BACKEND", "torch")
     assert resolve_backend(None, torch.device("cpu")) == "torch"
