@@ -450,8 +450,8 @@ def on_backend(model: LoadedModel, task: Task, backend: str, automatic: bool = F
     networks = []
     for index, (network, contract) in enumerate(zip(model.networks, contracts)):
         example, dynamic = task.export_example(contract)
-        local = model_folder_of(Path(model.uris[index])) if index < len(model.uris) and len(model.uris) == len(
-            model.networks) and Path(model.uris[index]).exists() else None
+        # a `medseg export` folder brings its own graph (uris and networks pair up one to one)
+        local = model_folder_of(Path(model.uris[index])) if len(model.uris) == len(model.networks) else None
         exported = local / EXPORTED_NAME if local is not None and (local / EXPORTED_NAME).is_file() else None
         weights = model.weights_sha256[index] if index < len(model.weights_sha256) else f"member{index}"
         try:

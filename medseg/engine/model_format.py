@@ -131,21 +131,30 @@ def read_model_folder(path: Path, ref: str | None = None) -> ModelFiles:
     if weights.parent != folder or not weights.is_file():
         raise ModelLoadError(f"--model {ref}: the weights file {weights.name} is missing from {folder}; "
                              "download or log the model again")
-    digest = file_sha256(weights)
+    data = _read_bytes(weights, ref)  # read once: hashed, then parsed from memory
+    digest = hashlib.sha256(data).hexdigest()
     expected = info["weights"].get("sha256")
     if expected and digest != expected:
         raise ModelLoadError(f"--model {ref}: {weights} has sha256 {digest[:16]}…, but {MODEL_FILE} records "
                              f"{str(expected)[:16]}…: the weights changed after the model was written (corrupt "
                              "download, or replaced). Download or log the model again")
-    state = _read_weights(weights, ref)
+    state = _parse_weights(data, weights, ref)
     return ModelFiles(folder, info["network"], info["contract"], state, digest, info)
 
 
-def _read_weights(path: Path, ref: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_bytes(path: Path, ref: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except MemoryError as err:
+        raise ModelLoadError(f"--model {ref}: ran out of memory while reading {path}; free memory or use a "
+                             "machine with more") from err
+
+
+def _parse_weights(data: bytes, path: Path, ref: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
 
     try:
-        return load_file(str(path), device="cpu")
+        return load(data)
     except MemoryError as err:
         raise ModelLoadError(f"--model {ref}: ran out of memory while reading {path}; free memory or use a "
                              "machine with more") from err
@@ -157,7 +166,7 @@ def _read_weights(path: Path, ref: str) -> dict[str, torch.Tensor]:
 def _no_model_message(path: Path, ref: str) -> str:
     pickled = [name for name in PICKLE_FILES if (path / name).is_file()]
     if pickled:
-        return (f"--model {ref}: {path / pickled[0]} is a pickled model (an older medseg or mlflow.pytorch), and "
+        return (f"--model {ref}: its {pickled[0]} is a pickled model (an older medseg or mlflow.pytorch), and "
                 "medseg does not load pickles: unpickling runs whatever code the file holds. If you trust where it "
                 f"came from, convert it once: `medseg model convert {ref} --config <its run's resolved_config.yaml> "
                 "--out <new folder>`")
