@@ -254,7 +254,7 @@ class Predictor:
     @classmethod
     def from_uri(cls, uri: str | Path | Sequence[str | Path], device: str = "auto", *, tracking_uri: str | None = None,
                  tta: bool = False, overlap: float | None = None, keep_largest: bool | None = None,
-                 measured: bool = False, backend: str | None = None) -> Predictor:
+                 measured: bool = False, backend: str | None = None, allow_constant: bool = False) -> Predictor:
         """Load a model: an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``), a model
         folder, a ``seeds``/``folds`` parent (run URI ``runs:/<parent id>`` or its run directory), or
         several of these as an ensemble.
@@ -268,6 +268,8 @@ class Predictor:
             overlap: sliding-window overlap instead of the contract's (segmentation).
             keep_largest: keep each label's largest connected component; None: the contract's (segmentation).
             measured: the inputs already are the degraded images (reconstruction).
+            allow_constant: accept images with one value everywhere (refused by default: a blank
+                export would otherwise get a confident-looking prediction).
             backend: what runs the network: ``torch``, ``onnxruntime`` or ``openvino`` (the network
                 exported to ONNX once, cached by its weights, inside the same preprocessing,
                 sliding-window and inversion path; a ``medseg export`` folder's own graph is used),
@@ -286,7 +288,8 @@ class Predictor:
         task = get_task(model.task)
         automatic = (backend or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND) == "auto"
         model = on_backend(model, task, resolve_backend(backend, torch_device), automatic)
-        options = PredictOptions(device=device, tta=tta, overlap=overlap, keep_largest=keep_largest, measured=measured)
+        options = PredictOptions(device=device, tta=tta, overlap=overlap, keep_largest=keep_largest, measured=measured,
+                                 allow_constant=allow_constant)
         return cls(model, task, torch_device, options, store)
 
     @property

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--measured", action="store_true",
                          help="reconstruction (CT, denoising): the inputs already are the degraded images (FBP, "
                          "noisy scans); default: fully sampled images whose measurement is simulated")
+    predict.add_argument("--allow-constant", action="store_true",
+                         help="accept images with one value everywhere (refused by default: usually a blank export)")
     predict.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
                          help="keep the largest component per label (default: the model's contract)")
     predict.add_argument("--tracking-uri", help="MLflow store for model URIs and the inference run "
@@ -150,17 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in handlers:
         parser.print_help()
         return EXIT_USAGE
-    from medseg.errors import MedsegError, UsageError
+    from medseg.errors import UsageError, medseg_cause
 
     try:
         _preload_allocator(in_process=argv is not None)
         return handlers[args.command](args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except MedsegError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as err:
+        known = medseg_cause(err)  # MONAI and torch wrap medseg's errors; the root cause has the message
+        if known is None:
+            raise
+        print(f"error: {known}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(known, UsageError) else EXIT_FAILED
 
 
 def _preload_allocator(in_process: bool) -> None:
@@ -266,7 +268,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predictor = medseg.Predictor.from_uri(args.model, device=args.device, tracking_uri=args.tracking_uri,
                                           tta=args.tta, overlap=args.overlap, keep_largest=args.keep_largest,
-                                          measured=args.measured, backend=args.backend)
+                                          measured=args.measured, backend=args.backend,
+                                          allow_constant=args.allow_constant)
     tracker = None
     if not args.no_tracking:
         tracker = MlflowTracker(predictor.tracking_uri, args.experiment)

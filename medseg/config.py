@@ -185,6 +185,10 @@ class PreprocessConfig(Section):
     spacing: tuple[float, ...] | None = Field(default=None, description="Target spacing in mm; null keeps native.")
     intensity: IntensityConfig = IntensityConfig()
     crop_foreground: bool = False
+    allow_constant: bool = Field(default=False, description="Accept images with one value everywhere; refused by "
+                                 "default, since a blank export would get a confident-looking prediction.")
+
+
 class _Aug(Section):
     prob: float = Field(default=0.5, ge=0.0, le=1.0)
 

@@ -6,6 +6,8 @@ traceback; :class:`UsageError` and its subclasses exit 2 ("bad usage"), the rest
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from typing import Any
 
 
@@ -53,6 +55,10 @@ class VolumeReadError(MedsegError, RuntimeError):
     """A file or folder that cannot be read as an image volume; the message names it and the fix."""
 
 
+class ImageValueError(MedsegError, ValueError):
+    """An image that was read but cannot be used: NaN/Inf voxels, or one value everywhere."""
+
+
 class DistributedRunError(MedsegError):
     """A worker of a distributed run failed; the message says which and where to look."""
 
@@ -72,3 +78,32 @@ class DataVerificationError(MedsegError, RuntimeError):
         shown = "\n".join(str(f) for f in report.errors[:10])
         more = f"\n... and {len(report.errors) - 10} more" if len(report.errors) > 10 else ""
         super().__init__(f"Data verification failed with {len(report.errors)} error(s).{where}\n{shown}{more}")
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost explicit cause: MONAI wraps a reader's error in layers of "applying
+    transform <LoadImaged object at 0x...>", which say nothing about the file."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+def medseg_cause(err: BaseException) -> MedsegError | None:
+    """The medseg error behind ``err`` (itself, or the root cause), if there is one."""
+    if isinstance(err, MedsegError):
+        return err
+    cause = root_cause(err)
+    return cause if isinstance(cause, MedsegError) else None
+
+
+def cause_text(err: BaseException) -> str:
+    """One line saying what went wrong at the root of ``err``, for messages that name the file."""
+    cause = root_cause(err)
+    if isinstance(cause, (zlib.error, gzip.BadGzipFile, EOFError)):
+        return f"its compressed data are damaged or cut short ({type(cause).__name__}: {cause})"
+    if isinstance(cause, MemoryError):
+        return "it needs more memory than this machine has (MemoryError)"
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1][:300] if lines else ''}"

@@ -60,6 +60,7 @@ from medseg.config import (
     Rot90Aug,
 )
 from medseg.errors import ConfigError
+from medseg.io.preflight import CheckImageValuesd
 from medseg.io.readers import make_load_transform
 
 IMAGE = "image"
@@ -106,6 +107,7 @@ def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), l
     if load:
         chain.append(make_load_transform(keys))
     chain.append(EnsureTyped(keys=IMAGE, dtype=np.float32, track_meta=True))
+    chain.append(CheckImageValuesd(keys=IMAGE, allow_constant=cfg.allow_constant))  # raw values: NaN, blank
     if cfg.orientation:
         chain.append(Orientationd(keys=keys, axcodes=cfg.orientation))
     if cfg.spacing is not None:
@@ -245,18 +247,20 @@ def validation_transforms(pre: PreprocessConfig, with_label: bool = True) -> Com
     return Compose(preprocessing(pre, keys=(IMAGE, LABEL) if with_label else (IMAGE,)))
 
 
-def preprocessing_from_contract(contract: dict[str, Any], load: bool = True) -> Compose:
+def preprocessing_from_contract(contract: dict[str, Any], load: bool = True, allow_constant: bool = False) -> Compose:
     """The deterministic image chain a model was trained behind, rebuilt from its contract.
 
     Args:
         contract: the model's I/O contract (orientation, spacing, intensity, crop).
         load: start with the file loader; False for images already in memory (channel-first
             ``MetaTensor`` with their affine).
+        allow_constant: accept constant images even if the model was trained without them.
     """
     cfg = PreprocessConfig(
         orientation=contract["orientation"],
         spacing=tuple(contract["spacing"]) if contract.get("spacing") else None,
         intensity=IntensityConfig(**contract["intensity"]),
         crop_foreground=contract.get("crop_foreground", False),
+        allow_constant=bool(contract.get("allow_constant", False)) or allow_constant,
     )
     return Compose(preprocessing(cfg, keys=(IMAGE,), load=load))

@@ -102,6 +102,7 @@ def verify_manifest(
     spatial_dims: int | None = None,
     class_labels: bool = False,
     cross_split_duplicates: str = "error",
+    allow_constant: bool = False,
 ) -> VerifyReport:
     """Check every case of a manifest and the manifest as a whole.
 
@@ -118,6 +119,7 @@ def verify_manifest(
         spatial_dims: 2 or 3, the model's; images with another number of non-singleton axes are errors.
         class_labels: the label column holds a class index (classification) instead of a label-map path.
         cross_split_duplicates: severity of an identical image file in two splits (``error`` or ``warning``).
+        allow_constant: images with one value everywhere are fine (else errors: blank exports).
 
     Returns:
         The report; ``report.ok`` is False when any error was found.
@@ -132,7 +134,7 @@ def verify_manifest(
 
     def check(case: Case) -> list[Finding]:
         return _check_case(case, root, allowed, set(require_labels_for), tolerance, check_hashes,
-                           expected_channels, spatial_dims, class_labels)
+                           expected_channels, spatial_dims, class_labels, allow_constant)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(check, manifest.cases)
@@ -191,6 +193,7 @@ def _split_key(case: Case) -> str:
 def _check_case(
     case: Case, root: Path, allowed: set[int], require_labels_for: set[str], tol: Tolerance, check_hashes: bool,
     expected_channels: int | None = None, spatial_dims: int | None = None, class_labels: bool = False,
+    allow_constant: bool = False,
 ) -> list[Finding]:
     out: list[Finding] = []
     images = case.image_paths(root)
@@ -254,6 +257,10 @@ def _check_case(
             bad = int((~torch.isfinite(data)).sum())
             add("error", "non_finite", [str(path)], "finite intensities", f"{bad} NaN/Inf voxel(s)",
                 "image holds NaN or Inf values; fix or exclude the file")
+        elif not allow_constant and data.numel() and bool(data.min() == data.max()):
+            add("error", "constant_image", [str(path)], "varying intensities", f"every voxel is {float(data.min()):g}",
+                "a blank export or an empty mask given as an image; fix or exclude the file (or set "
+                "preprocess.allow_constant: true if constant images are expected)")
         if path != ref_path:
             _compare_grids(add, "channel_geometry_mismatch", ref_path, ref_geometry, path, geometry_of(vol), tol)
 
@@ -332,6 +339,7 @@ class VerifyOptions:
         spatial_dims: 2 or 3, the model's; None: not checked (reconstruction takes slices of volumes).
         class_labels: the label column holds a class index (classification), not a label-map path.
         cross_split_duplicates: severity of an identical image file in two splits.
+        allow_constant: images with one value everywhere are not errors (``preprocess.allow_constant``).
     """
 
     labels: Sequence[int] | None = None
@@ -340,13 +348,15 @@ class VerifyOptions:
     spatial_dims: int | None = None
     class_labels: bool = False
     cross_split_duplicates: str = "error"
+    allow_constant: bool = False
 
     def check(self, manifest: Manifest | str | Path, root: Path, progress: bool = True) -> VerifyReport:
         """:func:`verify_manifest` with these options."""
         return verify_manifest(manifest, root, self.labels if self.labels is not None else range(2**16),
                                require_labels_for=self.require_labels_for, progress=progress,
                                expected_channels=self.expected_channels, spatial_dims=self.spatial_dims,
-                               class_labels=self.class_labels, cross_split_duplicates=self.cross_split_duplicates)
+                               class_labels=self.class_labels, cross_split_duplicates=self.cross_split_duplicates,
+                               allow_constant=self.allow_constant)
 
 
 def verify_run_data(options: VerifyOptions, manifest_path: Path, root: Path, out_dir: Path, tracker: Any,

@@ -739,6 +739,7 @@ def base_contract(cfg: RunConfig) -> dict[str, Any]:
         "spacing": list(pre.spacing) if pre.spacing else None,
         "intensity": pre.intensity.model_dump(mode="json"),
         "crop_foreground": pre.crop_foreground,
+        "allow_constant": pre.allow_constant,
     }
 
 

@@ -15,9 +15,12 @@ import hashlib
 import io
 import json
 import logging
+import os
 import resource
+import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +38,7 @@ from medseg.engine.model_format import NetworkBuilder, local_model_folder, read_
 from medseg.engine.model_format import build_network as build_model_network
 from medseg.engine.runtime import to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms
-from medseg.errors import CaseError, MedsegError, PredictOptionError, UsageError
+from medseg.errors import CaseError, MedsegError, PredictOptionError, RunError, UsageError, cause_text, root_cause
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.discovery import Discovery, InputCase, discover
 
@@ -57,6 +60,7 @@ class PredictOptions:
     num_parts: int = 1
     part_id: int = 0
     progress: bool = True
+    allow_constant: bool = False  # accept images with one value everywhere (refused by default)
     # task-specific: None / False means "not asked for"
     tta: bool = False  # average over every axis flip (segmentation, classification)
     overlap: float | None = None  # sliding-window overlap; None: the contract's (segmentation)
@@ -66,7 +70,7 @@ class PredictOptions:
 
 
 #: Options every task honours.
-COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "progress"})
+COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "progress", "allow_constant"})
 #: How each task-specific option reads on the command line, for messages.
 OPTION_FLAGS = {"tta": "--tta", "overlap": "--overlap", "save_probabilities": "--save-probabilities",
                 "keep_largest": "--keep-largest", "measured": "--measured"}
@@ -353,23 +357,15 @@ def load_models(refs: str | Sequence[str], device: torch.device, build: NetworkB
 # ----------------------------------------------------------------------------------- helpers for tasks
 
 
-def root_cause(err: BaseException) -> BaseException:
-    """The innermost cause: MONAI wraps a reader's error in "applying transform ..." layers."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
 def read_error(path: Path | str, err: BaseException) -> CaseError:
     """The error for an input that could not be read or preprocessed, naming its root cause."""
     if isinstance(err, CaseError):
         return err
     cause = root_cause(err)
     if isinstance(cause, MedsegError):
-        return CaseError(str(cause))
-    text = str(cause).strip().splitlines()
-    detail = text[-1][:300] if text else ""
-    return CaseError(f"{path}: could not be read or preprocessed ({type(cause).__name__}: {detail}). "
+        message = str(cause)
+        return CaseError(message if f"{path}:" in message else f"{path}: {message}")
+    return CaseError(f"{path}: could not be read or preprocessed ({cause_text(err)}). "
                      "Check that it is a complete NIfTI/DICOM/MHA/NRRD image")
 
 
@@ -469,9 +465,16 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     found = found or discover_inputs(input_dir)
     cases = found.cases[options.part_id::options.num_parts]
     output_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
+    with _only_writer(output_dir, suffix):
+        return _predict_cases(predictor, model, input_dir, output_dir, options, device, tracker, found, cases, suffix)
+
+
+def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
+                   options: PredictOptions, device: torch.device, tracker: Any | None, found: Discovery,
+                   cases: Sequence[InputCase], suffix: str) -> BatchReport:
     _claim_output_folder(output_dir, model, options.overwrite)
     _remove_stale_temporaries(predictor, cases, output_dir)
-    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
     report_path = output_dir / f"predictions{suffix}.csv"
     previous = {} if options.overwrite else _finished_rows(report_path)
     columns = [*COMMON_COLUMNS, *predictor.output_columns, *predictor.value_columns]
@@ -521,6 +524,43 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
 
 #: Hidden file in an output folder naming the model whose outputs it holds.
 MODEL_STAMP = ".medseg_predict_model.json"
+
+
+@contextmanager
+def _only_writer(output_dir: Path, suffix: str) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder (per ``--part-id`` shard) while predicting.
+
+    Two predicts into one folder would each rewrite ``predictions.csv`` from their own rows and
+    remove each other's temporary files; the second one is refused instead, saying who holds it.
+    The lock is the kernel's (``flock``): it goes away with its process, even after ``kill -9``.
+
+    Raises:
+        RunError: another process is predicting into this folder (and shard).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks; the outputs stay atomic
+        yield
+        return
+    lock_path = output_dir / f".medseg_predict{suffix}.lock"
+    with open(lock_path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunError(f"--output {output_dir}: {holder} is predicting into this folder now. Wait for it to "
+                           "finish, choose another --output, or share the work between processes with "
+                           "--num-parts N --part-id I (each part has its own report).") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"medseg predict (pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _claim_output_folder(output_dir: Path, model: LoadedModel, overwrite: bool) -> None:

@@ -24,7 +24,7 @@ from medseg.config import RunConfig, config_to_dict, dump_config, flatten
 from medseg.data.manifest import file_sha256, read_manifest
 from medseg.data.verify import VerifyOptions, verify_run_data
 from medseg.engine import distributed
-from medseg.errors import RunError, UsageError
+from medseg.errors import RunError, UsageError, medseg_cause
 from medseg.io.atomic import atomic_write_text
 from medseg.tracking import MlflowTracker, NullTracker
 from medseg.tracking.mlflow_tracker import git_commit
@@ -190,8 +190,11 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
     except KeyboardInterrupt:
         end_despite_sigterm(tracker, "KILLED")
         raise
-    except BaseException:
+    except BaseException as err:
         end_despite_sigterm(tracker, "FAILED")
+        cause = medseg_cause(err) if isinstance(err, Exception) else None
+        if cause is not None and cause is not err:  # the file and the problem, not "applying transform ..."
+            raise cause from err
         raise
     if not dist.is_main:
         return None

@@ -32,9 +32,7 @@ def atomic_path(path: str | Path, suffix: str | None = None, durable: bool = Fal
     try:
         yield tmp
         # mkstemp makes the file private (0600); outputs should get the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~current_umask())
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)
@@ -46,6 +44,31 @@ def atomic_path(path: str | Path, suffix: str | None = None, durable: bool = Fal
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it.
+
+    ``os.umask`` can only be read by setting it; doing that while writing would give files other
+    threads create at that moment mode 0666. Linux reports it in ``/proc/self/status``; elsewhere
+    it is read once, at import, when no other thread of medseg's is writing yet.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def _read_umask_once() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK_AT_IMPORT = _read_umask_once()
 
 
 def _fsync(path: Path) -> None:

@@ -38,6 +38,7 @@ from monai.data import ImageReader, NibabelReader
 from monai.utils import ensure_tuple
 
 from medseg.errors import VolumeReadError
+from medseg.io.preflight import check_file
 from medseg.io.sitk_reader import SimpleITKReader, is_dicom_file
 
 #: Entry-point group through which other packages add input formats.
@@ -225,7 +226,9 @@ class RegistryReader(ImageReader):
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> _ReadBy:
         paths = [Path(p) for p in ensure_tuple(data)]
-        _, reader = FORMATS.reader_for(paths)
+        fmt, reader = FORMATS.reader_for(paths)
+        for path in paths:  # size and header first: refuse hostile files before allocating for them
+            check_file(path, fmt.name)
         names = [str(p) for p in paths]
         return _ReadBy(reader, reader.read(names if len(names) > 1 else names[0], **kwargs))
 

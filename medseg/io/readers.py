@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, LoadImaged
 from monai.utils import ensure_tuple
 
-from medseg.errors import VolumeReadError
+from medseg.errors import VolumeReadError, cause_text, medseg_cause
 from medseg.io.formats import FORMATS, RegistryReader, strip_volume_suffix
 from medseg.io.sitk_reader import SimpleITKReader, is_dicom_file, lps_to_ras, read_dicom_series, sitk_affine
 
@@ -56,17 +56,12 @@ def load_volume(path: PathLike | Sequence[PathLike]) -> MetaTensor:
             raise VolumeReadError(f"{p}: file not found. Check the path and the data root it is relative to.")
     try:
         return _LOADER(paths if len(paths) > 1 else paths[0])
-    except VolumeReadError:
-        raise
     except Exception as err:  # readers raise many types; the user needs the file and the cause
+        known = medseg_cause(err)
+        if known is not None:
+            raise known from err
         names = ", ".join(str(p) for p in paths)
         raise VolumeReadError(
-            f"{names}: could not be read as an image ({type(err).__name__}: {_last_line(err)}). "
+            f"{names}: could not be read as an image ({cause_text(err)}). "
             f"Check that the file is complete (not truncated) and is one of: {FORMATS.describe()}."
         ) from err
-
-
-def _last_line(err: BaseException) -> str:
-    """The last line of an exception's text: readers put the actual cause there."""
-    text = str(err).strip().splitlines()
-    return text[-1][:300] if text else ""

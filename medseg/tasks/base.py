@@ -140,7 +140,8 @@ class TaskBase:
         return VerifyOptions(labels=labels,
                              require_labels_for=(cfg.data.train_split, cfg.data.val_split) if labels else (),
                              spatial_dims=cfg.model.spatial_dims, expected_channels=len(cfg.data.channels),
-                             class_labels=self.class_labels, cross_split_duplicates=cfg.data.cross_split_duplicates)
+                             class_labels=self.class_labels, cross_split_duplicates=cfg.data.cross_split_duplicates,
+                             allow_constant=cfg.preprocess.allow_constant)
 
 
 def parameter_count(network: nn.Module) -> int:

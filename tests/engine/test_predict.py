@@ -147,7 +147,7 @@ def test_bad_inputs_fail_alone_and_the_batch_goes_on(trained, tmp_path: Path, ca
     assert report["good"]["status"] == "ok"
     expectations = {
         "truncated": ("truncated.nii.gz", "could not be read"),
-        "not_an_image": ("not_an_image.nii.gz", "could not be read"),
+        "not_an_image": ("not_an_image.nii.gz", "not gzip-compressed"),
         "flat2d": ("flat2d.nii.gz", "2D image"),
         "two_channels": ("two_channels.nii.gz", "expects 1 channel"),
         "mixed_series": ("mixed_series", "holds 2 DICOM image series"),
@@ -371,7 +371,7 @@ def test_predictor_folder_returns_the_batch_report(predictor, tmp_path: Path) ->
     assert batch.counts == {"ok": 1, "failed": 1, "skipped": 0} and batch.n_failed == 1
     ok, failed = sorted(batch.results, key=lambda r: r.status != "ok")
     assert ok.case_id == "a" and Path(ok.outputs["output"]).is_file() and ok.values["voxels_blob1"] >= 0
-    assert failed.case_id == "b" and "b.nii.gz: could not be read" in failed.error
+    assert failed.case_id == "b" and "b.nii.gz: not a NIfTI image" in failed.error and "not gzip-compressed" in failed.error
     assert batch.summary_dict()["task"] == "segmentation"
 
 
@@ -381,7 +381,10 @@ def test_an_array_without_its_affine_or_of_the_wrong_rank_is_refused(predictor) 
     with pytest.raises(UsageError, match=r"expected a 3D image as \(channels, \*spatial\) or \(\*spatial\), got shape"):
         predictor.predict(np.zeros((9, 9), np.float32), affine=np.eye(4))
     with pytest.raises(CaseError, match="the model expects 1 channel"):
-        predictor.predict(np.zeros((2, 9, 9, 9), np.float32), affine=np.eye(4), case_id="two-channels")
+        predictor.predict(np.random.default_rng(0).random((2, 9, 9, 9), np.float32), affine=np.eye(4),
+                          case_id="two-channels")
+    with pytest.raises(CaseError, match="blank: .*every voxel has the value 0"):  # a blank image is refused, named
+        predictor.predict(np.zeros((9, 9, 9), np.float32), affine=np.eye(4), case_id="blank")
 
 
 def test_options_a_segmentation_model_does_not_use_are_refused(trained, tmp_path: Path, capsys) -> None:

@@ -278,15 +278,16 @@ def test_truncated_nifti_names_the_file(tmp_path: Path) -> None:
     payload = path.read_bytes()
     path.write_bytes(payload[: len(payload) // 2])
 
-    with pytest.raises(VolumeReadError, match=f"{re.escape(str(path))}: could not be read as an image"):
+    with pytest.raises(VolumeReadError, match=f"{re.escape(str(path))}: (truncated or corrupt|could not be read)") as err:
         load_volume(path)
+    assert "cut short" in str(err.value) or "truncated" in str(err.value)
 
 
 def test_text_file_with_nifti_name_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "x.nii.gz"
     path.write_text("not an image\n")
 
-    with pytest.raises(VolumeReadError, match=f"{re.escape(str(path))}: could not be read as an image"):
+    with pytest.raises(VolumeReadError, match=f"{re.escape(str(path))}: not a NIfTI image.*not gzip-compressed"):
         load_volume(path)
 
 

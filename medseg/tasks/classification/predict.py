@@ -32,9 +32,9 @@ from medseg.io.discovery import InputCase
 from medseg.tasks.classification.metrics import class_probabilities
 
 
-def classification_preprocessing(contract: dict[str, Any], load: bool = True) -> Compose:
+def classification_preprocessing(contract: dict[str, Any], load: bool = True, allow_constant: bool = False) -> Compose:
     """The contract's deterministic chain followed by the resize to the network input."""
-    chain = list(preprocessing_from_contract(contract, load=load).transforms)
+    chain = list(preprocessing_from_contract(contract, load=load, allow_constant=allow_constant).transforms)
     if contract.get("resize"):
         chain.append(Resized(keys=IMAGE, spatial_size=list(contract["resize"]), mode="area"))
     return Compose(chain)
@@ -51,8 +51,8 @@ class ClassificationPredictor:
         self.device = device
         self.names = model.label_names
         self.value_columns = ["label", "predicted", "predicted_name", *(f"prob_{n}" for n in self.names.values())]
-        self._chains = {True: classification_preprocessing(model.contract),
-                        False: classification_preprocessing(model.contract, load=False)}
+        self._chains = {load: classification_preprocessing(model.contract, load, options.allow_constant)
+                        for load in (True, False)}
 
     @torch.no_grad()
     def class_probabilities(self, image: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,8 @@ class ReconstructionTask(TaskBase):
         from medseg.data.verify import VerifyOptions
 
         return VerifyOptions(labels=None, require_labels_for=(), expected_channels=len(cfg.data.channels),
-                             spatial_dims=None, cross_split_duplicates=cfg.data.cross_split_duplicates)
+                             spatial_dims=None, cross_split_duplicates=cfg.data.cross_split_duplicates,
+                             allow_constant=cfg.preprocess.allow_constant)
 
     def prepare_data(self, cfg: Any, root: Path, progress: bool) -> None:
         """Write the random-ellipse phantoms of ``recon.phantoms`` (an identical set on disk is kept)."""

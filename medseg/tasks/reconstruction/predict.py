@@ -56,11 +56,12 @@ def contract_recon(contract: dict[str, Any]) -> ReconConfig:
     return ReconConfig(**fields)
 
 
-def recon_preprocessing(contract: dict[str, Any], load: bool = True) -> Compose:
+def recon_preprocessing(contract: dict[str, Any], load: bool = True, allow_constant: bool = False) -> Compose:
     """Load, orient, resample and move the slice axis last, as training did (without the scaling)."""
     pre = PreprocessConfig(orientation=contract["orientation"],
                            spacing=tuple(contract["spacing"]) if contract.get("spacing") else None,
-                           intensity=IntensityConfig(mode=IntensityMode.NONE))
+                           intensity=IntensityConfig(mode=IntensityMode.NONE),
+                           allow_constant=bool(contract.get("allow_constant", False)) or allow_constant)
     return Compose(reconstruction_prefix(pre, contract_recon(contract), load=load, scale=False))
 
 
@@ -109,7 +110,7 @@ class ReconstructionPredictor:
         self.output_columns = ("output",) if options.measured else ("output", f"{self.baseline}_output")
         self.value_columns = ["slices", *METRICS, *(f"{self.baseline}_{m}" for m in METRICS)]
         self.net = model.networks[0] if len(model.networks) == 1 else _Ensemble(model.networks)
-        self._chains = {True: recon_preprocessing(model.contract), False: recon_preprocessing(model.contract, load=False)}
+        self._chains = {load: recon_preprocessing(model.contract, load, options.allow_constant) for load in (True, False)}
 
     def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
         loaded = isinstance(image, MetaTensor)

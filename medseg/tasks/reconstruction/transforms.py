@@ -30,6 +30,7 @@ from monai.transforms import (
 )
 
 from medseg.config import AugmentConfig, PreprocessConfig
+from medseg.io.preflight import CheckImageValuesd
 from medseg.io.readers import make_load_transform
 from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem
 from medseg.tasks.reconstruction.operators import Acquisition, fbp_volume
@@ -104,6 +105,7 @@ def reconstruction_prefix(pre: PreprocessConfig, recon: ReconConfig, load: bool 
     if load:
         chain.append(make_load_transform([IMAGE]))
     chain.append(EnsureTyped(keys=IMAGE, dtype=np.float32, track_meta=True))
+    chain.append(CheckImageValuesd(keys=IMAGE, allow_constant=pre.allow_constant))  # raw values: NaN, blank
     if pre.orientation:
         chain.append(Orientationd(keys=IMAGE, axcodes=pre.orientation))
     if pre.spacing is not None:

@@ -52,8 +52,8 @@ class SegmentationPredictor:
         self.names = model.label_names
         self.foreground = [n for v, n in sorted(self.names.items()) if v != 0]
         self.value_columns = [*(f"voxels_{n}" for n in self.foreground), *(f"volume_ml_{n}" for n in self.foreground)]
-        self._chains = {True: preprocessing_from_contract(model.contract),
-                        False: preprocessing_from_contract(model.contract, load=False)}
+        self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant)
+                        for load in (True, False)}
         self.keep_largest = options.keep_largest if options.keep_largest is not None else bool(
             model.contract.get("postprocess", {}).get("keep_largest_component", False))
 
