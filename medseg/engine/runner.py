@@ -74,13 +74,16 @@ DataPreparer = Callable[[RunConfig, Path, bool], None]
 
 def _new_run_dir(base: Path) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base.mkdir(parents=True, exist_ok=True)
     candidate = base / stamp
     suffix = 1
-    while candidate.exists():
-        candidate = base / f"{stamp}-{suffix}"
-        suffix += 1
-    candidate.mkdir(parents=True)
-    return candidate
+    while True:
+        try:  # mkdir claims the name atomically: two runs started in the same second get two folders
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate = base / f"{stamp}-{suffix}"
+            suffix += 1
 
 
 def find_resumable(base: Path) -> Path:

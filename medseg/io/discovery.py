@@ -51,7 +51,8 @@ def _case_id(root: Path, path: Path, strip_suffix: bool) -> str:
     parts = list(rel.parts) or [path.resolve().name]
     if strip_suffix:
         parts[-1] = strip_volume_suffix(parts[-1])
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(parts)).lstrip("._") or "case"
+    # no leading dot (hidden) or dash (read as an option by shell tools)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(parts)).lstrip("._-") or "case"
 
 
 def discover(root: Path) -> Discovery:

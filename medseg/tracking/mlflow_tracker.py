@@ -6,18 +6,24 @@ such as ``http://host:5000`` for a real ``mlflow server``, works unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import sqlite3
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SQLAlchemyError
 
 import medseg
+from medseg.errors import RunError
+from medseg.tracking.sqlite_store import store_error_message, store_lock, use_wal
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,23 @@ def default_tracking_uri(db_path: Path = Path("runs/mlflow.db")) -> str:
 
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _clear_lock_errors(method: _F) -> _F:
+    """A SQLite store still locked after MLflow's 20 s busy timeout: say so, and what to use instead."""
+    @functools.wraps(method)
+    def wrapper(self: MlflowTracker, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except MlflowException as err:
+            db = _sqlite_path(self.uri)
+            if db is None or "database is locked" not in str(err):
+                raise
+            raise RunError(store_error_message(db, err)) from err
+    return wrapper  # type: ignore[return-value]
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -50,22 +73,48 @@ class MlflowTracker:
     def __init__(self, uri: str, experiment: str):
         self.uri = uri
         db = _sqlite_path(uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=uri)
-        mlflow.set_tracking_uri(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            # Keep a SQLite store's artifacts beside the database, not in the caller's cwd.
-            location = (db.parent.resolve() / "artifacts").as_uri() if db is not None else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        if db is None:
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = self._experiment_id(experiment, None)
         else:
-            self.experiment_id = found.experiment_id
+            db.parent.mkdir(parents=True, exist_ok=True)
+            # Keep a SQLite store's artifacts beside the database, not in the caller's cwd.
+            location = (db.parent.resolve() / "artifacts").as_uri()
+            try:
+                # MlflowClient() opens the store, and MLflow creates or migrates a new store's schema
+                # right then, unlocked: two runs started together on a fresh store would both migrate
+                # it and one would die. So the first open (and the experiment's creation) takes turns.
+                with store_lock(db):
+                    use_wal(db)
+                    self.client = MlflowClient(tracking_uri=uri)
+                    self.experiment_id = self._experiment_id(experiment, location)
+            except Exception as err:
+                from alembic.util import CommandError  # MLflow's migrations; imported by now
+
+                # MLflow lets SQLAlchemy's, SQLite's and alembic's errors through as they are.
+                if not isinstance(err, (MlflowException, SQLAlchemyError, sqlite3.Error, OSError, CommandError)):
+                    raise
+                raise RunError(store_error_message(db, err)) from err
+        mlflow.set_tracking_uri(uri)
         self.run_id: str | None = None
         # On a resumed run: metric key -> (step, value) already in the store, so nothing is logged twice.
         self._logged: dict[str, set[tuple[int, float]]] | None = None
 
+    def _experiment_id(self, name: str, location: str | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(self.client.create_experiment(name, artifact_location=location))
+        except MlflowException as err:
+            # Another process created it since we looked (on a server, or another machine): use theirs.
+            found = self.client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
     # ---------------------------------------------------------------------------- lifecycle
+    @_clear_lock_errors
     def start(self, run_name: str | None, tags: Mapping[str, str], run_id: str | None = None,
               parent_run_id: str | None = None) -> str:
         """Start a run (a child of ``parent_run_id`` if given), or continue ``run_id`` when resuming."""
@@ -81,11 +130,13 @@ class MlflowTracker:
             self.run_id = run.info.run_id
         return self.run_id
 
+    @_clear_lock_errors
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
             self.client.set_terminated(self.run_id, status=status)
 
     # ---------------------------------------------------------------------------- logging
+    @_clear_lock_errors
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, _param_text(v)) for k, v in params.items()]
         existing = self.client.get_run(self._run).data.params
@@ -93,9 +144,11 @@ class MlflowTracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(self._run, params=items[start:start + 100])
 
+    @_clear_lock_errors
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self._run, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_clear_lock_errors
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import time
 
@@ -116,6 +169,7 @@ class MlflowTracker:
             logged[key] = {(m.step, m.value) for m in self.client.get_metric_history(self._run, key)}
         return logged[key]
 
+    @_clear_lock_errors
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self._run, str(path), artifact_path)
 
