@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
+.PHONY: fuzz demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+# The fuzz suite, fast and slow parts (thousands of generated hostile files): about 4 minutes
+# -> benchmarks/results/fuzz.{json,md} (inputs tried per class, escapes)
+fuzz: $(VENV)/.installed-dev
+	MEDSEG_FUZZ_REPORT=benchmarks/results/fuzz.json $(BIN)/python -m pytest tests/fuzz -m "slow or not slow" -q
 
 # W1-W4 against plain MONAI tutorial pipelines, interleaved in one run: about 10 minutes on 2 cores
 bench: $(VENV)/.installed-dev

@@ -115,6 +115,7 @@ class MappedCacheDataset(torch.utils.data.Dataset):
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._transform_hash = hashlib.sha256(describe(transform).encode()).digest()
+        self._verified: set[str] = set()  # entries whose arrays matched their recorded hashes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -129,13 +130,18 @@ class MappedCacheDataset(torch.utils.data.Dataset):
         folder = self.entry(index)
         if (folder / _INDEX).is_file():
             try:
-                return _load_entry(folder)
+                # A cache folder may be shared between runs and users: each entry's arrays are checked
+                # against the hashes its index recorded once per process, then mapped freely.
+                item = _load_entry(folder, verify=folder.name not in self._verified)
+                self._verified.add(folder.name)
+                return item
             except (CacheEntryError, OSError, ValueError, KeyError, TypeError) as err:
                 # Rebuilt, never trusted: an edited or torn entry is only data, so nothing is lost
-                log.warning("cache entry %s is unreadable (%s); preprocessing record %d again", folder, err, index)
+                log.warning("cache entry %s is unusable (%s); preprocessing record %d again", folder, err, index)
                 shutil.rmtree(folder, ignore_errors=True)
         self._store(self.transform(dict(self.items[index])), folder)
-        return _load_entry(folder)
+        self._verified.add(folder.name)
+        return _load_entry(folder, verify=False)
 
     @staticmethod
     def _store(item: dict[str, Any], folder: Path) -> None:
@@ -148,12 +154,15 @@ class MappedCacheDataset(torch.utils.data.Dataset):
                 array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
                 name = f"{len(index)}.npy"
                 np.save(tmp / name, np.ascontiguousarray(array), allow_pickle=False)
+                digest = _file_sha256(tmp / name)
                 meta = ({"meta": dict(value.meta), "applied_operations": value.applied_operations,
                          "spatial_ndim": getattr(value, "spatial_ndim", None)}
                         if isinstance(value, MetaTensor) else None)
-                index[key] = {"array": name, "tensor": isinstance(value, torch.Tensor), "metatensor": meta}
+                index[key] = {"array": name, "sha256": digest, "tensor": isinstance(value, torch.Tensor),
+                              "metatensor": meta}
             else:
                 index[key] = {"value": value}
+        index[_ENTRY] = {"key": folder.name, "format": 2}  # which record it was made for
         # JSON (arrays inlined): a cache folder shared between runs or users can never run code
         (tmp / _INDEX).write_text(safe_tree.dumps_json(index))
         try:
@@ -163,6 +172,16 @@ class MappedCacheDataset(torch.utils.data.Dataset):
 
 
 _INDEX = "index.json"
+#: Reserved index key: the entry's own name (a folder copied under another record's name is refused).
+_ENTRY = "__medseg_entry__"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def describe(obj: Any, depth: int = 16) -> str:
@@ -194,7 +213,7 @@ class CacheEntryError(ValueError):
     """A cache entry's index is not what :meth:`MappedCacheDataset._store` writes."""
 
 
-def _load_entry(folder: Path) -> dict[str, Any]:
+def _load_entry(folder: Path, verify: bool = True) -> dict[str, Any]:
     """Read one entry: its JSON index, and its arrays as ``.npy`` (``allow_pickle=False``).
 
     Raises:
@@ -207,6 +226,10 @@ def _load_entry(folder: Path) -> dict[str, Any]:
         raise CacheEntryError(f"{folder / _INDEX}: not medseg's JSON cache index ({err})") from err
     if not isinstance(index, dict) or not all(isinstance(v, dict) for v in index.values()):
         raise CacheEntryError(f"{folder / _INDEX}: expected a JSON object of entries")
+    entry = index.pop(_ENTRY, None)
+    if entry is None or entry.get("key") != folder.name:
+        raise CacheEntryError(f"{folder / _INDEX}: written for entry {None if entry is None else entry.get('key')!r}, "
+                              f"not {folder.name!r} (copied from elsewhere, or by an older medseg)")
     out: dict[str, Any] = {}
     for key, spec in index.items():
         if "value" in spec:
@@ -214,6 +237,9 @@ def _load_entry(folder: Path) -> dict[str, Any]:
             continue
         if not re.fullmatch(r"\d+\.npy", str(spec.get("array"))):  # only files of this entry's own folder
             raise CacheEntryError(f"{folder / _INDEX}: entry {key!r} names array {spec.get('array')!r}")
+        if verify and _file_sha256(folder / spec["array"]) != spec.get("sha256"):
+            raise CacheEntryError(f"{folder / spec['array']}: its sha256 is not the one recorded when it was written "
+                                  "(changed or damaged since)")
         try:
             array = np.load(folder / spec["array"], mmap_mode="c", allow_pickle=False)
         except ValueError:  # an empty array (e.g. no background voxels) cannot be mapped

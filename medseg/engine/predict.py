@@ -11,6 +11,7 @@ how to predict and write one case.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -482,7 +483,10 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     started = time.monotonic()
     for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
         results.append(_one_case(predictor, case, output_dir, options.overwrite, previous.get(case.case_id)))
-        write_report(results, columns, report_path)  # after each case: a crash keeps what is done
+        try:
+            write_report(results, columns, report_path)  # after each case: a crash keeps what is done
+        except OSError as err:  # the disk filled up: stop here, every finished output is whole
+            raise RunError(write_error(report_path, output_dir, err)) from err
     task_summary, task_metrics = predictor.summarise(results)
     report = BatchReport(report_path, output_dir / f"predict_summary{suffix}.json", tuple(results))
     summary = {
@@ -543,7 +547,12 @@ def _only_writer(output_dir: Path, suffix: str) -> Iterator[None]:
         yield
         return
     lock_path = output_dir / f".medseg_predict{suffix}.lock"
-    with open(lock_path, "a+", encoding="utf-8") as handle:
+    try:
+        handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - closed by the with below
+    except OSError as err:
+        raise RunError(f"--output {output_dir}: cannot write there ({err.strerror or err}). Choose a folder you can "
+                       "write to, or fix its permissions.") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -604,12 +613,28 @@ def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overw
             return CaseResult(case.case_id, str(case.path), "skipped", "output exists (use --overwrite to redo)",
                               time.monotonic() - started, {k: str(p) for k, p in expected.items()}, values)
         result = predictor.predict_case(case, output_dir)
+    except OSError as err:  # writing its outputs failed: say where and what to do, not the temp file's name
+        message = write_error(case.path, output_dir, err)
+        log.warning("case %s failed: %s", case.case_id, message)
+        return CaseResult(case.case_id, str(case.path), "failed", message, time.monotonic() - started)
     except Exception as err:  # one bad case must not stop the batch
         message = str(err) if isinstance(err, MedsegError) else f"{case.path}: {type(err).__name__}: {err}"
         log.warning("case %s failed: %s", case.case_id, message)
         return CaseResult(case.case_id, str(case.path), "failed", message, time.monotonic() - started)
     result.seconds = time.monotonic() - started
     return result
+
+
+def write_error(source: Path | str, output_dir: Path, err: OSError) -> str:
+    """What a failed write means and what to do; nothing half-written is left (writes are atomic)."""
+    fixes = {errno.ENOSPC: "free space on that disk (or choose another --output) and run again",
+             errno.EDQUOT: "free space within your quota (or choose another --output) and run again",
+             errno.EROFS: "the file system is read-only: choose another --output",
+             errno.EACCES: "make the folder writable for you, or choose another --output",
+             errno.EPERM: "make the folder writable for you, or choose another --output"}
+    fix = fixes.get(err.errno or 0, "check the output folder and run again")
+    return (f"{source}: writing its output into {output_dir} failed: {err.strerror or err} (errno {err.errno}). "
+            f"Nothing half-written was kept; {fix}: finished cases are skipped on the rerun.")
 
 
 def _remove_stale_temporaries(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path) -> None:

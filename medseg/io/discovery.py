@@ -104,11 +104,14 @@ def _refuse_shared_ids(cases: list[InputCase]) -> list[InputCase]:
 
 def _dicom_cases(root: Path, folder: Path, files: list[Path], found: Discovery) -> None:
     series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
+    unreadable: list[tuple[Path, str]] = []
     for path in files:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-            found.notes.append(f"{path}: skipped, not a readable DICOM file ({type(err).__name__}: {err})")
+            problem = "the file is empty (0 bytes)" if _size(path) == 0 else f"{type(err).__name__}: {err}"
+            found.notes.append(f"{path}: skipped, not a readable DICOM file ({problem})")
+            unreadable.append((path, problem))
             continue
         if "Rows" not in header or "Columns" not in header:
             found.notes.append(f"{path}: skipped, a DICOM object without an image "
@@ -116,6 +119,13 @@ def _dicom_cases(root: Path, folder: Path, files: list[Path], found: Discovery) 
             continue
         series[str(getattr(header, "SeriesInstanceUID", "unknown"))].append((path, header))
     if not series:
+        # Named like DICOM but unreadable, with no series beside them to be part of: each is a failed
+        # case, so the report shows it (in a series folder, the series reader names them instead).
+        for path, problem in unreadable:
+            if FORMATS.by_suffix(path.name) is not None:
+                found.cases.append(InputCase(_case_id(root, path, True), path, "dicom_file", problem=(
+                    f"{path}: not a readable DICOM file ({problem}). Copy or export it again, or move it out of "
+                    "the input folder.")))
         return
     case_id = _case_id(root, folder, False)
     if len(series) > 1:
@@ -134,6 +144,13 @@ def _dicom_cases(root: Path, folder: Path, files: list[Path], found: Discovery) 
         found.cases.append(InputCase(_case_id(root, path, True), path, "dicom_file", series_uid=uid))
     else:
         found.cases.append(InputCase(case_id, folder, "dicom_series", series_uid=uid))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def discover_paths(paths: list[Path]) -> Discovery:

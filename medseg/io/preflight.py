@@ -80,12 +80,16 @@ def check_file(path: Path, format_name: str) -> None:
     except OSError as err:
         raise VolumeReadError(f"{path}: cannot be opened ({err.strerror or err}). Check the path and its permissions.") from None
     if size == 0:
-        raise VolumeReadError(f"{path}: the file is empty (0 bytes). Expected: a {format_name} image. "
+        raise VolumeReadError(f"{path}: the file is empty (0 bytes). Expected: a {_shown(format_name)} image. "
                               "Copy or export it again; an interrupted download or copy leaves empty files.")
     if format_name == "nifti":
         _check_nifti(path, size)
     elif format_name in ("metaimage", "nrrd", "dicom"):
         _check_sitk_header(path, size, format_name)
+
+
+def _shown(format_name: str) -> str:
+    return {"nifti": "NIfTI", "dicom": "DICOM", "metaimage": "MetaImage", "nrrd": "NRRD"}.get(format_name, format_name)
 
 
 def _check_nifti(path: Path, size: int) -> None:
@@ -189,8 +193,9 @@ def _check_sitk_header(path: Path, size: int, format_name: str) -> None:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
-        raise VolumeReadError(f"{path}: not a readable {format_name} header ({cause_text(err)}). It may be truncated, "
-                              "corrupt or another format under this name; export it again.") from None
+        raise VolumeReadError(f"{path}: not a readable {_shown(format_name)} file: its header cannot be parsed "
+                              f"({cause_text(err)}). It is truncated, corrupt or another kind of file under this "
+                              "name; export it again.") from None
     shape = tuple(int(s) for s in reader.GetSize())
     components = int(reader.GetNumberOfComponents())
     itemsize = _sitk_itemsize(reader.GetPixelID())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -132,3 +133,22 @@ def test_a_tampered_cache_index_runs_nothing_and_the_entry_is_rebuilt(tmp_path: 
         assert torch.equal(again["image"].as_tensor(), expected)
         assert not marker.exists(), "unpickling the planted index ran its code"
         assert (entry / "index.json").read_bytes().startswith(b"{")
+
+
+def test_a_damaged_or_copied_cache_entry_is_rebuilt_not_trusted(tmp_path: Path) -> None:
+    """A cache folder shared between runs: arrays changed after they were written (a bit flip, a
+    colleague's edit) or an entry copied under another record's name are preprocessed again."""
+    items = _items(tmp_path, 2)
+    chain = validation_transforms(PRE)
+    dataset = MappedCacheDataset(items, chain, tmp_path / "cache")
+    expected = [dataset[i]["image"].as_tensor().clone() for i in range(2)]
+    first, second = dataset.entry(0), dataset.entry(1)
+    image_file = next(p for p in sorted(first.glob("*.npy")) if np.load(p).shape == tuple(expected[0].shape))
+    blob = bytearray(image_file.read_bytes())
+    blob[-5] ^= 0x40  # one flipped bit in the image data: still a valid .npy
+    image_file.write_bytes(bytes(blob))
+    again = MappedCacheDataset(items, chain, tmp_path / "cache")  # a later run: checks before it maps
+    assert torch.equal(again[0]["image"].as_tensor(), expected[0])
+    shutil.rmtree(second)
+    shutil.copytree(first, second)  # record 0's arrays under record 1's name
+    assert torch.equal(MappedCacheDataset(items, chain, tmp_path / "cache")[1]["image"].as_tensor(), expected[1])

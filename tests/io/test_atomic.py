@@ -74,3 +74,19 @@ def test_outputs_get_the_umask_mode_not_mkstemps_private_one(tmp_path: Path) -> 
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_atomic_writes_never_change_the_process_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the umask to read it would give files other threads create meanwhile mode 0666."""
+    import os
+
+    from medseg.io import atomic
+
+    expected = atomic.current_umask()
+
+    def forbidden(mask: int) -> int:
+        raise AssertionError(f"os.umask({mask:o}) called while writing")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    path = atomic.atomic_write_text(tmp_path / "out.txt", "x")
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~expected
