@@ -497,3 +497,34 @@ def test_channel_count_and_dimensions_are_checked_against_the_config(data: Data)
                              expected_channels=1, spatial_dims=3)
     finding = _only(report, "dimensions")
     assert finding.case_id == data.train_id and "2D" in finding.got
+
+
+def test_a_constant_image_is_an_error_unless_allowed(data: Data) -> None:
+    image = data.image(data.train_id)
+    _rewrite(image, np.full(_array(image).shape, 12.0, np.float32))
+    data.rebuild()
+    finding = _only(data.verify(), "constant_image")
+    assert finding.files == [str(image)] and finding.got == "every voxel is 12"
+    assert "preprocess.allow_constant" in finding.message
+    manifest = read_manifest(data.manifest_path)
+    allowed = verify_manifest(manifest, data.root, LABELS, progress=False, workers=1, allow_constant=True)
+    assert allowed.ok, allowed.summary()
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("empty", "the file is empty (0 bytes)"),
+    ("huge header", "which needs"),
+])
+def test_unreadable_images_say_what_was_found(data: Data, damage: str, says: str) -> None:
+    """Regression: an empty file and a header claiming 2000³ float32 both read "applying transform <...>"."""
+    image = data.image(data.train_id)
+    if damage == "empty":
+        image.write_bytes(b"")
+    else:
+        header = nib.Nifti1Header()
+        header.set_data_shape((2000, 2000, 2000))
+        header.set_data_dtype(np.float32)
+        image.write_bytes(gzip.compress(header.binaryblock + bytes(4100)))
+    data.rebuild()
+    finding = _only(data.verify(), "unreadable")
+    assert says in finding.message and "applying transform" not in finding.message, finding.message

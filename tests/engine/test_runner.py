@@ -138,3 +138,41 @@ def test_a_sigterm_during_the_final_status_waits_until_the_status_is_stored() ->
         assert SlowTracker.stored == ["FAILED"]  # stored first, then the SIGTERM took effect
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_wrapped_reader_error_surfaces_as_its_root_cause(tmp_path: Path, tiny_run_inputs, capsys) -> None:
+    """MONAI wraps a reader's error in "applying transform <LoadImaged object at 0x...>"; a run
+    reports the error underneath (the file and the problem), and the MLflow run is FAILED."""
+    from medseg.engine.runner import run_pipeline
+    from medseg.errors import VolumeReadError
+
+    dataset, manifest = tiny_run_inputs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = medseg.load_config(tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1}))
+
+    def pipeline(ctx: object) -> None:
+        try:
+            raise VolumeReadError("case_3.nii.gz: the file is empty (0 bytes). Copy or export it again.")
+        except VolumeReadError as err:
+            raise RuntimeError("applying transform <monai.transforms.io.dictionary.LoadImaged object at 0x7f3>") from err
+
+    with pytest.raises(VolumeReadError, match="case_3.nii.gz: the file is empty"):
+        run_pipeline(cfg, pipeline, progress=False)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_a_nan_training_image_stops_the_run_before_training_naming_it(tmp_path: Path, capsys) -> None:
+    dataset = write_msd_dataset(tmp_path / "dataset", n_cases=4)
+    image = sorted((dataset / "imagesTr").glob("*.nii.gz"))[0]
+    img = nib.load(image)
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[2, 3, 4] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), image)
+    manifest = tmp_path / "manifest.csv"
+    build_manifest(dataset, manifest, val_fraction=0.25, seed=0)
+    config = tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}", train={"max_epochs": 1})
+    assert main(["run", str(config), "--no-progress"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert image.name in err and "1 NaN/Inf voxel(s)" in err and "applying transform" not in err, err
