@@ -29,6 +29,7 @@ from monai.utils import ensure_tuple
 from monai.utils.enums import MetaKeys, SpaceKeys
 
 from medseg.errors import VolumeReadError
+from medseg.io.preflight import check_header
 
 #: File suffixes this reader handles (NIfTI stays with MONAI's nibabel reader).
 SITK_SUFFIXES = (".dcm", ".dicom", ".ima", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -303,6 +304,9 @@ def _checked_slice_order(folder: Path, headers: list[_SliceHeader]) -> tuple[lis
     )
     _refuse_mixed(folder, headers, "image size (Rows x Columns)", lambda h: h.size,
                   lambda v: f"{v[0]} x {v[1]}", lambda a, b: a == b, fix)
+    if headers[0].size is not None:  # what the stacked volume will need, before GDCM allocates it
+        rows, columns = headers[0].size
+        check_header(folder, (int(columns), int(rows), len(headers)), 2, None, "DICOM series")
     multi = [h for h in headers if h.frames > 1]
     if multi:
         raise VolumeReadError(

@@ -96,16 +96,31 @@ def keeps_promise(path: Path, kind: str, names: str | None = None) -> str:
 
 def write_report(path: Path) -> None:
     """The fuzz report (JSON and a Markdown table beside it), written by ``make fuzz``."""
-    data = {"command": "make fuzz", **TALLY.as_dict()}
+    import platform
+    import subprocess
+    import time
+
+    import medseg
+
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    data = {"command": "make fuzz", "date": time.strftime("%Y-%m-%d"), "commit": commit,
+            "medseg_version": medseg.__version__, "python": platform.python_version(), **TALLY.as_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     lines = ["# Fuzz suite: hostile inputs tried", "",
-             f"Written by `make fuzz` (the whole of `tests/fuzz`, fast and slow parts). {TALLY.total} inputs tried, "
+             f"Written by `make fuzz` (the whole of `tests/fuzz`, fast and slow parts) on {data['date']} (commit "
+             f"{commit}). {TALLY.total} inputs tried, "
              f"**{len(TALLY.escapes)} escapes** (an escape: an exception other than medseg's own error, a message "
              "that does not name the file, MONAI's wrapper text, or an image read with an unusable geometry).", "",
-             "| class | read | refused with a message | escapes |", "|---|---|---|---|"]
+             "| class | outcomes | escapes |", "|---|---|---|"]
     for kind, counts in data["by_class"].items():  # type: ignore[union-attr]
-        lines.append(f"| {kind} | {counts.get('read', 0)} | {counts.get('refused', 0)} | {counts.get('escape', 0)} |")
+        shown = ", ".join(f"{outcome} {n}" for outcome, n in counts.items() if outcome != "escape")
+        lines.append(f"| {kind} | {shown} | {counts.get('escape', 0)} |")
+    lines += ["", "Outcomes: *read* (an image with a usable geometry), *refused* (medseg's error naming the file), and "
+              "for whole batches *failed alone* (that case failed with its message, the others went on), "
+              "*predicted*, *refused or done* (a concurrent predict), *skipped by discovery*. Bit flips inside "
+              "pixel data of formats without checksums (NIfTI, DICOM, MHA, NRRD) read as other values: "
+              "nothing in the file can tell them apart; gzip's CRC catches them in `.nii.gz`."]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
