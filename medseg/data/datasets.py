@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ class MappedCacheDataset(torch.utils.data.Dataset):
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._transform_hash = hashlib.sha256(describe(transform).encode()).digest()
         self._verified: set[str] = set()  # entries whose arrays matched their recorded hashes
+        _remove_abandoned_entries(self.cache_dir)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -172,6 +174,25 @@ class MappedCacheDataset(torch.utils.data.Dataset):
 
 
 _INDEX = "index.json"
+
+
+def _remove_abandoned_entries(cache_dir: Path) -> None:
+    """Half-written entries of processes that were killed (``.<key>.tmp<pid>`` whose pid is gone
+    here and that nobody touched for ten minutes: a cache on a shared disk has other hosts' pids)."""
+    for tmp in cache_dir.glob(".*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        try:
+            idle = time.time() - tmp.stat().st_mtime
+        except OSError:
+            continue
+        if not pid.isdigit() or idle < 600:
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # nobody is writing it any more
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
 #: Reserved index key: the entry's own name (a folder copied under another record's name is refused).
 _ENTRY = "__medseg_entry__"
 

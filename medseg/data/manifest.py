@@ -147,7 +147,7 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def write_manifest(manifest: Manifest | Sequence[Case], path: str | Path) -> Path:
-    """Write a manifest CSV atomically."""
+    """Write a manifest CSV atomically, removing the temp files a killed earlier write left beside it."""
     cases = manifest.cases if isinstance(manifest, Manifest) else tuple(manifest)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -165,7 +165,25 @@ def write_manifest(manifest: Manifest | Sequence[Case], path: str | Path) -> Pat
                 c.label_sha256 or "",
             ]
         )
+    _remove_stale_temporaries(Path(path))
     return atomic_write_text(path, buffer.getvalue())
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temp files of earlier writes of ``path`` that were killed before their rename.
+
+    :func:`~medseg.io.atomic.atomic_path` writes ``.<name>.<random>.tmp<suffixes>`` beside ``path``
+    and renames it onto ``path``; a SIGKILL in between leaves the temp file, which nothing else
+    would ever remove. Only that exact pattern is removed (not the temp files of other outputs in
+    the folder). Two builds writing one manifest at the same moment race in any case; here the
+    later one may remove the other's temp file, which then fails instead of overwriting.
+    """
+    stale = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]+" + re.escape(".tmp" + "".join(path.suffixes)))
+    if not path.parent.is_dir():
+        return
+    for candidate in path.parent.iterdir():
+        if stale.fullmatch(candidate.name) and candidate.is_file():
+            candidate.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------ discovery

@@ -10,14 +10,21 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from medseg.errors import RunError
+from medseg.errors import RunError, cause_text
 from medseg.io import safe_tree
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` via a temp file, flushed to disk before the rename, so neither a
     killed process nor a crashed machine leaves a torn checkpoint."""
-    return safe_tree.save(path, state, durable=True)
+    try:
+        return safe_tree.save(path, state, durable=True)
+    except Exception as err:  # disk full, quota, read-only: safetensors raises its own error type too
+        if isinstance(err, RunError):
+            raise
+        raise RunError(f"checkpoint {path}: could not be written ({cause_text(err)}). The previous checkpoint is "
+                       "intact; free space (or fix the folder's permissions), then continue with "
+                       f"`medseg run CONFIG --resume {path.parent.parent}`.") from err
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

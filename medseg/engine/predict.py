@@ -475,7 +475,7 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
                    options: PredictOptions, device: torch.device, tracker: Any | None, found: Discovery,
                    cases: Sequence[InputCase], suffix: str) -> BatchReport:
     _claim_output_folder(output_dir, model, options.overwrite)
-    _remove_stale_temporaries(predictor, cases, output_dir)
+    _remove_stale_temporaries(predictor, cases, output_dir, suffix)
     report_path = output_dir / f"predictions{suffix}.csv"
     previous = {} if options.overwrite else _finished_rows(report_path)
     columns = [*COMMON_COLUMNS, *predictor.output_columns, *predictor.value_columns]
@@ -637,9 +637,13 @@ def write_error(source: Path | str, output_dir: Path, err: OSError) -> str:
             f"Nothing half-written was kept; {fix}: finished cases are skipped on the rerun.")
 
 
-def _remove_stale_temporaries(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path) -> None:
+def _remove_stale_temporaries(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path,
+                              suffix: str) -> None:
     """Temp files of a run killed mid-write; only this shard's own, since other shards may be writing."""
     mine = {p.name for case in cases for p in predictor.expected_outputs(case, output_dir).values()}
+    mine |= {f"predictions{suffix}.csv", f"predict_summary{suffix}.json"}
+    if not suffix:  # every shard writes the stamp; only an unsharded run owns its temporaries
+        mine.add(MODEL_STAMP)
     for stale in output_dir.glob(".*.tmp*"):
         if stale.name[1:].split(".tmp")[0].rsplit(".", 1)[0] in mine:
             stale.unlink()

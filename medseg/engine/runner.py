@@ -25,7 +25,7 @@ from medseg.data.manifest import file_sha256, read_manifest
 from medseg.data.verify import VerifyOptions, verify_run_data
 from medseg.engine import distributed
 from medseg.errors import RunError, UsageError, medseg_cause
-from medseg.io.atomic import atomic_write_text
+from medseg.io.atomic import atomic_write_text, remove_stale_temporaries
 from medseg.tracking import MlflowTracker, NullTracker
 from medseg.tracking.mlflow_tracker import git_commit
 
@@ -84,6 +84,12 @@ def _new_run_dir(base: Path) -> Path:
         except FileExistsError:
             candidate = base / f"{stamp}-{suffix}"
             suffix += 1
+
+
+def _clear_killed_writes(run_dir: Path) -> None:
+    """A run killed inside an atomic write leaves its temporary file; the resumed run removes them."""
+    for path in remove_stale_temporaries(run_dir):
+        log.info("removed %s, left by a write that was interrupted", path)
 
 
 def find_resumable(base: Path) -> Path:
@@ -160,11 +166,13 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         if resume:
             run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
             check_resumable(run_dir, cfg)
+            _clear_killed_writes(run_dir)
             previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
         elif run_dir is None:
             run_dir, previous_run = _new_run_dir(cfg.output_dir), None
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
+            _clear_killed_writes(run_dir)
             # A child of --seeds/--folds that died before its first checkpoint starts over, but in
             # its own MLflow run rather than leaving that one behind as a stray RUNNING child.
             previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None

@@ -6,6 +6,7 @@ An interrupted write therefore never leaves a half-written output under the fina
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +45,24 @@ def atomic_path(path: str | Path, suffix: str | None = None, durable: bool = Fal
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+#: What :func:`atomic_path` names its temporary files: ``.<name>.<random>.tmp<suffix>``.
+TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]+\.tmp.*")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed before their rename left under ``folder``.
+
+    Only for a folder no other process is writing into (a run directory being resumed): a live
+    writer's temporary file looks the same.
+    """
+    removed = []
+    for path in sorted(Path(folder).rglob(".*.tmp*")):
+        if TEMP_NAME.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def current_umask() -> int:

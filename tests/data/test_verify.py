@@ -528,3 +528,13 @@ def test_unreadable_images_say_what_was_found(data: Data, damage: str, says: str
     data.rebuild()
     finding = _only(data.verify(), "unreadable")
     assert says in finding.message and "applying transform" not in finding.message, finding.message
+
+
+def test_negative_label_values_are_outside_the_label_map(data: Data) -> None:
+    label = data.label(data.train_id)
+    array = _array(label).astype(np.int16)
+    array[1, 2, 3] = -1
+    _rewrite(label, array)
+    data.rebuild()
+    finding = _only(data.verify(), "label_values")
+    assert finding.got == "values [-1, 0, 1, 2]" and "[-1]" in finding.message
