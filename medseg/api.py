@@ -415,13 +415,16 @@ def _plain_layout(network: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
-#: ``--backend auto`` on a CPU: the first of these that is installed. Provisional: the order of a
-#: 2-case smoke run of ``make bench-predict``; auto becomes the default once a full run's
-#: benchmarks/results/predict.md is committed and confirms it.
-BACKEND_PREFERENCE = ("openvino", "onnxruntime", "torch")
+#: ``--backend auto`` on a CPU: the first of these that is installed, in the order that
+#: benchmarks/results/predict.md measured (``make bench-predict``, 2-core CPU): OpenVINO at least
+#: as fast as torch (1.12x on the hippocampus model, 1.03x on the CT workload), ONNX Runtime slower
+#: than torch on both (0.76x, 0.89x), so it is never chosen automatically.
+BACKEND_PREFERENCE = ("openvino", "torch")
 #: The environment variable that sets the default backend (the test suite pins ``torch``).
 BACKEND_ENV = "MEDSEG_BACKEND"
-#: The backend when none is named: torch until bench-predict's committed results back ``auto``.
+#: The backend when none is named. torch: the measured gain of the fastest exported backend is
+#: within noise of torch on the CT workload (predict.md), which does not pay for an ONNX export
+#: per model and a second runtime in the default path.
 DEFAULT_BACKEND = "torch"
 
 

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"],
                          help="what runs the network: torch, or the network exported to ONNX and run by ONNX "
                               "Runtime or OpenVINO (pip install 'medseg[onnx]' / 'medseg[openvino]'), or auto: the "
-                              "first installed of openvino, onnxruntime, torch on a CPU, torch on a GPU; default "
+                              "fastest measured one installed (openvino, else torch) on a CPU, torch on a GPU; default "
                               "$MEDSEG_BACKEND, else torch")
     predict.add_argument("--no-progress", action="store_true")
 

@@ -88,7 +88,10 @@ def test_auto_picks_the_first_installed_backend_on_a_cpu_and_torch_elsewhere(mon
     monkeypatch.delenv("MEDSEG_BACKEND", raising=False)
     monkeypatch.setattr(backends, "available_backends", lambda: ["torch", "onnxruntime", "openvino"])
     assert resolve_backend("auto", torch.device("cpu")) == BACKEND_PREFERENCE[0]
-    assert resolve_backend(None, torch.device("cpu")) == "torch"  # the default until bench-predict backs auto
+    assert resolve_backend(None, torch.device("cpu")) == "torch"  # the default: see DEFAULT_BACKEND
+    monkeypatch.setattr(backends, "available_backends", lambda: ["torch", "onnxruntime"])
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"  # measured slower than torch: not chosen
+    monkeypatch.setattr(backends, "available_backends", lambda: ["torch", "onnxruntime", "openvino"])
     assert resolve_backend("auto", torch.device("cuda")) == "torch"
     monkeypatch.setattr(backends, "available_backends", lambda: ["torch"])  # the lean default install
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
