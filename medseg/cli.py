@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what runs the network: torch, or the network exported to ONNX and run by ONNX "
                               "Runtime or OpenVINO (pip install 'medseg[onnx]' / 'medseg[openvino]'), or auto: the "
                               "fastest measured one installed (openvino, else torch) on a CPU, torch on a GPU; default "
-                              "$MEDSEG_BACKEND, else torch")
+                              "$MEDSEG_BACKEND, else auto")
     predict.add_argument("--no-progress", action="store_true")
 
     export = sub.add_parser("export", help="export a model's network (ONNX or TorchScript) with its contract")

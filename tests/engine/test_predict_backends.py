@@ -88,7 +88,7 @@ def test_auto_picks_the_first_installed_backend_on_a_cpu_and_torch_elsewhere(mon
     monkeypatch.delenv("MEDSEG_BACKEND", raising=False)
     monkeypatch.setattr(backends, "available_backends", lambda: ["torch", "onnxruntime", "openvino"])
     assert resolve_backend("auto", torch.device("cpu")) == BACKEND_PREFERENCE[0]
-    assert resolve_backend(None, torch.device("cpu")) == "torch"  # the default: see DEFAULT_BACKEND
+    assert resolve_backend(None, torch.device("cpu")) == "openvino"  # the default is auto
     monkeypatch.setattr(backends, "available_backends", lambda: ["torch", "onnxruntime"])
     assert resolve_backend("auto", torch.device("cpu")) == "torch"  # measured slower than torch: not chosen
     monkeypatch.setattr(backends, "available_backends", lambda: ["torch", "onnxruntime", "openvino"])
