@@ -455,12 +455,12 @@ def on_backend(model: LoadedModel, task: Task, backend: str, automatic: bool = F
     contracts = model.member_contracts or (model.contract,) * len(model.networks)
     networks = []
     for index, (network, contract) in enumerate(zip(model.networks, contracts)):
-        example, dynamic = task.export_example(contract)
         # a `medseg export` folder brings its own graph (uris and networks pair up one to one)
         local = model_folder_of(Path(model.uris[index])) if len(model.uris) == len(model.networks) else None
         exported = local / EXPORTED_NAME if local is not None and (local / EXPORTED_NAME).is_file() else None
         weights = model.weights_sha256[index] if index < len(model.weights_sha256) else f"member{index}"
         try:
+            example, dynamic = task.export_example(contract)  # a task may not export at all (reconstruction)
             networks.append(backend_network(_plain_layout(network), backend, example,
                                             export_cache_dir() / weights[:16], onnx_path=exported,
                                             dynamic_spatial=dynamic))

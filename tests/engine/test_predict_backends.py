@@ -98,3 +98,24 @@ def test_auto_picks_the_first_installed_backend_on_a_cpu_and_torch_elsewhere(mon
     assert resolve_backend("onnxruntime", torch.device("cpu")) == "onnxruntime"  # named: used as named
     monkeypatch.setenv("MEDSEG_BACKEND", "torch")
     assert resolve_backend(None, torch.device("cpu")) == "torch"
+
+
+def test_auto_falls_back_to_torch_for_a_task_that_cannot_export_and_a_named_backend_says_why() -> None:
+    """Reconstruction models do not export: ``auto`` (the default) predicts them with torch."""
+    from torch import nn
+
+    from medseg.api import on_backend
+    from medseg.engine.predict import LoadedModel
+    from medseg.errors import UsageError
+
+    class NoExport:
+        name = "reconstruction"
+
+        def export_example(self, contract: dict) -> tuple:
+            raise UsageError("task 'reconstruction' does not run on another inference backend; use --backend torch")
+
+    model = LoadedModel((nn.Conv2d(1, 1, 3),), {"task": "reconstruction"}, ("folder",), (None,),
+                        weights_sha256=("0" * 64,))
+    assert on_backend(model, NoExport(), "openvino", automatic=True) is model  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="use --backend torch"):
+        on_backend(model, NoExport(), "openvino", automatic=False)  # type: ignore[arg-type]
