@@ -21,7 +21,7 @@ from monai.data import CacheDataset, Dataset, MetaTensor
 from monai.transforms import Compose
 
 from medseg.config import CacheMode, DataConfig
-from medseg.data.manifest import Case, ManifestError
+from medseg.data.manifest import Case, ManifestError, sha256_of
 from medseg.io import safe_tree
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class MappedCacheDataset(torch.utils.data.Dataset):
                 array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
                 name = f"{len(index)}.npy"
                 np.save(tmp / name, np.ascontiguousarray(array), allow_pickle=False)
-                digest = _file_sha256(tmp / name)
+                digest = sha256_of(tmp / name)
                 meta = ({"meta": dict(value.meta), "applied_operations": value.applied_operations,
                          "spatial_ndim": getattr(value, "spatial_ndim", None)}
                         if isinstance(value, MetaTensor) else None)
@@ -195,14 +195,6 @@ def _remove_abandoned_entries(cache_dir: Path) -> None:
             pass
 #: Reserved index key: the entry's own name (a folder copied under another record's name is refused).
 _ENTRY = "__medseg_entry__"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe(obj: Any, depth: int = 16) -> str:
@@ -258,7 +250,7 @@ def _load_entry(folder: Path, verify: bool = True) -> dict[str, Any]:
             continue
         if not re.fullmatch(r"\d+\.npy", str(spec.get("array"))):  # only files of this entry's own folder
             raise CacheEntryError(f"{folder / _INDEX}: entry {key!r} names array {spec.get('array')!r}")
-        if verify and _file_sha256(folder / spec["array"]) != spec.get("sha256"):
+        if verify and sha256_of(folder / spec["array"]) != spec.get("sha256"):
             raise CacheEntryError(f"{folder / spec['array']}: its sha256 is not the one recorded when it was written "
                                   "(changed or damaged since)")
         try:
