@@ -356,8 +356,8 @@ class Predictor:
                           meta=meta)
 
     def predict_folder(self, input: str | Path, output: str | Path, *, overwrite: bool = False,
-                       save_probabilities: bool = False, num_parts: int = 1, part_id: int = 0, progress: bool = True,
-                       tracker: Any | None = None) -> BatchReport:
+                       save_probabilities: bool = False, save_uncertainty: bool = False, num_parts: int = 1,
+                       part_id: int = 0, progress: bool = True, tracker: Any | None = None) -> BatchReport:
         """Predict every scan under ``input`` (recursively) into ``output``.
 
         Each case is written atomically on its own grid; a case that fails is reported and the rest
@@ -369,6 +369,8 @@ class Predictor:
             output: the output folder.
             overwrite: redo cases that already have their outputs.
             save_probabilities: also write the class probabilities (segmentation).
+            save_uncertainty: also write ``<case>_entropy.nii.gz`` and, with TTA or an ensemble,
+                ``<case>_variance.nii.gz`` (segmentation).
             num_parts / part_id: predict only every ``num_parts``-th case from ``part_id`` (sharding).
             progress: progress bar.
             tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, to log to.
@@ -377,7 +379,7 @@ class Predictor:
             UsageError: no such input, no scans in it, an option its task does not use.
         """
         options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities,
-                          num_parts=num_parts, part_id=part_id, progress=progress)
+                          save_uncertainty=save_uncertainty, num_parts=num_parts, part_id=part_id, progress=progress)
         check_options(options, self.task.name, self.task.predict_options)
         found = discover_inputs(Path(input))
         case_predictor = self.task.case_predictor(self.model, options, self.device)

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--num-parts", type=int, default=1, help="split the folder into N shards ...")
     predict.add_argument("--part-id", type=int, default=0, help="... and predict shard I (0-based)")
     predict.add_argument("--save-probabilities", action="store_true", help="also write <case>_probabilities.nii.gz")
+    predict.add_argument("--save-uncertainty", action="store_true",
+                         help="also write <case>_entropy.nii.gz and, with --tta or an ensemble, <case>_variance.nii.gz")
     predict.add_argument("--measured", action="store_true",
                          help="reconstruction (CT, denoising): the inputs already are the degraded images (FBP, "
                          "noisy scans); default: fully sampled images whose measurement is simulated")
@@ -276,7 +278,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         tracker.start(f"predict-{args.input.resolve().name}", {"medseg_task": "predict", "task": predictor.task.name})
     try:
         batch = predictor.predict_folder(args.input, args.output, overwrite=args.overwrite,
-                                         save_probabilities=args.save_probabilities, num_parts=args.num_parts,
+                                         save_probabilities=args.save_probabilities,
+                                         save_uncertainty=args.save_uncertainty, num_parts=args.num_parts,
                                          part_id=args.part_id, progress=not args.no_progress, tracker=tracker)
     except BaseException:
         if tracker is not None:

@@ -66,6 +66,7 @@ class PredictOptions:
     tta: bool = False  # average over every axis flip (segmentation, classification)
     overlap: float | None = None  # sliding-window overlap; None: the contract's (segmentation)
     save_probabilities: bool = False  # write the class probabilities beside the mask (segmentation)
+    save_uncertainty: bool = False  # write entropy and between-sample variance maps beside the mask (segmentation)
     keep_largest: bool | None = None  # keep each label's largest component; None: the contract's (segmentation)
     measured: bool = False  # the inputs already are the degraded images (reconstruction)
 
@@ -74,6 +75,7 @@ class PredictOptions:
 COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "progress", "allow_constant"})
 #: How each task-specific option reads on the command line, for messages.
 OPTION_FLAGS = {"tta": "--tta", "overlap": "--overlap", "save_probabilities": "--save-probabilities",
+                "save_uncertainty": "--save-uncertainty",
                 "keep_largest": "--keep-largest", "measured": "--measured"}
 
 
@@ -158,6 +160,11 @@ class Prediction:
         baseline: reconstruction: the classical baseline (zero-filled, FBP or the noisy input).
         voxels / volumes_ml: segmentation: per foreground label, its voxel count and volume in mL.
         metrics: values the task computes for the case (reconstruction: PSNR/SSIM/NMSE against the input).
+        uncertainty: per-case scores (see :mod:`medseg.engine.uncertainty`): segmentation
+            ``mean_entropy`` and ``agreement`` (None without TTA or an ensemble); classification
+            ``entropy`` and ``max_probability``.
+        entropy / variance: segmentation, when asked for: the normalised entropy of the averaged
+            probabilities and the variance between flips/members, per voxel on the input's grid.
     """
 
     case_id: str
@@ -172,6 +179,9 @@ class Prediction:
     voxels: dict[str, int] = field(default_factory=dict)
     volumes_ml: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    uncertainty: dict[str, float | None] = field(default_factory=dict)
+    entropy: np.ndarray | None = None
+    variance: np.ndarray | None = None
 
 
 class CasePredictor(Protocol):

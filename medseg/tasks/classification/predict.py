@@ -28,6 +28,7 @@ from medseg.engine.predict import (
 )
 from medseg.engine.runtime import autocast, autocast_dtype
 from medseg.engine.tta import average_predictions
+from medseg.engine.uncertainty import normalised_entropy
 from medseg.io.discovery import InputCase
 from medseg.tasks.classification.metrics import class_probabilities
 
@@ -50,7 +51,8 @@ class ClassificationPredictor:
         self.options = options
         self.device = device
         self.names = model.label_names
-        self.value_columns = ["label", "predicted", "predicted_name", *(f"prob_{n}" for n in self.names.values())]
+        self.value_columns = ["label", "predicted", "predicted_name", *(f"prob_{n}" for n in self.names.values()),
+                              "entropy", "max_probability"]
         self._chains = {load: classification_preprocessing(model.contract, load, options.allow_constant)
                         for load in (True, False)}
 
@@ -82,7 +84,8 @@ class ClassificationPredictor:
         affine = np.asarray(volume.meta.get("original_affine", volume.affine), dtype=np.float64)
         return Prediction(case_id, "classification", affine, probabilities=probs.numpy(),
                           class_probabilities={n: float(probs[i]) for i, n in self.names.items()},
-                          predicted_class=self.names[k])
+                          predicted_class=self.names[k],
+                          uncertainty={"entropy": float(normalised_entropy(probs)), "max_probability": float(probs[k])})
 
     def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
         return {}  # the report row is the output
@@ -91,7 +94,8 @@ class ClassificationPredictor:
         prediction = self.predict(case.path, case.case_id)
         index = {n: i for i, n in self.names.items()}[str(prediction.predicted_class)]
         values: dict[str, Any] = {"label": "", "predicted": index, "predicted_name": prediction.predicted_class,
-                                  **{f"prob_{n}": round(p, 6) for n, p in prediction.class_probabilities.items()}}
+                                  **{f"prob_{n}": round(p, 6) for n, p in prediction.class_probabilities.items()},
+                                  **{k: round(float(v), 6) for k, v in prediction.uncertainty.items() if v is not None}}
         return CaseResult(case.case_id, str(case.path), "ok", values=values)
 
     def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ class SegmentationTask(TaskBase):
 
     name = "segmentation"
     config_type = SegmentationConfig
-    predict_options = frozenset({"tta", "overlap", "save_probabilities", "keep_largest"})
+    predict_options = frozenset({"tta", "overlap", "save_probabilities", "save_uncertainty", "keep_largest"})
     stages_module = "medseg.tasks.segmentation.training"
     selection_metric = "val/dice_mean"
 

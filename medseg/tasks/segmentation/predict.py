@@ -32,18 +32,22 @@ from medseg.engine.predict import (
 )
 from medseg.engine.runtime import autocast_dtype
 from medseg.engine.sliding import label_map, predict_logits
-from medseg.engine.tta import average_predictions
+from medseg.engine.tta import Samples, predict_samples
+from medseg.engine.uncertainty import mean_foreground_entropy, normalised_entropy, sample_agreement
 from medseg.errors import CaseError
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
 from medseg.io.discovery import InputCase
 
 PRED = "pred"
+#: Per-case uncertainty in the report (see medseg.engine.uncertainty): mean entropy inside the
+#: predicted foreground, and the agreement (mean Dice) of the flips' and members' masks.
+UNCERTAINTY_COLUMNS = ("mean_entropy", "agreement")
 
 
 class SegmentationPredictor:
     """Masks (and optionally probabilities, DICOM SEG) for the scans of a folder or in memory."""
 
-    output_columns = ("output", "dicom_seg", "probabilities")
+    output_columns = ("output", "dicom_seg", "probabilities", "entropy", "variance")
 
     def __init__(self, model: LoadedModel, options: PredictOptions, device: torch.device):
         self.model = model
@@ -51,7 +55,8 @@ class SegmentationPredictor:
         self.device = device
         self.names = model.label_names
         self.foreground = [n for v, n in sorted(self.names.items()) if v != 0]
-        self.value_columns = [*(f"voxels_{n}" for n in self.foreground), *(f"volume_ml_{n}" for n in self.foreground)]
+        self.value_columns = [*(f"voxels_{n}" for n in self.foreground), *(f"volume_ml_{n}" for n in self.foreground),
+                              *UNCERTAINTY_COLUMNS]
         self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant)
                         for load in (True, False)}
         self.keep_largest = options.keep_largest if options.keep_largest is not None else bool(
@@ -62,6 +67,10 @@ class SegmentationPredictor:
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (K, *spatial) on the CPU for a preprocessed image, averaged over the
         ensemble's members and, with TTA, over all axis flips (nnU-Net's mirroring)."""
+        return self.samples(image, keep_spread=False).mean
+
+    def samples(self, image: torch.Tensor, keep_spread: bool = True) -> Samples:
+        """:meth:`probabilities` with the spread between flips and members (see :mod:`~medseg.engine.uncertainty`)."""
         dims = int(self.model.contract["spatial_dims"])
         amp = autocast_dtype(Precision.AUTO, self.device)
         overlap = self.options.overlap
@@ -75,7 +84,7 @@ class SegmentationPredictor:
                                     amp_dtype=amp)
             return torch.softmax(logits, dim=0)
 
-        return average_predictions(self.model.members(), image, dims, self.options.tta, run)
+        return predict_samples(self.model.members(), image, dims, self.options.tta, run, keep_spread=keep_spread)
 
     def predict(self, image: str | Path | MetaTensor, case_id: str, keep_probabilities: bool = True) -> Prediction:
         """The mask of one image on its own grid (see :class:`~medseg.engine.predict.Prediction`).
@@ -95,11 +104,24 @@ class SegmentationPredictor:
         volume: MetaTensor = data[IMAGE]
         source = case_id if loaded else str(image)
         check_input_shape(self.model.contract, volume.shape, source)
-        probs = self.probabilities(volume.as_tensor())
-        data[PRED] = MetaTensor(probs, meta=dict(volume.meta), applied_operations=list(volume.applied_operations))
-        native = Invertd(keys=PRED, transform=chain, orig_keys=IMAGE, nearest_interp=False)(data)[PRED]
+        many = self.options.tta or len(self.model.networks) > 1  # a spread to measure
+        spread = self.samples(volume.as_tensor(), keep_spread=many)
+        probs = spread.mean
+        classes = probs.shape[0]
+        consensus = probs.argmax(0)
+        uncertainty = {"mean_entropy": mean_foreground_entropy(probs, consensus),
+                       "agreement": sample_agreement(spread.labels, consensus, [v for v in self.names if v != 0])}
+        maps = []
+        if self.options.save_uncertainty:  # inverted with the probabilities, onto the input's grid
+            maps.append(normalised_entropy(probs))
+            if spread.variance is not None:
+                maps.append(spread.variance)
+        stacked = torch.cat([probs, *(m[None] for m in maps)]) if maps else probs
+        data[PRED] = MetaTensor(stacked, meta=dict(volume.meta), applied_operations=list(volume.applied_operations))
+        native_all = Invertd(keys=PRED, transform=chain, orig_keys=IMAGE, nearest_interp=False)(data)[PRED].as_tensor()
+        native = native_all[:classes]
         affine = np.asarray(volume.meta["original_affine"], dtype=np.float64)
-        labels = label_map(native.as_tensor())
+        labels = label_map(native)
         expected_shape = tuple(int(s) for s in volume.meta["spatial_shape"])
         if tuple(labels.shape) != expected_shape:  # pragma: no cover - Invertd guarantees this; keep it loud
             raise CaseError(f"{source}: prediction shape {tuple(labels.shape)} does not match the input {expected_shape}")
@@ -108,10 +130,11 @@ class SegmentationPredictor:
             labels = KeepLargestConnectedComponent(applied_labels=foreground, independent=True)(labels[None])[0]
         label_array = labels.cpu().numpy().astype(np.uint8 if max(self.names) < 256 else np.uint16)
         voxels, volumes = self.measure(label_array, affine)
+        extra = [native_all[classes + i].cpu().numpy().astype(np.float32) for i in range(len(maps))]
         return Prediction(case_id, "segmentation", affine, label_map=label_array,
-                          probabilities=native.as_tensor().cpu().numpy().astype(np.float32) if keep_probabilities
-                          else None,
-                          voxels=voxels, volumes_ml=volumes)
+                          probabilities=native.cpu().numpy().astype(np.float32) if keep_probabilities else None,
+                          voxels=voxels, volumes_ml=volumes, uncertainty=uncertainty,
+                          entropy=extra[0] if extra else None, variance=extra[1] if len(extra) > 1 else None)
 
     def measure(self, label_array: np.ndarray, affine: np.ndarray) -> tuple[dict[str, int], dict[str, float]]:
         """Voxel counts and volumes (mL, or mm² / 1000 for 2D) per foreground label."""
@@ -127,6 +150,10 @@ class SegmentationPredictor:
             paths["dicom_seg"] = output_dir / f"{case.case_id}_seg.dcm"
         if self.options.save_probabilities:
             paths["probabilities"] = output_dir / f"{case.case_id}_probabilities.nii.gz"
+        if self.options.save_uncertainty:
+            paths["entropy"] = output_dir / f"{case.case_id}_entropy.nii.gz"
+            if self.options.tta or len(self.model.networks) > 1:  # a variance needs several samples
+                paths["variance"] = output_dir / f"{case.case_id}_variance.nii.gz"
         return paths
 
     def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
@@ -140,11 +167,15 @@ class SegmentationPredictor:
         if "probabilities" in paths:
             write_nifti(np.moveaxis(cast(np.ndarray, prediction.probabilities), 0, -1), prediction.affine, paths["probabilities"])
             outputs["probabilities"] = str(paths["probabilities"])
+        for key in ("entropy", "variance"):
+            if key in paths:
+                write_nifti(cast(np.ndarray, getattr(prediction, key)), prediction.affine, paths[key])
+                outputs[key] = str(paths[key])
         # The mask goes last: its presence is what tells a rerun that the case is finished.
         write_nifti(label_array, prediction.affine, paths["output"])
         outputs["output"] = str(paths["output"])
         return CaseResult(case.case_id, str(case.path), "ok", outputs=outputs,
-                          values=self._values(prediction.voxels, prediction.volumes_ml))
+                          values={**self._values(prediction.voxels, prediction.volumes_ml), **prediction.uncertainty})
 
     def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
         existing = cast(nib.Nifti1Image, nib.load(outputs["output"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,10 @@ def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, importe
         values = predicted[row["case_id"]].values
         assert float(values["prob_lesion"]) == pytest.approx(float(row["prob_lesion"]), abs=1e-5)
         assert str(values["predicted"]) == row["predicted"]
+        p = float(values["prob_lesion"])
+        assert values["max_probability"] == pytest.approx(max(p, 1 - p), abs=1e-5)
+        expected_entropy = 0.0 if p in (0.0, 1.0) else -(p * math.log(p) + (1 - p) * math.log(1 - p)) / math.log(2)
+        assert values["entropy"] == pytest.approx(expected_entropy, abs=1e-4)
     assert {r["case_id"] for r in _rows(batch.report)} == set(predicted)  # the report is written too
 
     # A bad file fails alone; a rerun skips what is done.

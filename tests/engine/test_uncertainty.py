@@ -1,0 +1,80 @@
+"""Uncertainty from the spread of flips and members: hand-computed cases, then through predict."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import medseg
+from medseg.engine.tta import average_predictions, predict_samples
+from medseg.engine.uncertainty import mean_foreground_entropy, normalised_entropy, sample_agreement
+from tests.conftest import make_case
+
+
+def test_entropy_is_zero_when_certain_and_one_when_uniform() -> None:
+    p = torch.tensor([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]])  # 3 classes, 3 positions
+    np.testing.assert_allclose(normalised_entropy(p).numpy(), [0.0, math.log(2) / math.log(3), 1.0], atol=1e-6)
+
+
+def test_foreground_entropy_averages_only_where_foreground_is_predicted() -> None:
+    p = torch.tensor([[0.9, 0.5, 1.0], [0.1, 0.5, 0.0]])  # position 1 is a tie: argmax picks background
+    labels = torch.tensor([0, 1, 0])
+    assert mean_foreground_entropy(p, labels) == pytest.approx(1.0)
+    assert mean_foreground_entropy(p, torch.zeros(3, dtype=torch.long)) == pytest.approx(
+        float(normalised_entropy(p).mean()))  # nothing predicted: all voxels
+
+
+def test_agreement_is_the_mean_dice_of_the_samples_with_the_consensus() -> None:
+    consensus = torch.tensor([0, 1, 1, 2, 2])
+    same = consensus.clone()
+    half = torch.tensor([0, 1, 0, 2, 0])  # label 1: Dice 2/3; label 2: Dice 2/3
+    assert sample_agreement([same], consensus, [1, 2]) is None  # one sample: no spread
+    assert sample_agreement([same, half], consensus, [1, 2]) == pytest.approx((1.0 + 2 / 3) / 2)
+    empty = torch.zeros(5, dtype=torch.long)
+    assert sample_agreement([empty, empty], empty, [1, 2]) == pytest.approx(1.0)  # absent everywhere: agree
+
+
+def test_samples_keep_each_flip_and_the_variance_between_them() -> None:
+    image = torch.arange(6, dtype=torch.float32).reshape(1, 6)
+
+    def predict(member: float, x: torch.Tensor) -> torch.Tensor:  # not flip-equivariant: the flips disagree
+        fg = torch.sigmoid(member * (x - 2.5) + torch.linspace(-1, 1, 6))
+        return torch.cat([1 - fg, fg])
+
+    samples = predict_samples([1.0, -1.0], image, 1, True, predict, keep_spread=True)
+    outputs = [predict(m, image) if not f else predict(m, image.flip(-1)).flip(-1)
+               for m in (1.0, -1.0) for f in (False, True)]
+    stacked = torch.stack(outputs)
+    assert samples.count == 4 and len(samples.labels) == 4
+    torch.testing.assert_close(samples.mean, stacked.mean(0))
+    torch.testing.assert_close(samples.variance, stacked.var(0, unbiased=False).sum(0))
+    assert [s.tolist() for s in samples.labels] == [o.argmax(0).tolist() for o in outputs]
+    torch.testing.assert_close(average_predictions([1.0, -1.0], image, 1, True, predict), samples.mean)
+
+
+def test_predict_reports_uncertainty_and_writes_its_maps_on_the_input_grid(trained_segmentation: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    predictor = medseg.Predictor.from_uri(trained_segmentation["model_uri"], device="cpu", tta=True,
+                                          tracking_uri=trained_segmentation["tracking_uri"])
+    image, _, affine = make_case((15, 17, 9), seed=301)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "in" / "scan.nii.gz")
+    batch = predictor.predict_folder(tmp_path / "in", tmp_path / "out", save_uncertainty=True, progress=False)
+    (result,) = batch.results
+    assert result.status == "ok", result.error
+    assert 0.0 <= result.values["mean_entropy"] <= 1.0 and 0.0 <= result.values["agreement"] <= 1.0
+    for key in ("entropy", "variance"):
+        written = nib.load(result.outputs[key])
+        assert written.shape == image.shape and np.allclose(written.affine, affine, atol=1e-4)
+        data = np.asarray(written.dataobj)
+        assert np.all(np.isfinite(data)) and data.min() >= -1e-6
+    single = medseg.Predictor.from_uri(trained_segmentation["model_uri"], device="cpu",
+                                       tracking_uri=trained_segmentation["tracking_uri"])
+    prediction = single.predict(tmp_path / "in" / "scan.nii.gz")
+    assert prediction.uncertainty["agreement"] is None and prediction.variance is None  # one sample: no spread
+    assert 0.0 <= float(prediction.uncertainty["mean_entropy"]) <= 1.0
