@@ -82,7 +82,7 @@ medmnist: $(VENV)/.installed
 results-hippocampus: $(VENV)/.installed
 	$(BIN)/python benchmarks/run_results.py hippocampus
 
-# the three MedMNIST configs (and AdrenalMNIST3D at lr 0.002), 3 seeds each: about 65 minutes -> medmnist.md
+# the three MedMNIST configs (and AdrenalMNIST3D at lr 0.002), 3 seeds each: about 50 minutes -> medmnist.md
 results-medmnist: medmnist
 	$(BIN)/python benchmarks/run_results.py medmnist
 
@@ -95,7 +95,7 @@ results-recon: $(VENV)/.installed
 results-demo: $(VENV)/.installed
 	$(BIN)/python benchmarks/run_results.py demo
 
-# all four, one after another: about 3.6 hours
+# all four, one after another: about 3.4 hours
 results: results-demo results-hippocampus results-medmnist results-recon
 
 ui: $(VENV)/.installed
