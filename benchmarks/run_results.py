@@ -15,7 +15,7 @@ Suites (minutes on this project's 2-core CPU, from the README's figures):
 - ``hippocampus`` -> ``hippocampus.{json,md}``: ``msd_hippocampus.yaml`` for 30 minutes, 6 minutes,
   and 30 minutes with 2 processes; test Dice on the 52 held-out cases. About 70 minutes.
 - ``medmnist`` -> ``medmnist.{json,md}``: the three MedMNIST configs with ``--seeds 3`` (and the
-  AdrenalMNIST3D lr 0.002 round); test AUC / ACC on the official test splits. About 65 minutes.
+  AdrenalMNIST3D lr 0.002 round); test AUC / ACC on the official test splits. About 50 minutes.
   Needs ``make medmnist`` first.
 - ``recon`` -> ``reconstruction.{json,md}``: ``recon_mri_4x`` (U-Net, data consistency, cascade;
   4x and 8x), ``recon_ct_sparse`` and ``denoise_mri``; test and real-image PSNR / SSIM / NMSE
@@ -111,7 +111,7 @@ SUITES: dict[str, Suite] = {
         Run("configs/medmnist_adrenal3d.yaml", seeds=3, title="AdrenalMNIST3D (`medmnist_adrenal3d`)"),
         Run("configs/medmnist_adrenal3d.yaml", ("optim.lr=0.002",), seeds=3,
             title="AdrenalMNIST3D (`medmnist_adrenal3d`, `optim.lr=0.002`)"),
-    ), MEDMNIST_HINT, 65),
+    ), MEDMNIST_HINT, 50),
     "recon": Suite("reconstruction", "Reconstruction: held-out volumes beside the classical baseline", (
         Run("configs/recon_mri_4x.yaml", ("model.name=unet",)),
         Run("configs/recon_mri_4x.yaml"),

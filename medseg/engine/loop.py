@@ -740,7 +740,21 @@ def base_contract(cfg: RunConfig) -> dict[str, Any]:
         "intensity": pre.intensity.model_dump(mode="json"),
         "crop_foreground": pre.crop_foreground,
         "allow_constant": pre.allow_constant,
+        "tta_axes": trained_flip_axes(cfg),
     }
+
+
+def trained_flip_axes(cfg: RunConfig) -> list[int]:
+    """The spatial axes the training augmentation flipped: the only mirrorings TTA may average over
+    (as nnU-Net mirrors only along the axes it trained with). A network that never saw a flipped
+    image can mistake a mirrored one for other anatomy (left for right, anterior for posterior)."""
+    from medseg.config import FlipAug
+
+    axes: set[int] = set()
+    for aug in getattr(cfg, "augment", None) or []:
+        if isinstance(aug, FlipAug):
+            axes.update(aug.axes if aug.axes is not None else range(cfg.model.spatial_dims))
+    return sorted(axes)
 
 
 def network_spec(cfg: RunConfig) -> dict[str, Any]:

@@ -18,9 +18,11 @@ Member = TypeVar("Member")
 SpatialAxes = tuple[int, ...]
 
 
-def flip_combinations(spatial_dims: int, tta: bool) -> list[SpatialAxes]:
-    """``[()]`` without TTA; with it, also every non-empty set of spatial axes (7 flips in 3D)."""
-    flips = [combo for r in range(1, spatial_dims + 1) for combo in itertools.combinations(range(spatial_dims), r)]
+def flip_combinations(spatial_dims: int, tta: bool, axes: Sequence[int] | None = None) -> list[SpatialAxes]:
+    """``[()]`` without TTA; with it, also every non-empty set of ``axes`` (default: every spatial
+    axis, 7 flips in 3D)."""
+    pool = list(range(spatial_dims)) if axes is None else sorted(set(axes))
+    flips = [combo for r in range(1, len(pool) + 1) for combo in itertools.combinations(pool, r)]
     return [(), *flips] if tta else [()]
 
 
@@ -52,7 +54,7 @@ class Samples:
 
 def predict_samples(members: Sequence[Member], image: torch.Tensor, spatial_dims: int, tta: bool,
                     predict: Callable[[Member, torch.Tensor], torch.Tensor], spatial_output: bool = True,
-                    keep_spread: bool = False, class_axis: int = 0) -> Samples:
+                    keep_spread: bool = False, class_axis: int = 0, axes: Sequence[int] | None = None) -> Samples:
     """Predict with every ensemble member and flip, and average (one code path for TTA and ensembles).
 
     Args:
@@ -66,16 +68,17 @@ def predict_samples(members: Sequence[Member], image: torch.Tensor, spatial_dims
         keep_spread: also keep each prediction's argmax and the variance between predictions
             (a running sum of squares: one more output's memory, not one per prediction).
         class_axis: the class axis of each output, for the argmax.
+        axes: the spatial axes TTA may flip (the model's ``tta_axes``); None: all of them.
     """
     total: torch.Tensor | None = None
     squares: torch.Tensor | None = None
     labels: list[torch.Tensor] = []
     count = 0
     for member in members:
-        for axes in flip_combinations(spatial_dims, tta):
-            out = predict(member, flip_spatial(image, axes, spatial_dims))
+        for flip in flip_combinations(spatial_dims, tta, axes):
+            out = predict(member, flip_spatial(image, flip, spatial_dims))
             if spatial_output:
-                out = flip_spatial(out, axes, spatial_dims)
+                out = flip_spatial(out, flip, spatial_dims)
             if keep_spread:
                 labels.append(out.argmax(class_axis).to(torch.uint8 if out.shape[class_axis] < 256 else torch.int32))
                 squares = out.square() if squares is None else squares.add_(out.square())
@@ -92,7 +95,26 @@ def predict_samples(members: Sequence[Member], image: torch.Tensor, spatial_dims
 
 def average_predictions(members: Sequence[Member], image: torch.Tensor, spatial_dims: int, tta: bool,
                         predict: Callable[[Member, torch.Tensor], torch.Tensor],
-                        spatial_output: bool = True) -> torch.Tensor:
+                        spatial_output: bool = True, axes: Sequence[int] | None = None) -> torch.Tensor:
     """The mean of ``predict(member, flipped image)`` over every ensemble member and flip
     (:func:`predict_samples` without the spread)."""
-    return predict_samples(members, image, spatial_dims, tta, predict, spatial_output).mean
+    return predict_samples(members, image, spatial_dims, tta, predict, spatial_output, axes=axes).mean
+
+
+def tta_axes(contract: dict, tta: bool, source: str) -> list[int] | None:
+    """The flips TTA may use for a model: its contract's ``tta_axes`` (None for models from before
+    medseg recorded them: every axis, as then).
+
+    Raises:
+        PredictOptionError: TTA asked for a model whose training flipped no axis.
+    """
+    from medseg.errors import PredictOptionError
+
+    axes = contract.get("tta_axes")
+    if tta and axes is not None and not axes:
+        raise PredictOptionError(
+            f"--tta: {source} was trained without flip augmentation (its config's augment has no flip), so a "
+            "mirrored scan is outside what it learned and averaging over mirrorings would hurt its predictions "
+            "(benchmarks/results/uncertainty.md measures it on MSD hippocampus). Leave --tta out, or train with "
+            "augment: [{name: flip}] to use it.")
+    return None if axes is None else [int(a) for a in axes]

@@ -13,7 +13,7 @@ import torch
 import medseg
 from medseg.engine.tta import average_predictions, predict_samples
 from medseg.engine.uncertainty import mean_foreground_entropy, normalised_entropy, sample_agreement
-from tests.conftest import make_case
+from tests.conftest import REPO, make_case
 
 
 def test_entropy_is_zero_when_certain_and_one_when_uniform() -> None:
@@ -78,3 +78,30 @@ def test_predict_reports_uncertainty_and_writes_its_maps_on_the_input_grid(train
     prediction = single.predict(tmp_path / "in" / "scan.nii.gz")
     assert prediction.uncertainty["agreement"] is None and prediction.variance is None  # one sample: no spread
     assert 0.0 <= float(prediction.uncertainty["mean_entropy"]) <= 1.0
+
+
+def test_tta_flips_only_the_axes_the_model_was_trained_to_see_flipped() -> None:
+    from medseg.engine.tta import flip_combinations, tta_axes
+    from medseg.errors import PredictOptionError
+
+    assert flip_combinations(3, True) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert flip_combinations(3, True, [0]) == [(), (0,)]
+    assert flip_combinations(3, True, [2, 0]) == [(), (0,), (2,), (0, 2)]
+    assert flip_combinations(3, False, [0]) == [()]
+    assert tta_axes({"tta_axes": [0, 2]}, True, "m") == [0, 2]
+    assert tta_axes({}, True, "m") is None  # a model from before medseg recorded them: every axis, as then
+    with pytest.raises(PredictOptionError, match="--tta: model x was trained without flip augmentation"):
+        tta_axes({"tta_axes": []}, True, "model x")
+    assert tta_axes({"tta_axes": []}, False, "model x") == []
+
+
+def test_the_contract_records_the_flipped_axes_of_the_training_augmentation(tmp_path: Path) -> None:
+    from medseg.engine.loop import trained_flip_axes
+
+    base = medseg.load_config(REPO / "configs" / "msd_hippocampus.yaml")
+    assert trained_flip_axes(base) == []  # trained without flips: --tta is refused for its models
+    flipped = medseg.load_config(REPO / "configs" / "msd_hippocampus.yaml",
+                                 overrides=["augment=[{name: flip, axes: [0]}, {name: flip, axes: [2]}]"])
+    assert trained_flip_axes(flipped) == [0, 2]
+    every = medseg.load_config(REPO / "configs" / "msd_hippocampus.yaml", overrides=["augment=[{name: flip}]"])
+    assert trained_flip_axes(every) == [0, 1, 2]

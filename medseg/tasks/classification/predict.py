@@ -27,7 +27,7 @@ from medseg.engine.predict import (
     read_error,
 )
 from medseg.engine.runtime import autocast, autocast_dtype
-from medseg.engine.tta import average_predictions
+from medseg.engine.tta import average_predictions, tta_axes
 from medseg.engine.uncertainty import normalised_entropy
 from medseg.io.discovery import InputCase
 from medseg.tasks.classification.metrics import class_probabilities
@@ -51,6 +51,7 @@ class ClassificationPredictor:
         self.options = options
         self.device = device
         self.names = model.label_names
+        self.flip_axes = tta_axes(model.contract, options.tta, f"model {model.uri}")
         self.value_columns = ["label", "predicted", "predicted_name", *(f"prob_{n}" for n in self.names.values()),
                               "entropy", "max_probability"]
         self._chains = {load: classification_preprocessing(model.contract, load, options.allow_constant)
@@ -69,7 +70,8 @@ class ClassificationPredictor:
             return class_probabilities(logits, head)[0].float().cpu()
 
         x = image[None].to(self.device)
-        return average_predictions(self.model.members(), x, dims, self.options.tta, run, spatial_output=False)
+        return average_predictions(self.model.members(), x, dims, self.options.tta, run, spatial_output=False,
+                                   axes=self.flip_axes)
 
     def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
         loaded = isinstance(image, MetaTensor)

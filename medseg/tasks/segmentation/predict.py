@@ -32,7 +32,7 @@ from medseg.engine.predict import (
 )
 from medseg.engine.runtime import autocast_dtype
 from medseg.engine.sliding import label_map, predict_logits
-from medseg.engine.tta import Samples, predict_samples
+from medseg.engine.tta import Samples, predict_samples, tta_axes
 from medseg.engine.uncertainty import mean_foreground_entropy, normalised_entropy, sample_agreement
 from medseg.errors import CaseError
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
@@ -59,6 +59,7 @@ class SegmentationPredictor:
                               *UNCERTAINTY_COLUMNS]
         self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant)
                         for load in (True, False)}
+        self.flip_axes = tta_axes(model.contract, options.tta, f"model {model.uri}")
         self.keep_largest = options.keep_largest if options.keep_largest is not None else bool(
             model.contract.get("postprocess", {}).get("keep_largest_component", False))
 
@@ -84,7 +85,8 @@ class SegmentationPredictor:
                                     amp_dtype=amp)
             return torch.softmax(logits, dim=0)
 
-        return predict_samples(self.model.members(), image, dims, self.options.tta, run, keep_spread=keep_spread)
+        return predict_samples(self.model.members(), image, dims, self.options.tta, run, keep_spread=keep_spread,
+                               axes=self.flip_axes)
 
     def predict(self, image: str | Path | MetaTensor, case_id: str, keep_probabilities: bool = True) -> Prediction:
         """The mask of one image on its own grid (see :class:`~medseg.engine.predict.Prediction`).
