@@ -254,7 +254,8 @@ class Predictor:
     @classmethod
     def from_uri(cls, uri: str | Path | Sequence[str | Path], device: str = "auto", *, tracking_uri: str | None = None,
                  tta: bool = False, overlap: float | None = None, keep_largest: bool | None = None,
-                 measured: bool = False, backend: str | None = None, allow_constant: bool = False) -> Predictor:
+                 measured: bool = False, backend: str | None = None, allow_constant: bool = False,
+                 qc: dict[str, float] | None = None) -> Predictor:
         """Load a model: an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``), a model
         folder, a ``seeds``/``folds`` parent (run URI ``runs:/<parent id>`` or its run directory), or
         several of these as an ensemble.
@@ -270,6 +271,8 @@ class Predictor:
             measured: the inputs already are the degraded images (reconstruction).
             allow_constant: accept images with one value everywhere (refused by default: a blank
                 export would otherwise get a confident-looking prediction).
+            qc: QC thresholds overriding the contract's (segmentation): ``max_abs_volume_z``,
+                ``max_mean_entropy``, ``min_agreement``; a case passing one gets ``qc_flag`` and the reason.
             backend: what runs the network: ``torch``, ``onnxruntime`` or ``openvino`` (the network
                 exported to ONNX once, cached by its weights, inside the same preprocessing,
                 sliding-window and inversion path; a ``medseg export`` folder's own graph is used),
@@ -289,7 +292,7 @@ class Predictor:
         automatic = (backend or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND) == "auto"
         model = on_backend(model, task, resolve_backend(backend, torch_device), automatic)
         options = PredictOptions(device=device, tta=tta, overlap=overlap, keep_largest=keep_largest, measured=measured,
-                                 allow_constant=allow_constant)
+                                 allow_constant=allow_constant, qc=tuple(sorted((qc or {}).items())))
         return cls(model, task, torch_device, options, store)
 
     @property

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--measured", action="store_true",
                          help="reconstruction (CT, denoising): the inputs already are the degraded images (FBP, "
                          "noisy scans); default: fully sampled images whose measurement is simulated")
+    predict.add_argument("--qc", action="append", type=_qc_threshold, metavar="KEY=VALUE",
+                         help="QC threshold instead of the model's (segmentation; repeatable): max_abs_volume_z, "
+                              "max_mean_entropy, min_agreement; a case passing one gets qc_flag and the reason")
     predict.add_argument("--allow-constant", action="store_true",
                          help="accept images with one value everywhere (refused by default: usually a blank export)")
     predict.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
@@ -131,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--subject-pattern", help="regex with a (?P<subject>...) group applied to case ids")
     build.add_argument("--limit", type=int, help="keep only the first N cases")
     return parser
+
+
+def _qc_threshold(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return key.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=NUMBER, e.g. max_abs_volume_z=3, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +284,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictor = medseg.Predictor.from_uri(args.model, device=args.device, tracking_uri=args.tracking_uri,
                                           tta=args.tta, overlap=args.overlap, keep_largest=args.keep_largest,
                                           measured=args.measured, backend=args.backend,
-                                          allow_constant=args.allow_constant)
+                                          allow_constant=args.allow_constant, qc=dict(args.qc or []))
     tracker = None
     if not args.no_tracking:
         tracker = MlflowTracker(predictor.tracking_uri, args.experiment)

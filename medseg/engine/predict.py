@@ -69,6 +69,7 @@ class PredictOptions:
     save_uncertainty: bool = False  # write entropy and between-sample variance maps beside the mask (segmentation)
     keep_largest: bool | None = None  # keep each label's largest component; None: the contract's (segmentation)
     measured: bool = False  # the inputs already are the degraded images (reconstruction)
+    qc: tuple[tuple[str, float], ...] = ()  # QC thresholds overriding the contract's (segmentation)
 
 
 #: Options every task honours.
@@ -76,7 +77,7 @@ COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "prog
 #: How each task-specific option reads on the command line, for messages.
 OPTION_FLAGS = {"tta": "--tta", "overlap": "--overlap", "save_probabilities": "--save-probabilities",
                 "save_uncertainty": "--save-uncertainty",
-                "keep_largest": "--keep-largest", "measured": "--measured"}
+                "keep_largest": "--keep-largest", "measured": "--measured", "qc": "--qc"}
 
 
 def check_options(options: PredictOptions, task_name: str, supported: frozenset[str]) -> None:

@@ -105,3 +105,34 @@ def test_the_contract_records_the_flipped_axes_of_the_training_augmentation(tmp_
     assert trained_flip_axes(flipped) == [0, 2]
     every = medseg.load_config(REPO / "configs" / "msd_hippocampus.yaml", overrides=["augment=[{name: flip}]"])
     assert trained_flip_axes(every) == [0, 1, 2]
+
+
+def test_predicted_volumes_are_scored_against_the_training_split_and_flagged(trained_segmentation: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    from medseg.data.manifest import read_manifest
+    from medseg.errors import PredictOptionError
+
+    contract = medseg.Predictor.from_uri(trained_segmentation["model_uri"], device="cpu",
+                                         tracking_uri=trained_segmentation["tracking_uri"]).contract
+    manifest = read_manifest(Path(trained_segmentation["tmp"]) / "manifest.csv")
+    root = Path(trained_segmentation["tmp"]) / "dataset"
+    volumes = []
+    for case in manifest.split("train"):
+        label = nib.load(case.label_path(root))
+        volumes.append(float((np.asarray(label.dataobj) == 1).sum()) * abs(np.linalg.det(label.affine[:3, :3])) / 1000)
+    stats = contract["label_volumes_ml"]["blob1"]
+    assert stats["cases"] == len(volumes) and stats["mean"] == pytest.approx(np.mean(volumes))
+    assert stats["std"] == pytest.approx(np.std(volumes)) and contract["qc"] == {"max_abs_volume_z": 3.0}
+
+    image, _, affine = make_case((15, 17, 9), seed=302)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "in" / "scan.nii.gz")
+    strict = medseg.Predictor.from_uri(trained_segmentation["model_uri"], device="cpu", qc={"max_abs_volume_z": 0.0},
+                                       tracking_uri=trained_segmentation["tracking_uri"])
+    (result,) = strict.predict_folder(tmp_path / "in", tmp_path / "out", progress=False).results
+    z = result.values["volume_z_blob1"]
+    assert z == pytest.approx((result.values["volume_ml_blob1"] - stats["mean"]) / stats["std"], abs=1e-2)
+    assert result.values["qc_flag"] is True and "blob1 volume z =" in result.values["qc_reason"]
+    with pytest.raises(PredictOptionError, match="--qc max_volume=1.0: unknown threshold"):
+        medseg.Predictor.from_uri(trained_segmentation["model_uri"], device="cpu", qc={"max_volume": 1.0},
+                                  tracking_uri=trained_segmentation["tracking_uri"])

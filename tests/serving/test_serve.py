@@ -50,7 +50,8 @@ from tests.conftest import (
 REGISTERED_NAME = "serving-tiny-unet"
 MISSING = "/does/not/exist.nii.gz"
 SEGMENTATION_COLUMNS = ["case_id", "path", "status", "error", "output",
-                        "voxels_blob1", "voxels_blob2", "volume_ml_blob1", "volume_ml_blob2", "mean_entropy", "agreement"]
+                        "voxels_blob1", "voxels_blob2", "volume_ml_blob1", "volume_ml_blob2", "mean_entropy", "agreement",
+                        "volume_z_blob1", "volume_z_blob2", "qc_flag", "qc_reason"]
 CLASS_NAMES = ("normal", "lesion")
 PROBABILITY_COLUMNS = [f"prob_{name}" for name in CLASS_NAMES]
 

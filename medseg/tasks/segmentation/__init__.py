@@ -26,7 +26,7 @@ class SegmentationTask(TaskBase):
 
     name = "segmentation"
     config_type = SegmentationConfig
-    predict_options = frozenset({"tta", "overlap", "save_probabilities", "save_uncertainty", "keep_largest"})
+    predict_options = frozenset({"tta", "overlap", "save_probabilities", "save_uncertainty", "keep_largest", "qc"})
     stages_module = "medseg.tasks.segmentation.training"
     selection_metric = "val/dice_mean"
 
@@ -61,6 +61,11 @@ class SegmentationTask(TaskBase):
             return {}
         return training.evaluate(ctx.cfg, ctx.manifest, ctx.root, checkpoint, ctx.run_dir, split, ctx.tracker,
                                  ctx.progress, prefix=prefix).metrics
+
+    def package(self, ctx: Any, checkpoint: Path) -> Any:
+        from medseg.tasks.segmentation import training
+
+        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker, ctx.manifest, ctx.root)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.segmentation.predict import SegmentationPredictor

@@ -34,11 +34,27 @@ from medseg.engine.runtime import autocast_dtype
 from medseg.engine.sliding import label_map, predict_logits
 from medseg.engine.tta import Samples, predict_samples, tta_axes
 from medseg.engine.uncertainty import mean_foreground_entropy, normalised_entropy, sample_agreement
-from medseg.errors import CaseError
+from medseg.errors import CaseError, PredictOptionError
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
 from medseg.io.discovery import InputCase
 
 PRED = "pred"
+#: The thresholds ``--qc KEY=VALUE`` may set (the contract stores the ones the model starts with).
+QC_KEYS = ("max_abs_volume_z", "max_mean_entropy", "min_agreement")
+
+
+def qc_thresholds(contract: dict[str, Any], overrides: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """The contract's QC thresholds with the user's overrides.
+
+    Raises:
+        PredictOptionError: an override names no known threshold.
+    """
+    thresholds = {k: float(v) for k, v in (contract.get("qc") or {}).items() if k in QC_KEYS}
+    for key, value in overrides:
+        if key not in QC_KEYS:
+            raise PredictOptionError(f"--qc {key}={value}: unknown threshold; use one of {', '.join(QC_KEYS)}")
+        thresholds[key] = float(value)
+    return thresholds
 #: Per-case uncertainty in the report (see medseg.engine.uncertainty): mean entropy inside the
 #: predicted foreground, and the agreement (mean Dice) of the flips' and members' masks.
 UNCERTAINTY_COLUMNS = ("mean_entropy", "agreement")
@@ -55,8 +71,11 @@ class SegmentationPredictor:
         self.device = device
         self.names = model.label_names
         self.foreground = [n for v, n in sorted(self.names.items()) if v != 0]
+        self.volume_stats: dict[str, dict[str, float]] = model.contract.get("label_volumes_ml") or {}
+        self.qc = qc_thresholds(model.contract, options.qc)
         self.value_columns = [*(f"voxels_{n}" for n in self.foreground), *(f"volume_ml_{n}" for n in self.foreground),
-                              *UNCERTAINTY_COLUMNS]
+                              *UNCERTAINTY_COLUMNS, *(f"volume_z_{n}" for n in self.foreground if n in self.volume_stats),
+                              "qc_flag", "qc_reason"]
         self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant)
                         for load in (True, False)}
         self.flip_axes = tta_axes(model.contract, options.tta, f"model {model.uri}")
@@ -176,8 +195,30 @@ class SegmentationPredictor:
         # The mask goes last: its presence is what tells a rerun that the case is finished.
         write_nifti(label_array, prediction.affine, paths["output"])
         outputs["output"] = str(paths["output"])
-        return CaseResult(case.case_id, str(case.path), "ok", outputs=outputs,
-                          values={**self._values(prediction.voxels, prediction.volumes_ml), **prediction.uncertainty})
+        values = {**self._values(prediction.voxels, prediction.volumes_ml), **prediction.uncertainty}
+        values.update(self.quality(prediction.volumes_ml, prediction.uncertainty))
+        return CaseResult(case.case_id, str(case.path), "ok", outputs=outputs, values=values)
+
+    def quality(self, volumes_ml: dict[str, float], uncertainty: dict[str, float | None]) -> dict[str, Any]:
+        """Each label's volume as a z-score against the training split's, and the QC flag with the
+        reasons: every threshold (contract's, or the user's ``--qc``) that a score passes."""
+        out: dict[str, Any] = {}
+        reasons = []
+        for name in self.foreground:
+            stats = self.volume_stats.get(name)
+            if not stats:
+                continue
+            z = (volumes_ml[name] - stats["mean"]) / max(stats["std"], 1e-9)
+            out[f"volume_z_{name}"] = round(z, 3)
+            limit = self.qc.get("max_abs_volume_z")
+            if limit is not None and abs(z) > limit:
+                reasons.append(f"{name} volume z = {z:+.1f} (|z| > {limit:g})")
+        entropy, agreement = uncertainty.get("mean_entropy"), uncertainty.get("agreement")
+        if entropy is not None and self.qc.get("max_mean_entropy") is not None and entropy > self.qc["max_mean_entropy"]:
+            reasons.append(f"mean entropy {entropy:.3f} > {self.qc['max_mean_entropy']:g}")
+        if agreement is not None and self.qc.get("min_agreement") is not None and agreement < self.qc["min_agreement"]:
+            reasons.append(f"agreement {agreement:.3f} < {self.qc['min_agreement']:g}")
+        return {**out, "qc_flag": bool(reasons), "qc_reason": "; ".join(reasons)}
 
     def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
         existing = cast(nib.Nifti1Image, nib.load(outputs["output"]))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -187,7 +188,37 @@ def model_contract(cfg: SegmentationConfig) -> dict[str, Any]:
     }
 
 
-def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
-    """Log the checkpoint's network with MLflow's PyTorch flavour, its I/O contract alongside."""
-    contract_path, uri = package_model(build_network(cfg), checkpoint, model_contract(cfg), out_dir, tracker, cfg)
+def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker,
+            manifest_path: Path | None = None, root: Path | None = None) -> ModelOutputs:
+    """Log the checkpoint's network and its I/O contract (with the training split's label volumes
+    and the QC thresholds predict checks against, when the manifest is given)."""
+    contract = model_contract(cfg)
+    if manifest_path is not None and root is not None:
+        contract["label_volumes_ml"] = label_volume_stats(cfg, manifest_path, root)
+        contract["qc"] = dict(DEFAULT_QC)
+    contract_path, uri = package_model(build_network(cfg), checkpoint, contract, out_dir, tracker, cfg)
     return ModelOutputs(contract_path, uri)
+
+
+#: QC thresholds a packaged model's contract starts with (``predict --qc KEY=VALUE`` overrides them):
+#: a predicted volume more than 3 standard deviations from the training split's is flagged.
+DEFAULT_QC = {"max_abs_volume_z": 3.0}
+
+
+def label_volume_stats(cfg: SegmentationConfig, manifest_path: Path, root: Path) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation of each foreground label's volume (mL) over the training split's
+    labels: what a predicted volume is compared with (``volume_z_<label>`` in predict's report)."""
+    manifest = read_manifest(manifest_path)
+    names = {int(k): v for k, v in cfg.data.labels.items() if int(k) != 0}
+    volumes: dict[str, list[float]] = {name: [] for name in names.values()}
+    for case in split_cases(cfg, manifest, "train"):
+        path = case.label_path(root)
+        if path is None or not path.is_file():
+            continue
+        image = cast(nib.Nifti1Image, nib.load(path))
+        data = np.asarray(image.dataobj)
+        voxel_ml = abs(float(np.linalg.det(np.asarray(image.affine)[:3, :3]))) / 1000.0
+        for value, name in names.items():
+            volumes[name].append(float((data == value).sum()) * voxel_ml)
+    return {name: {"mean": float(np.mean(v)), "std": float(np.std(v)), "cases": len(v)}
+            for name, v in volumes.items() if v}
