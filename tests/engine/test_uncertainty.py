@@ -122,7 +122,12 @@ def test_predicted_volumes_are_scored_against_the_training_split_and_flagged(tra
         volumes.append(float((np.asarray(label.dataobj) == 1).sum()) * abs(np.linalg.det(label.affine[:3, :3])) / 1000)
     stats = contract["label_volumes_ml"]["blob1"]
     assert stats["cases"] == len(volumes) and stats["mean"] == pytest.approx(np.mean(volumes))
-    assert stats["std"] == pytest.approx(np.std(volumes)) and contract["qc"] == {"max_abs_volume_z": 3.0}
+    assert stats["std"] == pytest.approx(np.std(volumes)) and contract["qc"]["max_abs_volume_z"] == 3.0
+    import csv
+
+    with open(Path(trained_segmentation["run_dir"]) / "evaluation" / "val_cases.csv", newline="") as fh:
+        val_entropy = [float(row["mean_entropy"]) for row in csv.DictReader(fh)]
+    assert val_entropy and contract["qc"]["max_mean_entropy"] == pytest.approx(1.5 * max(val_entropy), abs=1e-4)
 
     image, _, affine = make_case((15, 17, 9), seed=302)
     (tmp_path / "in").mkdir()

@@ -38,6 +38,7 @@ from medseg.engine.loop import (
 )
 from medseg.engine.runtime import autocast_dtype, resolve_device, to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
+from medseg.engine.uncertainty import mean_foreground_entropy
 from medseg.io.atomic import atomic_write_text
 from medseg.plots import overlay
 from medseg.tasks.segmentation.config import SegmentationConfig
@@ -155,9 +156,14 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
     metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
     overlays: list[Path] = []
     for index, item in enumerate(tqdm(dataset, desc=f"evaluate {split}", disable=not progress, unit="case")):
-        pred = predict_segmentation(model, item["image"], cfg, device, amp_dtype)
+        v = cfg.validation
+        logits = predict_logits(model, item["image"].as_tensor(), cfg.patch.size, overlap=v.overlap,
+                                sw_batch_size=v.sw_batch_size, blend=v.blend, device=device, amp_dtype=amp_dtype)
+        pred = label_map(logits)
         truth = item["label"].as_tensor()[0]
         dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
+        # what predict reports as mean_entropy (without TTA): the validation split's range sets the QC threshold
+        metrics.per_case[-1]["mean_entropy"] = mean_foreground_entropy(torch.softmax(logits.float(), 0), pred)
         if index < cfg.validation.overlays:
             title = f"{split} {item['case_id']}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
             overlays.append(overlay(item["image"].as_tensor()[0].numpy(), truth.numpy(), pred.cpu().numpy(),
@@ -195,7 +201,7 @@ def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: M
     contract = model_contract(cfg)
     if manifest_path is not None and root is not None:
         contract["label_volumes_ml"] = label_volume_stats(cfg, manifest_path, root)
-        contract["qc"] = dict(DEFAULT_QC)
+        contract["qc"] = {**DEFAULT_QC, **entropy_threshold(out_dir / "evaluation" / "val_cases.csv")}
     contract_path, uri = package_model(build_network(cfg), checkpoint, contract, out_dir, tracker, cfg)
     return ModelOutputs(contract_path, uri)
 
@@ -203,6 +209,23 @@ def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: M
 #: QC thresholds a packaged model's contract starts with (``predict --qc KEY=VALUE`` overrides them):
 #: a predicted volume more than 3 standard deviations from the training split's is flagged.
 DEFAULT_QC = {"max_abs_volume_z": 3.0}
+
+
+#: The entropy threshold is this multiple of the largest mean entropy among the validation cases.
+ENTROPY_MARGIN = 1.5
+
+
+def entropy_threshold(val_cases: Path) -> dict[str, float]:
+    """``max_mean_entropy``: 1.5 × the largest validation case's mean foreground entropy (from the
+    evaluate stage's per-case CSV; {} without one). On MSD hippocampus, harmed inputs scored more
+    than twice the largest clean test scan's value (benchmarks/results/uncertainty.md)."""
+    import csv
+
+    if not val_cases.is_file():
+        return {}
+    with open(val_cases, newline="") as fh:
+        values = [float(row["mean_entropy"]) for row in csv.DictReader(fh) if row.get("mean_entropy")]
+    return {"max_mean_entropy": round(ENTROPY_MARGIN * max(values), 4)} if values else {}
 
 
 def label_volume_stats(cfg: SegmentationConfig, manifest_path: Path, root: Path) -> dict[str, dict[str, float]]:
