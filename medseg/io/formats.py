@@ -33,6 +33,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monai.config import PathLike
 from monai.data import ImageReader, NibabelReader
 from monai.utils import ensure_tuple
@@ -211,6 +212,7 @@ class _ReadBy:
 
     reader: ImageReader
     image: Any
+    paths: tuple[Path, ...] = ()
 
 
 class RegistryReader(ImageReader):
@@ -230,7 +232,17 @@ class RegistryReader(ImageReader):
         for path in paths:  # size and header first: refuse hostile files before allocating for them
             check_file(path, fmt.name)
         names = [str(p) for p in paths]
-        return _ReadBy(reader, reader.read(names if len(names) > 1 else names[0], **kwargs))
+        return _ReadBy(reader, reader.read(names if len(names) > 1 else names[0], **kwargs), tuple(paths))
 
     def get_data(self, img: _ReadBy) -> tuple[Any, dict]:
-        return img.reader.get_data(img.image)
+        array, meta = img.reader.get_data(img.image)
+        # The header was checked before reading, but readers derive the affine themselves (MONAI's
+        # NIfTI reader rebuilds it from pixdim when the two disagree): check what came out.
+        affine = meta.get("affine")
+        if affine is not None and not np.all(np.isfinite(np.asarray(affine, dtype=np.float64))):
+            names = ", ".join(str(p) for p in img.paths) or "the image"
+            raise VolumeReadError(
+                f"{names}: its voxel-to-world affine comes out non-finite ({np.round(np.asarray(affine, dtype=np.float64), 4).tolist()}): "
+                "the header's voxel sizes or orientation hold NaN/Inf. Fix the header (pixdim, sform/qform) or export the "
+                "file again.")
+        return array, meta

@@ -156,6 +156,11 @@ def _check_nifti_pixdim(path: Path, header: Any, ndim: int) -> None:
     """nibabel silently turns a zero voxel size into 1 mm when the affine comes from ``pixdim``
     (no sform); volumes in mL would then be made up. Negative ones it takes as their absolute
     value, as ITK does, which keeps their meaning."""
+    spatial = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(spatial)):  # MONAI rebuilds the affine from these when they disagree with the sform
+        raise VolumeReadError(
+            f"{path}: the NIfTI header gives voxel sizes (pixdim) {spatial.tolist()}, which are not finite. Expected "
+            "positive, finite voxel sizes in mm; fix pixdim or export the file again.")
     if int(header["sform_code"]) > 0:
         return
     zooms = np.asarray(header["pixdim"][1 : 1 + min(ndim, 3)], dtype=np.float64)

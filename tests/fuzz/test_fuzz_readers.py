@@ -189,7 +189,7 @@ def test_a_header_that_claims_more_data_than_the_file_holds_says_both(tmp_path: 
 
 
 @pytest.mark.parametrize("case", ["zero pixdim", "non-finite sform", "singular sform", "zero spacing mha",
-                                  "nan spacing nrrd"])
+                                  "nan spacing nrrd", "inf pixdim beside an sform"])
 def test_impossible_voxel_sizes_and_affines_are_refused(tmp_path: Path, case: str) -> None:
     data = good_volume(4)
     singular = np.eye(4)
@@ -202,6 +202,9 @@ def test_impossible_voxel_sizes_and_affines_are_refused(tmp_path: Path, case: st
         "singular sform": lambda: raw_nifti(tmp_path / "c.nii.gz", data, srow=singular),
         "zero spacing mha": lambda: metaimage(tmp_path / "d.mha", data, spacing=(1.0, 0.0, 1.0)),
         "nan spacing nrrd": lambda: nrrd(tmp_path / "e.nrrd", data, directions=[(1, 0, 0), (0, float("nan"), 0), (0, 0, 1)]),
+        # found by the slow part: MONAI rebuilt the affine from an Inf pixdim that disagreed with the sform
+        "inf pixdim beside an sform": lambda: raw_nifti(tmp_path / "f.nii", np.arange(2, dtype=np.uint8) + 1,
+                                                        pixdim=[2.0, float("inf"), 0.0], sform_code=1),
     }[case]()
     assert keeps_promise(path, "impossible voxel size or affine") == "refused"
 
