@@ -624,8 +624,11 @@ def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overw
             return CaseResult(case.case_id, str(case.path), "skipped", "output exists (use --overwrite to redo)",
                               time.monotonic() - started, {k: str(p) for k, p in expected.items()}, values)
         result = predictor.predict_case(case, output_dir)
-    except OSError as err:  # writing its outputs failed: say where and what to do, not the temp file's name
-        message = write_error(case.path, output_dir, err)
+    except OSError as err:
+        # A failed write (disk full, read-only folder): say where and what to do, not the temp file's
+        # name. Any other OSError (an input that cannot be opened) keeps its own cause below.
+        message = (write_error(case.path, output_dir, err) if _is_write_failure(err, output_dir)
+                   else f"{case.path}: {type(err).__name__}: {err}")
         log.warning("case %s failed: %s", case.case_id, message)
         return CaseResult(case.case_id, str(case.path), "failed", message, time.monotonic() - started)
     except Exception as err:  # one bad case must not stop the batch
@@ -634,6 +637,18 @@ def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overw
         return CaseResult(case.case_id, str(case.path), "failed", message, time.monotonic() - started)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _is_write_failure(err: OSError, output_dir: Path) -> bool:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return True
+    target = err.filename or err.filename2
+    if target is None:
+        return False
+    try:
+        return Path(str(target)).resolve().is_relative_to(output_dir.resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def write_error(source: Path | str, output_dir: Path, err: OSError) -> str:

@@ -138,7 +138,7 @@ def test_a_full_or_unwritable_output_folder_fails_the_case_cleanly(predictor: me
         calls["n"] += 1
         if calls["n"] == 2:  # the second case's mask: the disk is full (or the folder unwritable) then
             Path(str(path)).write_bytes(b"partial")  # what a write cut short leaves behind
-            raise OSError(code, os.strerror(code))
+            raise OSError(code, os.strerror(code), str(path))
         real_save(img, path)
 
     monkeypatch.setattr(nib, "save", save_failing_once)
@@ -202,3 +202,14 @@ def test_two_real_predict_processes_into_one_folder_leave_every_output_whole(tra
         assert nib.load(tmp_path / "out" / f"scan{i}.nii.gz").shape == (15, 17, 9)
     assert not _temporaries(tmp_path / "out")
     TALLY.add("predict: concurrent predicts into one folder", "refused or done")
+
+
+def test_only_failures_to_write_into_the_output_folder_are_reported_as_write_failures(tmp_path: Path) -> None:
+    from medseg.engine.predict import _is_write_failure
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _is_write_failure(OSError(errno.ENOSPC, "No space left on device"), out)
+    assert _is_write_failure(OSError(errno.EACCES, "Permission denied", str(out / ".x.tmp.nii.gz")), out)
+    # an input that cannot be opened keeps its own cause, not "writing its output ... failed"
+    assert not _is_write_failure(OSError(errno.EACCES, "Permission denied", str(tmp_path / "in" / "scan.dcm")), out)

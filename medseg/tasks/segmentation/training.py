@@ -121,14 +121,19 @@ def validate(model: nn.Module, dataset: Any, cfg: SegmentationConfig, metrics: S
     return metrics.aggregate(prefix)
 
 
+def segmentation_logits(model: nn.Module, image: torch.Tensor, cfg: SegmentationConfig, device: torch.device,
+                        amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Sliding-window logits (K, *spatial) for one preprocessed channel-first volume."""
+    v = cfg.validation
+    return predict_logits(model, image.as_tensor() if hasattr(image, "as_tensor") else image, cfg.patch.size,
+                          overlap=v.overlap, sw_batch_size=v.sw_batch_size, blend=v.blend, device=device,
+                          amp_dtype=amp_dtype)
+
+
 def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: SegmentationConfig, device: torch.device,
                          amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Label map (*spatial) for one preprocessed channel-first volume."""
-    v = cfg.validation
-    logits = predict_logits(model, image.as_tensor() if hasattr(image, "as_tensor") else image, cfg.patch.size,
-                            overlap=v.overlap, sw_batch_size=v.sw_batch_size, blend=v.blend, device=device,
-                            amp_dtype=amp_dtype)
-    return label_map(logits)
+    return label_map(segmentation_logits(model, image, cfg, device, amp_dtype))
 
 
 # ----------------------------------------------------------------------------------- evaluate stage
@@ -156,9 +161,7 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
     metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
     overlays: list[Path] = []
     for index, item in enumerate(tqdm(dataset, desc=f"evaluate {split}", disable=not progress, unit="case")):
-        v = cfg.validation
-        logits = predict_logits(model, item["image"].as_tensor(), cfg.patch.size, overlap=v.overlap,
-                                sw_batch_size=v.sw_batch_size, blend=v.blend, device=device, amp_dtype=amp_dtype)
+        logits = segmentation_logits(model, item["image"], cfg, device, amp_dtype)
         pred = label_map(logits)
         truth = item["label"].as_tensor()[0]
         dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
