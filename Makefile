@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: fuzz demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
+.PHONY: browser fuzz demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,15 @@ demo: $(VENV)/.installed
 	$(BIN)/medseg run configs/demo_segmentation.yaml
 	@echo "Open the MLflow UI on this store:  make ui   (= $(BIN)/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db, then http://127.0.0.1:5000)"
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser
 	$(BIN)/python -m pytest
+
+# The review page (review.html) is tested in a real headless Chromium from the OS packages,
+# driven by Playwright; installed here when missing (Debian/Ubuntu: apt-get, as root or via sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
 # The fuzz suite, fast and slow parts (thousands of generated hostile files): about 4 minutes
 # -> benchmarks/results/fuzz.{json,md} (inputs tried per class, escapes)
