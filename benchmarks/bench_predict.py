@@ -70,7 +70,8 @@ def _worker(args: argparse.Namespace) -> None:
         backend = args.path.partition("-")[2] or "torch"
         started = time.perf_counter()  # loading the model counts, as it did in `medseg predict`
         predictor = Predictor.from_uri(args.model, tracking_uri=args.tracking_uri, backend=backend)
-        outputs = predictor.predict_folder(Path(args.input), out, overwrite=True, progress=False)
+        # inference only: the review page (thumbnails) is not what the tutorial loop is compared with
+        outputs = predictor.predict_folder(Path(args.input), out, overwrite=True, progress=False, review=False)
         seconds = [r.seconds for r in outputs.results if r.status == "ok"]
         total = time.perf_counter() - started
     else:

@@ -33,6 +33,7 @@ _EXPORTS = {
     "describe": "medseg.api",
     "build_manifest": "medseg.api",
     "import_medmnist": "medseg.api",
+    "calibrate_run": "medseg.api",
     "convert_model": "medseg.api",
     "export_model": "medseg.api",
     "Predictor": "medseg.api",
@@ -47,7 +48,7 @@ _EXPORTS = {
 
 __all__ = [
     "BatchReport", "CaseResult", "Prediction", "Predictor", "RunConfig", "RunResult", "Task", "VerifyReport",
-    "__version__", "build_manifest", "convert_model", "describe", "export_model", "get_task", "import_medmnist", "list_models", "list_tasks",
+    "__version__", "build_manifest", "calibrate_run", "convert_model", "describe", "export_model", "get_task", "import_medmnist", "list_models", "list_tasks",
     "load_config", "train", "validate_config", "verify",
 ]
 
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
         Predictor,
         RunResult,
         build_manifest,
+        calibrate_run,
         convert_model,
         describe,
         export_model,

@@ -57,7 +57,7 @@ from medseg.tasks.registry import get_task, list_tasks, load_config, network_fro
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "convert_model", "export_model",
+    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "calibrate_run", "convert_model", "export_model",
     "import_medmnist",
     "list_models", "list_tasks", "load_config", "train", "validate_config", "verify",
 ]
@@ -170,6 +170,60 @@ def train(config: RunConfig | str | Path, *, overrides: Sequence[str] | None = N
                                     prepare_data=task.prepare_data)
     distributed.shutdown()  # on success only: see its docstring
     return None if summary_path is None else RunResult.from_summary(summary_path)
+
+
+def calibrate_run(run_dir: str | Path, *, progress: bool = True) -> RunResult:
+    """Calibrate a finished run's model: re-run its last stages with temperature scaling.
+
+    For runs trained before medseg calibrated models (or with ``validation.calibrate: false``): the
+    best checkpoint is scored again on the validation split, which fits the temperature, and on
+    the test split (ECE before and after), then packaged as a new model whose contract carries the
+    temperature. Nothing is retrained; masks, accuracy and Dice stay the same. The metrics, figures
+    and new model are logged to the run's own MLflow run, and its ``summary.json`` names the new model.
+
+    Args:
+        run_dir: the run folder (``resolved_config.yaml``, ``checkpoints/best.safetensors``,
+            ``summary.json``).
+
+    Raises:
+        RunError: not a finished run folder. UsageError: the task has no class probabilities.
+    """
+    from medseg.engine.runner import RUN_ID_FILE, PipelineContext
+    from medseg.errors import RunError
+    from medseg.io.atomic import atomic_write_text
+    from medseg.tracking import MlflowTracker
+
+    run_dir = Path(run_dir)
+    needed = [run_dir / "resolved_config.yaml", run_dir / "checkpoints" / "best.safetensors", run_dir / "summary.json"]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise RunError(f"calibrate {run_dir}: expected a finished run folder, but {', '.join(missing)} "
+                       "is missing; give the folder `medseg run` printed (runs/<name>/<timestamp>), after it finished")
+    cfg = load_config(needed[0])
+    if not hasattr(cfg.validation, "calibrate"):
+        raise UsageError(f"calibrate {run_dir}: a {cfg.task} model outputs no class probabilities to calibrate")
+    cfg = cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"calibrate": True})})
+    task = get_task(str(cfg.task))
+    summary = json.loads(needed[2].read_text())
+    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
+    previous = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+    tracker.start(None, {}, run_id=previous or summary.get("run_id"))
+    ctx = PipelineContext(cfg, cfg.data.manifest, cfg.data.resolved_root(), run_dir, tracker, progress=progress)
+    try:
+        for split, prefix in (("val", "best_val"), ("test", "test")):
+            ctx.metrics.update(task.evaluate(ctx, needed[1], split, prefix))
+        ctx.model_uri = task.package(ctx, needed[1]).model_uri
+    except BaseException:
+        tracker.end("FINISHED")  # the run itself finished; only this calibration failed
+        raise
+    summary["metrics"] = {**summary.get("metrics", {}), **{
+        k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in ctx.metrics.items()}}
+    summary["model_uri"] = ctx.model_uri
+    atomic_write_text(needed[2], json.dumps(summary, indent=2, default=str))
+    tracker.log_artifact(needed[2])
+    tracker.set_tags({"medseg.model_uri": str(ctx.model_uri)})
+    tracker.end("FINISHED")
+    return RunResult.from_summary(needed[2])
 
 
 def describe(config: RunConfig) -> tuple[Task, torch.nn.Module, str]:
@@ -360,7 +414,8 @@ class Predictor:
 
     def predict_folder(self, input: str | Path, output: str | Path, *, overwrite: bool = False,
                        save_probabilities: bool = False, save_uncertainty: bool = False, num_parts: int = 1,
-                       part_id: int = 0, progress: bool = True, tracker: Any | None = None) -> BatchReport:
+                       part_id: int = 0, progress: bool = True, tracker: Any | None = None,
+                       review: bool = True) -> BatchReport:
         """Predict every scan under ``input`` (recursively) into ``output``.
 
         Each case is written atomically on its own grid; a case that fails is reported and the rest
@@ -377,12 +432,15 @@ class Predictor:
             num_parts / part_id: predict only every ``num_parts``-th case from ``part_id`` (sharding).
             progress: progress bar.
             tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, to log to.
+            review: also write ``review.html`` (``review_partKofN.html`` for a shard): every case's
+                row and thumbnail, worst QC first, in one self-contained page.
 
         Raises:
             UsageError: no such input, no scans in it, an option its task does not use.
         """
         options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities,
-                          save_uncertainty=save_uncertainty, num_parts=num_parts, part_id=part_id, progress=progress)
+                          save_uncertainty=save_uncertainty, num_parts=num_parts, part_id=part_id, progress=progress,
+                          review=review)
         check_options(options, self.task.name, self.task.predict_options)
         found = discover_inputs(Path(input))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
@@ -390,11 +448,13 @@ class Predictor:
                               found)
 
     def predict_paths(self, paths: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
-                      save_probabilities: bool = False, progress: bool = False) -> BatchReport:
+                      save_probabilities: bool = False, progress: bool = False, review: bool = False) -> BatchReport:
         """Predict the scans at ``paths`` (files, DICOM series folders or folders of scans) into ``output``,
         as one batch: what a served model does with a column of paths. A path that does not exist
-        is a failed row, the others go on."""
-        options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities, progress=progress)
+        is a failed row, the others go on. No review page unless ``review``: a served request's
+        answer is its table."""
+        options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities, progress=progress,
+                          review=review)
         check_options(options, self.task.name, self.task.predict_options)
         found = discover_paths([Path(p) for p in paths])
         case_predictor = self.task.case_predictor(self.model, options, self.device)

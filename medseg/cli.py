@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "Runtime or OpenVINO (pip install 'medseg[onnx]' / 'medseg[openvino]'), or auto: the "
                               "fastest measured one installed (openvino, else torch) on a CPU, torch on a GPU; default "
                               "$MEDSEG_BACKEND, else auto")
+    predict.add_argument("--no-review", action="store_true",
+                         help="do not write review.html (every case's row and thumbnail, worst QC first)")
     predict.add_argument("--no-progress", action="store_true")
 
     export = sub.add_parser("export", help="export a model's network (ONNX or TorchScript) with its contract")
@@ -111,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", type=Path, help="for a model: the config it was trained with "
                                                      "(its run folder's resolved_config.yaml)")
     convert.add_argument("--tracking-uri", help="MLflow store of a runs:/ or models:/ source")
+
+    calibrate = model_sub.add_parser(
+        "calibrate", help="fit a finished run's temperature on its validation split and log the calibrated model "
+                          "(for runs trained before medseg calibrated, or with validation.calibrate: false)")
+    calibrate.add_argument("run_dir", type=Path, help="the run folder, e.g. runs/msd_hippocampus/20261201-120000")
+    calibrate.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
     manifest = sub.add_parser("manifest", help="data manifests")
     msub = manifest.add_subparsers(dest="manifest_command")
@@ -293,7 +301,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         batch = predictor.predict_folder(args.input, args.output, overwrite=args.overwrite,
                                          save_probabilities=args.save_probabilities,
                                          save_uncertainty=args.save_uncertainty, num_parts=args.num_parts,
-                                         part_id=args.part_id, progress=not args.no_progress, tracker=tracker)
+                                         part_id=args.part_id, progress=not args.no_progress, tracker=tracker,
+                                         review=not args.no_review)
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")
@@ -311,6 +320,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"  FAILED {case_id}: {error}")
     print(f"report: {batch.report}")
     print(f"summary: {batch.summary}")
+    if summary.get("review"):
+        print(f"review: {summary['review']}")
     return EXIT_OK if batch.n_failed == 0 else EXIT_FAILED
 
 
@@ -325,8 +336,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_model(args: argparse.Namespace) -> int:
     import medseg
 
+    if args.model_command == "calibrate":
+        result = medseg.calibrate_run(args.run_dir, progress=not args.no_progress)
+        shown = {k: v for k, v in result.metrics.items()
+                 if v is not None and (k == "calibration/temperature" or k.startswith("test/ece"))}
+        print(f"calibrated run {result.run_id}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
+        print(f"model: {result.model_uri}")
+        return EXIT_OK
     if args.model_command != "convert":
-        print("usage: medseg model convert SOURCE --out PATH [--config CONFIG]", file=sys.stderr)
+        print("usage: medseg model convert SOURCE --out PATH [--config CONFIG] | medseg model calibrate RUN_DIR",
+              file=sys.stderr)
         return EXIT_USAGE
     written = medseg.convert_model(args.source, args.out, config=args.config, tracking_uri=args.tracking_uri)
     print(f"converted: {written}")

@@ -329,6 +329,15 @@ class ValidationConfig(Section):
     """Every task validates; what it can be told about it is the task's (see its config class)."""
 
 
+class CalibratedValidationConfig(ValidationConfig):
+    """Validation of a task whose network outputs class probabilities."""
+
+    calibrate: bool = Field(
+        default=True, description="Fit a temperature on the validation split after training (temperature scaling: "
+        "probabilities that mean what they say); the model stores it and predict applies it. Segmentation and "
+        "softmax classifiers; ECE before and after is logged.")
+
+
 class TrackingConfig(Section):
     uri: str = "sqlite:///runs/mlflow.db"
     experiment: str = "medseg"
@@ -337,6 +346,11 @@ class TrackingConfig(Section):
     model_alias: str | None = Field(
         default=None, description="Set this alias (e.g. champion) on the registered version, so "
         "models:/<register_model_as>@<alias> names it; needs register_model_as.")
+    system_metrics: bool = Field(
+        default=True, description="Sample CPU, memory, disk, network and (with nvidia-ml-py installed) GPU use "
+        "into system/... metrics while the run lasts: the MLflow run page's System metrics tab.")
+    system_metrics_interval_s: float = Field(
+        default=10.0, gt=0, description="Seconds between two system metric samples.")
 
     @model_validator(mode="after")
     def _alias_needs_a_name(self) -> TrackingConfig:

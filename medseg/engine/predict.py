@@ -37,6 +37,7 @@ from tqdm import tqdm
 import medseg
 from medseg.engine.model_format import NetworkBuilder, local_model_folder, read_model_folder
 from medseg.engine.model_format import build_network as build_model_network
+from medseg.engine.review import write_qc_summary, write_review
 from medseg.engine.runtime import to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms
 from medseg.errors import CaseError, MedsegError, PredictOptionError, RunError, UsageError, cause_text, root_cause
@@ -70,10 +71,11 @@ class PredictOptions:
     keep_largest: bool | None = None  # keep each label's largest component; None: the contract's (segmentation)
     measured: bool = False  # the inputs already are the degraded images (reconstruction)
     qc: tuple[tuple[str, float], ...] = ()  # QC thresholds overriding the contract's (segmentation)
+    review: bool = True  # write review.html: every case's row and thumbnail, worst first (every task)
 
 
 #: Options every task honours.
-COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "progress", "allow_constant"})
+COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "progress", "allow_constant", "review"})
 #: How each task-specific option reads on the command line, for messages.
 OPTION_FLAGS = {"tta": "--tta", "overlap": "--overlap", "save_probabilities": "--save-probabilities",
                 "save_uncertainty": "--save-uncertainty",
@@ -498,8 +500,25 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
             write_report(results, columns, report_path)  # after each case: a crash keeps what is done
         except OSError as err:  # the disk filled up: stop here, every finished output is whole
             raise RunError(write_error(report_path, output_dir, err)) from err
+    seconds_total = time.monotonic() - started  # the predictions' time, without the review page's
     task_summary, task_metrics = predictor.summarise(results)
     report = BatchReport(report_path, output_dir / f"predict_summary{suffix}.json", tuple(results))
+    # The thresholds the task applied (the contract's with --qc) when it keeps them, else those two merged.
+    applied = getattr(predictor, "qc", None)
+    thresholds = dict(applied) if applied is not None else {**(model.contract.get("qc") or {}), **dict(options.qc)}
+    qc_path = output_dir / f"qc_summary{suffix}.json"
+    qc = write_qc_summary(results, thresholds, qc_path)
+    review_path: Path | None = output_dir / f"review{suffix}.html" if options.review else None
+    if review_path is not None:
+        try:
+            write_review(results, review_path, task=model.task, model_uri=model.uri, labels=model.label_names,
+                         output_columns=predictor.output_columns, value_columns=predictor.value_columns,
+                         qc_thresholds=thresholds, progress=options.progress,
+                         links={report_path.name: report_path, report.summary.name: report.summary,
+                                qc_path.name: qc_path})
+        except Exception as err:  # a convenience page: every case's output is written, so report and go on
+            log.warning("review page %s not written: %s: %s", review_path, type(err).__name__, err)
+            review_path = None
     summary = {
         "model_uri": model.uri,
         "weights_sha256": list(model.weights_sha256),
@@ -516,11 +535,14 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         "options": {k: v for k, v in vars(options).items() if k not in ("device", "progress", "num_parts", "part_id")},
         "counts": report.counts,
         "cases": len(results),
-        "seconds_total": time.monotonic() - started,
+        "seconds_total": seconds_total,
         "seconds_per_ok_case": mean_or_none([r.seconds for r in results if r.status == "ok"]),
         "peak_rss_mb": peak_rss_mb(),
         "discovery_notes": list(found.notes),
         "failed": {r.case_id: r.error for r in results if r.status == "failed"},
+        "qc_flagged": qc["flagged"],
+        "qc_summary": str(qc_path),
+        "review": str(review_path) if review_path is not None else None,
         **task_summary,
     }
     atomic_write_text(report.summary, json.dumps(summary, indent=2))
@@ -532,8 +554,12 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         tracker.log_metrics({f"predict/{k}": v for k, v in report.counts.items()}, step=0)
         tracker.log_metrics({"predict/seconds_total": summary["seconds_total"],
                              "predict/peak_rss_mb": summary["peak_rss_mb"], **task_metrics}, step=0)
+        tracker.log_metrics({"predict/qc_flagged": qc["flagged"]}, step=0)
         tracker.log_artifact(report.report)
         tracker.log_artifact(report.summary)
+        tracker.log_artifact(qc_path)
+        if review_path is not None:
+            tracker.log_artifact(review_path)
     return report
 
 

@@ -62,7 +62,8 @@ class ClassificationTask(TaskBase):
             return {}
         return training.evaluate(ctx.cfg, ctx.manifest, ctx.root, checkpoint, ctx.run_dir, split, ctx.tracker,
                                  ctx.progress, prefix=prefix,
-                                 tsne=split == "test" and ctx.cfg.validation.tsne).metrics
+                                 tsne=split == "test" and ctx.cfg.validation.tsne,
+                                 fit_calibration=split == "val").metrics
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.classification.predict import ClassificationPredictor

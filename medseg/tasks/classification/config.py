@@ -10,13 +10,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from medseg.config import (
+    CalibratedValidationConfig,
     LabelledDataConfig,
     LossConfig,
     ModelConfig,
     PreprocessConfig,
     RunConfig,
     StrEnum,
-    ValidationConfig,
     check_spatial_length,
 )
 
@@ -78,7 +78,7 @@ class ClassificationLossConfig(LossConfig):
     hinge_margin: float = Field(default=1.0, gt=0.0)
 
 
-class ClassificationValidationConfig(ValidationConfig):
+class ClassificationValidationConfig(CalibratedValidationConfig):
     calibration_bins: int = Field(default=10, ge=2, description="Bins of the reliability diagram / ECE.")
     tsne: bool = Field(default=True, description="t-SNE map of the penultimate layer on the test split.")
 

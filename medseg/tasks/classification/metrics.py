@@ -18,6 +18,7 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_a
 from torch import nn
 from torch.nn import functional as F
 
+from medseg.engine.calibration import expected_calibration_error
 from medseg.tasks.classification.config import ClassificationLoss, ClassificationLossConfig
 
 
@@ -118,24 +119,6 @@ def class_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
-    """ECE of the top-class confidence over equal-width bins, and the per-bin table for the diagram."""
-    confidence = probs.max(1)
-    correct = probs.argmax(1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    table, ece = [], 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
-        inside = (confidence > low) & (confidence <= high) if low > 0 else (confidence >= low) & (confidence <= high)
-        n = int(inside.sum())
-        if n:
-            acc, conf = float(correct[inside].mean()), float(confidence[inside].mean())
-            ece += n / len(labels) * abs(acc - conf)
-        else:
-            acc = conf = float("nan")
-        table.append({"low": float(low), "high": float(high), "count": n, "accuracy": acc, "confidence": conf})
-    return float(ece), table
-
-
 def confusion_counts(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, K) counts of true class (rows) against the arg-max prediction (columns)."""
     return confusion_matrix(labels, probs.argmax(1), labels=list(range(num_classes)))
@@ -203,12 +186,15 @@ class ClassificationPredictions:
         self.labels: list[int] = []
         self.probs: list[np.ndarray] = []
         self.features: list[np.ndarray] = []
+        self.logits: list[torch.Tensor] = []  # kept by this process only (calibration), never gathered
 
     def add(self, case_ids: Sequence[str], labels: torch.Tensor, probs: torch.Tensor,
-            features: torch.Tensor | None = None) -> None:
+            features: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> None:
         self.case_ids.extend(str(c) for c in case_ids)
         self.labels.extend(int(v) for v in labels.reshape(-1).tolist())
         self.probs.append(probs.detach().float().cpu().numpy())
+        if logits is not None:
+            self.logits.append(logits.detach().float().cpu())
         if features is not None:
             self.features.append(features.detach().float().cpu().numpy())
 
@@ -237,6 +223,9 @@ class ClassificationPredictions:
 
     def feature_array(self) -> np.ndarray | None:
         return np.concatenate(self.features) if self.features else None
+
+    def logit_tensor(self) -> torch.Tensor:
+        return torch.cat(self.logits) if self.logits else torch.zeros(0, 2)
 
     def label_array(self) -> np.ndarray:
         return np.asarray(self.labels, dtype=np.int64)

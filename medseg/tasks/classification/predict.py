@@ -18,6 +18,7 @@ from torch import nn
 
 from medseg.config import Precision
 from medseg.data.transforms import IMAGE, preprocessing_from_contract
+from medseg.engine.calibration import contract_temperature
 from medseg.engine.predict import (
     CaseResult,
     LoadedModel,
@@ -67,6 +68,8 @@ class ClassificationPredictor:
         def run(member: tuple[nn.Module, dict[str, Any]], x: torch.Tensor) -> torch.Tensor:
             with autocast(amp, self.device):
                 logits = member[0](x)
+            if head == "softmax":  # each member's own temperature (fitted on its validation split)
+                logits = logits.float() / contract_temperature(member[1])
             return class_probabilities(logits, head)[0].float().cpu()
 
         x = image[None].to(self.device)

@@ -11,19 +11,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import DataLoader
 from torch import nn
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from medseg.config import CacheMode
 from medseg.data.datasets import class_index, make_dataset, records
 from medseg.data.manifest import read_manifest
 from medseg.engine import distributed
+from medseg.engine.calibration import calibrate_split, contract_calibration
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.loop import (
     EvalOutputs,
     ModelOutputs,
+    Previewer,
     TrainOutputs,
     TrainTask,
     base_contract,
@@ -36,7 +40,7 @@ from medseg.engine.loop import (
 )
 from medseg.engine.runtime import autocast, autocast_dtype, resolve_device
 from medseg.io.atomic import atomic_write_text
-from medseg.plots import confusion_matrix_plot, embedding_map, reliability_diagram, roc_curves
+from medseg.plots import confusion_matrix_plot, embedding_map, image_grid, roc_curves
 from medseg.tasks.classification.config import ClassificationConfig
 from medseg.tasks.classification.metrics import (
     ClassificationPredictions,
@@ -45,7 +49,6 @@ from medseg.tasks.classification.metrics import (
     classification_scores,
     confusion_counts,
     create_classification_loss,
-    expected_calibration_error,
     output_count,
 )
 from medseg.tasks.classification.networks import create_classifier, head_prefix
@@ -83,8 +86,9 @@ def build_classifier(cfg: ClassificationConfig, pretrained: bool = False) -> nn.
 @torch.no_grad()
 def predict_dataset(net: nn.Module, dataset: Any, head: str, device: torch.device, amp_dtype: torch.dtype | None,
                     batch_size: int = 256, features: bool = False, progress: bool = False,
-                    desc: str = "predict") -> ClassificationPredictions:
-    """Class probabilities for every item of ``dataset`` (and the head's input features if asked)."""
+                    desc: str = "predict", keep_logits: bool = False) -> ClassificationPredictions:
+    """Class probabilities for every item of ``dataset`` (and the head's input features, and the
+    logits, if asked)."""
     net.eval()
     out = ClassificationPredictions()
     if len(dataset) == 0:
@@ -102,7 +106,8 @@ def predict_dataset(net: nn.Module, dataset: Any, head: str, device: torch.devic
             with autocast(amp_dtype, device):
                 logits = net(image)
             probs = class_probabilities(logits, head)
-            out.add(batch["case_id"], batch["label"], probs, captured.pop() if features else None)
+            out.add(batch["case_id"], batch["label"], probs, captured.pop() if features else None,
+                    logits if keep_logits else None)
     finally:
         if hook is not None:
             hook.remove()
@@ -156,8 +161,39 @@ def train(cfg: ClassificationConfig, manifest_path: Path, root: Path, out_dir: P
         loss=create_classification_loss(cfg.loss, weights),
         validate=validate,
         selection_metric=SELECTION_METRIC,
+        preview=_prediction_preview(cfg, head),
     )
     return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
+
+
+#: Validation images in the picture logged at every validation.
+PREVIEW_IMAGES = 16
+
+
+def _prediction_preview(cfg: ClassificationConfig, head: str) -> Previewer:
+    """A grid of the first :data:`PREVIEW_IMAGES` validation images, each captioned with its true
+    class and the probability the network gives it (green where the top class is right), for every
+    validation: the same images each time, so the run page's slider shows the network learn."""
+    names = cfg.data.labels
+
+    def preview(net: nn.Module, dataset: Any, device: torch.device,
+                amp_dtype: torch.dtype | None) -> dict[str, np.ndarray]:
+        shown = Subset(dataset, range(min(PREVIEW_IMAGES, len(dataset))))
+        predicted = predict_dataset(net, shown, head, device, amp_dtype, batch_size=PREVIEW_IMAGES)
+        probs, labels = predicted.prob_array(), predicted.label_array()
+        images = [_middle_slice(np.asarray(shown[i]["image"])[0]) for i in range(len(shown))]
+        captions = [f"{predicted.case_ids[i]}\n{names[int(k)]}: p={probs[i, int(k)]:.2f}"
+                    for i, k in enumerate(labels)]
+        correct = [int(probs[i].argmax()) == int(k) for i, k in enumerate(labels)]
+        title = "val: true class and its predicted probability (green: top class right)"
+        return {"val/predictions": image_grid(images, captions, correct, title)}
+
+    return preview
+
+
+def _middle_slice(image: np.ndarray) -> np.ndarray:
+    """A 2-D image as it is; a 3-D one's middle slice along its last axis."""
+    return image if image.ndim == 2 else image[..., image.shape[-1] // 2]
 
 
 # ----------------------------------------------------------------------------------- evaluate stage
@@ -178,12 +214,17 @@ def per_case_rows(predictions: ClassificationPredictions, names: dict[int, str])
 
 def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
              tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None,
-             tsne: bool = False) -> EvalOutputs:
+             tsne: bool = False, fit_calibration: bool = False) -> EvalOutputs:
     """Score a checkpoint on a split: per-case CSV, metrics JSON, ROC / confusion / calibration
     figures and, with ``tsne``, a t-SNE map of the penultimate layer.
 
     Metric names are ``{prefix}/acc``, ``/auc``, ``/f1``, ``/sensitivity``, ... (see
-    :func:`~medseg.tasks.classification.metrics.classification_scores`).
+    :func:`~medseg.tasks.classification.metrics.classification_scores`), scored on the probabilities
+    predict gives (with the model's temperature), and ``{prefix}/ece_uncalibrated`` beside ``/ece``.
+
+    Args:
+        fit_calibration: fit the temperature on this split (the validation split; softmax heads) and
+            write ``evaluation/calibration.json``, which later evaluations and the packaged model use.
     """
     prefix = prefix or split
     device = resolve_device(cfg.train.device)
@@ -195,9 +236,19 @@ def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpo
     dataset = make_dataset(records(cases, root, class_labels=True),
                            classification_transforms(cfg.preprocess, (), cfg.model.spatial_dims),
                            cfg.data.model_copy(update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
-    predictions = predict_dataset(net, dataset, head_kind(cfg), device, amp_dtype, features=tsne, progress=progress,
-                                  desc=f"evaluate {split}")
-    values = _score(predictions, cfg, prefix)
+    head = head_kind(cfg)
+    predictions = predict_dataset(net, dataset, head, device, amp_dtype, features=tsne, progress=progress,
+                                  desc=f"evaluate {split}", keep_logits=True)
+    # temperature scaling needs a softmax over logits; the ordinal head's cumulative links have none
+    calibration = calibrate_split(cfg.validation.calibrate and head == "softmax", fit_calibration,
+                                  predictions.logit_tensor(), torch.as_tensor(predictions.label_array()), out_dir,
+                                  split, prefix, cfg.validation.calibration_bins)
+    values = dict(calibration.metrics)
+    if calibration.temperature != 1.0:
+        # the ranking of the cases, hence the AUC, must not move (exactly so for two classes)
+        values[f"{prefix}/auc_uncalibrated"] = _score(predictions, cfg, prefix)[f"{prefix}/auc"]
+        predictions.probs = [torch.softmax(predictions.logit_tensor() / calibration.temperature, 1).numpy()]
+    values.update(_score(predictions, cfg, prefix))
     names = cfg.data.labels
     fields, rows = per_case_rows(predictions, names)
     per_case = write_csv(out_dir / "evaluation" / f"{split}_cases.csv", fields, rows)
@@ -205,12 +256,11 @@ def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpo
     probs, labels = predictions.prob_array(), predictions.label_array()
     plots = out_dir / "plots"
     matrix = confusion_counts(probs, labels, len(names))
-    ece, table = expected_calibration_error(probs, labels, cfg.validation.calibration_bins)
     figures = [
         roc_curves(probs, labels, names, plots / f"roc_{split}.png", f"ROC, {split} ({len(labels)} cases)"),
         confusion_matrix_plot(matrix, list(names.values()), plots / f"confusion_{split}.png",
                               f"confusion, {split}: ACC {values[f'{prefix}/acc']:.3f}"),
-        reliability_diagram(table, ece, plots / f"calibration_{split}.png", f"calibration, {split}"),
+        *calibration.figures,
     ]
     atomic_write_text(out_dir / "evaluation" / f"{split}_confusion.json",
                       json.dumps({"labels": list(names.values()), "matrix": matrix.tolist()}, indent=2))
@@ -241,5 +291,8 @@ def model_contract(cfg: ClassificationConfig) -> dict[str, Any]:
 
 def package(cfg: ClassificationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
     """Log the selected checkpoint's network as an MLflow PyTorch model with its I/O contract."""
-    contract_path, uri = package_model(build_classifier(cfg), checkpoint, model_contract(cfg), out_dir, tracker, cfg)
+    contract = model_contract(cfg)
+    if cfg.validation.calibrate and head_kind(cfg) == "softmax":
+        contract.update(contract_calibration(out_dir))  # the temperature the validation split fitted
+    contract_path, uri = package_model(build_classifier(cfg), checkpoint, contract, out_dir, tracker, cfg)
     return ModelOutputs(contract_path, uri)

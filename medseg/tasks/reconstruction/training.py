@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import Dataset
 from torch import nn
@@ -25,6 +26,7 @@ from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.loop import (
     EvalOutputs,
     ModelOutputs,
+    Previewer,
     TrainOutputs,
     TrainTask,
     base_contract,
@@ -37,7 +39,7 @@ from medseg.engine.loop import (
 from medseg.engine.runtime import autocast, autocast_dtype, resolve_device
 from medseg.errors import UsageError
 from medseg.io.atomic import atomic_write_text
-from medseg.plots import reconstruction_grid
+from medseg.plots import reconstruction_grid, reconstruction_image
 from medseg.tasks.reconstruction.config import ReconstructionConfig
 from medseg.tasks.reconstruction.networks import create_reconstruction_model
 from medseg.tasks.reconstruction.operators import (
@@ -196,8 +198,39 @@ def train(cfg: ReconstructionConfig, manifest_path: Path, root: Path, out_dir: P
         validate=validate,
         selection_metric=SELECTION_METRIC,
         default_num_workers=LOADER_WORKERS,
+        preview=_slice_preview(cfg) if cfg.validation.overlays else None,
     )
     return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
+
+
+def _slice_preview(cfg: ReconstructionConfig) -> Previewer:
+    """Input, network output, target and the network's error on the middle slice of the first
+    ``validation.overlays`` validation volumes, for every validation: the same slices, with the
+    same simulated measurement, each time, so the run page's slider shows the network learn.
+
+    Only that slice is reconstructed again, so a picture costs one slice, not a volume.
+    """
+    acquisition = Acquisition(cfg.recon)
+    baseline = acquisition.baseline_name
+
+    def preview(net: nn.Module, dataset: Any, device: torch.device,
+                amp_dtype: torch.dtype | None) -> dict[str, np.ndarray]:
+        pictures: dict[str, np.ndarray] = {}
+        for index in range(min(cfg.validation.overlays, len(dataset))):
+            item = dataset[index]
+            case_id = str(item["case_id"])
+            volume = torch.as_tensor(item["image"])
+            middle = volume.shape[-1] // 2
+            rec = reconstruct_volume(net, volume[..., middle:middle + 1], acquisition, case_seed(case_id),
+                                     cfg.recon.image_size, device, amp_dtype)
+            scores = score_volume(rec, baseline)
+            title = (f"{case_id}, slice {middle}\n{baseline} {scores[f'{baseline}_psnr']:.1f} dB, "
+                     f"network {scores['psnr']:.1f} dB")
+            pictures[f"val/reconstruction/{case_id}"] = reconstruction_image(rec.baseline, rec.output, rec.target,
+                                                                             title, baseline)
+        return pictures
+
+    return preview
 
 
 # ----------------------------------------------------------------------------------- evaluate stage

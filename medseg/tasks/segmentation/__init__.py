@@ -59,8 +59,9 @@ class SegmentationTask(TaskBase):
 
         if not has_labelled_cases(ctx.cfg, ctx.manifest, split):
             return {}
+        # the validation split fits the temperature that the test split and the packaged model use
         return training.evaluate(ctx.cfg, ctx.manifest, ctx.root, checkpoint, ctx.run_dir, split, ctx.tracker,
-                                 ctx.progress, prefix=prefix).metrics
+                                 ctx.progress, prefix=prefix, fit_calibration=split == "val").metrics
 
     def package(self, ctx: Any, checkpoint: Path) -> Any:
         from medseg.tasks.segmentation import training

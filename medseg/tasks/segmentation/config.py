@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from medseg.config import (
+    CalibratedValidationConfig,
     LabelledDataConfig,
     LossConfig,
     PatchConfig,
@@ -18,7 +19,6 @@ from medseg.config import (
     Section,
     StrEnum,
     UNetModelConfig,
-    ValidationConfig,
     check_spatial_length,
 )
 
@@ -36,7 +36,7 @@ class SegmentationLossConfig(LossConfig):
                              "(dice_focal) term.")
 
 
-class SegmentationValidationConfig(ValidationConfig):
+class SegmentationValidationConfig(CalibratedValidationConfig):
     overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
     sw_batch_size: int = 4
     blend: Literal["gaussian", "constant"] = "gaussian"

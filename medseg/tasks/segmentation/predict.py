@@ -20,6 +20,7 @@ from torch import nn
 
 from medseg.config import Precision
 from medseg.data.transforms import IMAGE, preprocessing_from_contract
+from medseg.engine.calibration import contract_temperature
 from medseg.engine.predict import (
     CaseResult,
     LoadedModel,
@@ -102,7 +103,8 @@ class SegmentationPredictor:
                                     overlap=overlap if overlap is not None else window["overlap"],
                                     sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=self.device,
                                     amp_dtype=amp)
-            return torch.softmax(logits, dim=0)
+            # each member's own temperature (fitted on its validation split; 1 for older models)
+            return torch.softmax(logits.float() / contract_temperature(contract), dim=0)
 
         return predict_samples(self.model.members(), image, dims, self.options.tta, run, keep_spread=keep_spread,
                                axes=self.flip_axes)

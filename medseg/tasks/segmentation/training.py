@@ -22,10 +22,12 @@ from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import read_manifest
 from medseg.data.transforms import training_transforms, validation_transforms
 from medseg.engine import distributed
+from medseg.engine.calibration import VoxelSample, calibrate_split, contract_calibration
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.loop import (
     EvalOutputs,
     ModelOutputs,
+    Previewer,
     TrainOutputs,
     TrainTask,
     base_contract,
@@ -38,9 +40,9 @@ from medseg.engine.loop import (
 )
 from medseg.engine.runtime import autocast_dtype, resolve_device, to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
-from medseg.engine.uncertainty import mean_foreground_entropy
+from medseg.engine.uncertainty import normalised_entropy
 from medseg.io.atomic import atomic_write_text
-from medseg.plots import overlay
+from medseg.plots import contour_overlay_image, overlay
 from medseg.tasks.segmentation.config import SegmentationConfig
 from medseg.tasks.segmentation.metrics import SegmentationMetrics, create_loss
 from medseg.tasks.segmentation.networks import create_segmentation_network
@@ -98,8 +100,34 @@ def train(cfg: SegmentationConfig, manifest_path: Path, root: Path, out_dir: Pat
         loss=create_loss(cfg.loss),
         validate=validate_hook,
         selection_metric="val/dice_mean",
+        preview=_overlay_preview(cfg) if cfg.validation.overlays else None,
     )
     return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
+
+
+def _overlay_preview(cfg: SegmentationConfig) -> Previewer:
+    """Overlays of the first ``validation.overlays`` validation cases, for every validation: the
+    same cases on the same slice each time, so the run page's slider shows the prediction change.
+
+    They are predicted once more (whole volumes, as validation does; a few cases of the split),
+    which keeps :func:`validate` free of pictures.
+    """
+    @torch.no_grad()
+    def preview(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, np.ndarray]:
+        net.eval()
+        metrics = SegmentationMetrics(cfg.data.labels, hd95=False)
+        pictures: dict[str, np.ndarray] = {}
+        for index in range(min(cfg.validation.overlays, len(dataset))):
+            item = dataset[index]
+            pred = predict_segmentation(net, item["image"], cfg, device, amp_dtype)
+            truth = item["label"].as_tensor()[0]
+            dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
+            title = f"{item['case_id']}: Dice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items())
+            pictures[f"val/overlay/{item['case_id']}"] = contour_overlay_image(
+                item["image"].as_tensor()[0].numpy(), truth.numpy(), pred.cpu().numpy(), title, len(cfg.data.labels))
+        return pictures
+
+    return preview
 
 
 @torch.no_grad()
@@ -140,11 +168,17 @@ def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: Segmentatio
 
 
 def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
-             tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None) -> EvalOutputs:
-    """Score a checkpoint on a whole split: per-case CSV, metrics JSON and overlay PNGs.
+             tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None,
+             fit_calibration: bool = False) -> EvalOutputs:
+    """Score a checkpoint on a whole split: per-case CSV, metrics JSON, overlay PNGs and calibration.
 
-    Metric names are ``{prefix}/dice/<label>``, ``{prefix}/dice_mean``, ``{prefix}/dice_mean_per_case``
-    and ``{prefix}/hd95/<label>``; ``prefix`` defaults to the split name.
+    Metric names are ``{prefix}/dice/<label>``, ``{prefix}/dice_mean``, ``{prefix}/dice_mean_per_case``,
+    ``{prefix}/hd95/<label>``, and the voxel ECE ``{prefix}/ece`` (with the model's temperature) and
+    ``{prefix}/ece_uncalibrated``; ``prefix`` defaults to the split name.
+
+    Args:
+        fit_calibration: fit the temperature on this split (the validation split) and write it to
+            ``evaluation/calibration.json``, which later evaluations and the packaged model use.
     """
     prefix = prefix or split
     device = resolve_device(cfg.train.device)
@@ -160,25 +194,50 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
         update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
     metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
     overlays: list[Path] = []
+    voxels = VoxelSample.empty(seed=cfg.seed)
+    entropy_logits: list[torch.Tensor] = []
     for index, item in enumerate(tqdm(dataset, desc=f"evaluate {split}", disable=not progress, unit="case")):
-        logits = segmentation_logits(model, item["image"], cfg, device, amp_dtype)
+        logits = segmentation_logits(model, item["image"], cfg, device, amp_dtype).float()
         pred = label_map(logits)
         truth = item["label"].as_tensor()[0]
         dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
-        # what predict reports as mean_entropy (without TTA): the validation split's range sets the QC threshold
-        metrics.per_case[-1]["mean_entropy"] = mean_foreground_entropy(torch.softmax(logits.float(), 0), pred)
+        voxels.add_case(logits, truth, pred)
+        entropy_logits.append(_entropy_region_logits(logits, pred, voxels.generator))
         if index < cfg.validation.overlays:
             title = f"{split} {item['case_id']}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
             overlays.append(overlay(item["image"].as_tensor()[0].numpy(), truth.numpy(), pred.cpu().numpy(),
                                     out_dir / "plots" / f"overlay_{split}_{item['case_id']}.png", title,
                                     len(cfg.data.labels)))
     values = metrics.aggregate(prefix)
+    calibration = calibrate_split(cfg.validation.calibrate, fit_calibration, *voxels.tensors(), out_dir, split, prefix,
+                                  unit="voxels near structures")
+    values.update(calibration.metrics)
+    for row, region in zip(metrics.per_case, entropy_logits):
+        # what predict reports as mean_entropy (without TTA, with the model's temperature): the
+        # validation split's range sets the QC threshold
+        row["mean_entropy"] = float(normalised_entropy(torch.softmax(region / calibration.temperature, 0)).mean())
     per_case = out_dir / "evaluation" / f"{split}_cases.csv"
     write_csv(per_case, list(metrics.per_case[0]) if metrics.per_case else ["case_id"], metrics.per_case)
     case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
     values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
     metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
-    return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, tuple(overlays), values))
+    return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, (*overlays, *calibration.figures), values))
+
+
+#: At most this many voxels of a case enter its mean entropy when nothing is predicted as foreground.
+_ENTROPY_SAMPLE = 100_000
+
+
+def _entropy_region_logits(logits: torch.Tensor, pred: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The (K, M) logits :func:`mean_foreground_entropy` averages over: the predicted foreground's
+    voxels, or a sample of all voxels when there is none (kept until the temperature is known)."""
+    flat = logits.reshape(logits.shape[0], -1)
+    inside = (pred != 0).reshape(-1)
+    if bool(inside.any()):
+        return flat[:, inside].cpu()
+    if flat.shape[1] > _ENTROPY_SAMPLE:
+        flat = flat[:, torch.randperm(flat.shape[1], generator=generator)[:_ENTROPY_SAMPLE]]
+    return flat.cpu()
 
 
 # ----------------------------------------------------------------------------------- package stage
@@ -205,6 +264,8 @@ def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: M
     if manifest_path is not None and root is not None:
         contract["label_volumes_ml"] = label_volume_stats(cfg, manifest_path, root)
         contract["qc"] = {**DEFAULT_QC, **entropy_threshold(out_dir / "evaluation" / "val_cases.csv")}
+    if cfg.validation.calibrate:
+        contract.update(contract_calibration(out_dir))  # the temperature the validation split fitted
     contract_path, uri = package_model(build_network(cfg), checkpoint, contract, out_dir, tracker, cfg)
     return ModelOutputs(contract_path, uri)
 

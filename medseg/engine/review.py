@@ -1,0 +1,582 @@
+"""The batch review page: one self-contained HTML file to look through a predict's cases, worst first.
+
+``review.html`` sits beside ``predictions.csv`` and needs nothing else: styles and script are
+inline, thumbnails are PNG ``data:`` URIs, links to each case's files are relative. It opens from
+a laptop, a shared drive or an MLflow artifact alike, with no server and nothing fetched.
+
+Rows start worst first: failed cases, then the cases the QC flagged, then the rest, each group by
+its uncertainty score (:data:`WORST_FIRST`); any column header re-sorts. Each row has a thumbnail
+made from the case's input and its written outputs, chosen by what the main output holds, not
+by which task wrote it:
+
+* an integer volume (a mask): three orthogonal planes through the largest predicted structure,
+  the mask overlaid on the image;
+* floating-point volumes (reconstructions): the input and each output side by side, one window;
+* no output file (classification): the image's middle planes; its class probabilities are bars.
+
+A thumbnail that cannot be made leaves its row with a note; it never stops the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import nibabel as nib
+import numpy as np
+from monai.data.utils import to_affine_nd
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+import medseg
+from medseg.io.atomic import atomic_write_text
+from medseg.io.readers import load_volume
+
+if TYPE_CHECKING:
+    from medseg.engine.predict import CaseResult
+
+log = logging.getLogger(__name__)
+
+#: Longest side of one plane in a thumbnail, in pixels: 500 cases stay a few MB of page.
+THUMBNAIL_PX = 112
+#: Per-case scores that order the rows within a group, the first one present deciding; True: a
+#: higher value is worse. (See :mod:`medseg.engine.uncertainty`; ``ssim`` ranks reconstructions.)
+WORST_FIRST: tuple[tuple[str, bool], ...] = (("mean_entropy", True), ("entropy", True), ("agreement", False),
+                                              ("max_probability", False), ("ssim", False))
+#: Mask colours by label value (1 → the first); distinct on grey, after Sasha Trubetskoy's palette.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212))
+_MASK_ALPHA = 0.45
+_GAP_PX = 2
+_BACKGROUND = (24, 24, 24)
+_NIFTI = (".nii", ".nii.gz")
+
+
+# ----------------------------------------------------------------------------------- QC summary
+
+
+def is_flagged(result: CaseResult) -> bool:
+    """Whether the QC flagged the case (a finished case read back from the report holds the text "True")."""
+    flag = result.values.get("qc_flag")
+    return flag is True or str(flag).strip().lower() in ("true", "1")
+
+
+def reason_kinds(reason: str) -> list[str]:
+    """The kinds of a ``qc_reason``, its numbers dropped: "blob1 volume z = +3.2 (|z| > 3); mean entropy
+    0.41 > 0.3" → ["blob1 volume z", "mean entropy"], so cases can be counted per reason."""
+    kinds = []
+    for part in (p.strip() for p in reason.split(";")):
+        if part:
+            found = re.match(r"(.*?)\s+(?:=\s*)?[-+]?\d", part)
+            kinds.append(found.group(1) if found else part)
+    return kinds
+
+
+def qc_summary(results: Sequence[CaseResult], thresholds: Mapping[str, float]) -> dict[str, Any]:
+    """How many cases the QC flagged, per reason, with the thresholds that applied (``qc_summary.json``)."""
+    flagged = {r.case_id: str(r.values.get("qc_reason") or "") for r in results if is_flagged(r)}
+    by_reason = Counter(kind for reason in flagged.values() for kind in reason_kinds(reason))
+    return {"cases": len(results), "flagged": len(flagged), "thresholds": dict(thresholds),
+            "by_reason": dict(by_reason.most_common()), "flagged_cases": flagged}
+
+
+# ----------------------------------------------------------------------------------- order
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def worst_first(results: Sequence[CaseResult]) -> list[CaseResult]:
+    """Failed cases, then flagged ones, then the rest; within each, by the first score of
+    :data:`WORST_FIRST` the batch has, worst first (cases without it last), then by case id."""
+    score_column = next((column for column, _ in WORST_FIRST
+                         if any(_number(r.values.get(column)) is not None for r in results)), None)
+    higher_is_worse = dict(WORST_FIRST).get(score_column or "", True)
+
+    def key(result: CaseResult) -> tuple[int, int, float, str]:
+        score = _number(result.values.get(score_column)) if score_column else None
+        badness = math.inf if score is None else (-score if higher_is_worse else score)
+        return (result.status != "failed", not is_flagged(result), badness, result.case_id)
+
+    return sorted(results, key=key)
+
+
+# ----------------------------------------------------------------------------------- thumbnails
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A case's picture (PNG) with the names of its panels, or a note saying why there is none."""
+
+    png: bytes | None
+    captions: tuple[str, ...] = ()
+    note: str = ""
+
+
+def _first_volume(array: np.ndarray) -> np.ndarray:
+    while array.ndim > 3:  # channels or time points: the first is enough to look at
+        array = array[..., 0]
+    return array
+
+
+def _read_input(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The input's first channel and its RAS affine, read as predict read it (a DICOM series is a folder)."""
+    volume = load_volume(path)
+    array = _first_volume(np.asarray(volume[0].detach().cpu().numpy()))
+    return array, np.asarray(volume.affine, dtype=np.float64)
+
+
+def _read_output(path: str) -> np.ndarray:
+    image = nib.load(path)
+    return _first_volume(np.asanyarray(image.dataobj))  # type: ignore[attr-defined]
+
+
+def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` turned onto the closest RAS axes (flips and axis swaps, no resampling) and its
+    voxel sizes in that order, so planes show as anatomy does whatever the file's orientation."""
+    affine3 = np.asarray(to_affine_nd(3, affine), dtype=np.float64)
+    array3 = array.reshape(array.shape + (1,) * (3 - array.ndim))
+    orientation = nib.orientations.io_orientation(affine3)
+    turned = nib.orientations.apply_orientation(array3, orientation)
+    spacing = np.ones(3)
+    spacing[orientation[:, 0].astype(int)] = nib.affines.voxel_sizes(affine3)
+    return turned, spacing
+
+
+def _window(array: np.ndarray) -> tuple[float, float]:
+    """Grey levels from the 0.5th to the 99.5th percentile (on at most ~1M voxels, for speed)."""
+    flat = array.reshape(-1)
+    sample = flat[:: max(1, flat.size // 1_000_000)].astype(np.float64)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(sample, (0.5, 99.5)))
+    return low, (high if high > low else low + 1.0)
+
+
+def _largest_structure_centre(mask: np.ndarray) -> tuple[int, ...] | None:
+    """The centre (voxel indices) of the largest connected foreground structure; None if none."""
+    components, count = ndimage.label(mask > 0)
+    if count == 0:
+        return None
+    sizes = np.bincount(components.reshape(-1))[1:]
+    largest = np.argwhere(components == 1 + int(np.argmax(sizes)))
+    return tuple(int(round(c)) for c in largest.mean(axis=0))
+
+
+#: The three planes: (name, the axis they cut, and, after cutting, whether to flip the horizontal axis).
+#: Displayed with superior / anterior up; axial and coronal radiologically (the patient's right on the left).
+_PLANES = (("axial", 2, True), ("coronal", 1, True), ("sagittal", 0, False))
+
+
+def _planes(volume: np.ndarray, spacing: np.ndarray, centre: Sequence[int],
+            axes: Sequence[int] = (2, 1, 0)) -> list[tuple[str, np.ndarray, tuple[float, float]]]:
+    """Planes of a canonical volume through ``centre`` as (name, rows x cols shown upright, (row mm, col mm));
+    planes one voxel thick in either direction (2D images) are left out."""
+    out = []
+    for name, axis, flip in _PLANES:
+        if axis not in axes:
+            continue
+        plane = np.take(volume, int(np.clip(centre[axis], 0, volume.shape[axis] - 1)), axis=axis)
+        if min(plane.shape) < 2:
+            continue
+        kept = [a for a in range(3) if a != axis]
+        shown = plane.T[::-1]  # rows: the second kept axis, upward; cols: the first kept axis
+        if flip:
+            shown = shown[:, ::-1]
+        out.append((name, shown, (float(spacing[kept[1]]), float(spacing[kept[0]]))))
+    return out
+
+
+def _panel_size(shape: tuple[int, ...], pixel_mm: tuple[float, float]) -> tuple[int, int]:
+    """(height, width) in pixels keeping the physical aspect, the longer side THUMBNAIL_PX."""
+    height_mm, width_mm = shape[0] * pixel_mm[0], shape[1] * pixel_mm[1]
+    scale = THUMBNAIL_PX / max(height_mm, width_mm, 1e-9)
+    return max(1, round(height_mm * scale)), max(1, round(width_mm * scale))
+
+
+def _grey_panel(plane: np.ndarray, window: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+    low, high = window
+    grey = np.clip((np.nan_to_num(plane.astype(np.float64)) - low) / (high - low), 0, 1) * 255
+    resized = Image.fromarray(np.ascontiguousarray(grey.astype(np.uint8)), mode="L").resize(
+        (size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.repeat(np.asarray(resized, dtype=np.float64)[..., None], 3, axis=2)
+
+
+def _nearest(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    rows = np.minimum((np.arange(size[0]) + 0.5) * plane.shape[0] / size[0], plane.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(size[1]) + 0.5) * plane.shape[1] / size[1], plane.shape[1] - 1).astype(int)
+    return plane[rows][:, cols]
+
+
+def _overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = rgb.copy()
+    for value in np.unique(mask):
+        if value == 0:
+            continue
+        colour = np.asarray(PALETTE[(int(value) - 1) % len(PALETTE)], dtype=np.float64)
+        inside = mask == value
+        out[inside] = (1 - _MASK_ALPHA) * out[inside] + _MASK_ALPHA * colour
+    return out
+
+
+def _png(panels: Sequence[np.ndarray]) -> bytes:
+    """Panels (H, W, 3) side by side on a dark strip, as a palette PNG."""
+    height = max(p.shape[0] for p in panels)
+    width = sum(p.shape[1] for p in panels) + _GAP_PX * (len(panels) - 1)
+    strip = np.empty((height, width, 3), dtype=np.uint8)
+    strip[:] = _BACKGROUND
+    left = 0
+    for panel in panels:
+        top = (height - panel.shape[0]) // 2
+        strip[top:top + panel.shape[0], left:left + panel.shape[1]] = np.clip(panel, 0, 255).astype(np.uint8)
+        left += panel.shape[1] + _GAP_PX
+    # 256 colours, not dithered: a third of the RGB file's size (500 cases stay a few MB), no visible loss.
+    picture = Image.fromarray(strip, mode="RGB").quantize(256, method=Image.Quantize.FASTOCTREE,
+                                                           dither=Image.Dither.NONE)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _mask_thumbnail(image: np.ndarray, affine: np.ndarray, mask: np.ndarray) -> Thumbnail:
+    volume, spacing = _canonical(image, affine)
+    labels, _ = _canonical(mask, affine)
+    centre = _largest_structure_centre(labels)
+    note = "" if centre is not None else "nothing predicted: planes through the middle"
+    centre = centre if centre is not None else tuple(s // 2 for s in volume.shape)
+    window = _window(volume)
+    panels, captions = [], []
+    for (name, grey, pixel_mm), (_, cut, _) in zip(_planes(volume, spacing, centre), _planes(labels, spacing, centre)):
+        size = _panel_size(grey.shape, pixel_mm)
+        panels.append(_overlay(_grey_panel(grey, window, size), _nearest(cut, size)))
+        captions.append(name)
+    return Thumbnail(_png(panels), tuple(captions), note)
+
+
+def _side_by_side_thumbnail(image: np.ndarray, affine: np.ndarray, outputs: Sequence[tuple[str, np.ndarray]]) -> Thumbnail:
+    """The input and each output on their middle axial plane (in-plane for 2D), one grey window."""
+    volume, spacing = _canonical(image, affine)
+    centre = tuple(s // 2 for s in volume.shape)
+    axis = 2 if volume.shape[2] > 1 else int(np.argmin(volume.shape))
+    window = _window(volume)
+    panels, captions = [], []
+    for name, array in (("input", image), *outputs):
+        turned, _ = _canonical(array, affine)
+        planes = _planes(turned, spacing, centre, axes=(axis,)) or _planes(turned, spacing, centre)
+        if planes:
+            _, grey, pixel_mm = planes[0]
+            panels.append(_grey_panel(grey, window, _panel_size(grey.shape, pixel_mm)))
+            captions.append(name)
+    return Thumbnail(_png(panels), tuple(captions))
+
+
+def _image_thumbnail(image: np.ndarray, affine: np.ndarray) -> Thumbnail:
+    volume, spacing = _canonical(image, affine)
+    window = _window(volume)
+    panels, captions = [], []
+    for name, grey, pixel_mm in _planes(volume, spacing, tuple(s // 2 for s in volume.shape)):
+        panels.append(_grey_panel(grey, window, _panel_size(grey.shape, pixel_mm)))
+        captions.append(name)
+    return Thumbnail(_png(panels), tuple(captions))
+
+
+def case_thumbnail(result: CaseResult, output_columns: Sequence[str]) -> Thumbnail:
+    """The thumbnail of one case from its input and written outputs (see the module's docstring).
+
+    Never raises: a case that cannot be pictured gets a :class:`Thumbnail` without PNG and a note.
+    """
+    if result.status == "failed":
+        return Thumbnail(None, note="failed: no output to show")
+    try:
+        image, affine = _read_input(result.input)
+        files = [(column, result.outputs[column]) for column in output_columns
+                 if column in result.outputs and result.outputs[column].endswith(_NIFTI)]
+        if not files:
+            return _image_thumbnail(image, affine)
+        main_column, main_path = files[0]
+        main = _read_output(main_path)
+        if main.shape != image.shape:
+            return Thumbnail(None, note=f"no thumbnail: {Path(main_path).name} has shape {main.shape}, the input "
+                                        f"{image.shape}")
+        if main.dtype.kind in "iub":
+            return _mask_thumbnail(image, affine, main)
+        others = [(column, _read_output(path)) for column, path in files[1:]]
+        shown = [(column.removesuffix("_output"), array) for column, array in others if array.shape == image.shape]
+        return _side_by_side_thumbnail(image, affine, [*shown, (main_column, main)])
+    except Exception as err:  # readers raise many types; the row stays, with the reason
+        log.debug("review: no thumbnail for %s", result.case_id, exc_info=True)
+        return Thumbnail(None, note=f"no thumbnail: {type(err).__name__}: {err}"[:300])
+
+
+# ----------------------------------------------------------------------------------- the page
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _href(path: str | Path, page_dir: Path) -> str:
+    """A link from the page to ``path``: relative, so the folder can move or be copied whole."""
+    target = Path(path).resolve()
+    try:
+        relative = os.path.relpath(target, page_dir.resolve())
+    except ValueError:  # another drive (Windows): no relative path exists
+        return target.as_uri()
+    return quote(Path(relative).as_posix())
+
+
+def _display(value: Any) -> str:
+    number = _number(value)
+    if number is None or isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"-?\d+", value)):
+        return "" if value is None else str(value)
+    return f"{number:.4g}"
+
+
+@dataclass(frozen=True)
+class _Column:
+    key: str
+    title: str
+    numeric: bool
+
+
+def _columns(results: Sequence[CaseResult], value_columns: Sequence[str]) -> list[_Column]:
+    """The table's sortable data columns: status and error; the QC flag, reason and scores; the task's
+    other values that any case has (voxel counts left out: the volumes say the same in mL); seconds."""
+    qc = [c for c in ("qc_flag", "qc_reason") if c in value_columns]
+    present = [c for c in value_columns if c not in qc and not c.startswith("voxels_")
+               and any(r.values.get(c) not in (None, "") for r in results)]
+    scores = {c for c, _ in WORST_FIRST}
+    first = [c for c in present if c in scores or c.startswith("volume_z_")]
+    columns = [_Column("status", "status", False), _Column("error", "error", False)]  # why a case failed, beside it
+    for key in [*qc, *first, *(c for c in present if c not in first)]:
+        numeric = key == "qc_flag" or all(_number(r.values.get(key)) is not None for r in results
+                                          if r.values.get(key) not in (None, ""))
+        columns.append(_Column(key, key, numeric))
+    columns.append(_Column("seconds", "seconds", True))
+    return columns
+
+
+def _cell(result: CaseResult, column: _Column) -> str:
+    if column.key == "status":
+        return f'<td data-sort="{_e(result.status)}" class="status {_e(result.status)}">{_e(result.status)}</td>'
+    if column.key == "seconds":
+        return f'<td data-sort="{result.seconds:.6f}" class="num">{result.seconds:.2f}</td>'
+    if column.key == "error":
+        return f'<td data-sort="{_e(result.error)}" class="error">{_e(result.error)}</td>'
+    if column.key == "qc_flag":
+        flagged = is_flagged(result)
+        return f'<td data-sort="{int(flagged)}" class="flag">{"⚑ flagged" if flagged else ""}</td>'
+    value = result.values.get(column.key)
+    if column.numeric:
+        number = _number(value)
+        return f'<td data-sort="{"" if number is None else repr(number)}" class="num">{_e(_display(value))}</td>'
+    text = "" if value is None else str(value)
+    css = ' class="reason"' if column.key == "qc_reason" else ""
+    return f'<td data-sort="{_e(text)}"{css}>{_e(text)}</td>'
+
+
+def _probability_bars(result: CaseResult) -> str:
+    """Class probabilities (``prob_<class>`` values) as bars, the most probable one marked."""
+    numbers = [(k.removeprefix("prob_"), _number(v)) for k, v in result.values.items() if k.startswith("prob_")]
+    probs = [(name, p) for name, p in numbers if p is not None]
+    if not probs:
+        return ""
+    top = max(p for _, p in probs)
+    bars = "".join(
+        f'<div class="bar{" top" if p == top else ""}"><span class="name">{_e(name)}</span> '
+        f'<span class="track"><span class="fill" style="width:{100 * min(max(p, 0.0), 1.0):.1f}%"></span></span> '
+        f'<span class="p">{p:.3f}</span></div>' for name, p in probs)
+    return f'<div class="probs">{bars}</div>'
+
+
+def _thumbnail_cell(result: CaseResult, thumbnail: Thumbnail) -> str:
+    parts = []
+    if thumbnail.png is not None:
+        data = base64.b64encode(thumbnail.png).decode("ascii")
+        title = " | ".join(thumbnail.captions)
+        parts.append(f'<img class="thumb" alt="{_e(result.case_id)}: {_e(title)}" title="{_e(title)}" '
+                     f'src="data:image/png;base64,{data}"><div class="caption">{_e(title)}</div>')
+    if thumbnail.note:
+        parts.append(f'<div class="note">{_e(thumbnail.note)}</div>')
+    parts.append(_probability_bars(result))
+    return f'<td class="picture">{"".join(parts)}</td>'
+
+
+def _case_cell(result: CaseResult, output_columns: Sequence[str], page_dir: Path) -> str:
+    links = [f'<a href="{_href(result.outputs[c], page_dir)}">{_e(c)}</a>' for c in output_columns
+             if c in result.outputs and result.status != "failed"]
+    if result.input:
+        links.append(f'<a href="{_href(result.input, page_dir)}">input</a>')
+    return (f'<td data-sort="{_e(result.case_id)}" class="case"><b>{_e(result.case_id)}</b>'
+            f'<div class="links">{" ".join(links)}</div></td>')
+
+
+_STYLE = """
+body{font:13px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
+header{padding:12px 16px;background:#fff;border-bottom:1px solid #ddd}
+h1{font-size:18px;margin:0 0 6px}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:6px 0}
+dt{color:#666}dd{margin:0;word-break:break-all}
+.counts span{display:inline-block;margin-right:10px;padding:1px 8px;border-radius:10px;background:#eee}
+.counts .failed{background:#fdd}.counts .flagged{background:#fec}
+.legend span{margin-right:10px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:-1px}
+table{border-collapse:collapse;margin:0 8px 24px;background:#fff}
+th,td{border-bottom:1px solid #e4e4e4;padding:4px 6px;vertical-align:top;text-align:left}
+th{position:sticky;top:0;background:#f0f0f0;z-index:1;white-space:nowrap;user-select:none}
+th[data-type]{cursor:pointer}th[data-type]:hover{background:#e2e2e2}
+th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.case{min-width:14em;max-width:20em;overflow-wrap:anywhere}.links a{margin-right:6px;font-size:12px}
+td.status.failed{color:#b00020;font-weight:600}td.status.skipped{color:#666}
+td.flag{color:#b35c00;font-weight:600;white-space:nowrap}
+tr.failed{background:#fff3f3}tr.flagged{background:#fff8ec}
+td.error{color:#666;min-width:12em;max-width:24em;overflow-wrap:anywhere;font-size:12px}tr.failed td.error{color:#b00020}
+.caption{color:#888;font-size:11px}
+td.reason{min-width:10em;max-width:22em}
+img.thumb{display:block;image-rendering:auto;border-radius:2px}
+.note{color:#666;font-style:italic;max-width:24em}
+.probs{margin-top:3px;font-size:12px}.bar{display:flex;align-items:center;gap:4px}
+.bar .name{min-width:5em}.bar .track{display:inline-block;width:80px;height:8px;background:#e6e6e6}
+.bar .fill{display:block;height:8px;background:#888}.bar.top .fill{background:#0a6ebd}.bar.top .name{font-weight:600}
+"""
+
+# Sorting: a header click sorts by its column (ascending, then descending); empty cells stay last,
+# ties keep the worst-first rank. Keys are in each cell's data-sort.
+_SCRIPT = """
+(function () {
+  "use strict";
+  var table = document.getElementById("cases");
+  var body = table.tBodies[0];
+  var headers = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  function sortBy(th) {
+    var col = th.cellIndex;
+    var ascending = th.getAttribute("aria-sort") !== "ascending";
+    var numeric = th.getAttribute("data-type") === "num";
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[col].getAttribute("data-sort"), y = b.cells[col].getAttribute("data-sort");
+      var rank = Number(a.getAttribute("data-rank")) - Number(b.getAttribute("data-rank"));
+      if (x === "" || y === "") { return (x === "") - (y === "") || rank; }
+      var order = numeric ? Number(x) - Number(y) : x.localeCompare(y);
+      return (ascending ? order : -order) || rank;
+    });
+    headers.forEach(function (h) { h.removeAttribute("aria-sort"); });
+    th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+    var rowsFragment = document.createDocumentFragment();
+    rows.forEach(function (row) { rowsFragment.appendChild(row); });
+    body.appendChild(rowsFragment);
+  }
+  headers.forEach(function (th) {
+    if (!th.hasAttribute("data-type")) { return; }
+    th.tabIndex = 0;
+    th.addEventListener("click", function () { sortBy(th); });
+    th.addEventListener("keydown", function (event) {
+      if (event.key === "Enter" || event.key === " ") { event.preventDefault(); sortBy(th); }
+    });
+  });
+})();
+"""
+
+
+def write_review(results: Sequence[CaseResult], path: Path, *, task: str, model_uri: str,
+                 labels: Mapping[int, str], output_columns: Sequence[str], value_columns: Sequence[str],
+                 qc_thresholds: Mapping[str, float], links: Mapping[str, Path] | None = None,
+                 progress: bool = False) -> Path:
+    """Write the review page of a batch (atomically) and return its path.
+
+    Args:
+        results: every case of the batch, in any order (the page starts worst first).
+        path: the page, in the output folder: links to the cases' files are relative to it.
+        task: the model's task, for the header.
+        model_uri: the model (or ensemble) that predicted, for the header.
+        labels: label value -> name, for the mask colours' legend.
+        output_columns: report columns holding output files, the main one first.
+        value_columns: report columns of the task's values, in report order.
+        qc_thresholds: the QC thresholds that applied, for the header.
+        links: more files to link from the header (title -> path): the report, the summary.
+        progress: a progress bar while the thumbnails are made.
+
+    Raises:
+        OSError: the page could not be written (nothing half-written is left).
+    """
+    page_dir = path.parent
+    ordered = worst_first(results)
+    columns = _columns(results, value_columns)
+    counts = Counter(r.status for r in results)
+    flagged = sum(is_flagged(r) for r in results)
+    heads = ['<th data-type="num" aria-sort="ascending" title="worst first: failed, flagged, then by uncertainty">#</th>',
+             '<th data-type="text">case</th>', "<th>thumbnail</th>",
+             *(f'<th data-type="{"num" if c.numeric else "text"}">{_e(c.title)}</th>' for c in columns)]
+    rows = []
+    for rank, result in enumerate(tqdm(ordered, desc="review", unit="case", disable=not progress), 1):
+        classes = "failed" if result.status == "failed" else "flagged" if is_flagged(result) else ""
+        cells = [f'<td data-sort="{rank}" class="num">{rank}</td>', _case_cell(result, output_columns, page_dir),
+                 _thumbnail_cell(result, case_thumbnail(result, output_columns)),
+                 *(_cell(result, c) for c in columns)]
+        rows.append(f'<tr data-rank="{rank}" data-case="{_e(result.case_id)}" class="{classes}">{"".join(cells)}</tr>')
+    legend = "".join(f'<span><i style="background:rgb{PALETTE[(v - 1) % len(PALETTE)]}"></i>{_e(name)}</span>'
+                     for v, name in sorted(labels.items()) if v != 0)
+    thresholds = ", ".join(f"{k} = {v:g}" for k, v in sorted(qc_thresholds.items())) or "none"
+    header_links = " ".join(f'<a href="{_href(p, page_dir)}">{_e(title)}</a>' for title, p in (links or {}).items())
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>medseg review: {_e(task)}, {len(results)} case(s)</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<header>
+<h1>medseg predict review: {len(results)} case(s), {_e(task)}</h1>
+<div class="counts"><span>ok {counts["ok"]}</span><span class="failed">failed {counts["failed"]}</span><span>skipped {counts["skipped"]}</span><span class="flagged">flagged {flagged}</span></div>
+<dl>
+<dt>model</dt><dd>{_e(model_uri)}</dd>
+<dt>QC thresholds</dt><dd>{_e(thresholds)}</dd>
+{f"<dt>labels</dt><dd class='legend'>{legend}</dd>" if legend else ""}
+<dt>files</dt><dd>{header_links}</dd>
+<dt>written</dt><dd>{_e(time.strftime("%Y-%m-%d %H:%M:%S"))} by medseg {_e(medseg.__version__)}; click a column header to sort, # for worst first again</dd>
+</dl>
+</header>
+<table id="cases">
+<thead><tr>{"".join(heads)}</tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody>
+</table>
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+    return atomic_write_text(path, page)
+
+
+def write_qc_summary(results: Sequence[CaseResult], thresholds: Mapping[str, float], path: Path) -> dict[str, Any]:
+    """Write :func:`qc_summary` as JSON (atomically) and return it."""
+    summary = qc_summary(results, thresholds)
+    atomic_write_text(path, json.dumps(summary, indent=2))
+    return summary
