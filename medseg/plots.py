@@ -1,7 +1,13 @@
-"""Figures people would rather look at than read: learning curves and overlays."""
+"""Figures people would rather look at than read: learning curves and overlays.
+
+Each figure is saved as a PNG file, except those logged at every validation
+(:func:`contour_overlay_image`, :func:`image_grid`, :func:`reconstruction_image`), which come back as
+RGB arrays for the MLflow run page's image slider.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,21 @@ def _save(fig: plt.Figure, path: Path) -> Path:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
     return path
+
+
+def _pixels(fig: plt.Figure) -> np.ndarray:
+    """The figure as an RGB uint8 array (H, W, 3), exactly as :func:`_save` would write it
+    (cropped to what is drawn, so a long title is not cut off)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    buffer.seek(0)
+    with Image.open(buffer) as png:
+        return np.asarray(png.convert("RGB"))
 
 
 def learning_curve(history: Sequence[Mapping[str, float]], path: Path, metric: str = "val/dice_mean") -> Path:
@@ -44,9 +65,46 @@ def learning_curve(history: Sequence[Mapping[str, float]], path: Path, metric: s
 def overlay(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray, path: Path, title: str,
             num_classes: int) -> Path:
     """Image, truth and prediction on the axial slice with the most foreground (arrays are x, y[, z])."""
+    return _save(_overlay_figure(image, truth, prediction, title, num_classes), path)
+
+
+def contour_overlay_image(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, title: str,
+                          num_classes: int) -> np.ndarray:
+    """One square panel, as an RGB array: the prediction filled, the truth outlined in the same
+    colours, on the axial slice with the most truth foreground (arrays are x, y[, z]).
+
+    Square on purpose: the MLflow run page shows logged images as 256-pixel thumbnails, where three
+    panels side by side would be slivers. The slice depends on the truth alone (when it has any
+    foreground), so every epoch's picture of a case shows the same slice.
+    """
     if image.ndim == 3:
-        reference = truth if truth is not None else prediction
-        z = int(np.argmax((reference > 0).reshape(-1, reference.shape[-1]).sum(0)))
+        z = _most_foreground_slice(truth if truth.any() else prediction)
+        image, truth, prediction = image[..., z], truth[..., z], prediction[..., z]
+    cmap = plt.get_cmap("tab10", max(num_classes, 2))
+    fig, ax = plt.subplots(figsize=(3.0, 3.2))
+    ax.imshow(image.T, cmap="gray", origin="lower")
+    filled = np.ma.masked_where(prediction.T == 0, prediction.T)
+    ax.imshow(filled, cmap=cmap, vmin=0, vmax=max(num_classes - 1, 1), alpha=0.45, origin="lower",
+              interpolation="nearest")
+    for value in range(1, num_classes):
+        if (truth == value).any():
+            ax.contour((truth == value).T.astype(np.float32), levels=[0.5], colors=[cmap(value)], linewidths=1.4,
+                       origin="lower")
+    ax.axis("off")
+    ax.set_title(f"{title}\nfill: prediction, outline: truth", fontsize=9)
+    fig.tight_layout()
+    return _pixels(fig)
+
+
+def _most_foreground_slice(reference: np.ndarray) -> int:
+    """Index along the last axis of the slice with the most foreground in ``reference``."""
+    return int(np.argmax((reference > 0).reshape(-1, reference.shape[-1]).sum(0)))
+
+
+def _overlay_figure(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray, title: str,
+                    num_classes: int) -> plt.Figure:
+    if image.ndim == 3:
+        z = _most_foreground_slice(truth if truth is not None else prediction)
         image, prediction = image[..., z], prediction[..., z]
         truth = truth[..., z] if truth is not None else None
     panels = [("image", None), ("truth", truth), ("prediction", prediction)] if truth is not None else [
@@ -62,7 +120,7 @@ def overlay(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray,
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 # ----------------------------------------------------------------------------------- classification
@@ -146,6 +204,17 @@ def embedding_map(points: np.ndarray, labels: np.ndarray, names: Mapping[int, st
 def reconstruction_grid(baseline: Any, output: Any, target: Any, path: Path, title: str,
                         baseline_name: str = "input") -> Path:
     """Baseline, network output, target and both error maps on the middle slice of (N, 1, H, W) stacks."""
+    return _save(_reconstruction_figure(baseline, output, target, title, baseline_name), path)
+
+
+def reconstruction_image(baseline: Any, output: Any, target: Any, title: str, baseline_name: str = "input") -> np.ndarray:
+    """Baseline, network output, target and the network's error on the middle slice, two by two,
+    as an RGB array: square, so that the MLflow run page's 256-pixel thumbnail stays legible."""
+    return _pixels(_reconstruction_figure(baseline, output, target, title, baseline_name, square=True))
+
+
+def _reconstruction_figure(baseline: Any, output: Any, target: Any, title: str, baseline_name: str,
+                           square: bool = False) -> plt.Figure:
     index = len(target) // 2
     base, out, truth = (np.asarray(a[index, 0], dtype=np.float32) for a in (baseline, output, target))
     vmax = float(truth.max()) or 1.0
@@ -153,11 +222,31 @@ def reconstruction_grid(baseline: Any, output: Any, target: Any, path: Path, tit
     panels = [(baseline_name, base, "gray", 0, vmax), ("network", out, "gray", 0, vmax), ("target", truth, "gray", 0, vmax),
               (f"|{baseline_name} - target|", np.abs(base - truth), "magma", 0, err_max),
               ("|network - target|", np.abs(out - truth), "magma", 0, err_max)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4))
-    for ax, (name, image, cmap, low, high) in zip(axes, panels):
+    if square:
+        panels = [panels[0], panels[1], panels[2], panels[4]]
+    columns = 2 if square else len(panels)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.1 * rows + 0.3), squeeze=False)
+    for ax, (name, image, cmap, low, high) in zip(axes.flat, panels):
         ax.imshow(image.T, cmap=cmap, vmin=low, vmax=high, origin="lower")  # arrays are (x, y)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], correct: Sequence[bool], title: str) -> np.ndarray:
+    """Grey 2-D images (x, y) in a square grid, each under its caption, green when ``correct``, else
+    red; as an RGB array (the classification preview)."""
+    columns = max(1, math.ceil(math.sqrt(len(images))))
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption, right in zip(axes.flat, images, titles, correct):
+        ax.imshow(np.asarray(image, dtype=np.float32).T, cmap="gray", origin="lower")
+        ax.set_title(caption, fontsize=8, color="tab:green" if right else "tab:red")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _pixels(fig)

@@ -64,6 +64,12 @@ CHECKPOINT_VERSION = 1
 #: process calls it on its share of the validation cases and gets the all-process result back.
 Validator = Callable[[nn.Module, Any, torch.device, "torch.dtype | None", bool], dict[str, float]]
 
+#: ``preview(network, dataset, device, autocast dtype) -> {image key: RGB uint8 array (H, W, 3)}``:
+#: pictures of the same few validation cases at every validation (the main process's share of the
+#: validation dataset), logged with the epoch as their step so that the MLflow run page's image
+#: slider shows training progress.
+Previewer = Callable[[nn.Module, Any, torch.device, "torch.dtype | None"], dict[str, np.ndarray]]
+
 
 @dataclass(frozen=True)
 class TrainOutputs:
@@ -107,6 +113,7 @@ class TrainTask:
         selection_metric: the validation metric whose maximum picks ``best.safetensors`` (``val/dice_mean``, ``val/auc``).
         default_num_workers: loader worker processes when ``train.num_workers`` is null; None
             leaves the choice to :func:`loader_workers`.
+        preview: see :data:`Previewer`; None logs no pictures.
     """
 
     build_network: Callable[[], nn.Module]
@@ -118,6 +125,7 @@ class TrainTask:
     validate: Validator
     selection_metric: str
     default_num_workers: int | None = None
+    preview: Previewer | None = None
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -654,6 +662,12 @@ class _Loop:
         state, select, net = self.state, self.task.selection_metric, self.parts.net
         record.update(self.task.validate(net, self.data.val, self.runtime.device, self.runtime.amp_dtype,
                                          self.progress))
+        if self.task.preview is not None and self.ctx.is_main and len(self.data.val):
+            # The bare network, on the main process only: it runs no collective, so it cannot hang the
+            # others (they wait for it at the next step's all-reduce).
+            for key, picture in self.task.preview(net, self.data.val, self.runtime.device,
+                                                  self.runtime.amp_dtype).items():
+                self.tracker.log_image(key, picture, step=state.epoch)
         net.train()
         score = record[select]
         if not math.isnan(score) and score > state.best_metric:

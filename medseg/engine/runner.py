@@ -21,13 +21,14 @@ import numpy as np
 
 import medseg
 from medseg.config import RunConfig, config_to_dict, dump_config, flatten
-from medseg.data.manifest import file_sha256, read_manifest
+from medseg.data.manifest import Manifest, file_sha256, read_manifest
 from medseg.data.verify import VerifyOptions, verify_run_data
 from medseg.engine import distributed
+from medseg.engine.loop import split_cases
 from medseg.errors import RunError, UsageError, medseg_cause
 from medseg.io.atomic import atomic_write_text, remove_stale_temporaries
 from medseg.tracking import MlflowTracker, NullTracker
-from medseg.tracking.mlflow_tracker import git_commit
+from medseg.tracking.mlflow_tracker import DatasetRecord, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def find_resumable(base: Path) -> Path:
 
 #: Config keys a resumed run may change: budgets only, never what was trained or how.
 RESUMABLE_CHANGES = ("train.max_epochs", "train.max_minutes", "train.early_stopping_patience",
-                     "train.checkpoint_interval_minutes", "tracking.uri")
+                     "train.checkpoint_interval_minutes", "tracking.uri", "tracking.system_metrics")
 
 
 def check_resumable(run_dir: Path, cfg: RunConfig, require_checkpoint: bool = True) -> None:
@@ -162,7 +163,8 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         if not root.is_dir():
             raise RunError(f"data root {root} is not a folder (working directory {Path.cwd()}); "
                            "set data.root, --set data.root=... or $MEDSEG_DATA_ROOT")
-        read_manifest(manifest_path)  # fail before creating anything if the manifest is unusable
+        # fail before creating anything if the manifest is unusable (or data.fold is not one of its folds)
+        datasets = manifest_datasets(cfg, read_manifest(manifest_path))
         if resume:
             run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
             check_resumable(run_dir, cfg)
@@ -192,7 +194,10 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         run_id = tracker.start(run_name, tags, run_id=previous_run, parent_run_id=parent_run_id)
         atomic_write_text(run_dir / RUN_ID_FILE, run_id)
         tracker.log_params(flatten(config_to_dict(cfg)))
+        tracker.log_dataset_inputs(datasets)
         tracker.log_artifact(run_dir / "resolved_config.yaml")
+        if cfg.tracking.system_metrics:  # stopped by tracker.end, whichever way the run ends
+            tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s, resume=previous_run is not None)
     shared_dir, resumed = dist.broadcast((run_dir, bool(resume)))  # where the main process put the run
     ctx = PipelineContext(cfg, manifest_path, root, Path(str(shared_dir)), tracker, resume=resumed, progress=progress, dist=dist)
     started = time.time()
@@ -227,6 +232,33 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         tracker.set_tags({"medseg.model_uri": ctx.model_uri})
     tracker.end("FINISHED")
     return summary_path
+
+
+#: MLflow keeps at most 36 characters of a dataset digest; the run's ``manifest_sha256`` tag has all 64.
+MANIFEST_DIGEST_LENGTH = 16
+
+
+def manifest_datasets(cfg: RunConfig, manifest: Manifest) -> list[DatasetRecord]:
+    """The manifest as the run's MLflow datasets: one per role (``train``, ``val``, ``test``) that
+    has cases, named ``<manifest stem>/<role>``, with the manifest's SHA-256 as digest.
+
+    MLflow keeps one input per dataset name and digest, hence a name per role; the digest is the
+    manifest's, so runs on the same manifest file share it whatever their split or fold.
+    """
+    if manifest.path is None:
+        return []
+    digest = file_sha256(manifest.path)[:MANIFEST_DIGEST_LENGTH]
+    split_names = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
+    records = []
+    for role, split in split_names.items():
+        cases = split_cases(cfg, manifest, role)
+        if not cases:
+            continue
+        profile: dict[str, Any] = {"cases": len(cases), "split": split, "labelled": sum(1 for c in cases if c.label)}
+        if cfg.data.fold is not None and role != "test":
+            profile["fold"] = cfg.data.fold
+        records.append(DatasetRecord(f"{manifest.path.stem}/{role}", digest, manifest.path, role, profile))
+    return records
 
 
 def end_despite_sigterm(tracker: MlflowTracker, status: str) -> None:
@@ -324,6 +356,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
     children = child_configs(cfg, kind, count)
     plan: tuple[Path, str] | None = None
     tracker: MlflowTracker = NullTracker(cfg.tracking.uri)
+    datasets: list[DatasetRecord] = []
     if dist.is_main:
         if resume:
             parent_dir = Path(resume) if isinstance(resume, Path) else find_resumable_parent(cfg.output_dir)
@@ -338,6 +371,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
             parent_dir = _new_run_dir(cfg.output_dir)
         previous = (parent_dir / RUN_ID_FILE).read_text().strip() if (parent_dir / RUN_ID_FILE).is_file() else None
         dump_config(cfg, parent_dir / "resolved_config.yaml")
+        datasets = manifest_datasets(cfg, read_manifest(cfg.data.manifest))
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
         name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{parent_dir.name}-{count}{kind.value}"
         parent_id = tracker.start(name, {"medseg_version": medseg.__version__, "git_commit": git_commit(),
@@ -353,6 +387,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
     results: list[dict[str, Any]] = []
     try:
         tracker.log_params({**flatten(config_to_dict(cfg)), "repeat.kind": kind.value, "repeat.count": count})
+        tracker.log_dataset_inputs(datasets)
         tracker.log_artifact(parent_dir / "resolved_config.yaml")
         for child_name, child_cfg in children:
             child_dir = parent_dir / child_name

@@ -7,15 +7,19 @@ such as ``http://host:5000`` for a real ``mlflow server``, works unchanged.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import re
 import sqlite3
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -25,7 +29,39 @@ import medseg
 from medseg.errors import RunError
 from medseg.tracking.sqlite_store import store_error_message, store_lock, use_wal
 
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
 log = logging.getLogger(__name__)
+
+#: The experiment tag MLflow keeps an experiment's kind in (what its "Machine learning" / "GenAI apps"
+#: choice writes); ``custom_model_development`` is model training. UIs that read it open the
+#: experiment in the runs-and-charts layout instead of guessing; MLflow 3.17's own UI follows its
+#: global switch instead, which the links medseg prints set (:meth:`MlflowTracker.run_page`).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+#: What MLflow allows in an image key; anything else in a case id becomes ``_``.
+_IMAGE_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One dataset a run reads, as the MLflow run page lists it under "Datasets used".
+
+    Attributes:
+        name: what the UI shows (for a manifest: its file stem and the role, ``cases/train``).
+        digest: the content hash (MLflow keeps at most 36 characters).
+        source: the file it comes from.
+        context: the role, ``train``, ``val`` or ``test`` (MLflow's ``mlflow.data.context`` tag).
+        profile: a few figures the UI shows with it (case counts, split name).
+    """
+
+    name: str
+    digest: str
+    source: Path
+    context: str
+    profile: Mapping[str, Any] = field(default_factory=dict)
 
 
 def default_tracking_uri(db_path: Path = Path("runs/mlflow.db")) -> str:
@@ -99,19 +135,25 @@ class MlflowTracker:
         self.run_id: str | None = None
         # On a resumed run: metric key -> (step, value) already in the store, so nothing is logged twice.
         self._logged: dict[str, set[tuple[int, float]]] | None = None
+        # On a resumed run: the image artifacts already there, ``images/<key>+step+<step>+...``.
+        self._logged_images: set[str] | None = None
+        self._system_metrics: SystemMetricsMonitor | None = None
 
     def _experiment_id(self, name: str, location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return str(found.experiment_id)
-        try:
-            return str(self.client.create_experiment(name, artifact_location=location))
-        except MlflowException as err:
-            # Another process created it since we looked (on a server, or another machine): use theirs.
-            found = self.client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
-            if found is None:
-                raise
-            return str(found.experiment_id)
+        if found is None:
+            try:
+                return str(self.client.create_experiment(name, artifact_location=location,
+                                                         tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}))
+            except MlflowException as err:
+                # Another process created it since we looked (on a server, or another machine): use theirs.
+                found = self.client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
+                if found is None:
+                    raise
+        if EXPERIMENT_KIND_TAG not in found.tags:  # an experiment made before medseg tagged them; a kind
+            # someone chose in the UI stays as they chose it
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        return str(found.experiment_id)
 
     # ---------------------------------------------------------------------------- lifecycle
     @_clear_lock_errors
@@ -122,6 +164,7 @@ class MlflowTracker:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             self._logged = {}
+            self._logged_images = None  # listed when the first image comes
         else:
             tags = dict(tags)
             if parent_run_id:
@@ -132,8 +175,29 @@ class MlflowTracker:
 
     @_clear_lock_errors
     def end(self, status: str = "FINISHED") -> None:
+        self.stop_system_metrics()
         if self.run_id:
             self.client.set_terminated(self.run_id, status=status)
+
+    def start_system_metrics(self, interval_s: float = 10.0, resume: bool = False) -> None:
+        """Sample CPU, memory, disk, network (and GPU, where ``nvidia-ml-py`` is installed) every
+        ``interval_s`` seconds into ``system/...`` metrics of the run, until :meth:`end`.
+
+        MLflow's own monitor does the sampling, in a background thread; the run page shows the
+        curves in its "System metrics" tab. A resumed run continues the steps where they stopped.
+        """
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.stop_system_metrics()
+        self._system_metrics = SystemMetricsMonitor(self._run, sampling_interval=interval_s,
+                                                    resume_logging=resume, tracking_uri=self.uri)
+        self._system_metrics.start()
+
+    def stop_system_metrics(self) -> None:
+        """Stop sampling and write what was sampled (nothing happens when none runs)."""
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is not None:
+            monitor.finish()
 
     # ---------------------------------------------------------------------------- logging
     @_clear_lock_errors
@@ -172,6 +236,56 @@ class MlflowTracker:
     @_clear_lock_errors
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self._run, str(path), artifact_path)
+
+    @_clear_lock_errors
+    def log_image(self, key: str, image: np.ndarray | Path, step: int) -> None:
+        """Log a picture of the run at ``step``: the run page shows each key's pictures with a
+        slider over the steps (an epoch's overlays, say, to watch training progress).
+
+        Args:
+            key: the picture's name, e.g. ``val/overlay/case_003``; characters MLflow does not
+                allow in a key become ``_``.
+            image: an RGB(A) or grey uint8 array (H, W[, C]), or the path of a PNG file.
+            step: the training step or epoch it shows.
+        """
+        key = _IMAGE_KEY_UNSAFE.sub("_", key)
+        if self._logged is not None and self._image_logged(key, step):
+            return  # a resumed run repeating a validation it had logged before the crash
+        if isinstance(image, Path):
+            from PIL import Image
+
+            with Image.open(image) as opened:
+                picture: Any = opened.convert("RGB")
+        else:
+            picture = np.ascontiguousarray(image)
+        self.client.log_image(self._run, picture, key=key, step=step, synchronous=True)
+
+    def _image_logged(self, key: str, step: int) -> bool:
+        if self._logged_images is None:
+            self._logged_images = {item.path for item in self.client.list_artifacts(self._run, "images")}
+        # MLflow names them images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>.png
+        prefix = f"images/{key.replace('/', '~')}+step+{step}+"
+        return any(path.startswith(prefix) for path in self._logged_images)
+
+    @_clear_lock_errors
+    def log_dataset_inputs(self, datasets: Sequence[DatasetRecord]) -> None:
+        """Log ``datasets`` as the run's inputs (the run page's "Datasets used", with their context).
+
+        MLflow keeps one input per name and digest, so a resumed run logging them again adds nothing.
+        """
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for record in datasets:
+            # What mlflow.data's MetaDataset over a local file logs (source type "local", source
+            # {"uri": path}), plus the profile, which MetaDataset cannot carry.
+            entity = Dataset(name=record.name, digest=record.digest, source_type="local",
+                             source=json.dumps({"uri": str(Path(record.source).resolve())}),
+                             profile=json.dumps(dict(record.profile)))
+            inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, record.context)]))
+        if inputs:
+            self.client.log_inputs(self._run, datasets=inputs)
 
     def log_model(self, model_folder: Path, contract: Mapping[str, Any], registered_name: str | None = None,
                   alias: str | None = None) -> str:
@@ -224,11 +338,23 @@ class MlflowTracker:
         return self.run_id
 
     def ui_hint(self) -> str:
-        """The command that opens the MLflow UI on this store."""
+        """How to open this run in the MLflow UI: the command that serves a SQLite store, and the
+        run page's address."""
         db = _sqlite_path(self.uri)
         if db is not None:
-            return f"mlflow ui --backend-store-uri sqlite:///{db.resolve()}  (then open http://127.0.0.1:5000)"
-        return f"open {self.uri} in a browser"
+            return (f"mlflow ui --backend-store-uri sqlite:///{db.resolve()}  "
+                    f"(then open {self.run_page('http://127.0.0.1:5000')})")
+        return f"open {self.run_page(self.uri)} in a browser"
+
+    def run_page(self, server: str) -> str:
+        """The address of the run's page (the experiment's without a run) on the MLflow UI at ``server``.
+
+        MLflow 3.17's UI takes its GenAI or model-training layout from the browser (its "GenAI |
+        Model training" switch), not from the experiment's tag; the address asks for model training.
+        """
+        page = f"{server.rstrip('/')}/#/experiments/{self.experiment_id}"
+        page += f"/runs/{self.run_id}" if self.run_id else "/runs"
+        return f"{page}?workflowType=machine_learning"
 
 
 def _param_text(value: Any) -> str:
@@ -241,8 +367,11 @@ class NullTracker(MlflowTracker):
 
     def __init__(self, uri: str = "", experiment: str = ""):  # noqa: D107 - no store is touched
         self.uri = uri
+        self.experiment_id = ""
         self.run_id = None
         self._logged = None
+        self._logged_images = None
+        self._system_metrics = None
 
     def start(self, run_name: str | None, tags: Mapping[str, str], run_id: str | None = None,
               parent_run_id: str | None = None) -> str:
@@ -261,6 +390,15 @@ class NullTracker(MlflowTracker):
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_image(self, key: str, image: np.ndarray | Path, step: int) -> None:
+        pass
+
+    def log_dataset_inputs(self, datasets: Sequence[DatasetRecord]) -> None:
+        pass
+
+    def start_system_metrics(self, interval_s: float = 10.0, resume: bool = False) -> None:
         pass
 
     def log_model(self, model_folder: Path, contract: Mapping[str, Any], registered_name: str | None = None,

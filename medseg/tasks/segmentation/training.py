@@ -122,7 +122,7 @@ def _overlay_preview(cfg: SegmentationConfig) -> Previewer:
             pred = predict_segmentation(net, item["image"], cfg, device, amp_dtype)
             truth = item["label"].as_tensor()[0]
             dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
-            title = f"{item['case_id']}: Dice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items())
+            title = f"{item['case_id']}\nDice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items())
             pictures[f"val/overlay/{item['case_id']}"] = contour_overlay_image(
                 item["image"].as_tensor()[0].numpy(), truth.numpy(), pred.cpu().numpy(), title, len(cfg.data.labels))
         return pictures
