@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -138,9 +139,10 @@ def main() -> None:
     harmed_dir = kept / "harmed_scans"
     harmed_dir.mkdir(parents=True, exist_ok=True)
     harms = harmed_copies(test, args.data_root, harmed_dir, args.harmed, seed=0)
-    for case_id, _, path in harms:  # the brain MR series are folders elsewhere: link them in
+    for case_id, _, path in harms:  # the brain MR series are folders elsewhere: copy them in
         if path.parent != harmed_dir and not (harmed_dir / case_id).exists():
-            (harmed_dir / case_id).symlink_to(path.resolve(), target_is_directory=True)
+            shutil.copytree(path, harmed_dir / case_id)
+    truths = {case.case_id: np.asarray(nib.load(args.data_root / str(case.label)).dataobj) for case in test}
     harmed_report = predictor.predict_folder(harmed_dir, kept / "harmed_predicted", overwrite=True, progress=False)
     harmed_by_id = {r.case_id: r for r in harmed_report.results}
     harmed_rows = []
@@ -153,10 +155,26 @@ def main() -> None:
             continue
         values = result.values
         z = [abs(float(v)) for k, v in values.items() if k.startswith("volume_z_") and v not in (None, "")]
-        harmed_rows.append({"case_id": key, "harm": harm, "status": "ok", "mean_entropy": values.get("mean_entropy"),
+        truth = truths.get(case_id)  # a harmed copy's label: the scan's own, flipped with it
+        if truth is not None and "flipped" in harm:
+            truth = np.ascontiguousarray(truth[:, :, ::-1])
+        mask = np.asarray(nib.load(result.outputs["output"]).dataobj)
+        harmed_rows.append({"case_id": key, "harm": harm, "status": "ok",
+                            "dice": dice(mask, truth, labels) if truth is not None else None,
+                            "mean_entropy": values.get("mean_entropy"),
                             "agreement": values.get("agreement"), "max_abs_volume_z": max(z) if z else None,
                             "qc_flag": bool(values.get("qc_flag")), "qc_reason": values.get("qc_reason") or ""})
     clean = {k: [r[k] for r in rows if r[k] is not None] for k in correlations}
+    # the test cases and the harmed copies that have a label, together
+    mixed = [*rows, *(r for r in harmed_rows if r.get("dice") is not None)]
+    mixed_correlations = {}
+    for key in SCORES:
+        pairs = [(r[key], r["dice"]) for r in mixed if r.get(key) is not None]
+        if len(pairs) >= 3:
+            rho, p = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+            mixed_correlations[key] = {"spearman_rho": float(rho), "p_value": float(p), "cases": len(pairs)}
+    mixed_flagged = [r["dice"] for r in mixed if r["qc_flag"]]
+    mixed_rest = [r["dice"] for r in mixed if not r["qc_flag"]]
     result_json = {
         "command": "python benchmarks/eval_uncertainty.py --model MODEL", "model": str(args.model),
         "date": time.strftime("%Y-%m-%d"),
@@ -172,6 +190,10 @@ def main() -> None:
         "flagged": {"cases": len(flagged), "mean_dice": float(np.mean(flagged)) if flagged else None,
                     "rest_cases": len(rest), "rest_mean_dice": float(np.mean(rest)) if rest else None},
         "harmed_flagged": sum(1 for r in harmed_rows if r["qc_flag"]), "harmed_total": len(harmed_rows),
+        "mixed_correlations": mixed_correlations,
+        "mixed_flagged": {"cases": len(mixed_flagged), "mean_dice": float(np.mean(mixed_flagged)) if mixed_flagged else None,
+                          "rest_cases": len(mixed_rest),
+                          "rest_mean_dice": float(np.mean(mixed_rest)) if mixed_rest else None},
         "clean_score_range": {k: [float(min(v)), float(np.median(v)), float(max(v))] for k, v in clean.items() if v},
         "cases": rows, "harmed": harmed_rows, "minutes": (time.monotonic() - started) / 60,
     }
@@ -194,6 +216,8 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
              f"flips.", "",
              f"Mean Dice with TTA: **{result['mean_dice']:.3f}**; without TTA: {result['mean_dice_no_tta']:.3f}; "
              f"with all 8 axis flips forced: {result['mean_dice_all_flips']:.3f}.", "",
+             "Uncertainty scores should fall as Dice rises (ρ < 0); `agreement` is a certainty (ρ > 0 is "
+             "the good direction).", "",
              "| score | Spearman ρ with Dice | p | clean cases: min / median / max |", "|---|---|---|---|"]
     for key, c in result["correlations"].items():
         low, mid, high = result["clean_score_range"].get(key, [float("nan")] * 3)
@@ -201,11 +225,18 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
     lines += ["", f"QC-flagged test cases: **{flagged['cases']}** of {result['test_cases']}, mean Dice "
               f"**{fmt(flagged['mean_dice'])}** against **{fmt(flagged['rest_mean_dice'])}** for the other "
               f"{flagged['rest_cases']}.", ""]
+    mixed = result["mixed_flagged"]
     lines += [f"Harmed inputs flagged: **{result['harmed_flagged']} of {result['harmed_total']}**.", "",
-              "| case | harm | status | mean_entropy | agreement | max abs volume z | qc_flag | reason |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"Test cases and the labelled harmed copies together ({mixed['cases'] + mixed['rest_cases']} cases): "
+              f"flagged {mixed['cases']}, mean Dice **{fmt(mixed['mean_dice'])}** against "
+              f"**{fmt(mixed['rest_mean_dice'])}** for the other {mixed['rest_cases']}.", "",
+              "| score | Spearman ρ with Dice, test + harmed | p | cases |", "|---|---|---|---|"]
+    for key, c in result["mixed_correlations"].items():
+        lines.append(f"| {key} | {c['spearman_rho']:.3f} | {c['p_value']:.3g} | {c['cases']} |")
+    lines += ["", "| case | harm | status | Dice | mean_entropy | agreement | max abs volume z | qc_flag | reason |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["harmed"]:
-        lines.append(f"| {r['case_id']} | {r['harm']} | {r['status']} | {fmt(r.get('mean_entropy'))} | "
+        lines.append(f"| {r['case_id']} | {r['harm']} | {r['status']} | {fmt(r.get('dice'))} | {fmt(r.get('mean_entropy'))} | "
                      f"{fmt(r.get('agreement'))} | {fmt(r.get('max_abs_volume_z'))} | {r['qc_flag']} | "
                      f"{r.get('qc_reason') or r.get('error', '')} |")
     lines += ["", "Flagged test cases:", "", "| case | Dice | mean_entropy | agreement | reason |", "|---|---|---|---|---|"]
