@@ -32,11 +32,15 @@ test: $(VENV)/.installed-dev browser
 	$(BIN)/python -m pytest
 
 # The review page (review.html) is tested in a real headless Chromium from the OS packages,
-# driven by Playwright; installed here when missing (Debian/Ubuntu: apt-get, as root or via sudo).
+# driven by Playwright; installed here when missing on Debian/Ubuntu (apt-get, as root or via
+# sudo). Elsewhere install Chromium yourself: the browser tests fail saying so (or set
+# MEDSEG_SKIP_BROWSER_TESTS=1 to skip them).
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "make browser: no apt-get here; install Chromium for the review-page browser tests"; fi; }
 
 # The fuzz suite, fast and slow parts (thousands of generated hostile files): about 4 minutes
 # -> benchmarks/results/fuzz.{json,md} (inputs tried per class, escapes)

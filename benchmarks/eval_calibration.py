@@ -117,9 +117,11 @@ def main() -> None:
                   f"{h['test/nll_uncalibrated']:.4f} | {h['test/nll']:.4f} | {h['test/dice_mean']:.4f} |"]
     lines += ["", "Per run:", "", "| dataset | run | T | ECE before | ECE after | AUC before | AUC after | ACC |",
               "|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        lines.append(f"| {r['dataset']} | {r['run']} | {r['calibration/temperature']:.3f} | "
-                     f"{r['test/ece_uncalibrated']:.4f} | {r['test/ece']:.4f} | {r['test/auc_uncalibrated']:.4f} | "
+    for r in runs:  # T = 1 (nothing to fit) leaves no temperature and no AUC before: the same figures
+        t = r["calibration/temperature"]
+        auc_before = r["test/auc_uncalibrated"] if r["test/auc_uncalibrated"] is not None else r["test/auc"]
+        lines.append(f"| {r['dataset']} | {r['run']} | {1.0 if t is None else t:.3f} | "
+                     f"{r['test/ece_uncalibrated']:.4f} | {r['test/ece']:.4f} | {auc_before:.4f} | "
                      f"{r['test/auc']:.4f} | {r['test/acc']:.4f} |")
     (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -188,6 +188,9 @@ def calibrate_run(run_dir: str | Path, *, progress: bool = True) -> RunResult:
     Raises:
         RunError: not a finished run folder. UsageError: the task has no class probabilities.
     """
+    from mlflow.exceptions import MlflowException
+
+    from medseg.engine.calibration import CALIBRATION_FILE, read_calibration
     from medseg.engine.runner import RUN_ID_FILE, PipelineContext
     from medseg.errors import RunError
     from medseg.io.atomic import atomic_write_text
@@ -207,11 +210,21 @@ def calibrate_run(run_dir: str | Path, *, progress: bool = True) -> RunResult:
     summary = json.loads(needed[2].read_text())
     tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
     previous = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
-    tracker.start(None, {}, run_id=previous or summary.get("run_id"))
+    run_id = previous or summary.get("run_id")
+    try:
+        tracker.start(None, {}, run_id=run_id)
+    except MlflowException as err:
+        raise RunError(f"calibrate {run_dir}: the MLflow store {cfg.tracking.uri} (the run's tracking.uri) has no run "
+                       f"{run_id} ({err.message}); a relative sqlite:/// path is relative to the folder you trained "
+                       "from, so run this command there") from err
+    (run_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # fitted again below, or the task fits none
     ctx = PipelineContext(cfg, cfg.data.manifest, cfg.data.resolved_root(), run_dir, tracker, progress=progress)
     try:
-        for split, prefix in (("val", "best_val"), ("test", "test")):
-            ctx.metrics.update(task.evaluate(ctx, needed[1], split, prefix))
+        ctx.metrics.update(task.evaluate(ctx, needed[1], "val", "best_val"))
+        if read_calibration(run_dir) is None:
+            raise UsageError(f"calibrate {run_dir}: no temperature was fitted: the model has no softmax output to "
+                             "calibrate (an ordinal head) or the manifest's validation split has no labelled cases")
+        ctx.metrics.update(task.evaluate(ctx, needed[1], "test", "test"))
         ctx.model_uri = task.package(ctx, needed[1]).model_uri
     except BaseException:
         tracker.end("FINISHED")  # the run itself finished; only this calibration failed

@@ -12,6 +12,7 @@ predict. The expected calibration error (ECE) says how far confidence and accura
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 #: A fitted temperature is kept inside these bounds: outside, the validation split was too small
 #: or too easy to say anything (every prediction right and certain drives T towards 0).
@@ -35,11 +38,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         max_iter: L-BFGS iterations (the problem is one-dimensional and convex in log T).
 
     Returns:
-        T (1.0 when there is nothing to fit: no samples, or a single class in the logits).
+        T; 1.0 when there is nothing to fit: no samples, one class among the logits or the labels,
+        or no sample predicted wrong (then the likelihood only rises as T -> 0, and a fitted T would
+        make every later mistake look certain).
     """
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
         return 1.0
     logits, labels = logits.detach().double(), labels.detach().long()
+    if labels.unique().numel() < 2 or bool((logits.argmax(1) == labels).all()):
+        log.warning("temperature scaling: the %d samples have %s; the temperature stays 1", labels.numel(),
+                    "a single class" if labels.unique().numel() < 2 else "no wrong prediction")
+        return 1.0
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -55,6 +64,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         return 1.0
     low, high = TEMPERATURE_RANGE
     return float(min(max(value, low), high))
+
+
+def valid_temperature(value: object) -> float | None:
+    """``value`` as a temperature medseg applies: a number inside :data:`TEMPERATURE_RANGE`; else None."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    low, high = TEMPERATURE_RANGE
+    return number if math.isfinite(number) and low <= number <= high else None
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> tuple[float, list[dict]]:
@@ -177,14 +196,12 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> Cal
 
 
 def contract_temperature(contract: dict) -> float:
-    """The temperature a model's contract stores (1.0 for models without one)."""
-    value = contract.get("calibration", {}).get("temperature", 1.0) if isinstance(contract.get("calibration"), dict) \
-        else 1.0
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
+    """The temperature a model's contract stores (1.0 for models without one, or with a value
+    outside :data:`TEMPERATURE_RANGE`, which would turn logits into infinities)."""
+    calibration = contract.get("calibration")
+    if not isinstance(calibration, dict):
         return 1.0
-    return value if math.isfinite(value) and value > 0 else 1.0
+    return valid_temperature(calibration.get("temperature", 1.0)) or 1.0
 
 
 #: Where the validation split's evaluation writes the fitted temperature (in the run folder).
@@ -232,7 +249,10 @@ def calibrate_split(enabled: bool, fit: bool, logits: torch.Tensor, labels: torc
     from medseg.plots import reliability_diagram
 
     stored = read_calibration(run_dir) if enabled and not fit else None
-    temperature = fit_temperature(logits, labels) if enabled and fit else float((stored or {}).get("temperature", 1.0))
+    if enabled and fit:
+        temperature = fit_temperature(logits, labels)
+    else:
+        temperature = valid_temperature((stored or {}).get("temperature", 1.0)) or 1.0
     report = assess(logits, labels, temperature, bins)
     metrics = {f"{prefix}/ece": report.ece_after, f"{prefix}/ece_uncalibrated": report.ece_before,
                f"{prefix}/nll": report.nll_after, f"{prefix}/nll_uncalibrated": report.nll_before}
@@ -241,11 +261,12 @@ def calibrate_split(enabled: bool, fit: bool, logits: torch.Tensor, labels: torc
         atomic_write_text(run_dir / CALIBRATION_FILE, json.dumps({"fitted_on": split, **report.to_json()}, indent=2))
     plots = run_dir / "plots"
     where = f"{split}, {report.samples} {unit}"
-    figures = [reliability_diagram(report.table_before, report.ece_before, plots / f"calibration_{split}_uncalibrated.png",
-                                   f"{where}, T = 1")]
+    # calibration_<split>.png: the probabilities the model gives (with its T); the one before, beside it
+    figures = [reliability_diagram(report.table_after, report.ece_after, plots / f"calibration_{split}.png",
+                                   f"{where}, T = {temperature:.2f}")]
     if temperature != 1.0:
-        figures.append(reliability_diagram(report.table_after, report.ece_after, plots / f"calibration_{split}.png",
-                                           f"{where}, T = {temperature:.2f}"))
+        figures.append(reliability_diagram(report.table_before, report.ece_before,
+                                           plots / f"calibration_{split}_uncalibrated.png", f"{where}, T = 1"))
     return SplitCalibration(temperature, metrics, tuple(figures))
 
 

@@ -665,9 +665,12 @@ class _Loop:
         if self.task.preview is not None and self.ctx.is_main and len(self.data.val):
             # The bare network, on the main process only: it runs no collective, so it cannot hang the
             # others (they wait for it at the next step's all-reduce).
-            for key, picture in self.task.preview(net, self.data.val, self.runtime.device,
-                                                  self.runtime.amp_dtype).items():
-                self.tracker.log_image(key, picture, step=state.epoch)
+            try:
+                for key, picture in self.task.preview(net, self.data.val, self.runtime.device,
+                                                      self.runtime.amp_dtype).items():
+                    self.tracker.log_image(key, picture, step=state.epoch)
+            except Exception as err:  # pictures are for looking at: never worth stopping training for
+                log.warning("epoch %d: validation pictures not logged (%s: %s)", state.epoch, type(err).__name__, err)
         net.train()
         score = record[select]
         if not math.isnan(score) and score > state.best_metric:

@@ -40,7 +40,15 @@ from medseg.engine.model_format import build_network as build_model_network
 from medseg.engine.review import write_qc_summary, write_review
 from medseg.engine.runtime import to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms
-from medseg.errors import CaseError, MedsegError, PredictOptionError, RunError, UsageError, cause_text, root_cause
+from medseg.errors import (
+    CaseError,
+    MedsegError,
+    PredictOptionError,
+    RunError,
+    UsageError,
+    cause_text,
+    root_cause,
+)
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.discovery import Discovery, InputCase, discover
 

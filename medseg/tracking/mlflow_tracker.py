@@ -152,7 +152,10 @@ class MlflowTracker:
                     raise
         if EXPERIMENT_KIND_TAG not in found.tags:  # an experiment made before medseg tagged them; a kind
             # someone chose in the UI stays as they chose it
-            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+            try:
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+            except MlflowException as err:  # a shared server where this user may log runs but not edit it
+                log.debug("experiment %s not tagged %s: %s", name, EXPERIMENT_KIND_TAG, err)
         return str(found.experiment_id)
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -344,7 +347,9 @@ class MlflowTracker:
         if db is not None:
             return (f"mlflow ui --backend-store-uri sqlite:///{db.resolve()}  "
                     f"(then open {self.run_page('http://127.0.0.1:5000')})")
-        return f"open {self.run_page(self.uri)} in a browser"
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.run_page(self.uri)} in a browser"
+        return f"mlflow ui --backend-store-uri {self.uri}  (run {self.run_id})"
 
     def run_page(self, server: str) -> str:
         """The address of the run's page (the experiment's without a run) on the MLflow UI at ``server``.

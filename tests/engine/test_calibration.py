@@ -56,11 +56,15 @@ def test_nothing_to_fit_leaves_the_temperature_at_one() -> None:
     assert fit_temperature(torch.ones(5, 1), torch.zeros(5, dtype=torch.long)) == 1.0
 
 
-def test_perfectly_separated_samples_sharpen_but_stay_inside_the_range() -> None:
-    """Every prediction right: the likelihood keeps rising as T -> 0; the fit sharpens, within bounds."""
+def test_nothing_predicted_wrong_keeps_t_1() -> None:
+    """Every prediction right: the likelihood keeps rising as T -> 0, so there is no temperature
+    to fit; sharpening would make every later mistake look certain."""
     logits = torch.tensor([[0.5, -0.5], [-0.5, 0.5]] * 50)
     labels = torch.tensor([0, 1] * 50)
-    assert TEMPERATURE_RANGE[0] <= fit_temperature(logits, labels) < 0.5
+    assert fit_temperature(logits, labels) == 1.0
+    assert fit_temperature(logits[::2], labels[::2]) == 1.0  # one class among the labels
+    labels[0] = 1  # one mistake: now there is something to fit, within the range
+    assert TEMPERATURE_RANGE[0] <= fit_temperature(logits, labels) < 1.0
 
 
 def test_ece_by_hand() -> None:
@@ -106,7 +110,7 @@ def test_the_validation_split_writes_the_temperature_the_test_split_uses(tmp_pat
     test = calibrate_split(True, False, logits[2000:], labels[2000:], tmp_path, "test", "test")
     assert test.temperature == val.temperature and "calibration/temperature" not in test.metrics
     assert test.metrics["test/ece"] < test.metrics["test/ece_uncalibrated"]  # held out, still better
-    assert [p.name for p in test.figures] == ["calibration_test_uncalibrated.png", "calibration_test.png"]
+    assert [p.name for p in test.figures] == ["calibration_test.png", "calibration_test_uncalibrated.png"]
     assert all(p.is_file() for p in (*val.figures, *test.figures))
     assert contract_calibration(tmp_path)["calibration"]["temperature"] == val.temperature
 
@@ -122,6 +126,7 @@ def test_calibration_switched_off_keeps_t_1_and_still_reports_the_ece(tmp_path: 
 @pytest.mark.parametrize("stored, expected", [
     ({}, 1.0), ({"calibration": {"temperature": 1.7}}, 1.7), ({"calibration": {"temperature": "nan"}}, 1.0),
     ({"calibration": {"temperature": -2}}, 1.0), ({"calibration": {"temperature": "x"}}, 1.0),
+    ({"calibration": {"temperature": 1e-40}}, 1.0), ({"calibration": {"temperature": None}}, 1.0),
     ({"calibration": "hot"}, 1.0)])
 def test_contract_temperature_defaults_to_one_for_missing_or_unusable_values(stored: dict, expected: float) -> None:
     assert contract_temperature(stored) == expected
@@ -143,23 +148,27 @@ def test_a_trained_model_carries_its_temperature_and_predict_applies_it(trained_
     assert {"best_val/ece", "best_val/ece_uncalibrated", "best_val/nll", "calibration/temperature"} <= set(
         summary["metrics"])
     assert (run_dir / "plots" / "calibration_val_uncalibrated.png").is_file()
+    assert (run_dir / "plots" / "calibration_val.png").is_file()
 
-    # The same network with T = 1 and with T = 3: predict's probabilities are softmax(logits / T).
+    # The same network with T = 1 and with T = 3: on the network's grid predict's probabilities
+    # are softmax(logits / T); back on the scan's grid (interpolated) the masks are the same.
     model = tmp_path / "model"
     shutil.copytree(run_dir / "model", model)
     spec = json.loads((model / "medseg_model.json").read_text())
     image, _, affine = make_case(seed=5)
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(image, affine), scan)
-    probabilities = {}
+    preprocessed = torch.randn(1, 19, 22, 13, generator=torch.Generator().manual_seed(3))
+    grid, masks = {}, {}
     for temperature in (1.0, 3.0):
         spec["contract"]["calibration"]["temperature"] = temperature
         (model / "medseg_model.json").write_text(json.dumps(spec))
-        probabilities[temperature] = medseg.Predictor.from_uri(str(model), device="cpu", backend="torch").predict(scan).probabilities
-    one, three = (torch.as_tensor(probabilities[t]).double() for t in (1.0, 3.0))
-    expected = torch.softmax(torch.log(one.clamp(min=1e-30)) / 3.0, 0)
-    torch.testing.assert_close(three, expected, atol=2e-3, rtol=0)
-    assert torch.equal(one.argmax(0), three.argmax(0))
+        predictor = medseg.Predictor.from_uri(str(model), device="cpu", backend="torch")
+        grid[temperature] = predictor._case_predictor.probabilities(preprocessed).double()
+        masks[temperature] = predictor.predict(scan).label_map
+    expected = torch.softmax(torch.log(grid[1.0].clamp(min=1e-30)) / 3.0, 0)
+    torch.testing.assert_close(grid[3.0], expected, atol=1e-4, rtol=0)
+    assert np.array_equal(masks[1.0], masks[3.0])
 
 
 def test_model_calibrate_gives_an_uncalibrated_run_a_calibrated_model(tmp_path: Path, tiny_run_inputs) -> None:

@@ -22,7 +22,7 @@ from medseg.config import CacheMode
 from medseg.data.datasets import class_index, make_dataset, records
 from medseg.data.manifest import read_manifest
 from medseg.engine import distributed
-from medseg.engine.calibration import calibrate_split, contract_calibration
+from medseg.engine.calibration import calibrate_split, contract_calibration, expected_calibration_error
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.loop import (
     EvalOutputs,
@@ -40,7 +40,7 @@ from medseg.engine.loop import (
 )
 from medseg.engine.runtime import autocast, autocast_dtype, resolve_device
 from medseg.io.atomic import atomic_write_text
-from medseg.plots import confusion_matrix_plot, embedding_map, image_grid, roc_curves
+from medseg.plots import confusion_matrix_plot, embedding_map, image_grid, reliability_diagram, roc_curves
 from medseg.tasks.classification.config import ClassificationConfig
 from medseg.tasks.classification.metrics import (
     ClassificationPredictions,
@@ -239,12 +239,15 @@ def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpo
     head = head_kind(cfg)
     predictions = predict_dataset(net, dataset, head, device, amp_dtype, features=tsne, progress=progress,
                                   desc=f"evaluate {split}", keep_logits=True)
-    # temperature scaling needs a softmax over logits; the ordinal head's cumulative links have none
-    calibration = calibrate_split(cfg.validation.calibrate and head == "softmax", fit_calibration,
-                                  predictions.logit_tensor(), torch.as_tensor(predictions.label_array()), out_dir,
-                                  split, prefix, cfg.validation.calibration_bins)
-    values = dict(calibration.metrics)
-    if calibration.temperature != 1.0:
+    values: dict[str, float] = {}
+    figures: list[Path] = []
+    if head == "softmax":  # temperature scaling needs a softmax over logits; the ordinal head has none
+        calibration = calibrate_split(cfg.validation.calibrate, fit_calibration, predictions.logit_tensor(),
+                                      torch.as_tensor(predictions.label_array()), out_dir, split, prefix,
+                                      cfg.validation.calibration_bins)
+        values.update(calibration.metrics)
+        figures += calibration.figures
+    if head == "softmax" and calibration.temperature != 1.0:
         # the ranking of the cases, hence the AUC, must not move (exactly so for two classes)
         values[f"{prefix}/auc_uncalibrated"] = _score(predictions, cfg, prefix)[f"{prefix}/auc"]
         predictions.probs = [torch.softmax(predictions.logit_tensor() / calibration.temperature, 1).numpy()]
@@ -260,8 +263,11 @@ def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpo
         roc_curves(probs, labels, names, plots / f"roc_{split}.png", f"ROC, {split} ({len(labels)} cases)"),
         confusion_matrix_plot(matrix, list(names.values()), plots / f"confusion_{split}.png",
                               f"confusion, {split}: ACC {values[f'{prefix}/acc']:.3f}"),
-        *calibration.figures,
+        *figures,
     ]
+    if head != "softmax":  # the ordinal head's reliability as it is (nothing to calibrate)
+        ece, table = expected_calibration_error(probs, labels, cfg.validation.calibration_bins)
+        figures.append(reliability_diagram(table, ece, plots / f"calibration_{split}.png", f"calibration, {split}"))
     atomic_write_text(out_dir / "evaluation" / f"{split}_confusion.json",
                       json.dumps({"labels": list(names.values()), "matrix": matrix.tolist()}, indent=2))
     features = predictions.feature_array()

@@ -224,17 +224,18 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
     return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, (*overlays, *calibration.figures), values))
 
 
-#: At most this many voxels of a case enter its mean entropy when nothing is predicted as foreground.
+#: At most this many voxels of a case (a random sample) enter its mean entropy.
 _ENTROPY_SAMPLE = 100_000
 
 
 def _entropy_region_logits(logits: torch.Tensor, pred: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The (K, M) logits :func:`mean_foreground_entropy` averages over: the predicted foreground's
-    voxels, or a sample of all voxels when there is none (kept until the temperature is known)."""
+    voxels, or all voxels when there is none, at most ``_ENTROPY_SAMPLE`` of them (kept until the
+    temperature is known)."""
     flat = logits.reshape(logits.shape[0], -1)
     inside = (pred != 0).reshape(-1)
     if bool(inside.any()):
-        return flat[:, inside].cpu()
+        flat = flat[:, inside]  # a large organ: a sample estimates its mean as well, in bounded memory
     if flat.shape[1] > _ENTROPY_SAMPLE:
         flat = flat[:, torch.randperm(flat.shape[1], generator=generator)[:_ENTROPY_SAMPLE]]
     return flat.cpu()
