@@ -178,7 +178,7 @@ def calibrate_run(run_dir: str | Path, *, progress: bool = True) -> RunResult:
     For runs trained before medseg calibrated models (or with ``validation.calibrate: false``): the
     best checkpoint is scored again on the validation split, which fits the temperature, and on
     the test split (ECE before and after), then packaged as a new model whose contract carries the
-    temperature. Nothing is retrained; masks, accuracy and Dice stay the same. The metrics, figures
+    temperature. Nothing is retrained; accuracy and the evaluated Dice stay the same. The metrics, figures
     and new model are logged to the run's own MLflow run, and its ``summary.json`` names the new model.
 
     Args:

@@ -3,9 +3,10 @@
 Networks trained with cross-entropy, and more so with Dice losses, are overconfident: of the
 voxels or images predicted with probability 0.95, far fewer than 95 % are right (nnU-Net #1032,
 #2389). Temperature scaling (Guo et al., 2017) divides every logit by one scalar ``T`` fitted on
-the validation split by minimising the negative log-likelihood. The arg-max, hence every mask,
-accuracy and Dice, stays the same, and for two classes the ranking of the cases (the AUC) too;
-only the confidence changes. The fitted ``T`` is stored in the model's contract and applied by
+the validation split by minimising the negative log-likelihood. The arg-max on the network's
+grid, hence accuracy and the evaluated Dice, stays the same, and for two classes the ranking of the
+cases (the AUC) too; only the confidence changes (a mask resampled to a scan's own grid may differ
+at boundary voxels, where interpolated probabilities are compared). The fitted ``T`` is stored in the model's contract and applied by
 predict. The expected calibration error (ECE) says how far confidence and accuracy are apart.
 """
 

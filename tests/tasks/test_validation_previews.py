@@ -44,10 +44,31 @@ def test_segmentation_overlays_the_first_validation_cases_with_their_dice(tmp_pa
     cases = split_cases(cfg, read_manifest(manifest), "val")
     dataset = Dataset(records(cases, dataset_root), validation_transforms(cfg.preprocess))
     preview = training._overlay_preview(cfg)
-    first = preview(training.build_network(cfg), dataset, CPU, None)
+    network = training.build_network(cfg)
+    first = preview(network, dataset, CPU, None)
     _check_pictures(first, [f"val/overlay/{cases[0].case_id}"])
-    again = preview(training.build_network(cfg), dataset, CPU, None)
-    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in first.items()}  # same case, same slice
+    again = preview(network, dataset, CPU, None)
+    assert all(np.array_equal(again[k], first[k]) for k in first)  # same case, same slice, same picture
+
+
+def test_a_failing_preview_warns_and_training_goes_on(tmp_path: Path, tiny_run_inputs, monkeypatch, caplog) -> None:
+    from medseg.tasks.segmentation import training
+    from tests.conftest import train_run
+
+    def broken(cfg):  # noqa: ANN001, ANN202 - stands in for _overlay_preview
+        def preview(*_args):  # noqa: ANN002, ANN202
+            raise RuntimeError("the plotting backend fell over")
+        return preview
+
+    monkeypatch.setattr(training, "_overlay_preview", broken)
+    dataset_root, manifest = tiny_run_inputs
+    config = tiny_config(tmp_path, dataset_root, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}",
+                         train={"max_epochs": 1, "batch_size": 2, "num_threads": 1},
+                         validation={"overlays": 1, "hd95": False})
+    with caplog.at_level("WARNING"):
+        result = train_run(config)
+    assert result.model_uri and "best_val/dice_mean" in result.metrics
+    assert "validation pictures not logged (RuntimeError: the plotting backend fell over)" in caplog.text
 
 
 def test_classification_shows_a_grid_of_validation_images_with_their_probabilities(tmp_path: Path) -> None:

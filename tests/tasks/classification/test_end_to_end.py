@@ -18,6 +18,7 @@ import medseg
 from medseg.cli import EXIT_FAILED, main
 from medseg.data.medmnist import import_medmnist
 from medseg.engine.checkpoint import load_checkpoint
+from medseg.errors import UsageError
 from tests.conftest import artifact_paths, classification_config, train_run, write_medmnist_npz
 
 
@@ -52,6 +53,13 @@ def test_run_logs_metrics_figures_and_selects_by_val_auc(tmp_path: Path, importe
                  "learning_curve.png"):
         assert f"plots/{name}" in artifacts, name
     assert "evaluation/test_cases.csv" in artifacts and str(result.model_uri).startswith("models:/")
+    # Temperature scaling: fitted on val, stored in the contract; the AUC of two classes does not move.
+    contract = json.loads((result.run_dir / "contract.json").read_text())
+    temperature = contract["calibration"]["temperature"]
+    assert temperature == run.data.metrics["calibration/temperature"] and contract["calibration"]["fitted_on"] == "val"
+    assert {"test/ece", "test/ece_uncalibrated", "test/nll", "best_val/ece"} <= set(run.data.metrics)
+    if temperature != 1.0:
+        assert run.data.metrics["test/auc_uncalibrated"] == pytest.approx(run.data.metrics["test/auc"], abs=1e-9)
 
     # The checkpoint with the best validation AUC is the one evaluated, not the last epoch.
     run_dir = result.run_dir
@@ -171,6 +179,10 @@ def test_ordinal_grades_with_the_cumulative_head(tmp_path: Path) -> None:
     run_dir = result.run_dir
     contract = json.loads((run_dir / "contract.json").read_text())
     assert contract["output_activation"] == "ordinal"
+    # cumulative links have no softmax to calibrate: no temperature, and `model calibrate` says why
+    assert "calibration" not in contract and "test/ece" in result.metrics
+    with pytest.raises(UsageError, match="no softmax output to calibrate"):
+        medseg.calibrate_run(run_dir, progress=False)
     rows = _rows(run_dir / "evaluation" / "test_cases.csv")
     sums = [sum(float(r[f"prob_grade_{k}"]) for k in range(3)) for r in rows]
     assert sums == pytest.approx([1.0] * len(rows), abs=1e-5)
