@@ -30,16 +30,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
-def _qc_threshold(text: str) -> tuple[str, float]:
-    key, sep, value = text.partition("=")
-    try:
-        if not sep:
-            raise ValueError
-        return key.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--qc {text!r}: expected KEY=VALUE, e.g. max_mean_entropy=0.15") from None
-
-
 def harmed_copy(source: Path, target: Path, seed: int, strength: float = 1.5) -> Path:
     """``source`` with Gaussian noise of ``strength`` times its foreground's standard deviation."""
     import nibabel as nib
@@ -100,6 +90,10 @@ def screenshot(page_path: Path, out: Path, width: int, height: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from medseg.cli import (
+        _qc_threshold as qc_threshold,  # the same KEY=VALUE parsing as `medseg predict --qc`
+    )
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--review", type=Path, help="an existing review.html to photograph (predicts nothing)")
     parser.add_argument("--model", help="a medseg model (folder or URI) to predict with")
@@ -107,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--harmed", type=int, default=2, help="noisy copies of the first scans, for QC flags")
     parser.add_argument("--broken", type=int, default=1, help="truncated copies of the first scans, for failed rows")
-    parser.add_argument("--qc", action="append", type=_qc_threshold, metavar="KEY=VALUE", default=[],
+    parser.add_argument("--qc", action="append", type=qc_threshold, metavar="KEY=VALUE", default=[],
                         help="QC threshold (as medseg predict --qc)")
     parser.add_argument("--keep", type=Path, help="predict into this folder and keep it (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots" / "review_page.png")
