@@ -629,7 +629,13 @@ def convert_model(source: str | Path, out: str | Path, *, config: RunConfig | st
     except RuntimeError as err:
         raise UsageError(f"{source}: its weights do not fit the network of {config} ({str(err).splitlines()[0]}); "
                          "give the config of the run that trained it") from err
-    write_model_folder(out, network, network_spec(cfg), task.contract(cfg), extra={"converted_from": str(source)})
+    # What the old model learned beyond its config (label volumes, QC thresholds, its temperature)
+    # is in its MLmodel metadata: plain YAML, read without unpickling anything.
+    from mlflow.models import Model
+
+    stored = (Model.load(str(source)).metadata or {}).get("medseg_contract") or {}
+    contract = {**task.contract(cfg), **(stored if isinstance(stored, dict) else {})}
+    write_model_folder(out, network, network_spec(cfg), contract, extra={"converted_from": str(source)})
     return out
 
 

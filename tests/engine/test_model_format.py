@@ -135,6 +135,9 @@ def test_a_pickled_model_of_an_older_medseg_is_refused_then_converted_knowingly(
     assert main(["model", "convert", str(old), "--out", str(tmp_path / "converted"), "--config", str(config)]) == 0
     converted = read_model_folder(tmp_path / "converted")
     assert all(torch.equal(converted.state_dict[k], v) for k, v in files.state_dict.items())
+    # what the old model learned beyond its config comes along (its temperature, QC thresholds, volumes)
+    for key in ("calibration", "qc", "label_volumes_ml"):
+        assert converted.contract[key] == files.contract[key], key
     assert _predict(str(tmp_path / "converted"), logged, tmp_path / "new") == 0
     assert _predict(logged["uri"], logged, tmp_path / "orig") == 0
     new = np.asarray(nib.load(tmp_path / "new" / "scan.nii.gz").dataobj)
