@@ -88,7 +88,15 @@ medmnist: $(VENV)/.installed
 # The README's results tables: each target trains the configs behind one table with `medseg run` (runs
 # in runs/, tracked in runs/mlflow.db) and writes benchmarks/results/<name>.json and .md, with held-out
 # test metrics, epochs, minutes, the commit and the machine. Times are for this project's 2-core CPU.
-.PHONY: results results-hippocampus results-medmnist results-recon results-demo
+.PHONY: results results-hippocampus results-medmnist results-recon results-demo results-calibration results-uncertainty
+# temperature scaling on PneumoniaMNIST and BreastMNIST (3 seeds each; about 50 minutes on 2 cores),
+# HIPPOCAMPUS_RUN=runs/msd_hippocampus/<stamp> also calibrates that finished run -> calibration.md
+results-calibration: medmnist
+	$(BIN)/python benchmarks/eval_calibration.py $(if $(HIPPOCAMPUS_RUN),--hippocampus-run $(HIPPOCAMPUS_RUN))
+# per-case uncertainty and QC flags against Dice on the hippocampus test split, MODEL=<model folder or URI>
+# (trained with a left-right flip, e.g. --set 'augment=[{name: flip, axes: [0], prob: 0.5}, ...]') -> uncertainty.md
+results-uncertainty: $(VENV)/.installed
+	$(BIN)/python benchmarks/eval_uncertainty.py --model $(MODEL)
 # msd_hippocampus.yaml for 30 min, 6 min, and 30 min with 2 processes: about 70 minutes -> hippocampus.md
 results-hippocampus: $(VENV)/.installed
 	$(BIN)/python benchmarks/run_results.py hippocampus
