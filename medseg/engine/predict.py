@@ -701,7 +701,8 @@ def _remove_stale_temporaries(predictor: CasePredictor, cases: Sequence[InputCas
                               suffix: str) -> None:
     """Temp files of a run killed mid-write; only this shard's own, since other shards may be writing."""
     mine = {p.name for case in cases for p in predictor.expected_outputs(case, output_dir).values()}
-    mine |= {f"predictions{suffix}.csv", f"predict_summary{suffix}.json"}
+    mine |= {f"predictions{suffix}.csv", f"predict_summary{suffix}.json", f"review{suffix}.html",
+             f"qc_summary{suffix}.json"}
     if not suffix:  # every shard writes the stamp; only an unsharded run owns its temporaries
         mine.add(MODEL_STAMP)
     for stale in output_dir.glob(".*.tmp*"):

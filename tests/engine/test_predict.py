@@ -214,8 +214,10 @@ def test_temp_files_of_a_killed_run_are_cleared_and_the_case_redone(trained, tmp
     out.mkdir()
     stale = out / ".case.nii.gz.abc123.tmp.nii.gz"  # what a SIGKILL between write and rename leaves
     stale.write_bytes(b"half a file")
+    half_page = out / ".review.html.abc123.tmp.html"  # ... or one in the middle of the review page
+    half_page.write_text("<html><body><table>")
     assert _predict(trained, inputs, out, "--no-tracking") == 0
-    assert not stale.exists()
+    assert not stale.exists() and not half_page.exists()
     assert _report(out)["case"]["status"] == "ok"
     assert nib.load(out / "case.nii.gz").shape == (19, 23, 13)
 
