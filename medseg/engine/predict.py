@@ -511,9 +511,9 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     seconds_total = time.monotonic() - started  # the predictions' time, without the review page's
     task_summary, task_metrics = predictor.summarise(results)
     report = BatchReport(report_path, output_dir / f"predict_summary{suffix}.json", tuple(results))
-    # The thresholds the task applied (the contract's with --qc) when it keeps them, else those two merged.
-    applied = getattr(predictor, "qc", None)
-    thresholds = dict(applied) if applied is not None else {**(model.contract.get("qc") or {}), **dict(options.qc)}
+    # The thresholds the task applied (the contract's with --qc); a task without QC has none (and
+    # check_options refuses --qc for it).
+    thresholds = dict(getattr(predictor, "qc", None) or {})
     qc_path = output_dir / f"qc_summary{suffix}.json"
     qc = write_qc_summary(results, thresholds, qc_path)
     review_path: Path | None = output_dir / f"review{suffix}.html" if options.review else None

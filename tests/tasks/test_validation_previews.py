@@ -43,19 +43,32 @@ def test_segmentation_overlays_the_first_validation_cases_with_their_dice(tmp_pa
                                          validation={"overlays": 1}))
     cases = split_cases(cfg, read_manifest(manifest), "val")
     dataset = Dataset(records(cases, dataset_root), validation_transforms(cfg.preprocess))
-    preview = training._overlay_preview(cfg)
+    from medseg.tasks.segmentation.metrics import SegmentationMetrics
+
+    shown: list = []
+    preview = training._overlay_preview(cfg, shown)
     network = training.build_network(cfg)
+    metrics = SegmentationMetrics(cfg.data.labels, hd95=False)
+    scores = training.validate(network, dataset, cfg, metrics, CPU, None, keep=(1, shown))
+    # the picture shows what validation predicted, not a second prediction
+    assert [c.case_id for c in shown] == [cases[0].case_id] and len(metrics.per_case) == len(cases)
+    assert np.array_equal(shown[0].pred, training.predict_segmentation(network, dataset[0]["image"], cfg, CPU,
+                                                                        None).numpy())
+    assert shown[0].dice == {k.removeprefix("dice/"): v for k, v in metrics.per_case[0].items()
+                             if k.startswith("dice/")}
     first = preview(network, dataset, CPU, None)
     _check_pictures(first, [f"val/overlay/{cases[0].case_id}"])
+    training.validate(network, dataset, cfg, metrics, CPU, None, keep=(1, shown))
     again = preview(network, dataset, CPU, None)
     assert all(np.array_equal(again[k], first[k]) for k in first)  # same case, same slice, same picture
+    assert "val/dice_mean" in scores
 
 
 def test_a_failing_preview_warns_and_training_goes_on(tmp_path: Path, tiny_run_inputs, monkeypatch, caplog) -> None:
     from medseg.tasks.segmentation import training
     from tests.conftest import train_run
 
-    def broken(cfg):  # noqa: ANN001, ANN202 - stands in for _overlay_preview
+    def broken(cfg, shown):  # noqa: ANN001, ANN202 - stands in for _overlay_preview
         def preview(*_args):  # noqa: ANN002, ANN202
             raise RuntimeError("the plotting backend fell over")
         return preview

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -85,10 +86,11 @@ def train(cfg: SegmentationConfig, manifest_path: Path, root: Path, out_dir: Pat
     """
     manifest = read_manifest(manifest_path)
     metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
+    shown: list[_Shown] = []  # the first validation cases as the last validation predicted them
 
     def validate_hook(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None,
                       show: bool) -> dict[str, float]:
-        return validate(net, dataset, cfg, metrics, device, amp_dtype, show)
+        return validate(net, dataset, cfg, metrics, device, amp_dtype, show, keep=(cfg.validation.overlays, shown))
 
     task = TrainTask(
         build_network=lambda: build_network(cfg),
@@ -100,31 +102,34 @@ def train(cfg: SegmentationConfig, manifest_path: Path, root: Path, out_dir: Pat
         loss=create_loss(cfg.loss),
         validate=validate_hook,
         selection_metric="val/dice_mean",
-        preview=_overlay_preview(cfg) if cfg.validation.overlays else None,
+        preview=_overlay_preview(cfg, shown) if cfg.validation.overlays else None,
     )
     return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
 
 
-def _overlay_preview(cfg: SegmentationConfig) -> Previewer:
+@dataclass(frozen=True)
+class _Shown:
+    """One validation case as validation predicted it, kept for its picture."""
+
+    case_id: str
+    image: np.ndarray
+    truth: np.ndarray
+    pred: np.ndarray
+    dice: dict[str, float]
+
+
+def _overlay_preview(cfg: SegmentationConfig, shown: list[_Shown]) -> Previewer:
     """Overlays of the first ``validation.overlays`` validation cases, for every validation: the
     same cases on the same slice each time, so the run page's slider shows the prediction change.
 
-    They are predicted once more (whole volumes, as validation does; a few cases of the split),
-    which keeps :func:`validate` free of pictures.
+    The predictions are the ones :func:`validate` just made (``shown``), not made again.
     """
-    @torch.no_grad()
     def preview(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, np.ndarray]:
-        net.eval()
-        metrics = SegmentationMetrics(cfg.data.labels, hd95=False)
         pictures: dict[str, np.ndarray] = {}
-        for index in range(min(cfg.validation.overlays, len(dataset))):
-            item = dataset[index]
-            pred = predict_segmentation(net, item["image"], cfg, device, amp_dtype)
-            truth = item["label"].as_tensor()[0]
-            dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
-            title = f"{item['case_id']}\nDice " + ", ".join(f"{k} {v:.2f}" for k, v in dice.items())
-            pictures[f"val/overlay/{item['case_id']}"] = contour_overlay_image(
-                item["image"].as_tensor()[0].numpy(), truth.numpy(), pred.cpu().numpy(), title, len(cfg.data.labels))
+        for case in shown:
+            title = f"{case.case_id}\nDice " + ", ".join(f"{k} {v:.2f}" for k, v in case.dice.items())
+            pictures[f"val/overlay/{case.case_id}"] = contour_overlay_image(case.image, case.truth, case.pred, title,
+                                                                            len(cfg.data.labels))
         return pictures
 
     return preview
@@ -133,17 +138,27 @@ def _overlay_preview(cfg: SegmentationConfig) -> Previewer:
 @torch.no_grad()
 def validate(model: nn.Module, dataset: Any, cfg: SegmentationConfig, metrics: SegmentationMetrics,
              device: torch.device, amp_dtype: torch.dtype | None, progress: bool = False,
-             prefix: str = "val") -> dict[str, float]:
+             prefix: str = "val", keep: tuple[int, list[_Shown]] | None = None) -> dict[str, float]:
     """Sliding-window prediction of whole volumes and Dice/HD95 against their labels.
 
     In a distributed run each process scores its share of the cases and the counts are summed
     across processes, so every process returns the single-process value.
+
+    Args:
+        keep: ``(count, shown)``: replace ``shown``'s contents with the first ``count`` cases'
+            image, label and prediction (the pictures logged with each validation).
     """
     model.eval()
     metrics.reset()
-    for item in tqdm(dataset, desc=prefix, disable=not progress, leave=False, unit="case"):
+    if keep is not None:
+        keep[1].clear()
+    for index, item in enumerate(tqdm(dataset, desc=prefix, disable=not progress, leave=False, unit="case")):
         pred = predict_segmentation(model, item["image"], cfg, device, amp_dtype)
-        metrics.update(pred, item["label"].as_tensor()[0], _case_spacing(item), item["case_id"])
+        truth = item["label"].as_tensor()[0]
+        dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
+        if keep is not None and index < keep[0]:
+            keep[1].append(_Shown(str(item["case_id"]), item["image"].as_tensor()[0].numpy(), truth.numpy(),
+                                  pred.cpu().numpy(), dice))
     metrics.reduce(distributed.current())
     model.train()
     return metrics.aggregate(prefix)
