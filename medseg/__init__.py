@@ -10,6 +10,7 @@ The public API (see :mod:`medseg.api`)::
     prediction = predictor.predict("scan.nii.gz")    # -> Prediction (label map, volumes, ...)
     batch = predictor.predict_folder("scans/", "out/")  # -> BatchReport
     medseg.list_tasks(), medseg.list_models("segmentation")
+    planned = medseg.plan("path/to/dataset", budget="30m", out="configs/mine.yaml")  # -> Plan
 
 Names are imported on first use, so ``import medseg`` (and ``medseg --help``) stays fast.
 """
@@ -32,8 +33,12 @@ _EXPORTS = {
     "verify": "medseg.api",
     "describe": "medseg.api",
     "build_manifest": "medseg.api",
+    "build_manifest_from_layout": "medseg.api",
+    "detect_layout": "medseg.api",
+    "DatasetLayout": "medseg.api",
     "import_medmnist": "medseg.api",
     "calibrate_run": "medseg.api",
+    "plan": "medseg.api",
     "convert_model": "medseg.api",
     "export_model": "medseg.api",
     "Predictor": "medseg.api",
@@ -47,22 +52,27 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "DatasetLayout", "build_manifest_from_layout", "detect_layout",
     "BatchReport", "CaseResult", "Prediction", "Predictor", "RunConfig", "RunResult", "Task", "VerifyReport",
     "__version__", "build_manifest", "calibrate_run", "convert_model", "describe", "export_model", "get_task", "import_medmnist", "list_models", "list_tasks",
-    "load_config", "train", "validate_config", "verify",
+    "load_config", "plan", "train", "validate_config", "verify",
 ]
 
 if TYPE_CHECKING:
     from medseg.api import (
+        DatasetLayout,
         Predictor,
         RunResult,
         build_manifest,
+        build_manifest_from_layout,
         calibrate_run,
         convert_model,
         describe,
+        detect_layout,
         export_model,
         import_medmnist,
         list_models,
+        plan,
         train,
         verify,
     )

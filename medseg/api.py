@@ -30,7 +30,8 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.config import RunConfig
-from medseg.data.manifest import Manifest, build_manifest
+from medseg.data.layouts import DatasetLayout, detect_layout
+from medseg.data.manifest import Manifest, build_manifest, build_manifest_from_layout
 from medseg.data.medmnist import import_medmnist
 from medseg.data.verify import VerifyOptions, VerifyReport
 from medseg.engine import distributed
@@ -58,8 +59,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "calibrate_run", "convert_model", "export_model",
-    "import_medmnist",
-    "list_models", "list_tasks", "load_config", "train", "validate_config", "verify",
+    "DatasetLayout", "build_manifest_from_layout", "detect_layout", "import_medmnist",
+    "list_models", "list_tasks", "load_config", "plan", "train", "validate_config", "verify",
 ]
 
 
@@ -662,3 +663,168 @@ def parse_label_names(text: str) -> dict[int, str]:
     except ValueError:
         raise ConfigError(f"--labels {text!r}: expected INDEX=NAME pairs, e.g. 0=normal,1=pneumonia") from None
 
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def parse_budget(text: str | float | int) -> float:
+    """``30m``, ``1.5h``, ``90s`` or a number of minutes -> minutes.
+
+    Raises:
+        UsageError: anything else.
+    """
+    if isinstance(text, (int, float)):
+        minutes = float(text)
+    else:
+        units = {"s": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0}
+        raw = text.strip().lower()
+        unit = next((u for u in ("min", "s", "m", "h") if raw.endswith(u)), "")
+        try:
+            minutes = float(raw[: len(raw) - len(unit)] if unit else raw) * units.get(unit, 1.0)
+        except ValueError:
+            raise UsageError(f"--budget {text!r}: expected a duration such as 30m, 1.5h or 600s") from None
+    if not minutes > 0:
+        raise UsageError(f"--budget {text!r}: must be more than zero")
+    return minutes
+
+
+@dataclass(frozen=True)
+class DatasetDescription:
+    """What a dataset folder says about itself (dataset.json, medmnist_import.json, its layout)."""
+
+    root: Path
+    manifest: Manifest
+    task: str | None
+    labels: dict[int, str] | None
+    channel_names: list[str] | None
+    described: str
+
+
+def _describe_dataset(dataset: Path, root: Path | None, manifest_path: Path | None, seed: int,
+                      progress: bool) -> DatasetDescription:
+    from medseg.data.manifest import read_manifest
+
+    if dataset.suffix.lower() == ".csv" and dataset.is_file() and _is_medseg_manifest(dataset):
+        if root is None:
+            raise UsageError(f"{dataset} is a manifest: give --root, the folder its paths start from")
+        manifest_path, dataset = dataset, root
+    root = root or dataset
+    info = _self_description(root)
+    if manifest_path is not None and manifest_path.is_file():
+        manifest = read_manifest(manifest_path)
+        return DatasetDescription(root, manifest, info.get("task"), info.get("labels"), info.get("channels"),
+                                  f"{manifest_path}: {len(manifest.cases)} cases ({manifest_summary(manifest)}), "
+                                  f"root {root}")
+    layout = detect_layout(dataset)
+    out = manifest_path or Path("data_manifests") / f"{_dataset_name(dataset)}.csv"
+    manifest = build_manifest_from_layout(layout, out, seed=seed, val_fraction=0.2, test_fraction=0.2)
+    return DatasetDescription(layout.root, manifest, info.get("task") or layout.task_hint,
+                              info.get("labels") or layout.labels, info.get("channels") or layout.channel_names,
+                              layout.describe() + f"\nmanifest written: {out} ({manifest_summary(manifest)})")
+
+
+def _is_medseg_manifest(path: Path) -> bool:
+    with open(path, newline="") as fh:
+        header = fh.readline()
+    return "case_id" in header and "image" in header and "split" in header
+
+
+def _self_description(root: Path) -> dict[str, Any]:
+    """Labels, channel names and task from a dataset.json (MSD or nnU-Net v2) or medseg's MedMNIST import."""
+    found: dict[str, Any] = {}
+    medmnist = root / "medmnist_import.json"
+    if medmnist.is_file():
+        info = json.loads(medmnist.read_text())
+        found["labels"] = {int(k): str(v) for k, v in info.get("labels", {}).items()}
+        found["task"] = "classification"
+        found["channels"] = ["red", "green", "blue"] if info.get("channels") == 3 else ["image"]
+    dataset_json = root / "dataset.json"
+    if dataset_json.is_file():
+        try:
+            info = json.loads(dataset_json.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{dataset_json}: not valid JSON ({err}); fix or remove it") from None
+        labels = info.get("labels") or {}
+        if labels and all(str(v).lstrip("-").isdigit() for v in labels.values()):  # nnU-Net v2: name -> value
+            found["labels"] = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
+        elif labels:                                                           # MSD: "0" -> name
+            found["labels"] = {int(k): str(v) for k, v in labels.items()}
+        channels = info.get("channel_names") or info.get("modality") or {}
+        if channels:
+            found["channels"] = [str(channels[k]) for k in sorted(channels, key=int)]
+        found.setdefault("task", "segmentation")
+    return found
+
+
+def _dataset_name(path: Path) -> str:
+    name = path.resolve().name if path.suffix.lower() != ".csv" else path.stem
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name.lower()) or "dataset"
+
+
+def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = "30m", root: str | Path | None = None,
+         manifest: str | Path | None = None, out: str | Path | None = None, device: str = "auto",
+         name: str | None = None, probe: bool = True, progress: bool = True, seed: int = 0) -> Any:
+    """``medseg plan``: fingerprint a dataset and plan a config for it, the budget and this machine.
+
+    Args:
+        dataset: a dataset folder (MSD, nnU-Net, images/labels, ImageFolder, a CSV of path,label,
+            case folders; see ``medseg manifest build``) or a manifest CSV (then ``root`` is needed).
+        task: segmentation, classification or reconstruction; default what the data say.
+        budget: training time, ``30m`` / ``1.5h`` / minutes.
+        root: the folder a manifest's paths start from (default: ``dataset``).
+        manifest: the manifest to use if it exists, else where to write the one built from the
+            folder (default ``data_manifests/<dataset name>.csv``, 60/20/20 train/val/test).
+        out: write the commented config here.
+        device: what to plan for and probe on (``auto``: the GPU if there is one).
+        name: the run's experiment and output folder name (default: the dataset's).
+        probe: time candidate plans on the device (at most 60 s); False plans from the rules alone.
+        progress: progress bars.
+        seed: the split seed, when a manifest is built.
+
+    Returns:
+        A :class:`medseg.planning.plan.Plan`: ``.config`` (a config mapping), ``.why``,
+        ``.probe``, ``.fingerprint``, ``.explain()``, ``.to_yaml()``.
+
+    Raises:
+        UsageError: a bad budget, an unknown task, or a task without a planner.
+        ManifestError, VolumeReadError: the data cannot be read (the message names the file).
+    """
+    from medseg.planning.fingerprint import compute_fingerprint
+    from medseg.planning.plan import PlanRequest
+
+    minutes = parse_budget(budget)
+    described = _describe_dataset(Path(dataset), Path(root) if root else None,
+                                  Path(manifest) if manifest else None, seed, progress)
+    task_name = task or described.task
+    if task_name is None:
+        raise UsageError(f"{dataset}: the data do not say which task they are for; pass --task "
+                         f"({', '.join(list_tasks())})")
+    chosen = get_task(task_name)
+    class_labels = bool(getattr(chosen, "class_labels", False))
+    labels = described.labels or _labels_from_manifest(described.manifest, class_labels)
+    fingerprint = compute_fingerprint(described.manifest, described.root, channel_names=described.channel_names,
+                                      labels=labels, class_labels=class_labels, progress=progress)
+    if not described.labels and not class_labels:
+        values = sorted({int(v) for c in fingerprint.cases for v in c.class_voxels})
+        labels = {v: ("background" if v == 0 else f"label_{v}") for v in range(max(values, default=1) + 1)}
+    labels = labels or {0: "class_0", 1: "class_1"}
+    request = PlanRequest(task=task_name, budget_minutes=minutes, device=resolve_device(device),
+                          name=name or _dataset_name(Path(dataset) if not described.manifest.path
+                                                     else Path(described.manifest.path)),
+                          manifest=Path(described.manifest.path or ""), root=described.root, labels=labels,
+                          channel_names=fingerprint.channel_names, probe=probe, progress=progress)
+    result = chosen.plan(request, fingerprint)
+    result.notes.insert(0, described.described.replace("\n", "; "))
+    validate_config(result.config)  # the plan is an ordinary config: it must load as one
+    if out is not None:
+        result.write(out)
+        load_config(Path(out))
+    return result
+
+
+def _labels_from_manifest(manifest: Manifest, class_labels: bool) -> dict[int, str] | None:
+    if not class_labels:
+        return None
+    values = sorted({int(c.label) for c in manifest.cases if c.label not in (None, "")})
+    return {v: f"class_{v}" for v in range(max(values, default=1) + 1)}

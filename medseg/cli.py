@@ -30,7 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     run = sub.add_parser("run", help="run the pipeline of a config (verify, train, evaluate, log the model)")
-    _add_config_args(run)
+    run.add_argument("config", type=Path, nargs="?",
+                     help="YAML config, e.g. configs/demo_segmentation.yaml (or --plan DATASET instead)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set train.max_epochs=5 (repeatable)")
+    run.add_argument("--plan", type=Path, metavar="DATASET",
+                     help="plan the config from this dataset first (as `medseg plan`), write it under configs/planned/ "
+                          "and run it; with --budget, --task, --manifest, --root")
+    run.add_argument("--budget", default="30m", help="with --plan: the training budget (default 30m)")
+    run.add_argument("--task", help="with --plan: the task (default: what the data say)")
+    run.add_argument("--manifest", type=Path, help="with --plan: the manifest to use or write")
+    run.add_argument("--root", type=Path, help="with --plan and a manifest: the data root")
     run.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                      help="continue the newest unfinished run under output_dir, or the given run directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
@@ -45,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="K runs with seeds seed..seed+K-1, as MLflow children of one parent with mean and std")
     repeat.add_argument("--folds", type=int, metavar="K",
                         help="cross-validation: one child run per fold 0..K-1 of a --folds manifest")
+
+    plan = sub.add_parser("plan", help="fingerprint a dataset and plan a config for it, a time budget and this machine")
+    plan.add_argument("dataset", type=Path, help="dataset folder (MSD, nnU-Net, images/labels, ImageFolder, CSV of "
+                                                 "path,label, case folders) or a manifest CSV (with --root)")
+    plan.add_argument("--task", help="segmentation, classification or reconstruction (default: what the data say)")
+    plan.add_argument("--budget", default="30m", help="training time: 30m, 1.5h, 600s (default 30m)")
+    plan.add_argument("--out", type=Path, help="write the commented config here, e.g. configs/mydata.yaml")
+    plan.add_argument("--manifest", type=Path, help="manifest to use if it exists, else where to write the one "
+                                                    "built from the folder (default data_manifests/<name>.csv)")
+    plan.add_argument("--root", type=Path, help="data root, when DATASET is a manifest")
+    plan.add_argument("--name", help="experiment and output folder name (default: the dataset's)")
+    plan.add_argument("--device", default="auto", help="plan and probe for this device: auto, cpu, cuda")
+    plan.add_argument("--no-probe", action="store_true", help="plan from the rules alone (no timing on this machine)")
+    plan.add_argument("--explain", action="store_true", help="print every choice beside nnU-Net's default and why")
+    plan.add_argument("--no-progress", action="store_true")
 
     validate = sub.add_parser("validate", help="check a config (keys, values, model) without running it")
     _add_config_args(validate)
@@ -122,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     manifest = sub.add_parser("manifest", help="data manifests")
     msub = manifest.add_subparsers(dest="manifest_command")
-    build = msub.add_parser("build", help="build a manifest from an MSD/nnU-Net or images/labels folder, "
-                                           "or import a MedMNIST .npz file")
+    build = msub.add_parser("build", help="build a manifest from a dataset folder (MSD, nnU-Net with _0000 channel "
+                                           "files, images/ + labels/, ImageFolder class folders, a CSV of path,label, "
+                                           "case folders of image + label) or import a MedMNIST .npz file")
     source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from", dest="source", type=Path, help="dataset folder (the data root)")
+    source.add_argument("--from", dest="source", type=Path, help="dataset folder (the data root), or a CSV of "
+                                                                 "path,label[,split] in it")
     source.add_argument("--from-medmnist", type=Path, metavar="FILE.npz",
                         help="MedMNIST file (2D or 3D): writes one image per sample under --data-dir and keeps "
                              "the official train/val/test split")
@@ -169,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(medseg.__version__)
         return EXIT_OK
-    handlers = {"run": _cmd_run, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
+    handlers = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
                 "predict": _cmd_predict, "model": _cmd_model,
                 "export": _cmd_export}
     if args.command not in handlers:
@@ -229,6 +256,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import medseg
     from medseg.errors import UsageError
 
+    if (args.config is None) == (args.plan is None):
+        raise UsageError("medseg run: give a CONFIG, or --plan DATASET (not both)")
+    if args.plan is not None:
+        planned = medseg.plan(args.plan, task=args.task, budget=args.budget, manifest=args.manifest, root=args.root,
+                              progress=not args.no_progress)
+        args.config = Path("configs") / "planned" / f"{planned.request.name}_{args.budget}.yaml"
+        planned.write(args.config)
+        print(f"planned config: {args.config}")
     overrides = list(args.overrides) + (["train.deterministic=true"] if args.deterministic else [])
     cfg = medseg.load_config(args.config, overrides)  # checked before any worker starts
     if args.nproc < 1:
@@ -253,6 +288,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"model: {result.model_uri}")
     print(f"MLflow UI: {summary['mlflow_ui']}")
     print(f"summary: {result.summary_path}")
+    return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import medseg
+
+    planned = medseg.plan(args.dataset, task=args.task, budget=args.budget, root=args.root, manifest=args.manifest,
+                          out=args.out, device=args.device, name=args.name, probe=not args.no_probe,
+                          progress=not args.no_progress)
+    print("\n".join(planned.header()))
+    if args.explain:
+        print()
+        print(planned.explain())
+    if args.out is not None:
+        print(f"\nconfig: {args.out}  (run it: medseg run {args.out})")
+    else:
+        print()
+        print(planned.to_yaml())
     return EXIT_OK
 
 
@@ -361,9 +414,11 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.from_medmnist is not None:
         return _import_medmnist(args)
-    manifest = medseg.build_manifest(args.source, args.out, seed=args.seed, val_fraction=args.val_fraction,
-                                     test_fraction=args.test_fraction, folds=args.folds,
-                                     subject_pattern=args.subject_pattern, limit=args.limit)
+    layout = medseg.detect_layout(args.source)
+    print(layout.describe())
+    manifest = medseg.build_manifest_from_layout(layout, args.out, seed=args.seed, val_fraction=args.val_fraction,
+                                          test_fraction=args.test_fraction, folds=args.folds,
+                                          subject_pattern=args.subject_pattern, limit=args.limit)
     splits = manifest_summary(manifest)
     print(f"{args.out}: {len(manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in splits.items())}); "
           f"paths relative to {args.source}")

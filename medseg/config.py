@@ -67,6 +67,7 @@ class IntensityMode(StrEnum):
     ZSCORE = "zscore"
     CT_WINDOW = "ct_window"
     PERCENTILE = "percentile"
+    CLIP_ZSCORE = "clip_zscore"  # nnU-Net's CT normalisation: clip to dataset percentiles, z-score with dataset stats
     NONE = "none"
 
 
@@ -119,6 +120,9 @@ class DataConfig(Section):
     augment_on_device: bool | None = Field(
         default=None, description="Keep the memory cache on the GPU and augment there; null: on when training "
         "on a GPU in-process and the cache takes under a quarter of its memory.")
+    fingerprint: Path | None = Field(
+        default=None, description="The dataset fingerprint `medseg plan` measured (JSON); the run logs it as an "
+        "artifact and as an MLflow dataset pinned to the manifest's hash.")
     cross_split_duplicates: Literal["error", "warning"] = Field(
         default="error", description="An identical image file in two splits is a leak; 'warning' accepts it "
         "(e.g. to keep an official benchmark split that has a few, as PneumoniaMNIST and BreastMNIST do).")
@@ -170,11 +174,22 @@ class IntensityConfig(Section):
     window: tuple[float, float] | None = Field(default=None, description="CT window [low, high] in HU.")
     percentiles: tuple[float, float] = (0.5, 99.5)
     nonzero: bool = Field(default=False, description="z-score over non-zero voxels only (skull-stripped MR).")
+    clip: tuple[float, float] | None = Field(
+        default=None, description="clip_zscore: clip to [low, high] (nnU-Net: the dataset's foreground 0.5 and 99.5 "
+        "percentiles) ...")
+    mean: float | None = Field(default=None, description="clip_zscore: ... then subtract this (foreground mean) ...")
+    std: float | None = Field(default=None, gt=0, description="clip_zscore: ... and divide by this (foreground std).")
 
     @model_validator(mode="after")
     def _window_needed(self) -> IntensityConfig:
         if self.mode == IntensityMode.CT_WINDOW and self.window is None:
             raise ValueError("preprocess.intensity.window is required with mode: ct_window, e.g. [-160, 240]")
+        if self.mode == IntensityMode.CLIP_ZSCORE and (self.clip is None or self.mean is None or self.std is None):
+            raise ValueError("preprocess.intensity.clip, mean and std are required with mode: clip_zscore, e.g. "
+                             "{mode: clip_zscore, clip: [-958, 327], mean: 82.9, std: 136.2} (medseg plan fills them "
+                             "from the dataset fingerprint)")
+        if self.clip is not None and self.clip[0] >= self.clip[1]:
+            raise ValueError(f"preprocess.intensity.clip must be [low, high] with low < high; got {self.clip}")
         if self.window is not None and self.window[0] >= self.window[1]:
             raise ValueError(f"preprocess.intensity.window must be [low, high] with low < high; got {self.window}")
         return self
@@ -263,6 +278,9 @@ class PatchConfig(Section):
     samples_per_volume: int = Field(default=2, ge=1)
     sampler: PatchSampler = PatchSampler.POS_NEG
     pos_fraction: float = Field(default=0.67, ge=0.0, le=1.0)
+    class_ratios: tuple[float, ...] | None = Field(
+        default=None, description="per_class sampler: relative frequency of patch centres in each label value "
+        "(background first); null: equal, which already oversamples rare classes.")
 
 
 class ModelConfig(Section):
@@ -281,7 +299,12 @@ class UNetModelConfig(ModelConfig):
     """The U-Net family's options, shared by the segmentation and reconstruction networks."""
 
     name: str = "unet"
-    strides: tuple[int, ...] | None = Field(default=None, description="Default: 2 between every level.")
+    strides: tuple[int | tuple[int, ...], ...] | None = Field(
+        default=None, description="One per downsampling step: an int (every axis) or one per spatial axis "
+        "([2, 2, 1] keeps the thick-slice axis); default 2 between every level.")
+    kernels: tuple[tuple[int, ...], ...] | None = Field(
+        default=None, description="dynunet: per level, the convolution kernel per spatial axis ([3, 3, 1] on "
+        "thick slices, nnU-Net's rule); default 3 everywhere.")
     num_res_units: int = 1
 
 

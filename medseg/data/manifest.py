@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_write_text
@@ -26,6 +27,9 @@ from medseg.io.formats import FORMATS, strip_volume_suffix
 COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
 REQUIRED_COLUMNS = ("case_id", "image", "split")
 CHANNEL_SEP = ";"
+
+if TYPE_CHECKING:
+    from medseg.data.layouts import DatasetLayout
 
 
 @dataclass(frozen=True)
@@ -198,30 +202,60 @@ def _volumes_in(folder: Path) -> list[Path]:
 def discover_cases(root: Path) -> list[Case]:
     """Find image/label pairs under ``root`` in MSD, nnU-Net v2 or plain images/labels layout.
 
+    (:func:`medseg.data.layouts.detect_layout` knows these and more layouts: ImageFolder, CSV, case folders.)
+
     Raises:
         ManifestError: the folder matches none of the layouts, or an image/label pair is incomplete.
     """
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"--from {root}: not a folder")
+    found = discover_paired_layout(root)
+    if found is None:
+        raise ManifestError(
+            f"{root}: no known layout. Expected imagesTr/ + labelsTr/ (MSD or nnU-Net, optional dataset.json) "
+            "or images/ + labels/ folders holding files with the same names."
+        )
+    return found[1]
+
+
+def discover_paired_layout(root: Path) -> tuple[str, list[Case]] | None:
+    """The cases of an MSD (``"msd"``), nnU-Net (``"nnunet"``) or images/labels (``"images_labels"``)
+    folder, with the layout's name; None when ``root`` is none of these.
+
+    Raises:
+        ManifestError: the folder has one of these layouts but an image/label pair is incomplete.
+    """
+    root = Path(root)
     dataset_json = root / "dataset.json"
     if (root / "imagesTr").is_dir():
-        try:
-            meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else {}
-        except json.JSONDecodeError as err:
-            raise ManifestError(f"{dataset_json}: not valid JSON ({err}); fix or remove it") from None
+        meta = read_dataset_json(dataset_json) if dataset_json.is_file() else {}
         if isinstance(meta.get("training"), list) and meta["training"]:
-            return _from_msd_json(root, meta["training"])
-        return _from_nnunet_folders(root, root / "imagesTr", root / "labelsTr")
+            return "msd", _from_msd_json(root, meta["training"])
+        return "nnunet", _from_nnunet_folders(root, root / "imagesTr", root / "labelsTr")
     for images_name, labels_name in (("images", "labels"), ("images", "masks"), ("imgs", "masks")):
         if (root / images_name).is_dir() and (root / labels_name).is_dir():
-            return _from_nnunet_folders(root, root / images_name, root / labels_name, channel_suffix=False)
+            return "images_labels", _from_nnunet_folders(root, root / images_name, root / labels_name,
+                                                         channel_suffix=False)
     if (root / "images").is_dir():  # images without labels (e.g. a test set)
-        return _from_nnunet_folders(root, root / "images", root / "labels", channel_suffix=False)
-    raise ManifestError(
-        f"{root}: no known layout. Expected imagesTr/ + labelsTr/ (MSD or nnU-Net, optional dataset.json) "
-        "or images/ + labels/ folders holding files with the same names."
-    )
+        return "images_labels", _from_nnunet_folders(root, root / "images", root / "labels", channel_suffix=False)
+    return None
+
+
+def read_dataset_json(path: Path) -> dict:
+    """A dataset.json (MSD or nnU-Net) as a dict.
+
+    Raises:
+        ManifestError: not valid JSON, or not a JSON object.
+    """
+    try:
+        meta = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{path}: Expected a JSON object (MSD or nnU-Net dataset.json). Got a "
+                            f"{type(meta).__name__}. Fix or remove the file.")
+    return meta
 
 
 def _from_msd_json(root: Path, training: list[dict[str, str]]) -> list[Case]:
@@ -321,10 +355,43 @@ def build_manifest(
     subject_pattern: str | None = None,
     limit: int | None = None,
 ) -> Manifest:
-    """Discover cases under ``source``, hash them, split them and write ``out``.
+    """Detect the layout of ``source`` (:func:`medseg.data.layouts.detect_layout`), then
+    :func:`build_manifest_from_layout`.
 
     Args:
-        source: dataset folder (the data root; manifest paths are relative to it).
+        source: dataset folder (the data root; manifest paths are relative to it), or a CSV of
+            ``path,label[,split]`` rows (its folder is the data root).
+        out: CSV to write.
+        seed, val_fraction, test_fraction, folds, subject_pattern, limit: see
+            :func:`build_manifest_from_layout`.
+    """
+    from medseg.data.layouts import detect_layout  # layouts builds on this module's discovery
+
+    return build_manifest_from_layout(detect_layout(Path(source)), out, seed=seed, val_fraction=val_fraction,
+                                      test_fraction=test_fraction, folds=folds, subject_pattern=subject_pattern,
+                                      limit=limit)
+
+
+def build_manifest_from_layout(
+    layout: DatasetLayout,
+    out: Path,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    folds: int | None = None,
+    subject_pattern: str | None = None,
+    limit: int | None = None,
+) -> Manifest:
+    """Hash the cases of a detected layout, split them and write ``out``.
+
+    Splits the layout gives (ImageFolder ``train/val/test`` folders, a CSV's ``split`` column) are
+    kept. When they hold no ``val`` cases and ``val_fraction`` (or ``folds``) asks for some, the
+    validation cases (or folds) are drawn from the ``train`` cases, seeded and grouped by subject;
+    ``test`` cases stay as given and ``test_fraction`` is not used. Without layout splits every
+    case is split by :func:`assign_splits`.
+
+    Args:
+        layout: from :func:`medseg.data.layouts.detect_layout`; paths are relative to ``layout.root``.
         out: CSV to write.
         seed: split seed.
         val_fraction, test_fraction, folds: see :func:`assign_splits`.
@@ -332,7 +399,8 @@ def build_manifest(
             ``(?P<subject>[^_]+)_``); default: each case is its own subject.
         limit: keep only the first N cases (sorted by id), e.g. for a demo subset.
     """
-    cases = sorted(discover_cases(source), key=lambda c: c.case_id)
+    source = layout.root
+    cases = sorted(layout.cases, key=lambda c: c.case_id)
     if limit:
         cases = cases[:limit]
     if subject_pattern:
@@ -351,11 +419,29 @@ def build_manifest(
         replace(
             c,
             image_sha256=tuple(sha256_of(source / p) for p in c.images),
-            label_sha256=sha256_of(source / c.label) if c.label else None,
+            label_sha256=sha256_of(source / c.label) if c.label and layout.task_hint == "segmentation" else None,
         )
         for c in cases
     ]
-    split = assign_splits(hashed, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, folds=folds)
+    if any(c.split for c in hashed):
+        split = _keep_layout_splits(hashed, seed=seed, val_fraction=val_fraction, folds=folds)
+    else:
+        split = assign_splits(hashed, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, folds=folds)
     manifest = Manifest(path=Path(out), cases=tuple(split))
     write_manifest(manifest, out)
     return manifest
+
+
+def _keep_layout_splits(cases: list[Case], seed: int, val_fraction: float, folds: int | None) -> list[Case]:
+    """The layout's own splits; validation cases (or folds) drawn from ``train`` when it gives none."""
+    if any(c.split == "val" for c in cases) or (not folds and val_fraction <= 0):
+        return cases
+    train = [c for c in cases if c.split == "train"]
+    drawn = {c.case_id: c for c in assign_splits(train, seed=seed, val_fraction=val_fraction, folds=folds)}
+    out = []
+    for c in cases:
+        if c.case_id in drawn:
+            out.append(drawn[c.case_id])
+        else:
+            out.append(replace(c, fold=-1) if folds else c)
+    return out

@@ -84,6 +84,13 @@ def intensity_transform(cfg: IntensityConfig, key: str = IMAGE) -> MapTransform 
             raise ConfigError("preprocess.intensity.window is required with mode: ct_window, e.g. [-160, 240]")
         low, high = cfg.window
         return ScaleIntensityRanged(keys=key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    if cfg.mode == IntensityMode.CLIP_ZSCORE:
+        if cfg.clip is None or cfg.mean is None or cfg.std is None:  # refused by IntensityConfig's validator
+            raise ConfigError("preprocess.intensity.clip, mean and std are required with mode: clip_zscore")
+        # clip then (x - mean) / std is one linear map with clipping: MONAI's ScaleIntensityRange does it
+        low, high = cfg.clip
+        return ScaleIntensityRanged(keys=key, a_min=low, a_max=high, b_min=(low - cfg.mean) / cfg.std,
+                                    b_max=(high - cfg.mean) / cfg.std, clip=True)
     if cfg.mode == IntensityMode.PERCENTILE:
         low, high = cfg.percentiles
         return ScaleIntensityRangePercentilesd(keys=key, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True,
@@ -171,6 +178,7 @@ def patch_sampler(cfg: PatchConfig, num_classes: int, precomputed: bool = False)
     if cfg.sampler == PatchSampler.PER_CLASS:
         return RandCropByLabelClassesd(
             keys=[IMAGE, LABEL], label_key=LABEL, spatial_size=size, num_classes=num_classes,
+            ratios=list(cfg.class_ratios) if cfg.class_ratios is not None else None,
             num_samples=cfg.samples_per_volume, allow_smaller=False, indices_key=CLASS_INDICES if precomputed else None,
         )
     return RandSpatialCropSamplesd(keys=[IMAGE, LABEL], roi_size=size, num_samples=cfg.samples_per_volume,

@@ -391,6 +391,20 @@ def read_error(path: Path | str, err: BaseException) -> CaseError:
                      "Check that it is a complete NIfTI/DICOM/MHA/NRRD image")
 
 
+def reader_source(image: Any) -> str | list[str]:
+    """What the loader takes for an input (a path, or a sequence of channel files): one path, or a
+    list of channel files (read as channels)."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    paths = [str(p) for p in image]
+    return paths if len(paths) > 1 else paths[0]
+
+
+def shown_source(image: Any) -> str:
+    """An input as messages name it (channel files joined by ``;``)."""
+    return str(image) if isinstance(image, (str, Path)) else ";".join(str(p) for p in image)
+
+
 def check_input_shape(contract: dict[str, Any], shape: Sequence[int], source: str) -> None:
     """Refuse an image whose channels or dimensions are not what the model takes.
 
@@ -655,7 +669,7 @@ def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overw
             # their values come from the earlier report (or the files), so the report stays whole.
             values = ({k: previous_row.get(k, "") for k in predictor.value_columns} if previous_row is not None
                       else predictor.values_of_finished(case, expected))
-            return CaseResult(case.case_id, str(case.path), "skipped", "output exists (use --overwrite to redo)",
+            return CaseResult(case.case_id, case.shown, "skipped", "output exists (use --overwrite to redo)",
                               time.monotonic() - started, {k: str(p) for k, p in expected.items()}, values)
         result = predictor.predict_case(case, output_dir)
     except OSError as err:
@@ -664,11 +678,11 @@ def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overw
         message = (write_error(case.path, output_dir, err) if _is_write_failure(err, output_dir)
                    else f"{case.path}: {type(err).__name__}: {err}")
         log.warning("case %s failed: %s", case.case_id, message)
-        return CaseResult(case.case_id, str(case.path), "failed", message, time.monotonic() - started)
+        return CaseResult(case.case_id, case.shown, "failed", message, time.monotonic() - started)
     except Exception as err:  # one bad case must not stop the batch
         message = str(err) if isinstance(err, MedsegError) else f"{case.path}: {type(err).__name__}: {err}"
         log.warning("case %s failed: %s", case.case_id, message)
-        return CaseResult(case.case_id, str(case.path), "failed", message, time.monotonic() - started)
+        return CaseResult(case.case_id, case.shown, "failed", message, time.monotonic() - started)
     result.seconds = time.monotonic() - started
     return result
 

@@ -196,6 +196,7 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         tracker.log_params(flatten(config_to_dict(cfg)))
         tracker.log_dataset_inputs(datasets)
         tracker.log_artifact(run_dir / "resolved_config.yaml")
+        _log_fingerprint(cfg, tracker)
         if cfg.tracking.system_metrics:  # stopped by tracker.end, whichever way the run ends
             tracker.start_system_metrics(cfg.tracking.system_metrics_interval_s, resume=previous_run is not None)
     shared_dir, resumed = dist.broadcast((run_dir, bool(resume)))  # where the main process put the run
@@ -258,7 +259,35 @@ def manifest_datasets(cfg: RunConfig, manifest: Manifest) -> list[DatasetRecord]
         if cfg.data.fold is not None and role != "test":
             profile["fold"] = cfg.data.fold
         records.append(DatasetRecord(f"{manifest.path.stem}/{role}", digest, manifest.path, role, profile))
-    return records
+    fingerprint = fingerprint_record(cfg, manifest.path, digest)
+    return records + ([fingerprint] if fingerprint else [])
+
+
+def fingerprint_record(cfg: RunConfig, manifest_path: Path, digest: str) -> DatasetRecord | None:
+    """``data.fingerprint`` (what ``medseg plan`` measured) as a dataset of context ``fingerprint``
+    whose digest is the manifest's: the run page shows which data the plan was made from."""
+    path = getattr(cfg.data, "fingerprint", None)
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        measured = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        log.warning("data.fingerprint %s is not readable JSON; not logged", path)
+        return None
+    if not str(measured.get("manifest_sha256", "")).startswith(digest):
+        log.warning("data.fingerprint %s was measured on another version of %s; re-plan to refresh it", path,
+                    manifest_path)
+    cases = measured.get("cases") or []
+    profile = {"cases": len(cases), "spatial_dims": measured.get("spatial_dims"),
+               "channels": ", ".join(measured.get("channel_names") or []),
+               "fingerprint_seconds": measured.get("elapsed_s")}
+    return DatasetRecord(f"{manifest_path.stem}/fingerprint", digest, Path(path), "fingerprint", profile)
+
+
+def _log_fingerprint(cfg: RunConfig, tracker: MlflowTracker) -> None:
+    path = getattr(cfg.data, "fingerprint", None)
+    if path is not None and Path(path).is_file():
+        tracker.log_artifact(Path(path), "plan")
 
 
 def end_despite_sigterm(tracker: MlflowTracker, status: str) -> None:
@@ -389,6 +418,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
         tracker.log_params({**flatten(config_to_dict(cfg)), "repeat.kind": kind.value, "repeat.count": count})
         tracker.log_dataset_inputs(datasets)
         tracker.log_artifact(parent_dir / "resolved_config.yaml")
+        _log_fingerprint(cfg, tracker)
         for child_name, child_cfg in children:
             child_dir = parent_dir / child_name
             if child_cfg.tracking.run_name is None:

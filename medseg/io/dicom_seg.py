@@ -1,4 +1,5 @@
-"""DICOM SEG output referencing the source series (needs the optional ``highdicom``)."""
+"""DICOM SEG: label maps written as a SEG referencing the source series, and SEG files read back as
+label maps (both need the optional ``highdicom``: ``pip install 'medseg[dicom-seg]'``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,84 @@ import pydicom
 import SimpleITK as sitk
 
 import medseg
+from medseg.errors import VolumeReadError, cause_text
 from medseg.io.atomic import atomic_path
+
+#: SOP Class UID of Segmentation Storage.
+SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def dicom_seg_available() -> bool:
     return importlib.util.find_spec("highdicom") is not None
+
+
+def is_dicom_seg(path: Path) -> bool:
+    """True for a DICOM file whose SOP Class UID is Segmentation Storage (reads the header only)."""
+    from medseg.io.sitk_reader import is_dicom_file
+
+    path = Path(path)
+    if not path.is_file() or not is_dicom_file(path):
+        return False
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - a damaged header is reported by the image reader
+        return False
+    return str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS_UID
+
+
+def read_dicom_seg(path: Path) -> sitk.Image:
+    """A DICOM SEG as one integer label map: each voxel holds its segment number (0 = no segment).
+
+    The grid is the one the SEG's frames define (highdicom's ``get_volume``): it matches the
+    referenced series when the SEG has a frame for every slice. A SEG written with its empty frames
+    left out covers only the slices from its first to its last segmented one, so its shape and
+    origin then differ from the series'.
+
+    Returns:
+        A SimpleITK image (LPS, like every DICOM read here), ``uint8`` or ``uint16`` by the largest
+        segment number; :class:`~medseg.io.sitk_reader.SimpleITKReader` turns it into RAS.
+
+    Raises:
+        VolumeReadError: highdicom is not installed, the SEG cannot be parsed, its frames do not
+            form one regular volume, or its segments overlap (a label map cannot hold both).
+    """
+    if not dicom_seg_available():
+        raise VolumeReadError(
+            f"{path}: a DICOM SEG (segmentation); reading it needs highdicom. "
+            "Install it with `pip install 'medseg[dicom-seg]'`, or convert the SEG to NIfTI.")
+    import highdicom as hd
+
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as err:  # noqa: BLE001 - highdicom/pydicom raise many types on a damaged file
+        raise VolumeReadError(f"{path}: not a readable DICOM SEG ({cause_text(err)}). Export it again.") from None
+    numbers = [int(n) for n in seg.segment_numbers]
+    dtype = np.uint8 if max(numbers, default=0) < 256 else np.uint16
+    try:
+        volume = seg.get_volume(combine_segments=True, relabel=False, dtype=dtype)
+    except Exception as err:  # noqa: BLE001
+        raise VolumeReadError(
+            f"{path}: the DICOM SEG's frames cannot be read as one label volume ({cause_text(err)}). Expected: frames "
+            "on one regular grid with non-overlapping segments. Convert the SEG with a tool that keeps each segment "
+            "separately (e.g. dcmqi segimage2itkimage) and merge the labels yourself.") from None
+    # highdicom: array (slice, row, column), affine index -> LPS. SimpleITK: array (z, y, x), x = column.
+    array = np.asarray(volume.array)
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    columns = affine[:3, [2, 1, 0]]  # the x (column), y (row), z (slice) steps in mm
+    if array.shape[0] > 1 and float(np.cross(columns[:, 0], columns[:, 1]) @ columns[:, 2]) < 0:
+        # highdicom may stack the frames against the slice normal; GDCM (and so the series read
+        # here) stacks along it: flip, so SEG and series share one grid.
+        affine[:3, 3] += (array.shape[0] - 1) * columns[:, 2]
+        columns[:, 2] *= -1
+        array = array[::-1]
+    spacing = np.linalg.norm(columns, axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetOrigin([float(v) for v in affine[:3, 3]])
+    image.SetDirection([float(v) for v in (columns / spacing).ravel()])
+    image.SetMetaData("modality", "SEG")
+    image.SetMetaData("series_instance_uid", str(seg.SeriesInstanceUID))
+    return image
 
 
 def write_dicom_seg(label_map: np.ndarray, series_folder: Path, series_uid: str, labels: Mapping[int, str],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pydicom
@@ -25,15 +25,40 @@ from medseg.io.formats import FORMATS, strip_volume_suffix
 _HEADER_TAGS = ["SeriesInstanceUID", "SeriesDescription", "Rows", "Columns", "NumberOfFrames", "SOPClassUID", "Modality"]
 
 
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
 @dataclass(frozen=True)
 class InputCase:
-    """One scan to predict: a file, or a folder holding one DICOM series."""
+    """One scan to predict: a file, a folder holding one DICOM series, or nnU-Net channel files.
+
+    Attributes:
+        path: the file or series folder (for channel files: the first channel's file).
+        channels: the channel files in channel order (``X_0000``, ``X_0001``, ...); empty for a
+            single file or series.
+    """
 
     case_id: str
     path: Path
     kind: str  # "file" | "dicom_series" | "dicom_file"
     series_uid: str | None = None
     problem: str | None = None  # set when discovery already knows the case cannot be read
+    channels: tuple[Path, ...] = ()
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Every file the case reads, in channel order."""
+        return self.channels or (self.path,)
+
+    @property
+    def source(self) -> str | list[str]:
+        """What a reader takes: the path, or the list of channel files (read as channels)."""
+        return [str(p) for p in self.channels] if len(self.channels) > 1 else str(self.paths[0])
+
+    @property
+    def shown(self) -> str:
+        """The input as the report shows it (channel files joined by ``;``)."""
+        return ";".join(str(p) for p in self.paths)
 
 
 @dataclass
@@ -69,6 +94,7 @@ def discover(root: Path) -> Discovery:
         found.cases.append(InputCase(_case_id(root.parent, root, True), root, "file"))
         return found
     dicom_by_folder: dict[Path, list[Path]] = defaultdict(list)
+    files: list[Path] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         fmt = FORMATS.for_path(path)
         if fmt is None:
@@ -76,12 +102,38 @@ def discover(root: Path) -> Discovery:
         if fmt.series:  # DICOM: files are grouped into series per folder below
             dicom_by_folder[path.parent].append(path)
         else:
-            found.cases.append(InputCase(_case_id(root, path, True), path, "file"))
-    for folder, files in sorted(dicom_by_folder.items()):
-        _dicom_cases(root, folder, files, found)
+            files.append(path)
+    found.cases.extend(_file_cases(root, files))
+    for folder, dicom_files in sorted(dicom_by_folder.items()):
+        _dicom_cases(root, folder, dicom_files, found)
     found.cases = _refuse_shared_ids(found.cases)
     found.cases.sort(key=lambda c: (c.case_id, str(c.path)))
     return found
+
+
+def _file_cases(root: Path, files: list[Path]) -> list[InputCase]:
+    """One case per file, except nnU-Net channel files (``X_0000``, ``X_0001``, ...): one case per group."""
+    groups: dict[tuple[Path, str], dict[int, Path]] = defaultdict(dict)
+    for path in files:
+        match = _CHANNEL_FILE.match(strip_volume_suffix(path.name))
+        if match:
+            groups[(path.parent, match["case"])][int(match["channel"])] = path
+    grouped = {p for (_, _), members in groups.items() if 0 in members for p in members.values()}
+    cases = [InputCase(_case_id(root, p, True), p, "file") for p in files if p not in grouped]
+    for (folder, name), members in sorted(groups.items()):
+        if 0 not in members:
+            continue  # not nnU-Net naming (e.g. scan_2019.nii.gz): ordinary files, listed above
+        ordered = tuple(members[k] for k in sorted(members))
+        case_id = _case_id(root, folder / name, False)
+        missing = sorted(set(range(max(members) + 1)) - set(members))
+        problem = None
+        if missing:
+            problem = (f"{folder / name}: Expected channel files {name}_0000 to {name}_{max(members):04d} with no gap. "
+                       f"Got {', '.join(p.name for p in ordered)}: channel(s) {', '.join(f'{k:04d}' for k in missing)} "
+                       "missing. Files: " + ", ".join(str(p) for p in ordered) + ". Add the missing channel file, or "
+                       "renumber the channels from _0000 without gaps.")
+        cases.append(InputCase(case_id, ordered[0], "file", problem=problem, channels=ordered))
+    return cases
 
 
 def _refuse_shared_ids(cases: list[InputCase]) -> list[InputCase]:
@@ -94,11 +146,10 @@ def _refuse_shared_ids(cases: list[InputCase]) -> list[InputCase]:
         if len(group) == 1:
             out.extend(group)
             continue
-        names = ", ".join(str(c.path) for c in group)
+        names = ", ".join(c.shown for c in group)
         for c in group:
-            out.append(InputCase(c.case_id, c.path, c.kind, c.series_uid,
-                                 problem=f"{c.path}: case id {case_id!r} is shared by {names}, whose outputs would "
-                                         "overwrite each other; rename or move one of them"))
+            out.append(replace(c, problem=f"{c.path}: case id {case_id!r} is shared by {names}, whose outputs would "
+                                          "overwrite each other; rename or move one of them"))
     return out
 
 

@@ -11,7 +11,12 @@ dicom       .dcm .dicom .ima, or none    :class:`~medseg.io.sitk_reader.SimpleIT
             (``DICM`` magic); a folder   (a folder is one series, sorted by position)
 metaimage   .mha .mhd                    SimpleITKReader
 nrrd        .nrrd .nhdr                  SimpleITKReader
+image2d     .png .jpg .jpeg .tif .tiff   :class:`~medseg.io.image2d_reader.Image2DReader`
+            (one 2D image per file)      (Pillow; tifffile for TIFFs Pillow cannot read)
 ==========  ===========================  ============================================
+
+A DICOM file whose SOP class is Segmentation Storage (DICOM SEG) reads as an integer label map
+(segment numbers; needs ``highdicom``, see :func:`medseg.io.dicom_seg.read_dicom_seg`).
 
 Another package adds a format through the ``medseg.readers`` entry-point group; the entry
 point names a :class:`VolumeFormat` (or a function returning one)::
@@ -39,6 +44,7 @@ from monai.data import ImageReader, NibabelReader
 from monai.utils import ensure_tuple
 
 from medseg.errors import VolumeReadError
+from medseg.io.image2d_reader import IMAGE2D_SUFFIXES, Image2DReader
 from medseg.io.preflight import check_file
 from medseg.io.sitk_reader import SimpleITKReader, is_dicom_file
 
@@ -73,6 +79,7 @@ BUILTIN_FORMATS = (
     VolumeFormat("dicom", (".dcm", ".dicom", ".ima"), SimpleITKReader, series=True, sniff=is_dicom_file),
     VolumeFormat("metaimage", (".mha", ".mhd"), SimpleITKReader),
     VolumeFormat("nrrd", (".nrrd", ".nhdr"), SimpleITKReader),
+    VolumeFormat("image2d", IMAGE2D_SUFFIXES, Image2DReader),
 )
 
 

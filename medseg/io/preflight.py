@@ -84,12 +84,45 @@ def check_file(path: Path, format_name: str) -> None:
                               "Copy or export it again; an interrupted download or copy leaves empty files.")
     if format_name == "nifti":
         _check_nifti(path, size)
+    elif format_name == "dicom" and _is_dicom_seg(path):
+        _check_dicom_seg(path)
     elif format_name in ("metaimage", "nrrd", "dicom"):
         _check_sitk_header(path, size, format_name)
+    elif format_name == "image2d":
+        _check_image2d(path)
 
 
 def _shown(format_name: str) -> str:
-    return {"nifti": "NIfTI", "dicom": "DICOM", "metaimage": "MetaImage", "nrrd": "NRRD"}.get(format_name, format_name)
+    return {"nifti": "NIfTI", "dicom": "DICOM", "metaimage": "MetaImage", "nrrd": "NRRD",
+            "image2d": "PNG/JPEG/TIFF"}.get(format_name, format_name)
+
+
+def _check_image2d(path: Path) -> None:
+    """Header of a PNG/JPEG/TIFF (Pillow reads it lazily): one page, a possible size, memory."""
+    from medseg.io.image2d_reader import read_header
+
+    header = read_header(path)  # refuses unreadable files and multi-page TIFFs
+    shape = (*header.size, *((header.channels,) if header.channels > 1 else ()))
+    check_header(path, shape, header.itemsize, np.eye(3), "2D image", spatial=2)
+
+
+def _is_dicom_seg(path: Path) -> bool:
+    from medseg.io.dicom_seg import is_dicom_seg
+
+    return is_dicom_seg(path)
+
+
+def _check_dicom_seg(path: Path) -> None:
+    """A DICOM SEG's frames (GDCM cannot read every SEG header): Rows x Columns x NumberOfFrames."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
+        shape = (int(ds.Columns), int(ds.Rows), int(ds.get("NumberOfFrames") or 1))
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types on a damaged header
+        raise VolumeReadError(f"{path}: not a readable DICOM SEG: its header cannot be parsed ({cause_text(err)}). "
+                              "It is truncated or corrupt; export it again.") from None
+    check_header(path, shape, 1, None, "DICOM SEG")
 
 
 def _check_nifti(path: Path, size: int) -> None:

@@ -1,5 +1,6 @@
 """SimpleITK behind MONAI's ``ImageReader`` interface: DICOM series folders, single and
-multi-frame DICOM files, MetaImage and NRRD.
+multi-frame DICOM files, MetaImage and NRRD. A DICOM SEG file is read as a label map through
+highdicom (:func:`medseg.io.dicom_seg.read_dicom_seg`).
 
 SimpleITK/GDCM sorts a series by slice position (never by file name) and keeps oblique
 direction cosines; the affine comes back in RAS, like MONAI's ``NibabelReader``, so geometry
@@ -523,6 +524,10 @@ class SimpleITKReader(ImageReader):
     def _read_one(path: Path) -> sitk.Image:
         if path.is_dir():
             return read_dicom_series(path)
+        from medseg.io.dicom_seg import is_dicom_seg, read_dicom_seg  # dicom_seg imports this module
+
+        if is_dicom_seg(path):
+            return read_dicom_seg(path)
         image = sitk.ReadImage(str(path))
         if is_dicom_file(path):
             reader = sitk.ImageFileReader()

@@ -87,6 +87,11 @@ class Task(Protocol):
         """What the one batch-predict driver calls for each case of a folder with this task's model."""
         ...
 
+    def plan(self, request: Any, fingerprint: Any) -> Any:
+        """``medseg plan``: a :class:`~medseg.planning.plan.Plan` for this task from a
+        :class:`~medseg.planning.plan.PlanRequest` and the dataset's fingerprint."""
+        ...
+
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         """One input batch as prediction feeds the network (to export it to ONNX), and whether
         its spatial size varies (sliding windows, slices) or is fixed (a resized image)."""
@@ -127,6 +132,11 @@ class TaskBase:
 
     def prepare_data(self, cfg: Any, root: Path, progress: bool) -> None:
         return None
+
+    def plan(self, request: Any, fingerprint: Any) -> Any:
+        from medseg.errors import UsageError
+
+        raise UsageError(f"task {self.name!r} has no planner; write its config by hand (see configs/)")
 
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         from medseg.errors import UsageError

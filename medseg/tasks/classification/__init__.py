@@ -34,6 +34,11 @@ class ClassificationTask(TaskBase):
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         return torch.zeros(2, int(contract["in_channels"]), *[int(s) for s in contract["resize"]]), False
 
+    def plan(self, request: Any, fingerprint: Any) -> Any:
+        from medseg.tasks.classification.planner import plan
+
+        return plan(self, request, fingerprint)
+
     def build_network(self, cfg: Any) -> nn.Module:
         from medseg.tasks.classification.training import build_classifier
 

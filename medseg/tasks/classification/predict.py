@@ -26,6 +26,8 @@ from medseg.engine.predict import (
     PredictOptions,
     check_input_shape,
     read_error,
+    reader_source,
+    shown_source,
 )
 from medseg.engine.runtime import autocast, autocast_dtype
 from medseg.engine.tta import average_predictions, tta_axes
@@ -76,14 +78,14 @@ class ClassificationPredictor:
         return average_predictions(self.model.members(), x, dims, self.options.tta, run, spatial_output=False,
                                    axes=self.flip_axes)
 
-    def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
+    def predict(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str) -> Prediction:
         loaded = isinstance(image, MetaTensor)
         try:
-            data = self._chains[not loaded]({IMAGE: image if loaded else str(image)})
+            data = self._chains[not loaded]({IMAGE: image if loaded else reader_source(image)})
         except Exception as err:
-            raise read_error(case_id if isinstance(image, MetaTensor) else image, err) from err
+            raise read_error(case_id if isinstance(image, MetaTensor) else shown_source(image), err) from err
         volume: MetaTensor = data[IMAGE]
-        check_input_shape(self.model.contract, volume.shape, case_id if loaded else str(image))
+        check_input_shape(self.model.contract, volume.shape, case_id if loaded else shown_source(image))
         probs = self.class_probabilities(torch.as_tensor(volume))
         k = int(probs.argmax())
         affine = np.asarray(volume.meta.get("original_affine", volume.affine), dtype=np.float64)
@@ -96,12 +98,12 @@ class ClassificationPredictor:
         return {}  # the report row is the output
 
     def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
-        prediction = self.predict(case.path, case.case_id)
+        prediction = self.predict(case.source, case.case_id)
         index = {n: i for i, n in self.names.items()}[str(prediction.predicted_class)]
         values: dict[str, Any] = {"label": "", "predicted": index, "predicted_name": prediction.predicted_class,
                                   **{f"prob_{n}": round(p, 6) for n, p in prediction.class_probabilities.items()},
                                   **{k: round(float(v), 6) for k, v in prediction.uncertainty.items() if v is not None}}
-        return CaseResult(case.case_id, str(case.path), "ok", values=values)
+        return CaseResult(case.case_id, case.shown, "ok", values=values)
 
     def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
         return {}  # unreachable: a classified case is known by its report row

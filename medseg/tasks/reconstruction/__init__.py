@@ -36,6 +36,11 @@ class ReconstructionTask(TaskBase):
         channels = MRI_CHANNELS if recon.get("problem") == "mri" else 1
         return torch.zeros(2, channels, *[int(s) for s in recon["image_size"]]), True
 
+    def plan(self, request: Any, fingerprint: Any) -> Any:
+        from medseg.tasks.reconstruction.planner import plan
+
+        return plan(self, request, fingerprint)
+
     def build_network(self, cfg: Any) -> nn.Module:
         from medseg.tasks.reconstruction.training import build_network
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from medseg.config import UNetModelConfig
 from medseg.engine.models import create_model, register_model
+from medseg.errors import ModelError
 from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem, ReconstructionModelConfig
 from medseg.tasks.reconstruction.operators import MRI_CHANNELS, data_consistency, fft2c, unpack_mri_input
 
@@ -34,7 +35,11 @@ class ResidualUNet(nn.Module):
 
     def __init__(self, cfg: UNetModelConfig, channels: int):
         super().__init__()
-        strides = tuple(cfg.strides or (2,) * (len(cfg.channels) - 1))
+        given = tuple(cfg.strides or (2,) * (len(cfg.channels) - 1))
+        strides = tuple(s for s in given if isinstance(s, int))
+        if len(strides) != len(given):
+            raise ModelError(f"model.strides {list(given)}: reconstruction U-Nets take one stride per level (an "
+                             "int for both axes of a slice), not one per axis")
         self.factor = math.prod(strides)
         self.unet = UNet(spatial_dims=2, in_channels=channels, out_channels=channels, channels=cfg.channels,
                          strides=strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)

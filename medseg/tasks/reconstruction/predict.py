@@ -35,6 +35,8 @@ from medseg.engine.predict import (
     PredictOptions,
     mean_or_none,
     read_error,
+    reader_source,
+    shown_source,
     write_nifti,
 )
 from medseg.engine.runtime import autocast, autocast_dtype
@@ -112,12 +114,12 @@ class ReconstructionPredictor:
         self.net = model.networks[0] if len(model.networks) == 1 else _Ensemble(model.networks)
         self._chains = {load: recon_preprocessing(model.contract, load, options.allow_constant) for load in (True, False)}
 
-    def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
+    def predict(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str) -> Prediction:
         loaded = isinstance(image, MetaTensor)
-        source = case_id if loaded else str(image)
+        source = case_id if loaded else shown_source(image)
         chain = self._chains[not loaded]
         try:
-            data = chain({IMAGE: image if loaded else str(image)})
+            data = chain({IMAGE: image if loaded else reader_source(image)})
         except Exception as err:
             raise read_error(source, err) from err
         volume: MetaTensor = data[IMAGE]
@@ -168,7 +170,7 @@ class ReconstructionPredictor:
 
     def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
         paths = self.expected_outputs(case, output_dir)
-        prediction = self.predict(case.path, case.case_id)
+        prediction = self.predict(case.source, case.case_id)
         outputs: dict[str, str] = {}
         if prediction.baseline is not None:
             key = f"{self.baseline}_output"
@@ -178,7 +180,7 @@ class ReconstructionPredictor:
                                             paths["output"]))
         metrics = dict(prediction.metrics)
         values: dict[str, Any] = {"slices": int(metrics.pop("slices")), **metrics}
-        return CaseResult(case.case_id, str(case.path), "ok", outputs=outputs, values=values)
+        return CaseResult(case.case_id, case.shown, "ok", outputs=outputs, values=values)
 
     def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
         return {}

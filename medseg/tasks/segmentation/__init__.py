@@ -35,6 +35,11 @@ class SegmentationTask(TaskBase):
         return torch.zeros(int(window.get("sw_batch_size", 1)), int(contract["in_channels"]),
                            *[int(s) for s in contract["patch_size"]]), True
 
+    def plan(self, request: Any, fingerprint: Any) -> Any:
+        from medseg.tasks.segmentation.planner import plan
+
+        return plan(self, request, fingerprint)
+
     def build_network(self, cfg: Any) -> nn.Module:
         from medseg.tasks.segmentation.training import build_network
 

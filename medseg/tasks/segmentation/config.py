@@ -67,6 +67,15 @@ class SegmentationConfig(RunConfig):
         dims = self.model.spatial_dims
         check_spatial_length("patch.size", self.patch.size, dims)
         check_spatial_length("preprocess.spacing", self.preprocess.spacing, dims)
+        ratios = self.patch.class_ratios
+        if ratios is not None and len(ratios) != len(self.data.labels):
+            raise ValueError(f"patch.class_ratios has {len(ratios)} values but data.labels has {len(self.data.labels)} "
+                             f"labels; give one ratio per label value, background first")
+        for i, stride in enumerate(self.model.strides or ()):
+            if not isinstance(stride, int):
+                check_spatial_length(f"model.strides.{i}", stride, dims)
+        for i, kernel in enumerate(self.model.kernels or ()):
+            check_spatial_length(f"model.kernels.{i}", kernel, dims)
         for i, aug in enumerate(self.augment):
             if isinstance(aug, Rot90Aug):
                 a, b = aug.axes

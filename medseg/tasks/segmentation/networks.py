@@ -14,25 +14,33 @@ from medseg.errors import ModelError
 TASK = "segmentation"
 
 
-def _strides(cfg: UNetModelConfig) -> tuple[int, ...]:
+Stride = int | tuple[int, ...]
+
+
+def _strides(cfg: UNetModelConfig) -> tuple[Stride, ...]:
     strides = cfg.strides or (2,) * (len(cfg.channels) - 1)
     if len(strides) != len(cfg.channels) - 1:
         raise ModelError(
             f"model.strides has {len(strides)} values but model.channels has {len(cfg.channels)} levels; "
             f"give one stride per downsampling step ({len(cfg.channels) - 1})"
         )
-    return tuple(strides)
+    return tuple(s if isinstance(s, int) else tuple(s) for s in strides)
 
 
-def _check_divisible(patch: Sequence[int], strides: Sequence[int], name: str) -> None:
-    factor = 1
-    for s in strides:
-        factor *= s
-    bad = [p for p in patch if p % factor]
-    if bad:
+def _per_axis(strides: Sequence[Stride], dims: int) -> list[list[int]]:
+    return [[s] * dims if isinstance(s, int) else list(s) for s in strides]
+
+
+def _check_divisible(patch: Sequence[int], strides: Sequence[Stride], name: str) -> None:
+    factors = [1] * len(patch)
+    for step in _per_axis(strides, len(patch)):
+        factors = [f * s for f, s in zip(factors, step)]
+    if any(p % f for p, f in zip(patch, factors)):
+        shown = factors[0] if len(set(factors)) == 1 else factors
         raise ModelError(
-            f"patch.size {list(patch)} must be divisible by {factor} (the product of {name} strides {list(strides)}); "
-            f"e.g. use {[max(factor, round(p / factor) * factor) for p in patch]}"
+            f"patch.size {list(patch)} must be divisible by {shown} (the product of {name} strides "
+            f"{[list(s) if isinstance(s, tuple) else s for s in strides]}); "
+            f"e.g. use {[max(f, round(p / f) * f) for p, f in zip(patch, factors)]}"
         )
 
 
@@ -42,7 +50,8 @@ def _unet(cfg: UNetModelConfig, in_channels: int, out_channels: int, patch: Sequ
     _check_divisible(patch, strides, "model")
     return UNet(
         spatial_dims=cfg.spatial_dims, in_channels=in_channels, out_channels=out_channels, channels=cfg.channels,
-        strides=strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout,
+        strides=strides,  # type: ignore[arg-type]  # MONAI's Convolution takes a per-axis stride too
+        num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout,
     )
 
 
@@ -51,8 +60,11 @@ def _dynunet(cfg: UNetModelConfig, in_channels: int, out_channels: int, patch: S
     strides = _strides(cfg)
     _check_divisible(patch, strides, "model")
     dims = cfg.spatial_dims
-    kernels = [[3] * dims] * len(cfg.channels)
-    all_strides = [[1] * dims] + [[s] * dims for s in strides]
+    kernels = [list(k) for k in cfg.kernels] if cfg.kernels else [[3] * dims] * len(cfg.channels)
+    if len(kernels) != len(cfg.channels):
+        raise ModelError(f"model.kernels has {len(kernels)} levels but model.channels has {len(cfg.channels)}; "
+                         "give one kernel per level")
+    all_strides = [[1] * dims] + _per_axis(strides, dims)
     return DynUNet(
         spatial_dims=dims, in_channels=in_channels, out_channels=out_channels, kernel_size=kernels,
         strides=all_strides, upsample_kernel_size=all_strides[1:], filters=list(cfg.channels), norm_name=cfg.norm,

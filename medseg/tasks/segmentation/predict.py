@@ -28,6 +28,8 @@ from medseg.engine.predict import (
     PredictOptions,
     check_input_shape,
     read_error,
+    reader_source,
+    shown_source,
     voxel_volume_ml,
     write_nifti,
 )
@@ -109,7 +111,7 @@ class SegmentationPredictor:
         return predict_samples(self.model.members(), image, dims, self.options.tta, run, keep_spread=keep_spread,
                                axes=self.flip_axes)
 
-    def predict(self, image: str | Path | MetaTensor, case_id: str, keep_probabilities: bool = True) -> Prediction:
+    def predict(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str, keep_probabilities: bool = True) -> Prediction:
         """The mask of one image on its own grid (see :class:`~medseg.engine.predict.Prediction`).
 
         Args:
@@ -121,11 +123,11 @@ class SegmentationPredictor:
         loaded = isinstance(image, MetaTensor)
         chain = self._chains[not loaded]
         try:
-            data = chain({IMAGE: image if loaded else str(image)})
+            data = chain({IMAGE: image if loaded else reader_source(image)})
         except Exception as err:
-            raise read_error(case_id if isinstance(image, MetaTensor) else image, err) from err
+            raise read_error(case_id if isinstance(image, MetaTensor) else shown_source(image), err) from err
         volume: MetaTensor = data[IMAGE]
-        source = case_id if loaded else str(image)
+        source = case_id if loaded else shown_source(image)
         check_input_shape(self.model.contract, volume.shape, source)
         many = self.options.tta or len(self.model.networks) > 1  # a spread to measure
         spread = self.samples(volume.as_tensor(), keep_spread=many)
@@ -181,7 +183,7 @@ class SegmentationPredictor:
 
     def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
         paths = self.expected_outputs(case, output_dir)
-        prediction = self.predict(case.path, case.case_id, keep_probabilities="probabilities" in paths)
+        prediction = self.predict(case.source, case.case_id, keep_probabilities="probabilities" in paths)
         label_array = cast(np.ndarray, prediction.label_map)
         outputs: dict[str, str] = {}
         if "dicom_seg" in paths:
@@ -199,7 +201,7 @@ class SegmentationPredictor:
         outputs["output"] = str(paths["output"])
         values = {**self._values(prediction.voxels, prediction.volumes_ml), **prediction.uncertainty}
         values.update(self.quality(prediction.volumes_ml, prediction.uncertainty))
-        return CaseResult(case.case_id, str(case.path), "ok", outputs=outputs, values=values)
+        return CaseResult(case.case_id, case.shown, "ok", outputs=outputs, values=values)
 
     def quality(self, volumes_ml: dict[str, float], uncertainty: dict[str, float | None]) -> dict[str, Any]:
         """Each label's volume as a z-score against the training split's, and the QC flag with the

@@ -1,0 +1,411 @@
+"""A seeded, CT-like synthetic segmentation dataset in mixed formats (DICOM series + SEG, and NRRD).
+
+Each case is a torso-like slab: air outside a body ellipse, a fat layer, soft tissue, a ring of
+rib-like bone, and three foreground classes with their own (overlapping, noisy) intensities:
+
+====  ======  ========================================================  ==============
+ 1    organ   a large deformed ellipsoid (several % of the voxels)       ~60 HU
+ 2    vessel  a tube running through every slice, drifting in-plane     ~180 HU
+ 3    lesion  a small ellipsoid inside the organ, darker rim;           ~20 HU (rim -10)
+              in about half of the cases only (well under 0.1 %)
+====  ======  ========================================================  ==============
+
+Sizes vary per case around the nominal ``shape`` (odd sizes on purpose), spacing is anisotropic
+(0.7 x 0.7 x 5 mm by default), the orientation is a small rotation about z and the origin is not
+zero. Even cases are a DICOM CT series (``<case>/image/``, one file per slice) with a DICOM SEG
+(``<case>/label.dcm``) referencing it; odd cases are ``<case>/image.nrrd`` and ``<case>/label.nrrd``.
+``dataset.json`` follows nnU-Net v2, listing the files under its ``dataset`` key (nnU-Net's way to
+name files outside ``imagesTr``/``labelsTr``).
+
+Arrays are in medseg's (x, y, z) index order; geometry (origin, direction) is in ITK/DICOM LPS.
+Writing the DICOM SEG needs the optional ``highdicom`` (``pip install medseg[dicom-seg]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
+
+import medseg
+from medseg.io.atomic import atomic_write_text, current_umask
+
+Shape3D = tuple[int, int, int]
+Spacing3D = tuple[float, float, float]
+
+#: Class value -> name, as in ``dataset.json`` (0 is background).
+LABELS: dict[int, str] = {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}
+#: Mean HU per tissue; noise (and a slight blur) make neighbouring classes overlap.
+HU = {"air": -1000.0, "fat": -100.0, "soft_tissue": 40.0, "bone": 700.0, "organ": 60.0, "vessel": 180.0,
+      "lesion": 20.0, "lesion_rim": -10.0}
+NOISE_HU = 15.0
+#: DICOM stores HU + 1024 as int16 (RescaleIntercept -1024, RescaleSlope 1), as many CT scanners do.
+RESCALE_INTERCEPT = -1024
+# Fixed, so that one seed gives byte-identical slice files (UIDs are derived from the seed too).
+_DATE, _TIME = "20240101", "120000"
+
+
+@dataclass(frozen=True)
+class SyntheticCase:
+    """One generated case: arrays in (x, y, z) order, geometry in LPS (ITK/DICOM)."""
+
+    image: np.ndarray  # int16 HU
+    label: np.ndarray  # uint8, values in LABELS
+    spacing: Spacing3D
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 3x3 row-major; columns are the x, y, z axis directions
+
+    @property
+    def has_lesion(self) -> bool:
+        return bool((self.label == 3).any())
+
+    def to_sitk(self, array: np.ndarray) -> sitk.Image:
+        """``array`` (x, y, z) as a SimpleITK image on this case's grid."""
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def synthetic_ct_case(index: int, seed: int = 0, shape: Shape3D = (128, 128, 24),
+                      spacing: Spacing3D = (0.7, 0.7, 5.0), lesion: bool = True) -> SyntheticCase:
+    """Generate case ``index`` of the dataset seeded ``seed`` (independent of how many cases there are).
+
+    Args:
+        index: case number; with ``seed`` it fixes the random stream.
+        seed: dataset seed.
+        shape: nominal (x, y, z) size; in-plane sizes vary by about +-12 %, the slice count by about
+            +-17 % (128 x 128 x 24 gives 112-144 x 112-144 x 20-28).
+        spacing: (x, y, z) voxel size in mm.
+        lesion: whether to draw the lesion (class 3).
+
+    Raises:
+        ValueError: a size below 8 x 8 x 2 or a non-positive spacing.
+    """
+    if len(shape) != 3 or min(shape[:2]) < 8 or shape[2] < 2:
+        raise ValueError(f"shape={tuple(shape)}: expected (x, y, z) with x, y >= 8 and z >= 2, e.g. (128, 128, 24)")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing={tuple(spacing)}: expected three positive sizes in mm, e.g. (0.7, 0.7, 5.0)")
+    rng = np.random.default_rng([seed, index])
+    nx = _vary(rng, shape[0], 0.125) | 1  # odd in-plane widths on purpose
+    ny = _vary(rng, shape[1], 0.125)
+    nz = max(2, _vary(rng, shape[2], 1 / 6))
+    scale = min(shape[0], shape[1])  # structures scale with the nominal size, not the varied one
+    x, y = np.meshgrid(np.arange(nx, dtype=np.float32), np.arange(ny, dtype=np.float32), indexing="ij")
+    z = np.arange(nz, dtype=np.float32)
+
+    # Body: an ellipse a little off-centre, breathing slightly along z; fat under the skin; bone ring.
+    bx, by = nx / 2 + rng.uniform(-0.04, 0.04) * nx, ny / 2 + rng.uniform(-0.04, 0.04) * ny
+    ax, ay = 0.44 * nx * rng.uniform(0.92, 1.0), 0.36 * ny * rng.uniform(0.92, 1.0)
+    body_phase = rng.uniform(0, 2 * np.pi)
+    body_scale = 1 + 0.03 * np.sin(2 * np.pi * z / max(nz, 4) + body_phase)
+    rho_body = np.sqrt(((x - bx) / ax) ** 2 + ((y - by) / ay) ** 2)[..., None] / body_scale  # (x, y, z)
+    theta_body = np.arctan2((y - by) / ay, (x - bx) / ax)[..., None]
+    image = np.full((nx, ny, nz), HU["air"], dtype=np.float32)
+    image[rho_body < 1.0] = HU["fat"]
+    image[rho_body < 0.9] = HU["soft_tissue"]
+    ribs = (rho_body > 0.8) & (rho_body < 0.845) & (np.cos(9 * theta_body + rng.uniform(0, 2 * np.pi)) > -0.2)
+    image[ribs] = HU["bone"]
+
+    label = np.zeros((nx, ny, nz), dtype=np.uint8)
+    # Organ and vessel sit on opposite sides of the body centre.
+    psi = rng.uniform(0, 2 * np.pi)
+    side = psi + np.pi + rng.uniform(-0.5, 0.5)
+    ox, oy = bx + 0.28 * ax * np.cos(side), by + 0.28 * ay * np.sin(side)
+    rx, ry = rng.uniform(0.36, 0.46) * ax, rng.uniform(0.28, 0.36) * ay
+    phi = rng.uniform(0, np.pi)
+    u = ((x - ox) * np.cos(phi) + (y - oy) * np.sin(phi)) / rx
+    v = (-(x - ox) * np.sin(phi) + (y - oy) * np.cos(phi)) / ry
+    theta = np.arctan2(v, u)
+    wobble = 1 + 0.12 * np.cos(2 * theta + rng.uniform(0, 2 * np.pi)) + 0.06 * np.cos(3 * theta + rng.uniform(0, 2 * np.pi))
+    zc, hz = rng.uniform(0.4, 0.6) * nz, rng.uniform(0.32, 0.45) * nz
+    taper = np.sqrt(np.clip(1 - ((z - zc) / hz) ** 2, 0, None))  # (z,)
+    organ = (np.sqrt(u**2 + v**2) / wobble)[..., None] < taper * 1.0
+    organ &= rho_body < 0.78
+    label[organ] = 1
+    image[organ] = HU["organ"]
+
+    vessel_radius = rng.uniform(0.035, 0.05) * scale
+    drift = rng.uniform(-0.25, 0.25, size=2) * vessel_radius  # voxels per slice
+    bend = rng.uniform(0.5, 1.5) * vessel_radius
+    zz = z - nz / 2
+    vx = bx + 0.5 * ax * np.cos(psi) + drift[0] * zz + bend * np.sin(zz / max(nz, 4) * np.pi)
+    vy = by + 0.5 * ay * np.sin(psi) + drift[1] * zz
+    vessel = (x[..., None] - vx) ** 2 + (y[..., None] - vy) ** 2 < vessel_radius**2
+    vessel &= rho_body < 0.78
+    label[vessel] = 2
+    image[vessel] = HU["vessel"]
+
+    if lesion:
+        # Centre in a voxel of the organ's middle third, radius ~3-4.5 mm at 128 voxels in-plane.
+        core = np.argwhere(organ & (np.abs(z - zc) < max(hz / 3, 0.5))[None, None, :])
+        if len(core) == 0:
+            core = np.argwhere(organ)
+        cx, cy, cz = core[rng.integers(len(core))].astype(np.float32)
+        radius = rng.uniform(0.035, 0.05) * scale
+        radius_z = max(radius * spacing[0] / spacing[2], 0.6)  # always at least its own slice
+        rho_lesion = np.sqrt(((x[..., None] - cx) ** 2 + (y[..., None] - cy) ** 2) / radius**2
+                             + ((z - cz) / radius_z) ** 2)
+        mask = rho_lesion < 1.0
+        label[mask] = 3
+        image[mask] = HU["lesion_rim"]
+        image[rho_lesion < 0.65] = HU["lesion"]
+
+    # Partial volume in-plane, then scanner noise.
+    image = gaussian_filter(image, sigma=(0.6, 0.6, 0.0))
+    image += rng.normal(0.0, NOISE_HU, image.shape).astype(np.float32)
+    image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+
+    angle = np.deg2rad(rng.uniform(5, 15) * rng.choice([-1, 1]))
+    c, s = float(np.cos(angle)), float(np.sin(angle))
+    direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+    # Origin rounded to 0.01 mm so that DICOM's decimal strings hold it exactly.
+    origin = (round(-nx * spacing[0] / 2 + rng.uniform(-20, 20), 2),
+              round(-ny * spacing[1] / 2 + rng.uniform(-20, 20), 2),
+              round(rng.uniform(-300, 100), 2))
+    return SyntheticCase(image, label, (float(spacing[0]), float(spacing[1]), float(spacing[2])), origin, direction)
+
+
+def _vary(rng: np.random.Generator, nominal: int, fraction: float) -> int:
+    spread = max(1, round(nominal * fraction))
+    return int(nominal + rng.integers(-spread, spread + 1))
+
+
+def write_synthetic_ct(root: Path, n_cases: int = 24, seed: int = 0, shape: Shape3D = (128, 128, 24),
+                       spacing: Spacing3D = (0.7, 0.7, 5.0), progress: bool = False) -> dict:
+    """Write the seeded synthetic CT dataset into case folders under ``root``.
+
+    Layout: ``<root>/case_000/image/*.dcm`` + ``label.dcm`` (DICOM SEG) for even cases,
+    ``<root>/case_001/image.nrrd`` + ``label.nrrd`` for odd ones, and ``<root>/dataset.json``.
+    Each case folder is built in a hidden temporary folder and renamed into place, so an interrupted
+    run never leaves a half-written case under its final name. Existing case folders are replaced.
+
+    Args:
+        root: dataset folder (created).
+        n_cases: number of cases; the lesion is drawn in ``ceil(n_cases / 2)`` of them, chosen by ``seed``.
+        seed: one seed fixes every voxel and every UID.
+        shape: nominal (x, y, z) size, see :func:`synthetic_ct_case`.
+        spacing: (x, y, z) voxel size in mm.
+        progress: show a progress bar.
+
+    Returns:
+        A summary: ``root``, ``cases`` (per case: id, format, image and label paths relative to
+        ``root``, shape, spacing, origin, direction, voxel counts per class, has_lesion),
+        ``class_fractions`` (voxel fraction of each class over the dataset) and ``lesion_cases``.
+
+    Raises:
+        ValueError: ``n_cases`` below 1, or a bad shape/spacing.
+        ImportError: ``highdicom`` is missing (needed for the DICOM SEG labels).
+    """
+    if n_cases < 1:
+        raise ValueError(f"n_cases={n_cases}: need at least one case")
+    _require_highdicom()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    n_lesion = (n_cases + 1) // 2
+    lesion_ids = {int(i) for i in np.random.default_rng([seed, 1_000_003]).permutation(n_cases)[:n_lesion]}
+    cases: list[dict] = []
+    totals = np.zeros(len(LABELS), dtype=np.int64)
+    for index in tqdm(range(n_cases), desc="synthetic CT", unit="case", disable=not progress):
+        case_id = f"case_{index:03d}"
+        case = synthetic_ct_case(index, seed, shape, spacing, lesion=index in lesion_ids)
+        dicom = index % 2 == 0
+        with _case_folder(root / case_id) as tmp:
+            if dicom:
+                uids = _uids(seed, case_id)
+                _write_ct_series(case, tmp / "image", case_id, uids)
+                _write_label_seg(case.label, tmp / "image", uids["series"], tmp / "label.dcm")
+            else:
+                sitk.WriteImage(case.to_sitk(case.image), str(tmp / "image.nrrd"), useCompression=True)
+                sitk.WriteImage(case.to_sitk(case.label), str(tmp / "label.nrrd"), useCompression=True)
+        counts = np.bincount(case.label.ravel(), minlength=len(LABELS))
+        totals += counts
+        cases.append({
+            "case_id": case_id, "format": "dicom" if dicom else "nrrd",
+            "image": f"{case_id}/image" if dicom else f"{case_id}/image.nrrd",
+            "label": f"{case_id}/label.dcm" if dicom else f"{case_id}/label.nrrd",
+            "shape": list(case.image.shape), "spacing": list(case.spacing), "origin": list(case.origin),
+            "direction": list(case.direction),
+            "voxels": {LABELS[v]: int(counts[v]) for v in LABELS}, "has_lesion": case.has_lesion,
+        })
+    dataset = {
+        "channel_names": {"0": "CT"},
+        "labels": {name: value for value, name in LABELS.items()},
+        "numTraining": n_cases,
+        "file_ending": "mixed",
+        "description": (f"Seeded synthetic CT (medseg.data.synthetic, seed {seed}, nominal shape {list(shape)}, "
+                        f"spacing {list(spacing)} mm): even cases DICOM series + DICOM SEG, odd cases NRRD. "
+                        "Lesion (3) present in about half the cases."),
+        "dataset": {c["case_id"]: {"images": [c["image"]], "label": c["label"]} for c in cases},
+    }
+    atomic_write_text(root / "dataset.json", json.dumps(dataset, indent=2))
+    total = int(totals.sum())
+    return {
+        "root": str(root),
+        "cases": cases,
+        "class_fractions": {LABELS[v]: float(totals[v] / total) for v in LABELS},
+        "lesion_cases": [c["case_id"] for c in cases if c["has_lesion"]],
+    }
+
+
+def _require_highdicom() -> None:
+    try:
+        import highdicom  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "write_synthetic_ct needs highdicom to write the DICOM SEG labels: pip install 'medseg[dicom-seg]'"
+        ) from err
+
+
+@contextmanager
+def _case_folder(final: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``final``; on success it replaces ``final``."""
+    # ".<name>.<random>.tmp", like medseg.io.atomic's temporaries
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private
+        old = None
+        if final.exists():  # a folder cannot be renamed onto a full one: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _uids(seed: int, case_id: str) -> dict[str, str]:
+    """Study, series and frame-of-reference UIDs derived from the seed and case (reproducible)."""
+    return {kind: generate_uid(entropy_srcs=["medseg.synthetic_ct", str(seed), case_id, kind])
+            for kind in ("study", "series", "frame")}
+
+
+def _ds(values: Sequence[float] | np.ndarray) -> list[str]:
+    """Decimal strings that fit DICOM's 16 characters."""
+    return [f"{v:.10g}" if abs(v) >= 1e-9 else "0" for v in values]
+
+
+def _write_ct_series(case: SyntheticCase, folder: Path, case_id: str, uids: dict[str, str]) -> None:
+    """One CT Image Storage file per slice, ``slice_000.dcm``... from inferior to superior."""
+    folder.mkdir(parents=True)
+    direction = np.asarray(case.direction).reshape(3, 3)
+    orientation = _ds([*direction[:, 0], *direction[:, 1]])
+    stored = (case.image.astype(np.int32) - RESCALE_INTERCEPT).astype(np.int16)
+    for k in range(case.image.shape[2]):
+        position = np.asarray(case.origin) + direction[:, 2] * case.spacing[2] * k
+        sop_uid = generate_uid(entropy_srcs=[uids["series"], str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = _DATE
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = _TIME
+        ds.AccessionNumber = ""
+        ds.Modality = "CT"
+        ds.Manufacturer = "medseg synthetic"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "medseg synthetic CT"
+        ds.SeriesDescription = "synthetic CT"
+        ds.PatientName = f"Synthetic^{case_id}"
+        ds.PatientID = case_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = "ABDOMEN"
+        ds.SliceThickness = _ds([case.spacing[2]])[0]
+        ds.SpacingBetweenSlices = _ds([case.spacing[2]])[0]
+        ds.KVP = "120"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = uids["study"]
+        ds.SeriesInstanceUID = uids["series"]
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = _ds(position)
+        ds.ImageOrientationPatient = orientation
+        ds.FrameOfReferenceUID = uids["frame"]
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = _ds([position[2]])[0]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = case.image.shape[1], case.image.shape[0]
+        ds.PixelSpacing = _ds([case.spacing[1], case.spacing[0]])  # between rows (y), between columns (x)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = str(RESCALE_INTERCEPT), "1", "HU"
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # rows = y, columns = x
+        ds.save_as(folder / f"slice_{k:03d}.dcm", enforce_file_format=True)
+
+
+def _segment_codes() -> dict[int, tuple]:
+    """(segmented property category, segmented property type) codes per class."""
+    from pydicom.sr.codedict import codes
+
+    return {1: (codes.SCT.AnatomicalStructure, codes.SCT.Organ),
+            2: (codes.SCT.AnatomicalStructure, codes.SCT.BloodVessel),
+            3: (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion)}
+
+
+def _write_label_seg(label: np.ndarray, series_folder: Path, series_uid: str, path: Path) -> None:
+    """A BINARY DICOM SEG of ``label`` (x, y, z) referencing the series: one segment per class
+    (segment number = class value) and a frame for every slice of every segment, empty ones too.
+
+    medseg.io.dicom_seg.write_dicom_seg is not used: it omits empty frames (highdicom's default)
+    and describes every segment as generic tissue from an AI algorithm.
+    """
+    import highdicom as hd
+
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series_folder), series_uid)
+    sources = [pydicom.dcmread(f) for f in files]
+    if len(sources) != label.shape[2]:
+        raise ValueError(f"{series_folder}: {len(sources)} slices but the label has {label.shape[2]}")
+    normal = np.cross(np.asarray(sources[0].ImageOrientationPatient[:3], float),
+                      np.asarray(sources[0].ImageOrientationPatient[3:], float))
+    along = [float(np.dot(normal, np.asarray(s.ImagePositionPatient, float))) for s in sources]
+    if along != sorted(along):  # GDCM's order is the label's slice order; check rather than trust
+        raise ValueError(f"{series_folder}: slices are not listed in position order")
+    frames = np.ascontiguousarray(label.transpose(2, 1, 0))  # (slices, rows = y, columns = x)
+    from pydicom.sr.codedict import codes
+
+    algorithm = hd.AlgorithmIdentificationSequence(name="medseg.data.synthetic", version=medseg.__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=value, segment_label=LABELS[value], segmented_property_category=category,
+            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for value, (category, kind) in _segment_codes().items()
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=generate_uid(entropy_srcs=[series_uid, "seg_series"]),
+        series_number=2, sop_instance_uid=generate_uid(entropy_srcs=[series_uid, "seg_instance"]),
+        instance_number=1, manufacturer="medseg", manufacturer_model_name="medseg.data.synthetic",
+        software_versions=medseg.__version__, device_serial_number="none",
+        series_description="synthetic CT ground truth", omit_empty_frames=False,
+    )
+    seg.save_as(path)
+

@@ -1,0 +1,1 @@
+"""medseg plan: dataset fingerprint, planning rules, probe and planned configs."""

@@ -1,0 +1,162 @@
+"""A plan: the config ``medseg plan`` chose, why each value, and what nnU-Net would have chosen.
+
+:class:`Plan` is what every task's planner returns and what :func:`medseg.plan` hands back. Its
+config is an ordinary nested mapping in the shape of a YAML config; :meth:`Plan.to_yaml` writes it
+with a one-line comment after every planned value (``# median spacing``, ``# probe: 0.041 s/step``),
+so the file is a config a person can read, edit and pass to ``medseg run``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from medseg.io.atomic import atomic_write_text
+from medseg.planning.fingerprint import Fingerprint
+
+#: Order of the sections in a written config (the order people read a config in).
+SECTION_ORDER = ("task", "seed", "output_dir", "data", "preprocess", "recon", "augment", "patch", "model", "loss", "optim",
+                 "train", "validation", "postprocess", "tracking")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user asked for: the task, the budget and the device to plan for."""
+
+    task: str
+    budget_minutes: float
+    device: torch.device
+    name: str                       # the dataset's short name: experiment, output_dir, file names
+    manifest: Path
+    root: Path
+    labels: dict[int, str]
+    channel_names: list[str]
+    probe: bool = True              # False: plan from rules alone (tests; no timing)
+    progress: bool = True
+
+
+@dataclass
+class ExplainRow:
+    setting: str
+    medseg: str
+    nnunet: str
+    why: str
+
+
+@dataclass
+class Plan:
+    """A planned config with its reasons (``why``: dotted key -> one line), the probe's
+    measurements and the rows of ``medseg plan --explain``."""
+
+    request: PlanRequest
+    config: dict[str, Any]
+    why: dict[str, str]
+    fingerprint: Fingerprint
+    probe: list[dict[str, Any]] = field(default_factory=list)
+    explain_rows: list[ExplainRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return self.request.task
+
+    # ---------------------------------------------------------------------------------- output
+
+    def header(self) -> list[str]:
+        r = self.request
+        fp = self.fingerprint
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        lines = [f"Planned by `medseg plan` ({when}) for a {r.budget_minutes:g}-minute budget on {describe_device(r.device)}.",
+                 f"Dataset: {r.manifest} (root {r.root}), {len(fp.cases)} cases, {fp.spatial_dims}D, "
+                 f"channels {fp.channel_names}; fingerprint {fingerprint_note(fp)}.",
+                 "Every planned value says why; edit any of them, then `medseg run` this file."]
+        if self.probe:
+            lines.append("Probe (one training step on a synthetic batch, fastest of 4 after a warm-up, this machine):")
+            for result in self.probe:
+                step = result["seconds_per_step"]
+                lines.append(f"  {result['name']:<34} {result['precision']:<5} "
+                             f"{'channels-last' if result['channels_last'] else 'contiguous':<13} "
+                             + (f"{step:.3f} s/step" if step is not None else result["note"])
+                             + (f", peak {result['peak_memory_mb']:.0f} MiB" if result.get("peak_memory_mb") else ""))
+        lines += [f"Note: {note}" for note in self.notes]
+        return lines
+
+    def to_yaml(self) -> str:
+        """The config as YAML, the reasons as end-of-line comments."""
+        out = ["# " + line for line in self.header()]
+        ordered = {k: self.config[k] for k in SECTION_ORDER if k in self.config}
+        ordered.update({k: v for k, v in self.config.items() if k not in ordered})
+        _emit(ordered, self.why, "", 0, out)
+        return "\n".join(out) + "\n"
+
+    def write(self, path: str | Path) -> Path:
+        """Write the commented config atomically (and check it loads as a config first)."""
+        return atomic_write_text(Path(path), self.to_yaml())
+
+    def explain(self) -> str:
+        """``medseg plan --explain``: each choice beside nnU-Net's default, and why."""
+        rows = [ExplainRow("setting", "medseg plan", "nnU-Net default", "why")] + self.explain_rows
+        widths = [max(len(getattr(r, c)) for r in rows) for c in ("setting", "medseg", "nnunet")]
+        lines = []
+        for i, r in enumerate(rows):
+            lines.append(f"{r.setting:<{widths[0]}}  {r.medseg:<{widths[1]}}  {r.nnunet:<{widths[2]}}  {r.why}")
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  ---")
+        return "\n".join(lines)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``benchmarks`` and the MLflow run keep of a plan (JSON-able)."""
+        return {"task": self.task, "budget_minutes": self.request.budget_minutes,
+                "device": describe_device(self.request.device), "config": self.config, "why": self.why,
+                "probe": self.probe, "notes": self.notes,
+                "explain": [vars(r) for r in self.explain_rows],
+                "fingerprint_seconds": self.fingerprint.elapsed_s}
+
+
+def fingerprint_note(fp: Fingerprint) -> str:
+    return (f"{fp.manifest_sha256[:12]}" if fp.manifest_sha256 else "not cached") + f", measured in {fp.elapsed_s:.1f} s"
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return f"{platform.processor() or platform.machine()} CPU, {cores} core(s), torch {torch.__version__}"
+
+
+def _scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def _comment(why: Mapping[str, str], path: str) -> str:
+    return f"  # {why[path]}" if path in why else ""
+
+
+def _emit(node: Mapping[str, Any], why: Mapping[str, str], prefix: str, indent: int, out: list[str]) -> None:
+    pad = "  " * indent
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and not _flow(path):
+            out.append(f"{pad}{key}:{_comment(why, path)}")
+            _emit(value, why, path + ".", indent + 1, out)
+        elif isinstance(value, Sequence) and not isinstance(value, str) and value \
+                and all(isinstance(v, Mapping) for v in value):
+            out.append(f"{pad}{key}:{_comment(why, path)}")
+            for i, item in enumerate(value):
+                out.append(f"{pad}  - {_scalar(dict(item))}{_comment(why, f'{path}.{i}')}")
+        else:
+            out.append(f"{pad}{key}: {_scalar(value)}{_comment(why, path)}")
+
+
+def _flow(path: str) -> bool:
+    """Small mappings written on one line, as the hand-written configs do."""
+    return path in {"preprocess.intensity", "loss", "data.labels"}

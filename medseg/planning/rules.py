@@ -1,0 +1,249 @@
+"""nnU-Net's planning rules as plain functions of a fingerprint's numbers.
+
+Each rule is what ``nnunetv2/experiment_planning`` does (ExperimentPlanner's
+``determine_fullres_target_spacing``, ``get_pool_and_conv_props``, the normalisation choice
+and the patch/batch sizing), written as a function with no I/O so that each one is unit-tested
+on its own. The budget-aware choices medseg adds on top (which width, patch scale, precision)
+live in :mod:`medseg.planning.budget`; nnU-Net's own default plan, for ``medseg plan --explain``,
+is :func:`nnunet_default_plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: nnU-Net: an axis is anisotropic when its spacing is more than this times the others'.
+ANISOTROPY_THRESHOLD = 3.0
+#: nnU-Net's reference patch volume before clipping: 256³ (3D), 2048² (2D).
+REFERENCE_PATCH_VOXELS = {3: 256**3, 2: 2048**2}
+#: nnU-Net's smallest feature map edge (an axis is pooled while it stays at least twice this).
+MIN_FEATURE_MAP = 4
+#: nnU-Net's features: 32 at the first stage, doubling, capped at 320 (3D) / 512 (2D).
+NNUNET_BASE_FEATURES = 32
+NNUNET_MAX_FEATURES = {3: 320, 2: 512}
+#: nnU-Net's GPU reference: an 8 GB card holds this estimate at batch 2 (3D) / 12 (2D).
+NNUNET_REFERENCE_BATCH = {3: 2, 2: 12}
+NNUNET_REFERENCE_ESTIMATE = {3: 560_000_000, 2: 560_000_000}
+#: nnU-Net: one batch covers at most 5 % of the dataset's voxels.
+MAX_DATASET_FRACTION_PER_BATCH = 0.05
+#: Channel names nnU-Net normalises as CT (clip to foreground percentiles, dataset z-score).
+CT_NAMES = {"ct", "ctscan", "computed_tomography"}
+#: nnU-Net: z-score inside the nonzero mask when cropping to nonzero keeps less than this.
+NONZERO_MASK_CROP_RATIO = 0.75
+
+
+@dataclass(frozen=True)
+class SpacingDecision:
+    spacing: list[float]
+    anisotropic_axis: int | None
+    reason: str
+
+
+def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> SpacingDecision:
+    """nnU-Net's full-resolution target spacing: the per-axis median, except on a very anisotropic
+    axis, which takes its 10th-percentile spacing (never finer than the largest other spacing).
+
+    Anisotropic: the coarsest axis's median spacing is more than 3× the finest's, and that axis
+    has fewer than a third of the voxels of the smallest other axis (median shapes, after
+    resampling). Then the median would over-resample thin-slice outliers into mostly
+    interpolated data, so nnU-Net takes a finer, 10th-percentile spacing there.
+    """
+    spacing_array = np.asarray(spacings, dtype=np.float64)
+    shape_array = np.asarray(shapes, dtype=np.float64)
+    target = np.median(spacing_array, axis=0)
+    resampled_shape = np.median(shape_array * spacing_array / target, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    spacing_ratio = target[worst] / max(min(target[others]), 1e-8) if others else 1.0
+    few_voxels = resampled_shape[worst] * ANISOTROPY_THRESHOLD < min(resampled_shape[others]) if others else False
+    if spacing_ratio > ANISOTROPY_THRESHOLD and few_voxels:
+        low = float(np.percentile(spacing_array[:, worst], 10))
+        chosen = max(low, float(max(target[others])))
+        target[worst] = chosen
+        return SpacingDecision([float(v) for v in target], worst,
+                               f"median spacing, axis {worst} anisotropic ({spacing_ratio:.1f}x the others, "
+                               f"{resampled_shape[worst]:.0f} voxels): its 10th percentile {chosen:g} mm (nnU-Net)")
+    return SpacingDecision([float(v) for v in target], None, "median spacing of the training cases (nnU-Net)")
+
+
+def initial_patch(spacing: Sequence[float], median_shape: Sequence[float]) -> list[int]:
+    """nnU-Net's starting patch: edges proportional to 1/spacing (the same size in mm on every
+    axis), scaled to 256³ (3D) / 2048² (2D) voxels, then clipped to the median resampled shape."""
+    dims = len(spacing)
+    inverse = np.array([1.0 / s for s in spacing])
+    scaled = inverse / inverse.prod() ** (1.0 / dims) * REFERENCE_PATCH_VOXELS[dims] ** (1.0 / dims)
+    return [int(round(min(p, m))) for p, m in zip(scaled, median_shape)]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A U-Net's per-stage layout: ``strides[0]`` is the first stage's (all 1), then one per pooling."""
+
+    kernels: list[list[int]]
+    strides: list[list[int]]
+    patch: list[int]            # the patch, padded to a multiple of the pooling product per axis
+    pools_per_axis: list[int]
+
+    @property
+    def stages(self) -> int:
+        return len(self.strides)
+
+    @property
+    def divisor(self) -> list[int]:
+        return [2**p for p in self.pools_per_axis]
+
+
+def pool_and_conv(spacing: Sequence[float], patch: Sequence[int], min_feature_map: int = MIN_FEATURE_MAP,
+                  max_pools: int = 999) -> Topology:
+    """nnU-Net's ``get_pool_and_conv_props``: pool an axis while it stays at least ``2 x
+    min_feature_map`` voxels and its spacing is within 2x of the finest current spacing; a
+    lone poolable axis needs 3x; kernel 3 on axes within 2x of the finest spacing, else 1 (a
+    5 mm axis next to 0.7 mm ones gets 1-wide kernels until pooling has evened them out: an
+    in-plane-first topology). Returns the patch padded so every axis divides by its pooling."""
+    dims = len(spacing)
+    current_spacing = [float(s) for s in spacing]
+    current_size = [float(p) for p in patch]
+    kernel = [1] * dims
+    pools = [0] * dims
+    strides: list[list[int]] = [[1] * dims]
+    kernels: list[list[int]] = []
+    while True:
+        valid = [a for a in range(dims) if current_size[a] >= 2 * min_feature_map]
+        if not valid:
+            break
+        finest = min(current_spacing[a] for a in valid)
+        valid = [a for a in valid if current_spacing[a] / finest < 2 and pools[a] < max_pools]
+        if len(valid) == 1 and current_size[valid[0]] < 3 * min_feature_map:
+            break
+        if not valid:
+            break
+        for a in range(dims):
+            if kernel[a] != 3 and current_spacing[a] / min(current_spacing) < 2:
+                kernel[a] = 3
+        step = [1] * dims
+        for a in valid:
+            step[a] = 2
+            pools[a] += 1
+            current_spacing[a] *= 2
+            current_size[a] = math.ceil(current_size[a] / 2)
+        strides.append(step)
+        kernels.append(list(kernel))
+    kernels.append([3] * dims)
+    divisor = [2**p for p in pools]
+    padded = [int(math.ceil(p / d) * d) for p, d in zip(patch, divisor)]
+    return Topology(kernels=kernels, strides=strides, patch=padded, pools_per_axis=pools)
+
+
+def nnunet_features(stages: int, dims: int, base: int = NNUNET_BASE_FEATURES) -> list[int]:
+    """nnU-Net's features per stage: ``base`` doubling, capped at 320 (3D) / 512 (2D)."""
+    return [min(base * 2**i, NNUNET_MAX_FEATURES[dims]) for i in range(stages)]
+
+
+def feature_map_estimate(patch: Sequence[int], topology: Topology, features: Sequence[int], in_channels: int,
+                         classes: int) -> float:
+    """Voxels x features held for the backward pass (nnU-Net's ``static_estimate_VRAM_usage`` in
+    spirit): per stage two convolutions (encoder) plus a transposed convolution and two
+    convolutions (decoder), each with its norm and nonlinearity output."""
+    size = np.array(patch, dtype=np.float64)
+    total = float(np.prod(size)) * (in_channels + classes)
+    for stage, stride in enumerate(topology.strides):
+        size = np.ceil(size / np.array(stride))
+        voxels = float(np.prod(size))
+        encoder = 2 * 3 * features[stage] * voxels          # conv, norm, nonlinearity; twice
+        decoder = (2 * 3 + 1) * features[stage] * voxels if stage < len(topology.strides) - 1 else 0
+        total += encoder + decoder
+    return total
+
+
+@dataclass(frozen=True)
+class NnunetPlan:
+    """What nnU-Net's default (GPU, 8 GB) planner would choose for the 3d_fullres / 2d configuration."""
+
+    spacing: list[float]
+    patch: list[int]
+    batch_size: int
+    pools_per_axis: list[int]
+    features: list[int]
+    kernels: list[list[int]]
+    strides: list[list[int]]
+
+
+def nnunet_default_plan(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]], in_channels: int,
+                        classes: int) -> NnunetPlan:
+    """nnU-Net's default plan re-derived from its rules (target spacing, patch from 256³ shrunk
+    until the feature-map estimate fits the 8 GB reference, batch scaled from 2 and capped at 5 %
+    of the dataset's voxels). An estimate of its estimate: medseg's feature-map count follows
+    nnU-Net's, not its exact constants, so patch and batch can differ by a step."""
+    decision = target_spacing(spacings, shapes)
+    spacing = decision.spacing
+    median = list(np.median(np.asarray(shapes) * np.asarray(spacings) / np.asarray(spacing), axis=0))
+    dims = len(spacing)
+    patch = initial_patch(spacing, median)
+    topology = pool_and_conv(spacing, patch)
+    features = nnunet_features(topology.stages, dims)
+    reference = NNUNET_REFERENCE_ESTIMATE[dims] * 2  # the reference holds batch 2
+    estimate = 2 * feature_map_estimate(topology.patch, topology, features, in_channels, classes)
+    while estimate > reference:
+        ratios = [p / m for p, m in zip(topology.patch, median)]
+        axis = int(np.argmax(ratios))
+        shrunk = list(topology.patch)
+        shrunk[axis] -= topology.divisor[axis]
+        if shrunk[axis] < topology.divisor[axis]:
+            break
+        topology = pool_and_conv(spacing, shrunk)
+        features = nnunet_features(topology.stages, dims)
+        estimate = 2 * feature_map_estimate(topology.patch, topology, features, in_channels, classes)
+    batch = int(math.floor(reference / max(estimate / 2, 1.0)))
+    dataset_voxels = float(np.sum(np.prod(np.asarray(shapes) * np.asarray(spacings) / np.asarray(spacing), axis=1)))
+    cap = int(dataset_voxels * MAX_DATASET_FRACTION_PER_BATCH / float(np.prod(topology.patch)))
+    batch = max(NNUNET_REFERENCE_BATCH[dims], min(batch, cap))
+    return NnunetPlan(spacing=spacing, patch=topology.patch, batch_size=batch, pools_per_axis=topology.pools_per_axis,
+                      features=features, kernels=topology.kernels, strides=topology.strides)
+
+
+@dataclass(frozen=True)
+class NormalisationDecision:
+    intensity: dict[str, object]
+    crop_foreground: bool
+    reason: str
+
+
+def is_ct(channel_name: str) -> bool:
+    return channel_name.strip().lower().replace(" ", "_") in CT_NAMES
+
+
+def normalisation(channel_name: str, percentile_00_5: float, percentile_99_5: float, mean: float, std: float,
+                  median_crop_ratio: float) -> NormalisationDecision:
+    """nnU-Net's normalisation by channel name: CT clips to the dataset's foreground 0.5-99.5
+    percentiles and z-scores with the foreground mean and std (HU mean the same thing in every
+    scan); anything else is z-scored per image, inside the nonzero mask when cropping to it
+    removes more than a quarter of the image (skull-stripped MR: the zero background would
+    otherwise dominate the statistics)."""
+    if is_ct(channel_name):
+        return NormalisationDecision(
+            {"mode": "clip_zscore", "clip": [round(percentile_00_5, 2), round(percentile_99_5, 2)],
+             "mean": round(mean, 3), "std": round(max(std, 1e-6), 3)},
+            crop_foreground=median_crop_ratio < NONZERO_MASK_CROP_RATIO,
+            reason=f"{channel_name}: clip to foreground p0.5-p99.5, z-score with foreground mean/std (nnU-Net CT)")
+    use_mask = median_crop_ratio < NONZERO_MASK_CROP_RATIO
+    return NormalisationDecision(
+        {"mode": "zscore", "nonzero": use_mask}, crop_foreground=use_mask,
+        reason=(f"{channel_name}: per-image z-score" + (
+            f" inside the nonzero mask (cropping keeps {median_crop_ratio:.0%} < 75 %)" if use_mask else
+            f" (cropping to nonzero keeps {median_crop_ratio:.0%}, so no mask)") + " (nnU-Net)"))
+
+
+def rare_classes(fractions: dict[int, float], presence: dict[int, float], rare_fraction: float = 0.1,
+                 rare_presence: float = 0.75) -> list[int]:
+    """Foreground classes a patch sampler must seek out: under ``rare_fraction`` of the median
+    foreground class's voxel share, or present in fewer than ``rare_presence`` of the cases."""
+    foreground = {v: f for v, f in fractions.items() if v != 0}
+    if not foreground:
+        return []
+    typical = float(np.median(list(foreground.values())))
+    return sorted(v for v, f in foreground.items()
+                  if f < rare_fraction * typical or presence.get(v, 1.0) < rare_presence)

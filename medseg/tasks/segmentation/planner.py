@@ -1,0 +1,304 @@
+"""Plan a segmentation config from a fingerprint, a time budget and the device (``medseg plan``).
+
+nnU-Net's rules choose what the data decide (:mod:`medseg.planning.rules`): target spacing with
+the anisotropy rule, normalisation per channel, patch shape and the per-axis pooling/kernel
+topology. What nnU-Net fixes for a reference GPU, medseg fits to the budget and the machine by
+measuring (:mod:`medseg.planning.probe`): which network (nnU-Net's DynUNet, or the lean MONAI
+U-Net whose first stage is already strided, ~5x cheaper per step on a CPU), its width, the patch
+scale and the precision. The rule: take the richest candidate that still gets
+:data:`MIN_ITERATIONS` training steps into the budget (nnU-Net itself trains 250,000); when
+none does, the one that gets the most.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config import Precision
+from medseg.planning import rules
+from medseg.planning.fingerprint import Fingerprint
+from medseg.planning.plan import ExplainRow, Plan, PlanRequest
+from medseg.planning.probe import (
+    ProbeClock,
+    ProbeResult,
+    bf16_available,
+    pick_within_budget,
+    same_loss_curve,
+    time_steps,
+    with_overrides,
+)
+
+#: Training steps a plan should fit into its budget. The hand-tuned hippocampus config reached
+#: Dice 0.885 with ~34,000 steps in 30 CPU-minutes; far below 20,000 a U-Net is still learning
+#: fast, so more steps beat a richer network. nnU-Net's schedule is 250,000.
+MIN_ITERATIONS = 20_000
+#: Share of the budget that is training steps (the rest: data loading, validation, checkpoints);
+#: measured on the hippocampus runs (benchmarks/results/hippocampus.md: 9.6 s/epoch of 182 steps
+#: whose network step alone takes ~0.03 s).
+STEP_SHARE = 0.55
+#: A budget of at least this buys nnU-Net's full augmentation; below it the light set converges faster.
+FULL_AUGMENTATION_MINUTES = 120.0
+#: Patch scales tried after nnU-Net's patch, for budgets too tight for it.
+PATCH_SCALES = (0.8, 0.6)
+BATCH_SIZE = 2  # nnU-Net's minimum; on a CPU a step's time grows with the batch, so more steps win
+
+
+def _synthetic_batch(patch: list[int], channels: int, classes: int, batch: int, seed: int = 0) -> tuple[torch.Tensor,
+                                                                                                          torch.Tensor]:
+    """Blobs of every class with class-dependent intensities: a batch whose loss can fall, so the
+    precision check compares two learning curves, not two noise floors."""
+    generator = torch.Generator().manual_seed(seed)
+    field = torch.nn.functional.avg_pool3d if len(patch) == 3 else torch.nn.functional.avg_pool2d
+    noise = field(torch.randn(batch, 1, *patch, generator=generator), 5, stride=1, padding=2)
+    edges = torch.quantile(noise.flatten(), torch.linspace(0, 1, classes + 1)[1:-1])
+    label = torch.bucketize(noise, edges)
+    image = label.float().repeat(1, channels, *([1] * len(patch))) + 0.3 * torch.randn(batch, channels, *patch,
+                                                                                     generator=generator)
+    return image, label
+
+
+def _network(family: str, topology: rules.Topology, base: int, dims: int) -> dict[str, Any]:
+    features = [min(base * 2**i, rules.NNUNET_MAX_FEATURES[dims]) for i in range(topology.stages)]
+    strides = [s[0] if len(set(s)) == 1 else list(s) for s in topology.strides[1:]]
+    if family == "dynunet":
+        return {"name": "dynunet", "spatial_dims": dims, "channels": features, "strides": strides,
+                "kernels": topology.kernels, "num_res_units": 0, "norm": "instance"}
+    return {"name": "unet", "spatial_dims": dims, "channels": features, "strides": strides, "num_res_units": 1,
+            "norm": "instance"}
+
+
+def _augmentation(dims: int, budget_minutes: float, anisotropic_axis: int | None, is_ct: bool) -> tuple[list, str]:
+    full = budget_minutes >= FULL_AUGMENTATION_MINUTES
+    rotate = 15 if anisotropic_axis is None else 10
+    items: list[dict[str, Any]] = [{"name": "affine", "prob": 0.2, "rotate_deg": rotate if not full else 30,
+                                    "scale": 0.1 if not full else 0.3}]
+    if full:
+        items.append({"name": "flip", "prob": 0.5})
+    items += [{"name": "contrast", "prob": 0.3 if not full else 0.15, "scale": 0.2, "shift": 0.1},
+              {"name": "gamma", "prob": 0.2 if not full else 0.3, "gamma": [0.8, 1.25] if not full else [0.7, 1.5]},
+              {"name": "noise", "prob": 0.1, "std": 0.05 if not is_ct else 0.1}]
+    why = (f"{'nnU-Net' if full else 'light'} augmentation for a {budget_minutes:g}-minute budget"
+           + ("" if full else f" (nnU-Net's full set pays off after ~1000 epochs; plans of >= {FULL_AUGMENTATION_MINUTES:g} min use it)")
+           + (f"; rotations kept small: axis {anisotropic_axis} is anisotropic" if anisotropic_axis is not None else ""))
+    return items, why
+
+
+def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
+    """The segmentation plan (see the module docstring)."""
+    dims = fp.spatial_dims
+    training = fp.training_cases()
+    spacings = [c.spacing for c in training]
+    shapes = [c.shape for c in training]
+    classes = len(request.labels)
+    channels = len(fp.channel_names)
+    why: dict[str, str] = {}
+    notes: list[str] = []
+
+    # ---- geometry: nnU-Net's target spacing; no resampling when every case is already there
+    decision = rules.target_spacing(spacings, shapes)
+    spacing = [round(s, 4) for s in decision.spacing]
+    all_there = all(np.allclose(c.spacing, spacing, rtol=1e-3) for c in fp.cases)
+    median_shape = list(np.median(np.asarray(shapes) * np.asarray(spacings) / np.asarray(spacing), axis=0))
+    orientations = sorted({c.orientation for c in fp.cases if c.orientation})
+
+    # ---- normalisation per channel (one rule for all channels: medseg normalises channel-wise)
+    stats = fp.channels[0]
+    norm = rules.normalisation(stats.name, stats.percentile_00_5, stats.percentile_99_5, stats.mean, stats.std,
+                               fp.median_crop_ratio())
+    if channels > 1 and len({rules.is_ct(c.name) for c in fp.channels}) > 1:
+        notes.append("channels mix CT and other modalities; the first channel's rule is applied to all")
+
+    # ---- patch and topology (nnU-Net), then the candidates the probe times
+    start = rules.initial_patch(spacing, median_shape)
+    full = rules.pool_and_conv(spacing, start)
+    nnunet = rules.nnunet_default_plan(spacings, shapes, channels, classes)
+    candidates = [("dynunet", full, 32, "nnU-Net DynUNet, 32 base features"),
+                  ("dynunet", full, 16, "nnU-Net DynUNet, 16 base features"),
+                  ("unet", full, 16, "lean U-Net, 16 base features")]
+    seen = [full.patch]
+    for scale in PATCH_SCALES:  # smaller patches: more steps in a tight budget
+        smaller = rules.pool_and_conv(spacing, [max(8, int(round(p * scale))) for p in start])
+        if smaller.patch not in seen:
+            seen.append(smaller.patch)
+            candidates.append(("unet", smaller, 16, f"lean U-Net, 16 base features, {scale:g}x patch"))
+
+    base = _base_config(request, fp, spacing if not all_there else None, norm, dims)
+    step_seconds = request.budget_minutes * 60 * STEP_SHARE
+    device = request.device
+    probe: list[ProbeResult] = []
+    chosen = candidates[2]
+    precision, channels_last = Precision.FP32, dims == 3
+    if request.probe:
+        clock = ProbeClock()
+        measured = []
+        for family, topology, width, label in candidates:
+            cfg = _validated(task, base, family, topology, width, dims)
+            batch = _synthetic_batch(topology.patch, channels, classes, BATCH_SIZE)
+            fp32 = time_steps(task, cfg, batch, device, Precision.FP32, channels_last, label, clock)
+            probe.append(fp32)
+            best = fp32
+            if bf16_available(device):
+                bf16 = time_steps(task, cfg, batch, device, Precision.BF16, channels_last, label, clock)
+                probe.append(bf16)
+                if bf16.seconds_per_step is not None and (best.seconds_per_step is None
+                                                          or bf16.seconds_per_step < 0.9 * best.seconds_per_step):
+                    best = bf16
+            if best.seconds_per_step is not None:
+                measured.append(((family, topology, width, label), best, cfg, batch))
+        picked = pick_within_budget([m[1].seconds_per_step for m in measured], step_seconds, MIN_ITERATIONS)
+        if picked is not None:
+            chosen, best, cfg, batch = measured[picked.index]
+            precision = Precision(best.precision)
+            if precision != Precision.FP32:
+                same, gap, _, _ = same_loss_curve(task, cfg, batch, device, precision, channels_last)
+                probe.append(ProbeResult(f"{chosen[3]}: {precision} vs fp32 loss curve", str(precision), channels_last,
+                                         None, None, note=f"{CURVE_STEPS_NOTE}: worst gap {gap:.1%} -> "
+                                         + ("same curve, kept" if same else "differs, fp32 used")))
+                if not same:
+                    precision = Precision.FP32
+                    best = next((r for r in probe if r.name == chosen[3] and r.precision == "fp32"
+                                 and r.seconds_per_step), best)
+            if dims == 3 and clock.left > 5:  # channels-last is the default for 3D; check it is not slower here
+                plain = time_steps(task, cfg, batch, device, precision, False, chosen[3], clock)
+                probe.append(plain)
+                if plain.seconds_per_step is not None and plain.seconds_per_step < 0.9 * (best.seconds_per_step or math.inf):
+                    channels_last, best = False, plain
+            chosen_step = best.seconds_per_step
+        else:
+            chosen_step = None
+            notes.append("no candidate could be timed; the lean U-Net was chosen without a probe")
+    else:
+        chosen_step = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        notes.append(f"threads: all {cores} cores in one process (processes on one CPU would split the same cores; "
+                     "benchmarks/results/ddp.md)")
+    family, topology, width, label = chosen
+    iterations = int(step_seconds / chosen_step) if chosen_step else None
+    model = _network(family, topology, width, dims)
+    cases_train = sum(1 for c in fp.cases if c.split == "train")
+    per_epoch = max(1, math.ceil(cases_train * 2 / BATCH_SIZE))
+    epochs = max(1, iterations // per_epoch) if iterations else None
+    val_interval = max(1, round((epochs or 200) / 40))
+
+    config = base
+    config["patch"] = _patch_section(fp, topology.patch, request.labels, why)
+    config["model"] = model
+    config["train"] = {"max_epochs": 1000, "max_minutes": request.budget_minutes, "batch_size": BATCH_SIZE,
+                       "val_interval": val_interval, "device": "auto", "precision": str(precision),
+                       "channels_last": channels_last}
+    config["augment"], why["augment"] = _augmentation(dims, request.budget_minutes, decision.anisotropic_axis,
+                                                      rules.is_ct(stats.name))
+
+    step_note = f"probe: {chosen_step:.3f} s/step" if chosen_step else "not probed"
+    why.update({
+        "preprocess.spacing": (decision.reason + (f": every case is already at {spacing}, so no resampling"
+                                                  if all_there else "")),
+        "preprocess.orientation": "3D volumes are trained in RAS (read as " + (", ".join(orientations) or "?") + ")"
+        if dims == 3 else "2D images: no orientation",
+        "preprocess.intensity": norm.reason,
+        "preprocess.crop_foreground": "crop to nonzero: it removes more than a quarter (nnU-Net)" if norm.crop_foreground
+        else f"cropping to nonzero keeps {fp.median_crop_ratio():.0%} of the image: not worth it",
+        "model": f"{label}: {model['name']} — " + (
+            f"the richest candidate that fits {MIN_ITERATIONS:,} steps into the budget" if iterations and
+            iterations >= MIN_ITERATIONS else "the most steps of the candidates (none fits "
+            f"{MIN_ITERATIONS:,})" if iterations else "rules only (no probe)"),
+        "model.channels": f"{width} base features doubling per stage (nnU-Net: 32, capped at "
+                          f"{rules.NNUNET_MAX_FEATURES[dims]})",
+        "model.strides": f"nnU-Net pooling: {topology.pools_per_axis} pools per axis (an axis pools while >= 8 voxels "
+                         "and within 2x of the finest spacing)",
+        "model.kernels": "3 where the spacing is within 2x of the finest, else 1 (in-plane first)",
+        "train.max_minutes": "--budget",
+        "train.max_epochs": "the budget stops training; the LR schedule follows the clock",
+        "train.batch_size": "nnU-Net's minimum; on one device a bigger batch costs proportionally more time",
+        "train.precision": (f"{precision}: " + step_note + (f", ~{iterations:,} steps in the budget" if iterations
+                                                            else "")),
+        "train.channels_last": "probe: channels-last " + ("was not slower" if channels_last else "was slower here")
+        if dims == 3 and request.probe else "2D network" if dims == 2 else "3D default",
+        "train.val_interval": f"about 40 validations over ~{epochs or '?'} epochs",
+        "validation.overlap": "nnU-Net's sliding-window overlap, Gaussian-weighted",
+        "loss": "Dice + cross-entropy (nnU-Net)",
+        "optim": "AdamW with a cosine schedule: converges in the few thousand steps a budget buys "
+                 "(nnU-Net's SGD + poly schedule is tuned for 250,000)",
+    })
+    why["train.max_epochs"] = "the budget stops training; the LR schedule follows the clock"
+    normalised = str(norm.intensity["mode"]) + (" nonzero" if norm.intensity.get("nonzero") else "")
+    explain = [
+        ExplainRow("target spacing", str(spacing), str([round(s, 4) for s in nnunet.spacing]), decision.reason),
+        ExplainRow("patch", str(topology.patch), str(nnunet.patch),
+                   "nnU-Net's start patch clipped to the median shape" + (
+                       "" if topology is full else f", scaled down for the budget ({label})")
+                   + "; nnU-Net then fits an 8 GB GPU"),
+        ExplainRow("batch", str(BATCH_SIZE), str(nnunet.batch_size), why["train.batch_size"]),
+        ExplainRow("pooling per axis", str(topology.pools_per_axis), str(nnunet.pools_per_axis), why["model.strides"]),
+        ExplainRow("network", f"{model['name']} {model['channels']}", f"dynunet {nnunet.features}", why["model"]),
+        ExplainRow("normalisation", normalised, normalised, norm.reason),
+        ExplainRow("precision", str(precision), "fp16 (GPU AMP)", why["train.precision"]),
+        ExplainRow("training length", f"{request.budget_minutes:g} min (~{iterations or '?'} steps)",
+                   "1000 epochs x 250 steps", "the budget"),
+        ExplainRow("sampler", config["patch"]["sampler"], "1/3 of patches forced on foreground", why["patch.sampler"]),
+    ]
+    return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in probe],
+                explain_rows=explain, notes=notes)
+
+
+CURVE_STEPS_NOTE = "8 steps from one initialisation"
+
+
+def _validated(task: Any, base: dict[str, Any], family: str, topology: rules.Topology, width: int, dims: int) -> Any:
+    raw = with_overrides(base, {"model": _network(family, topology, width, dims),
+                                "patch": {"size": topology.patch}})
+    return task.config_type.model_validate(raw)
+
+
+def _patch_section(fp: Fingerprint, patch: list[int], labels: dict[int, str], why: dict[str, str]) -> dict[str, Any]:
+    planning = {c.value: c for c in fp.classes}
+    labelled = max(1, sum(1 for c in fp.training_cases() if c.class_voxels))
+    fractions = {v: (planning[v].voxel_fraction or 0.0) if v in planning else 0.0 for v in labels}
+    presence = {v: (planning[v].cases_with / labelled) if v in planning else 0.0 for v in labels}
+    rare = rules.rare_classes(fractions, presence)
+    why["patch.size"] = ("nnU-Net: edges proportional to 1/spacing, clipped to the median shape, divisible by the "
+                         "pooling")
+    why["patch.samples_per_volume"] = "two patches per cached volume and visit"
+    section: dict[str, Any] = {"size": patch, "samples_per_volume": 2}
+    if rare:
+        names = ", ".join(f"{labels[v]} ({fractions[v]:.3%} of voxels, in {presence[v]:.0%} of cases)" for v in rare)
+        section["sampler"] = "per_class"
+        why["patch.sampler"] = f"rare class(es) {names}: centre patches on every class equally often"
+    else:
+        section["sampler"] = "pos_neg"
+        section["pos_fraction"] = 0.67
+        why["patch.sampler"] = "no rare class: two thirds of the patches centred on foreground"
+        why["patch.pos_fraction"] = "small structures in a large background"
+    return section
+
+
+def _base_config(request: PlanRequest, fp: Fingerprint, spacing: list[float] | None,
+                 norm: rules.NormalisationDecision, dims: int) -> dict[str, Any]:
+    return {
+        "task": "segmentation",
+        "seed": 0,
+        "output_dir": f"runs/{request.name}",
+        "data": {"manifest": str(request.manifest), "root": str(request.root), "labels": dict(request.labels),
+                 "channels": list(fp.channel_names), "cache": "memory",
+                 "fingerprint": _fingerprint_path(fp) if fp.manifest else None},
+        "preprocess": {"orientation": "RAS" if dims == 3 else None, "spacing": spacing,
+                       "intensity": dict(norm.intensity), "crop_foreground": norm.crop_foreground},
+        "loss": {"name": "dice_ce"},
+        "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.00001, "schedule": "cosine", "warmup_fraction": 0.02},
+        "validation": {"overlap": 0.5, "sw_batch_size": 4, "blend": "gaussian", "hd95": True, "overlays": 4},
+        "tracking": {"uri": "sqlite:///runs/mlflow.db", "experiment": request.name},
+    }
+
+
+def _fingerprint_path(fp: Fingerprint) -> str:
+    from pathlib import Path
+
+    from medseg.planning.fingerprint import fingerprint_cache_path
+
+    return str(fingerprint_cache_path(Path(fp.manifest)))

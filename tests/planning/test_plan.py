@@ -1,0 +1,114 @@
+"""``medseg plan`` end to end: from a dataset folder to a commented config that runs, through
+the API and the CLI, with the fingerprint logged beside the run in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import medseg
+from medseg.cli import main
+from tests.conftest import write_medmnist_npz, write_msd_dataset
+
+
+@pytest.fixture
+def ct_msd(tmp_path: Path) -> Path:
+    """The synthetic MSD folder, its channel declared CT (nnU-Net's CT rule applies)."""
+    root = write_msd_dataset(tmp_path / "ct", n_cases=6)
+    info = json.loads((root / "dataset.json").read_text())
+    info["modality"] = {"0": "CT"}
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+def test_plan_from_a_folder_builds_the_manifest_and_uses_dataset_json(ct_msd: Path, tmp_path: Path) -> None:
+    planned = medseg.plan(ct_msd, budget="5m", manifest=tmp_path / "m.csv", probe=False, progress=False)
+    cfg = planned.config
+    assert (tmp_path / "m.csv").is_file() and cfg["data"]["manifest"] == str(tmp_path / "m.csv")
+    assert cfg["task"] == "segmentation" and cfg["data"]["labels"] == {0: "background", 1: "blob1", 2: "blob2"}
+    assert cfg["data"]["channels"] == ["CT"]
+    assert cfg["preprocess"]["intensity"]["mode"] == "clip_zscore"  # nnU-Net's CT rule, statistics filled in
+    fp = planned.fingerprint
+    assert cfg["preprocess"]["intensity"]["clip"] == [round(fp.channels[0].percentile_00_5, 2),
+                                                      round(fp.channels[0].percentile_99_5, 2)]
+    assert cfg["train"]["max_minutes"] == 5.0
+    medseg.validate_config(cfg)  # an ordinary config
+    assert {"preprocess.spacing", "patch.size", "model.strides", "train.precision"} <= set(planned.why)
+
+
+def test_plan_writes_a_commented_config_that_loads_and_explains_itself(ct_msd: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "configs" / "planned.yaml"
+    code = main(["plan", str(ct_msd), "--budget", "90s", "--manifest", str(tmp_path / "m.csv"), "--out", str(out),
+                 "--no-probe", "--explain", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "nnU-Net default" in printed and "target spacing" in printed and "pooling per axis" in printed
+    text = out.read_text()
+    assert "# median spacing" in text or "median spacing of the training cases" in text
+    assert "  # --budget" in text  # train.max_minutes says where it came from
+    cfg = medseg.load_config(out)
+    assert cfg.train.max_minutes == pytest.approx(1.5)
+    assert cfg.data.fingerprint is not None and Path(cfg.data.fingerprint).is_file()
+    raw = yaml.safe_load(text)
+    assert raw["model"]["strides"] and raw["patch"]["size"]
+
+
+def test_the_probe_times_candidates_and_its_figures_go_in_the_plan(ct_msd: Path, tmp_path: Path) -> None:
+    planned = medseg.plan(ct_msd, budget="1m", manifest=tmp_path / "m.csv", progress=False)
+    timed = [p for p in planned.probe if p["seconds_per_step"] is not None]
+    assert {p["precision"] for p in timed} >= {"fp32"} and len(timed) >= 3
+    assert all(p["seconds_per_step"] > 0 for p in timed)
+    step = planned.why["train.precision"]
+    assert "probe:" in step and "s/step" in step
+    assert "Probe (one training step" in planned.to_yaml()
+    assert planned.config["train"]["precision"] in {"fp32", "bf16"}
+    if planned.config["train"]["precision"] == "bf16":  # taken only after the loss-curve check said so
+        assert any("loss curve" in p["name"] and "same curve" in p["note"] for p in planned.probe)
+
+
+def test_run_with_plan_plans_trains_and_logs_the_fingerprint(ct_msd: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "--plan", str(ct_msd), "--budget", "0.15m", "--manifest", "m.csv", "--no-progress",
+                 "--set", "train.max_epochs=1", "--set", "model.channels=[4,8,16,32]",
+                 "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 0
+    written = list((tmp_path / "configs" / "planned").glob("*.yaml"))
+    assert len(written) == 1
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert "fingerprint" in contexts and contexts["fingerprint"].name == "m/fingerprint"
+    assert contexts["fingerprint"].digest == contexts["train"].digest  # pinned to the manifest
+    assert "m.fingerprint.json" in {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "plan")}
+
+
+def test_classification_plan_from_an_imported_medmnist_folder(tmp_path: Path) -> None:
+    npz = write_medmnist_npz(tmp_path / "tinymnist.npz", counts=(40, 8, 8))
+    medseg.import_medmnist(npz, tmp_path / "m.csv", tmp_path / "imgs", {0: "no", 1: "yes"}, progress=False)
+    planned = medseg.plan(tmp_path / "imgs", manifest=tmp_path / "m.csv", budget="1m", probe=False, progress=False)
+    cfg = planned.config
+    assert cfg["task"] == "classification" and cfg["data"]["labels"] == {0: "no", 1: "yes"}
+    # the images as loaded (columns first, as every reader gives a 2D image): the 21 x 17 arrays are 17 x 21
+    assert cfg["preprocess"]["resize"] == [17, 21] and cfg["model"]["spatial_dims"] == 2
+    assert cfg["preprocess"]["intensity"]["mode"] == "ct_window"  # one dataset-wide map of the range to [0, 1]
+    assert cfg["loss"]["class_weights"] is None  # balanced classes
+    medseg.validate_config(cfg)
+
+
+def test_bad_budget_and_tasks_without_planner_say_what_to_do(ct_msd: Path, tmp_path: Path) -> None:
+    from medseg.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--budget 'soon': expected a duration such as 30m"):
+        medseg.plan(ct_msd, budget="soon", manifest=tmp_path / "m.csv", probe=False, progress=False)
+    with pytest.raises(UsageError, match=r"--budget '0m': must be more than zero"):
+        medseg.plan(ct_msd, budget="0m", manifest=tmp_path / "m.csv", probe=False, progress=False)
+    with pytest.raises(UsageError, match=r"is a manifest: give --root"):
+        medseg.build_manifest(ct_msd, tmp_path / "x.csv")
+        medseg.plan(tmp_path / "x.csv", budget="1m", probe=False, progress=False)
