@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -805,9 +806,8 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
     labels = described.labels or _labels_from_manifest(described.manifest, class_labels)
     fingerprint = compute_fingerprint(described.manifest, described.root, channel_names=described.channel_names,
                                       labels=labels, class_labels=class_labels, progress=progress)
-    if not described.labels and not class_labels:
-        values = sorted({int(v) for c in fingerprint.cases for v in c.class_voxels})
-        labels = {v: ("background" if v == 0 else f"label_{v}") for v in range(max(values, default=1) + 1)}
+    if not class_labels:
+        labels = _consecutive_labels(labels or {}, {int(v) for c in fingerprint.cases for v in c.class_voxels})
     labels = labels or {0: "class_0", 1: "class_1"}
     request = PlanRequest(task=task_name, budget_minutes=minutes, device=resolve_device(device),
                           name=name or _dataset_name(Path(dataset) if not described.manifest.path
@@ -821,6 +821,31 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
         result.write(out)
         load_config(Path(out))
     return result
+
+
+def _label_name(text: str, value: int) -> str:
+    """A name that works as a metric key (``val/dice/<name>``): short, letters, digits and ``_``."""
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", text) if w]
+    slug = ""
+    for word in words:  # whole words, up to 24 characters
+        if slug and len(slug) + 1 + len(word) > 24:
+            break
+        slug = f"{slug}_{word}" if slug else word[:24]
+    return slug or f"label_{value}"
+
+
+def _consecutive_labels(named: dict[int, str], found: set[int]) -> dict[int, str]:
+    """Every value from 0 to the largest named or found one, so the label map is consecutive (a
+    value no case holds keeps a ``label_<v>`` name and scores NaN: absent, not wrong)."""
+    top = max([*named, *found, 1])
+    labels = {v: _label_name(named[v], v) if v in named else ("background" if v == 0 else f"label_{v}")
+              for v in range(top + 1)}
+    seen: dict[str, int] = {}
+    for value, name in list(labels.items()):  # two long names may share their first 24 characters
+        if name in seen:
+            labels[value] = f"{name}_{value}"
+        seen[name] = value
+    return labels
 
 
 def _labels_from_manifest(manifest: Manifest, class_labels: bool) -> dict[int, str] | None:

@@ -103,7 +103,6 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     decision = rules.target_spacing(spacings, shapes)
     spacing = [round(s, 4) for s in decision.spacing]
     all_there = all(np.allclose(c.spacing, spacing, rtol=1e-3) for c in fp.cases)
-    median_shape = list(np.median(np.asarray(shapes) * np.asarray(spacings) / np.asarray(spacing), axis=0))
     orientations = sorted({c.orientation for c in fp.cases if c.orientation})
 
     # ---- normalisation per channel (one rule for all channels: medseg normalises channel-wise)
@@ -114,9 +113,9 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         notes.append("channels mix CT and other modalities; the first channel's rule is applied to all")
 
     # ---- patch and topology (nnU-Net), then the candidates the probe times
-    start = rules.initial_patch(spacing, median_shape)
-    full = rules.pool_and_conv(spacing, start)
     nnunet = rules.nnunet_default_plan(spacings, shapes, channels, classes)
+    start = nnunet.patch  # nnU-Net's patch (fitted to its 8 GB GPU reference); smaller ones for tight budgets
+    full = rules.pool_and_conv(spacing, start)
     candidates = [("dynunet", full, 32, "nnU-Net DynUNet, 32 base features"),
                   ("dynunet", full, 16, "nnU-Net DynUNet, 16 base features"),
                   ("unet", full, 16, "lean U-Net, 16 base features")]
@@ -231,9 +230,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     explain = [
         ExplainRow("target spacing", str(spacing), str([round(s, 4) for s in nnunet.spacing]), decision.reason),
         ExplainRow("patch", str(topology.patch), str(nnunet.patch),
-                   "nnU-Net's start patch clipped to the median shape" + (
-                       "" if topology is full else f", scaled down for the budget ({label})")
-                   + "; nnU-Net then fits an 8 GB GPU"),
+                   "nnU-Net's patch" + ("" if topology is full else f", scaled down for the budget ({label})")),
         ExplainRow("batch", str(BATCH_SIZE), str(nnunet.batch_size), why["train.batch_size"]),
         ExplainRow("pooling per axis", str(topology.pools_per_axis), str(nnunet.pools_per_axis), why["model.strides"]),
         ExplainRow("network", f"{model['name']} {model['channels']}", f"dynunet {nnunet.features}", why["model"]),
@@ -261,15 +258,21 @@ def _patch_section(fp: Fingerprint, patch: list[int], labels: dict[int, str], wh
     labelled = max(1, sum(1 for c in fp.training_cases() if c.class_voxels))
     fractions = {v: (planning[v].voxel_fraction or 0.0) if v in planning else 0.0 for v in labels}
     presence = {v: (planning[v].cases_with / labelled) if v in planning else 0.0 for v in labels}
-    rare = rules.rare_classes(fractions, presence)
-    why["patch.size"] = ("nnU-Net: edges proportional to 1/spacing, clipped to the median shape, divisible by the "
-                         "pooling")
+    absent = [v for v in labels if v != 0 and presence[v] == 0]
+    rare = rules.rare_classes({v: f for v, f in fractions.items() if v not in absent},
+                              {v: p for v, p in presence.items() if v not in absent})
+    why["patch.size"] = ("nnU-Net's patch: edges proportional to 1/spacing, clipped to the median shape, fitted to "
+                         "its GPU reference, divisible by the pooling")
     why["patch.samples_per_volume"] = "two patches per cached volume and visit"
     section: dict[str, Any] = {"size": patch, "samples_per_volume": 2}
     if rare:
         names = ", ".join(f"{labels[v]} ({fractions[v]:.3%} of voxels, in {presence[v]:.0%} of cases)" for v in rare)
         section["sampler"] = "per_class"
         why["patch.sampler"] = f"rare class(es) {names}: centre patches on every class equally often"
+        if absent:
+            section["class_ratios"] = [0.0 if v in absent else 1.0 for v in sorted(labels)]
+            why["patch.class_ratios"] = ("no training case holds " + ", ".join(labels[v] for v in absent)
+                                         + ": no patch is centred on them")
     else:
         section["sampler"] = "pos_neg"
         section["pos_fraction"] = 0.67

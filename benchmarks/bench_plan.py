@@ -1,0 +1,290 @@
+"""``medseg plan`` on real and synthetic datasets: plan from the data alone, train, score held out.
+
+Each section runs ``medseg plan`` (fingerprint, rules, the probe on this machine) and then the
+ordinary ``medseg run`` of the config it wrote, as child processes one after another, and merges
+its record into ``benchmarks/results/plan.json`` (then renders ``plan.md``), so a section can be
+rerun alone. Nothing is set by hand: the configs are the planner's, under ``configs/planned/``.
+
+Sections:
+    hippocampus   MSD Task04 from its training folder (labels and modality from dataset.json),
+                  split by the committed manifest (test Dice on its 52 held-out cases); --budget
+                  minutes (30 and 10 for the README). Hand-tuned reference: hippocampus.md.
+    medmnist      PneumoniaMNIST, BreastMNIST, AdrenalMNIST3D from their imported folders
+                  (``make medmnist``), official splits, --seeds K; test AUC. Reference: medmnist.md.
+    synthetic-ct  benchmarks/make_datasets.py's seeded CT-like set (0.7 x 0.7 x 5 mm, half DICOM
+                  series + DICOM SEG, half NRRD; a rare lesion class); per-class test Dice.
+    pyradiomics   ../shared/data/pyradiomics_testcases: plan and verify (too few cases to train).
+    png           a class-per-folder PNG tree written from BreastMNIST: plan, train, predict PNGs.
+
+Usage:
+    python benchmarks/bench_plan.py hippocampus --budget 30
+    python benchmarks/bench_plan.py medmnist --budget 5 --seeds 3
+    python benchmarks/bench_plan.py synthetic-ct --budget 10
+    python benchmarks/bench_plan.py pyradiomics
+    python benchmarks/bench_plan.py png --budget 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_results import REPO, Run, execute, git_state, machine  # noqa: E402
+
+from medseg.io.atomic import atomic_write_text  # noqa: E402
+
+log = logging.getLogger("bench_plan")
+SHARED = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results"
+MEDMNIST = {"pneumonia": ("pneumoniamnist", 0.963), "breast": ("breastmnist", 0.932),
+            "adrenal3d": ("adrenalmnist3d", 0.856)}
+
+
+def medseg_cli(*args: str) -> str:
+    """Run ``medseg ARGS`` in the repo; its stdout (also echoed). Raises SystemExit when it fails."""
+    argv = [sys.executable, "-m", "medseg", *args]
+    log.info("medseg %s", shlex.join(args))
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
+    sys.stdout.write(done.stdout)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-4000:])
+        raise SystemExit(f"`medseg {shlex.join(args)}` exited with {done.returncode}")
+    return done.stdout
+
+
+def plan_and_run(name: str, dataset: str, budget: float, plan_args: list[str], seeds: int = 0,
+                 work: Path | None = None) -> dict[str, Any]:
+    """``medseg plan DATASET --budget B --out configs/planned/<name>.yaml --explain`` then ``medseg run``."""
+    out = f"configs/planned/{name}.yaml"
+    started = time.time()
+    plan_cmd = ["plan", dataset, "--budget", f"{budget:g}m", "--out", out, "--explain", "--no-progress", *plan_args]
+    explained = medseg_cli(*plan_cmd)
+    plan_seconds = time.time() - started
+    location = [f"output_dir={work or REPO / 'runs' / 'planned'}/{name}"]
+    record = execute(Run(config=out, seeds=seeds, title=name), [], location)
+    planned = json.loads(json.dumps(_read_yaml(REPO / out)))
+    return {"name": name, "plan_command": "medseg " + shlex.join(plan_cmd), "budget_minutes": budget,
+            "plan_seconds": round(plan_seconds, 1), "explain": _explain_table(explained),
+            "probe": _probe_lines(REPO / out), "planned_config": planned, "run": record}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _probe_lines(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    inside = False
+    found = []
+    for line in lines:
+        if line.startswith("# Probe"):
+            inside = True
+            continue
+        if inside and line.startswith("#   "):
+            found.append(line[4:].rstrip())
+        elif inside:
+            break
+    return found
+
+
+def _explain_table(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("setting ")), None)
+    if start is None:
+        return []
+    table = []
+    for line in lines[start:]:
+        if not line.strip() or line.startswith("config:"):
+            break
+        table.append(line.rstrip())
+    return table
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+def hippocampus(args: argparse.Namespace) -> dict[str, Any]:
+    folder = SHARED / "msd_task04_hippocampus"
+    name = f"hippocampus_{args.budget:g}m"
+    return plan_and_run(name, str(folder), args.budget, ["--manifest", "data_manifests/msd_hippocampus.csv",
+                                                         "--name", name], work=args.work)
+
+
+def medmnist(args: argparse.Namespace) -> dict[str, Any]:
+    records = {}
+    for short, (stem, reference) in MEDMNIST.items():
+        if args.only and short not in args.only:
+            continue
+        folder = REPO / "data" / stem
+        if not (folder / "medmnist_import.json").is_file():
+            raise SystemExit(f"{folder}: not imported; run `make medmnist` first")
+        name = f"medmnist_{short}_{args.budget:g}m"
+        record = plan_and_run(name, f"data/{stem}", args.budget,
+                              ["--manifest", f"data_manifests/medmnist_{short}.csv", "--name", name],
+                              seeds=args.seeds, work=args.work)
+        record["hand_tuned_reference_auc"] = reference
+        records[short] = record
+    return records
+
+
+def synthetic_ct(args: argparse.Namespace) -> dict[str, Any]:
+    data = REPO / "data" / "synthetic_ct"
+    subprocess.run([sys.executable, "benchmarks/make_datasets.py", "synthetic-ct", "--out", str(data),
+                    "--cases", str(args.cases), "--seed", "0", "--no-progress"], cwd=REPO, check=True)
+    manifest = "data_manifests/synthetic_ct.csv"
+    medseg_cli("manifest", "build", "--from", str(data), "--out", manifest, "--val-fraction", "0.2",
+               "--test-fraction", "0.2", "--seed", "0")
+    name = f"synthetic_ct_{args.budget:g}m"
+    return plan_and_run(name, str(data), args.budget, ["--manifest", manifest, "--name", name], work=args.work)
+
+
+def pyradiomics(args: argparse.Namespace) -> dict[str, Any]:
+    folder = SHARED / "pyradiomics_testcases"
+    manifest = "data_manifests/pyradiomics_testcases.csv"
+    built = medseg_cli("manifest", "build", "--from", str(folder), "--out", manifest, "--val-fraction", "0.25")
+    out = "configs/planned/pyradiomics_testcases.yaml"
+    explained = medseg_cli("plan", str(folder), "--manifest", manifest, "--budget", "10m", "--out", out,
+                           "--explain", "--no-progress", "--no-probe")
+    verified = medseg_cli("verify", manifest, "--config", out, "--no-progress")
+    return {"name": "pyradiomics", "manifest_build": built.strip().splitlines(), "explain": _explain_table(explained),
+            "verify": verified.strip().splitlines(), "planned_config": _read_yaml(REPO / out)}
+
+
+def png(args: argparse.Namespace) -> dict[str, Any]:
+    tree = REPO / "data" / "breast_png"
+    subprocess.run([sys.executable, "benchmarks/make_datasets.py", "imagefolder", "--npz",
+                    str(SHARED / "medmnist" / "breastmnist.npz"), "--out", str(tree), "--no-progress"],
+                   cwd=REPO, check=True)
+    name = f"breast_png_{args.budget:g}m"
+    record = plan_and_run(name, str(tree), args.budget, ["--manifest", "data_manifests/breast_png.csv",
+                                                         "--name", name], work=args.work)
+    model = record["run"]["model_uri"]
+    outputs = (args.work or REPO / "runs" / "planned") / f"{name}_predict"
+    predicted = medseg_cli("predict", "--model", model, "--input", str(tree / "test"), "--output", str(outputs),
+                           "--no-progress", "--no-tracking", "--overwrite")
+    summary = json.loads((outputs / "summary.json").read_text()) if (outputs / "summary.json").is_file() else {}
+    record["predict"] = {"command": f"medseg predict --model {model} --input {tree / 'test'} --output {outputs}",
+                         "printed": predicted.strip().splitlines()[:6],
+                         "cases": summary.get("cases"), "counts": summary.get("counts")}
+    return record
+
+
+SECTIONS = {"hippocampus": hippocampus, "medmnist": medmnist, "synthetic-ct": synthetic_ct,
+            "pyradiomics": pyradiomics, "png": png}
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def merge(section: str, key: str, record: Any, command: str) -> dict[str, Any]:
+    path = RESULTS / "plan.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"title": "medseg plan", "sections": {}}
+    report["sections"].setdefault(section, {})[key] = {
+        "command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_state(), "machine": machine(), "record": record}
+    atomic_write_text(path, json.dumps(report, indent=1, default=str))
+    atomic_write_text(RESULTS / "plan.md", render(report))
+    return report
+
+
+def _m(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    out = ["# `medseg plan`: configs planned from the data, the budget and this machine", "",
+           "Written by `python benchmarks/bench_plan.py SECTION` (one command per section below). Every run is the",
+           "planner's config, unedited; every figure is on held-out data (a test split the planner never reads).", ""]
+    sections = report["sections"]
+    for _key, entry in sorted(sections.get("hippocampus", {}).items()):
+        rec = entry["record"]
+        m = rec["run"]["metrics"]
+        out += [f"## MSD Hippocampus, {rec['budget_minutes']:g}-minute budget", "",
+                f"`{entry['command']}` (commit {entry['git']['commit'][:12]}, {entry['date']}, "
+                f"{entry['machine']['cpu']}, {entry['machine']['cpus_usable']} CPUs, torch {entry['machine']['torch']})",
+                "", "| test cases | epochs | training min | Dice anterior | Dice posterior | mean Dice | hand-tuned (30 min) |",
+                "|---|---|---|---|---|---|---|",
+                f"| {rec['run']['splits'].get('test', {}).get('cases')} | {rec['run']['epochs']} | "
+                f"{rec['run']['train_minutes']:.1f} | {_m(m, 'test/dice/Anterior')} | {_m(m, 'test/dice/Posterior')} | "
+                f"**{_m(m, 'test/dice_mean')}** | 0.885 (hippocampus.md) |", "", "What it planned (`--explain`):", "",
+                "```", *rec["explain"], "```", "", "Probe:", "", "```", *rec["probe"], "```", ""]
+    medmnist_rows = sections.get("medmnist", {})
+    if medmnist_rows:
+        out += ["## MedMNIST, planned from the imported folders", "",
+                "| dataset | budget min | network | epochs | seeds | test AUC (mean ± std) | test ACC | hand-tuned "
+                "reference AUC | command |", "|---|---|---|---|---|---|---|---|---|"]
+        for _key, entry in sorted(medmnist_rows.items()):
+            for short, rec in entry["record"].items():
+                m = rec["run"]["metrics"]
+                cfg = rec["planned_config"]
+                std = m.get("test/auc_std")
+                out.append(f"| {short} | {rec['budget_minutes']:g} | resnet18 x{cfg['model']['widen_factor']} | "
+                           f"{cfg['train']['max_epochs']} | {len(rec['run']['seeds'])} | **{_m(m, 'test/auc')}**"
+                           + (f" ± {std:.3f}" if std is not None else "") + f" | {_m(m, 'test/acc')} | "
+                           f"{rec['hand_tuned_reference_auc']} | `{entry['command']}` |")
+        out.append("")
+    for _key, entry in sorted(sections.get("synthetic-ct", {}).items()):
+        rec = entry["record"]
+        m = rec["run"]["metrics"]
+        cfg = rec["planned_config"]
+        out += [f"## Synthetic CT-like (0.7 x 0.7 x 5 mm; DICOM series + SEG and NRRD), {rec['budget_minutes']:g} min",
+                "", f"`{entry['command']}`", "",
+                f"Planned strides {cfg['model']['strides']}, patch {cfg['patch']['size']}, "
+                f"sampler {cfg['patch']['sampler']}, intensity {cfg['preprocess']['intensity']['mode']}.", "",
+                "| test cases | epochs | Dice organ | Dice vessel | Dice lesion (rare) | mean Dice |", "|---|---|---|---|---|---|",
+                f"| {rec['run']['splits'].get('test', {}).get('cases')} | {rec['run']['epochs']} | "
+                f"{_m(m, 'test/dice/organ')} | {_m(m, 'test/dice/vessel')} | {_m(m, 'test/dice/lesion')} | "
+                f"**{_m(m, 'test/dice_mean')}** |", "", "```", *rec["explain"], "```", ""]
+    for _key, entry in sorted(sections.get("pyradiomics", {}).items()):
+        rec = entry["record"]
+        out += ["## pyradiomics test cases: plan and verify", "", f"`{entry['command']}`", "", "```",
+                *rec["manifest_build"], "", *rec["explain"], "", *rec["verify"], "```", ""]
+    for _key, entry in sorted(sections.get("png", {}).items()):
+        rec = entry["record"]
+        m = rec["run"]["metrics"]
+        out += ["## Class-per-folder PNGs (BreastMNIST written as an ImageFolder tree)", "",
+                f"`{entry['command']}`", "", f"Test AUC **{_m(m, 'test/auc')}**, ACC {_m(m, 'test/acc')}; predict on the "
+                f"test PNGs: {rec['predict']['counts']}", "", "```", *rec["predict"]["printed"], "```", ""]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    global RESULTS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", choices=[*SECTIONS, "render"])
+    parser.add_argument("--budget", type=float, default=30.0, help="minutes")
+    parser.add_argument("--seeds", type=int, default=0)
+    parser.add_argument("--cases", type=int, default=24, help="synthetic-ct: cases to generate")
+    parser.add_argument("--only", nargs="*", help="medmnist: some of pneumonia breast adrenal3d")
+    parser.add_argument("--work", type=Path, help="where runs go (default runs/planned)")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="where plan.json/plan.md go (smoke tests)")
+    args = parser.parse_args()
+    RESULTS = args.results
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.section == "render":
+        report = json.loads((RESULTS / "plan.json").read_text())
+        atomic_write_text(RESULTS / "plan.md", render(report))
+        return
+    record = SECTIONS[args.section](args)
+    shown = "python benchmarks/bench_plan.py " + " ".join(sys.argv[1:])
+    key = re.sub(r"[^a-z0-9]+", "_", shown.split("bench_plan.py ")[1].lower()).strip("_")
+    merge(args.section, key, record, shown)
+    print(f"written: {RESULTS / 'plan.json'}, {RESULTS / 'plan.md'}")
+
+
+if __name__ == "__main__":
+    main()
