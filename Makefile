@@ -88,7 +88,17 @@ medmnist: $(VENV)/.installed
 # The README's results tables: each target trains the configs behind one table with `medseg run` (runs
 # in runs/, tracked in runs/mlflow.db) and writes benchmarks/results/<name>.json and .md, with held-out
 # test metrics, epochs, minutes, the commit and the machine. Times are for this project's 2-core CPU.
-.PHONY: results results-hippocampus results-medmnist results-recon results-demo results-calibration results-uncertainty
+.PHONY: results results-hippocampus results-medmnist results-recon results-demo results-calibration results-uncertainty results-plan
+# medseg plan on every dataset, each planned config run unedited -> plan.md (about 2 hours on 2 cores; needs
+# highdicom, the dev extras have it)
+results-plan: medmnist $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_plan.py fingerprint
+	$(BIN)/python benchmarks/bench_plan.py hippocampus --budget 30
+	$(BIN)/python benchmarks/bench_plan.py hippocampus --budget 10
+	$(BIN)/python benchmarks/bench_plan.py medmnist --budget 5 --seeds 3
+	$(BIN)/python benchmarks/bench_plan.py synthetic-ct --budget 10
+	$(BIN)/python benchmarks/bench_plan.py png --budget 4
+	$(BIN)/python benchmarks/bench_plan.py pyradiomics
 # temperature scaling on PneumoniaMNIST and BreastMNIST (3 seeds each; about 50 minutes on 2 cores),
 # HIPPOCAMPUS_RUN=runs/msd_hippocampus/<stamp> also calibrates that finished run -> calibration.md
 results-calibration: medmnist

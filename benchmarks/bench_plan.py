@@ -13,6 +13,7 @@ Sections:
                   (``make medmnist``), official splits, --seeds K; test AUC. Reference: medmnist.md.
     synthetic-ct  benchmarks/make_datasets.py's seeded CT-like set (0.7 x 0.7 x 5 mm, half DICOM
                   series + DICOM SEG, half NRRD; a rare lesion class); per-class test Dice.
+    fingerprint   the 260 MSD Hippocampus cases fingerprinted afresh, timed.
     pyradiomics   ../shared/data/pyradiomics_testcases: plan and verify (too few cases to train).
     png           a class-per-folder PNG tree written from BreastMNIST: plan, train, predict PNGs.
 
@@ -21,6 +22,7 @@ Usage:
     python benchmarks/bench_plan.py medmnist --budget 5 --seeds 3
     python benchmarks/bench_plan.py synthetic-ct --budget 10
     python benchmarks/bench_plan.py pyradiomics
+    python benchmarks/bench_plan.py fingerprint
     python benchmarks/bench_plan.py png --budget 4
 """
 
@@ -181,7 +183,22 @@ def png(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-SECTIONS = {"hippocampus": hippocampus, "medmnist": medmnist, "synthetic-ct": synthetic_ct,
+def fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    """The fingerprint of the 260 MSD Hippocampus cases measured afresh (no cache), timed."""
+    from medseg.data.manifest import read_manifest
+    from medseg.planning.fingerprint import compute_fingerprint
+
+    manifest = read_manifest(REPO / "data_manifests" / "msd_hippocampus.csv")
+    started = time.perf_counter()
+    fp = compute_fingerprint(manifest, SHARED / "msd_task04_hippocampus", channel_names=["MRI"],
+                             labels={0: "background", 1: "Anterior", 2: "Posterior"}, progress=False, use_cache=False)
+    seconds = time.perf_counter() - started
+    return {"cases": len(fp.cases), "seconds": round(seconds, 2), "median_spacing": fp.median_spacing(),
+            "median_shape": fp.median_shape(), "channels": [vars(c) for c in fp.channels],
+            "classes": [vars(c) for c in fp.classes]}
+
+
+SECTIONS = {"fingerprint": fingerprint, "hippocampus": hippocampus, "medmnist": medmnist, "synthetic-ct": synthetic_ct,
             "pyradiomics": pyradiomics, "png": png}
 
 
@@ -209,6 +226,18 @@ def render(report: dict[str, Any]) -> str:
            "Written by `python benchmarks/bench_plan.py SECTION` (one command per section below). Every run is the",
            "planner's config, unedited; every figure is on held-out data (a test split the planner never reads).", ""]
     sections = report["sections"]
+    for _key, entry in sorted(sections.get("fingerprint", {}).items()):
+        rec = entry["record"]
+        out += ["## Fingerprint: MSD Hippocampus", "", f"`{entry['command']}`: {rec['cases']} cases measured in "
+                f"**{rec['seconds']:.1f} s** ({entry['machine']['cpus_usable']} CPUs, no cache); median spacing "
+                f"{rec['median_spacing']}, median shape {rec['median_shape']}.", "",
+                "| class | voxel fraction | cases with | components per case | median component mm³ |",
+                "|---|---|---|---|---|"]
+        for c in rec["classes"]:
+            out.append(f"| {c['name']} | {c['voxel_fraction']:.4f} | {c['cases_with']} | "
+                       f"{c['components_per_case'] if c['components_per_case'] is not None else 'n/a'} | "
+                       f"{c['component_mm3_median'] if c['component_mm3_median'] is not None else 'n/a'} |")
+        out.append("")
     for _key, entry in sorted(sections.get("hippocampus", {}).items()):
         rec = entry["record"]
         m = rec["run"]["metrics"]

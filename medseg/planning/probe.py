@@ -78,11 +78,13 @@ class ProbeClock:
         return time.perf_counter() - self.started
 
 
-def bf16_available(device: torch.device) -> bool:
-    """Whether bf16 autocast is worth timing here (CUDA with bf16, or a CPU torch supports it on)."""
+def reduced_precisions(device: torch.device) -> list[Precision]:
+    """The precisions worth timing against fp32 here: bf16 on a CPU (torch runs its autocast on
+    any x86/ARM CPU; whether it is *faster* is the probe's question); fp16 and, where the GPU has
+    it, bf16 on CUDA."""
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return True  # torch runs bf16 autocast on any x86/ARM CPU; whether it is *faster* is the probe's question
+        return [Precision.FP16] + ([Precision.BF16] if torch.cuda.is_bf16_supported() else [])
+    return [Precision.BF16]
 
 
 def _peak_memory_mb(device: torch.device) -> float | None:

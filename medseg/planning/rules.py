@@ -138,6 +138,28 @@ def pool_and_conv(spacing: Sequence[float], patch: Sequence[int], min_feature_ma
     return Topology(kernels=kernels, strides=strides, patch=padded, pools_per_axis=pools)
 
 
+def leave_crop_room(spacing: Sequence[float], topology: Topology, median_shape: Sequence[float]) -> Topology:
+    """Keep every patch axis below the median image size, so random crops still move.
+
+    nnU-Net pads the image by half a patch before it crops, so a patch as big as the image still
+    lands anywhere; MONAI's croppers pad only up to the patch size, so such a patch is always the
+    whole image, in the same place: no positional variety at all, and the network overfits (on
+    MSD Hippocampus nnU-Net's [40, 56, 40] patch, bigger than the median [35, 50, 36] image,
+    trained to a lower validation Dice than [32, 48, 32]). An axis at or above the median size
+    takes the largest multiple of its pooling below it; the topology is then derived again.
+    """
+    for _ in range(8):
+        over = [a for a, (p, m, d) in enumerate(zip(topology.patch, median_shape, topology.divisor)) if p >= m and p > d]
+        if not over:
+            break
+        patch = list(topology.patch)
+        for a in over:
+            d = topology.divisor[a]
+            patch[a] = max(d, int(math.ceil(median_shape[a]) - 1) // d * d)
+        topology = pool_and_conv(spacing, patch)
+    return topology
+
+
 def nnunet_features(stages: int, dims: int, base: int = NNUNET_BASE_FEATURES) -> list[int]:
     """nnU-Net's features per stage: ``base`` doubling, capped at 320 (3D) / 512 (2D)."""
     return [min(base * 2**i, NNUNET_MAX_FEATURES[dims]) for i in range(stages)]

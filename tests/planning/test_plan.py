@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -112,3 +113,72 @@ def test_bad_budget_and_tasks_without_planner_say_what_to_do(ct_msd: Path, tmp_p
     with pytest.raises(UsageError, match=r"is a manifest: give --root"):
         medseg.build_manifest(ct_msd, tmp_path / "x.csv")
         medseg.plan(tmp_path / "x.csv", budget="1m", probe=False, progress=False)
+
+
+def test_thick_slice_ct_in_dicom_and_nrrd_plans_in_plane_first_with_a_rare_class_sampler(tmp_path: Path) -> None:
+    """The issue's CT-like case: 0.7 x 0.7 x 5 mm, half DICOM series + DICOM SEG, half NRRD, a rare
+    lesion absent from some cases; planned from the folder alone (dataset.json says CT)."""
+    pytest.importorskip("highdicom")
+    from medseg.data.synthetic import write_synthetic_ct
+
+    root = tmp_path / "sct"
+    write_synthetic_ct(root, n_cases=6, seed=3, shape=(64, 56, 12))
+    planned = medseg.plan(root, budget="10m", manifest=tmp_path / "sct.csv", probe=False, progress=False)
+    cfg = planned.config
+    assert planned.fingerprint.median_spacing() == pytest.approx([0.7, 0.7, 5.0])
+    assert {c.orientation for c in planned.fingerprint.cases} == {"LPS"}  # as stored: DICOM and NRRD alike
+    assert cfg["data"]["labels"] == {0: "background", 1: "organ", 2: "vessel", 3: "lesion"}
+    first = cfg["model"]["strides"][0]
+    assert first == [2, 2, 1]  # in-plane first: the 5 mm axis is not pooled at the first step
+    assert cfg["preprocess"]["intensity"]["mode"] == "clip_zscore"
+    assert cfg["patch"]["sampler"] == "per_class" and "lesion" in planned.why["patch.sampler"]
+    assert planned.why["preprocess.spacing"].startswith("median spacing, axis 2 anisotropic")
+    medseg.validate_config(cfg)
+
+
+def test_a_class_per_folder_png_tree_plans_as_classification(tmp_path: Path) -> None:
+    from medseg.data.imagefolder import write_imagefolder_from_medmnist
+
+    npz = write_medmnist_npz(tmp_path / "tinymnist.npz", counts=(30, 8, 8))
+    write_imagefolder_from_medmnist(npz, tmp_path / "png", labels={0: "normal", 1: "nodule"})
+    planned = medseg.plan(tmp_path / "png", budget="1m", manifest=tmp_path / "png.csv", probe=False, progress=False)
+    cfg = planned.config
+    assert cfg["task"] == "classification" and cfg["data"]["labels"] == {0: "nodule", 1: "normal"}  # sorted folders
+    assert cfg["model"]["spatial_dims"] == 2 and cfg["preprocess"]["resize"] == [17, 21]
+    from medseg.data.manifest import read_manifest
+
+    splits = {c.split for c in read_manifest(tmp_path / "png.csv").cases}
+    assert splits == {"train", "val", "test"}  # the tree's own split folders are kept
+
+
+def test_2d_png_segmentation_plans_a_2d_network(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "seg2d"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        label = np.zeros((45, 61), np.uint8)
+        label[10 + i:25 + i, 20:40] = 1
+        image = (rng.integers(0, 50, label.shape) + 150 * label).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"c{i}.png")
+        Image.fromarray(label).save(root / "labels" / f"c{i}.png")
+    planned = medseg.plan(root, task="segmentation", budget="2m", manifest=tmp_path / "s.csv", probe=False,
+                          progress=False)
+    cfg = planned.config
+    assert cfg["model"]["spatial_dims"] == 2 and len(cfg["patch"]["size"]) == 2
+    assert cfg["preprocess"]["orientation"] is None
+    assert planned.fingerprint.spatial_dims == 2 and planned.fingerprint.cases[0].shape == [61, 45]
+    medseg.validate_config(cfg)
+
+
+def test_manifest_build_says_which_layout_it_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medseg.data.imagefolder import write_imagefolder_from_medmnist
+
+    npz = write_medmnist_npz(tmp_path / "tinymnist.npz", counts=(12, 4, 4))
+    write_imagefolder_from_medmnist(npz, tmp_path / "png", labels={0: "normal", 1: "nodule"})
+    assert main(["manifest", "build", "--from", str(tmp_path / "png"), "--out", str(tmp_path / "m.csv")]) == 0
+    printed = capsys.readouterr().out
+    assert "ImageFolder" in printed or "imagefolder" in printed
+    assert "nodule" in printed and "normal" in printed

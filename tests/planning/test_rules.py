@@ -142,3 +142,57 @@ def test_per_axis_strides_and_kernels_build_an_in_plane_first_dynunet() -> None:
     assert network(torch.zeros(1, 1, *topology.patch)).shape == (1, 4, *topology.patch)
     with pytest.raises(ModelError, match=r"must be divisible by \[\d+, \d+, \d+\]"):
         create_segmentation_network(cfg, 1, 4, [topology.patch[0] + 1, *topology.patch[1:]])
+
+
+def test_reduced_precisions_are_bf16_on_a_cpu() -> None:
+    from medseg.config import Precision
+    from medseg.planning.probe import reduced_precisions
+
+    assert reduced_precisions(torch.device("cpu")) == [Precision.BF16]
+
+
+def test_a_precision_is_kept_only_when_its_loss_curve_matches_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medseg.config import Precision
+    from medseg.planning import probe
+
+    curves = {Precision.FP32: [1.0, 0.8, 0.6, 0.5], Precision.BF16: [1.0, 0.81, 0.6, 0.5]}
+    monkeypatch.setattr(probe, "_train_steps", lambda task, cfg, batch, device, precision, cl, steps:
+                        [(0.01, loss) for loss in curves[precision]])
+    same, gap, _, _ = probe.same_loss_curve(None, None, None, torch.device("cpu"), Precision.BF16, False)
+    assert same and gap == pytest.approx(0.0125)
+    curves[Precision.BF16] = [1.0, 0.8, 0.7, 0.65]  # learns slower: 30 % above fp32 at the end
+    same, gap, _, _ = probe.same_loss_curve(None, None, None, torch.device("cpu"), Precision.BF16, False)
+    assert not same and gap == pytest.approx(0.3)
+    curves[Precision.BF16] = [1.0, float("nan"), 0.6, 0.5]
+    assert not probe.same_loss_curve(None, None, None, torch.device("cpu"), Precision.BF16, False)[0]
+
+
+def test_the_probe_times_a_real_step_and_records_a_failure_instead_of_raising() -> None:
+    from medseg.config import Precision
+    from medseg.planning.probe import ProbeClock, time_steps
+    from medseg.tasks.registry import get_task
+
+    task = get_task("segmentation")
+    cfg = task.config_type.model_validate({
+        "data": {"manifest": "m.csv", "labels": {0: "bg", 1: "fg"}}, "patch": {"size": [16, 16, 8]},
+        "model": {"name": "unet", "channels": [4, 8], "strides": [[2, 2, 1]]}})
+    batch = (torch.randn(2, 1, 16, 16, 8), torch.randint(0, 2, (2, 1, 16, 16, 8)))
+    result = time_steps(task, cfg, batch, torch.device("cpu"), Precision.FP32, True, "tiny", ProbeClock())
+    assert result.seconds_per_step is not None and result.seconds_per_step > 0 and result.parameters > 0
+    wrong = (torch.randn(2, 3, 16, 16, 8), batch[1])  # 3 channels into a 1-channel network
+    failed = time_steps(task, cfg, wrong, torch.device("cpu"), Precision.FP32, True, "tiny", ProbeClock())
+    assert failed.seconds_per_step is None and failed.note.startswith("failed:")
+    late = time_steps(task, cfg, batch, torch.device("cpu"), Precision.FP32, True, "tiny", ProbeClock(0.0))
+    assert late.note == "skipped: probe time used up"
+
+
+def test_a_patch_as_big_as_the_image_is_shrunk_so_crops_still_move() -> None:
+    topology = rules.leave_crop_room([1.0, 1.0, 1.0], rules.pool_and_conv([1.0, 1.0, 1.0], [40, 56, 40]),
+                                     [35.0, 50.0, 36.0])
+    assert topology.patch == [32, 48, 32] and topology.pools_per_axis == [3, 3, 3]
+    big = rules.pool_and_conv([1.0, 1.0, 1.0], [64, 64, 64])
+    assert rules.leave_crop_room([1.0, 1.0, 1.0], big, [200.0, 200.0, 200.0]).patch == [64, 64, 64]  # room already
+    thick = rules.leave_crop_room([0.7, 0.7, 5.0], rules.pool_and_conv([0.7, 0.7, 5.0], [128, 128, 24]),
+                                  [130.0, 126.0, 24.0])
+    assert all(p < m for p, m in zip(thick.patch, [130, 126, 24]))
+    assert all(p % d == 0 for p, d in zip(thick.patch, thick.divisor))

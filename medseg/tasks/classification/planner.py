@@ -128,6 +128,11 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "train.max_epochs": (f"as many epochs as the budget holds ({steps_per_epoch} steps each), at most "
                              f"{MAX_EPOCHS}" if steps else f"{MIN_SAMPLES:,} images (not probed)"),
         "train.max_minutes": "--budget",
+        "model.norm": "batch norm: batches of 32-64 images give stable statistics",
+        "train.grad_clip": "clip gradient norms: label smoothing and class weights make early steps large",
+        "validation.tsne": "a map of the penultimate layer on the test split, logged as an image",
+        "data.fingerprint": "what this plan was made from (logged with the run)",
+        "data.labels": "from the dataset's description (class folders, medmnist_import.json, ...)",
         "augment": ("flips on every axis (3D shape data has no handedness) and small affine moves" if dims == 3 else
                     "small affine moves and contrast; no flips: a 2D medical image has a left and a right"),
         "optim": "AdamW with a cosine schedule" + (", lr 1e-3 for 3D" if dims == 3 else ""),

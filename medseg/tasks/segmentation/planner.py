@@ -26,8 +26,8 @@ from medseg.planning.plan import ExplainRow, Plan, PlanRequest
 from medseg.planning.probe import (
     ProbeClock,
     ProbeResult,
-    bf16_available,
     pick_within_budget,
+    reduced_precisions,
     same_loss_curve,
     time_steps,
     with_overrides,
@@ -43,6 +43,9 @@ MIN_ITERATIONS = 20_000
 STEP_SHARE = 0.55
 #: A budget of at least this buys nnU-Net's full augmentation; below it the light set converges faster.
 FULL_AUGMENTATION_MINUTES = 120.0
+#: A reduced precision or another memory layout must take at most this share of the time: 15 % faster
+#: is beyond the probe's run-to-run noise; a 5 % gain is not worth a numerics risk.
+CLEARLY_FASTER = 0.85
 #: Patch scales tried after nnU-Net's patch, for budgets too tight for it.
 PATCH_SCALES = (0.8, 0.6)
 BATCH_SIZE = 2  # nnU-Net's minimum; on a CPU a step's time grows with the batch, so more steps win
@@ -114,8 +117,10 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
 
     # ---- patch and topology (nnU-Net), then the candidates the probe times
     nnunet = rules.nnunet_default_plan(spacings, shapes, channels, classes)
-    start = nnunet.patch  # nnU-Net's patch (fitted to its 8 GB GPU reference); smaller ones for tight budgets
-    full = rules.pool_and_conv(spacing, start)
+    median_shape = list(np.median(np.asarray(shapes) * np.asarray(spacings) / np.asarray(spacing), axis=0))
+    # nnU-Net's patch (fitted to its 8 GB GPU reference), kept below the median image; smaller ones for tight budgets
+    full = rules.leave_crop_room(spacing, rules.pool_and_conv(spacing, nnunet.patch), median_shape)
+    start = full.patch
     candidates = [("dynunet", full, 32, "nnU-Net DynUNet, 32 base features"),
                   ("dynunet", full, 16, "nnU-Net DynUNet, 16 base features"),
                   ("unet", full, 16, "lean U-Net, 16 base features")]
@@ -130,23 +135,26 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     step_seconds = request.budget_minutes * 60 * STEP_SHARE
     device = request.device
     probe: list[ProbeResult] = []
+    # a GPU step costs little more for a bigger batch (nnU-Net's batch); on a CPU it costs proportionally more
+    batch_size = max(BATCH_SIZE, nnunet.batch_size) if device.type == "cuda" else BATCH_SIZE
     chosen = candidates[2]
-    precision, channels_last = Precision.FP32, dims == 3
+    # unprobed: medseg's default (fp16 autocast on a GPU, fp32 on a CPU)
+    precision, channels_last = Precision.AUTO if not request.probe else Precision.FP32, dims == 3
     if request.probe:
         clock = ProbeClock()
         measured = []
         for family, topology, width, label in candidates:
             cfg = _validated(task, base, family, topology, width, dims)
-            batch = _synthetic_batch(topology.patch, channels, classes, BATCH_SIZE)
+            batch = _synthetic_batch(topology.patch, channels, classes, batch_size)
             fp32 = time_steps(task, cfg, batch, device, Precision.FP32, channels_last, label, clock)
             probe.append(fp32)
             best = fp32
-            if bf16_available(device):
-                bf16 = time_steps(task, cfg, batch, device, Precision.BF16, channels_last, label, clock)
-                probe.append(bf16)
-                if bf16.seconds_per_step is not None and (best.seconds_per_step is None
-                                                          or bf16.seconds_per_step < 0.9 * best.seconds_per_step):
-                    best = bf16
+            for reduced in reduced_precisions(device):
+                timed = time_steps(task, cfg, batch, device, reduced, channels_last, label, clock)
+                probe.append(timed)
+                if timed.seconds_per_step is not None and (best.seconds_per_step is None or
+                                                           timed.seconds_per_step < CLEARLY_FASTER * best.seconds_per_step):
+                    best = timed
             if best.seconds_per_step is not None:
                 measured.append(((family, topology, width, label), best, cfg, batch))
         picked = pick_within_budget([m[1].seconds_per_step for m in measured], step_seconds, MIN_ITERATIONS)
@@ -156,7 +164,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
             if precision != Precision.FP32:
                 same, gap, _, _ = same_loss_curve(task, cfg, batch, device, precision, channels_last)
                 probe.append(ProbeResult(f"{chosen[3]}: {precision} vs fp32 loss curve", str(precision), channels_last,
-                                         None, None, note=f"{CURVE_STEPS_NOTE}: worst gap {gap:.1%} -> "
+                                         None, None, note=f"{CURVE_STEPS_NOTE}: worst gap {gap:.2%} -> "
                                          + ("same curve, kept" if same else "differs, fp32 used")))
                 if not same:
                     precision = Precision.FP32
@@ -165,7 +173,8 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
             if dims == 3 and clock.left > 5:  # channels-last is the default for 3D; check it is not slower here
                 plain = time_steps(task, cfg, batch, device, precision, False, chosen[3], clock)
                 probe.append(plain)
-                if plain.seconds_per_step is not None and plain.seconds_per_step < 0.9 * (best.seconds_per_step or math.inf):
+                if plain.seconds_per_step is not None and \
+                        plain.seconds_per_step < CLEARLY_FASTER * (best.seconds_per_step or math.inf):
                     channels_last, best = False, plain
             chosen_step = best.seconds_per_step
         else:
@@ -181,20 +190,21 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     iterations = int(step_seconds / chosen_step) if chosen_step else None
     model = _network(family, topology, width, dims)
     cases_train = sum(1 for c in fp.cases if c.split == "train")
-    per_epoch = max(1, math.ceil(cases_train * 2 / BATCH_SIZE))
+    per_epoch = max(1, math.ceil(cases_train * 2 / batch_size))
     epochs = max(1, iterations // per_epoch) if iterations else None
-    val_interval = max(1, round((epochs or 200) / 40))
+    val_interval = max(1, round((epochs or 200) / 25))
 
     config = base
     config["patch"] = _patch_section(fp, topology.patch, request.labels, why)
     config["model"] = model
-    config["train"] = {"max_epochs": 1000, "max_minutes": request.budget_minutes, "batch_size": BATCH_SIZE,
+    config["train"] = {"max_epochs": 1000, "max_minutes": request.budget_minutes, "batch_size": batch_size,
                        "val_interval": val_interval, "device": "auto", "precision": str(precision),
                        "channels_last": channels_last}
     config["augment"], why["augment"] = _augmentation(dims, request.budget_minutes, decision.anisotropic_axis,
                                                       rules.is_ct(stats.name))
 
-    step_note = f"probe: {chosen_step:.3f} s/step" if chosen_step else "not probed"
+    step_note = f"probe: {chosen_step:.3f} s/step" if chosen_step else \
+        "not probed (auto: fp16 autocast on a GPU, fp32 on a CPU)"
     why.update({
         "preprocess.spacing": (decision.reason + (f": every case is already at {spacing}, so no resampling"
                                                   if all_there else "")),
@@ -214,13 +224,21 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "model.kernels": "3 where the spacing is within 2x of the finest, else 1 (in-plane first)",
         "train.max_minutes": "--budget",
         "train.max_epochs": "the budget stops training; the LR schedule follows the clock",
-        "train.batch_size": "nnU-Net's minimum; on one device a bigger batch costs proportionally more time",
+        "train.batch_size": "nnU-Net's minimum; on a CPU a bigger batch costs proportionally more time"
+        if batch_size == BATCH_SIZE else "nnU-Net's batch: a GPU step costs little more for it",
         "train.precision": (f"{precision}: " + step_note + (f", ~{iterations:,} steps in the budget" if iterations
                                                             else "")),
         "train.channels_last": "probe: channels-last " + ("was not slower" if channels_last else "was slower here")
         if dims == 3 and request.probe else "2D network" if dims == 2 else "3D default",
-        "train.val_interval": f"about 40 validations over ~{epochs or '?'} epochs",
+        "train.val_interval": f"about 25 validations over ~{epochs or '?'} epochs",
         "validation.overlap": "nnU-Net's sliding-window overlap, Gaussian-weighted",
+        "validation.sw_batch_size": "windows per forward pass at validation and predict",
+        "model.norm": "instance norm (nnU-Net): batch 2 is too small for batch statistics",
+        "model.num_res_units": "one residual unit per level" if family == "unet" else "nnU-Net: two plain convolutions",
+        "data.cache": "preprocessed volumes kept in memory (the dataset is read once)",
+        "data.fingerprint": "what this plan was made from (logged with the run)",
+        "data.channels": "from the dataset's description (dataset.json / the layout)",
+        "data.labels": "from the dataset's description, consecutive from 0",
         "loss": "Dice + cross-entropy (nnU-Net)",
         "optim": "AdamW with a cosine schedule: converges in the few thousand steps a budget buys "
                  "(nnU-Net's SGD + poly schedule is tuned for 250,000)",
@@ -230,8 +248,9 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     explain = [
         ExplainRow("target spacing", str(spacing), str([round(s, 4) for s in nnunet.spacing]), decision.reason),
         ExplainRow("patch", str(topology.patch), str(nnunet.patch),
-                   "nnU-Net's patch" + ("" if topology is full else f", scaled down for the budget ({label})")),
-        ExplainRow("batch", str(BATCH_SIZE), str(nnunet.batch_size), why["train.batch_size"]),
+                   "nnU-Net's patch, below the median image" + (
+                       "" if topology is full else f", scaled down for the budget ({label})")),
+        ExplainRow("batch", str(batch_size), str(nnunet.batch_size), why["train.batch_size"]),
         ExplainRow("pooling per axis", str(topology.pools_per_axis), str(nnunet.pools_per_axis), why["model.strides"]),
         ExplainRow("network", f"{model['name']} {model['channels']}", f"dynunet {nnunet.features}", why["model"]),
         ExplainRow("normalisation", normalised, normalised, norm.reason),
@@ -261,8 +280,8 @@ def _patch_section(fp: Fingerprint, patch: list[int], labels: dict[int, str], wh
     absent = [v for v in labels if v != 0 and presence[v] == 0]
     rare = rules.rare_classes({v: f for v, f in fractions.items() if v not in absent},
                               {v: p for v, p in presence.items() if v not in absent})
-    why["patch.size"] = ("nnU-Net's patch: edges proportional to 1/spacing, clipped to the median shape, fitted to "
-                         "its GPU reference, divisible by the pooling")
+    why["patch.size"] = ("nnU-Net's patch (edges proportional to 1/spacing, clipped to the median shape, fitted to "
+                         "its GPU reference, divisible by the pooling), kept below the median image so crops move")
     why["patch.samples_per_volume"] = "two patches per cached volume and visit"
     section: dict[str, Any] = {"size": patch, "samples_per_volume": 2}
     if rare:
