@@ -75,7 +75,7 @@ def test_run_with_plan_plans_trains_and_logs_the_fingerprint(ct_msd: Path, tmp_p
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     code = main(["run", "--plan", str(ct_msd), "--budget", "0.15m", "--manifest", "m.csv", "--no-progress",
-                 "--set", "train.max_epochs=1", "--set", "model.channels=[4,8,16,32]",
+                 "--set", "train.max_epochs=1",
                  "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     assert code == 0
     written = list((tmp_path / "configs" / "planned").glob("*.yaml"))
