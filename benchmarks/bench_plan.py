@@ -241,7 +241,10 @@ def render(report: dict[str, Any]) -> str:
     for _key, entry in sorted(sections.get("hippocampus", {}).items()):
         rec = entry["record"]
         m = rec["run"]["metrics"]
-        out += [f"## MSD Hippocampus, {rec['budget_minutes']:g}-minute budget", "",
+        title = f"## MSD Hippocampus, {rec['budget_minutes']:g}-minute budget"
+        if entry.get("superseded"):
+            title += " (superseded planner version, kept for the record)"
+        out += [title, "", *([f"Superseded: {entry['superseded']}.", ""] if entry.get("superseded") else []),
                 f"`{entry['command']}` (commit {entry['git']['commit'][:12]}, {entry['date']}, "
                 f"{entry['machine']['cpu']}, {entry['machine']['cpus_usable']} CPUs, torch {entry['machine']['torch']})",
                 "", "| test cases | epochs | training min | Dice anterior | Dice posterior | mean Dice | hand-tuned (30 min) |",

@@ -31,7 +31,7 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.config import RunConfig
-from medseg.data.layouts import DatasetLayout, detect_layout
+from medseg.data.layouts import DatasetLayout, dataset_json_names, detect_layout
 from medseg.data.manifest import Manifest, build_manifest, build_manifest_from_layout
 from medseg.data.medmnist import import_medmnist
 from medseg.data.verify import VerifyOptions, VerifyReport
@@ -739,21 +739,17 @@ def _self_description(root: Path) -> dict[str, Any]:
         info = json.loads(medmnist.read_text())
         found["labels"] = {int(k): str(v) for k, v in info.get("labels", {}).items()}
         found["task"] = "classification"
-        found["channels"] = ["red", "green", "blue"] if info.get("channels") == 3 else ["image"]
-    dataset_json = root / "dataset.json"
-    if dataset_json.is_file():
-        try:
-            info = json.loads(dataset_json.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{dataset_json}: not valid JSON ({err}); fix or remove it") from None
-        labels = info.get("labels") or {}
-        if labels and all(str(v).lstrip("-").isdigit() for v in labels.values()):  # nnU-Net v2: name -> value
-            found["labels"] = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
-        elif labels:                                                           # MSD: "0" -> name
-            found["labels"] = {int(k): str(v) for k, v in labels.items()}
-        channels = info.get("channel_names") or info.get("modality") or {}
-        if channels:
-            found["channels"] = [str(channels[k]) for k in sorted(channels, key=int)]
+        # the modality names the grey channel (imports before medseg wrote it: from the source file's name)
+        from medseg.data.medmnist import KNOWN_MODALITY
+
+        modality = info.get("modality") or KNOWN_MODALITY.get(Path(str(info.get("source", ""))).name.removesuffix(".npz"))
+        found["channels"] = ["red", "green", "blue"] if info.get("channels") == 3 else [modality or "image"]
+    channels, labels = dataset_json_names(root)
+    if labels:
+        found["labels"] = labels
+    if channels:
+        found["channels"] = channels
+    if (root / "dataset.json").is_file():
         found.setdefault("task", "segmentation")
     return found
 

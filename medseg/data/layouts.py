@@ -187,15 +187,25 @@ def _case_image(folder: Path) -> list[Path]:
     return found
 
 
+def dataset_json_names(root: Path) -> tuple[list[str] | None, dict[int, str] | None]:
+    """Channel names and label names from ``<root>/dataset.json`` (MSD or nnU-Net v2), if there is one.
+
+    Raises:
+        ManifestError: the file is not valid JSON, or its channel names are malformed.
+    """
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return None, None
+    meta = read_dataset_json(path)
+    return _channel_names(meta.get("channel_names") or meta.get("modality"), path), _label_names(meta.get("labels"), path)
+
+
 def _with_dataset_json(layout: DatasetLayout) -> DatasetLayout:
     """Fill channel names and label names from a dataset.json at the root (they win over folder names
     only where the layout gave none)."""
-    path = layout.root / "dataset.json"
-    if not path.is_file():
+    channels, labels = dataset_json_names(layout.root)
+    if channels is None and labels is None:
         return layout
-    meta = read_dataset_json(path)
-    channels = _channel_names(meta.get("channel_names") or meta.get("modality"), path)
-    labels = _label_names(meta.get("labels"), path)
     return DatasetLayout(layout.kind, layout.root, layout.cases, layout.task_hint,
                          layout.labels if layout.labels else labels, channels or layout.channel_names, layout.notes)
 

@@ -34,6 +34,15 @@ KNOWN_LABELS: dict[str, dict[int, str]] = {
     "adrenalmnist3d_64": {0: "normal", 1: "hyperplasia"},
 }
 
+#: What each of those sets images (MedMNIST's ``INFO`` descriptions): the channel name a planner reads.
+KNOWN_MODALITY: dict[str, str] = {
+    "pneumoniamnist": "xray",
+    "breastmnist": "ultrasound",
+    "retinamnist": "fundus",
+    "adrenalmnist3d": "mask",
+    "adrenalmnist3d_64": "mask",
+}
+
 
 @dataclass(frozen=True)
 class ImportedMedmnist:
@@ -134,5 +143,7 @@ def import_medmnist(npz: Path, out: Path, data_dir: Path, labels: Mapping[int, s
     size = tuple(int(s) for s in arrays["train_images"].shape[1:1 + dims])
     info = {"source": str(npz), "source_sha256": sha256_of(npz), "labels": {str(k): v for k, v in names.items()},
             "spatial_dims": dims, "channels": channels, "size": list(size)}
+    if name in KNOWN_MODALITY:
+        info["modality"] = KNOWN_MODALITY[name]
     atomic_write_text(data_dir / "medmnist_import.json", json.dumps(info, indent=2))
     return ImportedMedmnist(manifest, names, dims, channels, size, data_dir)

@@ -309,6 +309,12 @@ def compute_fingerprint(manifest: Manifest, root: Path, *, channel_names: Sequen
             if cached.version == FINGERPRINT_VERSION and cached.manifest_sha256 == digest \
                     and Path(cached.root).resolve() == Path(root).resolve():
                 log.info("fingerprint read from %s (manifest unchanged)", cache)
+                names = list(channel_names or [])
+                if len(names) == len(cached.channel_names) and names != cached.channel_names:
+                    # names are the dataset's description, not a measurement: the caller's win
+                    cached.channel_names = names
+                    for stats, name in zip(cached.channels, names):
+                        stats.name = name
                 return cached
         except (ValueError, TypeError, KeyError):
             log.warning("%s: not a fingerprint this medseg reads; measuring again", cache)

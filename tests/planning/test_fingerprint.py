@@ -139,3 +139,10 @@ def test_classification_fingerprint_counts_cases_per_class(tmp_path: Path) -> No
     assert fp.task_kind == "classification" and fp.spatial_dims == 2
     assert [(c.value, c.cases_with) for c in fp.classes] == [(0, 2), (1, 4)]
     assert fp.channels[0].min == 0.0 and fp.channels[0].max == 5.0  # every pixel counts in classification
+
+
+def test_a_cached_fingerprint_takes_the_callers_channel_names(known_dataset: tuple[Manifest, Path]) -> None:
+    manifest, root = known_dataset
+    compute_fingerprint(manifest, root, channel_names=["image"], progress=False)
+    again = compute_fingerprint(manifest, root, channel_names=["CT"], progress=False)
+    assert again.channel_names == ["CT"] and again.channels[0].name == "CT"

@@ -196,3 +196,19 @@ def test_a_patch_as_big_as_the_image_is_shrunk_so_crops_still_move() -> None:
                                   [130.0, 126.0, 24.0])
     assert all(p < m for p, m in zip(thick.patch, [130, 126, 24]))
     assert all(p % d == 0 for p, d in zip(thick.patch, thick.divisor))
+
+
+@pytest.mark.parametrize(("dims", "n_train", "names", "flip", "noise"), [
+    (2, 546, ["ultrasound"], True, True),    # no handedness, small: flips and stronger augmentation
+    (2, 4708, ["xray"], False, False),       # a chest X-ray has a left and a right
+    (2, 500, ["image"], False, True),        # unknown modality: no flips
+    (3, 1188, ["mask"], True, False),        # 3D shape data: flips on every axis
+])
+def test_classification_augmentation_follows_modality_and_dataset_size(dims: int, n_train: int, names: list[str],
+                                                                       flip: bool, noise: bool) -> None:
+    from medseg.tasks.classification.planner import _augmentation
+
+    items = {a["name"]: a for a in _augmentation(dims, n_train, names)}
+    assert ("flip" in items) is flip and ("noise" in items) is noise
+    if flip and dims == 2:
+        assert items["flip"]["axes"] == [0]

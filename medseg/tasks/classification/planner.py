@@ -133,8 +133,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "validation.tsne": "a map of the penultimate layer on the test split, logged as an image",
         "data.fingerprint": "what this plan was made from (logged with the run)",
         "data.labels": "from the dataset's description (class folders, medmnist_import.json, ...)",
-        "augment": ("flips on every axis (3D shape data has no handedness) and small affine moves" if dims == 3 else
-                    "small affine moves and contrast; no flips: a 2D medical image has a left and a right"),
+        "augment": _augmentation_reason(dims, n_train, list(fp.channel_names)),
         "optim": "AdamW with a cosine schedule" + (", lr 1e-3 for 3D" if dims == 3 else ""),
     })
     if config["data"].get("cross_split_duplicates") == "warning":
@@ -163,12 +162,7 @@ def _base_config(request: PlanRequest, fp: Fingerprint, size: list[int], intensi
         data["fingerprint"] = str(fingerprint_cache_path(request.manifest))
     if _cross_split_duplicates(read_manifest(request.manifest)):
         data["cross_split_duplicates"] = "warning"
-    augment: list[dict[str, Any]] = [{"name": "affine", "prob": 0.5, "rotate_deg": 10, "scale": 0.1,
-                                      "translate": 0.05}]
-    if dims == 3:
-        augment.insert(0, {"name": "flip", "prob": 0.5})
-    else:
-        augment.append({"name": "contrast", "prob": 0.3, "scale": 0.15, "shift": 0.05})
+    augment = _augmentation(dims, sum(1 for c in fp.cases if c.split == "train"), list(fp.channel_names))
     return {
         "task": "classification",
         "seed": 0,
@@ -186,6 +180,37 @@ def _base_config(request: PlanRequest, fp: Fingerprint, size: list[int], intensi
         "validation": {"calibration_bins": 10, "tsne": True},
         "tracking": {"uri": "sqlite:///runs/mlflow.db", "experiment": request.name},
     }
+
+
+#: Modalities whose 2D images have no left and right (a mirrored image is just as real).
+NO_HANDEDNESS = {"ultrasound", "us", "pathology", "histology", "microscopy", "dermoscopy", "fundus"}
+#: Fewer training images than this get stronger augmentation (each image is seen many times).
+SMALL_DATASET = 1000
+
+
+def _augmentation(dims: int, n_train: int, channel_names: list[str]) -> list[dict[str, Any]]:
+    small = n_train < SMALL_DATASET
+    augment: list[dict[str, Any]] = [
+        {"name": "affine", "prob": 0.7 if small else 0.5, "rotate_deg": 15 if small else 10,
+         "scale": 0.15 if small else 0.1, "translate": 0.08 if small else 0.05}]
+    if dims == 3 or any(name.strip().lower() in NO_HANDEDNESS for name in channel_names):
+        augment.insert(0, {"name": "flip", "prob": 0.5, "axes": [0]} if dims == 2 else {"name": "flip", "prob": 0.5})
+    if dims == 2:
+        augment.append({"name": "contrast", "prob": 0.4 if small else 0.3, "scale": 0.2 if small else 0.15,
+                        "shift": 0.08 if small else 0.05})
+    if small:
+        augment.append({"name": "noise", "prob": 0.2, "std": 0.03})
+    return augment
+
+
+def _augmentation_reason(dims: int, n_train: int, channel_names: list[str]) -> str:
+    flips = ("flips on every axis (3D shape data has no handedness)" if dims == 3 else
+             f"left-right flips ({', '.join(channel_names)} images have no handedness)"
+             if any(n.strip().lower() in NO_HANDEDNESS for n in channel_names) else
+             f"no flips ({', '.join(channel_names)}: a 2D image may have a left and a right, e.g. a chest X-ray)")
+    size = (f"stronger affine, contrast and noise: {n_train} training images are each seen many times"
+            if n_train < SMALL_DATASET else "light affine and contrast moves")
+    return f"{flips}; {size}"
 
 
 def _cross_split_duplicates(manifest: Any) -> bool:
