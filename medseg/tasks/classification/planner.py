@@ -88,14 +88,19 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     if request.probe:
         clock = ProbeClock()
         images = _synthetic_batch(size, channels, classes, batch)
-        timed = []
-        for width in WIDTHS:
+        timed: list[tuple[float, float]] = []
+        for width in reversed(WIDTHS):  # narrowest first; stop once one misses the goal (wider ones are slower)
+            if timed and step_seconds / timed[-1][1] * batch < MIN_SAMPLES:
+                probe.append(ProbeResult(f"resnet18 x{width}, batch {batch}", "-", dims == 3, None, None,
+                                         note="not timed: a narrower network already misses the goal"))
+                continue
             cfg = task.config_type.model_validate(with_overrides(base, {"model.widen_factor": width}))
             result = time_steps(task, cfg, images, request.device, Precision.FP32, dims == 3,
                                 f"resnet18 x{width}, batch {batch}", clock)
             probe.append(result)
             if result.seconds_per_step is not None:
                 timed.append((width, result.seconds_per_step))
+        timed.reverse()  # widest first, as the budget rule reads them
         picked = pick_within_budget([t for _, t in timed], step_seconds, MIN_SAMPLES / batch)
         if picked is not None:
             chosen_width, step_time = timed[picked.index]

@@ -143,7 +143,13 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     if request.probe:
         clock = ProbeClock()
         measured = []
-        for family, topology, width, label in candidates:
+        # cheapest first: once a candidate cannot fit the goal into the budget, the richer (slower) ones cannot
+        # either, and the probe's 60 s are not spent timing them
+        for family, topology, width, label in reversed(candidates):
+            if measured and step_seconds / measured[-1][1].seconds_per_step < MIN_ITERATIONS:
+                probe.append(ProbeResult(label, "-", channels_last, None, None,
+                                         note="not timed: a cheaper candidate already misses the goal"))
+                continue
             cfg = _validated(task, base, family, topology, width, dims)
             batch = _synthetic_batch(topology.patch, channels, classes, batch_size)
             fp32 = time_steps(task, cfg, batch, device, Precision.FP32, channels_last, label, clock)
@@ -157,6 +163,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
                     best = timed
             if best.seconds_per_step is not None:
                 measured.append(((family, topology, width, label), best, cfg, batch))
+        measured.reverse()  # richest first again, as the budget rule reads them
         picked = pick_within_budget([m[1].seconds_per_step for m in measured], step_seconds, MIN_ITERATIONS)
         if picked is not None:
             chosen, best, cfg, batch = measured[picked.index]
