@@ -29,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import logging
@@ -174,10 +175,15 @@ def png(args: argparse.Namespace) -> dict[str, Any]:
     outputs = (args.work or REPO / "runs" / "planned") / f"{name}_predict"
     predicted = medseg_cli("predict", "--model", model, "--input", str(tree / "test"), "--output", str(outputs),
                            "--no-progress", "--no-tracking", "--overwrite")
-    summary = json.loads((outputs / "summary.json").read_text()) if (outputs / "summary.json").is_file() else {}
+    summary = json.loads((outputs / "predict_summary.json").read_text())
+    with open(outputs / "predictions.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] == "ok"]
+    # the class folder each PNG came from is its true class: how many did predict get right
+    right = sum(1 for r in rows if Path(r["input"]).parent.name == r["predicted_name"])
     record["predict"] = {"command": f"medseg predict --model {model} --input {tree / 'test'} --output {outputs}",
-                         "printed": predicted.strip().splitlines()[:6],
-                         "cases": summary.get("cases"), "counts": summary.get("counts")}
+                         "printed": predicted.strip().splitlines()[:6], "cases": summary.get("cases"),
+                         "counts": summary.get("counts"), "backend": summary.get("backend"),
+                         "accuracy_vs_class_folders": round(right / max(1, len(rows)), 4)}
     return record
 
 
@@ -314,8 +320,11 @@ def render(report: dict[str, Any]) -> str:
         rec = entry["record"]
         m = rec["run"]["metrics"]
         out += ["## Class-per-folder PNGs (BreastMNIST written as an ImageFolder tree)", "",
-                f"`{entry['command']}`", "", f"Test AUC **{_m(m, 'test/auc')}**, ACC {_m(m, 'test/acc')}; predict on the "
-                f"test PNGs: {rec['predict']['counts']}", "", "```", *rec["predict"]["printed"], "```", ""]
+                f"`{entry['command']}`", "", f"Test AUC **{_m(m, 'test/auc')}**, ACC {_m(m, 'test/acc')} (the run's "
+                f"evaluation); `medseg predict` on the {rec['predict']['cases']} test PNGs: {rec['predict']['counts']}, "
+                f"backend {rec['predict'].get('backend')}, predicted class = class folder for "
+                f"{rec['predict'].get('accuracy_vs_class_folders')} of them.", "",
+                "```", *rec["explain"], "```", "", "```", *rec["predict"]["printed"], "```", ""]
     return "\n".join(out) + "\n"
 
 
