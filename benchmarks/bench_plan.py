@@ -48,6 +48,14 @@ from medseg.io.atomic import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("bench_plan")
 SHARED = REPO.parent / "shared" / "data"
+
+
+def rel(path: Path) -> str:
+    """``path`` relative to the repo (``../shared/data/...``, ``data/...``): what the planned configs record,
+    so they run on any clone."""
+    import os
+
+    return os.path.relpath(path, REPO)
 RESULTS = REPO / "benchmarks" / "results"
 MEDMNIST = {"pneumonia": "pneumoniamnist", "breast": "breastmnist", "adrenal3d": "adrenalmnist3d"}
 
@@ -120,7 +128,7 @@ def _explain_table(text: str) -> list[str]:
 def hippocampus(args: argparse.Namespace) -> dict[str, Any]:
     folder = SHARED / "msd_task04_hippocampus"
     name = f"hippocampus_{args.budget:g}m"
-    return plan_and_run(name, str(folder), args.budget, ["--manifest", "data_manifests/msd_hippocampus.csv",
+    return plan_and_run(name, rel(folder), args.budget, ["--manifest", "data_manifests/msd_hippocampus.csv",
                                                          "--name", name], work=args.work)
 
 
@@ -145,18 +153,18 @@ def synthetic_ct(args: argparse.Namespace) -> dict[str, Any]:
     subprocess.run([sys.executable, "benchmarks/make_datasets.py", "synthetic-ct", "--out", str(data),
                     "--cases", str(args.cases), "--seed", "0", "--no-progress"], cwd=REPO, check=True)
     manifest = "data_manifests/synthetic_ct.csv"
-    medseg_cli("manifest", "build", "--from", str(data), "--out", manifest, "--val-fraction", "0.2",
+    medseg_cli("manifest", "build", "--from", rel(data), "--out", manifest, "--val-fraction", "0.2",
                "--test-fraction", "0.2", "--seed", "0")
     name = f"synthetic_ct_{args.budget:g}m"
-    return plan_and_run(name, str(data), args.budget, ["--manifest", manifest, "--name", name], work=args.work)
+    return plan_and_run(name, rel(data), args.budget, ["--manifest", manifest, "--name", name], work=args.work)
 
 
 def pyradiomics(args: argparse.Namespace) -> dict[str, Any]:
     folder = SHARED / "pyradiomics_testcases"
     manifest = "data_manifests/pyradiomics_testcases.csv"
-    built = medseg_cli("manifest", "build", "--from", str(folder), "--out", manifest, "--val-fraction", "0.25")
+    built = medseg_cli("manifest", "build", "--from", rel(folder), "--out", manifest, "--val-fraction", "0.25")
     out = "configs/planned/pyradiomics_testcases.yaml"
-    explained = medseg_cli("plan", str(folder), "--manifest", manifest, "--budget", "10m", "--out", out,
+    explained = medseg_cli("plan", rel(folder), "--manifest", manifest, "--budget", "10m", "--out", out,
                            "--explain", "--no-progress", "--no-probe")
     verified = medseg_cli("verify", manifest, "--config", out, "--no-progress")
     return {"name": "pyradiomics", "manifest_build": built.strip().splitlines(), "explain": _explain_table(explained),
@@ -169,7 +177,7 @@ def png(args: argparse.Namespace) -> dict[str, Any]:
                     str(SHARED / "medmnist" / "breastmnist.npz"), "--out", str(tree), "--no-progress"],
                    cwd=REPO, check=True)
     name = f"breast_png_{args.budget:g}m"
-    record = plan_and_run(name, str(tree), args.budget, ["--manifest", "data_manifests/breast_png.csv",
+    record = plan_and_run(name, rel(tree), args.budget, ["--manifest", "data_manifests/breast_png.csv",
                                                          "--name", name], work=args.work)
     model = record["run"]["model_uri"]
     outputs = (args.work or REPO / "runs" / "planned") / f"{name}_predict"
