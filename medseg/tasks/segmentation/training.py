@@ -10,9 +10,8 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -43,6 +42,7 @@ from medseg.engine.runtime import autocast_dtype, resolve_device, to_channels_la
 from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
 from medseg.engine.uncertainty import normalised_entropy
 from medseg.io.atomic import atomic_write_text
+from medseg.io.readers import load_volume
 from medseg.plots import contour_overlay_image, overlay
 from medseg.tasks.segmentation.config import SegmentationConfig
 from medseg.tasks.segmentation.metrics import SegmentationMetrics, create_loss
@@ -318,11 +318,11 @@ def label_volume_stats(cfg: SegmentationConfig, manifest_path: Path, root: Path)
     volumes: dict[str, list[float]] = {name: [] for name in names.values()}
     for case in split_cases(cfg, manifest, "train"):
         path = case.label_path(root)
-        if path is None or not path.is_file():
+        if path is None or not path.exists():
             continue
-        image = cast(nib.Nifti1Image, nib.load(path))
-        data = np.asarray(image.dataobj)
-        voxel_ml = abs(float(np.linalg.det(np.asarray(image.affine)[:3, :3]))) / 1000.0
+        label = load_volume(path)  # any format the registry reads: NRRD, DICOM SEG, ... not only NIfTI
+        data = np.rint(np.asarray(label)[0])
+        voxel_ml = abs(float(np.linalg.det(np.asarray(label.affine, dtype=np.float64)[:3, :3]))) / 1000.0
         for value, name in names.items():
             volumes[name].append(float((data == value).sum()) * voxel_ml)
     return {name: {"mean": float(np.mean(v)), "std": float(np.std(v)), "cases": len(v)}
