@@ -142,11 +142,11 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     precision, channels_last = Precision.AUTO if not request.probe else Precision.FP32, dims == 3
     if request.probe:
         clock = ProbeClock()
-        measured = []
+        measured: list[tuple[tuple[str, rules.Topology, int, str], ProbeResult, Any, tuple[torch.Tensor, torch.Tensor]]] = []
         # cheapest first: once a candidate cannot fit the goal into the budget, the richer (slower) ones cannot
         # either, and the probe's 60 s are not spent timing them
         for family, topology, width, label in reversed(candidates):
-            if measured and step_seconds / measured[-1][1].seconds_per_step < MIN_ITERATIONS:
+            if measured and step_seconds / (measured[-1][1].seconds_per_step or math.inf) < MIN_ITERATIONS:
                 probe.append(ProbeResult(label, "-", channels_last, None, None,
                                          note="not timed: a cheaper candidate already misses the goal"))
                 continue
