@@ -50,7 +50,7 @@ from medseg.engine.predict import (
 )
 from medseg.engine.runner import RepeatKind, run_pipeline, run_repeated
 from medseg.engine.runtime import resolve_device, tune_allocator
-from medseg.errors import ConfigError, UsageError
+from medseg.errors import ConfigError, MedsegError, UsageError
 from medseg.io.discovery import discover_paths
 from medseg.io.readers import strip_volume_suffix
 from medseg.tasks.base import Task
@@ -714,6 +714,14 @@ def _describe_dataset(dataset: Path, root: Path | None, manifest_path: Path | No
     info = _self_description(root)
     if manifest_path is not None and manifest_path.is_file():
         manifest = read_manifest(manifest_path)
+        if not (info.get("task") and info.get("labels")):  # what the folder's layout says (class folders, ...)
+            try:
+                found = detect_layout(root)
+            except MedsegError:  # a folder of files a manifest lists (an import) has no layout of its own
+                found = None
+            if found is not None:
+                info = {"task": found.task_hint, "labels": found.labels, "channels": found.channel_names, **{
+                    k: v for k, v in info.items() if v}}
         return DatasetDescription(root, manifest, info.get("task"), info.get("labels"), info.get("channels"),
                                   f"{manifest_path}: {len(manifest.cases)} cases ({manifest_summary(manifest)}), "
                                   f"root {root}")

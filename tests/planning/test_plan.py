@@ -149,6 +149,9 @@ def test_a_class_per_folder_png_tree_plans_as_classification(tmp_path: Path) -> 
 
     splits = {c.split for c in read_manifest(tmp_path / "png.csv").cases}
     assert splits == {"train", "val", "test"}  # the tree's own split folders are kept
+    again = medseg.plan(tmp_path / "png", budget="1m", manifest=tmp_path / "png.csv", probe=False, progress=False)
+    assert again.config["task"] == "classification"  # the manifest exists now: the layout still says what it is
+    assert again.config["data"]["labels"] == cfg["data"]["labels"]
 
 
 def test_2d_png_segmentation_plans_a_2d_network(tmp_path: Path) -> None:
