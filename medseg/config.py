@@ -432,7 +432,7 @@ def read_config_file(path: str | Path, overrides: Sequence[str] | None = None) -
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path} (working directory {Path.cwd()})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):

@@ -3,6 +3,7 @@ installed packages are the ones listed, and medseg type-checks."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,7 +16,9 @@ BIN = Path(sys.executable).parent
 
 def test_import_layers_and_task_independence_hold() -> None:
     """import-linter's contracts in pyproject.toml: cli -> api -> tasks -> engine -> data/tracking -> ..."""
+    # UTF-8 mode: the sources hold non-ASCII comments, whatever locale the test process inherited
     done = subprocess.run([str(BIN / "lint-imports"), "--no-cache"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUTF8": "1"},
                           timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "2 kept, 0 broken" in done.stdout
@@ -26,7 +29,7 @@ def test_no_task_branches_outside_the_task_packages() -> None:
     pattern = re.compile(r"\btask\s*(==|!=)|\.task\s+in\s|\bTask\.(SEGMENTATION|CLASSIFICATION|RECONSTRUCTION)\b")
     offenders = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
                  for path in (REPO / "medseg").rglob("*.py") if "tasks" not in path.relative_to(REPO / "medseg").parts
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
     assert offenders == []
 
 
@@ -36,14 +39,14 @@ def test_nothing_in_medseg_unpickles_except_the_explicit_conversion() -> None:
     pattern = re.compile(r"\btorch\.load\(|\bpickle\.loads?\(|mlflow\.pytorch\.load_model\(|jit\.load\(|"
                          r"allow_pickle\s*=\s*True|weights_only\s*=\s*False|cloudpickle")
     found = [f"{path.relative_to(REPO)}:{n}" for path in (REPO / "medseg").rglob("*.py")
-             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
-    convert = (REPO / "medseg" / "api.py").read_text().split("def convert_model(")[1].split("\ndef ")[0]
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    convert = (REPO / "medseg" / "api.py").read_text(encoding="utf-8").split("def convert_model(")[1].split("\ndef ")[0]
     assert len(found) == 2 and all(f.startswith("medseg/api.py:") for f in found), found
     assert "torch.load(path" in convert and "mlflow.pytorch.load_model(" in convert
 
 
 def test_every_package_is_installed_and_pipelines_is_not_a_top_level_name() -> None:
-    block = re.search(r"^packages = \[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.S | re.M)
+    block = re.search(r"^packages = \[(.*?)\]", (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.S | re.M)
     assert block, "pyproject.toml lists no [tool.setuptools] packages"
     listed = set(re.findall(r'"([\w.]+)"', block.group(1)))
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "medseg").rglob("__init__.py")}

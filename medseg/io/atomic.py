@@ -99,9 +99,9 @@ def _fsync(path: Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write text atomically and return the path."""
+    """Write text atomically (UTF-8, whatever the locale says) and return the path."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -4,9 +4,9 @@ nnU-Net's fingerprint (``nnunetv2/experiment_planning/dataset_fingerprint``) wit
 budget also needs. Per case: spatial shape, spacing and orientation (as read, and the shape and
 spacing once turned to RAS, the orientation medseg trains in), channel count, the size after
 cropping to the nonzero region and its ratio to the whole. Per channel: foreground intensity
-percentiles (0.5, 50, 99.5), mean, std, min and max over at most 10⁷ voxels sampled evenly across
+percentiles (0.5, 50, 99.5), mean, std, min and max over at most 1e7 voxels sampled evenly across
 cases with seed 1234 (nnU-Net's numbers). Per class: voxel fraction, how many cases hold it, and
-connected-component sizes (count and mm³) — what tells a planner that a class is rare.
+connected-component sizes (count and mm^3) - what tells a planner that a class is rare.
 
 Cases are read in parallel threads (reading and NumPy release the GIL) with a progress bar, and
 the result is cached as JSON beside the manifest, keyed by the manifest's content hash and
@@ -57,7 +57,7 @@ class CaseFingerprint:
     crop_ratio: float           # cropped voxels / all voxels
     label: int | None = None    # classification: the case's class
     class_voxels: dict[str, int] = field(default_factory=dict)             # segmentation: label value -> voxels
-    class_components: dict[str, list[float]] = field(default_factory=dict)  # label value -> largest sizes, mm³
+    class_components: dict[str, list[float]] = field(default_factory=dict)  # label value -> largest sizes, mm^3
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 
 #: nnU-Net: an axis is anisotropic when its spacing is more than this times the others'.
 ANISOTROPY_THRESHOLD = 3.0
-#: nnU-Net's reference patch volume before clipping: 256³ (3D), 2048² (2D).
+#: nnU-Net's reference patch volume before clipping: 256^3 (3D), 2048^2 (2D).
 REFERENCE_PATCH_VOXELS = {3: 256**3, 2: 2048**2}
 #: nnU-Net's smallest feature map edge (an axis is pooled while it stays at least twice this).
 MIN_FEATURE_MAP = 4
@@ -47,7 +47,7 @@ def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequenc
     """nnU-Net's full-resolution target spacing: the per-axis median, except on a very anisotropic
     axis, which takes its 10th-percentile spacing (never finer than the largest other spacing).
 
-    Anisotropic: the coarsest axis's median spacing is more than 3× the finest's, and that axis
+    Anisotropic: the coarsest axis's median spacing is more than 3x the finest's, and that axis
     has fewer than a third of the voxels of the smallest other axis (median shapes, after
     resampling). Then the median would over-resample thin-slice outliers into mostly
     interpolated data, so nnU-Net takes a finer, 10th-percentile spacing there.
@@ -72,7 +72,7 @@ def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequenc
 
 def initial_patch(spacing: Sequence[float], median_shape: Sequence[float]) -> list[int]:
     """nnU-Net's starting patch: edges proportional to 1/spacing (the same size in mm on every
-    axis), scaled to 256³ (3D) / 2048² (2D) voxels, then clipped to the median resampled shape."""
+    axis), scaled to 256^3 (3D) / 2048^2 (2D) voxels, then clipped to the median resampled shape."""
     dims = len(spacing)
     inverse = np.array([1.0 / s for s in spacing])
     scaled = inverse / inverse.prod() ** (1.0 / dims) * REFERENCE_PATCH_VOXELS[dims] ** (1.0 / dims)
@@ -196,7 +196,7 @@ class NnunetPlan:
 
 def nnunet_default_plan(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]], in_channels: int,
                         classes: int) -> NnunetPlan:
-    """nnU-Net's default plan re-derived from its rules (target spacing, patch from 256³ shrunk
+    """nnU-Net's default plan re-derived from its rules (target spacing, patch from 256^3 shrunk
     until the feature-map estimate fits the 8 GB reference, batch scaled from 2 and capped at 5 %
     of the dataset's voxels). An estimate of its estimate: medseg's feature-map count follows
     nnU-Net's, not its exact constants, so patch and batch can differ by a step."""

@@ -37,7 +37,7 @@ WIDTHS = (1.0, 0.5, 0.25)
 
 
 def _batch_size(n_train: int, dims: int) -> int:
-    """64 images (3D: 32 volumes) — a CPU step's cost per image falls until about there — but at
+    """64 images (3D: 32 volumes) - a CPU step's cost per image falls until about there - but at
     least 8 steps per epoch on small sets; a power of two, at least 8."""
     target = max(8, min(64 if dims == 2 else 32, n_train // 8))
     return int(2 ** math.floor(math.log2(target)))
@@ -119,8 +119,9 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "preprocess.resize": f"median image size{' (sizes vary)' if varies else ' (every image)'}",
         "preprocess.orientation": "whole images, as stored" if dims == 2 else "as stored (shape data)",
         "model.widen_factor": (f"probe: {step_time:.3f} s/step at batch {batch}, ~{steps * batch:,} images in the "
-                               f"budget: the widest that sees {MIN_SAMPLES:,}" if step_time and steps
-                               else "rules only (no probe)"),
+                               "budget: " + (f"the widest that sees {MIN_SAMPLES:,}" if steps * batch >= MIN_SAMPLES
+                                             else f"none sees {MIN_SAMPLES:,}, so the one that sees the most")
+                               if step_time and steps else "rules only (no probe)"),
         "model.stem": {"small": "small images: no downsampling in the stem",
                        "strided": "halves the resolution first (" + ("3D: an eighth of the FLOPs)" if dims == 3
                                                                       else "mid-sized images)"),

@@ -220,7 +220,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "preprocess.intensity": norm.reason,
         "preprocess.crop_foreground": "crop to nonzero: it removes more than a quarter (nnU-Net)" if norm.crop_foreground
         else f"cropping to nonzero keeps {fp.median_crop_ratio():.0%} of the image: not worth it",
-        "model": f"{label}: {model['name']} — " + (
+        "model": f"{label}: {model['name']} - " + (
             f"the richest candidate that fits {MIN_ITERATIONS:,} steps into the budget" if iterations and
             iterations >= MIN_ITERATIONS else "the most steps of the candidates (none fits "
             f"{MIN_ITERATIONS:,})" if iterations else "rules only (no probe)"),
