@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 def test_import_layers_and_task_independence_hold() -> None:
     """import-linter's contracts in pyproject.toml: cli -> api -> tasks -> engine -> data/tracking -> ..."""
     # UTF-8 mode: the sources hold non-ASCII comments, whatever locale the test process inherited
-    done = subprocess.run([str(BIN / "lint-imports"), "--no-cache"], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([str(BIN / "lint-imports"), "--no-cache"], cwd=REPO, capture_output=True, encoding="utf-8",
                           env={**os.environ, "PYTHONUTF8": "1"},
                           timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
@@ -56,5 +56,5 @@ def test_every_package_is_installed_and_pipelines_is_not_a_top_level_name() -> N
 
 def test_mypy_is_clean_on_medseg() -> None:
     done = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "medseg"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, encoding="utf-8", timeout=600)
     assert done.returncode == 0, done.stdout[-6000:]
