@@ -100,8 +100,9 @@ def process_peak_rss_mb() -> float:
 
 
 def _train_steps(task: Any, cfg: Any, batch: Batch, device: torch.device, precision: Precision,
-                 channels_last: bool, steps: int, seed: int = 0) -> list[tuple[float, float]]:
-    """(seconds, loss) of ``steps`` AdamW steps on one fixed batch, from a seeded initialisation."""
+                 channels_last: bool, steps: int, seed: int = 0) -> tuple[list[tuple[float, float]], int]:
+    """(seconds, loss) of ``steps`` AdamW steps on one fixed batch, from a seeded initialisation, and
+    the network's parameter count."""
     torch.manual_seed(seed)
     network = task.build_network(cfg).to(device)
     dims = int(cfg.model.spatial_dims)
@@ -127,7 +128,7 @@ def _train_steps(task: Any, cfg: Any, batch: Batch, device: torch.device, precis
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         out.append((time.perf_counter() - started, float(loss.detach())))
-    return out
+    return out, sum(p.numel() for p in network.parameters())
 
 
 def time_steps(task: Any, cfg: Any, batch: Batch, device: torch.device, precision: Precision, channels_last: bool,
@@ -142,13 +143,12 @@ def time_steps(task: Any, cfg: Any, batch: Batch, device: torch.device, precisio
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        runs = _train_steps(task, cfg, batch, device, precision, channels_last, 1 + TIMED_STEPS)
+        runs, parameters = _train_steps(task, cfg, batch, device, precision, channels_last, 1 + TIMED_STEPS)
     except (RuntimeError, MemoryError) as err:  # out of memory, or an op without a kernel at this precision
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return ProbeResult(name, str(precision), channels_last, None, None, note=f"failed: {str(err)[:120]}")
     fastest = min(t for t, _ in runs[1:])
-    parameters = sum(p.numel() for p in task.build_network(cfg).parameters())
     return ProbeResult(name, str(precision), channels_last, fastest, _peak_memory_mb(device), parameters)
 
 
@@ -158,8 +158,8 @@ def same_loss_curve(task: Any, cfg: Any, batch: Batch, device: torch.device, pre
     in ``precision``; True when every step's loss is within :data:`CURVE_TOLERANCE` (relative) of
     fp32's and the reduced-precision run ends no higher. Returns (same, worst relative gap, fp32
     losses, reduced-precision losses)."""
-    reference = [loss for _, loss in _train_steps(task, cfg, batch, device, Precision.FP32, channels_last, CURVE_STEPS)]
-    reduced = [loss for _, loss in _train_steps(task, cfg, batch, device, precision, channels_last, CURVE_STEPS)]
+    reference = [loss for _, loss in _train_steps(task, cfg, batch, device, Precision.FP32, channels_last, CURVE_STEPS)[0]]
+    reduced = [loss for _, loss in _train_steps(task, cfg, batch, device, precision, channels_last, CURVE_STEPS)[0]]
     gaps = [abs(r - f) / max(abs(f), 1e-6) for f, r in zip(reference, reduced)]
     worst = max(gaps)
     same = all(math.isfinite(v) for v in reduced) and worst <= CURVE_TOLERANCE \

@@ -110,8 +110,8 @@ def test_bad_budget_and_tasks_without_planner_say_what_to_do(ct_msd: Path, tmp_p
         medseg.plan(ct_msd, budget="soon", manifest=tmp_path / "m.csv", probe=False, progress=False)
     with pytest.raises(UsageError, match=r"--budget '0m': must be more than zero"):
         medseg.plan(ct_msd, budget="0m", manifest=tmp_path / "m.csv", probe=False, progress=False)
+    medseg.build_manifest(ct_msd, tmp_path / "x.csv")
     with pytest.raises(UsageError, match=r"is a manifest: give --root"):
-        medseg.build_manifest(ct_msd, tmp_path / "x.csv")
         medseg.plan(tmp_path / "x.csv", budget="1m", probe=False, progress=False)
 
 

@@ -157,7 +157,7 @@ def test_a_precision_is_kept_only_when_its_loss_curve_matches_fp32(monkeypatch: 
 
     curves = {Precision.FP32: [1.0, 0.8, 0.6, 0.5], Precision.BF16: [1.0, 0.81, 0.6, 0.5]}
     monkeypatch.setattr(probe, "_train_steps", lambda task, cfg, batch, device, precision, cl, steps:
-                        [(0.01, loss) for loss in curves[precision]])
+                        ([(0.01, loss) for loss in curves[precision]], 1))
     same, gap, _, _ = probe.same_loss_curve(None, None, None, torch.device("cpu"), Precision.BF16, False)
     assert same and gap == pytest.approx(0.0125)
     curves[Precision.BF16] = [1.0, 0.8, 0.7, 0.65]  # learns slower: 30 % above fp32 at the end
