@@ -32,7 +32,7 @@ from monai.data import MetaTensor
 
 from medseg.config import RunConfig
 from medseg.data.layouts import DatasetLayout, dataset_json_names, detect_layout
-from medseg.data.manifest import Manifest, build_manifest, build_manifest_from_layout
+from medseg.data.manifest import Manifest, build_manifest, build_manifest_from_layout, default_folds
 from medseg.data.medmnist import import_medmnist
 from medseg.data.verify import VerifyOptions, VerifyReport
 from medseg.engine import distributed
@@ -727,7 +727,10 @@ def _describe_dataset(dataset: Path, root: Path | None, manifest_path: Path | No
                                   f"root {root}")
     layout = detect_layout(dataset)
     out = manifest_path or Path("data_manifests") / f"{_dataset_name(dataset)}.csv"
-    manifest = build_manifest_from_layout(layout, out, seed=seed, val_fraction=0.2, test_fraction=0.2)
+    # nnU-Net's split: every case in k-fold cross-validation, a test split only from the layout's own
+    # (a test folder, a CSV's split column): carving one out of a small training folder costs the model cases
+    manifest = build_manifest_from_layout(layout, out, seed=seed, val_fraction=0.2, test_fraction=0.0,
+                                          folds=default_folds(layout.cases))
     return DatasetDescription(layout.root, manifest, info.get("task") or layout.task_hint,
                               info.get("labels") or layout.labels, info.get("channels") or layout.channel_names,
                               layout.describe() + f"\nmanifest written: {out} ({manifest_summary(manifest)})")
@@ -779,7 +782,8 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
         budget: training time, ``30m`` / ``1.5h`` / minutes.
         root: the folder a manifest's paths start from (default: ``dataset``).
         manifest: the manifest to use if it exists, else where to write the one built from the
-            folder (default ``data_manifests/<dataset name>.csv``, 60/20/20 train/val/test).
+            folder (default ``data_manifests/<dataset name>.csv``: every case in 5 cross-validation
+            folds, fewer with fewer cases; a test split only where the layout has one).
         out: write the commented config here.
         device: what to plan for and probe on (``auto``: the GPU if there is one).
         name: the run's experiment and output folder name (default: the dataset's).
@@ -819,6 +823,11 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
                           manifest=Path(described.manifest.path or ""), root=described.root, labels=labels,
                           channel_names=fingerprint.channel_names, probe=probe, progress=progress)
     result = chosen.plan(request, fingerprint)
+    folds = sorted({c.fold for c in described.manifest.cases if c.fold is not None and c.fold >= 0})
+    if len(folds) >= 2:
+        validation_type = chosen.config_type.model_fields["validation"].annotation
+        result.train_on_every_case(len(folds), sum(1 for c in described.manifest.cases if c.fold == folds[0]),
+                                   calibrates="calibrate" in getattr(validation_type, "model_fields", {}))
     result.notes.insert(0, described.described.replace("\n", "; "))
     validate_config(result.config)  # the plan is an ordinary config: it must load as one
     if out is not None:

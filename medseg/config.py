@@ -114,6 +114,10 @@ class DataConfig(Section):
     val_split: str = "val"
     test_split: str = "test"
     fold: int | None = Field(default=None, description="With fold-based manifests: this fold validates.")
+    train_folds: Literal["others", "all"] = Field(
+        default="others", description="With data.fold: 'others' trains on the other folds (cross-validation); 'all' "
+        "trains on every fold, data.fold included (nnU-Net's final model on every case), so its validation scores "
+        "only monitor training and the last weights are kept.")
     cache: CacheMode = Field(default=CacheMode.MEMORY, description="Where preprocessed volumes are kept: memory, "
                              "disk (uncompressed, memory-mapped, reused by later runs) or none.")
     cache_dir: Path | None = None
@@ -143,6 +147,18 @@ class DataConfig(Section):
         if len(set(labels.values())) != len(labels):
             raise ValueError(f"data.labels names must be unique; got {list(labels.values())}")
         return labels
+
+    @model_validator(mode="after")
+    def _all_folds_need_a_fold(self) -> DataConfig:
+        if self.train_folds == "all" and self.fold is None:
+            raise ValueError("data.train_folds: all trains on every fold of a --folds manifest, so it needs data.fold "
+                             "(the fold that is still validated on, e.g. data.fold: 0)")
+        return self
+
+    def seen_validation(self) -> bool:
+        """True when the validation cases are trained on too (``train_folds: all``): their scores then
+        monitor training but cannot select a checkpoint or fit a temperature."""
+        return self.fold is not None and self.train_folds == "all"
 
     def resolved_root(self) -> Path:
         """Data root from config, else the environment; relative paths start at the working directory.
@@ -326,8 +342,11 @@ class OptimConfig(Section):
     l2: float = Field(default=0.0, ge=0.0, description="L2 penalty (sum of squares) on the same weights; "
                       "weight_decay is the decoupled alternative.")
 class TrainConfig(Section):
-    max_epochs: int = Field(default=100, ge=1)
-    max_minutes: float | None = Field(default=None, gt=0, description="Wall-clock budget for training.")
+    max_epochs: int | None = Field(
+        default=100, ge=1, description="Epoch cap; null: none, the wall-clock budget (max_minutes) alone ends "
+        "training and the LR schedule follows the clock (what `medseg plan` writes: a budget is a promise).")
+    max_minutes: float | None = Field(default=None, gt=0, description="Wall-clock budget for training, validations "
+                                      "included: the last one is foreseen, so training ends on time.")
     batch_size: int = Field(default=2, ge=1)
     iterations_per_epoch: int | None = Field(default=None, ge=1)
     val_interval: int = Field(default=1, ge=1)
@@ -346,6 +365,16 @@ class TrainConfig(Section):
     checkpoint_interval_minutes: float = Field(
         default=10.0, ge=0, description="Also save checkpoints/last.safetensors mid-epoch this often (0: every iteration), "
         "so a crash loses at most this much work.")
+
+    @model_validator(mode="after")
+    def _something_ends_training(self) -> TrainConfig:
+        if self.max_epochs is None and self.max_minutes is None:
+            raise ValueError("train.max_epochs and train.max_minutes are both null, so nothing would end training; "
+                             "set a budget (e.g. train.max_minutes: 30) or an epoch count (train.max_epochs: 100)")
+        if self.deterministic and self.max_epochs is None:
+            raise ValueError("train.deterministic follows steps, not the clock, so it needs train.max_epochs (got "
+                             "null); set an epoch count or turn deterministic off")
+        return self
 
 
 class ValidationConfig(Section):

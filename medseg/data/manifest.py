@@ -305,6 +305,31 @@ def _from_nnunet_folders(root: Path, images: Path, labels: Path, channel_suffix:
 # ------------------------------------------------------------------------------------ splitting
 
 
+#: nnU-Net's cross-validation: five folds, fewer when there are fewer subjects.
+DEFAULT_FOLDS = 5
+
+
+def default_folds(cases: Iterable[Case]) -> int | None:
+    """How many folds a plan's manifest gets: five, or one per subject when there are fewer (the
+    training cases of a layout's own ``train`` split when it has one); None below two subjects."""
+    cases = list(cases)
+    pool = [c for c in cases if c.split in ("", "train")] or cases
+    subjects = len({c.subject for c in pool})
+    return min(DEFAULT_FOLDS, subjects) if subjects >= 2 else None
+
+
+def with_folds(manifest: Manifest, out: Path, folds: int = DEFAULT_FOLDS, seed: int = 0) -> Manifest:
+    """A copy of ``manifest`` whose test cases stay as they are and whose other cases (train and val)
+    are spread over ``folds`` cross-validation folds of split ``train`` (nnU-Net's split policy)."""
+    test = [c for c in manifest.cases if c.split == "test"]
+    rest = [replace(c, split="") for c in manifest.cases if c not in test]
+    folded = {c.case_id: c for c in assign_splits(rest, seed=seed, folds=folds)}
+    cases = tuple(folded.get(c.case_id) or replace(c, fold=-1) for c in manifest.cases)
+    result = Manifest(path=Path(out), cases=cases)
+    write_manifest(result, out)
+    return result
+
+
 def assign_splits(
     cases: Iterable[Case],
     seed: int = 0,

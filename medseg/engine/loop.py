@@ -141,6 +141,8 @@ def split_cases(cfg: RunConfig, manifest: Manifest, role: str) -> list:
         if data.fold not in folds:
             raise UsageError(f"data.fold={data.fold} but the manifest {manifest.path} has folds {folds}; "
                              "pick one of them or rebuild the manifest with --folds")
+        if role == "train" and data.train_folds == "all":  # nnU-Net's final model: every case trains
+            return [c for c in manifest.split(data.train_split) if c.fold is not None and c.fold >= 0]
         return manifest.select(data.train_split, fold=data.fold, role=role)
     return manifest.split(data.train_split if role == "train" else data.val_split)
 
@@ -167,7 +169,8 @@ class BudgetSchedule:
         self.elapsed = 0.0
 
     def progress(self) -> float:
-        by_steps = self.step_count / (self.cfg.train.max_epochs * self.iterations_per_epoch)
+        epochs = self.cfg.train.max_epochs
+        by_steps = self.step_count / (epochs * self.iterations_per_epoch) if epochs else 0.0
         minutes = self.cfg.train.max_minutes
         by_time = self.elapsed / (minutes * 60) if minutes and self.by_time else 0.0
         return min(1.0, max(by_steps, by_time))
@@ -539,6 +542,7 @@ class _Loop:
         self.checkpoint_every_s = cfg.train.checkpoint_interval_minutes * 60
         self.started = self.last_saved = time.monotonic()  # both restart with train()
         self.out_of_time = False
+        self.validation_s = 0.0  # the latest validation's duration: the last one must fit into the budget too
 
     def log_setup(self) -> None:
         cfg, ctx, data, parts = self.cfg, self.ctx, self.data, self.parts
@@ -554,6 +558,9 @@ class _Loop:
                  "cases, %d iterations per epoch of %d x %d samples", self.runtime.device, ctx.world_size,
                  self.runtime.threads, self.runtime.amp_dtype, parts.channels_last, len(self.task.train_items),
                  len(self.task.val_items), data.iterations, ctx.world_size, batch_size)
+        if cfg.data.seen_validation():
+            log.info("data.train_folds=all: fold %d is trained on too, so its validation scores only monitor "
+                     "training; the last weights are kept", cfg.data.fold)
 
     # ------------------------------------------------------------------------ training
     def train(self) -> None:
@@ -561,23 +568,39 @@ class _Loop:
         state = self.state
         self.started = time.monotonic() - state.elapsed
         self.last_saved = time.monotonic()
-        while state.epoch < self.cfg.train.max_epochs and not self.out_of_time and not state.stopped_early:
+        while not self._epochs_done() and not self.out_of_time and not state.stopped_early:
             self.parts.model.train()
             epoch_started = time.monotonic()
             if not self._train_epoch():
                 break
             self._end_epoch(epoch_started)
 
+    def _epochs_done(self) -> bool:
+        epochs = self.cfg.train.max_epochs
+        return epochs is not None and self.state.epoch >= epochs
+
+    def _epoch_label(self) -> str:
+        """``epoch 3/100``, or under a budget alone ``epoch 3 (4.2/30 min)``: no cap that never binds."""
+        epochs, minutes = self.cfg.train.max_epochs, self.cfg.train.max_minutes
+        if epochs is not None:
+            return f"epoch {self.state.epoch + 1}/{epochs}"
+        return f"epoch {self.state.epoch + 1} ({self.state.elapsed / 60:.1f}/{minutes:g} min)"
+
+    def _final_validation_reserve(self) -> float:
+        """Seconds kept for the validation that closes training, so that training and its last
+        validation end within the budget (the latest validation's duration predicts it)."""
+        return self.validation_s if self.data.val is not None else 0.0
+
     def _train_epoch(self) -> bool:
         """Train what is left of the epoch in progress; False when it has nothing to show (no steps)."""
         state, iterations = self.state, self.data.iterations
-        bar = tqdm(total=iterations, initial=state.iteration, desc=f"epoch {state.epoch + 1}/{self.cfg.train.max_epochs}",
+        bar = tqdm(total=iterations, initial=state.iteration, desc=self._epoch_label(),
                    disable=not self.progress, unit="it", leave=False)
         for batch in self._epoch_loader():
             self._train_step(batch)
             bar.set_postfix(loss=f"{state.partial_losses[-1]:.4f}")
             bar.update()
-            if self.parts.budget.elapsed >= self.budget_s:
+            if self.parts.budget.elapsed + self._final_validation_reserve() >= self.budget_s:
                 self.out_of_time = True
                 break
             if time.monotonic() - self.last_saved >= self.checkpoint_every_s and state.iteration < iterations:
@@ -640,9 +663,11 @@ class _Loop:
                                     "lr": self.parts.optimizer.param_groups[0]["lr"],
                                     # training only (a resumed epoch: its remaining part), validation excluded
                                     "time/epoch_train_s": time.monotonic() - epoch_started}
-        last_epoch = state.epoch >= cfg.train.max_epochs or self.out_of_time
+        last_epoch = self._epochs_done() or self.out_of_time
         if self.data.val is not None and (state.epoch % cfg.train.val_interval == 0 or last_epoch):
+            validation_started = time.monotonic()
             self._validate_and_select(record)
+            self.validation_s = time.monotonic() - validation_started
         state.elapsed = time.monotonic() - self.started  # validation time counts against the budget too
         record["time/elapsed_min"] = state.elapsed / 60
         state.iteration, state.samples_done, state.partial_losses = 0, 0, []
@@ -673,7 +698,10 @@ class _Loop:
                 log.warning("epoch %d: validation pictures not logged (%s: %s)", state.epoch, type(err).__name__, err)
         net.train()
         score = record[select]
-        if not math.isnan(score) and score > state.best_metric:
+        if self.cfg.data.seen_validation():  # scores on trained-on cases select nothing: the latest weights win
+            state.best_metric, state.best_epoch, state.stale_validations = score, state.epoch, 0
+            self._save_best(score)
+        elif not math.isnan(score) and score > state.best_metric:
             state.best_metric, state.best_epoch, state.stale_validations = score, state.epoch, 0
             self._save_best(score)
         else:

@@ -70,6 +70,26 @@ class Plan:
 
     # ---------------------------------------------------------------------------------- output
 
+    def train_on_every_case(self, folds: int, fold_cases: int, calibrates: bool) -> None:
+        """nnU-Net's split policy on a ``--folds`` manifest: the final model trains on every case
+        (fold 0 still validated, as monitoring); no test split is carved out of the training cases."""
+        data = self.config["data"]
+        if folds < 2 or data.get("fold") is not None:
+            return
+        data["fold"], data["train_folds"] = 0, "all"
+        self.why["data.fold"] = (f"the manifest has {folds} cross-validation folds (nnU-Net's split: every training "
+                                 f"case in a fold, tests only from a test folder); fold 0 ({fold_cases} cases) is "
+                                 "validated on for the learning curves")
+        self.why["data.train_folds"] = ("every case trains the final model (nnU-Net trains on all; its fold 0 "
+                                        "scores therefore only monitor training, and the last weights are kept)")
+        if calibrates:
+            self.config.setdefault("validation", {})["calibrate"] = False
+            self.why["validation.calibrate"] = ("no temperature: the validation fold is trained on, and a temperature "
+                                                "fitted on seen cases would not mean what it says")
+        total = sum(1 for c in self.fingerprint.cases if c.split != "test")
+        self.explain_rows.insert(0, ExplainRow("training cases", f"all {total} ({folds} folds, fold 0 monitored)",
+                                               f"all {total} (5-fold CV)", self.why["data.train_folds"]))
+
     def header(self) -> list[str]:
         r = self.request
         fp = self.fingerprint

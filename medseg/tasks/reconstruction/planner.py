@@ -52,7 +52,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "loss": {"name": "l1_ssim", "ssim_weight": 0.84},
         "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.00001, "schedule": "cosine",
                   "warmup_fraction": 0.02},
-        "train": {"max_epochs": 1000, "max_minutes": request.budget_minutes, "batch_size": 4,
+        "train": {"max_epochs": None, "max_minutes": request.budget_minutes, "batch_size": 4,
                   "iterations_per_epoch": 150, "val_interval": 1},
         "tracking": {"uri": "sqlite:///runs/mlflow.db", "experiment": request.name},
     }
@@ -65,7 +65,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "model.channels": f"{base} base features: " + ("a budget of 20 min or more" if base == 32 else
                                                        f"a budget under {FULL_WIDTH_MINUTES:g} min"),
         "train.max_minutes": "--budget",
-        "train.max_epochs": "the budget stops training; the LR schedule follows the clock",
+        "train.max_epochs": "no epoch cap: the budget alone ends training (its last validation foreseen) and the LR schedule follows the clock",
     }
     explain = [ExplainRow("slice size", str(size), "n/a (segmentation only)", why["recon.image_size"]),
                ExplainRow("width", str(config["model"]["channels"]), "n/a", why["model.channels"])]

@@ -204,7 +204,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     config = base
     config["patch"] = _patch_section(fp, topology.patch, request.labels, why)
     config["model"] = model
-    config["train"] = {"max_epochs": 1000, "max_minutes": request.budget_minutes, "batch_size": batch_size,
+    config["train"] = {"max_epochs": None, "max_minutes": request.budget_minutes, "batch_size": batch_size,
                        "val_interval": val_interval, "device": "auto", "precision": str(precision),
                        "channels_last": channels_last}
     config["augment"], why["augment"] = _augmentation(dims, request.budget_minutes, decision.anisotropic_axis,
@@ -230,7 +230,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
                          "and within 2x of the finest spacing)",
         "model.kernels": "3 where the spacing is within 2x of the finest, else 1 (in-plane first)",
         "train.max_minutes": "--budget",
-        "train.max_epochs": "the budget stops training; the LR schedule follows the clock",
+        "train.max_epochs": "no epoch cap: the budget alone ends training (its last validation foreseen) and the LR schedule follows the clock",
         "train.batch_size": "nnU-Net's minimum; on a CPU a bigger batch costs proportionally more time"
         if batch_size == BATCH_SIZE else "nnU-Net's batch: a GPU step costs little more for it",
         "train.precision": (f"{precision}: " + step_note + (f", ~{iterations:,} steps in the budget" if iterations
@@ -250,7 +250,6 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "optim": "AdamW with a cosine schedule: converges in the few thousand steps a budget buys "
                  "(nnU-Net's SGD + poly schedule is tuned for 250,000)",
     })
-    why["train.max_epochs"] = "the budget stops training; the LR schedule follows the clock"
     normalised = str(norm.intensity["mode"]) + (" nonzero" if norm.intensity.get("nonzero") else "")
     explain = [
         ExplainRow("target spacing", str(spacing), str([round(s, 4) for s in nnunet.spacing]), decision.reason),
