@@ -7,7 +7,8 @@ rerun alone. Nothing is set by hand: the configs are the planner's, under ``conf
 
 Sections:
     hippocampus   MSD Task04 from its training folder (labels and modality from dataset.json),
-                  split by the committed manifest (test Dice on its 52 held-out cases); --budget
+                  its 52 committed test cases held out, the other 208 in 5 folds, all of them
+                  training (data_manifests/msd_hippocampus_folds.csv); --budget
                   minutes (30 and 10 for the README). Hand-tuned reference: hippocampus.md.
     medmnist      PneumoniaMNIST, BreastMNIST, AdrenalMNIST3D from their imported folders
                   (``make medmnist``), official splits, --seeds K; test AUC. Reference: medmnist.md.
@@ -128,7 +129,9 @@ def _explain_table(text: str) -> list[str]:
 def hippocampus(args: argparse.Namespace) -> dict[str, Any]:
     folder = SHARED / "msd_task04_hippocampus"
     name = f"hippocampus_{args.budget:g}m"
-    return plan_and_run(name, rel(folder), args.budget, ["--manifest", "data_manifests/msd_hippocampus.csv",
+    # nnU-Net's split: the committed manifest's 52 test cases stay held out, the other 208 are spread over
+    # 5 folds and all of them train (data_manifests/msd_hippocampus_folds.csv, medseg.data.manifest.with_folds)
+    return plan_and_run(name, rel(folder), args.budget, ["--manifest", "data_manifests/msd_hippocampus_folds.csv",
                                                          "--name", name], work=args.work)
 
 

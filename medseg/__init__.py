@@ -39,6 +39,7 @@ _EXPORTS = {
     "import_medmnist": "medseg.api",
     "calibrate_run": "medseg.api",
     "plan": "medseg.api",
+    "race_plan": "medseg.api",
     "convert_model": "medseg.api",
     "export_model": "medseg.api",
     "Predictor": "medseg.api",
@@ -55,7 +56,7 @@ __all__ = [
     "DatasetLayout", "build_manifest_from_layout", "detect_layout",
     "BatchReport", "CaseResult", "Prediction", "Predictor", "RunConfig", "RunResult", "Task", "VerifyReport",
     "__version__", "build_manifest", "calibrate_run", "convert_model", "describe", "export_model", "get_task", "import_medmnist", "list_models", "list_tasks",
-    "load_config", "plan", "train", "validate_config", "verify",
+    "load_config", "plan", "race_plan", "train", "validate_config", "verify",
 ]
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
         import_medmnist,
         list_models,
         plan,
+        race_plan,
         train,
         verify,
     )

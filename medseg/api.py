@@ -823,6 +823,7 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
                           manifest=Path(described.manifest.path or ""), root=described.root, labels=labels,
                           channel_names=fingerprint.channel_names, probe=probe, progress=progress)
     result = chosen.plan(request, fingerprint)
+    result.selection_metric = chosen.selection_metric
     folds = sorted({c.fold for c in described.manifest.cases if c.fold is not None and c.fold >= 0})
     if len(folds) >= 2:
         validation_type = chosen.config_type.model_fields["validation"].annotation
@@ -833,6 +834,34 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
     if out is not None:
         result.write(out)
         load_config(Path(out))
+    return result
+
+
+def race_plan(planned: Any, *, progress: bool = True, **options: Any) -> Any:
+    """Race the candidates a plan leaves open (successive halving on its fold 0) and make the
+    winner the plan, its budget less the race's time; see :mod:`medseg.planning.race`.
+
+    Args:
+        planned: a :class:`medseg.planning.plan.Plan` from :func:`plan`.
+        progress: progress bars.
+        options: ``share`` (of the budget, default a third), ``min_run_minutes``.
+
+    Returns:
+        The :class:`medseg.planning.race.RaceResult`, or None when there was nothing to race (the
+        plan's notes say why); ``planned.config`` is then unchanged.
+    """
+    from medseg.planning.race import race
+
+    task = get_task(planned.task)
+    from medseg_pipelines import pipeline_for
+
+    stages = pipeline_for(task.name)
+
+    def pipeline(ctx: Any) -> None:
+        stages(ctx, task)
+
+    result = race(planned, pipeline, validate_config, progress=progress, prepare_data=task.prepare_data, **options)
+    validate_config(planned.config)  # the winner is an ordinary config
     return result
 
 

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", default="30m", help="with --plan: the training budget (default 30m)")
     run.add_argument("--task", help="with --plan: the task (default: what the data say)")
     run.add_argument("--manifest", type=Path, help="with --plan: the manifest to use or write")
+    run.add_argument("--no-race", action="store_true",
+                     help="with --plan: train the rules' choice for the whole budget instead of racing the "
+                          "candidates the plan leaves open (successive halving on fold 0)")
     run.add_argument("--root", type=Path, help="with --plan and a manifest: the data root")
     run.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                      help="continue the newest unfinished run under output_dir, or the given run directory")
@@ -261,6 +264,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.plan is not None:
         planned = medseg.plan(args.plan, task=args.task, budget=args.budget, manifest=args.manifest, root=args.root,
                               progress=not args.no_progress)
+        if not args.no_race:
+            raced = medseg.race_plan(planned, progress=not args.no_progress)
+            if raced is not None:
+                print(f"race: {raced.winner.name} won ({raced.minutes_used:.1f} min); runs under "
+                      f"{planned.config['output_dir']}/race")
         args.config = Path("configs") / "planned" / f"{planned.request.name}_{args.budget}.yaml"
         planned.write(args.config)
         print(f"planned config: {args.config}")

@@ -51,6 +51,20 @@ class ExplainRow:
     why: str
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """An alternative the rules leave open, raced on a held-out fold by :func:`medseg.planning.race.race`.
+
+    ``overrides`` (dotted keys) turn the plan's config into this candidate; ``why_updates`` are the
+    reasons that change with them. The first candidate of a plan is the rules' own choice (no overrides).
+    """
+
+    name: str
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    why_updates: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class Plan:
     """A planned config with its reasons (``why``: dotted key -> one line), the probe's
@@ -63,6 +77,9 @@ class Plan:
     probe: list[dict[str, Any]] = field(default_factory=list)
     explain_rows: list[ExplainRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)  # what `medseg run --plan` races (empty: nothing)
+    selection_metric: str = "val/dice_mean"  # the task's: what a race is decided on
+    race: dict[str, Any] | None = None  # how the race went, once run
 
     @property
     def task(self) -> str:
@@ -106,6 +123,9 @@ class Plan:
                              f"{'channels-last' if result['channels_last'] else 'contiguous':<13} "
                              + (f"{step:.3f} s/step" if step is not None else result["note"])
                              + (f", peak {result['peak_memory_mb']:.0f} MiB" if result.get("peak_memory_mb") else ""))
+        if self.candidates and self.race is None:
+            lines.append("Candidates `medseg run --plan` races on fold 0 before training the winner: "
+                         + "; ".join(f"{c.name} ({c.description})" for c in self.candidates))
         lines += [f"Note: {note}" for note in self.notes]
         return lines
 
@@ -138,6 +158,8 @@ class Plan:
                 "device": describe_device(self.request.device), "config": self.config, "why": self.why,
                 "probe": self.probe, "notes": self.notes,
                 "explain": [vars(r) for r in self.explain_rows],
+                "candidates": [{"name": c.name, "description": c.description, "overrides": c.overrides}
+                               for c in self.candidates], "race": self.race,
                 "fingerprint_seconds": self.fingerprint.elapsed_s}
 
 
