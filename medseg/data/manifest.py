@@ -231,8 +231,8 @@ def discover_paired_layout(root: Path) -> tuple[str, list[Case]] | None:
     if (root / "imagesTr").is_dir():
         meta = read_dataset_json(dataset_json) if dataset_json.is_file() else {}
         if isinstance(meta.get("training"), list) and meta["training"]:
-            return "msd", _from_msd_json(root, meta["training"])
-        return "nnunet", _from_nnunet_folders(root, root / "imagesTr", root / "labelsTr")
+            return "msd", _with_test_folder(root, _from_msd_json(root, meta["training"]))
+        return "nnunet", _with_test_folder(root, _from_nnunet_folders(root, root / "imagesTr", root / "labelsTr"))
     for images_name, labels_name in (("images", "labels"), ("images", "masks"), ("imgs", "masks")):
         if (root / images_name).is_dir() and (root / labels_name).is_dir():
             return "images_labels", _from_nnunet_folders(root, root / images_name, root / labels_name,
@@ -240,6 +240,22 @@ def discover_paired_layout(root: Path) -> tuple[str, list[Case]] | None:
     if (root / "images").is_dir():  # images without labels (e.g. a test set)
         return "images_labels", _from_nnunet_folders(root, root / "images", root / "labels", channel_suffix=False)
     return None
+
+
+def _with_test_folder(root: Path, training: list[Case]) -> list[Case]:
+    """The training cases plus, when ``imagesTs/`` has labels in ``labelsTs/``, those as the ``test``
+    split (nnU-Net tests only there). Unlabelled test images are left to ``medseg predict``."""
+    if not (root / "imagesTs").is_dir() or not (root / "labelsTs").is_dir():
+        return training
+    test = [replace(c, split="test") for c in _from_nnunet_folders(root, root / "imagesTs", root / "labelsTs")
+            if c.label]
+    if not test:
+        return training
+    clash = sorted({c.case_id for c in training} & {c.case_id for c in test})
+    if clash:
+        raise ManifestError(f"{root}: case(s) {clash[:5]} are in both imagesTr/ and imagesTs/; a case is either "
+                            "trained on or tested on: rename or remove one copy")
+    return [replace(c, split="train") for c in training] + test
 
 
 def read_dataset_json(path: Path) -> dict:

@@ -41,7 +41,8 @@ class Samples:
     Attributes:
         mean: the average (what :func:`average_predictions` returns).
         count: how many predictions were averaged (members × flips).
-        labels: each prediction's most likely class (argmax over ``class_axis``), when kept.
+        labels: each prediction's label map (its argmax over ``class_axis``, or what ``decode``
+            made of it), when kept.
         variance: the variance between predictions, summed over classes, when kept (same layout
             as one class of ``mean``).
     """
@@ -54,7 +55,8 @@ class Samples:
 
 def predict_samples(members: Sequence[Member], image: torch.Tensor, spatial_dims: int, tta: bool,
                     predict: Callable[[Member, torch.Tensor], torch.Tensor], spatial_output: bool = True,
-                    keep_spread: bool = False, class_axis: int = 0, axes: Sequence[int] | None = None) -> Samples:
+                    keep_spread: bool = False, class_axis: int = 0, axes: Sequence[int] | None = None,
+                    decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Samples:
     """Predict with every ensemble member and flip, and average (one code path for TTA and ensembles).
 
     Args:
@@ -69,6 +71,8 @@ def predict_samples(members: Sequence[Member], image: torch.Tensor, spatial_dims
             (a running sum of squares: one more output's memory, not one per prediction).
         class_axis: the class axis of each output, for the argmax.
         axes: the spatial axes TTA may flip (the model's ``tta_axes``); None: all of them.
+        decode: each prediction's label map for the spread, where the argmax is not it (a region
+            model's sigmoids are decoded by threshold and paint order).
     """
     total: torch.Tensor | None = None
     squares: torch.Tensor | None = None
@@ -80,7 +84,8 @@ def predict_samples(members: Sequence[Member], image: torch.Tensor, spatial_dims
             if spatial_output:
                 out = flip_spatial(out, flip, spatial_dims)
             if keep_spread:
-                labels.append(out.argmax(class_axis).to(torch.uint8 if out.shape[class_axis] < 256 else torch.int32))
+                labels.append(decode(out) if decode is not None else
+                              out.argmax(class_axis).to(torch.uint8 if out.shape[class_axis] < 256 else torch.int32))
                 squares = out.square() if squares is None else squares.add_(out.square())
             total = out if total is None else total.add_(out)  # each output is a fresh tensor
             count += 1

@@ -1,7 +1,8 @@
 """How sure a prediction is, from the spread of its TTA flips and ensemble members.
 
 Per voxel: the entropy of the averaged class probabilities (0 = certain, 1 = uniform over the
-classes) and the variance between the samples. Per case, the scores a reviewer sorts by: the mean
+classes; for a region model's independent sigmoids, the mean binary entropy of its channels) and
+the variance between the samples. Per case, the scores a reviewer sorts by: the mean
 entropy inside the predicted foreground (where a mask's boundary is decided), and the agreement
 between the samples' masks (their mean Dice with the consensus mask; 1 = every flip and member
 agrees). With one sample (no TTA, one model) only the entropy exists.
@@ -28,10 +29,34 @@ def normalised_entropy(probabilities: torch.Tensor, class_axis: int = 0) -> torc
     return entropy / math.log(classes)
 
 
-def mean_foreground_entropy(probabilities: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-    """Mean normalised entropy over the voxels predicted as foreground (label ≠ 0); over all voxels
-    when nothing is predicted as foreground (a missed structure is uncertain everywhere or nowhere)."""
-    entropy = normalised_entropy(probabilities)
+def normalised_binary_entropy(probabilities: torch.Tensor, class_axis: int = 0) -> torch.Tensor:
+    """Mean over channels of each channel's binary entropy, divided by log 2 (so in [0, 1]): the
+    entropy of independent sigmoid outputs (a region model's), which are no one distribution to
+    take a class entropy of."""
+    p = probabilities.clamp(0, 1)
+    q = 1 - p
+    entropy = -(p * torch.log(p.clamp(min=_TINY)) + q * torch.log(q.clamp(min=_TINY)))
+    return entropy.mean(class_axis) / math.log(2)
+
+
+def voxel_entropy(probabilities: torch.Tensor, sigmoid: bool = False) -> torch.Tensor:
+    """Per-voxel normalised entropy of channel-first probabilities: of the class distribution
+    (softmax), or with ``sigmoid`` the mean binary entropy of independent channels."""
+    return normalised_binary_entropy(probabilities) if sigmoid else normalised_entropy(probabilities)
+
+
+def mean_foreground_entropy(probabilities: torch.Tensor, labels: torch.Tensor | None = None,
+                            sigmoid: bool = False) -> float:
+    """Mean normalised entropy (:func:`voxel_entropy`) over the voxels predicted as foreground
+    (label ≠ 0); over all voxels when nothing is predicted as foreground (a missed structure is
+    uncertain everywhere or nowhere).
+
+    Raises:
+        ValueError: ``sigmoid`` without ``labels`` (independent channels have no arg-max label map).
+    """
+    if sigmoid and labels is None:
+        raise ValueError("mean_foreground_entropy: sigmoid outputs need their decoded label map as labels")
+    entropy = voxel_entropy(probabilities, sigmoid)
     labels = probabilities.argmax(0) if labels is None else labels
     inside = labels != 0
     return float(entropy[inside].mean() if bool(inside.any()) else entropy.mean())

@@ -97,3 +97,24 @@ def test_a_planned_run_on_a_tiny_dataset_ends_within_5_percent_of_its_budget(tmp
     minutes = result.metrics["train/minutes"]
     assert minutes == pytest.approx(budget, rel=0.05), f"trained {minutes:.3f} min of a {budget} min budget"
     assert result.metrics["train/epochs"] > 3
+
+
+def test_labelled_test_folders_are_the_test_split_and_only_the_training_folder_is_folded(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    root = write_msd_dataset(tmp_path / "msd", n_cases=6, shape=(21, 19, 17))
+    for folder in ("imagesTs", "labelsTs"):
+        (root / folder).mkdir()
+    for i in (4, 5):  # two cases move to the test folders, as nnU-Net lays them out
+        shutil.move(root / "imagesTr" / f"case_{i:03d}.nii.gz", root / "imagesTs" / f"case_{i:03d}.nii.gz")
+        shutil.move(root / "labelsTr" / f"case_{i:03d}.nii.gz", root / "labelsTs" / f"case_{i:03d}.nii.gz")
+    info = json.loads((root / "dataset.json").read_text())
+    info["training"] = info["training"][:4]
+    (root / "dataset.json").write_text(json.dumps(info))
+    assert "test 2" in medseg.detect_layout(root).describe()
+    planned = medseg.plan(root, budget="5m", manifest=tmp_path / "m.csv", probe=False, progress=False)
+    manifest = read_manifest(tmp_path / "m.csv")
+    assert {c.case_id for c in manifest.cases if c.split == "test"} == {"case_004", "case_005"}
+    assert sorted(c.fold for c in manifest.cases if c.split == "train") == [0, 1, 2, 3]  # 4 cases: 4 folds
+    assert planned.config["data"]["train_folds"] == "all"

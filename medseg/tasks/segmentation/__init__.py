@@ -56,8 +56,9 @@ class SegmentationTask(TaskBase):
 
     def create_loss(self, cfg: Any) -> nn.Module:
         from medseg.tasks.segmentation.metrics import create_loss
+        from medseg.tasks.segmentation.regions import Regions
 
-        return create_loss(cfg.loss)
+        return create_loss(cfg.loss, Regions.from_config(cfg.regions))
 
     def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
         from medseg.tasks.segmentation import training

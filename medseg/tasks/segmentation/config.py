@@ -5,6 +5,8 @@ registry import it without torch.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -50,6 +52,73 @@ class PostprocessConfig(Section):
     )
 
 
+#: A region's name becomes part of an MLflow metric key (``val/dice_region/<name>``): no slash.
+_REGION_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class RegionConfig(Section):
+    """One region of nnU-Net's region-based training: a union of label values learned as one
+    sigmoid output channel (BraTS: whole tumour = [1, 2, 3], tumour core = [1, 3], enhancing = [3])."""
+
+    name: str = Field(examples=["whole_tumour"], description="Metric key of the region: val/dice_region/<name>.")
+    labels: tuple[int, ...] = Field(min_length=1, examples=[[1, 2, 3]],
+                                    description="Label values (keys of data.labels) the region is the union of.")
+
+
+def region_paint_labels(regions: Sequence[RegionConfig]) -> list[int]:
+    """The label value each region paints when a prediction is decoded: the one value of its labels
+    that no later region holds (nnU-Net's ``regions_class_order``). Regions painted later overwrite
+    earlier ones, so a voxel ends with the value of the last region it lies in.
+
+    Raises:
+        ValueError: a region whose labels all appear in later regions, or leave more than one value.
+    """
+    paint = []
+    for i, region in enumerate(regions):
+        later = {v for r in regions[i + 1:] for v in r.labels}
+        own = sorted(set(region.labels) - later)
+        if len(own) != 1:
+            held = "every one of them is in a later region" if not own else f"{own} are in no later region"
+            raise ValueError(
+                f"regions.{i} ({region.name!r}, labels {list(region.labels)}): a region must leave exactly one "
+                f"label value that no later region holds (the value it paints when decoding), but {held}; list "
+                "regions from the largest to the smallest, each one adding exactly one value to the ones after it")
+        paint.append(own[0])
+    return paint
+
+
+def check_regions(regions: Sequence[RegionConfig], labels: Mapping[int, str]) -> None:
+    """The rules a region list must follow to be learned and decoded back into ``labels``.
+
+    Raises:
+        ValueError: the first broken rule, with the region and the fix.
+    """
+    names = [r.name for r in regions]
+    for i, region in enumerate(regions):
+        if not _REGION_NAME.match(region.name):
+            raise ValueError(f"regions.{i}.name {region.name!r} must be letters, digits, '_', '-' or '.' (it becomes "
+                             f"the metric key val/dice_region/<name>); e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', region.name)!r}")
+        if names.count(region.name) > 1:
+            raise ValueError(f"regions.{i}.name {region.name!r} is used by {names.count(region.name)} regions; "
+                             "give each region its own name")
+        unknown = sorted(v for v in set(region.labels) if v not in labels)
+        if unknown:
+            raise ValueError(f"regions.{i} ({region.name!r}) has label values {unknown} that data.labels does not "
+                             f"define; use values of data.labels {sorted(labels)}")
+        if 0 in region.labels:
+            raise ValueError(f"regions.{i} ({region.name!r}) holds 0, the background; a region is a union of "
+                             "foreground labels (the background is what no region covers), so remove 0")
+        if len(set(region.labels)) != len(region.labels):
+            raise ValueError(f"regions.{i} ({region.name!r}) lists a label value twice: {list(region.labels)}")
+    covered = {v for r in regions for v in r.labels}
+    missing = [v for v in sorted(labels) if v != 0 and v not in covered]
+    if missing:
+        raise ValueError(f"no region holds label values {missing} ({', '.join(labels[v] for v in missing)}), so a "
+                         "prediction could never paint them; add each to a region (nnU-Net: the first, outermost one "
+                         "holds every foreground label)")
+    region_paint_labels(regions)
+
+
 class SegmentationConfig(RunConfig):
     """``task: segmentation``: label maps from patches, predicted by sliding window."""
 
@@ -61,6 +130,20 @@ class SegmentationConfig(RunConfig):
     loss: SegmentationLossConfig = SegmentationLossConfig()
     validation: SegmentationValidationConfig = SegmentationValidationConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
+    regions: list[RegionConfig] | None = Field(
+        default=None, examples=[[{"name": "whole_tumour", "labels": [1, 2, 3]}, {"name": "tumour_core", "labels": [1, 3]},
+                                 {"name": "enhancing", "labels": [3]}]],
+        description="Region-based training (nnU-Net, BraTS): one sigmoid output per region, Dice + BCE on the "
+        "region masks; listed largest first, the order predictions are painted back into label values.")
+
+    @model_validator(mode="after")
+    def _regions_valid(self) -> SegmentationConfig:
+        if self.regions is not None:
+            if not self.regions:
+                raise ValueError("regions is an empty list; leave it out (null) for softmax training, or list the "
+                                 "regions, e.g. [{name: whole, labels: [1, 2]}, {name: core, labels: [2]}]")
+            check_regions(self.regions, self.data.labels)
+        return self
 
     @model_validator(mode="after")
     def _dims_agree(self) -> SegmentationConfig:

@@ -2,7 +2,9 @@
 
 Preprocessing, patch size, overlap and label map come from the model's contract. The
 probabilities are inverted onto the scan's own grid (MONAI ``Invertd`` over the same transforms
-that prepared it) before the argmax, so the mask has the input's shape and affine.
+that prepared it) before the argmax, so the mask has the input's shape and affine. A region model
+(contract ``output_activation: sigmoid`` with its ``regions``) averages sigmoids instead of
+softmaxes, and its mask is their decoding in the contract's paint order.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from medseg.engine.predict import (
 from medseg.engine.runtime import autocast_dtype
 from medseg.engine.sliding import label_map, predict_logits
 from medseg.engine.tta import Samples, predict_samples, tta_axes
-from medseg.engine.uncertainty import mean_foreground_entropy, normalised_entropy, sample_agreement
-from medseg.errors import CaseError, PredictOptionError
+from medseg.engine.uncertainty import mean_foreground_entropy, sample_agreement, voxel_entropy
+from medseg.errors import CaseError, ModelError, PredictOptionError
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
 from medseg.io.discovery import InputCase
+from medseg.tasks.segmentation.regions import Regions, decode_regions
 
 PRED = "pred"
 #: The thresholds ``--qc KEY=VALUE`` may set (the contract stores the ones the model starts with).
@@ -63,6 +66,21 @@ def qc_thresholds(contract: dict[str, Any], overrides: Sequence[tuple[str, float
 UNCERTAINTY_COLUMNS = ("mean_entropy", "agreement")
 
 
+def _member_regions(model: LoadedModel) -> Regions | None:
+    """The regions every member of the model shares (None: softmax models).
+
+    Raises:
+        ModelError: a member's contract is inconsistent, or the members' regions differ.
+    """
+    members = model.member_contracts or (model.contract,)
+    found = [Regions.from_contract(contract, f"model {uri}") for contract, uri in zip(members, model.uris)]
+    if any(r != found[0] for r in found[1:]):
+        shown = [r.to_contract() if r else None for r in found]
+        raise ModelError(f"--model {model.uri}: the members' regions differ ({shown}); an ensemble averages models "
+                         "trained with the same regions (the folds or seeds of one config)")
+    return found[0]
+
+
 class SegmentationPredictor:
     """Masks (and optionally probabilities, DICOM SEG) for the scans of a folder or in memory."""
 
@@ -73,6 +91,7 @@ class SegmentationPredictor:
         self.options = options
         self.device = device
         self.names = model.label_names
+        self.regions = _member_regions(model)
         self.foreground = [n for v, n in sorted(self.names.items()) if v != 0]
         self.volume_stats: dict[str, dict[str, float]] = model.contract.get("label_volumes_ml") or {}
         self.qc = qc_thresholds(model.contract, options.qc)
@@ -88,8 +107,9 @@ class SegmentationPredictor:
     # ------------------------------------------------------------------------------- one image
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities (K, *spatial) on the CPU for a preprocessed image, averaged over the
-        ensemble's members and, with TTA, over all axis flips (nnU-Net's mirroring)."""
+        """Softmax probabilities (K, *spatial), or a region model's sigmoids (R, *spatial), on the CPU
+        for a preprocessed image, averaged over the ensemble's members and, with TTA, over all axis
+        flips (nnU-Net's mirroring)."""
         return self.samples(image, keep_spread=False).mean
 
     def samples(self, image: torch.Tensor, keep_spread: bool = True) -> Samples:
@@ -105,11 +125,20 @@ class SegmentationPredictor:
                                     overlap=overlap if overlap is not None else window["overlap"],
                                     sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=self.device,
                                     amp_dtype=amp)
+            if self.regions is not None:  # independent regions: no temperature is fitted for them
+                return torch.sigmoid(logits.float())
             # each member's own temperature (fitted on its validation split; 1 for older models)
             return torch.softmax(logits.float() / contract_temperature(contract), dim=0)
 
         return predict_samples(self.model.members(), image, dims, self.options.tta, run, keep_spread=keep_spread,
-                               axes=self.flip_axes)
+                               axes=self.flip_axes, decode=self.label_map if self.regions is not None else None)
+
+    def label_map(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """The mask (*spatial) of averaged probabilities (K or R, *spatial): their arg-max, or a region
+        model's decoding (each region painted where its sigmoid exceeds 0.5, in paint order)."""
+        if self.regions is None:
+            return label_map(probabilities)
+        return decode_regions(probabilities, self.regions)
 
     def predict(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str, keep_probabilities: bool = True) -> Prediction:
         """The mask of one image on its own grid (see :class:`~medseg.engine.predict.Prediction`).
@@ -133,12 +162,13 @@ class SegmentationPredictor:
         spread = self.samples(volume.as_tensor(), keep_spread=many)
         probs = spread.mean
         classes = probs.shape[0]
-        consensus = probs.argmax(0)
-        uncertainty = {"mean_entropy": mean_foreground_entropy(probs, consensus),
+        consensus = self.label_map(probs)
+        sigmoid = self.regions is not None
+        uncertainty = {"mean_entropy": mean_foreground_entropy(probs, consensus, sigmoid=sigmoid),
                        "agreement": sample_agreement(spread.labels, consensus, [v for v in self.names if v != 0])}
         maps = []
         if self.options.save_uncertainty:  # inverted with the probabilities, onto the input's grid
-            maps.append(normalised_entropy(probs))
+            maps.append(voxel_entropy(probs, sigmoid=sigmoid))
             if spread.variance is not None:
                 maps.append(spread.variance)
         stacked = torch.cat([probs, *(m[None] for m in maps)]) if maps else probs
@@ -146,7 +176,7 @@ class SegmentationPredictor:
         native_all = Invertd(keys=PRED, transform=chain, orig_keys=IMAGE, nearest_interp=False)(data)[PRED].as_tensor()
         native = native_all[:classes]
         affine = np.asarray(volume.meta["original_affine"], dtype=np.float64)
-        labels = label_map(native)
+        labels = self.label_map(native)
         expected_shape = tuple(int(s) for s in volume.meta["spatial_shape"])
         if tuple(labels.shape) != expected_shape:  # pragma: no cover - Invertd guarantees this; keep it loud
             raise CaseError(f"{source}: prediction shape {tuple(labels.shape)} does not match the input {expected_shape}")

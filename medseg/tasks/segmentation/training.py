@@ -22,7 +22,7 @@ from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import read_manifest
 from medseg.data.transforms import training_transforms, validation_transforms
 from medseg.engine import distributed
-from medseg.engine.calibration import VoxelSample, calibrate_split, contract_calibration
+from medseg.engine.calibration import SplitCalibration, VoxelSample, calibrate_split, contract_calibration
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.engine.loop import (
     EvalOutputs,
@@ -40,13 +40,14 @@ from medseg.engine.loop import (
 )
 from medseg.engine.runtime import autocast_dtype, resolve_device, to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
-from medseg.engine.uncertainty import normalised_entropy
+from medseg.engine.uncertainty import voxel_entropy
 from medseg.io.atomic import atomic_write_text
 from medseg.io.readers import load_volume
 from medseg.plots import contour_overlay_image, overlay
 from medseg.tasks.segmentation.config import SegmentationConfig
 from medseg.tasks.segmentation.metrics import SegmentationMetrics, create_loss
 from medseg.tasks.segmentation.networks import create_segmentation_network
+from medseg.tasks.segmentation.regions import SIGMOID, Regions, decode_regions
 from medseg.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,14 @@ __all__ = ["TrainOutputs", "build_network", "evaluate", "has_labelled_cases", "m
 
 
 def build_network(cfg: SegmentationConfig) -> nn.Module:
-    return create_segmentation_network(cfg.model, len(cfg.data.channels), len(cfg.data.labels), cfg.patch.size)
+    """The configured network: one output per label (softmax), or one per region (sigmoid)."""
+    outputs = len(cfg.regions) if cfg.regions else len(cfg.data.labels)
+    return create_segmentation_network(cfg.model, len(cfg.data.channels), outputs, cfg.patch.size)
+
+
+def scores_to_labels(logits: torch.Tensor, regions: Regions | None) -> torch.Tensor:
+    """Label map (*spatial) from (K, *spatial) logits: the arg-max, or with regions their decoding."""
+    return label_map(logits) if regions is None else decode_regions(logits, regions, logits=True)
 
 
 def _case_spacing(item: dict[str, Any]) -> tuple[float, ...]:
@@ -85,7 +93,8 @@ def train(cfg: SegmentationConfig, manifest_path: Path, root: Path, out_dir: Pat
         progress: show progress bars.
     """
     manifest = read_manifest(manifest_path)
-    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
+    regions = Regions.from_config(cfg.regions)
+    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95, regions=regions)
     shown: list[_Shown] = []  # the first validation cases as the last validation predicted them
 
     def validate_hook(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None,
@@ -99,7 +108,7 @@ def train(cfg: SegmentationConfig, manifest_path: Path, root: Path, out_dir: Pat
         train_transform=training_transforms(cfg.preprocess, cfg.patch, cfg.augment, cfg.model.spatial_dims,
                                             len(cfg.data.labels)),
         val_transform=validation_transforms(cfg.preprocess),
-        loss=create_loss(cfg.loss),
+        loss=create_loss(cfg.loss, regions),
         validate=validate_hook,
         selection_metric="val/dice_mean",
         preview=_overlay_preview(cfg, shown) if cfg.validation.overlays else None,
@@ -176,7 +185,7 @@ def segmentation_logits(model: nn.Module, image: torch.Tensor, cfg: Segmentation
 def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: SegmentationConfig, device: torch.device,
                          amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Label map (*spatial) for one preprocessed channel-first volume."""
-    return label_map(segmentation_logits(model, image, cfg, device, amp_dtype))
+    return scores_to_labels(segmentation_logits(model, image, cfg, device, amp_dtype), Regions.from_config(cfg.regions))
 
 
 # ----------------------------------------------------------------------------------- evaluate stage
@@ -189,7 +198,9 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
 
     Metric names are ``{prefix}/dice/<label>``, ``{prefix}/dice_mean``, ``{prefix}/dice_mean_per_case``,
     ``{prefix}/hd95/<label>``, and the voxel ECE ``{prefix}/ece`` (with the model's temperature) and
-    ``{prefix}/ece_uncalibrated``; ``prefix`` defaults to the split name.
+    ``{prefix}/ece_uncalibrated``; ``prefix`` defaults to the split name. With ``regions`` also
+    ``{prefix}/dice_region/<region>`` and ``{prefix}/dice_region_mean``, and no calibration (see
+    :func:`_calibration`).
 
     Args:
         fit_calibration: fit the temperature on this split (the validation split) and write it to
@@ -207,16 +218,18 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
         model = to_channels_last(model, cfg.model.spatial_dims)
     dataset = make_dataset(records(cases, root), validation_transforms(cfg.preprocess), cfg.data.model_copy(
         update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
-    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95)
+    regions = Regions.from_config(cfg.regions)
+    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95, regions=regions)
     overlays: list[Path] = []
     voxels = VoxelSample.empty(seed=cfg.seed)
     entropy_logits: list[torch.Tensor] = []
     for index, item in enumerate(tqdm(dataset, desc=f"evaluate {split}", disable=not progress, unit="case")):
         logits = segmentation_logits(model, item["image"], cfg, device, amp_dtype).float()
-        pred = label_map(logits)
+        pred = scores_to_labels(logits, regions)
         truth = item["label"].as_tensor()[0]
         dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
-        voxels.add_case(logits, truth, pred)
+        if regions is None:  # the temperature's samples: softmax logits and their classes
+            voxels.add_case(logits, truth, pred)
         entropy_logits.append(_entropy_region_logits(logits, pred, voxels.generator))
         if index < cfg.validation.overlays:
             title = f"{split} {item['case_id']}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
@@ -224,19 +237,32 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
                                     out_dir / "plots" / f"overlay_{split}_{item['case_id']}.png", title,
                                     len(cfg.data.labels)))
     values = metrics.aggregate(prefix)
-    calibration = calibrate_split(cfg.validation.calibrate, fit_calibration, *voxels.tensors(), out_dir, split, prefix,
-                                  unit="voxels near structures")
+    calibration = _calibration(cfg, regions, voxels, fit_calibration, out_dir, split, prefix)
     values.update(calibration.metrics)
-    for row, region in zip(metrics.per_case, entropy_logits):
+    for row, sample in zip(metrics.per_case, entropy_logits):
         # what predict reports as mean_entropy (without TTA, with the model's temperature): the
         # validation split's range sets the QC threshold
-        row["mean_entropy"] = float(normalised_entropy(torch.softmax(region / calibration.temperature, 0)).mean())
+        probabilities = torch.sigmoid(sample) if regions else torch.softmax(sample / calibration.temperature, 0)
+        row["mean_entropy"] = float(voxel_entropy(probabilities, sigmoid=regions is not None).mean())
     per_case = out_dir / "evaluation" / f"{split}_cases.csv"
     write_csv(per_case, list(metrics.per_case[0]) if metrics.per_case else ["case_id"], metrics.per_case)
     case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
     values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
     metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
     return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, (*overlays, *calibration.figures), values))
+
+
+def _calibration(cfg: SegmentationConfig, regions: Regions | None, voxels: VoxelSample, fit: bool, out_dir: Path,
+                 split: str, prefix: str) -> SplitCalibration:
+    """The split's temperature scaling; none for a region model, whose sigmoids are not one
+    distribution over classes that a single temperature and the softmax ECE describe."""
+    if regions is None:
+        return calibrate_split(cfg.validation.calibrate, fit, *voxels.tensors(), out_dir, split, prefix,
+                               unit="voxels near structures")
+    if cfg.validation.calibrate and fit:
+        log.info("validation.calibrate: no temperature fitted; a region model's outputs are independent sigmoids, "
+                 "which softmax temperature scaling does not apply to (predict uses T = 1)")
+    return SplitCalibration(1.0, {}, ())
 
 
 #: At most this many voxels of a case (a random sample) enter its mean entropy.
@@ -260,13 +286,16 @@ def _entropy_region_logits(logits: torch.Tensor, pred: torch.Tensor, generator: 
 
 
 def model_contract(cfg: SegmentationConfig) -> dict[str, Any]:
-    """What inference needs to reproduce training's view of the data (MONAI bundle ``metadata.json``)."""
+    """What inference needs to reproduce training's view of the data (MONAI bundle ``metadata.json``);
+    a region model's also names its regions (name, labels, paint value, in paint order)."""
+    regions = Regions.from_config(cfg.regions)
     return {
         **base_contract(cfg),
         "patch_size": list(cfg.patch.size),
         "sliding_window": {"overlap": cfg.validation.overlap, "blend": cfg.validation.blend,
                            "sw_batch_size": cfg.validation.sw_batch_size},
-        "output_activation": "softmax",
+        "output_activation": "softmax" if regions is None else SIGMOID,
+        **({} if regions is None else {"regions": regions.to_contract()}),
         "postprocess": cfg.postprocess.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
     }
