@@ -17,6 +17,10 @@ Sections:
     fingerprint   the 260 MSD Hippocampus cases fingerprinted afresh, timed.
     pyradiomics   ../shared/data/pyradiomics_testcases: plan and verify (too few cases to train).
     png           a class-per-folder PNG tree written from BreastMNIST: plan, train, predict PNGs.
+    tumour        benchmarks/make_datasets.py's seeded BraTS-like set (FLAIR + T1c, necrosis inside an
+                  enhancing rim inside edema, 6 training + 4 test cases): `medseg plan --race` (regions
+                  found, raced against label-wise softmax) vs the planner's label-wise softmax candidate
+                  at the same --budget; per-class and region Dice on the test cases.
 
 Usage:
     python benchmarks/bench_plan.py hippocampus --budget 30
@@ -25,6 +29,7 @@ Usage:
     python benchmarks/bench_plan.py pyradiomics
     python benchmarks/bench_plan.py fingerprint
     python benchmarks/bench_plan.py png --budget 4
+    python benchmarks/bench_plan.py tumour --budget 20
 """
 
 from __future__ import annotations
@@ -86,7 +91,8 @@ def plan_and_run(name: str, dataset: str, budget: float, plan_args: list[str], s
     planned = json.loads(json.dumps(_read_yaml(REPO / out)))
     return {"name": name, "plan_command": "medseg " + shlex.join(plan_cmd), "budget_minutes": budget,
             "plan_seconds": round(plan_seconds, 1), "explain": _explain_table(explained),
-            "probe": _probe_lines(REPO / out), "planned_config": planned, "run": record}
+            "probe": _probe_lines(REPO / out), "planned_config": planned, "run": record,
+            "race_table": [line for line in explained.splitlines() if line.startswith("|")]}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -198,6 +204,80 @@ def png(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+#: BraTS' evaluation regions on the synthetic tumours' labels (1 necrosis, 2 edema, 3 enhancing).
+TUMOUR_REGIONS = {"whole_tumour": (1, 2, 3), "tumour_core": (1, 3), "enhancing": (3,)}
+
+
+def tumour(args: argparse.Namespace) -> dict[str, Any]:
+    """The seeded BraTS-like set: the plan as `medseg plan --race` makes it (regions found, raced
+    against label-wise softmax, the winner on every case) against the planner's own label-wise
+    softmax candidate for the whole budget; per-class and region Dice on the 4 test cases."""
+    data = REPO / "data" / "synthetic_tumour"
+    subprocess.run([sys.executable, "benchmarks/make_datasets.py", "tumour", "--out", str(data), "--train", "6",
+                    "--test", "4", "--seed", "0", "--no-progress"], cwd=REPO, check=True)
+    manifest = "data_manifests/synthetic_tumour.csv"
+    name = f"tumour_{args.budget:g}m"
+    planned = plan_and_run(name, rel(data), args.budget, ["--manifest", manifest, "--name", name, "--race"],
+                           work=args.work)
+    labels_name = f"tumour_labels_{args.budget:g}m"
+    labels_cfg = _labels_candidate(f"configs/planned/{name}.yaml", labels_name, args.budget)
+    location = [f"output_dir={args.work or REPO / 'runs' / 'planned'}/{labels_name}"]
+    softmax = execute(Run(config=labels_cfg, title=labels_name), [], location)
+    return {"name": name, "planned": planned, "labels_plan": {"config": labels_cfg, "run": softmax},
+            "test": {"planned": _score_tumour_tests(planned["run"]["model_uri"], data),
+                     "labels": _score_tumour_tests(softmax["model_uri"], data)}}
+
+
+def _labels_candidate(planned_yaml: str, name: str, budget: float) -> str:
+    """The planned config with the planner's label-wise softmax candidate instead of region targets,
+    unraced, for the whole budget: the same network, patch and data, only the targets differ."""
+    import yaml
+
+    raw = _read_yaml(REPO / planned_yaml)
+    raw.pop("regions", None)  # the "labels" candidate's override (segmentation/structures.py)
+    raw["train"]["max_minutes"] = budget
+    raw["output_dir"] = f"runs/{name}"
+    raw["tracking"]["experiment"] = name
+    out = f"configs/planned/{name}.yaml"
+    header = (f"# {planned_yaml} with the planner's label-wise softmax candidate (regions removed), unraced, for "
+              f"the whole {budget:g}-minute budget: the comparison run of `python benchmarks/bench_plan.py tumour`.\n")
+    atomic_write_text(REPO / out, header + yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def _score_tumour_tests(model_uri: str, data: Path) -> dict[str, Any]:
+    """Per-case Dice of each label and each BraTS region on imagesTs/labelsTs, then the mean over cases."""
+    import nibabel as nib
+    import numpy as np
+
+    import medseg
+
+    predictor = medseg.Predictor.from_uri(model_uri, tracking_uri=f"sqlite:///{REPO / 'runs' / 'mlflow.db'}")
+    per_case: dict[str, dict[str, float]] = {}
+    for label_path in sorted((data / "labelsTs").glob("*.nii.gz")):
+        case = label_path.name.removesuffix(".nii.gz")
+        channels = [nib.load(data / "imagesTs" / f"{case}_{c:04d}.nii.gz") for c in range(2)]
+        image = np.stack([np.asarray(c.dataobj, dtype=np.float32) for c in channels])
+        predicted = predictor.predict(image, affine=channels[0].affine, case_id=case).label_map
+        truth = np.asarray(nib.load(label_path).dataobj).astype(np.int64)
+        scores = {f"dice/{n}": _dice(predicted == v, truth == v) for v, n in ((1, "necrosis"), (2, "edema"),
+                                                                            (3, "enhancing"))}
+        scores.update({f"region/{n}": _dice(np.isin(predicted, m), np.isin(truth, m))
+                       for n, m in TUMOUR_REGIONS.items()})
+        per_case[case] = scores
+    keys = next(iter(per_case.values())).keys()
+    mean = {k: round(float(np.nanmean([c[k] for c in per_case.values()])), 4) for k in keys}
+    return {"cases": len(per_case), "mean": mean, "per_case": per_case}
+
+
+def _dice(pred: Any, truth: Any) -> float:
+    """nnU-Net's per-case Dice: NaN when the reference is empty (absent, not wrong)."""
+    reference = int(truth.sum())
+    if reference == 0:
+        return float("nan")
+    return 2.0 * int((pred & truth).sum()) / (int(pred.sum()) + reference)
+
+
 def fingerprint(args: argparse.Namespace) -> dict[str, Any]:
     """The fingerprint of the 260 MSD Hippocampus cases measured afresh (no cache), timed."""
     from medseg.data.manifest import read_manifest
@@ -214,7 +294,7 @@ def fingerprint(args: argparse.Namespace) -> dict[str, Any]:
 
 
 SECTIONS = {"fingerprint": fingerprint, "hippocampus": hippocampus, "medmnist": medmnist, "synthetic-ct": synthetic_ct,
-            "pyradiomics": pyradiomics, "png": png}
+            "pyradiomics": pyradiomics, "png": png, "tumour": tumour}
 
 
 # ------------------------------------------------------------------------------------ results
@@ -306,7 +386,8 @@ def render(report: dict[str, Any]) -> str:
                 std = m.get("test/auc_std")
                 seed0, mean, spread = _hand_tuned_medmnist(short)
                 out.append(f"| {short} | {rec['budget_minutes']:g} | resnet18 x{cfg['model']['widen_factor']} | "
-                           f"{cfg['train']['max_epochs']} | {', '.join(a['name'] for a in cfg['augment'])} | "
+                           f"{rec['run'].get('epochs') or cfg['train']['max_epochs']} | "
+                           f"{', '.join(a['name'] for a in cfg['augment'])} | "
                            f"{len(rec['run']['seeds'])} | **{_m(m, 'test/auc')}**"
                            + (f" ± {std:.3f}" if std is not None else "") + f" | {_m(m, 'test/acc')} | "
                            f"{seed0} | {mean} ± {spread} | `{entry['command']}` ({entry['git']['commit'][:7]}) |")
@@ -323,6 +404,8 @@ def render(report: dict[str, Any]) -> str:
                 f"| {rec['run']['splits'].get('test', {}).get('cases')} | {rec['run']['epochs']} | "
                 f"{_m(m, 'test/dice/organ')} | {_m(m, 'test/dice/vessel')} | {_m(m, 'test/dice/lesion')} | "
                 f"**{_m(m, 'test/dice_mean')}** |", "", "```", *rec["explain"], "```", ""]
+    for _key, entry in sorted(sections.get("tumour", {}).items()):
+        out += _render_tumour(entry)
     for _key, entry in sorted(sections.get("pyradiomics", {}).items()):
         rec = entry["record"]
         out += ["## pyradiomics test cases: plan and verify", "", f"`{entry['command']}`", "", "```",
@@ -337,6 +420,32 @@ def render(report: dict[str, Any]) -> str:
                 f"{rec['predict'].get('accuracy_vs_class_folders')} of them.", "",
                 "```", *rec["explain"], "```", "", "```", *rec["predict"]["printed"], "```", ""]
     return "\n".join(out) + "\n"
+
+
+def _render_tumour(entry: dict[str, Any]) -> list[str]:
+    rec = entry["record"]
+    planned, labels = rec["planned"], rec["labels_plan"]
+    budget = planned["budget_minutes"]
+    cfg = planned["planned_config"]
+    race = (planned.get("race_table") or [])
+    keys = ["dice/necrosis", "dice/edema", "dice/enhancing", "region/whole_tumour", "region/tumour_core",
+            "region/enhancing"]
+    out = [f"## Synthetic BraTS-like tumours (FLAIR + T1c, nested labels), {budget:g} min, nothing set by hand", "",
+           f"`{entry['command']}` (commit {entry['git']['commit'][:12]}, {entry['date']}, {entry['machine']['cpu']}, "
+           f"{entry['machine']['cpus_usable']} CPUs). 6 training cases (5 folds, all trained on), 4 test cases from "
+           "imagesTs/labelsTs; Dice per case (NaN where the reference is empty), mean over the test cases.", "",
+           "| plan | targets | epochs | training min | " + " | ".join(keys) + " |",
+           "|---" * (4 + len(keys)) + "|"]
+    for title, run, scores, targets in (
+            ("`medseg plan --race` (the planner)", planned["run"], rec["test"]["planned"],
+             f"{len(cfg.get('regions') or [])} regions, sigmoid" if cfg.get("regions") else "labels, softmax"),
+            ("label-wise softmax candidate, unraced", labels["run"], rec["test"]["labels"], "labels, softmax")):
+        out.append(f"| {title} | {targets} | {run['epochs']} | {run['train_minutes']:.1f} | "
+                   + " | ".join(_m(scores["mean"], k) for k in keys) + " |")
+    out += ["", "What it planned (`--explain`):", "", "```", *planned["explain"], "```", ""]
+    if race:
+        out += ["The race (successive halving on fold 0, held out):", "", *race, ""]
+    return out
 
 
 def main() -> None:

@@ -225,7 +225,8 @@ def calibrate_run(run_dir: str | Path, *, progress: bool = True) -> RunResult:
         ctx.metrics.update(task.evaluate(ctx, needed[1], "val", "best_val"))
         if read_calibration(run_dir) is None:
             raise UsageError(f"calibrate {run_dir}: no temperature was fitted: the model has no softmax output to "
-                             "calibrate (an ordinal head) or the manifest's validation split has no labelled cases")
+                             "calibrate (an ordinal head, or a region model's sigmoids), the validation fold is trained on too "
+                             "(data.train_folds: all), or the manifest's validation split has no labelled cases")
         ctx.metrics.update(task.evaluate(ctx, needed[1], "test", "test"))
         ctx.model_uri = task.package(ctx, needed[1]).model_uri
     except BaseException:

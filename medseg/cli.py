@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--name", help="experiment and output folder name (default: the dataset's)")
     plan.add_argument("--device", default="auto", help="plan and probe for this device: auto, cpu, cuda")
     plan.add_argument("--no-probe", action="store_true", help="plan from the rules alone (no timing on this machine)")
+    plan.add_argument("--race", action="store_true",
+                      help="race the candidates the rules leave open (successive halving on fold 0, at most a third "
+                           "of the budget; the runs land in MLflow) and write the winner, its budget less the race")
     plan.add_argument("--explain", action="store_true", help="print every choice beside nnU-Net's default and why")
     plan.add_argument("--no-progress", action="store_true")
 
@@ -303,8 +306,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import medseg
 
     planned = medseg.plan(args.dataset, task=args.task, budget=args.budget, root=args.root, manifest=args.manifest,
-                          out=args.out, device=args.device, name=args.name, probe=not args.no_probe,
-                          progress=not args.no_progress)
+                          out=None if args.race else args.out, device=args.device, name=args.name,
+                          probe=not args.no_probe, progress=not args.no_progress)
+    if args.race:
+        raced = medseg.race_plan(planned, progress=not args.no_progress)
+        if raced is not None:
+            print("race (successive halving, fold 0 held out):\n" + "\n".join(raced.table()) + "\n")
+        if args.out is not None:
+            planned.write(args.out)
     print("\n".join(planned.header()))
     if args.explain:
         print()

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk
@@ -409,3 +410,257 @@ def _write_label_seg(label: np.ndarray, series_folder: Path, series_uid: str, pa
     )
     seg.save_as(path)
 
+
+
+# ------------------------------------------------------------------ multi-modal brain tumour (BraTS-like)
+
+#: Label value -> name of the tumour dataset (nnU-Net v2 ``dataset.json`` holds the inverse).
+TUMOUR_LABELS: dict[int, str] = {0: "background", 1: "necrosis", 2: "edema", 3: "enhancing"}
+TUMOUR_CHANNELS = ("FLAIR", "T1c")
+#: Mean (FLAIR, T1c) per tissue before texture, per-case gain, bias field and noise. Distractors
+#: overlap the tumour on purpose: white-matter hyperintensities are as bright as edema on FLAIR,
+#: vessels as bright as the enhancing rim on T1c, ventricles as dark as necrosis on T1c.
+TUMOUR_INTENSITY: dict[str, tuple[float, float]] = {
+    "brain": (0.45, 0.50), "csf": (0.18, 0.20), "hyperintensity": (0.80, 0.50), "vessel": (0.47, 0.80),
+    "edema": (0.76, 0.43), "enhancing": (0.68, 0.84), "necrosis": (0.56, 0.23),
+}
+TUMOUR_NOISE = 0.07
+
+
+@dataclass(frozen=True)
+class TumourCase:
+    """One generated brain: channel arrays and label in (x, y, z) order, ``affine`` voxel -> RAS mm."""
+
+    flair: np.ndarray  # float32, 0 outside the brain (skull-stripped)
+    t1c: np.ndarray    # float32, 0 outside the brain
+    label: np.ndarray  # uint8, values in TUMOUR_LABELS
+    affine: np.ndarray
+
+
+def _smooth_field(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
+    """Gaussian-smoothed noise with unit standard deviation (texture, shape wobble, bias field)."""
+    field = gaussian_filter(rng.normal(size=tuple(shape)).astype(np.float32), sigma=sigma)
+    return field / max(float(field.std()), 1e-6)
+
+
+def _ellipsoid_radius(grid: Sequence[np.ndarray], centre: np.ndarray, axes: np.ndarray,
+                      rotation: np.ndarray) -> np.ndarray:
+    """Normalised radius (1 on the surface) of a rotated ellipsoid, on a grid of mm coordinates."""
+    offset = [g - c for g, c in zip(grid, centre)]
+    rho = np.zeros(np.broadcast_shapes(*(g.shape for g in grid)), dtype=np.float32)
+    for row, axis in zip(rotation.T, axes):  # each ellipsoid axis: project, scale, square
+        rho += ((offset[0] * row[0] + offset[1] * row[1] + offset[2] * row[2]) / axis) ** 2
+    return np.sqrt(rho)
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _tumours(rng: np.random.Generator, grid: Sequence[np.ndarray], brain: np.ndarray, brain_rho: np.ndarray,
+             brain_axes: np.ndarray, spacing: Spacing3D) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole tumour, core and necrosis masks of 1-3 tumours, nested exactly: each core lies in the
+    one-voxel erosion of its whole tumour, each necrosis in the erosion of its core (full 3x3x3
+    structure), so a core's neighbours are tumour and a necrosis' neighbours are core."""
+    from scipy.ndimage import binary_erosion
+
+    full = np.ones((3, 3, 3), dtype=bool)
+    whole, core, necrosis = (np.zeros(brain.shape, dtype=bool) for _ in range(3))
+    step = max(spacing)
+    wobble = _smooth_field(rng, brain.shape, sigma=2.5)
+    inner = np.argwhere(brain & (brain_rho < 0.6))
+    count = int(rng.integers(1, 4))
+    for _ in range(count):
+        centre = np.array([g.ravel()[i] for g, i in zip(grid, inner[rng.integers(len(inner))])])
+        # a few % to ~15 % of the brain in all, whatever the count; never thinner than the erosions
+        r_whole = max(4 * step, float(brain_axes.min()) * rng.uniform(0.35, 0.55) / count ** 0.25)
+        r_core = max(2.5 * step, r_whole * rng.uniform(0.55, 0.72))
+        r_necrosis = max(1.5 * step, r_core * rng.uniform(0.6, 0.8))
+        shift = rng.uniform(-0.15, 0.15, 3) * r_whole  # the core sits off-centre in its edema
+        rotation = _rotation(rng)  # shared: the parts of one tumour are aligned, each stretched its own way
+        rho = [_ellipsoid_radius(grid, c, r * rng.uniform(0.8, 1.2, 3), rotation)
+               for r, c in ((r_whole, centre), (r_core, centre + shift), (r_necrosis, centre + shift))]
+        one_whole = (rho[0] + 0.12 * wobble < 1) & brain
+        one_core = (rho[1] + 0.08 * wobble < 1) & binary_erosion(one_whole, full)
+        one_necrosis = (rho[2] < 1) & binary_erosion(one_core, full)
+        whole |= one_whole
+        core |= one_core
+        necrosis |= one_necrosis
+    return whole, core, necrosis
+
+
+def _satellites(rng: np.random.Generator, whole: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """Small fragmented enhancing spots (1 to ~30 voxels) in the edema, apart from the cores: random
+    walks kept to the eroded whole tumour, so the edema encloses every one of them."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    full = np.ones((3, 3, 3), dtype=bool)
+    allowed = binary_erosion(whole, full) & ~binary_dilation(core, full, iterations=2)
+    spots = np.zeros(whole.shape, dtype=bool)
+    seeds = np.argwhere(allowed)
+    if len(seeds) == 0:
+        return spots
+    for _ in range(int(rng.integers(8, 17))):
+        voxel = seeds[rng.integers(len(seeds))].copy()
+        for _ in range(int(rng.integers(1, 30))):
+            spots[tuple(voxel)] = True
+            axis = rng.integers(3)
+            voxel[axis] = np.clip(voxel[axis] + rng.choice([-1, 1]), 0, whole.shape[axis] - 1)
+    return spots & allowed
+
+
+def _distractors(rng: np.random.Generator, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FLAIR-bright blobs and T1c-bright vessel segments in normal brain (not labelled)."""
+    blobs, vessels = np.zeros(normal.shape, dtype=bool), np.zeros(normal.shape, dtype=bool)
+    seeds = np.argwhere(normal)
+    for target, count, length in ((blobs, rng.integers(2, 6), 24), (vessels, rng.integers(3, 7), 40)):
+        for _ in range(int(count)):
+            voxel = seeds[rng.integers(len(seeds))].copy()
+            direction = rng.integers(3)  # vessels run mostly one way; blobs wander
+            for _ in range(int(rng.integers(length // 2, length))):
+                target[tuple(voxel)] = True
+                axis = direction if (target is vessels and rng.random() < 0.7) else rng.integers(3)
+                voxel[axis] = np.clip(voxel[axis] + rng.choice([-1, 1]), 0, normal.shape[axis] - 1)
+    from scipy.ndimage import binary_dilation
+
+    blobs = binary_dilation(blobs)  # patches a few voxels thick, not threads the blur would wash out
+    return blobs & normal, vessels & normal
+
+
+def synthetic_tumour_case(index: int, seed: int = 0, shape: Shape3D = (64, 64, 48),
+                          spacing: Spacing3D = (1.2, 1.2, 2.0)) -> TumourCase:
+    """Generate brain ``index`` of the tumour dataset seeded ``seed`` (independent of the case count).
+
+    A skull-stripped brain-like ellipsoid with smooth texture and ventricles; 1-3 tumours, each an
+    edema (bright on FLAIR) enclosing an enhancing rim (bright on T1c) enclosing a necrotic core
+    (dark on T1c), random rotated ellipsoids with wobbly surfaces; 8-16 small enhancing satellites in
+    the edema; unlabelled distractors; then partial-volume blur, a multiplicative bias field,
+    noise and a per-case gain per channel.
+
+    Raises:
+        ValueError: a size below 16 voxels or a non-positive spacing.
+    """
+    if len(shape) != 3 or min(shape) < 16:
+        raise ValueError(f"shape={tuple(shape)}: expected (x, y, z) with every size >= 16, e.g. (64, 64, 48)")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing={tuple(spacing)}: expected three positive sizes in mm, e.g. (1.2, 1.2, 2.0)")
+    rng = np.random.default_rng([seed, index, 31])  # its own stream: not the CT dataset's
+    grid = [((np.arange(n, dtype=np.float32) - (n - 1) / 2) * s).reshape([-1 if a == i else 1 for a in range(3)])
+            for i, (n, s) in enumerate(zip(shape, spacing))]
+    extent = np.array(shape) * np.array(spacing)
+    brain_axes = extent * np.array([0.42, 0.45, 0.42]) * rng.uniform(0.88, 1.0, 3)
+    brain_rho = _ellipsoid_radius(grid, rng.uniform(-0.03, 0.03, 3) * extent, brain_axes, np.eye(3))
+    brain_rho = brain_rho + 0.04 * _smooth_field(rng, shape, sigma=4.0)
+    brain = brain_rho < 1.0
+    ventricles = brain & (_ellipsoid_radius(grid, np.zeros(3), brain_axes * [0.12, 0.3, 0.2], np.eye(3)) < 1)
+
+    whole, core, necrosis = _tumours(rng, grid, brain, brain_rho, brain_axes, spacing)
+    enhancing = (core | _satellites(rng, whole, core)) & ~necrosis
+    label = np.zeros(shape, dtype=np.uint8)
+    label[whole] = 2
+    label[enhancing] = 3
+    label[necrosis] = 1
+    blobs, vessels = _distractors(rng, brain & ~whole & ~ventricles)
+
+    tissue = {"csf": ventricles, "hyperintensity": blobs, "vessel": vessels, "edema": label == 2,
+              "enhancing": label == 3, "necrosis": label == 1}
+    texture = _smooth_field(rng, shape, sigma=1.5)
+    channels = []
+    for channel in range(len(TUMOUR_CHANNELS)):
+        image = np.where(brain, TUMOUR_INTENSITY["brain"][channel], 0.0).astype(np.float32)
+        for name, mask in tissue.items():  # each tumour part a little brighter or darker per case
+            image[mask] = TUMOUR_INTENSITY[name][channel] * rng.uniform(0.92, 1.08)
+        image *= 1 + 0.1 * texture
+        image = gaussian_filter(image, sigma=0.7)  # partial volume
+        image *= np.exp(0.12 * _smooth_field(rng, shape, sigma=min(shape) / 4))  # bias field
+        image += rng.normal(0.0, TUMOUR_NOISE, shape).astype(np.float32)
+        image = np.where(brain, np.maximum(image, 0.0) * 1000 * rng.uniform(0.7, 1.3), 0.0)
+        channels.append(image.astype(np.float32))
+    return TumourCase(channels[0], channels[1], label, _tumour_affine(rng, shape, spacing))
+
+
+def _tumour_affine(rng: np.random.Generator, shape: Shape3D, spacing: Spacing3D) -> np.ndarray:
+    """A small head tilt (about z and x), the volume's centre near the scanner's origin."""
+    about_z, about_x = np.deg2rad(rng.uniform(3, 10) * rng.choice([-1, 1])), np.deg2rad(rng.uniform(-5, 5))
+    rz = np.array([[np.cos(about_z), -np.sin(about_z), 0], [np.sin(about_z), np.cos(about_z), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(about_x), -np.sin(about_x)], [0, np.sin(about_x), np.cos(about_x)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag(spacing)
+    affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2) + rng.uniform(-10, 10, 3)
+    return affine
+
+
+def write_synthetic_tumour_dataset(out: Path, n_train: int = 6, n_test: int = 4, shape: Shape3D = (64, 64, 48),
+                                   spacing: Spacing3D = (1.2, 1.2, 2.0), seed: int = 0,
+                                   progress: bool = False) -> Path:
+    """Write a seeded BraTS-like two-channel tumour dataset in nnU-Net v2 layout.
+
+    ``imagesTr/case_000_0000.nii.gz`` (FLAIR) and ``_0001`` (T1c), ``labelsTr/case_000.nii.gz``;
+    the test cases (numbered after the training ones) in ``imagesTs/`` and ``labelsTs/``; and
+    ``dataset.json`` with ``channel_names``, ``labels`` (background 0, necrosis 1, edema 2,
+    enhancing 3), ``numTraining`` and ``file_ending``. Labels nest exactly: necrosis is enclosed
+    by the enhancing rim, rim and satellites by the edema (nnU-Net's BraTS regions whole tumour >
+    tumour core > enhancing). Each file is written under a hidden temporary name and renamed into
+    place; case files of an earlier, larger run in the same folder are removed.
+
+    Args:
+        out: dataset folder (created).
+        n_train, n_test: numbers of training and test cases.
+        shape: (x, y, z) size of every case.
+        spacing: (x, y, z) voxel size in mm.
+        seed: one seed fixes every voxel.
+        progress: show a progress bar.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: ``n_train`` below 1, ``n_test`` below 0, or a bad shape or spacing.
+    """
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"n_train={n_train}, n_test={n_test}: need at least one training case and no negative count")
+    out = Path(out)
+    folders = {name: out / name for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
+    written: set[Path] = set()
+    for index in tqdm(range(n_train + n_test), desc="synthetic tumour", unit="case", disable=not progress):
+        case = synthetic_tumour_case(index, seed, shape, spacing)
+        split = "Tr" if index < n_train else "Ts"
+        case_id = f"case_{index:03d}"
+        files = {folders[f"images{split}"] / f"{case_id}_0000.nii.gz": case.flair,
+                 folders[f"images{split}"] / f"{case_id}_0001.nii.gz": case.t1c,
+                 folders[f"labels{split}"] / f"{case_id}.nii.gz": case.label}
+        for path, array in files.items():
+            image = nib.Nifti1Image(array, case.affine)
+            image.set_qform(case.affine, code=1)  # both forms, so every reader sees the same geometry
+            image.set_sform(case.affine, code=1)
+            image.header.set_xyzt_units("mm")
+            _save_atomic(image, path)
+            written.add(path)
+    for folder in folders.values():  # leftovers of an earlier run with more cases
+        for stale in folder.glob("case_*.nii.gz") if folder.is_dir() else ():
+            if stale not in written:
+                stale.unlink()
+    dataset = {
+        "channel_names": {str(i): name for i, name in enumerate(TUMOUR_CHANNELS)},
+        "labels": {name: value for value, name in TUMOUR_LABELS.items()},
+        "numTraining": n_train,
+        "file_ending": ".nii.gz",
+        "description": (f"Seeded synthetic BraTS-like brain tumours (medseg.data.synthetic, seed {seed}, shape "
+                        f"{list(shape)}, spacing {list(spacing)} mm): necrosis inside an enhancing rim inside "
+                        f"edema, small enhancing satellites. {n_test} test case(s) in imagesTs/labelsTs."),
+    }
+    atomic_write_text(out / "dataset.json", json.dumps(dataset, indent=2))
+    return out
+
+
+def _save_atomic(image: nib.Nifti1Image, path: Path) -> None:
+    """``nib.save`` under a hidden temporary name, then rename: no half-written file under ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.{os.getpid()}.tmp.nii.gz")
+    try:
+        nib.save(image, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -275,7 +275,7 @@ class LoadedModel:
 #: Contract entries every member of an ensemble must share: they define the grid and the
 #: meaning of the averaged outputs. Patch size and window settings may differ.
 ENSEMBLE_KEYS = ("task", "spatial_dims", "in_channels", "channel_names", "labels", "orientation", "spacing",
-                 "intensity", "crop_foreground", "resize", "output_activation", "recon")
+                 "intensity", "crop_foreground", "resize", "output_activation", "regions", "recon")
 
 
 def load_model(ref: str, device: torch.device, build: NetworkBuilder) -> LoadedModel:

@@ -6,7 +6,11 @@ spacing once turned to RAS, the orientation medseg trains in), channel count, th
 cropping to the nonzero region and its ratio to the whole. Per channel: foreground intensity
 percentiles (0.5, 50, 99.5), mean, std, min and max over at most 1e7 voxels sampled evenly across
 cases with seed 1234 (nnU-Net's numbers). Per class: voxel fraction, how many cases hold it, and
-connected-component sizes (count and mm^3) - what tells a planner that a class is rare.
+connected-component sizes (count, voxels and mm^3) - what tells a planner that a class is rare -,
+its share of the cropped image, how often it appears together with each other class, and what
+surrounds it: the make-up of its outer shell (see :func:`class_shells`), from which
+:func:`medseg.planning.rules.containment_tree` finds nested structures (BraTS' enhancing tumour
+inside the tumour core inside the whole tumour) for nnU-Net's region-based training.
 
 Cases are read in parallel threads (reading and NumPy release the GIL) with a progress bar, and
 the result is cached as JSON beside the manifest, keyed by the manifest's content hash and
@@ -34,13 +38,17 @@ from medseg.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-#: Bump when what is measured changes, so old caches are recomputed.
-FINGERPRINT_VERSION = 1
+#: Bump when what is measured changes, so old caches are recomputed (2: component voxels and
+#: counts, shells, co-occurrence, image fraction). Older files still read, new fields empty.
+FINGERPRINT_VERSION = 2
 #: nnU-Net samples at most this many foreground voxels over the whole dataset, with this seed.
 MAX_INTENSITY_SAMPLES = 10_000_000
 SAMPLE_SEED = 1234
 #: Largest connected components kept per case and class (the JSON stays small for big label maps).
 KEEP_COMPONENTS = 16
+#: At most this many component sizes (voxels) kept per case and class: evenly spaced order statistics,
+#: smallest and largest included, so percentiles stay right for label maps with thousands of specks.
+KEEP_COMPONENT_SIZES = 256
 
 
 @dataclass
@@ -58,6 +66,10 @@ class CaseFingerprint:
     label: int | None = None    # classification: the case's class
     class_voxels: dict[str, int] = field(default_factory=dict)             # segmentation: label value -> voxels
     class_components: dict[str, list[float]] = field(default_factory=dict)  # label value -> largest sizes, mm^3
+    # version 2 (older caches read them as empty):
+    class_component_count: dict[str, int] = field(default_factory=dict)        # label value -> components
+    class_component_voxels: dict[str, list[int]] = field(default_factory=dict)  # label value -> sizes, ascending
+    class_shell: dict[str, dict[str, int]] = field(default_factory=dict)      # value -> neighbour value -> voxels
 
 
 @dataclass
@@ -87,6 +99,15 @@ class ClassStats:
     components_per_case: float | None = None   # median over the cases holding it
     component_mm3_median: float | None = None  # median size of a component
     component_mm3_p05: float | None = None     # small components (5th percentile)
+    # version 2 (None in older caches):
+    component_mm3_min: float | None = None
+    component_voxels_median: float | None = None
+    component_voxels_p05: float | None = None
+    component_voxels_min: int | None = None
+    image_fraction: float | None = None        # of the cropped images' voxels, over all labelled cases
+    shell: dict[str, float] | None = None      # neighbour value ("0" background) -> share of the outer shell
+    shell_voxels: int | None = None            # the shell's voxels, summed over cases (the share's weight)
+    co_occurrence: dict[str, float] | None = None  # other foreground value -> share of labelled cases with both
 
 
 @dataclass
@@ -120,6 +141,21 @@ class Fingerprint:
 
     def median_crop_ratio(self) -> float:
         return float(np.median([c.crop_ratio for c in self.training_cases()]))
+
+    def shell_fractions(self) -> dict[int, dict[int, float]]:
+        """Foreground value -> neighbour value -> share of its outer shell, the input of
+        :func:`medseg.planning.rules.containment_tree` (empty for a version-1 cache)."""
+        return {c.value: {int(k): v for k, v in c.shell.items()} for c in self.classes
+                if c.value != 0 and c.shell is not None}
+
+    def image_fractions(self) -> dict[int, float]:
+        """Foreground value -> share of the cropped images' voxels (:func:`rules.rare_against_image`)."""
+        return {c.value: c.image_fraction for c in self.classes if c.value != 0 and c.image_fraction is not None}
+
+    def component_voxels(self, value: int) -> list[int]:
+        """Sizes in voxels of the components of class ``value`` over the training cases (kept
+        order statistics when a case has more than :data:`KEEP_COMPONENT_SIZES`)."""
+        return sorted(s for c in self.training_cases() for s in c.class_component_voxels.get(str(value), []))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -179,14 +215,65 @@ def _nonzero_box(image: np.ndarray) -> list[int]:
     return sizes
 
 
-def _components(label: np.ndarray, value: int, voxel_mm3: float) -> list[float]:
+def class_shells(values: np.ndarray) -> dict[int, dict[int, int]]:
+    """What surrounds each foreground class: the voxels of its outer shell, by the value they hold.
+
+    The shell of class B is a one-voxel dilation of B with the full 3x3(x3) structure (faces,
+    edges and corners) minus B itself, cut at the image border. A necrotic core inside an
+    enhancing rim has a shell of rim only; the rim's shell is edema outside and the core inside.
+
+    Args:
+        values: an integer label map (2D or 3D); values <= 0 are not measured (background).
+
+    Returns:
+        Foreground value -> neighbour value -> shell voxels; classes absent from ``values`` are left out.
+    """
     from scipy import ndimage
 
-    labelled, count = ndimage.label(label == value)
-    if count == 0:
-        return []
-    sizes = np.bincount(labelled.ravel())[1:] * voxel_mm3
-    return [round(float(s), 3) for s in sorted(sizes, reverse=True)[:KEEP_COMPONENTS]]
+    structure = np.ones((3,) * values.ndim, dtype=bool)
+    shells: dict[int, dict[int, int]] = {}
+    for value, box in enumerate(ndimage.find_objects(values), start=1):
+        if box is None:
+            continue
+        # the shell lies within one voxel of the class's bounding box: dilate that window only
+        grown = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, values.shape))
+        window = values[grown]
+        inside = window == value
+        shell = ndimage.binary_dilation(inside, structure) & ~inside
+        counts = np.bincount(window[shell].clip(min=0))
+        shells[value] = {v: int(n) for v, n in enumerate(counts) if n}
+    return shells
+
+
+def _component_voxels(values: np.ndarray, value: int, box: tuple[slice, ...]) -> np.ndarray:
+    """Sizes in voxels of the face-connected components of ``value``, ascending."""
+    from scipy import ndimage
+
+    labelled, count = ndimage.label(values[box] == value)
+    return np.sort(np.bincount(labelled.ravel())[1:]) if count else np.zeros(0, dtype=np.int64)
+
+
+def _kept_sizes(sizes: np.ndarray) -> list[int]:
+    if sizes.size > KEEP_COMPONENT_SIZES:  # evenly spaced order statistics keep the distribution's shape
+        sizes = sizes[np.linspace(0, sizes.size - 1, KEEP_COMPONENT_SIZES).round().astype(int)]
+    return [int(s) for s in sizes]
+
+
+def _measure_classes(fp: CaseFingerprint, values: np.ndarray, voxel_mm3: float) -> None:
+    """Fill a case's per-class voxels, components and shells from its label map."""
+    from scipy import ndimage
+
+    counts = np.bincount(values.ravel().clip(min=0))
+    fp.class_voxels = {str(v): int(n) for v, n in enumerate(counts) if n}
+    for value, box in enumerate(ndimage.find_objects(values.clip(min=0)), start=1):
+        if box is None:
+            continue
+        sizes = _component_voxels(values, value, box)
+        key = str(value)
+        fp.class_components[key] = [round(float(s) * voxel_mm3, 3) for s in sizes[::-1][:KEEP_COMPONENTS]]
+        fp.class_component_count[key] = int(sizes.size)
+        fp.class_component_voxels[key] = _kept_sizes(sizes)
+    fp.class_shell = {str(v): {str(k): n for k, n in shell.items()} for v, shell in class_shells(values).items()}
 
 
 def _measure_case(case: Case, root: Path, class_labels: bool, samples_per_case: int, index: int) -> _CaseResult:
@@ -221,10 +308,7 @@ def _measure_case(case: Case, root: Path, class_labels: bool, samples_per_case: 
             raise VolumeReadError(f"{case.label_path(root)}: label shape {list(values.shape)} does not match the image's "
                                   f"{shape} (case {case.case_id}). Expected the label on the image's grid; resample it "
                                   "or fix the pairing in the manifest.")
-        counts = np.bincount(values.ravel().clip(min=0))
-        voxel_mm3 = float(math.prod(spacing))
-        fp.class_voxels = {str(v): int(n) for v, n in enumerate(counts) if n}
-        fp.class_components = {str(v): _components(values, v, voxel_mm3) for v in range(1, len(counts)) if counts[v]}
+        _measure_classes(fp, values, float(math.prod(spacing)))
         foreground = values > 0
     else:
         foreground = np.zeros(shape, dtype=bool)  # an unlabelled case says nothing about foreground intensities
@@ -251,6 +335,7 @@ def _class_stats(cases: list[CaseFingerprint], labels: Mapping[int, str], class_
     out = []
     labelled = [c for c in cases if (c.label is not None if class_labels else bool(c.class_voxels))]
     total = sum(sum(c.class_voxels.values()) for c in labelled)
+    cropped = sum(math.prod(c.cropped_shape) for c in labelled)
     values = sorted(set(labels) | ({int(v) for c in labelled for v in c.class_voxels} if not class_labels else
                                    {c.label for c in labelled if c.label is not None}))
     for value in values:
@@ -262,13 +347,51 @@ def _class_stats(cases: list[CaseFingerprint], labels: Mapping[int, str], class_
         holding = [c for c in labelled if c.class_voxels.get(str(value), 0) > 0]
         voxels = sum(c.class_voxels.get(str(value), 0) for c in labelled)
         stats = ClassStats(value, name, voxels / total if total else None, len(holding), len(labelled) - len(holding))
-        sizes = [s for c in holding for s in c.class_components.get(str(value), [])]
-        if value != 0 and sizes:
-            stats.components_per_case = float(np.median([len(c.class_components.get(str(value), [])) for c in holding]))
-            stats.component_mm3_median = float(np.median(sizes))
-            stats.component_mm3_p05 = float(np.percentile(sizes, 5))
+        if value != 0:
+            stats.image_fraction = voxels / cropped if cropped else None
+            _add_components(stats, holding)
+            _add_shell(stats, holding)
+            stats.co_occurrence = {str(other): round(_both(labelled, value, other), 6)
+                                   for other in values if other not in (0, value)} if labelled else None
         out.append(stats)
     return out
+
+
+def _both(cases: list[CaseFingerprint], a: int, b: int) -> float:
+    """Share of ``cases`` holding both classes."""
+    return sum(1 for c in cases if c.class_voxels.get(str(a)) and c.class_voxels.get(str(b))) / len(cases)
+
+
+def _add_components(stats: ClassStats, holding: list[CaseFingerprint]) -> None:
+    """Component counts and sizes of one class over the cases holding it (voxels, and mm^3 with each
+    case's own voxel volume, since spacings differ between cases). Percentiles pool the components
+    of all cases, so a case with many specks weighs in with each of them."""
+    key = str(stats.value)
+    voxels = [s for c in holding for s in c.class_component_voxels.get(key, [])]
+    mm3 = [s * math.prod(c.spacing) for c in holding for s in c.class_component_voxels.get(key, [])]
+    counts = [c.class_component_count.get(key, 0) for c in holding]
+    if not voxels:
+        return
+    stats.components_per_case = float(np.median(counts))
+    stats.component_mm3_median = float(np.median(mm3))
+    stats.component_mm3_p05 = float(np.percentile(mm3, 5))
+    stats.component_mm3_min = float(min(mm3))
+    stats.component_voxels_median = float(np.median(voxels))
+    stats.component_voxels_p05 = float(np.percentile(voxels, 5))
+    stats.component_voxels_min = int(min(voxels))
+
+
+def _add_shell(stats: ClassStats, holding: list[CaseFingerprint]) -> None:
+    """The class's outer-shell make-up over the cases, weighted by voxels (a big tumour's shell
+    counts more than a speck's)."""
+    summed: dict[str, int] = {}
+    for case in holding:
+        for neighbour, n in case.class_shell.get(str(stats.value), {}).items():
+            summed[neighbour] = summed.get(neighbour, 0) + n
+    shell_voxels = sum(summed.values())
+    if shell_voxels:
+        stats.shell_voxels = shell_voxels
+        stats.shell = {k: round(n / shell_voxels, 6) for k, n in sorted(summed.items(), key=lambda kv: int(kv[0]))}
 
 
 def fingerprint_cache_path(manifest_path: Path) -> Path:

@@ -200,10 +200,31 @@ def _log_race(tracker: MlflowTracker, result: RaceResult, race_dir: Path) -> Non
     tracker.log_artifact(path)
 
 
+def held_out_decisions(run_dir: Path) -> dict[str, Any]:
+    """What a run scored on a held-out fold decided for the runs after it, as config overrides:
+    the post-processing its evaluation chose (``postprocess.json``: smallest component kept per
+    label). The final model's validation fold is trained on, so it cannot decide these itself."""
+    path = run_dir / "postprocess.json"
+    if not path.is_file():
+        return {}
+    chosen = json.loads(path.read_text()).get("min_component_size") or {}
+    return {"postprocess.min_component_size": {str(k): int(v) for k, v in chosen.items()},
+            "postprocess.search_min_component_size": None}
+
+
 def _adopt_winner(plan: Plan, result: RaceResult, budget: float) -> None:
     winner = result.winner
     left = max(budget - result.minutes_used, 0.1 * budget)  # a race that overran still leaves the winner a tenth
-    plan.config = with_overrides(plan.config, winner.overrides)
+    last = max(e.rung for e in result.entries)
+    run_dir = next((e.run_dir for e in result.entries if e.rung == last and e.candidate == winner.name), None)
+    decided = held_out_decisions(Path(run_dir)) if run_dir else {}
+    plan.config = with_overrides(plan.config, {**winner.overrides, **decided})
+    if decided:
+        sizes = decided["postprocess.min_component_size"]
+        plan.why["postprocess.min_component_size"] = (
+            f"chosen on the held-out fold by the race's winner: {sizes}" if sizes else
+            "none: removing small components did not add Dice on the held-out fold")
+        plan.why.pop("postprocess.search_min_component_size", None)
     plan.config["train"]["max_minutes"] = round(left, 2)
     plan.why.update(winner.why_updates)
     plan.why["train.max_minutes"] = (f"--budget {budget:g} min, less the {result.minutes_used:.1f} min race "

@@ -11,7 +11,8 @@ is :func:`nnunet_default_plan`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -269,3 +270,198 @@ def rare_classes(fractions: dict[int, float], presence: dict[int, float], rare_f
     typical = float(np.median(list(foreground.values())))
     return sorted(v for v, f in foreground.items()
                   if f < rare_fraction * typical or presence.get(v, 1.0) < rare_presence)
+
+
+# ------------------------------------------------------------------- nested and small structures
+
+#: Image-relative rarity (:func:`rare_against_image`): under 1 % of the cropped image's voxels...
+RARE_IMAGE_FRACTION = 0.01
+#: ... or a median component smaller than this many voxels (a 10^3 cube).
+SMALL_COMPONENT_VOXELS = 1000
+#: Small-component removal thresholds to try, as fractions of the 5th-percentile true component.
+MIN_COMPONENT_FRACTIONS = (0.25, 0.5)
+
+
+def containment_tree(shell: Mapping[int, Mapping[int, float]], threshold: float = 0.9) -> dict[int, int | None]:
+    """Which foreground class sits inside which: nnU-Net's region hierarchy, read off the data.
+
+    ``shell[B][C]`` is the share of the outer shell of class B (a one-voxel dilation of B minus B,
+    :func:`medseg.planning.fingerprint.class_shells`) that holds value C, 0 being background. A
+    encloses B when, walling off A, B cannot reach the background: take B's *pocket*, the classes
+    connected to B (through shell shares above ``1 - threshold``) without passing A or background;
+    every class of the pocket must have the part of its shell outside the pocket at least
+    ``threshold`` made of A. So a necrotic core inside an enhancing rim is enclosed by the rim, and
+    by the edema around the rim too (its pocket, core and rim, meets nothing but edema); a rim's
+    inner shell, the core it holds, does not count against the edema. B's parent is its innermost
+    encloser, the one the others enclose. Two classes that enclose each other (interleaved) get
+    neither relation, and a parent cycle is cut, so the result is always a forest.
+
+    Args:
+        shell: foreground value -> neighbour value -> share of its outer shell (shares of one class
+            sum to 1; a class without an entry has no shell, e.g. it fills the image).
+        threshold: the share of the outside shell that must be the encloser.
+
+    Returns:
+        Foreground value -> parent value, or None for a class on the outside (a root).
+
+    Raises:
+        ValueError: ``threshold`` outside (0.5, 1]: below a half, two classes could each "enclose" B.
+    """
+    if not 0.5 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold}: expected a share in (0.5, 1], e.g. 0.9")
+    classes = sorted(v for v in shell if v != 0)
+    enclosers = {b: {a for a in classes if a != b and _encloses(shell, a, b, threshold)} for b in classes}
+    for b in classes:  # interleaved classes each "enclose" the other: neither does
+        for a in list(enclosers[b]):
+            if b in enclosers[a]:
+                enclosers[b].discard(a)
+                enclosers[a].discard(b)
+    tree: dict[int, int | None] = {}
+    for b in classes:
+        # innermost: the encloser that the most of B's other enclosers also enclose
+        ranked = sorted(enclosers[b], key=lambda a: (-len(enclosers[a] & enclosers[b]), -shell[b].get(a, 0.0), a))
+        tree[b] = ranked[0] if ranked else None
+    return _cut_cycles(tree)
+
+
+def _encloses(shell: Mapping[int, Mapping[int, float]], a: int, b: int, threshold: float) -> bool:
+    noise = 1.0 - threshold
+    pocket, frontier = {b}, [b]
+    while frontier:  # classes reachable from B through real contact, without crossing A or background
+        x = frontier.pop()
+        for y in set(shell.get(x, {})) | {y for y in shell if x in shell[y]}:
+            touching = max(shell.get(x, {}).get(y, 0.0), shell.get(y, {}).get(x, 0.0))
+            if y not in pocket and y not in (0, a) and touching > noise:
+                pocket.add(y)
+                frontier.append(y)
+    for x in pocket:
+        outside = sum(share for y, share in shell.get(x, {}).items() if y not in pocket)
+        if outside > 0 and shell[x].get(a, 0.0) < threshold * outside:
+            return False
+    return any(shell.get(x, {}).get(a, 0.0) > 0 for x in pocket)  # the pocket must touch A at all
+
+
+def _cut_cycles(tree: dict[int, int | None]) -> dict[int, int | None]:
+    out = dict(tree)
+    for start in out:
+        seen: list[int] = []
+        node: int | None = start
+        while node is not None and node not in seen:
+            seen.append(node)
+            node = out.get(node)
+        if node is not None:  # back at a class already walked: cut every parent on the loop
+            for member in seen[seen.index(node):]:
+                out[member] = None
+    return out
+
+
+def _descendants(tree: Mapping[int, int | None], value: int) -> list[int]:
+    children = sorted(c for c, p in tree.items() if p == value)
+    return [d for c in children for d in (c, *_descendants(tree, c))]
+
+
+def _depth(tree: Mapping[int, int | None], value: int) -> int:
+    depth, parent = 0, tree.get(value)
+    while parent is not None:
+        depth, parent = depth + 1, tree.get(parent)
+    return depth
+
+
+def regions_from_tree(tree: Mapping[int, int | None], labels: Mapping[int, str]) -> list[tuple[str, list[int]]] | None:
+    """The regions nnU-Net's region-based training would learn for a containment tree.
+
+    One region per foreground class: the class and everything it encloses (BraTS: whole tumour =
+    edema + enhancing + necrosis, tumour core = enhancing + necrosis, then necrosis alone), ordered
+    outermost first (by depth, then by value). A region of a class with descendants is named by its
+    label names joined outermost first (``edema_enhancing_necrosis``), a single class's by its own
+    name; names are valid metric keys (letters, digits, ``_``). Decoding (nnU-Net's
+    ``regions_class_order``, medseg's ``region_paint_labels``) paints, in this order, the one label
+    of each region that no later region holds: here each class in turn, after its ancestors, so
+    every label comes back exactly.
+
+    Args:
+        tree: :func:`containment_tree`'s result.
+        labels: label value -> name (a missing one is called ``class_<value>``).
+
+    Returns:
+        ``[(name, sorted values), ...]``, or None when no class has a parent: flat labels, for
+        which plain softmax training is the right choice.
+    """
+    if all(parent is None for parent in tree.values()):
+        return None
+    order = sorted(tree, key=lambda v: (_depth(tree, v), v))
+    regions: list[tuple[str, list[int]]] = []
+    used: set[str] = set()
+    for value in order:
+        members = [value, *sorted(_descendants(tree, value), key=lambda v: (_depth(tree, v), v))]
+        name = "_".join(_metric_name(labels.get(v, f"class_{v}")) for v in members)
+        unique, n = name, 2
+        while unique in used:  # names that differ only in punctuation
+            unique, n = f"{name}_{n}", n + 1
+        used.add(unique)
+        regions.append((unique, sorted(members)))
+    return regions
+
+
+def _metric_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
+    return cleaned or "class"
+
+
+def rare_against_image(voxel_fraction_of_image: Mapping[int, float],
+                       median_component_voxels: Mapping[int, float] | None = None,
+                       rare_fraction: float = RARE_IMAGE_FRACTION,
+                       small_component: float = SMALL_COMPONENT_VOXELS) -> dict[int, str]:
+    """Foreground classes a patch sampler must seek out, judged against the image.
+
+    :func:`rare_classes` compares classes with each other, so a dataset whose classes are all
+    small (hippocampus, BraTS' enhancing tumour) has no rare class by it, yet a random patch
+    mostly misses them all. Here a class is rare when it fills under ``rare_fraction`` of the
+    cropped images' voxels, or when its median connected component is under ``small_component``
+    voxels (specks a random crop rarely hits, whatever the class's total).
+
+    Args:
+        voxel_fraction_of_image: foreground value -> share of the (cropped) image voxels
+            (:meth:`Fingerprint.image_fractions`); background (0) is ignored.
+        median_component_voxels: foreground value -> median component size in voxels.
+        rare_fraction, small_component: the two limits.
+
+    Returns:
+        Rare value -> one-line reason, by value.
+    """
+    median_component_voxels = median_component_voxels or {}
+    rare: dict[int, str] = {}
+    for value in sorted(v for v in voxel_fraction_of_image if v != 0):
+        fraction = voxel_fraction_of_image[value]
+        size = median_component_voxels.get(value)
+        reasons = []
+        if fraction < rare_fraction:
+            reasons.append(f"{fraction:.3%} of the image voxels (< {rare_fraction:.0%})")
+        if size is not None and size < small_component:
+            reasons.append(f"median component {size:g} voxels (< {small_component:g})")
+        if reasons:
+            rare[value] = f"class {value}: " + " and ".join(reasons) + ": sample patches per class"
+    return rare
+
+
+def min_component_size_candidates(component_sizes_voxels: Sequence[int],
+                                  fractions: Sequence[float] = MIN_COMPONENT_FRACTIONS) -> list[int]:
+    """Thresholds to try for removing small predicted components at post-processing.
+
+    0 (keep everything) and each fraction of the 5th percentile of the true components' sizes: a
+    predicted speck much smaller than almost any true component is likely noise. Which one to use
+    is chosen later on validation (nnU-Net decides its connected-component post-processing there
+    too). A threshold t removes components of fewer than t voxels, so 1 would remove nothing and
+    is left out.
+
+    Args:
+        component_sizes_voxels: sizes of the reference components (one class, all training cases).
+        fractions: of the 5th percentile.
+
+    Returns:
+        Ascending distinct thresholds, always starting with 0.
+    """
+    if not component_sizes_voxels:
+        return [0]
+    p05 = float(np.percentile(np.asarray(component_sizes_voxels, dtype=np.float64), 5))
+    return sorted({0} | {int(math.floor(f * p05)) for f in fractions if math.floor(f * p05) >= 2})

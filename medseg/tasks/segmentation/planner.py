@@ -32,6 +32,7 @@ from medseg.planning.probe import (
     time_steps,
     with_overrides,
 )
+from medseg.tasks.segmentation.structures import decide as decide_structures
 
 #: Training steps a plan should fit into its budget. The hand-tuned hippocampus config reached
 #: Dice 0.885 with ~34,000 steps in 30 CPU-minutes; far below 20,000 a U-Net is still learning
@@ -202,7 +203,12 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     val_interval = max(1, round((epochs or 200) / 25))
 
     config = base
-    config["patch"] = _patch_section(fp, topology.patch, request.labels, why)
+    structures = decide_structures(fp, request.labels)
+    config["patch"] = _patch_section(fp, topology.patch, request.labels, why, structures.rare)
+    if structures.regions:
+        config["regions"] = structures.regions
+    if structures.min_component_search:
+        config["postprocess"] = {"search_min_component_size": structures.min_component_search}
     config["model"] = model
     config["train"] = {"max_epochs": None, "max_minutes": request.budget_minutes, "batch_size": batch_size,
                        "val_interval": val_interval, "device": "auto", "precision": str(precision),
@@ -264,9 +270,11 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         ExplainRow("training length", f"{request.budget_minutes:g} min (~{iterations or '?'} steps)",
                    "1000 epochs x 250 steps", "the budget"),
         ExplainRow("sampler", config["patch"]["sampler"], "1/3 of patches forced on foreground", why["patch.sampler"]),
+        *structures.explain,
     ]
+    why.update(structures.why)
     return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in probe],
-                explain_rows=explain, notes=notes)
+                explain_rows=explain, notes=notes, candidates=structures.candidates)
 
 
 CURVE_STEPS_NOTE = "8 steps from one initialisation"
@@ -278,7 +286,8 @@ def _validated(task: Any, base: dict[str, Any], family: str, topology: rules.Top
     return task.config_type.model_validate(raw)
 
 
-def _patch_section(fp: Fingerprint, patch: list[int], labels: dict[int, str], why: dict[str, str]) -> dict[str, Any]:
+def _patch_section(fp: Fingerprint, patch: list[int], labels: dict[int, str], why: dict[str, str],
+                   rare_in_image: dict[int, str]) -> dict[str, Any]:
     planning = {c.value: c for c in fp.classes}
     labelled = max(1, sum(1 for c in fp.training_cases() if c.class_voxels))
     fractions = {v: (planning[v].voxel_fraction or 0.0) if v in planning else 0.0 for v in labels}
@@ -286,12 +295,15 @@ def _patch_section(fp: Fingerprint, patch: list[int], labels: dict[int, str], wh
     absent = [v for v in labels if v != 0 and presence[v] == 0]
     rare = rules.rare_classes({v: f for v, f in fractions.items() if v not in absent},
                               {v: p for v, p in presence.items() if v not in absent})
+    # rarity against the image too: classes that are all small are each rare, though none is rarer than the others
+    rare = sorted(set(rare) | {v for v in rare_in_image if v in labels and v not in absent})
     why["patch.size"] = ("nnU-Net's patch (edges proportional to 1/spacing, clipped to the median shape, fitted to "
                          "its GPU reference, divisible by the pooling), kept below the median image so crops move")
     why["patch.samples_per_volume"] = "two patches per cached volume and visit"
     section: dict[str, Any] = {"size": patch, "samples_per_volume": 2}
     if rare:
-        names = ", ".join(f"{labels[v]} ({fractions[v]:.3%} of voxels, in {presence[v]:.0%} of cases)" for v in rare)
+        names = ", ".join(f"{labels[v]} ({fractions[v]:.3%} of voxels, in {presence[v]:.0%} of cases"
+                          + (", small against the image" if v in rare_in_image else "") + ")" for v in rare)
         section["sampler"] = "per_class"
         why["patch.sampler"] = f"rare class(es) {names}: centre patches on every class equally often"
         if absent:
