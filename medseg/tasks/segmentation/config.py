@@ -5,11 +5,12 @@ registry import it without torch.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from medseg.config import (
     CalibratedValidationConfig,
@@ -50,6 +51,58 @@ class PostprocessConfig(Section):
     keep_largest_component: bool = Field(
         default=False, description="Keep only the largest connected component of each foreground label."
     )
+    min_component_size: dict[str, int] = Field(
+        default_factory=dict, examples=[{"enhancing": 20, "edema": 50}],
+        description="Label name -> voxels of the network's grid: predicted components (face-connected) of that "
+        "label smaller than this are removed, each taking the label most common around it (background if that is "
+        "mostly background). Where search_min_component_size runs, its choice replaces this.")
+    search_min_component_size: list[int] | None = Field(
+        default=None, examples=[[10, 50, 200, 1000]],
+        description="Sizes (voxels) tried per label on the validation split after training; a label keeps the one "
+        "with the best mean per-case Dice if it beats no removal by more than 0.002 (written to postprocess.json, "
+        "applied to the test split and stored in the model). Skipped when the validation cases are trained on.")
+
+    @field_validator("min_component_size")
+    @classmethod
+    def _sizes_not_negative(cls, sizes: dict[str, int]) -> dict[str, int]:
+        negative = {name: size for name, size in sizes.items() if size < 0}
+        if negative:
+            raise ValueError(f"postprocess.min_component_size {negative}: a size is a voxel count >= 0 (0 removes "
+                             "nothing); leave the label out to keep all its components")
+        return sizes
+
+    @field_validator("search_min_component_size")
+    @classmethod
+    def _candidates_valid(cls, candidates: list[int] | None) -> list[int] | None:
+        if candidates is None:
+            return None
+        if not any(c > 0 for c in candidates):
+            raise ValueError(f"postprocess.search_min_component_size {candidates} has no size > 0 to try (no removal "
+                             "is always tried); list sizes in voxels, e.g. [10, 50, 200], or leave it out (null)")
+        negative = [c for c in candidates if c < 0]
+        if negative:
+            raise ValueError(f"postprocess.search_min_component_size has negative sizes {negative}; a size is a "
+                             "voxel count >= 0")
+        return sorted(set(candidates))
+
+
+def check_postprocess_labels(postprocess: PostprocessConfig, labels: Mapping[int, str]) -> None:
+    """Every label ``postprocess.min_component_size`` names is a foreground label of ``labels``.
+
+    Raises:
+        ValueError: an unknown name or the background, with the nearest foreground name.
+    """
+    foreground = [name for value, name in sorted(labels.items()) if value != 0]
+    for name in postprocess.min_component_size:
+        if name in foreground:
+            continue
+        if name == labels.get(0):
+            raise ValueError(f"postprocess.min_component_size names {name!r}, the background (label 0); removal "
+                             f"applies to foreground labels {foreground}, so remove that entry")
+        close = difflib.get_close_matches(name, foreground, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"postprocess.min_component_size names {name!r}, which is not a label of data.labels; "
+                         f"{hint}use label names (not values) of {foreground}")
 
 
 #: A region's name becomes part of an MLflow metric key (``val/dice_region/<name>``): no slash.
@@ -143,6 +196,11 @@ class SegmentationConfig(RunConfig):
                 raise ValueError("regions is an empty list; leave it out (null) for softmax training, or list the "
                                  "regions, e.g. [{name: whole, labels: [1, 2]}, {name: core, labels: [2]}]")
             check_regions(self.regions, self.data.labels)
+        return self
+
+    @model_validator(mode="after")
+    def _postprocess_labels_known(self) -> SegmentationConfig:
+        check_postprocess_labels(self.postprocess, self.data.labels)
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ what a distributed run can all-reduce, so every process count gives the same num
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -200,3 +200,21 @@ def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     denom = 2 * tp + fp + fn
     return torch.where(denom > 0, 2 * tp / denom.clamp(min=1e-12), torch.full_like(denom, float("nan")))
+
+
+def case_dice(pred: np.ndarray, truth: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Dice of each label value in ``values`` for one case's integer label maps (NaN where the label
+    is in neither), by :func:`dice_from_counts`: what :meth:`SegmentationMetrics.update` returns,
+    without the one-hot tensors, for scoring many variants of one prediction cheaply.
+
+    Raises:
+        ValueError: the maps' shapes differ.
+    """
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from reference {tuple(truth.shape)}")
+    counts = []
+    for value in values:
+        p, t = pred == value, truth == value
+        tp = int(np.count_nonzero(p & t))
+        counts.append((tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp))
+    return dice_from_counts(torch.tensor(counts, dtype=torch.float64).reshape(-1, 3)).numpy()

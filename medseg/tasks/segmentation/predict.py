@@ -4,7 +4,9 @@ Preprocessing, patch size, overlap and label map come from the model's contract.
 probabilities are inverted onto the scan's own grid (MONAI ``Invertd`` over the same transforms
 that prepared it) before the argmax, so the mask has the input's shape and affine. A region model
 (contract ``output_activation: sigmoid`` with its ``regions``) averages sigmoids instead of
-softmaxes, and its mask is their decoding in the contract's paint order.
+softmaxes, and its mask is their decoding in the contract's paint order. The contract's
+``postprocess.min_component_size`` removes small components on the network's grid, before that
+inversion; ``keep_largest_component`` applies to the mask on the input's grid.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from medseg.engine.uncertainty import mean_foreground_entropy, sample_agreement,
 from medseg.errors import CaseError, ModelError, PredictOptionError
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
 from medseg.io.discovery import InputCase
+from medseg.tasks.segmentation.postprocess import remove_small_components, sizes_by_value
 from medseg.tasks.segmentation.regions import Regions, decode_regions
 
 PRED = "pred"
@@ -81,6 +84,20 @@ def _member_regions(model: LoadedModel) -> Regions | None:
     return found[0]
 
 
+def _contract_min_sizes(model: LoadedModel, names: dict[int, str]) -> dict[int, int]:
+    """Label value -> voxels of the contract's ``postprocess.min_component_size`` (absent in older models).
+
+    Raises:
+        ModelError: it names labels the model does not have.
+    """
+    sizes = (model.contract.get("postprocess") or {}).get("min_component_size") or {}
+    try:
+        return sizes_by_value(sizes, names)
+    except ValueError as err:
+        raise ModelError(f"--model {model.uri}: its contract's postprocess.{err}; the contract was edited or "
+                         "belongs to another model, so re-package the model from its run") from err
+
+
 class SegmentationPredictor:
     """Masks (and optionally probabilities, DICOM SEG) for the scans of a folder or in memory."""
 
@@ -103,6 +120,7 @@ class SegmentationPredictor:
         self.flip_axes = tta_axes(model.contract, options.tta, f"model {model.uri}")
         self.keep_largest = options.keep_largest if options.keep_largest is not None else bool(
             model.contract.get("postprocess", {}).get("keep_largest_component", False))
+        self.min_sizes = _contract_min_sizes(model, self.names)
 
     # ------------------------------------------------------------------------------- one image
 
@@ -171,6 +189,8 @@ class SegmentationPredictor:
             maps.append(voxel_entropy(probs, sigmoid=sigmoid))
             if spread.variance is not None:
                 maps.append(spread.variance)
+        if self.min_sizes:  # on the network's grid, where the sizes were chosen; the model's uncertainty stays
+            probs = self.remove_small_components(probs, consensus)
         stacked = torch.cat([probs, *(m[None] for m in maps)]) if maps else probs
         data[PRED] = MetaTensor(stacked, meta=dict(volume.meta), applied_operations=list(volume.applied_operations))
         native_all = Invertd(keys=PRED, transform=chain, orig_keys=IMAGE, nearest_interp=False)(data)[PRED].as_tensor()
@@ -190,6 +210,27 @@ class SegmentationPredictor:
                           probabilities=native.cpu().numpy().astype(np.float32) if keep_probabilities else None,
                           voxels=voxels, volumes_ml=volumes, uncertainty=uncertainty,
                           entropy=extra[0] if extra else None, variance=extra[1] if len(extra) > 1 else None)
+
+    def remove_small_components(self, probs: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor:
+        """``probs`` with the small components of their mask (the contract's ``min_component_size``)
+        replaced by the label they take (:func:`~medseg.tasks.segmentation.postprocess.remove_small_components`).
+
+        The probabilities, not the mask, are what is resampled onto the input's grid, so a relabelled
+        voxel gets its new label's certain scores: a one-hot softmax, or the sigmoids of the regions
+        that hold the new label. The native mask, and the probabilities saved with it, then agree.
+        """
+        cleaned = torch.from_numpy(remove_small_components(consensus.cpu().numpy(), self.min_sizes))
+        changed = cleaned != consensus.cpu()
+        if not bool(changed.any()):
+            return probs
+        new = cleaned[changed].long()
+        if self.regions is None:
+            scores = torch.nn.functional.one_hot(new, probs.shape[0]).T.to(probs.dtype)
+        else:
+            scores = torch.stack([torch.isin(new, torch.tensor(labels)) for labels in self.regions.labels]).to(probs.dtype)
+        out = probs.clone()
+        out[:, changed] = scores
+        return out
 
     def measure(self, label_array: np.ndarray, affine: np.ndarray) -> tuple[dict[str, int], dict[str, float]]:
         """Voxel counts and volumes (mL, or mm² / 1000 for 2D) per foreground label."""

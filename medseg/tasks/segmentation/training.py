@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
 
@@ -47,6 +48,14 @@ from medseg.plots import contour_overlay_image, overlay
 from medseg.tasks.segmentation.config import SegmentationConfig
 from medseg.tasks.segmentation.metrics import SegmentationMetrics, create_loss
 from medseg.tasks.segmentation.networks import create_segmentation_network
+from medseg.tasks.segmentation.postprocess import (
+    POSTPROCESS_FILE,
+    read_chosen_sizes,
+    remove_small_components,
+    search_min_sizes,
+    sizes_by_value,
+    write_search,
+)
 from medseg.tasks.segmentation.regions import SIGMOID, Regions, decode_regions
 from medseg.tracking import MlflowTracker
 
@@ -202,6 +211,12 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
     ``{prefix}/dice_region/<region>`` and ``{prefix}/dice_region_mean``, and no calibration (see
     :func:`_calibration`).
 
+    The scores are of the label maps predict would write: after ``postprocess.keep_largest_component``
+    and the removal of small components (the sizes the validation split chose, else the config's).
+    On the validation split with ``postprocess.search_min_component_size``, they are scored without
+    removal and the sizes are searched on the same label maps: ``postprocess.json`` and
+    ``val/postprocess/dice_mean_before`` / ``..._after`` (see :mod:`~medseg.tasks.segmentation.postprocess`).
+
     Args:
         fit_calibration: fit the temperature on this split (the validation split) and write it to
             ``evaluation/calibration.json``, which later evaluations and the packaged model use.
@@ -220,17 +235,23 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
         update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
     regions = Regions.from_config(cfg.regions)
     metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95, regions=regions)
+    post = _split_postprocess(cfg, out_dir, split)
+    kept: list[tuple[np.ndarray, np.ndarray]] = []  # the search's label maps: predicted once, scored many times
     overlays: list[Path] = []
     voxels = VoxelSample.empty(seed=cfg.seed)
     entropy_logits: list[torch.Tensor] = []
     for index, item in enumerate(tqdm(dataset, desc=f"evaluate {split}", disable=not progress, unit="case")):
         logits = segmentation_logits(model, item["image"], cfg, device, amp_dtype).float()
-        pred = scores_to_labels(logits, regions)
+        raw = scores_to_labels(logits, regions)
+        pred = post.apply(raw)
         truth = item["label"].as_tensor()[0]
         dice = metrics.update(pred, truth, _case_spacing(item), item["case_id"])
+        if post.search is not None:
+            kept.append((_compact(pred), _compact(truth)))
+        # the model's own view, as predict measures it: calibration and entropy before post-processing
         if regions is None:  # the temperature's samples: softmax logits and their classes
-            voxels.add_case(logits, truth, pred)
-        entropy_logits.append(_entropy_region_logits(logits, pred, voxels.generator))
+            voxels.add_case(logits, truth, raw)
+        entropy_logits.append(_entropy_region_logits(logits, raw, voxels.generator))
         if index < cfg.validation.overlays:
             title = f"{split} {item['case_id']}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
             overlays.append(overlay(item["image"].as_tensor()[0].numpy(), truth.numpy(), pred.cpu().numpy(),
@@ -248,8 +269,73 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
     write_csv(per_case, list(metrics.per_case[0]) if metrics.per_case else ["case_id"], metrics.per_case)
     case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
     values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
+    if post.search is not None:
+        values.update(_search_sizes(cfg, kept, post.search, out_dir, split, tracker))
     metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
     return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, (*overlays, *calibration.figures), values))
+
+
+@dataclass(frozen=True)
+class _SplitPostprocess:
+    """How the evaluate stage post-processes a split's decoded label maps, as predict does.
+
+    Attributes:
+        foreground: the foreground label values (what keep-largest applies to).
+        keep_largest: keep each label's largest component.
+        min_sizes: label value -> components smaller than this many voxels are removed.
+        search: the sizes to try on this split (the validation split, when it chooses them), or None.
+    """
+
+    foreground: tuple[int, ...]
+    keep_largest: bool
+    min_sizes: dict[int, int]
+    search: list[int] | None
+
+    def apply(self, pred: torch.Tensor) -> torch.Tensor:
+        if self.keep_largest:
+            pred = KeepLargestConnectedComponent(applied_labels=list(self.foreground), independent=True)(pred[None])[0]
+        if self.min_sizes:
+            pred = torch.from_numpy(remove_small_components(pred.cpu().numpy(), self.min_sizes)).to(pred.device)
+        return pred
+
+
+def _compact(labels: torch.Tensor) -> np.ndarray:
+    """A label map as the smallest unsigned integers that hold it (the search keeps every case's)."""
+    array = labels.cpu().numpy()
+    return np.rint(array).astype(np.uint8 if array.max(initial=0) < 256 else np.uint16)
+
+
+def _split_postprocess(cfg: SegmentationConfig, out_dir: Path, split: str) -> _SplitPostprocess:
+    """The validation split searches the sizes (scored on predictions without removal) unless it is
+    trained on; later splits use what it chose (``postprocess.json``), else the config's sizes."""
+    post = cfg.postprocess
+    search = post.search_min_component_size if split == "val" else None
+    if search is not None and cfg.data.seen_validation():
+        log.info("postprocess.search_min_component_size: not searched; the validation fold %s is trained on too "
+                 "(data.train_folds: all), so its Dice cannot tell which removal generalises; using "
+                 "postprocess.min_component_size %s", cfg.data.fold, dict(post.min_component_size))
+        search = None
+    if split == "val":  # this split decides afresh: an earlier search's choice must not outlive it
+        (out_dir / POSTPROCESS_FILE).unlink(missing_ok=True)
+    chosen = read_chosen_sizes(out_dir)
+    sizes = {} if search is not None else chosen if chosen is not None else post.min_component_size
+    return _SplitPostprocess(tuple(v for v in sorted(cfg.data.labels) if v != 0), post.keep_largest_component,
+                             sizes_by_value(sizes, cfg.data.labels), search)
+
+
+def _search_sizes(cfg: SegmentationConfig, cases: list[tuple[np.ndarray, np.ndarray]], candidates: list[int],
+                  out_dir: Path, split: str, tracker: MlflowTracker | None) -> dict[str, float]:
+    """Choose the removal sizes on ``cases`` (see :func:`search_min_sizes`), write ``postprocess.json``
+    for the test split and the package stage, and return the mean per-case Dice before and after."""
+    names = cfg.data.labels
+    search = search_min_sizes(cases, [v for v in sorted(names) if v != 0], candidates)
+    path = write_search(out_dir / POSTPROCESS_FILE, search, names, candidates)
+    if tracker is not None:
+        tracker.log_artifact(path)
+    log.info("postprocess: min_component_size %s chosen on %d %s cases (mean per-case Dice %.4f -> %.4f)",
+             {names[v]: s for v, s in search.min_sizes.items()}, len(cases), split, search.before, search.after)
+    return {f"{split}/postprocess/dice_mean_before": search.before,
+            f"{split}/postprocess/dice_mean_after": search.after}
 
 
 def _calibration(cfg: SegmentationConfig, regions: Regions | None, voxels: VoxelSample, fit: bool, out_dir: Path,
@@ -306,6 +392,9 @@ def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: M
     """Log the checkpoint's network and its I/O contract (with the training split's label volumes
     and the QC thresholds predict checks against, when the manifest is given)."""
     contract = model_contract(cfg)
+    chosen = read_chosen_sizes(out_dir)
+    if chosen is not None:  # what the validation split chose replaces the config's sizes
+        contract["postprocess"]["min_component_size"] = chosen
     if manifest_path is not None and root is not None:
         contract["label_volumes_ml"] = label_volume_stats(cfg, manifest_path, root)
         contract["qc"] = {**DEFAULT_QC, **entropy_threshold(out_dir / "evaluation" / "val_cases.csv")}
