@@ -89,12 +89,13 @@ medmnist: $(VENV)/.installed
 # in runs/, tracked in runs/mlflow.db) and writes benchmarks/results/<name>.json and .md, with held-out
 # test metrics, epochs, minutes, the commit and the machine. Times are for this project's 2-core CPU.
 .PHONY: results results-hippocampus results-medmnist results-recon results-demo results-calibration results-uncertainty results-plan
-# medseg plan on every dataset, each planned config run unedited -> plan.md (about 2 hours on 2 cores; needs
+# medseg plan on every dataset, each planned config run unedited -> plan.md (about 3 hours on 2 cores; needs
 # highdicom, the dev extras have it)
 results-plan: medmnist $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_plan.py fingerprint
 	$(BIN)/python benchmarks/bench_plan.py hippocampus --budget 30
-	$(BIN)/python benchmarks/bench_plan.py hippocampus --budget 10
+	$(BIN)/python benchmarks/bench_plan.py hippocampus --budget 15
+	$(BIN)/python benchmarks/bench_plan.py tumour --budget 20
 	$(BIN)/python benchmarks/bench_plan.py medmnist --budget 5 --seeds 3
 	$(BIN)/python benchmarks/bench_plan.py synthetic-ct --budget 10
 	$(BIN)/python benchmarks/bench_plan.py png --budget 4
