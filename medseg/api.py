@@ -458,7 +458,7 @@ class Predictor:
                           save_uncertainty=save_uncertainty, num_parts=num_parts, part_id=part_id, progress=progress,
                           review=review)
         check_options(options, self.task.name, self.task.predict_options)
-        found = discover_inputs(Path(input))
+        found = discover_inputs(Path(input), self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
         return predict_folder(case_predictor, self.model, Path(input), Path(output), options, self.device, tracker,
                               found)
@@ -472,7 +472,7 @@ class Predictor:
         options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities, progress=progress,
                           review=review)
         check_options(options, self.task.name, self.task.predict_options)
-        found = discover_paths([Path(p) for p in paths])
+        found = discover_paths([Path(p) for p in paths], self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
         return predict_folder(case_predictor, self.model, Path(str(paths[0]) if len(paths) == 1 else "."),
                               Path(output), options, self.device, None, found)

@@ -23,7 +23,10 @@ names) numbered from 0. In every layout a ``dataset.json`` at the root fills ``c
 ``{"background": 0, ...}`` or MSD ``{"0": "background", ...}``).
 
 The first three layouts are discovered by :mod:`medseg.data.manifest` (one implementation for
-both); ``build_manifest`` builds its manifest from the layout detected here.
+both); ``build_manifest`` builds its manifest from the layout detected here. Which ``imagesTr``
+files are one case's channels is decided by :func:`medseg.io.discovery.group_channel_files`, as
+for ``medseg predict``: with dataset.json's channel count when it names one, else only when the
+folder's cases agree on it; what it leaves in doubt becomes a note.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medseg.data.manifest import Case, discover_paired_layout, read_dataset_json
+from medseg.data.manifest import Case, dataset_json_channel_count, discover_paired_layout, read_dataset_json
 from medseg.errors import ManifestError
+from medseg.io.discovery import group_channel_files
 from medseg.io.formats import FORMATS, strip_volume_suffix
 
 KINDS = ("msd", "nnunet", "images_labels", "imagefolder", "imagefolder_splits", "csv", "case_folders")
@@ -125,7 +129,9 @@ def detect_layout(root: Path) -> DatasetLayout:
     if paired is not None:
         kind, cases = paired
         unlabelled = [c.case_id for c in cases if c.label is None]
-        notes = (f"{len(unlabelled)} case(s) have no label ({_names(unlabelled)}).",) if unlabelled else ()
+        notes: tuple[str, ...] = (f"{len(unlabelled)} case(s) have no label ({_names(unlabelled)}).",) \
+            if unlabelled else ()
+        notes += _channel_notes(root) if kind == "nnunet" else ()
         return _with_dataset_json(DatasetLayout(kind, root, tuple(cases), "segmentation", None, None, notes))
     csvs = [p for p in sorted(root.glob("*.csv")) if not p.name.startswith(".") and _has_path_column(p)]
     if len(csvs) > 1:
@@ -157,6 +163,16 @@ def detect_layout(root: Path) -> DatasetLayout:
 
 def _names(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _channel_notes(root: Path) -> tuple[str, ...]:
+    """What the channel grouping of an nnU-Net folder left in doubt (numbered files it did not group,
+    :func:`~medseg.io.discovery.group_channel_files`): the cases came from the same call in
+    :mod:`medseg.data.manifest`, which has no notes to return."""
+    channels = dataset_json_channel_count(root)
+    folders = [root / "imagesTr"] + ([root / "imagesTs"] if (root / "labelsTs").is_dir() else [])
+    return tuple(note for folder in folders if folder.is_dir()
+                 for note in group_channel_files(_images_in(folder), channels)[1])
 
 
 def _format_name(path: Path) -> str:

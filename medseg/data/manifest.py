@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_write_text
+from medseg.io.discovery import FileGroup, group_channel_files
 from medseg.io.formats import FORMATS, strip_volume_suffix
 
 COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
@@ -289,17 +290,42 @@ def _from_msd_json(root: Path, training: list[dict[str, str]]) -> list[Case]:
     return cases
 
 
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+def dataset_json_channel_count(root: Path) -> int | None:
+    """The number of input channels ``<root>/dataset.json`` names (nnU-Net v2 ``channel_names``, MSD
+    ``modality``), or None without one: it decides which files are one case's channel files.
+
+    Raises:
+        ManifestError: dataset.json is not valid JSON.
+    """
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return None
+    meta = read_dataset_json(path)
+    entry = meta.get("channel_names") or meta.get("modality")
+    return len(entry) if isinstance(entry, dict) and entry else None
 
 
 def _from_nnunet_folders(root: Path, images: Path, labels: Path, channel_suffix: bool = True) -> list[Case]:
-    grouped: dict[str, list[Path]] = {}
-    for path in _volumes_in(images):
-        stem = strip_volume_suffix(path.name)
-        match = _CHANNEL_RE.match(stem) if channel_suffix else None
-        grouped.setdefault(match["case"] if match else stem, []).append(path)
-    if not grouped:
+    """The cases of an images folder and their labels (same name). With ``channel_suffix``, nnU-Net
+    channel files are grouped by :func:`medseg.io.discovery.group_channel_files`, with dataset.json's
+    channel count when there is one."""
+    volumes = _volumes_in(images)
+    if not volumes:
         raise ManifestError(f"{images}: no image files; expected one of: {FORMATS.describe()}")
+    if channel_suffix:
+        groups, _ = group_channel_files(volumes, dataset_json_channel_count(root))
+    else:  # images/ + labels/: the label has the image's own name, _0000 included
+        groups = [FileGroup(strip_volume_suffix(p.name), (p,)) for p in volumes]
+    failed = [g.problem for g in groups if g.problem]
+    if failed:
+        raise ManifestError(f"{images}: {len(failed)} case(s) with missing channel files. {failed[0]}"
+                            + (f" ({len(failed) - 1} more such case(s).)" if len(failed) > 1 else ""))
+    grouped: dict[str, tuple[Path, ...]] = {}
+    for group in groups:
+        if group.name in grouped:
+            raise ManifestError(f"{images}: {grouped[group.name][0].name} and {group.files[0].name} both name case "
+                                f"{group.name!r}. Rename or remove one of them.")
+        grouped[group.name] = group.files
     label_files = {strip_volume_suffix(p.name): p for p in _volumes_in(labels)} if labels.is_dir() else {}
     cases = []
     for case_id, paths in sorted(grouped.items()):
@@ -307,7 +333,7 @@ def _from_nnunet_folders(root: Path, images: Path, labels: Path, channel_suffix:
         cases.append(
             Case(
                 case_id,
-                tuple(p.relative_to(root).as_posix() for p in sorted(paths)),
+                tuple(p.relative_to(root).as_posix() for p in paths),
                 label.relative_to(root).as_posix() if label else None,
                 "",
             )

@@ -463,14 +463,15 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------- the batch
 
 
-def discover_inputs(input_dir: Path) -> Discovery:
-    """The scans under ``input_dir``.
+def discover_inputs(input_dir: Path, channels: int | None = None) -> Discovery:
+    """The scans under ``input_dir``; ``channels`` (the model contract's ``in_channels``) decides
+    which files are the channel files of one case (:func:`medseg.io.discovery.group_channel_files`).
 
     Raises:
         UsageError: the input does not exist or holds no scans.
     """
     try:
-        found = discover(input_dir)
+        found = discover(input_dir, channels)
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
     for note in found.notes:
@@ -493,12 +494,13 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         options: see :class:`PredictOptions` (already checked against the task).
         device: where the network runs.
         tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, or None.
-        found: the discovery of ``input_dir``, if already made.
+        found: the discovery of ``input_dir``, if already made (with the model's ``in_channels``,
+            so that channel files are grouped as the model takes them).
 
     Raises:
         UsageError: missing input or an empty input folder.
     """
-    found = found or discover_inputs(input_dir)
+    found = found or discover_inputs(input_dir, model.contract.get("in_channels"))
     cases = found.cases[options.part_id::options.num_parts]
     output_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""

@@ -1,9 +1,11 @@
-"""``medseg predict`` on nnU-Net channel files (X_0000, X_0001) and on 2D image files."""
+"""``medseg predict`` on nnU-Net channel files (X_0000, X_0001), on numbered scans (issue #32) and
+on 2D image files."""
 
 from __future__ import annotations
 
 import copy
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -43,6 +45,8 @@ def test_channel_files_are_predicted_as_one_two_channel_case(two_channel_model: 
         _save(inputs / f"{case}_0001.nii.gz", image * 0.5 + 3, affine)
     _save(inputs / "gap_0000.nii.gz", image, affine)
     _save(inputs / "gap_0002.nii.gz", image, affine)
+    for i in range(4):  # more numbered files than the model's channels: scans, one case each
+        _save(inputs / "export" / f"test_{i:04d}.nii.gz", image, affine)
     out = tmp_path / "out"
     code = main(["predict", "--model", str(two_channel_model), "--input", str(inputs), "--output", str(out),
                  "--tracking-uri", trained_segmentation["tracking_uri"], "--no-progress"])
@@ -52,9 +56,33 @@ def test_channel_files_are_predicted_as_one_two_channel_case(two_channel_model: 
     assert rows["p1"]["status"] == rows["p2"]["status"] == "ok"
     assert rows["p1"]["input"] == f"{inputs / 'p1_0000.nii.gz'};{inputs / 'p1_0001.nii.gz'}"
     assert rows["gap"]["status"] == "failed" and "channel(s) 0001 missing" in rows["gap"]["error"]
+    for i in range(4):
+        row = rows[f"export__test_{i:04d}"]
+        assert row["status"] == "failed" and "the model expects 2 channel(s) ['T1', 'T2'], got 1" in row["error"]
+    (note,) = json.loads((out / "predict_summary.json").read_text())["discovery_notes"]
+    assert "test_0000.nii.gz … test_0003.nii.gz (4 files) are more than the 2 channel files" in note
     mask = nib.load(out / "p1.nii.gz")
     assert mask.shape == (19, 15, 11)
     np.testing.assert_allclose(mask.affine, nib.load(inputs / "p1_0000.nii.gz").affine, atol=1e-5)
+
+
+def test_numbered_scans_are_cases_of_their_own_for_a_one_channel_model(tmp_path: Path,
+                                                                        trained_segmentation: dict[str, str]) -> None:
+    """Issue #32: exports named test_0000, test_0001, ... were one case of as many channels."""
+    inputs = tmp_path / "test"
+    for i in range(5):
+        image, _, affine = make_case((13, 11, 9), seed=60 + i, spacing=(1.1, 0.8, 2.0))
+        _save(inputs / f"test_{i:04d}.nii.gz", image, affine)
+    _save(inputs / "single_0000.nii.gz", image, affine)  # nnU-Net's name for a one-channel case
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(Path(trained_segmentation["run_dir"]) / "model"), "--input", str(inputs),
+                 "--output", str(out), "--tracking-uri", trained_segmentation["tracking_uri"], "--no-progress"])
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = {row["case_id"]: row for row in csv.DictReader(fh)}
+    assert code == 0, [row["error"] for row in rows.values() if row["error"]]
+    assert sorted(rows) == ["single", *(f"test_{i:04d}" for i in range(5))]
+    assert rows["test_0003"]["input"] == str(inputs / "test_0003.nii.gz")
+    assert json.loads((out / "predict_summary.json").read_text())["discovery_notes"] == []
 
 
 @pytest.fixture(scope="module")
