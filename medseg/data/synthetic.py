@@ -41,7 +41,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-import medseg
+from medseg._version import __version__
 from medseg.io.atomic import atomic_write_text, current_umask
 
 Shape3D = tuple[int, int, int]
@@ -390,7 +390,7 @@ def _write_label_seg(label: np.ndarray, series_folder: Path, series_uid: str, pa
     frames = np.ascontiguousarray(label.transpose(2, 1, 0))  # (slices, rows = y, columns = x)
     from pydicom.sr.codedict import codes
 
-    algorithm = hd.AlgorithmIdentificationSequence(name="medseg.data.synthetic", version=medseg.__version__,
+    algorithm = hd.AlgorithmIdentificationSequence(name="medseg.data.synthetic", version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence)
     segments = [
         hd.seg.SegmentDescription(
@@ -405,7 +405,7 @@ def _write_label_seg(label: np.ndarray, series_folder: Path, series_uid: str, pa
         segment_descriptions=segments, series_instance_uid=generate_uid(entropy_srcs=[series_uid, "seg_series"]),
         series_number=2, sop_instance_uid=generate_uid(entropy_srcs=[series_uid, "seg_instance"]),
         instance_number=1, manufacturer="medseg", manufacturer_model_name="medseg.data.synthetic",
-        software_versions=medseg.__version__, device_serial_number="none",
+        software_versions=__version__, device_serial_number="none",
         series_description="synthetic CT ground truth", omit_empty_frames=False,
     )
     seg.save_as(path)

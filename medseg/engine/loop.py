@@ -770,11 +770,11 @@ def base_contract(cfg: RunConfig) -> dict[str, Any]:
     Tasks add their own (patch and sliding window; resize and output head). Together they are
     what MONAI bundles keep in ``metadata.json``: inference reads them and never guesses.
     """
-    import medseg
+    from medseg._version import __version__
 
     pre = cfg.preprocess
     return {
-        "medseg_version": medseg.__version__,
+        "medseg_version": __version__,
         "task": str(cfg.task),
         "spatial_dims": cfg.model.spatial_dims,
         "in_channels": len(cfg.data.channels),

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-import medseg
+from medseg._version import __version__
 from medseg.errors import VolumeReadError, cause_text
 from medseg.io.atomic import atomic_path
 
@@ -113,7 +113,7 @@ def write_dicom_seg(label_map: np.ndarray, series_folder: Path, series_uid: str,
     if len(sources) != label_map.shape[2]:
         raise ValueError(f"{series_folder}: {len(sources)} slices but the mask has {label_map.shape[2]}")
     frames = np.ascontiguousarray(np.transpose(label_map, (2, 1, 0))).astype(np.uint8)  # (z, rows=y, cols=x)
-    algorithm = hd.AlgorithmIdentificationSequence(name="medseg", version=medseg.__version__,
+    algorithm = hd.AlgorithmIdentificationSequence(name="medseg", version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence)
     segments = [
         hd.seg.SegmentDescription(
@@ -127,7 +127,7 @@ def write_dicom_seg(label_map: np.ndarray, series_folder: Path, series_uid: str,
         source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=900,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medseg", manufacturer_model_name="medseg",
-        software_versions=medseg.__version__, device_serial_number="none", series_description="medseg prediction",
+        software_versions=__version__, device_serial_number="none", series_description="medseg prediction",
     )
     with atomic_path(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
