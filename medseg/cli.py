@@ -127,6 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
                          help="do not write review.html (every case's row and thumbnail, worst QC first)")
     predict.add_argument("--no-progress", action="store_true")
 
+    serve = sub.add_parser("serve", help="serve a model over HTTP to untrusted clients: scans in, masks and rows out "
+                                         "(see docs/serving.md)")
+    serve.add_argument("model", help="model URI or folder (as for predict --model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--device", default="cpu", help="where every prediction runs (fixed here, never per request)")
+    serve.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"],
+                       help="what runs the network (as for predict; default $MEDSEG_BACKEND, else auto)")
+    serve.add_argument("--tracking-uri", help="MLflow store of a runs:/ or models:/ model")
+    serve.add_argument("--max-body-mb", type=float, help="largest request body (default 256; $MEDSEG_SERVE_MAX_BODY_MB)")
+    serve.add_argument("--max-voxels", type=int, help="most voxels in one scan, from its header (default 512^3)")
+    serve.add_argument("--max-decompressed-mb", type=float, help="what a .gz or .zip upload may unpack to (default 1024)")
+    serve.add_argument("--timeout-s", type=float, help="one request's prediction; then its worker is killed and the "
+                                                       "client gets 504 (default 300)")
+    serve.add_argument("--max-concurrent", type=int, help="predictions at once, one worker process each "
+                                                          "(default: from available memory and the model)")
+    serve.add_argument("--queue", type=int, help="requests that may wait for a worker; more get 429 (default 8)")
+    serve.add_argument("--max-rows", type=int, help="paths in one path-mode request (default 100000)")
+    serve.add_argument("--work-dir", type=Path, help="0700 folder for each request's private temporary folder "
+                                                     "(default <temp>/medseg-serve-<uid>)")
+    serve.add_argument("--input-root", type=Path, help="path mode (with --output-root): requests may name files "
+                                                       "under this folder")
+    serve.add_argument("--output-root", type=Path, help="path mode: each request's outputs go to a fresh folder here")
+
     export = sub.add_parser("export", help="export a model's network (ONNX or TorchScript) with its contract")
     export.add_argument("model", help="model URI or folder (as for predict --model)")
     export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
@@ -204,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     handlers = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
                 "predict": _cmd_predict, "model": _cmd_model,
-                "export": _cmd_export}
+                "export": _cmd_export, "serve": _cmd_serve}
     if args.command not in handlers:
         parser.print_help()
         return EXIT_USAGE
@@ -393,6 +417,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if summary.get("review"):
         print(f"review: {summary['review']}")
     return EXIT_OK if batch.n_failed == 0 else EXIT_FAILED
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from medseg.serving.guard import ServeLimits
+    from medseg.serving.server import ServeOptions, run
+
+    limits = ServeLimits.from_env(
+        max_body_mb=args.max_body_mb, max_voxels=args.max_voxels, max_decompressed_mb=args.max_decompressed_mb,
+        timeout_s=args.timeout_s, max_concurrent=args.max_concurrent, queue=args.queue, max_rows=args.max_rows,
+        work_dir=args.work_dir, input_root=args.input_root, output_root=args.output_root)
+    run(ServeOptions(args.model, limits, args.device, args.backend, args.tracking_uri), args.host, args.port)
+    return EXIT_OK
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
