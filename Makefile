@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: browser fuzz demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
+.PHONY: browser fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ browser:
 # -> benchmarks/results/fuzz.{json,md} (inputs tried per class, escapes)
 fuzz: $(VENV)/.installed-dev
 	MEDSEG_FUZZ_REPORT=benchmarks/results/fuzz.json $(BIN)/python -m pytest tests/fuzz -m "slow or not slow" -q
+
+# The hostile-client suite against a real `medseg serve` process (about 2 minutes)
+# -> benchmarks/results/serve.json's "attacks" section (bench_serve.py writes the rest and keeps it)
+serve-attacks: $(VENV)/.installed-dev
+	MEDSEG_SERVE_REPORT=benchmarks/results/serve.json $(BIN)/python -m pytest tests/serving/test_hostile.py -q
 
 # W1-W4 against plain MONAI tutorial pipelines, interleaved in one run: about 10 minutes on 2 cores
 bench: $(VENV)/.installed-dev
