@@ -53,6 +53,7 @@ from medseg.engine.runtime import (
 )
 from medseg.errors import MedsegError, UsageError
 from medseg.io.atomic import atomic_write_text
+from medseg.io.csv_cells import escape_row
 from medseg.plots import learning_curve
 from medseg.tracking import MlflowTracker
 
@@ -856,9 +857,10 @@ def write_history(history: Sequence[dict[str, float]], path: Path) -> Path:
 
 
 def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
-    """A CSV written atomically (rows may leave fields out)."""
+    """A CSV written atomically (rows may leave fields out; text that a spreadsheet would run as a
+    formula is escaped, :mod:`medseg.io.csv_cells`)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n", restval="")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(escape_row(row) for row in rows)
     return atomic_write_text(path, buffer.getvalue())

@@ -3,17 +3,15 @@
 The one driver every task plugs into. It owns what is the same for all of them: discovery of
 the scans, sharding (``num_parts``), skipping finished cases or redoing them (``overwrite``),
 per-case error isolation (one bad scan is reported, the rest go on), the report (one row per
-case, rewritten atomically after each case, so a crash keeps what is done), the summary and the
-MLflow inference run. A task supplies a :class:`CasePredictor`: the files a case produces, and
+case, appended as each case ends so a crash keeps what is done, then written whole atomically:
+:mod:`medseg.engine.report`), the summary and the MLflow inference run. A task supplies a :class:`CasePredictor`: the files a case produces, and
 how to predict and write one case.
 """
 
 from __future__ import annotations
 
-import csv
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
@@ -37,6 +35,7 @@ from tqdm import tqdm
 import medseg
 from medseg.engine.model_format import NetworkBuilder, local_model_folder, read_model_folder
 from medseg.engine.model_format import build_network as build_model_network
+from medseg.engine.report import ReportAppender, finished_rows
 from medseg.engine.review import write_qc_summary, write_review
 from medseg.engine.runtime import to_channels_last, use_channels_last
 from medseg.engine.sliding import fold_batch_norms
@@ -51,6 +50,7 @@ from medseg.errors import (
 )
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.discovery import Discovery, InputCase, discover
+from medseg.io.locks import open_lock_file, read_holder, write_holder
 
 log = logging.getLogger(__name__)
 
@@ -498,14 +498,38 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
             so that channel files are grouped as the model takes them).
 
     Raises:
-        UsageError: missing input or an empty input folder.
+        UsageError: missing input or an empty input folder, or ``output_dir`` inside an input folder.
     """
     found = found or discover_inputs(input_dir, model.contract.get("in_channels"))
+    check_output_outside_inputs(output_dir, found.folders)
     cases = found.cases[options.part_id::options.num_parts]
     output_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
     with _only_writer(output_dir, suffix):
         return _predict_cases(predictor, model, input_dir, output_dir, options, device, tracker, found, cases, suffix)
+
+
+def check_output_outside_inputs(output_dir: Path, input_folders: Sequence[Path]) -> None:
+    """Refuse an output folder that is, or is inside, a folder whose scans are searched recursively.
+
+    Its outputs would be found as new scans by the next run, a case whose output has its input's
+    name would be "skipped" as finished, and ``--overwrite`` would replace scans by masks. Both
+    sides are resolved, links followed, so a link cannot hide the nesting.
+
+    Raises:
+        UsageError: names both folders, how they nest and a folder to use instead.
+    """
+    output = output_dir.resolve()
+    for folder in input_folders:
+        searched = folder.resolve()
+        if output == searched or output.is_relative_to(searched):
+            where = "is the --input folder" if output == searched else f"is inside the --input folder {folder}"
+            shown = "" if (str(output), str(searched)) == (str(output_dir), str(folder)) else \
+                f" (resolved: {output} in {searched})"
+            raise UsageError(
+                f"--output {output_dir}: {where}{shown}. Outputs there would be read as new scans by the next run, "
+                "finished-looking files skip cases, and --overwrite would replace scans with masks. Choose an "
+                f"--output outside {folder}, e.g. {searched.parent / (searched.name + '_predictions')}")
 
 
 def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
@@ -514,16 +538,19 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     _claim_output_folder(output_dir, model, options.overwrite)
     _remove_stale_temporaries(predictor, cases, output_dir, suffix)
     report_path = output_dir / f"predictions{suffix}.csv"
-    previous = {} if options.overwrite else _finished_rows(report_path)
+    previous = {} if options.overwrite else finished_rows(report_path)
     columns = [*COMMON_COLUMNS, *predictor.output_columns, *predictor.value_columns]
     results: list[CaseResult] = []
     started = time.monotonic()
-    for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
-        results.append(_one_case(predictor, case, output_dir, options.overwrite, previous.get(case.case_id)))
-        try:
-            write_report(results, columns, report_path)  # after each case: a crash keeps what is done
-        except OSError as err:  # the disk filled up: stop here, every finished output is whole
-            raise RunError(write_error(report_path, output_dir, err)) from err
+    try:
+        # one row appended per case (a crash keeps what is done), the whole report written once at the end
+        with ReportAppender(report_path, columns) as appender:
+            for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
+                results.append(_one_case(predictor, case, output_dir, options.overwrite, previous.get(case.case_id)))
+                appender.append(results[-1].row())
+            appender.finish([r.row() for r in results])
+    except OSError as err:  # the disk filled up: stop here, every finished output is whole
+        raise RunError(write_error(report_path, output_dir, err)) from err
     seconds_total = time.monotonic() - started  # the predictions' time, without the review page's
     task_summary, task_metrics = predictor.summarise(results)
     report = BatchReport(report_path, output_dir / f"predict_summary{suffix}.json", tuple(results))
@@ -598,9 +625,12 @@ def _only_writer(output_dir: Path, suffix: str) -> Iterator[None]:
     Two predicts into one folder would each rewrite ``predictions.csv`` from their own rows and
     remove each other's temporary files; the second one is refused instead, saying who holds it.
     The lock is the kernel's (``flock``): it goes away with its process, even after ``kill -9``.
+    Its file is opened without following links and never truncated (:mod:`medseg.io.locks`), so a
+    link planted in a shared output folder cannot make predict overwrite the file it points to.
 
     Raises:
-        RunError: another process is predicting into this folder (and shard).
+        RunError: another process is predicting into this folder (and shard), or the lock file is a
+            link (or not a plain file).
     """
     try:
         import fcntl
@@ -609,28 +639,26 @@ def _only_writer(output_dir: Path, suffix: str) -> Iterator[None]:
         return
     lock_path = output_dir / f".medseg_predict{suffix}.lock"
     try:
-        handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - closed by the with below
+        fd = open_lock_file(lock_path, f"the output folder {output_dir}")
     except OSError as err:
         raise RunError(f"--output {output_dir}: cannot write there ({err.strerror or err}). Choose a folder you can "
                        "write to, or fix its permissions.") from None
-    with handle:
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = read_holder(fd) or "another process"
             raise RunError(f"--output {output_dir}: {holder} is predicting into this folder now. Wait for it to "
                            "finish, choose another --output, or share the work between processes with "
                            "--num-parts N --part-id I (each part has its own report).") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"medseg predict (pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
-        handle.flush()
+        write_holder(fd, f"medseg predict (pid {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _claim_output_folder(output_dir: Path, model: LoadedModel, overwrite: bool) -> None:
@@ -665,6 +693,7 @@ def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overw
         if case.problem:
             raise CaseError(case.problem)
         expected = predictor.expected_outputs(case, output_dir)
+        _refuse_writing_over_inputs(case, expected)
         finished = all(p.exists() for p in expected.values()) if expected else previous_row is not None
         if finished and not overwrite:
             # Outputs are only ever renamed into place complete, so existing ones are finished work;
@@ -687,6 +716,16 @@ def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overw
         return CaseResult(case.case_id, case.shown, "failed", message, time.monotonic() - started)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _refuse_writing_over_inputs(case: InputCase, expected: dict[str, Path]) -> None:
+    """A case whose output would replace one of its own input files (an input file given with
+    ``--output`` its own folder) fails instead of being "skipped" or overwritten."""
+    inputs = {p.resolve() for p in case.paths}
+    for path in expected.values():
+        if path.resolve() in inputs:
+            raise CaseError(f"{case.path}: its output {path} would replace the input itself; choose an --output "
+                            "folder other than the input's")
 
 
 def _is_write_failure(err: OSError, output_dir: Path) -> bool:
@@ -716,7 +755,12 @@ def write_error(source: Path | str, output_dir: Path, err: OSError) -> str:
 def _remove_stale_temporaries(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path,
                               suffix: str) -> None:
     """Temp files of a run killed mid-write; only this shard's own, since other shards may be writing."""
-    mine = {p.name for case in cases for p in predictor.expected_outputs(case, output_dir).values()}
+    mine: set[str] = set()
+    for case in cases:
+        try:
+            mine |= {p.name for p in predictor.expected_outputs(case, output_dir).values()}
+        except CaseError:  # no output name for this case: its row says why
+            continue
     mine |= {f"predictions{suffix}.csv", f"predict_summary{suffix}.json", f"review{suffix}.html",
              f"qc_summary{suffix}.json"}
     if not suffix:  # every shard writes the stamp; only an unsharded run owns its temporaries
@@ -724,21 +768,3 @@ def _remove_stale_temporaries(predictor: CasePredictor, cases: Sequence[InputCas
     for stale in output_dir.glob(".*.tmp*"):
         if stale.name[1:].split(".tmp")[0].rsplit(".", 1)[0] in mine:
             stale.unlink()
-
-
-def _finished_rows(path: Path) -> dict[str, dict[str, str]]:
-    """Rows of an earlier run's report that finished (status ok or skipped), by case id."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as fh:
-        return {row["case_id"]: row for row in csv.DictReader(fh) if row.get("status") in ("ok", "skipped")}
-
-
-def write_report(results: Sequence[CaseResult], columns: Sequence[str], path: Path) -> Path:
-    """The per-case CSV (one writer for every task), written atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", restval="", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(r.row() for r in results)
-    return atomic_write_text(path, buffer.getvalue())
-

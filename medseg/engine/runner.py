@@ -93,14 +93,24 @@ def _clear_killed_writes(run_dir: Path) -> None:
         log.info("removed %s, left by a write that was interrupted", path)
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints" / "last.safetensors").is_file()
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether a run started its MLflow run in ``run_dir`` (it may have stopped before any checkpoint);
+    a ``--seeds``/``--folds`` parent is not such a run (see :func:`find_resumable_parent`)."""
+    return _has_checkpoint(run_dir) or ((run_dir / RUN_ID_FILE).is_file() and not (run_dir / REPEAT_FILE).is_file())
+
+
 def find_resumable(base: Path) -> Path:
-    """The newest run directory under ``base`` that has a last checkpoint and no summary."""
-    candidates = sorted(
-        (d for d in base.glob("*") if (d / "checkpoints" / "last.safetensors").is_file() and not (d / "summary.json").is_file()),
-        key=lambda d: d.stat().st_mtime,
-    )
+    """The newest run directory under ``base`` that started (a last checkpoint, or at least its MLflow
+    run) and has no summary."""
+    candidates = sorted((d for d in base.glob("*") if _started(d) and not (d / "summary.json").is_file()),
+                        key=lambda d: d.stat().st_mtime)
     if not candidates:
-        raise RunError(f"--resume: no unfinished run with checkpoints/last.safetensors under {base}; start a new run instead")
+        raise RunError(f"--resume: no unfinished run (a run folder with checkpoints/last.safetensors or {RUN_ID_FILE}) "
+                       f"under {base}; start a new run instead")
     return candidates[-1]
 
 
@@ -110,11 +120,16 @@ RESUMABLE_CHANGES = ("train.max_epochs", "train.max_minutes", "train.early_stopp
 
 
 def check_resumable(run_dir: Path, cfg: RunConfig, require_checkpoint: bool = True) -> None:
-    """Refuse to resume a directory that has nothing to resume, is finished, or ran another config."""
+    """Refuse to resume a directory that has nothing to resume, is finished, or ran another config.
+
+    A run killed before its first checkpoint has nothing to continue from but its MLflow run; it
+    is resumable (it starts again from epoch 0 in that run).
+    """
     import yaml
 
-    if require_checkpoint and not (run_dir / "checkpoints" / "last.safetensors").is_file():
-        raise RunError(f"--resume {run_dir}: no checkpoints/last.safetensors there; check the path or start a new run")
+    if require_checkpoint and not _started(run_dir):
+        raise RunError(f"--resume {run_dir}: no checkpoints/last.safetensors (nor {RUN_ID_FILE}) there; check the "
+                       "path or start a new run")
     if (run_dir / "summary.json").is_file():
         raise RunError(f"--resume {run_dir}: that run finished (summary.json exists); start a new run instead")
     saved_path = run_dir / "resolved_config.yaml"
@@ -170,6 +185,9 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
             check_resumable(run_dir, cfg)
             _clear_killed_writes(run_dir)
             previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+            if not _has_checkpoint(run_dir):
+                log.info("--resume %s: it stopped before its first checkpoint; training starts again from epoch 0 "
+                         "in the same MLflow run %s", run_dir, previous_run)
         elif run_dir is None:
             run_dir, previous_run = _new_run_dir(cfg.output_dir), None
         else:

@@ -20,13 +20,13 @@ def atomic_path(path: str | Path, suffix: str | None = None, durable: bool = Fal
     Args:
         path: final destination.
         suffix: suffix of the temp file (writers that sniff the format by name need it,
-            e.g. ``.nii.gz``); defaults to the destination's full suffix.
+            e.g. ``.nii.gz``); defaults to the destination's format suffix (:func:`format_suffix`).
         durable: also flush the file and the rename to disk (``fsync``), so the new content
             survives a power cut or a crashed machine, not only a killed process.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = suffix if suffix is not None else "".join(path.suffixes)
+    suffix = suffix if suffix is not None else format_suffix(path.name)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -45,6 +45,29 @@ def atomic_path(path: str | Path, suffix: str | None = None, durable: bool = Fal
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+#: Suffixes that say a file is compressed: the format is named by the suffix before them.
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+#: Characters :func:`atomic_path` adds to a destination's name for its temporary file, besides the
+#: format suffix: the leading dot, the dot and 8 random characters of ``mkstemp``, and ``.tmp``.
+TEMP_NAME_EXTRA = 1 + 1 + 8 + len(".tmp")
+
+
+def format_suffix(name: str) -> str:
+    """The suffix that names a file's format: ``.nii.gz``, ``.dcm``, ``.json`` (not every dotted part
+    of ``sub.01.scan.nii.gz``: the temporary file's name must stay short)."""
+    suffixes = Path(name).suffixes
+    if not suffixes:
+        return ""
+    if suffixes[-1].lower() in _COMPRESSED and len(suffixes) > 1:
+        return "".join(suffixes[-2:])
+    return suffixes[-1]
+
+
+def temp_name_bytes(name: str, suffix: str | None = None) -> int:
+    """How long (in bytes) the name of :func:`atomic_path`'s temporary file for ``name`` is."""
+    return len(name.encode()) + TEMP_NAME_EXTRA + len((format_suffix(name) if suffix is None else suffix).encode())
 
 
 #: What :func:`atomic_path` names its temporary files: ``.<name>.<random>.tmp<suffix>``.

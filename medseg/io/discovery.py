@@ -63,8 +63,12 @@ class InputCase:
 
 @dataclass
 class Discovery:
+    """The cases found, notes about how they were grouped, and the folders searched recursively
+    (an output folder inside one of them would be taken for scans by the next search)."""
+
     cases: list[InputCase] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
 
 
 #: nnU-Net's channel file names: ``<case>_<channel as four digits>`` (``BRATS_001_0000.nii.gz``).
@@ -285,6 +289,7 @@ def discover(root: Path, channels: int | None = None) -> Discovery:
     if root.is_file():
         found.cases.append(InputCase(_case_id(root.parent, root, True), root, "file"))
         return found
+    found.folders.append(root)
     dicom_by_folder: dict[Path, list[Path]] = defaultdict(list)
     files: list[Path] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
@@ -396,6 +401,7 @@ def discover_paths(paths: list[Path], channels: int | None = None) -> Discovery:
             continue
         one = discover(path, channels)
         found.notes.extend(one.notes)
+        found.folders.extend(one.folders)
         if not one.cases:
             found.cases.append(InputCase(_case_id(path.parent, path, True), path, "file",
                                          problem=f"{path}: no scan found there (expected one of: {FORMATS.describe()})"))

@@ -11,6 +11,7 @@ stays locked longer than that is more than SQLite is made for, hence :func:`stor
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 from medseg.errors import RunError
+from medseg.io.locks import open_lock_file
 
 try:
     import fcntl
@@ -51,22 +53,27 @@ def store_lock(db: Path) -> Iterator[None]:
     flock, not a lock inside SQLite: the race is MLflow's schema migration, which runs in several
     transactions of its own. Closing the file releases the lock, and the kernel closes it if its
     holder dies, so a crash leaves nothing stale. Where there is no flock at all, the store opens
-    unlocked, as it did before.
+    unlocked, as it did before. The lock file is opened without following links and never truncated
+    (:mod:`medseg.io.locks`): a link planted beside a shared store cannot redirect it.
+
+    Raises:
+        RunError: the lock file is a link (or not a plain file), or another process holds it for
+            longer than :data:`LOCK_WAIT_S`.
     """
     lock_path = db.with_name(db.name + ".lock")
     try:
-        handle = open(lock_path, "a")
+        fd: int | None = open_lock_file(lock_path, f"the MLflow store {db}")
     except OSError as err:
         log.warning("cannot create %s (%s); opening the MLflow store unlocked", lock_path, err)
-        handle = None
-    if handle is None:
+        fd = None
+    if fd is None:
         yield
         return
-    with handle:
+    try:
         deadline = time.monotonic() + LOCK_WAIT_S
         while fcntl is not None:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -78,6 +85,8 @@ def store_lock(db: Path) -> Iterator[None]:
                 log.warning("cannot lock %s (%s); opening the MLflow store unlocked", lock_path, err)
                 break
         yield
+    finally:
+        os.close(fd)
 
 
 # Filesystems where SQLite's WAL is unsafe: its index is shared memory, which two machines do not share.

@@ -332,6 +332,35 @@ def test_training_killed_inside_a_write_resumes_and_leaves_no_temp_file(tmp_path
     check_resumed_training(tmp_path, config, train_reference, where)
 
 
+def test_training_killed_before_its_first_checkpoint_resumes_from_scratch_in_the_same_mlflow_run(
+        tmp_path: Path, train_inputs, train_reference) -> None:
+    """SIGKILL just before the first checkpoint lands: no checkpoint, the MLflow run left RUNNING.
+    ``--resume`` starts again from epoch 0 in that MLflow run (saying so) and ends as an
+    uninterrupted run does."""
+    from mlflow.tracking import MlflowClient
+
+    config = train_config(tmp_path, train_inputs)
+    kill_at = train_reference["renames"].index(os.path.join("checkpoints", "last.safetensors")) + 1
+    killed_by_hook(["run", str(config), "--no-progress"], tmp_path, tmp_path / "log.txt", kill_at)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "checkpoints" / "last.safetensors").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id.txt").read_text().strip()
+    assert client.get_run(run_id).info.status == "RUNNING"  # what the kill leaves
+
+    run_medseg(["run", str(config), "--resume", "--no-progress"], tmp_path, tmp_path / "log.txt", "resume")
+    assert "stopped before its first checkpoint; training starts again from epoch 0 in the same MLflow run " \
+        f"{run_id}" in (tmp_path / "log.txt").read_text()
+    assert [d.name for d in (tmp_path / "runs").iterdir()] == [run_dir.name]
+    assert json.loads((run_dir / "summary.json").read_text())["run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [r.info.run_id for r in client.search_runs([client.get_run(run_id).info.experiment_id])] == [run_id]
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert steps == list(range(1, TRAIN["max_epochs"] + 1))
+    assert_same_training(training_outputs(run_dir), train_reference["outputs"], "killed before the first checkpoint")
+    assert temporaries(tmp_path / "runs") == []
+
+
 # ============================================================================================= predict
 
 PREDICT_SEEDS = [0, 1, 2]

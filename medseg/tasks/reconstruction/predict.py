@@ -43,6 +43,7 @@ from medseg.engine.runtime import autocast, autocast_dtype
 from medseg.engine.tta import average_predictions
 from medseg.errors import CaseError, UsageError
 from medseg.io.discovery import InputCase
+from medseg.io.naming import output_paths
 from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem
 from medseg.tasks.reconstruction.operators import Acquisition, case_seed, volume_metrics
 from medseg.tasks.reconstruction.training import VolumeReconstruction, pad_slices, reconstruct_volume
@@ -163,10 +164,10 @@ class ReconstructionPredictor:
                           metrics={"slices": float(output.shape[0]), **metrics})
 
     def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
-        paths = {"output": output_dir / f"{case.case_id}_{OUTPUT}.nii.gz"}
+        suffixes = {"output": f"_{OUTPUT}.nii.gz"}
         if not self.options.measured:
-            paths[f"{self.baseline}_output"] = output_dir / f"{case.case_id}_{self.baseline}.nii.gz"
-        return paths
+            suffixes[f"{self.baseline}_output"] = f"_{self.baseline}.nii.gz"
+        return output_paths(output_dir, case.case_id, suffixes)  # a long case name shortened, with its hash
 
     def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
         paths = self.expected_outputs(case, output_dir)

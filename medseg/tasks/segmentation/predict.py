@@ -44,6 +44,7 @@ from medseg.engine.uncertainty import mean_foreground_entropy, sample_agreement,
 from medseg.errors import CaseError, ModelError, PredictOptionError
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
 from medseg.io.discovery import InputCase
+from medseg.io.naming import output_paths
 from medseg.tasks.segmentation.postprocess import remove_small_components, sizes_by_value
 from medseg.tasks.segmentation.regions import Regions, decode_regions
 
@@ -241,16 +242,16 @@ class SegmentationPredictor:
     # ------------------------------------------------------------------------------- one case of a batch
 
     def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
-        paths = {"output": output_dir / f"{case.case_id}.nii.gz"}
+        suffixes = {"output": ".nii.gz"}
         if case.kind == "dicom_series" and case.series_uid and dicom_seg_available():
-            paths["dicom_seg"] = output_dir / f"{case.case_id}_seg.dcm"
+            suffixes["dicom_seg"] = "_seg.dcm"
         if self.options.save_probabilities:
-            paths["probabilities"] = output_dir / f"{case.case_id}_probabilities.nii.gz"
+            suffixes["probabilities"] = "_probabilities.nii.gz"
         if self.options.save_uncertainty:
-            paths["entropy"] = output_dir / f"{case.case_id}_entropy.nii.gz"
+            suffixes["entropy"] = "_entropy.nii.gz"
             if self.options.tta or len(self.model.networks) > 1:  # a variance needs several samples
-                paths["variance"] = output_dir / f"{case.case_id}_variance.nii.gz"
-        return paths
+                suffixes["variance"] = "_variance.nii.gz"
+        return output_paths(output_dir, case.case_id, suffixes)  # a long case name shortened, with its hash
 
     def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
         paths = self.expected_outputs(case, output_dir)
