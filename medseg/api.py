@@ -59,7 +59,8 @@ from medseg.tasks.registry import get_task, list_tasks, load_config, network_fro
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "calibrate_run", "convert_model", "export_model",
+    "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "calibrate_run", "check_model",
+    "convert_model", "export_model",
     "DatasetLayout", "build_manifest_from_layout", "detect_layout", "import_medmnist",
     "list_models", "list_tasks", "load_config", "plan", "train", "validate_config", "verify",
 ]
@@ -460,8 +461,8 @@ class Predictor:
         check_options(options, self.task.name, self.task.predict_options)
         found = discover_inputs(Path(input), self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
-        return predict_folder(case_predictor, self.model, Path(input), Path(output), options, self.device, tracker,
-                              found)
+        return _record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
+                                             self.device, tracker, found), self.model)
 
     def predict_paths(self, paths: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
                       save_probabilities: bool = False, progress: bool = False, review: bool = False) -> BatchReport:
@@ -474,16 +475,20 @@ class Predictor:
         check_options(options, self.task.name, self.task.predict_options)
         found = discover_paths([Path(p) for p in paths], self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
-        return predict_folder(case_predictor, self.model, Path(str(paths[0]) if len(paths) == 1 else "."),
-                              Path(output), options, self.device, None, found)
+        return _record_graphs(predict_folder(case_predictor, self.model, Path(str(paths[0]) if len(paths) == 1 else "."),
+                                             Path(output), options, self.device, None, found), self.model)
 
 
 # ----------------------------------------------------------------------------------- model files
 
 
 def export_cache_dir() -> Path:
-    """Where networks exported for a backend are kept (``$MEDSEG_CACHE_DIR``, else ``~/.cache/medseg``)."""
-    return Path(os.environ.get("MEDSEG_CACHE_DIR") or Path.home() / ".cache" / "medseg") / "exports"
+    """Where networks exported for a backend are kept (``$MEDSEG_CACHE_DIR/exports``, else
+    ``~/.cache/medseg/exports``): a folder only this user may enter (0700), one subfolder per
+    weights' sha256, so a graph there was made by this user from weights whose hash was verified."""
+    from medseg.tracking.wheel import cache_root, private_folder
+
+    return private_folder(cache_root() / "exports")
 
 
 def _plain_layout(network: torch.nn.Module) -> torch.nn.Module:
@@ -528,7 +533,7 @@ def on_backend(model: LoadedModel, task: Task, backend: str, automatic: bool = F
     A network that cannot be exported runs on torch, with a warning, when the backend was chosen
     automatically; named explicitly, the error is raised."""
     from medseg.engine.backends import EXPORTED_NAME, backend_network
-    from medseg.engine.model_format import model_folder_of
+    from medseg.engine.model_format import model_folder_of, pinned_files
     from medseg.errors import MedsegError
 
     if backend == "torch":
@@ -536,21 +541,39 @@ def on_backend(model: LoadedModel, task: Task, backend: str, automatic: bool = F
     contracts = model.member_contracts or (model.contract,) * len(model.networks)
     networks = []
     for index, (network, contract) in enumerate(zip(model.networks, contracts)):
-        # a `medseg export` folder brings its own graph (uris and networks pair up one to one)
+        # a `medseg export` folder brings its own graph (uris and networks pair up one to one), run
+        # only while it has the sha256 its medseg_model.json pinned at export
         local = model_folder_of(Path(model.uris[index])) if len(model.uris) == len(model.networks) else None
         exported = local / EXPORTED_NAME if local is not None and (local / EXPORTED_NAME).is_file() else None
+        pinned = pinned_files(local).get(EXPORTED_NAME) if local is not None else None
         weights = model.weights_sha256[index] if index < len(model.weights_sha256) else f"member{index}"
         try:
             example, dynamic = task.export_example(contract)  # a task may not export at all (reconstruction)
-            networks.append(backend_network(_plain_layout(network), backend, example,
-                                            export_cache_dir() / weights[:16], onnx_path=exported,
-                                            dynamic_spatial=dynamic))
+            networks.append(backend_network(_plain_layout(network), backend, example, export_cache_dir() / weights,
+                                            onnx_path=exported, onnx_sha256=pinned, dynamic_spatial=dynamic))
         except MedsegError as err:
             if not automatic:
                 raise
             log.warning("backend %s is not usable for this model (%s); predicting with torch", backend, err)
             return model
     return replace(model, networks=tuple(networks), backend=backend)
+
+
+def graph_hashes(model: LoadedModel) -> list[str]:
+    """The sha256 of each exported graph ``model`` runs (checked before it ran); [] on torch."""
+    return [str(getattr(network, "sha256", "")) for network in model.networks if hasattr(network, "sha256")]
+
+
+def _record_graphs(report: BatchReport, model: LoadedModel) -> BatchReport:
+    """Add the graphs that ran (``graph_sha256``) to the report's summary, beside the weights' hashes."""
+    from medseg.io.atomic import atomic_write_text
+
+    hashes = graph_hashes(model)
+    if hashes and report.summary.is_file():
+        summary = report.summary_dict()
+        summary["graph_sha256"] = hashes
+        atomic_write_text(report.summary, json.dumps(summary, indent=2))
+    return report
 
 
 def export_model(uri: str | Path, out: str | Path, export_format: str = "onnx", *,
@@ -563,7 +586,7 @@ def export_model(uri: str | Path, out: str | Path, export_format: str = "onnx", 
         The exported network file.
     """
     from medseg.engine.backends import EXPORT_FORMATS, EXPORTED_NAME, export_network
-    from medseg.engine.model_format import local_model_folder, read_model_folder, write_model_folder
+    from medseg.engine.model_format import local_model_folder, pin_file, read_model_folder, write_model_folder
     from medseg.engine.sliding import fold_batch_norms
 
     if export_format not in EXPORT_FORMATS:
@@ -579,7 +602,25 @@ def export_model(uri: str | Path, out: str | Path, export_format: str = "onnx", 
                        extra={"run_id": run_id, "exported_from": str(uri), "export_format": export_format})
     example, dynamic = task.export_example(files.contract)
     name = EXPORTED_NAME if export_format == "onnx" else "network.pt"
-    return export_network(fold_batch_norms(network.eval()), example, out / name, export_format, dynamic_spatial=dynamic)
+    path = export_network(fold_batch_norms(network.eval()), example, out / name, export_format, dynamic_spatial=dynamic)
+    pin_file(out, name)  # its sha256 in medseg_model.json: checked before it runs, by `medseg model check` too
+    return path
+
+
+def check_model(uri: str | Path, *, tracking_uri: str | None = None) -> Any:
+    """``medseg model check``: the :class:`~medseg.engine.model_check.ModelCheck` of a model folder or
+    ``runs:/``/``models:/`` URI (downloaded, files only), before anyone loads it. Nothing is
+    imported, unpickled or run.
+
+    Raises:
+        UsageError: the path does not exist, or the URI names nothing in the tracking store.
+    """
+    from medseg.engine.model_check import check_model_folder
+    from medseg.engine.model_format import local_model_folder
+
+    _tracking(tracking_uri)
+    with local_model_folder(str(uri)) as (folder, _):
+        return check_model_folder(folder)
 
 
 PICKLE_WARNING = ("converting unpickles {source}, which runs whatever code the file holds: only convert a model "

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="model files")
     model_sub = model.add_subparsers(dest="model_command")
+    check = model_sub.add_parser(
+        "check", help="verify a model folder or URI before anyone loads it: medseg's own loader, no code, no "
+                      "pickle, every file's recorded sha256 (exit 1 naming each tampering)")
+    check.add_argument("model", help="model URI or folder (as for predict --model)")
+    check.add_argument("--tracking-uri", help="MLflow store of a runs:/ or models:/ model")
     convert = model_sub.add_parser(
         "convert", help="convert a pickled model or state dict (an older medseg, torch.save) into medseg's safe "
                         "format; this unpickles the source once, so only convert what you trust")
@@ -439,6 +444,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _model_check(args: argparse.Namespace) -> int:
+    from medseg.api import check_model
+
+    result = check_model(args.model, tracking_uri=args.tracking_uri)
+    if not result.ok:
+        print(f"error: {result.message(args.model)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.model}: as medseg wrote it ({result.layout}); {len(result.verified)} file(s) match their recorded "
+          "sha256; no code, no pickle")
+    for rel, digest in sorted(result.verified.items()):
+        print(f"  {rel}  sha256 {digest}")
+    if result.layout == "legacy":
+        print("  note: logged from code by an earlier medseg: medseg reads it without running python_model.py, but "
+              "mlflow.pyfunc.load_model runs that file; log it again (medseg run) for a model without code")
+    return EXIT_OK
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     import medseg
 
@@ -449,8 +471,11 @@ def _cmd_model(args: argparse.Namespace) -> int:
         print(f"calibrated run {result.run_id}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
         print(f"model: {result.model_uri}")
         return EXIT_OK
+    if args.model_command == "check":
+        return _model_check(args)
     if args.model_command != "convert":
-        print("usage: medseg model convert SOURCE --out PATH [--config CONFIG] | medseg model calibrate RUN_DIR",
+        print("usage: medseg model convert SOURCE --out PATH [--config CONFIG] | medseg model calibrate RUN_DIR | "
+              "medseg model check MODEL",
               file=sys.stderr)
         return EXIT_USAGE
     written = medseg.convert_model(args.source, args.out, config=args.config, tracking_uri=args.tracking_uri)

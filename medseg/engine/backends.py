@@ -11,7 +11,11 @@ A trained network leaves medseg in one of two forms:
   TorchScript: a TorchScript file is code, and nothing medseg reads from disk may run code.
 
 :func:`backend_network` is what the predictor calls: the torch network for ``torch``, else the
-network exported once into a work folder (reused while the weights are the same) and wrapped.
+network exported once into a private work folder (reused while the weights are the same) and
+wrapped. Every graph that runs is pinned: its sha256 is recorded when it is exported (in the work
+folder's ``export.json``, or in a ``medseg export`` folder's ``medseg_model.json``) and checked
+right before the runtime loads it; a graph whose bytes differ is exported again from the verified
+weights, never run. The wrapper's ``sha256`` is what ran.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import itertools
+import json
 import logging
 import operator
 import os
@@ -33,7 +38,9 @@ from torch import nn
 
 from medseg.config import StrEnum
 from medseg.errors import ModelError, ModelLoadError, UsageError
-from medseg.io.atomic import atomic_path
+from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.tracking.model_layout import file_sha256
+from medseg.tracking.wheel import private_folder
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,8 @@ OUTPUT_NAME = "output"
 DIGEST_KEY = "medseg.network_digest"
 #: The file :func:`backend_network` exports to in its work folder.
 EXPORTED_NAME = "network.onnx"
+#: Beside it: the sha256 of the graph exported there and the :func:`network_digest` it was made for.
+EXPORT_RECORD = "export.json"
 
 #: The package each backend imports, and the pip extra that installs it.
 _BACKEND_PACKAGES = {Backend.ONNXRUNTIME: ("onnxruntime", "onnx"), Backend.OPENVINO: ("openvino", "openvino")}
@@ -337,6 +346,7 @@ class BackendNetwork(nn.Module):
     def __init__(self, onnx_path: Path, threads: int | None = None):
         super().__init__()
         self.onnx_path = Path(onnx_path)
+        self.sha256 = ""  # the graph's, as checked before it ran (set by backend_network)
         if not self.onnx_path.is_file():
             raise UsageError(f"ONNX model {self.onnx_path}: no such file; export one with `medseg export --format "
                              "onnx` or let prediction export the model's network")
@@ -471,25 +481,31 @@ _BACKEND_CLASSES: dict[Backend, type[BackendNetwork]] = {
 
 
 def backend_network(network: nn.Module, backend: str, example: torch.Tensor, work_dir: Path,
-                    onnx_path: Path | None = None, *, dynamic_spatial: bool = True,
+                    onnx_path: Path | None = None, *, onnx_sha256: str | None = None, dynamic_spatial: bool = True,
                     threads: int | None = None) -> nn.Module:
     """The network prediction runs on ``backend``.
 
-    ``torch``: ``network`` itself. Otherwise the graph at ``onnx_path`` when given (an exported
-    model, used as it is), else ``network`` exported to ``work_dir / network.onnx``. An export
-    there is reused while it was made from the same weights and input (its recorded digest), and
-    made again otherwise, so a work folder never serves another model's graph. Give each member
-    of an ensemble its own work folder.
+    ``torch``: ``network`` itself. Otherwise the graph at ``onnx_path`` when given and its sha256
+    is ``onnx_sha256`` (a ``medseg export`` folder's pinned graph), else ``network`` exported to
+    ``work_dir / network.onnx``, a folder made private (0700). An export there is reused while its
+    record (``export.json``) says it was made from the same weights and input and the file still
+    has the sha256 recorded when it was written; otherwise it is made again. A given graph that is
+    not pinned or whose bytes differ is never run: the network is exported instead. Give each
+    member of an ensemble its own work folder.
 
     Args:
         network: the eval-mode network with batch norms folded, before any channels-last conversion.
         backend: one of :data:`BACKENDS`.
         example: one input batch as prediction makes them (e.g. ``sw_batch_size`` windows).
-        work_dir: where the export goes; created if needed.
+        work_dir: where the export goes; created (0700) if needed.
         onnx_path: an already exported graph to run instead of exporting ``network``.
+        onnx_sha256: the sha256 recorded for ``onnx_path`` when it was exported.
         dynamic_spatial: export with free spatial axes (segmentation windows, reconstruction
             slices); False for networks that take one size only (classifiers).
         threads: the backend's threads; default ``torch.get_num_threads()``.
+
+    Returns:
+        ``network``, or a :class:`BackendNetwork` whose ``sha256`` is the graph's it checked.
 
     Raises:
         UsageError: an unknown backend (the message lists :data:`BACKENDS`; a ``ValueError`` too),
@@ -506,17 +522,53 @@ def backend_network(network: nn.Module, backend: str, example: torch.Tensor, wor
         return network
     package, extra = _BACKEND_PACKAGES[chosen]
     _import_package(package, extra, f"--backend {backend}")  # before a possibly long export
+    digest = ""
+    if onnx_path is not None and Path(onnx_path).is_file():
+        digest = file_sha256(Path(onnx_path))
+        if digest != onnx_sha256:
+            log.warning("%s is not run: %s; exporting the network again from its verified weights", onnx_path,
+                        f"its sha256 {digest[:16]}… is not the {onnx_sha256[:16]}… recorded at export" if onnx_sha256
+                        else "no sha256 was recorded for it at export")
+            onnx_path = None
+    elif onnx_path is not None:
+        raise UsageError(f"ONNX model {onnx_path}: no such file; export one with `medseg export --format onnx` or "
+                         "let prediction export the model's network")
     if onnx_path is None:
-        for export_package, export_extra in _EXPORT_PACKAGES:
-            _import_package(export_package, export_extra, f"--backend {backend} (exporting the network to ONNX)")
-        onnx_path = Path(work_dir) / EXPORTED_NAME
-        digest = network_digest(network, example, dynamic_spatial)
-        if onnx_path.is_file() and exported_digest(onnx_path) == digest:
-            log.info("reusing %s: exported from these weights", onnx_path)
-        else:
-            if onnx_path.exists():
-                log.info("%s was exported from other weights or another input; exporting again", onnx_path)
-            export_onnx(network, example, onnx_path, dynamic_spatial=dynamic_spatial)
+        onnx_path, digest = _cached_export(network, example, Path(work_dir), dynamic_spatial, backend)
     wrapped = _BACKEND_CLASSES[chosen](Path(onnx_path), threads)
+    wrapped.sha256 = digest
     wrapped.check_input(tuple(example.shape))
     return wrapped
+
+
+def _cached_export(network: nn.Module, example: torch.Tensor, work_dir: Path, dynamic_spatial: bool,
+                   backend: str) -> tuple[Path, str]:
+    """``work_dir / network.onnx`` exported from ``network`` (or reused, when its record and bytes agree)
+    and its sha256, checked right before it is handed to the runtime."""
+    for export_package, export_extra in _EXPORT_PACKAGES:
+        _import_package(export_package, export_extra, f"--backend {backend} (exporting the network to ONNX)")
+    work_dir = private_folder(work_dir)
+    onnx_path, record_path = work_dir / EXPORTED_NAME, work_dir / EXPORT_RECORD
+    wanted = network_digest(network, example, dynamic_spatial)
+    record = _read_record(record_path)
+    if onnx_path.is_file() and record.get("network_digest") == wanted:
+        found = file_sha256(onnx_path)
+        if found == record.get("sha256"):
+            log.info("reusing %s: exported from these weights (sha256 %s…)", onnx_path, found[:16])
+            return onnx_path, found
+        log.warning("%s has sha256 %s…, not the %s… recorded when it was exported: it is not run; exporting "
+                    "again from the verified weights", onnx_path, found[:16], str(record.get("sha256"))[:16])
+    elif onnx_path.exists():
+        log.info("%s was exported from other weights or another input; exporting again", onnx_path)
+    export_onnx(network, example, onnx_path, dynamic_spatial=dynamic_spatial)
+    digest = file_sha256(onnx_path)
+    atomic_write_text(record_path, json.dumps({"sha256": digest, "network_digest": wanted}))
+    return onnx_path, digest
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}

@@ -7,8 +7,10 @@ writes) holds::
                             "contract": {...}, "weights": {"file": ..., "sha256": ...}, ...}
     weights.safetensors    the network's state dict, tensors only
 
-In an MLflow model both sit under ``artifacts/``, beside MLflow's ``MLmodel`` and the pyfunc's
-code file (see :mod:`medseg.serving`). medseg itself reads only these two files: loading
+In an MLflow model both sit under ``data/medseg_model/`` (``artifacts/`` in models logged before
+medseg 0.1's no-code pyfunc), beside MLflow's ``MLmodel``, whose pyfunc loader is the installed
+``medseg.serving.pyfunc_loader`` (see :mod:`medseg.engine.model_check`, which verifies a folder
+before anything reads it). medseg itself reads only these two files: loading
 rebuilds the network from medseg's own registry (``network.task`` and its config) and copies
 tensors into it, so a model folder from a colleague, a registry entry or an ensemble member can
 never run code on the machine that loads it. A folder holding only a pickle (an older medseg, or
@@ -32,12 +34,17 @@ from torch import nn
 
 from medseg.errors import ModelLoadError, UsageError
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.tracking.model_layout import MLFLOW_DATA_FOLDER, file_sha256
+
+__all__ = ["MLFLOW_DATA_FOLDER", "file_sha256"]  # re-exported: the names loaders import from here
 
 FORMAT_NAME = "medseg-model"
 FORMAT_VERSION = 1
 MODEL_FILE = "medseg_model.json"
 WEIGHTS_FILE = "weights.safetensors"
 #: Files by which an older medseg or ``mlflow.pytorch`` stored a pickled network.
+#: Where models logged "from code" (before the no-code pyfunc) kept it.
+LEGACY_ARTIFACTS_FOLDER = "artifacts"
 PICKLE_FILES = ("data/model.pth", "data/model.pkl", "model.pth", "model.pkl", "python_model.pkl", "data/pickle_module_info.txt")
 
 #: Rebuilds the bare network a spec describes (``{"task": ..., "name": ..., "config": {...}}``); the
@@ -55,14 +62,6 @@ class ModelFiles:
     state_dict: dict[str, torch.Tensor]
     weights_sha256: str
     info: dict[str, Any]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_model_folder(folder: Path, network: nn.Module, network_spec: dict[str, Any], contract: dict[str, Any],
@@ -92,9 +91,35 @@ def write_model_folder(folder: Path, network: nn.Module, network_spec: dict[str,
     return atomic_write_text(folder / MODEL_FILE, json.dumps(info, indent=2))
 
 
+def pin_file(folder: Path, name: str) -> str:
+    """Record the sha256 of ``folder / name`` (an exported graph, say) in the folder's ``medseg_model.json``
+    under ``files``, so that :mod:`medseg.engine.model_check` refuses the folder if the file changes.
+
+    Returns:
+        The file's sha256.
+    """
+    folder = Path(folder)
+    digest = file_sha256(folder / name)
+    info = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
+    info.setdefault("files", {})[name] = digest
+    atomic_write_text(folder / MODEL_FILE, json.dumps(info, indent=2))
+    return digest
+
+
+def pinned_files(folder: Path) -> dict[str, str]:
+    """The files a model folder's ``medseg_model.json`` pins besides the weights: name -> sha256."""
+    try:
+        info = json.loads((Path(folder) / MODEL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = info.get("files") if isinstance(info, dict) else None
+    return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+
 def model_folder_of(path: Path) -> Path | None:
-    """The folder holding ``medseg_model.json`` in a model folder (itself, or its MLflow ``artifacts/``)."""
-    for candidate in (path, path / "artifacts"):
+    """The folder holding ``medseg_model.json`` in a model folder (itself, or its MLflow model's
+    ``data/medseg_model/``, or ``artifacts/`` of a model logged from code)."""
+    for candidate in (path, path / MLFLOW_DATA_FOLDER, path / LEGACY_ARTIFACTS_FOLDER):
         if (candidate / MODEL_FILE).is_file():
             return candidate
     return None
@@ -103,14 +128,22 @@ def model_folder_of(path: Path) -> Path | None:
 def read_model_folder(path: Path, ref: str | None = None) -> ModelFiles:
     """Read a model folder: JSON with ``json``, weights with ``safetensors``; nothing else is opened.
 
+    The folder is checked first (:func:`medseg.engine.model_check.require_untampered`): an MLflow
+    model must name medseg's own pyfunc loader and hold no code, and every file must have the hash
+    recorded when it was written.
+
     Raises:
         UsageError: no medseg model there (with the conversion command when it holds a pickle).
-        ModelLoadError: the files are there but damaged (bad JSON, truncated weights, wrong hash).
+        ModelLoadError: the files are there but damaged (bad JSON, truncated weights, wrong hash),
+            or the folder was tampered with (the message names each finding and the fix).
     """
+    from medseg.engine.model_check import require_untampered
+
     ref = ref or str(path)
     folder = model_folder_of(Path(path))
     if folder is None:
         raise UsageError(_no_model_message(Path(path), ref))
+    require_untampered(Path(path), ref)
     model_json = folder / MODEL_FILE
     try:
         info = json.loads(model_json.read_text(encoding="utf-8"))

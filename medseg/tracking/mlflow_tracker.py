@@ -25,7 +25,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
-import medseg
 from medseg.errors import RunError
 from medseg.tracking.sqlite_store import store_error_message, store_lock, use_wal
 
@@ -292,12 +291,14 @@ class MlflowTracker:
 
     def log_model(self, model_folder: Path, contract: Mapping[str, Any], registered_name: str | None = None,
                   alias: str | None = None) -> str:
-        """Log a medseg model folder as an MLflow pyfunc model (models from code: no pickle).
+        """Log a medseg model folder as an MLflow pyfunc model that holds no code.
 
-        The folder's ``medseg_model.json`` and ``weights.safetensors`` become the model's artifacts;
-        its code is :mod:`medseg.serving.pyfunc_model`, which only imports the installed medseg, so
-        ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run the whole read -> preprocess ->
-        network -> invert -> write pipeline. medseg's own loaders read the two artifacts only.
+        The folder's ``medseg_model.json`` and ``weights.safetensors`` become the model's data
+        (``data/medseg_model/``); its ``MLmodel`` names the installed :mod:`medseg.serving.pyfunc_loader`
+        as the loader, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` run medseg's own
+        code only, and medseg's wheel is bundled (``wheels/``, named by path in ``requirements.txt``)
+        so no environment manager asks a package index for ``medseg``. The sha256 of every logged
+        file is recorded in ``MLmodel``'s metadata for ``medseg model check``.
 
         Args:
             registered_name: also register the model under this name (a new version).
@@ -306,28 +307,52 @@ class MlflowTracker:
         Returns:
             The model URI (``models:/m-<id>``) that ``medseg predict`` and ``mlflow.pyfunc`` accept.
         """
-        from mlflow.models import ModelSignature
-        from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+        import shutil
+        import tempfile
+        import types
 
-        model_folder = Path(model_folder)
-        code = Path(medseg.__file__).parent / "serving" / "pyfunc_model.py"
-        signature = ModelSignature(
-            inputs=Schema([ColSpec("string", "path")]),
-            outputs=Schema([ColSpec("string", name) for name in ("case_id", "status", "error", "output")]),
-            params=ParamSchema([ParamSpec("output_dir", "string", ""), ParamSpec("device", "string", "auto"),
-                                ParamSpec("overwrite", "boolean", True)]),
+        from mlflow.models import Model
+
+        from medseg.tracking.model_layout import (
+            FILES_METADATA_KEY,
+            LOADER_MODULE,
+            MLFLOW_DATA_FOLDER,
+            WHEELS_FOLDER,
+            file_sha256,
         )
-        with mlflow.start_run(run_id=self._run, nested=False):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(code),
-                artifacts={"medseg_model": str(model_folder / "medseg_model.json"),
-                           "weights": str(model_folder / "weights.safetensors")},
-                signature=signature,
-                metadata={"medseg_contract": dict(contract), "medseg_format": "medseg-model/1"},
-                pip_requirements=[f"medseg=={medseg.__version__}"],
-                registered_model_name=registered_name,
-            )
+        from medseg.tracking.wheel import cache_root, medseg_wheel
+
+        wheel = medseg_wheel(cache_root() / "wheels")
+        with tempfile.TemporaryDirectory(prefix="medseg-log-") as tmp:
+            data = Path(tmp) / Path(MLFLOW_DATA_FOLDER).name
+            data.mkdir()
+            # the folder's JSON, weights and any file it pins (medseg model check refuses others)
+            names = sorted(p.name for p in Path(model_folder).iterdir() if p.is_file() and not p.name.startswith("."))
+            for name in names:
+                shutil.copy2(Path(model_folder) / name, data / name)
+            files = {f"{MLFLOW_DATA_FOLDER}/{name}": file_sha256(data / name) for name in names}
+            requirements = [_torch_requirement()]
+            if wheel is not None:
+                files[f"{WHEELS_FOLDER}/{wheel.name}"] = file_sha256(wheel)
+                requirements.insert(0, f"{WHEELS_FOLDER}/{wheel.name}")
+
+            def save_model(path: str, mlflow_model: Any, **kwargs: Any) -> None:
+                mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+                if wheel is not None:  # beside MLmodel, where requirements.txt names it
+                    (Path(path) / WHEELS_FOLDER).mkdir()
+                    shutil.copyfile(wheel, Path(path) / WHEELS_FOLDER / wheel.name)
+
+            # mlflow.pyfunc, saving the wheel too: MLflow's own add_libraries_to_model would download
+            # a wheel of every requirement (torch included) from the index
+            flavor = types.SimpleNamespace(__name__="mlflow.pyfunc", save_model=save_model)
+            with mlflow.start_run(run_id=self._run, nested=False):
+                info = Model.log(
+                    artifact_path=None, name="model", flavor=flavor, loader_module=LOADER_MODULE, data_path=str(data),
+                    signature=pyfunc_signature(), pip_requirements=requirements,
+                    metadata={"medseg_contract": dict(contract), "medseg_format": "medseg-model/2",
+                              FILES_METADATA_KEY: files},
+                    registered_model_name=registered_name,
+                )
         if registered_name and alias:
             version = info.registered_model_version
             self.client.set_registered_model_alias(registered_name, alias, str(version))
@@ -360,6 +385,30 @@ class MlflowTracker:
         page = f"{server.rstrip('/')}/#/experiments/{self.experiment_id}"
         page += f"/runs/{self.run_id}" if self.run_id else "/runs"
         return f"{page}?workflowType=machine_learning"
+
+
+def pyfunc_signature() -> Any:
+    """The served model's signature: a ``path`` column in, one row per case out; ``device`` may only
+    name the server's own device and ``output_dir`` is refused (the operator's roots decide)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "path")]),
+        outputs=Schema([ColSpec("string", name) for name in ("case_id", "status", "error", "output")]),
+        params=ParamSchema([ParamSpec("output_dir", "string", ""), ParamSpec("device", "string", "auto")]),
+    )
+
+
+def _torch_requirement() -> str:
+    """torch as pyproject.toml's dependencies bound it (installed metadata, else the checkout's file)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        found = [r for r in requires("medseg") or [] if re.match(r"torch\b", r) and "extra" not in r]
+    except PackageNotFoundError:
+        found = []
+    return found[0].replace(" ", "") if found else "torch>=2.4,<=2.13.0"
 
 
 def _param_text(value: Any) -> str:

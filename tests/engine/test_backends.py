@@ -306,8 +306,9 @@ def test_backend_network_runs_a_given_onnx_file_without_exporting(tmp_path: Path
     network = tiny_network()
     given = export_onnx(network, images(EXAMPLE, 0), tmp_path / "exported" / "model.onnx")
     work_dir = tmp_path / "work"
-    wrapped = backend_network(network, backend, images(EXAMPLE, 0), work_dir, onnx_path=given)
-    assert isinstance(wrapped, backends.BackendNetwork) and wrapped.onnx_path == given
+    pinned = backends.file_sha256(given)  # what `medseg export` records beside it
+    wrapped = backend_network(network, backend, images(EXAMPLE, 0), work_dir, onnx_path=given, onnx_sha256=pinned)
+    assert isinstance(wrapped, backends.BackendNetwork) and wrapped.onnx_path == given and wrapped.sha256 == pinned
     assert not work_dir.exists()
     x = images((1, 2, 6, 14), 2)
     torch.testing.assert_close(wrapped(x), network(x).detach(), atol=ATOL, rtol=RTOL)
@@ -328,7 +329,40 @@ def test_a_graph_refuses_inputs_it_was_not_exported_for(tmp_path: Path) -> None:
                                          r"\(1, 2, 8, 10\)"):
         wrapped(torch.zeros(1, 2, 8, 10))
     with pytest.raises(ModelError, match=r"got \(1, 3, 8, 8\)"):
-        backend_network(tiny_network(), backend, torch.zeros(1, 3, 8, 8), tmp_path, onnx_path=path)
+        backend_network(tiny_network(), backend, torch.zeros(1, 3, 8, 8), tmp_path, onnx_path=path,
+                        onnx_sha256=backends.file_sha256(path))
+
+
+def test_a_given_graph_without_its_pinned_hash_is_never_run(tmp_path: Path) -> None:
+    backend = any_onnx_backend()
+    network = tiny_network()
+    other = tiny_network()
+    with torch.no_grad():
+        other[0].bias.add_(1.0)
+    given = export_onnx(other, images(EXAMPLE, 0), tmp_path / "exported" / "model.onnx")  # not this network's
+    x = images((1, 2, 6, 14), 2)
+    for pin in (None, "0" * 64):  # unpinned, or pinned to other bytes
+        wrapped = backend_network(network, backend, images(EXAMPLE, 0), tmp_path / "work", onnx_path=given,
+                                  onnx_sha256=pin)
+        assert wrapped.onnx_path == tmp_path / "work" / "network.onnx" != given
+        assert wrapped.sha256 == backends.file_sha256(wrapped.onnx_path)
+        torch.testing.assert_close(wrapped(x), network(x).detach(), atol=ATOL, rtol=RTOL)
+    assert (tmp_path / "work").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_cached_graph_whose_bytes_changed_is_exported_again(tmp_path: Path) -> None:
+    backend = any_onnx_backend()
+    network = tiny_network()
+    first = backend_network(network, backend, images(EXAMPLE, 0), tmp_path / "work")
+    other = tiny_network()
+    with torch.no_grad():
+        other[0].bias.add_(1.0)
+    # another graph written in its place (by anyone who can write there): its bytes give it away
+    export_onnx(other, images(EXAMPLE, 0), first.onnx_path)
+    again = backend_network(network, backend, images(EXAMPLE, 0), tmp_path / "work")
+    assert again.sha256 == first.sha256 == backends.file_sha256(first.onnx_path)
+    x = images((1, 2, 6, 14), 2)
+    torch.testing.assert_close(again(x), network(x).detach(), atol=ATOL, rtol=RTOL)
 
 
 def test_export_refuses_a_network_in_training_mode(tmp_path: Path) -> None:

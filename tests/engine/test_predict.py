@@ -271,7 +271,7 @@ def test_a_found_but_corrupt_model_is_a_failure_not_bad_usage(trained, tmp_path:
 
     mlflow.set_tracking_uri(trained["tracking_uri"])
     folder = Path(mlflow.artifacts.download_artifacts(trained["model_uri"], dst_path=str(tmp_path / "model")))
-    weights = folder / "artifacts" / "weights.safetensors"
+    weights = folder / "data" / "medseg_model" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
     inputs = tmp_path / "in"
     image, _, affine = make_case((15, 15, 9), seed=61)

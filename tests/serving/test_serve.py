@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,13 +28,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 import medseg
 from medseg.data.manifest import build_manifest
 from medseg.data.medmnist import import_medmnist
-from medseg.io.geometry import geometry_of
-from medseg.io.readers import load_volume
 from tests.conftest import (
     HIPPO,
     TCIA,
@@ -125,17 +126,6 @@ def _assert_mask_on_nifti_grid(row: dict[str, Any], source: Path) -> None:
     _assert_volumes_match_mask(row)
 
 
-def _assert_mask_on_series_grid(row: dict[str, Any], series: Path) -> None:
-    """The row's mask lies on the DICOM series' grid (shape, spacing, origin, direction)."""
-    mask, source = load_volume(row["output"]), load_volume(series)
-    assert tuple(mask.shape) == tuple(source.shape)
-    g_mask, g_source = geometry_of(mask), geometry_of(source)
-    np.testing.assert_allclose(g_mask.spacing, g_source.spacing, atol=1e-4)
-    np.testing.assert_allclose(g_mask.origin, g_source.origin, atol=1e-3)
-    np.testing.assert_allclose(g_mask.direction, g_source.direction, atol=1e-4)
-    _assert_volumes_match_mask(row)
-
-
 def _assert_volumes_match_mask(row: dict[str, Any]) -> None:
     mask = nib.load(row["output"])
     labels = np.asarray(mask.dataobj)
@@ -155,20 +145,65 @@ def _assert_probabilities(row: dict[str, Any], expected: dict[str, float]) -> No
     assert probabilities == pytest.approx([expected[name] for name in CLASS_NAMES], abs=1e-5)
 
 
+@dataclass(frozen=True)
+class Roots:
+    """The operator's path-mode roots of a served model (``MEDSEG_SERVE_INPUT_ROOT``/``OUTPUT_ROOT``)."""
+
+    input: Path
+    output: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"MEDSEG_SERVE_INPUT_ROOT": str(self.input), "MEDSEG_SERVE_OUTPUT_ROOT": str(self.output)}
+
+    def add(self, source: Path, name: str | None = None) -> str:
+        """Copy ``source`` under the input root; the path a client names (relative to the root)."""
+        target = self.input / (name or source.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+        return target.relative_to(self.input).as_posix()
+
+    def output_of(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` with its ``output`` (relative to the output root) as a full path."""
+        return {**row, "output": str(self.output / row["output"])}
+
+
+@pytest.fixture
+def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Roots:
+    """Path mode on: an input and an output root, set in the environment as an operator would."""
+    made = Roots(tmp_path / "input_root", tmp_path / "output_root")
+    made.input.mkdir()
+    made.output.mkdir()
+    for key, value in made.env.items():
+        monkeypatch.setenv(key, value)
+    return made
+
+
+def _refused(path: str) -> str:
+    """The one refusal a served model gives for every path outside its root, missing or not."""
+    from medseg.serving.guard import refusal
+
+    return refusal(path)
+
+
 def _report_statuses(output_dir: Path) -> dict[str, str]:
     with open(output_dir / "predictions.csv", newline="") as fh:
         return {row["case_id"]: row["status"] for row in csv.DictReader(fh)}
 
 
 @contextmanager
-def _served(model: Trained, workdir: Path, startup_timeout_s: float = 180.0) -> Iterator[str]:
+def _served(model: Trained, workdir: Path, startup_timeout_s: float = 180.0,
+            extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """``mlflow models serve`` of ``model`` on a free localhost port; yields its URL, then stops it."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "serve.log"
     # mlflow starts the scoring server as `bash -c "exec uvicorn ..."`: uvicorn must be on PATH even
     # when this virtual environment is not activated, or the server exits 127 ("uvicorn: not found").
-    env = {**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri,
+    env = {**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri, **(extra_env or {}),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log_path, "wb") as log:
         # A session of its own, so that stopping it also stops the uvicorn child it spawns.
@@ -218,67 +253,102 @@ def _server_error(answer: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------- in process
 
 
-def test_pyfunc_writes_each_mask_on_its_inputs_grid_and_fails_only_the_missing_path(
-        segmentation_model: Trained, oblique_scan: Path, tmp_path: Path) -> None:
+def test_pyfunc_writes_each_mask_on_its_inputs_grid_and_refuses_paths_outside_its_root(
+        segmentation_model: Trained, oblique_scan: Path, roots: Roots, tmp_path: Path) -> None:
     series = require(TCIA / "T1post")
+    outside = tmp_path / "outside.nii.gz"
+    shutil.copy2(oblique_scan, outside)
+    (roots.input / "link.nii.gz").symlink_to(outside)
     mlflow.set_tracking_uri(segmentation_model.tracking_uri)
     model = mlflow.pyfunc.load_model(segmentation_model.model_uri)
-    out = tmp_path / "out"
-    paths = [str(oblique_scan), str(series), MISSING]
+    paths = [roots.add(oblique_scan), roots.add(series, "series"), str(outside), "../outside.nii.gz", "link.nii.gz",
+             MISSING, "absent.nii.gz"]
 
-    frame = model.predict(pd.DataFrame({"path": paths}), params={"output_dir": str(out)})
+    frame = model.predict(pd.DataFrame({"path": paths}))
 
     assert list(frame.columns) == SEGMENTATION_COLUMNS
     rows = frame.to_dict("records")
     assert [r["path"] for r in rows] == paths
-    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
-    assert [r["case_id"] for r in rows[:2]] == ["oblique", "T1post"]
-    assert rows[2]["error"] == f"{MISSING}: no such file or folder" and rows[2]["output"] == ""
-    assert all(r["error"] == "" and Path(r["output"]).parent == out for r in rows[:2])
-    _assert_mask_on_nifti_grid(rows[0], oblique_scan)
-    _assert_mask_on_series_grid(rows[1], series)
-    assert _report_statuses(out) == {"oblique": "ok", "T1post": "ok", "exist": "failed"}
+    assert [r["status"] for r in rows] == ["ok"] + ["failed"] * 6
+    # a folder, a path outside, '..', a link out of the root and a missing file: one message, no oracle
+    assert [r["error"] for r in rows[1:]] == [_refused(p) for p in paths[1:]]
+    assert all(r["output"] == "" for r in rows[1:])
+    (row,) = [roots.output_of(r) for r in rows[:1]]
+    assert row["case_id"] == "oblique" and Path(row["output"]).parent.parent == roots.output
+    _assert_mask_on_nifti_grid(row, oblique_scan)
+    assert _report_statuses(Path(row["output"]).parent) == {"oblique": "ok"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("outside")) == ["outside.nii.gz"]
+
+
+def test_pyfunc_refuses_a_clients_output_folder_and_device_and_works_only_with_roots(
+        segmentation_model: Trained, oblique_scan: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(segmentation_model.tracking_uri)
+    monkeypatch.delenv("MEDSEG_SERVE_INPUT_ROOT", raising=False)
+    monkeypatch.delenv("MEDSEG_SERVE_OUTPUT_ROOT", raising=False)
+    frame = pd.DataFrame({"path": [str(oblique_scan)]})
+    no_roots = mlflow.pyfunc.load_model(segmentation_model.model_uri)
+    with pytest.raises(MlflowException, match="set no input and output roots.*MEDSEG_SERVE_INPUT_ROOT"):
+        no_roots.predict(frame)
+    roots = Roots(tmp_path / "in", tmp_path / "out")
+    roots.input.mkdir(), roots.output.mkdir()
+    for key, value in roots.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MEDSEG_SERVE_MAX_ROWS", "2")
+    model = mlflow.pyfunc.load_model(segmentation_model.model_uri)
+    name = roots.add(oblique_scan)
+    with pytest.raises(MlflowException, match=r"params.output_dir '.*elsewhere' refused.*omit output_dir"):
+        model.predict(pd.DataFrame({"path": [name]}), params={"output_dir": str(tmp_path / "elsewhere")})
+    for device in ("cpu:123456", "cuda:7", "meta"):
+        with pytest.raises(MlflowException, match=f"params.device '{device}' refused: this server predicts on cpu"):
+            model.predict(pd.DataFrame({"path": [name]}), params={"device": device})
+    with pytest.raises(MlflowException, match="3 paths in one request; this server takes at most 2"):
+        model.predict(pd.DataFrame({"path": [name] * 3}))
+    assert not (tmp_path / "elsewhere").exists()
+    (row,) = model.predict(pd.DataFrame({"path": [name]}), params={"device": "cpu"}).to_dict("records")
+    assert row["status"] == "ok"
 
 
 def test_pyfunc_predicts_a_new_scan_that_shares_its_file_name_with_an_earlier_request(
-        segmentation_model: Trained, oblique_scan: Path, tmp_path: Path) -> None:
-    # A served model is called again and again with one output folder: a later scan with an
-    # earlier one's file name is a new case to predict, not finished work to skip.
+        segmentation_model: Trained, oblique_scan: Path, roots: Roots, tmp_path: Path) -> None:
+    # Each request gets a fresh output folder: a later scan with an earlier one's file name is a
+    # new case to predict, not finished work to skip, and the earlier mask stays as it was.
     image, _, affine = make_case((19, 25, 13), seed=5)
     later = tmp_path / "later" / oblique_scan.name
     later.parent.mkdir()
     nib.save(nib.Nifti1Image(image, affine), later)
     mlflow.set_tracking_uri(segmentation_model.tracking_uri)
     model = mlflow.pyfunc.load_model(segmentation_model.model_uri)
-    out = tmp_path / "out"
-    model.predict(pd.DataFrame({"path": [str(oblique_scan)]}), params={"output_dir": str(out)})
+    (first,) = model.predict(pd.DataFrame({"path": [roots.add(oblique_scan, "a/scan.nii.gz")]})).to_dict("records")
 
-    (row,) = model.predict(pd.DataFrame({"path": [str(later)]}), params={"output_dir": str(out)}).to_dict("records")
+    (row,) = model.predict(pd.DataFrame({"path": [roots.add(later, "b/scan.nii.gz")]})).to_dict("records")
 
-    assert (row["status"], nib.load(row["output"]).shape) == ("ok", image.shape), row["error"]
-    _assert_mask_on_nifti_grid(row, later)
+    assert (row["status"], nib.load(roots.output / row["output"]).shape) == ("ok", image.shape), row["error"]
+    assert row["output"] != first["output"] and (roots.output / first["output"]).is_file()
+    _assert_mask_on_nifti_grid(roots.output_of(row), later)
 
 
 def test_pyfunc_classification_rows_carry_probabilities_that_sum_to_one(
-        classification_model: tuple[Trained, list[Path]], tmp_path: Path) -> None:
+        classification_model: tuple[Trained, list[Path]], roots: Roots) -> None:
     trained, images = classification_model
     mlflow.set_tracking_uri(trained.tracking_uri)
     model = mlflow.pyfunc.load_model(trained.model_uri)
-    out = tmp_path / "out"
-    paths = [str(images[0]), str(images[1]), MISSING]
+    paths = [roots.add(images[0]), roots.add(images[1]), MISSING]
 
-    frame = model.predict(pd.DataFrame({"path": paths}), params={"output_dir": str(out)})
+    frame = model.predict(pd.DataFrame({"path": paths}))
 
     assert {"case_id", "path", "status", "error", "output", "predicted", "predicted_name",
             *PROBABILITY_COLUMNS} <= set(frame.columns)
     rows = frame.to_dict("records")
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
-    assert rows[2]["error"] == f"{MISSING}: no such file or folder"
+    assert rows[2]["error"] == _refused(MISSING)
     predictor = medseg.Predictor.from_uri(trained.model_uri, device="cpu", tracking_uri=trained.tracking_uri)
     for row, image in zip(rows[:2], images[:2]):
         assert row["output"] == ""  # a classifier writes no file per case, only the report
         _assert_probabilities(row, predictor.predict(image).class_probabilities)
-    assert _report_statuses(out) == {images[0].stem: "ok", images[1].stem: "ok", "exist": "failed"}
+    (request,) = list(roots.output.iterdir())
+    assert _report_statuses(request) == {images[0].stem: "ok", images[1].stem: "ok"}
 
 
 # ----------------------------------------------------------------------------------- over HTTP
@@ -286,52 +356,99 @@ def test_pyfunc_classification_rows_carry_probabilities_that_sum_to_one(
 
 @pytest.mark.timeout(600)
 def test_served_segmentation_model_answers_a_batch_and_refuses_a_frame_without_paths(
-        segmentation_model: Trained, oblique_scan: Path, tmp_path: Path) -> None:
+        segmentation_model: Trained, oblique_scan: Path, roots: Roots, tmp_path: Path) -> None:
     hippocampus = require(HIPPO / "imagesTr" / "hippocampus_001.nii.gz")
-    out = tmp_path / "served"
-    paths = [str(oblique_scan), str(hippocampus), MISSING]
-    with _served(segmentation_model, tmp_path / "server") as url:
+    paths = [roots.add(oblique_scan), roots.add(hippocampus), MISSING, "../../etc/passwd"]
+    with _served(segmentation_model, tmp_path / "server", extra_env=roots.env) as url:
         status, answer = _invoke(url, {"dataframe_records": [{"path": p} for p in paths],
-                                       "params": {"output_dir": str(out), "device": "cpu"}})
+                                       "params": {"device": "cpu"}})
         assert status == 200, _server_error(answer)
         assert list(answer) == ["predictions"]
         rows = answer["predictions"]
-        assert [list(r) for r in rows] == [SEGMENTATION_COLUMNS] * 3
-        assert [(r["path"], r["status"]) for r in rows] == list(zip(paths, ["ok", "ok", "failed"]))
-        assert rows[2]["error"] == f"{MISSING}: no such file or folder"
-        _assert_mask_on_nifti_grid(rows[0], oblique_scan)
-        _assert_mask_on_nifti_grid(rows[1], hippocampus)
-        assert _report_statuses(out) == {"oblique": "ok", "hippocampus_001": "ok", "exist": "failed"}
+        assert [list(r) for r in rows] == [SEGMENTATION_COLUMNS] * 4
+        assert [(r["path"], r["status"]) for r in rows] == list(zip(paths, ["ok", "ok", "failed", "failed"]))
+        assert [r["error"] for r in rows[2:]] == [_refused(p) for p in paths[2:]]
+        _assert_mask_on_nifti_grid(roots.output_of(rows[0]), oblique_scan)
+        _assert_mask_on_nifti_grid(roots.output_of(rows[1]), hippocampus)
+        request = (roots.output / rows[0]["output"]).parent
+        assert _report_statuses(request) == {"oblique": "ok", "hippocampus_001": "ok"}
 
-        status, answer = _invoke(url, {"dataframe_records": [{"file": str(oblique_scan)}],
-                                       "params": {"output_dir": str(tmp_path / "unused")}})
+        status, answer = _invoke(url, {"dataframe_records": [{"file": paths[0]}]})
         assert status == 400 and "path" in answer["message"], _server_error(answer)
+        for params, expected in (({"output_dir": str(tmp_path / "unused")}, "params.output_dir"),
+                                 ({"device": "cpu:123456"}, "params.device 'cpu:123456' refused")):
+            status, answer = _invoke(url, {"dataframe_records": [{"path": paths[0]}], "params": params})
+            assert status == 400 and expected in answer["message"] and "stack_trace" not in answer, answer
+        assert not (tmp_path / "unused").exists()
+        assert sorted(roots.output.iterdir()) == [request]
 
 
 @pytest.mark.timeout(600)
 def test_served_classification_model_answers_with_the_in_process_probabilities(
-        classification_model: tuple[Trained, list[Path]], tmp_path: Path) -> None:
+        classification_model: tuple[Trained, list[Path]], roots: Roots, tmp_path: Path) -> None:
     trained, images = classification_model
     predictor = medseg.Predictor.from_uri(trained.model_uri, device="cpu", tracking_uri=trained.tracking_uri)
-    out = tmp_path / "served"
-    paths = [*map(str, images), MISSING]
-    with _served(trained, tmp_path / "server") as url:
-        status, answer = _invoke(url, {"dataframe_records": [{"path": p} for p in paths],
-                                       "params": {"output_dir": str(out)}})
+    paths = [*map(roots.add, images), MISSING]
+    with _served(trained, tmp_path / "server", extra_env=roots.env) as url:
+        status, answer = _invoke(url, {"dataframe_records": [{"path": p} for p in paths]})
     assert status == 200, _server_error(answer)
     rows = answer["predictions"]
     assert [(r["path"], r["status"]) for r in rows] == list(zip(paths, ["ok"] * 4 + ["failed"]))
-    assert rows[4]["error"] == f"{MISSING}: no such file or folder"
+    assert rows[4]["error"] == _refused(MISSING)
     for row, image in zip(rows[:4], images):
         _assert_probabilities(row, predictor.predict(image).class_probabilities)
-    assert _report_statuses(out) == {**{image.stem: "ok" for image in images}, "exist": "failed"}
+    (request,) = list(roots.output.iterdir())
+    assert _report_statuses(request) == {image.stem: "ok" for image in images}
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_models_serve_of_a_tampered_medseg_model_runs_none_of_its_code(
+        segmentation_model: Trained, tmp_path: Path) -> None:
+    # A copy of the logged model with a code/ folder (first on sys.path), a pickled python_model and a
+    # graph beside the weights: the real server's loader (medseg's) refuses it before anything loads.
+    from tests.engine.test_model_format import CANARY, _foreign_graph
+
+    marker = tmp_path / "marker"
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=segmentation_model.model_uri,
+                                                     tracking_uri=segmentation_model.tracking_uri,
+                                                     dst_path=str(tmp_path / "model")))
+    mlmodel = yaml.safe_load((model / "MLmodel").read_text())
+    (model / "code").mkdir()
+    for module in ("onnxruntime", "openvino", "sitecustomize", "canary_loader"):
+        (model / "code" / f"{module}.py").write_text(CANARY.format(marker=str(marker)))
+    (model / "python_model.pkl").write_bytes(pickle.dumps(_Canary(marker)))
+    mlmodel["flavors"]["python_function"].update(code="code", python_model="python_model.pkl")
+    (model / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    pytest.importorskip("onnx")
+    _foreign_graph(model / "data" / "medseg_model" / "network.onnx")
+    tampered = Trained(str(model), segmentation_model.run_id, segmentation_model.tracking_uri)
+
+    with pytest.raises(pytest.fail.Exception, match="did not come up"):
+        with _served(tampered, tmp_path / "server", startup_timeout_s=120,
+                     extra_env={"MEDSEG_BACKEND": "onnxruntime"}):
+            pass
+    log = (tmp_path / "server" / "serve.log").read_text(errors="replace")
+    for named in ("- MLmodel: expected no code entry", "- code: expected", "- python_model.pkl: expected",
+                  "- data/medseg_model/network.onnx: expected"):
+        assert named in log, log[-3000:]
+    assert not marker.exists(), "the tampered model's code ran in the server"
+
+
+class _Canary:
+    """Unpickling this creates the marker file: the stand-in for a pickled python_model's code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        return (open, (self.path, "w"))
 
 
 # ----------------------------------------------------------------------------------- registry
 
 
 def test_champion_alias_names_the_trained_model_for_predictor_and_pyfunc(
-        segmentation_model: Trained, oblique_scan: Path, tmp_path: Path) -> None:
+        segmentation_model: Trained, oblique_scan: Path, roots: Roots) -> None:
     alias_uri = f"models:/{REGISTERED_NAME}@champion"
     version = MlflowClient(segmentation_model.tracking_uri).get_model_version_by_alias(REGISTERED_NAME, "champion")
     assert version.run_id == segmentation_model.run_id
@@ -343,9 +460,8 @@ def test_champion_alias_names_the_trained_model_for_predictor_and_pyfunc(
     assert prediction.label_map is not None and prediction.label_map.shape == original.shape
     np.testing.assert_allclose(prediction.affine, original.affine, atol=1e-5)
 
-    frame = mlflow.pyfunc.load_model(alias_uri).predict(pd.DataFrame({"path": [str(oblique_scan)]}),
-                                                        params={"output_dir": str(tmp_path / "out")})
-    (row,) = frame.to_dict("records")
+    frame = mlflow.pyfunc.load_model(alias_uri).predict(pd.DataFrame({"path": [roots.add(oblique_scan)]}))
+    (row,) = [roots.output_of(r) for r in frame.to_dict("records")]
     assert row["status"] == "ok"
     _assert_mask_on_nifti_grid(row, oblique_scan)
     assert {name: int(row[f"voxels_{name}"]) for name in ("blob1", "blob2")} == prediction.voxels
