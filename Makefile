@@ -93,7 +93,7 @@ medmnist: $(VENV)/.installed
 # The README's results tables: each target trains the configs behind one table with `medseg run` (runs
 # in runs/, tracked in runs/mlflow.db) and writes benchmarks/results/<name>.json and .md, with held-out
 # test metrics, epochs, minutes, the commit and the machine. Times are for this project's 2-core CPU.
-.PHONY: results results-hippocampus results-medmnist results-recon results-demo results-calibration results-uncertainty results-plan
+.PHONY: results results-hippocampus results-medmnist results-recon results-demo results-calibration results-uncertainty results-plan results-numbered
 # medseg plan on every dataset, each planned config run unedited -> plan.md (about 3 hours on 2 cores; needs
 # highdicom, the dev extras have it)
 results-plan: medmnist $(VENV)/.installed-dev
@@ -125,6 +125,12 @@ results-medmnist: medmnist
 # about 80 minutes -> reconstruction.md
 results-recon: $(VENV)/.installed
 	$(BIN)/python benchmarks/run_results.py recon
+
+# issue #32: the 624 PneumoniaMNIST test images as test_0000..test_0623.nii.gz predicted as 624 cases (AUC
+# against the run's own test AUC), and a 2-channel nnU-Net folder still one case per 2 files: about 4 minutes
+# (MODEL=<a finished medmnist_pneumonia run folder> skips the training) -> numbered_files.md
+results-numbered: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_numbered_files.py --npz $(MEDMNIST)/pneumoniamnist.npz $(if $(MODEL),--model $(MODEL))
 
 # the demo config: about 2 minutes -> demo.md
 results-demo: $(VENV)/.installed
