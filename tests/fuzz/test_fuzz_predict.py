@@ -158,14 +158,14 @@ def test_an_output_folder_that_cannot_be_written_is_refused_up_front(predictor: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     _good_scan(tmp_path / "in" / "scan.nii.gz", seed=210)
     (tmp_path / "out").mkdir()
-    real_open = open
+    real_open = os.open
 
-    def read_only_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
-        if str(file).endswith(".lock") and any(m in mode for m in "wa+"):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
-        return real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+    def read_only_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".lock") and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("builtins.open", read_only_open)
+    monkeypatch.setattr("os.open", read_only_open)
     with pytest.raises(RunError, match=r"--output .*out: cannot write there \(Read-only file system\)"):
         predictor.predict_folder(tmp_path / "in", tmp_path / "out", progress=False)
 
