@@ -31,6 +31,8 @@ _EXPORTS = {
     "list_models": "medseg.api",
     "train": "medseg.api",
     "verify": "medseg.api",
+    "evaluate": "medseg.api",
+    "check_model": "medseg.api",
     "describe": "medseg.api",
     "build_manifest": "medseg.api",
     "build_manifest_from_layout": "medseg.api",
@@ -55,7 +57,7 @@ _EXPORTS = {
 __all__ = [
     "DatasetLayout", "build_manifest_from_layout", "detect_layout",
     "BatchReport", "CaseResult", "Prediction", "Predictor", "RunConfig", "RunResult", "Task", "VerifyReport",
-    "__version__", "build_manifest", "calibrate_run", "convert_model", "describe", "export_model", "get_task", "import_medmnist", "list_models", "list_tasks",
+    "__version__", "build_manifest", "calibrate_run", "convert_model", "check_model", "describe", "evaluate", "export_model", "get_task", "import_medmnist", "list_models", "list_tasks",
     "load_config", "plan", "race_plan", "train", "validate_config", "verify",
 ]
 
@@ -67,9 +69,11 @@ if TYPE_CHECKING:
         build_manifest,
         build_manifest_from_layout,
         calibrate_run,
+        check_model,
         convert_model,
         describe,
         detect_layout,
+        evaluate,
         export_model,
         import_medmnist,
         list_models,

@@ -21,7 +21,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -621,6 +621,29 @@ def check_model(uri: str | Path, *, tracking_uri: str | None = None) -> Any:
     _tracking(tracking_uri)
     with local_model_folder(str(uri)) as (folder, _):
         return check_model_folder(folder)
+
+
+def evaluate(predictions: str | Path, references: str | Path, *, labels: Mapping[int, str] | str | None = None,
+             out: str | Path | None = None) -> Any:
+    """``medseg evaluate``: score a folder of predicted label maps against a folder of references.
+
+    The :class:`~medseg.tasks.segmentation.folder_scores.FolderScores` (per-case Dice, HD95 in mm,
+    volumes in mL; the run-style summed Dice per label) of every reference that has a prediction
+    of the same name, scored by the same code as a run's test split.
+
+    Args:
+        predictions: folder of predicted masks (``medseg predict``'s output folder as it is).
+        references: folder of reference masks (``labelsTs``).
+        labels: value -> name, or ``"1=anterior,2=posterior"``; None: every non-zero value in the references.
+        out: write ``scores.csv`` and ``scores.json`` here.
+
+    Raises:
+        UsageError: a folder is missing or holds no label maps, or ``labels`` is not ``value=name,...``.
+    """
+    from medseg.tasks.segmentation.folder_scores import parse_label_names, score_folders
+
+    named = parse_label_names(labels) if isinstance(labels, str) else labels
+    return score_folders(Path(predictions), Path(references), named, None if out is None else Path(out))
 
 
 PICKLE_WARNING = ("converting unpickles {source}, which runs whatever code the file holds: only convert a model "

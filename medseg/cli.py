@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--report", type=Path, help="where to write the JSON report (default: beside the manifest)")
     verify.add_argument("--no-progress", action="store_true")
 
+    evaluate = sub.add_parser("evaluate", help="score a folder of predicted masks against reference masks "
+                                               "(Dice, HD95 mm, volumes mL per case and label)")
+    evaluate.add_argument("predictions", type=Path, help="folder of predicted masks (medseg predict's --output)")
+    evaluate.add_argument("references", type=Path, help="folder of reference masks of the same names (labelsTs)")
+    evaluate.add_argument("--labels", help="value=name pairs to score, e.g. 1=anterior,2=posterior "
+                                           "(default: every non-zero value in the references)")
+    evaluate.add_argument("-o", "--output", type=Path, help="write scores.csv and scores.json here")
+
     predict = sub.add_parser("predict", help="predict every scan in a folder with a trained model")
     predict.add_argument("--model", required=True, action="append",
                          help="MLflow model URI (runs:/<id>/model, models:/<name>/<version>, models:/m-...) or folder; "
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     handlers = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
                 "predict": _cmd_predict, "model": _cmd_model,
-                "export": _cmd_export, "serve": _cmd_serve}
+                "export": _cmd_export, "serve": _cmd_serve, "evaluate": _cmd_evaluate}
     if args.command not in handlers:
         parser.print_help()
         return EXIT_USAGE
@@ -422,6 +430,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if summary.get("review"):
         print(f"review: {summary['review']}")
     return EXIT_OK if batch.n_failed == 0 else EXIT_FAILED
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import medseg
+
+    scores = medseg.evaluate(args.predictions, args.references, labels=args.labels, out=args.output)
+    print(scores.table())
+    print(f"{scores.scored} cases scored" + (f", {len(scores.failed)} failed" if scores.failed else "")
+          + (f", {len(scores.unpaired)} predictions without a reference" if scores.unpaired else ""))
+    for case_id, why in scores.failed.items():
+        print(f"  FAILED {case_id}: {why}")
+    for name, path in scores.files.items():
+        print(f"{name}: {path}")
+    return EXIT_OK if not scores.failed else EXIT_FAILED
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -46,8 +46,8 @@ def _hostile_folder(folder: Path, seed: int) -> dict[str, str]:
     for suffix, source in sources.items():
         stem = suffix.strip(".").replace(".", "_")
         # DICOM files of one folder make one series: each damaged one gets a folder of its own
-        where = (lambda name: folder / name / f"{name}{suffix}") if suffix == ".dcm" else (
-            lambda name: folder / f"{name}{suffix}")
+        where = (lambda name, sfx=suffix: folder / name / f"{name}{sfx}") if suffix == ".dcm" else (
+            lambda name, sfx=suffix: folder / f"{name}{sfx}")
         for name in (f"empty_{stem}", f"cut_{stem}", f"flip_{stem}"):
             where(name).parent.mkdir(parents=True, exist_ok=True)
         case_id = (lambda name: f"{name}__{name}") if suffix == ".dcm" else (lambda name: name)

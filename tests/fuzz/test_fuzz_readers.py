@@ -69,7 +69,7 @@ def test_empty_truncated_and_bit_flipped_files_keep_the_promise(tmp_path: Path, 
 def test_many_bit_flipped_files_keep_the_promise(tmp_path: Path, suffix: str) -> None:
     source = good_files(tmp_path / "good", seed=2)[suffix]
     rng = random.Random(f"slow-flip{suffix}")
-    for i in range(SLOW):
+    for _ in range(SLOW):
         target = bit_flipped(source, tmp_path / f"flip{suffix}", rng, flips=rng.choice((1, 2, 4, 16, 64)))
         keeps_promise(target, f"bit-flipped {suffix}")
         if rng.random() < 0.3:
