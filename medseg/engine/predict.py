@@ -32,7 +32,7 @@ from monai.data.utils import to_affine_nd
 from torch import nn
 from tqdm import tqdm
 
-import medseg
+from medseg._version import __version__ as medseg_version
 from medseg.engine.model_format import NetworkBuilder, local_model_folder, read_model_folder
 from medseg.engine.model_format import build_network as build_model_network
 from medseg.engine.report import ReportAppender, finished_rows
@@ -578,7 +578,7 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         "source_run_id": model.source_run_id,
         "task": model.task,
         "contract": model.contract,
-        "medseg_version": medseg.__version__,
+        "medseg_version": medseg_version,
         "device": str(device),
         "input": str(input_dir),
         "output": str(output_dir),
@@ -683,7 +683,7 @@ def _claim_output_folder(output_dir: Path, model: LoadedModel, overwrite: bool) 
                 f"{str(earlier.get('weights_id'))[:12]}…); this one ({model.uri}) has weights {model.weights_id[:12]}…. "
                 "Use --overwrite to re-predict every case with this model, or another --output folder")
     atomic_write_text(stamp, json.dumps({"weights_id": model.weights_id, "weights_sha256": list(model.weights_sha256),
-                                         "model_uri": model.uri, "medseg_version": medseg.__version__}, indent=2))
+                                         "model_uri": model.uri, "medseg_version": medseg_version}, indent=2))
 
 
 def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overwrite: bool,

@@ -42,7 +42,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-import medseg
+from medseg._version import __version__ as medseg_version
 from medseg.io.atomic import atomic_write_text
 from medseg.io.readers import load_volume
 
@@ -559,7 +559,7 @@ def write_review(results: Sequence[CaseResult], path: Path, *, task: str, model_
 <dt>QC thresholds</dt><dd>{_e(thresholds)}</dd>
 {f"<dt>labels</dt><dd class='legend'>{legend}</dd>" if legend else ""}
 <dt>files</dt><dd>{header_links}</dd>
-<dt>written</dt><dd>{_e(time.strftime("%Y-%m-%d %H:%M:%S"))} by medseg {_e(medseg.__version__)}; click a column header to sort, # for worst first again</dd>
+<dt>written</dt><dd>{_e(time.strftime("%Y-%m-%d %H:%M:%S"))} by medseg {_e(medseg_version)}; click a column header to sort, # for worst first again</dd>
 </dl>
 </header>
 <table id="cases">

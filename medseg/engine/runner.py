@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-import medseg
+from medseg._version import __version__ as medseg_version
 from medseg.config import RunConfig, config_to_dict, dump_config, flatten
 from medseg.data.manifest import Manifest, file_sha256, read_manifest
 from medseg.data.verify import VerifyOptions, verify_run_data
@@ -199,7 +199,7 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         dump_config(cfg, run_dir / "resolved_config.yaml")
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
         tags = {
-            "medseg_version": medseg.__version__,
+            "medseg_version": medseg_version,
             "git_commit": git_commit(),
             "mlflow.source.git.commit": git_commit(),
             "manifest_sha256": file_sha256(manifest_path),
@@ -421,7 +421,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
         datasets = manifest_datasets(cfg, read_manifest(cfg.data.manifest))
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
         name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{parent_dir.name}-{count}{kind.value}"
-        parent_id = tracker.start(name, {"medseg_version": medseg.__version__, "git_commit": git_commit(),
+        parent_id = tracker.start(name, {"medseg_version": medseg_version, "git_commit": git_commit(),
                                          "manifest_sha256": file_sha256(cfg.data.manifest), "task": str(cfg.task),
                                          "medseg.repeat": kind.value, "medseg.repeat_count": str(count),
                                          "run_dir": str(parent_dir.resolve())}, run_id=previous)
