@@ -465,13 +465,15 @@ class Predictor:
                                              self.device, tracker, found), self.model)
 
     def predict_paths(self, paths: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
-                      save_probabilities: bool = False, progress: bool = False, review: bool = False) -> BatchReport:
+                      save_probabilities: bool = False, progress: bool = False, review: bool = False,
+                      time_limit_s: float | None = None) -> BatchReport:
         """Predict the scans at ``paths`` (files, DICOM series folders or folders of scans) into ``output``,
         as one batch: what a served model does with a column of paths. A path that does not exist
         is a failed row, the others go on. No review page unless ``review``: a served request's
-        answer is its table."""
+        answer is its table. With ``time_limit_s``, cases not started within it are failed rows
+        saying so (the case running then finishes)."""
         options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities, progress=progress,
-                          review=review)
+                          review=review, time_limit_s=time_limit_s)
         check_options(options, self.task.name, self.task.predict_options)
         found = discover_paths([Path(p) for p in paths], self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)

@@ -80,10 +80,14 @@ class PredictOptions:
     measured: bool = False  # the inputs already are the degraded images (reconstruction)
     qc: tuple[tuple[str, float], ...] = ()  # QC thresholds overriding the contract's (segmentation)
     review: bool = True  # write review.html: every case's row and thumbnail, worst first (every task)
+    # a served request's time limit (s): cases not started by then fail with the reason, so the
+    # work stops at the next case instead of running on after the client was answered
+    time_limit_s: float | None = None
 
 
 #: Options every task honours.
-COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "progress", "allow_constant", "review"})
+COMMON_OPTIONS = frozenset({"device", "overwrite", "num_parts", "part_id", "progress", "allow_constant", "review",
+                            "time_limit_s"})
 #: How each task-specific option reads on the command line, for messages.
 OPTION_FLAGS = {"tta": "--tta", "overlap": "--overlap", "save_probabilities": "--save-probabilities",
                 "save_uncertainty": "--save-uncertainty",
@@ -546,7 +550,11 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         # one row appended per case (a crash keeps what is done), the whole report written once at the end
         with ReportAppender(report_path, columns) as appender:
             for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
-                results.append(_one_case(predictor, case, output_dir, options.overwrite, previous.get(case.case_id)))
+                if options.time_limit_s is not None and time.monotonic() - started > options.time_limit_s:
+                    results.append(_not_started(case, options.time_limit_s))
+                else:
+                    results.append(_one_case(predictor, case, output_dir, options.overwrite,
+                                             previous.get(case.case_id)))
                 appender.append(results[-1].row())
             appender.finish([r.row() for r in results])
     except OSError as err:  # the disk filled up: stop here, every finished output is whole
@@ -684,6 +692,12 @@ def _claim_output_folder(output_dir: Path, model: LoadedModel, overwrite: bool) 
                 "Use --overwrite to re-predict every case with this model, or another --output folder")
     atomic_write_text(stamp, json.dumps({"weights_id": model.weights_id, "weights_sha256": list(model.weights_sha256),
                                          "model_uri": model.uri, "medseg_version": medseg_version}, indent=2))
+
+
+def _not_started(case: InputCase, limit_s: float) -> CaseResult:
+    return CaseResult(case.case_id, case.shown, "failed",
+                      f"{case.path}: not predicted: the request's time limit of {limit_s:g} s passed before this case "
+                      "started. Send fewer paths per request, or ask the operator to raise the time limit", 0.0)
 
 
 def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overwrite: bool,

@@ -23,6 +23,8 @@ variable                            default                 meaning
 ``MEDSEG_SERVE_WORK_DIR``           (system temp)/medseg-serve-<uid>  0700 folder for uploads
 ``MEDSEG_SERVE_INPUT_ROOT``         unset                   path mode: files requests may name
 ``MEDSEG_SERVE_OUTPUT_ROOT``        unset                   path mode: where request folders go
+``MEDSEG_SERVE_DEVICE``             auto                    ``mlflow models serve`` only: the device
+                                                            (``medseg serve`` takes ``--device``)
 ==================================  ======================  =====================================
 """
 

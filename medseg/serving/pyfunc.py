@@ -19,7 +19,10 @@ A client of a served model is not trusted, so the operator's :class:`~medseg.ser
 * the device is the operator's (``MEDSEG_SERVE_DEVICE``, default ``auto``), loaded once; a
   client's ``params.device`` other than that one is refused, never loaded;
 * at most ``max_rows`` paths per request, ``max_concurrent`` predictions at once (1 when it is 0)
-  and ``queue`` requests waiting; more is answered 429.
+  and ``queue`` requests waiting; more is answered 429;
+* a scan whose header claims more than ``max_voxels`` voxels is a failed row, never read;
+* after ``timeout_s`` the cases not yet started are failed rows saying so: the work stops at the
+  next case (the one running finishes, bounded by ``max_voxels``), not after the client gave up.
 """
 
 from __future__ import annotations
@@ -134,14 +137,21 @@ class MedsegPyfunc:
         for index, path in enumerate(paths):
             try:
                 resolved[index] = str(resolve_inside(input_root, path))
-                accepted.setdefault(resolved[index], str(path))
             except PathRefused as err:
                 refused[index] = str(err)
+                continue
+            too_big = self._too_many_voxels(Path(resolved[index]), str(path))
+            if too_big:
+                refused[index] = too_big
+                del resolved[index]
+            else:
+                accepted.setdefault(resolved[index], str(path))
         root = output_root.resolve()
         out = Path(tempfile.mkdtemp(prefix="request-", dir=root))  # fresh, private: nothing is overwritten
         results = []
         if accepted:
-            report = self.predictor.predict_paths(list(accepted), out, overwrite=False)
+            report = self.predictor.predict_paths(list(accepted), out, overwrite=False,
+                                                  time_limit_s=self.limits.timeout_s)
             results = list(report.results)
         main_column = next(iter(self.predictor.output_columns), None)  # a classifier writes no file per case
         by_input = {result.input: result for result in results}
@@ -157,6 +167,22 @@ class MedsegPyfunc:
         table = pd.DataFrame(rows)
         # a failed row has no values: None (JSON null), not NaN, which strict JSON parsers refuse
         return table.astype(object).where(pd.notna(table), None)
+
+    def _too_many_voxels(self, path: Path, shown: str) -> str | None:
+        """Why a scan is refused unread (its header claims more than ``max_voxels``), else None; a
+        header that cannot be read is left to the predictor, which reports what it found."""
+        from medseg.serving.problems import Problem
+        from medseg.serving.uploads import count_voxels, sniff
+
+        try:
+            kind = sniff(path) if path.is_file() else None
+            voxels = count_voxels(path, kind) if kind is not None else 0
+        except (OSError, Problem):
+            return None
+        if voxels <= self.limits.max_voxels:
+            return None
+        return (f"{shown}: {voxels} voxels in its header; this server predicts at most {self.limits.max_voxels} "
+                "(MEDSEG_SERVE_MAX_VOXELS). Crop or downsample the scan, or ask the operator to raise the limit")
 
     @staticmethod
     def _row(result: Any, path: str, root: Path, main_column: str | None) -> dict[str, Any]:
