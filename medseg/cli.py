@@ -17,6 +17,51 @@ log = logging.getLogger("medseg")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written (the epilogs) and each option's default shown where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        shown = default not in (None, False, [], argparse.SUPPRESS) and not isinstance(action, argparse._VersionAction)
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+#: One or two lines a user can copy, per command (``medseg CMD --help`` ends with them).
+EXAMPLES = {
+    "run": ["medseg run configs/demo_segmentation.yaml",
+            "medseg run configs/hippocampus.yaml --set train.max_minutes=30 --nproc 2",
+            "medseg run --plan ../Task04_Hippocampus --budget 30m"],
+    "plan": ["medseg plan ../Task04_Hippocampus --budget 30m --out configs/hippocampus.yaml --explain"],
+    "validate": ["medseg validate configs/demo_segmentation.yaml --set train.max_epochs=3"],
+    "verify": ["medseg verify data_manifests/demo.csv --config configs/demo_segmentation.yaml"],
+    "evaluate": ["medseg evaluate masks/ labelsTs/ --labels 1=anterior,2=posterior -o scores/"],
+    "predict": ["medseg predict --model runs:/<run_id>/model -i scans/ -o masks/",
+                "medseg predict --model runs/medseg/<parent-timestamp> -i scans/ -o masks/ --tta"],
+    "serve": ["medseg serve runs:/<run_id>/model --port 8080",
+              "curl -F file=@case.nii.gz http://127.0.0.1:8080/predict -o mask.nii.gz"],
+    "export": ["medseg export runs:/<run_id>/model --format onnx --out exported/"],
+    "check": ["medseg model check runs:/<run_id>/model"],
+    "convert": ["medseg model convert old_model/ --out new_model/ --config runs/x/resolved_config.yaml"],
+    "calibrate": ["medseg model calibrate runs/msd_hippocampus/20261201-120000"],
+    "build": ["medseg manifest build --from ../Task04_Hippocampus --out data_manifests/hippocampus.csv --folds 5",
+              "medseg manifest build --from-medmnist pneumoniamnist.npz --out data_manifests/pneumonia.csv"],
+}
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Every parser and subparser: the formatter above and its examples as the epilog."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                if name in EXAMPLES and child.epilog is None:
+                    child.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+                _finish_help(child)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="YAML config, e.g. configs/demo_segmentation.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -25,7 +70,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description="Medical imaging pipelines on MONAI + MLflow.")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    from medseg._version import __version__
+
+    parser.add_argument("--version", action="version", version=__version__, help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command")
 
@@ -75,18 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="race the candidates the rules leave open (successive halving on fold 0, at most a third "
                            "of the budget; the runs land in MLflow) and write the winner, its budget less the race")
     plan.add_argument("--explain", action="store_true", help="print every choice beside nnU-Net's default and why")
-    plan.add_argument("--no-progress", action="store_true")
+    plan.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
     validate = sub.add_parser("validate", help="check a config (keys, values, model) without running it")
     _add_config_args(validate)
 
     verify = sub.add_parser("verify", help="check a data manifest: files, geometry, labels, leakage")
-    verify.add_argument("manifest", type=Path)
+    verify.add_argument("manifest", type=Path, help="the manifest CSV, e.g. data_manifests/demo.csv")
     verify.add_argument("--root", type=Path, help="data root (default: from --config, else $MEDSEG_DATA_ROOT)")
     verify.add_argument("--config", type=Path, help="take the data root and label map from this config")
     verify.add_argument("--labels", help="allowed label values, comma-separated, e.g. 0,1,2")
     verify.add_argument("--report", type=Path, help="where to write the JSON report (default: beside the manifest)")
-    verify.add_argument("--no-progress", action="store_true")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
     evaluate = sub.add_parser("evaluate", help="score a folder of predicted masks against reference masks "
                                                "(Dice, HD95 mm, volumes mL per case and label)")
@@ -101,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="MLflow model URI (runs:/<id>/model, models:/<name>/<version>, models:/m-...) or folder; "
                               "repeat it, or give a --seeds/--folds parent (runs:/<parent id> or its run directory), "
                               "to average an ensemble")
-    predict.add_argument("--input", type=Path, required=True, help="folder of scans (searched recursively) or one file")
-    predict.add_argument("--output", type=Path, required=True, help="folder for masks and the report")
+    predict.add_argument("-i", "--input", type=Path, required=True, help="folder of scans (searched recursively) or one file")
+    predict.add_argument("-o", "--output", type=Path, required=True, help="folder for masks and the report")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's contract)")
     predict.add_argument("--tta", action="store_true", help="average predictions over all axis flips")
@@ -133,13 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "$MEDSEG_BACKEND, else auto")
     predict.add_argument("--no-review", action="store_true",
                          help="do not write review.html (every case's row and thumbnail, worst QC first)")
-    predict.add_argument("--no-progress", action="store_true")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
     serve = sub.add_parser("serve", help="serve a model over HTTP to untrusted clients: scans in, masks and rows out "
                                          "(see docs/serving.md)")
     serve.add_argument("model", help="model URI or folder (as for predict --model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=int, default=8080, help="TCP port to listen on")
     serve.add_argument("--device", default="cpu", help="where every prediction runs (fixed here, never per request)")
     serve.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"],
                        help="what runs the network (as for predict; default $MEDSEG_BACKEND, else auto)")
@@ -161,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a model's network (ONNX or TorchScript) with its contract")
     export.add_argument("model", help="model URI or folder (as for predict --model)")
-    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                        help="ONNX (ONNX Runtime, OpenVINO, TensorRT) or TorchScript (libtorch)")
     export.add_argument("--out", type=Path, required=True, help="folder to write (model files + network)")
     export.add_argument("--tracking-uri", help="MLflow store of a runs:/ or models:/ model")
 
@@ -205,12 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: data/<file name> under the working directory)")
     build.add_argument("--labels", help="with --from-medmnist: class names, e.g. 0=normal,1=pneumonia "
                                         "(default: MedMNIST's names for the known sets)")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--val-fraction", type=float, default=0.2)
-    build.add_argument("--test-fraction", type=float, default=0.0)
+    build.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    build.add_argument("--val-fraction", type=float, default=0.2, help="share of the cases for validation")
+    build.add_argument("--test-fraction", type=float, default=0.0,
+                       help="share of the cases held out for testing (a test folder such as imagesTs is better)")
     build.add_argument("--folds", type=int, help="k folds instead of a train/val split")
     build.add_argument("--subject-pattern", help="regex with a (?P<subject>...) group applied to case ids")
     build.add_argument("--limit", type=int, help="keep only the first N cases")
+    _finish_help(parser)
     return parser
 
 
@@ -234,11 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if args.version:
-        import medseg
-
-        print(medseg.__version__)
-        return EXIT_OK
     handlers = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
                 "predict": _cmd_predict, "model": _cmd_model,
                 "export": _cmd_export, "serve": _cmd_serve, "evaluate": _cmd_evaluate}

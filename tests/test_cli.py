@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,36 @@ def test_verify_the_shipped_demo_manifest(tmp_path: Path, capsys: pytest.Capture
     assert code == EXIT_OK
     assert "40 cases, 0 error(s)" in capsys.readouterr().out
     assert report.is_file()
+
+
+
+def _subparser(*command: str) -> argparse.ArgumentParser:
+    from medseg.cli import build_parser
+
+    parser = build_parser()
+    for name in command:  # walk down to the subparser
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+@pytest.mark.parametrize("command", [("run",), ("plan",), ("predict",), ("evaluate",), ("serve",),
+                                     ("manifest", "build"), ("model", "check")])
+def test_each_command_help_ends_with_an_example_and_every_option_is_explained(command: tuple[str, ...]) -> None:
+    parser = _subparser(*command)
+    assert f"medseg {' '.join(command)}" in parser.format_help().split("examples:")[1]
+    unexplained = [a.dest for a in parser._actions if not a.help and a.dest != "help"
+                   and not isinstance(a, argparse._SubParsersAction)]
+    assert unexplained == []
+
+
+def test_help_shows_defaults_and_predict_takes_short_input_output_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "(default: 0.2)" in _subparser("manifest", "build").format_help()
+    predict_help = _subparser("predict").format_help()
+    assert "-i INPUT, --input INPUT" in predict_help and "-o OUTPUT, --output OUTPUT" in predict_help
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    from medseg._version import __version__
+
+    assert capsys.readouterr().out.strip() == __version__
