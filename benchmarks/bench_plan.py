@@ -311,6 +311,11 @@ def merge(section: str, key: str, record: Any, command: str) -> dict[str, Any]:
     return report
 
 
+def _epochs(value: Any) -> str:
+    """Epochs of one run, or their mean over seeds (a float), to one decimal."""
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def _m(metrics: dict[str, Any], key: str, digits: int = 3) -> str:
     value = metrics.get(key)
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -386,7 +391,7 @@ def render(report: dict[str, Any]) -> str:
                 std = m.get("test/auc_std")
                 seed0, mean, spread = _hand_tuned_medmnist(short)
                 out.append(f"| {short} | {rec['budget_minutes']:g} | resnet18 x{cfg['model']['widen_factor']} | "
-                           f"{rec['run'].get('epochs') or cfg['train']['max_epochs']} | "
+                           f"{_epochs(rec['run'].get('epochs') or cfg['train']['max_epochs'])} | "
                            f"{', '.join(a['name'] for a in cfg['augment'])} | "
                            f"{len(rec['run']['seeds'])} | **{_m(m, 'test/auc')}**"
                            + (f" ± {std:.3f}" if std is not None else "") + f" | {_m(m, 'test/acc')} | "
