@@ -276,12 +276,14 @@ def verify(manifest: str | Path | Manifest, *, config: RunConfig | str | Path | 
         root = root if root is not None else cfg.data.resolved_root()
     if labels is not None:
         options = replace(options, labels=list(labels))
+    options, root = _from_sidecar(manifest, options, root, config is None)
     if root is None:
         from medseg.config import DATA_ROOT_ENV
 
         env = os.environ.get(DATA_ROOT_ENV)
         if not env:
-            raise ConfigError(f"verify: no data root; pass root=DIR (--root), a config, or set ${DATA_ROOT_ENV}")
+            raise ConfigError(f"verify: no data root; pass root=DIR (--root), a config, or set ${DATA_ROOT_ENV} "
+                              "(a manifest built by `medseg manifest build` remembers its root in <name>.meta.json)")
         root = env
     if options.labels is None:
         log.warning("no label map given (labels or a config): label values are not checked")
@@ -289,6 +291,28 @@ def verify(manifest: str | Path | Manifest, *, config: RunConfig | str | Path | 
     if report is not None:
         result.write(Path(report))
     return result
+
+
+def _from_sidecar(manifest: str | Path | Manifest, options: VerifyOptions, root: str | Path | None,
+                  labels_from_sidecar: bool) -> tuple[VerifyOptions, str | Path | None]:
+    """The root and label values a built manifest remembers (``<name>.meta.json``), where neither the
+    caller nor a config gave them."""
+    from medseg.data.sidecar import read_sidecar
+
+    path = manifest.path if isinstance(manifest, Manifest) else Path(manifest)
+    info = read_sidecar(path) if path is not None else None
+    if info is None or path is None:
+        return options, root
+    if root is None:
+        log.info("data root %s (from %s.meta.json)", info.root, path.stem)
+        root = info.root
+    if labels_from_sidecar:  # no config: the manifest's own label column and label map
+        if info.class_labels:
+            options = replace(options, class_labels=True)
+        if options.labels is None and info.labels:
+            values = sorted(info.labels) if info.class_labels else sorted({0, *info.labels})
+            options = replace(options, labels=values)
+    return options, root
 
 
 # ----------------------------------------------------------------------------------- predict
@@ -774,6 +798,10 @@ def _describe_dataset(dataset: Path, root: Path | None, manifest_path: Path | No
     from medseg.data.manifest import read_manifest
 
     if dataset.suffix.lower() == ".csv" and dataset.is_file() and _is_medseg_manifest(dataset):
+        from medseg.data.sidecar import read_sidecar
+
+        remembered = read_sidecar(dataset)
+        root = root if root is not None else (remembered.root if remembered else None)
         if root is None:
             raise UsageError(f"{dataset} is a manifest: give --root, the folder its paths start from")
         manifest_path, dataset = dataset, root

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check a data manifest: files, geometry, labels, leakage")
     verify.add_argument("manifest", type=Path, help="the manifest CSV, e.g. data_manifests/demo.csv")
-    verify.add_argument("--root", type=Path, help="data root (default: from --config, else $MEDSEG_DATA_ROOT)")
+    verify.add_argument("--root", type=Path, help="data root (default: from --config, else the one `manifest build` "
+                                                  "kept in <manifest>.meta.json, else $MEDSEG_DATA_ROOT)")
     verify.add_argument("--config", type=Path, help="take the data root and label map from this config")
     verify.add_argument("--labels", help="allowed label values, comma-separated, e.g. 0,1,2")
     verify.add_argument("--report", type=Path, help="where to write the JSON report (default: beside the manifest)")
@@ -566,7 +567,8 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
                                           subject_pattern=args.subject_pattern, limit=args.limit)
     splits = manifest_summary(manifest)
     print(f"{args.out}: {len(manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in splits.items())}); "
-          f"paths relative to {args.source}")
+          f"paths relative to {args.source}; root and labels kept in {args.out.with_suffix('.meta.json')}, so "
+          f"`medseg verify {args.out}` needs no --root")
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medseg.data.sidecar import ManifestInfo, write_sidecar
 from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_write_text
 from medseg.io.discovery import FileGroup, group_channel_files
@@ -496,7 +497,15 @@ def build_manifest_from_layout(
         split = assign_splits(hashed, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, folds=folds)
     manifest = Manifest(path=Path(out), cases=tuple(split))
     write_manifest(manifest, out)
+    labelled = [c.label for c in split if c.label]
+    write_sidecar(Path(out), ManifestInfo(root=layout.root, task=layout.task_hint, labels=layout.labels,
+                                          channels=layout.channel_names, layout=layout.kind,
+                                          class_labels=bool(labelled) and all(_is_int(v) for v in labelled)))
     return manifest
+
+
+def _is_int(text: str) -> bool:
+    return text.strip().lstrip("-").isdigit()
 
 
 def _keep_layout_splits(cases: list[Case], seed: int, val_fraction: float, folds: int | None) -> list[Case]:

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from medseg.data.manifest import Case, Manifest, ManifestError, sha256_of, write_manifest
+from medseg.data.sidecar import ManifestInfo, write_sidecar
 from medseg.io.atomic import atomic_path, atomic_write_text
 
 SPLITS = ("train", "val", "test")
@@ -140,6 +141,8 @@ def import_medmnist(npz: Path, out: Path, data_dir: Path, labels: Mapping[int, s
                           unit="image"))
     manifest = Manifest(Path(out), tuple(cases))
     write_manifest(manifest, out)
+    write_sidecar(Path(out), ManifestInfo(root=Path(data_dir), task="classification", labels=dict(names),
+                                          channels=None, layout="medmnist", class_labels=True))
     size = tuple(int(s) for s in arrays["train_images"].shape[1:1 + dims])
     info = {"source": str(npz), "source_sha256": sha256_of(npz), "labels": {str(k): v for k, v in names.items()},
             "spatial_dims": dims, "channels": channels, "size": list(size)}

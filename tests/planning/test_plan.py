@@ -111,8 +111,17 @@ def test_bad_budget_and_tasks_without_planner_say_what_to_do(ct_msd: Path, tmp_p
     with pytest.raises(UsageError, match=r"--budget '0m': must be more than zero"):
         medseg.plan(ct_msd, budget="0m", manifest=tmp_path / "m.csv", probe=False, progress=False)
     medseg.build_manifest(ct_msd, tmp_path / "x.csv")
+    (tmp_path / "x.meta.json").unlink()  # a manifest written by hand: nothing says where its files are
     with pytest.raises(UsageError, match=r"is a manifest: give --root"):
         medseg.plan(tmp_path / "x.csv", budget="1m", probe=False, progress=False)
+
+
+def test_a_built_manifest_plans_without_root(ct_msd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    medseg.build_manifest(ct_msd, tmp_path / "x.csv")
+    monkeypatch.chdir(tmp_path)
+    planned = medseg.plan(tmp_path / "x.csv", budget="1m", probe=False, progress=False)
+    assert planned.config["data"]["labels"][0] == "background"
+    assert Path(planned.config["data"]["root"]).resolve() == ct_msd.resolve()
 
 
 def test_thick_slice_ct_in_dicom_and_nrrd_plans_in_plane_first_with_a_rare_class_sampler(tmp_path: Path) -> None:
