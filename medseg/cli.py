@@ -11,6 +11,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("medseg")
 
@@ -76,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command")
 
+    _add_run_and_plan(sub)
+    _add_data_commands(sub)
+    _add_predict(sub)
+    _add_serve_and_export(sub)
+    _add_model_and_manifest(sub)
+    _finish_help(parser)
+    return parser
+
+
+def _add_run_and_plan(sub: Any) -> None:
+    """``run`` and ``plan``."""
     run = sub.add_parser("run", help="run the pipeline of a config (verify, train, evaluate, log the model)")
     run.add_argument("config", type=Path, nargs="?",
                      help="YAML config, e.g. configs/demo_segmentation.yaml (or --plan DATASET instead)")
@@ -124,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--explain", action="store_true", help="print every choice beside nnU-Net's default and why")
     plan.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
+
+def _add_data_commands(sub: Any) -> None:
+    """``validate``, ``verify`` and ``evaluate``."""
     validate = sub.add_parser("validate", help="check a config (keys, values, model) without running it")
     _add_config_args(validate)
 
@@ -144,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(default: every non-zero value in the references)")
     evaluate.add_argument("-o", "--output", type=Path, help="write scores.csv and scores.json here")
 
+
+def _add_predict(sub: Any) -> None:
+    """``predict``."""
     predict = sub.add_parser("predict", help="predict every scan in a folder with a trained model")
     predict.add_argument("--model", required=True, action="append",
                          help="MLflow model URI (runs:/<id>/model, models:/<name>/<version>, models:/m-...) or folder; "
@@ -183,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="do not write review.html (every case's row and thumbnail, worst QC first)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
+
+def _add_serve_and_export(sub: Any) -> None:
+    """``serve`` and ``export``."""
     serve = sub.add_parser("serve", help="serve a model over HTTP to untrusted clients: scans in, masks and rows out "
                                          "(see docs/serving.md)")
     serve.add_argument("model", help="model URI or folder (as for predict --model)")
@@ -214,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="folder to write (model files + network)")
     export.add_argument("--tracking-uri", help="MLflow store of a runs:/ or models:/ model")
 
+
+def _add_model_and_manifest(sub: Any) -> None:
+    """``model check|convert|calibrate`` and ``manifest build``."""
     model = sub.add_parser("model", help="model files")
     model_sub = model.add_subparsers(dest="model_command")
     check = model_sub.add_parser(
@@ -261,8 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--folds", type=int, help="k folds instead of a train/val split")
     build.add_argument("--subject-pattern", help="regex with a (?P<subject>...) group applied to case ids")
     build.add_argument("--limit", type=int, help="keep only the first N cases")
-    _finish_help(parser)
-    return parser
+
 
 
 def _qc_threshold(text: str) -> tuple[str, float]:

@@ -536,18 +536,13 @@ def check_output_outside_inputs(output_dir: Path, input_folders: Sequence[Path])
                 f"--output outside {folder}, e.g. {searched.parent / (searched.name + '_predictions')}")
 
 
-def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
-                   options: PredictOptions, device: torch.device, tracker: Any | None, found: Discovery,
-                   cases: Sequence[InputCase], suffix: str) -> BatchReport:
-    _claim_output_folder(output_dir, model, options.overwrite)
-    _remove_stale_temporaries(predictor, cases, output_dir, suffix)
-    report_path = output_dir / f"predictions{suffix}.csv"
-    previous = {} if options.overwrite else finished_rows(report_path)
+def _run_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path, options: PredictOptions,
+               previous: dict[str, dict[str, str]], report_path: Path, started: float) -> list[CaseResult]:
+    """Predict each case; one report row appended per case (a crash keeps what is done), the whole
+    report written once at the end. Cases not started within ``options.time_limit_s`` fail saying so."""
     columns = [*COMMON_COLUMNS, *predictor.output_columns, *predictor.value_columns]
     results: list[CaseResult] = []
-    started = time.monotonic()
     try:
-        # one row appended per case (a crash keeps what is done), the whole report written once at the end
         with ReportAppender(report_path, columns) as appender:
             for case in tqdm(cases, desc="predict", unit="case", disable=not options.progress):
                 if options.time_limit_s is not None and time.monotonic() - started > options.time_limit_s:
@@ -559,6 +554,34 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
             appender.finish([r.row() for r in results])
     except OSError as err:  # the disk filled up: stop here, every finished output is whole
         raise RunError(write_error(report_path, output_dir, err)) from err
+    return results
+
+
+def _review_page(predictor: CasePredictor, model: LoadedModel, report: BatchReport, results: list[CaseResult],
+                 thresholds: dict[str, float], qc_path: Path, review_path: Path, progress: bool) -> Path | None:
+    """``review.html``, or None when it could not be written (a convenience page: every case's output
+    is written, so the failure is logged and the batch goes on)."""
+    try:
+        write_review(results, review_path, task=model.task, model_uri=model.uri, labels=model.label_names,
+                     output_columns=predictor.output_columns, value_columns=predictor.value_columns,
+                     qc_thresholds=thresholds, progress=progress,
+                     links={report.report.name: report.report, report.summary.name: report.summary,
+                            qc_path.name: qc_path})
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("review page %s not written: %s: %s", review_path, type(err).__name__, err)
+        return None
+    return review_path
+
+
+def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
+                   options: PredictOptions, device: torch.device, tracker: Any | None, found: Discovery,
+                   cases: Sequence[InputCase], suffix: str) -> BatchReport:
+    _claim_output_folder(output_dir, model, options.overwrite)
+    _remove_stale_temporaries(predictor, cases, output_dir, suffix)
+    report_path = output_dir / f"predictions{suffix}.csv"
+    previous = {} if options.overwrite else finished_rows(report_path)
+    started = time.monotonic()
+    results = _run_cases(predictor, cases, output_dir, options, previous, report_path, started)
     seconds_total = time.monotonic() - started  # the predictions' time, without the review page's
     task_summary, task_metrics = predictor.summarise(results)
     report = BatchReport(report_path, output_dir / f"predict_summary{suffix}.json", tuple(results))
@@ -567,17 +590,8 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     thresholds = dict(getattr(predictor, "qc", None) or {})
     qc_path = output_dir / f"qc_summary{suffix}.json"
     qc = write_qc_summary(results, thresholds, qc_path)
-    review_path: Path | None = output_dir / f"review{suffix}.html" if options.review else None
-    if review_path is not None:
-        try:
-            write_review(results, review_path, task=model.task, model_uri=model.uri, labels=model.label_names,
-                         output_columns=predictor.output_columns, value_columns=predictor.value_columns,
-                         qc_thresholds=thresholds, progress=options.progress,
-                         links={report_path.name: report_path, report.summary.name: report.summary,
-                                qc_path.name: qc_path})
-        except Exception as err:  # a convenience page: every case's output is written, so report and go on
-            log.warning("review page %s not written: %s: %s", review_path, type(err).__name__, err)
-            review_path = None
+    review_path = (_review_page(predictor, model, report, results, thresholds, qc_path,
+                                output_dir / f"review{suffix}.html", options.progress) if options.review else None)
     summary = {
         "model_uri": model.uri,
         "weights_sha256": list(model.weights_sha256),
