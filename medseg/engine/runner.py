@@ -180,22 +180,7 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
                            "set data.root, --set data.root=... or $MEDSEG_DATA_ROOT")
         # fail before creating anything if the manifest is unusable (or data.fold is not one of its folds)
         datasets = manifest_datasets(cfg, read_manifest(manifest_path))
-        if resume:
-            run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
-            check_resumable(run_dir, cfg)
-            _clear_killed_writes(run_dir)
-            previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
-            if not _has_checkpoint(run_dir):
-                log.info("--resume %s: it stopped before its first checkpoint; training starts again from epoch 0 "
-                         "in the same MLflow run %s", run_dir, previous_run)
-        elif run_dir is None:
-            run_dir, previous_run = _new_run_dir(cfg.output_dir), None
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _clear_killed_writes(run_dir)
-            # A child of --seeds/--folds that died before its first checkpoint starts over, but in
-            # its own MLflow run rather than leaving that one behind as a stray RUNNING child.
-            previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+        run_dir, previous_run = _run_dir_of(cfg, resume, run_dir)
         dump_config(cfg, run_dir / "resolved_config.yaml")
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
         tags = {
@@ -233,13 +218,39 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
         raise
     if not dist.is_main:
         return None
+    return _finish_run(ctx, run_id, dist.world_size, started)
+
+
+def _run_dir_of(cfg: RunConfig, resume: bool | Path, run_dir: Path | None) -> tuple[Path, str | None]:
+    """The run directory (resumed, given or new) and the MLflow run id it already has, if any."""
+    if resume:
+        run_dir = Path(resume) if isinstance(resume, Path) else find_resumable(cfg.output_dir)
+        check_resumable(run_dir, cfg)
+        _clear_killed_writes(run_dir)
+        previous_run = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+        if not _has_checkpoint(run_dir):
+            log.info("--resume %s: it stopped before its first checkpoint; training starts again from epoch 0 "
+                     "in the same MLflow run %s", run_dir, previous_run)
+        return run_dir, previous_run
+    if run_dir is None:
+        return _new_run_dir(cfg.output_dir), None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _clear_killed_writes(run_dir)
+    # A child of --seeds/--folds that died before its first checkpoint starts over, but in
+    # its own MLflow run rather than leaving that one behind as a stray RUNNING child.
+    return run_dir, (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+
+
+def _finish_run(ctx: PipelineContext, run_id: str, world_size: int, started: float) -> Path:
+    """Write and log ``summary.json`` and end the MLflow run as FINISHED."""
+    cfg, tracker = ctx.cfg, ctx.tracker
     summary = {
         "run_id": run_id,
         "model_uri": ctx.model_uri,
         "tracking_uri": cfg.tracking.uri,
         "experiment": cfg.tracking.experiment,
         "run_dir": str(ctx.run_dir.resolve()),
-        "world_size": dist.world_size,
+        "world_size": world_size,
         "wall_minutes": (time.time() - started) / 60,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in ctx.metrics.items()},
         "mlflow_ui": tracker.ui_hint(),
