@@ -666,7 +666,7 @@ def evaluate(predictions: str | Path, references: str | Path, *, labels: Mapping
     Raises:
         UsageError: a folder is missing or holds no label maps, or ``labels`` is not ``value=name,...``.
     """
-    from medseg.tasks.segmentation.folder_scores import parse_label_names, score_folders
+    from medseg.tasks.segmentation.folder_scores import score_folders
 
     named = parse_label_names(labels) if isinstance(labels, str) else labels
     return score_folders(Path(predictions), Path(references), named, None if out is None else Path(out))
@@ -744,17 +744,24 @@ def manifest_summary(manifest: Manifest) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def parse_label_names(text: str) -> dict[int, str]:
-    """``0=normal,1=pneumonia`` -> ``{0: "normal", 1: "pneumonia"}``.
+def parse_label_names(spec: str) -> dict[int, str]:
+    """``"0=normal,1=pneumonia"`` -> ``{0: "normal", 1: "pneumonia"}`` (``--labels`` of ``manifest build``
+    and ``evaluate``).
 
     Raises:
-        ConfigError: a pair is not INDEX=NAME.
+        ConfigError: an item is not ``value=name`` with an integer value, a value repeats, or nothing is given.
     """
-    try:
-        return {int(k): v.strip() for k, v in (item.split("=", 1) for item in text.split(","))}
-    except ValueError:
-        raise ConfigError(f"--labels {text!r}: expected INDEX=NAME pairs, e.g. 0=normal,1=pneumonia") from None
-
+    named: dict[int, str] = {}
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        value, sep, name = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit() or not name.strip():
+            raise ConfigError(f"--labels {spec!r}: {item!r} is not value=name. Expected e.g. 0=normal,1=pneumonia.")
+        if int(value) in named:
+            raise ConfigError(f"--labels {spec!r}: value {int(value)} is named twice. Give each value once.")
+        named[int(value)] = name.strip()
+    if not named:
+        raise ConfigError(f"--labels {spec!r}: no labels given. Expected e.g. 0=normal,1=pneumonia.")
+    return named
 
 
 # ------------------------------------------------------------------------------------ planning

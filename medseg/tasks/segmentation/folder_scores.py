@@ -108,25 +108,6 @@ def score_folders(predictions: Path, references: Path, labels: Mapping[int, str]
     return result
 
 
-def parse_label_names(spec: str) -> dict[int, str]:
-    """``"1=anterior,2=posterior"`` -> ``{1: "anterior", 2: "posterior"}``.
-
-    Raises:
-        UsageError: an item is not ``value=name`` with an integer value, or a value repeats.
-    """
-    named: dict[int, str] = {}
-    for item in (part.strip() for part in spec.split(",") if part.strip()):
-        value, sep, name = item.partition("=")
-        if not sep or not value.strip().lstrip("-").isdigit() or not name.strip():
-            raise UsageError(f"--labels {spec!r}: {item!r} is not value=name. Expected e.g. 1=anterior,2=posterior.")
-        if int(value) in named:
-            raise UsageError(f"--labels {spec!r}: value {int(value)} is named twice. Give each value once.")
-        named[int(value)] = name.strip()
-    if not named:
-        raise UsageError(f"--labels {spec!r}: no labels given. Expected e.g. 1=anterior,2=posterior.")
-    return named
-
-
 def _cases(folder: Path, what: str) -> list[InputCase]:
     folder = Path(folder)
     if not folder.is_dir():

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from medseg.api import parse_label_names
 from medseg.errors import UsageError
-from medseg.tasks.segmentation.folder_scores import parse_label_names, score_folders
+from medseg.tasks.segmentation.folder_scores import score_folders
 from medseg.tasks.segmentation.metrics import SegmentationMetrics
 from tests.conftest import make_case
 
