@@ -305,7 +305,7 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from medseg.engine.predict import peak_rss_mb
+    from medseg.engine.case_io import peak_rss_mb
 
     torch.manual_seed(0)
     array = np.asarray(nib.load(work / "w3" / f"{volume}.nii.gz").dataobj, dtype=np.float32)

@@ -137,8 +137,49 @@ def hippocampus(args: argparse.Namespace) -> dict[str, Any]:
     name = f"hippocampus_{args.budget:g}m"
     # nnU-Net's split: the committed manifest's 52 test cases stay held out, the other 208 are spread over
     # 5 folds and all of them train (data_manifests/msd_hippocampus_folds.csv, medseg.data.manifest.with_folds)
-    return plan_and_run(name, rel(folder), args.budget, ["--manifest", "data_manifests/msd_hippocampus_folds.csv",
-                                                         "--name", name], work=args.work)
+    record = plan_and_run(name, rel(folder), args.budget, ["--manifest", "data_manifests/msd_hippocampus_folds.csv",
+                                                           "--name", name], work=args.work)
+    if args.test_time:
+        record["test_time"] = _test_time_variants(Path(record["run"]["run_dir"]) / "model", folder,
+                                                  REPO / "data_manifests" / "msd_hippocampus_folds.csv")
+    return record
+
+
+#: What ``--test-time`` scores on the held-out cases: the plain prediction (the run's own test
+#: figure, recomputed), nnU-Net's mirroring over every axis, and keeping each label's largest component.
+TEST_TIME_VARIANTS = {"plain": {}, "mirror TTA": {"tta": True}, "largest component": {"keep_largest": True},
+                      "mirror TTA + largest component": {"tta": True, "keep_largest": True}}
+
+
+def _test_time_variants(model: Path, root: Path, manifest: Path) -> dict[str, Any]:
+    """The trained model on the manifest's test split under each of :data:`TEST_TIME_VARIANTS`,
+    scored by ``medseg.evaluate`` against the references (Dice summed over cases, as runs report it)."""
+    import os
+    import tempfile
+
+    import medseg
+    from medseg.data.manifest import read_manifest
+
+    cases = [c for c in read_manifest(manifest).cases if c.split == "test"]
+    scores: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="test-time-") as tmp:
+        references = Path(tmp) / "references"
+        references.mkdir()
+        for case in cases:
+            label = case.label_path(root)
+            os.symlink(label, references / label.name)
+        for name, options in TEST_TIME_VARIANTS.items():
+            out = Path(tmp) / re.sub(r"[^a-z]+", "_", name)
+            started = time.perf_counter()
+            predictor = medseg.Predictor.from_uri(str(model), device="cpu", **options)
+            predictor.predict_paths([c.image_paths(root)[0] for c in cases], out)
+            seconds = time.perf_counter() - started
+            folder_scores = medseg.evaluate(out, references)
+            dice = {k: round(v, 4) for k, v in folder_scores.dice.items()}
+            scores[name] = {"options": options, "cases": folder_scores.scored, "dice": dice,
+                            "dice_mean": round(sum(dice.values()) / len(dice), 4), "seconds": round(seconds, 1)}
+            log.info("test time %s: %s", name, scores[name])
+    return scores
 
 
 def medmnist(args: argparse.Namespace) -> dict[str, Any]:
@@ -375,7 +416,8 @@ def render(report: dict[str, Any]) -> str:
                 f"| {rec['run']['splits'].get('test', {}).get('cases')} | {rec['run']['epochs']} | "
                 f"{rec['run']['train_minutes']:.1f} | {_m(m, 'test/dice/Anterior')} | {_m(m, 'test/dice/Posterior')} | "
                 f"**{_m(m, 'test/dice_mean', 4)}** | {hand_tuned} |", "", "What it planned (`--explain`):", "",
-                "```", *rec["explain"], "```", "", "Probe:", "", "```", *rec["probe"], "```", ""]
+                "```", *rec["explain"], "```", "", "Probe:", "", "```", *rec["probe"], "```", "",
+                *_render_test_time(rec.get("test_time"))]
     medmnist_rows = sections.get("medmnist", {})
     if medmnist_rows:
         out += ["## MedMNIST, planned from the imported folders", "",
@@ -427,6 +469,19 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _render_test_time(test_time: dict[str, Any] | None) -> list[str]:
+    """The same model on the same test cases under each test-time variant (``--test-time``)."""
+    if not test_time:
+        return []
+    out = ["Test-time variants of this model (`--test-time`: `medseg predict` options on the test split, scored "
+           "by `medseg evaluate`, Dice summed over cases):", "",
+           "| variant | cases | Dice anterior | Dice posterior | mean Dice | predict s |", "|---|---|---|---|---|---|"]
+    for name, v in test_time.items():
+        dice = list(v["dice"].values())
+        out.append(f"| {name} | {v['cases']} | {dice[0]:.3f} | {dice[1]:.3f} | {v['dice_mean']:.4f} | {v['seconds']} |")
+    return [*out, ""]
+
+
 def _render_tumour(entry: dict[str, Any]) -> list[str]:
     rec = entry["record"]
     planned, labels = rec["planned"], rec["labels_plan"]
@@ -463,6 +518,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=24, help="synthetic-ct: cases to generate")
     parser.add_argument("--only", nargs="*", help="medmnist: some of pneumonia breast adrenal3d")
     parser.add_argument("--work", type=Path, help="where runs go (default runs/planned)")
+    parser.add_argument("--test-time", action="store_true",
+                        help="hippocampus: also score mirror TTA and largest-component post-processing on the test split")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="where plan.json/plan.md go (smoke tests)")
     args = parser.parse_args()
     RESULTS = args.results

@@ -60,7 +60,7 @@ def _worker(args: argparse.Namespace) -> None:
     import mlflow
     import torch
 
-    from medseg.engine.predict import peak_rss_mb
+    from medseg.engine.case_io import peak_rss_mb
 
     mlflow.set_tracking_uri(args.tracking_uri)
     out = Path(args.output)

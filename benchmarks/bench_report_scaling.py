@@ -39,7 +39,9 @@ def _one(n: int) -> dict[str, Any]:
     import torch
 
     from medseg.engine import predict as driver
-    from medseg.engine.predict import CaseResult, LoadedModel, PredictOptions, predict_folder
+    from medseg.engine.model_loading import LoadedModel
+    from medseg.engine.predict import predict_folder
+    from medseg.engine.results import CaseResult, PredictOptions
     from medseg.io.discovery import Discovery, InputCase
 
     class NoWork:

@@ -46,47 +46,101 @@ _EXPORTS = {
     "export_model": "medseg.api",
     "Predictor": "medseg.api",
     "RunResult": "medseg.api",
-    "Prediction": "medseg.engine.predict",
-    "BatchReport": "medseg.engine.predict",
-    "CaseResult": "medseg.engine.predict",
+    "Prediction": "medseg.engine.results",
+    "BatchReport": "medseg.engine.results",
+    "CaseResult": "medseg.engine.results",
     "VerifyReport": "medseg.data.verify",
     "RunConfig": "medseg.config",
     "Task": "medseg.tasks.base",
 }
 
-__all__ = [
-    "DatasetLayout", "build_manifest_from_layout", "detect_layout",
-    "BatchReport", "CaseResult", "Prediction", "Predictor", "RunConfig", "RunResult", "Task", "VerifyReport",
-    "__version__", "build_manifest", "calibrate_run", "convert_model", "check_model", "describe", "evaluate", "export_model", "get_task", "import_medmnist", "list_models", "list_tasks",
-    "load_config", "plan", "race_plan", "train", "validate_config", "verify",
-]
+__all__ = ["__version__", *_EXPORTS]  # noqa: PLE0605 - one list of the public names: _EXPORTS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the same names for type checkers (tests/test_architecture.py keeps them equal)
     from medseg.api import (
-        DatasetLayout,
-        Predictor,
-        RunResult,
-        build_manifest,
-        build_manifest_from_layout,
-        calibrate_run,
-        check_model,
-        convert_model,
-        describe,
-        detect_layout,
-        evaluate,
-        export_model,
-        import_medmnist,
-        list_models,
-        plan,
-        race_plan,
-        train,
-        verify,
+        DatasetLayout as DatasetLayout,
     )
-    from medseg.config import RunConfig
-    from medseg.data.verify import VerifyReport
-    from medseg.engine.predict import BatchReport, CaseResult, Prediction
-    from medseg.tasks.base import Task
-    from medseg.tasks.registry import get_task, list_tasks, load_config, validate_config
+    from medseg.api import (
+        Predictor as Predictor,
+    )
+    from medseg.api import (
+        RunResult as RunResult,
+    )
+    from medseg.api import (
+        build_manifest as build_manifest,
+    )
+    from medseg.api import (
+        build_manifest_from_layout as build_manifest_from_layout,
+    )
+    from medseg.api import (
+        calibrate_run as calibrate_run,
+    )
+    from medseg.api import (
+        check_model as check_model,
+    )
+    from medseg.api import (
+        convert_model as convert_model,
+    )
+    from medseg.api import (
+        describe as describe,
+    )
+    from medseg.api import (
+        detect_layout as detect_layout,
+    )
+    from medseg.api import (
+        evaluate as evaluate,
+    )
+    from medseg.api import (
+        export_model as export_model,
+    )
+    from medseg.api import (
+        import_medmnist as import_medmnist,
+    )
+    from medseg.api import (
+        list_models as list_models,
+    )
+    from medseg.api import (
+        plan as plan,
+    )
+    from medseg.api import (
+        race_plan as race_plan,
+    )
+    from medseg.api import (
+        train as train,
+    )
+    from medseg.api import (
+        verify as verify,
+    )
+    from medseg.config import (
+        RunConfig as RunConfig,
+    )
+    from medseg.data.verify import (
+        VerifyReport as VerifyReport,
+    )
+    from medseg.engine.results import (
+        BatchReport as BatchReport,
+    )
+    from medseg.engine.results import (
+        CaseResult as CaseResult,
+    )
+    from medseg.engine.results import (
+        Prediction as Prediction,
+    )
+    from medseg.tasks.base import (
+        Task as Task,
+    )
+    from medseg.tasks.registry import (
+        get_task as get_task,
+    )
+    from medseg.tasks.registry import (
+        list_tasks as list_tasks,
+    )
+    from medseg.tasks.registry import (
+        load_config as load_config,
+    )
+    from medseg.tasks.registry import (
+        validate_config as validate_config,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -31,23 +31,16 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.config import RunConfig
+from medseg.data.build import build_manifest, build_manifest_from_layout, default_folds
 from medseg.data.layouts import DatasetLayout, dataset_json_names, detect_layout
-from medseg.data.manifest import Manifest, build_manifest, build_manifest_from_layout, default_folds
+from medseg.data.manifest import Manifest
 from medseg.data.medmnist import import_medmnist
 from medseg.data.verify import VerifyOptions, VerifyReport
 from medseg.engine import distributed
+from medseg.engine.model_loading import LoadedModel, load_models
 from medseg.engine.models import list_models as registered_models
-from medseg.engine.predict import (
-    BatchReport,
-    CasePredictor,
-    LoadedModel,
-    Prediction,
-    PredictOptions,
-    check_options,
-    discover_inputs,
-    load_models,
-    predict_folder,
-)
+from medseg.engine.predict import discover_inputs, predict_folder
+from medseg.engine.results import BatchReport, CasePredictor, Prediction, PredictOptions, check_options
 from medseg.engine.runner import RepeatKind, run_pipeline, run_repeated
 from medseg.engine.runtime import resolve_device, tune_allocator
 from medseg.errors import ConfigError, MedsegError, UsageError
@@ -416,7 +409,7 @@ class Predictor:
             case_id: the name used in messages (default: the file's name, or ``image``).
 
         Returns:
-            The :class:`~medseg.engine.predict.Prediction`, on the input's own grid.
+            The :class:`~medseg.engine.results.Prediction`, on the input's own grid.
 
         Raises:
             UsageError: an array without ``affine``. CaseError: the image cannot be read or does not

@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_third_parties()
+    if hasattr(args, "no_progress") and not sys.stderr.isatty():
+        args.no_progress = True  # bars only on a terminal: in a log file they are thousands of lines
     if getattr(args, "no_progress", False):
         import os
 
@@ -345,6 +347,8 @@ def _quiet_third_parties() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("mlflow", "alembic", "urllib3", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MONAI says at import that an optional GPU DICOM decoder is missing; medseg reads DICOM with SimpleITK
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 def _run_argv(args: argparse.Namespace) -> list[str]:

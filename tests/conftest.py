@@ -138,7 +138,7 @@ def tiny_config(tmp_path: Path, dataset: Path, manifest: Path, tracking_uri: str
 @pytest.fixture
 def tiny_run_inputs(tmp_path: Path) -> tuple[Path, Path]:
     """A synthetic MSD dataset (odd shapes, anisotropic oblique grids) and its manifest."""
-    from medseg.data.manifest import build_manifest
+    from medseg.data.build import build_manifest
 
     dataset = write_msd_dataset(tmp_path / "dataset", n_cases=6)
     manifest = tmp_path / "manifest.csv"
@@ -193,7 +193,7 @@ def trained_segmentation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     """A tiny U-Net trained two epochs on 4 synthetic cases, registered as ``tiny-seg`` with the
     alias ``champion``: one model for every test that predicts, loads or tampers with one (copy
     its files before changing them). Predictions only need to be well-formed, not good."""
-    from medseg.data.manifest import build_manifest
+    from medseg.data.build import build_manifest
 
     tmp = tmp_path_factory.mktemp("trained_segmentation")
     dataset = write_msd_dataset(tmp / "dataset", n_cases=4)

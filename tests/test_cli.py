@@ -72,6 +72,17 @@ def test_verify_the_shipped_demo_manifest(tmp_path: Path, capsys: pytest.Capture
     assert report.is_file()
 
 
+def test_progress_bars_only_on_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --no-progress, a command whose stderr is a file or a pipe (a log) draws no bar."""
+    monkeypatch.chdir(REPO)
+    code = main(["verify", "data_manifests/demo_hippocampus.csv", "--config", "configs/demo_segmentation.yaml",
+                 "--report", str(tmp_path / "report.json")])
+    captured = capsys.readouterr()
+    assert code == EXIT_OK and "40 cases, 0 error(s)" in captured.out
+    assert "it/s" not in captured.err and "case/s" not in captured.err and "%|" not in captured.err
+
+
 
 def _subparser(*command: str) -> argparse.ArgumentParser:
     from medseg.cli import build_parser

@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from medseg.config import (
-    ConfigError,
     Rot90Aug,
     RunConfig,
     apply_override,
@@ -21,6 +20,7 @@ from medseg.config import (
     read_config_file,
 )
 from medseg.config import validate_config as validate_as
+from medseg.errors import ConfigError
 from medseg.tasks.classification.config import ClassificationConfig
 from medseg.tasks.reconstruction.config import ReconstructionConfig
 from medseg.tasks.registry import config_types, get_task, load_config, validate_config

@@ -96,3 +96,16 @@ def test_fourth_task_from_an_entry_point_trains_and_predicts_a_folder(tmp_path: 
     assert all(np.isfinite(float(r["predicted_mean"])) for r in rows)
     with pytest.raises(medseg.errors.UsageError, match="--tta: not used by a toy_regression model"):
         medseg.Predictor.from_uri(result.model_uri, device="cpu", tracking_uri=uri, tta=True)
+
+
+def test_the_plugin_reaches_medseg_only_through_the_kit_and_is_short() -> None:
+    """The plug-in surface is ``medseg.tasks.kit``: a whole task imports nothing else of medseg and
+    needs under 120 lines (the engine owns training, evaluation, packaging and batch prediction)."""
+    import ast
+
+    source = (Path(__file__).parent / "plugin_task" / "medseg_toy_task" / "__init__.py").read_text(encoding="utf-8")
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)} | {
+        alias.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import) for alias in node.names}
+    assert {m for m in imported if m and m.startswith("medseg")} == {"medseg.tasks"}
+    assert "from medseg.tasks import kit" in source
+    assert len(source.splitlines()) < 120

@@ -21,7 +21,8 @@ from monai.data import CacheDataset, Dataset, MetaTensor
 from monai.transforms import Compose
 
 from medseg.config import CacheMode, DataConfig
-from medseg.data.manifest import Case, ManifestError, sha256_of
+from medseg.data.manifest import Case, sha256_of
+from medseg.errors import ManifestError
 from medseg.io import safe_tree
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from medseg.data.manifest import ManifestError, sha256_of
+from medseg.data.manifest import sha256_of
 from medseg.data.medmnist import KNOWN_LABELS, SPLITS, _image_kind, _load_arrays
+from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -55,34 +56,7 @@ def write_imagefolder_from_medmnist(npz: Path, out: Path, labels: dict[int, str]
     if limit_per_split is not None and limit_per_split < 0:
         raise ManifestError(f"limit_per_split={limit_per_split}: must be 0 or more (or None for every sample)")
     arrays = _load_arrays(npz)
-    name = npz.name.removesuffix(".npz")
-    kinds = {split: _image_kind(arrays[f"{split}_images"], npz) for split in SPLITS}
-    dims, channels = kinds["train"]
-    if dims != 2:
-        raise ManifestError(
-            f"{npz}: a 3D MedMNIST file (images of shape {arrays['train_images'].shape[1:]}); an ImageFolder "
-            "tree holds 2D pictures only. Use a 2D file (e.g. pneumoniamnist.npz), or import 3D files with "
-            "`medseg manifest build --from-medmnist`."
-        )
-    if len(set(kinds.values())) > 1:
-        raise ManifestError(f"{npz}: the splits hold different kinds of images ((dims, channels) per split: {kinds})")
-    for split in SPLITS:
-        images = arrays[f"{split}_images"]
-        if images.dtype != np.uint8:
-            raise ManifestError(f"{npz}: {split}_images are {images.dtype}, expected uint8 (8-bit MedMNIST pixels)")
-        y = arrays[f"{split}_labels"]
-        if y.ndim == 2 and y.shape[1] > 1:
-            raise ManifestError(f"{npz}: {split}_labels has {y.shape[1]} columns: a multi-label set (like ChestMNIST); "
-                                "an ImageFolder tree gives each image one class")
-    values = sorted({int(v) for s in SPLITS for v in np.unique(arrays[f"{s}_labels"])})
-    names = dict(labels) if labels else KNOWN_LABELS.get(name, {v: f"class_{v}" for v in range(max(values) + 1)})
-    outside = sorted(set(values) - set(names))
-    if outside:
-        raise ManifestError(f"{npz}: labels {outside} are not in the label map {names}; pass labels for every class")
-    bad = [n for n in names.values() if not _FOLDER_NAME.fullmatch(n) or n in (".", "..")]
-    if bad or len(set(names.values())) != len(names):
-        raise ManifestError(f"labels={names}: class names must be distinct plain folder names (letters, digits, "
-                            f"' _.+-', not starting with a dot or dash); bad: {bad or 'duplicates'}")
+    channels, names = _checked_2d_file(npz, arrays, labels)
     class_to_idx = {n: i for i, n in enumerate(sorted(names.values()))}
     if any(class_to_idx[n] != k for k, n in names.items()):
         log.warning("%s: ImageFolder numbers classes by sorted folder name %s, not by MedMNIST's label %s",
@@ -113,3 +87,36 @@ def write_imagefolder_from_medmnist(npz: Path, out: Path, labels: dict[int, str]
     atomic_write_text(out / "medmnist_imagefolder.json", json.dumps(info, indent=2))
     return {"out": str(out), "labels": names, "class_to_idx": class_to_idx, "counts": counts,
             "channels": channels, "size": size}
+
+
+def _checked_2d_file(npz: Path, arrays: dict[str, np.ndarray], labels: dict[int, str] | None) -> tuple[int, dict[int, str]]:
+    """The file's channel count and class names, after refusing what an ImageFolder tree cannot hold."""
+    name = npz.name.removesuffix(".npz")
+    kinds = {split: _image_kind(arrays[f"{split}_images"], npz) for split in SPLITS}
+    dims, channels = kinds["train"]
+    if dims != 2:
+        raise ManifestError(
+            f"{npz}: a 3D MedMNIST file (images of shape {arrays['train_images'].shape[1:]}); an ImageFolder "
+            "tree holds 2D pictures only. Use a 2D file (e.g. pneumoniamnist.npz), or import 3D files with "
+            "`medseg manifest build --from-medmnist`."
+        )
+    if len(set(kinds.values())) > 1:
+        raise ManifestError(f"{npz}: the splits hold different kinds of images ((dims, channels) per split: {kinds})")
+    for split in SPLITS:
+        images = arrays[f"{split}_images"]
+        if images.dtype != np.uint8:
+            raise ManifestError(f"{npz}: {split}_images are {images.dtype}, expected uint8 (8-bit MedMNIST pixels)")
+        y = arrays[f"{split}_labels"]
+        if y.ndim == 2 and y.shape[1] > 1:
+            raise ManifestError(f"{npz}: {split}_labels has {y.shape[1]} columns: a multi-label set (like ChestMNIST); "
+                                "an ImageFolder tree gives each image one class")
+    values = sorted({int(v) for s in SPLITS for v in np.unique(arrays[f"{s}_labels"])})
+    names = dict(labels) if labels else KNOWN_LABELS.get(name, {v: f"class_{v}" for v in range(max(values) + 1)})
+    outside = sorted(set(values) - set(names))
+    if outside:
+        raise ManifestError(f"{npz}: labels {outside} are not in the label map {names}; pass labels for every class")
+    bad = [n for n in names.values() if not _FOLDER_NAME.fullmatch(n) or n in (".", "..")]
+    if bad or len(set(names.values())) != len(names):
+        raise ManifestError(f"labels={names}: class names must be distinct plain folder names (letters, digits, "
+                            f"' _.+-', not starting with a dot or dash); bad: {bad or 'duplicates'}")
+    return channels, names

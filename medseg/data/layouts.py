@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medseg.data.manifest import Case, dataset_json_channel_count, discover_paired_layout, read_dataset_json
+from medseg.data.folders import dataset_json_channel_count, discover_paired_layout, read_dataset_json
+from medseg.data.manifest import Case
 from medseg.errors import ManifestError
 from medseg.io.discovery import group_channel_files
 from medseg.io.formats import FORMATS, strip_volume_suffix

@@ -20,8 +20,9 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from medseg.data.manifest import Case, Manifest, ManifestError, sha256_of, write_manifest
+from medseg.data.manifest import Case, Manifest, sha256_of, write_manifest
 from medseg.data.sidecar import ManifestInfo, write_sidecar
+from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_path, atomic_write_text
 
 SPLITS = ("train", "val", "test")

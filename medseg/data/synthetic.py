@@ -108,7 +108,20 @@ def synthetic_ct_case(index: int, seed: int = 0, shape: Shape3D = (128, 128, 24)
     scale = min(shape[0], shape[1])  # structures scale with the nominal size, not the varied one
     x, y = np.meshgrid(np.arange(nx, dtype=np.float32), np.arange(ny, dtype=np.float32), indexing="ij")
     z = np.arange(nz, dtype=np.float32)
+    # the draws happen in this order: a case's stream must not change when the code is rearranged
+    image, label, organ, (zc, hz) = _anatomy(rng, x, y, z, scale)
+    if lesion:
+        _draw_lesion(rng, image, label, organ, x, y, z, zc, hz, scale, spacing)
+    image = _scanner(rng, image)
+    origin, direction = _scan_pose(rng, nx, ny, spacing)
+    return SyntheticCase(image, label, (float(spacing[0]), float(spacing[1]), float(spacing[2])), origin, direction)
 
+
+def _anatomy(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+             scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+    """Body, fat, bone ring, organ (1) and vessel (2): the image in HU, the label, the organ's mask and
+    its z-centre and half-height (where the lesion goes)."""
+    nx, ny, nz = x.shape[0], x.shape[1], z.shape[0]
     # Body: an ellipse a little off-centre, breathing slightly along z; fat under the skin; bone ring.
     bx, by = nx / 2 + rng.uniform(-0.04, 0.04) * nx, ny / 2 + rng.uniform(-0.04, 0.04) * ny
     ax, ay = 0.44 * nx * rng.uniform(0.92, 1.0), 0.36 * ny * rng.uniform(0.92, 1.0)
@@ -151,26 +164,38 @@ def synthetic_ct_case(index: int, seed: int = 0, shape: Shape3D = (128, 128, 24)
     label[vessel] = 2
     image[vessel] = HU["vessel"]
 
-    if lesion:
-        # Centre in a voxel of the organ's middle third, radius ~3-4.5 mm at 128 voxels in-plane.
-        core = np.argwhere(organ & (np.abs(z - zc) < max(hz / 3, 0.5))[None, None, :])
-        if len(core) == 0:
-            core = np.argwhere(organ)
-        cx, cy, cz = core[rng.integers(len(core))].astype(np.float32)
-        radius = rng.uniform(0.035, 0.05) * scale
-        radius_z = max(radius * spacing[0] / spacing[2], 0.6)  # always at least its own slice
-        rho_lesion = np.sqrt(((x[..., None] - cx) ** 2 + (y[..., None] - cy) ** 2) / radius**2
-                             + ((z - cz) / radius_z) ** 2)
-        mask = rho_lesion < 1.0
-        label[mask] = 3
-        image[mask] = HU["lesion_rim"]
-        image[rho_lesion < 0.65] = HU["lesion"]
+    return image, label, organ, (zc, hz)
 
-    # Partial volume in-plane, then scanner noise.
+
+def _draw_lesion(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, organ: np.ndarray, x: np.ndarray,
+                 y: np.ndarray, z: np.ndarray, zc: float, hz: float, scale: int, spacing: Spacing3D) -> None:
+    """The lesion (3), in place: a rim and a darker core inside the organ's middle third."""
+    # Centre in a voxel of the organ's middle third, radius ~3-4.5 mm at 128 voxels in-plane.
+    core = np.argwhere(organ & (np.abs(z - zc) < max(hz / 3, 0.5))[None, None, :])
+    if len(core) == 0:
+        core = np.argwhere(organ)
+    cx, cy, cz = core[rng.integers(len(core))].astype(np.float32)
+    radius = rng.uniform(0.035, 0.05) * scale
+    radius_z = max(radius * spacing[0] / spacing[2], 0.6)  # always at least its own slice
+    rho_lesion = np.sqrt(((x[..., None] - cx) ** 2 + (y[..., None] - cy) ** 2) / radius**2
+                         + ((z - cz) / radius_z) ** 2)
+    mask = rho_lesion < 1.0
+    label[mask] = 3
+    image[mask] = HU["lesion_rim"]
+    image[rho_lesion < 0.65] = HU["lesion"]
+
+
+def _scanner(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Partial volume in-plane, then scanner noise; stored as int16 HU."""
     image = gaussian_filter(image, sigma=(0.6, 0.6, 0.0))
     image += rng.normal(0.0, NOISE_HU, image.shape).astype(np.float32)
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+    return image
 
+
+def _scan_pose(rng: np.random.Generator, nx: int, ny: int,
+               spacing: Spacing3D) -> tuple[tuple[float, float, float], tuple[float, ...]]:
+    """A gantry tilt of 5-15 degrees about z and an origin near the body centre."""
     angle = np.deg2rad(rng.uniform(5, 15) * rng.choice([-1, 1]))
     c, s = float(np.cos(angle)), float(np.sin(angle))
     direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
@@ -178,7 +203,7 @@ def synthetic_ct_case(index: int, seed: int = 0, shape: Shape3D = (128, 128, 24)
     origin = (round(-nx * spacing[0] / 2 + rng.uniform(-20, 20), 2),
               round(-ny * spacing[1] / 2 + rng.uniform(-20, 20), 2),
               round(rng.uniform(-300, 100), 2))
-    return SyntheticCase(image, label, (float(spacing[0]), float(spacing[1]), float(spacing[2])), origin, direction)
+    return origin, direction
 
 
 def _vary(rng: np.random.Generator, nominal: int, fraction: float) -> int:

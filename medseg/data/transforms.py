@@ -42,22 +42,12 @@ from monai.transforms import (
 )
 
 from medseg.config import (
-    AffineAug,
     AugmentConfig,
-    BiasFieldAug,
-    ContrastAug,
-    ElasticAug,
-    FlipAug,
-    GammaAug,
-    GibbsAug,
     IntensityConfig,
     IntensityMode,
-    KSpaceSpikeAug,
-    NoiseAug,
     PatchConfig,
     PatchSampler,
     PreprocessConfig,
-    Rot90Aug,
 )
 from medseg.errors import ConfigError
 from medseg.io.preflight import CheckImageValuesd
@@ -185,52 +175,40 @@ def patch_sampler(cfg: PatchConfig, num_classes: int, precomputed: bool = False)
                                    random_size=False)
 
 
+#: What each augmentation of the config becomes, keyed by its ``name``: (config, spatial dims,
+#: keys the spatial ones move, interpolation modes for those keys) -> MONAI random transforms.
+#: Spatial ones move every key (a label map with nearest-neighbour interpolation); intensity ones
+#: touch the image only.
+AugmentBuilder = Callable[[Any, int, list[str], list[str]], list[MapTransform]]
+AUGMENTATIONS: dict[str, AugmentBuilder] = {
+    "flip": lambda a, dims, keys, modes: [RandFlipd(keys=keys, prob=a.prob, spatial_axis=axis)
+                                          for axis in (a.axes if a.axes is not None else range(dims))],
+    "rot90": lambda a, dims, keys, modes: [RandRotate90d(keys=keys, prob=a.prob, max_k=a.max_k, spatial_axes=a.axes)],
+    "affine": lambda a, dims, keys, modes: [RandAffined(
+        keys=keys, prob=a.prob, rotate_range=[float(np.deg2rad(a.rotate_deg))] * (3 if dims == 3 else 1),
+        scale_range=[a.scale] * dims, translate_range=[a.translate] * dims, mode=modes, padding_mode="zeros")],
+    "elastic": lambda a, dims, keys, modes: [
+        Rand3DElasticd(keys=keys, prob=a.prob, sigma_range=a.sigma, magnitude_range=a.magnitude, mode=modes,
+                       padding_mode="zeros") if dims == 3 else
+        Rand2DElasticd(keys=keys, prob=a.prob, spacing=a.sigma, magnitude_range=a.magnitude, mode=modes,
+                       padding_mode="zeros")],
+    "noise": lambda a, dims, keys, modes: [RandGaussianNoised(keys=IMAGE, prob=a.prob, std=a.std)],
+    "gamma": lambda a, dims, keys, modes: [RandAdjustContrastd(keys=IMAGE, prob=a.prob, gamma=a.gamma)],
+    "contrast": lambda a, dims, keys, modes: [RandScaleIntensityd(keys=IMAGE, prob=a.prob, factors=a.scale),
+                                              RandShiftIntensityd(keys=IMAGE, prob=a.prob, offsets=a.shift)],
+    "bias_field": lambda a, dims, keys, modes: [RandBiasFieldd(keys=IMAGE, prob=a.prob, coeff_range=a.coeff_range)],
+    "kspace_spike": lambda a, dims, keys, modes: [RandKSpaceSpikeNoised(keys=IMAGE, prob=a.prob,
+                                                                        intensity_range=a.intensity_range)],
+    "gibbs": lambda a, dims, keys, modes: [RandGibbsNoised(keys=IMAGE, prob=a.prob, alpha=a.alpha)],
+}
+
+
 def augmentation(items: Sequence[AugmentConfig], spatial_dims: int,
                  keys: Sequence[str] = (IMAGE, LABEL)) -> list[MapTransform]:
-    """MONAI random transforms for each configured augmentation, in order.
-
-    Spatial ones move every key in ``keys`` (a label map with nearest-neighbour interpolation);
-    intensity ones touch the image only.
-    """
+    """MONAI random transforms for each configured augmentation, in order (:data:`AUGMENTATIONS`)."""
     keys = list(keys)
     modes = ["bilinear", "nearest"] if LABEL in keys else ["bilinear"]
-    out: list[MapTransform] = []
-    for aug in items:
-        if isinstance(aug, FlipAug):
-            axes = aug.axes if aug.axes is not None else list(range(spatial_dims))
-            out.extend(RandFlipd(keys=keys, prob=aug.prob, spatial_axis=axis) for axis in axes)
-        elif isinstance(aug, Rot90Aug):
-            out.append(RandRotate90d(keys=keys, prob=aug.prob, max_k=aug.max_k, spatial_axes=aug.axes))
-        elif isinstance(aug, AffineAug):
-            angle = np.deg2rad(aug.rotate_deg)
-            out.append(RandAffined(
-                keys=keys, prob=aug.prob, rotate_range=[angle] * (3 if spatial_dims == 3 else 1),
-                scale_range=[aug.scale] * spatial_dims, translate_range=[aug.translate] * spatial_dims,
-                mode=modes, padding_mode="zeros",
-            ))
-        elif isinstance(aug, ElasticAug):
-            if spatial_dims == 3:
-                out.append(Rand3DElasticd(keys=keys, prob=aug.prob, sigma_range=aug.sigma, magnitude_range=aug.magnitude,
-                                          mode=modes, padding_mode="zeros"))
-            else:
-                out.append(Rand2DElasticd(keys=keys, prob=aug.prob, spacing=aug.sigma, magnitude_range=aug.magnitude,
-                                          mode=modes, padding_mode="zeros"))
-        elif isinstance(aug, NoiseAug):
-            out.append(RandGaussianNoised(keys=IMAGE, prob=aug.prob, std=aug.std))
-        elif isinstance(aug, GammaAug):
-            out.append(RandAdjustContrastd(keys=IMAGE, prob=aug.prob, gamma=aug.gamma))
-        elif isinstance(aug, ContrastAug):
-            out.append(RandScaleIntensityd(keys=IMAGE, prob=aug.prob, factors=aug.scale))
-            out.append(RandShiftIntensityd(keys=IMAGE, prob=aug.prob, offsets=aug.shift))
-        elif isinstance(aug, BiasFieldAug):
-            out.append(RandBiasFieldd(keys=IMAGE, prob=aug.prob, coeff_range=aug.coeff_range))
-        elif isinstance(aug, KSpaceSpikeAug):
-            out.append(RandKSpaceSpikeNoised(keys=IMAGE, prob=aug.prob, intensity_range=aug.intensity_range))
-        elif isinstance(aug, GibbsAug):
-            out.append(RandGibbsNoised(keys=IMAGE, prob=aug.prob, alpha=aug.alpha))
-        else:  # pragma: no cover - the config union and this mapping must grow together
-            raise TypeError(f"no transform for augmentation {aug!r}")
-    return out
+    return [transform for aug in items for transform in AUGMENTATIONS[aug.name](aug, spatial_dims, keys, modes)]
 
 
 def training_transforms(pre: PreprocessConfig, patch: PatchConfig, augment: Sequence[AugmentConfig],

@@ -132,9 +132,11 @@ def verify_manifest(
     allowed = set(int(v) for v in label_values)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
 
+    policy = _Policy(allowed, set(require_labels_for), tolerance, check_hashes, expected_channels, spatial_dims,
+                     class_labels, allow_constant)
+
     def check(case: Case) -> list[Finding]:
-        return _check_case(case, root, allowed, set(require_labels_for), tolerance, check_hashes,
-                           expected_channels, spatial_dims, class_labels, allow_constant)
+        return _check_case(case, root, policy)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(check, manifest.cases)
@@ -190,14 +192,25 @@ def _split_key(case: Case) -> str:
     return f"fold {case.fold}" if case.fold is not None and case.fold >= 0 else case.split
 
 
-def _check_case(
-    case: Case, root: Path, allowed: set[int], require_labels_for: set[str], tol: Tolerance, check_hashes: bool,
-    expected_channels: int | None = None, spatial_dims: int | None = None, class_labels: bool = False,
-    allow_constant: bool = False,
-) -> list[Finding]:
+@dataclass(frozen=True)
+class _Policy:
+    """What every case is checked against (the config's label map, splits, tolerances and model)."""
+
+    allowed: set[int]
+    require_labels_for: set[str]
+    tol: Tolerance
+    check_hashes: bool
+    expected_channels: int | None = None
+    spatial_dims: int | None = None
+    class_labels: bool = False
+    allow_constant: bool = False
+
+
+def _check_case(case: Case, root: Path, policy: _Policy) -> list[Finding]:
+    """Every finding of one case: its files, hashes, images, then its label."""
     out: list[Finding] = []
     images = case.image_paths(root)
-    label = None if class_labels else case.label_path(root)
+    label = None if policy.class_labels else case.label_path(root)
 
     def add(severity: str, check: str, files: list[str], expected: str, got: str, message: str) -> None:
         out.append(Finding(severity, check, case.case_id, files, expected, got, message))
@@ -208,40 +221,55 @@ def _check_case(
             f"file not found (root {root}); fix the path in the manifest or the data root")
     if missing:
         return out
-    if class_labels and case.label is not None:
-        _check_class_label(add, case, images, allowed)
-    if case.label is None and case.split in require_labels_for:
+    if policy.class_labels and case.label is not None:
+        _check_class_label(add, case, images, policy.allowed)
+    if case.label is None and case.split in policy.require_labels_for:
         add("error", "missing_label", [str(p) for p in images], "a label path", "empty label column",
             f"case in split {case.split!r} has no label; add one or move the case to the test split")
-    if check_hashes:
-        pairs = list(zip(images, case.image_sha256)) if len(case.image_sha256) == len(images) else []
-        if label is not None and case.label_sha256:
-            pairs.append((label, case.label_sha256))
-        for path, expected in pairs:
-            got = sha256_of(path)
-            if got != expected:
-                add("error", "hash_mismatch", [str(path)], f"sha256 {expected}", f"sha256 {got}",
-                    "the file changed since the manifest was built; rebuild it with `medseg manifest build` "
-                    "if the change is intended")
+    if policy.check_hashes:
+        _check_hashes(add, case, images, label)
+    volumes = _read(add, images, "a readable image")
+    label_volumes = _read(add, [label], "a readable label") if label is not None else []
+    if not volumes:
+        return out
+    ref_path, ref = volumes[0]
+    _check_images(add, images, volumes, policy)
+    if label is not None and label_volumes:
+        _compare_grids(add, "label_geometry_mismatch", ref_path, geometry_of(ref), label,
+                       geometry_of(label_volumes[0][1]), policy.tol)
+        _check_label_values(add, label, label_volumes[0][1], policy.allowed)
+    return out
 
+
+def _check_hashes(add: Any, case: Case, images: list[Path], label: Path | None) -> None:
+    pairs = list(zip(images, case.image_sha256)) if len(case.image_sha256) == len(images) else []
+    if label is not None and case.label_sha256:
+        pairs.append((label, case.label_sha256))
+    for path, expected in pairs:
+        got = sha256_of(path)
+        if got != expected:
+            add("error", "hash_mismatch", [str(path)], f"sha256 {expected}", f"sha256 {got}",
+                "the file changed since the manifest was built; rebuild it with `medseg manifest build` "
+                "if the change is intended")
+
+
+def _read(add: Any, paths: list[Path], expected: str) -> list[tuple[Path, Any]]:
+    """The volumes that could be read; each one that could not is a finding."""
     volumes: list[tuple[Path, Any]] = []
-    for path in images:
+    for path in paths:
         try:
             volumes.append((path, load_volume(path)))
         except VolumeReadError as err:
-            add("error", "unreadable", [str(path)], "a readable image", type(err.__cause__ or err).__name__, str(err))
-    label_volume = None
-    if label is not None:
-        try:
-            label_volume = load_volume(label)
-        except VolumeReadError as err:
-            add("error", "unreadable", [str(label)], "a readable label", type(err.__cause__ or err).__name__, str(err))
-    if not volumes:
-        return out
+            add("error", "unreadable", [str(path)], expected, type(err.__cause__ or err).__name__, str(err))
+    return volumes
 
+
+def _check_images(add: Any, images: list[Path], volumes: list[tuple[Path, Any]], policy: _Policy) -> None:
+    """Channel count and dimensions against the model, finite and varying values, one grid for all channels."""
     ref_path, ref = volumes[0]
     ref_geometry = geometry_of(ref)
     channels = sum(int(vol.shape[0]) for _, vol in volumes)
+    expected_channels, spatial_dims = policy.expected_channels, policy.spatial_dims
     if expected_channels is not None and len(volumes) == len(images) and channels != expected_channels:
         add("error", "channel_count", [str(p) for p in images], f"{expected_channels} channel(s) (data.channels)",
             f"{channels} channel(s)", "the case's image files hold a different number of channels than the config "
@@ -257,33 +285,33 @@ def _check_case(
             bad = int((~torch.isfinite(data)).sum())
             add("error", "non_finite", [str(path)], "finite intensities", f"{bad} NaN/Inf voxel(s)",
                 "image holds NaN or Inf values; fix or exclude the file")
-        elif not allow_constant and data.numel() and bool(data.min() == data.max()):
+        elif not policy.allow_constant and data.numel() and bool(data.min() == data.max()):
             add("error", "constant_image", [str(path)], "varying intensities", f"every voxel is {float(data.min()):g}",
                 "a blank export or an empty mask given as an image; fix or exclude the file (or set "
                 "preprocess.allow_constant: true if constant images are expected)")
         if path != ref_path:
-            _compare_grids(add, "channel_geometry_mismatch", ref_path, ref_geometry, path, geometry_of(vol), tol)
+            _compare_grids(add, "channel_geometry_mismatch", ref_path, ref_geometry, path, geometry_of(vol), policy.tol)
 
-    if label is not None and label_volume is not None:
-        _compare_grids(add, "label_geometry_mismatch", ref_path, ref_geometry, label, geometry_of(label_volume), tol)
-        values = torch.unique(label_volume.as_tensor())
-        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-            add("error", "non_finite", [str(label)], "finite label values", "NaN/Inf in the label",
-                "the label holds NaN or Inf values; re-export it as an integer label map")
-            return out
-        if values.is_floating_point() and not bool(torch.all(values == torch.round(values))):
-            add("error", "label_not_integer", [str(label)], "integer label values",
-                f"non-integer values e.g. {values[values != torch.round(values)][:5].tolist()}",
-                "labels must be integer class indices; was the label resampled with linear interpolation?")
-        present = {int(v) for v in values.tolist()}
-        outside = sorted(present - allowed)
-        if outside:
-            add("error", "label_values", [str(label)], f"values in {sorted(allowed)} (data.labels)",
-                f"values {sorted(present)}", f"label values {outside} are not in the configured label map")
-        if present <= {0}:
-            add("warning", "empty_label", [str(label)], "some foreground voxels", "only background",
-                "the label is empty; fine for negative cases, but check it is not a failed export")
-    return out
+
+def _check_label_values(add: Any, label: Path, label_volume: Any, allowed: set[int]) -> None:
+    """Finite, integer values, all in the label map; an empty label is a warning."""
+    values = torch.unique(label_volume.as_tensor())
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        add("error", "non_finite", [str(label)], "finite label values", "NaN/Inf in the label",
+            "the label holds NaN or Inf values; re-export it as an integer label map")
+        return
+    if values.is_floating_point() and not bool(torch.all(values == torch.round(values))):
+        add("error", "label_not_integer", [str(label)], "integer label values",
+            f"non-integer values e.g. {values[values != torch.round(values)][:5].tolist()}",
+            "labels must be integer class indices; was the label resampled with linear interpolation?")
+    present = {int(v) for v in values.tolist()}
+    outside = sorted(present - allowed)
+    if outside:
+        add("error", "label_values", [str(label)], f"values in {sorted(allowed)} (data.labels)",
+            f"values {sorted(present)}", f"label values {outside} are not in the configured label map")
+    if present <= {0}:
+        add("warning", "empty_label", [str(label)], "some foreground voxels", "only background",
+            "the label is empty; fine for negative cases, but check it is not a failed export")
 
 
 def _check_class_label(add: Any, case: Case, images: list[Path], allowed: set[int]) -> None:

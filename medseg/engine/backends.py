@@ -226,6 +226,20 @@ def export_onnx(network: nn.Module, example: torch.Tensor, path: Path, *, dynami
     if program is None:  # only the TorchScript exporter returns None
         raise ModelError(f"{name}: torch.onnx.export returned no ONNX program; this torch ({torch.__version__}) "
                          "does not export with dynamo=True")
+    _check_exported_axes(program, name, example, free_axes, fix)
+    program.model.metadata_props[DIGEST_KEY] = network_digest(network, example, dynamic_spatial)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        program.save(tmp, external_data=False)  # one self-contained file: the rename moves all of it
+        onnx.checker.check_model(str(tmp), full_check=True)
+    log.info("exported %s to %s (ONNX opset %d, free axes: %s)", name, path, ONNX_OPSET,
+             ", ".join(_axis_names(example.ndim)[a] for a in free_axes))
+    return path
+
+
+def _check_exported_axes(program: Any, name: str, example: torch.Tensor, free_axes: list[int], fix: str) -> None:
+    """Refuse a graph with more than one output, a free axis the exporter fixed, or a batch axis the
+    output does not share with the input."""
     outputs = program.model.graph.outputs
     if len(outputs) != 1:
         raise ModelError(f"{name} returns {len(outputs)} outputs; a medseg network returns one tensor "
@@ -244,14 +258,6 @@ def export_onnx(network: nn.Module, example: torch.Tensor, path: Path, *, dynami
         raise ModelError(f"{name}: the exported output's batch axis is {output_shape[:1]}, not the input's "
                          f"({input_shape[0]}); its forward fixes or mixes the batch (e.g. a reshape with a "
                          "constant batch size). Prediction feeds batches of any size: compute with x.shape[0]")
-    program.model.metadata_props[DIGEST_KEY] = network_digest(network, example, dynamic_spatial)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        program.save(tmp, external_data=False)  # one self-contained file: the rename moves all of it
-        onnx.checker.check_model(str(tmp), full_check=True)
-    log.info("exported %s to %s (ONNX opset %d, free axes: %s)", name, path, ONNX_OPSET,
-             ", ".join(axis_names[a] for a in free_axes))
-    return path
 
 
 def export_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> Path:

@@ -7,8 +7,6 @@ a fix to resuming or to the LR schedule reaches every task at once.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -40,6 +38,7 @@ from medseg.data.sampling import (
 from medseg.engine import distributed
 from medseg.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from medseg.engine.model_format import write_model_folder
+from medseg.engine.report import write_report
 from medseg.engine.runtime import (
     autocast,
     autocast_dtype,
@@ -53,7 +52,6 @@ from medseg.engine.runtime import (
 )
 from medseg.errors import MedsegError, UsageError
 from medseg.io.atomic import atomic_write_text
-from medseg.io.csv_cells import escape_row
 from medseg.plots import learning_curve
 from medseg.tracking import MlflowTracker
 
@@ -857,10 +855,6 @@ def write_history(history: Sequence[dict[str, float]], path: Path) -> Path:
 
 
 def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
-    """A CSV written atomically (rows may leave fields out; text that a spreadsheet would run as a
-    formula is escaped, :mod:`medseg.io.csv_cells`)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n", restval="")
-    writer.writeheader()
-    writer.writerows(escape_row(row) for row in rows)
-    return atomic_write_text(path, buffer.getvalue())
+    """A CSV written atomically by the one CSV writer (:func:`medseg.engine.report.write_report`):
+    rows may leave fields out; text a spreadsheet would run as a formula is escaped."""
+    return write_report(rows, fields, path)

@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.engine.model_format import LEGACY_ARTIFACTS_FOLDER, MODEL_FILE, WEIGHTS_FILE, model_folder_of
 from medseg.errors import ModelLoadError
 from medseg.tracking.model_layout import (
     FILES_METADATA_KEY,
+    LEGACY_ARTIFACTS_FOLDER,
     LOADER_MODULE,
     MLFLOW_DATA_FOLDER,
+    MODEL_FILE,
+    WEIGHTS_FILE,
     WHEELS_FOLDER,
     file_sha256,
+    model_folder_of,
 )
 
 #: What MLflow itself writes beside ``MLmodel`` (environment descriptions, examples).

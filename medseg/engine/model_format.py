@@ -32,19 +32,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from medseg.engine.model_check import require_untampered
 from medseg.errors import ModelLoadError, UsageError
 from medseg.io.atomic import atomic_path, atomic_write_text
-from medseg.tracking.model_layout import MLFLOW_DATA_FOLDER, file_sha256
+from medseg.tracking.model_layout import (
+    LEGACY_ARTIFACTS_FOLDER,
+    MLFLOW_DATA_FOLDER,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    file_sha256,
+    model_folder_of,
+)
 
-__all__ = ["MLFLOW_DATA_FOLDER", "file_sha256"]  # re-exported: the names loaders import from here
+__all__ = ["LEGACY_ARTIFACTS_FOLDER", "MLFLOW_DATA_FOLDER", "MODEL_FILE", "WEIGHTS_FILE", "file_sha256", "model_folder_of"]  # re-exported: the names loaders import from here
 
 FORMAT_NAME = "medseg-model"
 FORMAT_VERSION = 1
-MODEL_FILE = "medseg_model.json"
-WEIGHTS_FILE = "weights.safetensors"
 #: Files by which an older medseg or ``mlflow.pytorch`` stored a pickled network.
-#: Where models logged "from code" (before the no-code pyfunc) kept it.
-LEGACY_ARTIFACTS_FOLDER = "artifacts"
 PICKLE_FILES = ("data/model.pth", "data/model.pkl", "model.pth", "model.pkl", "python_model.pkl", "data/pickle_module_info.txt")
 
 #: Rebuilds the bare network a spec describes (``{"task": ..., "name": ..., "config": {...}}``); the
@@ -116,15 +120,6 @@ def pinned_files(folder: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
 
 
-def model_folder_of(path: Path) -> Path | None:
-    """The folder holding ``medseg_model.json`` in a model folder (itself, or its MLflow model's
-    ``data/medseg_model/``, or ``artifacts/`` of a model logged from code)."""
-    for candidate in (path, path / MLFLOW_DATA_FOLDER, path / LEGACY_ARTIFACTS_FOLDER):
-        if (candidate / MODEL_FILE).is_file():
-            return candidate
-    return None
-
-
 def read_model_folder(path: Path, ref: str | None = None) -> ModelFiles:
     """Read a model folder: JSON with ``json``, weights with ``safetensors``; nothing else is opened.
 
@@ -137,8 +132,6 @@ def read_model_folder(path: Path, ref: str | None = None) -> ModelFiles:
         ModelLoadError: the files are there but damaged (bad JSON, truncated weights, wrong hash),
             or the folder was tampered with (the message names each finding and the fix).
     """
-    from medseg.engine.model_check import require_untampered
-
     ref = ref or str(path)
     folder = model_folder_of(Path(path))
     if folder is None:

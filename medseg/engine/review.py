@@ -47,7 +47,7 @@ from medseg.io.atomic import atomic_write_text
 from medseg.io.readers import load_volume
 
 if TYPE_CHECKING:
-    from medseg.engine.predict import CaseResult
+    from medseg.engine.results import CaseResult
 
 log = logging.getLogger(__name__)
 

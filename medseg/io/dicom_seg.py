@@ -16,25 +16,10 @@ from medseg.errors import VolumeReadError, cause_text
 from medseg.io.atomic import atomic_path
 
 #: SOP Class UID of Segmentation Storage.
-SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def dicom_seg_available() -> bool:
     return importlib.util.find_spec("highdicom") is not None
-
-
-def is_dicom_seg(path: Path) -> bool:
-    """True for a DICOM file whose SOP Class UID is Segmentation Storage (reads the header only)."""
-    from medseg.io.sitk_reader import is_dicom_file
-
-    path = Path(path)
-    if not path.is_file() or not is_dicom_file(path):
-        return False
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:  # noqa: BLE001 - a damaged header is reported by the image reader
-        return False
-    return str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS_UID
 
 
 def read_dicom_seg(path: Path) -> sitk.Image:

@@ -44,9 +44,10 @@ from monai.data import ImageReader, NibabelReader
 from monai.utils import ensure_tuple
 
 from medseg.errors import VolumeReadError
+from medseg.io.dicom_sniff import is_dicom_file
 from medseg.io.image2d_reader import IMAGE2D_SUFFIXES, Image2DReader
 from medseg.io.preflight import check_file
-from medseg.io.sitk_reader import SimpleITKReader, is_dicom_file
+from medseg.io.sitk_reader import SimpleITKReader
 
 #: Entry-point group through which other packages add input formats.
 ENTRY_POINT_GROUP = "medseg.readers"

@@ -27,6 +27,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from medseg.errors import ImageValueError, VolumeReadError, cause_text
+from medseg.io.dicom_sniff import is_dicom_seg
 
 #: A gzip stream cannot expand more than about 1032:1 (deflate's limit), so a compressed file
 #: whose header claims more than this many times its size is corrupt, whatever its trailer says.
@@ -84,7 +85,7 @@ def check_file(path: Path, format_name: str) -> None:
                               "Copy or export it again; an interrupted download or copy leaves empty files.")
     if format_name == "nifti":
         _check_nifti(path, size)
-    elif format_name == "dicom" and _is_dicom_seg(path):
+    elif format_name == "dicom" and is_dicom_seg(path):
         _check_dicom_seg(path)
     elif format_name in ("metaimage", "nrrd", "dicom"):
         _check_sitk_header(path, size, format_name)
@@ -104,12 +105,6 @@ def _check_image2d(path: Path) -> None:
     header = read_header(path)  # refuses unreadable files and multi-page TIFFs
     shape = (*header.size, *((header.channels,) if header.channels > 1 else ()))
     check_header(path, shape, header.itemsize, np.eye(3), "2D image", spatial=2)
-
-
-def _is_dicom_seg(path: Path) -> bool:
-    from medseg.io.dicom_seg import is_dicom_seg
-
-    return is_dicom_seg(path)
 
 
 def _check_dicom_seg(path: Path) -> None:

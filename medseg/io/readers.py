@@ -17,8 +17,9 @@ from monai.transforms import LoadImage, LoadImaged
 from monai.utils import ensure_tuple
 
 from medseg.errors import VolumeReadError, cause_text, medseg_cause
+from medseg.io.dicom_sniff import is_dicom_file
 from medseg.io.formats import FORMATS, RegistryReader, strip_volume_suffix
-from medseg.io.sitk_reader import SimpleITKReader, is_dicom_file, lps_to_ras, read_dicom_series, sitk_affine
+from medseg.io.sitk_reader import SimpleITKReader, lps_to_ras, read_dicom_series, sitk_affine
 
 __all__ = [
     "FORMATS", "SimpleITKReader", "VolumeReadError", "is_dicom_file", "load_volume", "lps_to_ras",

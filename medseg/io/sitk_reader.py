@@ -30,6 +30,8 @@ from monai.utils import ensure_tuple
 from monai.utils.enums import MetaKeys, SpaceKeys
 
 from medseg.errors import VolumeReadError
+from medseg.io.dicom_seg import read_dicom_seg
+from medseg.io.dicom_sniff import is_dicom_file, is_dicom_seg
 from medseg.io.preflight import check_header
 
 #: File suffixes this reader handles (NIfTI stays with MONAI's nibabel reader).
@@ -62,16 +64,6 @@ GAP_FACTOR = 1.5
 UNEVEN_RTOL = 0.1
 #: How many file names a message lists per group before "and N more".
 _NAMES_SHOWN = 3
-
-
-def is_dicom_file(path: Path) -> bool:
-    """True for a file with the DICOM preamble magic ``DICM`` at byte 128."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def lps_to_ras(affine: np.ndarray) -> np.ndarray:
@@ -524,8 +516,6 @@ class SimpleITKReader(ImageReader):
     def _read_one(path: Path) -> sitk.Image:
         if path.is_dir():
             return read_dicom_series(path)
-        from medseg.io.dicom_seg import is_dicom_seg, read_dicom_seg  # dicom_seg imports this module
-
         if is_dicom_seg(path):
             return read_dicom_seg(path)
         image = sitk.ReadImage(str(path))

@@ -32,7 +32,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-import medseg
+from medseg._version import __version__
 from medseg.errors import UsageError
 from medseg.serving import uploads
 from medseg.serving.guard import PathRefused, ServeLimits, resolve_inside
@@ -99,8 +99,16 @@ def create_app(options: ServeOptions) -> FastAPI:
         finally:
             pool.close()
 
-    app = FastAPI(title="medseg serve", version=medseg.__version__, lifespan=lifespan,
+    app = FastAPI(title="medseg serve", version=__version__, lifespan=lifespan,
                   description="A medseg model served to clients nobody trusts: scans in, masks and rows out.")
+    _add_error_handlers(app)
+    _add_status_routes(app, state, limits)
+    _add_predict_routes(app, state, limits)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Problems and invalid query parameters answer as problem JSON (RFC 9457), never a stack trace."""
 
     @app.exception_handler(Problem)
     async def problem(_: Request, err: Problem) -> JSONResponse:
@@ -111,6 +119,10 @@ def create_app(options: ServeOptions) -> FastAPI:
         found = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in err.errors())[:500]
         return JSONResponse(Problem(422, "a query parameter is not valid", "see /docs for the parameters", found,
                                     "fix the parameter").body(), status_code=422)
+
+
+def _add_status_routes(app: FastAPI, state: dict[str, Any], limits: ServeLimits) -> None:
+    """``/ping``, ``/health`` and ``/version``: what a load balancer and an auditor ask."""
 
     @app.get("/ping")
     async def ping() -> dict[str, str]:
@@ -134,10 +146,14 @@ def create_app(options: ServeOptions) -> FastAPI:
     async def version() -> dict[str, Any]:
         """medseg's version, the model (URI, weights sha256, task) and the backend running it."""
         info = state["pool"].info
-        return {"medseg_version": medseg.__version__, "model_uri": info["model_uri"],
+        return {"medseg_version": __version__, "model_uri": info["model_uri"],
                 "weights_sha256": info["weights_sha256"], "backend": info["backend"], "device": info["device"],
                 "task": info["task"], "labels": info["labels"], "spatial_dims": info["spatial_dims"],
                 "in_channels": info["in_channels"]}
+
+
+def _add_predict_routes(app: FastAPI, state: dict[str, Any], limits: ServeLimits) -> None:
+    """``/predict`` (the scan in the body) and ``/predict/paths`` (path mode, operator's roots only)."""
 
     @app.post("/predict", openapi_extra=SCAN_BODY)
     async def predict(request: Request, output: Output = Query(Output.MASK, description=(  # noqa: B008
@@ -173,8 +189,6 @@ def create_app(options: ServeOptions) -> FastAPI:
         finally:
             pool.leave()
             await asyncio.to_thread(shutil.rmtree, folder, True)
-
-    return app
 
 
 async def _receive_scan(request: Request, folder: Path, limits: ServeLimits) -> uploads.Scan:

@@ -9,18 +9,30 @@ new task is a new package plus one registry entry (see :mod:`medseg.tasks.regist
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from monai.data import Dataset
 from monai.transforms import Compose
 from torch import nn
 
 from medseg.config import RunConfig
+from medseg.data.datasets import records
+from medseg.data.manifest import read_manifest
 from medseg.data.verify import VerifyOptions
-from medseg.engine.loop import ModelOutputs, TrainOutputs
-from medseg.engine.predict import CasePredictor, LoadedModel, PredictOptions
+from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.loop import (
+    ModelOutputs,
+    TrainOutputs,
+    TrainTask,
+    base_contract,
+    fit,
+    package_model,
+    split_cases,
+)
+from medseg.engine.model_loading import LoadedModel
+from medseg.engine.results import CasePredictor, PredictOptions
 from medseg.engine.runner import PipelineContext
 
 
@@ -32,7 +44,7 @@ class Task(Protocol):
         name: the value of ``task:`` in a config, and of ``task`` in a model's contract.
         config_type: the task's config class (a :class:`~medseg.config.RunConfig` subclass whose
             ``task`` field is ``Literal[name]``); its sections are typed, required ones required.
-        predict_options: the :class:`~medseg.engine.predict.PredictOptions` fields, beyond the ones
+        predict_options: the :class:`~medseg.engine.results.PredictOptions` fields, beyond the ones
             every task honours, that this task's prediction uses; the driver refuses the others.
         selection_metric: the validation metric whose maximum picks ``best.safetensors``.
     """
@@ -99,33 +111,85 @@ class Task(Protocol):
 
 
 class TaskBase:
-    """Defaults a task may inherit: no generated data, standard verify options, a network summary,
-    and train / package / contract from a stage module (``stages_module``) whose functions are
-    ``train(cfg, manifest, root, run_dir, tracker, resume=, progress=)``,
-    ``package(cfg, checkpoint, run_dir, tracker)`` and ``model_contract(cfg)``."""
+    """The engine's stages over a task's pieces, and defaults a task may inherit.
+
+    A task supplies pieces: :meth:`build_network`, :meth:`transforms`, :meth:`create_loss`,
+    :meth:`score` (how a network does on a dataset of its split), :meth:`contract_extras` and
+    :meth:`case_predictor`. The stages are the engine's: :meth:`train` (the shared loop, validating
+    with ``score``), :meth:`evaluate` (the checkpoint scored on a split) and :meth:`package` (the
+    network and its contract logged as an MLflow model). A task whose stages need more (sliding
+    windows, calibration, t-SNE maps) overrides the stage and calls its own module.
+    """
 
     name: str = ""
     selection_metric: str = "val/loss"
     predict_options: frozenset[str] = frozenset()
-    #: the module holding the task's stages, imported on first use (torch-heavy)
-    stages_module: str = ""
     #: the manifest's label column holds a class index (classification), not a label-map path
     class_labels: bool = False
+    #: the records carry the manifest's label (a label-map path or a class index)
+    uses_labels: bool = True
 
-    def _stages(self) -> Any:
-        if not self.stages_module:
-            raise NotImplementedError(f"task {self.name!r}: set stages_module or override train/package/contract")
-        return importlib.import_module(self.stages_module)
+    # ------------------------------------------------------------------------------ pieces
 
-    def train(self, ctx: PipelineContext) -> TrainOutputs:
-        return self._stages().train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker,  # type: ignore[no-any-return]
-                                    resume=ctx.resume, progress=ctx.progress)
+    def build_network(self, cfg: Any) -> nn.Module:
+        raise NotImplementedError(f"task {self.name!r}: build_network(cfg) is a required piece")
 
-    def package(self, ctx: PipelineContext, checkpoint: Path) -> ModelOutputs:
-        return self._stages().package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)  # type: ignore[no-any-return]
+    def transforms(self, cfg: Any) -> tuple[Compose, Compose | None]:
+        raise NotImplementedError(f"task {self.name!r}: transforms(cfg) is a required piece")
+
+    def create_loss(self, cfg: Any) -> nn.Module:
+        raise NotImplementedError(f"task {self.name!r}: create_loss(cfg) is a required piece")
+
+    def score(self, network: nn.Module, dataset: Any, device: torch.device, prefix: str) -> dict[str, float]:
+        """How ``network`` does on ``dataset`` (one split through the validation chain): metrics named
+        ``<prefix>/...``; the one named by :attr:`selection_metric` picks the best checkpoint."""
+        raise NotImplementedError(f"task {self.name!r}: score(network, dataset, device, prefix) is a required piece "
+                                  "(or override train and evaluate)")
+
+    def contract_extras(self, cfg: Any) -> dict[str, Any]:
+        """What inference needs beyond :func:`~medseg.engine.loop.base_contract` (input size, head)."""
+        return {}
 
     def contract(self, cfg: Any) -> dict[str, Any]:
-        return self._stages().model_contract(cfg)  # type: ignore[no-any-return]
+        return {**base_contract(cfg), **self.contract_extras(cfg)}
+
+    # ------------------------------------------------------------------------------ the engine's stages
+
+    def records(self, ctx: PipelineContext, split: str) -> list[dict[str, Any]]:
+        """The split's cases as records for the dictionary transforms."""
+        cases = split_cases(ctx.cfg, read_manifest(ctx.manifest), split)
+        return records(cases, ctx.root, with_label=self.uses_labels, class_labels=self.class_labels)
+
+    def train(self, ctx: PipelineContext) -> TrainOutputs:
+        """The shared loop with this task's network, data, loss, and ``score`` as validation."""
+        cfg = ctx.cfg
+        train_transform, val_transform = self.transforms(cfg)
+        task = TrainTask(
+            build_network=lambda: self.build_network(cfg),
+            train_items=self.records(ctx, "train"), val_items=self.records(ctx, "val"),
+            train_transform=train_transform, val_transform=val_transform, loss=self.create_loss(cfg),
+            validate=lambda network, dataset, device, amp, show: self.score(network, dataset, device, "val"),
+            selection_metric=self.selection_metric,
+        )
+        return fit(cfg, task, ctx.run_dir, ctx.tracker, resume=ctx.resume, progress=ctx.progress)
+
+    def evaluate(self, ctx: PipelineContext, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
+        """``checkpoint`` scored on ``split`` with ``score``; nothing when the split is empty."""
+        items = self.records(ctx, split)
+        if not items:
+            return {}
+        network = self.build_network(ctx.cfg)
+        network.load_state_dict(load_checkpoint(checkpoint)["model"])
+        network.eval()
+        return self.score(network, Dataset(items, self.transforms(ctx.cfg)[1]), torch.device("cpu"), prefix)
+
+    def package(self, ctx: PipelineContext, checkpoint: Path) -> ModelOutputs:
+        """``checkpoint``'s network and :meth:`contract`, logged as an MLflow model."""
+        contract_path, uri = package_model(self.build_network(ctx.cfg), checkpoint, self.contract(ctx.cfg),
+                                           ctx.run_dir, ctx.tracker, ctx.cfg)
+        return ModelOutputs(contract_path, uri)
+
+    # ------------------------------------------------------------------------------ defaults
 
     def describe_input(self, cfg: Any) -> str:
         return f"{len(cfg.data.channels)} channel(s), {cfg.model.spatial_dims}D"

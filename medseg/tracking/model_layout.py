@@ -15,6 +15,20 @@ MLFLOW_DATA_FOLDER = "data/medseg_model"
 FILES_METADATA_KEY = "medseg_files"
 #: Where the bundled medseg wheel lies, named by this relative path in ``requirements.txt``.
 WHEELS_FOLDER = "wheels"
+#: The medseg model folder's files: its contract and network spec (JSON), and its weights.
+MODEL_FILE = "medseg_model.json"
+WEIGHTS_FILE = "weights.safetensors"
+#: Where models logged "from code" (before the no-code pyfunc) kept the model folder.
+LEGACY_ARTIFACTS_FOLDER = "artifacts"
+
+
+def model_folder_of(path: Path) -> Path | None:
+    """The folder holding ``medseg_model.json`` in a model folder (itself, or its MLflow model's
+    ``data/medseg_model/``, or ``artifacts/`` of a model logged from code)."""
+    for candidate in (path, path / MLFLOW_DATA_FOLDER, path / LEGACY_ARTIFACTS_FOLDER):
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    return None
 
 
 def file_sha256(path: Path) -> str:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import medseg
+from medseg._version import __version__
 from medseg.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def cache_root() -> Path:
 
 def source_root() -> Path | None:
     """The checkout medseg runs from (a folder with medseg's ``pyproject.toml``), or None for an installed wheel."""
-    root = Path(medseg.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     pyproject = root / "pyproject.toml"
     if pyproject.is_file() and 'name = "medseg"' in pyproject.read_text(encoding="utf-8", errors="replace"):
         return root
@@ -87,7 +87,7 @@ def medseg_wheel(cache: Path) -> Path | None:
         log.warning("medseg is not running from a source checkout: the logged model bundles no medseg wheel; "
                     "install medseg where it is served")
         return None
-    folder = private_folder(cache / f"{medseg.__version__}-{source_digest(root)[:24]}")
+    folder = private_folder(cache / f"{__version__}-{source_digest(root)[:24]}")
     found = sorted(folder.glob("medseg-*.whl"))
     if found:
         return found[0]

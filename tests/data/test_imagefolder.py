@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from medseg.data.imagefolder import write_imagefolder_from_medmnist
-from medseg.data.manifest import ManifestError
+from medseg.errors import ManifestError
 from tests.conftest import REPO, SHARED_DATA, require, write_medmnist_npz
 
 COUNTS = {"train": 10, "val": 4, "test": 6}

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medseg.data.build import build_manifest, build_manifest_from_layout
 from medseg.data.layouts import detect_layout
-from medseg.data.manifest import build_manifest, build_manifest_from_layout, read_manifest
+from medseg.data.manifest import read_manifest
 from medseg.errors import ManifestError
 from tests.conftest import make_case
 

@@ -13,16 +13,10 @@ import nibabel as nib
 import pytest
 
 from medseg.cli import main
-from medseg.data.manifest import (
-    COLUMNS,
-    Case,
-    Manifest,
-    ManifestError,
-    build_manifest,
-    discover_cases,
-    read_manifest,
-    write_manifest,
-)
+from medseg.data.build import build_manifest
+from medseg.data.folders import discover_cases
+from medseg.data.manifest import COLUMNS, Case, Manifest, read_manifest, write_manifest
+from medseg.errors import ManifestError
 from tests.conftest import make_case
 
 SHAPE = (9, 11, 7)
@@ -323,3 +317,16 @@ def test_msd_label_listed_but_missing_is_a_manifest_error(msd_dataset: Path, tmp
     (msd_dataset / "labelsTr" / "case_003.nii.gz").unlink()
     with pytest.raises(ManifestError, match="case_003"):
         build_manifest(msd_dataset, tmp_path / "m.csv")
+
+
+def test_a_case_named_like_a_formula_is_quoted_for_spreadsheets_and_read_back_as_it_was(tmp_path: Path) -> None:
+    """Case ids and paths come from file names anyone chose: ``=HYPERLINK(...)`` must not run when
+    the manifest is opened in a spreadsheet, and must read back unchanged."""
+    cases = [Case("=HYPERLINK(\"http://x\")", ("@img.nii.gz",), "-lbl.nii.gz", "train", 0, "+s1", ("a",), "b"),
+             Case("plain", ("img.nii.gz",), None, "test", None, None, ("c",), None)]
+    path = write_manifest(cases, tmp_path / "m.csv")
+    text = path.read_text()
+    assert "'=HYPERLINK" in text and "'@img.nii.gz" in text and "'-lbl.nii.gz" in text and "'+s1" in text
+    back = read_manifest(path).cases
+    assert back[0].case_id == "=HYPERLINK(\"http://x\")" and back[0].images == ("@img.nii.gz",)
+    assert back[0].label == "-lbl.nii.gz" and back[0].subject_id == "+s1" and back[1].case_id == "plain"

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.data.manifest import ManifestError, read_manifest
+from medseg.data.manifest import read_manifest
 from medseg.data.medmnist import import_medmnist
+from medseg.errors import ManifestError
 from medseg.io.readers import load_volume
 from tests.conftest import write_medmnist_npz
 

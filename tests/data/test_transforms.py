@@ -108,3 +108,15 @@ def test_foreground_crop_uses_raw_intensities_not_z_scores(tmp_path: Path) -> No
     out = validation_transforms(pre)({"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")})
     assert tuple(out["image"].shape[1:]) == (20, 20, 14)
     assert int(out["label"].sum()) == 27
+
+
+def test_every_augmentation_of_the_config_has_one_entry_in_the_table() -> None:
+    """The config's augmentation union and the transform table grow together."""
+    import typing
+
+    from medseg.config import AugmentConfig
+    from medseg.data.transforms import AUGMENTATIONS
+
+    union = typing.get_args(typing.get_args(AugmentConfig)[0])
+    names = {typing.get_args(member.model_fields["name"].annotation)[0] for member in union}
+    assert names == set(AUGMENTATIONS)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from medseg.cli import main
-from medseg.data.manifest import Case, Manifest, build_manifest, read_manifest, sha256_of, write_manifest
+from medseg.data.build import build_manifest
+from medseg.data.manifest import Case, Manifest, read_manifest, sha256_of, write_manifest
 from medseg.data.verify import Finding, VerifyReport, verify_manifest
 from tests.conftest import oblique_affine, write_msd_dataset
 

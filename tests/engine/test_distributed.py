@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
 from medseg.cli import main
-from medseg.data.manifest import build_manifest
+from medseg.data.build import build_manifest
 from medseg.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO, make_case, tiny_config, write_msd_dataset
 

@@ -199,7 +199,7 @@ def test_an_interrupted_write_leaves_no_partial_file(trained, tmp_path: Path, mo
         Path(filename).write_bytes(Path(filename).read_bytes()[:100])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("medseg.engine.predict.nib.save", save_then_die)
+    monkeypatch.setattr("medseg.engine.case_io.nib.save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _predict(trained, inputs, tmp_path / "out", "--no-tracking")
     leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".gz" or ".tmp" in p.name]

@@ -105,7 +105,7 @@ def test_auto_falls_back_to_torch_for_a_task_that_cannot_export_and_a_named_back
     from torch import nn
 
     from medseg.api import on_backend
-    from medseg.engine.predict import LoadedModel
+    from medseg.engine.model_loading import LoadedModel
     from medseg.errors import UsageError
 
     class NoExport:

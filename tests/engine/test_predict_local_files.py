@@ -16,7 +16,9 @@ import torch
 from medseg.cli import main
 from medseg.engine import predict as driver
 from medseg.engine import report as report_module
-from medseg.engine.predict import CaseResult, LoadedModel, PredictOptions, predict_folder
+from medseg.engine.model_loading import LoadedModel
+from medseg.engine.predict import predict_folder
+from medseg.engine.results import CaseResult, PredictOptions
 from medseg.errors import RunError, UsageError
 from medseg.io.discovery import Discovery, InputCase
 from medseg.io.naming import NAME_MAX, name_fits

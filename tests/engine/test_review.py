@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from medseg.cli import main
-from medseg.engine.predict import CaseResult
+from medseg.engine.results import CaseResult
 from medseg.engine.review import (
     THUMBNAIL_PX,
     _largest_structure_centre,

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 import medseg
 from medseg.cli import EXIT_FAILED, EXIT_USAGE, main
-from medseg.data.manifest import build_manifest
+from medseg.data.build import build_manifest
 from medseg.engine.runner import aggregate
 from medseg.errors import UsageError
 from tests.conftest import tiny_config, train_run, write_msd_dataset

@@ -36,7 +36,8 @@ import pytest
 import torch
 
 from medseg.cli import main
-from medseg.data.manifest import build_manifest, read_manifest
+from medseg.data.build import build_manifest
+from medseg.data.manifest import read_manifest
 from medseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import REPO, make_case, tiny_config, train_run, write_msd_dataset
 

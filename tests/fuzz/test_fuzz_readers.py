@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.engine.predict import peak_rss_mb
+from medseg.engine.case_io import peak_rss_mb
 from medseg.errors import ImageValueError, VolumeReadError
 from medseg.io.discovery import discover
 from medseg.io.preflight import check_values

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from medseg.data.build import build_manifest
 from medseg.data.layouts import detect_layout
-from medseg.data.manifest import build_manifest
 from medseg.errors import ManifestError
 from medseg.io.discovery import MAX_GUESSED_CHANNELS, FileGroup, discover, group_channel_files
 from medseg.io.formats import strip_volume_suffix

@@ -12,7 +12,8 @@ import SimpleITK as sitk
 
 from medseg.errors import VolumeReadError
 from medseg.io import dicom_seg
-from medseg.io.dicom_seg import is_dicom_seg, write_dicom_seg
+from medseg.io.dicom_seg import write_dicom_seg
+from medseg.io.dicom_sniff import is_dicom_seg
 from medseg.io.formats import FORMATS
 from medseg.io.readers import load_volume
 

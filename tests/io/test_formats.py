@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import medseg
-from medseg.data.manifest import discover_cases
+from medseg.data.folders import discover_cases
 from medseg.errors import VolumeReadError
 from medseg.io.discovery import discover
 from medseg.io.formats import ENTRY_POINT_GROUP, FORMATS, VolumeFormat

@@ -56,6 +56,9 @@ def test_plan_writes_a_commented_config_that_loads_and_explains_itself(ct_msd: P
     assert cfg.data.fingerprint is not None and Path(cfg.data.fingerprint).is_file()
     raw = yaml.safe_load(text)
     assert raw["model"]["strides"] and raw["patch"]["size"]
+    # nnU-Net mirrors every axis in every configuration, even in a 90-second plan
+    assert {"name": "flip", "prob": 0.5} in raw["augment"]
+    assert [a for a in cfg.augment if a.name == "flip"][0].axes is None
 
 
 def test_the_probe_times_candidates_and_its_figures_go_in_the_plan(ct_msd: Path, tmp_path: Path) -> None:

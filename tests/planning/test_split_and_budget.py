@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 import medseg
 from medseg.config import TrainConfig
-from medseg.data.manifest import Case, Manifest, default_folds, read_manifest, with_folds
+from medseg.data.build import default_folds, with_folds
+from medseg.data.manifest import Case, Manifest, read_manifest
 from medseg.engine.loop import BudgetSchedule, split_cases
 from medseg.errors import ConfigError
 from tests.conftest import write_msd_dataset

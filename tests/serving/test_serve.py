@@ -32,7 +32,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import medseg
-from medseg.data.manifest import build_manifest
+from medseg.data.build import build_manifest
 from medseg.data.medmnist import import_medmnist
 from tests.conftest import (
     HIPPO,

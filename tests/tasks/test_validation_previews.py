@@ -10,8 +10,9 @@ import torch
 from monai.data import Dataset
 
 import medseg
+from medseg.data.build import build_manifest
 from medseg.data.datasets import records
-from medseg.data.manifest import build_manifest, read_manifest
+from medseg.data.manifest import read_manifest
 from medseg.data.medmnist import import_medmnist
 from medseg.engine.loop import split_cases
 from tests.conftest import (

@@ -19,7 +19,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import medseg
-from medseg.data.manifest import build_manifest, file_sha256
+from medseg.data.build import build_manifest
+from medseg.data.manifest import file_sha256
 from tests.conftest import free_port, tiny_config, train_run, wait_until_answering, write_msd_dataset
 
 

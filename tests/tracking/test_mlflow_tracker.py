@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.engine.predict import expand_model_refs
+from medseg.engine.model_loading import expand_model_refs
 from medseg.errors import UsageError
 from medseg.tracking import MlflowTracker, NullTracker
 from medseg.tracking.mlflow_tracker import DatasetRecord

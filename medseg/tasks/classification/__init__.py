@@ -27,7 +27,6 @@ class ClassificationTask(TaskBase):
     name = "classification"
     config_type = ClassificationConfig
     predict_options = frozenset({"tta"})
-    stages_module = "medseg.tasks.classification.training"
     selection_metric = "val/auc"
     class_labels = True
 
@@ -69,6 +68,22 @@ class ClassificationTask(TaskBase):
                                  ctx.progress, prefix=prefix,
                                  tsne=split == "test" and ctx.cfg.validation.tsne,
                                  fit_calibration=split == "val").metrics
+
+    def train(self, ctx: Any) -> Any:
+        from medseg.tasks.classification import training
+
+        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
+                              progress=ctx.progress)
+
+    def contract(self, cfg: Any) -> dict[str, Any]:
+        from medseg.tasks.classification.training import model_contract
+
+        return model_contract(cfg)
+
+    def package(self, ctx: Any, checkpoint: Path) -> Any:
+        from medseg.tasks.classification import training
+
+        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.classification.predict import ClassificationPredictor

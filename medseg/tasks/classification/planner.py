@@ -54,25 +54,13 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     """The classification plan (see the module docstring)."""
     dims = fp.spatial_dims
     training = fp.training_cases()
-    channels = len(fp.channel_names)
-    classes = len(request.labels)
     why: dict[str, str] = {}
     notes: list[str] = []
     n_train = sum(1 for c in fp.cases if c.split == "train")
     sizes = np.asarray([c.shape for c in training])
     size = [int(round(v)) for v in np.median(sizes, axis=0)]
     varies = bool((sizes != sizes[0]).any())
-    stats = fp.channels[0]
-    if rules.is_ct(stats.name):
-        intensity: dict[str, Any] = {"mode": "clip_zscore", "clip": [round(stats.percentile_00_5, 2),
-                                                                    round(stats.percentile_99_5, 2)],
-                                     "mean": round(stats.mean, 3), "std": round(max(stats.std, 1e-6), 3)}
-        why["preprocess.intensity"] = "CT: clip to p0.5-p99.5, z-score with the dataset's mean/std (nnU-Net)"
-    else:
-        low, high = min(c.min for c in fp.channels), max(c.max for c in fp.channels)
-        intensity = {"mode": "ct_window", "window": [round(low, 4), round(high if high > low else low + 1, 4)]}
-        why["preprocess.intensity"] = (f"one linear map of the dataset's range [{low:g}, {high:g}] to [0, 1] for every "
-                                       "image: brightness differences between images are kept")
+    intensity, why["preprocess.intensity"] = _intensity(fp)
     counts = Counter(c.label for c in training if c.label is not None)
     imbalance = max(counts.values()) / max(1, min(counts.values())) if counts else 1.0
     batch = _batch_size(n_train, dims)
@@ -83,30 +71,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     base = _base_config(request, fp, size, intensity, dims, stem, imbalance, batch)
 
     step_seconds = request.budget_minutes * 60 * STEP_SHARE
-    probe: list[ProbeResult] = []
-    chosen_width, step_time = (0.5 if dims == 2 else 0.25), None
-    if request.probe:
-        clock = ProbeClock()
-        images = _synthetic_batch(size, channels, classes, batch)
-        timed: list[tuple[float, float]] = []
-        for width in reversed(WIDTHS):  # narrowest first; stop once one misses the goal (wider ones are slower)
-            if timed and step_seconds / timed[-1][1] * batch < MIN_SAMPLES:
-                probe.append(ProbeResult(f"resnet18 x{width}, batch {batch}", "-", dims == 3, None, None,
-                                         note="not timed: a narrower network already misses the goal"))
-                continue
-            cfg = task.config_type.model_validate(with_overrides(base, {"model.widen_factor": width}))
-            result = time_steps(task, cfg, images, request.device, Precision.FP32, dims == 3,
-                                f"resnet18 x{width}, batch {batch}", clock)
-            probe.append(result)
-            if result.seconds_per_step is not None:
-                timed.append((width, result.seconds_per_step))
-        timed.reverse()  # widest first, as the budget rule reads them
-        picked = pick_within_budget([t for _, t in timed], step_seconds, MIN_SAMPLES / batch)
-        if picked is not None:
-            chosen_width, step_time = timed[picked.index]
-        if picked is not None and not picked.reaches_goal:
-            notes.append(f"no width sees {MIN_SAMPLES:,} images within {request.budget_minutes:g} min; the "
-                         "narrowest was taken: give a bigger budget")
+    chosen_width, step_time, probe = _choose_width(task, request, fp, base, size, batch, step_seconds, notes)
     steps = int(step_seconds / step_time) if step_time else None
     epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, steps // steps_per_epoch))) if steps else \
         int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_SAMPLES / max(1, n_train)))))
@@ -155,6 +120,52 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
     ]
     return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in probe],
                 explain_rows=explain, notes=notes)
+
+
+def _intensity(fp: Fingerprint) -> tuple[dict[str, Any], str]:
+    """CT: nnU-Net's clip + z-score; anything else: one linear map of the dataset's range to [0, 1]."""
+    stats = fp.channels[0]
+    if rules.is_ct(stats.name):
+        return ({"mode": "clip_zscore", "clip": [round(stats.percentile_00_5, 2), round(stats.percentile_99_5, 2)],
+                 "mean": round(stats.mean, 3), "std": round(max(stats.std, 1e-6), 3)},
+                "CT: clip to p0.5-p99.5, z-score with the dataset's mean/std (nnU-Net)")
+    low, high = min(c.min for c in fp.channels), max(c.max for c in fp.channels)
+    return ({"mode": "ct_window", "window": [round(low, 4), round(high if high > low else low + 1, 4)]},
+            f"one linear map of the dataset's range [{low:g}, {high:g}] to [0, 1] for every image: brightness "
+            "differences between images are kept")
+
+
+def _choose_width(task: Any, request: PlanRequest, fp: Fingerprint, base: dict[str, Any], size: list[int], batch: int,
+                  step_seconds: float, notes: list[str]) -> tuple[float, float | None, list[ProbeResult]]:
+    """The widest ResNet-18 that sees :data:`MIN_SAMPLES` images in the budget (probed at fp32), its
+    step time and the probe's rows; without a probe, medseg's default width."""
+    dims = fp.spatial_dims
+    probe: list[ProbeResult] = []
+    if not request.probe:
+        return (0.5 if dims == 2 else 0.25), None, probe
+    clock = ProbeClock()
+    images = _synthetic_batch(size, len(fp.channel_names), len(request.labels), batch)
+    timed: list[tuple[float, float]] = []
+    for width in reversed(WIDTHS):  # narrowest first; stop once one misses the goal (wider ones are slower)
+        if timed and step_seconds / timed[-1][1] * batch < MIN_SAMPLES:
+            probe.append(ProbeResult(f"resnet18 x{width}, batch {batch}", "-", dims == 3, None, None,
+                                     note="not timed: a narrower network already misses the goal"))
+            continue
+        cfg = task.config_type.model_validate(with_overrides(base, {"model.widen_factor": width}))
+        result = time_steps(task, cfg, images, request.device, Precision.FP32, dims == 3,
+                            f"resnet18 x{width}, batch {batch}", clock)
+        probe.append(result)
+        if result.seconds_per_step is not None:
+            timed.append((width, result.seconds_per_step))
+    timed.reverse()  # widest first, as the budget rule reads them
+    picked = pick_within_budget([t for _, t in timed], step_seconds, MIN_SAMPLES / batch)
+    if picked is None:
+        return (0.5 if dims == 2 else 0.25), None, probe
+    if not picked.reaches_goal:
+        notes.append(f"no width sees {MIN_SAMPLES:,} images within {request.budget_minutes:g} min; the "
+                     "narrowest was taken: give a bigger budget")
+    width, step_time = timed[picked.index]
+    return width, step_time, probe
 
 
 def _base_config(request: PlanRequest, fp: Fingerprint, size: list[int], intensity: dict[str, Any], dims: int,

@@ -19,16 +19,9 @@ from torch import nn
 from medseg.config import Precision
 from medseg.data.transforms import IMAGE, preprocessing_from_contract
 from medseg.engine.calibration import contract_temperature
-from medseg.engine.predict import (
-    CaseResult,
-    LoadedModel,
-    Prediction,
-    PredictOptions,
-    check_input_shape,
-    read_error,
-    reader_source,
-    shown_source,
-)
+from medseg.engine.case_io import check_input_shape, read_error, reader_source, shown_source
+from medseg.engine.model_loading import LoadedModel
+from medseg.engine.results import CaseResult, Prediction, PredictOptions
 from medseg.engine.runtime import autocast, autocast_dtype
 from medseg.engine.tta import average_predictions, tta_axes
 from medseg.engine.uncertainty import normalised_entropy

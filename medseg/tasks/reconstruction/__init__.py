@@ -26,7 +26,6 @@ class ReconstructionTask(TaskBase):
     name = "reconstruction"
     config_type = ReconstructionConfig
     predict_options = frozenset({"measured"})
-    stages_module = "medseg.tasks.reconstruction.training"
     selection_metric = "val/ssim"
 
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
@@ -101,6 +100,22 @@ class ReconstructionTask(TaskBase):
             return {}
         return training.evaluate(ctx.cfg, items, checkpoint, ctx.run_dir, split, ctx.tracker, ctx.progress,
                                  prefix=prefix_arg).metrics
+
+    def train(self, ctx: Any) -> Any:
+        from medseg.tasks.reconstruction import training
+
+        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
+                              progress=ctx.progress)
+
+    def contract(self, cfg: Any) -> dict[str, Any]:
+        from medseg.tasks.reconstruction.training import model_contract
+
+        return model_contract(cfg)
+
+    def package(self, ctx: Any, checkpoint: Path) -> Any:
+        from medseg.tasks.reconstruction import training
+
+        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.reconstruction.predict import ReconstructionPredictor

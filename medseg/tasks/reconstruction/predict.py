@@ -28,17 +28,9 @@ from monai.transforms import Compose, Invertd
 from torch import nn
 
 from medseg.config import IntensityConfig, IntensityMode, Precision, PreprocessConfig
-from medseg.engine.predict import (
-    CaseResult,
-    LoadedModel,
-    Prediction,
-    PredictOptions,
-    mean_or_none,
-    read_error,
-    reader_source,
-    shown_source,
-    write_nifti,
-)
+from medseg.engine.case_io import mean_or_none, read_error, reader_source, shown_source, write_nifti
+from medseg.engine.model_loading import LoadedModel
+from medseg.engine.results import CaseResult, Prediction, PredictOptions
 from medseg.engine.runtime import autocast, autocast_dtype
 from medseg.engine.tta import average_predictions
 from medseg.errors import CaseError, UsageError
@@ -46,11 +38,10 @@ from medseg.io.discovery import InputCase
 from medseg.io.naming import output_paths
 from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem
 from medseg.tasks.reconstruction.operators import Acquisition, case_seed, volume_metrics
-from medseg.tasks.reconstruction.training import VolumeReconstruction, pad_slices, reconstruct_volume
+from medseg.tasks.reconstruction.training import METRICS, VolumeReconstruction, pad_slices, reconstruct_volume
 from medseg.tasks.reconstruction.transforms import IMAGE, reconstruction_prefix
 
 OUTPUT = "reconstruction"
-METRICS = ("psnr", "ssim", "nmse")
 
 
 def contract_recon(contract: dict[str, Any]) -> ReconConfig:

@@ -27,7 +27,6 @@ class SegmentationTask(TaskBase):
     name = "segmentation"
     config_type = SegmentationConfig
     predict_options = frozenset({"tta", "overlap", "save_probabilities", "save_uncertainty", "keep_largest", "qc"})
-    stages_module = "medseg.tasks.segmentation.training"
     selection_metric = "val/dice_mean"
 
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
@@ -73,6 +72,17 @@ class SegmentationTask(TaskBase):
         from medseg.tasks.segmentation import training
 
         return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker, ctx.manifest, ctx.root)
+
+    def train(self, ctx: Any) -> Any:
+        from medseg.tasks.segmentation import training
+
+        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
+                              progress=ctx.progress)
+
+    def contract(self, cfg: Any) -> dict[str, Any]:
+        from medseg.tasks.segmentation.training import model_contract
+
+        return model_contract(cfg)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.segmentation.predict import SegmentationPredictor

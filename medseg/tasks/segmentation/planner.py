@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -81,151 +82,215 @@ def _augmentation(dims: int, budget_minutes: float, anisotropic_axis: int | None
     rotate = 15 if anisotropic_axis is None else 10
     items: list[dict[str, Any]] = [{"name": "affine", "prob": 0.2, "rotate_deg": rotate if not full else 30,
                                     "scale": 0.1 if not full else 0.3}]
-    if full:
-        items.append({"name": "flip", "prob": 0.5})
+    # nnU-Net mirrors every axis in every configuration, and predicts with the same mirrors (TTA)
+    items.append({"name": "flip", "prob": 0.5})
     items += [{"name": "contrast", "prob": 0.3 if not full else 0.15, "scale": 0.2, "shift": 0.1},
               {"name": "gamma", "prob": 0.2 if not full else 0.3, "gamma": [0.8, 1.25] if not full else [0.7, 1.5]},
               {"name": "noise", "prob": 0.1, "std": 0.05 if not is_ct else 0.1}]
     why = (f"{'nnU-Net' if full else 'light'} augmentation for a {budget_minutes:g}-minute budget"
            + ("" if full else f" (nnU-Net's full set pays off after ~1000 epochs; plans of >= {FULL_AUGMENTATION_MINUTES:g} min use it)")
+           + "; mirroring along every axis, as nnU-Net (predict with --tta to mirror at test time too)"
            + (f"; rotations kept small: axis {anisotropic_axis} is anisotropic" if anisotropic_axis is not None else ""))
     return items, why
 
 
+Candidate = tuple[str, rules.Topology, int, str]  # network family, topology, base width, label
+
+
+@dataclass
+class _Choice:
+    """What the probe picked: a candidate, its precision and memory layout, and its measured step."""
+
+    candidate: Candidate
+    precision: Precision
+    channels_last: bool
+    step_seconds: float | None = None
+    probe: list[ProbeResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Decisions:
+    """Every decision of a plan, in the order nnU-Net's ExperimentPlanner makes them."""
+
+    spacing_rule: rules.SpacingDecision
+    spacing: list[float]
+    all_there: bool
+    norm: rules.NormalisationDecision
+    nnunet: rules.NnunetPlan
+    full: rules.Topology
+    choice: _Choice
+    batch_size: int
+    iterations: int | None
+    epochs: int | None
+
+
 def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
-    """The segmentation plan (see the module docstring)."""
+    """The segmentation plan (see the module docstring): geometry, normalisation, the candidates the
+    probe times, the training length, then the structure rules; each with its reason."""
     dims = fp.spatial_dims
     training = fp.training_cases()
     spacings = [c.spacing for c in training]
     shapes = [c.shape for c in training]
-    classes = len(request.labels)
-    channels = len(fp.channel_names)
-    why: dict[str, str] = {}
-    notes: list[str] = []
-
-    # ---- geometry: nnU-Net's target spacing; no resampling when every case is already there
-    decision = rules.target_spacing(spacings, shapes)
-    spacing = [round(s, 4) for s in decision.spacing]
+    # geometry: nnU-Net's target spacing; no resampling when every case is already there
+    spacing_rule = rules.target_spacing(spacings, shapes)
+    spacing = [round(s, 4) for s in spacing_rule.spacing]
     all_there = all(np.allclose(c.spacing, spacing, rtol=1e-3) for c in fp.cases)
-    orientations = sorted({c.orientation for c in fp.cases if c.orientation})
+    norm, notes = _normalisation(fp)
+    nnunet = rules.nnunet_default_plan(spacings, shapes, len(fp.channel_names), len(request.labels))
+    full, candidates = _candidates(spacing, spacings, shapes, nnunet)
+    base = _base_config(request, fp, spacing if not all_there else None, norm, dims)
+    # a GPU step costs little more for a bigger batch (nnU-Net's batch); on a CPU it costs proportionally more
+    batch_size = max(BATCH_SIZE, nnunet.batch_size) if request.device.type == "cuda" else BATCH_SIZE
+    choice = _choose(task, request, fp, base, candidates, batch_size)
+    iterations = int(request.budget_minutes * 60 * STEP_SHARE / choice.step_seconds) if choice.step_seconds else None
+    per_epoch = max(1, math.ceil(sum(1 for c in fp.cases if c.split == "train") * 2 / batch_size))
+    epochs = max(1, iterations // per_epoch) if iterations else None
+    decisions = _Decisions(spacing_rule, spacing, all_there, norm, nnunet, full, choice, batch_size, iterations, epochs)
+    return _assemble(request, fp, base, decisions, notes + choice.notes + _thread_notes(request.device))
 
-    # ---- normalisation per channel (one rule for all channels: medseg normalises channel-wise)
+
+def _normalisation(fp: Fingerprint) -> tuple[rules.NormalisationDecision, list[str]]:
+    """One rule for all channels (medseg normalises channel-wise), from the first channel's statistics."""
     stats = fp.channels[0]
     norm = rules.normalisation(stats.name, stats.percentile_00_5, stats.percentile_99_5, stats.mean, stats.std,
                                fp.median_crop_ratio())
-    if channels > 1 and len({rules.is_ct(c.name) for c in fp.channels}) > 1:
+    notes = []
+    if len(fp.channel_names) > 1 and len({rules.is_ct(c.name) for c in fp.channels}) > 1:
         notes.append("channels mix CT and other modalities; the first channel's rule is applied to all")
+    return norm, notes
 
-    # ---- patch and topology (nnU-Net), then the candidates the probe times
-    nnunet = rules.nnunet_default_plan(spacings, shapes, channels, classes)
+
+def _candidates(spacing: list[float], spacings: list[Any], shapes: list[Any],
+                nnunet: rules.NnunetPlan) -> tuple[rules.Topology, list[Candidate]]:
+    """nnU-Net's patch and topology (fitted to its 8 GB GPU reference, kept below the median image),
+    then the networks and smaller patches the probe times for tight budgets, richest first."""
     median_shape = list(np.median(np.asarray(shapes) * np.asarray(spacings) / np.asarray(spacing), axis=0))
-    # nnU-Net's patch (fitted to its 8 GB GPU reference), kept below the median image; smaller ones for tight budgets
     full = rules.leave_crop_room(spacing, rules.pool_and_conv(spacing, nnunet.patch), median_shape)
-    start = full.patch
-    candidates = [("dynunet", full, 32, "nnU-Net DynUNet, 32 base features"),
-                  ("dynunet", full, 16, "nnU-Net DynUNet, 16 base features"),
-                  ("unet", full, 16, "lean U-Net, 16 base features")]
+    candidates: list[Candidate] = [("dynunet", full, 32, "nnU-Net DynUNet, 32 base features"),
+                                   ("dynunet", full, 16, "nnU-Net DynUNet, 16 base features"),
+                                   ("unet", full, 16, "lean U-Net, 16 base features")]
     seen = [full.patch]
     for scale in PATCH_SCALES:  # smaller patches: more steps in a tight budget
-        smaller = rules.pool_and_conv(spacing, [max(8, int(round(p * scale))) for p in start])
+        smaller = rules.pool_and_conv(spacing, [max(8, int(round(p * scale))) for p in full.patch])
         if smaller.patch not in seen:
             seen.append(smaller.patch)
             candidates.append(("unet", smaller, 16, f"lean U-Net, 16 base features, {scale:g}x patch"))
+    return full, candidates
 
-    base = _base_config(request, fp, spacing if not all_there else None, norm, dims)
-    step_seconds = request.budget_minutes * 60 * STEP_SHARE
-    device = request.device
+
+def _choose(task: Any, request: PlanRequest, fp: Fingerprint, base: dict[str, Any], candidates: list[Candidate],
+            batch_size: int) -> _Choice:
+    """The richest candidate that fits :data:`MIN_ITERATIONS` steps into the budget, at the fastest
+    precision whose loss curve matches fp32 and the faster memory layout; without a probe, the lean
+    U-Net at medseg's default precision (fp16 autocast on a GPU, fp32 on a CPU)."""
+    dims = fp.spatial_dims
+    if not request.probe:
+        return _Choice(candidates[2], Precision.AUTO, dims == 3)
+    clock = ProbeClock()
+    step_budget = request.budget_minutes * 60 * STEP_SHARE
     probe: list[ProbeResult] = []
-    # a GPU step costs little more for a bigger batch (nnU-Net's batch); on a CPU it costs proportionally more
-    batch_size = max(BATCH_SIZE, nnunet.batch_size) if device.type == "cuda" else BATCH_SIZE
-    chosen = candidates[2]
-    # unprobed: medseg's default (fp16 autocast on a GPU, fp32 on a CPU)
-    precision, channels_last = Precision.AUTO if not request.probe else Precision.FP32, dims == 3
-    if request.probe:
-        clock = ProbeClock()
-        measured: list[tuple[tuple[str, rules.Topology, int, str], ProbeResult, Any, tuple[torch.Tensor, torch.Tensor]]] = []
-        # cheapest first: once a candidate cannot fit the goal into the budget, the richer (slower) ones cannot
-        # either, and the probe's 60 s are not spent timing them
-        for family, topology, width, label in reversed(candidates):
-            if measured and step_seconds / (measured[-1][1].seconds_per_step or math.inf) < MIN_ITERATIONS:
-                probe.append(ProbeResult(label, "-", channels_last, None, None,
-                                         note="not timed: a cheaper candidate already misses the goal"))
-                continue
-            cfg = _validated(task, base, family, topology, width, dims)
-            batch = _synthetic_batch(topology.patch, channels, classes, batch_size)
-            fp32 = time_steps(task, cfg, batch, device, Precision.FP32, channels_last, label, clock)
-            probe.append(fp32)
-            best = fp32
-            for reduced in reduced_precisions(device):
-                timed = time_steps(task, cfg, batch, device, reduced, channels_last, label, clock)
-                probe.append(timed)
-                if timed.seconds_per_step is not None and (best.seconds_per_step is None or
-                                                           timed.seconds_per_step < CLEARLY_FASTER * best.seconds_per_step):
-                    best = timed
-            if best.seconds_per_step is not None:
-                measured.append(((family, topology, width, label), best, cfg, batch))
-        measured.reverse()  # richest first again, as the budget rule reads them
-        picked = pick_within_budget([m[1].seconds_per_step for m in measured], step_seconds, MIN_ITERATIONS)
-        if picked is not None:
-            chosen, best, cfg, batch = measured[picked.index]
-            precision = Precision(best.precision)
-            if precision != Precision.FP32:
-                same, gap, _, _ = same_loss_curve(task, cfg, batch, device, precision, channels_last)
-                probe.append(ProbeResult(f"{chosen[3]}: {precision} vs fp32 loss curve", str(precision), channels_last,
-                                         None, None, note=f"{CURVE_STEPS_NOTE}: worst gap {gap:.2%} -> "
-                                         + ("same curve, kept" if same else "differs, fp32 used")))
-                if not same:
-                    precision = Precision.FP32
-                    best = next((r for r in probe if r.name == chosen[3] and r.precision == "fp32"
-                                 and r.seconds_per_step), best)
-            if dims == 3 and clock.left > 5:  # channels-last is the default for 3D; check it is not slower here
-                plain = time_steps(task, cfg, batch, device, precision, False, chosen[3], clock)
-                probe.append(plain)
-                if plain.seconds_per_step is not None and \
-                        plain.seconds_per_step < CLEARLY_FASTER * (best.seconds_per_step or math.inf):
-                    channels_last, best = False, plain
-            chosen_step = best.seconds_per_step
-        else:
-            chosen_step = None
-            notes.append("no candidate could be timed; the lean U-Net was chosen without a probe")
-    else:
-        chosen_step = None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cpu":
-        notes.append(f"threads: all {cores} cores in one process (processes on one CPU would split the same cores; "
-                     "benchmarks/results/ddp.md)")
-    family, topology, width, label = chosen
-    iterations = int(step_seconds / chosen_step) if chosen_step else None
-    model = _network(family, topology, width, dims)
-    cases_train = sum(1 for c in fp.cases if c.split == "train")
-    per_epoch = max(1, math.ceil(cases_train * 2 / batch_size))
-    epochs = max(1, iterations // per_epoch) if iterations else None
-    val_interval = max(1, round((epochs or 200) / 25))
+    measured = _time_candidates(task, request, fp, base, candidates, batch_size, step_budget, clock, probe)
+    picked = pick_within_budget([m[1].seconds_per_step for m in measured], step_budget, MIN_ITERATIONS)
+    if picked is None:
+        return _Choice(candidates[2], Precision.FP32, dims == 3, None, probe,
+                       ["no candidate could be timed; the lean U-Net was chosen without a probe"])
+    chosen, best, cfg, batch = measured[picked.index]
+    precision, channels_last = Precision(best.precision), dims == 3
+    if precision != Precision.FP32:
+        same, gap, _, _ = same_loss_curve(task, cfg, batch, request.device, precision, channels_last)
+        probe.append(ProbeResult(f"{chosen[3]}: {precision} vs fp32 loss curve", str(precision), channels_last,
+                                 None, None, note=f"{CURVE_STEPS_NOTE}: worst gap {gap:.2%} -> "
+                                 + ("same curve, kept" if same else "differs, fp32 used")))
+        if not same:
+            precision = Precision.FP32
+            best = next((r for r in probe if r.name == chosen[3] and r.precision == "fp32" and r.seconds_per_step),
+                        best)
+    if dims == 3 and clock.left > 5:  # channels-last is the default for 3D; check it is not slower here
+        plain = time_steps(task, cfg, batch, request.device, precision, False, chosen[3], clock)
+        probe.append(plain)
+        if plain.seconds_per_step is not None and \
+                plain.seconds_per_step < CLEARLY_FASTER * (best.seconds_per_step or math.inf):
+            channels_last, best = False, plain
+    return _Choice(chosen, precision, channels_last, best.seconds_per_step, probe)
 
-    config = base
+
+def _time_candidates(task: Any, request: PlanRequest, fp: Fingerprint, base: dict[str, Any],
+                     candidates: list[Candidate], batch_size: int, step_budget: float, clock: ProbeClock,
+                     probe: list[ProbeResult]) -> list[tuple[Candidate, ProbeResult, Any, Any]]:
+    """Each candidate's step time at fp32 and at each reduced precision (the fastest kept), richest first."""
+    dims, channels, classes = fp.spatial_dims, len(fp.channel_names), len(request.labels)
+    measured: list[tuple[Candidate, ProbeResult, Any, Any]] = []
+    # cheapest first: once a candidate cannot fit the goal into the budget, the richer (slower) ones cannot
+    # either, and the probe's 60 s are not spent timing them
+    for candidate in reversed(candidates):
+        family, topology, width, label = candidate
+        if measured and step_budget / (measured[-1][1].seconds_per_step or math.inf) < MIN_ITERATIONS:
+            probe.append(ProbeResult(label, "-", dims == 3, None, None,
+                                     note="not timed: a cheaper candidate already misses the goal"))
+            continue
+        cfg = _validated(task, base, family, topology, width, dims)
+        batch = _synthetic_batch(topology.patch, channels, classes, batch_size)
+        best = time_steps(task, cfg, batch, request.device, Precision.FP32, dims == 3, label, clock)
+        probe.append(best)
+        for reduced in reduced_precisions(request.device):
+            timed = time_steps(task, cfg, batch, request.device, reduced, dims == 3, label, clock)
+            probe.append(timed)
+            if timed.seconds_per_step is not None and (best.seconds_per_step is None or
+                                                       timed.seconds_per_step < CLEARLY_FASTER * best.seconds_per_step):
+                best = timed
+        if best.seconds_per_step is not None:
+            measured.append((candidate, best, cfg, batch))
+    measured.reverse()  # richest first again, as the budget rule reads them
+    return measured
+
+
+def _thread_notes(device: torch.device) -> list[str]:
+    if device.type != "cpu":
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return [f"threads: all {cores} cores in one process (processes on one CPU would split the same cores; "
+            "benchmarks/results/ddp.md)"]
+
+
+def _assemble(request: PlanRequest, fp: Fingerprint, config: dict[str, Any], d: _Decisions, notes: list[str]) -> Plan:
+    """The config's sections, the structure rules (regions, rare classes, post-processing), and the reasons."""
+    family, topology, width, _ = d.choice.candidate
+    why: dict[str, str] = {}
     structures = decide_structures(fp, request.labels)
     config["patch"] = _patch_section(fp, topology.patch, request.labels, why, structures.rare)
     if structures.regions:
         config["regions"] = structures.regions
     if structures.min_component_search:
         config["postprocess"] = {"search_min_component_size": structures.min_component_search}
-    config["model"] = model
-    config["train"] = {"max_epochs": None, "max_minutes": request.budget_minutes, "batch_size": batch_size,
-                       "val_interval": val_interval, "device": "auto", "precision": str(precision),
-                       "channels_last": channels_last}
-    config["augment"], why["augment"] = _augmentation(dims, request.budget_minutes, decision.anisotropic_axis,
-                                                      rules.is_ct(stats.name))
+    config["model"] = _network(family, topology, width, fp.spatial_dims)
+    config["train"] = {"max_epochs": None, "max_minutes": request.budget_minutes, "batch_size": d.batch_size,
+                       "val_interval": max(1, round((d.epochs or 200) / 25)), "device": "auto",
+                       "precision": str(d.choice.precision), "channels_last": d.choice.channels_last}
+    config["augment"], why["augment"] = _augmentation(fp.spatial_dims, request.budget_minutes,
+                                                      d.spacing_rule.anisotropic_axis, rules.is_ct(fp.channels[0].name))
+    why.update(_reasons(request, fp, config, d))
+    why.update(structures.why)
+    explain = [*_explain_rows(request, config, d, why), *structures.explain]
+    return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in d.choice.probe],
+                explain_rows=explain, notes=notes, candidates=structures.candidates)
 
-    step_note = f"probe: {chosen_step:.3f} s/step" if chosen_step else \
+
+def _reasons(request: PlanRequest, fp: Fingerprint, config: dict[str, Any], d: _Decisions) -> dict[str, str]:
+    """Why each config entry is what it is (``medseg plan --explain`` and the run's logged plan)."""
+    family, topology, width, label = d.choice.candidate
+    dims, model, iterations = fp.spatial_dims, config["model"], d.iterations
+    orientations = sorted({c.orientation for c in fp.cases if c.orientation})
+    step_note = f"probe: {d.choice.step_seconds:.3f} s/step" if d.choice.step_seconds else \
         "not probed (auto: fp16 autocast on a GPU, fp32 on a CPU)"
-    why.update({
-        "preprocess.spacing": (decision.reason + (f": every case is already at {spacing}, so no resampling"
-                                                  if all_there else "")),
+    return {
+        "preprocess.spacing": (d.spacing_rule.reason + (f": every case is already at {d.spacing}, so no resampling"
+                                                        if d.all_there else "")),
         "preprocess.orientation": "3D volumes are trained in RAS (read as " + (", ".join(orientations) or "?") + ")"
         if dims == 3 else "2D images: no orientation",
-        "preprocess.intensity": norm.reason,
-        "preprocess.crop_foreground": "crop to nonzero: it removes more than a quarter (nnU-Net)" if norm.crop_foreground
-        else f"cropping to nonzero keeps {fp.median_crop_ratio():.0%} of the image: not worth it",
+        "preprocess.intensity": d.norm.reason,
+        "preprocess.crop_foreground": "crop to nonzero: it removes more than a quarter (nnU-Net)"
+        if d.norm.crop_foreground else f"cropping to nonzero keeps {fp.median_crop_ratio():.0%} of the image: not worth it",
         "model": f"{label}: {model['name']} - " + (
             f"the richest candidate that fits {MIN_ITERATIONS:,} steps into the budget" if iterations and
             iterations >= MIN_ITERATIONS else "the most steps of the candidates (none fits "
@@ -238,43 +303,51 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         "train.max_minutes": "--budget",
         "train.max_epochs": "no epoch cap: the budget alone ends training (its last validation foreseen) and the LR schedule follows the clock",
         "train.batch_size": "nnU-Net's minimum; on a CPU a bigger batch costs proportionally more time"
-        if batch_size == BATCH_SIZE else "nnU-Net's batch: a GPU step costs little more for it",
-        "train.precision": (f"{precision}: " + step_note + (f", ~{iterations:,} steps in the budget" if iterations
-                                                            else "")),
-        "train.channels_last": "probe: channels-last " + ("was not slower" if channels_last else "was slower here")
+        if d.batch_size == BATCH_SIZE else "nnU-Net's batch: a GPU step costs little more for it",
+        "train.precision": (f"{d.choice.precision}: " + step_note + (f", ~{iterations:,} steps in the budget"
+                                                                     if iterations else "")),
+        "train.channels_last": "probe: channels-last " + ("was not slower" if d.choice.channels_last else "was slower here")
         if dims == 3 and request.probe else "2D network" if dims == 2 else "3D default",
-        "train.val_interval": f"about 25 validations over ~{epochs or '?'} epochs",
-        "validation.overlap": "nnU-Net's sliding-window overlap, Gaussian-weighted",
-        "validation.sw_batch_size": "windows per forward pass at validation and predict",
-        "model.norm": "instance norm (nnU-Net): batch 2 is too small for batch statistics",
+        "train.val_interval": f"about 25 validations over ~{d.epochs or '?'} epochs",
+        **_FIXED_REASONS,
         "model.num_res_units": "one residual unit per level" if family == "unet" else "nnU-Net: two plain convolutions",
-        "data.cache": "preprocessed volumes kept in memory (the dataset is read once)",
-        "data.fingerprint": "what this plan was made from (logged with the run)",
-        "data.channels": "from the dataset's description (dataset.json / the layout)",
-        "data.labels": "from the dataset's description, consecutive from 0",
-        "loss": "Dice + cross-entropy (nnU-Net)",
-        "optim": "AdamW with a cosine schedule: converges in the few thousand steps a budget buys "
-                 "(nnU-Net's SGD + poly schedule is tuned for 250,000)",
-    })
+    }
+
+
+#: Reasons for the entries every segmentation plan sets the same way.
+_FIXED_REASONS = {
+    "validation.overlap": "nnU-Net's sliding-window overlap, Gaussian-weighted",
+    "validation.sw_batch_size": "windows per forward pass at validation and predict",
+    "model.norm": "instance norm (nnU-Net): batch 2 is too small for batch statistics",
+    "data.cache": "preprocessed volumes kept in memory (the dataset is read once)",
+    "data.fingerprint": "what this plan was made from (logged with the run)",
+    "data.channels": "from the dataset's description (dataset.json / the layout)",
+    "data.labels": "from the dataset's description, consecutive from 0",
+    "loss": "Dice + cross-entropy (nnU-Net)",
+    "optim": "AdamW with a cosine schedule: converges in the few thousand steps a budget buys "
+             "(nnU-Net's SGD + poly schedule is tuned for 250,000)",
+}
+
+
+def _explain_rows(request: PlanRequest, config: dict[str, Any], d: _Decisions, why: dict[str, str]) -> list[ExplainRow]:
+    """medseg's choice beside nnU-Net's default, row by row (``medseg plan --explain``)."""
+    topology, label = d.choice.candidate[1], d.choice.candidate[3]
+    model, nnunet, norm = config["model"], d.nnunet, d.norm
     normalised = str(norm.intensity["mode"]) + (" nonzero" if norm.intensity.get("nonzero") else "")
-    explain = [
-        ExplainRow("target spacing", str(spacing), str([round(s, 4) for s in nnunet.spacing]), decision.reason),
+    return [
+        ExplainRow("target spacing", str(d.spacing), str([round(s, 4) for s in nnunet.spacing]), d.spacing_rule.reason),
         ExplainRow("patch", str(topology.patch), str(nnunet.patch),
                    "nnU-Net's patch, below the median image" + (
-                       "" if topology is full else f", scaled down for the budget ({label})")),
-        ExplainRow("batch", str(batch_size), str(nnunet.batch_size), why["train.batch_size"]),
+                       "" if topology is d.full else f", scaled down for the budget ({label})")),
+        ExplainRow("batch", str(d.batch_size), str(nnunet.batch_size), why["train.batch_size"]),
         ExplainRow("pooling per axis", str(topology.pools_per_axis), str(nnunet.pools_per_axis), why["model.strides"]),
         ExplainRow("network", f"{model['name']} {model['channels']}", f"dynunet {nnunet.features}", why["model"]),
         ExplainRow("normalisation", normalised, normalised, norm.reason),
-        ExplainRow("precision", str(precision), "fp16 (GPU AMP)", why["train.precision"]),
-        ExplainRow("training length", f"{request.budget_minutes:g} min (~{iterations or '?'} steps)",
+        ExplainRow("precision", str(d.choice.precision), "fp16 (GPU AMP)", why["train.precision"]),
+        ExplainRow("training length", f"{request.budget_minutes:g} min (~{d.iterations or '?'} steps)",
                    "1000 epochs x 250 steps", "the budget"),
         ExplainRow("sampler", config["patch"]["sampler"], "1/3 of patches forced on foreground", why["patch.sampler"]),
-        *structures.explain,
     ]
-    why.update(structures.why)
-    return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in probe],
-                explain_rows=explain, notes=notes, candidates=structures.candidates)
 
 
 CURVE_STEPS_NOTE = "8 steps from one initialisation"

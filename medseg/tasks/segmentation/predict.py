@@ -25,11 +25,7 @@ from torch import nn
 from medseg.config import Precision
 from medseg.data.transforms import IMAGE, preprocessing_from_contract
 from medseg.engine.calibration import contract_temperature
-from medseg.engine.predict import (
-    CaseResult,
-    LoadedModel,
-    Prediction,
-    PredictOptions,
+from medseg.engine.case_io import (
     check_input_shape,
     read_error,
     reader_source,
@@ -37,6 +33,8 @@ from medseg.engine.predict import (
     voxel_volume_ml,
     write_nifti,
 )
+from medseg.engine.model_loading import LoadedModel
+from medseg.engine.results import CaseResult, Prediction, PredictOptions
 from medseg.engine.runtime import autocast_dtype
 from medseg.engine.sliding import label_map, predict_logits
 from medseg.engine.tta import Samples, predict_samples, tta_axes
@@ -160,7 +158,7 @@ class SegmentationPredictor:
         return decode_regions(probabilities, self.regions)
 
     def predict(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str, keep_probabilities: bool = True) -> Prediction:
-        """The mask of one image on its own grid (see :class:`~medseg.engine.predict.Prediction`).
+        """The mask of one image on its own grid (see :class:`~medseg.engine.results.Prediction`).
 
         Args:
             image: a file or DICOM folder, or a channel-first ``MetaTensor`` already in memory.

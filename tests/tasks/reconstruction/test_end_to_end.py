@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import medseg
-from medseg.data.manifest import build_manifest
+from medseg.data.build import build_manifest
 from tests.conftest import artifact_paths, train_run, write_config, write_msd_dataset
 
 METRICS = ("psnr", "ssim", "nmse")

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 import medseg
 from medseg.cli import EXIT_FAILED, main
-from medseg.data.manifest import build_manifest, file_sha256
+from medseg.data.build import build_manifest
+from medseg.data.manifest import file_sha256
 from medseg.errors import DataVerificationError, RunError
 from tests.conftest import REPO, artifact_paths, tiny_config, train_run
 

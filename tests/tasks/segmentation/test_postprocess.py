@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 
 import medseg
-from medseg.data.manifest import build_manifest
+from medseg.data.build import build_manifest
 from medseg.tasks.segmentation.config import SegmentationConfig
 from medseg.tasks.segmentation.postprocess import (
     POSTPROCESS_FILE,
