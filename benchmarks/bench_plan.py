@@ -174,10 +174,11 @@ def _test_time_variants(model: Path, root: Path, manifest: Path) -> dict[str, An
             predictor = medseg.Predictor.from_uri(str(model), device="cpu", **options)
             predictor.predict_paths([c.image_paths(root)[0] for c in cases], out)
             seconds = time.perf_counter() - started
-            folder_scores = medseg.evaluate(out, references)
-            dice = {k: round(v, 4) for k, v in folder_scores.dice.items()}
-            scores[name] = {"options": options, "cases": folder_scores.scored, "dice": dice,
-                            "dice_mean": round(sum(dice.values()) / len(dice), 4), "seconds": round(seconds, 1)}
+            folder_scores = medseg.evaluate(out, references, labels={k: v for k, v in predictor.labels.items() if k})
+            dice = {k: round(v, 4) for k, v in folder_scores.dice.items() if k != "dice_mean"}
+            scores[name] = {"options": options, "backend": predictor.model.backend, "cases": folder_scores.scored,
+                            "dice": dice, "dice_mean": round(sum(dice.values()) / len(dice), 4),
+                            "seconds": round(seconds, 1)}
             log.info("test time %s: %s", name, scores[name])
     return scores
 
@@ -406,6 +407,8 @@ def render(report: dict[str, Any]) -> str:
         rec = entry["record"]
         m = rec["run"]["metrics"]
         title = f"## MSD Hippocampus, {rec['budget_minutes']:g}-minute budget"
+        if any(a.get("name") == "flip" for a in rec.get("planned_config", {}).get("augment", [])):
+            title += ", trained with nnU-Net's mirroring (every axis)"
         if entry.get("superseded"):
             title += " (superseded planner version, kept for the record)"
         out += [title, "", *([f"Superseded: {entry['superseded']}.", ""] if entry.get("superseded") else []),

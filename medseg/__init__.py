@@ -32,6 +32,7 @@ _EXPORTS = {
     "train": "medseg.api",
     "verify": "medseg.api",
     "evaluate": "medseg.api",
+    "headline": "medseg.api",
     "check_model": "medseg.api",
     "describe": "medseg.api",
     "build_manifest": "medseg.api",
@@ -92,6 +93,9 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_architecture.p
     )
     from medseg.api import (
         export_model as export_model,
+    )
+    from medseg.api import (
+        headline as headline,
     )
     from medseg.api import (
         import_medmnist as import_medmnist,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -31,21 +30,29 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.config import RunConfig
-from medseg.data.build import build_manifest, build_manifest_from_layout, default_folds
-from medseg.data.layouts import DatasetLayout, dataset_json_names, detect_layout
-from medseg.data.manifest import Manifest
+from medseg.data.build import build_manifest, build_manifest_from_layout
+from medseg.data.layouts import DatasetLayout, detect_layout
+from medseg.data.manifest import Manifest, manifest_summary
 from medseg.data.medmnist import import_medmnist
 from medseg.data.verify import VerifyOptions, VerifyReport
 from medseg.engine import distributed
+from medseg.engine.backend_choice import (
+    BACKEND_ENV,
+    DEFAULT_BACKEND,
+    on_backend,
+    record_graphs,
+    resolve_backend,
+)
 from medseg.engine.model_loading import LoadedModel, load_models
 from medseg.engine.models import list_models as registered_models
 from medseg.engine.predict import discover_inputs, predict_folder
 from medseg.engine.results import BatchReport, CasePredictor, Prediction, PredictOptions, check_options
-from medseg.engine.runner import RepeatKind, run_pipeline, run_repeated
+from medseg.engine.runner import RepeatKind, headline, run_pipeline, run_repeated
 from medseg.engine.runtime import resolve_device, tune_allocator
-from medseg.errors import ConfigError, MedsegError, UsageError
+from medseg.errors import ConfigError, UsageError
 from medseg.io.discovery import discover_paths
 from medseg.io.readers import strip_volume_suffix
+from medseg.planning.dataset import consecutive_labels, dataset_name, describe_dataset, labels_from_manifest
 from medseg.tasks.base import Task
 from medseg.tasks.registry import get_task, list_tasks, load_config, network_from_spec, validate_config
 
@@ -53,7 +60,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "calibrate_run", "check_model",
-    "convert_model", "export_model",
+    "convert_model", "export_model", "headline", "manifest_summary",
     "DatasetLayout", "build_manifest_from_layout", "detect_layout", "import_medmnist",
     "list_models", "list_tasks", "load_config", "plan", "train", "validate_config", "verify",
 ]
@@ -144,9 +151,7 @@ def train(config: RunConfig | str | Path, *, overrides: Sequence[str] | None = N
     if seeds is not None and folds is not None:
         raise UsageError("train: give seeds or folds, not both")
     task = get_task(str(cfg.task))
-    from medseg_pipelines import pipeline_for
-
-    stages = pipeline_for(task.name)
+    from medseg_pipelines import run as stages
 
     def pipeline(ctx: Any) -> None:
         stages(ctx, task)
@@ -365,7 +370,7 @@ class Predictor:
                 exported to ONNX once, cached by its weights, inside the same preprocessing,
                 sliding-window and inversion path; a ``medseg export`` folder's own graph is used),
                 or ``auto``: the fastest measured backend installed here for a CPU, torch on a GPU
-                (:data:`BACKEND_PREFERENCE`). Default: ``$MEDSEG_BACKEND``, else :data:`DEFAULT_BACKEND`.
+                (:data:`medseg.engine.backend_choice.BACKEND_PREFERENCE`). Default: ``$MEDSEG_BACKEND``, else :data:`DEFAULT_BACKEND`.
 
         Raises:
             UsageError: the model cannot be found, has no contract, or an option does not apply to its task.
@@ -478,7 +483,7 @@ class Predictor:
         check_options(options, self.task.name, self.task.predict_options)
         found = discover_inputs(Path(input), self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
-        return _record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
+        return record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
                                              self.device, tracker, found), self.model)
 
     def predict_paths(self, paths: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
@@ -494,105 +499,11 @@ class Predictor:
         check_options(options, self.task.name, self.task.predict_options)
         found = discover_paths([Path(p) for p in paths], self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
-        return _record_graphs(predict_folder(case_predictor, self.model, Path(str(paths[0]) if len(paths) == 1 else "."),
+        return record_graphs(predict_folder(case_predictor, self.model, Path(str(paths[0]) if len(paths) == 1 else "."),
                                              Path(output), options, self.device, None, found), self.model)
 
 
 # ----------------------------------------------------------------------------------- model files
-
-
-def export_cache_dir() -> Path:
-    """Where networks exported for a backend are kept (``$MEDSEG_CACHE_DIR/exports``, else
-    ``~/.cache/medseg/exports``): a folder only this user may enter (0700), one subfolder per
-    weights' sha256, so a graph there was made by this user from weights whose hash was verified."""
-    from medseg.tracking.wheel import cache_root, private_folder
-
-    return private_folder(cache_root() / "exports")
-
-
-def _plain_layout(network: torch.nn.Module) -> torch.nn.Module:
-    """A copy with contiguous parameters: channels-last is a torch speed-up, not part of the graph."""
-    import copy
-
-    plain = copy.deepcopy(network)
-    for tensor in (*plain.parameters(), *plain.buffers()):
-        tensor.data = tensor.data.contiguous()
-    return plain
-
-
-#: ``--backend auto`` on a CPU: the first of these that is installed, in the order that
-#: benchmarks/results/predict.md measured (``make bench-predict``, 2-core CPU): OpenVINO at least
-#: as fast as torch (1.12x on the hippocampus model, 1.03x on the CT workload), ONNX Runtime slower
-#: than torch on both (0.76x, 0.89x), so it is never chosen automatically.
-BACKEND_PREFERENCE = ("openvino", "torch")
-#: The environment variable that sets the default backend (the test suite pins ``torch``).
-BACKEND_ENV = "MEDSEG_BACKEND"
-#: The backend when none is named: the fastest measured one that is installed (OpenVINO comes with
-#: ``pip install 'medseg[openvino]'``; the lean default install runs torch). Its masks equalled
-#: torch's on the 52 hippocampus test scans (predict.md).
-DEFAULT_BACKEND = "auto"
-
-
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend ``backend`` names; ``auto`` (the default) is the fastest installed for ``device``."""
-    from medseg.engine.backends import available_backends
-
-    chosen = backend or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
-    if chosen != "auto":
-        return chosen
-    if device.type != "cpu":
-        return "torch"  # the exported graphs run on the CPU here; CUDA stays with torch
-    installed = set(available_backends())
-    return next(b for b in BACKEND_PREFERENCE if b in installed or b == "torch")
-
-
-def on_backend(model: LoadedModel, task: Task, backend: str, automatic: bool = False) -> LoadedModel:
-    """``model`` with each member's network running on ``backend`` (itself for ``torch``).
-
-    A network that cannot be exported runs on torch, with a warning, when the backend was chosen
-    automatically; named explicitly, the error is raised."""
-    from medseg.engine.backends import EXPORTED_NAME, backend_network
-    from medseg.engine.model_format import model_folder_of, pinned_files
-    from medseg.errors import MedsegError
-
-    if backend == "torch":
-        return model
-    contracts = model.member_contracts or (model.contract,) * len(model.networks)
-    networks = []
-    for index, (network, contract) in enumerate(zip(model.networks, contracts)):
-        # a `medseg export` folder brings its own graph (uris and networks pair up one to one), run
-        # only while it has the sha256 its medseg_model.json pinned at export
-        local = model_folder_of(Path(model.uris[index])) if len(model.uris) == len(model.networks) else None
-        exported = local / EXPORTED_NAME if local is not None and (local / EXPORTED_NAME).is_file() else None
-        pinned = pinned_files(local).get(EXPORTED_NAME) if local is not None else None
-        weights = model.weights_sha256[index] if index < len(model.weights_sha256) else f"member{index}"
-        try:
-            example, dynamic = task.export_example(contract)  # a task may not export at all (reconstruction)
-            networks.append(backend_network(_plain_layout(network), backend, example, export_cache_dir() / weights,
-                                            onnx_path=exported, onnx_sha256=pinned, dynamic_spatial=dynamic))
-        except MedsegError as err:
-            if not automatic:
-                raise
-            log.warning("backend %s is not usable for this model (%s); predicting with torch", backend, err)
-            return model
-    return replace(model, networks=tuple(networks), backend=backend)
-
-
-def graph_hashes(model: LoadedModel) -> list[str]:
-    """The sha256 of each exported graph ``model`` runs (checked before it ran); [] on torch."""
-    return [str(getattr(network, "sha256", "")) for network in model.networks if hasattr(network, "sha256")]
-
-
-def _record_graphs(report: BatchReport, model: LoadedModel) -> BatchReport:
-    """Add the graphs that ran (``graph_sha256``) to the report's summary, beside the weights' hashes."""
-    from medseg.io.atomic import atomic_write_text
-
-    hashes = graph_hashes(model)
-    if hashes and report.summary.is_file():
-        summary = report.summary_dict()
-        summary["graph_sha256"] = hashes
-        atomic_write_text(report.summary, json.dumps(summary, indent=2))
-    return report
 
 
 def export_model(uri: str | Path, out: str | Path, export_format: str = "onnx", *,
@@ -728,15 +639,6 @@ def convert_model(source: str | Path, out: str | Path, *, config: RunConfig | st
 # ----------------------------------------------------------------------------------- manifests
 
 
-def manifest_summary(manifest: Manifest) -> dict[str, int]:
-    """Cases per split (or fold) of a manifest."""
-    counts: dict[str, int] = {}
-    for case in manifest.cases:
-        key = case.split if case.fold is None or case.fold < 0 else f"fold {case.fold}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def parse_label_names(spec: str) -> dict[int, str]:
     """``"0=normal,1=pneumonia"`` -> ``{0: "normal", 1: "pneumonia"}`` (``--labels`` of ``manifest build``
     and ``evaluate``).
@@ -781,90 +683,6 @@ def parse_budget(text: str | float | int) -> float:
     return minutes
 
 
-@dataclass(frozen=True)
-class DatasetDescription:
-    """What a dataset folder says about itself (dataset.json, medmnist_import.json, its layout)."""
-
-    root: Path
-    manifest: Manifest
-    task: str | None
-    labels: dict[int, str] | None
-    channel_names: list[str] | None
-    described: str
-
-
-def _describe_dataset(dataset: Path, root: Path | None, manifest_path: Path | None, seed: int,
-                      progress: bool) -> DatasetDescription:
-    from medseg.data.manifest import read_manifest
-
-    if dataset.suffix.lower() == ".csv" and dataset.is_file() and _is_medseg_manifest(dataset):
-        from medseg.data.sidecar import read_sidecar
-
-        remembered = read_sidecar(dataset)
-        root = root if root is not None else (remembered.root if remembered else None)
-        if root is None:
-            raise UsageError(f"{dataset} is a manifest: give --root, the folder its paths start from")
-        manifest_path, dataset = dataset, root
-    root = root or dataset
-    info = _self_description(root)
-    if manifest_path is not None and manifest_path.is_file():
-        manifest = read_manifest(manifest_path)
-        if not (info.get("task") and info.get("labels")):  # what the folder's layout says (class folders, ...)
-            try:
-                found = detect_layout(root)
-            except MedsegError:  # a folder of files a manifest lists (an import) has no layout of its own
-                found = None
-            if found is not None:
-                info = {"task": found.task_hint, "labels": found.labels, "channels": found.channel_names, **{
-                    k: v for k, v in info.items() if v}}
-        return DatasetDescription(root, manifest, info.get("task"), info.get("labels"), info.get("channels"),
-                                  f"{manifest_path}: {len(manifest.cases)} cases ({manifest_summary(manifest)}), "
-                                  f"root {root}")
-    layout = detect_layout(dataset)
-    out = manifest_path or Path("data_manifests") / f"{_dataset_name(dataset)}.csv"
-    # nnU-Net's split: every case in k-fold cross-validation, a test split only from the layout's own
-    # (a test folder, a CSV's split column): carving one out of a small training folder costs the model cases
-    manifest = build_manifest_from_layout(layout, out, seed=seed, val_fraction=0.2, test_fraction=0.0,
-                                          folds=default_folds(layout.cases))
-    return DatasetDescription(layout.root, manifest, info.get("task") or layout.task_hint,
-                              info.get("labels") or layout.labels, info.get("channels") or layout.channel_names,
-                              layout.describe() + f"\nmanifest written: {out} ({manifest_summary(manifest)})")
-
-
-def _is_medseg_manifest(path: Path) -> bool:
-    with open(path, newline="") as fh:
-        header = fh.readline()
-    return "case_id" in header and "image" in header and "split" in header
-
-
-def _self_description(root: Path) -> dict[str, Any]:
-    """Labels, channel names and task from a dataset.json (MSD or nnU-Net v2) or medseg's MedMNIST import."""
-    found: dict[str, Any] = {}
-    medmnist = root / "medmnist_import.json"
-    if medmnist.is_file():
-        info = json.loads(medmnist.read_text())
-        found["labels"] = {int(k): str(v) for k, v in info.get("labels", {}).items()}
-        found["task"] = "classification"
-        # the modality names the grey channel (imports before medseg wrote it: from the source file's name)
-        from medseg.data.medmnist import KNOWN_MODALITY
-
-        modality = info.get("modality") or KNOWN_MODALITY.get(Path(str(info.get("source", ""))).name.removesuffix(".npz"))
-        found["channels"] = ["red", "green", "blue"] if info.get("channels") == 3 else [modality or "image"]
-    channels, labels = dataset_json_names(root)
-    if labels:
-        found["labels"] = labels
-    if channels:
-        found["channels"] = channels
-    if (root / "dataset.json").is_file():
-        found.setdefault("task", "segmentation")
-    return found
-
-
-def _dataset_name(path: Path) -> str:
-    name = path.resolve().name if path.suffix.lower() != ".csv" else path.stem
-    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name.lower()) or "dataset"
-
-
 def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = "30m", root: str | Path | None = None,
          manifest: str | Path | None = None, out: str | Path | None = None, device: str = "auto",
          name: str | None = None, probe: bool = True, progress: bool = True, seed: int = 0) -> Any:
@@ -898,7 +716,7 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
     from medseg.planning.plan import PlanRequest
 
     minutes = parse_budget(budget)
-    described = _describe_dataset(Path(dataset), Path(root) if root else None,
+    described = describe_dataset(Path(dataset), Path(root) if root else None,
                                   Path(manifest) if manifest else None, seed, progress)
     task_name = task or described.task
     if task_name is None:
@@ -906,14 +724,14 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
                          f"({', '.join(list_tasks())})")
     chosen = get_task(task_name)
     class_labels = bool(getattr(chosen, "class_labels", False))
-    labels = described.labels or _labels_from_manifest(described.manifest, class_labels)
+    labels = described.labels or labels_from_manifest(described.manifest, class_labels)
     fingerprint = compute_fingerprint(described.manifest, described.root, channel_names=described.channel_names,
                                       labels=labels, class_labels=class_labels, progress=progress)
     if not class_labels:
-        labels = _consecutive_labels(labels or {}, {int(v) for c in fingerprint.cases for v in c.class_voxels})
+        labels = consecutive_labels(labels or {}, {int(v) for c in fingerprint.cases for v in c.class_voxels})
     labels = labels or {0: "class_0", 1: "class_1"}
     request = PlanRequest(task=task_name, budget_minutes=minutes, device=resolve_device(device),
-                          name=name or _dataset_name(Path(dataset) if not described.manifest.path
+                          name=name or dataset_name(Path(dataset) if not described.manifest.path
                                                      else Path(described.manifest.path)),
                           manifest=Path(described.manifest.path or ""), root=described.root, labels=labels,
                           channel_names=fingerprint.channel_names, probe=probe, progress=progress)
@@ -948,9 +766,7 @@ def race_plan(planned: Any, *, progress: bool = True, **options: Any) -> Any:
     from medseg.planning.race import race
 
     task = get_task(planned.task)
-    from medseg_pipelines import pipeline_for
-
-    stages = pipeline_for(task.name)
+    from medseg_pipelines import run as stages
 
     def pipeline(ctx: Any) -> None:
         stages(ctx, task)
@@ -958,35 +774,3 @@ def race_plan(planned: Any, *, progress: bool = True, **options: Any) -> Any:
     result = race(planned, pipeline, validate_config, progress=progress, prepare_data=task.prepare_data, **options)
     validate_config(planned.config)  # the winner is an ordinary config
     return result
-
-
-def _label_name(text: str, value: int) -> str:
-    """A name that works as a metric key (``val/dice/<name>``): short, letters, digits and ``_``."""
-    words = [w for w in re.split(r"[^A-Za-z0-9]+", text) if w]
-    slug = ""
-    for word in words:  # whole words, up to 24 characters
-        if slug and len(slug) + 1 + len(word) > 24:
-            break
-        slug = f"{slug}_{word}" if slug else word[:24]
-    return slug or f"label_{value}"
-
-
-def _consecutive_labels(named: dict[int, str], found: set[int]) -> dict[int, str]:
-    """Every value from 0 to the largest named or found one, so the label map is consecutive (a
-    value no case holds keeps a ``label_<v>`` name and scores NaN: absent, not wrong)."""
-    top = max([*named, *found, 1])
-    labels = {v: _label_name(named[v], v) if v in named else ("background" if v == 0 else f"label_{v}")
-              for v in range(top + 1)}
-    seen: dict[str, int] = {}
-    for value, name in list(labels.items()):  # two long names may share their first 24 characters
-        if name in seen:
-            labels[value] = f"{name}_{value}"
-        seen[name] = value
-    return labels
-
-
-def _labels_from_manifest(manifest: Manifest, class_labels: bool) -> dict[int, str] | None:
-    if not class_labels:
-        return None
-    values = sorted({int(c.label) for c in manifest.cases if c.label not in (None, "")})
-    return {v: f"class_{v}" for v in range(max(values, default=1) + 1)}

@@ -399,9 +399,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result is None:  # a non-main process of a distributed run: the main one reports
         return EXIT_OK
     summary = json.loads(result.summary_path.read_text())
-    headline = ("dice_mean", "/auc", "/acc", "/psnr", "/ssim", "_psnr", "_ssim")  # segmentation; classification; recon
-    shown = {k: v for k, v in result.metrics.items() if k.endswith(headline) or k.startswith("test/dice")}
-    shown.update({f"{k}_std": result.metrics[f"{k}_std"] for k in list(shown) if f"{k}_std" in result.metrics})
+    shown = medseg.headline(result.metrics, medseg.get_task(str(cfg.task)).headline_metrics)
     print(f"run {result.run_id} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
     for child in result.children:
         print(f"  {child['name']}: run {child['run_id']}, " + ", ".join(

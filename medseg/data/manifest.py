@@ -186,3 +186,12 @@ def _remove_stale_temporaries(path: Path) -> None:
     for candidate in path.parent.iterdir():
         if stale.fullmatch(candidate.name) and candidate.is_file():
             candidate.unlink(missing_ok=True)
+
+
+def manifest_summary(manifest: Manifest) -> dict[str, int]:
+    """Cases per split (or fold) of a manifest."""
+    counts: dict[str, int] = {}
+    for case in manifest.cases:
+        key = case.split if case.fold is None or case.fold < 0 else f"fold {case.fold}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

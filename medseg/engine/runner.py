@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class PipelineContext:
     dist: distributed.DistContext = field(default_factory=distributed.DistContext)
     metrics: dict[str, float] = field(default_factory=dict)
     model_uri: str | None = None
+    #: the task's headline metrics (patterns, see :func:`headline`): the run's MLflow description
+    headline_patterns: tuple[str, ...] = ()
 
     def verify_and_train(self, train: Callable[[PipelineContext], Any], verify: VerifyOptions) -> Any | None:
         """The stages every task opens with: verify the data (main process; errors stop the run),
@@ -193,7 +196,7 @@ def run_pipeline(cfg: RunConfig, pipeline: Pipeline, *, resume: bool | Path = Fa
             "run_dir": str(run_dir.resolve()),
             "world_size": str(dist.world_size),
         }
-        run_name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{run_dir.name}"
+        run_name = cfg.tracking.run_name or default_run_name(cfg, run_dir.name)
         run_id = tracker.start(run_name, tags, run_id=previous_run, parent_run_id=parent_run_id)
         atomic_write_text(run_dir / RUN_ID_FILE, run_id)
         tracker.log_params(flatten(config_to_dict(cfg)))
@@ -258,10 +261,39 @@ def _finish_run(ctx: PipelineContext, run_id: str, world_size: int, started: flo
     summary_path = atomic_write_text(ctx.run_dir / "summary.json",
                                      json.dumps(summary, indent=2, default=_json_default))
     tracker.log_artifact(summary_path)
+    tags = {"mlflow.note.content": run_description(cfg, ctx.metrics, ctx.headline_patterns)}
     if ctx.model_uri:  # lets `medseg predict --model runs:/<parent>` find the members of an ensemble
-        tracker.set_tags({"medseg.model_uri": ctx.model_uri})
+        tags["medseg.model_uri"] = ctx.model_uri
+    tracker.set_tags(tags)
     tracker.end("FINISHED")
     return summary_path
+
+
+def default_run_name(cfg: RunConfig, tail: str) -> str:
+    """A run name that says what differs between runs of one experiment: network, budget (minutes,
+    else epochs) and the run folder's name (its time, or ``seed1`` / ``fold2`` for a child)."""
+    budget = f"{cfg.train.max_minutes:g}min" if cfg.train.max_minutes else f"{cfg.train.max_epochs}ep"
+    return f"{cfg.task}-{cfg.model.name}-{budget}-{tail}"
+
+
+def headline(metrics: dict[str, Any], patterns: Sequence[str]) -> dict[str, float]:
+    """The metrics whose name matches one of ``patterns`` (regular expressions, a task's
+    ``headline_metrics``), with their ``_std`` beside them when a parent run has one."""
+    shown = {k: v for k, v in metrics.items()
+             if isinstance(v, (int, float)) and any(re.search(p, k) for p in patterns) and not k.endswith("_std")}
+    for key in list(shown):
+        if isinstance(metrics.get(f"{key}_std"), (int, float)):
+            shown[f"{key}_std"] = metrics[f"{key}_std"]
+    return shown
+
+
+def run_description(cfg: RunConfig, metrics: dict[str, Any], patterns: Sequence[str]) -> str:
+    """The run's description in the MLflow UI: what was trained, for how long, and its headline figures."""
+    epochs, minutes = metrics.get("train/epochs"), metrics.get("train/minutes")
+    trained = f"{cfg.task}, {cfg.model.name}" + (f", {epochs:g} epochs" if isinstance(epochs, (int, float)) else "") + (
+        f" in {minutes:.1f} min" if isinstance(minutes, (int, float)) else "")
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in headline(metrics, patterns).items())
+    return trained + (f": {figures}" if figures else "")
 
 
 #: MLflow keeps at most 36 characters of a dataset digest; the run's ``manifest_sha256`` tag has all 64.
@@ -431,7 +463,7 @@ def run_repeated(cfg: RunConfig, pipeline: Pipeline, kind: RepeatKind, count: in
         dump_config(cfg, parent_dir / "resolved_config.yaml")
         datasets = manifest_datasets(cfg, read_manifest(cfg.data.manifest))
         tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
-        name = cfg.tracking.run_name or f"{cfg.task}-{cfg.model.name}-{parent_dir.name}-{count}{kind.value}"
+        name = cfg.tracking.run_name or default_run_name(cfg, f"{parent_dir.name}-{count}{kind.value}")
         parent_id = tracker.start(name, {"medseg_version": medseg_version, "git_commit": git_commit(),
                                          "manifest_sha256": file_sha256(cfg.data.manifest), "task": str(cfg.task),
                                          "medseg.repeat": kind.value, "medseg.repeat_count": str(count),

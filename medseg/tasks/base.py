@@ -47,12 +47,16 @@ class Task(Protocol):
         predict_options: the :class:`~medseg.engine.results.PredictOptions` fields, beyond the ones
             every task honours, that this task's prediction uses; the driver refuses the others.
         selection_metric: the validation metric whose maximum picks ``best.safetensors``.
+        evaluated_splits: (split, metric prefix) pairs the selected checkpoint is scored on, in order.
+        headline_metrics: what a finished run reports first (regular expressions over metric names).
     """
 
     name: str
     config_type: type[RunConfig]
     predict_options: frozenset[str]
     selection_metric: str
+    evaluated_splits: tuple[tuple[str, str], ...]
+    headline_metrics: tuple[str, ...]
 
     def build_network(self, cfg: Any) -> nn.Module:
         """The untrained network the config describes (also what a checkpoint is loaded into)."""
@@ -123,6 +127,8 @@ class TaskBase:
 
     name: str = ""
     selection_metric: str = "val/loss"
+    evaluated_splits: tuple[tuple[str, str], ...] = (("val", "best_val"), ("test", "test"))
+    headline_metrics: tuple[str, ...] = ("^test/",)
     predict_options: frozenset[str] = frozenset()
     #: the manifest's label column holds a class index (classification), not a label-map path
     class_labels: bool = False

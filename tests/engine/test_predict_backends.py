@@ -82,7 +82,7 @@ def test_export_writes_onnx_and_torchscript_folders_that_predict_uses(model: dic
 def test_auto_picks_the_first_installed_backend_on_a_cpu_and_torch_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from medseg.api import BACKEND_PREFERENCE, resolve_backend
+    from medseg.engine.backend_choice import BACKEND_PREFERENCE, resolve_backend
     from medseg.engine import backends
 
     monkeypatch.delenv("MEDSEG_BACKEND", raising=False)
@@ -104,7 +104,7 @@ def test_auto_falls_back_to_torch_for_a_task_that_cannot_export_and_a_named_back
     """Reconstruction models do not export: ``auto`` (the default) predicts them with torch."""
     from torch import nn
 
-    from medseg.api import on_backend
+    from medseg.engine.backend_choice import on_backend
     from medseg.engine.model_loading import LoadedModel
     from medseg.errors import UsageError
 

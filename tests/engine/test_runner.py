@@ -176,3 +176,15 @@ def test_a_nan_training_image_stops_the_run_before_training_naming_it(tmp_path: 
     assert main(["run", str(config), "--no-progress"]) == EXIT_FAILED
     err = capsys.readouterr().err
     assert image.name in err and "1 NaN/Inf voxel(s)" in err and "applying transform" not in err, err
+
+
+def test_the_headline_takes_the_task_patterns_and_keeps_the_spread_beside_each_figure() -> None:
+    from medseg.engine.runner import headline
+
+    metrics = {"val/dice_mean": 0.8, "test/dice_mean": 0.7, "test/dice_mean_std": 0.01, "test/dice/a": 0.6,
+               "val/dice/a": 0.5, "train/loss": 0.1, "test/hd95/a": float("nan")}
+    patterns = medseg.get_task("segmentation").headline_metrics
+    assert headline(metrics, patterns) == {"val/dice_mean": 0.8, "test/dice_mean": 0.7, "test/dice_mean_std": 0.01,
+                                           "test/dice/a": 0.6}
+    assert headline({"test/auc": 0.9, "val/auc_std": 0.1}, medseg.get_task("classification").headline_metrics) == {
+        "test/auc": 0.9}

@@ -28,6 +28,7 @@ class ClassificationTask(TaskBase):
     config_type = ClassificationConfig
     predict_options = frozenset({"tta"})
     selection_metric = "val/auc"
+    headline_metrics = ("/auc$", "/acc$")
     class_labels = True
 
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:

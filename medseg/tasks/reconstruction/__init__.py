@@ -27,6 +27,8 @@ class ReconstructionTask(TaskBase):
     config_type = ReconstructionConfig
     predict_options = frozenset({"measured"})
     selection_metric = "val/ssim"
+    evaluated_splits = (("val", "best_val"), ("test", "test"), ("real", "real"))
+    headline_metrics = ("/psnr$", "/ssim$", "_psnr$", "_ssim$")
 
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         from medseg.tasks.reconstruction.operators import MRI_CHANNELS

@@ -28,6 +28,7 @@ class SegmentationTask(TaskBase):
     config_type = SegmentationConfig
     predict_options = frozenset({"tta", "overlap", "save_probabilities", "save_uncertainty", "keep_largest", "qc"})
     selection_metric = "val/dice_mean"
+    headline_metrics = ("dice_mean$", "^test/dice/")
 
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         window = contract.get("sliding_window") or {}

@@ -54,6 +54,9 @@ def test_run_logs_metrics_artifacts_and_a_loadable_model(tmp_path: Path, tiny_ru
     assert run.data.tags["manifest_sha256"] == file_sha256(manifest)
     assert run.data.tags["medseg_version"]
     assert run.data.tags["git_commit"]
+    # the MLflow UI's description says what was trained and its headline figures
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("segmentation, ") and "epochs in" in note and "dice_mean" in note
 
     artifacts = artifact_paths(client, run.info.run_id)
     for expected in ("resolved_config.yaml", "verify_report.json", "plots/learning_curve.png", "contract.json",
