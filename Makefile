@@ -139,6 +139,13 @@ results-demo: $(VENV)/.installed
 # all four, one after another: about 3.4 hours
 results: results-demo results-hippocampus results-medmnist results-recon
 
+# The documentation site (mkdocs.yml): reference pages generated from the code, results pages included
+# from benchmarks/results/; --strict fails on a broken link, a page missing from the nav or an unshown results
+# file. Writes site/; `$(BIN)/mkdocs serve` previews it at http://127.0.0.1:8000
+.PHONY: docs
+docs: $(VENV)/.installed-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
 

@@ -200,7 +200,7 @@ def _no_model_message(path: Path, ref: str) -> str:
         return (f"--model {ref}: an MLflow model without {MODEL_FILE}; only models logged by `medseg run` (or "
                 "written by `medseg model convert`) can be used, since inference must not guess")
     return (f"--model {ref}: no {MODEL_FILE} in {path}; give a model folder (<run dir>/model, an artifact download "
-            "of runs:/<id>/model, a `medseg export` folder) or a runs:/ or models:/ URI")
+            "of runs:/<id>/model, a `medseg export` folder), a finished run folder, or a runs:/ or models:/ URI")
 
 
 @contextmanager
@@ -216,6 +216,7 @@ def local_model_folder(ref: str) -> Iterator[tuple[Path, str | None]]:
     """
     local = Path(ref)
     if local.exists():
+        local = run_folder_model(local) or local
         yield local, _run_id_of_local(local)
         return
     if not ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/", "s3://", "gs://", "file:", "http")):
@@ -236,6 +237,15 @@ def local_model_folder(ref: str) -> Iterator[tuple[Path, str | None]]:
         yield downloaded, run_id
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_folder_model(folder: Path) -> Path | None:
+    """The model a finished ``medseg run`` folder packaged (``<run dir>/model``), when ``folder`` is
+    such a run folder rather than a model folder; None otherwise."""
+    if model_folder_of(folder) is not None or not (folder / "resolved_config.yaml").is_file():
+        return None
+    model = folder / "model"
+    return model if model_folder_of(model) is not None else None
 
 
 def _run_id_of_local(folder: Path) -> str | None:

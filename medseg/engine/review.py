@@ -362,6 +362,41 @@ class _Column:
     numeric: bool
 
 
+#: Report column -> (header in words, with units; what it means), for the columns every task shares.
+_TITLES: dict[str, tuple[str, str]] = {
+    "status": ("status", "ok: predicted; failed: see error; skipped: finished by an earlier run"),
+    "error": ("error", "why the case failed, and the fix"),
+    "qc_flag": ("QC", "flagged: a result to look at before trusting it (see 'why flagged')"),
+    "qc_reason": ("why flagged", "which QC threshold the case crossed (the thresholds are in the header)"),
+    "mean_entropy": ("uncertainty (mean entropy, 0-1)",
+                     "mean normalised entropy of the predicted probabilities over the predicted structures: "
+                     "0 certain, 1 a coin toss; the QC threshold is the validation split's 90th percentile"),
+    "entropy": ("uncertainty (entropy, 0-1)", "normalised entropy of the class probabilities: 0 certain, 1 a coin toss"),
+    "agreement": ("agreement (Dice, 0-1)", "mean Dice between the flips or ensemble members' masks: low is unstable"),
+    "max_probability": ("top probability", "the probability of the predicted class"),
+    "predicted_name": ("predicted class", "the most probable class"),
+    "seconds": ("time (s)", "seconds to read, predict and write this case"),
+}
+#: Report column prefixes -> (header, tooltip), ``{}`` the label or class name.
+_PREFIX_TITLES: tuple[tuple[str, str, str], ...] = (
+    ("volume_ml_", "{} volume (mL)", "the predicted {} volume in millilitres, on the input's own grid"),
+    ("volume_z_", "{} volume vs training (z)",
+     "how many standard deviations the {} volume lies from the training split's volumes"),
+    ("prob_", "p({})", "the probability the model gives class {}"),
+)
+
+
+def column_title(key: str) -> tuple[str, str]:
+    """The header a reviewer reads for report column ``key``, and its tooltip (the key itself when unknown)."""
+    if key in _TITLES:
+        return _TITLES[key]
+    for prefix, title, tip in _PREFIX_TITLES:
+        if key.startswith(prefix):
+            name = key.removeprefix(prefix)
+            return title.format(name), tip.format(name)
+    return key, f"report column {key}"
+
+
 def _columns(results: Sequence[CaseResult], value_columns: Sequence[str]) -> list[_Column]:
     """The table's sortable data columns: status and error; the QC flag, reason and scores; the task's
     other values that any case has (voxel counts left out: the volumes say the same in mL); seconds."""
@@ -425,6 +460,24 @@ def _thumbnail_cell(result: CaseResult, thumbnail: Thumbnail) -> str:
     return f'<td class="picture">{"".join(parts)}</td>'
 
 
+def _header_cells(columns: Sequence[_Column]) -> list[str]:
+    """Sortable headers in words with units; the report's column name stays in ``data-key``."""
+    cells = []
+    for column in columns:
+        words, tip = column_title(column.key)
+        cells.append(f'<th data-key="{_e(column.key)}" data-type="{"num" if column.numeric else "text"}" '
+                     f'title="{_e(tip)} ({_e(column.key)} in report.csv)">{_e(words)}</th>')
+    return cells
+
+
+def _decision_cell(result: CaseResult) -> str:
+    """Accept / reject and a comment, kept by the page's script (localStorage) and downloaded as review.csv."""
+    case = _e(result.case_id)
+    return (f'<td class="decision"><select aria-label="decision for {case}"><option value=""></option>'
+            '<option value="accept">accept</option><option value="reject">reject</option></select>'
+            f'<input type="text" aria-label="comment on {case}" placeholder="comment"></td>')
+
+
 def _case_cell(result: CaseResult, output_columns: Sequence[str], page_dir: Path) -> str:
     links = [f'<a href="{_href(result.outputs[c], page_dir)}">{_e(c)}</a>' for c in output_columns
              if c in result.outputs and result.status != "failed"]
@@ -456,7 +509,11 @@ tr.failed{background:#fff3f3}tr.flagged{background:#fff8ec}
 td.error{color:#666;min-width:12em;max-width:24em;overflow-wrap:anywhere;font-size:12px}tr.failed td.error{color:#b00020}
 .caption{color:#888;font-size:11px}
 td.reason{min-width:10em;max-width:22em}
-img.thumb{display:block;image-rendering:auto;border-radius:2px}
+img.thumb{display:block;image-rendering:auto;border-radius:2px;cursor:zoom-in;transform-origin:left top;transition:transform .1s}
+img.thumb.zoomed{transform:scale(2.5);cursor:zoom-out;position:relative;z-index:2;box-shadow:0 2px 12px rgba(0,0,0,.5)}
+td.decision select{display:block;margin-bottom:3px}td.decision input{width:9em}
+tr.accepted td.decision{background:#e8f6e8}tr.rejected td.decision{background:#fde8e8}
+button{font:inherit;margin-left:8px}
 .note{color:#666;font-style:italic;max-width:24em}
 .probs{margin-top:3px;font-size:12px}.bar{display:flex;align-items:center;gap:4px}
 .bar .name{min-width:5em}.bar .track{display:inline-block;width:80px;height:8px;background:#e6e6e6}
@@ -489,6 +546,55 @@ _SCRIPT = """
     rows.forEach(function (row) { rowsFragment.appendChild(row); });
     body.appendChild(rowsFragment);
   }
+  // Review decisions: kept in this browser for this page, downloaded as review.csv
+  var storeKey = "medseg-review:" + location.pathname;
+  function decisions() {
+    return Array.prototype.map.call(body.rows, function (row) {
+      var cell = row.querySelector("td.decision");
+      return {case_id: row.getAttribute("data-case"), decision: cell.querySelector("select").value,
+              comment: cell.querySelector("input").value};
+    });
+  }
+  function csvCell(text) {
+    if (/^[=+\\-@\\t\\r]/.test(text)) { text = "'" + text; }  // a spreadsheet must not run it as a formula
+    return /[",\\n\\r]/.test(text) ? '"' + text.replace(/"/g, '""') + '"' : text;
+  }
+  function reviewCsv() {
+    var lines = ["case_id,decision,comment"];
+    decisions().forEach(function (d) { lines.push([d.case_id, d.decision, d.comment].map(csvCell).join(",")); });
+    return lines.join("\\n") + "\\n";
+  }
+  function remember() {
+    var kept = {};
+    decisions().forEach(function (d) { if (d.decision || d.comment) { kept[d.case_id] = d; } });
+    try { localStorage.setItem(storeKey, JSON.stringify(kept)); } catch (e) { /* private mode: not kept */ }
+  }
+  function mark(row) {
+    var value = row.querySelector("td.decision select").value;
+    row.classList.toggle("accepted", value === "accept");
+    row.classList.toggle("rejected", value === "reject");
+  }
+  var saved = {};
+  try { saved = JSON.parse(localStorage.getItem(storeKey) || "{}"); } catch (e) { saved = {}; }
+  Array.prototype.forEach.call(body.rows, function (row) {
+    var cell = row.querySelector("td.decision"), kept = saved[row.getAttribute("data-case")];
+    if (kept) { cell.querySelector("select").value = kept.decision; cell.querySelector("input").value = kept.comment; }
+    mark(row);
+    cell.addEventListener("change", function () { mark(row); remember(); });
+    cell.addEventListener("input", remember);
+  });
+  window.medsegReviewCsv = reviewCsv;
+  document.getElementById("download-review").addEventListener("click", function () {
+    var link = document.createElement("a");
+    link.href = "data:text/csv;charset=utf-8," + encodeURIComponent(reviewCsv());  // nothing leaves the page
+    link.download = "review.csv";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+  });
+  Array.prototype.forEach.call(document.querySelectorAll("img.thumb"), function (img) {
+    img.addEventListener("click", function () { img.classList.toggle("zoomed"); });
+  });
   headers.forEach(function (th) {
     if (!th.hasAttribute("data-type")) { return; }
     th.tabIndex = 0;
@@ -527,14 +633,17 @@ def write_review(results: Sequence[CaseResult], path: Path, *, task: str, model_
     columns = _columns(results, value_columns)
     counts = Counter(r.status for r in results)
     flagged = sum(is_flagged(r) for r in results)
-    heads = ['<th data-type="num" aria-sort="ascending" title="worst first: failed, flagged, then by uncertainty">#</th>',
-             '<th data-type="text">case</th>', "<th>thumbnail</th>",
-             *(f'<th data-type="{"num" if c.numeric else "text"}">{_e(c.title)}</th>' for c in columns)]
+    heads = ['<th data-key="#" data-type="num" aria-sort="ascending" '
+             'title="worst first: failed, flagged, then by uncertainty">#</th>',
+             '<th data-key="case" data-type="text" title="the case, its output files and its input">case</th>',
+             '<th data-key="thumbnail" title="three planes through the largest structure; click to zoom">thumbnail</th>',
+             '<th data-key="review" title="your decision and comment; download review.csv to keep them">review</th>',
+             *_header_cells(columns)]
     rows = []
     for rank, result in enumerate(tqdm(ordered, desc="review", unit="case", disable=not progress), 1):
         classes = "failed" if result.status == "failed" else "flagged" if is_flagged(result) else ""
         cells = [f'<td data-sort="{rank}" class="num">{rank}</td>', _case_cell(result, output_columns, page_dir),
-                 _thumbnail_cell(result, case_thumbnail(result, output_columns)),
+                 _thumbnail_cell(result, case_thumbnail(result, output_columns)), _decision_cell(result),
                  *(_cell(result, c) for c in columns)]
         rows.append(f'<tr data-rank="{rank}" data-case="{_e(result.case_id)}" class="{classes}">{"".join(cells)}</tr>')
     legend = "".join(f'<span><i style="background:rgb{PALETTE[(v - 1) % len(PALETTE)]}"></i>{_e(name)}</span>'
@@ -560,6 +669,8 @@ def write_review(results: Sequence[CaseResult], path: Path, *, task: str, model_
 {f"<dt>labels</dt><dd class='legend'>{legend}</dd>" if legend else ""}
 <dt>files</dt><dd>{header_links}</dd>
 <dt>written</dt><dd>{_e(time.strftime("%Y-%m-%d %H:%M:%S"))} by medseg {_e(medseg_version)}; click a column header to sort, # for worst first again</dd>
+<dt>review</dt><dd>accept or reject each case and add a comment; this browser keeps them for this page.
+<button type="button" id="download-review">download review.csv</button></dd>
 </dl>
 </header>
 <table id="cases">

@@ -100,6 +100,15 @@ def test_the_logged_model_is_a_pyfunc_of_json_and_safetensors_with_no_pickle(log
     assert local.weights_sha256 == model_json["weights"]["sha256"]
 
 
+
+def test_a_finished_run_folder_is_accepted_as_the_model(logged: dict[str, str]) -> None:
+    """``--model runs/<name>/<time>`` (what ``medseg run`` printed) loads the model it packaged."""
+    by_run = medseg.Predictor.from_uri(logged["run_dir"], device="cpu")
+    by_folder = medseg.Predictor.from_uri(str(Path(logged["run_dir"]) / "model"), device="cpu")
+    assert by_run.model.weights_sha256 == by_folder.model.weights_sha256
+    assert by_run.model.source_run_id == by_folder.model.source_run_id
+
+
 DATA = "data/medseg_model"
 
 

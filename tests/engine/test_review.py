@@ -39,7 +39,9 @@ class ReviewPage(HTMLParser):
         super().__init__()
         self.rows: list[dict[str, str]] = []
         self.cells: list[list[str]] = []
-        self.headers: list[str] = []
+        self.headers: list[str] = []  # each header's report column (data-key)
+        self.titles: list[str] = []  # what a reviewer reads
+        self._key: str | None = None
         self.images: list[str] = []
         self.links: list[str] = []
         self.sources: list[tuple[str, str, str]] = []  # (tag, attribute, value) of everything that loads or links
@@ -61,6 +63,7 @@ class ReviewPage(HTMLParser):
             self.cells.append([])
         elif tag in ("td", "th"):
             self._text = []
+            self._key = values.get("data-key")  # a header's report column (its text is in words)
         elif tag == "img":
             self.images.append(values.get("src", ""))
         elif tag == "a":
@@ -74,7 +77,8 @@ class ReviewPage(HTMLParser):
         elif tag in ("td", "th") and self._text is not None:
             text = " ".join("".join(self._text).split())
             if tag == "th" and self._in_head_row:
-                self.headers.append(text)
+                self.headers.append(self._key or text)
+                self.titles.append(text)
             elif self._in_body:
                 self.cells[-1].append(text)
             self._text = None
@@ -168,6 +172,9 @@ def test_predict_writes_a_self_contained_review_page_worst_first(trained, tmp_pa
     for header in ("status", "qc_flag", "qc_reason", "mean_entropy", "volume_ml_blob1", "volume_ml_blob2",
                    "seconds", "error"):
         assert header in page.headers, header
+    # headers in words with units (the report's names in data-key and the tooltip)
+    assert {"uncertainty (mean entropy, 0-1)", "blob1 volume (mL)", "why flagged", "time (s)", "review"} <= set(
+        page.titles)
 
     # one thumbnail per finished case: three planes of at most THUMBNAIL_PX, a few kB each
     assert len(page.images) == 4

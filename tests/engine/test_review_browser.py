@@ -56,13 +56,13 @@ def _browser(chromium: Any) -> Any:
 def _cells(page: Any, column: str) -> list[str]:
     """The ``data-sort`` keys of one column, in the rows' current order."""
     return page.evaluate("""(name) => {
-        const index = Array.from(document.querySelectorAll('#cases thead th')).findIndex(th => th.textContent.trim() === name);
+        const index = Array.from(document.querySelectorAll('#cases thead th')).findIndex(th => th.dataset.key === name);
         return Array.from(document.querySelectorAll('#cases tbody tr')).map(row => row.cells[index].dataset.sort);
     }""", column)
 
 
 def _header(page: Any, column: str) -> Any:
-    return page.locator("#cases thead th").filter(has_text=column).first
+    return page.locator(f'#cases thead th[data-key="{column}"]')
 
 
 def check_review_page(browser: Any, path: Path, cases: set[str]) -> dict[str, Any]:
@@ -99,10 +99,34 @@ def check_review_page(browser: Any, path: Path, cases: set[str]) -> dict[str, An
         assert _cells(page, "#") == [str(i) for i in range(1, len(cases) + 1)]
         _header(page, "#").press("Enter")  # the keyboard sorts too
         assert _cells(page, "#") == [str(i) for i in range(len(cases), 0, -1)]
+        _check_decisions(page, rows)
         assert errors == [], errors
         return {"rows": rows, "page": page.content()}
     finally:
         page.close()
+
+
+def _check_decisions(page: Any, rows: list[str]) -> None:
+    """Accept / reject and comments: kept across a reload, downloaded as review.csv, formulas quoted."""
+    def row(case: str) -> Any:
+        return page.locator(f'#cases tbody tr[data-case="{case}"]')
+
+    rejected, accepted = rows[0], rows[1]
+    row(rejected).locator("td.decision select").select_option("reject")
+    row(rejected).locator("td.decision input").fill('=HYPERLINK("x"), "quoted"')
+    row(accepted).locator("td.decision select").select_option("accept")
+    assert "rejected" in (row(rejected).get_attribute("class") or "")
+    assert "accepted" in (row(accepted).get_attribute("class") or "")
+    page.reload()
+    page.wait_for_load_state("load")
+    assert row(rejected).locator("td.decision select").input_value() == "reject"
+    with page.expect_download() as download:
+        page.locator("#download-review").click()
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert lines[0] == "case_id,decision,comment" and len(lines) == len(rows) + 1
+    assert f'{rejected},reject,"\'=HYPERLINK(""x""), ""quoted"""' in lines
+    assert f"{accepted},accept," in lines
+    page.evaluate("() => localStorage.clear()")
 
 
 def test_segmentation_review_page_in_chromium(chromium, trained_segmentation: dict[str, str], tmp_path: Path) -> None:
