@@ -32,6 +32,7 @@ _EXPORTS = {
     "train": "medseg.api",
     "verify": "medseg.api",
     "evaluate": "medseg.api",
+    "demo": "medseg.api",
     "headline": "medseg.api",
     "check_model": "medseg.api",
     "describe": "medseg.api",
@@ -81,6 +82,9 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_architecture.p
     )
     from medseg.api import (
         convert_model as convert_model,
+    )
+    from medseg.api import (
+        demo as demo,
     )
     from medseg.api import (
         describe as describe,

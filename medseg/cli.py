@@ -32,6 +32,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 #: One or two lines a user can copy, per command (``medseg CMD --help`` ends with them).
 EXAMPLES = {
+    "demo": ["medseg demo", "medseg demo -o /tmp/medseg-demo --set train.max_minutes=1"],
     "run": ["medseg run configs/demo_segmentation.yaml",
             "medseg run configs/hippocampus.yaml --set train.max_minutes=30 --nproc 2",
             "medseg run --plan ../Task04_Hippocampus --budget 30m"],
@@ -117,6 +118,13 @@ def _add_run_and_plan(sub: Any) -> None:
                         help="K runs with seeds seed..seed+K-1, as MLflow children of one parent with mean and std")
     repeat.add_argument("--folds", type=int, metavar="K",
                         help="cross-validation: one child run per fold 0..K-1 of a --folds manifest")
+
+    demo = sub.add_parser("demo", help="train the demo U-Net on the hippocampus crops shipped with medseg (any folder)")
+    demo.add_argument("-o", "--out", type=Path, default=Path("medseg-demo"),
+                      help="folder for the run and its SQLite MLflow store")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a demo config value, e.g. --set train.max_minutes=1 (repeatable)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
     plan = sub.add_parser("plan", help="fingerprint a dataset and plan a config for it, a time budget and this machine")
     plan.add_argument("dataset", type=Path, help="dataset folder (MSD, nnU-Net, images/labels, ImageFolder, CSV of "
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    handlers = {"run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
+    handlers = {"demo": _cmd_demo, "run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
                 "predict": _cmd_predict, "model": _cmd_model,
                 "export": _cmd_export, "serve": _cmd_serve, "evaluate": _cmd_evaluate}
     if args.command not in handlers:
@@ -396,10 +404,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     resume = args.resume if isinstance(args.resume, str) else bool(args.resume)
     result = medseg.train(cfg, resume=resume, progress=not args.no_progress, seeds=args.seeds, folds=args.folds)
+    return _report_run(result, str(cfg.task))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import medseg
+
+    return _report_run(medseg.demo(args.out, overrides=args.overrides, progress=not args.no_progress), "segmentation")
+
+
+def _report_run(result: Any, task: str) -> int:
+    """What a finished run prints: its headline figures, children, model, MLflow UI and summary."""
+    import medseg
+
     if result is None:  # a non-main process of a distributed run: the main one reports
         return EXIT_OK
     summary = json.loads(result.summary_path.read_text())
-    shown = medseg.headline(result.metrics, medseg.get_task(str(cfg.task)).headline_metrics)
+    shown = medseg.headline(result.metrics, medseg.get_task(task).headline_metrics)
     print(f"run {result.run_id} finished: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
     for child in result.children:
         print(f"  {child['name']}: run {child['run_id']}, " + ", ".join(

@@ -114,3 +114,28 @@ def test_help_shows_defaults_and_predict_takes_short_input_output_flags(capsys: 
     from medseg._version import __version__
 
     assert capsys.readouterr().out.strip() == __version__
+
+
+def test_the_packaged_demo_config_and_manifest_are_the_repository_ones() -> None:
+    """`medseg demo` ships copies inside the package (a plain pip install has no configs/): they must not drift."""
+    demo = REPO / "medseg" / "demo"
+    assert (demo / "demo_segmentation.yaml").read_bytes() == (REPO / "configs" / "demo_segmentation.yaml").read_bytes()
+    assert (demo / "demo_hippocampus.csv").read_bytes() == (REPO / "data_manifests" / "demo_hippocampus.csv").read_bytes()
+
+
+def test_demo_runs_from_any_folder_and_writes_only_under_its_out(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newcomer's first command: from a folder that is not the repository, nothing written elsewhere."""
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    package = REPO / "medseg" / "demo"
+    before = {p: p.stat().st_mtime_ns for p in package.rglob("*")}
+    code = main(["demo", "-o", "first-run", "--set", "train.max_epochs=1", "--set", "train.max_minutes=null",
+                 "--set", "train.val_interval=1", "--set", "validation.overlays=0", "--set", "tracking.system_metrics=false"])
+    assert code == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "finished: " in printed and "dice_mean" in printed and "model: " in printed
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["first-run"]
+    assert (elsewhere / "first-run" / "mlflow.db").is_file() and list((elsewhere / "first-run" / "runs").iterdir())
+    assert {p: p.stat().st_mtime_ns for p in package.rglob("*")} == before  # nothing written into the package
