@@ -189,7 +189,11 @@ def demo(out: str | Path = "medseg-demo", *, overrides: Sequence[str] | None = N
     """
     demo_dir = Path(__file__).resolve().parent / "demo"
     home = Path(out).resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"medseg demo: cannot create the output folder {home} ({err.strerror}); "
+                         "give a folder you can write with -o/--out") from err
     settings = [f"data.manifest={demo_dir / 'demo_hippocampus.csv'}", f"data.root={demo_dir / 'hippocampus'}",
                 f"output_dir={home / 'runs'}", f"tracking.uri=sqlite:///{home / 'mlflow.db'}", *(overrides or [])]
     return train(load_config(demo_dir / "demo_segmentation.yaml", settings), progress=progress)

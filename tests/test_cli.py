@@ -139,3 +139,12 @@ def test_demo_runs_from_any_folder_and_writes_only_under_its_out(tmp_path: Path,
     assert sorted(p.name for p in elsewhere.iterdir()) == ["first-run"]
     assert (elsewhere / "first-run" / "mlflow.db").is_file() and list((elsewhere / "first-run" / "runs").iterdir())
     assert {p: p.stat().st_mtime_ns for p in package.rglob("*")} == before  # nothing written into the package
+
+
+def test_demo_into_a_folder_that_cannot_be_made_names_it_and_the_fix(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "-o", str(blocker / "out")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert str(blocker / "out") in err and "-o/--out" in err

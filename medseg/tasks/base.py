@@ -34,6 +34,7 @@ from medseg.engine.loop import (
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.results import CasePredictor, PredictOptions
 from medseg.engine.runner import PipelineContext
+from medseg.engine.runtime import resolve_device
 
 
 @runtime_checkable
@@ -184,10 +185,11 @@ class TaskBase:
         items = self.records(ctx, split)
         if not items:
             return {}
+        device = resolve_device(ctx.cfg.train.device)  # where training ran: the GPU when there is one
         network = self.build_network(ctx.cfg)
         network.load_state_dict(load_checkpoint(checkpoint)["model"])
-        network.eval()
-        return self.score(network, Dataset(items, self.transforms(ctx.cfg)[1]), torch.device("cpu"), prefix)
+        network.to(device).eval()
+        return self.score(network, Dataset(items, self.transforms(ctx.cfg)[1]), device, prefix)
 
     def package(self, ctx: PipelineContext, checkpoint: Path) -> ModelOutputs:
         """``checkpoint``'s network and :meth:`contract`, logged as an MLflow model."""
