@@ -385,13 +385,14 @@ def worker_w4(path: str, epochs: int, work: Path) -> dict:
         f"data.root={HIPPO}", f"train.max_epochs={epochs}", "train.max_minutes=null", "train.val_interval=1000",
         f"output_dir={work / f'w4_{path}'}"])
     if path == "medseg":
-        from medseg.tasks.segmentation.training import train
+        from medseg.engine.runner import PipelineContext
+        from medseg.tasks.segmentation import TASK
         from medseg.tracking.mlflow_tracker import NullTracker
 
         os.chdir(REPO)
         out_dir = work / f"w4_medseg_{time.time_ns()}"
         started = time.perf_counter()
-        trained = train(cfg, REPO / cfg.data.manifest, HIPPO, out_dir, NullTracker(), progress=False)
+        trained = TASK.train(PipelineContext(cfg, REPO / cfg.data.manifest, HIPPO, out_dir, NullTracker(), progress=False))
         total = time.perf_counter() - started
         import csv
 

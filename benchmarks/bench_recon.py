@@ -37,8 +37,9 @@ def _worker(args: argparse.Namespace) -> None:
     from medseg.data.datasets import records
     from medseg.data.manifest import read_manifest
     from medseg.engine.loop import loader_workers, make_optimizer
+    from medseg.tasks.reconstruction import TASK
     from medseg.tasks.reconstruction.operators import Acquisition, create_reconstruction_loss
-    from medseg.tasks.reconstruction.training import LOADER_WORKERS, build_network
+    from medseg.tasks.reconstruction.training import build_network
     from medseg.tasks.reconstruction.transforms import reconstruction_training_transforms
 
     cfg = load_config(CONFIG)
@@ -52,7 +53,7 @@ def _worker(args: argparse.Namespace) -> None:
     optimiser = make_optimizer(cfg, net)
     loss_fn = create_reconstruction_loss(cfg.loss)
     result = train_with_data_path(args.path, items, chain, cfg.data, net, optimiser, loss_fn, batch, steps,
-                                  args.epochs, "slices_per_s", Path("/nonexistent"), loader_workers(cfg, LOADER_WORKERS))
+                                  args.epochs, "slices_per_s", Path("/nonexistent"), loader_workers(cfg, TASK.loader_workers))
     print(json.dumps(result))
 
 

@@ -36,7 +36,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from medseg import load_config
-    from medseg.tasks.segmentation.training import evaluate
+    from medseg.engine.runner import PipelineContext
+    from medseg.tasks.segmentation import TASK
+    from medseg.tracking.mlflow_tracker import NullTracker
 
     run_dir = args.run_dir
     if run_dir is None:
@@ -51,9 +53,11 @@ def main() -> None:
     for name, overrides in SETTINGS.items():
         cfg = load_config(run_dir / "resolved_config.yaml", overrides)
         started = time.perf_counter()
-        out = evaluate(cfg, REPO / cfg.data.manifest, HIPPO, checkpoint, Path(tempfile.mkdtemp()), "val", progress=False)
+        ctx = PipelineContext(cfg, REPO / cfg.data.manifest, HIPPO, Path(tempfile.mkdtemp()), NullTracker(),
+                              progress=False)
+        metrics = TASK.evaluate(ctx, checkpoint, "val", "val")
         rows[name] = {"seconds": time.perf_counter() - started,
-                      **{k: v for k, v in out.metrics.items() if k.startswith("val/dice")}}
+                      **{k: v for k, v in metrics.items() if k.startswith("val/dice")}}
         print(name, json.dumps(rows[name]), flush=True)
     reference = rows["fp32, contiguous"]
     names = [k for k in reference if k.startswith("val/dice/")]

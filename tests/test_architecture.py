@@ -72,6 +72,19 @@ def test_no_task_branches_outside_the_task_packages() -> None:
     assert offenders == []
 
 
+def test_the_engine_owns_the_stages_and_tasks_only_supply_pieces() -> None:
+    """No task overrides train, evaluate or package: each supplies pieces (network, transforms,
+    loss, validation, scoring, contract) and the engine runs the stages over them."""
+    from medseg.tasks.base import TaskBase
+    from medseg.tasks.registry import get_task, list_tasks
+
+    stages = ("train", "evaluate", "package")
+    overridden = {name: [s for s in stages if getattr(type(get_task(name)), s) is not getattr(TaskBase, s)]
+                  for name in list_tasks()}
+    assert set(overridden) >= {"segmentation", "classification", "reconstruction"}
+    assert all(stages_ == [] for stages_ in overridden.values()), overridden
+
+
 def test_nothing_in_medseg_unpickles_except_the_explicit_conversion() -> None:
     """Models, checkpoints and caches are read as tensors and JSON; the one unpickling call is
     ``medseg model convert`` (``medseg.api.convert_model``), which a user runs knowingly."""

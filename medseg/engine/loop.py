@@ -80,16 +80,6 @@ class TrainOutputs:
 
 
 @dataclass(frozen=True)
-class EvalOutputs:
-    """What an evaluate stage wrote: the per-case CSV, the metrics JSON and its figures."""
-
-    per_case: Path
-    metrics_file: Path
-    figures: tuple[Path, ...]
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
 class ModelOutputs:
     """What a package stage logged: the contract file and the MLflow model URI."""
 
@@ -833,18 +823,6 @@ def log_network(network: nn.Module, cfg: RunConfig, contract: dict[str, Any], ou
     uri = tracker.log_model(folder, contract, registered_name=cfg.tracking.register_model_as,
                             alias=cfg.tracking.model_alias)
     return uri or str(folder)
-
-
-def log_evaluation(tracker: MlflowTracker | None, outputs: EvalOutputs) -> EvalOutputs:
-    """Log what an evaluate stage wrote to MLflow: its metrics, the per-case CSV and metrics JSON
-    (under ``evaluation/``) and its figures (under ``plots/``)."""
-    if tracker is not None:
-        tracker.log_metrics(outputs.metrics, step=0)
-        tracker.log_artifact(outputs.per_case, "evaluation")
-        tracker.log_artifact(outputs.metrics_file, "evaluation")
-        for path in outputs.figures:
-            tracker.log_artifact(path, "plots")
-    return outputs
 
 
 def write_history(history: Sequence[dict[str, float]], path: Path) -> Path:

@@ -21,11 +21,14 @@ from medseg.config import RunConfig
 from medseg.data.datasets import records
 from medseg.data.manifest import read_manifest
 from medseg.data.verify import VerifyOptions
-from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.calibration import contract_calibration
+from medseg.engine.evaluation import Evaluator, SplitScores, load_for_evaluation, write_evaluation
 from medseg.engine.loop import (
     ModelOutputs,
+    Previewer,
     TrainOutputs,
     TrainTask,
+    Validator,
     base_contract,
     fit,
     package_model,
@@ -34,7 +37,6 @@ from medseg.engine.loop import (
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.results import CasePredictor, PredictOptions
 from medseg.engine.runner import PipelineContext
-from medseg.engine.runtime import resolve_device
 
 
 @runtime_checkable
@@ -120,10 +122,12 @@ class TaskBase:
 
     A task supplies pieces: :meth:`build_network`, :meth:`transforms`, :meth:`create_loss`,
     :meth:`score` (how a network does on a dataset of its split), :meth:`contract_extras` and
-    :meth:`case_predictor`. The stages are the engine's: :meth:`train` (the shared loop, validating
-    with ``score``), :meth:`evaluate` (the checkpoint scored on a split) and :meth:`package` (the
-    network and its contract logged as an MLflow model). A task whose stages need more (sliding
-    windows, calibration, t-SNE maps) overrides the stage and calls its own module.
+    :meth:`case_predictor`. The stages are the engine's and are not overridden: :meth:`train` (the
+    shared loop), :meth:`evaluate` (the checkpoint loaded as predict loads it, scored on a split,
+    its files written and logged) and :meth:`package` (the network and its contract logged as an
+    MLflow model). A task that needs more overrides a finer piece, never a stage:
+    :meth:`training_network`, :meth:`training_loss`, :meth:`validation` (validation and the pictures
+    logged with it), :meth:`evaluation_items`, :meth:`score_split` and :meth:`packaged_contract`.
     """
 
     name: str = ""
@@ -135,6 +139,8 @@ class TaskBase:
     class_labels: bool = False
     #: the records carry the manifest's label (a label-map path or a class index)
     uses_labels: bool = True
+    #: loader workers when ``train.num_workers`` is null; None leaves it to the engine
+    loader_workers: int | None = None
 
     # ------------------------------------------------------------------------------ pieces
 
@@ -151,7 +157,7 @@ class TaskBase:
         """How ``network`` does on ``dataset`` (one split through the validation chain): metrics named
         ``<prefix>/...``; the one named by :attr:`selection_metric` picks the best checkpoint."""
         raise NotImplementedError(f"task {self.name!r}: score(network, dataset, device, prefix) is a required piece "
-                                  "(or override train and evaluate)")
+                                  "(or override validation and score_split)")
 
     def contract_extras(self, cfg: Any) -> dict[str, Any]:
         """What inference needs beyond :func:`~medseg.engine.loop.base_contract` (input size, head)."""
@@ -159,6 +165,45 @@ class TaskBase:
 
     def contract(self, cfg: Any) -> dict[str, Any]:
         return {**base_contract(cfg), **self.contract_extras(cfg)}
+
+    # ------------------------------------------------------------------------------ finer pieces
+
+    def training_network(self, cfg: Any) -> nn.Module:
+        """The network training starts from (a pretrained one, for transfer); by default the bare one."""
+        return self.build_network(cfg)
+
+    def training_loss(self, ctx: PipelineContext) -> nn.Module:
+        """The loss as training uses it (weights resolved from the training cases, for example)."""
+        return self.create_loss(ctx.cfg)
+
+    def validation(self, ctx: PipelineContext) -> tuple[Validator, Previewer | None]:
+        """What validates the network during training, and what draws its pictures (None: none);
+        by default :meth:`score` on the validation split."""
+        def validate(network: nn.Module, dataset: Any, device: torch.device, amp: Any, show: bool) -> dict[str, float]:
+            return self.score(network, dataset, device, "val")
+
+        return validate, None
+
+    def evaluation_items(self, ctx: PipelineContext, split: str) -> list[dict[str, Any]]:
+        """The records the evaluate stage scores on ``split``: its labelled cases (every case when
+        the task does not use labels)."""
+        cases = split_cases(ctx.cfg, read_manifest(ctx.manifest), split)
+        if self.uses_labels:
+            cases = [c for c in cases if c.label is not None and c.label != ""]
+        return records(cases, ctx.root, with_label=self.uses_labels, class_labels=self.class_labels)
+
+    def score_split(self, ctx: PipelineContext, evaluator: Evaluator) -> SplitScores:
+        """The evaluate stage's scores of one split; by default :meth:`score` (no per-case rows)."""
+        return SplitScores(self.score(evaluator.network, evaluator.dataset, evaluator.device, evaluator.prefix))
+
+    def packaged_contract(self, ctx: PipelineContext) -> dict[str, Any]:
+        """The contract the package stage logs: :meth:`contract`, and the temperature the validation
+        split fitted when the config calibrates a softmax head."""
+        contract = self.contract(ctx.cfg)
+        if getattr(getattr(ctx.cfg, "validation", None), "calibrate", False) \
+                and contract.get("output_activation") == "softmax":
+            contract.update(contract_calibration(ctx.run_dir))
+        return contract
 
     # ------------------------------------------------------------------------------ the engine's stages
 
@@ -168,32 +213,33 @@ class TaskBase:
         return records(cases, ctx.root, with_label=self.uses_labels, class_labels=self.class_labels)
 
     def train(self, ctx: PipelineContext) -> TrainOutputs:
-        """The shared loop with this task's network, data, loss, and ``score`` as validation."""
+        """The shared loop with this task's network, data, loss and validation."""
         cfg = ctx.cfg
         train_transform, val_transform = self.transforms(cfg)
+        validate, preview = self.validation(ctx)
         task = TrainTask(
-            build_network=lambda: self.build_network(cfg),
+            build_network=lambda: self.training_network(cfg),
             train_items=self.records(ctx, "train"), val_items=self.records(ctx, "val"),
-            train_transform=train_transform, val_transform=val_transform, loss=self.create_loss(cfg),
-            validate=lambda network, dataset, device, amp, show: self.score(network, dataset, device, "val"),
-            selection_metric=self.selection_metric,
+            train_transform=train_transform, val_transform=val_transform, loss=self.training_loss(ctx),
+            validate=validate, selection_metric=self.selection_metric,
+            default_num_workers=self.loader_workers, preview=preview,
         )
         return fit(cfg, task, ctx.run_dir, ctx.tracker, resume=ctx.resume, progress=ctx.progress)
 
     def evaluate(self, ctx: PipelineContext, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
-        """``checkpoint`` scored on ``split`` with ``score``; nothing when the split is empty."""
-        items = self.records(ctx, split)
+        """``checkpoint`` scored on ``split`` by :meth:`score_split`, with the network loaded as
+        predict loads it; its files written and logged. Nothing when the split has nothing to score."""
+        items = self.evaluation_items(ctx, split)
         if not items:
             return {}
-        device = resolve_device(ctx.cfg.train.device)  # where training ran: the GPU when there is one
-        network = self.build_network(ctx.cfg)
-        network.load_state_dict(load_checkpoint(checkpoint)["model"])
-        network.to(device).eval()
-        return self.score(network, Dataset(items, self.transforms(ctx.cfg)[1]), device, prefix)
+        network, device, amp_dtype = load_for_evaluation(lambda: self.build_network(ctx.cfg), ctx.cfg, checkpoint)
+        evaluator = Evaluator(network, device, amp_dtype, Dataset(items, self.transforms(ctx.cfg)[1]), split, prefix,
+                              ctx.run_dir, ctx.progress)
+        return write_evaluation(self.score_split(ctx, evaluator), ctx.run_dir, split, ctx.tracker).metrics
 
     def package(self, ctx: PipelineContext, checkpoint: Path) -> ModelOutputs:
-        """``checkpoint``'s network and :meth:`contract`, logged as an MLflow model."""
-        contract_path, uri = package_model(self.build_network(ctx.cfg), checkpoint, self.contract(ctx.cfg),
+        """``checkpoint``'s network and :meth:`packaged_contract`, logged as an MLflow model."""
+        contract_path, uri = package_model(self.build_network(ctx.cfg), checkpoint, self.packaged_contract(ctx),
                                            ctx.run_dir, ctx.tracker, ctx.cfg)
         return ModelOutputs(contract_path, uri)
 

@@ -82,8 +82,8 @@ def test_export_writes_onnx_and_torchscript_folders_that_predict_uses(model: dic
 def test_auto_picks_the_first_installed_backend_on_a_cpu_and_torch_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from medseg.engine.backend_choice import BACKEND_PREFERENCE, resolve_backend
     from medseg.engine import backends
+    from medseg.engine.backend_choice import BACKEND_PREFERENCE, resolve_backend
 
     monkeypatch.delenv("MEDSEG_BACKEND", raising=False)
     monkeypatch.setattr(backends, "available_backends", lambda: ["torch", "onnxruntime", "openvino"])

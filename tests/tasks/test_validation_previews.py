@@ -114,7 +114,9 @@ def test_reconstruction_shows_input_output_and_target_of_one_slice(tmp_path: Pat
         "recon": {"problem": "mri", "image_size": [32, 24], "slices_per_volume": 2},
         "model": {"name": "unet_dc", "channels": [4, 8, 16], "num_res_units": 1},
         "validation": {"overlays": 2}}, {}))
-    items = training.split_items(cfg, manifest, dataset_root, "val")
-    dataset = Dataset(items, training.reconstruction_eval_transforms(cfg.preprocess, cfg.recon))
+    from medseg.tasks.reconstruction.transforms import reconstruction_eval_transforms
+
+    items = records(split_cases(cfg, read_manifest(manifest), "val"), dataset_root, with_label=False)
+    dataset = Dataset(items, reconstruction_eval_transforms(cfg.preprocess, cfg.recon))
     pictures = training._slice_preview(cfg)(training.build_network(cfg), dataset, CPU, None)
     _check_pictures(pictures, [f"val/reconstruction/{item['case_id']}" for item in items[:2]])

@@ -8,14 +8,12 @@ evaluate / package stages (``training``) and the prediction of one image (``pred
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from monai.transforms import Compose
 from torch import nn
 
-from medseg.engine.loop import has_labelled_cases
 from medseg.tasks.base import TaskBase
 from medseg.tasks.classification import networks as _networks  # noqa: F401 - fills the model registry
 from medseg.tasks.classification.config import ClassificationConfig
@@ -59,32 +57,34 @@ class ClassificationTask(TaskBase):
         weights = cfg.loss.class_weights if isinstance(cfg.loss.class_weights, list) else None
         return create_classification_loss(cfg.loss, weights)
 
-    def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
-        """The checkpoint with the best validation AUC, scored on ``split`` (the t-SNE map on test)."""
-        from medseg.tasks.classification import training
+    def training_network(self, cfg: Any) -> nn.Module:
+        from medseg.tasks.classification.training import build_classifier
 
-        if not has_labelled_cases(ctx.cfg, ctx.manifest, split):
-            return {}
-        return training.evaluate(ctx.cfg, ctx.manifest, ctx.root, checkpoint, ctx.run_dir, split, ctx.tracker,
-                                 ctx.progress, prefix=prefix,
-                                 tsne=split == "test" and ctx.cfg.validation.tsne,
-                                 fit_calibration=split == "val").metrics
+        return build_classifier(cfg, pretrained=True)  # model.init_from and model.freeze apply
 
-    def train(self, ctx: Any) -> Any:
-        from medseg.tasks.classification import training
+    def training_loss(self, ctx: Any) -> nn.Module:
+        from medseg.data.manifest import read_manifest
+        from medseg.engine.loop import split_cases
+        from medseg.tasks.classification.training import training_loss
 
-        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
-                              progress=ctx.progress)
+        return training_loss(ctx.cfg, split_cases(ctx.cfg, read_manifest(ctx.manifest), "train"), ctx.tracker)
+
+    def validation(self, ctx: Any) -> Any:
+        from medseg.tasks.classification.training import validation
+
+        return validation(ctx.cfg)
+
+    def score_split(self, ctx: Any, evaluator: Any) -> Any:
+        """The checkpoint with the best validation AUC, scored on a split (the t-SNE map on test)."""
+        from medseg.tasks.classification.training import score_split
+
+        return score_split(ctx.cfg, evaluator, tsne=evaluator.split == "test" and ctx.cfg.validation.tsne,
+                           fit_calibration=evaluator.split == "val")
 
     def contract(self, cfg: Any) -> dict[str, Any]:
         from medseg.tasks.classification.training import model_contract
 
         return model_contract(cfg)
-
-    def package(self, ctx: Any, checkpoint: Path) -> Any:
-        from medseg.tasks.classification import training
-
-        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.classification.predict import ClassificationPredictor

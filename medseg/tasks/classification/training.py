@@ -18,27 +18,12 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from medseg.config import CacheMode
-from medseg.data.datasets import class_index, make_dataset, records
-from medseg.data.manifest import read_manifest
+from medseg.data.datasets import class_index
 from medseg.engine import distributed
-from medseg.engine.calibration import calibrate_split, contract_calibration, expected_calibration_error
-from medseg.engine.checkpoint import load_checkpoint
-from medseg.engine.loop import (
-    EvalOutputs,
-    ModelOutputs,
-    Previewer,
-    TrainOutputs,
-    TrainTask,
-    base_contract,
-    fit,
-    has_labelled_cases,
-    log_evaluation,
-    package_model,
-    split_cases,
-    write_csv,
-)
-from medseg.engine.runtime import autocast, autocast_dtype, resolve_device
+from medseg.engine.calibration import calibrate_split, expected_calibration_error
+from medseg.engine.evaluation import Evaluator, SplitScores
+from medseg.engine.loop import Previewer, Validator, base_contract
+from medseg.engine.runtime import autocast
 from medseg.io.atomic import atomic_write_text
 from medseg.plots import confusion_matrix_plot, embedding_map, image_grid, reliability_diagram, roc_curves
 from medseg.tasks.classification.config import ClassificationConfig
@@ -53,13 +38,12 @@ from medseg.tasks.classification.metrics import (
 )
 from medseg.tasks.classification.networks import create_classifier, head_prefix
 from medseg.tasks.classification.transfer import freeze, initialise_from
-from medseg.tasks.classification.transforms import classification_transforms
 from medseg.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SELECTION_METRIC", "build_classifier", "evaluate", "has_labelled_cases", "head_kind", "model_contract",
-           "package", "per_case_rows", "predict_dataset", "train"]
+__all__ = ["SELECTION_METRIC", "build_classifier", "head_kind", "model_contract", "per_case_rows", "predict_dataset",
+           "score_split", "training_loss", "validation"]
 
 SELECTION_METRIC = "val/auc"
 
@@ -120,30 +104,21 @@ def _score(predictions: ClassificationPredictions, cfg: ClassificationConfig, pr
                                  prefix=prefix)
 
 
-# ----------------------------------------------------------------------------------- train stage
+# ----------------------------------------------------------------------------------- training pieces
 
 
-def train(cfg: ClassificationConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
-          resume: bool = False, progress: bool = True) -> TrainOutputs:
-    """Train a classifier on whole (resized, augmented) images; the best validation AUC is kept.
-
-    Args:
-        cfg: validated run config (``task: classification``).
-        manifest_path: manifest CSV whose label column holds class indices (already verified).
-        root: data root of the manifest's paths.
-        out_dir: run directory.
-        tracker: MLflow run (a no-op tracker off the main process).
-        resume: continue from ``out_dir/checkpoints/last.safetensors``.
-        progress: show progress bars.
-    """
-    manifest = read_manifest(manifest_path)
-    train_cases = split_cases(cfg, manifest, "train")
-    num_classes = len(cfg.data.labels)
+def training_loss(cfg: ClassificationConfig, train_cases: list, tracker: MlflowTracker) -> nn.Module:
+    """The loss with ``loss.class_weights: balanced`` resolved from the training cases (and logged)."""
     weights = cfg.loss.class_weights
     if weights == "balanced":
-        weights = balanced_class_weights([class_index(c) for c in train_cases], num_classes)
+        weights = balanced_class_weights([class_index(c) for c in train_cases], len(cfg.data.labels))
         log.info("balanced class weights: %s", ", ".join(f"{cfg.data.labels[i]} {w:.3f}" for i, w in enumerate(weights)))
         tracker.log_params({"loss.class_weights_resolved": [round(w, 4) for w in weights]})
+    return create_classification_loss(cfg.loss, weights if isinstance(weights, list) else None)
+
+
+def validation(cfg: ClassificationConfig) -> tuple[Validator, Previewer]:
+    """Validation AUC, ACC... over every process's share, and a captioned grid of validation images."""
     head = head_kind(cfg)
     batch = max(cfg.train.batch_size, 64)
 
@@ -152,18 +127,7 @@ def train(cfg: ClassificationConfig, manifest_path: Path, root: Path, out_dir: P
         mine = predict_dataset(net, dataset, head, device, amp_dtype, batch, progress=show, desc="val")
         return _score(mine.gather(distributed.current()), cfg, "val")
 
-    task = TrainTask(
-        build_network=lambda: build_classifier(cfg, pretrained=True),
-        train_items=records(train_cases, root, class_labels=True),
-        val_items=records(split_cases(cfg, manifest, "val"), root, class_labels=True),
-        train_transform=classification_transforms(cfg.preprocess, cfg.augment, cfg.model.spatial_dims),
-        val_transform=classification_transforms(cfg.preprocess, (), cfg.model.spatial_dims),
-        loss=create_classification_loss(cfg.loss, weights),
-        validate=validate,
-        selection_metric=SELECTION_METRIC,
-        preview=_prediction_preview(cfg, head),
-    )
-    return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
+    return validate, _prediction_preview(cfg, head)
 
 
 #: Validation images in the picture logged at every validation.
@@ -212,11 +176,10 @@ def per_case_rows(predictions: ClassificationPredictions, names: dict[int, str])
     return fields, rows
 
 
-def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
-             tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None,
-             tsne: bool = False, fit_calibration: bool = False) -> EvalOutputs:
-    """Score a checkpoint on a split: per-case CSV, metrics JSON, ROC / confusion / calibration
-    figures and, with ``tsne``, a t-SNE map of the penultimate layer.
+def score_split(cfg: ClassificationConfig, ev: Evaluator, tsne: bool = False,
+                fit_calibration: bool = False) -> SplitScores:
+    """Score a checkpoint on a split: per-case rows, ROC / confusion / calibration figures and,
+    with ``tsne``, a t-SNE map of the penultimate layer.
 
     Metric names are ``{prefix}/acc``, ``/auc``, ``/f1``, ``/sensitivity``, ... (see
     :func:`~medseg.tasks.classification.metrics.classification_scores`), scored on the probabilities
@@ -226,19 +189,10 @@ def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpo
         fit_calibration: fit the temperature on this split (the validation split; softmax heads) and
             write ``evaluation/calibration.json``, which later evaluations and the packaged model use.
     """
-    prefix = prefix or split
-    device = resolve_device(cfg.train.device)
-    amp_dtype = autocast_dtype(cfg.train.precision, device)
-    manifest = read_manifest(manifest_path)
-    cases = [c for c in split_cases(cfg, manifest, split) if c.label is not None]
-    net = build_classifier(cfg).to(device)
-    net.load_state_dict(load_checkpoint(checkpoint, device)["model"])
-    dataset = make_dataset(records(cases, root, class_labels=True),
-                           classification_transforms(cfg.preprocess, (), cfg.model.spatial_dims),
-                           cfg.data.model_copy(update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
+    split, prefix, out_dir = ev.split, ev.prefix, ev.out_dir
     head = head_kind(cfg)
-    predictions = predict_dataset(net, dataset, head, device, amp_dtype, features=tsne, progress=progress,
-                                  desc=f"evaluate {split}", keep_logits=True)
+    predictions = predict_dataset(ev.network, ev.dataset, head, ev.device, ev.amp_dtype, features=tsne,
+                                  progress=ev.progress, desc=f"evaluate {split}", keep_logits=True)
     values: dict[str, float] = {}
     figures: list[Path] = []
     if head == "softmax":  # temperature scaling needs a softmax over logits; the ordinal head has none
@@ -254,8 +208,6 @@ def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpo
     values.update(_score(predictions, cfg, prefix))
     names = cfg.data.labels
     fields, rows = per_case_rows(predictions, names)
-    per_case = write_csv(out_dir / "evaluation" / f"{split}_cases.csv", fields, rows)
-    metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
     probs, labels = predictions.prob_array(), predictions.label_array()
     plots = out_dir / "plots"
     matrix = confusion_counts(probs, labels, len(names))
@@ -278,7 +230,7 @@ def evaluate(cfg: ClassificationConfig, manifest_path: Path, root: Path, checkpo
                       perplexity=float(min(30.0, (len(features) - 1) / 3))).fit_transform(features)
         figures.append(embedding_map(points, labels, names, plots / f"tsne_{split}.png",
                                      f"t-SNE of the penultimate layer, {split} ({len(labels)} cases)"))
-    return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, tuple(figures), values))
+    return SplitScores(values, fields, rows, figures)
 
 
 # ----------------------------------------------------------------------------------- package stage
@@ -293,12 +245,3 @@ def model_contract(cfg: ClassificationConfig) -> dict[str, Any]:
         "output_activation": head_kind(cfg),
         "model": cfg.model.model_dump(mode="json"),
     }
-
-
-def package(cfg: ClassificationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
-    """Log the selected checkpoint's network as an MLflow PyTorch model with its I/O contract."""
-    contract = model_contract(cfg)
-    if cfg.validation.calibrate and head_kind(cfg) == "softmax":
-        contract.update(contract_calibration(out_dir))  # the temperature the validation split fitted
-    contract_path, uri = package_model(build_classifier(cfg), checkpoint, contract, out_dir, tracker, cfg)
-    return ModelOutputs(contract_path, uri)

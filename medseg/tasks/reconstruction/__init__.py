@@ -2,7 +2,7 @@
 
 Everything reconstruction-specific lives in this package: its config (``config``), the
 simulated acquisitions, losses and metrics (``operators``), networks (``networks``), transforms,
-phantoms, the train / evaluate / package stages (``training``) and the reconstruction of one
+phantoms, validation and scoring a split (``training``) and the reconstruction of one
 image (``predict``). :data:`TASK` is what the registry hands out under the name ``reconstruction``.
 """
 
@@ -29,6 +29,11 @@ class ReconstructionTask(TaskBase):
     selection_metric = "val/ssim"
     evaluated_splits = (("val", "best_val"), ("test", "test"), ("real", "real"))
     headline_metrics = ("/psnr$", "/ssim$", "_psnr$", "_ssim$")
+    uses_labels = False  # the images are the targets
+    #: Simulating a measurement (masks and FFTs, or noise) for every slice is per-sample work of the
+    #: order of the training step: two loader workers overlap it with the step (benchmarks/results/recon.md
+    #: times this data path against a plain MONAI pipeline).
+    loader_workers = 2
 
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         from medseg.tasks.reconstruction.operators import MRI_CHANNELS
@@ -87,37 +92,27 @@ class ReconstructionTask(TaskBase):
                                          "wrote" if made.generated else "reusing", made.cases, made.data_dir,
                                          made.manifest)
 
-    def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
-        """Score ``checkpoint`` on ``split`` beside the classical baseline; the split ``real`` is
-        the real images ``recon.real_images`` lists."""
-        from medseg.tasks.reconstruction import training
+    def evaluation_items(self, ctx: Any, split: str) -> list[dict[str, Any]]:
+        """The split's volumes; the split ``real`` is the real images ``recon.real_images`` lists."""
+        from medseg.tasks.reconstruction.training import resolve_real_images
 
-        if split == "real":
-            items = training.resolve_real_images(ctx.cfg, ctx.root)
-            prefix_arg = None
-        else:
-            items = training.split_items(ctx.cfg, ctx.manifest, ctx.root, split)
-            prefix_arg = prefix
-        if not items:
-            return {}
-        return training.evaluate(ctx.cfg, items, checkpoint, ctx.run_dir, split, ctx.tracker, ctx.progress,
-                                 prefix=prefix_arg).metrics
+        return resolve_real_images(ctx.cfg, ctx.root) if split == "real" else super().evaluation_items(ctx, split)
 
-    def train(self, ctx: Any) -> Any:
-        from medseg.tasks.reconstruction import training
+    def validation(self, ctx: Any) -> Any:
+        from medseg.tasks.reconstruction.training import validation
 
-        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
-                              progress=ctx.progress)
+        return validation(ctx.cfg)
+
+    def score_split(self, ctx: Any, evaluator: Any) -> Any:
+        """The network beside the classical baseline on whole volumes."""
+        from medseg.tasks.reconstruction.training import score_split
+
+        return score_split(ctx.cfg, evaluator)
 
     def contract(self, cfg: Any) -> dict[str, Any]:
         from medseg.tasks.reconstruction.training import model_contract
 
         return model_contract(cfg)
-
-    def package(self, ctx: Any, checkpoint: Path) -> Any:
-        from medseg.tasks.reconstruction import training
-
-        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.reconstruction.predict import ReconstructionPredictor

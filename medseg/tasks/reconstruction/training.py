@@ -6,7 +6,6 @@ The loop itself (budgets, checkpoints, exact resume, DDP) is :func:`medseg.engin
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -15,45 +14,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import Dataset
 from torch import nn
 from tqdm import tqdm
 
-from medseg.data.datasets import records
-from medseg.data.manifest import read_manifest
 from medseg.engine import distributed
-from medseg.engine.checkpoint import load_checkpoint
-from medseg.engine.loop import (
-    EvalOutputs,
-    ModelOutputs,
-    Previewer,
-    TrainOutputs,
-    TrainTask,
-    base_contract,
-    fit,
-    log_evaluation,
-    package_model,
-    split_cases,
-    write_csv,
-)
-from medseg.engine.runtime import autocast, autocast_dtype, resolve_device
+from medseg.engine.evaluation import Evaluator, SplitScores
+from medseg.engine.loop import Previewer, Validator, base_contract
+from medseg.engine.runtime import autocast
 from medseg.errors import UsageError
-from medseg.io.atomic import atomic_write_text
 from medseg.plots import reconstruction_grid, reconstruction_image
 from medseg.tasks.reconstruction.config import ReconstructionConfig
 from medseg.tasks.reconstruction.networks import create_reconstruction_model
 from medseg.tasks.reconstruction.operators import (
     Acquisition,
     case_seed,
-    create_reconstruction_loss,
     summarise,
     volume_metrics,
 )
-from medseg.tasks.reconstruction.transforms import (
-    reconstruction_eval_transforms,
-    reconstruction_training_transforms,
-)
-from medseg.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +46,6 @@ class VolumeReconstruction:
     baseline: torch.Tensor
     target: torch.Tensor
     inputs: torch.Tensor
-
-
-#: Simulating a measurement (masks and FFTs, or noise) for every slice is per-sample work of the
-#: order of the training step: two loader workers overlap it with the step (benchmarks/results/recon.md
-#: times this data path against a plain MONAI pipeline).
-LOADER_WORKERS = 2
 
 
 def build_network(cfg: ReconstructionConfig) -> nn.Module:
@@ -149,26 +120,13 @@ def _score_dataset(net: nn.Module, dataset: Any, cfg: ReconstructionConfig, devi
     return rows, kept
 
 
-# ----------------------------------------------------------------------------------- train stage
+# ----------------------------------------------------------------------------------- validation in training
 
 
-def train(cfg: ReconstructionConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
-          resume: bool = False, progress: bool = True) -> TrainOutputs:
-    """Train the reconstruction network on slices with freshly simulated measurements; the best
-    validation SSIM (per volume, masks seeded from the case ids) is kept.
-
-    Args:
-        cfg: validated run config (``task: reconstruction``).
-        manifest_path: manifest CSV of fully sampled images (already verified); labels are ignored.
-        root: data root of the manifest's paths.
-        out_dir: run directory.
-        tracker: MLflow run (a no-op tracker off the main process).
-        resume: continue from ``out_dir/checkpoints/last.safetensors``.
-        progress: show progress bars.
-    """
-    manifest = read_manifest(manifest_path)
-    acquisition = Acquisition(cfg.recon)
-    baseline = acquisition.baseline_name
+def validation(cfg: ReconstructionConfig) -> tuple[Validator, Previewer | None]:
+    """Per-volume PSNR / SSIM / NMSE of the network and the baseline (masks seeded from the case ids),
+    all-reduced across processes; and pictures of the middle slices (None without overlays)."""
+    baseline = Acquisition(cfg.recon).baseline_name
 
     def validate(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None,
                  show: bool) -> dict[str, float]:
@@ -187,20 +145,7 @@ def train(cfg: ReconstructionConfig, manifest_path: Path, root: Path, out_dir: P
         out.update({f"val/{m}_gain": out[f"val/{m}"] - out[f"val/{baseline}_{m}"] for m in METRICS})
         return out
 
-    task = TrainTask(
-        build_network=lambda: build_network(cfg),
-        train_items=records(split_cases(cfg, manifest, "train"), root, with_label=False),
-        val_items=records(split_cases(cfg, manifest, "val"), root, with_label=False),
-        train_transform=reconstruction_training_transforms(cfg.preprocess, cfg.recon, cfg.augment,
-                                                           acquisition),
-        val_transform=reconstruction_eval_transforms(cfg.preprocess, cfg.recon),
-        loss=create_reconstruction_loss(cfg.loss),
-        validate=validate,
-        selection_metric=SELECTION_METRIC,
-        default_num_workers=LOADER_WORKERS,
-        preview=_slice_preview(cfg) if cfg.validation.overlays else None,
-    )
-    return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
+    return validate, _slice_preview(cfg) if cfg.validation.overlays else None
 
 
 def _slice_preview(cfg: ReconstructionConfig) -> Previewer:
@@ -263,42 +208,30 @@ def resolve_real_images(cfg: ReconstructionConfig, root: Path) -> list[dict[str,
     return out
 
 
-def evaluate(cfg: ReconstructionConfig, items: list[dict[str, Any]], checkpoint: Path, out_dir: Path, name: str,
-             tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None) -> EvalOutputs:
-    """Score a checkpoint on whole volumes: per-case CSV (network and baseline side by side),
-    metrics JSON and image grids (input, output, target, error) of the first few cases.
+def score_split(cfg: ReconstructionConfig, ev: Evaluator) -> SplitScores:
+    """Score a checkpoint on whole volumes: per-case rows (network and baseline side by side) and
+    image grids (input, output, target, error) of the first few cases.
 
     Metric names are ``{prefix}/psnr``, ``/ssim``, ``/nmse``, the baseline's ``{prefix}/<baseline>_psnr``...
-    and the gains ``{prefix}/psnr_gain``...; ``prefix`` defaults to ``name``.
+    and the gains ``{prefix}/psnr_gain``...
     """
-    prefix = prefix or name
-    device = resolve_device(cfg.train.device)
-    amp_dtype = autocast_dtype(cfg.train.precision, device)
-    net = build_network(cfg).to(device)
-    net.load_state_dict(load_checkpoint(checkpoint, device)["model"])
-    dataset = Dataset(items, reconstruction_eval_transforms(cfg.preprocess, cfg.recon))
-    rows, kept = _score_dataset(net, dataset, cfg, device, amp_dtype, progress, f"evaluate {name}")
+    name, prefix = ev.split, ev.prefix
+    rows, kept = _score_dataset(ev.network, ev.dataset, cfg, ev.device, ev.amp_dtype, ev.progress, f"evaluate {name}")
     baseline = Acquisition(cfg.recon).baseline_name
     values = summarise(rows, prefix, baseline)
     fields = ["case_id", "slices", *METRICS, *[f"{baseline}_{m}" for m in METRICS], *[f"{m}_gain" for m in METRICS]]
-    per_case = write_csv(out_dir / "evaluation" / f"{name}_cases.csv", fields,
-                         [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
-    metrics_file = atomic_write_text(out_dir / "evaluation" / f"{name}_metrics.json", json.dumps(values, indent=2))
     figures = []
     for case_id, rec in kept:
         row = next(r for r in rows if r["case_id"] == case_id)
         figures.append(reconstruction_grid(
-            rec.baseline, rec.output, rec.target, out_dir / "plots" / f"recon_{name}_{case_id}.png",
+            rec.baseline, rec.output, rec.target, ev.out_dir / "plots" / f"recon_{name}_{case_id}.png",
             f"{name} {case_id}: {baseline} {row[f'{baseline}_psnr']:.2f} dB / SSIM {row[f'{baseline}_ssim']:.3f} -> "
             f"network {row['psnr']:.2f} dB / {row['ssim']:.3f}", baseline))
     log.info("%s: PSNR %.2f dB (%s %.2f), SSIM %.4f (%.4f), NMSE %.4f (%.4f) over %d volume(s)", name,
              values[f"{prefix}/psnr"], baseline, values[f"{prefix}/{baseline}_psnr"], values[f"{prefix}/ssim"],
              values[f"{prefix}/{baseline}_ssim"], values[f"{prefix}/nmse"], values[f"{prefix}/{baseline}_nmse"], len(rows))
-    return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, tuple(figures), values))
-
-
-def split_items(cfg: ReconstructionConfig, manifest_path: Path, root: Path, split: str) -> list[dict[str, Any]]:
-    return records(split_cases(cfg, read_manifest(manifest_path), split), root, with_label=False)
+    return SplitScores(values, fields, [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                                        for r in rows], figures)
 
 
 # ----------------------------------------------------------------------------------- package stage
@@ -318,11 +251,5 @@ def model_contract(cfg: ReconstructionConfig) -> dict[str, Any]:
     }
 
 
-def package(cfg: ReconstructionConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker) -> ModelOutputs:
-    """Log the selected checkpoint's network as an MLflow PyTorch model with its I/O contract."""
-    contract_path, uri = package_model(build_network(cfg), checkpoint, model_contract(cfg), out_dir, tracker, cfg)
-    return ModelOutputs(contract_path, uri)
-
-
-__all__ = ["EvalOutputs", "ModelOutputs", "VolumeReconstruction", "build_network", "evaluate", "model_contract",
-           "package", "reconstruct_volume", "resolve_real_images", "score_volume", "split_items", "train"]
+__all__ = ["VolumeReconstruction", "build_network", "model_contract", "reconstruct_volume", "resolve_real_images",
+           "score_split", "score_volume", "validation"]

@@ -2,20 +2,18 @@
 
 Everything segmentation-specific lives in this package: its config (``config``), networks
 (``networks``), losses and metrics (``metrics``), the train / evaluate / package stages
-(``training``) and the prediction of one scan (``predict``). :data:`TASK` is what the registry
+(``training``: validation, scoring a split, what the packaged contract adds) and the prediction of one scan (``predict``). :data:`TASK` is what the registry
 hands out under the name ``segmentation``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from monai.transforms import Compose
 from torch import nn
 
-from medseg.engine.loop import has_labelled_cases
 from medseg.tasks.base import TaskBase
 from medseg.tasks.segmentation import networks as _networks  # noqa: F401 - fills the model registry
 from medseg.tasks.segmentation.config import SegmentationConfig
@@ -60,25 +58,21 @@ class SegmentationTask(TaskBase):
 
         return create_loss(cfg.loss, Regions.from_config(cfg.regions))
 
-    def evaluate(self, ctx: Any, checkpoint: Path, split: str, prefix: str) -> dict[str, float]:
-        from medseg.tasks.segmentation import training
+    def validation(self, ctx: Any) -> Any:
+        from medseg.tasks.segmentation.training import validation
 
-        if not has_labelled_cases(ctx.cfg, ctx.manifest, split):
-            return {}
+        return validation(ctx.cfg)
+
+    def score_split(self, ctx: Any, evaluator: Any) -> Any:
+        from medseg.tasks.segmentation.training import score_split
+
         # the validation split fits the temperature that the test split and the packaged model use
-        return training.evaluate(ctx.cfg, ctx.manifest, ctx.root, checkpoint, ctx.run_dir, split, ctx.tracker,
-                                 ctx.progress, prefix=prefix, fit_calibration=split == "val").metrics
+        return score_split(ctx.cfg, evaluator, ctx.tracker, fit_calibration=evaluator.split == "val")
 
-    def package(self, ctx: Any, checkpoint: Path) -> Any:
-        from medseg.tasks.segmentation import training
+    def packaged_contract(self, ctx: Any) -> dict[str, Any]:
+        from medseg.tasks.segmentation.training import packaged_contract
 
-        return training.package(ctx.cfg, checkpoint, ctx.run_dir, ctx.tracker, ctx.manifest, ctx.root)
-
-    def train(self, ctx: Any) -> Any:
-        from medseg.tasks.segmentation import training
-
-        return training.train(ctx.cfg, ctx.manifest, ctx.root, ctx.run_dir, ctx.tracker, resume=ctx.resume,
-                              progress=ctx.progress)
+        return packaged_contract(ctx.cfg, super().packaged_contract(ctx), ctx.run_dir, ctx.manifest, ctx.root)
 
     def contract(self, cfg: Any) -> dict[str, Any]:
         from medseg.tasks.segmentation.training import model_contract

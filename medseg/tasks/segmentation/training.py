@@ -6,7 +6,6 @@ and resumed between stages.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,35 +17,17 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
 
-from medseg.config import CacheMode
-from medseg.data.datasets import make_dataset, records
 from medseg.data.manifest import read_manifest
-from medseg.data.transforms import training_transforms, validation_transforms
 from medseg.engine import distributed
-from medseg.engine.calibration import SplitCalibration, VoxelSample, calibrate_split, contract_calibration
-from medseg.engine.checkpoint import load_checkpoint
-from medseg.engine.loop import (
-    EvalOutputs,
-    ModelOutputs,
-    Previewer,
-    TrainOutputs,
-    TrainTask,
-    base_contract,
-    fit,
-    has_labelled_cases,
-    log_evaluation,
-    package_model,
-    split_cases,
-    write_csv,
-)
-from medseg.engine.runtime import autocast_dtype, resolve_device, to_channels_last, use_channels_last
-from medseg.engine.sliding import fold_batch_norms, label_map, predict_logits
+from medseg.engine.calibration import SplitCalibration, VoxelSample, calibrate_split
+from medseg.engine.evaluation import Evaluator, SplitScores
+from medseg.engine.loop import Previewer, Validator, base_contract, split_cases
+from medseg.engine.sliding import label_map, predict_logits
 from medseg.engine.uncertainty import voxel_entropy
-from medseg.io.atomic import atomic_write_text
 from medseg.io.readers import load_volume
 from medseg.plots import contour_overlay_image, overlay
 from medseg.tasks.segmentation.config import SegmentationConfig
-from medseg.tasks.segmentation.metrics import SegmentationMetrics, create_loss
+from medseg.tasks.segmentation.metrics import SegmentationMetrics
 from medseg.tasks.segmentation.networks import create_segmentation_network
 from medseg.tasks.segmentation.postprocess import (
     POSTPROCESS_FILE,
@@ -61,8 +42,8 @@ from medseg.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainOutputs", "build_network", "evaluate", "has_labelled_cases", "model_contract", "package",
-           "train"]
+__all__ = ["build_network", "label_volume_stats", "model_contract", "packaged_contract", "score_split", "validate",
+           "validation"]
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -83,46 +64,20 @@ def _case_spacing(item: dict[str, Any]) -> tuple[float, ...]:
     return tuple(float(v) for v in item["image"].pixdim)
 
 
-# ----------------------------------------------------------------------------------- train stage
+# ----------------------------------------------------------------------------------- validation in training
 
 
-def train(cfg: SegmentationConfig, manifest_path: Path, root: Path, out_dir: Path, tracker: MlflowTracker, *,
-          resume: bool = False, progress: bool = True) -> TrainOutputs:
-    """Train a segmentation network on patches; validate whole volumes by sliding window.
-
-    The loop itself (budgets, checkpoints, resume, DDP) is :func:`medseg.engine.loop.fit`.
-
-    Args:
-        cfg: validated run config.
-        manifest_path: manifest CSV (already verified).
-        root: data root of the manifest's paths.
-        out_dir: run directory; ``checkpoints/``, ``history.csv`` and plots go here.
-        tracker: MLflow run to log to (already started; a no-op tracker off the main process).
-        resume: continue from ``out_dir/checkpoints/last.safetensors`` if it exists.
-        progress: show progress bars.
-    """
-    manifest = read_manifest(manifest_path)
-    regions = Regions.from_config(cfg.regions)
-    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95, regions=regions)
+def validation(cfg: SegmentationConfig) -> tuple[Validator, Previewer | None]:
+    """Sliding-window validation of whole volumes (Dice, HD95), and overlays of the first
+    ``validation.overlays`` cases as that validation predicted them (None without overlays)."""
+    metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95, regions=Regions.from_config(cfg.regions))
     shown: list[_Shown] = []  # the first validation cases as the last validation predicted them
 
     def validate_hook(net: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None,
                       show: bool) -> dict[str, float]:
         return validate(net, dataset, cfg, metrics, device, amp_dtype, show, keep=(cfg.validation.overlays, shown))
 
-    task = TrainTask(
-        build_network=lambda: build_network(cfg),
-        train_items=records(split_cases(cfg, manifest, "train"), root),
-        val_items=records(split_cases(cfg, manifest, "val"), root),
-        train_transform=training_transforms(cfg.preprocess, cfg.patch, cfg.augment, cfg.model.spatial_dims,
-                                            len(cfg.data.labels)),
-        val_transform=validation_transforms(cfg.preprocess),
-        loss=create_loss(cfg.loss, regions),
-        validate=validate_hook,
-        selection_metric="val/dice_mean",
-        preview=_overlay_preview(cfg, shown) if cfg.validation.overlays else None,
-    )
-    return fit(cfg, task, out_dir, tracker, resume=resume, progress=progress)
+    return validate_hook, _overlay_preview(cfg, shown) if cfg.validation.overlays else None
 
 
 @dataclass(frozen=True)
@@ -200,16 +155,14 @@ def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: Segmentatio
 # ----------------------------------------------------------------------------------- evaluate stage
 
 
-def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoint: Path, out_dir: Path, split: str,
-             tracker: MlflowTracker | None = None, progress: bool = True, prefix: str | None = None,
-             fit_calibration: bool = False) -> EvalOutputs:
-    """Score a checkpoint on a whole split: per-case CSV, metrics JSON, overlay PNGs and calibration.
+def score_split(cfg: SegmentationConfig, ev: Evaluator, tracker: MlflowTracker | None = None,
+                fit_calibration: bool = False) -> SplitScores:
+    """Score a checkpoint on a whole split: per-case rows, overlay PNGs and calibration.
 
     Metric names are ``{prefix}/dice/<label>``, ``{prefix}/dice_mean``, ``{prefix}/dice_mean_per_case``,
     ``{prefix}/hd95/<label>``, and the voxel ECE ``{prefix}/ece`` (with the model's temperature) and
-    ``{prefix}/ece_uncalibrated``; ``prefix`` defaults to the split name. With ``regions`` also
-    ``{prefix}/dice_region/<region>`` and ``{prefix}/dice_region_mean``, and no calibration (see
-    :func:`_calibration`).
+    ``{prefix}/ece_uncalibrated``. With ``regions`` also ``{prefix}/dice_region/<region>`` and
+    ``{prefix}/dice_region_mean``, and no calibration (see :func:`_calibration`).
 
     The scores are of the label maps predict would write: after ``postprocess.keep_largest_component``
     and the removal of small components (the sizes the validation split chose, else the config's).
@@ -221,18 +174,7 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
         fit_calibration: fit the temperature on this split (the validation split) and write it to
             ``evaluation/calibration.json``, which later evaluations and the packaged model use.
     """
-    prefix = prefix or split
-    device = resolve_device(cfg.train.device)
-    amp_dtype = autocast_dtype(cfg.train.precision, device)
-    manifest = read_manifest(manifest_path)
-    cases = [c for c in split_cases(cfg, manifest, split) if c.label]
-    model = build_network(cfg).to(device)
-    model.load_state_dict(load_checkpoint(checkpoint, device)["model"])
-    model = fold_batch_norms(model.eval())
-    if use_channels_last(cfg.train.channels_last, cfg.model.spatial_dims):
-        model = to_channels_last(model, cfg.model.spatial_dims)
-    dataset = make_dataset(records(cases, root), validation_transforms(cfg.preprocess), cfg.data.model_copy(
-        update={"cache": CacheMode.NONE}), out_dir / "cache", progress=False)
+    split, prefix, out_dir = ev.split, ev.prefix, ev.out_dir
     regions = Regions.from_config(cfg.regions)
     metrics = SegmentationMetrics(cfg.data.labels, hd95=cfg.validation.hd95, regions=regions)
     post = _split_postprocess(cfg, out_dir, split)
@@ -240,8 +182,8 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
     overlays: list[Path] = []
     voxels = VoxelSample.empty(seed=cfg.seed)
     entropy_logits: list[torch.Tensor] = []
-    for index, item in enumerate(tqdm(dataset, desc=f"evaluate {split}", disable=not progress, unit="case")):
-        logits = segmentation_logits(model, item["image"], cfg, device, amp_dtype).float()
+    for index, item in enumerate(tqdm(ev.dataset, desc=f"evaluate {split}", disable=not ev.progress, unit="case")):
+        logits = segmentation_logits(ev.network, item["image"], cfg, ev.device, ev.amp_dtype).float()
         raw = scores_to_labels(logits, regions)
         pred = post.apply(raw)
         truth = item["label"].as_tensor()[0]
@@ -265,14 +207,12 @@ def evaluate(cfg: SegmentationConfig, manifest_path: Path, root: Path, checkpoin
         # validation split's range sets the QC threshold
         probabilities = torch.sigmoid(sample) if regions else torch.softmax(sample / calibration.temperature, 0)
         row["mean_entropy"] = float(voxel_entropy(probabilities, sigmoid=regions is not None).mean())
-    per_case = out_dir / "evaluation" / f"{split}_cases.csv"
-    write_csv(per_case, list(metrics.per_case[0]) if metrics.per_case else ["case_id"], metrics.per_case)
     case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
     values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
     if post.search is not None:
         values.update(_search_sizes(cfg, kept, post.search, out_dir, split, tracker))
-    metrics_file = atomic_write_text(out_dir / "evaluation" / f"{split}_metrics.json", json.dumps(values, indent=2))
-    return log_evaluation(tracker, EvalOutputs(per_case, metrics_file, (*overlays, *calibration.figures), values))
+    return SplitScores(values, list(metrics.per_case[0]) if metrics.per_case else ["case_id"], metrics.per_case,
+                       (*overlays, *calibration.figures))
 
 
 @dataclass(frozen=True)
@@ -387,21 +327,16 @@ def model_contract(cfg: SegmentationConfig) -> dict[str, Any]:
     }
 
 
-def package(cfg: SegmentationConfig, checkpoint: Path, out_dir: Path, tracker: MlflowTracker,
-            manifest_path: Path | None = None, root: Path | None = None) -> ModelOutputs:
-    """Log the checkpoint's network and its I/O contract (with the training split's label volumes
-    and the QC thresholds predict checks against, when the manifest is given)."""
-    contract = model_contract(cfg)
+def packaged_contract(cfg: SegmentationConfig, contract: dict[str, Any], out_dir: Path, manifest_path: Path,
+                      root: Path) -> dict[str, Any]:
+    """``contract`` with what the run measured: the removal sizes the validation split chose, the
+    training split's label volumes and the QC thresholds predict checks against."""
     chosen = read_chosen_sizes(out_dir)
     if chosen is not None:  # what the validation split chose replaces the config's sizes
         contract["postprocess"]["min_component_size"] = chosen
-    if manifest_path is not None and root is not None:
-        contract["label_volumes_ml"] = label_volume_stats(cfg, manifest_path, root)
-        contract["qc"] = {**DEFAULT_QC, **entropy_threshold(out_dir / "evaluation" / "val_cases.csv")}
-    if cfg.validation.calibrate:
-        contract.update(contract_calibration(out_dir))  # the temperature the validation split fitted
-    contract_path, uri = package_model(build_network(cfg), checkpoint, contract, out_dir, tracker, cfg)
-    return ModelOutputs(contract_path, uri)
+    contract["label_volumes_ml"] = label_volume_stats(cfg, manifest_path, root)
+    contract["qc"] = {**DEFAULT_QC, **entropy_threshold(out_dir / "evaluation" / "val_cases.csv")}
+    return contract
 
 
 #: QC thresholds a packaged model's contract starts with (``predict --qc KEY=VALUE`` overrides them):
