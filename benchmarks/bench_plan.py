@@ -145,8 +145,9 @@ def hippocampus(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-#: What ``--test-time`` scores on the held-out cases: the plain prediction (the run's own test
-#: figure, recomputed), nnU-Net's mirroring over every axis, and keeping each label's largest component.
+#: What ``--test-time`` scores on the held-out cases: the plain prediction, nnU-Net's mirroring over
+#: every axis (the run's own test figure, recomputed, when the run mirrored: ``validation.tta``), and
+#: keeping each label's largest component.
 TEST_TIME_VARIANTS = {"plain": {}, "mirror TTA": {"tta": True}, "largest component": {"keep_largest": True},
                       "mirror TTA + largest component": {"tta": True, "keep_largest": True}}
 
@@ -410,7 +411,7 @@ def render(report: dict[str, Any]) -> str:
         if any(a.get("name") == "flip" for a in rec.get("planned_config", {}).get("augment", [])):
             title += ", trained with nnU-Net's mirroring (every axis)"
         if entry.get("superseded"):
-            title += " (superseded planner version, kept for the record)"
+            title += " (superseded, kept for the record)"
         out += [title, "", *([f"Superseded: {entry['superseded']}.", ""] if entry.get("superseded") else []),
                 f"`{entry['command']}` (commit {entry['git']['commit'][:12]}, {entry['date']}, "
                 f"{entry['machine']['cpu']}, {entry['machine']['cpus_usable']} CPUs, torch {entry['machine']['torch']})",
@@ -418,7 +419,8 @@ def render(report: dict[str, Any]) -> str:
                 "30 min (hippocampus.json) |", "|---|---|---|---|---|---|---|",
                 f"| {rec['run']['splits'].get('test', {}).get('cases')} | {rec['run']['epochs']} | "
                 f"{rec['run']['train_minutes']:.1f} | {_m(m, 'test/dice/Anterior')} | {_m(m, 'test/dice/Posterior')} | "
-                f"**{_m(m, 'test/dice_mean', 4)}** | {hand_tuned} |", "", "What it planned (`--explain`):", "",
+                f"**{_m(m, 'test/dice_mean', 4)}** | {hand_tuned} |", "", *_mirrored_note(m),
+                "What it planned (`--explain`):", "",
                 "```", *rec["explain"], "```", "", "Probe:", "", "```", *rec["probe"], "```", "",
                 *_render_test_time(rec.get("test_time"))]
     medmnist_rows = sections.get("medmnist", {})
@@ -470,6 +472,15 @@ def render(report: dict[str, Any]) -> str:
                 f"{rec['predict'].get('accuracy_vs_class_folders')} of them.", "",
                 "```", *rec["explain"], "```", "", "```", *rec["predict"]["printed"], "```", ""]
     return "\n".join(out) + "\n"
+
+
+def _mirrored_note(metrics: dict[str, Any]) -> list[str]:
+    """Whether the run scored its test split with mirroring TTA (``validation.tta``)."""
+    count = metrics.get("test/predictions_per_case")
+    if not count or count <= 1:
+        return []
+    return [f"The run scored its test split as nnU-Net does, with mirroring TTA ({count:g} predictions per case, "
+            "`validation.tta` auto for a plan that mirrors every axis).", ""]
 
 
 def _render_test_time(test_time: dict[str, Any] | None) -> list[str]:

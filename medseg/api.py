@@ -215,56 +215,14 @@ def calibrate_run(run_dir: str | Path, *, progress: bool = True) -> RunResult:
     Raises:
         RunError: not a finished run folder. UsageError: the task has no class probabilities.
     """
-    from mlflow.exceptions import MlflowException
+    from medseg.engine.recalibrate import finished_run_files, recalibrate_run
 
-    from medseg.engine.calibration import CALIBRATION_FILE, read_calibration
-    from medseg.engine.runner import RUN_ID_FILE, PipelineContext
-    from medseg.errors import RunError
-    from medseg.io.atomic import atomic_write_text
-    from medseg.tracking import MlflowTracker
-
-    run_dir = Path(run_dir)
-    needed = [run_dir / "resolved_config.yaml", run_dir / "checkpoints" / "best.safetensors", run_dir / "summary.json"]
-    missing = [p.name for p in needed if not p.is_file()]
-    if missing:
-        raise RunError(f"calibrate {run_dir}: expected a finished run folder, but {', '.join(missing)} "
-                       "is missing; give the folder `medseg run` printed (runs/<name>/<timestamp>), after it finished")
-    cfg = load_config(needed[0])
+    files = finished_run_files(Path(run_dir))
+    cfg = load_config(files.config)
     if not hasattr(cfg.validation, "calibrate"):
         raise UsageError(f"calibrate {run_dir}: a {cfg.task} model outputs no class probabilities to calibrate")
     cfg = cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"calibrate": True})})
-    task = get_task(str(cfg.task))
-    summary = json.loads(needed[2].read_text())
-    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment)
-    previous = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
-    run_id = previous or summary.get("run_id")
-    try:
-        tracker.start(None, {}, run_id=run_id)
-    except MlflowException as err:
-        raise RunError(f"calibrate {run_dir}: the MLflow store {cfg.tracking.uri} (the run's tracking.uri) has no run "
-                       f"{run_id} ({err.message}); a relative sqlite:/// path is relative to the folder you trained "
-                       "from, so run this command there") from err
-    (run_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # fitted again below, or the task fits none
-    ctx = PipelineContext(cfg, cfg.data.manifest, cfg.data.resolved_root(), run_dir, tracker, progress=progress)
-    try:
-        ctx.metrics.update(task.evaluate(ctx, needed[1], "val", "best_val"))
-        if read_calibration(run_dir) is None:
-            raise UsageError(f"calibrate {run_dir}: no temperature was fitted: the model has no softmax output to "
-                             "calibrate (an ordinal head, or a region model's sigmoids), the validation fold is trained on too "
-                             "(data.train_folds: all), or the manifest's validation split has no labelled cases")
-        ctx.metrics.update(task.evaluate(ctx, needed[1], "test", "test"))
-        ctx.model_uri = task.package(ctx, needed[1]).model_uri
-    except BaseException:
-        tracker.end("FINISHED")  # the run itself finished; only this calibration failed
-        raise
-    summary["metrics"] = {**summary.get("metrics", {}), **{
-        k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in ctx.metrics.items()}}
-    summary["model_uri"] = ctx.model_uri
-    atomic_write_text(needed[2], json.dumps(summary, indent=2, default=str))
-    tracker.log_artifact(needed[2])
-    tracker.set_tags({"medseg.model_uri": str(ctx.model_uri)})
-    tracker.end("FINISHED")
-    return RunResult.from_summary(needed[2])
+    return RunResult.from_summary(recalibrate_run(files, cfg, get_task(str(cfg.task)), progress=progress))
 
 
 def describe(config: RunConfig) -> tuple[Task, torch.nn.Module, str]:

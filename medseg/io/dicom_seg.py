@@ -4,16 +4,21 @@ label maps (both need the optional ``highdicom``: ``pip install 'medseg[dicom-se
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from monai.config import PathLike
+from monai.utils import ensure_tuple
 
 from medseg._version import __version__
 from medseg.errors import VolumeReadError, cause_text
 from medseg.io.atomic import atomic_path
+from medseg.io.dicom_sniff import is_dicom_seg
+from medseg.io.sitk_reader import SimpleITKReader
 
 #: SOP Class UID of Segmentation Storage.
 
@@ -75,6 +80,18 @@ def read_dicom_seg(path: Path) -> sitk.Image:
     image.SetMetaData("modality", "SEG")
     image.SetMetaData("series_instance_uid", str(seg.SeriesInstanceUID))
     return image
+
+
+class DicomSegReader(SimpleITKReader):
+    """The reader of the ``dicom-seg`` input format: a DICOM SEG file as an integer label map
+    (:func:`read_dicom_seg`), in RAS with the series' conventions like every DICOM read here."""
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        return all(Path(name).is_file() and is_dicom_seg(Path(name)) for name in ensure_tuple(filename))
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Sequence[sitk.Image] | sitk.Image:
+        images = [read_dicom_seg(Path(name)) for name in ensure_tuple(data)]
+        return images if len(images) > 1 else images[0]
 
 
 def write_dicom_seg(label_map: np.ndarray, series_folder: Path, series_uid: str, labels: Mapping[int, str],

@@ -296,6 +296,9 @@ def discover(root: Path, channels: int | None = None) -> Discovery:
         fmt = FORMATS.for_path(path)
         if fmt is None:
             continue
+        if fmt.labels_only:
+            found.notes.append(f"{path}: skipped, a {fmt.name} file holds labels, not a scan to predict")
+            continue
         if fmt.series:  # DICOM: files are grouped into series per folder below
             dicom_by_folder[path.parent].append(path)
         else:

@@ -13,10 +13,15 @@ metaimage   .mha .mhd                    SimpleITKReader
 nrrd        .nrrd .nhdr                  SimpleITKReader
 image2d     .png .jpg .jpeg .tif .tiff   :class:`~medseg.io.image2d_reader.Image2DReader`
             (one 2D image per file)      (Pillow; tifffile for TIFFs Pillow cannot read)
+
+dicom-seg   (refines dicom: a DICOM      :class:`~medseg.io.dicom_seg.DicomSegReader`: an integer
+            file whose SOP class is      label map of segment numbers (needs ``highdicom``)
+            Segmentation Storage)
 ==========  ===========================  ============================================
 
-A DICOM file whose SOP class is Segmentation Storage (DICOM SEG) reads as an integer label map
-(segment numbers; needs ``highdicom``, see :func:`medseg.io.dicom_seg.read_dicom_seg`).
+A format may *refine* another: a file that would be the other's (by suffix or content) is the
+refining format's when its ``sniff`` says so. That is how a DICOM SEG, named ``.dcm`` like any
+DICOM file, is read by its own reader.
 
 Another package adds a format through the ``medseg.readers`` entry-point group; the entry
 point names a :class:`VolumeFormat` (or a function returning one)::
@@ -44,7 +49,8 @@ from monai.data import ImageReader, NibabelReader
 from monai.utils import ensure_tuple
 
 from medseg.errors import VolumeReadError
-from medseg.io.dicom_sniff import is_dicom_file
+from medseg.io.dicom_seg import DicomSegReader
+from medseg.io.dicom_sniff import is_dicom_file, is_dicom_seg
 from medseg.io.image2d_reader import IMAGE2D_SUFFIXES, Image2DReader
 from medseg.io.preflight import check_file
 from medseg.io.sitk_reader import SimpleITKReader
@@ -66,6 +72,11 @@ class VolumeFormat:
             given as input is then read as one series.
         sniff: recognises a file of this format whose name has none of the suffixes (DICOM
             files are often named ``IM0001`` or have no suffix at all).
+        refines: another format's name: a file of that format is this one's when ``sniff`` says
+            so (DICOM SEG refines DICOM); such a format has no suffixes of its own.
+        described: how messages name its files when it has no suffixes.
+        labels_only: its files are label maps, never scans: discovery leaves them out of a
+            folder of inputs (a DICOM SEG beside its series).
     """
 
     name: str
@@ -73,6 +84,9 @@ class VolumeFormat:
     make_reader: Callable[[], ImageReader]
     series: bool = False
     sniff: Callable[[Path], bool] | None = None
+    refines: str | None = None
+    described: str = ""
+    labels_only: bool = False
 
 
 BUILTIN_FORMATS = (
@@ -81,6 +95,8 @@ BUILTIN_FORMATS = (
     VolumeFormat("metaimage", (".mha", ".mhd"), SimpleITKReader),
     VolumeFormat("nrrd", (".nrrd", ".nhdr"), SimpleITKReader),
     VolumeFormat("image2d", IMAGE2D_SUFFIXES, Image2DReader),
+    VolumeFormat("dicom-seg", (), DicomSegReader, sniff=is_dicom_seg, refines="dicom",
+                 described="a DICOM file of SOP class Segmentation Storage", labels_only=True),
 )
 
 
@@ -163,12 +179,14 @@ class FormatRegistry:
         path = Path(path)
         if path.is_dir():
             return next((f for f in self.formats() if f.series), None)
-        by_name = self.by_suffix(path.name)
-        if by_name is not None:
-            return by_name
-        if path.is_file():
-            return next((f for f in self.formats() if f.sniff is not None and f.sniff(path)), None)
-        return None
+        found = self.by_suffix(path.name)
+        if found is None and path.is_file():
+            found = next((f for f in self.formats() if f.sniff is not None and f.refines is None and f.sniff(path)),
+                         None)
+        if found is None or not path.is_file():
+            return found
+        return next((f for f in self.formats() if f.refines == found.name and f.sniff is not None and f.sniff(path)),
+                    found)
 
     def strip_suffix(self, name: str) -> str:
         """``case.nii.gz`` -> ``case``: the name without its (longest) known suffix."""
@@ -180,7 +198,7 @@ class FormatRegistry:
 
     def describe(self) -> str:
         """One line per format, for messages: ``nifti (.nii, .nii.gz)``."""
-        return ", ".join(f"{f.name} ({' '.join(f.suffixes)}{', or a folder' if f.series else ''})"
+        return ", ".join(f"{f.name} ({' '.join(f.suffixes) or f.described}{', or a folder' if f.series else ''})"
                          for f in self.formats())
 
     def reader_for(self, paths: Sequence[Path]) -> tuple[VolumeFormat, ImageReader]:

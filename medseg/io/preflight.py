@@ -27,7 +27,6 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from medseg.errors import ImageValueError, VolumeReadError, cause_text
-from medseg.io.dicom_sniff import is_dicom_seg
 
 #: A gzip stream cannot expand more than about 1032:1 (deflate's limit), so a compressed file
 #: whose header claims more than this many times its size is corrupt, whatever its trailer says.
@@ -85,7 +84,7 @@ def check_file(path: Path, format_name: str) -> None:
                               "Copy or export it again; an interrupted download or copy leaves empty files.")
     if format_name == "nifti":
         _check_nifti(path, size)
-    elif format_name == "dicom" and is_dicom_seg(path):
+    elif format_name == "dicom-seg":
         _check_dicom_seg(path)
     elif format_name in ("metaimage", "nrrd", "dicom"):
         _check_sitk_header(path, size, format_name)
@@ -95,7 +94,7 @@ def check_file(path: Path, format_name: str) -> None:
 
 def _shown(format_name: str) -> str:
     return {"nifti": "NIfTI", "dicom": "DICOM", "metaimage": "MetaImage", "nrrd": "NRRD",
-            "image2d": "PNG/JPEG/TIFF"}.get(format_name, format_name)
+            "image2d": "PNG/JPEG/TIFF", "dicom-seg": "DICOM SEG"}.get(format_name, format_name)
 
 
 def _check_image2d(path: Path) -> None:

@@ -88,7 +88,10 @@ def test_a_seg_reads_back_to_its_labels_on_the_series_grid(tmp_path: Path) -> No
     seg_path = write_dicom_seg(labels, folder, uid, {0: "bg", 1: "liver", 2: "tumour", 3: "vessel"},
                                tmp_path / "label.dcm")
     assert is_dicom_seg(seg_path) and not is_dicom_seg(next(folder.glob("*.dcm")))
-    assert FORMATS.for_path(seg_path).name == "dicom"
+    # its own format, though named .dcm like the series it refines; a series slice stays DICOM
+    assert FORMATS.for_path(seg_path).name == "dicom-seg"
+    assert FORMATS.for_path(next(folder.glob("*.dcm"))).name == "dicom"
+    assert FORMATS.by_suffix(seg_path.name).name == "dicom"  # by name alone (nothing read): DICOM
 
     seg = load_volume(seg_path)
     assert tuple(seg.shape) == (1, *SHAPE_XYZ) == tuple(series.shape)
@@ -103,3 +106,16 @@ def test_without_highdicom_the_message_names_the_extra(tmp_path: Path, monkeypat
     monkeypatch.setattr(dicom_seg, "dicom_seg_available", lambda: False)
     with pytest.raises(VolumeReadError, match=r"label\.dcm: a DICOM SEG.*pip install 'medseg\[dicom-seg\]'"):
         load_volume(seg_path)
+
+
+def test_a_seg_beside_its_series_is_not_a_scan_to_predict(tmp_path: Path) -> None:
+    from medseg.io.discovery import discover
+
+    folder, uid = write_sitk_series(tmp_path / "inputs" / "patient1")
+    write_dicom_seg(_labels(), folder, uid, {0: "bg", 1: "liver", 2: "tumour", 3: "vessel"},
+                    tmp_path / "inputs" / "patient1_seg.dcm")
+
+    found = discover(tmp_path / "inputs")
+
+    assert [(c.case_id, c.kind) for c in found.cases] == [("patient1", "dicom_series")]
+    assert any("patient1_seg.dcm: skipped, a dicom-seg file holds labels" in note for note in found.notes)

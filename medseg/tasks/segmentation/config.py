@@ -45,6 +45,10 @@ class SegmentationValidationConfig(CalibratedValidationConfig):
     blend: Literal["gaussian", "constant"] = "gaussian"
     hd95: bool = True
     overlays: int = Field(default=3, ge=0, description="Cases drawn as overlay figures.")
+    tta: bool | None = Field(
+        default=None, description="Score the evaluate stage's splits (val, test) with mirroring TTA over the axes "
+        "training flipped, as nnU-Net's final validation does. null (auto): on when the augmentation flips every "
+        "spatial axis (planned configs), off otherwise. Validation during training never mirrors.")
 
 
 class PostprocessConfig(Section):

@@ -89,7 +89,7 @@ def _augmentation(dims: int, budget_minutes: float, anisotropic_axis: int | None
               {"name": "noise", "prob": 0.1, "std": 0.05 if not is_ct else 0.1}]
     why = (f"{'nnU-Net' if full else 'light'} augmentation for a {budget_minutes:g}-minute budget"
            + ("" if full else f" (nnU-Net's full set pays off after ~1000 epochs; plans of >= {FULL_AUGMENTATION_MINUTES:g} min use it)")
-           + "; mirroring along every axis, as nnU-Net (predict with --tta to mirror at test time too)"
+           + "; mirroring along every axis, as nnU-Net (val and test are scored with mirroring TTA, validation.tta auto; predict with --tta to match)"
            + (f"; rotations kept small: axis {anisotropic_axis} is anisotropic" if anisotropic_axis is not None else ""))
     return items, why
 

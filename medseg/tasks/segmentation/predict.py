@@ -11,6 +11,7 @@ inversion; ``keep_largest_component`` applies to the mask on the input's grid.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -117,6 +118,10 @@ class SegmentationPredictor:
         self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant)
                         for load in (True, False)}
         self.flip_axes = tta_axes(model.contract, options.tta, f"model {model.uri}")
+        if model.contract.get("evaluated_with_tta") and not options.tta:
+            logging.getLogger(__name__).info(
+                "model %s: its run scored val and test with mirroring TTA (nnU-Net's default); add --tta to "
+                "predict as it was scored (slower: one prediction per mirroring)", model.uri)
         self.keep_largest = options.keep_largest if options.keep_largest is not None else bool(
             model.contract.get("postprocess", {}).get("keep_largest_component", False))
         self.min_sizes = _contract_min_sizes(model, self.names)

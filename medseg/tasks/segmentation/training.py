@@ -21,8 +21,9 @@ from medseg.data.manifest import read_manifest
 from medseg.engine import distributed
 from medseg.engine.calibration import SplitCalibration, VoxelSample, calibrate_split
 from medseg.engine.evaluation import Evaluator, SplitScores
-from medseg.engine.loop import Previewer, Validator, base_contract, split_cases
+from medseg.engine.loop import Previewer, Validator, base_contract, split_cases, trained_flip_axes
 from medseg.engine.sliding import label_map, predict_logits
+from medseg.engine.tta import average_predictions, flip_combinations
 from medseg.engine.uncertainty import voxel_entropy
 from medseg.io.readers import load_volume
 from medseg.plots import contour_overlay_image, overlay
@@ -146,6 +147,33 @@ def segmentation_logits(model: nn.Module, image: torch.Tensor, cfg: Segmentation
                           amp_dtype=amp_dtype)
 
 
+def evaluation_mirror_axes(cfg: SegmentationConfig) -> list[int]:
+    """The axes the evaluate stage mirrors over (``validation.tta``): those training flipped, when
+    on; auto turns it on when training flipped every spatial axis, as nnU-Net's plans do."""
+    axes = trained_flip_axes(cfg)
+    on = cfg.validation.tta if cfg.validation.tta is not None else len(axes) == cfg.model.spatial_dims
+    return axes if on else []
+
+
+def mirrored_logits(model: nn.Module, image: torch.Tensor, cfg: SegmentationConfig, device: torch.device,
+                    amp_dtype: torch.dtype | None, axes: list[int]) -> torch.Tensor:
+    """Sliding-window logits (K, *spatial); with ``axes``, the probabilities averaged over every
+    mirroring of them (nnU-Net's test-time mirroring), returned as their logits (log for a softmax,
+    logit for sigmoids) so that decoding, calibration and entropy read them as any other logits."""
+    if not axes:
+        return segmentation_logits(model, image, cfg, device, amp_dtype).float()
+    sigmoid = cfg.regions is not None
+
+    def probabilities(_: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = segmentation_logits(model, x, cfg, device, amp_dtype).float()
+        return torch.sigmoid(logits) if sigmoid else torch.softmax(logits, 0)
+
+    plain = image.as_tensor() if hasattr(image, "as_tensor") else image
+    mean = average_predictions([model], plain, cfg.model.spatial_dims, True, probabilities, axes=axes)
+    p = mean.clamp(1e-7, 1 - 1e-7)
+    return torch.log(p / (1 - p)) if sigmoid else torch.log(p)
+
+
 def predict_segmentation(model: nn.Module, image: torch.Tensor, cfg: SegmentationConfig, device: torch.device,
                          amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Label map (*spatial) for one preprocessed channel-first volume."""
@@ -182,8 +210,9 @@ def score_split(cfg: SegmentationConfig, ev: Evaluator, tracker: MlflowTracker |
     overlays: list[Path] = []
     voxels = VoxelSample.empty(seed=cfg.seed)
     entropy_logits: list[torch.Tensor] = []
+    mirror = evaluation_mirror_axes(cfg)
     for index, item in enumerate(tqdm(ev.dataset, desc=f"evaluate {split}", disable=not ev.progress, unit="case")):
-        logits = segmentation_logits(ev.network, item["image"], cfg, ev.device, ev.amp_dtype).float()
+        logits = mirrored_logits(ev.network, item["image"], cfg, ev.device, ev.amp_dtype, mirror)
         raw = scores_to_labels(logits, regions)
         pred = post.apply(raw)
         truth = item["label"].as_tensor()[0]
@@ -203,12 +232,14 @@ def score_split(cfg: SegmentationConfig, ev: Evaluator, tracker: MlflowTracker |
     calibration = _calibration(cfg, regions, voxels, fit_calibration, out_dir, split, prefix)
     values.update(calibration.metrics)
     for row, sample in zip(metrics.per_case, entropy_logits):
-        # what predict reports as mean_entropy (without TTA, with the model's temperature): the
-        # validation split's range sets the QC threshold
+        # what predict reports as mean_entropy (with the model's temperature; mirrored as the split
+        # was, hence as predict --tta for a model evaluated with TTA): the validation split's range
+        # sets the QC threshold
         probabilities = torch.sigmoid(sample) if regions else torch.softmax(sample / calibration.temperature, 0)
         row["mean_entropy"] = float(voxel_entropy(probabilities, sigmoid=regions is not None).mean())
     case_means = [np.nanmean([float(r[f"dice/{n}"]) for n in metrics.names]) for r in metrics.per_case]
     values[f"{prefix}/dice_mean_per_case"] = float(np.nanmean(case_means)) if case_means else float("nan")
+    values[f"{prefix}/predictions_per_case"] = float(len(flip_combinations(cfg.model.spatial_dims, bool(mirror), mirror)))
     if post.search is not None:
         values.update(_search_sizes(cfg, kept, post.search, out_dir, split, tracker))
     return SplitScores(values, list(metrics.per_case[0]) if metrics.per_case else ["case_id"], metrics.per_case,
@@ -336,6 +367,7 @@ def packaged_contract(cfg: SegmentationConfig, contract: dict[str, Any], out_dir
         contract["postprocess"]["min_component_size"] = chosen
     contract["label_volumes_ml"] = label_volume_stats(cfg, manifest_path, root)
     contract["qc"] = {**DEFAULT_QC, **entropy_threshold(out_dir / "evaluation" / "val_cases.csv")}
+    contract["evaluated_with_tta"] = bool(evaluation_mirror_axes(cfg))  # predict says so when --tta is left out
     return contract
 
 
