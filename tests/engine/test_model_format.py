@@ -109,6 +109,18 @@ def test_a_finished_run_folder_is_accepted_as_the_model(logged: dict[str, str]) 
     assert by_run.model.source_run_id == by_folder.model.source_run_id
 
 
+def test_a_model_uri_against_a_store_that_is_not_there_names_it_and_creates_nothing(
+        logged: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From another folder the default relative store is not there: MLflow would create an empty one
+    and then call the model missing; medseg says where it looked and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(UsageError, match=r"does not exist \(looked for .*runs/mlflow\.db.*--tracking-uri"):
+        medseg.Predictor.from_uri(logged["uri"], device="cpu")
+    assert list(tmp_path.iterdir()) == []
+    assert medseg.Predictor.from_uri(logged["uri"], device="cpu", tracking_uri=logged["tracking_uri"]).model
+
+
 DATA = "data/medseg_model"
 
 
