@@ -29,7 +29,7 @@ from medseg.engine.loop import split_cases
 from medseg.errors import RunError, UsageError, medseg_cause
 from medseg.io.atomic import atomic_write_text, remove_stale_temporaries
 from medseg.tracking import MlflowTracker, NullTracker
-from medseg.tracking.mlflow_tracker import DatasetRecord, git_commit
+from medseg.tracking.mlflow_tracker import DatasetRecord, absolute_tracking_uri, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def _finish_run(ctx: PipelineContext, run_id: str, world_size: int, started: flo
     summary = {
         "run_id": run_id,
         "model_uri": ctx.model_uri,
-        "tracking_uri": cfg.tracking.uri,
+        "tracking_uri": absolute_tracking_uri(cfg.tracking.uri),  # readable from any folder
         "experiment": cfg.tracking.experiment,
         "run_dir": str(ctx.run_dir.resolve()),
         "world_size": world_size,
@@ -514,7 +514,7 @@ def _finish_parent(cfg: RunConfig, kind: RepeatKind, parent_dir: Path, parent_id
         "kind": kind.value,
         "model_uri": str(parent_dir.resolve()),  # `medseg predict --model` takes the directory: an ensemble
         "model_uris": models,
-        "tracking_uri": cfg.tracking.uri,
+        "tracking_uri": absolute_tracking_uri(cfg.tracking.uri),  # readable from any folder
         "experiment": cfg.tracking.experiment,
         "run_dir": str(parent_dir.resolve()),
         "metrics": metrics,

@@ -67,6 +67,13 @@ def default_tracking_uri(db_path: Path = Path("runs/mlflow.db")) -> str:
     return f"sqlite:///{db_path}"
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """``uri`` with a relative ``sqlite:///`` path made absolute (from the current folder), so a
+    summary or a result read from another folder still names the same store; other URIs as given."""
+    path = _sqlite_path(uri)
+    return f"sqlite:///{path.resolve()}" if path is not None and not path.is_absolute() else uri
+
+
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
