@@ -90,7 +90,7 @@ medmnist: $(VENV)/.installed
 	$(BIN)/medseg manifest build --from-medmnist $(MEDMNIST)/breastmnist.npz --out data_manifests/medmnist_breast.csv --data-dir data/breastmnist
 	$(BIN)/medseg manifest build --from-medmnist $(MEDMNIST)/adrenalmnist3d.npz --out data_manifests/medmnist_adrenal3d.csv --data-dir data/adrenalmnist3d
 
-# The README's results tables: each target trains the configs behind one table with `medseg run` (runs
+# The results tables (docs/results, benchmarks/results): each target trains the configs behind one table with `medseg run` (runs
 # in runs/, tracked in runs/mlflow.db) and writes benchmarks/results/<name>.json and .md, with held-out
 # test metrics, epochs, minutes, the commit and the machine. Times are for this project's 2-core CPU.
 .PHONY: results results-hippocampus results-medmnist results-recon results-demo results-calibration results-uncertainty results-plan results-numbered

@@ -9,7 +9,7 @@ Sections:
     hippocampus   MSD Task04 from its training folder (labels and modality from dataset.json),
                   its 52 committed test cases held out, the other 208 in 5 folds, all of them
                   training (data_manifests/msd_hippocampus_folds.csv); --budget
-                  minutes (30 and 10 for the README). Hand-tuned reference: hippocampus.md.
+                  minutes. Hand-tuned reference: hippocampus.md.
     medmnist      PneumoniaMNIST, BreastMNIST, AdrenalMNIST3D from their imported folders
                   (``make medmnist``), official splits, --seeds K; test AUC. Reference: medmnist.md.
     synthetic-ct  benchmarks/make_datasets.py's seeded CT-like set (0.7 x 0.7 x 5 mm, half DICOM

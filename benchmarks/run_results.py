@@ -1,4 +1,4 @@
-"""Train the runs behind the README's results tables and write them to ``benchmarks/results/``.
+"""Train the runs behind the results tables (docs/results) and write them to ``benchmarks/results/``.
 
 Each suite is a list of ordinary ``medseg run`` commands, run one after another as child
 processes (``--no-progress``). The script reads each run's ``summary.json`` (the path is the
@@ -8,9 +8,9 @@ last ``summary: <path>`` line ``medseg run`` prints) and writes, atomically:
   split, and ``real/...`` for reconstruction), epochs, training and whole-run minutes, the cases
   of each split, the seeds, the MLflow run id and model URI, plus the date, git commit and the
   machine (platform, CPU count, torch version, CUDA or not);
-- ``<file>.md``: the tables the README shows, generated from that JSON.
+- ``<file>.md``: the tables the docs' results pages include, generated from that JSON.
 
-Suites (minutes on this project's 2-core CPU, from the README's figures):
+Suites (minutes on this project's 2-core CPU, from the results files):
 
 - ``hippocampus`` -> ``hippocampus.{json,md}``: ``msd_hippocampus.yaml`` for 30 minutes, 6 minutes,
   and 30 minutes with 2 processes; test Dice on the 52 held-out cases. About 70 minutes.

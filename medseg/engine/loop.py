@@ -438,7 +438,7 @@ def _prepare_data(cfg: RunConfig, task: TrainTask, runtime: _Runtime, out_dir: P
         train_ds = DeviceCache(train_ds, runtime.device)
     # In-process loading is synchronous: MONAI's ThreadDataLoader would augment in a background
     # thread that fights the step's compute threads for the cores (benchmarks/results/perf.md, W4,
-    # and the README's notes on it).
+    # and docs/benchmarks.md on it).
     loader_kwargs: dict[str, Any] = {"num_workers": workers,
                                      "pin_memory": runtime.device.type == "cuda" and not on_device}
     return _TrainData(train_ds, augment_tf, val_ds, sharded, stream_seed(cfg.seed, ctx.rank) if sharded else cfg.seed,
