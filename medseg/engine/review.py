@@ -10,9 +10,15 @@ made from the case's input and its written outputs, chosen by what the main outp
 by which task wrote it:
 
 * an integer volume (a mask): three orthogonal planes through the largest predicted structure,
-  the mask overlaid on the image;
+  each label's edge outlined on the image (a fill would hide the edge being judged);
 * floating-point volumes (reconstructions): the input and each output side by side, one window;
 * no output file (classification): the image's middle planes; its class probabilities are bars.
+
+Every plane is turned to the closest RAS axes first and carries the patient directions at its edges
+(R/L, A/P, S/I), read from the case's affine; a click zooms a thumbnail. A flagged case's reasons are
+written in words (:func:`plain_reasons`): "less certain than 90 % of the validation cases", not
+"mean entropy 0.263 > 0.2278". A reviewer accepts or rejects each case and comments; the page keeps
+the decisions in the browser and downloads them as ``review.csv``.
 
 A thumbnail that cannot be made leaves its row with a note; it never stops the page.
 """
@@ -30,7 +36,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -61,9 +67,6 @@ WORST_FIRST: tuple[tuple[str, bool], ...] = (("mean_entropy", True), ("entropy",
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
     (240, 50, 230), (210, 245, 60), (250, 190, 212))
-_MASK_ALPHA = 0.45
-_GAP_PX = 2
-_BACKGROUND = (24, 24, 24)
 _NIFTI = (".nii", ".nii.gz")
 
 
@@ -93,6 +96,90 @@ def qc_summary(results: Sequence[CaseResult], thresholds: Mapping[str, float]) -
     by_reason = Counter(kind for reason in flagged.values() for kind in reason_kinds(reason))
     return {"cases": len(results), "flagged": len(flagged), "thresholds": dict(thresholds),
             "by_reason": dict(by_reason.most_common()), "flagged_cases": flagged}
+
+
+# ----------------------------------------------------------------------------------- reasons in words
+
+
+#: The percentile of the validation cases' mean entropy that a segmentation model's contract keeps as
+#: ``qc.max_mean_entropy`` (``ENTROPY_QUANTILE`` of medseg.tasks.segmentation.training; a test keeps them equal).
+VALIDATION_PERCENTILE = 90
+
+
+@dataclass(frozen=True)
+class QcReference:
+    """What a model's contract says its QC thresholds mean, to put a flag in words.
+
+    Attributes:
+        validation_entropy: the contract's ``qc.max_mean_entropy``: the validation cases' 90th
+            percentile of mean entropy (None: the contract has none).
+        training_volumes: label name -> ``{"mean", "std", "cases"}`` of the training split's
+            volumes in mL (the contract's ``label_volumes_ml``).
+    """
+
+    validation_entropy: float | None = None
+    training_volumes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_contract(cls, contract: Mapping[str, Any] | None) -> QcReference:
+        contract = contract or {}
+        entropy = _number((contract.get("qc") or {}).get("max_mean_entropy"))
+        volumes = contract.get("label_volumes_ml") or {}
+        return cls(entropy, {str(k): v for k, v in volumes.items() if isinstance(v, Mapping)})
+
+
+def _volume_words(name: str, volume: float | None, z: float, stats: Mapping[str, float] | None) -> str:
+    """A volume far from the training cases', said as a ratio to their average when it is known."""
+    side = "above" if z > 0 else "below"
+    sd = f"{abs(z):.1f} SD {side} the training average"
+    mean = _number((stats or {}).get("mean"))
+    if volume is not None and volume <= 0:
+        return f"no {name} found ({f'training cases average {mean:.2f} mL' if mean else sd})"
+    if mean is None or mean <= 0 or volume is None:
+        size = f" ({volume:.2f} mL)" if volume is not None else ""
+        return f"{name} volume {'unusually large' if z > 0 else 'unusually small'}{size}: {sd}"
+    ratio = volume / mean
+    how = f"{ratio:.1f}x the average training case" if ratio >= 1 else f"only {100 * ratio:.0f} % of the average training case"
+    return f"{name} volume {how} ({volume:.2f} mL against {mean:.2f} mL; {sd})"
+
+
+def _entropy_words(entropy: float, limit: float, reference: QcReference) -> str:
+    if reference.validation_entropy is not None and math.isclose(limit, reference.validation_entropy, rel_tol=1e-6):
+        far = limit > 0 and entropy >= 2 * limit
+        return (f"{'far ' if far else ''}less certain than {VALIDATION_PERCENTILE} % of the validation cases "
+                f"(uncertainty {entropy:.3f}; their {VALIDATION_PERCENTILE}th percentile {limit:.3f})")
+    return f"less certain than this batch's limit allows (uncertainty {entropy:.3f}; limit {limit:g}, set with --qc)"
+
+
+def plain_reasons(result: CaseResult, thresholds: Mapping[str, float], reference: QcReference | None = None) -> list[str]:
+    """Why the QC flagged a case, in words a clinician reads without the report's column names.
+
+    The case's ``qc_reason`` says which checks it failed (it is what flagged it); the words come from
+    its values and, when known, what the thresholds mean (``reference``, from the model's contract):
+    "less certain than 90 % of the validation cases (uncertainty 0.263; their 90th percentile 0.228)",
+    "anterior volume 3.1x the average training case (4.65 mL against 1.50 mL; 4.2 SD above the
+    training average)". A part it does not know is kept as written.
+    """
+    reference = reference or QcReference()
+    out = []
+    for part in (p.strip() for p in str(result.values.get("qc_reason") or "").split(";")):
+        volume_z = re.match(r"(.+?) volume z = ([-+]?[\d.]+)", part)
+        entropy = _number(result.values.get("mean_entropy"))
+        agreement = _number(result.values.get("agreement"))
+        if volume_z:
+            name = volume_z.group(1)
+            z = _number(result.values.get(f"volume_z_{name}"))
+            out.append(_volume_words(name, _number(result.values.get(f"volume_ml_{name}")),
+                                     z if z is not None else float(volume_z.group(2)),
+                                     reference.training_volumes.get(name)))
+        elif part.startswith("mean entropy") and entropy is not None and "max_mean_entropy" in thresholds:
+            out.append(_entropy_words(entropy, thresholds["max_mean_entropy"], reference))
+        elif part.startswith("agreement") and agreement is not None and "min_agreement" in thresholds:
+            out.append(f"the flipped or ensembled predictions disagree: they overlap by {agreement:.2f} (Dice), "
+                       f"less than the {thresholds['min_agreement']:g} expected")
+        elif part:
+            out.append(part)
+    return out
 
 
 # ----------------------------------------------------------------------------------- order
@@ -126,13 +213,44 @@ def worst_first(results: Sequence[CaseResult]) -> list[CaseResult]:
 # ----------------------------------------------------------------------------------- thumbnails
 
 
+#: The patient's directions along each RAS+ world axis: (towards negative, towards positive).
+_TOWARDS = (("L", "R"), ("P", "A"), ("I", "S"))
+#: What each letter at a panel's edge means, for its tooltip.
+DIRECTION_WORDS = {"R": "patient's right", "L": "patient's left", "A": "anterior (front)",
+                   "P": "posterior (back)", "S": "superior (head)", "I": "inferior (feet)"}
+
+
+def direction_letter(vector: Sequence[float] | np.ndarray) -> str:
+    """The patient direction a world (RAS+) vector runs along most: ``R``/``L``, ``A``/``P`` or ``S``/``I``.
+
+    An oblique direction gets the letter of its largest component, as DICOM viewers label
+    oblique planes by their closest anatomical direction.
+    """
+    components = np.asarray(vector, dtype=np.float64)[:3]
+    axis = int(np.argmax(np.abs(components)))
+    return _TOWARDS[axis][int(components[axis] > 0)]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plane of a thumbnail: its PNG, its name, and the patient directions at its
+    (left, right, top, bottom) edges, read from the affine: ("R", "L", "A", "P") for an axial plane."""
+
+    png: bytes
+    caption: str
+    edges: tuple[str, str, str, str]
+
+
 @dataclass(frozen=True)
 class Thumbnail:
-    """A case's picture (PNG) with the names of its panels, or a note saying why there is none."""
+    """A case's picture: its panels, or none and a note saying why."""
 
-    png: bytes | None
-    captions: tuple[str, ...] = ()
+    panels: tuple[Panel, ...] = ()
     note: str = ""
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        return tuple(panel.caption for panel in self.panels)
 
 
 def _first_volume(array: np.ndarray) -> np.ndarray:
@@ -154,15 +272,13 @@ def _read_output(path: str) -> np.ndarray:
 
 
 def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``array`` turned onto the closest RAS axes (flips and axis swaps, no resampling) and its
-    voxel sizes in that order, so planes show as anatomy does whatever the file's orientation."""
+    """``array`` turned onto the closest RAS axes (flips and axis swaps, no resampling) and the
+    affine of the turned array, so planes show as anatomy does whatever the file's orientation."""
     affine3 = np.asarray(to_affine_nd(3, affine), dtype=np.float64)
     array3 = array.reshape(array.shape + (1,) * (3 - array.ndim))
     orientation = nib.orientations.io_orientation(affine3)
     turned = nib.orientations.apply_orientation(array3, orientation)
-    spacing = np.ones(3)
-    spacing[orientation[:, 0].astype(int)] = nib.affines.voxel_sizes(affine3)
-    return turned, spacing
+    return turned, affine3 @ nib.orientations.inv_ornt_aff(orientation, array3.shape)
 
 
 def _window(array: np.ndarray) -> tuple[float, float]:
@@ -191,10 +307,18 @@ def _largest_structure_centre(mask: np.ndarray) -> tuple[int, ...] | None:
 _PLANES = (("axial", 2, True), ("coronal", 1, True), ("sagittal", 0, False))
 
 
-def _planes(volume: np.ndarray, spacing: np.ndarray, centre: Sequence[int],
-            axes: Sequence[int] = (2, 1, 0)) -> list[tuple[str, np.ndarray, tuple[float, float]]]:
-    """Planes of a canonical volume through ``centre`` as (name, rows x cols shown upright, (row mm, col mm));
-    planes one voxel thick in either direction (2D images) are left out."""
+@dataclass(frozen=True)
+class _Plane:
+    name: str
+    pixels: np.ndarray  # rows x cols, shown upright
+    pixel_mm: tuple[float, float]  # (row, col) sizes
+    edges: tuple[str, str, str, str]  # patient directions at the left, right, top, bottom
+
+
+def _planes(volume: np.ndarray, affine: np.ndarray, centre: Sequence[int],
+            axes: Sequence[int] = (2, 1, 0)) -> list[_Plane]:
+    """Planes of a canonical volume through ``centre``; planes one voxel thick in either direction
+    (2D images) are left out. Each knows the patient directions at its edges from ``affine``."""
     out = []
     for name, axis, flip in _PLANES:
         if axis not in axes:
@@ -202,11 +326,15 @@ def _planes(volume: np.ndarray, spacing: np.ndarray, centre: Sequence[int],
         plane = np.take(volume, int(np.clip(centre[axis], 0, volume.shape[axis] - 1)), axis=axis)
         if min(plane.shape) < 2:
             continue
-        kept = [a for a in range(3) if a != axis]
+        across, up = [a for a in range(3) if a != axis]
         shown = plane.T[::-1]  # rows: the second kept axis, upward; cols: the first kept axis
+        rightward = affine[:3, across] * (-1.0 if flip else 1.0)  # world direction of a step to the right
         if flip:
             shown = shown[:, ::-1]
-        out.append((name, shown, (float(spacing[kept[1]]), float(spacing[kept[0]]))))
+        edges = (direction_letter(-rightward), direction_letter(rightward), direction_letter(affine[:3, up]),
+                 direction_letter(-affine[:3, up]))
+        pixel_mm = (float(np.linalg.norm(affine[:3, up])), float(np.linalg.norm(affine[:3, across])))
+        out.append(_Plane(name, shown, pixel_mm, edges))
     return out
 
 
@@ -231,85 +359,83 @@ def _nearest(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return plane[rows][:, cols]
 
 
-def _overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _outline(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each label's edge drawn on ``rgb`` in its colour, one pixel wide, the inside left as it is:
+    the reviewer judges the edge against the image, which a fill would hide. The label plane is
+    smoothed to the panel's size (bilinear, half-way), so edges follow the anatomy, not voxel steps."""
     out = rgb.copy()
-    for value in np.unique(mask):
+    size = rgb.shape[:2]
+    for value in np.unique(labels):
         if value == 0:
             continue
-        colour = np.asarray(PALETTE[(int(value) - 1) % len(PALETTE)], dtype=np.float64)
-        inside = mask == value
-        out[inside] = (1 - _MASK_ALPHA) * out[inside] + _MASK_ALPHA * colour
+        inside = np.ascontiguousarray((labels == value).astype(np.uint8) * 255)
+        region = np.asarray(Image.fromarray(inside, mode="L").resize((size[1], size[0]), Image.Resampling.BILINEAR)) >= 128
+        if not region.any():  # thinner than a pixel once shrunk: keep it visible
+            region = _nearest(labels == value, size)
+        edge = region & ~ndimage.binary_erosion(region, border_value=0)
+        out[edge] = PALETTE[(int(value) - 1) % len(PALETTE)]
     return out
 
 
-def _png(panels: Sequence[np.ndarray]) -> bytes:
-    """Panels (H, W, 3) side by side on a dark strip, as a palette PNG."""
-    height = max(p.shape[0] for p in panels)
-    width = sum(p.shape[1] for p in panels) + _GAP_PX * (len(panels) - 1)
-    strip = np.empty((height, width, 3), dtype=np.uint8)
-    strip[:] = _BACKGROUND
-    left = 0
-    for panel in panels:
-        top = (height - panel.shape[0]) // 2
-        strip[top:top + panel.shape[0], left:left + panel.shape[1]] = np.clip(panel, 0, 255).astype(np.uint8)
-        left += panel.shape[1] + _GAP_PX
+def _png(panel: np.ndarray) -> bytes:
+    """An (H, W, 3) panel as a palette PNG."""
     # 256 colours, not dithered: a third of the RGB file's size (500 cases stay a few MB), no visible loss.
-    picture = Image.fromarray(strip, mode="RGB").quantize(256, method=Image.Quantize.FASTOCTREE,
-                                                           dither=Image.Dither.NONE)
+    picture = Image.fromarray(np.clip(panel, 0, 255).astype(np.uint8), mode="RGB").quantize(
+        256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 def _mask_thumbnail(image: np.ndarray, affine: np.ndarray, mask: np.ndarray) -> Thumbnail:
-    volume, spacing = _canonical(image, affine)
+    volume, turned_affine = _canonical(image, affine)
     labels, _ = _canonical(mask, affine)
     centre = _largest_structure_centre(labels)
     note = "" if centre is not None else "nothing predicted: planes through the middle"
     centre = centre if centre is not None else tuple(s // 2 for s in volume.shape)
     window = _window(volume)
-    panels, captions = [], []
-    for (name, grey, pixel_mm), (_, cut, _) in zip(_planes(volume, spacing, centre), _planes(labels, spacing, centre)):
-        size = _panel_size(grey.shape, pixel_mm)
-        panels.append(_overlay(_grey_panel(grey, window, size), _nearest(cut, size)))
-        captions.append(name)
-    return Thumbnail(_png(panels), tuple(captions), note)
+    panels = []
+    for grey, cut in zip(_planes(volume, turned_affine, centre), _planes(labels, turned_affine, centre)):
+        size = _panel_size(grey.pixels.shape, grey.pixel_mm)
+        picture = _outline(_grey_panel(grey.pixels, window, size), _nearest(cut.pixels, size))
+        panels.append(Panel(_png(picture), grey.name, grey.edges))
+    return Thumbnail(tuple(panels), note)
 
 
 def _side_by_side_thumbnail(image: np.ndarray, affine: np.ndarray, outputs: Sequence[tuple[str, np.ndarray]]) -> Thumbnail:
     """The input and each output on their middle axial plane (in-plane for 2D), one grey window."""
-    volume, spacing = _canonical(image, affine)
+    volume, turned_affine = _canonical(image, affine)
     centre = tuple(s // 2 for s in volume.shape)
     axis = 2 if volume.shape[2] > 1 else int(np.argmin(volume.shape))
     window = _window(volume)
-    panels, captions = [], []
+    panels = []
     for name, array in (("input", image), *outputs):
         turned, _ = _canonical(array, affine)
-        planes = _planes(turned, spacing, centre, axes=(axis,)) or _planes(turned, spacing, centre)
+        planes = _planes(turned, turned_affine, centre, axes=(axis,)) or _planes(turned, turned_affine, centre)
         if planes:
-            _, grey, pixel_mm = planes[0]
-            panels.append(_grey_panel(grey, window, _panel_size(grey.shape, pixel_mm)))
-            captions.append(name)
-    return Thumbnail(_png(panels), tuple(captions))
+            plane = planes[0]
+            picture = _grey_panel(plane.pixels, window, _panel_size(plane.pixels.shape, plane.pixel_mm))
+            panels.append(Panel(_png(picture), name, plane.edges))
+    return Thumbnail(tuple(panels))
 
 
 def _image_thumbnail(image: np.ndarray, affine: np.ndarray) -> Thumbnail:
-    volume, spacing = _canonical(image, affine)
+    volume, turned_affine = _canonical(image, affine)
     window = _window(volume)
-    panels, captions = [], []
-    for name, grey, pixel_mm in _planes(volume, spacing, tuple(s // 2 for s in volume.shape)):
-        panels.append(_grey_panel(grey, window, _panel_size(grey.shape, pixel_mm)))
-        captions.append(name)
-    return Thumbnail(_png(panels), tuple(captions))
+    panels = []
+    for plane in _planes(volume, turned_affine, tuple(s // 2 for s in volume.shape)):
+        picture = _grey_panel(plane.pixels, window, _panel_size(plane.pixels.shape, plane.pixel_mm))
+        panels.append(Panel(_png(picture), plane.name, plane.edges))
+    return Thumbnail(tuple(panels))
 
 
 def case_thumbnail(result: CaseResult, output_columns: Sequence[str]) -> Thumbnail:
     """The thumbnail of one case from its input and written outputs (see the module's docstring).
 
-    Never raises: a case that cannot be pictured gets a :class:`Thumbnail` without PNG and a note.
+    Never raises: a case that cannot be pictured gets a :class:`Thumbnail` without panels and a note.
     """
     if result.status == "failed":
-        return Thumbnail(None, note="failed: no output to show")
+        return Thumbnail(note="failed: no output to show")
     try:
         image, affine = _read_input(result.input)
         files = [(column, result.outputs[column]) for column in output_columns
@@ -319,8 +445,8 @@ def case_thumbnail(result: CaseResult, output_columns: Sequence[str]) -> Thumbna
         main_column, main_path = files[0]
         main = _read_output(main_path)
         if main.shape != image.shape:
-            return Thumbnail(None, note=f"no thumbnail: {Path(main_path).name} has shape {main.shape}, the input "
-                                        f"{image.shape}")
+            return Thumbnail(note=f"no thumbnail: {Path(main_path).name} has shape {main.shape}, the input "
+                                  f"{image.shape}")
         if main.dtype.kind in "iub":
             return _mask_thumbnail(image, affine, main)
         others = [(column, _read_output(path)) for column, path in files[1:]]
@@ -328,7 +454,7 @@ def case_thumbnail(result: CaseResult, output_columns: Sequence[str]) -> Thumbna
         return _side_by_side_thumbnail(image, affine, [*shown, (main_column, main)])
     except Exception as err:  # readers raise many types; the row stays, with the reason
         log.debug("review: no thumbnail for %s", result.case_id, exc_info=True)
-        return Thumbnail(None, note=f"no thumbnail: {type(err).__name__}: {err}"[:300])
+        return Thumbnail(note=f"no thumbnail: {type(err).__name__}: {err}"[:300])
 
 
 # ----------------------------------------------------------------------------------- the page
@@ -379,7 +505,9 @@ _TITLES: dict[str, tuple[str, str]] = {
 }
 #: Report column prefixes -> (header, tooltip), ``{}`` the label or class name.
 _PREFIX_TITLES: tuple[tuple[str, str, str], ...] = (
-    ("volume_ml_", "{} volume (mL)", "the predicted {} volume in millilitres, on the input's own grid"),
+    ("volume_ml_", "{} volume (mL; SD from training)",
+     "the predicted {} volume in millilitres, on the input's own grid; below it, how many standard deviations it "
+     "lies from the training split's average volume (the report's volume_z_{} column)"),
     ("volume_z_", "{} volume vs training (z)",
      "how many standard deviations the {} volume lies from the training split's volumes"),
     ("prob_", "p({})", "the probability the model gives class {}"),
@@ -393,16 +521,19 @@ def column_title(key: str) -> tuple[str, str]:
     for prefix, title, tip in _PREFIX_TITLES:
         if key.startswith(prefix):
             name = key.removeprefix(prefix)
-            return title.format(name), tip.format(name)
+            return title.format(name), tip.format(name, name)
     return key, f"report column {key}"
 
 
 def _columns(results: Sequence[CaseResult], value_columns: Sequence[str]) -> list[_Column]:
     """The table's sortable data columns: status and error; the QC flag, reason and scores; the task's
-    other values that any case has (voxel counts left out: the volumes say the same in mL); seconds."""
+    other values that any case has (voxel counts left out: the volumes say the same in mL; a volume's
+    z-score is shown in its volume's cell, so a 1400 px window holds the table); seconds."""
     qc = [c for c in ("qc_flag", "qc_reason") if c in value_columns]
     present = [c for c in value_columns if c not in qc and not c.startswith("voxels_")
                and any(r.values.get(c) not in (None, "") for r in results)]
+    present = [c for c in present if not (c.startswith("volume_z_") and "volume_ml_" + c.removeprefix("volume_z_")
+                                          in present)]
     scores = {c for c, _ in WORST_FIRST}
     first = [c for c in present if c in scores or c.startswith("volume_z_")]
     columns = [_Column("status", "status", False), _Column("error", "error", False)]  # why a case failed, beside it
@@ -414,7 +545,8 @@ def _columns(results: Sequence[CaseResult], value_columns: Sequence[str]) -> lis
     return columns
 
 
-def _cell(result: CaseResult, column: _Column) -> str:
+def _cell(result: CaseResult, column: _Column, reasons: Sequence[str] = ()) -> str:
+    """One data cell; ``reasons``: the QC flag's reasons in words (:func:`plain_reasons`)."""
     if column.key == "status":
         return f'<td data-sort="{_e(result.status)}" class="status {_e(result.status)}">{_e(result.status)}</td>'
     if column.key == "seconds":
@@ -423,14 +555,20 @@ def _cell(result: CaseResult, column: _Column) -> str:
         return f'<td data-sort="{_e(result.error)}" class="error">{_e(result.error)}</td>'
     if column.key == "qc_flag":
         flagged = is_flagged(result)
-        return f'<td data-sort="{int(flagged)}" class="flag">{"⚑ flagged" if flagged else ""}</td>'
+        mark = '<span title="flagged: look before trusting it" aria-label="flagged">⚑</span>' if flagged else ""
+        return f'<td data-sort="{int(flagged)}" class="flag">{mark}</td>'
     value = result.values.get(column.key)
     if column.numeric:
         number = _number(value)
-        return f'<td data-sort="{"" if number is None else repr(number)}" class="num">{_e(_display(value))}</td>'
+        z = _number(result.values.get("volume_z_" + column.key.removeprefix("volume_ml_")))
+        below = f'<div class="z">{z:+.1f} SD</div>' if column.key.startswith("volume_ml_") and z is not None else ""
+        return f'<td data-sort="{"" if number is None else repr(number)}" class="num">{_e(_display(value))}{below}</td>'
     text = "" if value is None else str(value)
-    css = ' class="reason"' if column.key == "qc_reason" else ""
-    return f'<td data-sort="{_e(text)}"{css}>{_e(text)}</td>'
+    if column.key == "qc_reason":  # in words; the report's wording stays in the tooltip and the sort key
+        items = "".join(f"<li>{_e(reason)}</li>" for reason in reasons)
+        return (f'<td data-sort="{_e(text)}" class="reason" title="{_e(text)}">'
+                f'{f"<ul>{items}</ul>" if items else ""}</td>')
+    return f'<td data-sort="{_e(text)}">{_e(text)}</td>'
 
 
 def _probability_bars(result: CaseResult) -> str:
@@ -447,13 +585,26 @@ def _probability_bars(result: CaseResult) -> str:
     return f'<div class="probs">{bars}</div>'
 
 
+_EDGES = ("left", "right", "top", "bottom")
+
+
+def _panel_figure(case_id: str, panel: Panel) -> str:
+    """A panel's image with the patient directions at its edges and its name below."""
+    data = base64.b64encode(panel.png).decode("ascii")
+    left, right, top, bottom = panel.edges
+    letters = "".join(f'<span class="edge {side}" title="{_e(DIRECTION_WORDS[letter])}">{letter}</span>'
+                      for side, letter in zip(_EDGES, panel.edges))
+    alt = f"{case_id}: {panel.caption}, patient {left} on the left, {top} at the top"
+    return (f'<figure class="panel"><div class="frame"><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+            f'{letters}</div><figcaption>{_e(panel.caption)}</figcaption></figure>')
+
+
 def _thumbnail_cell(result: CaseResult, thumbnail: Thumbnail) -> str:
     parts = []
-    if thumbnail.png is not None:
-        data = base64.b64encode(thumbnail.png).decode("ascii")
-        title = " | ".join(thumbnail.captions)
-        parts.append(f'<img class="thumb" alt="{_e(result.case_id)}: {_e(title)}" title="{_e(title)}" '
-                     f'src="data:image/png;base64,{data}"><div class="caption">{_e(title)}</div>')
+    if thumbnail.panels:
+        figures = "".join(_panel_figure(result.case_id, panel) for panel in thumbnail.panels)
+        parts.append(f'<div class="thumb" role="button" tabindex="0" aria-expanded="false" '
+                     f'aria-label="zoom the planes of {_e(result.case_id)}" title="click to zoom">{figures}</div>')
     if thumbnail.note:
         parts.append(f'<div class="note">{_e(thumbnail.note)}</div>')
     parts.append(_probability_bars(result))
@@ -466,7 +617,7 @@ def _header_cells(columns: Sequence[_Column]) -> list[str]:
     for column in columns:
         words, tip = column_title(column.key)
         cells.append(f'<th data-key="{_e(column.key)}" data-type="{"num" if column.numeric else "text"}" '
-                     f'title="{_e(tip)} ({_e(column.key)} in report.csv)">{_e(words)}</th>')
+                     f'title="{_e(tip)} (the report\'s column {_e(column.key)})">{_e(words)}</th>')
     return cells
 
 
@@ -492,26 +643,34 @@ body{font:13px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:
 header{padding:12px 16px;background:#fff;border-bottom:1px solid #ddd}
 h1{font-size:18px;margin:0 0 6px}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:6px 0}
-dt{color:#666}dd{margin:0;word-break:break-all}
+dt{color:#666}dd{margin:0;overflow-wrap:anywhere}
 .counts span{display:inline-block;margin-right:10px;padding:1px 8px;border-radius:10px;background:#eee}
 .counts .failed{background:#fdd}.counts .flagged{background:#fec}
-.legend span{margin-right:10px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:-1px}
-table{border-collapse:collapse;margin:0 8px 24px;background:#fff}
-th,td{border-bottom:1px solid #e4e4e4;padding:4px 6px;vertical-align:top;text-align:left}
-th{position:sticky;top:0;background:#f0f0f0;z-index:1;white-space:nowrap;user-select:none}
+.legend span{margin-right:10px}.legend i{display:inline-block;width:8px;height:8px;margin-right:4px;vertical-align:-1px;border:2px solid}
+table{border-collapse:collapse;margin:0 8px 24px;background:#fff;width:calc(100% - 16px)}
+th,td{border-bottom:1px solid #e4e4e4;padding:4px 5px;vertical-align:top;text-align:left}
+th{position:sticky;top:0;background:#f0f0f0;z-index:4;user-select:none;font-size:12px;font-weight:600;hyphens:auto}
 th[data-type]{cursor:pointer}th[data-type]:hover{background:#e2e2e2}
+th[data-type=num]{text-align:right}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.case{min-width:14em;max-width:20em;overflow-wrap:anywhere}.links a{margin-right:6px;font-size:12px}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.num .z{color:#777;font-size:11px}
+td.case{min-width:8em;max-width:14em;overflow-wrap:anywhere}.links a{margin-right:6px;font-size:12px}
 td.status.failed{color:#b00020;font-weight:600}td.status.skipped{color:#666}
-td.flag{color:#b35c00;font-weight:600;white-space:nowrap}
+td.flag{color:#b35c00;font-weight:600;font-size:15px;text-align:center}
 tr.failed{background:#fff3f3}tr.flagged{background:#fff8ec}
-td.error{color:#666;min-width:12em;max-width:24em;overflow-wrap:anywhere;font-size:12px}tr.failed td.error{color:#b00020}
-.caption{color:#888;font-size:11px}
-td.reason{min-width:10em;max-width:22em}
-img.thumb{display:block;image-rendering:auto;border-radius:2px;cursor:zoom-in;transform-origin:left top;transition:transform .1s}
-img.thumb.zoomed{transform:scale(2.5);cursor:zoom-out;position:relative;z-index:2;box-shadow:0 2px 12px rgba(0,0,0,.5)}
-td.decision select{display:block;margin-bottom:3px}td.decision input{width:9em}
+td.error{color:#666;min-width:9em;max-width:16em;overflow-wrap:anywhere;font-size:12px}tr.failed td.error{color:#b00020}
+td.reason{min-width:12em;max-width:22em;font-size:12px}td.reason ul{margin:0;padding-left:1.1em}
+.thumb{display:flex;gap:2px;align-items:flex-start;width:max-content;cursor:zoom-in;transform-origin:left top;
+  background:#fff;border-radius:2px}
+.thumb:focus-visible{outline:2px solid #0a6ebd}
+.thumb.zoomed{cursor:zoom-out;position:relative;z-index:3;box-shadow:0 2px 14px rgba(0,0,0,.55);padding:2px}
+figure.panel{margin:0}.frame{position:relative;line-height:0}.frame img{display:block}
+.edge{position:absolute;font:700 9px/1 system-ui,sans-serif;color:#ffe14d;text-shadow:0 0 2px #000,0 0 2px #000;
+  pointer-events:none}
+.edge.left{left:1px;top:50%;transform:translateY(-50%)}.edge.right{right:1px;top:50%;transform:translateY(-50%)}
+.edge.top{top:1px;left:50%;transform:translateX(-50%)}.edge.bottom{bottom:1px;left:50%;transform:translateX(-50%)}
+figcaption{color:#888;font-size:11px;line-height:1.3;text-align:center}
+td.decision select{display:block;margin-bottom:3px}td.decision input{width:7em}
 tr.accepted td.decision{background:#e8f6e8}tr.rejected td.decision{background:#fde8e8}
 button{font:inherit;margin-left:8px}
 .note{color:#666;font-style:italic;max-width:24em}
@@ -592,8 +751,21 @@ _SCRIPT = """
     link.click();
     link.remove();
   });
-  Array.prototype.forEach.call(document.querySelectorAll("img.thumb"), function (img) {
-    img.addEventListener("click", function () { img.classList.toggle("zoomed"); });
+  // Zoom: a click (or Enter) enlarges a case's planes in place, as far as the window allows (2.5x at most)
+  function zoom(thumb) {
+    var zoomed = !thumb.classList.contains("zoomed");
+    thumb.classList.toggle("zoomed", zoomed);
+    thumb.setAttribute("aria-expanded", String(zoomed));
+    if (!zoomed) { thumb.style.transform = ""; return; }
+    var box = thumb.getBoundingClientRect();
+    var room = (document.documentElement.clientWidth - box.left - 12) / box.width;
+    thumb.style.transform = "scale(" + Math.max(1.5, Math.min(2.5, room)).toFixed(2) + ")";
+  }
+  Array.prototype.forEach.call(document.querySelectorAll(".thumb"), function (thumb) {
+    thumb.addEventListener("click", function () { zoom(thumb); });
+    thumb.addEventListener("keydown", function (event) {
+      if (event.key === "Enter" || event.key === " ") { event.preventDefault(); zoom(thumb); }
+    });
   });
   headers.forEach(function (th) {
     if (!th.hasAttribute("data-type")) { return; }
@@ -607,10 +779,67 @@ _SCRIPT = """
 """
 
 
+#: QC threshold -> how the page's header says it, ``{}`` the value.
+_THRESHOLD_WORDS = {
+    "max_abs_volume_z": "a label's volume within {} SD of the training average",
+    "max_mean_entropy": "uncertainty at most {}",
+    "min_agreement": "flips or ensemble members agreeing at least {} (Dice)",
+}
+
+
+def _thresholds_words(thresholds: Mapping[str, float], reference: QcReference) -> str:
+    """The QC thresholds in words (the keys in its tooltip), the entropy's meaning when the contract's."""
+    words = []
+    for key, value in sorted(thresholds.items()):
+        said = _THRESHOLD_WORDS.get(key, key + " {}").format(f"{value:g}")
+        if key == "max_mean_entropy" and reference.validation_entropy is not None and math.isclose(
+                value, reference.validation_entropy, rel_tol=1e-6):
+            said += f" (the validation cases' {VALIDATION_PERCENTILE}th percentile)"
+        words.append(said)
+    keys = ", ".join(f"{k} = {v:g}" for k, v in sorted(thresholds.items()))
+    return f'<span title="{_e(keys)}">{_e("; ".join(words) or "none")}</span>'
+
+
+def _rows(ordered: Sequence[CaseResult], columns: Sequence[_Column], output_columns: Sequence[str], page_dir: Path,
+          thresholds: Mapping[str, float], reference: QcReference, progress: bool) -> list[str]:
+    rows = []
+    for rank, result in enumerate(tqdm(ordered, desc="review", unit="case", disable=not progress), 1):
+        classes = "failed" if result.status == "failed" else "flagged" if is_flagged(result) else ""
+        reasons = plain_reasons(result, thresholds, reference) if is_flagged(result) else []
+        cells = [f'<td data-sort="{rank}" class="num">{rank}</td>', _case_cell(result, output_columns, page_dir),
+                 _thumbnail_cell(result, case_thumbnail(result, output_columns)), _decision_cell(result),
+                 *(_cell(result, c, reasons) for c in columns)]
+        rows.append(f'<tr data-rank="{rank}" data-case="{_e(result.case_id)}" class="{classes}">{"".join(cells)}</tr>')
+    return rows
+
+
+def _page_header(results: Sequence[CaseResult], task: str, model_uri: str, labels: Mapping[int, str],
+                 thresholds: str, links: str) -> str:
+    counts = Counter(r.status for r in results)
+    flagged = sum(is_flagged(r) for r in results)
+    legend = "".join(f'<span><i style="border-color:rgb{PALETTE[(v - 1) % len(PALETTE)]}"></i>{_e(name)}</span>'
+                     for v, name in sorted(labels.items()) if v != 0)
+    directions = ", ".join(f"{letter} {words}" for letter, words in DIRECTION_WORDS.items())
+    return f"""<header>
+<h1>medseg predict review: {len(results)} case(s), {_e(task)}</h1>
+<div class="counts"><span>ok {counts["ok"]}</span><span class="failed">failed {counts["failed"]}</span><span>skipped {counts["skipped"]}</span><span class="flagged">flagged {flagged}</span></div>
+<dl>
+<dt>model</dt><dd>{_e(model_uri)}</dd>
+<dt>QC flags a case with</dt><dd>anything beyond: {thresholds}</dd>
+{f"<dt>outlines</dt><dd class='legend'>{legend}</dd>" if legend else ""}
+<dt>pictures</dt><dd>letters at the edges: {_e(directions)}; axial and coronal planes as radiologists view them (the patient's right on the left); click a picture to zoom</dd>
+<dt>files</dt><dd>{links}</dd>
+<dt>written</dt><dd>{_e(time.strftime("%Y-%m-%d %H:%M:%S"))} by medseg {_e(medseg_version)}; click a column header to sort, # for worst first again</dd>
+<dt>review</dt><dd>accept or reject each case and add a comment; this browser keeps them for this page.
+<button type="button" id="download-review">download review.csv</button></dd>
+</dl>
+</header>"""
+
+
 def write_review(results: Sequence[CaseResult], path: Path, *, task: str, model_uri: str,
                  labels: Mapping[int, str], output_columns: Sequence[str], value_columns: Sequence[str],
                  qc_thresholds: Mapping[str, float], links: Mapping[str, Path] | None = None,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, contract: Mapping[str, Any] | None = None) -> Path:
     """Write the review page of a batch (atomically) and return its path.
 
     Args:
@@ -618,37 +847,29 @@ def write_review(results: Sequence[CaseResult], path: Path, *, task: str, model_
         path: the page, in the output folder: links to the cases' files are relative to it.
         task: the model's task, for the header.
         model_uri: the model (or ensemble) that predicted, for the header.
-        labels: label value -> name, for the mask colours' legend.
+        labels: label value -> name, for the outline colours' legend.
         output_columns: report columns holding output files, the main one first.
         value_columns: report columns of the task's values, in report order.
         qc_thresholds: the QC thresholds that applied, for the header.
         links: more files to link from the header (title -> path): the report, the summary.
         progress: a progress bar while the thumbnails are made.
+        contract: the model's contract: what its QC thresholds mean (the validation cases' entropy
+            percentile, the training volumes), so the reasons can say so (:class:`QcReference`).
 
     Raises:
         OSError: the page could not be written (nothing half-written is left).
     """
     page_dir = path.parent
-    ordered = worst_first(results)
+    reference = QcReference.from_contract(contract)
     columns = _columns(results, value_columns)
-    counts = Counter(r.status for r in results)
-    flagged = sum(is_flagged(r) for r in results)
     heads = ['<th data-key="#" data-type="num" aria-sort="ascending" '
              'title="worst first: failed, flagged, then by uncertainty">#</th>',
              '<th data-key="case" data-type="text" title="the case, its output files and its input">case</th>',
-             '<th data-key="thumbnail" title="three planes through the largest structure; click to zoom">thumbnail</th>',
+             '<th data-key="thumbnail" title="three planes through the largest structure, each label outlined, '
+             'the patient directions at the edges; click to zoom">pictures</th>',
              '<th data-key="review" title="your decision and comment; download review.csv to keep them">review</th>',
              *_header_cells(columns)]
-    rows = []
-    for rank, result in enumerate(tqdm(ordered, desc="review", unit="case", disable=not progress), 1):
-        classes = "failed" if result.status == "failed" else "flagged" if is_flagged(result) else ""
-        cells = [f'<td data-sort="{rank}" class="num">{rank}</td>', _case_cell(result, output_columns, page_dir),
-                 _thumbnail_cell(result, case_thumbnail(result, output_columns)), _decision_cell(result),
-                 *(_cell(result, c) for c in columns)]
-        rows.append(f'<tr data-rank="{rank}" data-case="{_e(result.case_id)}" class="{classes}">{"".join(cells)}</tr>')
-    legend = "".join(f'<span><i style="background:rgb{PALETTE[(v - 1) % len(PALETTE)]}"></i>{_e(name)}</span>'
-                     for v, name in sorted(labels.items()) if v != 0)
-    thresholds = ", ".join(f"{k} = {v:g}" for k, v in sorted(qc_thresholds.items())) or "none"
+    rows = _rows(worst_first(results), columns, output_columns, page_dir, qc_thresholds, reference, progress)
     header_links = " ".join(f'<a href="{_href(p, page_dir)}">{_e(title)}</a>' for title, p in (links or {}).items())
     page = f"""<!DOCTYPE html>
 <html lang="en">
@@ -660,19 +881,7 @@ def write_review(results: Sequence[CaseResult], path: Path, *, task: str, model_
 <style>{_STYLE}</style>
 </head>
 <body>
-<header>
-<h1>medseg predict review: {len(results)} case(s), {_e(task)}</h1>
-<div class="counts"><span>ok {counts["ok"]}</span><span class="failed">failed {counts["failed"]}</span><span>skipped {counts["skipped"]}</span><span class="flagged">flagged {flagged}</span></div>
-<dl>
-<dt>model</dt><dd>{_e(model_uri)}</dd>
-<dt>QC thresholds</dt><dd>{_e(thresholds)}</dd>
-{f"<dt>labels</dt><dd class='legend'>{legend}</dd>" if legend else ""}
-<dt>files</dt><dd>{header_links}</dd>
-<dt>written</dt><dd>{_e(time.strftime("%Y-%m-%d %H:%M:%S"))} by medseg {_e(medseg_version)}; click a column header to sort, # for worst first again</dd>
-<dt>review</dt><dd>accept or reject each case and add a comment; this browser keeps them for this page.
-<button type="button" id="download-review">download review.csv</button></dd>
-</dl>
-</header>
+{_page_header(results, task, model_uri, labels, _thresholds_words(qc_thresholds, reference), header_links)}
 <table id="cases">
 <thead><tr>{"".join(heads)}</tr></thead>
 <tbody>

@@ -17,13 +17,18 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from scipy import ndimage
 
 from medseg.cli import main
 from medseg.engine.results import CaseResult
 from medseg.engine.review import (
     THUMBNAIL_PX,
+    VALIDATION_PERCENTILE,
+    QcReference,
     _largest_structure_centre,
     case_thumbnail,
+    direction_letter,
+    plain_reasons,
     qc_summary,
     reason_kinds,
     worst_first,
@@ -173,15 +178,18 @@ def test_predict_writes_a_self_contained_review_page_worst_first(trained, tmp_pa
                    "seconds", "error"):
         assert header in page.headers, header
     # headers in words with units (the report's names in data-key and the tooltip)
-    assert {"uncertainty (mean entropy, 0-1)", "blob1 volume (mL)", "why flagged", "time (s)", "review"} <= set(
-        page.titles)
+    assert {"uncertainty (mean entropy, 0-1)", "blob1 volume (mL; SD from training)", "why flagged", "time (s)",
+            "review"} <= set(page.titles)
+    # the reason in words; the report's wording stays in the cell's tooltip
+    assert all("less certain than this batch's limit allows (uncertainty 0." in reason
+               for reason in page.column("qc_reason")[1:])
 
-    # one thumbnail per finished case: three planes of at most THUMBNAIL_PX, a few kB each
-    assert len(page.images) == 4
+    # one thumbnail per finished case: three planes, each at most THUMBNAIL_PX a side, a few kB each
+    assert len(page.images) == 4 * 3
     for src in page.images:
         picture = png_of(src)
-        assert picture.height <= THUMBNAIL_PX and THUMBNAIL_PX < picture.width <= 3 * THUMBNAIL_PX + 4
-        assert len(src) < 40_000
+        assert max(picture.size) == THUMBNAIL_PX
+        assert len(src) < 15_000
     assert "failed: no output to show" in text
     # links are relative to the page and reach each case's mask and input (a DICOM case's folder)
     targets = {(out / unquote(href)).resolve() for href in page.links}
@@ -267,6 +275,82 @@ def test_qc_summary_counts_flagged_cases_per_reason() -> None:
     assert set(summary["flagged_cases"]) == {"a", "b"}
 
 
+_CONTRACT = {"qc": {"max_abs_volume_z": 3.0, "max_mean_entropy": 0.2278},
+             "label_volumes_ml": {"anterior": {"mean": 1.5, "std": 0.3, "cases": 208},
+                                  "posterior": {"mean": 1.25, "std": 0.25, "cases": 208}}}
+_THRESHOLDS = {"max_abs_volume_z": 3.0, "max_mean_entropy": 0.2278, "min_agreement": 0.8}
+
+
+def test_flags_are_explained_in_words_from_the_contract() -> None:
+    """What each threshold means, from the model's contract: the validation cases' entropy percentile
+    and the training volumes. The report's own reason (what flagged it) says which checks apply."""
+    reference = QcReference.from_contract(_CONTRACT)
+    case = _result("a", qc_flag=True, mean_entropy=0.263, agreement=0.712, volume_ml_anterior=4.65,
+                   volume_z_anterior=10.5, volume_ml_posterior=1.3, volume_z_posterior=0.2,
+                   qc_reason="anterior volume z = +10.5 (|z| > 3); mean entropy 0.263 > 0.2278; agreement 0.712 < 0.8")
+    assert plain_reasons(case, _THRESHOLDS, reference) == [
+        "anterior volume 3.1x the average training case (4.65 mL against 1.50 mL; 10.5 SD above the training average)",
+        "less certain than 90 % of the validation cases (uncertainty 0.263; their 90th percentile 0.228)",
+        "the flipped or ensembled predictions disagree: they overlap by 0.71 (Dice), less than the 0.8 expected"]
+    # far beyond, too small, nothing found; a value read back from the report is text
+    far = _result("b", qc_flag="True", mean_entropy="0.61", qc_reason="mean entropy 0.610 > 0.2278")
+    assert plain_reasons(far, _THRESHOLDS, reference) == [
+        "far less certain than 90 % of the validation cases (uncertainty 0.610; their 90th percentile 0.228)"]
+    small = _result("c", qc_flag=True, volume_ml_posterior=0.3, volume_z_posterior=-3.8,
+                    qc_reason="posterior volume z = -3.8 (|z| > 3)")
+    assert plain_reasons(small, _THRESHOLDS, reference) == [
+        "posterior volume only 24 % of the average training case (0.30 mL against 1.25 mL; 3.8 SD below the "
+        "training average)"]
+    none = _result("d", qc_flag=True, volume_ml_anterior=0.0, volume_z_anterior=-5.0,
+                   qc_reason="anterior volume z = -5.0 (|z| > 3)")
+    assert plain_reasons(none, _THRESHOLDS, reference) == ["no anterior found (training cases average 1.50 mL)"]
+
+
+def test_flags_in_words_without_the_contract_or_with_a_threshold_set_for_the_batch() -> None:
+    case = _result("a", qc_flag=True, mean_entropy=0.263, volume_ml_anterior=4.65, volume_z_anterior=10.5,
+                   qc_reason="anterior volume z = +10.5 (|z| > 3); mean entropy 0.263 > 0.2")
+    assert plain_reasons(case, {"max_abs_volume_z": 3.0, "max_mean_entropy": 0.2}) == [
+        "anterior volume unusually large (4.65 mL): 10.5 SD above the training average",
+        "less certain than this batch's limit allows (uncertainty 0.263; limit 0.2, set with --qc)"]
+    # --qc max_mean_entropy=0.2 against the contract's 0.2278: not the validation percentile any more
+    overridden = plain_reasons(case, {"max_abs_volume_z": 3.0, "max_mean_entropy": 0.2},
+                               QcReference.from_contract(_CONTRACT))
+    assert overridden[1].startswith("less certain than this batch's limit allows")
+    assert plain_reasons(_result("b", qc_flag=True, qc_reason="something new > 1"), _THRESHOLDS) == [
+        "something new > 1"]  # a reason it does not know is kept as written
+    assert plain_reasons(_result("c", qc_flag=False, qc_reason=""), _THRESHOLDS) == []
+
+
+def test_the_validation_percentile_in_words_is_the_one_training_stores() -> None:
+    from medseg.tasks.segmentation.training import ENTROPY_QUANTILE
+
+    assert VALIDATION_PERCENTILE == round(100 * ENTROPY_QUANTILE)
+
+
+def test_the_page_says_the_reasons_in_words_and_fits_volumes_and_their_z_in_one_column(tmp_path: Path) -> None:
+    image, label, affine = make_case((17, 15, 9), seed=8)
+    source = _save(tmp_path / "in" / "a.nii.gz", image, affine)
+    mask = _save(tmp_path / "out" / "a.nii.gz", label, affine)
+    values = {"volume_ml_anterior": 4.65, "volume_z_anterior": 10.5, "mean_entropy": 0.3, "qc_flag": True,
+              "qc_reason": "anterior volume z = +10.5 (|z| > 3); mean entropy 0.300 > 0.2278"}
+    path = write_review([CaseResult("a", str(source), "ok", outputs={"output": str(mask)}, values=values)],
+                        tmp_path / "out" / "review.html", task="segmentation", model_uri="m",
+                        labels={1: "anterior", 2: "posterior"}, output_columns=["output"],
+                        value_columns=["volume_ml_anterior", "mean_entropy", "volume_z_anterior", "qc_flag",
+                                       "qc_reason"], qc_thresholds=_THRESHOLDS, contract=_CONTRACT)
+    text = path.read_text()
+    page = ReviewPage(text)
+    assert "volume_z_anterior" not in page.headers  # shown in the volume's cell
+    assert page.column("volume_ml_anterior") == ["4.65+10.5 SD"]  # the z below the volume
+    (reason,) = page.column("qc_reason")
+    assert reason.startswith("anterior volume 3.1x the average training case") and \
+        "less certain than 90 % of the validation cases" in reason
+    assert 'title="anterior volume z = +10.5 (|z| &gt; 3); mean entropy 0.300 &gt; 0.2278"' in text
+    assert "uncertainty at most 0.2278 (the validation cases&#x27; 90th percentile)" in text
+    assert [e for e in re.findall(r'<span class="edge \w+" title="[^"]+">(\w)</span>', text)] == [
+        "R", "L", "A", "P", "R", "L", "S", "I", "P", "A", "S", "I"]
+
+
 def test_largest_structure_centre_is_inside_the_largest_blob() -> None:
     mask = np.zeros((30, 20, 10), np.uint8)
     mask[2:5, 2:5, 2:5] = 1  # small
@@ -275,7 +359,16 @@ def test_largest_structure_centre_is_inside_the_largest_blob() -> None:
     assert _largest_structure_centre(np.zeros((4, 4, 4))) is None
 
 
-def test_mask_thumbnail_keeps_the_physical_aspect_and_shows_the_structure_in_every_plane(tmp_path: Path) -> None:
+def _red(picture: Image.Image) -> np.ndarray:
+    pixels = np.asarray(picture.convert("RGB")).astype(int)
+    return (pixels[..., 0] > pixels[..., 1] + 40) & (pixels[..., 0] > pixels[..., 2] + 40)
+
+
+def _panel_pictures(thumbnail) -> list[Image.Image]:
+    return [png_of("data:image/png;base64," + base64.b64encode(panel.png).decode()) for panel in thumbnail.panels]
+
+
+def test_mask_thumbnail_keeps_the_physical_aspect_and_outlines_the_structure_in_every_plane(tmp_path: Path) -> None:
     # 40 x 20 x 10 voxels of 1 x 2 x 4 mm on an oblique grid: every plane is 40 mm square
     shape, spacing = (40, 20, 10), (1.0, 2.0, 4.0)
     affine = oblique_affine(spacing, (-12.0, 30.5, 7.0))
@@ -288,13 +381,74 @@ def test_mask_thumbnail_keeps_the_physical_aspect_and_shows_the_structure_in_eve
                         outputs={"output": str(_save(tmp_path / "out" / "c.nii.gz", mask, affine))})
     thumbnail = case_thumbnail(result, ["output"])
     assert thumbnail.note == "" and thumbnail.captions == ("axial", "coronal", "sagittal")
-    picture = png_of("data:image/png;base64," + base64.b64encode(thumbnail.png or b"").decode()).convert("RGB")
-    assert picture.size == (3 * THUMBNAIL_PX + 2 * 2, THUMBNAIL_PX)
-    pixels = np.asarray(picture).astype(int)
-    for k in range(3):  # label 1 (red) shows in each plane: the planes cross the largest structure
-        panel = pixels[:, k * (THUMBNAIL_PX + 2):(k + 1) * (THUMBNAIL_PX + 2) - 2]
-        red = (panel[..., 0] > panel[..., 1] + 40) & (panel[..., 0] > panel[..., 2] + 40)
-        assert red.sum() > 50, f"panel {thumbnail.captions[k]} shows no mask"
+    for panel, picture in zip(thumbnail.panels, _panel_pictures(thumbnail)):
+        assert picture.size == (THUMBNAIL_PX, THUMBNAIL_PX), panel.caption  # 40 mm square, whatever the voxels
+        red = _red(picture)  # label 1 shows in each plane: the planes cross the largest structure
+        assert red.sum() > 20, f"panel {panel.caption} shows no outline"
+        # an outline, not a fill: the red line encloses grey image several times its own area
+        inside = ndimage.binary_fill_holes(red) & ~red
+        assert inside.sum() > 2 * red.sum(), f"panel {panel.caption}: the structure is filled, not outlined"
+
+
+def _world_marker_case(shape: tuple[int, int, int], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An image and a mask whose one structure lies to the patient's right, front and top of the volume's
+    centre, in world (RAS) millimetres, whatever the voxel axes' order and direction."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    world = (nib.affines.apply_affine(affine, grid)).reshape(shape + (3,))
+    centre = world.reshape(-1, 3).mean(axis=0)
+    extent = np.ptp(world.reshape(-1, 3), axis=0)
+    target = centre + 0.22 * extent  # towards +x (R), +y (A), +z (S)
+    mask = (np.abs(world - target) < 0.12 * extent).all(axis=-1).astype(np.uint8)
+    image = np.random.default_rng(0).normal(50.0, 5.0, shape).astype(np.float32) + 40.0 * mask
+    return image, mask
+
+
+def _lps_swapped(spacing: tuple[float, float, float]) -> np.ndarray:
+    return _lps_affine(spacing)
+
+
+def _flipped_oblique(spacing: tuple[float, float, float]) -> np.ndarray:
+    """Oblique, with the first voxel axis running right-to-left and the third from head to feet."""
+    affine = oblique_affine(spacing, (4.0, -8.0, 60.0), angle_deg=-25.0)
+    affine[:3, 0] *= -1
+    affine[:3, 2] *= -1
+    return affine
+
+
+def _slices_first(spacing: tuple[float, float, float]) -> np.ndarray:
+    """The voxel axes in S, R, A order (slices first), with thick slices."""
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[0, 1], affine[1, 2], affine[3, 3] = spacing[0], spacing[1], spacing[2], 1.0
+    return affine
+
+
+@pytest.mark.parametrize("make_affine", [lambda s: np.diag([*s, 1.0]), _lps_swapped, _flipped_oblique, _slices_first],
+                         ids=["ras", "lps-swapped", "flipped-oblique", "slices-first"])
+def test_orientation_letters_name_the_side_the_anatomy_is_on(make_affine, tmp_path: Path) -> None:
+    """Whatever the affine, a structure to the patient's right, front and top shows on the sides the
+    panels' letters call R, A and S; the letters read as a radiologist expects."""
+    shape, spacing = (26, 19, 15), (0.9, 1.4, 3.1)
+    affine = make_affine(spacing)
+    image, mask = _world_marker_case(shape, affine)
+    result = CaseResult("m", str(_save(tmp_path / "m.nii.gz", image, affine)), "ok",
+                        outputs={"output": str(_save(tmp_path / "out" / "m.nii.gz", mask, affine))})
+    thumbnail = case_thumbnail(result, ["output"])
+    assert {p.caption: p.edges for p in thumbnail.panels} == {
+        "axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("P", "A", "S", "I")}
+    for panel, picture in zip(thumbnail.panels, _panel_pictures(thumbnail)):
+        rows, cols = np.nonzero(_red(picture))
+        assert rows.size, panel.caption
+        left, right, top, bottom = panel.edges
+        on_left, on_top = cols.mean() < picture.width / 2, rows.mean() < picture.height / 2
+        assert (left if on_left else right) in "RAS", (panel.caption, panel.edges, cols.mean(), picture.width)
+        assert (top if on_top else bottom) in "RAS", (panel.caption, panel.edges, rows.mean(), picture.height)
+
+
+def test_direction_letter_takes_the_closest_patient_axis() -> None:
+    assert [direction_letter(v) for v in ([1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1])] == \
+        ["R", "L", "A", "P", "S", "I"]
+    assert direction_letter([0.3, -0.9, 0.2]) == "P"  # oblique: its largest component
+    assert direction_letter(np.array([-2.0, 1.9, 0.0])) == "L"
 
 
 def test_float_outputs_show_side_by_side_and_no_output_shows_the_image(tmp_path: Path) -> None:
@@ -304,7 +458,7 @@ def test_float_outputs_show_side_by_side_and_no_output_shows_the_image(tmp_path:
         "output": str(_save(tmp_path / "out" / "r_reconstruction.nii.gz", image * 0.9, affine)),
         "fbp_output": str(_save(tmp_path / "out" / "r_fbp.nii.gz", image * 1.1, affine))})
     thumbnail = case_thumbnail(recon, ["output", "fbp_output"])
-    assert thumbnail.captions == ("input", "fbp", "output") and thumbnail.png
+    assert thumbnail.captions == ("input", "fbp", "output") and all(panel.png for panel in thumbnail.panels)
 
     classified = CaseResult("k", str(source), "ok", values={"prob_normal": 0.2, "prob_lesion": 0.8})
     assert case_thumbnail(classified, []).captions == ("axial", "coronal", "sagittal")
@@ -338,4 +492,4 @@ def test_a_case_without_a_thumbnail_keeps_its_row_and_the_page_is_written(tmp_pa
     assert "shape.nii.gz has shape (5, 5, 5), the input (15, 13, 7)" in notes["shape"]
     assert "moved_away.nii.gz" in notes["gone"] and "file not found" in notes["gone"]
     assert "lesion 0.750" in notes["k"]  # class probabilities as bars beside the image
-    assert len(page.images) == 1
+    assert len(page.images) == 3  # the classified image's three planes

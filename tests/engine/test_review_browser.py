@@ -17,7 +17,9 @@ import nibabel as nib
 import pytest
 
 from medseg.cli import main
-from tests.conftest import classification_config, make_case, train_run, write_medmnist_npz
+from medseg.engine.results import CaseResult
+from medseg.engine.review import write_review
+from tests.conftest import classification_config, make_case, oblique_affine, train_run, write_medmnist_npz
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -61,6 +63,11 @@ def _cells(page: Any, column: str) -> list[str]:
     }""", column)
 
 
+def _horizontal_overflow(page: Any) -> int:
+    """How many pixels the page is wider than its window (0: no horizontal scroll bar)."""
+    return int(page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth"))
+
+
 def _header(page: Any, column: str) -> Any:
     return page.locator(f'#cases thead th[data-key="{column}"]')
 
@@ -81,6 +88,7 @@ def check_review_page(browser: Any, path: Path, cases: set[str]) -> dict[str, An
         images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
         assert images and all(done and width > 0 and height > 0 for done, width, height in images), images
         assert all(url == path.resolve().as_uri() or url.startswith("data:") for url in requests), requests
+        assert _horizontal_overflow(page) == 0, "the page must fit a 1400 px window without scrolling sideways"
 
         # the worst-first order is the rank's; "#" shows it ascending
         assert _cells(page, "#") == [str(i) for i in range(1, len(cases) + 1)]
@@ -167,3 +175,111 @@ def test_classification_review_page_in_chromium(chromium, tmp_path: Path) -> Non
     seen = check_review_page(browser, tmp_path / "out" / "review.html", cases)
     assert seen["rows"][0] == "zz_broken"
     assert seen["page"].count('class="probs"') == 6  # each classified image has its class probabilities
+
+
+# Per panel: label-coloured pixels, and how many of them have four coloured neighbours (a fill's inside).
+_OUTLINE_PIXELS = """() => Array.from(document.querySelectorAll('.frame img')).map(img => {
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const context = canvas.getContext('2d');
+    context.drawImage(img, 0, 0);
+    const {data, width, height} = context.getImageData(0, 0, canvas.width, canvas.height);
+    const coloured = (x, y) => {
+        const i = 4 * (y * width + x), r = data[i], g = data[i + 1], b = data[i + 2];
+        return Math.max(r, g, b) - Math.min(r, g, b) > 60;  // the palette's colours, not the grey image
+    };
+    let edge = 0, inside = 0;
+    for (let y = 1; y < height - 1; y++) for (let x = 1; x < width - 1; x++) {
+        if (!coloured(x, y)) continue;
+        edge++;
+        if (coloured(x - 1, y) && coloured(x + 1, y) && coloured(x, y - 1) && coloured(x, y + 1)) inside++;
+    }
+    return [img.closest('figure').querySelector('figcaption').textContent, edge, inside];
+})"""
+
+# Per panel: its edge letters and whether each sits inside the picture, visible.
+_EDGE_LETTERS = """() => Array.from(document.querySelectorAll('.frame')).map(frame => {
+    const box = frame.querySelector('img').getBoundingClientRect();
+    return Array.from(frame.querySelectorAll('.edge')).map(span => {
+        const r = span.getBoundingClientRect();
+        const inside = r.width > 0 && r.left >= box.left - 1 && r.right <= box.right + 1 && r.top >= box.top - 1
+            && r.bottom <= box.bottom + 1 && getComputedStyle(span).visibility === 'visible';
+        return span.className.replace('edge ', '') + ':' + span.textContent + (inside ? '' : ' (outside)');
+    }).join(' ');
+})"""
+
+
+def _awkward_batch(folder: Path) -> list[CaseResult]:
+    """Predictions as predict reports them, on volumes with non-identity affines and anisotropic voxels,
+    two labels, long names and a long error: what has to fit 1400 px."""
+    results = []
+    for i, (shape, spacing) in enumerate((((23, 31, 17), (0.8, 1.3, 2.9)), ((19, 25, 13), (1.2, 0.9, 3.3)),
+                                          ((27, 19, 9), (0.7, 0.7, 4.1)))):
+        image, label, affine = make_case(shape, seed=90 + i, spacing=spacing)
+        if i == 1:  # voxel axes swapped and flipped against RAS
+            affine = oblique_affine(spacing, (10.0, 20.0, -30.0), angle_deg=-35.0)[:, [1, 0, 2, 3]]
+            affine[:3, 0] *= -1
+        case = f"patient_{i:03d}_with_a_rather_long_identifier_t1w"
+        nib.save(nib.Nifti1Image(image, affine), folder / f"{case}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / f"{case}_mask.nii.gz")
+        z = (10.5, -0.4, 0.3)[i]
+        entropy = (0.31, 0.61, 0.08)[i]
+        reasons = [f"blob1 volume z = {z:+.1f} (|z| > 3)"] * (abs(z) > 3) + \
+            [f"mean entropy {entropy:.3f} > 0.2278"] * (entropy > 0.2278) + ["agreement 0.712 < 0.8"] * (i == 1)
+        results.append(CaseResult(case, str(folder / f"{case}.nii.gz"), "ok",
+                                  outputs={"output": str(folder / f"{case}_mask.nii.gz")}, seconds=1.5 + i,
+                                  values={"volume_ml_blob1": 4.65 if i == 0 else 1.4, "volume_ml_blob2": 1.3,
+                                          "mean_entropy": entropy, "agreement": 0.712 if i == 1 else 0.93,
+                                          "volume_z_blob1": z, "volume_z_blob2": 0.1, "qc_flag": bool(reasons),
+                                          "qc_reason": "; ".join(reasons)}))
+    results.append(CaseResult("broken_scan_with_an_even_longer_identifier_than_the_others", str(folder / "b.nii.gz"),
+                              "failed", "b.nii.gz: could not be read or preprocessed (its compressed data are damaged "
+                              "or cut short (EOFError: Compressed file ended before the end-of-stream marker was "
+                              "reached)). Check that it is a complete NIfTI/DICOM/MHA/NRRD image", 0.01))
+    return results
+
+
+def test_review_page_fits_1400_px_with_outlines_orientation_letters_zoom_and_reasons_in_words(
+        chromium, tmp_path: Path) -> None:
+    browser = _browser(chromium)
+    results = _awkward_batch(tmp_path)
+    columns = ["voxels_blob1", "voxels_blob2", "volume_ml_blob1", "volume_ml_blob2", "mean_entropy", "agreement",
+               "volume_z_blob1", "volume_z_blob2", "qc_flag", "qc_reason"]
+    contract = {"qc": {"max_abs_volume_z": 3.0, "max_mean_entropy": 0.2278},
+                "label_volumes_ml": {"blob1": {"mean": 1.5, "std": 0.3, "cases": 40}}}
+    path = write_review(results, tmp_path / "review.html", task="segmentation", model_uri="/models/hippocampus",
+                        labels={0: "background", 1: "blob1", 2: "blob2"}, output_columns=["output"],
+                        value_columns=columns, qc_thresholds={**contract["qc"], "min_agreement": 0.8},
+                        contract=contract)
+    check_review_page(browser, path, {r.case_id for r in results})  # fits, sorts, downloads review.csv
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        page.goto(path.resolve().as_uri())
+        page.wait_for_load_state("load")
+        # the mask drawn as an outline in every plane: coloured edges, hardly any coloured inside
+        panels = page.evaluate(_OUTLINE_PIXELS)
+        assert len(panels) == 9 and [caption for caption, _, _ in panels[:3]] == ["axial", "coronal", "sagittal"]
+        for caption, edge, inside in panels:
+            assert edge > 15 and inside < 0.15 * edge, (caption, edge, inside)
+        # the patient directions at the four edges of every plane, inside the picture
+        assert page.evaluate(_EDGE_LETTERS) == ["left:R right:L top:A bottom:P", "left:R right:L top:S bottom:I",
+                                                "left:P right:A top:S bottom:I"] * 3
+        # a click zooms the planes within the window; another click puts them back
+        thumb = page.locator(".thumb").first
+        before = thumb.bounding_box()
+        thumb.click()
+        zoomed = thumb.bounding_box()
+        assert zoomed["width"] >= 1.5 * before["width"] and thumb.get_attribute("aria-expanded") == "true"
+        assert zoomed["x"] + zoomed["width"] <= 1400 and _horizontal_overflow(page) == 0
+        thumb.click()
+        assert thumb.bounding_box()["width"] == pytest.approx(before["width"], abs=1)
+        # reasons in words, headers in words with a tooltip each
+        reasons = page.locator('tr[data-case="patient_000_with_a_rather_long_identifier_t1w"] td.reason li')
+        assert reasons.all_inner_texts() == [
+            "blob1 volume 3.1x the average training case (4.65 mL against 1.50 mL; 10.5 SD above the training average)",
+            "less certain than 90 % of the validation cases (uncertainty 0.310; their 90th percentile 0.228)"]
+        headers = page.eval_on_selector_all("#cases thead th", "ths => ths.map(th => [th.innerText, th.title])")
+        assert all(text and "_" not in text and title for text, title in headers), headers
+    finally:
+        page.close()
