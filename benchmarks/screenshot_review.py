@@ -3,18 +3,22 @@
 Two ways to get the page:
 
 * ``--review PATH``: an existing ``review.html`` (nothing is predicted);
-* ``--model DIR --input DIR``: a real predict on the first ``--cases`` scans of ``--input``, copied
-  into a temporary folder with ``--harmed`` of them again under heavy noise (so the QC has something to
-  flag: give a threshold with ``--qc``, e.g. ``max_mean_entropy=0.15``) and ``--broken`` truncated
-  copies (failed rows), then its page.
+* ``--model DIR --input DIR``: a real predict on ``--cases`` scans of ``--input`` (after skipping
+  ``--offset``), copied into a temporary folder with ``--harmed`` of them again under heavy noise (so
+  the QC has something to flag; ``--qc`` sets other thresholds than the model's) and ``--broken``
+  truncated copies (failed rows), then its page.
 
-Usage:
-    python benchmarks/screenshot_review.py --model /path/to/hippo_model \\
-        --input ../shared/data/msd_task04_hippocampus/imagesTr --qc max_mean_entropy=0.15
-    python benchmarks/screenshot_review.py --review out/review.html
+The docs' picture (``docs/explanation/qc-review.md``), 1400 px wide, from the demo model trained for
+12 minutes and hippocampus scans it never saw (the demo trains on the first 40)::
 
+    medseg demo -o /tmp/medseg-demo --set train.max_minutes=12
+    python benchmarks/screenshot_review.py --model /tmp/medseg-demo/runs/<its run folder> \\
+        --input ../shared/data/msd_task04_hippocampus/imagesTr --offset 40
+
+Or photograph an existing page: ``python benchmarks/screenshot_review.py --review out/review.html``.
 Writes ``docs/screenshots/review_page.png`` (``--out``). Needs Playwright (``pip install -e .[dev]``)
-and Chromium (``make browser``).
+and Chromium (``make browser``). ``tests/engine/test_review_browser.py`` checks in Chromium that the
+page fits this width.
 """
 
 from __future__ import annotations
@@ -44,13 +48,17 @@ def harmed_copy(source: Path, target: Path, seed: int, strength: float = 1.5) ->
 
 
 def predict_review(model: str, inputs: Path, workdir: Path, cases: int, harmed: int, broken: int,
-                   qc: dict[str, float]) -> Path:
-    """Predict ``cases`` scans of ``inputs``, ``harmed`` noisy and ``broken`` truncated copies; the page's path."""
+                   qc: dict[str, float], offset: int = 0) -> Path:
+    """Predict ``cases`` scans of ``inputs`` (from the ``offset``-th), ``harmed`` noisy and ``broken`` truncated
+    copies; the page's path."""
     import medseg
 
     scans = sorted(p for p in inputs.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
     if not scans:
         raise SystemExit(f"--input {inputs}: no NIfTI scans")
+    scans = scans[offset:]
+    if not scans:
+        raise SystemExit(f"--offset {offset}: --input {inputs} has no more scans than that")
     folder = workdir / "input"
     folder.mkdir(parents=True)
     for scan in scans[:cases]:
@@ -99,14 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a medseg model (folder or URI) to predict with")
     parser.add_argument("--input", type=Path, help="folder of NIfTI scans (the first --cases are used)")
     parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--offset", type=int, default=0, help="skip this many scans first (the model's training cases)")
     parser.add_argument("--harmed", type=int, default=2, help="noisy copies of the first scans, for QC flags")
     parser.add_argument("--broken", type=int, default=1, help="truncated copies of the first scans, for failed rows")
     parser.add_argument("--qc", action="append", type=qc_threshold, metavar="KEY=VALUE", default=[],
                         help="QC threshold (as medseg predict --qc)")
     parser.add_argument("--keep", type=Path, help="predict into this folder and keep it (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots" / "review_page.png")
-    parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--height", type=int, default=860)
+    parser.add_argument("--width", type=int, default=1400, help="window width in px (the page must fit 1400)")
+    parser.add_argument("--height", type=int, default=900)
     args = parser.parse_args(argv)
     if args.review is None and (args.model is None or args.input is None):
         parser.error("give --review PATH, or --model and --input to predict a batch first")
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="medseg-review-") as tmp:
         workdir = args.keep or Path(tmp)
         review = predict_review(args.model, args.input, workdir, args.cases, args.harmed, args.broken,
-                                dict(args.qc))
+                                dict(args.qc), args.offset)
         print(f"review: {review}")
         print(screenshot(review, args.out, args.width, args.height))
     return 0

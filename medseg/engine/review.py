@@ -148,6 +148,8 @@ def _entropy_words(entropy: float, limit: float, reference: QcReference) -> str:
         far = limit > 0 and entropy >= 2 * limit
         return (f"{'far ' if far else ''}less certain than {VALIDATION_PERCENTILE} % of the validation cases "
                 f"(uncertainty {entropy:.3f}; their {VALIDATION_PERCENTILE}th percentile {limit:.3f})")
+    if reference.validation_entropy is None:  # what the limit means is not known here
+        return f"less certain than the QC limit allows (uncertainty {entropy:.3f}; limit {limit:g})"
     return f"less certain than this batch's limit allows (uncertainty {entropy:.3f}; limit {limit:g}, set with --qc)"
 
 
@@ -491,7 +493,6 @@ class _Column:
 #: Report column -> (header in words, with units; what it means), for the columns every task shares.
 _TITLES: dict[str, tuple[str, str]] = {
     "status": ("status", "ok: predicted; failed: see error; skipped: finished by an earlier run"),
-    "error": ("error", "why the case failed, and the fix"),
     "qc_flag": ("QC", "flagged: a result to look at before trusting it (see 'why flagged')"),
     "qc_reason": ("why flagged", "which QC threshold the case crossed (the thresholds are in the header)"),
     "mean_entropy": ("uncertainty (mean entropy, 0-1)",
@@ -526,7 +527,7 @@ def column_title(key: str) -> tuple[str, str]:
 
 
 def _columns(results: Sequence[CaseResult], value_columns: Sequence[str]) -> list[_Column]:
-    """The table's sortable data columns: status and error; the QC flag, reason and scores; the task's
+    """The table's sortable data columns: status; the QC flag, reason and scores; the task's
     other values that any case has (voxel counts left out: the volumes say the same in mL; a volume's
     z-score is shown in its volume's cell, so a 1400 px window holds the table); seconds."""
     qc = [c for c in ("qc_flag", "qc_reason") if c in value_columns]
@@ -536,7 +537,7 @@ def _columns(results: Sequence[CaseResult], value_columns: Sequence[str]) -> lis
                                           in present)]
     scores = {c for c, _ in WORST_FIRST}
     first = [c for c in present if c in scores or c.startswith("volume_z_")]
-    columns = [_Column("status", "status", False), _Column("error", "error", False)]  # why a case failed, beside it
+    columns = [_Column("status", "status", False)]  # a failed case's error is where its picture would be
     for key in [*qc, *first, *(c for c in present if c not in first)]:
         numeric = key == "qc_flag" or all(_number(r.values.get(key)) is not None for r in results
                                           if r.values.get(key) not in (None, ""))
@@ -551,8 +552,6 @@ def _cell(result: CaseResult, column: _Column, reasons: Sequence[str] = ()) -> s
         return f'<td data-sort="{_e(result.status)}" class="status {_e(result.status)}">{_e(result.status)}</td>'
     if column.key == "seconds":
         return f'<td data-sort="{result.seconds:.6f}" class="num">{result.seconds:.2f}</td>'
-    if column.key == "error":
-        return f'<td data-sort="{_e(result.error)}" class="error">{_e(result.error)}</td>'
     if column.key == "qc_flag":
         flagged = is_flagged(result)
         mark = '<span title="flagged: look before trusting it" aria-label="flagged">⚑</span>' if flagged else ""
@@ -605,7 +604,9 @@ def _thumbnail_cell(result: CaseResult, thumbnail: Thumbnail) -> str:
         figures = "".join(_panel_figure(result.case_id, panel) for panel in thumbnail.panels)
         parts.append(f'<div class="thumb" role="button" tabindex="0" aria-expanded="false" '
                      f'aria-label="zoom the planes of {_e(result.case_id)}" title="click to zoom">{figures}</div>')
-    if thumbnail.note:
+    if result.status == "failed" and result.error:  # why, and the fix, where the picture would be
+        parts.append(f'<div class="error"><b>failed:</b> {_e(result.error)}</div>')
+    elif thumbnail.note:
         parts.append(f'<div class="note">{_e(thumbnail.note)}</div>')
     parts.append(_probability_bars(result))
     return f'<td class="picture">{"".join(parts)}</td>'
@@ -658,7 +659,7 @@ td.case{min-width:8em;max-width:14em;overflow-wrap:anywhere}.links a{margin-righ
 td.status.failed{color:#b00020;font-weight:600}td.status.skipped{color:#666}
 td.flag{color:#b35c00;font-weight:600;font-size:15px;text-align:center}
 tr.failed{background:#fff3f3}tr.flagged{background:#fff8ec}
-td.error{color:#666;min-width:9em;max-width:16em;overflow-wrap:anywhere;font-size:12px}tr.failed td.error{color:#b00020}
+td.picture .error{color:#b00020;max-width:26em;overflow-wrap:anywhere;font-size:12px}
 td.reason{min-width:12em;max-width:22em;font-size:12px}td.reason ul{margin:0;padding-left:1.1em}
 .thumb{display:flex;gap:2px;align-items:flex-start;width:max-content;cursor:zoom-in;transform-origin:left top;
   background:#fff;border-radius:2px}
@@ -866,7 +867,7 @@ def write_review(results: Sequence[CaseResult], path: Path, *, task: str, model_
              'title="worst first: failed, flagged, then by uncertainty">#</th>',
              '<th data-key="case" data-type="text" title="the case, its output files and its input">case</th>',
              '<th data-key="thumbnail" title="three planes through the largest structure, each label outlined, '
-             'the patient directions at the edges; click to zoom">pictures</th>',
+             'the patient directions at the edges; click to zoom. A failed case: why, and the fix">pictures</th>',
              '<th data-key="review" title="your decision and comment; download review.csv to keep them">review</th>',
              *_header_cells(columns)]
     rows = _rows(worst_first(results), columns, output_columns, page_dir, qc_thresholds, reference, progress)

@@ -169,19 +169,20 @@ def test_predict_writes_a_self_contained_review_page_worst_first(trained, tmp_pa
     assert sorted(r["data-case"] for r in page.rows) == sorted(report)  # one row per case
     order = [r["data-case"] for r in page.rows]
     assert order[0] == "broken", "a failed case comes first"
-    assert "not a NIfTI image" in page.column("error")[0] and page.column("status")[0] == "failed"
+    # the error, with its fix, where the picture would be
+    assert "not a NIfTI image" in page.column("thumbnail")[0] and page.column("status")[0] == "failed"
     entropies = [float(report[c]["mean_entropy"]) for c in order[1:]]
     assert entropies == sorted(entropies, reverse=True), "flagged cases, most uncertain first"
     assert all(report[c]["qc_flag"] == "True" for c in order[1:])
     assert page.column("#") == [str(i) for i in range(1, 6)]
     for header in ("status", "qc_flag", "qc_reason", "mean_entropy", "volume_ml_blob1", "volume_ml_blob2",
-                   "seconds", "error"):
+                   "seconds"):
         assert header in page.headers, header
     # headers in words with units (the report's names in data-key and the tooltip)
     assert {"uncertainty (mean entropy, 0-1)", "blob1 volume (mL; SD from training)", "why flagged", "time (s)",
             "review"} <= set(page.titles)
     # the reason in words; the report's wording stays in the cell's tooltip
-    assert all("less certain than this batch's limit allows (uncertainty 0." in reason
+    assert all("less certain than the QC limit allows (uncertainty 0." in reason
                for reason in page.column("qc_reason")[1:])
 
     # one thumbnail per finished case: three planes, each at most THUMBNAIL_PX a side, a few kB each
@@ -190,7 +191,7 @@ def test_predict_writes_a_self_contained_review_page_worst_first(trained, tmp_pa
         picture = png_of(src)
         assert max(picture.size) == THUMBNAIL_PX
         assert len(src) < 15_000
-    assert "failed: no output to show" in text
+    assert page.column("thumbnail")[0].startswith("failed: ")
     # links are relative to the page and reach each case's mask and input (a DICOM case's folder)
     targets = {(out / unquote(href)).resolve() for href in page.links}
     for case_id, row in report.items():
@@ -311,11 +312,11 @@ def test_flags_in_words_without_the_contract_or_with_a_threshold_set_for_the_bat
                    qc_reason="anterior volume z = +10.5 (|z| > 3); mean entropy 0.263 > 0.2")
     assert plain_reasons(case, {"max_abs_volume_z": 3.0, "max_mean_entropy": 0.2}) == [
         "anterior volume unusually large (4.65 mL): 10.5 SD above the training average",
-        "less certain than this batch's limit allows (uncertainty 0.263; limit 0.2, set with --qc)"]
+        "less certain than the QC limit allows (uncertainty 0.263; limit 0.2)"]
     # --qc max_mean_entropy=0.2 against the contract's 0.2278: not the validation percentile any more
     overridden = plain_reasons(case, {"max_abs_volume_z": 3.0, "max_mean_entropy": 0.2},
                                QcReference.from_contract(_CONTRACT))
-    assert overridden[1].startswith("less certain than this batch's limit allows")
+    assert overridden[1] == "less certain than this batch's limit allows (uncertainty 0.263; limit 0.2, set with --qc)"
     assert plain_reasons(_result("b", qc_flag=True, qc_reason="something new > 1"), _THRESHOLDS) == [
         "something new > 1"]  # a reason it does not know is kept as written
     assert plain_reasons(_result("c", qc_flag=False, qc_reason=""), _THRESHOLDS) == []
@@ -493,3 +494,14 @@ def test_a_case_without_a_thumbnail_keeps_its_row_and_the_page_is_written(tmp_pa
     assert "moved_away.nii.gz" in notes["gone"] and "file not found" in notes["gone"]
     assert "lesion 0.750" in notes["k"]  # class probabilities as bars beside the image
     assert len(page.images) == 3  # the classified image's three planes
+
+
+def test_the_docs_show_the_review_page_in_a_1400_px_window() -> None:
+    """docs/explanation/qc-review.md shows the page as `python benchmarks/screenshot_review.py` takes it
+    (1400 px wide, the width tests/engine/test_review_browser.py checks the page fits)."""
+    from tests.conftest import REPO
+
+    shot = REPO / "docs" / "screenshots" / "review_page.png"
+    assert "../screenshots/review_page.png" in (REPO / "docs" / "explanation" / "qc-review.md").read_text()
+    with Image.open(shot) as picture:
+        assert picture.width == 1400, f"{shot} is {picture.width} px wide: rerun benchmarks/screenshot_review.py"
