@@ -128,6 +128,11 @@ class QcReference:
         return cls(entropy, {str(k): v for k, v in volumes.items() if isinstance(v, Mapping)})
 
 
+def _words(name: str) -> str:
+    """A label or class name as words: ``left_caudate_nucleus`` -> ``left caudate nucleus``."""
+    return name.replace("_", " ")
+
+
 def _volume_words(name: str, volume: float | None, z: float, stats: Mapping[str, float] | None) -> str:
     """A volume far from the training cases', said as a ratio to their average when it is known."""
     side = "above" if z > 0 else "below"
@@ -171,7 +176,7 @@ def plain_reasons(result: CaseResult, thresholds: Mapping[str, float], reference
         if volume_z:
             name = volume_z.group(1)
             z = _number(result.values.get(f"volume_z_{name}"))
-            out.append(_volume_words(name, _number(result.values.get(f"volume_ml_{name}")),
+            out.append(_volume_words(_words(name), _number(result.values.get(f"volume_ml_{name}")),
                                      z if z is not None else float(volume_z.group(2)),
                                      reference.training_volumes.get(name)))
         elif part.startswith("mean entropy") and entropy is not None and "max_mean_entropy" in thresholds:
@@ -488,6 +493,13 @@ class _Column:
     key: str
     title: str
     numeric: bool
+    parts: tuple[str, ...] = ()  # the report columns a folded column shows (VOLUMES)
+
+
+#: More labels than this and their volumes share one column (:data:`VOLUMES`), so the table still fits 1400 px.
+MAX_VOLUME_COLUMNS = 3
+#: The folded column of every label's volume; it sorts by the largest distance from the training volumes.
+VOLUMES = "volumes"
 
 
 #: Report column -> (header in words, with units; what it means), for the columns every task shares.
@@ -503,6 +515,9 @@ _TITLES: dict[str, tuple[str, str]] = {
     "max_probability": ("top probability", "the probability of the predicted class"),
     "predicted_name": ("predicted class", "the most probable class"),
     "seconds": ("time (s)", "seconds to read, predict and write this case"),
+    VOLUMES: ("volumes (mL; SD from training)",
+              "each label's predicted volume in millilitres, on the input's own grid, and how many standard deviations "
+              "it lies from the training split's average; sorts by the largest of those distances"),
 }
 #: Report column prefixes -> (header, tooltip), ``{}`` the label or class name.
 _PREFIX_TITLES: tuple[tuple[str, str, str], ...] = (
@@ -522,7 +537,7 @@ def column_title(key: str) -> tuple[str, str]:
     for prefix, title, tip in _PREFIX_TITLES:
         if key.startswith(prefix):
             name = key.removeprefix(prefix)
-            return title.format(name), tip.format(name, name)
+            return title.format(_words(name)), tip.format(_words(name), name)
     return key, f"report column {key}"
 
 
@@ -537,8 +552,15 @@ def _columns(results: Sequence[CaseResult], value_columns: Sequence[str]) -> lis
                                           in present)]
     scores = {c for c, _ in WORST_FIRST}
     first = [c for c in present if c in scores or c.startswith("volume_z_")]
+    keys = [*qc, *first, *(c for c in present if c not in first)]
+    volumes = tuple(k for k in keys if k.startswith("volume_ml_"))
     columns = [_Column("status", "status", False)]  # a failed case's error is where its picture would be
-    for key in [*qc, *first, *(c for c in present if c not in first)]:
+    if len(volumes) > MAX_VOLUME_COLUMNS:
+        keys = [VOLUMES if k == volumes[0] else k for k in keys if k == volumes[0] or k not in volumes]
+    for key in keys:
+        if key == VOLUMES:
+            columns.append(_Column(VOLUMES, VOLUMES, True, volumes))
+            continue
         numeric = key == "qc_flag" or all(_number(r.values.get(key)) is not None for r in results
                                           if r.values.get(key) not in (None, ""))
         columns.append(_Column(key, key, numeric))
@@ -552,6 +574,8 @@ def _cell(result: CaseResult, column: _Column, reasons: Sequence[str] = ()) -> s
         return f'<td data-sort="{_e(result.status)}" class="status {_e(result.status)}">{_e(result.status)}</td>'
     if column.key == "seconds":
         return f'<td data-sort="{result.seconds:.6f}" class="num">{result.seconds:.2f}</td>'
+    if column.key == VOLUMES:
+        return _volumes_cell(result, column.parts)
     if column.key == "qc_flag":
         flagged = is_flagged(result)
         mark = '<span title="flagged: look before trusting it" aria-label="flagged">⚑</span>' if flagged else ""
@@ -568,6 +592,21 @@ def _cell(result: CaseResult, column: _Column, reasons: Sequence[str] = ()) -> s
         return (f'<td data-sort="{_e(text)}" class="reason" title="{_e(text)}">'
                 f'{f"<ul>{items}</ul>" if items else ""}</td>')
     return f'<td data-sort="{_e(text)}">{_e(text)}</td>'
+
+
+def _volumes_cell(result: CaseResult, keys: Sequence[str]) -> str:
+    """Every label's volume and its distance from the training volumes, one line each; sorted by the largest distance."""
+    lines, distances = [], []
+    for key in keys:
+        name = key.removeprefix("volume_ml_")
+        volume, z = _number(result.values.get(key)), _number(result.values.get(f"volume_z_{name}"))
+        if volume is None:
+            continue
+        distances += [abs(z)] if z is not None else []
+        shown = f' <span class="z">{z:+.1f} SD</span>' if z is not None else ""
+        lines.append(f'<div>{_e(_words(name))} {_e(_display(result.values.get(key)))}{shown}</div>')
+    key = repr(max(distances)) if distances else ""
+    return f'<td data-sort="{key}" class="num volumes">{"".join(lines)}</td>'
 
 
 def _probability_bars(result: CaseResult) -> str:
@@ -655,6 +694,7 @@ th[data-type]{cursor:pointer}th[data-type]:hover{background:#e2e2e2}
 th[data-type=num]{text-align:right}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td.num .z{color:#777;font-size:11px}
+td.volumes div{white-space:nowrap}
 td.case{min-width:8em;max-width:14em;overflow-wrap:anywhere}.links a{margin-right:6px;font-size:12px}
 td.status.failed{color:#b00020;font-weight:600}td.status.skipped{color:#666}
 td.flag{color:#b35c00;font-weight:600;font-size:15px;text-align:center}

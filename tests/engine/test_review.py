@@ -496,6 +496,26 @@ def test_a_case_without_a_thumbnail_keeps_its_row_and_the_page_is_written(tmp_pa
     assert len(page.images) == 3  # the classified image's three planes
 
 
+def test_many_labels_share_one_volumes_column_sorted_by_the_most_unusual(tmp_path: Path) -> None:
+    names = ("left_caudate_nucleus", "right_caudate_nucleus", "thalamus", "putamen")
+    results = [_result(case, **{f"volume_ml_{n}": 1.0 + i for i, n in enumerate(names)},
+                       **{f"volume_z_{n}": z * (i + 1) for i, n in enumerate(names)})
+               for case, z in (("a", 0.5), ("b", -2.0))]
+    columns = [f"volume_ml_{n}" for n in names] + [f"volume_z_{n}" for n in names]
+    text = write_review(results, tmp_path / "review.html", task="segmentation", model_uri="m", labels={},
+                        output_columns=[], value_columns=columns, qc_thresholds={}).read_text()
+    page = ReviewPage(text)
+    assert not [h for h in page.headers if h.startswith("volume_")] and "volumes (mL; SD from training)" in page.titles
+    by_case = dict(zip([r["data-case"] for r in page.rows], page.column("volumes")))
+    assert by_case["b"].startswith("left caudate nucleus 1 -2.0 SD") and "putamen 4 -8.0 SD" in by_case["b"]
+    assert re.findall(r'<td data-sort="([\d.]*)" class="num volumes">', text) == ["2.0", "8.0"]  # the largest |z|
+    # three labels or fewer keep a column each, their names in words
+    few = write_review(results, tmp_path / "few.html", task="segmentation", model_uri="m", labels={},
+                       output_columns=[], value_columns=columns[:3] + columns[4:7], qc_thresholds={}).read_text()
+    assert {"left caudate nucleus volume (mL; SD from training)", "thalamus volume (mL; SD from training)"} <= set(
+        ReviewPage(few).titles)
+
+
 def test_the_docs_show_the_review_page_in_a_1400_px_window() -> None:
     """docs/explanation/qc-review.md shows the page as `python benchmarks/screenshot_review.py` takes it
     (1400 px wide, the width tests/engine/test_review_browser.py checks the page fits)."""
