@@ -843,6 +843,7 @@ def _thresholds_words(thresholds: Mapping[str, float], reference: QcReference) -
 
 def _rows(ordered: Sequence[CaseResult], columns: Sequence[_Column], output_columns: Sequence[str], page_dir: Path,
           thresholds: Mapping[str, float], reference: QcReference, progress: bool) -> list[str]:
+    """One table row per case in ``ordered``, its rank the worst-first order the ``#`` column restores."""
     rows = []
     for rank, result in enumerate(tqdm(ordered, desc="review", unit="case", disable=not progress), 1):
         classes = "failed" if result.status == "failed" else "flagged" if is_flagged(result) else ""
