@@ -351,6 +351,14 @@ def _preload_allocator(in_process: bool) -> None:
 
 
 def _quiet_third_parties() -> None:
+    import os
+
+    # MLflow configures its own loggers at import (INFO: "Creating initial MLflow database tables",
+    # system-metrics start/stop); its own variable sets their level, so a user's choice still wins
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow's usage telemetry writes ~/.config/mlflow and calls home; scans are often handled on
+    # machines that must not. MLFLOW_DISABLE_TELEMETRY=false turns it back on (docs/how-to/compare-runs.md)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("mlflow", "alembic", "urllib3", "matplotlib"):
@@ -443,12 +451,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             print("race (successive halving, fold 0 held out):\n" + "\n".join(raced.table()) + "\n")
         if args.out is not None:
             planned.write(args.out)
-    print("\n".join(planned.header()))
+    header = planned.header()
+    if args.out is not None and not args.explain:  # the file keeps the whole header (probe timings included)
+        header = header[:2] + [line for line in header[2:] if line.startswith("Note:")]
+    print("\n".join(header))
     if args.explain:
         print()
         print(planned.explain())
     if args.out is not None:
-        print(f"\nconfig: {args.out}  (run it: medseg run {args.out})")
+        print(f"\nconfig: {args.out}  (its header has the probe's timings; --explain prints every choice)"
+              f"\nrun it: medseg run {args.out}")
     else:
         print()
         print(planned.to_yaml())

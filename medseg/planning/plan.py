@@ -122,6 +122,7 @@ class Plan:
                 lines.append(f"  {result['name']:<34} {result['precision']:<5} "
                              f"{'channels-last' if result['channels_last'] else 'contiguous':<13} "
                              + (f"{step:.3f} s/step" if step is not None else result["note"])
+                             + (f" ({result['note']})" if step is not None and result.get("note") else "")
                              + (f", peak {result['peak_memory_mb']:.0f} MiB" if result.get("peak_memory_mb") else ""))
         if self.candidates and self.race is None:
             lines.append("Candidates `medseg run --plan` races on fold 0 before training the winner: "

@@ -35,6 +35,12 @@ PROBE_SECONDS = 60.0
 #: Timed steps per candidate after one warm-up step. The fastest is kept: anything else running
 #: on the machine only ever adds time to a step, so the minimum is the step's own cost.
 TIMED_STEPS = 4
+#: Below this share of its threads' time (median over the timed steps), the probe's process was
+#: crowded out by other work: a quiet 2-core host gives 0.85-1.0 (serial parts of a step idle the
+#: other thread), one shared with a docs build about 0.3.
+BUSY_CPU_SHARE = 0.6
+#: How a crowded measurement's note starts.
+CROWDED = "machine busy"
 #: Steps of the fp32-vs-reduced-precision loss-curve check.
 CURVE_STEPS = 8
 #: A reduced precision must stay within this relative distance of fp32's loss at every step.
@@ -100,9 +106,9 @@ def process_peak_rss_mb() -> float:
 
 
 def _train_steps(task: Any, cfg: Any, batch: Batch, device: torch.device, precision: Precision,
-                 channels_last: bool, steps: int, seed: int = 0) -> tuple[list[tuple[float, float]], int]:
-    """(seconds, loss) of ``steps`` AdamW steps on one fixed batch, from a seeded initialisation, and
-    the network's parameter count."""
+                 channels_last: bool, steps: int, seed: int = 0) -> tuple[list[tuple[float, float, float]], int]:
+    """(wall seconds, loss, this process's CPU seconds) of ``steps`` AdamW steps on one fixed batch,
+    from a seeded initialisation, and the network's parameter count."""
     torch.manual_seed(seed)
     network = task.build_network(cfg).to(device)
     dims = int(cfg.model.spatial_dims)
@@ -114,12 +120,12 @@ def _train_steps(task: Any, cfg: Any, batch: Batch, device: torch.device, precis
     if channels_last:
         images = to_channels_last(images, dims)
     dtype = autocast_dtype(precision, device)
-    out: list[tuple[float, float]] = []
+    out: list[tuple[float, float, float]] = []
     network.train()
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         with autocast(dtype, device):
             loss = loss_fn(network(images), labels)
         optimiser.zero_grad(set_to_none=True)
@@ -127,7 +133,7 @@ def _train_steps(task: Any, cfg: Any, batch: Batch, device: torch.device, precis
         optimiser.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        out.append((time.perf_counter() - started, float(loss.detach())))
+        out.append((time.perf_counter() - started, float(loss.detach()), time.process_time() - cpu_started))
     return out, sum(p.numel() for p in network.parameters())
 
 
@@ -148,8 +154,44 @@ def time_steps(task: Any, cfg: Any, batch: Batch, device: torch.device, precisio
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return ProbeResult(name, str(precision), channels_last, None, None, note=f"failed: {str(err)[:120]}")
-    fastest = min(t for t, _ in runs[1:])
-    return ProbeResult(name, str(precision), channels_last, fastest, _peak_memory_mb(device), parameters)
+    fastest, note = _step_seconds(runs[1:], device)
+    return ProbeResult(name, str(precision), channels_last, fastest, _peak_memory_mb(device), parameters, note)
+
+
+def _step_seconds(steps: list[tuple[float, float, float]], device: torch.device) -> tuple[float, str]:
+    """A step's own cost from timed steps -- the fastest wall time -- and a note when other
+    processes held the CPU cores for most of every step.
+
+    The minimum is enough against a short interruption. A machine busy with other work for the
+    whole probe (a docs build, another training) makes every step slow, and unevenly so between
+    candidates timed seconds apart: that once made bf16 look 2x faster than fp32 on a host where
+    it is 7x slower. CPU time does not undo it (threads spinning at a barrier while a peer waits
+    for a core count as work), so a crowded probe is only said, and reduced precision is not
+    chosen on it (:func:`crowded`).
+    """
+    fastest = min(wall for wall, _, _ in steps)
+    if device.type != "cpu":
+        return fastest, ""
+    threads = max(1, torch.get_num_threads())
+    shares = sorted(cpu / (wall * threads) for wall, _, cpu in steps if wall > 0)
+    share = shares[len(shares) // 2] if shares else 1.0
+    if share >= BUSY_CPU_SHARE:
+        return fastest, ""
+    return fastest, f"{CROWDED}: this process had {share:.0%} of its {threads} threads' time"
+
+
+def crowded(result: ProbeResult) -> bool:
+    """Whether other work crowded this measurement out (its time says little about this machine)."""
+    return result.note.startswith(CROWDED)
+
+
+def crowded_probe_notes(probe: list[ProbeResult]) -> list[str]:
+    """The plan's note when other work crowded any of the probe's measurements out."""
+    if not any(crowded(result) for result in probe):
+        return []
+    return ["the machine was busy while the probe timed training steps (other processes held most of the CPU): "
+            "its step times are too long, so this plan trains less than a quiet machine allows, and no layout or "
+            "precision was chosen over the default on them. Plan again when the machine is quiet"]
 
 
 def same_loss_curve(task: Any, cfg: Any, batch: Batch, device: torch.device, precision: Precision,
@@ -158,8 +200,9 @@ def same_loss_curve(task: Any, cfg: Any, batch: Batch, device: torch.device, pre
     in ``precision``; True when every step's loss is within :data:`CURVE_TOLERANCE` (relative) of
     fp32's and the reduced-precision run ends no higher. Returns (same, worst relative gap, fp32
     losses, reduced-precision losses)."""
-    reference = [loss for _, loss in _train_steps(task, cfg, batch, device, Precision.FP32, channels_last, CURVE_STEPS)[0]]
-    reduced = [loss for _, loss in _train_steps(task, cfg, batch, device, precision, channels_last, CURVE_STEPS)[0]]
+    reference = [step[1] for step in _train_steps(task, cfg, batch, device, Precision.FP32, channels_last,
+                                                  CURVE_STEPS)[0]]
+    reduced = [step[1] for step in _train_steps(task, cfg, batch, device, precision, channels_last, CURVE_STEPS)[0]]
     gaps = [abs(r - f) / max(abs(f), 1e-6) for f, r in zip(reference, reduced)]
     worst = max(gaps)
     same = all(math.isfinite(v) for v in reduced) and worst <= CURVE_TOLERANCE \

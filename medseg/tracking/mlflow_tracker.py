@@ -13,6 +13,7 @@ import math
 import re
 import sqlite3
 import subprocess
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,8 +330,8 @@ class MlflowTracker:
         )
         from medseg.tracking.wheel import cache_root, medseg_wheel
 
-        wheel = medseg_wheel(cache_root() / "wheels")
         with tempfile.TemporaryDirectory(prefix="medseg-log-") as tmp:
+            wheel = medseg_wheel(cache_root() / "wheels", scratch=Path(tmp))
             data = Path(tmp) / Path(MLFLOW_DATA_FOLDER).name
             data.mkdir()
             # the folder's JSON, weights and any file it pins (medseg model check refuses others)
@@ -352,7 +353,10 @@ class MlflowTracker:
             # mlflow.pyfunc, saving the wheel too: MLflow's own add_libraries_to_model would download
             # a wheel of every requirement (torch included) from the index
             flavor = types.SimpleNamespace(__name__="mlflow.pyfunc", save_model=save_model)
-            with mlflow.start_run(run_id=self._run, nested=False):
+            # no input example on purpose: MLflow would run the model on it while logging, and the
+            # explicit signature already says what goes in; its warning about that is noise here
+            with mlflow.start_run(run_id=self._run, nested=False), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
                 info = Model.log(
                     artifact_path=None, name="model", flavor=flavor, loader_module=LOADER_MODULE, data_path=str(data),
                     signature=pyfunc_signature(), pip_requirements=requirements,

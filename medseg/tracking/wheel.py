@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from medseg._version import __version__
 from medseg.io.atomic import atomic_path
@@ -74,19 +75,21 @@ def private_folder(path: Path) -> Path:
     return path
 
 
-def medseg_wheel(cache: Path) -> Path | None:
-    """The wheel of the running medseg source, built with ``pip wheel --no-deps`` into
+def medseg_wheel(cache: Path, scratch: Path) -> Path | None:
+    """The wheel of the running medseg.
+
+    From a source checkout it is built with ``pip wheel --no-deps`` into
     ``cache/<version>-<source digest>/`` the first time (offline: no index, no build isolation).
+    From a ``pip install``, the installed files are packed back into a wheel in ``scratch``
+    (nothing is written to the cache: an installed medseg writes only where it is told).
 
     Returns:
-        The wheel, or None when medseg does not run from a source checkout or the build fails (the
-        model is then logged without it, and names no medseg requirement at all).
+        The wheel, or None when neither works (the model is then logged without it, and names no
+        medseg requirement at all).
     """
     root = source_root()
     if root is None:
-        log.warning("medseg is not running from a source checkout: the logged model bundles no medseg wheel; "
-                    "install medseg where it is served")
-        return None
+        return repack_installed(scratch)
     folder = private_folder(cache / f"{__version__}-{source_digest(root)[:24]}")
     found = sorted(folder.glob("medseg-*.whl"))
     if found:
@@ -112,3 +115,55 @@ def medseg_wheel(cache: Path) -> Path | None:
         with atomic_path(folder / built[0].name) as target:
             shutil.copyfile(built[0], target)
     return folder / built[0].name
+
+
+#: Files pip adds to an installed distribution that are not part of the wheel it came from.
+_INSTALLER_FILES = frozenset({"INSTALLER", "REQUESTED", "direct_url.json", "RECORD"})
+
+
+def _from_the_wheel(relative: str) -> bool:
+    """Whether a RECORD entry of an installed medseg was in its wheel (not a script pip wrote
+    outside site-packages, a compiled cache, or pip's own bookkeeping)."""
+    parts = relative.split("/")
+    if relative.startswith("..") or "__pycache__" in parts or relative.endswith((".pyc", ".pyo")):
+        return False
+    return not (len(parts) == 2 and parts[0].endswith(".dist-info") and parts[1] in _INSTALLER_FILES)
+
+
+def repack_installed(scratch: Path, distribution: Any = None) -> Path | None:
+    """The installed medseg packed back into ``scratch/medseg-<version>-<tag>.whl``.
+
+    pip installs a wheel's files verbatim and lists them in RECORD, so the same files, with a
+    fresh RECORD, are the wheel again; console scripts come back from ``entry_points.txt``.
+    Returns None (with a warning) when the installation lists no files or misses one.
+    """
+    import base64
+    import zipfile
+    from importlib import metadata
+
+    dist = distribution or metadata.distribution("medseg")
+    entries = [str(f).replace("\\", "/") for f in (dist.files or []) if _from_the_wheel(str(f).replace("\\", "/"))]
+    info = next((e.split("/")[0] for e in entries if e.split("/")[0].endswith(".dist-info")), None)
+    if info is None or not entries:
+        log.warning("the installed medseg lists no files (no RECORD): the logged model bundles no medseg wheel; "
+                    "install medseg where it is served")
+        return None
+    site = Path(str(dist.locate_file("")))
+    tag = next((line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
+                if line.startswith("Tag:")), "py3-none-any")
+    target = scratch / f"medseg-{dist.version}-{tag}.whl"
+    record = []
+    try:
+        with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for entry in sorted(entries):
+                data = (site / entry).read_bytes()
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                archive.writestr(entry, data)
+                record.append(f"{entry},sha256={digest},{len(data)}")
+            record.append(f"{info}/RECORD,,")
+            archive.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    except OSError as err:
+        log.warning("packing the installed medseg into a wheel failed (%s): the logged model bundles none; "
+                    "install medseg where it is served", err)
+        return None
+    return target

@@ -23,7 +23,14 @@ from medseg.config import Precision
 from medseg.planning import rules
 from medseg.planning.fingerprint import Fingerprint
 from medseg.planning.plan import ExplainRow, Plan, PlanRequest
-from medseg.planning.probe import ProbeClock, ProbeResult, pick_within_budget, time_steps, with_overrides
+from medseg.planning.probe import (
+    ProbeClock,
+    ProbeResult,
+    crowded_probe_notes,
+    pick_within_budget,
+    time_steps,
+    with_overrides,
+)
 
 #: Training images a classifier should see: the hand-tuned MedMNIST configs (10 epochs of 4,708
 #: images, 80 of 546, 30 of 1,188) all reach their AUC after 36,000-47,000.
@@ -165,6 +172,7 @@ def _choose_width(task: Any, request: PlanRequest, fp: Fingerprint, base: dict[s
         notes.append(f"no width sees {MIN_SAMPLES:,} images within {request.budget_minutes:g} min; the "
                      "narrowest was taken: give a bigger budget")
     width, step_time = timed[picked.index]
+    notes.extend(crowded_probe_notes(probe))
     return width, step_time, probe
 
 

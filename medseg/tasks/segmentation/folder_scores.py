@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg.data.layouts import dataset_json_names
 from medseg.engine.loop import write_csv
 from medseg.errors import MedsegError, UsageError
 from medseg.io.atomic import atomic_write_text
@@ -87,7 +88,7 @@ def score_folders(predictions: Path, references: Path, labels: Mapping[int, str]
     """
     pred_cases, ref_cases = _cases(predictions, "predictions"), _cases(references, "references")
     by_id = {c.case_id: c for c in pred_cases}
-    named = _labels(labels, ref_cases)
+    named = _labels(labels, ref_cases, references)
     metrics = SegmentationMetrics({0: "background", **named}, hd95=True)
     result = FolderScores(labels=named)
     for ref in ref_cases:
@@ -119,7 +120,9 @@ def _cases(folder: Path, what: str) -> list[InputCase]:
     return cases
 
 
-def _labels(labels: Mapping[int, str] | None, refs: list[InputCase]) -> dict[int, str]:
+def _labels(labels: Mapping[int, str] | None, refs: list[InputCase], references: Path) -> dict[int, str]:
+    """The labels to score: those given, else every non-zero value in the references, named as the
+    dataset.json beside the references folder names them (nnU-Net's and MSD's ``labelsTs/``)."""
     if labels:
         return {int(v): str(n) for v, n in sorted(labels.items()) if int(v) != 0}
     values: set[int] = set()
@@ -130,7 +133,11 @@ def _labels(labels: Mapping[int, str] | None, refs: list[InputCase]) -> dict[int
             continue  # reported as a failed case when it is scored
     if not values:
         raise UsageError("the references hold no foreground label; pass --labels 1=name,2=name to say what to score")
-    return {v: f"label_{v}" for v in sorted(values)}
+    try:
+        named = dataset_json_names(references.resolve().parent)[1] or {}
+    except MedsegError:
+        named = {}  # a malformed dataset.json only costs the names
+    return {v: named.get(v) or f"label_{v}" for v in sorted(values)}
 
 
 def _score_case(metrics: SegmentationMetrics, labels: dict[int, str], pred_case: InputCase,

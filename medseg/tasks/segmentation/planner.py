@@ -27,6 +27,8 @@ from medseg.planning.plan import ExplainRow, Plan, PlanRequest
 from medseg.planning.probe import (
     ProbeClock,
     ProbeResult,
+    crowded,
+    crowded_probe_notes,
     pick_within_budget,
     reduced_precisions,
     same_loss_curve,
@@ -209,10 +211,10 @@ def _choose(task: Any, request: PlanRequest, fp: Fingerprint, base: dict[str, An
     if dims == 3 and clock.left > 5:  # channels-last is the default for 3D; check it is not slower here
         plain = time_steps(task, cfg, batch, request.device, precision, False, chosen[3], clock)
         probe.append(plain)
-        if plain.seconds_per_step is not None and \
+        if plain.seconds_per_step is not None and not crowded(plain) and \
                 plain.seconds_per_step < CLEARLY_FASTER * (best.seconds_per_step or math.inf):
             channels_last, best = False, plain
-    return _Choice(chosen, precision, channels_last, best.seconds_per_step, probe)
+    return _Choice(chosen, precision, channels_last, best.seconds_per_step, probe, crowded_probe_notes(probe))
 
 
 def _time_candidates(task: Any, request: PlanRequest, fp: Fingerprint, base: dict[str, Any],
@@ -236,8 +238,8 @@ def _time_candidates(task: Any, request: PlanRequest, fp: Fingerprint, base: dic
         for reduced in reduced_precisions(request.device):
             timed = time_steps(task, cfg, batch, request.device, reduced, dims == 3, label, clock)
             probe.append(timed)
-            if timed.seconds_per_step is not None and (best.seconds_per_step is None or
-                                                       timed.seconds_per_step < CLEARLY_FASTER * best.seconds_per_step):
+            if timed.seconds_per_step is not None and not crowded(timed) and not crowded(best) and (
+                    best.seconds_per_step is None or timed.seconds_per_step < CLEARLY_FASTER * best.seconds_per_step):
                 best = timed
         if best.seconds_per_step is not None:
             measured.append((candidate, best, cfg, batch))

@@ -67,6 +67,8 @@ def qc_thresholds(contract: dict[str, Any], overrides: Sequence[tuple[str, float
 #: Per-case uncertainty in the report (see medseg.engine.uncertainty): mean entropy inside the
 #: predicted foreground, and the agreement (mean Dice) of the flips' and members' masks.
 UNCERTAINTY_COLUMNS = ("mean_entropy", "agreement")
+#: Models whose "add --tta" hint this process has printed.
+_TTA_HINT_GIVEN: set[str] = set()
 
 
 def _member_regions(model: LoadedModel) -> Regions | None:
@@ -118,7 +120,8 @@ class SegmentationPredictor:
         self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant)
                         for load in (True, False)}
         self.flip_axes = tta_axes(model.contract, options.tta, f"model {model.uri}")
-        if model.contract.get("evaluated_with_tta") and not options.tta:
+        if model.contract.get("evaluated_with_tta") and not options.tta and model.uri not in _TTA_HINT_GIVEN:
+            _TTA_HINT_GIVEN.add(model.uri)  # a batch builds its case predictor more than once: say it once
             logging.getLogger(__name__).info(
                 "model %s: its run scored val and test with mirroring TTA (nnU-Net's default); add --tta to "
                 "predict as it was scored (slower: one prediction per mirroring)", model.uri)
