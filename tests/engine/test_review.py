@@ -181,8 +181,9 @@ def test_predict_writes_a_self_contained_review_page_worst_first(trained, tmp_pa
     # headers in words with units (the report's names in data-key and the tooltip)
     assert {"uncertainty (mean entropy, 0-1)", "blob1 volume (mL; SD from training)", "why flagged", "time (s)",
             "review"} <= set(page.titles)
-    # the reason in words; the report's wording stays in the cell's tooltip
-    assert all("less certain than the QC limit allows (uncertainty 0." in reason
+    # the reason in words (the limit came from --qc, not the model's validation cases, and it says
+    # so); the report's wording stays in the cell's tooltip
+    assert all("less certain than this batch's limit allows (uncertainty 0." in reason and "set with --qc" in reason
                for reason in page.column("qc_reason")[1:])
 
     # one thumbnail per finished case: three planes, each at most THUMBNAIL_PX a side, a few kB each
