@@ -142,7 +142,7 @@ def _review_page(predictor: CasePredictor, model: LoadedModel, report: BatchRepo
     try:
         write_review(results, review_path, task=model.task, model_uri=model.uri, labels=model.label_names,
                      output_columns=predictor.output_columns, value_columns=predictor.value_columns,
-                     qc_thresholds=thresholds, progress=progress,
+                     qc_thresholds=thresholds, progress=progress, contract=model.contract,
                      links={report.report.name: report.report, report.summary.name: report.summary,
                             qc_path.name: qc_path})
     except Exception as err:  # noqa: BLE001 - see the docstring
