@@ -350,6 +350,10 @@ def _preload_allocator(in_process: bool) -> None:
         os.execve(sys.executable, [sys.executable, "-m", "medseg", *sys.argv[1:]], env)
 
 
+#: Packages whose FutureWarnings (deprecations addressed to medseg, not to its user) are not shown.
+THIRD_PARTY_MODULES = ("monai", "torch", "mlflow", "pydantic", "SimpleITK", "onnx", "onnxscript", "openvino")
+
+
 def _quiet_third_parties() -> None:
     import os
 
@@ -360,7 +364,10 @@ def _quiet_third_parties() -> None:
     # machines that must not. MLFLOW_DISABLE_TELEMETRY=false turns it back on (docs/how-to/compare-runs.md)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    # deprecation notices meant for the libraries' own callers (MONAI's metric arguments, torch's
+    # amp names), by the module that raises them: a user's script keeps its own FutureWarnings
+    for module in THIRD_PARTY_MODULES:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{module}(\.|$)")
     for name in ("mlflow", "alembic", "urllib3", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # MONAI says at import that an optional GPU DICOM decoder is missing; medseg reads DICOM with SimpleITK

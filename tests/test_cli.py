@@ -148,3 +148,24 @@ def test_demo_into_a_folder_that_cannot_be_made_names_it_and_the_fix(tmp_path: P
     assert main(["demo", "-o", str(blocker / "out")]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert str(blocker / "out") in err and "-o/--out" in err
+
+
+def test_future_warnings_are_hidden_by_the_package_that_raises_them_not_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from medseg.cli import _quiet_third_parties
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _quiet_third_parties()
+        warnings.warn_explicit("argument deprecated", FutureWarning, "utils.py", 1, module="monai.metrics.utils")
+        warnings.warn_explicit("my own deprecation", FutureWarning, "analysis.py", 1, module="analysis")
+        warnings.warn_explicit("monaillike name", FutureWarning, "m.py", 1, module="monaill")
+
+    assert [str(w.message) for w in seen] == ["my own deprecation", "monaillike name"]
+    import os
+
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING" and os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
