@@ -47,6 +47,8 @@ _EXPORTS = {
     "convert_model": "medseg.api",
     "export_model": "medseg.api",
     "Predictor": "medseg.api",
+    "predict_dataset": "medseg.api",
+    "RayOptions": "medseg.engine.ray_predict",
     "RunResult": "medseg.api",
     "Prediction": "medseg.engine.results",
     "BatchReport": "medseg.engine.results",
@@ -111,6 +113,9 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_architecture.p
         plan as plan,
     )
     from medseg.api import (
+        predict_dataset as predict_dataset,
+    )
+    from medseg.api import (
         race_plan as race_plan,
     )
     from medseg.api import (
@@ -124,6 +129,9 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_architecture.p
     )
     from medseg.data.verify import (
         VerifyReport as VerifyReport,
+    )
+    from medseg.engine.ray_predict import (
+        RayOptions as RayOptions,
     )
     from medseg.engine.results import (
         BatchReport as BatchReport,

@@ -14,6 +14,7 @@ Every function returns a typed result; nothing here prints. Errors a user can ca
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from medseg.engine.backend_choice import (
 from medseg.engine.model_loading import LoadedModel, load_models
 from medseg.engine.models import list_models as registered_models
 from medseg.engine.predict import discover_inputs, predict_folder
+from medseg.engine.ray_predict import CasePredictorFactory, Engine, RayOptions, case_runner
 from medseg.engine.results import BatchReport, CasePredictor, Prediction, PredictOptions, check_options
 from medseg.engine.runner import RepeatKind, headline, run_pipeline, run_repeated
 from medseg.engine.runtime import resolve_device, tune_allocator
@@ -438,7 +440,8 @@ class Predictor:
     def predict_folder(self, input: str | Path, output: str | Path, *, overwrite: bool = False,
                        save_probabilities: bool = False, save_uncertainty: bool = False, num_parts: int = 1,
                        part_id: int = 0, progress: bool = True, tracker: Any | None = None,
-                       review: bool = True) -> BatchReport:
+                       review: bool = True, engine: Engine | str = Engine.LOCAL,
+                       ray: RayOptions | None = None) -> BatchReport:
         """Predict every scan under ``input`` (recursively) into ``output``.
 
         Each case is written atomically on its own grid; a case that fails is reported and the rest
@@ -457,18 +460,29 @@ class Predictor:
             tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, to log to.
             review: also write ``review.html`` (``review_partKofN.html`` for a shard): every case's
                 row and thumbnail, worst QC first, in one self-contained page.
+            engine: ``local`` (this process, the default) or ``ray``: the cases run on Ray Data
+                actors that each load the model once (:mod:`medseg.engine.ray_predict`); outputs,
+                report, summary, review page and MLflow run are the same.
+            ray: the Ray engine's cluster address, actors and resources per actor.
 
         Raises:
-            UsageError: no such input, no scans in it, an option its task does not use.
+            UsageError: no such input, no scans in it, an option its task does not use; Ray asked
+                for and not installed.
         """
         options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities,
                           save_uncertainty=save_uncertainty, num_parts=num_parts, part_id=part_id, progress=progress,
                           review=review)
         check_options(options, self.task.name, self.task.predict_options)
+        runner = case_runner(engine, self.case_predictor_factory(options), ray)
         found = discover_inputs(Path(input), self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
         return record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
-                                             self.device, tracker, found), self.model)
+                                             self.device, tracker, found, runner), self.model)
+
+    def case_predictor_factory(self, options: PredictOptions) -> CasePredictorFactory:
+        """What rebuilds this predictor's case predictor in another process (a Ray actor): the same
+        model references, MLflow store, backend and options, loaded there once."""
+        return functools.partial(load_case_predictor, self.model.uris, self.tracking_uri, self.model.backend, options)
 
     def predict_paths(self, paths: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
                       save_probabilities: bool = False, progress: bool = False, review: bool = False,
@@ -485,6 +499,51 @@ class Predictor:
         case_predictor = self.task.case_predictor(self.model, options, self.device)
         return record_graphs(predict_folder(case_predictor, self.model, Path(str(paths[0]) if len(paths) == 1 else "."),
                                              Path(output), options, self.device, None, found), self.model)
+
+
+def load_case_predictor(uris: Sequence[str], tracking_uri: str, backend: str, options: PredictOptions) -> CasePredictor:
+    """Load the model at ``uris`` (one, or an ensemble) on ``options.device`` and return its task's case
+    predictor: what each Ray actor runs (see :meth:`Predictor.case_predictor_factory`)."""
+    _tracking(tracking_uri or None)
+    device = resolve_device(options.device)
+    model = load_models(list(uris), device, network_from_spec)
+    task = get_task(model.task)
+    return task.case_predictor(on_backend(model, task, resolve_backend(backend, device)), options, device)
+
+
+def predict_dataset(model: str | Path | Sequence[str | Path], input: str | Path, output: str | Path, *,
+                    engine: Engine | str = Engine.LOCAL, ray: RayOptions | None = None, device: str = "auto",
+                    tracking_uri: str | None = None, backend: str | None = None, tracker: Any | None = None,
+                    **options: Any) -> BatchReport:
+    """Predict every scan under ``input`` into ``output`` with ``model``, on this machine or on Ray.
+
+    ``Predictor.from_uri(model, ...).predict_folder(input, output, engine=engine, ray=ray, ...)`` in one
+    call: the model options (``tta``, ``overlap``, ``keep_largest``, ``qc``...) go to
+    :meth:`Predictor.from_uri`, the batch options (``overwrite``, ``save_probabilities``,
+    ``num_parts``, ``progress``, ``review``...) to :meth:`Predictor.predict_folder`.
+
+    Args:
+        model: the model reference(s), as for :meth:`Predictor.from_uri`.
+        input: a folder of scans (searched recursively) or one file.
+        output: the output folder (on a file system every Ray worker sees at the same path).
+        engine: ``local`` (default) or ``ray`` (:mod:`medseg.engine.ray_predict`).
+        ray: cluster address, actors, CPUs and GPUs per actor (default: a local runtime, one actor).
+        device / tracking_uri / backend: as for :meth:`Predictor.from_uri`; with Ray, ``device``
+            is each actor's (``auto``: the GPU Ray gives an actor with ``gpus_per_actor``).
+        tracker: an MLflow tracker with a started run, to log the batch to.
+
+    Raises:
+        UsageError: an unknown option, or one of the errors of the two calls.
+    """
+    model_keys = {"tta", "overlap", "keep_largest", "measured", "allow_constant", "qc"}
+    batch_keys = {"overwrite", "save_probabilities", "save_uncertainty", "num_parts", "part_id", "progress", "review"}
+    unknown = sorted(set(options) - model_keys - batch_keys)
+    if unknown:
+        raise UsageError(f"predict_dataset: unknown option(s) {unknown}; it takes {sorted(model_keys | batch_keys)}")
+    predictor = Predictor.from_uri(model, device, tracking_uri=tracking_uri, backend=backend,
+                                   **{k: v for k, v in options.items() if k in model_keys})
+    return predictor.predict_folder(input, output, tracker=tracker, engine=engine, ray=ray,
+                                    **{k: v for k, v in options.items() if k in batch_keys})
 
 
 # ----------------------------------------------------------------------------------- model files

@@ -208,6 +208,22 @@ def _add_predict(sub: Any) -> None:
     predict.add_argument("--no-review", action="store_true",
                          help="do not write review.html (every case's row and thumbnail, worst QC first)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    _add_ray_flags(predict)
+
+
+def _add_ray_flags(predict: Any) -> None:
+    """``predict --engine ray`` and its cluster and actor flags."""
+    ray = predict.add_argument_group("Ray engine", "run the cases on Ray Data actors (pip install 'medseg[ray]'); "
+                                     "docs/how-to/cluster.md")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: this process (default); ray: an actor pool that loads the model once per actor")
+    ray.add_argument("--ray-address", help="a Ray cluster (ray://head:10001, auto); default $RAY_ADDRESS, else a "
+                                           "local Ray runtime for this batch")
+    ray.add_argument("--ray-actors", type=int, default=1, help="actors in the pool (default 1)")
+    ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0; 1: one each)")
+    ray.add_argument("--ray-local-cpus", type=int, help="CPUs of a local Ray runtime (default: this machine's)")
+    ray.add_argument("--ray-dashboard", action="store_true", help="start the dashboard with a local runtime (:8265)")
 
 
 def _add_serve_and_export(sub: Any) -> None:
@@ -520,7 +536,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                          save_probabilities=args.save_probabilities,
                                          save_uncertainty=args.save_uncertainty, num_parts=args.num_parts,
                                          part_id=args.part_id, progress=not args.no_progress, tracker=tracker,
-                                         review=not args.no_review)
+                                         review=not args.no_review, engine=args.engine, ray=_ray_options(args))
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")
@@ -541,6 +557,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if summary.get("review"):
         print(f"review: {summary['review']}")
     return EXIT_OK if batch.n_failed == 0 else EXIT_FAILED
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    """The Ray engine's options from ``predict``'s flags (None with ``--engine local``)."""
+    if args.engine != "ray":
+        return None
+    from medseg.engine.ray_predict import RayOptions
+
+    return RayOptions(address=args.ray_address, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
+                      gpus_per_actor=args.ray_gpus_per_actor, local_cpus=args.ray_local_cpus,
+                      dashboard=args.ray_dashboard)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

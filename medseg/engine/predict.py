@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,9 +63,16 @@ def discover_inputs(input_dir: Path, channels: int | None = None) -> Discovery:
     return found
 
 
+#: How the cases of a batch are run: ``(predictor, cases, output_dir, options, previous rows by case id,
+#: report path, start time) -> one result per case, in case order``. :func:`run_cases` runs them here,
+#: one after the other; :mod:`medseg.engine.ray_predict` runs them on Ray Data actors.
+CaseRunner = Callable[[CasePredictor, Sequence[InputCase], Path, PredictOptions, dict[str, dict[str, str]], Path, float],
+                      list[CaseResult]]
+
+
 def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
                    options: PredictOptions, device: torch.device, tracker: Any | None = None,
-                   found: Discovery | None = None) -> BatchReport:
+                   found: Discovery | None = None, runner: CaseRunner | None = None) -> BatchReport:
     """Predict every scan under ``input_dir`` (this process's share with ``num_parts``).
 
     Args:
@@ -78,6 +85,8 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         tracker: an :class:`~medseg.tracking.MlflowTracker` with a started run, or None.
         found: the discovery of ``input_dir``, if already made (with the model's ``in_channels``,
             so that channel files are grouped as the model takes them).
+        runner: what runs the cases (default :func:`run_cases`, in this process); the folder's lock,
+            resume, report, summary, review page and MLflow run are the same whichever runs them.
 
     Raises:
         UsageError: missing input or an empty input folder, or ``output_dir`` inside an input folder.
@@ -88,7 +97,8 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     output_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
     with _only_writer(output_dir, suffix):
-        return _predict_cases(predictor, model, input_dir, output_dir, options, device, tracker, found, cases, suffix)
+        return _predict_cases(predictor, model, input_dir, output_dir, options, device, tracker, found, cases, suffix,
+                              runner or run_cases)
 
 
 def check_output_outside_inputs(output_dir: Path, input_folders: Sequence[Path]) -> None:
@@ -114,8 +124,8 @@ def check_output_outside_inputs(output_dir: Path, input_folders: Sequence[Path])
                 f"--output outside {folder}, e.g. {searched.parent / (searched.name + '_predictions')}")
 
 
-def _run_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path, options: PredictOptions,
-               previous: dict[str, dict[str, str]], report_path: Path, started: float) -> list[CaseResult]:
+def run_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path, options: PredictOptions,
+              previous: dict[str, dict[str, str]], report_path: Path, started: float) -> list[CaseResult]:
     """Predict each case; one report row appended per case (a crash keeps what is done), the whole
     report written once at the end. Cases not started within ``options.time_limit_s`` fail saying so."""
     columns = [*COMMON_COLUMNS, *predictor.output_columns, *predictor.value_columns]
@@ -126,8 +136,8 @@ def _run_cases(predictor: CasePredictor, cases: Sequence[InputCase], output_dir:
                 if options.time_limit_s is not None and time.monotonic() - started > options.time_limit_s:
                     results.append(_not_started(case, options.time_limit_s))
                 else:
-                    results.append(_one_case(predictor, case, output_dir, options.overwrite,
-                                             previous.get(case.case_id)))
+                    results.append(predict_one_case(predictor, case, output_dir, options.overwrite,
+                                                    previous.get(case.case_id)))
                 appender.append(results[-1].row())
             appender.finish([r.row() for r in results])
     except OSError as err:  # the disk filled up: stop here, every finished output is whole
@@ -153,13 +163,13 @@ def _review_page(predictor: CasePredictor, model: LoadedModel, report: BatchRepo
 
 def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
                    options: PredictOptions, device: torch.device, tracker: Any | None, found: Discovery,
-                   cases: Sequence[InputCase], suffix: str) -> BatchReport:
+                   cases: Sequence[InputCase], suffix: str, runner: CaseRunner) -> BatchReport:
     _claim_output_folder(output_dir, model, options.overwrite)
-    _remove_stale_temporaries(predictor, cases, output_dir, suffix)
+    remove_case_temporaries(predictor, cases, output_dir, suffix)
     report_path = output_dir / f"predictions{suffix}.csv"
     previous = {} if options.overwrite else finished_rows(report_path)
     started = time.monotonic()
-    results = _run_cases(predictor, cases, output_dir, options, previous, report_path, started)
+    results = runner(predictor, cases, output_dir, options, previous, report_path, started)
     seconds_total = time.monotonic() - started  # the predictions' time, without the review page's
     task_summary, task_metrics = predictor.summarise(results)
     report = BatchReport(report_path, output_dir / f"predict_summary{suffix}.json", tuple(results))
@@ -292,8 +302,10 @@ def _not_started(case: InputCase, limit_s: float) -> CaseResult:
                       "started. Send fewer paths per request, or ask the operator to raise the time limit", 0.0)
 
 
-def _one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overwrite: bool,
-              previous_row: dict[str, str] | None) -> CaseResult:
+def predict_one_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overwrite: bool,
+                     previous_row: dict[str, str] | None) -> CaseResult:
+    """One case, isolated: skipped when its outputs exist (unless ``overwrite``), else predicted and
+    written; any failure is the case's ``failed`` result with the reason, never an exception."""
     started = time.monotonic()
     try:
         if case.problem:
@@ -358,8 +370,8 @@ def write_error(source: Path | str, output_dir: Path, err: OSError) -> str:
             f"Nothing half-written was kept; {fix}: finished cases are skipped on the rerun.")
 
 
-def _remove_stale_temporaries(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path,
-                              suffix: str) -> None:
+def remove_case_temporaries(predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path,
+                            suffix: str) -> None:
     """Temp files of a run killed mid-write; only this shard's own, since other shards may be writing."""
     mine: set[str] = set()
     for case in cases:

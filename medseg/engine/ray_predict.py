@@ -1,0 +1,312 @@
+"""Batch prediction on Ray Data: the cases of a batch run by a pool of Ray actors, each of which loads
+the model once, instead of one after the other in this process.
+
+Everything else is :func:`medseg.engine.predict.predict_folder`'s: discovery, the output folder's
+lock and model stamp, resume (a case whose outputs exist is skipped), ``predictions.csv`` (one row
+appended as each case ends, then written whole in case order), ``predict_summary.json``,
+``review.html`` and the MLflow run. Only the :data:`~medseg.engine.predict.CaseRunner` differs:
+:class:`RayCaseRunner` turns the cases into a Ray Dataset (one row per case) and maps it with
+``map_batches`` over an actor pool. An actor runs :func:`~medseg.engine.predict.predict_one_case`,
+the very function the local path runs (read, preprocess, network, inversion, atomic writes), so the
+outputs are the local path's bit for bit on the same arithmetic (thread count), and a failing case
+is a failed row, never a failed job.
+
+A worker that dies (``kill -9``, the kernel's OOM killer, a crash in native code) is restarted by
+Ray and its case retried (``max_restarts=-1``, ``max_task_retries``); a case whose every try killed
+its worker is a failed row saying so (Ray Data's ``max_errored_blocks``), the others go on. Writes
+are atomic, so a killed write leaves a temp file and never a half-written output; the driver
+removes this batch's temp files once the actors are done.
+
+Why one stage and not three (read, network, write): the task's case predictor owns its reading,
+preprocessing, inversion and writing as one call, and a preprocessed volume carries the MONAI
+transform history its inversion needs; moving it between processes would copy every volume twice
+through the object store for no gain at the sizes measured (``benchmarks/bench_ray.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.config import StrEnum
+from medseg.engine.predict import CaseRunner, predict_one_case, remove_case_temporaries, write_error
+from medseg.engine.report import ReportAppender
+from medseg.engine.results import COMMON_COLUMNS, CasePredictor, CaseResult, PredictOptions
+from medseg.errors import RunError, UsageError
+from medseg.io.discovery import InputCase
+
+log = logging.getLogger(__name__)
+
+#: Builds the task's case predictor with its model loaded: called once in each actor. It travels to
+#: the actors by Ray (in memory, never through a file), so it must be a picklable module-level
+#: function or a ``functools.partial`` of one.
+CasePredictorFactory = Callable[[], CasePredictor]
+#: Where a Ray cluster is named when no address is given (Ray's own variable).
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+class Engine(StrEnum):
+    """What runs the cases of a batch: this process (the default), or Ray Data actors."""
+
+    LOCAL = "local"
+    RAY = "ray"
+
+
+def parse_engine(name: str) -> Engine:
+    """Raises:
+        UsageError: an engine medseg does not have, naming the ones it has.
+    """
+    try:
+        return Engine(name)
+    except ValueError:
+        raise UsageError(f"--engine {name!r}: unknown; use one of {', '.join(e.value for e in Engine)}") from None
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide the Ray engine runs.
+
+    Attributes:
+        address: a running cluster (``ray://head:10001``, ``auto``, ``host:6379``); None:
+            ``$RAY_ADDRESS``, else a local Ray runtime started for this batch and stopped after it.
+        actors: actors in the pool (each loads the model once and predicts one case at a time).
+        cpus_per_actor: CPUs Ray reserves for each actor (also torch's thread count in it).
+        gpus_per_actor: GPUs per actor (0: CPU actors; 1: one GPU each; 0.5: two actors share one).
+        local_cpus: CPUs of a local runtime (default: this machine's); ignored with ``address``.
+        task_retries: how many times a case whose worker died is tried again on a restarted actor.
+        dashboard: start Ray's dashboard with a local runtime (http://127.0.0.1:8265).
+    """
+
+    address: str | None = None
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    local_cpus: int | None = None
+    task_retries: int = 2
+    dashboard: bool = False
+
+    def check(self) -> None:
+        """Raises:
+            UsageError: a count or resource that cannot be, naming the flag and the fix.
+        """
+        if self.actors < 1:
+            raise UsageError(f"--ray-actors {self.actors}: must be at least 1 (the actors in Ray's pool)")
+        if self.cpus_per_actor <= 0:
+            raise UsageError(f"--ray-cpus-per-actor {self.cpus_per_actor:g}: must be > 0, e.g. 1 or 4")
+        if self.gpus_per_actor < 0:
+            raise UsageError(f"--ray-gpus-per-actor {self.gpus_per_actor:g}: must be >= 0 (0: CPU actors)")
+        if self.task_retries < 0:
+            raise UsageError(f"task_retries {self.task_retries}: must be >= 0")
+        if self.local_cpus is not None and self.local_cpus < self.actors * self.cpus_per_actor:
+            raise UsageError(f"--ray-local-cpus {self.local_cpus}: {self.actors} actor(s) x {self.cpus_per_actor:g} "
+                             f"CPU(s) need {self.actors * self.cpus_per_actor:g}; give more CPUs or fewer actors")
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, with ``ray.data``.
+
+    Raises:
+        UsageError: Ray is not installed, with the install command.
+    """
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the engine's part of Ray; its absence is what the message names
+    except ImportError as err:
+        raise UsageError(f"--engine ray: Ray Data is not installed ({err}). Install it with "
+                         "pip install 'medseg[ray]' (or pip install 'ray[data]'), or use --engine local") from None
+    return ray
+
+
+@contextmanager
+def ray_runtime(options: RayOptions) -> Iterator[Any]:
+    """Ray, connected: the runtime already initialised in this process, the cluster at ``options.address``
+    (or ``$RAY_ADDRESS``), or a local runtime started here (quiet, no dashboard unless asked) and
+    stopped on the way out. Yields the ``ray`` module."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    address = options.address or os.environ.get(RAY_ADDRESS_ENV) or None
+    quiet = {"logging_level": logging.WARNING, "configure_logging": True}
+    if address:
+        log.info("Ray: connecting to %s", address)
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=options.local_cpus or os.cpu_count() or 1, include_dashboard=options.dashboard, **quiet)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------- rows
+
+
+def _json(value: Any) -> str:
+    def plain(item: Any) -> Any:  # numpy scalars a task may put among its values
+        if isinstance(item, np.generic):
+            return item.item()
+        raise TypeError(f"{type(item).__name__} is not a report value")
+
+    return json.dumps(value, default=plain)
+
+
+def case_to_json(case: InputCase) -> str:
+    """One case as a Dataset row's text: every field of :class:`InputCase`, paths as strings."""
+    return _json({"case_id": case.case_id, "path": str(case.path), "kind": case.kind, "series_uid": case.series_uid,
+                  "problem": case.problem, "channels": [str(p) for p in case.channels]})
+
+
+def case_from_json(text: str) -> InputCase:
+    fields = json.loads(text)
+    return InputCase(fields["case_id"], Path(fields["path"]), fields["kind"], fields["series_uid"], fields["problem"],
+                     tuple(Path(p) for p in fields["channels"]))
+
+
+def result_to_json(result: CaseResult) -> str:
+    return _json(asdict(result))
+
+
+def result_from_json(text: str) -> CaseResult:
+    return CaseResult(**json.loads(text))
+
+
+def case_runner(engine: Engine | str, make_predictor: CasePredictorFactory,
+                options: RayOptions | None = None) -> CaseRunner | None:
+    """The runner for ``engine``: None for the local one (``predict_folder``'s default), else a
+    :class:`RayCaseRunner` (its options checked here, before anything runs)."""
+    if parse_engine(str(engine)) is Engine.LOCAL:
+        if options is not None:
+            raise UsageError("Ray options were given with --engine local; add --engine ray, or leave them out")
+        return None
+    import_ray()
+    return RayCaseRunner(make_predictor, options or RayOptions())
+
+
+def _quiet_worker() -> None:
+    """A worker's log says what went wrong, not what MLflow downloaded or which optional decoder MONAI lacks
+    (the CLI quiets the driver the same way)."""
+    for key, value in (("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("MLFLOW_LOGGING_LEVEL", "WARNING"),
+                       ("MLFLOW_DISABLE_TELEMETRY", "true")):
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("mlflow", "alembic", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+
+class CaseActor:
+    """One actor of the pool: the model loaded once (``make_predictor``), then one case per call.
+
+    Each output row also names the worker (``host:pid``) that predicted the case.
+    """
+
+    def __init__(self, make_predictor: CasePredictorFactory, output_dir: str, overwrite: bool):
+        _quiet_worker()
+        self.predictor = make_predictor()
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        indices, results = [], []
+        for index, case_text, previous_text in zip(batch["index"], batch["case"], batch["previous"]):
+            previous = json.loads(str(previous_text))
+            result = predict_one_case(self.predictor, case_from_json(str(case_text)), self.output_dir, self.overwrite,
+                                      previous or None)
+            indices.append(int(index))
+            results.append(result_to_json(result))
+        return {"index": np.asarray(indices, dtype=np.int64), "result": np.asarray(results, dtype=object),
+                "worker": np.asarray([self.worker] * len(indices), dtype=object)}
+
+
+# ----------------------------------------------------------------------------------- the runner
+
+
+class RayCaseRunner:
+    """A :data:`~medseg.engine.predict.CaseRunner` on Ray Data (see the module's docstring).
+
+    Args:
+        make_predictor: builds the task's case predictor in each actor.
+        options: where and how wide (:class:`RayOptions`).
+
+    Attributes:
+        workers: after a run, case id -> the ``host:pid`` of the worker that predicted it.
+    """
+
+    def __init__(self, make_predictor: CasePredictorFactory, options: RayOptions):
+        options.check()
+        self.make_predictor = make_predictor
+        self.options = options
+        self.workers: dict[str, str] = {}
+
+    def __call__(self, predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path,
+                 options: PredictOptions, previous: dict[str, dict[str, str]], report_path: Path,
+                 started: float) -> list[CaseResult]:
+        if options.time_limit_s is not None:
+            raise UsageError("--engine ray: a time limit per batch is the server's; run it with --engine local")
+        columns = [*COMMON_COLUMNS, *predictor.output_columns, *predictor.value_columns]
+        try:
+            with ray_runtime(self.options) as ray, ReportAppender(report_path, columns) as appender:
+                done = self._stream(ray, cases, output_dir, options, previous, appender)
+                results = [done.get(i) or self._lost(case) for i, case in enumerate(cases)]
+                appender.finish([r.row() for r in results])
+        except OSError as err:  # the driver's disk filled up: every finished output is whole
+            raise RunError(write_error(report_path, output_dir, err)) from err
+        # the actors are gone: a temp file of this batch is one a killed worker was writing
+        remove_case_temporaries(predictor, cases, output_dir, report_path.stem.removeprefix("predictions"))
+        return results
+
+    def _stream(self, ray: Any, cases: Sequence[InputCase], output_dir: Path, options: PredictOptions,
+                previous: dict[str, dict[str, str]], appender: ReportAppender) -> dict[int, CaseResult]:
+        """Map the cases over the actor pool; each result appended to the report as it comes back."""
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        saved = (context.max_errored_blocks, context.enable_progress_bars, context.print_on_execution_start)
+        # a case whose every try killed its worker is dropped by Ray Data and becomes a failed row here
+        context.max_errored_blocks, context.enable_progress_bars, context.print_on_execution_start = (
+            -1, options.progress, False)
+        try:
+            items = [{"index": i, "case": case_to_json(case), "previous": _json(previous.get(case.case_id) or {})}
+                     for i, case in enumerate(cases)]
+            dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one case a block: a retry redoes one case
+            mapped = dataset.map_batches(
+                CaseActor, fn_constructor_args=(self.make_predictor, str(output_dir), options.overwrite),
+                batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.options.actors),
+                num_cpus=self.options.cpus_per_actor,
+                num_gpus=self.options.gpus_per_actor or None, max_restarts=-1,
+                max_task_retries=self.options.task_retries)
+            done: dict[int, CaseResult] = {}
+            started = time.monotonic()
+            for row in mapped.iter_rows():
+                index = int(row["index"])
+                if index in done:  # pragma: no cover - a retried block is read once; keep the first
+                    continue
+                done[index] = result_from_json(str(row["result"]))
+                self.workers[done[index].case_id] = str(row["worker"])
+                appender.append(done[index].row())
+            log.info("Ray: %d of %d case(s) back in %.1f s", len(done), len(cases), time.monotonic() - started)
+            return done
+        finally:
+            context.max_errored_blocks, context.enable_progress_bars, context.print_on_execution_start = saved
+
+    def _lost(self, case: InputCase) -> CaseResult:
+        """The row of a case whose every try ended with its worker dead."""
+        tries = self.options.task_retries + 1
+        return CaseResult(case.case_id, case.shown, "failed",
+                          f"{case.path}: not predicted: the Ray worker predicting it died on each of {tries} tries "
+                          "(killed, out of memory, or a crash in native code). See `ray logs` or the dashboard for "
+                          "why; the other cases went on, and a rerun tries this one again", 0.0)
