@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     from medseg._version import __version__
 
     parser.add_argument("--version", action="version", version=__version__, help="print the version and exit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loudness.add_argument("-q", "--quiet", action="store_true",
+                          help="warnings and errors only, and each command's closing lines (no per-epoch lines)")
     sub = parser.add_subparsers(dest="command")
 
     _add_run_and_plan(sub)
@@ -325,7 +328,7 @@ def _qc_threshold(text: str) -> tuple[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_third_parties()
     if hasattr(args, "no_progress") and not sys.stderr.isatty():
@@ -392,7 +395,7 @@ def _quiet_third_parties() -> None:
 
 def _run_argv(args: argparse.Namespace) -> list[str]:
     """The ``run`` arguments each distributed worker gets (everything but ``--nproc``)."""
-    argv = (["--verbose"] if args.verbose else []) + ["run", str(args.config),
+    argv = (["--verbose"] if args.verbose else ["--quiet"] if args.quiet else []) + ["run", str(args.config),
                                                        *[f"--set={item}" for item in args.overrides]]
     if args.resume:
         argv += ["--resume"] + ([str(args.resume)] if isinstance(args.resume, str) else [])

@@ -20,6 +20,7 @@ weights, never run. The wrapper's ``sha256`` is what ran.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import itertools
@@ -28,6 +29,7 @@ import logging
 import operator
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -170,6 +172,19 @@ def _axis_names(ndim: int) -> list[str]:
     return ["batch", "channel", *(f"spatial axis {i}" for i in range(ndim - 2))]
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """``name``'s logger at ERROR for the block: the exporter warns, once per export, about optional
+    packages it skips (torchvision's detection ops) in its own line format; medseg's user needs none."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(network: nn.Module, example: torch.Tensor, path: Path, *, dynamic_spatial: bool = True) -> Path:
     """Write ``network`` as an ONNX graph (opset :data:`ONNX_OPSET`), atomically.
 
@@ -213,7 +228,7 @@ def export_onnx(network: nn.Module, example: torch.Tensor, path: Path, *, dynami
     fix = (f"; try dynamic_spatial=False (spatial size fixed at {list(example.shape[2:])})"
            if dynamic_spatial else "")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
             warnings.simplefilter("ignore", FutureWarning)  # the exporter's deprecation chatter, not the user's
             program = torch.onnx.export(
                 network, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
