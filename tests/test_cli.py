@@ -169,3 +169,14 @@ def test_future_warnings_are_hidden_by_the_package_that_raises_them_not_all(
     import os
 
     assert os.environ["MLFLOW_LOGGING_LEVEL"] == "WARNING" and os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_quiet_and_verbose_are_one_choice_and_reach_the_distributed_workers() -> None:
+    from medseg.cli import _run_argv, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["-q", "run", "configs/demo_segmentation.yaml"])
+    assert args.quiet and not args.verbose
+    assert _run_argv(args)[:2] == ["--quiet", "run"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-q", "-v", "run", "configs/demo_segmentation.yaml"])
