@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -476,8 +476,11 @@ class Predictor:
         runner = case_runner(engine, self.case_predictor_factory(options), ray)
         found = discover_inputs(Path(input), self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
-        return record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
-                                             self.device, tracker, found, runner), self.model)
+        report = record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
+                                               self.device, tracker, found, runner), self.model)
+        if tracker is not None and runner is not None:  # the inference run says what ran it
+            tracker.log_params({"engine": "ray", **{f"ray_{k}": v for k, v in asdict(ray or RayOptions()).items()}})
+        return report
 
     def case_predictor_factory(self, options: PredictOptions) -> CasePredictorFactory:
         """What rebuilds this predictor's case predictor in another process (a Ray actor): the same

@@ -178,7 +178,9 @@ def _add_predict(sub: Any) -> None:
                          help="MLflow model URI (runs:/<id>/model, models:/<name>/<version>, models:/m-...) or folder; "
                               "repeat it, or give a --seeds/--folds parent (runs:/<parent id> or its run directory), "
                               "to average an ensemble")
-    predict.add_argument("-i", "--input", type=Path, required=True, help="folder of scans (searched recursively) or one file")
+    predict.add_argument("-i", "--input", type=Path, required=True,
+                         help="folder of scans (searched recursively), one file, or a .csv/.parquet table whose "
+                              "'path' column lists the scans")
     predict.add_argument("-o", "--output", type=Path, required=True, help="folder for masks and the report")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's contract)")

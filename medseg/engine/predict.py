@@ -37,7 +37,7 @@ from medseg.errors import (
     UsageError,
 )
 from medseg.io.atomic import atomic_write_text
-from medseg.io.discovery import Discovery, InputCase, discover
+from medseg.io.discovery import Discovery, InputCase, discover, discover_paths
 from medseg.io.locks import open_lock_file, read_holder, write_holder
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,18 @@ def discover_inputs(input_dir: Path, channels: int | None = None) -> Discovery:
     """The scans under ``input_dir``; ``channels`` (the model contract's ``in_channels``) decides
     which files are the channel files of one case (:func:`medseg.io.discovery.group_channel_files`).
 
+    A ``.csv`` or ``.parquet`` file is a table of scans: its ``path`` column names them (files,
+    DICOM series folders; relative paths are read from the table's folder), and a path that does not
+    exist is a failed case of its own (:func:`medseg.io.discovery.discover_paths`).
+
     Raises:
-        UsageError: the input does not exist or holds no scans.
+        UsageError: the input does not exist or holds no scans; a table without a ``path`` column.
     """
+    if input_dir.is_file() and input_dir.suffix.lower() in PATH_TABLES:
+        found = discover_paths(read_path_table(input_dir), channels)
+        if not found.cases:
+            raise UsageError(f"--input {input_dir}: the table lists no paths; give one scan per row in its 'path' column")
+        return found
     try:
         found = discover(input_dir, channels)
     except FileNotFoundError as err:
@@ -68,6 +77,33 @@ def discover_inputs(input_dir: Path, channels: int | None = None) -> Discovery:
 #: one after the other; :mod:`medseg.engine.ray_predict` runs them on Ray Data actors.
 CaseRunner = Callable[[CasePredictor, Sequence[InputCase], Path, PredictOptions, dict[str, dict[str, str]], Path, float],
                       list[CaseResult]]
+
+
+#: Table files whose ``path`` column lists the scans of a batch (``--input cases.csv``).
+PATH_TABLES = (".csv", ".parquet")
+
+
+def read_path_table(table: Path) -> list[Path]:
+    """The scans a ``.csv``/``.parquet`` table lists in its ``path`` column, relative ones from its folder.
+
+    Raises:
+        UsageError: the table cannot be read, or has no ``path`` column (the columns it has are named).
+    """
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(table) if table.suffix.lower() == ".parquet" else pd.read_csv(table, dtype=str)
+    except ImportError as err:
+        raise UsageError(f"--input {table}: reading Parquet needs pyarrow ({err}); pip install pyarrow, or give "
+                         "a CSV") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--input {table}: not a readable table ({type(err).__name__}: {err}); give a CSV or "
+                         "Parquet file with a 'path' column, one scan per row") from None
+    if "path" not in frame.columns:
+        raise UsageError(f"--input {table}: expected a 'path' column (one scan per row), found columns "
+                         f"{list(frame.columns)[:20]}; rename the column of scan paths to 'path'")
+    return [path if path.is_absolute() else table.parent / path
+            for path in (Path(str(p)) for p in frame["path"] if isinstance(p, str) and p.strip())]
 
 
 def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,

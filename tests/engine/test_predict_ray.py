@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 import medseg
 from medseg.cli import main
@@ -68,9 +69,9 @@ def scan_folder(folder: Path, scans: list[Path], dicom: bool = True) -> Path:
     return folder
 
 
-def predict(model: dict[str, str], scans: Path, out: Path, *extra: str) -> int:
+def predict(model: dict[str, str], scans: Path, out: Path, *extra: str, tracked: bool = False) -> int:
     return main(["predict", "--model", model["model_uri"], "--tracking-uri", model["tracking_uri"], "--input",
-                 str(scans), "--output", str(out), "--no-progress", "--no-tracking", *extra])
+                 str(scans), "--output", str(out), "--no-progress", *([] if tracked else ["--no-tracking"]), *extra])
 
 
 def local_reference(model: dict[str, str], scans: Path, out: Path) -> int:
@@ -144,12 +145,17 @@ def test_ray_engine_gives_the_local_outputs_bit_for_bit_and_resumes(trained_segm
     assert found["empty"]["status"] == "failed" and "0 bytes" in found["empty"]["error"]
     assert not (out / "cut.nii.gz").exists() and not (out / "empty.nii.gz").exists()
     (out / f"{held_out_scans(1)[0].name}").unlink()  # one output lost: the rerun predicts it, and only it
-    assert predict(trained_segmentation, scans, out, "--engine", "ray") == 1
+    assert predict(trained_segmentation, scans, out, "--engine", "ray", "--experiment", "ray-rerun", tracked=True) == 1
     statuses = {case_id: row["status"] for case_id, row in rows(out).items()}
     assert statuses.pop(held_out_scans(1)[0].name.removesuffix(".nii.gz")) == "ok"
     assert {statuses.pop(name) for name in HOSTILE} == {"failed"}  # tried again, as the local path does
     assert set(statuses.values()) == {"skipped"}
     assert outputs(out) == outputs(reference)
+    client = MlflowClient(trained_segmentation["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("ray-rerun").experiment_id])
+    assert run.data.params["engine"] == "ray" and run.data.params["ray_actors"] == "1"
+    assert run.data.metrics["predict/ok"] == 1 and run.data.metrics["predict/failed"] == len(HOSTILE)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"predictions.csv", "predict_summary.json"}
 
 
 def case_actor_pids(busy: bool = False) -> list[int]:
@@ -238,6 +244,25 @@ def test_a_case_that_kills_its_worker_on_every_try_is_a_failed_row_and_the_other
     assert "the Ray worker predicting it died on each of 2 tries" in results["poison"].error
     assert str(folder / "poison.nii.gz") in results["poison"].error
     assert rows(tmp_path / "out")["poison"]["status"] == "failed"
+
+
+def test_a_csv_or_parquet_table_of_paths_is_a_batch_whose_missing_paths_are_failed_rows(
+        trained_segmentation, tmp_path: Path) -> None:
+    import pandas as pd
+
+    scans = held_out_scans(2)
+    table = tmp_path / "cases.csv"
+    pd.DataFrame({"path": [str(scans[0]), "missing.nii.gz"], "note": ["absolute", "relative"]}).to_csv(table)
+    report = medseg.predict_dataset(trained_segmentation["model_uri"], table, tmp_path / "out", progress=False,
+                                    review=False, tracking_uri=trained_segmentation["tracking_uri"])
+    results = {r.case_id: r for r in report.results}
+    assert results[scans[0].name.removesuffix(".nii.gz")].status == "ok"
+    assert results["missing"].status == "failed"
+    assert f"{tmp_path / 'missing.nii.gz'}: no such file" in results["missing"].error  # read from the table's folder
+    pd.DataFrame({"scan": [str(scans[1])]}).to_parquet(tmp_path / "cases.parquet")
+    with pytest.raises(UsageError, match=r"expected a 'path' column .* found columns \['scan'\]"):
+        medseg.predict_dataset(trained_segmentation["model_uri"], tmp_path / "cases.parquet", tmp_path / "out2",
+                               tracking_uri=trained_segmentation["tracking_uri"])
 
 
 def test_ray_options_are_checked_before_anything_runs(trained_segmentation, tmp_path: Path) -> None:
