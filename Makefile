@@ -52,30 +52,35 @@ fuzz: $(VENV)/.installed-dev
 serve-attacks: $(VENV)/.installed-dev
 	MEDSEG_SERVE_REPORT=benchmarks/results/serve.json $(BIN)/python -m pytest tests/serving/test_hostile.py -q
 
+# BENCH_ARGS is added to every bench target's command. BENCH_ARGS=--tiny runs each one's code paths on toy
+# inputs in seconds to a minute, into a new temporary folder (never benchmarks/results), as the test suite does
+# (tests/test_benchmarks.py): `make bench bench-predict BENCH_ARGS=--tiny`; add `--out DIR` to choose the folder.
+BENCH_ARGS ?=
+
 # W1-W4 against plain MONAI tutorial pipelines, interleaved in one run: about 10 minutes on 2 cores
 bench: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/bench_perf.py --repeats 3
+	$(BIN)/python benchmarks/bench_perf.py --repeats 3 $(BENCH_ARGS)
 
 # fp32 / channels-last / bf16 Dice on the hippocampus validation set, after a 6-minute training run
 bench-precision: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/check_precision.py --minutes 6
+	$(BIN)/python benchmarks/check_precision.py --minutes 6 $(BENCH_ARGS)
 
 # medseg predict on each backend (torch, onnxruntime, openvino) against the tutorial inference loop
 # (hippocampus folder and a 512x512x300 CT); BENCH_PREDICT_ARGS="--hippocampus-model DIR" for a trained model
 bench-predict: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/bench_predict.py $(BENCH_PREDICT_ARGS)
+	$(BIN)/python benchmarks/bench_predict.py $(BENCH_PREDICT_ARGS) $(BENCH_ARGS)
 
 # 1 process against 2 (torchrun, gloo on CPUs) on the demo config: about 8 minutes on 2 cores
 bench-ddp: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/bench_ddp.py --repeats 3
+	$(BIN)/python benchmarks/bench_ddp.py --repeats 3 $(BENCH_ARGS)
 
 # medseg's cached, in-process data path against a plain MONAI Dataset + 2 workers, PneumoniaMNIST training
 bench-classification: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/bench_classification.py --repeats 3 --epochs 2
+	$(BIN)/python benchmarks/bench_classification.py --repeats 3 --epochs 2 $(BENCH_ARGS)
 
 # medseg's cached reconstruction data path against a plain MONAI pipeline, recon_mri_4x training
 bench-recon: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/bench_recon.py --repeats 3 --epochs 2
+	$(BIN)/python benchmarks/bench_recon.py --repeats 3 --epochs 2 $(BENCH_ARGS)
 
 # The three reconstruction configs, about 11 minutes each on 2 cores
 recon: $(VENV)/.installed

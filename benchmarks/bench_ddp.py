@@ -8,7 +8,11 @@ the global batch equal (1 process x batch 2 against 2 processes x batch 1), so b
 work per epoch and converge alike; a second 2-process variant keeps the per-process batch
 (2 x 2: twice the global batch, half the steps).
 
-Usage: python benchmarks/bench_ddp.py [--repeats 2] [--epochs 6] [--out benchmarks/results]
+Usage: python benchmarks/bench_ddp.py [--repeats 2] [--epochs 6] [--out benchmarks/results] [--tiny]
+
+``--tiny`` (benchmarks/tiny.py): 1 process x batch 2 and 2 processes x batch 1 for 3 epochs on 4
+training and 2 validation cases, a U-Net of 4-32 channels, no temperature fit or mirroring, 1
+repetition; for the test suite, never into benchmarks/results.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+from tiny import add_tiny_arguments, results_folder, subset_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo_segmentation.yaml"
+TINY_CASES = {"train": 4, "val": 2}
+#: --tiny runs one variant of each kind (1 process, 2 processes): the third is the second with a larger batch
+TINY_VARIANTS = ("1 process x batch 2", "2 processes x batch 1")
 VARIANTS = {  # name -> (processes, batch per process)
     "1 process x batch 2": (1, 2),
     "2 processes x batch 1": (2, 1),
@@ -36,13 +44,16 @@ VARIANTS = {  # name -> (processes, batch per process)
 }
 
 
-def _run(nproc: int, batch: int, epochs: int, workdir: Path) -> dict:
+def _run(nproc: int, batch: int, epochs: int, workdir: Path, manifest: Path | None = None) -> dict:
     out = workdir / f"n{nproc}b{batch}-{time.monotonic_ns()}"
     command = [sys.executable, "-m", "medseg", "run", str(CONFIG), "--nproc", str(nproc), "--no-progress",
                "--set", f"train.max_epochs={epochs}", "--set", "train.max_minutes=null",
                "--set", f"train.batch_size={batch}", "--set", "train.val_interval=1000",
                "--set", "validation.hd95=false", "--set", "validation.overlays=0",
                "--set", f"output_dir={out}", "--set", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}"]
+    if manifest is not None:  # --tiny
+        command += ["--set", f"data.manifest={manifest}", "--set", "model.channels=[4,8,16,32]",
+                    "--set", "validation.calibrate=false", "--set", "validation.tta=false"]
     started = time.monotonic()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
@@ -60,18 +71,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_tiny_arguments(parser)
     args = parser.parse_args()
+    if args.tiny:  # epochs 2..E-1 are timed: 3 epochs time one
+        args.repeats, args.epochs = 1, 3
+    out = results_folder(args)
     cores = len(os.sched_getaffinity(0))
-    results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    variants = {name: VARIANTS[name] for name in TINY_VARIANTS} if args.tiny else VARIANTS
+    results: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="medseg-bench-ddp-") as tmp:
+        manifest = (subset_manifest(REPO / "data_manifests" / "demo_hippocampus.csv", Path(tmp) / "tiny.csv",
+                                    TINY_CASES) if args.tiny else None)
         for rep in range(args.repeats):
-            for name, (nproc, batch) in VARIANTS.items():  # interleaved: machine noise hits all alike
-                results[name].append(_run(nproc, batch, args.epochs, Path(tmp)))
+            for name, (nproc, batch) in variants.items():  # interleaved: machine noise hits all alike
+                results[name].append(_run(nproc, batch, args.epochs, Path(tmp), manifest))
                 print(f"rep {rep + 1} {name}: {results[name][-1]['epoch_s']:.2f} s/epoch", flush=True)
     base = statistics.median(r["epoch_s"] for r in results["1 process x batch 2"])
     rows = []
-    for name, (nproc, batch) in VARIANTS.items():
+    for name, (nproc, batch) in variants.items():
         epoch_s = statistics.median(r["epoch_s"] for r in results[name])
         rows.append({"variant": name, "processes": nproc, "batch_per_process": batch, "global_batch": nproc * batch,
                      "epoch_s_median": epoch_s, "speedup_vs_1_process": base / epoch_s,
@@ -79,8 +96,8 @@ def main() -> None:
     report = {"machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
               "config": str(CONFIG.relative_to(REPO)), "epochs": args.epochs, "repeats": args.repeats, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ddp.json").write_text(json.dumps(report, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ddp.json").write_text(json.dumps(report, indent=2))
     lines = [f"# DDP on this machine ({cores} cores, {'CUDA' if torch.cuda.is_available() else 'CPU, gloo'})", "",
              f"`python benchmarks/bench_ddp.py --repeats {args.repeats} --epochs {args.epochs}`: "
              f"{report['config']}, median training-epoch time over epochs 2..{args.epochs - 1} and {args.repeats} "
@@ -91,7 +108,7 @@ def main() -> None:
         dice = ", ".join(f"{d:.3f}" for d in row["val_dice_mean"] if d is not None)
         lines.append(f"| {row['variant']} | {row['global_batch']} | {row['epoch_s_median']:.2f} | "
                      f"{row['speedup_vs_1_process']:.2f}x | {dice} |")
-    (args.out / "ddp.md").write_text("\n".join(lines) + "\n")
+    (out / "ddp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

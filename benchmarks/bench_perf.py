@@ -23,7 +23,12 @@ Workloads:
   workers), and folder inference in scans/min (``medseg predict`` against the tutorial's
   LoadImage -> sliding window -> Invertd -> SaveImage loop, benchmarks/bench_predict.py).
 
-Usage: python benchmarks/bench_perf.py [--repeats 3] [--only w1,w2,w3,w4] [--out benchmarks/results]
+Usage: python benchmarks/bench_perf.py [--repeats 3] [--only w1,w2,w3,w4] [--out benchmarks/results] [--tiny]
+
+``--tiny`` (benchmarks/tiny.py) runs every workload and path on toy sizes: 2 volumes of 48x48x32,
+patches of 16^3, U-Nets of 4-32 channels, 1 repetition, 1 timed step, 2 epochs of 3 hippocampus
+cases, 2 cases of folder inference, the workers in this process (bench_predict.py still a child); for
+the test suite, never into benchmarks/results.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +49,34 @@ HIPPO = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from interleaved import run_child  # noqa: E402
+from tiny import add_tiny_arguments, results_folder, subset_manifest  # noqa: E402
 
-W1_VOLUMES = 6
-W1_EPOCHS = 3
-ROI = (96, 96, 96)
-UNET_CHANNELS = (16, 32, 64, 128, 256)
+Shape = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of one run: the benchmark's, or ``--tiny``'s (every path on toy inputs)."""
+
+    w1_volumes: int = 6
+    w1_shape: Shape = (192, 192, 128)
+    w1_epochs: int = 3
+    roi: Shape = (96, 96, 96)
+    unet_channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # W2/W3: the spleen tutorial's U-Net
+    warmup_steps: int = 4
+    peak_conv: tuple[int, int, int] = (128, 24, 5)  # channels, edge, timed repeats
+    w3_volumes: tuple[Shape, Shape] = ((192, 192, 128), (512, 512, 300))  # "ct192", "ct512"
+    w3_train_steps: int = 25
+    w4_cases: tuple[tuple[str, int], ...] = ()  # cases per split of the hippocampus manifest; () all
+    predict_cases: int = 20
+
+
+FULL = Scale()
+TINY = Scale(w1_volumes=2, w1_shape=(48, 48, 32), w1_epochs=2, roi=(16, 16, 16), unet_channels=(4, 8, 8, 8, 8),
+             warmup_steps=1, peak_conv=(16, 8, 1), w3_volumes=((48, 48, 32), (64, 64, 40)), w3_train_steps=2,
+             w4_cases=(("train", 3), ("val", 1)), predict_cases=2)
+#: This process's sizes: main() sets TINY for --tiny (whose workers then run in this process too).
+SCALE = FULL
 CT_WINDOW = (-175.0, 250.0)
 
 
@@ -107,8 +136,8 @@ def _tutorial_chain(num_samples: int):
         Spacingd(keys=keys, pixdim=(1.5, 1.5, 2.0), mode=("bilinear", "nearest")),
         ScaleIntensityRanged(keys=["image"], a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True),
         CropForegroundd(keys=keys, source_key="image"),
-        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=ROI, pos=1, neg=1, num_samples=num_samples,
-                               image_key="image", image_threshold=0),
+        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=SCALE.roi, pos=1, neg=1,
+                               num_samples=num_samples, image_key="image", image_threshold=0),
         RandFlipd(keys=keys, spatial_axis=[0], prob=0.10), RandFlipd(keys=keys, spatial_axis=[1], prob=0.10),
         RandFlipd(keys=keys, spatial_axis=[2], prob=0.10), RandRotate90d(keys=keys, prob=0.10, max_k=3),
         RandShiftIntensityd(keys=["image"], offsets=0.10, prob=0.50),
@@ -120,7 +149,7 @@ def _medseg_w1_config():
 
     pre = PreprocessConfig(orientation="RAS", spacing=(1.5, 1.5, 2.0), crop_foreground=True,
                            intensity=IntensityConfig(mode="ct_window", window=CT_WINDOW))
-    patch = PatchConfig(size=ROI, samples_per_volume=4, sampler="pos_neg", pos_fraction=0.5)
+    patch = PatchConfig(size=SCALE.roi, samples_per_volume=4, sampler="pos_neg", pos_fraction=0.5)
     augment = [FlipAug(name="flip", prob=0.1), Rot90Aug(name="rot90", prob=0.1, max_k=3, axes=(0, 1)),
                ContrastAug(name="contrast", prob=0.5, scale=0.0, shift=0.1)]
     return pre, patch, augment
@@ -130,7 +159,7 @@ def worker_w1(path: str, work: Path) -> dict:
     from monai.data import CacheDataset, DataLoader, Dataset
 
     items = [{"image": str(work / "w1" / f"ct{i}.nii.gz"), "label": str(work / "w1" / f"ct{i}_label.nii.gz")}
-             for i in range(W1_VOLUMES)]
+             for i in range(SCALE.w1_volumes)]
     started = time.perf_counter()
     if path == "medseg":
         from medseg.config import CacheMode, DataConfig
@@ -160,12 +189,12 @@ def worker_w1(path: str, work: Path) -> dict:
 
     build_s = time.perf_counter() - started
     epochs = []
-    for epoch in range(W1_EPOCHS):
+    for epoch in range(SCALE.w1_epochs):
         t0 = time.perf_counter()
         patches = 0
         for batch in loader(epoch):
             patches += int(batch["image"].shape[0])
-            if tuple(batch["image"].shape[2:]) != ROI:
+            if tuple(batch["image"].shape[2:]) != SCALE.roi:
                 raise RuntimeError(f"{path}: patch of shape {tuple(batch['image'].shape)}")
         seconds = time.perf_counter() - t0 + (build_s if epoch == 0 else 0.0)
         epochs.append({"seconds": seconds, "patches": patches, "patches_per_s": patches / seconds})
@@ -179,7 +208,7 @@ def _tutorial_unet():
     from monai.networks.layers import Norm
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=UNET_CHANNELS, strides=(2, 2, 2, 2),
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=SCALE.unet_channels, strides=(2, 2, 2, 2),
                 num_res_units=2, norm=Norm.BATCH)
 
 
@@ -191,9 +220,9 @@ def _medseg_unet(precision: str = "auto"):
     from medseg.engine.runtime import autocast_dtype, to_channels_last, use_channels_last
     from medseg.tasks.segmentation.networks import create_segmentation_network
 
-    cfg = UNetModelConfig(name="unet", spatial_dims=3, channels=UNET_CHANNELS, strides=(2, 2, 2, 2), num_res_units=2,
-                          norm="batch")
-    net = create_segmentation_network(cfg, 1, 2, ROI)
+    cfg = UNetModelConfig(name="unet", spatial_dims=3, channels=SCALE.unet_channels, strides=(2, 2, 2, 2),
+                          num_res_units=2, norm="batch")
+    net = create_segmentation_network(cfg, 1, 2, SCALE.roi)
     channels_last = use_channels_last(None, 3)
     if channels_last:
         net = to_channels_last(net, 3)
@@ -204,8 +233,8 @@ def _w2_batch(seed: int = 0):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    image = torch.randn(2, 1, *ROI, generator=g)
-    label = (torch.rand(2, 1, *ROI, generator=g) > 0.7).float()
+    image = torch.randn(2, 1, *SCALE.roi, generator=g)
+    label = (torch.rand(2, 1, *SCALE.roi, generator=g) > 0.7).float()
     return image, label
 
 
@@ -249,7 +278,7 @@ def worker_w2(path: str, steps: int) -> dict:
     # oneDNN builds its primitives in the first step, and glibc's default malloc needs a few steps to
     # raise its mmap threshold past the activations (until then every step page-faults them in):
     # untimed, so the ratio is the steady state of both paths, not medseg's warm start.
-    warmup = 4
+    warmup = SCALE.warmup_steps
     for step in range(steps + warmup):
         t0 = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
@@ -276,14 +305,16 @@ def worker_peak() -> dict:
 
     tune_allocator()
     out: dict[str, Any] = {}
+    channels, edge, repeats = SCALE.peak_conv
     for dtype in (torch.float32, torch.bfloat16):
-        conv = torch.nn.Conv3d(128, 128, 3, padding=1, bias=False).to(dtype).to(memory_format=torch.channels_last_3d)
-        x = torch.randn(2, 128, 24, 24, 24, dtype=dtype).to(memory_format=torch.channels_last_3d)
-        flops = 2 * 2 * 128 * 128 * 27 * 24**3
+        conv = torch.nn.Conv3d(channels, channels, 3, padding=1, bias=False).to(dtype)
+        conv = conv.to(memory_format=torch.channels_last_3d)
+        x = torch.randn(2, channels, edge, edge, edge, dtype=dtype).to(memory_format=torch.channels_last_3d)
+        flops = 2 * 2 * channels * channels * 27 * edge**3
         best = float("inf")
         with torch.no_grad():
             conv(x)
-            for _ in range(5):
+            for _ in range(repeats):
                 t0 = time.perf_counter()
                 conv(x)
                 best = min(best, time.perf_counter() - t0)
@@ -318,7 +349,7 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
         net = _tutorial_unet().eval()
         net.load_state_dict(state)
         with torch.no_grad():
-            logits = sliding_window_inference(MetaTensor(image), ROI, 4, net, overlap=0.25)
+            logits = sliding_window_inference(MetaTensor(image), SCALE.roi, 4, net, overlap=0.25)
         mask = logits[0].argmax(0).to(torch.uint8)
     else:
         from medseg.engine.runtime import configure_threads, to_channels_last, tune_allocator
@@ -329,7 +360,7 @@ def worker_w3(path: str, volume: str, work: Path) -> dict:
         net, _, amp = _medseg_unet("bf16" if path == "medseg_bf16" else "auto")
         net.load_state_dict(state)
         net = to_channels_last(fold_batch_norms(net.eval()), 3)  # what medseg predict does with a model
-        logits = predict_logits(net, image[0], ROI, overlap=0.25, sw_batch_size=4, blend="constant",
+        logits = predict_logits(net, image[0], SCALE.roi, overlap=0.25, sw_batch_size=4, blend="constant",
                                 device=torch.device("cpu"), amp_dtype=amp)
         mask = label_map(logits)
     seconds = time.perf_counter() - t0
@@ -354,12 +385,14 @@ def _train_w3_network(work: Path) -> None:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     rng = np.random.default_rng(0)
     fg = np.argwhere(label > 0)
-    for _ in range(25):
+    edge = SCALE.roi[0]
+    for _ in range(SCALE.w3_train_steps):
         xs, ys = [], []
         for _ in range(2):
-            centre = fg[rng.integers(len(fg))] if rng.random() < 0.7 else rng.integers(48, np.array(image.shape) - 48)
-            lo = np.clip(centre - 48, 0, np.array(image.shape) - 96)
-            sl = tuple(slice(a, a + 96) for a in lo)
+            centre = (fg[rng.integers(len(fg))] if rng.random() < 0.7
+                      else rng.integers(edge // 2, np.array(image.shape) - edge // 2))
+            lo = np.clip(centre - edge // 2, 0, np.array(image.shape) - edge)
+            sl = tuple(slice(a, a + edge) for a in lo)
             xs.append(torch.from_numpy(np.ascontiguousarray(image[sl]))[None])
             ys.append(torch.from_numpy(np.ascontiguousarray(label[sl]).astype(np.float32))[None])
         optimiser.zero_grad()
@@ -381,9 +414,11 @@ def worker_w4(path: str, epochs: int, work: Path) -> dict:
     """``epochs`` training epochs of configs/msd_hippocampus.yaml; seconds per epoch."""
     from medseg import load_config
 
-    cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml", [
-        f"data.root={HIPPO}", f"train.max_epochs={epochs}", "train.max_minutes=null", "train.val_interval=1000",
-        f"output_dir={work / f'w4_{path}'}"])
+    overrides = [f"data.root={HIPPO}", f"train.max_epochs={epochs}", "train.max_minutes=null",
+                 "train.val_interval=1000", f"output_dir={work / f'w4_{path}'}"]
+    if SCALE.w4_cases:  # main() wrote the subset
+        overrides += [f"data.manifest={work / 'w4_manifest.csv'}", "model.channels=[4,8,16,32]"]
+    cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml", overrides)
     if path == "medseg":
         from medseg.engine.runner import PipelineContext
         from medseg.tasks.segmentation import TASK
@@ -486,21 +521,27 @@ def _short(result: dict) -> str:
 
 
 def _child(work: Path, *args: str) -> dict:
+    if SCALE is TINY:  # the workers in this process: one import of torch, MONAI and medseg in all
+        return run_child(__file__, args[0], ["--work", str(work), *args[1:], "--tiny"], REPO, main)
     return run_child(__file__, args[0], ["--work", str(work), *args[1:]], REPO)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global SCALE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="w1,w2,w3,w4", help="comma-separated workloads")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_tiny_arguments(parser)
     parser.add_argument("--work", type=Path, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--volume", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=5, help="W2: timed steps per child")
     parser.add_argument("--epochs", type=int, default=2, help="W4: epochs per child")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:
+        SCALE = TINY
+        args.repeats, args.steps, args.epochs = 1, 1, 2
     if args.worker:
         result = {"w1": lambda: worker_w1(args.worker, args.work), "w2": lambda: worker_w2(args.worker, args.steps),
                   "peak": worker_peak, "w3": lambda: worker_w3(args.worker, args.volume, args.work),
@@ -508,6 +549,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    out = results_folder(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_perf_"))
     only = set(args.only.split(","))
     started = time.perf_counter()
@@ -516,8 +558,8 @@ def main() -> None:
     if "w1" in only:
         print("W1 data pipeline", flush=True)
         (work / "w1").mkdir(parents=True, exist_ok=True)
-        for i in range(W1_VOLUMES):
-            make_ct(work / "w1" / f"ct{i}.nii.gz", work / "w1" / f"ct{i}_label.nii.gz", (192, 192, 128),
+        for i in range(SCALE.w1_volumes):
+            make_ct(work / "w1" / f"ct{i}.nii.gz", work / "w1" / f"ct{i}_label.nii.gz", SCALE.w1_shape,
                     (0.8, 0.8, 2.5), seed=i)
         runs = _interleaved(("plain_dataset", "plain_cache", "medseg"), args.repeats,
                             lambda p: _child(work, p, "--workload", "w1"))
@@ -555,9 +597,10 @@ def main() -> None:
         import numpy as np
 
         (work / "w3").mkdir(parents=True, exist_ok=True)
-        make_ct(work / "w3" / "train.nii.gz", work / "w3" / "train_label.nii.gz", (192, 192, 128), (0.8, 0.8, 2.5), 11)
-        make_ct(work / "w3" / "ct192.nii.gz", None, (192, 192, 128), (0.8, 0.8, 2.5), 12)
-        make_ct(work / "w3" / "ct512.nii.gz", None, (512, 512, 300), (0.7, 0.7, 1.5), 13)
+        small, large = SCALE.w3_volumes
+        make_ct(work / "w3" / "train.nii.gz", work / "w3" / "train_label.nii.gz", small, (0.8, 0.8, 2.5), 11)
+        make_ct(work / "w3" / "ct192.nii.gz", None, small, (0.8, 0.8, 2.5), 12)
+        make_ct(work / "w3" / "ct512.nii.gz", None, large, (0.7, 0.7, 1.5), 13)
         _train_w3_network(work)
         report["w3"] = {}
         for volume, repeats in (("ct192", args.repeats), ("ct512", 1)):
@@ -574,13 +617,16 @@ def main() -> None:
             p = summary["plain"]
             for path in paths[1:]:
                 m = summary[path]
-                label = f"W3 sliding window {volume} ({'192x192x128' if volume == 'ct192' else '512x512x300'})"
+                label = f"W3 sliding window {volume} ({'x'.join(map(str, small if volume == 'ct192' else large))})"
                 label += " bf16" if path == "medseg_bf16" else ""
                 rows.append(f"| {label} (s/volume; peak RSS GiB; Dice vs plain fp32) | {p['seconds']:.1f}; "
                             f"{p['peak_rss_mb'] / 1024:.1f} | {m['seconds']:.1f}; {m['peak_rss_mb'] / 1024:.1f}; "
                             f"{m['dice_vs_plain_fp32']:.4f} | **{p['seconds'] / m['seconds']:.2f}x** |")
     if "w4" in only:
         print("W4 hippocampus training epoch", flush=True)
+        if SCALE.w4_cases:
+            subset_manifest(REPO / "data_manifests" / "msd_hippocampus.csv", work / "w4_manifest.csv",
+                            dict(SCALE.w4_cases))
         runs = _interleaved(("plain", "medseg"), max(1, args.repeats - 1),
                             lambda p: _child(work, p, "--workload", "w4", "--epochs", str(args.epochs)))
         w4 = {p: {"first_epoch_s": statistics.median(r["epoch_s"][0] for r in rs),
@@ -592,21 +638,24 @@ def main() -> None:
         print("W4 folder inference", flush=True)
         import subprocess
 
-        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_predict.py"), "--skip-ct", "--repeats",
-                               str(max(1, args.repeats - 1)), "--cases", "20", "--out", str(work / "predict")],
-                              capture_output=True, text=True, check=True, cwd=REPO)
+        command = [sys.executable, str(REPO / "benchmarks" / "bench_predict.py"), "--skip-ct", "--repeats",
+                   str(max(1, args.repeats - 1)), "--cases", str(SCALE.predict_cases), "--out", str(work / "predict"),
+                   *(["--tiny"] if args.tiny else [])]
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         predicted = json.loads((work / "predict" / "predict.json").read_text())
         report["w4"]["folder_inference"] = predicted
         rows += _folder_inference_rows(predicted)
         print(done.stdout[-500:], flush=True)
     report["seconds"] = time.perf_counter() - started
     table = "\n".join(["| workload | plain MONAI | medseg | medseg / plain |", "|---|---|---|---|", *rows]) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "perf.json").write_text(json.dumps(report, indent=2))
-    (args.out / "perf.md").write_text(table + f"\n{report['machine']}; {args.repeats} repetitions; "
-                                      f"{report['seconds'] / 60:.1f} min in all.\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf.json").write_text(json.dumps(report, indent=2))
+    (out / "perf.md").write_text(table + f"\n{report['machine']}; {args.repeats} repetitions; "
+                                 f"{report['seconds'] / 60:.1f} min in all.\n")
     print(table)
-    print(f"{report['seconds'] / 60:.1f} min; results in {args.out / 'perf.json'} and perf.md")
+    print(f"{report['seconds'] / 60:.1f} min; results in {out / 'perf.json'} and perf.md")
 
 
 #: bench_predict's paths, as the table names them.

@@ -14,9 +14,12 @@ Workloads:
 - ``ct512``: one 512x512x300 int16 CT-like volume (0.7x0.7x1.5 mm) with a lean 3D U-Net whose
   patch is 96x96x64 (overlap 0.25), the size a CT model would use.
 
-Usage: python benchmarks/bench_predict.py [--repeats 3] [--cases 20] [--skip-ct] [--out benchmarks/results]
+Usage: python benchmarks/bench_predict.py [--repeats 3] [--cases 20] [--skip-ct] [--out benchmarks/results] [--tiny]
 The networks are freshly initialised (speed does not depend on the weights) unless
 ``--hippocampus-model`` names a trained model, which makes the Dice between backends meaningful.
+``--tiny`` (benchmarks/tiny.py): 1 repetition, at most 2 hippocampus cases, a 64x64x40 CT with a
+32x32x16 patch, U-Nets of 4-32 channels, torch and the first exported backend installed, the workers in this process; for
+the test suite, never into benchmarks/results.
 """
 
 from __future__ import annotations
@@ -31,9 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from interleaved import in_process
+from tiny import add_tiny_arguments, results_folder
+
 REPO = Path(__file__).resolve().parents[1]
 PATHS = ("medseg", "medseg-onnxruntime", "medseg-openvino")
 HIPPO = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
+TINY_NETWORK = ["model.channels=[4,8,16,32]"]
 
 
 def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
@@ -124,47 +131,52 @@ def _worker(args: argparse.Namespace) -> None:
                       "total_s": total, "peak_rss_mb": peak_rss_mb()}))
 
 
-def _run_child(path: str, model: str, tracking_uri: str, input_dir: Path, output_dir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", path, "--model", model, "--tracking-uri", tracking_uri,
-           "--input", str(input_dir), "--output", str(output_dir)]
+def _run_child(path: str, model: str, tracking_uri: str, input_dir: Path, output_dir: Path, tiny: bool) -> dict:
+    worker = ["--worker", path, "--model", model, "--tracking-uri", tracking_uri, "--input", str(input_dir),
+              "--output", str(output_dir)]
+    if tiny:  # in this process: one import of torch, MONAI and medseg in all
+        return in_process(main, worker)
+    cmd = [sys.executable, __file__, *worker]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{path} worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _make_ct(path: Path) -> None:
+def _make_ct(path: Path, shape: tuple[int, int, int] = (512, 512, 300)) -> None:
     import nibabel as nib
     import numpy as np
 
     rng = np.random.default_rng(0)
-    shape = (512, 512, 300)
     grid = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    body = ((grid[0] - 256) ** 2 / 200**2 + (grid[1] - 256) ** 2 / 150**2) < 1
+    rx, ry = 200 / 512 * shape[0], 150 / 512 * shape[1]  # 200 and 150 voxels at 512
+    body = ((grid[0] - shape[0] // 2) ** 2 / rx**2 + (grid[1] - shape[1] // 2) ** 2 / ry**2) < 1
     volume = np.where(np.broadcast_to(body, shape), 40, -1000).astype(np.int16)
     volume += rng.normal(0, 20, shape).astype(np.int16)
     affine = np.diag([-0.7, -0.7, 1.5, 1.0])
     nib.save(nib.Nifti1Image(volume, affine), path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--skip-ct", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_tiny_arguments(parser)
     parser.add_argument("--worker", choices=[*PATHS, "monai"])
     parser.add_argument("--hippocampus-model", help="a trained model for the hippocampus workload (URI or folder)")
     parser.add_argument("--model")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--input")
     parser.add_argument("--output")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         args.path = args.worker
         _worker(args)
         return
-
+    if args.tiny:
+        args.repeats, args.cases = 1, min(args.cases, 2)
+    args.out = results_folder(args)
     work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     workloads = []
@@ -176,21 +188,25 @@ def main() -> None:
     test_images = [case.images[0] for case in manifest.split("test")][: args.cases]
     for rel in test_images:
         (hippo_in / Path(rel).name).symlink_to(HIPPO / rel)
-    hippo_model = args.hippocampus_model or _log_model(work, REPO / "configs" / "msd_hippocampus.yaml", [])
+    hippo_model = args.hippocampus_model or _log_model(work, REPO / "configs" / "msd_hippocampus.yaml",
+                                                       TINY_NETWORK if args.tiny else [])
     workloads.append(("hippocampus", hippo_model, hippo_in))
     if not args.skip_ct:
         ct_in = work / "ct_in"
         ct_in.mkdir()
-        _make_ct(ct_in / "ct512.nii.gz")
+        _make_ct(ct_in / "ct512.nii.gz", (64, 64, 40) if args.tiny else (512, 512, 300))
         ct_model = _log_model(work, REPO / "configs" / "msd_hippocampus.yaml", [
-            "patch.size=[96,96,64]", "model.channels=[8,16,32,64]", "validation.overlap=0.25",
+            "patch.size=[32,32,16]" if args.tiny else "patch.size=[96,96,64]", *(TINY_NETWORK if args.tiny else []), "model.channels=[8,16,32,64]", "validation.overlap=0.25",
             "preprocess.intensity.mode=ct_window", "preprocess.intensity.window=[-160,240]",
             "data.labels={0: background, 1: organ}"])
         workloads.append(("ct512", ct_model, ct_in))
 
     from medseg.engine.backends import available_backends
 
-    paths = [p for p in PATHS if (p.partition("-")[2] or "torch") in available_backends()] + ["monai"]
+    paths = [p for p in PATHS if (p.partition("-")[2] or "torch") in available_backends()]
+    if args.tiny:  # torch and one exported backend: every path of this script, one ONNX export per model
+        paths = paths[:2]
+    paths.append("monai")
     os.environ["MEDSEG_CACHE_DIR"] = str(work / "cache")  # the children's exports, reused across repeats
     results: dict[str, dict[str, list[dict]]] = {}
     dice: dict[str, dict[str, float]] = {}
@@ -199,7 +215,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = paths[repeat % len(paths):] + paths[:repeat % len(paths)]
             for path in order:
-                runs[path].append(_run_child(path, model, tracking, input_dir, work / f"out_{name}_{path}"))
+                runs[path].append(_run_child(path, model, tracking, input_dir, work / f"out_{name}_{path}", args.tiny))
                 print(f"{name} {path} repeat {repeat}: {runs[path][-1]}", flush=True)
         results[name] = runs
         dice[name] = {p: _min_dice(work / f"out_{name}_medseg", work / f"out_{name}_{p}")

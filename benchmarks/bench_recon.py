@@ -14,7 +14,10 @@ differs:
 Each path runs in its own child process, interleaved, several repetitions; the table gives the
 median slices/s of the first epoch (with the cache build) and of the later ones, and the ratio.
 
-Usage: python benchmarks/bench_recon.py [--repeats 3] [--epochs 2] [--out benchmarks/results]
+Usage: python benchmarks/bench_recon.py [--repeats 3] [--epochs 2] [--out benchmarks/results] [--tiny]
+
+``--tiny`` (benchmarks/tiny.py): the first 4 training volumes (1 step an epoch), 2 epochs, 1
+repetition, the workers in this process; for the test suite, never into benchmarks/results.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import json
 from pathlib import Path
 
 from interleaved import interleave, run_child, summarise_and_write, train_with_data_path
+from tiny import add_tiny_arguments, results_folder
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "recon_mri_4x.yaml"
+TINY_VOLUMES = 4
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -46,6 +51,8 @@ def _worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     root = cfg.data.resolved_root() if cfg.data.root.is_absolute() else REPO / cfg.data.resolved_root()
     items = records(read_manifest(REPO / cfg.data.manifest).split("train"), root, with_label=False)
+    if args.tiny:
+        items = items[:TINY_VOLUMES]
     chain = reconstruction_training_transforms(cfg.preprocess, cfg.recon, cfg.augment, Acquisition(cfg.recon))
     batch = cfg.train.batch_size
     steps = len(items) // batch
@@ -57,20 +64,25 @@ def _worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run (the first includes caching)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_tiny_arguments(parser)
     parser.add_argument("--worker", choices=["medseg", "plain"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         args.path = args.worker
         _worker(args)
         return
-    runs = interleave(args.repeats, lambda path: run_child(__file__, path, ["--epochs", str(args.epochs)], REPO),
-                      "slices_per_s", "slices/s")
-    print(summarise_and_write(runs, "slices_per_s", "slices/s", args.epochs, args.out, "recon", {
+    if args.tiny:
+        args.repeats, args.epochs = 1, 2
+    out = results_folder(args)
+    extra = ["--epochs", str(args.epochs), *(["--tiny"] if args.tiny else [])]
+    here = main if args.tiny else None  # --tiny: the workers in this process
+    runs = interleave(args.repeats, lambda path: run_child(__file__, path, extra, REPO, here), "slices_per_s",
+                      "slices/s")
+    print(summarise_and_write(runs, "slices_per_s", "slices/s", args.epochs, out, "recon", {
         "workload": "configs/recon_mri_4x.yaml (unet_dc, 4x equispaced) on the MSD hippocampus train split",
         "repeats": args.repeats}))
 

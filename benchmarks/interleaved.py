@@ -3,6 +3,8 @@ report the medians of the first epoch and of the later ones with their ratio med
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import statistics
 import subprocess
@@ -13,8 +15,24 @@ from pathlib import Path
 PATHS = ("medseg", "plain")
 
 
-def run_child(script: str, path: str, extra: Sequence[str], cwd: Path) -> dict:
-    """Run ``script --worker PATH *extra`` and return the JSON of its last output line."""
+def in_process(main: Callable[[list[str]], None], argv: list[str]) -> dict:
+    """``main(argv)`` in this process; the JSON of its last output line, as a worker child prints it.
+
+    ``--tiny`` runs its workers this way: the same arguments and the same JSON line, without a child's
+    start (importing torch, MONAI and medseg again costs seconds, more than a tiny run's work).
+    """
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(argv)
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
+def run_child(script: str, path: str, extra: Sequence[str], cwd: Path,
+              main: Callable[[list[str]], None] | None = None) -> dict:
+    """Run ``script --worker PATH *extra`` and return the JSON of its last output line; with ``main``
+    (the script's own, for ``--tiny``) in this process instead (:func:`in_process`)."""
+    if main is not None:
+        return in_process(main, ["--worker", path, *extra])
     done = subprocess.run([sys.executable, script, "--worker", path, *extra], capture_output=True, text=True,
                           check=False, cwd=cwd)
     if done.returncode != 0:

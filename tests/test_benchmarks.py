@@ -1,23 +1,164 @@
 """The benchmarks read each other's files: a change of shape in one must not break another unseen
-(`make bench` once failed after 14 minutes on a KeyError in bench_perf reading bench_predict's JSON)."""
+(`make bench` once failed after 14 minutes on a KeyError in bench_perf reading bench_predict's JSON).
+
+Every script a ``make bench*`` target runs has a ``--tiny`` mode (benchmarks/tiny.py): all its code
+paths on toy inputs, into a folder of the test's. Each runs as its own process (they tune threads, the
+allocator and MLflow's tracking URI, which must not leak into the test session), two at a time: a tiny
+run is mostly one core's imports and Python, and the host has two. Each test checks the shape of
+everything its script wrote: the JSON keys the Markdown table and the other scripts read, and the
+table's rows. A renamed key, a dropped workload or a changed signature in medseg fails here.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from tests.conftest import REPO
+import pytest
+
+from tests.conftest import REPO, require
+
+BENCHMARKS = REPO / "benchmarks"
+#: The scripts the Makefile's bench targets run, each covered by a tiny test below; the longest first.
+TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_classification", "bench_recon")
+#: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
+TINY_TIMEOUT_S = 900
 
 
 def _bench(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their siblings (interleaved, tiny)
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
     return module
+
+
+class TinyRuns:
+    """``python benchmarks/<script>.py --tiny --out <root>/<script> --work <root>/<script>-work`` for each
+    script asked for, two processes at a time, in the order given; :meth:`wait` returns a run's folder."""
+
+    def __init__(self, root: Path, scripts: list[str]) -> None:
+        self.root, self.pending = root, list(scripts)
+        self.running: dict[str, tuple[subprocess.Popen, float]] = {}
+        self.exit_codes: dict[str, int] = {}
+
+    def _command(self, script: str) -> list[str]:
+        work = ["--work", str(self.root / f"{script}-work")] if script == "bench_perf" else []
+        return [sys.executable, str(BENCHMARKS / f"{script}.py"), "--tiny", "--out", str(self.root / script), *work]
+
+    def _poll(self) -> None:
+        for script, (proc, started) in list(self.running.items()):
+            if proc.poll() is None and time.monotonic() - started > TINY_TIMEOUT_S:
+                proc.kill()
+            if proc.poll() is not None:
+                self.exit_codes[script] = proc.wait()
+                del self.running[script]
+        while self.pending and len(self.running) < 2:
+            script = self.pending.pop(0)
+            with open(self.root / f"{script}.log", "w") as log:
+                proc = subprocess.Popen(self._command(script), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.running[script] = (proc, time.monotonic())
+
+    def wait(self, script: str) -> Path:
+        """The run's output folder once it has ended; fails the test with its log if it failed."""
+        if script in self.pending:  # asked for before its turn (a test run on its own): next
+            self.pending.remove(script)
+            self.pending.insert(0, script)
+        while script not in self.exit_codes:
+            self._poll()
+            time.sleep(0.2)
+        if self.exit_codes[script] != 0:
+            log = (self.root / f"{script}.log").read_text()
+            pytest.fail(f"{' '.join(self._command(script))} exited {self.exit_codes[script]} (killed after "
+                        f"{TINY_TIMEOUT_S} s if negative):\n{log[-5000:]}")
+        return self.root / script
+
+    def close(self) -> None:
+        for proc, _ in self.running.values():  # only the processes this object started
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyRuns]:
+    """The tiny runs of the tests selected in this module (their ``script`` parameter), started together."""
+    require(REPO.parent / "shared" / "data" / "msd_task04_hippocampus")
+    selected = {item.callspec.params["script"] for item in request.session.items
+                if "tiny_runs" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")}
+    runs = TinyRuns(tmp_path_factory.mktemp("tiny"), [s for s in TINY_SCRIPTS if s in selected])
+    yield runs
+    runs.close()
+
+
+def _keys(obj: Any, expected: set[str] | list[str], where: str) -> None:
+    assert isinstance(obj, dict), f"{where}: expected an object, got {type(obj).__name__}"
+    missing = set(expected) - set(obj)
+    assert not missing, f"{where}: missing {sorted(missing)}; it has {sorted(obj)}"
+
+
+def _numbers(obj: dict, names: set[str] | list[str], where: str) -> None:
+    _keys(obj, names, where)
+    for name in names:
+        assert isinstance(obj[name], (int, float)) and not isinstance(obj[name], bool), f"{where}.{name}: {obj[name]!r}"
+
+
+def _table(md: Path) -> list[list[str]]:
+    """The body rows of the Markdown table in ``md``, as lists of cells."""
+    assert md.is_file() and md.stat().st_size > 0, f"{md} was not written"
+    lines = [line for line in md.read_text().splitlines() if line.startswith("|")]
+    assert len(lines) >= 3 and re.fullmatch(r"\|(---\|)+", lines[1]), f"{md}: no table:\n{md.read_text()}"
+    width = lines[0].count("|")
+    assert all(line.count("|") == width for line in lines), f"{md}: rows of unequal width:\n{md.read_text()}"
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+# ----------------------------------------------------------------------------------- bench_predict
+
+
+def _check_predict(predicted: dict, workloads: set[str]) -> None:
+    """predict.json: the keys bench_predict's table and bench_perf's W4 rows read."""
+    _keys(predicted, {"rows", "fastest_medseg_backend", "hippocampus_model", "machine", "raw"}, "predict.json")
+    assert {r["workload"] for r in predicted["rows"]} == workloads == set(predicted["fastest_medseg_backend"])
+    for i, row in enumerate(predicted["rows"]):
+        where = f"predict.json rows[{i}]"
+        _numbers(row, {"cases", "repeats", "s_per_case", "vs_medseg_torch", "vs_plain_monai", "peak_rss_mb"}, where)
+        _keys(row, {"workload", "path", "min_dice_vs_torch"}, where)
+        assert row["cases"] >= 1 and row["s_per_case"] > 0, where
+        exported = row["path"].startswith("medseg-")
+        assert (row["min_dice_vs_torch"] is not None) == exported, f"{where}: min_dice_vs_torch {row}"
+    for workload in workloads:
+        paths = [r["path"] for r in predicted["rows"] if r["workload"] == workload]
+        assert paths[0] == "medseg" and paths[-1] == "monai", f"{workload}: paths {paths}"
+        assert len(paths) >= 3, f"{workload}: tiny mode runs an exported backend too (dev extras), got {paths}"
+
+
+@pytest.mark.parametrize("script", ["bench_predict"])
+def test_bench_predict_tiny_writes_every_workload_and_path(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+
+    predicted = json.loads((out / "predict.json").read_text())
+    _check_predict(predicted, {"hippocampus", "ct512"})
+    rows = _table(out / "predict.md")
+    assert len(rows) == len(predicted["rows"]) and all(len(r) == 8 for r in rows)
+    # what bench_perf makes of this file: one W4 row per medseg backend
+    assert len(_bench("bench_perf")._folder_inference_rows(predicted)) == len(predicted["rows"]) // 2 - 1
+
+
+def test_bench_perf_names_every_path_bench_predict_runs() -> None:
+    assert set(_bench("bench_predict").PATHS) == set(_bench("bench_perf")._PREDICT_PATHS)
 
 
 def test_bench_perf_reads_the_folder_inference_rows_bench_predict_writes() -> None:
@@ -29,3 +170,138 @@ def test_bench_perf_reads_the_folder_inference_rows_bench_predict_writes() -> No
     for row, source in zip(rows, hippocampus):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 4 and cells[3] == f"**{source['vs_plain_monai']:.2f}x**"
+
+
+# ----------------------------------------------------------------------------------- bench_perf
+
+
+def _check_perf(report: dict) -> None:
+    _keys(report, {"machine", "repeats", "w1", "w2", "w3", "w4", "seconds"}, "perf.json")
+    w1 = report["w1"]
+    for path in ("plain_dataset", "plain_cache", "medseg"):
+        _numbers(w1["summary"][path], {"first_epoch", "steady"}, f"w1.summary.{path}")
+        for run in w1["runs"][path]:
+            _keys(run, {"path", "epochs", "cache_build_s"}, f"w1.runs.{path}")
+            for epoch in run["epochs"]:
+                _numbers(epoch, {"seconds", "patches", "patches_per_s"}, f"w1.runs.{path}.epochs")
+    w2 = report["w2"]
+    _numbers(w2["peak"], {"conv3d_gflops_float32", "conv3d_gflops_bfloat16", "step_gflop"}, "w2.peak")
+    for path in ("plain", "medseg", "medseg_bf16"):
+        _numbers(w2["summary"][path], {"step_s", "samples_per_s", "gflops", "fraction_of_peak"}, f"w2.summary.{path}")
+        assert all(r["step_s"] for r in w2["runs"][path]), f"w2.runs.{path}: no timed step"
+    for volume, paths in (("ct192", ("plain", "medseg", "medseg_bf16")), ("ct512", ("plain", "medseg"))):
+        _keys(report["w3"][volume], {"runs", "summary"}, f"w3.{volume}")
+        for path in paths:
+            _numbers(report["w3"][volume]["summary"][path],
+                     {"seconds", "peak_rss_mb", "dice_vs_plain_fp32", "foreground_voxels"}, f"w3.{volume}.{path}")
+    w4 = report["w4"]
+    _keys(w4, {"runs", "summary", "folder_inference"}, "w4")
+    for path in ("plain", "medseg"):
+        _numbers(w4["summary"][path], {"first_epoch_s", "steady_epoch_s"}, f"w4.summary.{path}")
+        assert len(w4["runs"][path][0]["epoch_s"]) == 2, f"w4.runs.{path}: {w4['runs'][path]}"
+    _check_predict(w4["folder_inference"], {"hippocampus"})
+
+
+@pytest.mark.parametrize("script", ["bench_perf"])
+def test_bench_perf_tiny_runs_every_workload_and_writes_its_table(tiny_runs: TinyRuns, script: str) -> None:
+    """`make bench`'s whole chain, W1-W4 with bench_predict.py inside, on toy inputs."""
+    out = tiny_runs.wait(script)
+
+    report = json.loads((out / "perf.json").read_text())
+    _check_perf(report)
+    predicted = json.loads((out.parent / "bench_perf-work" / "predict" / "predict.json").read_text())
+    assert report["w4"]["folder_inference"] == predicted
+    rows = _table(out / "perf.md")
+    backends = [r for r in report["w4"]["folder_inference"]["rows"] if r["path"] != "monai"]
+    labels = [r[0] for r in rows]
+    assert len(labels) == 2 + 2 + 3 + 1 + len(backends), labels  # W1 x2, W2 x2, W3 x3, W4 epoch, W4 per backend
+    for prefix, count in (("W1 ", 2), ("W2 ", 2), ("W3 ", 3), ("W4 hippocampus training", 1),
+                          ("W4 folder inference", len(backends))):
+        assert sum(label.startswith(prefix) for label in labels) == count, (prefix, labels)
+    assert all(len(r) == 4 and re.fullmatch(r"\*\*\d+\.\d\dx\*\*", r[3].split(" / ")[-1]) for r in rows), rows
+
+
+# ----------------------------------------------------------------------------------- the others
+
+
+@pytest.mark.parametrize("script", ["bench_ddp"])
+def test_bench_ddp_tiny_writes_every_variant(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+
+    report = json.loads((out / "ddp.json").read_text())
+    _keys(report, {"machine", "config", "epochs", "repeats", "rows"}, "ddp.json")
+    ddp = _bench("bench_ddp")
+    variants = ddp.VARIANTS
+    assert [r["variant"] for r in report["rows"]] == list(ddp.TINY_VARIANTS)
+    for row in report["rows"]:
+        _numbers(row, {"processes", "batch_per_process", "global_batch", "epoch_s_median", "speedup_vs_1_process"},
+                 row["variant"])
+        assert (row["processes"], row["batch_per_process"]) == variants[row["variant"]]
+        _keys(row, {"val_dice_mean", "runs"}, row["variant"])
+        for run in row["runs"]:
+            _numbers(run, {"epoch_s", "wall_s"}, f"{row['variant']} run")
+    assert len(_table(out / "ddp.md")) == len(ddp.TINY_VARIANTS)
+
+
+@pytest.mark.parametrize(("script", "name", "rate"), [("bench_classification", "classification", "samples_per_s"),
+                                                       ("bench_recon", "recon", "slices_per_s")])
+def test_training_data_path_benchmark_tiny_writes_both_paths(tiny_runs: TinyRuns, script: str, name: str,
+                                                             rate: str) -> None:
+    out = tiny_runs.wait(script)
+
+    report = json.loads((out / f"{name}.json").read_text())
+    _keys(report, {"workload", "repeats", "epochs", "unit", "runs", "summary", "ratio_first_epoch", "ratio_steady"},
+          f"{name}.json")
+    assert report["epochs"] == 2
+    _numbers(report, {"ratio_first_epoch", "ratio_steady"}, f"{name}.json")
+    for path in ("medseg", "plain"):
+        _numbers(report["summary"][path], {"first_epoch", "steady"}, f"{name}.summary.{path}")
+        for run in report["runs"][path]:
+            assert [e["samples"] > 0 for e in run["epochs"]] == [True, True], run
+            for epoch in run["epochs"]:
+                _numbers(epoch, {"seconds", "samples", rate}, f"{name}.runs.{path}")
+    rows = _table(out / f"{name}.md")
+    assert [r[0] for r in rows] == ["plain MONAI (Dataset, 2 workers)", "medseg", "**ratio medseg / plain**"]
+
+
+@pytest.mark.parametrize("script", ["check_precision"])
+def test_check_precision_tiny_scores_every_setting(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+
+    report = json.loads((out / "precision.json").read_text())
+    _keys(report, {"run_dir", "rows"}, "precision.json")
+    settings = _bench("check_precision").SETTINGS
+    assert list(report["rows"]) == list(settings)
+    for name, row in report["rows"].items():
+        _numbers(row, {"seconds", "val/dice_mean", "val/dice/anterior", "val/dice/posterior"}, name)
+    rows = _table(out / "precision.md")
+    assert [r[0] for r in rows] == list(settings) and all(len(r) == 6 for r in rows)
+    assert "2 validation cases" in (out / "precision.md").read_text()
+
+
+# ----------------------------------------------------------------------------------- the Makefile
+
+
+def test_tiny_mode_never_writes_into_the_committed_results() -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob("recon.*")}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_recon.py"), "--tiny", "--out",
+                           str(BENCHMARKS / "results")], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode != 0
+    assert "must not replace the committed ones in benchmarks/results" in done.stderr
+    assert before == {p.name: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob("recon.*")}
+
+
+def test_every_bench_target_runs_a_script_with_a_tiny_test_and_passes_bench_args() -> None:
+    """`make bench BENCH_ARGS=--tiny` (and every bench-* target) runs the tiny modes tested here."""
+    makefile = (REPO / "Makefile").read_text()
+    recipes = re.findall(r"^(bench[\w-]*):[^\n]*\n((?:\t[^\n]*\n)+)", makefile, flags=re.M)
+    assert {target for target, _ in recipes} >= {"bench", "bench-predict", "bench-ddp"}
+    scripts = set()
+    for target, recipe in recipes:
+        for line in recipe.splitlines():
+            found = re.search(r"benchmarks/(\w+)\.py", line)
+            if found:
+                scripts.add(found.group(1))
+                assert line.rstrip().endswith("$(BENCH_ARGS)"), f"make {target}: {line.strip()} ignores BENCH_ARGS"
+    assert scripts == set(TINY_SCRIPTS), f"bench targets run {sorted(scripts)}; tiny tests cover {sorted(TINY_SCRIPTS)}"
