@@ -276,6 +276,8 @@ class RayCaseRunner:
 
         context = DataContext.get_current()
         saved = (context.max_errored_blocks, context.enable_progress_bars, context.print_on_execution_start)
+        if not options.progress:  # no "progress bars disabled" and "execution finished" lines in a log file
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         # a case whose every try killed its worker is dropped by Ray Data and becomes a failed row here
         context.max_errored_blocks, context.enable_progress_bars, context.print_on_execution_start = (
             -1, options.progress, False)
@@ -283,12 +285,15 @@ class RayCaseRunner:
             items = [{"index": i, "case": case_to_json(case), "previous": _json(previous.get(case.case_id) or {})}
                      for i, case in enumerate(cases)]
             dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one case a block: a retry redoes one case
-            mapped = dataset.map_batches(
-                CaseActor, fn_constructor_args=(self.make_predictor, str(output_dir), options.overwrite),
-                batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.options.actors),
-                num_cpus=self.options.cpus_per_actor,
-                num_gpus=self.options.gpus_per_actor or None, max_restarts=-1,
-                max_task_retries=self.options.task_retries)
+            with warnings.catch_warnings():
+                # Ray 2.60 names no parameter for the retries that bound a case killing its worker on every
+                # try (an unbounded retry would never end the batch), and warns about passing them as remote args
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                mapped = dataset.map_batches(
+                    CaseActor, fn_constructor_args=(self.make_predictor, str(output_dir), options.overwrite),
+                    batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.options.actors),
+                    num_cpus=self.options.cpus_per_actor, num_gpus=self.options.gpus_per_actor or None,
+                    max_restarts=-1, max_task_retries=self.options.task_retries)
             done: dict[int, CaseResult] = {}
             started = time.monotonic()
             for row in mapped.iter_rows():
