@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,14 @@ from medseg.engine.backend_choice import (
 from medseg.engine.model_loading import LoadedModel, load_models
 from medseg.engine.models import list_models as registered_models
 from medseg.engine.predict import discover_inputs, predict_folder
-from medseg.engine.ray_predict import CasePredictorFactory, Engine, RayOptions, case_runner
+from medseg.engine.ray_predict import (
+    CasePredictorFactory,
+    Engine,
+    RayCaseRunner,
+    RayOptions,
+    case_runner,
+    record_ray,
+)
 from medseg.engine.results import BatchReport, CasePredictor, Prediction, PredictOptions, check_options
 from medseg.engine.runner import RepeatKind, headline, run_pipeline, run_repeated
 from medseg.engine.runtime import resolve_device, tune_allocator
@@ -478,9 +485,7 @@ class Predictor:
         case_predictor = self.task.case_predictor(self.model, options, self.device)
         report = record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
                                                self.device, tracker, found, runner), self.model)
-        if tracker is not None and runner is not None:  # the inference run says what ran it
-            tracker.log_params({"engine": "ray", **{f"ray_{k}": v for k, v in asdict(ray or RayOptions()).items()}})
-        return report
+        return record_ray(report, runner, tracker) if isinstance(runner, RayCaseRunner) else report
 
     def case_predictor_factory(self, options: PredictOptions) -> CasePredictorFactory:
         """What rebuilds this predictor's case predictor in another process (a Ray actor): the same

@@ -40,10 +40,12 @@ from typing import Any
 import numpy as np
 
 from medseg.config import StrEnum
+from medseg.engine.case_io import peak_rss_mb
 from medseg.engine.predict import CaseRunner, predict_one_case, remove_case_temporaries, write_error
 from medseg.engine.report import ReportAppender
-from medseg.engine.results import COMMON_COLUMNS, CasePredictor, CaseResult, PredictOptions
+from medseg.engine.results import COMMON_COLUMNS, BatchReport, CasePredictor, CaseResult, PredictOptions
 from medseg.errors import RunError, UsageError
+from medseg.io.atomic import atomic_write_text
 from medseg.io.discovery import InputCase
 
 log = logging.getLogger(__name__)
@@ -229,7 +231,8 @@ class CaseActor:
             indices.append(int(index))
             results.append(result_to_json(result))
         return {"index": np.asarray(indices, dtype=np.int64), "result": np.asarray(results, dtype=object),
-                "worker": np.asarray([self.worker] * len(indices), dtype=object)}
+                "worker": np.asarray([self.worker] * len(indices), dtype=object),
+                "worker_peak_rss_mb": np.full(len(indices), peak_rss_mb(), dtype=np.float64)}
 
 
 # ----------------------------------------------------------------------------------- the runner
@@ -244,6 +247,8 @@ class RayCaseRunner:
 
     Attributes:
         workers: after a run, case id -> the ``host:pid`` of the worker that predicted it.
+        worker_peak_rss_mb: after a run, ``host:pid`` -> that worker's peak resident memory (MiB) when
+            it last returned a case: what one actor needs (the model and one case at a time).
     """
 
     def __init__(self, make_predictor: CasePredictorFactory, options: RayOptions):
@@ -251,6 +256,7 @@ class RayCaseRunner:
         self.make_predictor = make_predictor
         self.options = options
         self.workers: dict[str, str] = {}
+        self.worker_peak_rss_mb: dict[str, float] = {}
 
     def __call__(self, predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path,
                  options: PredictOptions, previous: dict[str, dict[str, str]], report_path: Path,
@@ -302,6 +308,7 @@ class RayCaseRunner:
                     continue
                 done[index] = result_from_json(str(row["result"]))
                 self.workers[done[index].case_id] = str(row["worker"])
+                self.worker_peak_rss_mb[str(row["worker"])] = float(row["worker_peak_rss_mb"])
                 appender.append(done[index].row())
             log.info("Ray: %d of %d case(s) back in %.1f s", len(done), len(cases), time.monotonic() - started)
             return done
@@ -315,3 +322,24 @@ class RayCaseRunner:
                           f"{case.path}: not predicted: the Ray worker predicting it died on each of {tries} tries "
                           "(killed, out of memory, or a crash in native code). See `ray logs` or the dashboard for "
                           "why; the other cases went on, and a rerun tries this one again", 0.0)
+
+
+def record_ray(report: BatchReport, runner: RayCaseRunner, tracker: Any | None = None) -> BatchReport:
+    """Add what ran the batch to its summary (``engine``, the Ray options, each worker's cases and peak
+    memory) and to the MLflow predict run (params ``engine``, ``ray_*``; metric
+    ``predict/ray_worker_peak_rss_mb``, the largest worker's): the figures to size actors by."""
+    cases: dict[str, int] = {}
+    for worker in runner.workers.values():
+        cases[worker] = cases.get(worker, 0) + 1
+    workers = {w: {"cases": n, "peak_rss_mb": round(runner.worker_peak_rss_mb.get(w, 0.0), 1)}
+               for w, n in sorted(cases.items())}
+    if report.summary.is_file():
+        summary = report.summary_dict()
+        summary.update({"engine": Engine.RAY.value, "ray": {"options": asdict(runner.options), "workers": workers}})
+        atomic_write_text(report.summary, json.dumps(summary, indent=2))
+    if tracker is not None:
+        tracker.log_params({"engine": Engine.RAY.value, **{f"ray_{k}": v for k, v in asdict(runner.options).items()}})
+        if runner.worker_peak_rss_mb:
+            tracker.log_metrics({"predict/ray_worker_peak_rss_mb": max(runner.worker_peak_rss_mb.values()),
+                                 "predict/ray_workers": len(workers)}, step=0)
+    return report

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -154,6 +155,11 @@ def test_ray_engine_gives_the_local_outputs_bit_for_bit_and_resumes(trained_segm
     client = MlflowClient(trained_segmentation["tracking_uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("ray-rerun").experiment_id])
     assert run.data.params["engine"] == "ray" and run.data.params["ray_actors"] == "1"
+    assert run.data.metrics["predict/ray_worker_peak_rss_mb"] > 100  # torch, MONAI and the model in one actor
+    summary = json.loads((out / "predict_summary.json").read_text())
+    assert summary["engine"] == "ray" and summary["ray"]["options"]["actors"] == 1
+    (worker,) = summary["ray"]["workers"].values()  # one actor predicted every case of the rerun
+    assert worker["cases"] == 1 + len(HOSTILE) + FAST_SCANS and worker["peak_rss_mb"] > 100
     assert run.data.metrics["predict/ok"] == 1 and run.data.metrics["predict/failed"] == len(HOSTILE)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"predictions.csv", "predict_summary.json"}
 
@@ -265,13 +271,18 @@ def test_a_csv_or_parquet_table_of_paths_is_a_batch_whose_missing_paths_are_fail
                                tracking_uri=trained_segmentation["tracking_uri"])
 
 
-def test_ray_options_are_checked_before_anything_runs(trained_segmentation, tmp_path: Path) -> None:
+def test_ray_options_are_checked_before_anything_runs(trained_segmentation, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UsageError, match="--ray-actors 0: must be at least 1"):
         RayCaseRunner(lambda: None, RayOptions(actors=0))  # type: ignore[arg-type, return-value]
     with pytest.raises(UsageError, match="need 4; give more CPUs or fewer actors"):
         RayOptions(actors=2, cpus_per_actor=2, local_cpus=2).check()
     with pytest.raises(UsageError, match="--engine 'spark': unknown; use one of local, ray"):
         medseg.predict_dataset(trained_segmentation["model_uri"], tmp_path, tmp_path / "out", engine="spark",
+                               tracking_uri=trained_segmentation["tracking_uri"])
+    monkeypatch.setitem(sys.modules, "ray", None)  # as without medseg[ray]: `import ray` fails
+    with pytest.raises(UsageError, match=r"--engine ray: Ray Data is not installed .* pip install 'medseg\[ray\]'"):
+        medseg.predict_dataset(trained_segmentation["model_uri"], tmp_path, tmp_path / "out", engine="ray",
                                tracking_uri=trained_segmentation["tracking_uri"])
 
 
