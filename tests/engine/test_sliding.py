@@ -10,7 +10,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from medseg.engine.runtime import to_channels_last
-from medseg.engine.sliding import label_map, predict_logits
+from medseg.engine.sliding import class_sigmoid, class_softmax, label_map, predict_logits, stream_logits
 
 
 def test_label_map_is_argmax_with_first_maximum_on_ties() -> None:
@@ -101,3 +101,36 @@ def test_folding_batch_norms_keeps_the_outputs_and_removes_the_norms() -> None:
     # instance norms depend on each input: untouched
     inst = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1, norm="instance").eval()
     assert sum(isinstance(m, torch.nn.InstanceNorm3d) for m in fold_batch_norms(inst).modules()) > 0
+
+
+@pytest.mark.parametrize("shape, roi, overlap, batch", [
+    ((37, 29, 23), (16, 16, 16), 0.5, 4),
+    ((13, 40, 21), (16, 16, 8), 0.25, 3),  # the first axis shorter than the patch: padded
+    ((40, 12, 30), (16, 16, 16), 0.5, 1),  # one window per batch: MONAI hands it over uncopied
+])
+def test_streamed_slabs_are_the_whole_volumes_logits(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float,
+                                                     batch: int) -> None:
+    torch.manual_seed(0)
+    net = UNet(3, 1, 4, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="instance").eval()
+    image = torch.randn(1, *shape)
+    whole = predict_logits(net, image, roi, overlap=overlap, sw_batch_size=batch)
+    for axis in range(3):
+        slabs = list(stream_logits(net, image, roi, overlap=overlap, sw_batch_size=batch, axis=axis))
+        assert [s[0] for s in slabs] == [0, *[s[1] for s in slabs[:-1]]] and slabs[-1][1] == shape[axis]
+        joined = torch.cat([s[2] for s in slabs], dim=1 + axis)
+        if axis == 0:  # MONAI's window order: every addition the same, so bitwise
+            assert torch.equal(joined, whole)
+        else:  # another order of the same sums
+            torch.testing.assert_close(joined, whole, rtol=0, atol=1e-5)
+
+
+def test_class_softmax_of_a_slab_is_bitwise_the_whole_volumes() -> None:
+    g = torch.Generator().manual_seed(0)
+    for classes in (2, 3, 17):
+        logits = 4 * torch.randn(classes, 37, 21, 13, generator=g)
+        whole = class_softmax(logits, 1.3)
+        torch.testing.assert_close(whole, torch.softmax(logits / 1.3, 0), rtol=0, atol=1e-6)
+        for start, stop in ((0, 5), (5, 6), (6, 30), (30, 37)):
+            assert torch.equal(class_softmax(logits[:, start:stop], 1.3), whole[:, start:stop])
+            assert torch.equal(class_sigmoid(logits[:, start:stop]), class_sigmoid(logits)[:, start:stop])
+    torch.testing.assert_close(class_sigmoid(logits), torch.sigmoid(logits), rtol=0, atol=1e-6)

@@ -48,6 +48,7 @@ def test_plan_writes_a_commented_config_that_loads_and_explains_itself(ct_msd: P
     assert code == 0
     printed = capsys.readouterr().out
     assert "nnU-Net default" in printed and "target spacing" in printed and "pooling per axis" in printed
+    assert "predict memory (scores)" in printed and "slab by slab" in printed and "whole volume" in printed
     text = out.read_text()
     assert "# median spacing" in text or "median spacing of the training cases" in text
     assert "  # --budget" in text  # train.max_minutes says where it came from

@@ -273,7 +273,7 @@ def _assemble(request: PlanRequest, fp: Fingerprint, config: dict[str, Any], d: 
                                                       d.spacing_rule.anisotropic_axis, rules.is_ct(fp.channels[0].name))
     why.update(_reasons(request, fp, config, d))
     why.update(structures.why)
-    explain = [*_explain_rows(request, config, d, why), *structures.explain]
+    explain = [*_explain_rows(request, config, d, why), *_predict_memory_rows(fp, config), *structures.explain]
     return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in d.choice.probe],
                 explain_rows=explain, notes=notes, candidates=structures.candidates)
 
@@ -350,6 +350,26 @@ def _explain_rows(request: PlanRequest, config: dict[str, Any], d: _Decisions, w
                    "1000 epochs x 250 steps", "the budget"),
         ExplainRow("sampler", config["patch"]["sampler"], "1/3 of patches forced on foreground", why["patch.sampler"]),
     ]
+
+
+def _predict_memory_rows(fp: Fingerprint, config: dict[str, Any]) -> list[ExplainRow]:
+    """What predicting the dataset's largest scan needs for its class scores: slab by slab (medseg)
+    beside the whole volume at once (nnU-Net keeps every class's logits of the scan)."""
+    from medseg.io.preflight import human_bytes
+    from medseg.tasks.segmentation.bounded import prediction_memory
+
+    if not fp.cases or fp.spatial_dims != 3:
+        return []
+    largest = max(fp.cases, key=lambda c: math.prod(c.shape))
+    contract = {"patch_size": config["patch"]["size"], "sliding_window": config["validation"],
+                "spacing": config["preprocess"]["spacing"], "labels": config["data"]["labels"],
+                "regions": config.get("regions")}
+    need = prediction_memory(largest.shape, largest.spacing, contract)
+    shape = "x".join(str(n) for n in largest.shape)
+    return [ExplainRow("predict memory (scores)", f"{human_bytes(need.bounded_bytes)} slab by slab",
+                       f"{human_bytes(need.full_bytes)} whole volume",
+                       f"the largest scan ({shape}); estimated, beside reading it; "
+                       "medseg.tasks.segmentation.bounded.prediction_memory gives it for any size")]
 
 
 CURVE_STEPS_NOTE = "8 steps from one initialisation"

@@ -11,7 +11,9 @@ inversion; ``keep_largest_component`` applies to the mask on the input's grid.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -37,15 +39,18 @@ from medseg.engine.case_io import (
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.results import CaseResult, Prediction, PredictOptions
 from medseg.engine.runtime import autocast_dtype
-from medseg.engine.sliding import label_map, predict_logits
-from medseg.engine.tta import Samples, predict_samples, tta_axes
+from medseg.engine.sliding import class_sigmoid, class_softmax, label_map, predict_logits
+from medseg.engine.tta import Samples, flip_combinations, predict_samples, tta_axes
 from medseg.engine.uncertainty import mean_foreground_entropy, sample_agreement, voxel_entropy
 from medseg.errors import CaseError, ModelError, PredictOptionError
 from medseg.io.dicom_seg import dicom_seg_available, write_dicom_seg
 from medseg.io.discovery import InputCase
 from medseg.io.naming import output_paths
+from medseg.io.preflight import available_memory, human_bytes
+from medseg.tasks.segmentation.bounded import ScoresPlan, SweepResult, member_slabs, plan_scores, sweep
 from medseg.tasks.segmentation.postprocess import remove_small_components, sizes_by_value
 from medseg.tasks.segmentation.regions import Regions, decode_regions
+from medseg.tasks.segmentation.slab_resample import SlabResampler, resamples
 
 PRED = "pred"
 #: The thresholds ``--qc KEY=VALUE`` may set (the contract stores the ones the model starts with).
@@ -69,6 +74,30 @@ def qc_thresholds(contract: dict[str, Any], overrides: Sequence[tuple[str, float
 UNCERTAINTY_COLUMNS = ("mean_entropy", "agreement")
 #: Models whose "add --tta" hint this process has printed.
 _TTA_HINT_GIVEN: set[str] = set()
+#: ``MEDSEG_PREDICT_SCORES``: how a scan's class scores are held (auto: see ScoresPlan).
+SCORES_MODES = ("auto", "full", "bounded")
+
+
+def check_scores_memory(plan: ScoresPlan, source: str, available: int, tta: bool) -> None:
+    """Refuse a scan whose class scores would not fit in memory the way they are to be held.
+
+    Raises:
+        CaseError: names the scan, the memory it needs and has, and what would make it fit.
+    """
+    needed = plan.bounded_bytes if plan.bounded else plan.full_bytes
+    if needed <= available:
+        return
+    how = "slab by slab" if plan.bounded else "for the whole volume at once"
+    fix = ("predict it on a machine with more memory, or with a model that resamples to a coarser spacing"
+           if plan.bounded else "leave --tta out (every axis is mirrored, so no slab can be swept one way) or "
+           "predict it on a machine with more memory" if tta else "predict it on a machine with more memory")
+    raise CaseError(f"{source}: its class scores need about {human_bytes(needed)} {how} ({plan.reason}); this "
+                    f"machine has {human_bytes(available)} available. Expected a scan whose scores fit; {fix}")
+
+
+def case_label(volume: MetaTensor) -> str:
+    """The file a preprocessed volume came from, for messages."""
+    return str(volume.meta.get("filename_or_obj") or "image given in memory")
 
 
 def _member_regions(model: LoadedModel) -> Regions | None:
@@ -151,9 +180,10 @@ class SegmentationPredictor:
                                     sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=self.device,
                                     amp_dtype=amp)
             if self.regions is not None:  # independent regions: no temperature is fitted for them
-                return torch.sigmoid(logits.float())
-            # each member's own temperature (fitted on its validation split; 1 for older models)
-            return torch.softmax(logits.float() / contract_temperature(contract), dim=0)
+                return class_sigmoid(logits)
+            # each member's own temperature (fitted on its validation split; 1 for older models); a
+            # softmax that rounds alike wherever a voxel sits, so the bounded path's slabs agree bitwise
+            return class_softmax(logits, contract_temperature(contract))
 
         return predict_samples(self.model.members(), image, dims, self.options.tta, run, keep_spread=keep_spread,
                                axes=self.flip_axes, decode=self.label_map if self.regions is not None else None)
@@ -183,6 +213,9 @@ class SegmentationPredictor:
         volume: MetaTensor = data[IMAGE]
         source = case_id if loaded else shown_source(image)
         check_input_shape(self.model.contract, volume.shape, source)
+        plan = self.scores_plan(volume)
+        if plan.bounded:
+            return self._predict_bounded(data, chain, case_id, plan.axis, keep_probabilities)
         many = self.options.tta or len(self.model.networks) > 1  # a spread to measure
         spread = self.samples(volume.as_tensor(), keep_spread=many)
         probs = spread.mean
@@ -217,6 +250,79 @@ class SegmentationPredictor:
                           probabilities=native.cpu().numpy().astype(np.float32) if keep_probabilities else None,
                           voxels=voxels, volumes_ml=volumes, uncertainty=uncertainty,
                           entropy=extra[0] if extra else None, variance=extra[1] if len(extra) > 1 else None)
+
+    def scores_plan(self, volume: MetaTensor) -> ScoresPlan:
+        """Whether this preprocessed volume's scores are held whole or slab by slab
+        (:func:`~medseg.tasks.segmentation.bounded.plan_scores`; ``MEDSEG_PREDICT_SCORES`` =
+        auto, full or bounded overrides the choice)."""
+        mode = os.environ.get("MEDSEG_PREDICT_SCORES", "auto")
+        if mode not in SCORES_MODES:
+            raise PredictOptionError(f"MEDSEG_PREDICT_SCORES={mode!r}: use one of {', '.join(SCORES_MODES)}")
+        contract = self.model.contract
+        dims = int(contract["spatial_dims"])
+        overlap = self.options.overlap if self.options.overlap is not None else contract["sliding_window"]["overlap"]
+        flips = flip_combinations(dims, self.options.tta, self.flip_axes)
+        native = tuple(int(s) for s in volume.meta["spatial_shape"])
+        unsupported = self.options.save_uncertainty or (self.min_sizes and resamples(contract))
+        plan = plan_scores(contract, tuple(volume.shape[1:]), native, classes=len(self.names) if self.regions is None
+                           else len(self.regions.labels), samples=len(flips) * len(self.model.networks),
+                           flip_axes=flips, overlap=float(overlap), available=available_memory(),
+                           mode="full" if unsupported else mode, resampled=resamples(contract))
+        logging.getLogger(__name__).debug("scores: %s (%s)", "slab by slab" if plan.bounded else "full", plan.reason)
+        check_scores_memory(plan, case_label(volume), available_memory(), self.options.tta)
+        return plan
+
+    def _predict_bounded(self, data: dict[Any, Any], chain: Any, case_id: str, axis: int,
+                         keep_probabilities: bool) -> Prediction:
+        """:meth:`predict` with the scores held one slab at a time (:mod:`~medseg.tasks.segmentation.bounded`)."""
+        volume: MetaTensor = data[IMAGE]
+        sigmoid = self.regions is not None
+        slabs = functools.partial(member_slabs, axis=axis, device=self.device, overlap=self.options.overlap,
+                                  amp=autocast_dtype(Precision.AUTO, self.device), sigmoid=sigmoid)
+        resample = SlabResampler.for_volume(volume, axis) if resamples(self.model.contract) else None
+        if resample is not None:
+            resample.start(self.label_map, keep_probabilities, len(self.names))
+        result = sweep(self.model.members(), volume.as_tensor(), axis=axis, tta=self.options.tta,
+                       flip_axes=self.flip_axes, slabs=slabs, decode=self.label_map, sigmoid=sigmoid,
+                       foreground=[v for v in self.names if v != 0],
+                       keep_probabilities=keep_probabilities and resample is None,
+                       on_slab=resample.add if resample is not None else None)
+        affine = np.asarray(volume.meta["original_affine"], dtype=np.float64)
+        if resample is not None:
+            labels, native_probs = resample.finish()
+        else:
+            labels, native_probs = self._invert_bounded(data, chain, result)
+        if self.keep_largest:
+            foreground = [k for k in self.names if k != 0]
+            labels = KeepLargestConnectedComponent(applied_labels=foreground, independent=True)(labels[None])[0]
+        label_array = labels.cpu().numpy().astype(np.uint8 if max(self.names) < 256 else np.uint16)
+        voxels, volumes = self.measure(label_array, affine)
+        return Prediction(case_id, "segmentation", affine, label_map=label_array,
+                          probabilities=native_probs.numpy().astype(np.float32, copy=False)
+                          if native_probs is not None else None,
+                          voxels=voxels, volumes_ml=volumes, uncertainty=result.totals.uncertainty())
+
+    def _invert_bounded(self, data: dict[Any, Any], chain: Any, result: SweepResult) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network-grid labels (and kept probabilities) of a sweep on the input's grid, for a model
+        that does not resample: its inverse moves voxels (orientation, crop), so inverting the labels
+        (nearest) gives the labels of the inverted probabilities."""
+        volume: MetaTensor = data[IMAGE]
+        labels = result.labels
+        if self.min_sizes:
+            if result.probabilities is not None:
+                result.probabilities = self.remove_small_components(result.probabilities, labels)
+            labels = torch.from_numpy(remove_small_components(labels.numpy(), self.min_sizes))
+
+        def invert(x: torch.Tensor, nearest: bool) -> torch.Tensor:
+            data[PRED] = MetaTensor(x, meta=dict(volume.meta), applied_operations=list(volume.applied_operations))
+            return Invertd(keys=PRED, transform=chain, orig_keys=IMAGE, nearest_interp=nearest)(data)[PRED].as_tensor()
+
+        native = invert(labels[None], True)[0].to(torch.uint8 if max(self.names) < 256 else torch.int32)
+        probs = invert(result.probabilities, False) if result.probabilities is not None else None
+        expected = tuple(int(s) for s in volume.meta["spatial_shape"])
+        if tuple(native.shape) != expected:  # pragma: no cover - Invertd guarantees this; keep it loud
+            raise CaseError(f"{case_label(volume)}: prediction shape {tuple(native.shape)} does not match the input {expected}")
+        return native, probs
 
     def remove_small_components(self, probs: torch.Tensor, consensus: torch.Tensor) -> torch.Tensor:
         """``probs`` with the small components of their mask (the contract's ``min_component_size``)

@@ -1,0 +1,291 @@
+"""Segmentation in bounded memory: the class scores of one slab at a time, never of the whole scan.
+
+The full-buffer path (:meth:`SegmentationPredictor.predict`'s default) holds the blended scores
+of every class over the whole volume, their probabilities, and those probabilities again on the
+input's grid: K float32 copies of the scan several times over. Here every (member, flip) sample
+sweeps its windows along one spatial axis (:func:`~medseg.engine.sliding.stream_logits`); the
+samples move in step, and each slab, once no window still to come touches it, is averaged,
+turned into labels and dropped. What stays is the network-grid label map (one byte a voxel), the
+probabilities only where the user asked to keep them, and for a resampled model one slab of
+probabilities at a time (see :mod:`medseg.tasks.segmentation.slab_resample`).
+
+Along the first spatial axis the windows run in MONAI's order, so the labels are bitwise the
+full-buffer path's (tests/tasks/test_bounded_predict.py); :func:`plan_scores` takes this path
+whenever that holds and no more memory is needed than one patch-thick slab per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg.engine.calibration import contract_temperature
+from medseg.engine.sliding import PIECE_BYTES, Slab, class_sigmoid, class_softmax, label_map, stream_logits
+from medseg.engine.tta import flip_combinations, flip_spatial
+from medseg.engine.uncertainty import voxel_entropy
+
+#: Bytes of one float32 value.
+F32 = 4
+
+
+@dataclass(frozen=True)
+class ScoresPlan:
+    """How one scan's class scores are held.
+
+    Attributes:
+        bounded: slab by slab (True) or the whole volume at once (the full-buffer path).
+        axis: the spatial axis the bounded path sweeps (network grid).
+        exact: the bounded path's labels are bitwise the full-buffer path's.
+        full_bytes: estimated peak of the full-buffer path's scores (bytes).
+        bounded_bytes: estimated peak of the bounded path's scores (bytes).
+        reason: why this path, in words (for logs and ``medseg plan --explain``).
+    """
+
+    bounded: bool
+    axis: int
+    exact: bool
+    full_bytes: int
+    bounded_bytes: int
+    reason: str
+
+
+def full_scores_bytes(classes: int, net_voxels: int, native_voxels: int, samples: int = 1) -> int:
+    """The full-buffer path's peak for its scores (estimated): the blended logits turned into
+    probabilities (and the running sum of several samples), those probabilities inverted onto the
+    input's grid, and the weights: K float32 volumes on each grid, one more with several samples."""
+    return F32 * ((1 + (samples > 1)) * classes * net_voxels + classes * native_voxels + net_voxels)
+
+
+def bounded_scores_bytes(classes: int, net_shape: Sequence[int], patch: Sequence[int], axis: int,
+                         sw_batch_size: int, overlap: float, samples: int = 1, native_plane: int = 0,
+                         piece_bytes: int = PIECE_BYTES) -> int:
+    """The bounded path's peak for its scores (estimated): per sample, the open slices (a patch
+    thick, and one stride more where a batch of windows spans two rows) of K scores and a weight;
+    the finished pieces (at most ``piece_bytes`` each: one per sample, and three pieces' worth of
+    averaging, labels and entropy); one byte a voxel of labels; for a resampling model, a few
+    K-class slices of the input's grid (``native_plane`` voxels each)."""
+    plane = math.prod(int(s) for i, s in enumerate(net_shape) if i != axis)
+    stride = max(1, int(patch[axis] * (1 - overlap)))
+    across = math.prod(len(range(0, max(1, int(s) - int(p)) + 1, max(1, int(p * (1 - overlap))))) + 1
+                       for i, (s, p) in enumerate(zip(net_shape, patch)) if i != axis)
+    reach = min(int(net_shape[axis]), patch[axis] + (stride if across % sw_batch_size else 0))
+    piece = min(piece_bytes, F32 * classes * stride * plane)
+    return (F32 * samples * (classes + 1) * reach * plane + (samples + 3) * piece + math.prod(net_shape)
+            + 4 * F32 * classes * native_plane)
+
+
+def plan_scores(contract: dict[str, Any], net_shape: Sequence[int], native_shape: Sequence[int], *,
+                classes: int, samples: int, flip_axes: Sequence[Sequence[int]], overlap: float,
+                available: int, mode: str = "auto", resampled: bool = False) -> ScoresPlan:
+    """Choose the full-buffer or the bounded path for one scan (``mode``: auto, full or bounded).
+
+    Auto sweeps the first axis whenever that gives the full-buffer path's labels bitwise (MONAI's
+    window order; no TTA flip turns that axis round; the model does not resample) and fits in
+    ``available`` bytes. Otherwise it keeps the full buffer while that fits, and past that sweeps
+    the unflipped axis that needs the least memory (the same labels up to float rounding).
+    """
+    patch = [int(p) for p in contract["patch_size"]]
+    batch = int(contract["sliding_window"]["sw_batch_size"])
+    full = full_scores_bytes(classes, math.prod(net_shape), math.prod(native_shape), samples)
+    flipped = {a for combo in flip_axes for a in combo}
+    costs = {a: bounded_scores_bytes(classes, net_shape, patch, a, batch, overlap, samples,
+                                     native_plane=math.prod(native_shape) // max(native_shape) if resampled else 0)
+             for a in range(len(net_shape)) if a not in flipped}
+    if not costs:
+        return ScoresPlan(False, 0, False, full, 0, "TTA flips every axis, so no axis can be swept in one direction")
+    exact = 0 in costs and not resampled
+    cheapest = min(costs, key=costs.__getitem__)
+    if mode == "full":
+        return ScoresPlan(False, cheapest, False, full, costs[cheapest], "the full buffer was asked for")
+    if exact and (mode == "bounded" or costs[0] <= available):
+        return ScoresPlan(True, 0, True, full, costs[0], "slab by slab along the first axis: the full buffer's "
+                          "labels in less memory")
+    if mode == "bounded":
+        return ScoresPlan(True, cheapest, False, full, costs[cheapest], "slab by slab was asked for")
+    if full <= available:
+        return ScoresPlan(False, cheapest, False, full, costs[cheapest], "the full buffer fits")
+    return ScoresPlan(True, cheapest, False, full, costs[cheapest],
+                      "the full buffer would not fit in the memory available: slab by slab")
+
+
+def prediction_memory(shape: Sequence[int], spacing: Sequence[float], contract: dict[str, Any], *,
+                      tta: bool = False, members: int = 1, available: int | None = None) -> ScoresPlan:
+    """What predicting a scan of ``shape`` voxels at ``spacing`` mm needs for its class scores, both
+    ways (``medseg plan --explain`` shows it for the largest scan of a dataset).
+
+    Args:
+        shape: the scan's voxels per axis (as read, before resampling).
+        spacing: its voxel size in mm.
+        contract: the model's contract (or a plan's equivalent: ``patch_size``, ``sliding_window``,
+            ``spacing``, ``labels`` / ``regions``, ``spatial_dims``, ``tta_axes``).
+        tta: with mirroring TTA.
+        members: ensemble members.
+        available: memory to plan against (default: what this machine has available now).
+    """
+    from medseg.io.preflight import available_memory
+
+    target = contract.get("spacing")
+    net_shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)) if target else tuple(shape)
+    classes = len(contract.get("regions") or contract.get("labels") or {}) or 2
+    flips = flip_combinations(len(shape), tta, contract.get("tta_axes"))
+    overlap = float(contract["sliding_window"]["overlap"])
+    return plan_scores(contract, net_shape, tuple(shape), classes=classes, samples=len(flips) * members,
+                       flip_axes=flips, overlap=overlap, available=available_memory() if available is None else available,
+                       resampled=bool(target))
+
+
+# ----------------------------------------------------------------------------------- the sweep
+
+
+#: One sample's probabilities for a preprocessed (flipped) image: (member, flip) -> slabs.
+SampleSweep = Callable[[tuple[nn.Module, dict[str, Any]], torch.Tensor], Iterator[Slab]]
+
+
+def member_slabs(member: tuple[nn.Module, dict[str, Any]], image: torch.Tensor, *, axis: int, device: torch.device,
+                 amp: torch.dtype | None, overlap: float | None, sigmoid: bool) -> Iterator[Slab]:
+    """One member's probabilities slab by slab: its blended logits through its temperature and
+    softmax (or sigmoid for a region model), as :meth:`SegmentationPredictor.samples` makes them."""
+    network, contract = member
+    window = contract["sliding_window"]
+    for start, stop, logits in stream_logits(
+            network, image, contract["patch_size"], overlap=overlap if overlap is not None else window["overlap"],
+            sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=device, amp_dtype=amp, axis=axis):
+        yield start, stop, class_sigmoid(logits) if sigmoid else class_softmax(logits, contract_temperature(contract))
+
+
+def in_step(sweeps: Sequence[Iterator[Slab]], axis: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    """Slabs of several sweeps of one volume, cut to the ranges they have all finished: members with
+    other patch sizes finish other ranges, so each one's pieces wait until the others catch up."""
+    pending: list[list[Slab]] = [[] for _ in sweeps]
+    reached = [0] * len(sweeps)
+    done = 0
+    live = list(sweeps)
+    while True:
+        for i, sweep in enumerate(live):
+            while reached[i] <= done:
+                piece = next(sweep, None)
+                if piece is None:
+                    break
+                pending[i].append(piece)
+                reached[i] = piece[1]
+        common = min(reached)
+        if common <= done:
+            return
+        yield done, common, [_take(p, done, common, axis) for p in pending]
+        done = common
+
+
+def _take(pieces: list[Slab], start: int, stop: int, axis: int) -> torch.Tensor:
+    """``[start, stop)`` along ``axis`` from a sweep's pending pieces, dropping what is used up."""
+    ax = 1 + axis
+    parts = []
+    for s, e, scores in pieces:
+        lo, hi = max(s, start), min(e, stop)
+        if hi > lo:
+            parts.append(scores.narrow(ax, lo - s, hi - lo))
+    pieces[:] = [(s, e, x) for s, e, x in pieces if e > stop]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=ax)
+
+
+@dataclass
+class SweepTotals:
+    """What the sweep measures besides the labels: the sums behind the mean foreground entropy and
+    each sample's overlap with the consensus (the agreement)."""
+
+    entropy_fg: float = 0.0
+    voxels_fg: int = 0
+    entropy_all: float = 0.0
+    voxels_all: int = 0
+    overlaps: list[dict[int, tuple[int, int, int]]] | None = None
+
+    def add_entropy(self, probs: torch.Tensor, consensus: torch.Tensor, sigmoid: bool) -> None:
+        entropy = voxel_entropy(probs, sigmoid)
+        inside = consensus != 0
+        self.entropy_fg += float(entropy[inside].double().sum())
+        self.voxels_fg += int(inside.sum())
+        self.entropy_all += float(entropy.double().sum())
+        self.voxels_all += entropy.numel()
+
+    def add_agreement(self, labels: Sequence[torch.Tensor], consensus: torch.Tensor, foreground: Sequence[int]) -> None:
+        if self.overlaps is None:
+            self.overlaps = [{v: (0, 0, 0) for v in foreground} for _ in labels]
+        for counts, sample in zip(self.overlaps, labels):
+            for value in foreground:
+                a, b = sample == value, consensus == value
+                n_a, n_b, n_ab = counts[value]
+                counts[value] = (n_a + int(a.sum()), n_b + int(b.sum()), n_ab + int((a & b).sum()))
+
+    def uncertainty(self) -> dict[str, float | None]:
+        """``mean_entropy`` and ``agreement`` as :func:`~medseg.engine.uncertainty.mean_foreground_entropy`
+        and :func:`~medseg.engine.uncertainty.sample_agreement` define them (sums in float64)."""
+        entropy = self.entropy_fg / self.voxels_fg if self.voxels_fg else self.entropy_all / max(self.voxels_all, 1)
+        agreement = None
+        if self.overlaps is not None and len(self.overlaps) >= 2:
+            scores = []
+            for counts in self.overlaps:
+                per = [1.0 if n_a + n_b == 0 else 2.0 * n_ab / (n_a + n_b) for n_a, n_b, n_ab in counts.values()]
+                scores.append(sum(per) / len(per) if per else 1.0)
+            agreement = float(sum(scores) / len(scores))
+        return {"mean_entropy": float(entropy), "agreement": agreement}
+
+
+@dataclass
+class SweepResult:
+    """The network-grid outcome of a sweep: the consensus labels, the kept probabilities, the totals."""
+
+    labels: torch.Tensor
+    probabilities: torch.Tensor | None
+    totals: SweepTotals
+
+
+def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tensor, *, axis: int, tta: bool,
+          flip_axes: Sequence[int] | None, slabs: SampleSweep, decode: Callable[[torch.Tensor], torch.Tensor],
+          foreground: Sequence[int], sigmoid: bool, keep_probabilities: bool,
+          on_slab: Callable[[int, int, torch.Tensor], None] | None = None) -> SweepResult:
+    """Every (member, flip) sample of ``image`` in step along ``axis``: per slab the samples'
+    mean (summed in :func:`~medseg.engine.tta.predict_samples`' order), its labels (``decode``),
+    the uncertainty sums, and ``on_slab(start, stop, mean)`` for whoever resamples it."""
+    dims = image.ndim - 1
+    combos = flip_combinations(dims, tta, flip_axes)
+    if any(axis in combo for combo in combos):
+        raise ValueError(f"sweep: axis {axis} is flipped by TTA; sweep an axis no flip turns round")
+    runs = [(m, combo) for m in members for combo in combos]
+    streams = [slabs(m, flip_spatial(image, combo, dims)) for m, combo in runs]
+    spatial = tuple(image.shape[1:])
+    labels = torch.zeros(spatial, dtype=torch.uint8)
+    kept: torch.Tensor | None = None
+    totals = SweepTotals()
+    for start, stop, outs in in_step(streams, axis):
+        outs = [flip_spatial(o, combo, dims) for o, (_, combo) in zip(outs, runs)]
+        sample_labels = [decode(o) for o in outs] if len(outs) > 1 else []
+        total = outs[0]
+        for out in outs[1:]:
+            total = total.add_(out)
+        mean = total.div_(len(outs))
+        consensus = decode(mean)
+        totals.add_entropy(mean, consensus, sigmoid)
+        if sample_labels:
+            totals.add_agreement(sample_labels, consensus, foreground)
+        labels.narrow(axis, start, stop - start).copy_(consensus)
+        if keep_probabilities:
+            if kept is None:
+                kept = torch.empty((mean.shape[0], *spatial), dtype=torch.float32)
+            kept.narrow(1 + axis, start, stop - start).copy_(mean)
+        if on_slab is not None:
+            on_slab(start, stop, mean)
+    return SweepResult(labels, kept, totals)
+
+
+def argmax_labels(scores: torch.Tensor) -> torch.Tensor:
+    """:func:`~medseg.engine.sliding.label_map` (one sample's labels, as the spread keeps them)."""
+    return label_map(scores)
+
+
+def label_dtype(names: dict[int, str]) -> type:
+    return np.uint8 if max(names) < 256 else np.uint16

@@ -1,0 +1,116 @@
+"""Bounded-memory prediction (slab by slab) gives the full-buffer path's masks, bitwise.
+
+Small awkward volumes written to disk: odd shapes, anisotropic voxels, affines that permute and
+flip axes, a zero border for the foreground crop, several classes, TTA, an ensemble whose
+members have different patches, small-component removal, and a resampling model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import medseg
+from medseg.engine.model_loading import LoadedModel
+from medseg.engine.results import PredictOptions
+from medseg.tasks.segmentation.bounded import plan_scores
+from medseg.tasks.segmentation.predict import SegmentationPredictor
+from medseg.tasks.segmentation.training import build_network, model_contract
+from tests.conftest import REPO
+
+SMALL = ["model.channels=[4,8,16]", "model.strides=[2,2]", "data.labels={0: background, 1: a, 2: b, 3: c}"]
+#: voxel axes -> world: permuted, flipped, anisotropic, shifted
+AFFINE = np.array([[0.0, -0.9, 0.0, 10.0], [1.1, 0.0, 0.0, -5.0], [0.0, 0.0, 2.5, 3.0], [0, 0, 0, 1]])
+
+
+def _member(overrides: list[str], seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    cfg = medseg.load_config(REPO / "configs" / "msd_hippocampus.yaml", [*SMALL, *overrides])
+    torch.manual_seed(seed)
+    return build_network(cfg).eval(), model_contract(cfg)
+
+
+def _model(*members: tuple[torch.nn.Module, dict], **contract_extra: object) -> LoadedModel:
+    networks = tuple(m[0] for m in members)
+    contracts = tuple({**m[1], **contract_extra} for m in members)
+    return LoadedModel(networks, contracts[0], tuple(f"m{i}" for i in range(len(members))), (None,) * len(members),
+                       member_contracts=contracts if len(members) > 1 else (), weights_sha256=("0" * 64,) * len(members))
+
+
+def _scan(tmp_path: Path, shape: tuple[int, ...] = (23, 31, 13), border: int = 0) -> Path:
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 1, shape).astype(np.float32)
+    if border:
+        volume[:border] = 0
+        volume[:, -border:] = 0
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, AFFINE), path)
+    return path
+
+
+def _both(model: LoadedModel, path: Path, monkeypatch: pytest.MonkeyPatch, **options: object):
+    out = []
+    for mode in ("full", "bounded"):
+        monkeypatch.setenv("MEDSEG_PREDICT_SCORES", mode)
+        predictor = SegmentationPredictor(model, PredictOptions(**options), torch.device("cpu"))
+        out.append(predictor.predict(path, "case", keep_probabilities=True))
+    return out
+
+
+@pytest.mark.parametrize("overrides, options, extra", [
+    ([], {}, {}),  # odd shape, permuted and flipped axes, patch bigger than an axis (padding)
+    (["patch.size=[8,8,8]", "validation.sw_batch_size=3", "validation.overlap=0.5"], {}, {}),
+    (["patch.size=[16,16,8]"], {"tta": True}, {"tta_axes": [1, 2]}),  # flips that keep the swept axis
+    (["patch.size=[16,16,8]", "postprocess.min_component_size={a: 40, b: 40, c: 40}"], {"keep_largest": True}, {}),
+], ids=["plain", "small-patch-batch-3", "tta", "postprocess"])
+def test_bounded_masks_and_probabilities_are_the_full_buffers_bitwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str], options: dict, extra: dict) -> None:
+    model = _model(_member(["patch.size=[16,16,32]", *overrides] if not overrides else overrides), **extra)
+    full, bounded = _both(model, _scan(tmp_path), monkeypatch, **options)
+    assert full.label_map.shape == (23, 31, 13) and len(np.unique(full.label_map)) >= 3
+    assert np.array_equal(full.label_map, bounded.label_map)
+    assert np.array_equal(full.probabilities, bounded.probabilities)
+    np.testing.assert_array_equal(full.affine, bounded.affine)
+    assert full.voxels == bounded.voxels
+    assert full.uncertainty["agreement"] == bounded.uncertainty["agreement"]
+    assert full.uncertainty["mean_entropy"] == pytest.approx(bounded.uncertainty["mean_entropy"], rel=1e-6)
+
+
+def test_bounded_ensemble_of_different_patches_and_foreground_crop(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    crop = ["preprocess.crop_foreground=true"]
+    model = _model(_member(["patch.size=[16,16,8]", *crop], 0), _member(["patch.size=[8,16,16]", *crop], 1))
+    full, bounded = _both(model, _scan(tmp_path, (29, 26, 15), border=4), monkeypatch)
+    assert (full.label_map[:4] == 0).all()  # the cropped border: background, as Invertd pads it
+    assert np.array_equal(full.label_map, bounded.label_map)
+    assert np.array_equal(full.probabilities, bounded.probabilities)
+    assert full.uncertainty["agreement"] == bounded.uncertainty["agreement"] is not None
+
+
+def test_bounded_resampling_model_agrees_to_rounding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(_member(["patch.size=[16,16,8]", "preprocess.spacing=[1.3,0.8,1.7]"]))
+    full, bounded = _both(model, _scan(tmp_path), monkeypatch)
+    # its own interpolation, not Invertd's: the same to float rounding, so only near-ties may differ
+    np.testing.assert_allclose(full.probabilities, bounded.probabilities, atol=1e-5)
+    assert (full.label_map == bounded.label_map).mean() > 0.999
+
+
+def test_plan_takes_the_exact_sweep_and_keeps_the_full_buffer_where_the_sweep_would_not_be_exact() -> None:
+    contract = {"patch_size": [96, 96, 64], "sliding_window": {"sw_batch_size": 4}}
+    shape = (512, 512, 300)
+    common = {"classes": 3, "samples": 1, "overlap": 0.25}
+    plan = plan_scores(contract, shape, shape, flip_axes=[()], available=64 << 30, **common)
+    assert plan.bounded and plan.axis == 0 and plan.exact and plan.bounded_bytes < plan.full_bytes / 2
+    mirrored = [(), (0,), (1,), (0, 1)]
+    plan = plan_scores(contract, shape, shape, flip_axes=mirrored, available=64 << 30, **common)
+    assert not plan.bounded and "fits" in plan.reason  # a flip turns the first axis round: not bitwise
+    plan = plan_scores(contract, shape, shape, flip_axes=mirrored, available=1 << 30, **common)
+    assert plan.bounded and plan.axis == 2 and not plan.exact
+    plan = plan_scores(contract, shape, shape, flip_axes=[(), (0, 1, 2)], available=1 << 30, **common)
+    assert not plan.bounded and "every axis" in plan.reason
+    whole_body = plan_scores(contract, (273, 273, 1000), (512, 512, 1000), flip_axes=[()], available=16 << 30,
+                             resampled=True, classes=100, samples=1, overlap=0.25)
+    assert whole_body.bounded and whole_body.axis == 2 and whole_body.full_bytes > 100 << 30
