@@ -38,7 +38,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ HIPPO = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from interleaved import run_child  # noqa: E402
-from tiny import add_tiny_arguments, results_folder, subset_manifest  # noqa: E402
+from tiny import add_tiny_arguments, results_folder, scratch_folder, subset_manifest  # noqa: E402
 
 Shape = tuple[int, int, int]
 
@@ -550,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     out = results_folder(args)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench_perf_"))
+    work = args.work or scratch_folder("bench_perf_", args, out)
     only = set(args.only.split(","))
     started = time.perf_counter()
     report: dict[str, Any] = {"machine": _machine(), "repeats": args.repeats}

@@ -30,12 +30,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from interleaved import in_process
-from tiny import add_tiny_arguments, results_folder
+from tiny import add_tiny_arguments, results_folder, scratch_folder
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = ("medseg", "medseg-onnxruntime", "medseg-openvino")
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         args.repeats, args.cases = 1, min(args.cases, 2)
     args.out = results_folder(args)
-    work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    work = scratch_folder("bench_predict_", args, args.out)
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     workloads = []
     hippo_in = work / "hippo_in"

@@ -19,11 +19,10 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from tiny import add_tiny_arguments, results_folder, subset_manifest
+from tiny import add_tiny_arguments, results_folder, scratch_folder, subset_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 HIPPO = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
@@ -53,7 +52,7 @@ def main() -> None:
 
     run_dir = args.run_dir
     if run_dir is None:
-        work = Path(tempfile.mkdtemp(prefix="check_precision_"))
+        work = scratch_folder("check_precision_", args, out)
         budget = ["--set", f"train.max_minutes={args.minutes}"]
         if args.tiny:
             manifest = subset_manifest(REPO / "data_manifests" / "msd_hippocampus.csv", work / "tiny.csv",
@@ -70,7 +69,7 @@ def main() -> None:
     for name, overrides in SETTINGS.items():
         cfg = load_config(run_dir / "resolved_config.yaml", overrides)
         started = time.perf_counter()
-        ctx = PipelineContext(cfg, REPO / cfg.data.manifest, HIPPO, Path(tempfile.mkdtemp()), NullTracker(),
+        ctx = PipelineContext(cfg, REPO / cfg.data.manifest, HIPPO, scratch_folder("evaluate_", args, out), NullTracker(),
                               progress=False)
         metrics = TASK.evaluate(ctx, checkpoint, "val", "val")
         rows[name] = {"seconds": time.perf_counter() - started,

@@ -46,6 +46,14 @@ def results_folder(args: argparse.Namespace) -> Path:
     return args.out
 
 
+def scratch_folder(prefix: str, args: argparse.Namespace, out: Path) -> Path:
+    """A new scratch folder: in tiny mode inside the results folder ``out`` (so a test's temporary
+    folder holds everything a run leaves), else in the system's temporary folder, as before."""
+    if args.tiny:
+        out.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=out if args.tiny else None))
+
+
 def subset_manifest(source: Path, out: Path, per_split: dict[str, int]) -> Path:
     """Write the first ``n`` cases of each named split of the manifest CSV ``source`` (columns kept) to ``out``.
 
