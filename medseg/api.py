@@ -514,6 +514,7 @@ def load_case_predictor(uris: Sequence[str], tracking_uri: str, backend: str, op
     predictor: what each Ray actor runs (see :meth:`Predictor.case_predictor_factory`)."""
     _tracking(tracking_uri or None)
     device = resolve_device(options.device)
+    tune_allocator()  # as Predictor.from_uri does for the local path: the same speed in each actor
     model = load_models(list(uris), device, network_from_spec)
     task = get_task(model.task)
     return task.case_predictor(on_backend(model, task, resolve_backend(backend, device)), options, device)

@@ -147,9 +147,25 @@ def ray_runtime(options: RayOptions) -> Iterator[Any]:
     else:
         ray.init(num_cpus=options.local_cpus or os.cpu_count() or 1, include_dashboard=options.dashboard, **quiet)
     try:
+        if not address:  # a cluster may grow (an autoscaler); this machine will not
+            check_fits(options, ray.cluster_resources())
         yield ray
     finally:
         ray.shutdown()
+
+
+def check_fits(options: RayOptions, resources: dict[str, float]) -> None:
+    """Refuse a pool the local runtime cannot hold (Ray would wait for it forever).
+
+    Raises:
+        UsageError: names what the actors need, what this machine has, and the flags to change.
+    """
+    for kind, each, flag in (("CPU", options.cpus_per_actor, "--ray-cpus-per-actor"),
+                             ("GPU", options.gpus_per_actor, "--ray-gpus-per-actor")):
+        need, have = options.actors * each, float(resources.get(kind, 0.0))
+        if need > have:
+            raise UsageError(f"--ray-actors {options.actors} x {flag} {each:g} need {need:g} {kind}(s); the local Ray "
+                             f"runtime has {have:g}. Use fewer actors or less per actor, or a cluster (--ray-address)")
 
 
 # ----------------------------------------------------------------------------------- rows

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 import medseg
 from medseg.cli import main
 from medseg.data.manifest import read_manifest
-from medseg.engine.ray_predict import RayCaseRunner, RayOptions
+from medseg.engine.ray_predict import RayCaseRunner, RayOptions, check_fits
 from medseg.errors import UsageError
 from tests.conftest import HIPPO, REPO, TCIA, require
 from tests.fuzz.hostile import truncated
@@ -277,6 +277,8 @@ def test_ray_options_are_checked_before_anything_runs(trained_segmentation, tmp_
         RayCaseRunner(lambda: None, RayOptions(actors=0))  # type: ignore[arg-type, return-value]
     with pytest.raises(UsageError, match="need 4; give more CPUs or fewer actors"):
         RayOptions(actors=2, cpus_per_actor=2, local_cpus=2).check()
+    with pytest.raises(UsageError, match=r"--ray-gpus-per-actor 1 need 2 GPU\(s\); the local Ray runtime has 0"):
+        check_fits(RayOptions(actors=2, gpus_per_actor=1), {"CPU": 2.0})
     with pytest.raises(UsageError, match="--engine 'spark': unknown; use one of local, ray"):
         medseg.predict_dataset(trained_segmentation["model_uri"], tmp_path, tmp_path / "out", engine="spark",
                                tracking_uri=trained_segmentation["tracking_uri"])
