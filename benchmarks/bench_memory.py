@@ -1,0 +1,219 @@
+"""Peak memory of segmentation prediction: the full-buffer path against the bounded (slab) one.
+
+Each prediction runs in its own child process (``medseg.Predictor.predict_folder`` on a folder
+of one scan, review page off), whose peak resident memory (``VmHWM``, the whole process: Python,
+torch, the model, reading, writing) and wall time it reports.
+
+Workloads:
+- ``ct300``: a 512x512x300 int16 CT-like volume (0.7x0.7x1.5 mm, LPS, as bench_predict.py's ct512)
+  with a freshly initialised lean 3D U-Net (8-16-32-64, patch 96x96x64, overlap 0.25, CT window)
+  and 3 classes. Three paths, interleaved: ``head`` (the code of the commit given by ``--head``,
+  from a git worktree: the full buffer as it was), ``full`` (this code, ``MEDSEG_PREDICT_SCORES=full``)
+  and ``bounded`` (``MEDSEG_PREDICT_SCORES=bounded``). Their masks are compared voxel by voxel.
+- ``wb1000``: a 512x512x1000 whole-body-sized volume (0.8x0.8x1.5 mm) with a freshly initialised
+  100-class head resampling to ``--wb-spacing`` (default 1.5 mm, TotalSegmentator's) with patch
+  ``--wb-patch``; the bounded path only (the full buffer would need ~100 GB).
+
+Usage: python benchmarks/bench_memory.py [--repeats 2] [--head 9b682be] [--skip-ct] [--skip-wb] [--out benchmarks/results]
+Writes memory.json and memory.md to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+#: The last commit before bounded prediction (Issue 29 part 3): the full-buffer path as it was.
+BEFORE = "9b682be"
+CT_MODEL = ["model.channels=[8,16,32,64]", "validation.overlap=0.25", "preprocess.intensity.mode=ct_window",
+            "preprocess.intensity.window=[-160,240]"]
+
+
+def _log_model(workdir: Path, overrides: list[str], name: str) -> str:
+    """Log a freshly initialised network with its contract, as `medseg run` would."""
+    from medseg import load_config
+    from medseg.engine.loop import log_network
+    from medseg.tasks.segmentation.training import build_network, model_contract
+    from medseg.tracking import MlflowTracker
+
+    cfg = load_config(REPO / "configs" / "msd_hippocampus.yaml", overrides)
+    tracker = MlflowTracker(f"sqlite:///{workdir / 'mlflow.db'}", "bench-memory")
+    tracker.start(name, {})
+    uri = log_network(build_network(cfg), cfg, model_contract(cfg), workdir / name, tracker)
+    tracker.end()
+    return uri
+
+
+def _make_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> None:
+    """A body-shaped ellipse of soft tissue in air with noise, int16, LPS (negative x and y)."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    grid = np.ogrid[: shape[0], : shape[1]]
+    body = ((grid[0] - shape[0] // 2) ** 2 / (0.39 * shape[0]) ** 2
+            + (grid[1] - shape[1] // 2) ** 2 / (0.29 * shape[1]) ** 2) < 1
+    volume = np.empty(shape, dtype=np.int16)
+    for z in range(shape[2]):  # slice by slice: the generator's own memory stays small
+        volume[:, :, z] = np.where(body, 40, -1000) + rng.normal(0, 20, shape[:2]).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])), path)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """Child process: predict the folder with one path; print a JSON line."""
+    if args.tree:
+        sys.path.insert(0, args.tree)  # the head worktree's medseg before the installed one
+    if args.worker in ("full", "bounded"):
+        os.environ["MEDSEG_PREDICT_SCORES"] = args.worker
+    import medseg
+    from medseg.engine.case_io import peak_rss_mb
+
+    started = time.perf_counter()
+    predictor = medseg.Predictor.from_uri(args.model, tracking_uri=args.tracking_uri)
+    batch = predictor.predict_folder(Path(args.input), Path(args.output), overwrite=True, progress=False, review=False)
+    seconds = time.perf_counter() - started
+    bad = [r.error for r in batch.results if r.status != "ok"]
+    if bad:
+        raise SystemExit(f"prediction failed: {bad}")
+    print(json.dumps({"path": args.worker, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+                      "medseg": str(Path(medseg.__file__).parent)}))
+
+
+def _run(path: str, model: str, tracking: str, input_dir: Path, out: Path, tree: str | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", path, "--model", model, "--tracking-uri", tracking,
+           "--input", str(input_dir), "--output", str(out)] + (["--tree", tree] if tree else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{path} worker failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{input_dir.name} {path}: {result['seconds']:.1f} s, {result['peak_rss_mb']:.0f} MiB", flush=True)
+    return result
+
+
+def _compare(a: Path, b: Path) -> dict:
+    """Voxels where two masks differ, and whether they are bitwise equal (values and affine)."""
+    import nibabel as nib
+    import numpy as np
+
+    ia, ib = nib.load(a), nib.load(b)
+    x, y = np.asarray(ia.dataobj), np.asarray(ib.dataobj)
+    return {"voxels": int(x.size), "differ": int((x != y).sum()), "bitwise_equal": bool(np.array_equal(x, y)),
+            "same_affine": bool(np.array_equal(ia.affine, ib.affine)),
+            "label_counts": {int(v): int(c) for v, c in zip(*np.unique(x, return_counts=True))}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--head", default=BEFORE, help="the commit whose full-buffer path is today's (default: the "
+                                                       "last one before bounded prediction)")
+    parser.add_argument("--skip-ct", action="store_true")
+    parser.add_argument("--skip-wb", action="store_true")
+    parser.add_argument("--wb-spacing", type=float, default=1.5)
+    parser.add_argument("--wb-patch", default="96,96,64")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--worker", choices=["head", "full", "bounded"])
+    for name in ("--model", "--tracking-uri", "--input", "--output", "--tree"):
+        parser.add_argument(name)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    head = subprocess.run(["git", "rev-parse", args.head], capture_output=True, text=True, cwd=REPO,
+                          check=True).stdout.strip()
+    report: dict = {"head": head, "workloads": {}}
+    if not args.skip_ct:
+        report["workloads"]["ct300"] = _ct300(args, work, tracking, head)
+    if not args.skip_wb:
+        report["workloads"]["wb1000"] = _wb1000(args, work, tracking)
+    _write(args.out, report)
+
+
+def _ct300(args: argparse.Namespace, work: Path, tracking: str, head: str) -> dict:
+    tree = work / "head"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), head], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+        inputs = work / "ct300"
+        inputs.mkdir()
+        _make_ct(inputs / "ct.nii.gz", (512, 512, 300), (0.7, 0.7, 1.5))
+        model = _log_model(work, ["patch.size=[96,96,64]", *CT_MODEL], "ct300")
+        paths = ["head", "full", "bounded"]
+        runs: dict[str, list[dict]] = {p: [] for p in paths}
+        for repeat in range(args.repeats):
+            for path in paths[repeat % 3:] + paths[: repeat % 3]:
+                runs[path].append(_run(path, model, tracking, inputs, work / f"out_{path}",
+                                       str(tree) if path == "head" else None))
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False, capture_output=True)
+    masks = {p: work / f"out_{p}" / "ct.nii.gz" for p in paths}
+    return {"shape": [512, 512, 300], "classes": 3, "model": "lean U-Net 8-16-32-64, patch 96x96x64, overlap 0.25",
+            "runs": runs, "seconds": {p: statistics.median(r["seconds"] for r in runs[p]) for p in paths},
+            "peak_rss_mb": {p: max(r["peak_rss_mb"] for r in runs[p]) for p in paths},
+            "bounded_vs_full": _compare(masks["full"], masks["bounded"]),
+            "bounded_vs_head": _compare(masks["head"], masks["bounded"])}
+
+
+def _wb1000(args: argparse.Namespace, work: Path, tracking: str) -> dict:
+    inputs = work / "wb1000"
+    inputs.mkdir()
+    _make_ct(inputs / "wb.nii.gz", (512, 512, 1000), (0.8, 0.8, 1.5))
+    labels = "{" + ", ".join(f"{i}: c{i}" for i in range(100)) + "}"
+    spacing = args.wb_spacing
+    patch = f"[{args.wb_patch}]"
+    model = _log_model(work, [f"patch.size={patch}", *CT_MODEL, f"data.labels={labels}",
+                              f"preprocess.spacing=[{spacing},{spacing},{spacing}]"], "wb1000")
+    run = _run("bounded", model, tracking, inputs, work / "out_wb", None)
+    return {"shape": [512, 512, 1000], "classes": 100, "spacing_mm": [0.8, 0.8, 1.5],
+            "model": f"lean U-Net 8-16-32-64, 100 classes, patch {patch}, overlap 0.25, resampled to {spacing} mm",
+            "runs": {"bounded": [run]}, "seconds": {"bounded": run["seconds"]},
+            "peak_rss_mb": {"bounded": run["peak_rss_mb"]}}
+
+
+def _write(out: Path, report: dict) -> None:
+    import platform
+
+    import torch
+
+    report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                         "note": "a shared 2-core host: other jobs ran beside these, so wall times are noisy"}
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "memory.json").exists():  # a run of one workload keeps the other's last results
+        earlier = json.loads((out / "memory.json").read_text())
+        report["workloads"] = {**earlier.get("workloads", {}), **report["workloads"]}
+    (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["| workload | path | s (median) | peak RSS (MiB) | vs head: time | vs head: memory |", "|---|---|---|---|---|---|"]
+    for name, w in report["workloads"].items():
+        base_s, base_m = w["seconds"].get("head"), w["peak_rss_mb"].get("head")
+        for path, s in w["seconds"].items():
+            m = w["peak_rss_mb"][path]
+            lines.append(f"| {name} ({'x'.join(map(str, w['shape']))}, {w['classes']} classes) | {path} | {s:.1f} | "
+                         f"{m:.0f} | {f'{s / base_s:.2f}x' if base_s else ''} | {f'{m / base_m:.2f}x' if base_m else ''} |")
+    lines.append("")
+    for name, w in report["workloads"].items():
+        lines.append(f"- {name}: {w['model']}.")
+        for key in ("bounded_vs_full", "bounded_vs_head"):
+            if key in w:
+                c = w[key]
+                lines.append(f"  - masks {key.replace('_', ' ')}: {c['differ']} of {c['voxels']} voxels differ "
+                             f"(bitwise equal: {c['bitwise_equal']}, same affine: {c['same_affine']}).")
+    lines.append(f"\nhead = {report['head']} (today's full-buffer code, from a git worktree); full/bounded = this code "
+                 "with MEDSEG_PREDICT_SCORES=full/bounded. Peak RSS is each child process's VmHWM. "
+                 f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch "
+                 f"{report['machine']['torch']}; {report['machine']['note']}.")
+    (out / "memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
