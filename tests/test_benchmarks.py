@@ -68,7 +68,7 @@ class TinyRuns:
                 del self.running[script]
         while self.pending and len(self.running) < 2:
             script = self.pending.pop(0)
-            with open(self.root / f"{script}.log", "w") as log:
+            with open(self.root / f"{script}.log", "w", encoding="utf-8") as log:
                 proc = subprocess.Popen(self._command(script), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             self.running[script] = (proc, time.monotonic())
 
@@ -81,7 +81,7 @@ class TinyRuns:
             self._poll()
             time.sleep(0.2)
         if self.exit_codes[script] != 0:
-            log = (self.root / f"{script}.log").read_text()
+            log = (self.root / f"{script}.log").read_text(encoding="utf-8")
             pytest.fail(f"{' '.join(self._command(script))} exited {self.exit_codes[script]} (killed after "
                         f"{TINY_TIMEOUT_S} s if negative):\n{log[-5000:]}")
         return self.root / script
@@ -118,10 +118,10 @@ def _numbers(obj: dict, names: set[str] | list[str], where: str) -> None:
 def _table(md: Path) -> list[list[str]]:
     """The body rows of the Markdown table in ``md``, as lists of cells."""
     assert md.is_file() and md.stat().st_size > 0, f"{md} was not written"
-    lines = [line for line in md.read_text().splitlines() if line.startswith("|")]
-    assert len(lines) >= 3 and re.fullmatch(r"\|(---\|)+", lines[1]), f"{md}: no table:\n{md.read_text()}"
+    lines = [line for line in md.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    assert len(lines) >= 3 and re.fullmatch(r"\|(---\|)+", lines[1]), f"{md}: no table:\n{md.read_text(encoding='utf-8')}"
     width = lines[0].count("|")
-    assert all(line.count("|") == width for line in lines), f"{md}: rows of unequal width:\n{md.read_text()}"
+    assert all(line.count("|") == width for line in lines), f"{md}: rows of unequal width:\n{md.read_text(encoding='utf-8')}"
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
@@ -149,7 +149,7 @@ def _check_predict(predicted: dict, workloads: set[str]) -> None:
 def test_bench_predict_tiny_writes_every_workload_and_path(tiny_runs: TinyRuns, script: str) -> None:
     out = tiny_runs.wait(script)
 
-    predicted = json.loads((out / "predict.json").read_text())
+    predicted = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     _check_predict(predicted, {"hippocampus", "ct512"})
     rows = _table(out / "predict.md")
     assert len(rows) == len(predicted["rows"]) and all(len(r) == 8 for r in rows)
@@ -162,7 +162,7 @@ def test_bench_perf_names_every_path_bench_predict_runs() -> None:
 
 
 def test_bench_perf_reads_the_folder_inference_rows_bench_predict_writes() -> None:
-    predicted = json.loads((REPO / "benchmarks" / "results" / "predict.json").read_text())
+    predicted = json.loads((REPO / "benchmarks" / "results" / "predict.json").read_text(encoding="utf-8"))
     rows = _bench("bench_perf")._folder_inference_rows(predicted)
 
     hippocampus = [r for r in predicted["rows"] if r["workload"] == "hippocampus" and r["path"] != "monai"]
@@ -207,9 +207,9 @@ def test_bench_perf_tiny_runs_every_workload_and_writes_its_table(tiny_runs: Tin
     """`make bench`'s whole chain, W1-W4 with bench_predict.py inside, on toy inputs."""
     out = tiny_runs.wait(script)
 
-    report = json.loads((out / "perf.json").read_text())
+    report = json.loads((out / "perf.json").read_text(encoding="utf-8"))
     _check_perf(report)
-    predicted = json.loads((out.parent / "bench_perf-work" / "predict" / "predict.json").read_text())
+    predicted = json.loads((out.parent / "bench_perf-work" / "predict" / "predict.json").read_text(encoding="utf-8"))
     assert report["w4"]["folder_inference"] == predicted
     rows = _table(out / "perf.md")
     backends = [r for r in report["w4"]["folder_inference"]["rows"] if r["path"] != "monai"]
@@ -228,7 +228,7 @@ def test_bench_perf_tiny_runs_every_workload_and_writes_its_table(tiny_runs: Tin
 def test_bench_ddp_tiny_writes_every_variant(tiny_runs: TinyRuns, script: str) -> None:
     out = tiny_runs.wait(script)
 
-    report = json.loads((out / "ddp.json").read_text())
+    report = json.loads((out / "ddp.json").read_text(encoding="utf-8"))
     _keys(report, {"machine", "config", "epochs", "repeats", "rows"}, "ddp.json")
     ddp = _bench("bench_ddp")
     variants = ddp.VARIANTS
@@ -249,7 +249,7 @@ def test_training_data_path_benchmark_tiny_writes_both_paths(tiny_runs: TinyRuns
                                                              rate: str) -> None:
     out = tiny_runs.wait(script)
 
-    report = json.loads((out / f"{name}.json").read_text())
+    report = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
     _keys(report, {"workload", "repeats", "epochs", "unit", "runs", "summary", "ratio_first_epoch", "ratio_steady"},
           f"{name}.json")
     assert report["epochs"] == 2
@@ -268,7 +268,7 @@ def test_training_data_path_benchmark_tiny_writes_both_paths(tiny_runs: TinyRuns
 def test_check_precision_tiny_scores_every_setting(tiny_runs: TinyRuns, script: str) -> None:
     out = tiny_runs.wait(script)
 
-    report = json.loads((out / "precision.json").read_text())
+    report = json.loads((out / "precision.json").read_text(encoding="utf-8"))
     _keys(report, {"run_dir", "rows"}, "precision.json")
     settings = _bench("check_precision").SETTINGS
     assert list(report["rows"]) == list(settings)
@@ -276,7 +276,7 @@ def test_check_precision_tiny_scores_every_setting(tiny_runs: TinyRuns, script: 
         _numbers(row, {"seconds", "val/dice_mean", "val/dice/anterior", "val/dice/posterior"}, name)
     rows = _table(out / "precision.md")
     assert [r[0] for r in rows] == list(settings) and all(len(r) == 6 for r in rows)
-    assert "2 validation cases" in (out / "precision.md").read_text()
+    assert "2 validation cases" in (out / "precision.md").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------- the Makefile
@@ -294,7 +294,7 @@ def test_tiny_mode_never_writes_into_the_committed_results() -> None:
 
 def test_every_bench_target_runs_a_script_with_a_tiny_test_and_passes_bench_args() -> None:
     """`make bench BENCH_ARGS=--tiny` (and every bench-* target) runs the tiny modes tested here."""
-    makefile = (REPO / "Makefile").read_text()
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     recipes = re.findall(r"^(bench[\w-]*):[^\n]*\n((?:\t[^\n]*\n)+)", makefile, flags=re.M)
     assert {target for target, _ in recipes} >= {"bench", "bench-predict", "bench-ddp"}
     scripts = set()
