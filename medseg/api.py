@@ -336,6 +336,9 @@ class Predictor:
         self.options = options
         self.tracking_uri = tracking_uri
         self._case_predictor: CasePredictor = task.case_predictor(model, options, device)
+        if model.contract.get("evaluated_with_tta") and not options.tta:  # once per loaded model, any task
+            log.info("model %s: its run scored val and test with mirroring TTA (nnU-Net's default); add --tta to "
+                     "predict as it was scored (slower: one prediction per mirroring)", model.uri)
 
     @classmethod
     def from_uri(cls, uri: str | Path | Sequence[str | Path], device: str = "auto", *, tracking_uri: str | None = None,

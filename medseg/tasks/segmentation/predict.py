@@ -72,8 +72,6 @@ def qc_thresholds(contract: dict[str, Any], overrides: Sequence[tuple[str, float
 #: Per-case uncertainty in the report (see medseg.engine.uncertainty): mean entropy inside the
 #: predicted foreground, and the agreement (mean Dice) of the flips' and members' masks.
 UNCERTAINTY_COLUMNS = ("mean_entropy", "agreement")
-#: Models whose "add --tta" hint this process has printed.
-_TTA_HINT_GIVEN: set[str] = set()
 #: ``MEDSEG_PREDICT_SCORES``: how a scan's class scores are held (auto: see ScoresPlan).
 SCORES_MODES = ("auto", "full", "bounded")
 
@@ -149,11 +147,6 @@ class SegmentationPredictor:
         self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant)
                         for load in (True, False)}
         self.flip_axes = tta_axes(model.contract, options.tta, f"model {model.uri}")
-        if model.contract.get("evaluated_with_tta") and not options.tta and model.uri not in _TTA_HINT_GIVEN:
-            _TTA_HINT_GIVEN.add(model.uri)  # a batch builds its case predictor more than once: say it once
-            logging.getLogger(__name__).info(
-                "model %s: its run scored val and test with mirroring TTA (nnU-Net's default); add --tta to "
-                "predict as it was scored (slower: one prediction per mirroring)", model.uri)
         self.keep_largest = options.keep_largest if options.keep_largest is not None else bool(
             model.contract.get("postprocess", {}).get("keep_largest_component", False))
         self.min_sizes = _contract_min_sizes(model, self.names)
