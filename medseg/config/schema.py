@@ -289,6 +289,11 @@ class ModelConfig(Section):
         "mlp: hidden units per layer.")
     norm: str = "instance"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    init_from: str | None = Field(
+        default=None, description="Start training from this model's weights (runs:/<id>/model, "
+        "models:/<name>/<version>, models:/<name>@<alias>, a model folder, or a .safetensors checkpoint or state "
+        "dict); tensors whose name or shape differs (e.g. another class count) start fresh. A resumed run "
+        "continues from its own checkpoint instead.")
 
 
 class UNetModelConfig(ModelConfig):

@@ -88,6 +88,29 @@ def rung_minutes(n_candidates: int, minutes: float) -> list[tuple[int, float]]:
     return schedule
 
 
+def raceable(count: int, race_minutes: float, min_run_minutes: float = MIN_RACE_RUN_MINUTES) -> bool:
+    """Whether ``count`` candidates can race in ``race_minutes`` with every run at least ``min_run_minutes``."""
+    schedule = rung_minutes(count, race_minutes)
+    return bool(schedule) and min(minutes for _, minutes in schedule) >= min_run_minutes
+
+
+def combine_candidates(structure: Sequence[Candidate], topology: Sequence[Candidate],
+                       race_minutes: float) -> list[Candidate]:
+    """What a plan races: every pairing of the structure alternatives (region targets vs labels) with
+    the topology ones (the rules' network and patch vs the next richer one) when the race's time lets
+    each run train :data:`MIN_RACE_RUN_MINUTES`; else the structure alternatives alone (the costlier
+    mistake to leave to a rule), else the topology ones; the rules' own choice first."""
+    if structure and topology:
+        pairs = [Candidate(f"{s.name}+{t.name}", f"{s.description}; {t.description}", {**s.overrides, **t.overrides},
+                           {**s.why_updates, **t.why_updates}) for s in structure for t in topology]
+        if raceable(len(pairs), race_minutes):
+            return pairs
+    for group in (structure, topology):
+        if len(group) > 1 and raceable(len(group), race_minutes):
+            return list(group)
+    return list(structure or topology)
+
+
 def race_config(base: Mapping[str, Any], candidate: Candidate, minutes: float, out_dir: Path) -> dict[str, Any]:
     """A candidate's race run: trained on the other folds, scored on fold 0, no test split, no extras
     that cost time without informing the choice (HD95, overlay pictures, calibration)."""
@@ -218,21 +241,28 @@ def _adopt_winner(plan: Plan, result: RaceResult, budget: float) -> None:
     last = max(e.rung for e in result.entries)
     run_dir = next((e.run_dir for e in result.entries if e.rung == last and e.candidate == winner.name), None)
     decided = held_out_decisions(Path(run_dir)) if run_dir else {}
-    plan.config = with_overrides(plan.config, {**winner.overrides, **decided})
     if decided:
         sizes = decided["postprocess.min_component_size"]
         plan.why["postprocess.min_component_size"] = (
             f"chosen on the held-out fold by the race's winner: {sizes}" if sizes else
             "none: removing small components did not add Dice on the held-out fold")
         plan.why.pop("postprocess.search_min_component_size", None)
+    weights = Path(run_dir) / "checkpoints" / "last.safetensors" if run_dir else None
+    if weights is not None and weights.is_file():  # the winner goes on from what it learned while racing
+        decided["model.init_from"] = str(weights.resolve())
+        plan.why["model.init_from"] = (
+            f"the race's winner goes on from the weights its last race run trained on the other folds, so "
+            f"the {result.minutes_used:.1f} min race is not lost to the model that is kept")
+    plan.config = with_overrides(plan.config, {**winner.overrides, **decided})
     plan.config["train"]["max_minutes"] = round(left, 2)
     plan.why.update(winner.why_updates)
     plan.why["train.max_minutes"] = (f"--budget {budget:g} min, less the {result.minutes_used:.1f} min race "
                                      f"({len(plan.candidates)} candidates, won by {winner.name})")
     scores = ", ".join(f"{e.candidate} {e.score:.4f}" if e.score is not None else f"{e.candidate} failed"
-                       for e in result.entries if e.rung == max(x.rung for x in result.entries))
+                       for e in result.entries if e.rung == last)
     plan.notes.append(f"race (successive halving, fold 0 held out, {result.metric}): {scores}; "
-                      f"{winner.name} trains on every case for the remaining {left:.1f} min")
+                      f"{winner.name} trains on every case for the remaining {left:.1f} min"
+                      + (", starting from its race weights" if "model.init_from" in decided else ""))
     plan.race = result.as_dict()
 
 

@@ -169,8 +169,15 @@ class TaskBase:
     # ------------------------------------------------------------------------------ finer pieces
 
     def training_network(self, cfg: Any) -> nn.Module:
-        """The network training starts from (a pretrained one, for transfer); by default the bare one."""
-        return self.build_network(cfg)
+        """The network training starts from: the bare one, or initialised from ``model.init_from``
+        (transfer, fine-tuning, a race winner going on from its race weights)."""
+        network = self.build_network(cfg)
+        init_from = getattr(cfg.model, "init_from", None)
+        if init_from:
+            from medseg.engine.transfer import initialise_from
+
+            initialise_from(network, init_from, cfg.tracking.uri)
+        return network
 
     def training_loss(self, ctx: PipelineContext) -> nn.Module:
         """The loss as training uses it (weights resolved from the training cases, for example)."""

@@ -9,7 +9,7 @@ import pytest
 
 import medseg
 from medseg.planning.plan import Candidate
-from medseg.planning.race import NO_TEST_SPLIT, race_config, rung_minutes
+from medseg.planning.race import NO_TEST_SPLIT, combine_candidates, race_config, raceable, rung_minutes
 from tests.conftest import write_msd_dataset
 
 
@@ -54,6 +54,39 @@ def test_a_plan_with_two_candidates_races_and_the_winner_gets_the_rest_of_the_bu
     parent = next(r for r in runs if r.info.run_name == "race")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) >= 1 and parent.data.tags["medseg.race.winner"] == "rules"
+    _the_winner_goes_on_from_its_race_weights(planned, result)
+
+
+def _the_winner_goes_on_from_its_race_weights(planned, result) -> None:
+    import torch
+
+    from medseg.io import safe_tree
+    from medseg.tasks.registry import get_task, validate_config
+
+    weights = Path(planned.config["model"]["init_from"])
+    raced = next(e for e in result.entries if e.candidate == "rules")
+    assert weights == (Path(raced.run_dir) / "checkpoints" / "last.safetensors").resolve() and weights.is_file()
+    assert "not lost" in planned.why["model.init_from"] and "starting from its race weights" in planned.notes[-1]
+    cfg = validate_config(planned.config)
+    network = get_task(planned.task).training_network(cfg)
+    saved = safe_tree.load(weights)["model"]
+    assert saved and all(torch.equal(network.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_structure_and_topology_alternatives_pair_up_only_when_every_run_gets_its_time() -> None:
+    structure = [Candidate("regions", "r"), Candidate("labels", "l", {"regions": None}, {"loss": "ce"})]
+    topology = [Candidate("unet16-20x32x20", "t"), Candidate("unet16-28x40x28", "p", {"patch.size": [28, 40, 28]},
+                                                             {"model": "richer"})]
+    paired = combine_candidates(structure, topology, race_minutes=12)  # 4 runs of 1.5 min, then 2 of 3
+    assert [c.name for c in paired] == ["regions+unet16-20x32x20", "regions+unet16-28x40x28",
+                                        "labels+unet16-20x32x20", "labels+unet16-28x40x28"]
+    assert paired[0].overrides == {} and paired[3].overrides == {"regions": None, "patch.size": [28, 40, 28]}
+    assert paired[3].why_updates == {"loss": "ce", "model": "richer"}
+    assert combine_candidates(structure, topology, race_minutes=6) == structure  # 4 runs of 0.75 min: too short
+    assert combine_candidates([], topology, race_minutes=6) == topology
+    assert combine_candidates([], topology, race_minutes=2) == topology  # listed, and race() says why it cannot
+    assert combine_candidates([], [], race_minutes=60) == []
+    assert raceable(2, 3.0) and not raceable(2, 2.9) and not raceable(1, 60)
 
 
 def test_no_race_without_candidates_or_time_and_the_plan_says_why(tmp_path: Path) -> None:

@@ -60,9 +60,6 @@ class ClassificationModelConfig(ModelConfig):
     activation: Activation = Activation.RELU
     widen_factor: float = Field(default=1.0, gt=0, description="ResNet: width multiplier of 64-128-256-512.")
     stem: Stem = Field(default=Stem.SMALL, description="ResNet/DenseNet first layers: small, strided or imagenet.")
-    init_from: str | None = Field(
-        default=None, description="Start from this model's weights (runs:/<id>/model, models:/<name>/<version>, "
-        "models:/<name>@<alias>, a model folder, or a .safetensors checkpoint or state dict); layers whose shape differs (e.g. another class count) start fresh.")
     freeze: list[str] = Field(
         default_factory=list, description="Parameter-name prefixes to keep fixed (e.g. [conv1, layer1]); "
         "'backbone' freezes everything but the classification head.")

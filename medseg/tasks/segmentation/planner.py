@@ -23,6 +23,7 @@ import torch
 from medseg.config import Precision
 from medseg.planning import rules
 from medseg.planning.fingerprint import Fingerprint
+from medseg.planning.plan import Candidate as RaceCandidate
 from medseg.planning.plan import ExplainRow, Plan, PlanRequest
 from medseg.planning.probe import (
     ProbeClock,
@@ -35,6 +36,7 @@ from medseg.planning.probe import (
     time_steps,
     with_overrides,
 )
+from medseg.planning.race import RACE_SHARE, combine_candidates
 from medseg.tasks.segmentation.structures import decide as decide_structures
 
 #: Training steps a plan should fit into its budget. The hand-tuned hippocampus config reached
@@ -52,6 +54,10 @@ FULL_AUGMENTATION_MINUTES = 120.0
 CLEARLY_FASTER = 0.85
 #: Patch scales tried after nnU-Net's patch, for budgets too tight for it.
 PATCH_SCALES = (0.8, 0.6)
+#: The next richer candidate than the rules' pick is raced against it when it still gets this share of
+#: :data:`MIN_ITERATIONS` steps: near the goal, whether more steps or a richer network win is a question
+#: for the data, and a slower machine moves the rules' pick to a smaller patch.
+RICHER_RACE_FLOOR = 0.5
 BATCH_SIZE = 2  # nnU-Net's minimum; on a CPU a step's time grows with the batch, so more steps win
 
 
@@ -109,6 +115,7 @@ class _Choice:
     step_seconds: float | None = None
     probe: list[ProbeResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    richer: tuple[Candidate, Precision, float] | None = None  # the next richer candidate near the goal, raced
 
 
 @dataclass
@@ -214,7 +221,23 @@ def _choose(task: Any, request: PlanRequest, fp: Fingerprint, base: dict[str, An
         if plain.seconds_per_step is not None and not crowded(plain) and \
                 plain.seconds_per_step < CLEARLY_FASTER * (best.seconds_per_step or math.inf):
             channels_last, best = False, plain
-    return _Choice(chosen, precision, channels_last, best.seconds_per_step, probe, crowded_probe_notes(probe))
+    return _Choice(chosen, precision, channels_last, best.seconds_per_step, probe, crowded_probe_notes(probe),
+                   _richer_alternative(measured, picked, step_budget, precision, probe))
+
+
+def _richer_alternative(measured: list[tuple[Candidate, ProbeResult, Any, Any]], picked: Any, step_budget: float,
+                        precision: Precision, probe: list[ProbeResult]) -> tuple[Candidate, Precision, float] | None:
+    """The next richer candidate than the pick, at the pick's precision (fp32 when it was not timed at
+    it), when it still gets :data:`RICHER_RACE_FLOOR` of the steps goal into the budget."""
+    if picked.index == 0 or not picked.reaches_goal:  # nothing richer, or nothing reaches the goal anyway
+        return None
+    candidate = measured[picked.index - 1][0]
+    timed = {r.precision: r.seconds_per_step for r in probe if r.name == candidate[3] and r.seconds_per_step}
+    used = precision if str(precision) in timed else Precision.FP32
+    seconds = timed.get(str(used))
+    if not seconds or step_budget / seconds < RICHER_RACE_FLOOR * MIN_ITERATIONS:
+        return None
+    return candidate, used, seconds
 
 
 def _time_candidates(task: Any, request: PlanRequest, fp: Fingerprint, base: dict[str, Any],
@@ -274,8 +297,36 @@ def _assemble(request: PlanRequest, fp: Fingerprint, config: dict[str, Any], d: 
     why.update(_reasons(request, fp, config, d))
     why.update(structures.why)
     explain = [*_explain_rows(request, config, d, why), *_predict_memory_rows(fp, config), *structures.explain]
+    candidates = combine_candidates(structures.candidates, _topology_candidates(request, d, fp.spatial_dims),
+                                    request.budget_minutes * RACE_SHARE)
     return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in d.choice.probe],
-                explain_rows=explain, notes=notes, candidates=structures.candidates)
+                explain_rows=explain, notes=notes, candidates=candidates)
+
+
+def _topology_candidates(request: PlanRequest, d: _Decisions, dims: int) -> list[RaceCandidate]:
+    """The rules' network and patch against the next richer one the probe found near the steps goal."""
+    if d.choice.richer is None:
+        return []
+    richer, precision, seconds = d.choice.richer
+    family, topology, width, label = richer
+    steps = int(request.budget_minutes * 60 * STEP_SHARE / seconds)
+    picked_steps = f"~{d.iterations:,} steps" if d.iterations else "the rules' pick"
+    return [
+        RaceCandidate(_candidate_name(d.choice.candidate),
+                      f"{d.choice.candidate[3]} ({picked_steps}: the richest that fits {MIN_ITERATIONS:,})"),
+        RaceCandidate(_candidate_name(richer), f"{label} (~{steps:,} steps at {precision})",
+                      {"model": _network(family, topology, width, dims), "patch.size": topology.patch,
+                       "train.precision": str(precision)},
+                      {"model": f"{label}: {_network(family, topology, width, dims)['name']} - it beat the rules' "
+                                f"choice ({d.choice.candidate[3]}) on the held-out fold",
+                       "train.precision": f"{precision}: probe: {seconds:.3f} s/step, ~{steps:,} steps in the budget"}),
+    ]
+
+
+def _candidate_name(candidate: Candidate) -> str:
+    """A short, path-safe name for a race run: ``unet16-28x40x28``."""
+    family, topology, width, _ = candidate
+    return f"{family}{width}-{'x'.join(str(p) for p in topology.patch)}"
 
 
 def _reasons(request: PlanRequest, fp: Fingerprint, config: dict[str, Any], d: _Decisions) -> dict[str, str]:
