@@ -31,6 +31,7 @@ TASK_CONFIGS = {
     "segmentation": ("medseg.tasks.segmentation.config", "SegmentationConfig"),
     "classification": ("medseg.tasks.classification.config", "ClassificationConfig"),
     "reconstruction": ("medseg.tasks.reconstruction.config", "ReconstructionConfig"),
+    "regression": ("medseg.tasks.regression.config", "RegressionConfig"),
 }
 
 HELP_WIDTH = "80"  # columns argparse formats --help to, whatever the terminal (fits the page)

@@ -50,6 +50,8 @@ EXAMPLES = {
     "calibrate": ["medseg model calibrate runs/msd_hippocampus/20261201-120000"],
     "build": ["medseg manifest build --from ../Task04_Hippocampus --out data_manifests/hippocampus.csv --folds 5",
               "medseg manifest build --from-medmnist pneumoniamnist.npz --out data_manifests/pneumonia.csv"],
+    "volumes": ["medseg manifest volumes data_manifests/msd_hippocampus.csv --root ../Task04_Hippocampus "
+                "--labels 1=anterior,2=posterior --out data_manifests/msd_hippocampus_volumes.csv"],
 }
 
 
@@ -314,6 +316,13 @@ def _add_model_and_manifest(sub: Any) -> None:
     build.add_argument("--folds", type=int, help="k folds instead of a train/val split")
     build.add_argument("--subject-pattern", help="regex with a (?P<subject>...) group applied to case ids")
     build.add_argument("--limit", type=int, help="keep only the first N cases")
+    volumes = msub.add_parser("volumes", help="write each labelled case's structure volumes in mL (voxel count x "
+                                              "voxel volume from the header): regression targets")
+    volumes.add_argument("manifest", type=Path, help="manifest whose label column holds label maps")
+    volumes.add_argument("--root", type=Path, required=True, help="the data root the manifest's paths are under")
+    volumes.add_argument("--labels", required=True, help="label value=structure name, e.g. 1=anterior,2=posterior; "
+                                                         "each becomes a column <name>_ml")
+    volumes.add_argument("--out", type=Path, required=True, help="CSV of case_id,<name>_ml... to write")
 
 
 
@@ -652,6 +661,8 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     import medseg
     from medseg.api import manifest_summary
 
+    if args.manifest_command == "volumes":
+        return _write_volumes(args)
     if args.manifest_command != "build":
         build_parser().parse_args(["manifest", "--help"])
         return EXIT_USAGE
@@ -666,6 +677,18 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     print(f"{args.out}: {len(manifest.cases)} cases ({', '.join(f'{k}: {v}' for k, v in splits.items())}); "
           f"paths relative to {args.source}; root and labels kept in {args.out.with_suffix('.meta.json')}, so "
           f"`medseg verify {args.out}` needs no --root")
+    return EXIT_OK
+
+
+def _write_volumes(args: argparse.Namespace) -> int:
+    from medseg.api import parse_label_names
+    from medseg.data.manifest import read_manifest
+    from medseg.data.targets import write_structure_volumes
+
+    labels = parse_label_names(args.labels)
+    out = write_structure_volumes(read_manifest(args.manifest), args.root, labels, args.out)
+    print(f"{out}: volumes in mL of {', '.join(labels.values())}; use it as data.targets.file of a regression config "
+          f"with data.targets.columns {[f'{name}_ml' for name in labels.values()]}")
     return EXIT_OK
 
 

@@ -250,3 +250,24 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], correct: Seq
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _pixels(fig)
+
+
+def bland_altman_plot(true: np.ndarray, predicted: np.ndarray, path: Path, title: str, units: str = "") -> Path:
+    """Bland-Altman: each case's difference (predicted - true) against its mean, with the bias and
+    the 95% limits of agreement (bias ± 1.96 SD of the differences)."""
+    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
+    mean, difference = (true + predicted) / 2, predicted - true
+    bias = float(difference.mean())
+    spread = 1.96 * float(difference.std(ddof=1)) if len(difference) > 1 else 0.0
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    ax.scatter(mean, difference, s=12, alpha=0.7)
+    ax.axhline(bias, color="black", linewidth=1, label=f"bias {bias:.3g}")
+    for limit in (bias - spread, bias + spread):
+        ax.axhline(limit, color="grey", linestyle="--", linewidth=0.8)
+    ax.plot([], [], color="grey", linestyle="--", label=f"limits of agreement ±{spread:.3g}")
+    suffix = f" ({units})" if units else ""
+    ax.set_xlabel(f"mean of predicted and true{suffix}")
+    ax.set_ylabel(f"predicted - true{suffix}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)

@@ -18,6 +18,7 @@ import medseg
 from medseg.cli import build_parser
 from medseg.tasks.classification.config import ClassificationConfig
 from medseg.tasks.reconstruction.config import ReconstructionConfig
+from medseg.tasks.regression.config import RegressionConfig
 from medseg.tasks.segmentation.config import SegmentationConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_config_reference_has_every_key(build: tuple[Path, str]) -> None:
     site = _built(build)
     page = _page(site, "reference/config")
     assert "train.max_minutes" in page
-    for config_cls in (SegmentationConfig, ClassificationConfig, ReconstructionConfig):
+    for config_cls in (SegmentationConfig, ClassificationConfig, ReconstructionConfig, RegressionConfig):
         for section, field in config_cls.model_fields.items():
             assert section in page
             sub = getattr(field.annotation, "model_fields", {})

@@ -60,7 +60,7 @@ def test_a_task_nobody_registered_is_refused_with_the_known_ones(tmp_path: Path)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"task": "segmentaton", "data": {"manifest": "m.csv"}}))
     with pytest.raises(ConfigError, match=r"task 'segmentaton' is not registered; did you mean 'segmentation'\?.*"
-                                          r"Known tasks: \['classification', 'reconstruction', 'segmentation'"):
+                                          r"Known tasks: \['classification', 'reconstruction', 'regression', 'segmentation'"):
         medseg.load_config(path)
 
 

@@ -23,6 +23,8 @@ from medseg.io.csv_cells import escape_cell, unescape_row
 COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
 REQUIRED_COLUMNS = ("case_id", "image", "split")
 CHANNEL_SEP = ";"
+#: Extra columns whose names start with this hold regression targets (read by :mod:`medseg.data.targets`).
+TARGET_PREFIX = "target"
 
 
 
@@ -106,9 +108,10 @@ def read_manifest(path: str | Path) -> Manifest:
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise ManifestError(f"{path}: missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}, got {header}")
-        unknown = [c for c in header if c not in COLUMNS]
+        unknown = [c for c in header if c not in COLUMNS and not c.startswith(TARGET_PREFIX)]
         if unknown:
-            raise ManifestError(f"{path}: unknown column(s) {unknown}; valid columns are {list(COLUMNS)}")
+            raise ManifestError(f"{path}: unknown column(s) {unknown}; valid columns are {list(COLUMNS)} "
+                                f"and regression targets named {TARGET_PREFIX}*")
         cases: list[Case] = []
         seen: dict[str, int] = {}
         for line_no, escaped in enumerate(reader, start=2):

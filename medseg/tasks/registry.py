@@ -1,6 +1,6 @@
 """Which tasks exist: medseg's own, plus any a separate package registers.
 
-A task is found by name. medseg's three are listed here; another package adds one through the
+A task is found by name. medseg's own are listed here; another package adds one through the
 ``medseg.tasks`` entry-point group of its ``pyproject.toml``::
 
     [project.entry-points."medseg.tasks"]
@@ -33,6 +33,7 @@ BUILTIN_TASKS = {
     "segmentation": "medseg.tasks.segmentation:TASK",
     "classification": "medseg.tasks.classification:TASK",
     "reconstruction": "medseg.tasks.reconstruction:TASK",
+    "regression": "medseg.tasks.regression:TASK",
 }
 
 #: The task of a config that names none.

@@ -13,12 +13,12 @@ from medseg.config import (
     CalibratedValidationConfig,
     LabelledDataConfig,
     LossConfig,
-    ModelConfig,
     PreprocessConfig,
     RunConfig,
     StrEnum,
     check_spatial_length,
 )
+from medseg.config.image_model import ImageModelConfig
 
 
 class ClassificationLoss(StrEnum):
@@ -26,20 +26,6 @@ class ClassificationLoss(StrEnum):
     FOCAL = "focal"
     HINGE = "hinge"  # multi-class SVM hinge (Weston-Watkins), torch MultiMarginLoss
     ORDINAL = "ordinal"  # cumulative-link: K-1 "label > k" logits (CORAL-style), for ordered grades
-
-
-class Activation(StrEnum):
-    RELU = "relu"
-    LEAKYRELU = "leakyrelu"
-    PRELU = "prelu"
-    ELU = "elu"
-    SWISH = "swish"
-
-
-class Stem(StrEnum):
-    SMALL = "small"  # 3x3 conv, stride 1, no max pool: MedMNIST's choice for 28 px inputs
-    STRIDED = "strided"  # 3x3 conv, stride 2, no max pool: a quarter (2D) / eighth (3D) of the FLOPs
-    IMAGENET = "imagenet"  # 7x7 conv, stride 2, max pool: for inputs of 128 px and more
 
 
 class ClassificationDataConfig(LabelledDataConfig):
@@ -54,12 +40,7 @@ class ClassificationPreprocessConfig(PreprocessConfig):
         examples=[[28, 28]], description="Resize every image to this spatial size, the network's input.")
 
 
-class ClassificationModelConfig(ModelConfig):
-    name: str = "resnet18"
-    norm: str = "batch"
-    activation: Activation = Activation.RELU
-    widen_factor: float = Field(default=1.0, gt=0, description="ResNet: width multiplier of 64-128-256-512.")
-    stem: Stem = Field(default=Stem.SMALL, description="ResNet/DenseNet first layers: small, strided or imagenet.")
+class ClassificationModelConfig(ImageModelConfig):
     freeze: list[str] = Field(
         default_factory=list, description="Parameter-name prefixes to keep fixed (e.g. [conv1, layer1]); "
         "'backbone' freezes everything but the classification head.")
