@@ -86,6 +86,11 @@ class RegressionTask(TaskBase):
 
         return {**self.contract(ctx.cfg), "targets": fit_normaliser(ctx.cfg, ctx.manifest).to_contract()}
 
+    def plan(self, request: Any, fingerprint: Any) -> Any:
+        from medseg.tasks.regression.planner import plan
+
+        return plan(self, request, fingerprint)
+
     def export_example(self, contract: dict[str, Any]) -> tuple[torch.Tensor, bool]:
         return torch.zeros(2, int(contract["in_channels"]), *[int(s) for s in contract["size"]]), False
 
