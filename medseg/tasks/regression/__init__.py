@@ -50,6 +50,17 @@ class RegressionTask(TaskBase):
 
         return create_regression_loss(cfg.loss)
 
+    def verify_options(self, cfg: Any) -> Any:
+        """The images checked as every task's are; the label column, which regression does not learn,
+        only as what it holds (class indices, as a MedMNIST import writes, or label maps)."""
+        import dataclasses
+
+        from medseg.data.manifest import read_manifest
+
+        labels = [str(c.label) for c in read_manifest(cfg.data.manifest).cases if c.label]
+        indices = bool(labels) and all(label.lstrip("-").isdigit() for label in labels)
+        return dataclasses.replace(super().verify_options(cfg), class_labels=indices, require_labels_for=())
+
     def records(self, ctx: Any, split: str) -> list[dict[str, Any]]:
         """The split's cases, each with its normalised targets as ``label`` (all must have them)."""
         from medseg.tasks.regression.training import fit_normaliser, target_table, with_targets

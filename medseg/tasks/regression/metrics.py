@@ -1,6 +1,6 @@
 """Regression metrics in the targets' own units, per target and averaged over targets:
 MAE, RMSE, R², Pearson and Spearman correlation, Bland-Altman bias and limits of agreement, and
-for ordinal targets the quadratic-weighted kappa of the rounded predictions (one table)."""
+for ordinal targets the quadratic-weighted kappa and the accuracy of the rounded predictions (one table)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,11 @@ def quadratic_weighted_kappa(predicted: np.ndarray, true: np.ndarray, low: float
     return float(cohen_kappa_score(truth, grades, weights="quadratic"))
 
 
+def grade_accuracy(predicted: np.ndarray, true: np.ndarray, low: float, high: float) -> float:
+    """Share of cases whose prediction, rounded to the grades ``low..high``, is the true grade."""
+    return float(np.mean(np.clip(np.rint(predicted), low, high) == np.rint(true)))
+
+
 def regression_scores(predicted: np.ndarray, true: np.ndarray, targets: TargetNormaliser,
                       prefix: str) -> dict[str, float]:
     """Every metric per target (``<prefix>/<metric>/<column>``) and averaged over the targets
@@ -86,6 +91,7 @@ def regression_scores(predicted: np.ndarray, true: np.ndarray, targets: TargetNo
     for j, column in enumerate(targets.columns):
         if targets.ordinal:
             table["qwk"] = functools.partial(quadratic_weighted_kappa, low=targets.low[j], high=targets.high[j])
+            table["acc"] = functools.partial(grade_accuracy, low=targets.low[j], high=targets.high[j])
         for name, metric in table.items():
             out[f"{prefix}/{name}/{column}"] = metric(predicted[:, j], true[:, j])
     for name in table:

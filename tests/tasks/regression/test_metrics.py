@@ -46,3 +46,4 @@ def test_ordinal_targets_add_the_quadratic_weighted_kappa_of_rounded_clipped_pre
     norm = TargetNormaliser.fit(true[:, None], ["grade"], "zscore", ordinal=True)
     scores = regression_scores(predicted[:, None], true[:, None], norm, "test")
     assert math.isclose(scores["test/qwk"], expected) and math.isclose(scores["test/qwk/grade"], expected)
+    assert scores["test/acc"] == 6 / 8  # rounded 0 1 3 3 4 4 1 0 against 0 1 2 3 4 4 2 0
