@@ -24,12 +24,13 @@ from medseg.errors import ConfigError
 from medseg.tasks.classification.config import ClassificationConfig
 from medseg.tasks.reconstruction.config import ReconstructionConfig
 from medseg.tasks.registry import config_types, get_task, load_config, validate_config
+from medseg.tasks.regression.config import RegressionConfig
 from medseg.tasks.segmentation.config import SegmentationConfig
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 CLASSES: dict[str, type[RunConfig]] = {"segmentation": SegmentationConfig, "classification": ClassificationConfig,
-                                       "reconstruction": ReconstructionConfig}
+                                       "reconstruction": ReconstructionConfig, "regression": RegressionConfig}
 
 
 def _with(raw: dict[str, Any], **changes: Any) -> dict[str, Any]:

@@ -54,8 +54,8 @@ def test_the_tasks_register_their_networks_and_a_cross_task_name_is_explained() 
             "reconstruction/unet_dc"} <= set(everything)
     assert medseg.list_models("classification") == [n.split("/", 1)[1] for n in everything
                                                      if n.startswith("classification/")]
-    with pytest.raises(ModelError, match=r"'resnet18' is not a segmentation network \(it is a classification "
-                                         r"network\)"):
+    with pytest.raises(ModelError, match=r"'resnet18' is not a segmentation network \(it is a classification / "
+                                         r"regression network\)"):
         create_model("segmentation", "resnet18")
     with pytest.raises(ModelError, match="did you mean 'resnet18'"):
         create_model("classification", "resnet19")
