@@ -746,7 +746,7 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
     Args:
         dataset: a dataset folder (MSD, nnU-Net, images/labels, ImageFolder, a CSV of path,label,
             case folders; see ``medseg manifest build``) or a manifest CSV (then ``root`` is needed).
-        task: segmentation, classification or reconstruction; default what the data say.
+        task: segmentation, classification, reconstruction or regression; default what the data say.
         budget: training time, ``30m`` / ``1.5h`` / minutes.
         root: the folder a manifest's paths start from (default: ``dataset``).
         manifest: the manifest to use if it exists, else where to write the one built from the

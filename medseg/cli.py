@@ -134,7 +134,7 @@ def _add_run_and_plan(sub: Any) -> None:
     plan = sub.add_parser("plan", help="fingerprint a dataset and plan a config for it, a time budget and this machine")
     plan.add_argument("dataset", type=Path, help="dataset folder (MSD, nnU-Net, images/labels, ImageFolder, CSV of "
                                                  "path,label, case folders) or a manifest CSV (with --root)")
-    plan.add_argument("--task", help="segmentation, classification or reconstruction (default: what the data say)")
+    plan.add_argument("--task", help="segmentation, classification, reconstruction or regression (default: what the data say)")
     plan.add_argument("--budget", default="30m", help="training time: 30m, 1.5h, 600s (default 30m)")
     plan.add_argument("--out", type=Path, help="write the commented config here, e.g. configs/mydata.yaml")
     plan.add_argument("--manifest", type=Path, help="manifest to use if it exists, else where to write the one "
