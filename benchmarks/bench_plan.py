@@ -134,11 +134,13 @@ def _explain_table(text: str) -> list[str]:
 
 def hippocampus(args: argparse.Namespace) -> dict[str, Any]:
     folder = SHARED / "msd_task04_hippocampus"
-    name = f"hippocampus_{args.budget:g}m"
+    name = f"hippocampus_{args.budget:g}m" + ("_race" if args.race else "")
     # nnU-Net's split: the committed manifest's 52 test cases stay held out, the other 208 are spread over
     # 5 folds and all of them train (data_manifests/msd_hippocampus_folds.csv, medseg.data.manifest.with_folds)
     record = plan_and_run(name, rel(folder), args.budget, ["--manifest", "data_manifests/msd_hippocampus_folds.csv",
-                                                           "--name", name], work=args.work)
+                                                           "--name", name, *(["--race"] if args.race else [])],
+                          work=args.work)
+    record["raced"] = args.race
     if args.test_time:
         record["test_time"] = _test_time_variants(Path(record["run"]["run_dir"]) / "model", folder,
                                                   REPO / "data_manifests" / "msd_hippocampus_folds.csv")
@@ -410,6 +412,8 @@ def render(report: dict[str, Any]) -> str:
         title = f"## MSD Hippocampus, {rec['budget_minutes']:g}-minute budget"
         if any(a.get("name") == "flip" for a in rec.get("planned_config", {}).get("augment", [])):
             title += ", trained with nnU-Net's mirroring (every axis)"
+        if rec.get("raced"):
+            title += ", raced (`medseg plan --race`)"
         if entry.get("superseded"):
             title += " (superseded, kept for the record)"
         out += [title, "", *([f"Superseded: {entry['superseded']}.", ""] if entry.get("superseded") else []),
@@ -422,6 +426,9 @@ def render(report: dict[str, Any]) -> str:
                 f"**{_m(m, 'test/dice_mean', 4)}** | {hand_tuned} |", "", *_mirrored_note(m),
                 "What it planned (`--explain`):", "",
                 "```", *rec["explain"], "```", "", "Probe:", "", "```", *rec["probe"], "```", "",
+                *(["The race (successive halving on fold 0, held out; the winner then trains on every case for the "
+                   "rest of the budget, starting from its race weights):", "", *rec["race_table"], ""]
+                  if rec.get("raced") and rec.get("race_table") else []),
                 *_render_test_time(rec.get("test_time"))]
     medmnist_rows = sections.get("medmnist", {})
     if medmnist_rows:
@@ -534,6 +541,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where runs go (default runs/planned)")
     parser.add_argument("--test-time", action="store_true",
                         help="hippocampus: also score mirror TTA and largest-component post-processing on the test split")
+    parser.add_argument("--race", action="store_true",
+                        help="hippocampus: plan with --race (the candidates the rules leave open, raced on fold 0)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="where plan.json/plan.md go (smoke tests)")
     args = parser.parse_args()
     RESULTS = args.results
