@@ -31,7 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from interleaved import in_process
 from tiny import add_tiny_arguments, results_folder, scratch_folder
@@ -42,7 +44,7 @@ HIPPO = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
 TINY_NETWORK = ["model.channels=[4,8,16,32]"]
 
 
-def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
+def log_fresh_model(workdir: Path, config: Path, overrides: list[str]) -> str:
     """Log a freshly initialised network with its contract, as `medseg run` would."""
     import mlflow
 
@@ -64,7 +66,6 @@ def _log_model(workdir: Path, config: Path, overrides: list[str]) -> str:
 def _worker(args: argparse.Namespace) -> None:
     """Child process: predict the input folder with one path and print a JSON line."""
     import mlflow
-    import torch
 
     from medseg.engine.case_io import peak_rss_mb
 
@@ -81,53 +82,94 @@ def _worker(args: argparse.Namespace) -> None:
         seconds = [r.seconds for r in outputs.results if r.status == "ok"]
         total = time.perf_counter() - started
     else:
-        from monai.inferers import sliding_window_inference
-        from monai.transforms import (
-            AsDiscreted,
-            Compose,
-            EnsureChannelFirstd,
-            Invertd,
-            LoadImaged,
-            NormalizeIntensityd,
-            Orientationd,
-            SaveImaged,
-            ScaleIntensityRanged,
-        )
-
-        from medseg.engine.model_format import local_model_folder, read_model_folder
-        from medseg.tasks.registry import network_from_spec
-
-        # as a MONAI tutorial does it: build the network, load its state dict
-        with local_model_folder(args.model) as (folder, _):
-            files = read_model_folder(folder)
-        model = network_from_spec(files.network_spec)
-        model.load_state_dict(files.state_dict)
-        model.eval()
-        contract = files.contract
-        intensity = contract["intensity"]
-        norm = (ScaleIntensityRanged("image", *intensity["window"], 0.0, 1.0, clip=True)
-                if intensity["mode"] == "ct_window" else NormalizeIntensityd("image", nonzero=intensity["nonzero"]))
-        pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"), norm])
-        post = Compose([
-            Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
-            AsDiscreted("pred", argmax=True),
-            SaveImaged("pred", output_dir=str(out), output_postfix="seg", separate_folder=False, print_log=False),
-        ])
-        window = contract["sliding_window"]
+        loop = tutorial_loop(args.model, out)
         seconds = []
         started = time.perf_counter()
         for path in sorted(Path(args.input).glob("*.nii.gz")):
             t0 = time.perf_counter()
-            data = pre({"image": str(path)})
-            with torch.no_grad():
-                data["pred"] = sliding_window_inference(
-                    data["image"][None], contract["patch_size"], window["sw_batch_size"], model,
-                    overlap=window["overlap"], mode=window["blend"])[0]
-            post(data)
+            loop(path)
             seconds.append(time.perf_counter() - t0)
         total = time.perf_counter() - started
     print(json.dumps({"path": args.path, "seconds_per_case": statistics.median(seconds), "cases": len(seconds),
                       "total_s": total, "peak_rss_mb": peak_rss_mb()}))
+
+
+@dataclass
+class TutorialLoop:
+    """The MONAI tutorials' inference loop for one model: LoadImaged -> EnsureChannelFirstd ->
+    Orientationd -> normalisation, ``sliding_window_inference``, Invertd -> AsDiscreted(argmax) ->
+    SaveImaged. ``infer`` is its network stage, a method of its own so that a profiler can time it
+    (benchmarks/profile_predict.py)."""
+
+    model: Any
+    pre: Any
+    post: Any
+    contract: dict[str, Any]
+
+    def infer(self, image: Any) -> Any:
+        """The sliding-window logits (C, *spatial) of a preprocessed image (1, *spatial)."""
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        window = self.contract["sliding_window"]
+        with torch.no_grad():
+            return sliding_window_inference(image[None], self.contract["patch_size"], window["sw_batch_size"],
+                                            self.model, overlap=window["overlap"], mode=window["blend"])[0]
+
+    def __call__(self, path: Path) -> None:
+        """Predict the scan ``path`` and save its mask."""
+        data = self.pre({"image": str(path)})
+        data["pred"] = self.infer(data["image"])
+        self.post(data)
+
+
+def tutorial_loop(model_ref: str, out: Path) -> TutorialLoop:
+    """:class:`TutorialLoop` for a logged model (URI or folder), saving masks into ``out``."""
+    from monai.transforms import (
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        SaveImaged,
+        ScaleIntensityRanged,
+    )
+
+    from medseg.engine.model_format import local_model_folder, read_model_folder
+    from medseg.tasks.registry import network_from_spec
+
+    # as a MONAI tutorial does it: build the network, load its state dict
+    with local_model_folder(model_ref) as (folder, _):
+        files = read_model_folder(folder)
+    model = network_from_spec(files.network_spec)
+    model.load_state_dict(files.state_dict)
+    model.eval()
+    contract = files.contract
+    intensity = contract["intensity"]
+    norm = (ScaleIntensityRanged("image", *intensity["window"], 0.0, 1.0, clip=True)
+            if intensity["mode"] == "ct_window" else NormalizeIntensityd("image", nonzero=intensity["nonzero"]))
+    pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"), norm])
+    post = Compose([
+        Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
+        AsDiscreted("pred", argmax=True),
+        SaveImaged("pred", output_dir=str(out), output_postfix="seg", separate_folder=False, print_log=False),
+    ])
+    return TutorialLoop(model, pre, post, contract)
+
+
+def link_hippocampus_test_cases(folder: Path, cases: int) -> list[Path]:
+    """Links in ``folder`` (made) to the first ``cases`` held-out scans of the MSD hippocampus manifest."""
+    from medseg.data.manifest import read_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(REPO / "data_manifests" / "msd_hippocampus.csv")
+    links = []
+    for rel in [case.images[0] for case in manifest.split("test")][:cases]:
+        links.append(folder / Path(rel).name)
+        links[-1].symlink_to(HIPPO / rel)
+    return links
 
 
 def _run_child(path: str, model: str, tracking_uri: str, input_dir: Path, output_dir: Path, tiny: bool) -> dict:
@@ -180,21 +222,15 @@ def main(argv: list[str] | None = None) -> None:
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     workloads = []
     hippo_in = work / "hippo_in"
-    hippo_in.mkdir()
-    from medseg.data.manifest import read_manifest
-
-    manifest = read_manifest(REPO / "data_manifests" / "msd_hippocampus.csv")
-    test_images = [case.images[0] for case in manifest.split("test")][: args.cases]
-    for rel in test_images:
-        (hippo_in / Path(rel).name).symlink_to(HIPPO / rel)
-    hippo_model = args.hippocampus_model or _log_model(work, REPO / "configs" / "msd_hippocampus.yaml",
+    link_hippocampus_test_cases(hippo_in, args.cases)
+    hippo_model = args.hippocampus_model or log_fresh_model(work, REPO / "configs" / "msd_hippocampus.yaml",
                                                        TINY_NETWORK if args.tiny else [])
     workloads.append(("hippocampus", hippo_model, hippo_in))
     if not args.skip_ct:
         ct_in = work / "ct_in"
         ct_in.mkdir()
         _make_ct(ct_in / "ct512.nii.gz", (64, 64, 40) if args.tiny else (512, 512, 300))
-        ct_model = _log_model(work, REPO / "configs" / "msd_hippocampus.yaml", [
+        ct_model = log_fresh_model(work, REPO / "configs" / "msd_hippocampus.yaml", [
             "patch.size=[32,32,16]" if args.tiny else "patch.size=[96,96,64]", *(TINY_NETWORK if args.tiny else []), "model.channels=[8,16,32,64]", "validation.overlap=0.25",
             "preprocess.intensity.mode=ct_window", "preprocess.intensity.window=[-160,240]",
             "data.labels={0: background, 1: organ}"])
