@@ -155,8 +155,9 @@ def _case_record(name: str, before: dict[str, float], after: dict[str, float]) -
     return {"case": name, "stages": stages, "total": sum(stages.values())}
 
 
-def _run_medseg(args: argparse.Namespace, clock: StageClock) -> list[dict[str, Any]]:
-    """medseg's folder inference (as bench_predict.py runs it), a record per case."""
+def _run_medseg(args: argparse.Namespace, clock: StageClock) -> tuple[list[dict[str, Any]], str]:
+    """medseg's folder inference (as bench_predict.py runs it): a record per case, and a SHA-256 of
+    the report's values (voxels, volumes, uncertainty, QC) for a before/after comparison."""
     import medseg.engine.predict as batch
     from medseg import Predictor
 
@@ -179,10 +180,11 @@ def _run_medseg(args: argparse.Namespace, clock: StageClock) -> list[dict[str, A
     failed = [r for r in report.results if r.status != "ok"]
     if failed:
         raise SystemExit(f"medseg failed {len(failed)} case(s): {failed[0].error}")
-    return records
+    values = json.dumps([[r.case_id, r.values] for r in report.results], sort_keys=True, default=str)
+    return records, hashlib.sha256(values.encode()).hexdigest()
 
 
-def _run_monai(args: argparse.Namespace, clock: StageClock) -> list[dict[str, Any]]:
+def _run_monai(args: argparse.Namespace, clock: StageClock) -> tuple[list[dict[str, Any]], None]:
     """The tutorial loop of bench_predict.py, a record per case."""
     with clock.stage("load"):
         loop = tutorial_loop(args.model, Path(args.output))
@@ -195,7 +197,7 @@ def _run_monai(args: argparse.Namespace, clock: StageClock) -> list[dict[str, An
             with clock.stage("other"):
                 loop(path)
             records.append(_case_record(path.name.removesuffix(".nii.gz"), before, clock.snapshot()))
-    return records
+    return records, None
 
 
 def mask_digest(folder: Path) -> str:
@@ -224,12 +226,13 @@ def _worker(args: argparse.Namespace) -> None:
     clock = StageClock()
     with timing_hooks(clock):
         started = time.perf_counter()
-        records = (_run_medseg if args.worker == "medseg" else _run_monai)(args, clock)
+        records, values_digest = (_run_medseg if args.worker == "medseg" else _run_monai)(args, clock)
         wall = time.perf_counter() - started
     batch_s = clock.seconds["batch"]
     print(json.dumps({"path": args.worker, "threads": torch.get_num_threads(), "cases": records, "wall_s": wall,
                       "load_s": clock.seconds["load"], "batch_s": batch_s,
-                      "mask_digest": mask_digest(Path(args.output)) if args.worker == "medseg" else None}))
+                      "mask_digest": mask_digest(Path(args.output)) if args.worker == "medseg" else None,
+                      "values_digest": values_digest}))
 
 
 def _run_child(args: argparse.Namespace, path: str, threads: int, model: str, tracking: str, input_dir: Path,
@@ -306,7 +309,8 @@ def table(label: str, result: dict[str, Any]) -> list[str]:
                   f"(warm-up, left out of the means): plain {plain['first_case_s']:.3f} s, medseg "
                   f"{med['first_case_s']:.3f} s; median case: plain {plain['case_median_s']:.4f} s, medseg "
                   f"{med['case_median_s']:.4f} s ({plain['case_median_s'] / med['case_median_s']:.2f}x). medseg's "
-                  f"masks: sha256 {summary['mask_digest'][:16]}.", ""]
+                  f"masks: sha256 {summary['mask_digest'][:16]}, its report's values: sha256 "
+                  f"{summary['values_digest'][:16]}.", ""]
     return lines
 
 
@@ -324,6 +328,14 @@ def write_results(out: Path, label: str, result: dict[str, Any]) -> None:
              "spends less.", ""]
     for name, run in report["runs"].items():
         lines += table(name, run)
+    if len(report["runs"]) > 1:
+        outputs = {name: {(t["mask_digest"], t["values_digest"]) for t in run["threads"].values()}
+                   for name, run in report["runs"].items()}
+        same = len(set().union(*outputs.values())) == 1
+        lines.append(f"medseg's masks and report values in the runs {', '.join(outputs)}: "
+                     + ("bitwise the same (equal SHA-256 digests)." if same else "**not the same**: "
+                        + "; ".join(f"{n}: {sorted(d)}" for n, d in outputs.items())))
+        lines.append("")
     (out / "predict_stages.md").write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -374,9 +386,9 @@ def main(argv: list[str] | None = None) -> None:
                 runs[path].append(result)
                 print(f"{count} thread(s) repeat {repeat + 1} {path}: {result['wall_s']:.1f} s", flush=True)
         raw[str(count)] = runs
-    digests = {r["mask_digest"] for runs in raw.values() for r in runs["medseg"]}
-    summaries = {t: {**{p: summarise(runs[p]) for p in PATHS}, "mask_digest": sorted(digests)[0]}
-                 for t, runs in raw.items()}
+    digests = {(r["mask_digest"], r["values_digest"]) for runs in raw.values() for r in runs["medseg"]}
+    summaries = {t: {**{p: summarise(runs[p]) for p in PATHS}, "mask_digest": sorted(digests)[0][0],
+                     "values_digest": sorted(digests)[0][1]} for t, runs in raw.items()}
     import platform
 
     import torch
