@@ -68,6 +68,8 @@ def worktree(commit: str) -> Path:
 
 def run_bench(tree: Path, repeats: int, only: str, out: Path) -> dict[str, float]:
     """One ``bench_perf.py`` of ``tree`` on ``tree``'s code; its rows as ``{workload: medseg/plain}``."""
+    if (out / "perf.md").is_file():  # a rerun keeps the benches that finished
+        return ratios((out / "perf.md").read_text(encoding="utf-8"))
     env = {**os.environ, "PYTHONPATH": str(tree)}
     command = [sys.executable, str(tree / "benchmarks" / "bench_perf.py"), "--repeats", str(repeats), "--only", only,
                "--out", str(out)]
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "refactor_ab" / "full")
     parser.add_argument("--report-only", action="store_true", help="rewrite ab.md from the benches under --out")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # each bench runs in its own tree
     if args.report_only:
         report_from_folders(args)
         return
