@@ -46,30 +46,50 @@ _NEW_PREDICT_ROW = '''        predicted = json.loads((work / "predict" / "predic
                             f"{60 / plain['s_per_case']:.0f} | {60 / r['s_per_case']:.0f} | "
                             f"**{plain['s_per_case'] / r['s_per_case']:.2f}x** |")'''
 
+#: ``--no-bf16``: the bf16 paths of W2/W3 taken out of both trees' bench_perf.py (on a CPU without bf16
+#: instructions one bf16 W3 volume takes hours), and the peak measured in fp32 only.
+_NO_BF16 = {
+    'runs = _interleaved(("plain", "medseg", "medseg_bf16"), args.repeats,':
+        'runs = _interleaved(("plain", "medseg"), args.repeats,',
+    'for path in ("medseg", "medseg_bf16"):': 'for path in ("medseg",):',
+    'paths = ("plain", "medseg", "medseg_bf16") if volume == "ct192" else ("plain", "medseg")':
+        'paths = ("plain", "medseg")',
+    "for dtype in (torch.float32, torch.bfloat16):": "for dtype in (torch.float32,):",
+    'best_peak = max(peak["conv3d_gflops_float32"], peak["conv3d_gflops_bfloat16"])':
+        'best_peak = peak["conv3d_gflops_float32"]',
+}
+
 _ROW = re.compile(r"^\| (W\d.*?) \| (.*?) \| (.*?) \| \*\*([\d.]+)x(?: / ([\d.]+)x)?\*\* \|$")
 _MEASURED_IN_NAME = re.compile(r", % of \d+ peak")
 _RATIO_ROW = re.compile(r"^\| (W\d.*?) \| (.*?) \| (.*?) \| ([\d.]+)x / \*\*([\d.]+)x\*\* \|$")
 
 
-def worktree(commit: str) -> Path:
-    """A worktree of ``commit`` beside this checkout, with the old W4 row reader patched."""
+def worktree(commit: str, no_bf16: bool = False) -> Path:
+    """A worktree of ``commit`` beside this checkout, with the old W4 row reader patched (and the bf16
+    paths taken out with ``no_bf16``; the worktree's name says so)."""
     sha = subprocess.run(["git", "rev-parse", "--short=10", commit], cwd=REPO, check=True, capture_output=True,
                          text=True).stdout.strip()
-    tree = REPO.parent / f"medseg-ab-{sha}"
+    tree = REPO.parent / f"medseg-ab-{sha}{'-fp32' if no_bf16 else ''}"
     if not tree.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=REPO, check=True,
                        capture_output=True)
     script = tree / "benchmarks" / "bench_perf.py"
     text = script.read_text(encoding="utf-8")
-    if _OLD_PREDICT_ROW in text:
-        script.write_text(text.replace(_OLD_PREDICT_ROW, _NEW_PREDICT_ROW), encoding="utf-8")
+    text = text.replace(_OLD_PREDICT_ROW, _NEW_PREDICT_ROW)
+    if no_bf16:
+        missing = [old for old in _NO_BF16 if old not in text and _NO_BF16[old] not in text]
+        if missing:
+            raise SystemExit(f"{script}: --no-bf16 cannot find {missing[0]!r}; compare with bf16 paths")
+        for old, new in _NO_BF16.items():
+            text = text.replace(old, new)
+    script.write_text(text, encoding="utf-8")
     return tree
 
 
-def run_bench(tree: Path, repeats: int, only: str, out: Path) -> dict[str, float]:
+def run_bench(tree: Path, repeats: int, only: str, out: Path) -> dict[str, dict[str, float]]:
     """One ``bench_perf.py`` of ``tree`` on ``tree``'s code; its rows as ``{workload: medseg/plain}``."""
     if (out / "perf.md").is_file():  # a rerun keeps the benches that finished
-        return ratios((out / "perf.md").read_text(encoding="utf-8"))
+        return figures((out / "perf.md").read_text(encoding="utf-8"))
     env = {**os.environ, "PYTHONPATH": str(tree)}
     command = [sys.executable, str(tree / "benchmarks" / "bench_perf.py"), "--repeats", str(repeats), "--only", only,
                "--out", str(out)]
@@ -80,7 +100,7 @@ def run_bench(tree: Path, repeats: int, only: str, out: Path) -> dict[str, float
     if done.returncode != 0:
         raise SystemExit(f"{tree}: bench_perf.py exited {done.returncode}; see {out / 'log.txt'}")
     print(f"  {tree.name}: {(time.monotonic() - started) / 60:.1f} min", flush=True)
-    return ratios((out / "perf.md").read_text(encoding="utf-8"))
+    return figures((out / "perf.md").read_text(encoding="utf-8"))
 
 
 def ratios(table: str) -> dict[str, float]:
@@ -95,15 +115,35 @@ def ratios(table: str) -> dict[str, float]:
     return found
 
 
-def compare(before: list[dict[str, float]], after: list[dict[str, float]]) -> list[dict[str, object]]:
-    """Per workload both sides' ratios and the change of their medians (positive: after is faster)."""
+def medseg_figures(table: str) -> dict[str, float]:
+    """``{workload: medseg's own figure}`` from a perf.md table, as a speed (higher is faster): rates as
+    they are, seconds inverted; for W1's two-figure cells, the later epochs'."""
+    found: dict[str, float] = {}
+    for line in table.splitlines():
+        match = _ROW.match(line.strip()) or _RATIO_ROW.match(line.strip())
+        if match:
+            name = _MEASURED_IN_NAME.sub("", match.group(1))
+            value = float(re.split(r"[;/]", match.group(3))[-1 if "/" in match.group(3) else 0])
+            found[name] = 1 / value if "(s," in name or "(s/" in name else value
+    return found
+
+
+def compare(before: list[dict[str, dict[str, float]]], after: list[dict[str, dict[str, float]]]) -> list[dict]:
+    """Per workload both sides' figures (``ratio``: medseg / plain in one bench; ``medseg``: medseg's own
+    speed) and the change of their medians (positive: after is faster)."""
     rows = []
-    for workload in [w for w in after[0] if all(w in r for r in before + after)]:
-        b = [r[workload] for r in before]
-        a = [r[workload] for r in after]
-        change = statistics.median(a) / statistics.median(b) - 1
-        rows.append({"workload": workload, "before": b, "after": a, "change": change})
+    for workload in [w for w in after[0]["ratio"] if all(w in r["ratio"] and w in r["medseg"] for r in before + after)]:
+        row: dict[str, object] = {"workload": workload}
+        for kind in ("ratio", "medseg"):
+            b = [r[kind][workload] for r in before]
+            a = [r[kind][workload] for r in after]
+            row[kind] = {"before": b, "after": a, "change": statistics.median(a) / statistics.median(b) - 1}
+        rows.append(row)
     return rows
+
+
+def figures(table: str) -> dict[str, dict[str, float]]:
+    return {"ratio": ratios(table), "medseg": medseg_figures(table)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,31 +154,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="bench_perf.py --repeats for each bench")
     parser.add_argument("--only", default="w1,w2,w3,w4", help="bench_perf.py --only: the workloads")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "refactor_ab" / "full")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out W2/W3's bf16 paths on both sides")
     parser.add_argument("--report-only", action="store_true", help="rewrite ab.md from the benches under --out")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()  # each bench runs in its own tree
     if args.report_only:
         report_from_folders(args)
         return
-    old, new = worktree(args.before), worktree(args.after)
-    head = new.name.removeprefix("medseg-ab-")
+    old, new = worktree(args.before, args.no_bf16), worktree(args.after, args.no_bf16)
+    head = new.name.removeprefix("medseg-ab-").removesuffix("-fp32")
     started = time.monotonic()
-    sides: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    sides: dict[str, list[dict[str, dict[str, float]]]] = {"before": [], "after": []}
     for index, (side, tree) in enumerate((("before", old), ("after", new), ("after", new), ("before", old))):
         print(f"bench {index + 1}/4: {side}", flush=True)
         sides[side].append(run_bench(tree, args.repeats, args.only, args.out / f"{index + 1}_{side}"))
     rows = compare(sides["before"], sides["after"])
     minutes = (time.monotonic() - started) / 60
-    write_report(args, old.name.removeprefix("medseg-ab-"), head, rows, minutes)
+    write_report(args, old.name.removeprefix("medseg-ab-").removesuffix("-fp32"), head, rows, minutes)
 
 
 def report_from_folders(args: argparse.Namespace) -> None:
     """ab.md / ab.json again from the four benches' perf.md under ``--out`` (their minutes summed)."""
-    sides: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    sides: dict[str, list[dict[str, dict[str, float]]]] = {"before": [], "after": []}
     minutes = 0.0
     for index, side in enumerate(("before", "after", "after", "before")):
         table = (args.out / f"{index + 1}_{side}" / "perf.md").read_text(encoding="utf-8")
-        sides[side].append(ratios(table))
+        sides[side].append(figures(table))
         minutes += float(re.search(r"([\d.]+) min in all", table).group(1))
     before = json.loads((args.out / "ab.json").read_text(encoding="utf-8"))["before"]
     after = json.loads((args.out / "ab.json").read_text(encoding="utf-8"))["after"]
@@ -150,16 +191,23 @@ def write_report(args: argparse.Namespace, before: str, after: str, rows: list[d
     import platform
 
     lines = [f"# `make bench` before ({before}) and after ({after}), one run", "",
-             f"`python benchmarks/ab_bench.py --before {args.before} --repeats {args.repeats} --only {args.only}`: "
-             f"each tree's own `bench_perf.py --repeats {args.repeats} --only {args.only}` on its own code, in the "
+             f"`python benchmarks/ab_bench.py --before {args.before} --repeats {args.repeats} --only {args.only}"
+             f"{' --no-bf16' if args.no_bf16 else ''}`: each tree's own `bench_perf.py --repeats {args.repeats} "
+             f"--only {args.only}` on its own code{' without its bf16 paths' if args.no_bf16 else ''}, in the "
              "order before, after, after, before "
              f"({minutes:.0f} min in all; {platform.machine()}, {os.cpu_count()} CPUs). Each figure is medseg / plain "
-             "MONAI within one bench (the plain MONAI code is the same on both sides); the change compares the "
-             "medians of the two benches per side (positive: after is faster).", "",
-             "| workload | before: medseg / plain | after: medseg / plain | change |", "|---|---|---|---|"]
+             "MONAI within one bench (the plain MONAI code is the same on both sides), and medseg's own figure "
+             "as a speed (rates as they are, seconds per epoch inverted to epochs per second); each change compares "
+             "the medians of the two benches per side (positive: after is faster). The ratio absorbs a machine that "
+             "drifts between benches; medseg's own figure is free of noise in the plain path.", "",
+             "| workload | medseg / plain: before | after | change | medseg alone: before | after | change |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['workload']} | {' / '.join(f'{x:.2f}x' for x in r['before'])} | "
-                     f"{' / '.join(f'{x:.2f}x' for x in r['after'])} | {r['change']:+.1%} |")
+        ratio, own = r["ratio"], r["medseg"]
+        lines.append(f"| {r['workload']} | {' / '.join(f'{x:.2f}x' for x in ratio['before'])} | "
+                     f"{' / '.join(f'{x:.2f}x' for x in ratio['after'])} | {ratio['change']:+.1%} | "
+                     f"{' / '.join(f'{x:.4g}' for x in own['before'])} | {' / '.join(f'{x:.4g}' for x in own['after'])} "
+                     f"| {own['change']:+.1%} |")
     lines += ["", "Each bench's own table: `1_before/perf.md`, `2_after/perf.md`, `3_after/perf.md`, `4_before/perf.md`."]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ab.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
