@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: browser fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon recon medmnist install install-dev ui clean
+.PHONY: browser fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon bench-memory bench-cost-model recon medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,17 @@ bench-classification: $(VENV)/.installed-dev
 # medseg's cached reconstruction data path against a plain MONAI pipeline, recon_mri_4x training
 bench-recon: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_recon.py --repeats 3 --epochs 2 $(BENCH_ARGS)
+
+# Peak memory of predicting a 512x512x300 CT, 3 classes: the full buffer before bounded prediction (9b682be), the
+# full buffer now and slab by slab, interleaved: about 10 minutes on 2 cores -> memory.md (the 512x512x1000
+# whole-body volume, slab by slab only: `$(BIN)/python benchmarks/bench_memory.py --skip-ct`)
+bench-memory: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_memory.py --repeats 2 --skip-wb $(BENCH_ARGS)
+
+# The cost of a 100,000-CT cohort on a cluster (--cohort, --machines, --cores, --memory-gb...), fitted to ray.json,
+# predict.json and memory.json (measures nothing itself: seconds) -> cost_model.md
+bench-cost-model: $(VENV)/.installed
+	$(BIN)/python benchmarks/cost_model.py $(BENCH_ARGS)
 
 # The three reconstruction configs, about 11 minutes each on 2 cores
 recon: $(VENV)/.installed

@@ -8,14 +8,19 @@ Workloads:
 - ``ct300``: a 512x512x300 int16 CT-like volume (0.7x0.7x1.5 mm, LPS, as bench_predict.py's ct512)
   with a freshly initialised lean 3D U-Net (8-16-32-64, patch 96x96x64, overlap 0.25, CT window)
   and 3 classes. Three paths, interleaved: ``head`` (the code of the commit given by ``--head``,
-  from a git worktree: the full buffer as it was), ``full`` (this code, ``MEDSEG_PREDICT_SCORES=full``)
-  and ``bounded`` (``MEDSEG_PREDICT_SCORES=bounded``). Their masks are compared voxel by voxel.
+  unpacked by ``git archive``: the full buffer as it was), ``full`` (this code,
+  ``MEDSEG_PREDICT_SCORES=full``) and ``bounded`` (``MEDSEG_PREDICT_SCORES=bounded``). Their masks are
+  compared voxel by voxel.
 - ``wb1000``: a 512x512x1000 whole-body-sized volume (0.8x0.8x1.5 mm) with a freshly initialised
   100-class head resampling to ``--wb-spacing`` (default 1.5 mm, TotalSegmentator's) with patch
   ``--wb-patch``; the bounded path only (the full buffer would need ~100 GB).
 
-Usage: python benchmarks/bench_memory.py [--repeats 2] [--head 9b682be] [--skip-ct] [--skip-wb] [--out benchmarks/results]
+Usage: python benchmarks/bench_memory.py [--repeats 2] [--head 9b682be] [--skip-ct] [--skip-wb] [--out benchmarks/results] [--tiny]
 Writes memory.json and memory.md to ``--out``.
+``--tiny`` (benchmarks/tiny.py): both workloads and all three paths on toy volumes (45x38x29 and
+37x33x50, patch 16x16x16, U-Nets of 4-32 channels, 5 classes for the whole-body head), 1 repetition,
+``--head HEAD`` unless given, the ``full`` and ``bounded`` workers in this process; for the test
+suite, never into benchmarks/results.
 """
 
 from __future__ import annotations
@@ -26,15 +31,23 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from interleaved import in_process
+from tiny import add_tiny_arguments, results_folder, scratch_folder
 
 REPO = Path(__file__).resolve().parents[1]
 #: The last commit before bounded prediction (Issue 29 part 3): the full-buffer path as it was.
 BEFORE = "9b682be"
 CT_MODEL = ["model.channels=[8,16,32,64]", "validation.overlap=0.25", "preprocess.intensity.mode=ct_window",
             "preprocess.intensity.window=[-160,240]"]
+#: --tiny: (shape, spacing) of each workload's volume, its patch, and the whole-body head's classes.
+TINY_CT = ((45, 38, 29), (0.7, 0.7, 1.5))
+TINY_WB = ((37, 33, 50), (0.8, 0.8, 1.5))
+TINY_PATCH = "16,16,16"
+TINY_WB_CLASSES = 5
+TINY_NETWORK = ["model.channels=[4,8,16,32]"]
 
 
 def _log_model(workdir: Path, overrides: list[str], name: str) -> str:
@@ -70,16 +83,24 @@ def _make_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, floa
 def _worker(args: argparse.Namespace) -> None:
     """Child process: predict the folder with one path; print a JSON line."""
     if args.tree:
-        sys.path.insert(0, args.tree)  # the head worktree's medseg before the installed one
-    if args.worker in ("full", "bounded"):
-        os.environ["MEDSEG_PREDICT_SCORES"] = args.worker
+        sys.path.insert(0, args.tree)  # the head commit's medseg before the installed one
     import medseg
     from medseg.engine.case_io import peak_rss_mb
 
-    started = time.perf_counter()
-    predictor = medseg.Predictor.from_uri(args.model, tracking_uri=args.tracking_uri)
-    batch = predictor.predict_folder(Path(args.input), Path(args.output), overwrite=True, progress=False, review=False)
-    seconds = time.perf_counter() - started
+    before = os.environ.get("MEDSEG_PREDICT_SCORES")
+    if args.worker in ("full", "bounded"):
+        os.environ["MEDSEG_PREDICT_SCORES"] = args.worker
+    try:
+        started = time.perf_counter()
+        predictor = medseg.Predictor.from_uri(args.model, tracking_uri=args.tracking_uri)
+        batch = predictor.predict_folder(Path(args.input), Path(args.output), overwrite=True, progress=False,
+                                         review=False)
+        seconds = time.perf_counter() - started
+    finally:  # a tiny run's next worker, in this process or a child of it, must not inherit the path
+        if before is None:
+            os.environ.pop("MEDSEG_PREDICT_SCORES", None)
+        else:
+            os.environ["MEDSEG_PREDICT_SCORES"] = before
     bad = [r.error for r in batch.results if r.status != "ok"]
     if bad:
         raise SystemExit(f"prediction failed: {bad}")
@@ -87,13 +108,18 @@ def _worker(args: argparse.Namespace) -> None:
                       "medseg": str(Path(medseg.__file__).parent)}))
 
 
-def _run(path: str, model: str, tracking: str, input_dir: Path, out: Path, tree: str | None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", path, "--model", model, "--tracking-uri", tracking,
-           "--input", str(input_dir), "--output", str(out)] + (["--tree", tree] if tree else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{path} worker failed:\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+def _run(path: str, model: str, tracking: str, input_dir: Path, out: Path, tree: str | None,
+         tiny: bool = False) -> dict:
+    worker = ["--worker", path, "--model", model, "--tracking-uri", tracking, "--input", str(input_dir),
+              "--output", str(out)] + (["--tree", tree] if tree else [])
+    if tiny and tree is None:  # in this process: no second import of torch, MONAI and medseg
+        result = in_process(main, worker)
+    else:  # the head's code needs a process of its own (its medseg first on sys.path)
+        done = subprocess.run([sys.executable, __file__, *worker], capture_output=True, text=True, cwd=REPO,
+                              check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"{path} worker failed:\n{done.stderr[-4000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"{input_dir.name} {path}: {result['seconds']:.1f} s, {result['peak_rss_mb']:.0f} MiB", flush=True)
     return result
 
@@ -110,54 +136,68 @@ def _compare(a: Path, b: Path) -> dict:
             "label_counts": {int(v): int(c) for v, c in zip(*np.unique(x, return_counts=True))}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--head", default=BEFORE, help="the commit whose full-buffer path is today's (default: the "
-                                                       "last one before bounded prediction)")
+    parser.add_argument("--head", default=None, help="the commit whose full-buffer path is today's (default: the "
+                                                     f"last one before bounded prediction, {BEFORE}; HEAD with --tiny)")
     parser.add_argument("--skip-ct", action="store_true")
     parser.add_argument("--skip-wb", action="store_true")
     parser.add_argument("--wb-spacing", type=float, default=1.5)
-    parser.add_argument("--wb-patch", default="96,96,64")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--wb-patch", default=None, help="the whole-body model's patch (default 96,96,64; "
+                                                         f"{TINY_PATCH} with --tiny)")
+    add_tiny_arguments(parser)
     parser.add_argument("--worker", choices=["head", "full", "bounded"])
     for name in ("--model", "--tracking-uri", "--input", "--output", "--tree"):
         parser.add_argument(name)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
         return
-    work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    if args.tiny:
+        args.repeats = 1
+    args.wb_patch = args.wb_patch or (TINY_PATCH if args.tiny else "96,96,64")
+    out = results_folder(args)
+    work = scratch_folder("bench_memory_", args, out)
     tracking = f"sqlite:///{work / 'mlflow.db'}"
-    head = subprocess.run(["git", "rev-parse", args.head], capture_output=True, text=True, cwd=REPO,
-                          check=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", args.head or ("HEAD" if args.tiny else BEFORE)], capture_output=True,
+                          text=True, cwd=REPO, check=True).stdout.strip()
     report: dict = {"head": head, "workloads": {}}
     if not args.skip_ct:
         report["workloads"]["ct300"] = _ct300(args, work, tracking, head)
     if not args.skip_wb:
         report["workloads"]["wb1000"] = _wb1000(args, work, tracking)
-    _write(args.out, report)
+    _write(out, report)
+
+
+def _unpack(commit: str, tree: Path) -> None:
+    """The repository's files at ``commit``, in ``tree``: ``git archive``, which (unlike a worktree) leaves the
+    shared checkout's ``.git`` alone, and leaves nothing behind in it when a run is killed."""
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", "--format=tar", commit], capture_output=True, cwd=REPO,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, capture_output=True, check=True)
 
 
 def _ct300(args: argparse.Namespace, work: Path, tracking: str, head: str) -> dict:
     tree = work / "head"
-    subprocess.run(["git", "worktree", "add", "--detach", str(tree), head], cwd=REPO, check=True,
-                   capture_output=True)
-    try:
-        inputs = work / "ct300"
-        inputs.mkdir()
-        _make_ct(inputs / "ct.nii.gz", (512, 512, 300), (0.7, 0.7, 1.5))
-        model = _log_model(work, ["patch.size=[96,96,64]", *CT_MODEL], "ct300")
-        paths = ["head", "full", "bounded"]
-        runs: dict[str, list[dict]] = {p: [] for p in paths}
-        for repeat in range(args.repeats):
-            for path in paths[repeat % 3:] + paths[: repeat % 3]:
-                runs[path].append(_run(path, model, tracking, inputs, work / f"out_{path}",
-                                       str(tree) if path == "head" else None))
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False, capture_output=True)
+    _unpack(head, tree)
+    inputs = work / "ct300"
+    inputs.mkdir()
+    shape, spacing = TINY_CT if args.tiny else ((512, 512, 300), (0.7, 0.7, 1.5))
+    _make_ct(inputs / "ct.nii.gz", shape, spacing)
+    patch = TINY_PATCH if args.tiny else "96,96,64"
+    model = _log_model(work, [f"patch.size=[{patch}]", *CT_MODEL, *(TINY_NETWORK if args.tiny else [])], "ct300")
+    paths = ["head", "full", "bounded"]
+    runs: dict[str, list[dict]] = {p: [] for p in paths}
+    for repeat in range(args.repeats):
+        for path in paths[repeat % 3:] + paths[: repeat % 3]:
+            runs[path].append(_run(path, model, tracking, inputs, work / f"out_{path}",
+                                   str(tree) if path == "head" else None, args.tiny))
     masks = {p: work / f"out_{p}" / "ct.nii.gz" for p in paths}
-    return {"shape": [512, 512, 300], "classes": 3, "model": "lean U-Net 8-16-32-64, patch 96x96x64, overlap 0.25",
+    network = "4-8-16-32" if args.tiny else "8-16-32-64"
+    return {"shape": list(shape), "classes": 3,
+            "model": f"lean U-Net {network}, patch {patch.replace(',', 'x')}, overlap 0.25",
             "runs": runs, "seconds": {p: statistics.median(r["seconds"] for r in runs[p]) for p in paths},
             "peak_rss_mb": {p: max(r["peak_rss_mb"] for r in runs[p]) for p in paths},
             "bounded_vs_full": _compare(masks["full"], masks["bounded"]),
@@ -167,15 +207,19 @@ def _ct300(args: argparse.Namespace, work: Path, tracking: str, head: str) -> di
 def _wb1000(args: argparse.Namespace, work: Path, tracking: str) -> dict:
     inputs = work / "wb1000"
     inputs.mkdir()
-    _make_ct(inputs / "wb.nii.gz", (512, 512, 1000), (0.8, 0.8, 1.5))
-    labels = "{" + ", ".join(f"{i}: c{i}" for i in range(100)) + "}"
+    shape, voxel = TINY_WB if args.tiny else ((512, 512, 1000), (0.8, 0.8, 1.5))
+    classes = TINY_WB_CLASSES if args.tiny else 100
+    _make_ct(inputs / "wb.nii.gz", shape, voxel)
+    labels = "{" + ", ".join(f"{i}: c{i}" for i in range(classes)) + "}"
     spacing = args.wb_spacing
     patch = f"[{args.wb_patch}]"
     model = _log_model(work, [f"patch.size={patch}", *CT_MODEL, f"data.labels={labels}",
-                              f"preprocess.spacing=[{spacing},{spacing},{spacing}]"], "wb1000")
-    run = _run("bounded", model, tracking, inputs, work / "out_wb", None)
-    return {"shape": [512, 512, 1000], "classes": 100, "spacing_mm": [0.8, 0.8, 1.5],
-            "model": f"lean U-Net 8-16-32-64, 100 classes, patch {patch}, overlap 0.25, resampled to {spacing} mm",
+                              f"preprocess.spacing=[{spacing},{spacing},{spacing}]",
+                              *(TINY_NETWORK if args.tiny else [])], "wb1000")
+    run = _run("bounded", model, tracking, inputs, work / "out_wb", None, args.tiny)
+    network = "4-8-16-32" if args.tiny else "8-16-32-64"
+    return {"shape": list(shape), "classes": classes, "spacing_mm": list(voxel),
+            "model": f"lean U-Net {network}, {classes} classes, patch {patch}, overlap 0.25, resampled to {spacing} mm",
             "runs": {"bounded": [run]}, "seconds": {"bounded": run["seconds"]},
             "peak_rss_mb": {"bounded": run["peak_rss_mb"]}}
 
@@ -207,7 +251,7 @@ def _write(out: Path, report: dict) -> None:
                 c = w[key]
                 lines.append(f"  - masks {key.replace('_', ' ')}: {c['differ']} of {c['voxels']} voxels differ "
                              f"(bitwise equal: {c['bitwise_equal']}, same affine: {c['same_affine']}).")
-    lines.append(f"\nhead = {report['head']} (today's full-buffer code, from a git worktree); full/bounded = this code "
+    lines.append(f"\nhead = {report['head']} (today's full-buffer code, unpacked from git); full/bounded = this code "
                  "with MEDSEG_PREDICT_SCORES=full/bounded. Peak RSS is each child process's VmHWM. "
                  f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch "
                  f"{report['machine']['torch']}; {report['machine']['note']}.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from tests.conftest import REPO, require
 
 BENCHMARKS = REPO / "benchmarks"
 #: The scripts the Makefile's bench targets run, each covered by a tiny test below; the longest first.
-TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_classification", "bench_recon")
+TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_classification", "bench_recon",
+                "bench_memory", "cost_model")
 #: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
 TINY_TIMEOUT_S = 900
 
@@ -123,6 +125,22 @@ def _table(md: Path) -> list[list[str]]:
     width = lines[0].count("|")
     assert all(line.count("|") == width for line in lines), f"{md}: rows of unequal width:\n{md.read_text(encoding='utf-8')}"
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _tables(md: Path) -> list[list[list[str]]]:
+    """The body rows of each Markdown table in ``md`` (tables parted by other lines), as lists of cells."""
+    blocks: list[list[str]] = [[]]
+    for line in md.read_text(encoding="utf-8").splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    found = []
+    for lines in (block for block in blocks if block):
+        assert len(lines) >= 3 and re.fullmatch(r"\|(---\|)+", lines[1]), f"{md}: not a table:\n{lines}"
+        assert all(line.count("|") == lines[0].count("|") for line in lines), f"{md}: rows of unequal width:\n{lines}"
+        found.append([[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]])
+    return found
 
 
 # ----------------------------------------------------------------------------------- bench_predict
@@ -277,6 +295,156 @@ def test_check_precision_tiny_scores_every_setting(tiny_runs: TinyRuns, script: 
     rows = _table(out / "precision.md")
     assert [r[0] for r in rows] == list(settings) and all(len(r) == 6 for r in rows)
     assert "2 validation cases" in (out / "precision.md").read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------- bench_memory, cost_model
+
+
+def _check_memory(report: dict) -> None:
+    """memory.json: the keys bench_memory's table and cost_model.py read."""
+    _keys(report, {"head", "workloads", "machine"}, "memory.json")
+    _keys(report["machine"], {"platform", "cpus", "torch", "note"}, "memory.json machine")
+    _keys(report["workloads"], {"ct300", "wb1000"}, "memory.json workloads")
+    for name, paths in (("ct300", {"head", "full", "bounded"}), ("wb1000", {"bounded"})):
+        workload = report["workloads"][name]
+        _keys(workload, {"shape", "classes", "model", "runs", "seconds", "peak_rss_mb"}, name)
+        _numbers(workload["seconds"], paths, f"{name}.seconds")
+        _numbers(workload["peak_rss_mb"], paths, f"{name}.peak_rss_mb")
+        assert set(workload["runs"]) == paths and all(workload["runs"].values()), f"{name}.runs: {workload['runs']}"
+    for key in ("bounded_vs_full", "bounded_vs_head"):
+        compared = report["workloads"]["ct300"][key]
+        _keys(compared, {"voxels", "differ", "same_affine", "label_counts"}, key)
+        # slab by slab gives the full buffer's labels bitwise, the old code's too (HEAD's in tiny mode)
+        assert compared["bitwise_equal"] and compared["differ"] == 0, f"{key}: {compared}"
+
+
+@pytest.mark.parametrize("script", ["bench_memory"])
+def test_bench_memory_tiny_runs_every_path_and_the_cost_model_reads_it(tiny_runs: TinyRuns, script: str,
+                                                                       tmp_path: Path) -> None:
+    out = tiny_runs.wait(script)
+
+    report = json.loads((out / "memory.json").read_text(encoding="utf-8"))
+    _check_memory(report)
+    assert report["workloads"]["ct300"]["shape"] == list(_bench("bench_memory").TINY_CT[0])
+    rows = _table(out / "memory.md")
+    assert [r[1] for r in rows] == ["head", "full", "bounded", "bounded"] and all(len(r) == 6 for r in rows)
+    # the cost model on this memory.json beside the committed ray.json and predict.json
+    for name in ("ray.json", "predict.json"):
+        (tmp_path / name).write_bytes((BENCHMARKS / "results" / name).read_bytes())
+    (tmp_path / "memory.json").write_bytes((out / "memory.json").read_bytes())
+    _bench("cost_model").main(["--tiny", "--results", str(tmp_path), "--out", str(tmp_path / "model")])
+    model = json.loads((tmp_path / "model" / "cost_model.json").read_text(encoding="utf-8"))
+    assert model["inputs"]["ct_shape"]["value"] == report["workloads"]["ct300"]["shape"]
+    assert model["derived"]["ct_voxels_measured"] == math.prod(_bench("bench_memory").TINY_CT[0])
+
+
+def _at(data: object, path: list) -> object:
+    """The value at a cost-model input's key path, followed here independently of cost_model.py."""
+    for step in path:
+        if isinstance(step, dict):
+            assert isinstance(data, list), (path, step)
+            rows = [r for r in data if all(r.get(k) == v for k, v in step.items())]
+            assert len(rows) == 1, f"{step} selects {len(rows)} rows"
+            data = rows[0]
+        else:
+            assert isinstance(data, dict) and step in data, (path, step)
+            data = data[step]
+    return data
+
+
+def _check_cost_model(model: dict, results: Path) -> None:
+    """cost_model.json: every input traced to its file and key, every figure derived from them."""
+    _keys(model, {"command", "cluster", "inputs", "derived", "per_case", "gpu", "projection", "assumptions"},
+          "cost_model.json")
+    for name, figure in model["inputs"].items():
+        _keys(figure, {"value", "unit", "file", "key", "path"}, f"inputs.{name}")
+        source = json.loads((results / figure["file"]).read_text(encoding="utf-8"))
+        assert _at(source, figure["path"]) == figure["value"], f"inputs.{name} is not {figure['file']}'s {figure['key']}"
+    cases = {c["case"] for c in model["per_case"].values()}
+    assert cases == {"CT", "hippocampus"}, cases
+    for name, case in model["per_case"].items():
+        _numbers(case, {"core_seconds", "cases_per_hour_per_core", "actor_mib"}, f"per_case.{name}")
+        assert case["cases_per_hour_per_core"] == pytest.approx(3600 / case["core_seconds"])
+    assert model["gpu"]["cases_per_hour_per_gpu"] is None and "No committed results file" in model["gpu"]["why"]
+    cohort, startup = model["projection"]["cohort"], model["derived"]["ray_startup_s"]
+    for name, p in model["projection"]["scenarios"].items():
+        _numbers(p, {"core_seconds_per_case", "core_hours", "actor_mib", "actors_per_machine", "cluster_cases_per_hour",
+                     "wall_hours", "mask_bytes_per_case", "mask_terabytes"}, f"projection.{name}")
+        assert p["core_hours"] == pytest.approx(cohort * p["core_seconds_per_case"] / 3600)
+        assert p["wall_hours"] == pytest.approx(cohort / p["cluster_cases_per_hour"] + startup / 3600)
+    for assumption in model["assumptions"]:
+        _keys(assumption, {"option", "value", "says"}, "assumptions[]")
+
+
+@pytest.mark.parametrize("script", ["cost_model"])
+def test_cost_model_tiny_traces_every_figure_to_a_committed_file(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+
+    model = json.loads((out / "cost_model.json").read_text(encoding="utf-8"))
+    _check_cost_model(model, BENCHMARKS / "results")
+    assert set(model["projection"]["scenarios"]) == {"ct_predict", "ct_memory"}  # the committed predict.json has a CT
+    assert model["cluster"]["cohort"] == 100_000
+    per_case, projection, inputs = _tables(out / "cost_model.md")
+    assert len(per_case) == len(model["per_case"]) and len(projection) == len(model["projection"]["scenarios"])
+    assert [row[0] for row in inputs] == list(model["inputs"])
+
+
+def _results_copy(folder: Path) -> Path:
+    folder.mkdir()
+    for name in ("ray.json", "predict.json", "memory.json"):
+        (folder / name).write_bytes((BENCHMARKS / "results" / name).read_bytes())
+    return folder
+
+
+def test_cost_model_without_a_ct_in_predict_json_projects_from_memory_json_alone(tmp_path: Path) -> None:
+    results = _results_copy(tmp_path / "results")
+    predicted = json.loads((results / "predict.json").read_text(encoding="utf-8"))
+    predicted["rows"] = [r for r in predicted["rows"] if r["workload"] != "ct512"]
+    (results / "predict.json").write_text(json.dumps(predicted), encoding="utf-8")
+
+    _bench("cost_model").main(["--results", str(results), "--out", str(tmp_path / "out")])
+
+    model = json.loads((tmp_path / "out" / "cost_model.json").read_text(encoding="utf-8"))
+    _check_cost_model(model, results)
+    assert list(model["projection"]["scenarios"]) == ["ct_memory"]
+    assert "ct_predict_s_per_case" not in model["inputs"]
+
+
+def test_cost_model_bounds_actors_by_memory_and_scales_a_larger_ct(tmp_path: Path) -> None:
+    """An odd CT (twice the voxels, odd sides) on machines with little memory: memory binds, time doubles."""
+    results = _results_copy(tmp_path / "results")
+    cost_model = _bench("cost_model")
+    cost_model.main(["--results", str(results), "--out", str(tmp_path / "base"), "--cohort", "777"])
+    cost_model.main(["--results", str(results), "--out", str(tmp_path / "big"), "--cohort", "777",
+                     "--ct-shape", "512,512,600", "--memory-gb", "7", "--cores", "5", "--machines", "3"])
+
+    base, big = (json.loads((tmp_path / d / "cost_model.json").read_text(encoding="utf-8")) for d in ("base", "big"))
+    for name, small in base["projection"]["scenarios"].items():
+        large = big["projection"]["scenarios"][name]
+        assert large["core_seconds_per_case"] == pytest.approx(2 * small["core_seconds_per_case"])
+        assert small["actors_bound_by"] == "cores" and large["actors_bound_by"] == "memory"
+        assert large["actors_per_machine"] == int(7 * 1024 * 0.7 // large["actor_mib"]) < 5
+        assert small["actor_mib"] < large["actor_mib"] < 2 * small["actor_mib"]  # the process's fixed part is not doubled
+        assert large["mask_bytes_per_case"] == 2 * small["mask_bytes_per_case"]
+    assert "--ct-shape 512,512,600" in (tmp_path / "big" / "cost_model.md").read_text(encoding="utf-8")
+
+
+def test_cost_model_names_a_missing_results_file_and_the_command_that_writes_it(tmp_path: Path) -> None:
+    results = _results_copy(tmp_path / "results")
+    (results / "ray.json").unlink()
+
+    with pytest.raises(SystemExit, match=r"ray\.json: missing.*bench_ray\.py"):
+        _bench("cost_model").main(["--results", str(results), "--out", str(tmp_path / "out")])
+
+
+def test_cost_model_names_a_key_the_file_lacks(tmp_path: Path) -> None:
+    results = _results_copy(tmp_path / "results")
+    report = json.loads((results / "memory.json").read_text(encoding="utf-8"))
+    del report["workloads"]["ct300"]["peak_rss_mb"]["bounded"]
+    (results / "memory.json").write_text(json.dumps(report), encoding="utf-8")
+
+    with pytest.raises(SystemExit, match=r"memory\.json: expected a value at workloads\.ct300\.peak_rss_mb\.bounded"):
+        _bench("cost_model").main(["--results", str(results), "--out", str(tmp_path / "out")])
 
 
 # ----------------------------------------------------------------------------------- the Makefile
