@@ -46,8 +46,8 @@ _NEW_PREDICT_ROW = '''        predicted = json.loads((work / "predict" / "predic
                             f"{60 / plain['s_per_case']:.0f} | {60 / r['s_per_case']:.0f} | "
                             f"**{plain['s_per_case'] / r['s_per_case']:.2f}x** |")'''
 
-#: ``--no-bf16``: the bf16 paths of W2/W3 taken out of both trees' bench_perf.py (on a CPU without bf16
-#: instructions one bf16 W3 volume takes hours), and the peak measured in fp32 only.
+#: ``--no-bf16``: the bf16 paths of W2/W3 taken out of a bench_perf.py that has no ``--no-bf16`` of its own
+#: (on a CPU without bf16 instructions one bf16 W3 volume takes hours), and the peak measured in fp32 only.
 _NO_BF16 = {
     'runs = _interleaved(("plain", "medseg", "medseg_bf16"), args.repeats,':
         'runs = _interleaved(("plain", "medseg"), args.repeats,',
@@ -58,6 +58,9 @@ _NO_BF16 = {
     'best_peak = max(peak["conv3d_gflops_float32"], peak["conv3d_gflops_bfloat16"])':
         'best_peak = peak["conv3d_gflops_float32"]',
 }
+
+#: How a bench_perf.py that leaves bf16 out by itself (``--no-bf16``) says so.
+_OWN_NO_BF16 = '"--no-bf16"'
 
 _ROW = re.compile(r"^\| (W\d.*?) \| (.*?) \| (.*?) \| \*\*([\d.]+)x(?: / ([\d.]+)x)?\*\* \|$")
 _MEASURED_IN_NAME = re.compile(r", % of \d+ peak")
@@ -76,23 +79,36 @@ def worktree(commit: str, no_bf16: bool = False) -> Path:
     script = tree / "benchmarks" / "bench_perf.py"
     text = script.read_text(encoding="utf-8")
     text = text.replace(_OLD_PREDICT_ROW, _NEW_PREDICT_ROW)
-    if no_bf16:
+    if no_bf16 and _OWN_NO_BF16 not in text:  # a bench_perf.py without the flag: its bf16 paths patched out
         missing = [old for old in _NO_BF16 if old not in text and _NO_BF16[old] not in text]
         if missing:
             raise SystemExit(f"{script}: --no-bf16 cannot find {missing[0]!r}; compare with bf16 paths")
         for old, new in _NO_BF16.items():
             text = text.replace(old, new)
     script.write_text(text, encoding="utf-8")
+    # pipelines/ installs as medseg_pipelines (pyproject's package-dir): a link beside the tree lets
+    # PYTHONPATH find the tree's own copy instead of the installed checkout's
+    shim = tree.parent / f"{tree.name}-path"
+    shim.mkdir(exist_ok=True)
+    if not (shim / "medseg_pipelines").exists():
+        (shim / "medseg_pipelines").symlink_to(tree / "pipelines")
     return tree
 
 
-def run_bench(tree: Path, repeats: int, only: str, out: Path) -> dict[str, dict[str, float]]:
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment that imports ``tree``'s medseg and medseg_pipelines from this venv."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree.parent / f"{tree.name}-path")])}
+
+
+def run_bench(tree: Path, repeats: int, only: str, out: Path, no_bf16: bool = False) -> dict[str, dict[str, float]]:
     """One ``bench_perf.py`` of ``tree`` on ``tree``'s code; its rows as ``{workload: medseg/plain}``."""
     if (out / "perf.md").is_file():  # a rerun keeps the benches that finished
         return figures((out / "perf.md").read_text(encoding="utf-8"))
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    command = [sys.executable, str(tree / "benchmarks" / "bench_perf.py"), "--repeats", str(repeats), "--only", only,
-               "--out", str(out)]
+    env = tree_env(tree)
+    script = tree / "benchmarks" / "bench_perf.py"
+    command = [sys.executable, str(script), "--repeats", str(repeats), "--only", only, "--out", str(out)]
+    if no_bf16 and _OWN_NO_BF16 in script.read_text(encoding="utf-8"):
+        command.append("--no-bf16")
     started = time.monotonic()
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
     (out / "log.txt").parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     sides: dict[str, list[dict[str, dict[str, float]]]] = {"before": [], "after": []}
     for index, (side, tree) in enumerate((("before", old), ("after", new), ("after", new), ("before", old))):
         print(f"bench {index + 1}/4: {side}", flush=True)
-        sides[side].append(run_bench(tree, args.repeats, args.only, args.out / f"{index + 1}_{side}"))
+        sides[side].append(run_bench(tree, args.repeats, args.only, args.out / f"{index + 1}_{side}", args.no_bf16))
     rows = compare(sides["before"], sides["after"])
     minutes = (time.monotonic() - started) / 60
     write_report(args, old.name.removeprefix("medseg-ab-").removesuffix("-fp32"), head, rows, minutes)
@@ -191,7 +207,8 @@ def write_report(args: argparse.Namespace, before: str, after: str, rows: list[d
     import platform
 
     lines = [f"# `make bench` before ({before}) and after ({after}), one run", "",
-             f"`python benchmarks/ab_bench.py --before {args.before} --repeats {args.repeats} --only {args.only}"
+             f"`python benchmarks/ab_bench.py --before {args.before} --after {args.after} --repeats {args.repeats} "
+             f"--only {args.only}"
              f"{' --no-bf16' if args.no_bf16 else ''}`: each tree's own `bench_perf.py --repeats {args.repeats} "
              f"--only {args.only}` on its own code{' without its bf16 paths' if args.no_bf16 else ''}, in the "
              "order before, after, after, before "

@@ -14,7 +14,9 @@ Workloads:
   workers, so the pipelines are compared, not the loaders.
 - W2 training step: the spleen tutorial's 3D U-Net (16-32-64-128-256, 2 residual units, batch
   norm), DiceCE, Adam, batch 2x96^3. Samples/s and achieved GFLOP/s against the machine's peak,
-  measured in the same run with a channels-last conv3d (fp32 and bf16).
+  measured in the same run with a channels-last conv3d (fp32 and bf16). Where a bf16 conv3d takes
+  over ``BF16_SLOWER_LIMIT`` times as long as fp32 (CPUs without bf16 instructions), the bf16 paths
+  of W2 and W3 are not run and their rows say why: there one bf16 W3 volume takes hours.
 - W3 sliding-window inference (roi 96^3, overlap 0.25, 4 windows per batch) of that network on a
   192x192x128 and a 512x512x300 volume: seconds, peak RSS, and the Dice of each path's mask
   against plain fp32's.
@@ -77,6 +79,9 @@ TINY = Scale(w1_volumes=2, w1_shape=(48, 48, 32), w1_epochs=2, roi=(16, 16, 16),
 #: This process's sizes: main() sets TINY for --tiny (whose workers then run in this process too).
 SCALE = FULL
 CT_WINDOW = (-175.0, 250.0)
+#: The bf16 paths (W2, W3) are left out where a bf16 convolution takes over this many times as long as
+#: fp32: CPUs without bf16 instructions fall back to slow kernels, and one bf16 W3 volume then takes hours.
+BF16_SLOWER_LIMIT = 4.0
 
 
 # ----------------------------------------------------------------------------------- data
@@ -294,8 +299,9 @@ def worker_w2(path: str, steps: int) -> dict:
     return {"path": path, "step_s": times, "threads": torch.get_num_threads()}
 
 
-def worker_peak() -> dict:
-    """The machine's conv3d throughput (channels-last, fp32 and bf16, best of 5) and the W2 step's FLOPs."""
+def worker_peak(no_bf16: bool = False) -> dict:
+    """The machine's conv3d throughput (channels-last, fp32 and bf16, best of 5) and the W2 step's FLOPs;
+    bf16 left out when asked (``no_bf16``) or when it is far slower than fp32 here."""
     import torch
     from monai.losses import DiceCELoss
     from torch.utils.flop_counter import FlopCounterMode
@@ -305,7 +311,18 @@ def worker_peak() -> dict:
     tune_allocator()
     out: dict[str, Any] = {}
     channels, edge, repeats = SCALE.peak_conv
-    for dtype in (torch.float32, torch.bfloat16):
+    dtypes = [torch.float32, torch.bfloat16]
+    if no_bf16:
+        out["bf16_skipped"], out["conv3d_gflops_bfloat16"] = "--no-bf16", None
+        dtypes = [torch.float32]
+    elif SCALE is not TINY:  # --tiny runs every path, however slow
+        slower = _bf16_slowdown(min(channels, 64), min(edge, 12))
+        if slower > BF16_SLOWER_LIMIT:
+            out["bf16_skipped"], out["conv3d_gflops_bfloat16"] = (
+                f"a bf16 conv3d took {slower:.0f}x as long as fp32 on this CPU (over {BF16_SLOWER_LIMIT:g}x: "
+                "no bf16 instructions)"), None
+            dtypes = [torch.float32]
+    for dtype in dtypes:
         conv = torch.nn.Conv3d(channels, channels, 3, padding=1, bias=False).to(dtype)
         conv = conv.to(memory_format=torch.channels_last_3d)
         x = torch.randn(2, channels, edge, edge, edge, dtype=dtype).to(memory_format=torch.channels_last_3d)
@@ -324,6 +341,23 @@ def worker_peak() -> dict:
         DiceCELoss(to_onehot_y=True, softmax=True)(net(image), label).backward()
     out["step_gflop"] = counter.get_total_flops() / 1e9
     return out
+
+
+def _bf16_slowdown(channels: int, edge: int) -> float:
+    """How many times longer one channels-last conv3d takes in bf16 than in fp32 (one warm call each)."""
+    import torch
+
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        conv = torch.nn.Conv3d(channels, channels, 3, padding=1, bias=False).to(dtype)
+        conv = conv.to(memory_format=torch.channels_last_3d)
+        x = torch.randn(2, channels, edge, edge, edge, dtype=dtype).to(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            conv(x)
+            t0 = time.perf_counter()
+            conv(x)
+            seconds[dtype] = time.perf_counter() - t0
+    return seconds[torch.bfloat16] / seconds[torch.float32]
 
 
 # ----------------------------------------------------------------------------------- W3
@@ -537,13 +571,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--volume", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=5, help="W2: timed steps per child")
     parser.add_argument("--epochs", type=int, default=2, help="W4: epochs per child")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out W2/W3's bf16 paths (and the bf16 peak)")
     args = parser.parse_args(argv)
     if args.tiny:
         SCALE = TINY
         args.repeats, args.steps, args.epochs = 1, 1, 2
     if args.worker:
         result = {"w1": lambda: worker_w1(args.worker, args.work), "w2": lambda: worker_w2(args.worker, args.steps),
-                  "peak": worker_peak, "w3": lambda: worker_w3(args.worker, args.volume, args.work),
+                  "peak": lambda: worker_peak(args.no_bf16), "w3": lambda: worker_w3(args.worker, args.volume, args.work),
                   "w4": lambda: worker_w4(args.worker, args.epochs, args.work)}[args.workload]()
         print(json.dumps(result))
         return
@@ -555,98 +590,17 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"machine": _machine(), "repeats": args.repeats}
     rows: list[str] = []
     if "w1" in only:
-        print("W1 data pipeline", flush=True)
-        (work / "w1").mkdir(parents=True, exist_ok=True)
-        for i in range(SCALE.w1_volumes):
-            make_ct(work / "w1" / f"ct{i}.nii.gz", work / "w1" / f"ct{i}_label.nii.gz", SCALE.w1_shape,
-                    (0.8, 0.8, 2.5), seed=i)
-        runs = _interleaved(("plain_dataset", "plain_cache", "medseg"), args.repeats,
-                            lambda p: _child(work, p, "--workload", "w1"))
-        w1 = {}
-        for path, results in runs.items():
-            w1[path] = {"first_epoch": statistics.median(r["epochs"][0]["patches_per_s"] for r in results),
-                        "steady": statistics.median(e["patches_per_s"] for r in results for e in r["epochs"][1:])}
-        report["w1"] = {"runs": runs, "summary": w1}
-        m = w1["medseg"]
-        for base, label in (("plain_dataset", "`Dataset`"), ("plain_cache", "`CacheDataset`")):
-            b = w1[base]
-            rows.append(f"| W1 data pipeline vs {label} (patches/s, first / later epochs) | {b['first_epoch']:.2f} / "
-                        f"{b['steady']:.2f} | {m['first_epoch']:.2f} / {m['steady']:.2f} | "
-                        f"{m['first_epoch'] / b['first_epoch']:.2f}x / **{m['steady'] / b['steady']:.2f}x** |")
-    if "w2" in only:
-        print("W2 training step", flush=True)
-        peak = _child(work, "machine", "--workload", "peak")
+        rows += _bench_w1(args, work, report)
+    peak = _child(work, "machine", "--workload", "peak", *(["--no-bf16"] if args.no_bf16 else [])) \
+        if only & {"w2", "w3"} else {}
+    if peak:
         print(f"  peak: {_short(peak)}", flush=True)
-        runs = _interleaved(("plain", "medseg", "medseg_bf16"), args.repeats,
-                            lambda p: _child(work, p, "--workload", "w2", "--steps", str(args.steps)))
-        step = {p: statistics.median(t for r in rs for t in r["step_s"]) for p, rs in runs.items()}
-        best_peak = max(peak["conv3d_gflops_float32"], peak["conv3d_gflops_bfloat16"])
-        w2 = {p: {"step_s": s, "samples_per_s": 2 / s, "gflops": peak["step_gflop"] / s,
-                  "fraction_of_peak": peak["step_gflop"] / s / best_peak} for p, s in step.items()}
-        report["w2"] = {"runs": runs, "peak": peak, "summary": w2}
-        for path in ("medseg", "medseg_bf16"):
-            p, m = w2["plain"], w2[path]
-            label = "W2 training step" + (" (bf16 autocast)" if path == "medseg_bf16" else "")
-            rows.append(f"| {label} (samples/s; GFLOP/s, % of {best_peak:.0f} peak) | {p['samples_per_s']:.2f}; "
-                        f"{p['gflops']:.0f}, {100 * p['fraction_of_peak']:.0f}% | {m['samples_per_s']:.2f}; "
-                        f"{m['gflops']:.0f}, {100 * m['fraction_of_peak']:.0f}% | "
-                        f"**{m['samples_per_s'] / p['samples_per_s']:.2f}x** |")
+    if "w2" in only:
+        rows += _bench_w2(args, work, report, peak)
     if "w3" in only:
-        print("W3 sliding-window inference", flush=True)
-        import numpy as np
-
-        (work / "w3").mkdir(parents=True, exist_ok=True)
-        small, large = SCALE.w3_volumes
-        make_ct(work / "w3" / "train.nii.gz", work / "w3" / "train_label.nii.gz", small, (0.8, 0.8, 2.5), 11)
-        make_ct(work / "w3" / "ct192.nii.gz", None, small, (0.8, 0.8, 2.5), 12)
-        make_ct(work / "w3" / "ct512.nii.gz", None, large, (0.7, 0.7, 1.5), 13)
-        _train_w3_network(work)
-        report["w3"] = {}
-        for volume, repeats in (("ct192", args.repeats), ("ct512", 1)):
-            paths = ("plain", "medseg", "medseg_bf16") if volume == "ct192" else ("plain", "medseg")
-            runs = _interleaved(paths, repeats, lambda p, v=volume: _child(work, p, "--workload", "w3", "--volume", v))
-            reference = np.load(work / "w3" / f"mask_{volume}_plain.npy") > 0
-            summary = {}
-            for path, results in runs.items():
-                mask = np.load(work / "w3" / f"mask_{volume}_{path}.npy") > 0
-                summary[path] = {"seconds": statistics.median(r["seconds"] for r in results),
-                                 "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-                                 "dice_vs_plain_fp32": _dice(mask, reference), "foreground_voxels": int(mask.sum())}
-            report["w3"][volume] = {"runs": runs, "summary": summary}
-            p = summary["plain"]
-            for path in paths[1:]:
-                m = summary[path]
-                label = f"W3 sliding window {volume} ({'x'.join(map(str, small if volume == 'ct192' else large))})"
-                label += " bf16" if path == "medseg_bf16" else ""
-                rows.append(f"| {label} (s/volume; peak RSS GiB; Dice vs plain fp32) | {p['seconds']:.1f}; "
-                            f"{p['peak_rss_mb'] / 1024:.1f} | {m['seconds']:.1f}; {m['peak_rss_mb'] / 1024:.1f}; "
-                            f"{m['dice_vs_plain_fp32']:.4f} | **{p['seconds'] / m['seconds']:.2f}x** |")
+        rows += _bench_w3(args, work, report, peak)
     if "w4" in only:
-        print("W4 hippocampus training epoch", flush=True)
-        if SCALE.w4_cases:
-            subset_manifest(REPO / "data_manifests" / "msd_hippocampus.csv", work / "w4_manifest.csv",
-                            dict(SCALE.w4_cases))
-        runs = _interleaved(("plain", "medseg"), max(1, args.repeats - 1),
-                            lambda p: _child(work, p, "--workload", "w4", "--epochs", str(args.epochs)))
-        w4 = {p: {"first_epoch_s": statistics.median(r["epoch_s"][0] for r in rs),
-                  "steady_epoch_s": statistics.median(e for r in rs for e in r["epoch_s"][1:])} for p, rs in runs.items()}
-        report["w4"] = {"runs": runs, "summary": w4}
-        p, m = w4["plain"], w4["medseg"]
-        rows.append(f"| W4 hippocampus training epoch (s, later epochs) | {p['steady_epoch_s']:.1f} | "
-                    f"{m['steady_epoch_s']:.1f} | **{p['steady_epoch_s'] / m['steady_epoch_s']:.2f}x** |")
-        print("W4 folder inference", flush=True)
-        import subprocess
-
-        command = [sys.executable, str(REPO / "benchmarks" / "bench_predict.py"), "--skip-ct", "--repeats",
-                   str(max(1, args.repeats - 1)), "--cases", str(SCALE.predict_cases), "--out", str(work / "predict"),
-                   *(["--tiny"] if args.tiny else [])]
-        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        predicted = json.loads((work / "predict" / "predict.json").read_text())
-        report["w4"]["folder_inference"] = predicted
-        rows += _folder_inference_rows(predicted)
-        print(done.stdout[-500:], flush=True)
+        rows += _bench_w4(args, work, report)
     report["seconds"] = time.perf_counter() - started
     table = "\n".join(["| workload | plain MONAI | medseg | medseg / plain |", "|---|---|---|---|", *rows]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
@@ -655,6 +609,120 @@ def main(argv: list[str] | None = None) -> None:
                                  f"{report['seconds'] / 60:.1f} min in all.\n")
     print(table)
     print(f"{report['seconds'] / 60:.1f} min; results in {out / 'perf.json'} and perf.md")
+
+
+def _bench_w1(args: argparse.Namespace, work: Path, report: dict[str, Any]) -> list[str]:
+    print("W1 data pipeline", flush=True)
+    (work / "w1").mkdir(parents=True, exist_ok=True)
+    for i in range(SCALE.w1_volumes):
+        make_ct(work / "w1" / f"ct{i}.nii.gz", work / "w1" / f"ct{i}_label.nii.gz", SCALE.w1_shape,
+                (0.8, 0.8, 2.5), seed=i)
+    runs = _interleaved(("plain_dataset", "plain_cache", "medseg"), args.repeats,
+                        lambda p: _child(work, p, "--workload", "w1"))
+    w1 = {}
+    for path, results in runs.items():
+        w1[path] = {"first_epoch": statistics.median(r["epochs"][0]["patches_per_s"] for r in results),
+                    "steady": statistics.median(e["patches_per_s"] for r in results for e in r["epochs"][1:])}
+    report["w1"] = {"runs": runs, "summary": w1}
+    m, rows = w1["medseg"], []
+    for base, label in (("plain_dataset", "`Dataset`"), ("plain_cache", "`CacheDataset`")):
+        b = w1[base]
+        rows.append(f"| W1 data pipeline vs {label} (patches/s, first / later epochs) | {b['first_epoch']:.2f} / "
+                    f"{b['steady']:.2f} | {m['first_epoch']:.2f} / {m['steady']:.2f} | "
+                    f"{m['first_epoch'] / b['first_epoch']:.2f}x / **{m['steady'] / b['steady']:.2f}x** |")
+    return rows
+
+
+def _bf16_skipped(label: str, peak: dict[str, Any]) -> str:
+    return f"| {label} | - | - | not run: {peak['bf16_skipped']} |"
+
+
+def _bench_w2(args: argparse.Namespace, work: Path, report: dict[str, Any], peak: dict[str, Any]) -> list[str]:
+    print("W2 training step", flush=True)
+    bf16 = "bf16_skipped" not in peak
+    runs = _interleaved(("plain", "medseg", *(["medseg_bf16"] if bf16 else [])), args.repeats,
+                        lambda p: _child(work, p, "--workload", "w2", "--steps", str(args.steps)))
+    step = {p: statistics.median(t for r in rs for t in r["step_s"]) for p, rs in runs.items()}
+    best_peak = max(g for g in (peak["conv3d_gflops_float32"], peak["conv3d_gflops_bfloat16"]) if g)
+    w2 = {p: {"step_s": s, "samples_per_s": 2 / s, "gflops": peak["step_gflop"] / s,
+              "fraction_of_peak": peak["step_gflop"] / s / best_peak} for p, s in step.items()}
+    report["w2"] = {"runs": runs, "peak": peak, "summary": w2}
+    rows = []
+    for path in ("medseg", "medseg_bf16"):
+        label = "W2 training step" + (" (bf16 autocast)" if path == "medseg_bf16" else "")
+        if path not in w2:
+            rows.append(_bf16_skipped(label, peak))
+            continue
+        p, m = w2["plain"], w2[path]
+        rows.append(f"| {label} (samples/s; GFLOP/s, % of {best_peak:.0f} peak) | {p['samples_per_s']:.2f}; "
+                    f"{p['gflops']:.0f}, {100 * p['fraction_of_peak']:.0f}% | {m['samples_per_s']:.2f}; "
+                    f"{m['gflops']:.0f}, {100 * m['fraction_of_peak']:.0f}% | "
+                    f"**{m['samples_per_s'] / p['samples_per_s']:.2f}x** |")
+    return rows
+
+
+def _bench_w3(args: argparse.Namespace, work: Path, report: dict[str, Any], peak: dict[str, Any]) -> list[str]:
+    print("W3 sliding-window inference", flush=True)
+    import numpy as np
+
+    (work / "w3").mkdir(parents=True, exist_ok=True)
+    small, large = SCALE.w3_volumes
+    make_ct(work / "w3" / "train.nii.gz", work / "w3" / "train_label.nii.gz", small, (0.8, 0.8, 2.5), 11)
+    make_ct(work / "w3" / "ct192.nii.gz", None, small, (0.8, 0.8, 2.5), 12)
+    make_ct(work / "w3" / "ct512.nii.gz", None, large, (0.7, 0.7, 1.5), 13)
+    _train_w3_network(work)
+    report["w3"], rows = {}, []
+    bf16 = "bf16_skipped" not in peak
+    for volume, repeats in (("ct192", args.repeats), ("ct512", 1)):
+        paths = ("plain", "medseg", *(["medseg_bf16"] if bf16 and volume == "ct192" else []))
+        runs = _interleaved(paths, repeats, lambda p, v=volume: _child(work, p, "--workload", "w3", "--volume", v))
+        reference = np.load(work / "w3" / f"mask_{volume}_plain.npy") > 0
+        summary = {}
+        for path, results in runs.items():
+            mask = np.load(work / "w3" / f"mask_{volume}_{path}.npy") > 0
+            summary[path] = {"seconds": statistics.median(r["seconds"] for r in results),
+                             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                             "dice_vs_plain_fp32": _dice(mask, reference), "foreground_voxels": int(mask.sum())}
+        report["w3"][volume] = {"runs": runs, "summary": summary}
+        p = summary["plain"]
+        label = f"W3 sliding window {volume} ({'x'.join(map(str, small if volume == 'ct192' else large))})"
+        for path in paths[1:]:
+            m = summary[path]
+            rows.append(f"| {label}{' bf16' if path == 'medseg_bf16' else ''} (s/volume; peak RSS GiB; Dice vs plain "
+                        f"fp32) | {p['seconds']:.1f}; {p['peak_rss_mb'] / 1024:.1f} | {m['seconds']:.1f}; "
+                        f"{m['peak_rss_mb'] / 1024:.1f}; {m['dice_vs_plain_fp32']:.4f} | "
+                        f"**{p['seconds'] / m['seconds']:.2f}x** |")
+        if volume == "ct192" and not bf16:
+            rows.append(_bf16_skipped(f"{label} bf16", peak))
+    return rows
+
+
+def _bench_w4(args: argparse.Namespace, work: Path, report: dict[str, Any]) -> list[str]:
+    print("W4 hippocampus training epoch", flush=True)
+    if SCALE.w4_cases:
+        subset_manifest(REPO / "data_manifests" / "msd_hippocampus.csv", work / "w4_manifest.csv",
+                        dict(SCALE.w4_cases))
+    runs = _interleaved(("plain", "medseg"), max(1, args.repeats - 1),
+                        lambda p: _child(work, p, "--workload", "w4", "--epochs", str(args.epochs)))
+    w4 = {p: {"first_epoch_s": statistics.median(r["epoch_s"][0] for r in rs),
+              "steady_epoch_s": statistics.median(e for r in rs for e in r["epoch_s"][1:])} for p, rs in runs.items()}
+    report["w4"] = {"runs": runs, "summary": w4}
+    p, m = w4["plain"], w4["medseg"]
+    rows = [f"| W4 hippocampus training epoch (s, later epochs) | {p['steady_epoch_s']:.1f} | "
+            f"{m['steady_epoch_s']:.1f} | **{p['steady_epoch_s'] / m['steady_epoch_s']:.2f}x** |"]
+    print("W4 folder inference", flush=True)
+    import subprocess
+
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_predict.py"), "--skip-ct", "--repeats",
+               str(max(1, args.repeats - 1)), "--cases", str(SCALE.predict_cases), "--out", str(work / "predict"),
+               *(["--tiny"] if args.tiny else [])]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    predicted = json.loads((work / "predict" / "predict.json").read_text())
+    report["w4"]["folder_inference"] = predicted
+    print(done.stdout[-500:], flush=True)
+    return rows + _folder_inference_rows(predicted)
 
 
 #: bench_predict's paths, as the table names them.
