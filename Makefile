@@ -70,6 +70,13 @@ bench-precision: $(VENV)/.installed-dev
 bench-predict: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_predict.py $(BENCH_PREDICT_ARGS) $(BENCH_ARGS)
 
+# Where folder inference spends its time, stage by stage (read, preprocess, network, sliding window, invert,
+# write, the rest): medseg predict against the tutorial loop on the 52 held-out hippocampus scans at 1 and 2
+# threads, after a 4-minute training run -> predict_stages.md (--hippocampus-model URI --tracking-uri DB reuses a
+# model, --label names the run; not a bench target: the W4 figures of `make bench` are what it explains)
+profile-predict: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/profile_predict.py --train-minutes 4 $(BENCH_ARGS)
+
 # 1 process against 2 (torchrun, gloo on CPUs) on the demo config: about 8 minutes on 2 cores
 bench-ddp: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_ddp.py --repeats 3 $(BENCH_ARGS)
