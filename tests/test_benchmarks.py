@@ -190,6 +190,35 @@ def test_bench_perf_reads_the_folder_inference_rows_bench_predict_writes() -> No
         assert len(cells) == 4 and cells[3] == f"**{source['vs_plain_monai']:.2f}x**"
 
 
+def test_profile_predict_tiny_times_every_stage_of_both_paths(tmp_path: Path) -> None:
+    """benchmarks/profile_predict.py: each stage of medseg's predict path and of the tutorial loop is
+    reached (a medseg function renamed or no longer called leaves its stage at 0 s), and the stages of
+    a run add up to its wall time (nothing is timed twice or missed)."""
+    require(REPO.parent / "shared" / "data" / "msd_task04_hippocampus")
+    runs = TinyRuns(tmp_path, ["profile_predict"])  # not a `make bench*` script, so not in TINY_SCRIPTS
+    try:
+        out = runs.wait("profile_predict")
+    finally:
+        runs.close()
+
+    report = json.loads((out / "predict_stages.json").read_text(encoding="utf-8"))
+    _keys(report, {"runs", "stages"}, "predict_stages.json")
+    run = report["runs"]["current"]
+    _keys(run, {"commit", "model", "threads", "masks_equal_across_runs", "load_before", "load_after", "raw"}, "run")
+    assert run["masks_equal_across_runs"] and len(run["load_before"]) == len(run["load_after"]) == 3
+    for threads, summary in run["threads"].items():
+        for path in ("monai", "medseg"):
+            seconds = summary[path]["s_per_case"]
+            _numbers(seconds, report["stages"]["all"], f"threads {threads} {path}")
+            assert all(s > 0 for s in seconds.values()), f"{path}: a stage never timed: {seconds}"
+            assert sum(seconds.values()) == pytest.approx(summary[path]["total_s_per_case"])
+            for result in run["raw"][threads][path]:
+                timed = result["load_s"] + result["batch_s"] + sum(c["total"] for c in result["cases"])
+                assert timed == pytest.approx(result["wall_s"], rel=0.02, abs=0.005), (path, timed, result["wall_s"])
+    rows = _table(out / "predict_stages.md")
+    assert [r[0] for r in rows] == [*report["stages"]["all"], "**total**"] and all(len(r) == 6 for r in rows)
+
+
 # ----------------------------------------------------------------------------------- bench_perf
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -198,48 +199,70 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
 
 
 class _Accumulator:
-    """The weighted scores and weights of the windows still open along the sweep axis, one tensor
-    per slice of ``[lo, hi)`` (so a finished slice is freed without copying the others): a window
-    adds into each slice it covers; a finished run of slices is divided by its weights, cut to the
-    volume (the padding off) and given out in pieces of at most ``piece_bytes``."""
+    """The weighted scores and weights of the windows still open along the sweep axis, held in
+    blocks that run between consecutive window edges along it (a sweep only ever finishes at such
+    an edge, so a finished block is freed whole and no open one is copied). A window adds into its
+    part of each block it covers: every voxel gets the same additions in the same order as in one
+    whole buffer (MONAI's), in a few tensor operations per window rather than two per slice. A
+    finished run of slices is divided by its weights, cut to the volume (the padding off) and given
+    out in pieces of at most ``piece_bytes``."""
 
     def __init__(self, grid: WindowGrid, device: torch.device, dtype: torch.dtype, piece_bytes: int = PIECE_BYTES):
         self.grid, self.device, self.dtype, self.piece_bytes = grid, device, dtype, piece_bytes
-        self.lo = 0
-        self.scores: list[torch.Tensor] = []
-        self.weights: list[torch.Tensor] = []
-        self.plane = tuple(n for d, n in enumerate(grid.size) if d != grid.axis)
+        self.lo = 0  # where the open blocks start (padded coordinates along the axis)
+        self.blocks: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # start, stop, scores, weights
+        spans = {edge for window in range(len(grid.windows)) for edge in grid.span(window)}
+        self.edges = sorted(spans | {0, grid.size[grid.axis]})
+
+    def _open_until(self, stop: int, channels: int) -> None:
+        """Blocks (zeros) for every edge-to-edge run between the last open block and ``stop``."""
+        axis = self.grid.axis
+        reached = self.blocks[-1][1] if self.blocks else self.lo
+        for start, end in zip(self.edges, self.edges[1:]):
+            if start >= reached and end <= stop:
+                shape = [n if d != axis else end - start for d, n in enumerate(self.grid.size)]
+                self.blocks.append((start, end, torch.zeros((channels, *shape), dtype=self.dtype, device=self.device),
+                                    torch.zeros((1, *shape), dtype=self.dtype, device=self.device)))
 
     def add(self, window: int, scores: torch.Tensor, weight: torch.Tensor) -> None:
         axis = self.grid.axis
         start, stop = self.grid.span(window)
-        while self.lo + len(self.scores) < stop:
-            self.scores.append(torch.zeros((scores.shape[0], *self.plane), dtype=self.dtype, device=self.device))
-            self.weights.append(torch.zeros((1, *self.plane), dtype=self.dtype, device=self.device))
-        cut = (slice(None), *(s for d, s in enumerate(self.grid.windows[window]) if d != axis))
-        for i in range(start, stop):
-            self.scores[i - self.lo][cut] += scores.select(1 + axis, i - start)
-            self.weights[i - self.lo][cut] += weight.select(1 + axis, i - start)
+        self._open_until(stop, scores.shape[0])
+        cut = list(self.grid.windows[window])
+        for block_start, block_stop, block_scores, block_weights in self.blocks:
+            lo, hi = max(start, block_start), min(stop, block_stop)
+            if hi <= lo:
+                continue
+            cut[axis] = slice(lo - block_start, hi - block_start)
+            block_scores[(slice(None), *cut)] += scores.narrow(1 + axis, lo - start, hi - lo)
+            block_weights[(slice(None), *cut)] += weight.narrow(1 + axis, lo - start, hi - lo)
 
     def finish(self, done: int) -> Iterator[Slab]:
         """The slices ``[lo, done)`` (padded coordinates) once no window still to come touches them,
         in the volume's coordinates."""
         axis = self.grid.axis
         off, shape = self.grid.offset, self.grid.shape
-        plane_cut = (slice(None), *(slice(o, o + n) for d, (o, n) in enumerate(zip(off, shape)) if d != axis))
-        finished = min(done - self.lo, len(self.scores))
-        run: list[torch.Tensor] = []
-        first = 0
-        for i in range(self.lo, self.lo + finished):
-            scores, weights = self.scores.pop(0), self.weights.pop(0)
-            if not off[axis] <= i < off[axis] + shape[axis]:
-                continue
-            if not run:
-                first = i - off[axis]
-            run.append((scores / weights)[plane_cut].float())
-            if sum(x.numel() for x in run) * 4 >= self.piece_bytes:
-                yield first, first + len(run), torch.stack(run, dim=1 + axis)
-                run = []
-        if run:
-            yield first, first + len(run), torch.stack(run, dim=1 + axis)
-        self.lo += finished
+        finished = []
+        while self.blocks and self.blocks[0][1] <= done:
+            finished.append(self.blocks.pop(0))
+        if not finished:
+            return
+        self.lo = finished[-1][1]
+        first, last = max(finished[0][0], off[axis]), min(self.lo, off[axis] + shape[axis])
+        slice_bytes = 4 * finished[0][2].shape[0] * math.prod(n for d, n in enumerate(shape) if d != axis)
+        per_piece = max(1, -(-self.piece_bytes // slice_bytes))  # the fewest slices that reach piece_bytes
+        cut = [slice(o, o + n) for o, n in zip(off, shape)]
+        for piece_start in range(first, last, per_piece):
+            piece_stop = min(piece_start + per_piece, last)
+            while finished[0][1] <= piece_start:  # given out whole: freed
+                finished.pop(0)
+            parts = []
+            for block_start, block_stop, block_scores, block_weights in finished:
+                lo, hi = max(piece_start, block_start), min(piece_stop, block_stop)
+                if hi <= lo:
+                    continue
+                cut[axis] = slice(lo - block_start, hi - block_start)
+                where = (slice(None), *cut)
+                parts.append((block_scores[where] / block_weights[where]).float())
+            yield (piece_start - off[axis], piece_stop - off[axis],
+                   parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1 + axis))
