@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_write_text
-from medseg.io.csv_cells import escape_cell, unescape_row
+from medseg.io.csv_cells import csv_text, unescape_row
 
 COLUMNS = ("case_id", "image", "label", "split", "fold", "subject_id", "image_sha256", "label_sha256")
 REQUIRED_COLUMNS = ("case_id", "image", "split")
@@ -154,24 +153,11 @@ def write_manifest(manifest: Manifest | Sequence[Case], path: str | Path) -> Pat
     A text cell a spreadsheet would run as a formula (a case id or path starting with ``=``, ``@``,
     ...) is written with a ``'`` in front (:mod:`medseg.io.csv_cells`); :func:`read_manifest` takes it off."""
     cases = manifest.cases if isinstance(manifest, Manifest) else tuple(manifest)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for c in cases:
-        writer.writerow(
-            [escape_cell(cell) for cell in (
-                c.case_id,
-                CHANNEL_SEP.join(c.images),
-                c.label or "",
-                c.split,
-                "" if c.fold is None else c.fold,
-                c.subject_id or "",
-                CHANNEL_SEP.join(c.image_sha256),
-                c.label_sha256 or "",
-            )]
-        )
+    rows = [dict(zip(COLUMNS, (c.case_id, CHANNEL_SEP.join(c.images), c.label or "", c.split,
+                               "" if c.fold is None else c.fold, c.subject_id or "", CHANNEL_SEP.join(c.image_sha256),
+                               c.label_sha256 or ""), strict=True)) for c in cases]
     _remove_stale_temporaries(Path(path))
-    return atomic_write_text(path, buffer.getvalue())
+    return atomic_write_text(path, csv_text(rows, COLUMNS))
 
 
 def _remove_stale_temporaries(path: Path) -> None:

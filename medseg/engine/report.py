@@ -10,28 +10,15 @@ spreadsheet would run as a formula are escaped (:mod:`medseg.io.csv_cells`).
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
 from medseg.io.atomic import atomic_write_text
-from medseg.io.csv_cells import escape_row, unescape_row
+from medseg.io.csv_cells import csv_text, unescape_row
 
-
-def _writer(buffer: io.StringIO, columns: Sequence[str]) -> csv.DictWriter[str]:
-    return csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", restval="", extrasaction="ignore")
-
-
-def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], header: bool = True) -> str:
-    """Rows as CSV text (``\\n`` line ends, missing cells empty, every cell escaped)."""
-    buffer = io.StringIO()
-    writer = _writer(buffer, columns)
-    if header:
-        writer.writeheader()
-    writer.writerows(escape_row(row) for row in rows)
-    return buffer.getvalue()
+__all__ = ["ReportAppender", "csv_text", "finished_rows", "write_report"]
 
 
 def write_report(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path: Path) -> Path:

@@ -6,11 +6,16 @@ LibreOffice and Google Sheets as the start of a formula: a case named ``=HYPERLI
 OWASP advises, such a text cell is written with a single quote in front, which spreadsheets
 show as text and hide; a number (``-0.5``, ``+3``) is left as it is. :func:`unescape_cell`
 undoes it for medseg's own readers (a resumed batch reads its earlier report back).
+
+:func:`csv_text` is medseg's one CSV writer (reports, manifests, target tables): ``\n`` line ends,
+missing cells empty, every cell escaped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import csv
+import io
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: First characters that make a spreadsheet read a cell as a formula.
@@ -53,3 +58,14 @@ def escape_row(row: Mapping[str, Any]) -> dict[str, Any]:
 def unescape_row(row: Mapping[str, str | None]) -> dict[str, str | None]:
     """Every cell of a row read back from a CSV medseg wrote, unescaped."""
     return {key: unescape_cell(value) if isinstance(value, str) else value for key, value in row.items()}
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], header: bool = True) -> str:
+    """Rows as CSV text (``\n`` line ends, missing cells empty, cells outside ``columns`` left out,
+    every cell escaped with :func:`escape_cell`)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", restval="", extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    writer.writerows(escape_row(row) for row in rows)
+    return buffer.getvalue()
