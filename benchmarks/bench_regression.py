@@ -76,12 +76,12 @@ def _volume_scores(predicted: dict[str, list[float]], case_ids: list[str]) -> di
     return out
 
 
-def hippocampus_regression(scratch: Path, minutes: float, tiny: bool) -> dict[str, Any]:
+def hippocampus_regression(scratch: Path, minutes: float, tiny: bool, extra: list[str]) -> dict[str, Any]:
     import medseg
 
     manifest = _hippocampus_manifest(scratch, tiny)
     overrides = [*_common(scratch, minutes, tiny), f"data.manifest={manifest}", f"data.root={HIPPOCAMPUS}",
-                 f"data.targets.file={HIPPO_VOLUMES}"]
+                 f"data.targets.file={HIPPO_VOLUMES}", *extra]
     result = medseg.train(REPO / "configs" / "hippocampus_volume_regression.yaml", overrides=overrides, progress=False)
     assert result is not None
     with open(result.run_dir / "evaluation" / "test_cases.csv", newline="") as fh:
@@ -91,12 +91,12 @@ def hippocampus_regression(scratch: Path, minutes: float, tiny: bool) -> dict[st
             **_volume_scores(predicted, sorted(predicted))}
 
 
-def hippocampus_segmentation(scratch: Path, minutes: float, tiny: bool) -> dict[str, Any]:
+def hippocampus_segmentation(scratch: Path, minutes: float, tiny: bool, extra: list[str]) -> dict[str, Any]:
     import medseg
     from medseg.data.manifest import read_manifest
 
     manifest = _hippocampus_manifest(scratch, tiny)
-    overrides = [*_common(scratch, minutes, tiny), f"data.manifest={manifest}", f"data.root={HIPPOCAMPUS}"]
+    overrides = [*_common(scratch, minutes, tiny), f"data.manifest={manifest}", f"data.root={HIPPOCAMPUS}", *extra]
     result = medseg.train(REPO / "configs" / "msd_hippocampus.yaml", overrides=overrides, progress=False)
     assert result is not None and result.model_uri
     images = scratch / "test_images"
@@ -150,11 +150,11 @@ def _retina_config(scratch: Path, task: str, manifest: Path, root: Path) -> Path
     return path
 
 
-def _retina_arm(scratch: Path, minutes: float, tiny: bool, task: str) -> dict[str, Any]:
+def _retina_arm(scratch: Path, minutes: float, tiny: bool, task: str, extra: list[str]) -> dict[str, Any]:
     import medseg
 
     manifest, root = _retina(scratch, tiny)
-    overrides = [*_common(scratch, minutes, tiny), *(["train.batch_size=8"] if tiny else [])]
+    overrides = [*_common(scratch, minutes, tiny), *(["train.batch_size=8"] if tiny else []), *extra]
     result = medseg.train(_retina_config(scratch, task, manifest, root), overrides=overrides, progress=False)
     assert result is not None
     metrics = result.metrics
@@ -165,12 +165,12 @@ def _retina_arm(scratch: Path, minutes: float, tiny: bool, task: str) -> dict[st
             "published_resnet18_28_acc": PUBLISHED_RESNET18_28_ACC}
 
 
-def retina_regression(scratch: Path, minutes: float, tiny: bool) -> dict[str, Any]:
-    return _retina_arm(scratch, minutes, tiny, "regression")
+def retina_regression(scratch: Path, minutes: float, tiny: bool, extra: list[str]) -> dict[str, Any]:
+    return _retina_arm(scratch, minutes, tiny, "regression", extra)
 
 
-def retina_classification(scratch: Path, minutes: float, tiny: bool) -> dict[str, Any]:
-    return _retina_arm(scratch, minutes, tiny, "classification")
+def retina_classification(scratch: Path, minutes: float, tiny: bool, extra: list[str]) -> dict[str, Any]:
+    return _retina_arm(scratch, minutes, tiny, "classification", extra)
 
 
 RUNNERS = {"hippocampus_regression": hippocampus_regression, "hippocampus_segmentation": hippocampus_segmentation,
@@ -192,22 +192,21 @@ def markdown(results: dict[str, Any]) -> str:
              "## Hippocampus volume (MSD Task04, committed test split)", "",
              "| arm | budget (min) | epochs | MAE anterior (mL) | MAE posterior (mL) | R² anterior | R² posterior | "
              "test cases |", "|---|---|---|---|---|---|---|---|"]
-    for name in ("hippocampus_regression", "hippocampus_segmentation"):
-        if name in arms:
-            a = arms[name]
-            lines.append(f"| {name} | {a['minutes']} | {a.get('epochs') or '-'} | {_fmt(a['mae_ml/anterior'])} | "
-                         f"{_fmt(a['mae_ml/posterior'])} | {_fmt(a['r2/anterior'])} | {_fmt(a['r2/posterior'])} | "
-                         f"{int(a['cases'])} |")
+    for name in sorted(n for n in arms if n.startswith("hippocampus_")):
+        a = arms[name]
+        lines.append(f"| {name} | {a['minutes']} | {a.get('epochs') or '-'} | {_fmt(a['mae_ml/anterior'])} | "
+                     f"{_fmt(a['mae_ml/posterior'])} | {_fmt(a['r2/anterior'])} | {_fmt(a['r2/posterior'])} | "
+                     f"{int(a['cases'])} |")
     lines += ["", "Targets: each structure's volume measured from the reference label map (voxel count x voxel volume, "
-              "`data_manifests/msd_hippocampus_volumes.csv`). Segment-then-measure counts the predicted mask's voxels.",
+              "`data_manifests/msd_hippocampus_volumes.csv`). Segment-then-measure counts the predicted mask's voxels. "
+              "An arm named with `[KEY=VALUE]` ran with that override of its config (`--set`).",
               "", "## RetinaMNIST grade (official test split)", "",
               "| head | budget (min) | epochs | MAE (grades) | quadratic-weighted kappa | ACC | published ResNet-18 (28) ACC |",
               "|---|---|---|---|---|---|---|"]
-    for name in ("retina_regression", "retina_classification"):
-        if name in arms:
-            a = arms[name]
-            lines.append(f"| {name} | {a['minutes']} | {a.get('epochs') or '-'} | {_fmt(a['mae'])} | {_fmt(a['qwk'])} | "
-                         f"{_fmt(a['acc'])} | {a['published_resnet18_28_acc']} |")
+    for name in sorted(n for n in arms if n.startswith("retina_")):
+        a = arms[name]
+        lines.append(f"| {name} | {a['minutes']} | {a.get('epochs') or '-'} | {_fmt(a['mae'])} | {_fmt(a['qwk'])} | "
+                     f"{_fmt(a['acc'])} | {a['published_resnet18_28_acc']} |")
     lines += ["", "The published figure is MedMNIST v2's test ACC of ResNet-18 at 28 px as `../shared/data/README.md` lists "
               "it (a row marked there as recalled, to confirm against the paper); MedMNIST publishes no MAE or kappa. "
               "The regression head's ACC is that of its prediction rounded to the nearest grade.", "",
@@ -219,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=4.0, help="training budget of every arm")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the arms run (recorded: the arm's row is named with it)")
     add_tiny_arguments(parser)
     args = parser.parse_args(argv)
     from medseg.io.atomic import atomic_write_text
@@ -237,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
         scratch = scratch_folder(f"bench-regression-{name}-", args, out) if args.tiny else Path(
             tempfile.mkdtemp(prefix=f"bench-regression-{name}-"))
         started = time.monotonic()
-        entry = RUNNERS[name](scratch, args.minutes, args.tiny)
+        entry = RUNNERS[name](scratch, args.minutes, args.tiny, list(args.set))
+        if args.set:
+            name = f"{name} [{', '.join(args.set)}]"
         results["arms"][name] = {**entry, "minutes": args.minutes, "wall_s": round(time.monotonic() - started, 1),
                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         atomic_write_text(json_path, json.dumps(results, indent=2))
