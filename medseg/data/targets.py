@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 from medseg.data.manifest import TARGET_PREFIX, Manifest
 from medseg.errors import ManifestError
 from medseg.io.atomic import atomic_write_text
+from medseg.io.csv_cells import csv_text, unescape_cell
 
 __all__ = ["TARGET_PREFIX", "TargetTable", "read_targets", "structure_volumes_ml", "write_structure_volumes"]
 
@@ -74,7 +74,7 @@ def read_targets(path: str | Path, columns: Sequence[str]) -> TargetTable:
         _check_header(path, reader.fieldnames or [], columns)
         values: dict[str, tuple[float, ...]] = {}
         for line, row in enumerate(reader, start=2):
-            case_id = (row.get("case_id") or "").strip()
+            case_id = unescape_cell((row.get("case_id") or "").strip())
             if case_id in values:
                 raise ManifestError(_message(f"line {line}: case {case_id!r} is listed twice", path,
                                              expected="one row per case", got="a second row", fix="remove one row"))
@@ -161,10 +161,8 @@ def write_structure_volumes(manifest: Manifest, root: str | Path, labels: Mappin
     if not cases:
         raise ManifestError(f"{manifest.path}: no case has a label map to measure volumes from")
     columns = [f"{name}_ml" for name in labels.values()]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_id", *columns])
+    rows = []
     for case in cases:
         volumes = structure_volumes_ml(Path(root) / str(case.label), labels)
-        writer.writerow([case.case_id, *(f"{volumes[name]:.6f}" for name in labels.values())])
-    return atomic_write_text(out, buffer.getvalue())
+        rows.append({"case_id": case.case_id, **{f"{name}_ml": f"{volumes[name]:.6f}" for name in labels.values()}})
+    return atomic_write_text(out, csv_text(rows, ["case_id", *columns]))
