@@ -87,3 +87,17 @@ def test_structure_volumes_use_the_voxel_volume_of_an_oblique_anisotropic_header
     table = read_targets(out, ["anterior_ml", "posterior_ml"])
     assert list(table.values) == ["c1"]  # the unlabelled case has nothing to measure
     np.testing.assert_allclose(table.array(["c1"]), [[0.045, 0.15]])
+
+
+def test_a_case_id_a_spreadsheet_would_run_is_written_as_text_and_read_back_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "labels").mkdir()
+    labels = np.zeros((5, 6, 7), dtype=np.uint8)
+    labels[1:3, 1:4, 2:6] = 1  # 24 voxels of 1 mm³
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / "x.nii.gz")
+    manifest = write_manifest([Case("=HYPERLINK(1)", ("images/x.nii.gz",), "labels/x.nii.gz", "train")],
+                              tmp_path / "m.csv")
+
+    out = write_structure_volumes(read_manifest(manifest), tmp_path, {1: "anterior"}, tmp_path / "volumes.csv")
+
+    assert out.read_text(encoding="utf-8").splitlines()[1].startswith("'=HYPERLINK(1)")
+    np.testing.assert_allclose(read_targets(out, ["anterior_ml"]).array(["=HYPERLINK(1)"]), [[0.024]])
