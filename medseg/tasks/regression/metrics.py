@@ -15,31 +15,43 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
 def mae(predicted: np.ndarray, true: np.ndarray) -> float:
-    return float(np.mean(np.abs(predicted - true)))
+    from sklearn.metrics import mean_absolute_error
+
+    return float(mean_absolute_error(true, predicted))
 
 
 def rmse(predicted: np.ndarray, true: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((predicted - true) ** 2)))
+    from sklearn.metrics import mean_squared_error
+
+    return float(np.sqrt(mean_squared_error(true, predicted)))
 
 
 def r2(predicted: np.ndarray, true: np.ndarray) -> float:
     """Coefficient of determination, ``1 - SS_res / SS_tot``: NaN when the targets are all equal."""
-    total = float(np.sum((true - true.mean()) ** 2))
-    return float("nan") if total == 0 else 1.0 - float(np.sum((true - predicted) ** 2)) / total
+    from sklearn.metrics import r2_score
+
+    return float(r2_score(true, predicted)) if len(true) > 1 and np.ptp(true) > 0 else float("nan")
+
+
+def _correlation(test: Callable, predicted: np.ndarray, true: np.ndarray) -> float:
+    """scipy's correlation ``test``: NaN for fewer than two cases or a constant side (where scipy warns)."""
+    if len(true) < 2 or np.ptp(true) == 0 or np.ptp(predicted) == 0:
+        return float("nan")
+    return float(test(predicted, true)[0])
 
 
 def pearson(predicted: np.ndarray, true: np.ndarray) -> float:
-    """Linear correlation: NaN for fewer than two cases or a constant side."""
-    if len(true) < 2 or np.ptp(true) == 0 or np.ptp(predicted) == 0:
-        return float("nan")
-    return float(np.corrcoef(predicted, true)[0, 1])
+    """Linear correlation (scipy.stats.pearsonr)."""
+    from scipy.stats import pearsonr
+
+    return _correlation(pearsonr, predicted, true)
 
 
 def spearman(predicted: np.ndarray, true: np.ndarray) -> float:
-    """Rank correlation (Pearson's on average ranks)."""
-    from scipy.stats import rankdata
+    """Rank correlation (scipy.stats.spearmanr)."""
+    from scipy.stats import spearmanr
 
-    return pearson(rankdata(predicted), rankdata(true))
+    return _correlation(spearmanr, predicted, true)
 
 
 def bias(predicted: np.ndarray, true: np.ndarray) -> float:
