@@ -1,0 +1,1 @@
+"""Detection: boxes and confidences for lesions (nodules, metastases), with MONAI's RetinaNet."""
