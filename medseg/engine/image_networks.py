@@ -1,5 +1,6 @@
 """Whole-image networks, 2D and 3D, for every task that reads one answer off a whole image: the
-course's line from the perceptron's heirs (MLP, LeNet) to MONAI's ResNet and DenseNet.
+course's line from the perceptron (``mlp`` without hidden layers) and its heirs (MLP, LeNet)
+through AlexNet, VGG and GoogLeNet (:mod:`medseg.engine.classic_networks`) to MONAI's ResNet and DenseNet.
 
 One table (:data:`IMAGE_NETWORKS`); a task puts all of it into the model registry under its own
 name with :func:`register_image_networks` (classification's heads give class logits, regression's
@@ -14,11 +15,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import cast
 
+import torch
 from monai.networks.layers.factories import Act, Conv, Pool
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import DenseNet121, ResNet
 from torch import nn
 
 from medseg.config.image_model import ImageModelConfig, Stem
+from medseg.engine.classic_networks import VGG, VGG_LAYERS, AlexNet, GoogLeNet
 from medseg.engine.models import register_model
 from medseg.errors import ModelError
 
@@ -141,6 +145,73 @@ def _densenet121(cfg: ImageModelConfig, in_channels: int, outputs: int, size: Se
                                                                stride=stride, padding=kernel // 2, bias=False)
         net.features.pool0 = nn.Identity()
     return net
+
+
+def _scale(cfg: ImageModelConfig) -> Callable[[int], int]:
+    return lambda width: max(1, round(width * cfg.widen_factor))
+
+
+def _head_grid(cfg: ImageModelConfig, paper: int) -> int:
+    # 7^3 cells of 512 VGG features would feed a 719M-parameter layer: 3D pools to 2^3 unless told
+    return cfg.head_grid or (paper if cfg.spatial_dims == 2 else 2)
+
+
+@_image_network("alexnet")
+def _alexnet(cfg: ImageModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
+    scale = _scale(cfg)
+    return AlexNet(cfg.spatial_dims, in_channels, outputs, size, [scale(w) for w in (96, 256, 384, 384, 256)],
+                   hidden=scale(4096), grid=_head_grid(cfg, 6), large_stem=cfg.stem == Stem.IMAGENET,
+                   stem_stride=2 if cfg.stem == Stem.STRIDED else 1, lrn=cfg.local_response_norm,
+                   dropout=cfg.dropout, act=lambda: activation(cfg))
+
+
+def _vgg(layers: str, norm: bool) -> ImageNetworkFactory:
+    def build(cfg: ImageModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
+        scale = _scale(cfg)
+        widths = [w if isinstance(w, str) else scale(w) for w in VGG_LAYERS[layers]]
+
+        def norm_layer(channels: int) -> nn.Module:
+            return get_norm_layer(name=_norm_arg(cfg), spatial_dims=cfg.spatial_dims, channels=channels)
+
+        return VGG(cfg.spatial_dims, in_channels, outputs, size, widths, hidden=scale(4096), grid=_head_grid(cfg, 7),
+                   norm=norm_layer if norm else None, dropout=cfg.dropout, act=lambda: activation(cfg))
+
+    return build
+
+
+for _name in VGG_LAYERS:
+    _image_network(_name)(_vgg(_name, norm=False))
+    _image_network(f"{_name}_bn")(_vgg(_name, norm=True))
+
+
+@_image_network("googlenet")
+def _googlenet(cfg: ImageModelConfig, in_channels: int, outputs: int, size: Sequence[int]) -> nn.Module:
+    return GoogLeNet(cfg.spatial_dims, in_channels, outputs, size, _scale(cfg), large_stem=cfg.stem == Stem.IMAGENET,
+                     stem_stride=2 if cfg.stem == Stem.STRIDED else 1, lrn=cfg.local_response_norm,
+                     dropout=cfg.dropout, aux_classifiers=cfg.aux_classifiers,
+                     aux_grid=4 if cfg.spatial_dims == 2 else 2, act=lambda: activation(cfg))
+
+
+class AuxiliaryLoss(nn.Module):
+    """``loss`` of the logits plus ``weight`` x ``loss`` of each auxiliary head's, for a network
+    that returns ``(logits, *aux_logits)`` in training mode (GoogLeNet with ``aux_classifiers``:
+    0.3, the paper's weight); a plain tensor is scored by ``loss`` alone."""
+
+    def __init__(self, loss: nn.Module, weight: float = 0.3):
+        super().__init__()
+        self.loss, self.weight = loss, weight
+
+    def forward(self, output: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return self.loss(output, target)
+        main, *side = output
+        return self.loss(main, target) + self.weight * sum((self.loss(aux, target) for aux in side),
+                                                           torch.zeros((), device=main.device))
+
+
+def with_auxiliary_heads(loss: nn.Module, cfg: ImageModelConfig) -> nn.Module:
+    """``loss`` as the training loss of ``cfg``'s network: wrapped in :class:`AuxiliaryLoss` when it has side heads."""
+    return AuxiliaryLoss(loss) if cfg.aux_classifiers else loss
 
 
 def head_prefix(model: nn.Module) -> str:

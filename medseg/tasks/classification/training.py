@@ -22,6 +22,7 @@ from medseg.data.datasets import class_index
 from medseg.engine import distributed
 from medseg.engine.calibration import calibrate_split, expected_calibration_error
 from medseg.engine.evaluation import Evaluator, SplitScores
+from medseg.engine.image_networks import with_auxiliary_heads
 from medseg.engine.loop import Previewer, Validator, base_contract
 from medseg.engine.runtime import autocast
 from medseg.io.atomic import atomic_write_text
@@ -108,13 +109,15 @@ def _score(predictions: ClassificationPredictions, cfg: ClassificationConfig, pr
 
 
 def training_loss(cfg: ClassificationConfig, train_cases: list, tracker: MlflowTracker) -> nn.Module:
-    """The loss with ``loss.class_weights: balanced`` resolved from the training cases (and logged)."""
+    """The loss with ``loss.class_weights: balanced`` resolved from the training cases (and logged),
+    and the auxiliary heads' losses added when the network has them (GoogLeNet's ``model.aux_classifiers``)."""
     weights = cfg.loss.class_weights
     if weights == "balanced":
         weights = balanced_class_weights([class_index(c) for c in train_cases], len(cfg.data.labels))
         log.info("balanced class weights: %s", ", ".join(f"{cfg.data.labels[i]} {w:.3f}" for i, w in enumerate(weights)))
         tracker.log_params({"loss.class_weights_resolved": [round(w, 4) for w in weights]})
-    return create_classification_loss(cfg.loss, weights if isinstance(weights, list) else None)
+    loss = create_classification_loss(cfg.loss, weights if isinstance(weights, list) else None)
+    return with_auxiliary_heads(loss, cfg.model)
 
 
 def validation(cfg: ClassificationConfig) -> tuple[Validator, Previewer]:

@@ -46,9 +46,10 @@ class RegressionTask(TaskBase):
                 regression_transforms(cfg.preprocess, (), cfg.model.spatial_dims))
 
     def create_loss(self, cfg: Any) -> nn.Module:
+        from medseg.engine.image_networks import with_auxiliary_heads
         from medseg.tasks.regression.losses import create_regression_loss
 
-        return create_regression_loss(cfg.loss)
+        return with_auxiliary_heads(create_regression_loss(cfg.loss), cfg.model)
 
     def verify_options(self, cfg: Any) -> Any:
         """The images checked as every task's are; the label column, which regression does not learn,
