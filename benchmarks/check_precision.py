@@ -44,7 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     out = results_folder(args)
 
-    from medseg import load_config
+    from medseg import validate_config
+    from medseg.config import read_config_file
     from medseg.data.manifest import read_manifest
     from medseg.engine.runner import PipelineContext
     from medseg.tasks.segmentation import TASK
@@ -67,7 +68,8 @@ def main() -> None:
     checkpoint = run_dir / "checkpoints" / "best.safetensors"
     rows = {}
     for name, overrides in SETTINGS.items():
-        cfg = load_config(run_dir / "resolved_config.yaml", overrides)
+        # absolute paths; an older run's relative ones started at the repository (validate_config: the cwd)
+        cfg = validate_config(read_config_file(run_dir / "resolved_config.yaml", overrides))
         started = time.perf_counter()
         ctx = PipelineContext(cfg, REPO / cfg.data.manifest, HIPPO, scratch_folder("evaluate_", args, out), NullTracker(),
                               progress=False)

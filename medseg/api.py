@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medseg.config import RunConfig
+from medseg.config import RunConfig, read_config_file
 from medseg.data.build import build_manifest, build_manifest_from_layout
 from medseg.data.layouts import DatasetLayout, detect_layout
 from medseg.data.manifest import Manifest, manifest_summary
@@ -227,7 +227,8 @@ def calibrate_run(run_dir: str | Path, *, progress: bool = True) -> RunResult:
     from medseg.engine.recalibrate import finished_run_files, recalibrate_run
 
     files = finished_run_files(Path(run_dir))
-    cfg = load_config(files.config)
+    # a resolved config holds absolute paths; an older run's relative ones started where it was run
+    cfg = validate_config(read_config_file(files.config), source=str(files.config))
     if not hasattr(cfg.validation, "calibrate"):
         raise UsageError(f"calibrate {run_dir}: a {cfg.task} model outputs no class probabilities to calibrate")
     cfg = cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"calibrate": True})})

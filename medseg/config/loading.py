@@ -1,6 +1,7 @@
 """YAML in, validated config objects out, at one boundary: reading with ``key=value`` overrides,
 validation whose errors name the key, the nearest valid key ("did you mean") or the task it
-belongs to, and writing a config back."""
+belongs to, and writing a config back. Relative paths are resolved here too: a file's from its
+folder, the rest from the current directory (:mod:`medseg.config.paths`)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,25 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-#: Environment variable that supplies ``data.root`` when the config leaves it empty.
+from medseg.config.paths import PathKind, config_folder, resolve_config_paths, resolve_raw_paths
 from medseg.config.schema import AugmentConfig, RunConfig
 from medseg.errors import ConfigError
 
 # --------------------------------------------------------------------------------------- reading
 
 
-def read_config_file(path: str | Path, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+def read_config_file(path: str | Path, overrides: Sequence[str] | None = None,
+                     path_keys: Mapping[str, PathKind] | None = None) -> dict[str, Any]:
     """Read a YAML config as a plain dict and apply ``key.sub=value`` overrides (not validated yet).
+
+    The relative paths the file holds at ``path_keys`` start at the file's folder; an override's
+    value is applied after, as given (:func:`validate_config` resolves it from the current directory).
 
     Args:
         path: YAML file.
         overrides: strings like ``train.max_epochs=5``; the value is parsed as YAML.
+        path_keys: the path-valued keys (:func:`medseg.config.paths.path_keys`) to resolve from
+            the file's folder; None: none are.
 
     Returns:
         The mapping of sections, ready for :func:`validate_config`.
@@ -50,6 +57,7 @@ def read_config_file(path: str | Path, overrides: Sequence[str] | None = None) -
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = resolve_raw_paths(raw, path_keys or {}, config_folder(path))
     for item in overrides or []:
         apply_override(raw, item)
     return raw
@@ -113,7 +121,8 @@ def validate_config(raw: Mapping[str, Any], config_type: type[ConfigT], source: 
             one of them accepts is reported as belonging to that task.
 
     Returns:
-        The validated, frozen config.
+        The validated, frozen config, every path in it absolute: a relative one (a default, an
+        override's, a dict's) starts at the current directory.
 
     Raises:
         ConfigError: every problem, one per line: unknown keys name the closest valid key or the
@@ -122,11 +131,12 @@ def validate_config(raw: Mapping[str, Any], config_type: type[ConfigT], source: 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return config_type.model_validate(dict(raw))
+        config = config_type.model_validate(dict(raw))
     except ValidationError as err:
         task = _task_name(config_type)
         lines = [_describe_error(e, config_type, task, others or {}) for e in err.errors()]
         raise ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines)) from None
+    return resolve_config_paths(config, Path.cwd())
 
 
 def _task_name(config_type: type[RunConfig]) -> str:

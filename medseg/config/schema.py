@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from medseg.config.paths import PathKind
 from medseg.errors import ConfigError
 
 #: Environment variable that supplies ``data.root`` when the config leaves it empty.
@@ -141,7 +142,8 @@ class DataConfig(Section):
         return self.fold is not None and self.train_folds == "all"
 
     def resolved_root(self) -> Path:
-        """Data root from config, else the environment; relative paths start at the working directory.
+        """Data root from config (absolute once validated), else the environment (a relative
+        ``$MEDSEG_DATA_ROOT`` starts at the working directory).
 
         Raises:
             ConfigError: neither is set; the message says how to set one.
@@ -289,7 +291,7 @@ class ModelConfig(Section):
         "mlp: hidden units per layer.")
     norm: str = "instance"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    init_from: str | None = Field(
+    init_from: Annotated[str | None, PathKind.MODEL] = Field(
         default=None, description="Start training from this model's weights (runs:/<id>/model, "
         "models:/<name>/<version>, models:/<name>@<alias>, a model folder, or a .safetensors checkpoint or state "
         "dict); tensors whose name or shape differs (e.g. another class count) start fresh. A resumed run "
@@ -376,7 +378,9 @@ class CalibratedValidationConfig(ValidationConfig):
 
 
 class TrackingConfig(Section):
-    uri: str = "sqlite:///runs/mlflow.db"
+    uri: Annotated[str, PathKind.TRACKING] = Field(
+        default="sqlite:///runs/mlflow.db", description="The MLflow store: sqlite:///<file>.db (a relative file "
+        "like any other path), a folder, or a server's http://host:port.")
     experiment: str = "medseg"
     run_name: str | None = None
     register_model_as: str | None = None

@@ -22,6 +22,7 @@ from torch import nn
 
 from medseg.config import RunConfig, read_config_file
 from medseg.config import validate_config as validate_as
+from medseg.config.paths import PathKind, path_keys
 from medseg.errors import ConfigError, UnknownTaskError
 from medseg.tasks.base import Task
 
@@ -89,6 +90,8 @@ def config_types() -> dict[str, type[RunConfig]]:
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     """Validate a plain dict into the config class of the task it names (``task:``, default segmentation).
 
+    Relative paths in it start at the current directory; the config returned holds absolute paths.
+
     Raises:
         ConfigError: an unknown task, or a key or value its config class refuses.
     """
@@ -103,8 +106,16 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     return validate_as({**raw, "task": name}, task.config_type, source, others=others)
 
 
+def every_path_key() -> dict[str, PathKind]:
+    """The path-valued keys of every task's config (a key another task owns fails validation anyway)."""
+    return {key: kind for config_type in config_types().values() for key, kind in path_keys(config_type).items()}
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides and validate it for its task.
+
+    A relative path in the file starts at the file's folder; one in an override, at the current
+    directory (see :mod:`medseg.config.paths`). The config returned holds absolute paths.
 
     Args:
         path: YAML file.
@@ -117,7 +128,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         ConfigError: the file is missing or not YAML, an override is malformed, the task is not
             registered, or a key or value is invalid (unknown keys name the closest valid key).
     """
-    return validate_config(read_config_file(path, overrides), source=str(path))
+    return validate_config(read_config_file(path, overrides, every_path_key()), source=str(path))
 
 
 def network_from_spec(spec: dict[str, Any]) -> nn.Module:
