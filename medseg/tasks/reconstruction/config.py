@@ -1,5 +1,5 @@
 """The reconstruction config: the simulated acquisition (MRI undersampling, sparse-view CT,
-denoising), 2D U-Net / data-consistency networks over slices, image-regression losses. Light on
+denoising, thick slices for super-resolution), 2D U-Net / data-consistency networks over slices, image-regression losses. Light on
 purpose (pydantic only): ``medseg validate`` and the registry import it without torch.
 """
 
@@ -40,6 +40,12 @@ class ReconProblem(StrEnum):
     MRI = "mri"  # retrospective Cartesian undersampling of k-space
     CT = "ct"  # sparse-view parallel-beam CT, filtered back-projection as input
     DENOISE = "denoise"
+    SR = "sr"  # through-plane super-resolution: thick slices simulated from thin ones
+
+
+class SliceProfile(StrEnum):
+    BOX = "box"  # a slab: every thin voxel under the slice weighs the same
+    GAUSSIAN = "gaussian"  # full width at half maximum = the slice thickness
 
 
 class MaskKind(StrEnum):
@@ -61,6 +67,29 @@ class PhantomConfig(Section):
     size: int = Field(default=128, ge=16, description="Phantom side in pixels.")
     ellipses: tuple[int, int] = Field(default=(4, 12), description="How many ellipses per phantom [min, max].")
     seed: int = Field(default=1234, description="Phantoms depend on this seed only (not on the run's seed).")
+
+
+class SuperResolutionConfig(Section):
+    """How thick slices are simulated from thin ones (see :mod:`medseg.tasks.reconstruction.slice_profile`)."""
+
+    factor: int = Field(default=3, ge=2, le=8, description="Thin slices per thick slice: the through-plane "
+                        "upsampling factor.")
+    axis: int = Field(default=2, ge=0, le=2, description="The through-plane axis of the (oriented) volume.")
+    profile: SliceProfile = Field(default=SliceProfile.GAUSSIAN, description="The slice profile: box or gaussian.")
+    gap: float = Field(default=0.0, ge=0.0, description="Unmeasured space between slices, in thin voxels: the "
+                       "slice thickness is factor - gap.")
+
+    @property
+    def thickness(self) -> float:
+        """The slice thickness (the profile's width) in thin voxels."""
+        return self.factor - self.gap
+
+    @model_validator(mode="after")
+    def _a_slice_is_at_least_one_voxel(self) -> SuperResolutionConfig:
+        if self.thickness < 1.0:
+            raise ValueError(f"recon.sr.gap {self.gap} at factor {self.factor} leaves slices {self.thickness:g} thin "
+                             f"voxels thick; a slice needs at least one: use a gap of at most {self.factor - 1}")
+        return self
 
 
 class ReconConfig(Section):
@@ -88,6 +117,9 @@ class ReconConfig(Section):
     noise: NoiseKind = NoiseKind.GAUSSIAN
     noise_level: float = Field(default=0.05, gt=0.0, description="Noise standard deviation relative to the image "
                                "maximum (images are scaled to [0, 1]).")
+    # super-resolution
+    sr: SuperResolutionConfig = Field(default=SuperResolutionConfig(), description="problem: sr: the thick-slice "
+                                      "simulation (factor, through-plane axis, slice profile, gap).")
     phantoms: PhantomConfig | None = Field(
         default=None, description="Generate random-ellipse phantoms into data.root and list them in data.manifest.")
     real_images: list[str] = Field(
@@ -103,6 +135,15 @@ class ReconConfig(Section):
         if self.problem == ReconProblem.MRI and self.resolved_center_fraction() * self.acceleration > 1:
             raise ValueError(f"recon.center_fraction {self.resolved_center_fraction()} at acceleration "
                              f"{self.acceleration}: the centre alone exceeds the line budget; lower one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _slices_cross_the_thick_axis(self) -> ReconConfig:
+        if self.problem == ReconProblem.SR and self.sr.axis == self.slice_axis:
+            others = [a for a in (0, 1, 2) if a != self.sr.axis]
+            raise ValueError(f"recon.slice_axis {self.slice_axis} is the through-plane axis recon.sr.axis: a 2D "
+                             f"network must see slices that cross the thick axis; set recon.slice_axis to one of "
+                             f"{others}")
         return self
 
 

@@ -10,6 +10,9 @@ Everything here works on 2D slices of images scaled to [0, 1] (the fully sampled
 * **CT**: parallel-beam sinograms (scikit-image ``radon``) at a few views, filtered
   back-projection (``iradon``, ramp filter) as input and baseline (FBPConvNet, Jin et al. 2017).
 * **Denoising**: additive Gaussian or Rician noise.
+* **Super-resolution**: thick slices through-plane from the slice profile, interpolated back onto
+  the thin grid (:mod:`~medseg.tasks.reconstruction.slice_profile`); the 2D slices cross the
+  thick axis, so each slice holds it, and linear interpolation is the baseline.
 
 A training sample draws its mask or noise from the sample stream's seed; validation, test and
 ``predict`` draw it from the case id, so every run and every machine scores the same measurements.
@@ -38,6 +41,7 @@ from medseg.tasks.reconstruction.config import (
     ReconstructionLoss,
     ReconstructionLossConfig,
 )
+from medseg.tasks.reconstruction.slice_profile import thick_slices, upsample
 
 #: channels of an MRI network input: zero-filled real, zero-filled imaginary, sampling mask
 MRI_CHANNELS = 3
@@ -178,7 +182,20 @@ class Acquisition:
 
     @property
     def baseline_name(self) -> str:
-        return {ReconProblem.MRI: "zero_filled", ReconProblem.CT: "fbp", ReconProblem.DENOISE: "noisy"}[self.problem]
+        return {ReconProblem.MRI: "zero_filled", ReconProblem.CT: "fbp", ReconProblem.DENOISE: "noisy",
+                ReconProblem.SR: "trilinear"}[self.problem]
+
+    @property
+    def degrades_before_padding(self) -> bool:
+        """Super-resolution: thick slices are laid from the volume's first slice, not from the zero
+        padding a slice gets to reach the network's size, so they are simulated before it."""
+        return self.problem == ReconProblem.SR
+
+    @property
+    def through_plane_dim(self) -> int:
+        """Super-resolution: the dimension of a slice batch (N, 1, H, W) that is the thick axis."""
+        in_plane = [a for a in (0, 1, 2) if a != self.cfg.slice_axis]
+        return 2 + in_plane.index(self.cfg.sr.axis)
 
     def mask(self, width: int, seed: int) -> torch.Tensor:
         c = self.cfg
@@ -187,10 +204,16 @@ class Acquisition:
     def degrade(self, slices: torch.Tensor, seed: int, fbp: torch.Tensor | None = None) -> torch.Tensor:
         """Network inputs (N, C, H, W) for ``slices`` (N, 1, H, W); one mask/noise draw from ``seed``.
 
-        For CT the FBP is deterministic and usually computed once beforehand (``fbp``).
+        For CT the FBP, and for super-resolution the thick slices, are deterministic and usually
+        computed once per volume beforehand (``fbp``).
         """
         if self.problem == ReconProblem.MRI:
             return undersample(slices, self.mask(slices.shape[-1], seed))
+        if self.problem == ReconProblem.SR:
+            if fbp is not None:
+                return fbp
+            dim, sr = self.through_plane_dim, self.cfg.sr
+            return upsample(thick_slices(slices, dim, sr), dim, sr.factor, thin_slices=slices.shape[dim])
         if self.problem == ReconProblem.CT:
             if fbp is not None:
                 return fbp

@@ -8,7 +8,10 @@ Two modes:
   with NMSE / PSNR / SSIM against the input in the report.
 * **measured** (``--measured``): each input already is the degraded image (an FBP, a noisy
   scan); the network's output is written. MRI models need k-space, which a magnitude image does
-  not hold, so they take the retrospective mode only.
+  not hold, so they take the retrospective mode only. A super-resolution model's input is a
+  thick-slice scan: it is interpolated onto its thin grid first
+  (:mod:`~medseg.tasks.reconstruction.super_resolution`), and the outputs (the network's and the
+  linear interpolation, its baseline) are written on that thin grid.
 
 Outputs are NIfTI on the input's own grid and in its intensity units (the [0, 1] scaling is
 undone; orientation and slice-axis moves are inverted with MONAI ``Invertd``), written atomically.
@@ -36,8 +39,10 @@ from medseg.engine.tta import average_predictions
 from medseg.errors import CaseError, UsageError
 from medseg.io.discovery import InputCase
 from medseg.io.naming import output_paths
+from medseg.io.readers import load_volume
 from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem
 from medseg.tasks.reconstruction.operators import Acquisition, case_seed, volume_metrics
+from medseg.tasks.reconstruction.super_resolution import restore_slices, to_thin_grid
 from medseg.tasks.reconstruction.training import METRICS, VolumeReconstruction, pad_slices, reconstruct_volume
 from medseg.tasks.reconstruction.transforms import IMAGE, reconstruction_prefix
 
@@ -101,14 +106,27 @@ class ReconstructionPredictor:
             raise UsageError("--measured: an MRI model needs the measured k-space, which a magnitude image does not "
                              "hold; give fully sampled images (the retrospective mode, without --measured)")
         self.baseline = self.acquisition.baseline_name
-        self.output_columns = ("output",) if options.measured else ("output", f"{self.baseline}_output")
+        #: a thick-slice scan, super-resolved on its thin grid (with the interpolation written beside it)
+        self.thin_grid = options.measured and ReconProblem(self.recon.problem) == ReconProblem.SR
+        with_baseline = not options.measured or self.thin_grid
+        self.output_columns = ("output", f"{self.baseline}_output") if with_baseline else ("output",)
         self.value_columns = ["slices", *METRICS, *(f"{self.baseline}_{m}" for m in METRICS)]
         self.net = model.networks[0] if len(model.networks) == 1 else _Ensemble(model.networks)
         self._chains = {load: recon_preprocessing(model.contract, load, options.allow_constant) for load in (True, False)}
 
+    def _on_thin_grid(self, image: str | Path | Sequence[str | Path] | MetaTensor, source: str) -> MetaTensor:
+        """A thick-slice scan interpolated onto its thin grid (super-resolution, measured)."""
+        try:
+            volume = image if isinstance(image, MetaTensor) else load_volume(reader_source(image))
+        except Exception as err:
+            raise read_error(source, err) from err
+        return to_thin_grid(volume, self.model.contract.get("orientation"), self.recon.sr, source)
+
     def predict(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str) -> Prediction:
         loaded = isinstance(image, MetaTensor)
         source = case_id if loaded else shown_source(image)
+        if self.thin_grid:
+            image, loaded = self._on_thin_grid(image, source), True
         chain = self._chains[not loaded]
         try:
             data = chain({IMAGE: image if loaded else reader_source(image)})
@@ -131,7 +149,11 @@ class ReconstructionPredictor:
         scaled = (raw - low) / (high - low)
         metrics: dict[str, float] = {}
         baseline_slices = None
-        if self.options.measured:
+        if self.thin_grid:
+            output = restore_slices(self.net, scaled, self.recon.image_size, self.device,
+                                    autocast_dtype(Precision.AUTO, self.device))
+            baseline_slices = scaled[0].permute(2, 0, 1)[:, None]  # the interpolated thick slices it started from
+        elif self.options.measured:
             output = _restore_measured(self.net, scaled, self.recon.image_size, self.device)
         else:
             rec: VolumeReconstruction = reconstruct_volume(self.net, scaled, self.acquisition, case_seed(case_id),
@@ -156,7 +178,7 @@ class ReconstructionPredictor:
 
     def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
         suffixes = {"output": f"_{OUTPUT}.nii.gz"}
-        if not self.options.measured:
+        if not self.options.measured or self.thin_grid:
             suffixes[f"{self.baseline}_output"] = f"_{self.baseline}.nii.gz"
         return output_paths(output_dir, case.case_id, suffixes)  # a long case name shortened, with its hash
 

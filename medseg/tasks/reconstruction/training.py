@@ -80,7 +80,10 @@ def reconstruct_volume(net: nn.Module, volume: torch.Tensor, acquisition: Acquis
     target = torch.as_tensor(volume).float()[0].permute(2, 0, 1)[:, None]  # (S, 1, H, W)
     h, w = target.shape[-2:]
     padded, (top, left) = pad_slices(target, *image_size)
-    inputs = acquisition.degrade(padded, seed)
+    if acquisition.degrades_before_padding:
+        inputs, _ = pad_slices(acquisition.degrade(target, seed), *image_size)
+    else:
+        inputs = acquisition.degrade(padded, seed)
     outputs = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size].to(device)

@@ -36,6 +36,8 @@ from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem
 from medseg.tasks.reconstruction.operators import Acquisition, fbp_volume
 
 IMAGE, TARGET, FBP = "image", "label", "fbp"
+#: super-resolution: the thick slices interpolated back onto the thin grid (the network's input)
+THICK = "thick"
 
 
 def slice_axis_last(slice_axis: int) -> list[int] | None:
@@ -73,6 +75,23 @@ class SparseViewFBPd(MapTransform):
         return d
 
 
+class ThickSliceInputd(MapTransform):
+    """Adds ``thick``: the volume's thick slices (through-plane, from the slice profile) linearly
+    interpolated back onto its thin grid (deterministic: computed once, before any padding)."""
+
+    def __init__(self, acquisition: Acquisition, keys: KeysCollection = IMAGE, output_key: str = THICK):
+        super().__init__(keys)
+        self.acquisition = acquisition
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            volume = torch.as_tensor(d[key]).float()  # (1, H, W, S): a slice batch's dims 2, 3 are dims 1, 2 here
+            d[self.output_key] = self.acquisition.degrade(volume[None], seed=0)[0]
+        return d
+
+
 class SimulateAcquisitiond(RandomizableTransform, MapTransform):
     """Training sample from a ground-truth slice: ``image`` becomes the simulated measurement's
     network input and ``label`` the target; the mask or the noise is drawn from this transform's
@@ -86,7 +105,7 @@ class SimulateAcquisitiond(RandomizableTransform, MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         target = torch.as_tensor(d[IMAGE]).float()
-        fbp = d.pop(FBP, None)
+        fbp = d.pop(FBP, d.pop(THICK, None))
         seed = int(self.R.randint(0, 2**31 - 1))
         inputs = self.acquisition.degrade(target[None], seed, fbp=None if fbp is None else torch.as_tensor(fbp)[None])
         d[IMAGE] = inputs[0]
@@ -122,20 +141,25 @@ def reconstruction_prefix(pre: PreprocessConfig, recon: ReconConfig, load: bool 
 
 def reconstruction_training_transforms(pre: PreprocessConfig, recon: ReconConfig, augment: Sequence[AugmentConfig],
                                        acquisition: Acquisition) -> Compose:
-    """Cached: prefix, padding to ``image_size`` and (CT) the FBP. Random: slices, augmentation, measurement."""
+    """Cached: prefix, (SR) the thick slices, padding to ``image_size`` and (CT) the FBP. Random: slices, augmentation, measurement."""
     from medseg.data.transforms import augmentation
 
     height, width = recon.image_size
     chain = reconstruction_prefix(pre, recon)
-    chain.append(SpatialPadd(keys=IMAGE, spatial_size=[height, width, -1], mode="constant"))
     keys = [IMAGE]
+    if recon.problem == ReconProblem.SR:
+        chain.append(ThickSliceInputd(acquisition))
+        keys.append(THICK)
+    chain.append(SpatialPadd(keys=keys, spatial_size=[height, width, -1], mode="constant"))
     if recon.problem == ReconProblem.CT:
         chain.append(SparseViewFBPd(recon.views))
         keys.append(FBP)
     chain.append(RandSpatialCropSamplesd(keys=keys, roi_size=[height, width, 1], num_samples=recon.slices_per_volume,
                                          random_size=False))
     chain.append(SqueezeDimd(keys=keys, dim=-1))
-    if recon.problem != ReconProblem.CT:  # CT's input is fixed by its FBP: only the MR/denoising truth is augmented
+    if recon.problem == ReconProblem.SR:  # the truth and its thick slices move together
+        chain.extend(augmentation(augment, 2, keys=(IMAGE, THICK)))
+    elif recon.problem != ReconProblem.CT:  # CT's input is fixed by its FBP: only the MR/denoising truth is augmented
         chain.extend(augmentation(augment, 2, keys=(IMAGE,)))
     chain.append(EnsureTyped(keys=keys, track_meta=False))
     chain.append(SimulateAcquisitiond(acquisition))
