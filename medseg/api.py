@@ -147,7 +147,8 @@ def train(config: RunConfig | str | Path, *, overrides: Sequence[str] | None = N
         resume: True continues the newest unfinished run under ``output_dir``; a path, that run.
         progress: progress bars.
         seeds: run K seeds (seed, seed+1, ...) as child runs of one parent run.
-        folds: run folds 0..K-1 of the manifest as child runs of one parent run.
+        folds: run folds 0..K-1 of the manifest as child runs of one parent run (default: the
+            config's ``train.folds``, what a plan sets for a fold ensemble).
 
     Returns:
         The run's :class:`RunResult`; None on the non-main processes of a distributed run.
@@ -159,6 +160,11 @@ def train(config: RunConfig | str | Path, *, overrides: Sequence[str] | None = N
     cfg = _as_config(config, overrides)
     if seeds is not None and folds is not None:
         raise UsageError("train: give seeds or folds, not both")
+    if seeds is not None and cfg.train.folds is not None:
+        raise UsageError(f"train: --seeds {seeds} with a config that trains a {cfg.train.folds}-fold ensemble "
+                         "(train.folds); set train.folds=null to repeat one run with seeds")
+    if folds is None and seeds is None:
+        folds = cfg.train.folds  # a planned fold ensemble
     task = get_task(str(cfg.task))
     from medseg_pipelines import run as stages
 

@@ -335,6 +335,10 @@ class TrainConfig(Section):
     max_minutes: float | None = Field(default=None, gt=0, description="Wall-clock budget for training, validations "
                                       "included: the last one is foreseen, so training ends on time.")
     batch_size: int = Field(default=2, ge=1)
+    folds: int | None = Field(
+        default=None, ge=2, description="Train a K-fold cross-validation ensemble (nnU-Net's final model): one child "
+        "run per fold 0..K-1 of a --folds manifest, each on the other folds, predicted as their average; "
+        "max_minutes is each member's. Same as `medseg run --folds K`; null: one run.")
     iterations_per_epoch: int | None = Field(default=None, ge=1)
     val_interval: int = Field(default=1, ge=1)
     early_stopping_patience: int | None = Field(default=None, ge=1, description="In validations, not epochs.")

@@ -401,7 +401,8 @@ def child_configs(cfg: RunConfig, kind: RepeatKind, count: int) -> list[tuple[st
     if folds[:count] != list(range(count)):
         raise UsageError(f"--folds {count}: the manifest {cfg.data.manifest} has folds {folds or 'none'}; rebuild "
                          f"it with `medseg manifest build --folds {count} ...` or ask for at most {len(folds)}")
-    return [(f"fold-{i}", cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": i})}))
+    one_run = cfg.train.model_copy(update={"folds": None})  # a member is one run, not an ensemble of its own
+    return [(f"fold-{i}", cfg.model_copy(update={"data": cfg.data.model_copy(update={"fold": i}), "train": one_run}))
             for i in range(count)]
 
 

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from medseg.io.atomic import atomic_write_text
+from medseg.planning.final_model import choose_final_training
 from medseg.planning.fingerprint import Fingerprint
 
 #: Order of the sections in a written config (the order people read a config in).
@@ -80,6 +81,9 @@ class Plan:
     candidates: list[Candidate] = field(default_factory=list)  # what `medseg run --plan` races (empty: nothing)
     selection_metric: str = "val/dice_mean"  # the task's: what a race is decided on
     race: dict[str, Any] | None = None  # how the race went, once run
+    steps_in_budget: int | None = None  # training steps the probe says the budget buys (None: no probe)
+    step_goal: int | None = None  # the steps the planner wants a model to get (the task's goal)
+    ensemble_folds: int | None = None  # the final model is this many fold members (None: one model)
 
     @property
     def task(self) -> str:
@@ -88,24 +92,50 @@ class Plan:
     # ---------------------------------------------------------------------------------- output
 
     def train_on_every_case(self, folds: int, fold_cases: int, calibrates: bool) -> None:
-        """nnU-Net's split policy on a ``--folds`` manifest: the final model trains on every case
-        (fold 0 still validated, as monitoring); no test split is carved out of the training cases."""
+        """nnU-Net's split policy on a ``--folds`` manifest: no test split is carved out of the training
+        cases, and the final training is a fold ensemble or one model on every case
+        (:func:`medseg.planning.final_model.choose_final_training`)."""
         data = self.config["data"]
         if folds < 2 or data.get("fold") is not None:
             return
-        data["fold"], data["train_folds"] = 0, "all"
-        self.why["data.fold"] = (f"the manifest has {folds} cross-validation folds (nnU-Net's split: every training "
-                                 f"case in a fold, tests only from a test folder); fold 0 ({fold_cases} cases) is "
-                                 "validated on for the learning curves")
-        self.why["data.train_folds"] = ("every case trains the final model (nnU-Net trains on all; its fold 0 "
-                                        "scores therefore only monitor training, and the last weights are kept)")
-        if calibrates:
-            self.config.setdefault("validation", {})["calibrate"] = False
-            self.why["validation.calibrate"] = ("no temperature: the validation fold is trained on, and a temperature "
-                                                "fitted on seen cases would not mean what it says")
+        final = choose_final_training(folds, self.steps_in_budget, self.step_goal)
         total = sum(1 for c in self.fingerprint.cases if c.split != "test")
-        self.explain_rows.insert(0, ExplainRow("training cases", f"all {total} ({folds} folds, fold 0 monitored)",
-                                               f"all {total} (5-fold CV)", self.why["data.train_folds"]))
+        if final.ensemble:
+            self._train_fold_ensemble(folds, total, final.why)
+        else:
+            data["fold"], data["train_folds"] = 0, "all"
+            self.why["data.fold"] = (f"the manifest has {folds} cross-validation folds (nnU-Net's split: every "
+                                     "training case in a fold, tests only from a test folder); fold 0 "
+                                     f"({fold_cases} cases) is validated on for the learning curves")
+            self.why["data.train_folds"] = (f"every case trains the final model: {final.why} (nnU-Net trains on all; "
+                                            "fold 0's scores therefore only monitor training, and the last weights "
+                                            "are kept)")
+            if calibrates:
+                self.config.setdefault("validation", {})["calibrate"] = False
+                self.why["validation.calibrate"] = ("no temperature: the validation fold is trained on, and a "
+                                                    "temperature fitted on seen cases would not mean what it says")
+        shown = f"{folds}-fold ensemble of all {total}" if final.ensemble else f"all {total} ({folds} folds, fold 0 monitored)"
+        self.explain_rows.insert(0, ExplainRow("training cases", shown, f"{folds}-fold ensemble of all {total}",
+                                               final.why))
+
+    def _train_fold_ensemble(self, folds: int, total: int, why: str) -> None:
+        """The final model is ``folds`` runs, each on the other folds and validated on its own."""
+        data, train = self.config["data"], self.config["train"]
+        data["fold"], data["train_folds"] = 0, "others"
+        train["folds"] = folds
+        self.ensemble_folds = folds
+        self.set_budget(float(train["max_minutes"]))
+        self.why["train.folds"] = why
+        self.why["data.train_folds"] = (f"each member trains on the other {folds - 1} folds of the {total} cases and "
+                                        "validates on its own (cross-validation, as nnU-Net)")
+
+    def set_budget(self, minutes: float) -> None:
+        """Give the final training ``minutes``: all of it to one model, or a share to each fold member."""
+        members = self.ensemble_folds or 1
+        self.config["train"]["max_minutes"] = round(minutes / members, 2)
+        if members > 1:
+            self.why["train.max_minutes"] = (f"{minutes:g} min shared by the {members} fold members, "
+                                             f"{minutes / members:.1f} min each")
 
     def header(self) -> list[str]:
         r = self.request

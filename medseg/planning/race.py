@@ -117,7 +117,7 @@ def race_config(base: Mapping[str, Any], candidate: Candidate, minutes: float, o
     overrides: dict[str, Any] = {
         **candidate.overrides,
         "data.fold": 0, "data.train_folds": "others", "data.test_split": NO_TEST_SPLIT,
-        "train.max_epochs": None, "train.max_minutes": round(minutes, 3), "output_dir": str(out_dir),
+        "train.max_epochs": None, "train.max_minutes": round(minutes, 3), "train.folds": None, "output_dir": str(out_dir),
         "tracking.run_name": None}
     raw = with_overrides(base, overrides)
     validation = raw.setdefault("validation", {})
@@ -149,7 +149,7 @@ def race(plan: Plan, pipeline: Callable[[Any], None], validate: Callable[[dict[s
         budget too small for every candidate to train :data:`MIN_RACE_RUN_MINUTES`); the plan is
         then left as it was, with a note saying why.
     """
-    budget = float(plan.config["train"]["max_minutes"])
+    budget = float(plan.config["train"]["max_minutes"]) * (plan.ensemble_folds or 1)  # a fold ensemble's members share it
     reason = _cannot_race(plan, budget * share, min_run_minutes)
     if reason:
         plan.notes.append(f"no race: {reason}")
@@ -248,20 +248,24 @@ def _adopt_winner(plan: Plan, result: RaceResult, budget: float) -> None:
             "none: removing small components did not add Dice on the held-out fold")
         plan.why.pop("postprocess.search_min_component_size", None)
     weights = Path(run_dir) / "checkpoints" / "last.safetensors" if run_dir else None
-    if weights is not None and weights.is_file():  # the winner goes on from what it learned while racing
+    # The race run trained on folds 1..K-1: a fold ensemble's other members would start from weights that saw
+    # their own validation fold, so only a model on every case goes on from them.
+    if weights is not None and weights.is_file() and not plan.ensemble_folds:  # the winner goes on from its race
         decided["model.init_from"] = str(weights.resolve())
         plan.why["model.init_from"] = (
             f"the race's winner goes on from the weights its last race run trained on the other folds, so "
             f"the {result.minutes_used:.1f} min race is not lost to the model that is kept")
     plan.config = with_overrides(plan.config, {**winner.overrides, **decided})
-    plan.config["train"]["max_minutes"] = round(left, 2)
     plan.why.update(winner.why_updates)
+    plan.set_budget(left)
     plan.why["train.max_minutes"] = (f"--budget {budget:g} min, less the {result.minutes_used:.1f} min race "
-                                     f"({len(plan.candidates)} candidates, won by {winner.name})")
+                                     f"({len(plan.candidates)} candidates, won by {winner.name})"
+                                     + (f", shared by the {plan.ensemble_folds} fold members" if plan.ensemble_folds else ""))
     scores = ", ".join(f"{e.candidate} {e.score:.4f}" if e.score is not None else f"{e.candidate} failed"
                        for e in result.entries if e.rung == last)
     plan.notes.append(f"race (successive halving, fold 0 held out, {result.metric}): {scores}; "
-                      f"{winner.name} trains on every case for the remaining {left:.1f} min"
+                      + (f"{winner.name} trains as a {plan.ensemble_folds}-fold ensemble" if plan.ensemble_folds else
+                       f"{winner.name} trains on every case") + f" for the remaining {left:.1f} min"
                       + (", starting from its race weights" if "model.init_from" in decided else ""))
     plan.race = result.as_dict()
 

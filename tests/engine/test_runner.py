@@ -56,14 +56,17 @@ def test_folds_train_each_fold_and_predict_averages_the_fold_models(tmp_path: Pa
     manifest = tmp_path / "folds.csv"
     build_manifest(dataset, manifest, folds=2, seed=0)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1})
+    # train.folds in the config (what a plan writes for a fold ensemble) is --folds without the flag
+    config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 1, "num_threads": 1, "folds": 2})
 
     with pytest.raises(UsageError, match=r"has folds \[0, 1\]"):
         medseg.train(config, folds=3, progress=False)
     # the CLI's --folds: the same message, exit code 2
     assert main(["run", str(config), "--folds", "3", "--no-progress"]) == EXIT_USAGE
     assert "has folds [0, 1]" in capsys.readouterr().err
-    result = train_run(config, folds=2)
+    with pytest.raises(UsageError, match="train.folds=null"):
+        medseg.train(config, seeds=2, progress=False)
+    result = train_run(config)
     _, parent, children = _parent_and_children(uri)
     assert result.run_id == parent.info.run_id
     assert sorted(c.data.params["data.fold"] for c in children) == ["0", "1"]

@@ -300,7 +300,8 @@ def _assemble(request: PlanRequest, fp: Fingerprint, config: dict[str, Any], d: 
     candidates = combine_candidates(structures.candidates, _topology_candidates(request, d, fp.spatial_dims),
                                     request.budget_minutes * RACE_SHARE)
     return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in d.choice.probe],
-                explain_rows=explain, notes=notes, candidates=candidates)
+                explain_rows=explain, notes=notes, candidates=candidates, steps_in_budget=d.iterations,
+                step_goal=MIN_ITERATIONS)
 
 
 def _topology_candidates(request: PlanRequest, d: _Decisions, dims: int) -> list[RaceCandidate]:
