@@ -43,6 +43,8 @@ _EXPORTS = {
     "import_medmnist": "medseg.api",
     "calibrate_run": "medseg.api",
     "plan": "medseg.api",
+    "pretrain": "medseg.api",
+    "PretrainResult": "medseg.api",
     "race_plan": "medseg.api",
     "convert_model": "medseg.api",
     "export_model": "medseg.api",
@@ -66,6 +68,9 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_architecture.p
     )
     from medseg.api import (
         Predictor as Predictor,
+    )
+    from medseg.api import (
+        PretrainResult as PretrainResult,
     )
     from medseg.api import (
         RunResult as RunResult,
@@ -114,6 +119,9 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_architecture.p
     )
     from medseg.api import (
         predict_dataset as predict_dataset,
+    )
+    from medseg.api import (
+        pretrain as pretrain,
     )
     from medseg.api import (
         race_plan as race_plan,

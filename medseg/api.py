@@ -71,7 +71,7 @@ __all__ = [
     "BatchReport", "Prediction", "Predictor", "RunResult", "VerifyReport", "build_manifest", "calibrate_run", "check_model",
     "convert_model", "demo", "export_model", "headline", "manifest_summary",
     "DatasetLayout", "build_manifest_from_layout", "detect_layout", "import_medmnist",
-    "list_models", "list_tasks", "load_config", "plan", "train", "validate_config", "verify",
+    "list_models", "list_tasks", "load_config", "plan", "PretrainResult", "pretrain", "train", "validate_config", "verify",
 ]
 
 
@@ -212,6 +212,84 @@ def demo(out: str | Path = "medseg-demo", *, overrides: Sequence[str] | None = N
     settings = [f"data.manifest={demo_dir / 'demo_hippocampus.csv'}", f"data.root={demo_dir / 'hippocampus'}",
                 f"output_dir={home / 'runs'}", f"tracking.uri=sqlite:///{home / 'mlflow.db'}", *(overrides or [])]
     return train(load_config(demo_dir / "demo_segmentation.yaml", settings), progress=progress)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """A finished pretraining run (``medseg pretrain``).
+
+    Attributes:
+        run_id: its MLflow run (tagged ``medseg.kind=pretraining``).
+        weights: the safetensors file a segmentation run starts from: ``model.init_from: <weights>``.
+        metadata: its JSON sidecar (the run, the network, the tensors).
+        tensors: the names of the tensors ``weights`` holds.
+        run: the run as :func:`train` returns it (run folder, tracking URI, metrics).
+    """
+
+    run_id: str
+    weights: Path
+    metadata: Path
+    tensors: tuple[str, ...]
+    run: RunResult
+
+
+def pretrain(data: str | Path | None = None, *, config: RunConfig | str | Path | None = None,
+             overrides: Sequence[str] | None = None, budget: str | float | None = None, resume: bool | str | Path = False,
+             progress: bool = True) -> PretrainResult | None:
+    """Pretrain the segmentation U-Net as a masked autoencoder on every image, labelled or not, as
+    one MLflow run; its weights start a segmentation run (``model.init_from``), which records it.
+
+    Args:
+        data: a folder of scans (every scan is used; a manifest of them is written into the run's
+            ``output_dir``) or a manifest CSV (every case, whatever its split; labels ignored). None:
+            the config's ``data.manifest``.
+        config: a pretraining config or its YAML (``task: pretraining``); None: the defaults
+            (a 16-32-64-128 U-Net on 64³ patches), with ``overrides``.
+        overrides: ``key.sub=value`` strings (e.g. ``model.channels=[16,32,64]``): give the model
+            section of the segmentation run it will initialise.
+        budget: wall-clock training time (``10m``, ``1h``, minutes); it alone ends training.
+        resume: True continues the newest unfinished pretraining run under ``output_dir``; a path, that run.
+        progress: progress bars.
+
+    Returns:
+        The :class:`PretrainResult`; None on the non-main processes of a distributed run.
+
+    Raises:
+        ConfigError: an invalid config. ManifestError: no scans, or scans that cannot be grouped.
+        DataVerificationError: an unreadable scan (the report names it).
+    """
+    from medseg.config import apply_override, config_to_dict
+    from medseg.tasks.pretraining.data import folder_manifest
+
+    settings = list(overrides or [])
+    if budget is not None:
+        settings += [f"train.max_minutes={parse_budget(budget)}", "train.max_epochs=null"]
+    if isinstance(config, RunConfig):
+        raw = config_to_dict(config)
+    elif config is not None:
+        raw = config_to_dict(load_config(config))
+    else:
+        raw = {"task": "pretraining", "data": {}}
+    for item in settings:
+        apply_override(raw, item)
+    if str(raw.get("task")) != "pretraining":
+        raise ConfigError(f"pretrain: the config is for task {raw.get('task')!r}; give a task: pretraining config")
+    if data is not None and Path(data).suffix.lower() != ".csv":
+        out = Path(raw.get("output_dir") or "runs/pretraining")
+        raw["data"] = {**raw.get("data", {}), "root": str(Path(data).resolve()),
+                       "manifest": str(folder_manifest(Path(data), out / f"{Path(data).resolve().name}_scans.csv",
+                                                       len(raw.get("data", {}).get("channels") or [1])).resolve())}
+    elif data is not None:
+        raw["data"] = {**raw.get("data", {}), "manifest": str(Path(data).resolve())}
+    result = train(validate_config(raw, source="pretrain"), resume=resume, progress=progress)
+    if result is None:
+        return None
+    from medseg.engine.transfer import provenance_path
+    from medseg.tasks.pretraining.training import WEIGHTS
+
+    weights = result.run_dir / WEIGHTS
+    about = json.loads(provenance_path(weights).read_text(encoding="utf-8"))
+    return PretrainResult(result.run_id, weights, provenance_path(weights), tuple(about["tensors"]), result)
 
 
 def calibrate_run(run_dir: str | Path, *, progress: bool = True) -> RunResult:

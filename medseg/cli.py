@@ -37,6 +37,8 @@ EXAMPLES = {
             "medseg run configs/hippocampus.yaml --set train.max_minutes=30 --nproc 2",
             "medseg run --plan ../Task04_Hippocampus --budget 30m"],
     "plan": ["medseg plan ../Task04_Hippocampus --budget 30m --out configs/hippocampus.yaml --explain"],
+    "pretrain": ["medseg pretrain scans/ --budget 20m --set model.channels=[16,32,64,128] --set patch.size=[32,48,32]",
+                 "medseg pretrain --config configs/pretrain_hippocampus.yaml --budget 10m"],
     "validate": ["medseg validate configs/demo_segmentation.yaml --set train.max_epochs=3"],
     "verify": ["medseg verify data_manifests/demo.csv --config configs/demo_segmentation.yaml"],
     "evaluate": ["medseg evaluate masks/ labelsTs/ --labels 1=anterior,2=posterior -o scores/"],
@@ -130,6 +132,20 @@ def _add_run_and_plan(sub: Any) -> None:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a demo config value, e.g. --set train.max_minutes=1 (repeatable)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+
+    pretrain = sub.add_parser("pretrain", help="pretrain the segmentation U-Net as a masked autoencoder on every "
+                              "image, labelled or not; its weights start a run through model.init_from")
+    pretrain.add_argument("data", type=Path, nargs="?",
+                          help="a folder of scans (searched recursively) or a manifest CSV (labels ignored); "
+                               "default: the config's data.manifest")
+    pretrain.add_argument("--config", type=Path, help="a task: pretraining YAML (default: the built-in defaults)")
+    pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config value, e.g. --set model.channels=[16,32,64] (repeatable); give "
+                               "the model section of the run it will start")
+    pretrain.add_argument("--budget", help="training time: 20m, 1h, 600s (default: the config's train budget)")
+    pretrain.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                          help="continue the newest unfinished pretraining run under output_dir, or the given one")
+    pretrain.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
     plan = sub.add_parser("plan", help="fingerprint a dataset and plan a config for it, a time budget and this machine")
     plan.add_argument("dataset", type=Path, help="dataset folder (MSD, nnU-Net, images/labels, ImageFolder, CSV of "
@@ -348,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    handlers = {"demo": _cmd_demo, "run": _cmd_run, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
+    handlers = {"demo": _cmd_demo, "run": _cmd_run, "pretrain": _cmd_pretrain, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
                 "predict": _cmd_predict, "model": _cmd_model,
                 "export": _cmd_export, "serve": _cmd_serve, "evaluate": _cmd_evaluate}
     if args.command not in handlers:
@@ -456,6 +472,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import medseg
 
     return _report_run(medseg.demo(args.out, overrides=args.overrides, progress=not args.no_progress), "segmentation")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import medseg
+
+    resume = args.resume if isinstance(args.resume, str) else bool(args.resume)
+    result = medseg.pretrain(args.data, config=args.config, overrides=args.overrides, budget=args.budget,
+                             resume=resume, progress=not args.no_progress)
+    if result is None:
+        return EXIT_OK
+    loss = result.run.metrics.get("train/loss")
+    print(f"pretraining run {result.run_id} finished: {len(result.tensors)} tensors"
+          + (f", train/loss={loss:.4f}" if loss is not None else ""))
+    print(f"weights: {result.weights}")
+    print(f"start a segmentation run from them: medseg run CONFIG --set model.init_from={result.weights}")
+    print(f"summary: {result.run.summary_path}")
+    return EXIT_OK
 
 
 def _report_run(result: Any, task: str) -> int:

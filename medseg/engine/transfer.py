@@ -6,8 +6,10 @@ winner goes on from the weights it trained while racing. Only tensors and JSON a
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,8 +17,36 @@ from torch import nn
 from medseg.engine.model_format import local_model_folder, read_model_folder
 from medseg.engine.models import ModelError
 from medseg.io import safe_tree
+from medseg.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+#: ``kind`` in the JSON sidecar of a pretraining run's weights (``medseg pretrain``): every tensor of
+#: such a file must find its match, since it holds only what was meant to be transferred.
+PRETRAINED_KIND = "medseg.pretrained_weights"
+
+
+def provenance_path(weights: Path) -> Path:
+    """The JSON sidecar of a weights file: ``pretrained.safetensors`` -> ``pretrained.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def read_provenance(ref: str) -> dict[str, Any] | None:
+    """The sidecar of ``ref`` when it is a pretraining run's weights file, else None.
+
+    Raises:
+        ModelError: the sidecar exists but is not JSON.
+    """
+    path = Path(ref)
+    sidecar = provenance_path(path)
+    if path.suffix != ".safetensors" or not sidecar.is_file():
+        return None
+    try:
+        about = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"model.init_from {ref}: its sidecar {sidecar} is not readable JSON ({err}). Expected: the "
+                         "file `medseg pretrain` wrote beside the weights. Fix: copy both files again") from err
+    return about if isinstance(about, dict) and about.get("kind") == PRETRAINED_KIND else None
 
 
 def pretrained_state(ref: str, tracking_uri: str | None = None) -> dict[str, torch.Tensor]:
@@ -64,6 +94,9 @@ def initialise_from(model: nn.Module, ref: str, tracking_uri: str | None = None)
     source = pretrained_state(ref, tracking_uri)
     own = model.state_dict()
     matched = {k: v for k, v in source.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    about = read_provenance(ref)
+    if about is not None and len(matched) < len(source):
+        _refuse_partial_match(ref, source, own, about)
     if not matched:
         raise ModelError(f"model.init_from {ref}: none of its {len(source)} tensors matches this model by name and "
                          "shape; it was trained with another architecture (check model.name, widen_factor, stem)")
@@ -72,3 +105,38 @@ def initialise_from(model: nn.Module, ref: str, tracking_uri: str | None = None)
     log.info("model.init_from %s: %d tensors loaded, %d start fresh%s", ref, len(matched), len(fresh),
              f" ({', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''})" if fresh else "")
     return {"loaded": sorted(matched), "fresh": fresh}
+
+
+def _refuse_partial_match(ref: str, source: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                          about: dict[str, Any]) -> None:
+    """A pretraining file holds only what is meant to transfer: a tensor that finds no match means
+    the fine-tuning network is not the one that was pretrained."""
+    missing = sorted(k for k in source if k not in own)
+    reshaped = sorted(k for k in source if k in own and tuple(own[k].shape) != tuple(source[k].shape))
+    shown = [f"{k} {list(source[k].shape)} -> {list(own[k].shape)}" for k in reshaped[:4]] + missing[:4]
+    model = (about.get("network") or {}).get("model", {})
+    pretrained = {k: model.get(k) for k in ("name", "channels", "strides", "kernels", "num_res_units", "norm")
+                  if k in model}
+    raise ModelError(
+        f"model.init_from {ref}: {len(missing) + len(reshaped)} of its {len(source)} pretrained tensors do not fit "
+        f"this network ({len(reshaped)} of another shape, {len(missing)} absent: {'; '.join(shown)}). "
+        f"Expected: the network that was pretrained ({pretrained}, in channels {about.get('in_channels')}). "
+        f"Got: this config's model section. File: {ref} (pretraining run {about.get('run_id')}). "
+        "Fix: give the fine-tuning run the pretraining run's model section, or pretrain again with this one")
+
+
+def record_transfer(ref: str, report: dict[str, list[str]], run_dir: Path, tracker: Any) -> dict[str, str]:
+    """Write ``init_from.json`` (which tensors were loaded, which start fresh, where they came from)
+    into ``run_dir``, log it, and tag the run with its source and, for pretrained weights, the
+    pretraining run; returns the tags."""
+    about = read_provenance(ref) or {}
+    record = {"init_from": ref, "pretraining_run_id": about.get("run_id"), "transfer": about.get("transfer"),
+              "loaded": report["loaded"], "fresh": report["fresh"]}
+    path = atomic_write_text(run_dir / "init_from.json", json.dumps(record, indent=2))
+    tracker.log_artifact(path)
+    tags = {"medseg.init_from": ref, "medseg.init_from.loaded_tensors": str(len(report["loaded"])),
+            "medseg.init_from.fresh_tensors": str(len(report["fresh"]))}
+    if about.get("run_id"):
+        tags["medseg.pretraining_run_id"] = str(about["run_id"])
+    tracker.set_tags(tags)
+    return tags

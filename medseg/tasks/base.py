@@ -127,7 +127,8 @@ class TaskBase:
     its files written and logged) and :meth:`package` (the network and its contract logged as an
     MLflow model). A task that needs more overrides a finer piece, never a stage:
     :meth:`training_network`, :meth:`training_loss`, :meth:`validation` (validation and the pictures
-    logged with it), :meth:`evaluation_items`, :meth:`score_split` and :meth:`packaged_contract`.
+    logged with it), :meth:`evaluation_items`, :meth:`score_split`, :meth:`packaged_contract` and
+    :meth:`package_extras`.
     """
 
     name: str = ""
@@ -179,6 +180,16 @@ class TaskBase:
             initialise_from(network, init_from, cfg.tracking.uri)
         return network
 
+    def record_init_from(self, ctx: PipelineContext) -> None:
+        """Say in the run which tensors ``model.init_from`` gives this network and which start fresh
+        (``init_from.json``), and tag the run with the source and the pretraining run it came from;
+        before any data is read, so a network that does not fit the weights fails at once."""
+        from medseg.engine.transfer import initialise_from, record_transfer
+
+        source = str(ctx.cfg.model.init_from)
+        report = initialise_from(self.build_network(ctx.cfg), source, ctx.cfg.tracking.uri)
+        record_transfer(source, report, ctx.run_dir, ctx.tracker)
+
     def training_loss(self, ctx: PipelineContext) -> nn.Module:
         """The loss as training uses it (weights resolved from the training cases, for example)."""
         return self.create_loss(ctx.cfg)
@@ -212,6 +223,11 @@ class TaskBase:
             contract.update(contract_calibration(ctx.run_dir))
         return contract
 
+    def package_extras(self, ctx: PipelineContext, checkpoint: Path) -> None:
+        """What the package stage writes and logs beside the model (pretraining: the weights file that
+        ``model.init_from`` takes); nothing by default."""
+        return None
+
     # ------------------------------------------------------------------------------ the engine's stages
 
     def records(self, ctx: PipelineContext, split: str) -> list[dict[str, Any]]:
@@ -222,6 +238,8 @@ class TaskBase:
     def train(self, ctx: PipelineContext) -> TrainOutputs:
         """The shared loop with this task's network, data, loss and validation."""
         cfg = ctx.cfg
+        if getattr(cfg.model, "init_from", None) and ctx.dist.is_main:
+            self.record_init_from(ctx)
         train_transform, val_transform = self.transforms(cfg)
         validate, preview = self.validation(ctx)
         task = TrainTask(
@@ -248,6 +266,7 @@ class TaskBase:
         """``checkpoint``'s network and :meth:`packaged_contract`, logged as an MLflow model."""
         contract_path, uri = package_model(self.build_network(ctx.cfg), checkpoint, self.packaged_contract(ctx),
                                            ctx.run_dir, ctx.tracker, ctx.cfg)
+        self.package_extras(ctx, checkpoint)
         return ModelOutputs(contract_path, uri)
 
     # ------------------------------------------------------------------------------ defaults
