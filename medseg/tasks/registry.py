@@ -35,6 +35,7 @@ BUILTIN_TASKS = {
     "classification": "medseg.tasks.classification:TASK",
     "reconstruction": "medseg.tasks.reconstruction:TASK",
     "regression": "medseg.tasks.regression:TASK",
+    "detection": "medseg.tasks.detection:TASK",
     "pretraining": "medseg.tasks.pretraining:TASK",
 }
 

@@ -33,12 +33,16 @@ AP_IOUS = (0.1, 0.5)
 MAX_DETECTIONS = 100
 
 
+def _iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+    return np.asarray(box_iou(boxes1, boxes2))
+
+
 def _matches(predictions: Sequence[Boxes], references: Sequence[Boxes],
              thresholds: Sequence[float]) -> list[dict[int, dict[str, np.ndarray]]]:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} prediction(s) for {len(references)} reference(s): one each per scan")
     return matching_batch(
-        iou_fn=box_iou, iou_thresholds=thresholds, max_detections=MAX_DETECTIONS,
+        iou_fn=_iou, iou_thresholds=thresholds, max_detections=MAX_DETECTIONS,
         pred_boxes=[p.corners for p in predictions], pred_classes=[p.classes for p in predictions],
         pred_scores=[p.scores if p.scores is not None else np.ones(len(p)) for p in predictions],
         gt_boxes=[r.corners for r in references], gt_classes=[r.classes for r in references])
@@ -93,7 +97,7 @@ def average_precisions(predictions: Sequence[Boxes], references: Sequence[Boxes]
                         iou_range=(AP_IOUS[0], AP_IOUS[-1], AP_IOUS[-1] - AP_IOUS[0]),
                         max_detection=[MAX_DETECTIONS], per_class=False, verbose=False)
     values, _ = metric(_matches([reindexed(p) for p in predictions], [reindexed(r) for r in references],
-                                metric.iou_thresholds))
+                                list(metric.iou_thresholds)))
     return {iou: _nan_if_missing(values[f"AP_IoU_{iou:.2f}_MaxDet_{MAX_DETECTIONS}"]) for iou in AP_IOUS}
 
 
