@@ -31,6 +31,7 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.config import RunConfig, read_config_file
+from medseg.config.paths import path_keys, resolve_raw_paths
 from medseg.data.build import build_manifest, build_manifest_from_layout
 from medseg.data.layouts import DatasetLayout, detect_layout
 from medseg.data.manifest import Manifest, manifest_summary
@@ -825,7 +826,8 @@ def parse_budget(text: str | float | int) -> float:
 
 def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = "30m", root: str | Path | None = None,
          manifest: str | Path | None = None, out: str | Path | None = None, device: str = "auto",
-         name: str | None = None, probe: bool = True, progress: bool = True, seed: int = 0) -> Any:
+         name: str | None = None, probe: bool = True, progress: bool = True, seed: int = 0,
+         home: str | Path | None = None) -> Any:
     """``medseg plan``: fingerprint a dataset and plan a config for it, the budget and this machine.
 
     Args:
@@ -835,17 +837,21 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
         budget: training time, ``30m`` / ``1.5h`` / minutes.
         root: the folder a manifest's paths start from (default: ``dataset``).
         manifest: the manifest to use if it exists, else where to write the one built from the
-            folder (default ``data_manifests/<dataset name>.csv``: every case in 5 cross-validation
-            folds, fewer with fewer cases; a test split only where the layout has one).
-        out: write the commented config here.
+            folder (default ``<home>/data_manifests/<dataset name>.csv``: every case in 5
+            cross-validation folds, fewer with fewer cases; a test split only where the layout has one).
+        out: write the commented config here; what lies in ``home`` it names relative to itself,
+            the rest absolute, so it loads from any folder.
         device: what to plan for and probe on (``auto``: the GPU if there is one).
         name: the run's experiment and output folder name (default: the dataset's).
         probe: time candidate plans on the device (at most 60 s); False plans from the rules alone.
         progress: progress bars.
         seed: the split seed, when a manifest is built.
+        home: the folder the plan's outputs go in: the manifest it builds (``data_manifests/``),
+            the runs and their MLflow store (``runs/``, ``runs/mlflow.db``); default ``out``'s
+            folder, else the current directory.
 
     Returns:
-        A :class:`medseg.planning.plan.Plan`: ``.config`` (a config mapping), ``.why``,
+        A :class:`medseg.planning.plan.Plan`: ``.config`` (a config mapping, paths absolute), ``.why``,
         ``.probe``, ``.fingerprint``, ``.explain()``, ``.to_yaml()``.
 
     Raises:
@@ -856,8 +862,9 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
     from medseg.planning.plan import PlanRequest
 
     minutes = parse_budget(budget)
-    described = describe_dataset(Path(dataset), Path(root) if root else None,
-                                  Path(manifest) if manifest else None, seed, progress)
+    home_dir = _absolute(home if home is not None else (Path(out).parent if out is not None else "."))
+    described = describe_dataset(_absolute(dataset), _absolute(root) if root else None,
+                                  _absolute(manifest) if manifest else None, seed, progress, home_dir / "data_manifests")
     task_name = task or described.task
     if task_name is None:
         raise UsageError(f"{dataset}: the data do not say which task they are for; pass --task "
@@ -874,8 +881,10 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
                           name=name or dataset_name(Path(dataset) if not described.manifest.path
                                                      else Path(described.manifest.path)),
                           manifest=Path(described.manifest.path or ""), root=described.root, labels=labels,
-                          channel_names=fingerprint.channel_names, probe=probe, progress=progress)
+                          channel_names=fingerprint.channel_names, probe=probe, progress=progress, home=home_dir)
     result = chosen.plan(request, fingerprint)
+    # planners name the runs and their store relatively (runs/<name>, sqlite:///runs/mlflow.db): in the home
+    result.config = resolve_raw_paths(result.config, path_keys(chosen.config_type), home_dir)
     result.selection_metric = chosen.selection_metric
     folds = sorted({c.fold for c in described.manifest.cases if c.fold is not None and c.fold >= 0})
     if len(folds) >= 2:
@@ -888,6 +897,11 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
         result.write(out)
         load_config(Path(out))
     return result
+
+
+def _absolute(path: str | Path) -> Path:
+    """``path`` from the current directory, without following links (what the user named)."""
+    return Path(os.path.abspath(path))
 
 
 def race_plan(planned: Any, *, progress: bool = True, **options: Any) -> Any:

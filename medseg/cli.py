@@ -152,9 +152,12 @@ def _add_run_and_plan(sub: Any) -> None:
                                                  "path,label, case folders) or a manifest CSV (with --root)")
     plan.add_argument("--task", help="segmentation, classification, reconstruction or regression (default: what the data say)")
     plan.add_argument("--budget", default="30m", help="training time: 30m, 1.5h, 600s (default 30m)")
-    plan.add_argument("--out", type=Path, help="write the commented config here, e.g. configs/mydata.yaml")
-    plan.add_argument("--manifest", type=Path, help="manifest to use if it exists, else where to write the one "
-                                                    "built from the folder (default data_manifests/<name>.csv)")
+    plan.add_argument("--out", type=Path, help="write the commented config here, e.g. mydata/plan.yaml; the manifest "
+                                               "it builds (data_manifests/), the runs and their MLflow store (runs/) "
+                                               "go beside it")
+    plan.add_argument("--manifest", type=Path, help="manifest to use if it exists, else where to write the one built "
+                                                    "from the folder (default: data_manifests/<name>.csv beside --out, "
+                                                    "else in the current folder)")
     plan.add_argument("--root", type=Path, help="data root, when DATASET is a manifest")
     plan.add_argument("--name", help="experiment and output folder name (default: the dataset's)")
     plan.add_argument("--device", default="auto", help="plan and probe for this device: auto, cpu, cuda")
@@ -514,7 +517,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     planned = medseg.plan(args.dataset, task=args.task, budget=args.budget, root=args.root, manifest=args.manifest,
                           out=None if args.race else args.out, device=args.device, name=args.name,
-                          probe=not args.no_probe, progress=not args.no_progress)
+                          probe=not args.no_probe, progress=not args.no_progress,
+                          home=None if args.out is None else args.out.parent)
     if args.race:
         raced = medseg.race_plan(planned, progress=not args.no_progress)
         if raced is not None:

@@ -20,7 +20,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,17 +112,45 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return models[0] if len(models) == 1 else None
 
 
+def relative_path_value(value: str, folder: Path, home: Path) -> str:
+    """The inverse of :func:`resolve_path_value` for a file written into ``folder``: an absolute path
+    (or SQLite file) inside ``home`` relative to ``folder``, so ``home`` can move as a whole; anything
+    else (outside ``home``, relative already, a URI) as given.
+
+    >>> relative_path_value("sqlite:////work/runs/mlflow.db", Path("/work/configs"), Path("/work"))
+    'sqlite:///../runs/mlflow.db'
+    """
+    if value.startswith(SQLITE_PREFIX):
+        return SQLITE_PREFIX + relative_path_value(value[len(SQLITE_PREFIX):], folder, home)
+    path = Path(value)
+    if _SCHEME.match(value) or not path.is_absolute() or not (path == home or home in path.parents):
+        return value
+    return Path(os.path.relpath(path, folder)).as_posix()
+
+
 def resolve_raw_paths(raw: Mapping[str, Any], keys: Mapping[str, PathKind], base: Path) -> dict[str, Any]:
     """A copy of an unvalidated config mapping with the relative paths it holds at ``keys`` resolved
     from ``base``; a key it does not hold, or a value that is not text, is left for validation."""
+    return _map_raw(raw, keys, lambda value, kind: resolve_path_value(value, base, kind))
+
+
+def relative_raw_paths(raw: Mapping[str, Any], keys: Mapping[str, PathKind], folder: Path,
+                       home: Path) -> dict[str, Any]:
+    """A copy of a config mapping to be written into ``folder``, its paths at ``keys`` that lie
+    inside ``home`` written relative to ``folder`` (:func:`relative_path_value`)."""
+    return _map_raw(raw, keys, lambda value, _: relative_path_value(value, folder, home))
+
+
+def _map_raw(raw: Mapping[str, Any], keys: Mapping[str, PathKind],
+             change: Callable[[str, PathKind], str]) -> dict[str, Any]:
     out = dict(raw)
     for dotted, kind in keys.items():
         head, _, rest = dotted.partition(".")
         value = out.get(head)
         if rest and isinstance(value, Mapping):
-            out[head] = resolve_raw_paths(value, {rest: kind}, base)
+            out[head] = _map_raw(value, {rest: kind}, change)
         elif not rest and isinstance(value, (str, os.PathLike)):
-            out[head] = resolve_path_value(os.fspath(value), base, kind)
+            out[head] = change(os.fspath(value), kind)
     return out
 
 

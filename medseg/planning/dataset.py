@@ -29,7 +29,9 @@ class DatasetDescription:
 
 
 def describe_dataset(dataset: Path, root: Path | None, manifest_path: Path | None, seed: int,
-                      progress: bool) -> DatasetDescription:
+                      progress: bool, manifests_dir: Path = Path("data_manifests")) -> DatasetDescription:
+    """What ``dataset`` says about itself; a folder without ``manifest_path`` gets its manifest
+    built into ``manifests_dir/<dataset name>.csv``."""
     from medseg.data.manifest import read_manifest
 
     if dataset.suffix.lower() == ".csv" and dataset.is_file() and _is_medseg_manifest(dataset):
@@ -56,7 +58,7 @@ def describe_dataset(dataset: Path, root: Path | None, manifest_path: Path | Non
                                   f"{manifest_path}: {len(manifest.cases)} cases ({manifest_summary(manifest)}), "
                                   f"root {root}")
     layout = detect_layout(dataset)
-    out = manifest_path or Path("data_manifests") / f"{dataset_name(dataset)}.csv"
+    out = manifest_path or manifests_dir / f"{dataset_name(dataset)}.csv"
     # nnU-Net's split: every case in k-fold cross-validation, a test split only from the layout's own
     # (a test folder, a CSV's split column): carving one out of a small training folder costs the model cases
     manifest = build_manifest_from_layout(layout, out, seed=seed, val_fraction=0.2, test_fraction=0.0,

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import yaml
 
+from medseg.config import RunConfig
+from medseg.config.paths import config_folder, path_keys, relative_raw_paths
 from medseg.io.atomic import atomic_write_text
 from medseg.planning.final_model import choose_final_training
 from medseg.planning.fingerprint import Fingerprint
@@ -42,6 +44,7 @@ class PlanRequest:
     channel_names: list[str]
     probe: bool = True              # False: plan from rules alone (tests; no timing)
     progress: bool = True
+    home: Path | None = None        # where the plan's outputs go; a written plan names what is inside relatively
 
 
 @dataclass
@@ -160,17 +163,22 @@ class Plan:
         lines += [f"Note: {note}" for note in self.notes]
         return lines
 
-    def to_yaml(self) -> str:
-        """The config as YAML, the reasons as end-of-line comments."""
+    def to_yaml(self, folder: Path | None = None) -> str:
+        """The config as YAML, the reasons as end-of-line comments; for a file in ``folder``, the
+        paths inside the plan's home are written relative to ``folder`` (it is loaded from there)."""
         out = ["# " + line for line in self.header()]
-        ordered = {k: self.config[k] for k in SECTION_ORDER if k in self.config}
-        ordered.update({k: v for k, v in self.config.items() if k not in ordered})
+        config = self.config
+        if folder is not None and self.request.home is not None:
+            config = relative_raw_paths(config, path_keys(RunConfig), folder, self.request.home)
+        ordered = {k: config[k] for k in SECTION_ORDER if k in config}
+        ordered.update({k: v for k, v in config.items() if k not in ordered})
         _emit(ordered, self.why, "", 0, out)
         return "\n".join(out) + "\n"
 
     def write(self, path: str | Path) -> Path:
-        """Write the commented config atomically (and check it loads as a config first)."""
-        return atomic_write_text(Path(path), self.to_yaml())
+        """Write the commented config atomically, what lies in the plan's home named relative to
+        the file (so the folder can move whole) and the rest absolute: it loads from any folder."""
+        return atomic_write_text(Path(path), self.to_yaml(config_folder(path)))
 
     def explain(self) -> str:
         """``medseg plan --explain``: each choice beside nnU-Net's default, and why."""

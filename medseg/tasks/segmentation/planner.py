@@ -37,6 +37,7 @@ from medseg.planning.probe import (
     with_overrides,
 )
 from medseg.planning.race import RACE_SHARE, combine_candidates
+from medseg.tasks.segmentation.slice_plan import slice_candidate
 from medseg.tasks.segmentation.structures import decide as decide_structures
 
 #: Training steps a plan should fit into its budget. The hand-tuned hippocampus config reached
@@ -297,31 +298,41 @@ def _assemble(request: PlanRequest, fp: Fingerprint, config: dict[str, Any], d: 
     why.update(_reasons(request, fp, config, d))
     why.update(structures.why)
     explain = [*_explain_rows(request, config, d, why), *_predict_memory_rows(fp, config), *structures.explain]
-    candidates = combine_candidates(structures.candidates, _topology_candidates(request, d, fp.spatial_dims),
+    candidates = combine_candidates(structures.candidates, _topology_candidates(request, fp, d),
                                     request.budget_minutes * RACE_SHARE)
     return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in d.choice.probe],
                 explain_rows=explain, notes=notes, candidates=candidates, steps_in_budget=d.iterations,
                 step_goal=MIN_ITERATIONS)
 
 
-def _topology_candidates(request: PlanRequest, d: _Decisions, dims: int) -> list[RaceCandidate]:
-    """The rules' network and patch against the next richer one the probe found near the steps goal."""
-    if d.choice.richer is None:
+def _topology_candidates(request: PlanRequest, fp: Fingerprint, d: _Decisions) -> list[RaceCandidate]:
+    """The rules' network and patch against the next richer one the probe found near the steps goal
+    and, on thick-slice scans, against nnU-Net's 2D configuration."""
+    training = fp.training_cases()
+    alternatives = [c for c in (_richer_candidate(request, d, fp.spatial_dims),
+                                slice_candidate(d.spacing, [c.shape for c in training], [c.spacing for c in training],
+                                                d.spacing_rule.anisotropic_axis)) if c is not None]
+    if not alternatives:
         return []
+    picked_steps = f"~{d.iterations:,} steps" if d.iterations else "the rules' pick"
+    return [RaceCandidate(_candidate_name(d.choice.candidate),
+                          f"{d.choice.candidate[3]} ({picked_steps}: the richest that fits {MIN_ITERATIONS:,})"),
+            *alternatives]
+
+
+def _richer_candidate(request: PlanRequest, d: _Decisions, dims: int) -> RaceCandidate | None:
+    if d.choice.richer is None:
+        return None
     richer, precision, seconds = d.choice.richer
     family, topology, width, label = richer
     steps = int(request.budget_minutes * 60 * STEP_SHARE / seconds)
-    picked_steps = f"~{d.iterations:,} steps" if d.iterations else "the rules' pick"
-    return [
-        RaceCandidate(_candidate_name(d.choice.candidate),
-                      f"{d.choice.candidate[3]} ({picked_steps}: the richest that fits {MIN_ITERATIONS:,})"),
-        RaceCandidate(_candidate_name(richer), f"{label} (~{steps:,} steps at {precision})",
-                      {"model": _network(family, topology, width, dims), "patch.size": topology.patch,
-                       "train.precision": str(precision)},
-                      {"model": f"{label}: {_network(family, topology, width, dims)['name']} - it beat the rules' "
-                                f"choice ({d.choice.candidate[3]}) on the held-out fold",
-                       "train.precision": f"{precision}: probe: {seconds:.3f} s/step, ~{steps:,} steps in the budget"}),
-    ]
+    return RaceCandidate(_candidate_name(richer), f"{label} (~{steps:,} steps at {precision})",
+                         {"model": _network(family, topology, width, dims), "patch.size": topology.patch,
+                          "train.precision": str(precision)},
+                         {"model": f"{label}: {_network(family, topology, width, dims)['name']} - it beat the rules' "
+                                   f"choice ({d.choice.candidate[3]}) on the held-out fold",
+                          "train.precision": f"{precision}: probe: {seconds:.3f} s/step, ~{steps:,} steps in the "
+                                             "budget"})
 
 
 def _candidate_name(candidate: Candidate) -> str:
