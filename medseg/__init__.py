@@ -32,6 +32,7 @@ _EXPORTS = {
     "train": "medseg.api",
     "verify": "medseg.api",
     "evaluate": "medseg.api",
+    "evaluate_downstream": "medseg.api",
     "demo": "medseg.api",
     "headline": "medseg.api",
     "check_model": "medseg.api",
@@ -101,6 +102,9 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_architecture.p
     )
     from medseg.api import (
         evaluate as evaluate,
+    )
+    from medseg.api import (
+        evaluate_downstream as evaluate_downstream,
     )
     from medseg.api import (
         export_model as export_model,

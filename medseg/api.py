@@ -717,6 +717,65 @@ def evaluate(predictions: str | Path, references: str | Path, *, labels: Mapping
     return score_folders(Path(predictions), Path(references), named, None if out is None else Path(out))
 
 
+def evaluate_downstream(model: str | Path | Sequence[str | Path], pairs: str | Path, out: str | Path, *,
+                        labels: Mapping[int, str] | str | None = None, tracking_uri: str | None = None,
+                        device: str = "auto", experiment: str | None = "downstream", progress: bool = True) -> Any:
+    """``medseg evaluate-downstream``: judge enhanced images by a frozen segmentation model.
+
+    Every kind of input in the pairs table (the enhanced image, its naive baselines, the original)
+    is segmented by ``model`` into ``out/masks/<kind>/``; the
+    :class:`~medseg.tasks.segmentation.downstream.DownstreamScores` give the Dice per label and its
+    mean per kind per case (scored as ``medseg evaluate`` scores), with each image's PSNR and SSIM
+    against its reference, written to ``out/downstream.{csv,json}`` and logged to MLflow.
+
+    Args:
+        model: the frozen segmentation model (a ``runs:/``, ``models:/`` URI, model folder, or an ensemble).
+        pairs: the pairs table (CSV: ``case_id, kind, image, reference, label``; see
+            :mod:`medseg.tasks.segmentation.downstream`).
+        out: the output folder.
+        labels: value -> name, or ``"1=anterior,2=posterior"``; None: the model's labels.
+        tracking_uri: the MLflow store of ``model`` and of the run logged here.
+        device: ``auto``, ``cpu``, ``cuda``...
+        experiment: the MLflow experiment to log the scores to; None: not logged.
+        progress: progress bars while segmenting.
+
+    Raises:
+        UsageError: the table is malformed or names missing files, or the model writes no label maps.
+    """
+    from medseg.tasks.segmentation.downstream import kinds, read_pairs, score_downstream, stage_by_case
+
+    table = read_pairs(Path(pairs))
+    predictor = Predictor.from_uri(model, device, tracking_uri=tracking_uri)
+    if not predictor.labels:
+        raise UsageError(f"--model {model}: expected a segmentation model (one that writes label maps); got a "
+                         f"{predictor.model.task} model")
+    folder = Path(out)
+    masks: dict[str, Path] = {}
+    for kind in kinds(table):
+        inputs = stage_by_case({p.case_id: p.image for p in table if p.kind == kind}, folder / "inputs" / kind)
+        masks[kind] = folder / "masks" / kind
+        predictor.predict_folder(inputs, masks[kind], progress=progress, review=False)
+    named = parse_label_names(labels) if isinstance(labels, str) else (labels or predictor.labels)
+    scores = score_downstream(table, masks, named, folder / "by_case", out=folder)
+    if experiment:
+        scores.run_id = _log_downstream(scores, model, pairs, experiment, predictor.tracking_uri)
+    return scores
+
+
+def _log_downstream(scores: Any, model: Any, pairs: str | Path, experiment: str, tracking_uri: str) -> str:
+    """One MLflow run holding the downstream scores: the means as metrics, the tables as artifacts."""
+    from medseg.tracking import MlflowTracker
+
+    tracker = MlflowTracker(tracking_uri, experiment)
+    run_id = tracker.start("evaluate-downstream", {"medseg.stage": "evaluate-downstream"})
+    tracker.log_params({"model": str(model), "pairs": str(pairs), "kinds": ",".join(scores.means)})
+    tracker.log_metrics(scores.metrics(), step=0)
+    for path in scores.files.values():
+        tracker.log_artifact(Path(path), "downstream")
+    tracker.end()
+    return run_id
+
+
 PICKLE_WARNING = ("converting unpickles {source}, which runs whatever code the file holds: only convert a model "
                   "whose origin you trust")
 

@@ -42,6 +42,8 @@ EXAMPLES = {
     "validate": ["medseg validate configs/demo_segmentation.yaml --set train.max_epochs=3"],
     "verify": ["medseg verify data_manifests/demo.csv --config configs/demo_segmentation.yaml"],
     "evaluate": ["medseg evaluate masks/ labelsTs/ --labels 1=anterior,2=posterior -o scores/"],
+    "evaluate-downstream": ["medseg evaluate-downstream --model runs:/<segmentation run id>/model --pairs pairs.csv "
+                            "-o downstream/"],
     "predict": ["medseg predict --model runs:/<run_id>/model -i scans/ -o masks/",
                 "medseg predict --model runs/medseg/<parent-timestamp> -i scans/ -o masks/ --tta"],
     "serve": ["medseg serve runs:/<run_id>/model --port 8080",
@@ -190,6 +192,22 @@ def _add_data_commands(sub: Any) -> None:
     evaluate.add_argument("--labels", help="value=name pairs to score, e.g. 1=anterior,2=posterior "
                                            "(default: every non-zero value in the references)")
     evaluate.add_argument("-o", "--output", type=Path, help="write scores.csv and scores.json here")
+
+    downstream = sub.add_parser("evaluate-downstream", help="judge enhanced images (super-resolved, reconstructed) by "
+                                "a frozen segmentation model: Dice per kind of input beside PSNR/SSIM")
+    downstream.add_argument("--model", required=True, help="the frozen segmentation model: runs:/<id>/model, "
+                            "models:/<name>/<version> or a model folder")
+    downstream.add_argument("--pairs", required=True, type=Path, help="CSV with columns case_id, kind, image, "
+                            "reference, label (paths relative to it); kinds e.g. sr, trilinear, bspline, original")
+    downstream.add_argument("-o", "--output", required=True, type=Path, help="write masks/, downstream.csv and "
+                            "downstream.json here")
+    downstream.add_argument("--labels", help="value=name pairs to score (default: the model's labels)")
+    downstream.add_argument("--tracking-uri", help="MLflow store of the model and of the scores' run (default: "
+                            "$MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+    downstream.add_argument("--experiment", default="downstream", help="MLflow experiment of the scores' run")
+    downstream.add_argument("--no-log", action="store_true", help="do not log the scores to MLflow")
+    downstream.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    downstream.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
 
 def _add_predict(sub: Any) -> None:
@@ -370,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"demo": _cmd_demo, "run": _cmd_run, "pretrain": _cmd_pretrain, "plan": _cmd_plan, "validate": _cmd_validate, "verify": _cmd_verify, "manifest": _cmd_manifest,
                 "predict": _cmd_predict, "model": _cmd_model,
                 "export": _cmd_export, "serve": _cmd_serve, "evaluate": _cmd_evaluate}
+    handlers["evaluate-downstream"] = _cmd_evaluate_downstream
     if args.command not in handlers:
         parser.print_help()
         return EXIT_USAGE
@@ -633,6 +652,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for name, path in scores.files.items():
         print(f"{name}: {path}")
     return EXIT_OK if not scores.failed else EXIT_FAILED
+
+
+def _cmd_evaluate_downstream(args: argparse.Namespace) -> int:
+    import medseg
+
+    scores = medseg.evaluate_downstream(args.model, args.pairs, args.output, labels=args.labels,
+                                        tracking_uri=args.tracking_uri, device=args.device,
+                                        experiment=None if args.no_log else args.experiment,
+                                        progress=not args.no_progress)
+    print(scores.table())
+    failed = [r for r in scores.rows if r["status"] != "ok"]
+    for row in failed:
+        print(f"  FAILED {row['case_id']} ({row['kind']}): {row['error']}")
+    for name, path in scores.files.items():
+        print(f"{name}: {path}")
+    if scores.run_id:
+        print(f"MLflow run: {scores.run_id}")
+    return EXIT_OK if not failed else EXIT_FAILED
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from tests.conftest import REPO, require
 BENCHMARKS = REPO / "benchmarks"
 #: The scripts the Makefile's bench targets run, each covered by a tiny test below; the longest first.
 TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_classification", "bench_recon",
-                "bench_memory", "cost_model")
+                "bench_memory", "cost_model", "bench_sr")
 #: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
 TINY_TIMEOUT_S = 900
 
@@ -309,6 +309,23 @@ def test_training_data_path_benchmark_tiny_writes_both_paths(tiny_runs: TinyRuns
                 _numbers(epoch, {"seconds", "samples", rate}, f"{name}.runs.{path}")
     rows = _table(out / f"{name}.md")
     assert [r[0] for r in rows] == ["plain MONAI (Dataset, 2 workers)", "medseg", "**ratio medseg / plain**"]
+
+
+@pytest.mark.parametrize("script", ["bench_sr"])
+def test_bench_sr_tiny_judges_every_kind_of_input_downstream(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+    sr = _bench("bench_sr")
+
+    report = json.loads((out / "super_resolution.json").read_text(encoding="utf-8"))
+    _keys(report, {"factors", "segmenter", "command", "host", "host_note", "segmenter_origin"}, "super_resolution.json")
+    [factor] = report["factors"].values()
+    _keys(factor, {"factor", "cases", "sr_model", "kinds", "cpu_s_per_volume", "dice_sr_minus_original"}, "factors.3")
+    assert factor["factor"] == 3 and factor["cases"] == 2
+    assert list(factor["kinds"]) == list(sr.KINDS)
+    for kind in ("sr", "trilinear", "bspline"):  # the original's PSNR is infinite (None): itself
+        _numbers(factor["kinds"][kind], {"dice_mean", "dice/anterior", "dice/posterior", "psnr", "ssim"}, kind)
+    _numbers(factor["cpu_s_per_volume"], {"sr", "trilinear", "bspline"}, "cpu_s_per_volume")
+    assert [row[0] for row in _table(out / "super_resolution.md")] == list(sr.KINDS)
 
 
 @pytest.mark.parametrize("script", ["check_precision"])
