@@ -22,6 +22,7 @@ from medseg.config import (
 from medseg.config import validate_config as validate_as
 from medseg.errors import ConfigError
 from medseg.tasks.classification.config import ClassificationConfig
+from medseg.tasks.detection.config import DetectionConfig
 from medseg.tasks.reconstruction.config import ReconstructionConfig
 from medseg.tasks.registry import config_types, get_task, load_config, validate_config
 from medseg.tasks.regression.config import RegressionConfig
@@ -30,7 +31,8 @@ from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 CLASSES: dict[str, type[RunConfig]] = {"segmentation": SegmentationConfig, "classification": ClassificationConfig,
-                                       "reconstruction": ReconstructionConfig, "regression": RegressionConfig}
+                                       "reconstruction": ReconstructionConfig, "regression": RegressionConfig,
+                                       "detection": DetectionConfig}
 
 
 def _with(raw: dict[str, Any], **changes: Any) -> dict[str, Any]:

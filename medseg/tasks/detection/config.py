@@ -81,7 +81,8 @@ class DetectionModelConfig(ModelConfig):
                                              "pyramid takes (1..4); one more level is pooled from the last.")
     stem_stride: tuple[int, ...] | None = Field(default=None, description="Stride of the first convolution per "
                                                 "axis; null: 2 in-plane, 1 along z (thick slices), 2 in 2D.")
-    fpn_channels: int = Field(default=32, ge=4, description="Features of every pyramid level.")
+    fpn_channels: int = Field(default=32, ge=8, multiple_of=8, description="Features of every pyramid level (the "
+                              "heads group-normalise them in groups of 8).")
     anchor_shapes: tuple[tuple[float, ...], ...] = Field(
         default=((6.0, 6.0, 3.0), (10.0, 10.0, 4.0), (16.0, 16.0, 6.0)), min_length=1,
         description="Anchor sizes in voxels of the preprocessed grid at the finest level (doubling per level); "
