@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: browser fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon bench-memory bench-cost-model recon medmnist install install-dev ui clean
+.PHONY: browser fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon bench-memory bench-cost-model bench-detection recon medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,13 @@ bench-classification: $(VENV)/.installed-dev
 # medseg's cached reconstruction data path against a plain MONAI pipeline, recon_mri_4x training
 bench-recon: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_recon.py --repeats 3 --epochs 2 $(BENCH_ARGS)
+
+# Lesion detection on the synthetic CT lesion set (configs/detection_synthetic_ct.yaml): RetinaNet against a U-Net's
+# connected components, 5 minutes of training each, one torch thread, one arm per invocation (about 15 minutes on 2
+# cores) -> detection.md (FROC at 1/2/4 FP per scan, mAP at IoU 0.1 and 0.5 on the 8 held-out scans)
+bench-detection: $(VENV)/.installed-dev
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 5 --arms retinanet $(BENCH_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 5 --arms segment_components $(BENCH_ARGS)
 
 # Peak memory of predicting a 512x512x300 CT, 3 classes: the full buffer before bounded prediction (9b682be), the
 # full buffer now and slab by slab, interleaved: about 10 minutes on 2 cores -> memory.md (the 512x512x1000

@@ -816,7 +816,11 @@ def convert_model(source: str | Path, out: str | Path, *, config: RunConfig | st
                          "folder's resolved_config.yaml): it says how to rebuild the network")
     import mlflow
 
-    _tracking(tracking_uri)
+    from medseg.tracking.sqlite_store import require_existing_store
+
+    store = _tracking(tracking_uri)
+    if str(source).startswith(("runs:/", "models:/")):
+        require_existing_store(store, f"convert {source}")
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     task = get_task(str(cfg.task))
     pickled = mlflow.pytorch.load_model(str(source), map_location="cpu")  # the one knowing unpickle

@@ -30,7 +30,8 @@ from tests.conftest import REPO, require
 BENCHMARKS = REPO / "benchmarks"
 #: The scripts the Makefile's bench targets run, each covered by a tiny test below; the longest first.
 TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_classification", "bench_recon",
-                "bench_memory", "cost_model", "bench_sr")
+                "bench_memory", "cost_model", "bench_sr",
+                "bench_detection")
 #: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
 TINY_TIMEOUT_S = 900
 
@@ -309,6 +310,23 @@ def test_training_data_path_benchmark_tiny_writes_both_paths(tiny_runs: TinyRuns
                 _numbers(epoch, {"seconds", "samples", rate}, f"{name}.runs.{path}")
     rows = _table(out / f"{name}.md")
     assert [r[0] for r in rows] == ["plain MONAI (Dataset, 2 workers)", "medseg", "**ratio medseg / plain**"]
+
+
+@pytest.mark.parametrize("script", ["bench_detection"])
+def test_bench_detection_tiny_scores_both_arms_the_same_way(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+    detection = _bench("bench_detection")
+    report = json.loads((out / "detection.json").read_text(encoding="utf-8"))
+    _keys(report, {"arms", "host", "command"}, "detection.json")
+    assert list(report["arms"]) == list(detection.ARMS)
+    for arm, entry in report["arms"].items():
+        where = f"detection.json arms.{arm}"
+        _numbers(entry, {"sensitivity_at_1fp", "sensitivity_at_2fp", "sensitivity_at_4fp", "froc", "map_iou0.1",
+                         "map_iou0.5", "reference_boxes", "predicted_boxes_per_scan", "epochs", "wall_s"}, where)
+        assert entry["epochs"] == 1 and entry["test_scans"] == 1 and entry["reference_boxes"] > 0, where
+        assert 0 <= entry["froc"] <= 1 and 0 <= entry["map_iou0.1"] <= 1, where
+    [table] = _tables(out / "detection.md")
+    assert [row[0] for row in table] == list(detection.ARMS)
 
 
 @pytest.mark.parametrize("script", ["bench_sr"])

@@ -43,6 +43,7 @@ from medseg.tracking.model_layout import (
     file_sha256,
     model_folder_of,
 )
+from medseg.tracking.sqlite_store import require_existing_store
 
 __all__ = ["LEGACY_ARTIFACTS_FOLDER", "MLFLOW_DATA_FOLDER", "MODEL_FILE", "WEIGHTS_FILE", "file_sha256", "model_folder_of"]  # re-exported: the names loaders import from here
 
@@ -224,7 +225,8 @@ def local_model_folder(ref: str) -> Iterator[tuple[Path, str | None]]:
                          "models:/<name>/<version>, models:/<name>@<alias>)")
     import mlflow
 
-    _refuse_missing_store(ref, mlflow.get_tracking_uri())
+    if ref.startswith(("runs:/", "models:/")):
+        require_existing_store(mlflow.get_tracking_uri(), f"--model {ref}")
     tmp = Path(tempfile.mkdtemp(prefix="medseg-model-"))
     try:
         try:
@@ -238,23 +240,6 @@ def local_model_folder(ref: str) -> Iterator[tuple[Path, str | None]]:
         yield downloaded, run_id
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _refuse_missing_store(ref: str, tracking_uri: str) -> None:
-    """A ``runs:/``/``models:/`` URI against a SQLite store that does not exist: MLflow would create an
-    empty store there (a read creating files) and then report the model missing. Say where it looked.
-
-    Raises:
-        UsageError: the store's file is not there (its absolute path named, with the fix).
-    """
-    if not ref.startswith(("runs:/", "models:/")) or not tracking_uri.startswith("sqlite:///"):
-        return
-    database = Path(tracking_uri[len("sqlite:///"):])
-    if not database.is_file():
-        raise UsageError(f"--model {ref}: the MLflow store {tracking_uri} does not exist (looked for "
-                         f"{database.resolve()}; a relative sqlite:/// path starts at the current folder). "
-                         "Run from the folder you trained in, pass --tracking-uri sqlite:////<absolute path>/mlflow.db, "
-                         "or give the run folder (runs/<name>/<time>) as --model")
 
 
 def run_folder_model(folder: Path) -> Path | None:

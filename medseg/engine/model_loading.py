@@ -124,8 +124,12 @@ def _child_models(parent_run_id: str) -> list[str]:
     Raises:
         UsageError: the parent has not finished all its children.
     """
+    import mlflow
     from mlflow.tracking import MlflowClient
 
+    from medseg.tracking.sqlite_store import require_existing_store
+
+    require_existing_store(mlflow.get_tracking_uri(), f"--model runs:/{parent_run_id}")
     client = MlflowClient()
     try:
         parent = client.get_run(parent_run_id)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from medseg.errors import RunError
+from medseg.errors import RunError, UsageError
 from medseg.io.locks import open_lock_file
 
 try:
@@ -28,6 +28,7 @@ except ImportError:  # Windows: no flock; a store opened by one process at a tim
 
 log = logging.getLogger(__name__)
 
+SQLITE_PREFIX = "sqlite:///"
 LOCK_WAIT_S = 120.0  # a fresh store's migrations take seconds; minutes means a stopped process holds it
 
 
@@ -35,6 +36,31 @@ def server_hint(db: Path) -> str:
     return (f"for many processes writing at once, serve the store instead: `mlflow server --backend-store-uri "
             f"sqlite:///{db.resolve()} --host 127.0.0.1 --port 5000`, then run with "
             f"--set tracking.uri=http://127.0.0.1:5000")
+
+
+def require_existing_store(tracking_uri: str, what: str) -> None:
+    """Before a read from a SQLite store (a ``runs:/`` or ``models:/`` model, a parent run's
+    children): MLflow opening a store that is not there creates an empty one (a read writing files)
+    and then calls the model missing. Say where it looked instead; other stores are not checked.
+
+    Args:
+        tracking_uri: the store the read goes to.
+        what: what is being read, for the message (``--model runs:/<id>/model``).
+
+    Raises:
+        UsageError: the store's file does not exist (its absolute path named, with the fix).
+    """
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return
+    database = Path(tracking_uri[len(SQLITE_PREFIX):])
+    if database.is_file() or str(database) in ("", ":memory:"):
+        return
+    raise UsageError(
+        f"{what}: the MLflow store is not there, and reading it would create an empty one. Expected: an existing "
+        f"SQLite store at {tracking_uri}. Got: no file at {database.resolve()}"
+        + ("" if database.is_absolute() else f" (a relative sqlite:/// path starts at the current folder, {Path.cwd()})")
+        + ". Fix: pass --tracking-uri sqlite:////<absolute path>/mlflow.db (the tracking_uri in the run's "
+        "summary.json) or set $MLFLOW_TRACKING_URI to it, or give the run folder (runs/<name>/<time>) as --model")
 
 
 def store_error_message(db: Path, err: BaseException) -> str:

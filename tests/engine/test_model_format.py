@@ -115,7 +115,7 @@ def test_a_model_uri_against_a_store_that_is_not_there_names_it_and_creates_noth
     and then call the model missing; medseg says where it looked and writes nothing."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(UsageError, match=r"does not exist \(looked for .*runs/mlflow\.db.*--tracking-uri"):
+    with pytest.raises(UsageError, match=r"store is not there.*Got: no file at .*runs/mlflow\.db.*Fix: pass --tracking-uri"):
         medseg.Predictor.from_uri(logged["uri"], device="cpu")
     assert list(tmp_path.iterdir()) == []
     assert medseg.Predictor.from_uri(logged["uri"], device="cpu", tracking_uri=logged["tracking_uri"]).model
