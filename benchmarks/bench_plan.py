@@ -80,10 +80,12 @@ def medseg_cli(*args: str) -> str:
 
 def plan_and_run(name: str, dataset: str, budget: float, plan_args: list[str], seeds: int = 0,
                  work: Path | None = None) -> dict[str, Any]:
-    """``medseg plan DATASET --budget B --out configs/planned/<name>.yaml --explain`` then ``medseg run``."""
+    """``medseg plan DATASET --budget B --out configs/planned/<name>.yaml --home . --explain`` then ``medseg run``
+    (``--home .``: the runs and their store in the repository's runs/, not beside the config)."""
     out = f"configs/planned/{name}.yaml"
     started = time.time()
-    plan_cmd = ["plan", dataset, "--budget", f"{budget:g}m", "--out", out, "--explain", "--no-progress", *plan_args]
+    plan_cmd = ["plan", dataset, "--budget", f"{budget:g}m", "--out", out, "--home", ".", "--explain", "--no-progress",
+                *plan_args]
     explained = medseg_cli(*plan_cmd)
     plan_seconds = time.time() - started
     location = [f"output_dir={work or REPO / 'runs' / 'planned'}/{name}"]
@@ -219,7 +221,7 @@ def pyradiomics(args: argparse.Namespace) -> dict[str, Any]:
     built = medseg_cli("manifest", "build", "--from", rel(folder), "--out", manifest, "--val-fraction", "0.25")
     out = "configs/planned/pyradiomics_testcases.yaml"
     explained = medseg_cli("plan", rel(folder), "--manifest", manifest, "--budget", "10m", "--out", out,
-                           "--explain", "--no-progress", "--no-probe")
+                           "--home", ".", "--explain", "--no-progress", "--no-probe")
     verified = medseg_cli("verify", manifest, "--config", out, "--no-progress")
     return {"name": "pyradiomics", "manifest_build": built.strip().splitlines(), "explain": _explain_table(explained),
             "verify": verified.strip().splitlines(), "planned_config": _read_yaml(REPO / out)}
@@ -281,7 +283,7 @@ def _labels_candidate(planned_yaml: str, name: str, budget: float) -> str:
     raw = _read_yaml(REPO / planned_yaml)
     raw.pop("regions", None)  # the "labels" candidate's override (segmentation/structures.py)
     raw["train"]["max_minutes"] = budget
-    raw["output_dir"] = f"runs/{name}"
+    raw["output_dir"] = f"../../runs/{name}"  # a config's relative paths start at its folder, configs/planned
     raw["tracking"]["experiment"] = name
     out = f"configs/planned/{name}.yaml"
     header = (f"# {planned_yaml} with the planner's label-wise softmax candidate (regions removed), unraced, for "

@@ -902,8 +902,8 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
         manifest: the manifest to use if it exists, else where to write the one built from the
             folder (default ``<home>/data_manifests/<dataset name>.csv``: every case in 5
             cross-validation folds, fewer with fewer cases; a test split only where the layout has one).
-        out: write the commented config here; what lies in ``home`` it names relative to itself,
-            the rest absolute, so it loads from any folder.
+        out: write the commented config here; what lies in ``home`` or in a folder given by a
+            relative path it names relative to itself, the rest absolute, so it loads from any folder.
         device: what to plan for and probe on (``auto``: the GPU if there is one).
         name: the run's experiment and output folder name (default: the dataset's).
         probe: time candidate plans on the device (at most 60 s); False plans from the rules alone.
@@ -944,7 +944,8 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
                           name=name or dataset_name(Path(dataset) if not described.manifest.path
                                                      else Path(described.manifest.path)),
                           manifest=Path(described.manifest.path or ""), root=described.root, labels=labels,
-                          channel_names=fingerprint.channel_names, probe=probe, progress=progress, home=home_dir)
+                          channel_names=fingerprint.channel_names, probe=probe, progress=progress, home=home_dir,
+                          relative_inputs=_named_relatively(dataset, root, manifest))
     result = chosen.plan(request, fingerprint)
     # planners name the runs and their store relatively (runs/<name>, sqlite:///runs/mlflow.db): in the home
     result.config = resolve_raw_paths(result.config, path_keys(chosen.config_type), home_dir)
@@ -965,6 +966,12 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
 def _absolute(path: str | Path) -> Path:
     """``path`` from the current directory, without following links (what the user named)."""
     return Path(os.path.abspath(path))
+
+
+def _named_relatively(*paths: str | Path | None) -> tuple[Path, ...]:
+    """The folders of the paths given relatively (a file's folder): a plan names what is in them relatively too."""
+    given = [_absolute(p) for p in paths if p is not None and not Path(p).is_absolute()]
+    return tuple(p if p.is_dir() else p.parent for p in given)
 
 
 def race_plan(planned: Any, *, progress: bool = True, **options: Any) -> Any:

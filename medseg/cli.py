@@ -160,6 +160,8 @@ def _add_run_and_plan(sub: Any) -> None:
     plan.add_argument("--manifest", type=Path, help="manifest to use if it exists, else where to write the one built "
                                                     "from the folder (default: data_manifests/<name>.csv beside --out, "
                                                     "else in the current folder)")
+    plan.add_argument("--home", type=Path, help="the folder for the manifest it builds, the runs and their MLflow "
+                                                "store instead (default: --out's folder, else the current one)")
     plan.add_argument("--root", type=Path, help="data root, when DATASET is a manifest")
     plan.add_argument("--name", help="experiment and output folder name (default: the dataset's)")
     plan.add_argument("--device", default="auto", help="plan and probe for this device: auto, cpu, cuda")
@@ -537,7 +539,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     planned = medseg.plan(args.dataset, task=args.task, budget=args.budget, root=args.root, manifest=args.manifest,
                           out=None if args.race else args.out, device=args.device, name=args.name,
                           probe=not args.no_probe, progress=not args.no_progress,
-                          home=None if args.out is None else args.out.parent)
+                          home=args.home or (None if args.out is None else args.out.parent))
     if args.race:
         raced = medseg.race_plan(planned, progress=not args.no_progress)
         if raced is not None:

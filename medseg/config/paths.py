@@ -20,7 +20,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,18 +112,18 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return models[0] if len(models) == 1 else None
 
 
-def relative_path_value(value: str, folder: Path, home: Path) -> str:
+def relative_path_value(value: str, folder: Path, anchors: Sequence[Path]) -> str:
     """The inverse of :func:`resolve_path_value` for a file written into ``folder``: an absolute path
-    (or SQLite file) inside ``home`` relative to ``folder``, so ``home`` can move as a whole; anything
-    else (outside ``home``, relative already, a URI) as given.
+    (or SQLite file) inside one of the ``anchors`` relative to ``folder``, so they can move with it;
+    anything else (elsewhere, relative already, a URI) as given.
 
-    >>> relative_path_value("sqlite:////work/runs/mlflow.db", Path("/work/configs"), Path("/work"))
+    >>> relative_path_value("sqlite:////work/runs/mlflow.db", Path("/work/configs"), [Path("/work")])
     'sqlite:///../runs/mlflow.db'
     """
     if value.startswith(SQLITE_PREFIX):
-        return SQLITE_PREFIX + relative_path_value(value[len(SQLITE_PREFIX):], folder, home)
+        return SQLITE_PREFIX + relative_path_value(value[len(SQLITE_PREFIX):], folder, anchors)
     path = Path(value)
-    if _SCHEME.match(value) or not path.is_absolute() or not (path == home or home in path.parents):
+    if _SCHEME.match(value) or not path.is_absolute() or not any(path == a or a in path.parents for a in anchors):
         return value
     return Path(os.path.relpath(path, folder)).as_posix()
 
@@ -135,10 +135,10 @@ def resolve_raw_paths(raw: Mapping[str, Any], keys: Mapping[str, PathKind], base
 
 
 def relative_raw_paths(raw: Mapping[str, Any], keys: Mapping[str, PathKind], folder: Path,
-                       home: Path) -> dict[str, Any]:
+                       anchors: Sequence[Path]) -> dict[str, Any]:
     """A copy of a config mapping to be written into ``folder``, its paths at ``keys`` that lie
-    inside ``home`` written relative to ``folder`` (:func:`relative_path_value`)."""
-    return _map_raw(raw, keys, lambda value, _: relative_path_value(value, folder, home))
+    inside one of the ``anchors`` written relative to ``folder`` (:func:`relative_path_value`)."""
+    return _map_raw(raw, keys, lambda value, _: relative_path_value(value, folder, anchors))
 
 
 def _map_raw(raw: Mapping[str, Any], keys: Mapping[str, PathKind],

@@ -44,7 +44,8 @@ class PlanRequest:
     channel_names: list[str]
     probe: bool = True              # False: plan from rules alone (tests; no timing)
     progress: bool = True
-    home: Path | None = None        # where the plan's outputs go; a written plan names what is inside relatively
+    home: Path | None = None        # where the plan's outputs go (data_manifests/, runs/)
+    relative_inputs: tuple[Path, ...] = ()  # folders the user named by relative paths (the dataset, its root)
 
 
 @dataclass
@@ -164,20 +165,22 @@ class Plan:
         return lines
 
     def to_yaml(self, folder: Path | None = None) -> str:
-        """The config as YAML, the reasons as end-of-line comments; for a file in ``folder``, the
-        paths inside the plan's home are written relative to ``folder`` (it is loaded from there)."""
+        """The config as YAML, the reasons as end-of-line comments. For a file in ``folder``, the
+        paths inside the plan's home or inside a folder the user named relatively are written
+        relative to ``folder`` (a config's relative paths start at its folder), the rest absolute."""
         out = ["# " + line for line in self.header()]
         config = self.config
         if folder is not None and self.request.home is not None:
-            config = relative_raw_paths(config, path_keys(RunConfig), folder, self.request.home)
+            anchors = (self.request.home, *self.request.relative_inputs)
+            config = relative_raw_paths(config, path_keys(RunConfig), folder, anchors)
         ordered = {k: config[k] for k in SECTION_ORDER if k in config}
         ordered.update({k: v for k, v in config.items() if k not in ordered})
         _emit(ordered, self.why, "", 0, out)
         return "\n".join(out) + "\n"
 
     def write(self, path: str | Path) -> Path:
-        """Write the commented config atomically, what lies in the plan's home named relative to
-        the file (so the folder can move whole) and the rest absolute: it loads from any folder."""
+        """Write the commented config atomically, what lies in the plan's home (or in a folder given
+        by a relative path) named relative to the file, the rest absolute: it loads from any folder."""
         return atomic_write_text(Path(path), self.to_yaml(config_folder(path)))
 
     def explain(self) -> str:

@@ -70,3 +70,24 @@ def test_without_out_the_plan_writes_in_the_current_folder_and_holds_absolute_pa
     assert planned.config["tracking"]["uri"] == f"sqlite:///{cwd}/runs/mlflow.db"
     assert _written(cwd) == {"data_manifests", "data_manifests/task09_tiny.csv",
                              "data_manifests/task09_tiny.meta.json", "data_manifests/task09_tiny.fingerprint.json"}
+
+
+def test_a_repository_layout_plan_names_everything_relative_to_configs_planned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What benchmarks/bench_plan.py runs: the plan in configs/planned/, its home the repository
+    (--home .), the data beside the repository named by a relative path: the committed file names
+    everything relative to itself, as configs/planned/*.yaml do."""
+    write_msd_dataset(tmp_path / "shared" / "Task09_Tiny", n_cases=5)
+    repo = tmp_path / "repo"
+    (repo / "data_manifests").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    medseg.build_manifest(Path("../shared/Task09_Tiny"), Path("data_manifests/tiny.csv"))
+
+    assert main(["plan", "../shared/Task09_Tiny", "--manifest", "data_manifests/tiny.csv", "--budget", "1m",
+                 "--out", "configs/planned/tiny.yaml", "--home", ".", "--no-probe", "--no-progress"]) == 0
+
+    raw = yaml.safe_load((repo / "configs" / "planned" / "tiny.yaml").read_text(encoding="utf-8"))
+    assert raw["data"]["manifest"] == "../../data_manifests/tiny.csv"
+    assert raw["data"]["root"] == "../../../shared/Task09_Tiny"  # given relatively: kept relative
+    assert raw["output_dir"] == "../../runs/tiny" and raw["tracking"]["uri"] == "sqlite:///../../runs/mlflow.db"
+    assert not (repo / "configs" / "planned" / "data_manifests").exists()
