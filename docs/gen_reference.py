@@ -32,6 +32,7 @@ TASK_CONFIGS = {
     "classification": ("medseg.tasks.classification.config", "ClassificationConfig"),
     "reconstruction": ("medseg.tasks.reconstruction.config", "ReconstructionConfig"),
     "regression": ("medseg.tasks.regression.config", "RegressionConfig"),
+    "pretraining": ("medseg.tasks.pretraining.config", "PretrainingConfig"),
 }
 
 HELP_WIDTH = "80"  # columns argparse formats --help to, whatever the terminal (fits the page)

@@ -539,3 +539,31 @@ def test_every_bench_target_runs_a_script_with_a_tiny_test_and_passes_bench_args
     assert scripts == set(TINY_SCRIPTS), (
         f"bench targets run {sorted(scripts)}; tiny tests cover {sorted(TINY_SCRIPTS)}: give a new benchmark "
         "--tiny (benchmarks/tiny.py) and a test here that checks what it writes")
+
+
+# ----------------------------------------------------------------------------------- bench_pretrain
+
+
+@pytest.mark.slow
+def test_bench_pretrain_tiny_pretrains_once_and_scores_both_arms_per_case_count(tmp_path: Path) -> None:
+    """benchmarks/bench_pretrain.py --tiny: one pretraining run whose encoder every pretrained arm loads,
+    both arms per case count, and the table and text curve built from them (not a `make bench*` script:
+    it trains a dozen minutes at full size, so it is run by hand and not in TINY_SCRIPTS)."""
+    require(REPO.parent / "shared" / "data" / "msd_task04_hippocampus")
+    runs = TinyRuns(tmp_path, ["bench_pretrain"])
+    try:
+        out = runs.wait("bench_pretrain")
+    finally:
+        runs.close()
+    report = json.loads((out / "pretrain.json").read_text(encoding="utf-8"))
+    _keys(report, {"arms", "pretraining", "host", "command"}, "pretrain.json")
+    _numbers(report["pretraining"], {"tensors", "images", "minutes", "epochs"}, "pretrain.json pretraining")
+    assert report["pretraining"]["images"] == 8 and report["pretraining"]["tensors"] > 0
+    assert set(report["arms"]) == {f"{arm}/{cases}" for arm in ("scratch", "pretrained") for cases in ("2", "all")}
+    for name, entry in report["arms"].items():
+        _numbers(entry, {"cases", "total_minutes", "fine_tune_minutes", "epochs", "test_dice_mean"}, name)
+        assert entry["cases"] == (2 if name.endswith("/2") else 4) and 0 <= entry["test_dice_mean"] <= 1, name
+        assert (entry["loaded_tensors"] == report["pretraining"]["tensors"]) == name.startswith("pretrained"), name
+    rows = _table(out / "pretrain.md")
+    assert [row[0] for row in rows] == ["2", "4"]
+    assert "The host was shared" in (out / "pretrain.md").read_text(encoding="utf-8")

@@ -23,6 +23,7 @@ from medseg.config import validate_config as validate_as
 from medseg.errors import ConfigError
 from medseg.tasks.classification.config import ClassificationConfig
 from medseg.tasks.detection.config import DetectionConfig
+from medseg.tasks.pretraining.config import PretrainingConfig
 from medseg.tasks.reconstruction.config import ReconstructionConfig
 from medseg.tasks.registry import config_types, get_task, load_config, validate_config
 from medseg.tasks.regression.config import RegressionConfig
@@ -32,7 +33,7 @@ from tests.conftest import REPO
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 CLASSES: dict[str, type[RunConfig]] = {"segmentation": SegmentationConfig, "classification": ClassificationConfig,
                                        "reconstruction": ReconstructionConfig, "regression": RegressionConfig,
-                                       "detection": DetectionConfig}
+                                       "detection": DetectionConfig, "pretraining": PretrainingConfig}
 
 
 def _with(raw: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -145,11 +146,11 @@ def test_a_typo_in_a_task_section_suggests_the_key() -> None:
      r"option of task: classification\)"),
     (_segmentation(data={"ordinal": True}), r"data.ordinal does not apply to task: segmentation"),
     (_classification(patch={"size": [28, 28]}), r"patch does not apply to task: classification \(it is an option "
-     r"of task: segmentation\)"),
+     r"of task: (\w+ and )*segmentation\)"),
     (_classification(postprocess={"keep_largest_component": True}), r"postprocess does not apply to task: "
      r"classification"),
     (_classification(model={"strides": [2, 2]}), r"model.strides does not apply to task: classification \(it is an "
-     r"option of task: reconstruction and segmentation\)"),
+     r"option of task: (\w+ and )*reconstruction and segmentation\)"),
     (_classification(validation={"overlays": 2}), r"validation.overlays does not apply to task: classification"),
     (_reconstruction(loss={"lambda_dice": 1.0}), r"loss.lambda_dice does not apply to task: reconstruction \(it is "
      r"an option of task: segmentation\)"),
