@@ -3,7 +3,8 @@
 Everything detection-specific lives in this package: boxes and their conversions (``boxes``),
 box files (``box_files``), FROC and mAP (``metrics``), the config (``config``), the network and
 detector (``networks``), the loss (``losses``), chains (``transforms``), the stages' pieces
-(``training``), one scan's prediction (``predict``), and a synthetic lesion set (``synthetic``). :data:`TASK` is what the registry hands out under ``detection``.
+(``training``), one scan's prediction (``predict``),, a synthetic lesion set (``synthetic``) and the
+planner rule (``planner``). :data:`TASK` is what the registry hands out under ``detection``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class DetectionTask(TaskBase):
         from medseg.tasks.detection.training import model_contract
 
         return model_contract(cfg)
+
+    def plan(self, request: Any, fingerprint: Any) -> Any:
+        from medseg.tasks.detection.planner import plan
+
+        return plan(self, request, fingerprint)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.detection.predict import DetectionPredictor
