@@ -268,6 +268,30 @@ def _task_section(task: str, config_cls: Any) -> list[str]:
     return lines
 
 
+_PATH_KIND_WORDS = {"path": "a file or folder", "model": "a model folder or file, or a model URI (`runs:/`, "
+                    "`models:/`)", "tracking": "an MLflow store: `sqlite:///<file>.db`, a folder, or a server URI"}
+
+
+def _paths_section() -> list[str]:
+    """Where relative paths start, and the path-valued keys (found in the schema, as the loader finds them)."""
+    from medseg.tasks.registry import every_path_key
+
+    rows = [f"| `{key}` | {_PATH_KIND_WORDS[kind.value]} |" for key, kind in every_path_key().items()]
+    return ["## Paths {#paths}", "",
+            "A relative path written in a config file starts at **that file's folder**, so the file names the same "
+            "data and outputs from any working directory (`configs/demo_segmentation.yaml` says "
+            "`manifest: ../data_manifests/demo_hippocampus.csv` and `uri: sqlite:///../runs/mlflow.db`). A value "
+            "given with `--set` starts at the current directory, as the shell's own paths do; so do the values of a "
+            "config passed to the Python API as a dict, and the defaults (`output_dir: runs/medseg`, "
+            "`tracking.uri: sqlite:///runs/mlflow.db`). An absolute path, `~/...`, and a URI with a scheme "
+            "(`http://`, `file:`, `s3://`, `runs:/`, `models:/`) are taken as they are; `sqlite:///relative.db` "
+            "is resolved like a path (`sqlite:////absolute.db` is absolute already). Once loaded, every path is "
+            "absolute: the run folder's `resolved_config.yaml`, its MLflow params and `summary.json` say where "
+            "things really are. A config `medseg plan --out` writes names what it built (and what you named by "
+            "a relative path) relative to itself, so it too loads from anywhere.", "",
+            "The path-valued keys:", "", "| key | holds |", "|---|---|", *rows, ""]
+
+
 def config_page() -> str:
     from medseg.config.schema import RunConfig
 
@@ -276,8 +300,7 @@ def config_page() -> str:
              "section refuses unknown keys and names the closest valid one, so `medseg validate CONFIG` catches "
              "a typo before a run starts. `medseg run CONFIG --set key.sub=value` overrides one key; each value "
              "is read as YAML.", "",
-             "Relative paths are resolved against the working directory: run commands from the repository root.",
-             "", "## Sections every task has {#sections}", "",
+             *_paths_section(), "## Sections every task has {#sections}", "",
              f"`{RunConfig.__module__}.RunConfig`: " + _inline(inspect.getdoc(RunConfig) or ""), "", *_TABLE_HEAD]
     for name, field in RunConfig.model_fields.items():
         if _item_model(field.annotation) is None:

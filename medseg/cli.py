@@ -36,7 +36,7 @@ EXAMPLES = {
     "run": ["medseg run configs/demo_segmentation.yaml",
             "medseg run configs/hippocampus.yaml --set train.max_minutes=30 --nproc 2",
             "medseg run --plan ../Task04_Hippocampus --budget 30m"],
-    "plan": ["medseg plan ../Task04_Hippocampus --budget 30m --out configs/hippocampus.yaml --explain"],
+    "plan": ["medseg plan ../Task04_Hippocampus --budget 30m --out hippocampus/plan.yaml --explain"],
     "pretrain": ["medseg pretrain scans/ --budget 20m --set model.channels=[16,32,64,128] --set patch.size=[32,48,32]",
                  "medseg pretrain --config configs/pretrain_hippocampus.yaml --budget 10m"],
     "validate": ["medseg validate configs/demo_segmentation.yaml --set train.max_epochs=3"],
