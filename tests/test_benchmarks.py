@@ -29,8 +29,8 @@ from tests.conftest import REPO, require
 
 BENCHMARKS = REPO / "benchmarks"
 #: The scripts the Makefile's bench targets run, each covered by a tiny test below; the longest first.
-TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_classification", "bench_recon",
-                "bench_memory", "cost_model", "bench_sr",
+TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_lineage", "bench_classification",
+                "bench_recon", "bench_memory", "cost_model", "bench_sr",
                 "bench_detection")
 #: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
 TINY_TIMEOUT_S = 900
@@ -310,6 +310,28 @@ def test_training_data_path_benchmark_tiny_writes_both_paths(tiny_runs: TinyRuns
                 _numbers(epoch, {"seconds", "samples", rate}, f"{name}.runs.{path}")
     rows = _table(out / f"{name}.md")
     assert [r[0] for r in rows] == ["plain MONAI (Dataset, 2 workers)", "medseg", "**ratio medseg / plain**"]
+
+
+@pytest.mark.parametrize("script", ["bench_lineage"])
+def test_bench_lineage_tiny_sizes_times_and_scores_every_network(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+    lineage = _bench("bench_lineage")
+
+    report = json.loads((out / "lineage.json").read_text(encoding="utf-8"))
+    _keys(report, {"entries", "host", "command"}, "lineage.json")
+    assert list(report["entries"]) == list(lineage.TINY_DATASETS)
+    for dataset, entries in report["entries"].items():
+        assert list(entries) == list(lineage.TINY_NETWORKS), dataset
+        for network, entry in entries.items():
+            where = f"lineage.json entries.{dataset}.{network}"
+            _numbers(entry, {"parameters", "flops", "budget_s", "wall_s"}, where)
+            assert entry["parameters"] > 0 and entry["flops"] > 0 and entry["overrides"] == lineage.NETWORKS[network]
+            [seed] = entry["seeds"]
+            _numbers(seed, {"epochs", "last_epoch_s", "test_auc", "test_acc", "test_cases"}, where)
+            assert seed["epochs"] == 1 and seed["test_cases"] == lineage.TINY_IMAGES["test"], where
+            assert 0 <= seed["test_auc"] <= 1, f"{where}: both classes are in the tiny test split"
+    tables = _tables(out / "lineage.md")
+    assert [[row[0] for row in table] for table in tables] == [list(lineage.TINY_NETWORKS)] * len(lineage.TINY_DATASETS)
 
 
 @pytest.mark.parametrize("script", ["bench_detection"])
