@@ -18,7 +18,7 @@ from tqdm import tqdm
 from medseg.data.transforms import IMAGE
 from medseg.engine import distributed
 from medseg.engine.evaluation import Evaluator, SplitScores
-from medseg.engine.loop import Validator, base_contract
+from medseg.engine.loop import Previewer, Validator, base_contract
 from medseg.engine.runtime import autocast
 from medseg.tasks.detection.boxes import Boxes
 from medseg.tasks.detection.config import DetectConfig, DetectionConfig, DetectionModelConfig
@@ -71,8 +71,11 @@ def class_values(cfg: DetectionConfig) -> list[int]:
     return [v for v in sorted(cfg.data.labels) if v != 0]
 
 
-def validation(cfg: DetectionConfig) -> tuple[Validator, None]:
-    """FROC and mAP of the validation split, over every process's share of its scans."""
+def validation(cfg: DetectionConfig) -> tuple[Validator, Previewer]:
+    """FROC and mAP of the validation split, over every process's share of its scans; and pictures of
+    the first scans' boxes (:mod:`medseg.tasks.detection.previews`)."""
+    from medseg.tasks.detection.previews import previewer
+
 
     def validate(network: nn.Module, dataset: Any, device: torch.device, amp_dtype: torch.dtype | None,
                  show: bool) -> dict[str, float]:
@@ -81,7 +84,7 @@ def validation(cfg: DetectionConfig) -> tuple[Validator, None]:
         return detection_scores([p for s in shares for p in s[0]], [r for s in shares for r in s[1]],
                                 class_values(cfg), "val")
 
-    return validate, None
+    return validate, previewer(cfg)
 
 
 def per_case_rows(case_ids: list[str], predicted: list[Boxes],

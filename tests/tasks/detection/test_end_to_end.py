@@ -64,7 +64,11 @@ def test_a_run_logs_froc_and_map_and_a_row_per_scan(trained: dict) -> None:
                 "test/map_iou0.1", "test/map_iou0.5", "best_val/froc", "train/loss"):
         assert key in run.data.metrics, key
     assert 0 <= run.data.metrics["test/froc"] <= 1
-    assert "evaluation/test_cases.csv" in artifact_paths(client, result.run_id)
+    artifacts = artifact_paths(client, result.run_id)
+    assert "evaluation/test_cases.csv" in artifacts
+    val_ids = [c.case_id for c in read_manifest(trained["tmp"] / "lesions.csv").split("val")]
+    for epoch in (1, 2):  # the boxes drawn on the first validation scan at every validation
+        assert any(p.startswith(f"images/val~boxes~{val_ids[0]}+step+{epoch}+") for p in artifacts), sorted(artifacts)
     rows = _rows(result.run_dir / "evaluation" / "test_cases.csv")
     test_ids = [c.case_id for c in read_manifest(trained["tmp"] / "lesions.csv").split("test")]
     assert [r["case_id"] for r in rows] == test_ids

@@ -39,3 +39,20 @@ def test_unpacking_drops_unused_rows_and_counts_classes_from_zero() -> None:
     table[0, 1] = torch.tensor([1, 2, 3, 4, 5, 6, 2.0])
     (target,) = unpack_boxes(table)
     assert target["boxes"].tolist() == [[1, 2, 3, 4, 5, 6]] and target["labels"].tolist() == [1]
+
+
+def test_validation_pictures_outline_reference_and_predicted_boxes() -> None:
+    import numpy as np
+
+    from medseg.tasks.detection.boxes import Boxes
+    from medseg.tasks.detection.previews import draw_boxes
+
+    image = np.zeros((20, 16, 6), dtype=np.float32)
+    reference = Boxes(np.array([[2.0, 3, 1, 6, 8, 4]]), np.array([1]))  # crosses slice z = 2
+    predicted = Boxes(np.array([[10.0, 10, 2, 14, 12, 3], [0, 0, 5, 2, 2, 6]]), np.array([1, 1]), np.array([1.0, 0.9]))
+    picture = draw_boxes(image, reference, predicted)
+    assert picture.shape == (16, 20, 3) and picture.dtype == np.uint8  # rows are y, flipped so anterior is up
+    as_xy = picture[::-1].transpose(1, 0, 2)
+    assert tuple(as_xy[2, 3]) == (0, 220, 0) and tuple(as_xy[5, 7]) == (0, 220, 0)  # the green outline's corners
+    assert tuple(as_xy[10, 10]) == (255, 0, 0)  # the best prediction in red; the one at z = 5 is not on this slice
+    assert (as_xy[0:2, 0:2] == 0).all()
