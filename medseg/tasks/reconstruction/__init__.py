@@ -39,7 +39,8 @@ class ReconstructionTask(TaskBase):
         from medseg.tasks.reconstruction.operators import MRI_CHANNELS
 
         recon = contract["recon"]
-        channels = MRI_CHANNELS if recon.get("problem") == "mri" else 1
+        # translation: the input contrasts (its in_channels counts the target too: what a case holds)
+        channels = MRI_CHANNELS if recon.get("problem") == "mri" else len(contract.get("input_channels", [None]))
         return torch.zeros(2, channels, *[int(s) for s in recon["image_size"]]), True
 
     def plan(self, request: Any, fingerprint: Any) -> Any:
@@ -49,8 +50,9 @@ class ReconstructionTask(TaskBase):
 
     def build_network(self, cfg: Any) -> nn.Module:
         from medseg.tasks.reconstruction.training import build_network
+        from medseg.tasks.reconstruction.translation_training import build_translation_network
 
-        return build_network(cfg)
+        return build_translation_network(cfg) if _translating(cfg) else build_network(cfg)
 
     def describe_input(self, cfg: Any) -> str:
         return f"{cfg.recon.problem} slices {list(cfg.recon.image_size)}"
@@ -61,7 +63,14 @@ class ReconstructionTask(TaskBase):
             reconstruction_eval_transforms,
             reconstruction_training_transforms,
         )
+        from medseg.tasks.reconstruction.translation_transforms import (  # translation
+            translation_eval_transforms,
+            translation_training_transforms,
+        )
 
+        if _translating(cfg):
+            return (translation_training_transforms(cfg.preprocess, cfg.recon, cfg.data.channels, cfg.augment),
+                    translation_eval_transforms(cfg.preprocess, cfg.recon, cfg.data.channels))
         return (reconstruction_training_transforms(cfg.preprocess, cfg.recon, cfg.augment, Acquisition(cfg.recon)),
                 reconstruction_eval_transforms(cfg.preprocess, cfg.recon))
 
@@ -100,24 +109,43 @@ class ReconstructionTask(TaskBase):
 
     def validation(self, ctx: Any) -> Any:
         from medseg.tasks.reconstruction.training import validation
+        from medseg.tasks.reconstruction.translation_training import translation_validation
 
-        return validation(ctx.cfg)
+        return translation_validation(ctx.cfg) if _translating(ctx.cfg) else validation(ctx.cfg)
 
     def score_split(self, ctx: Any, evaluator: Any) -> Any:
         """The network beside the classical baseline on whole volumes."""
         from medseg.tasks.reconstruction.training import score_split
+        from medseg.tasks.reconstruction.translation_training import score_translation_split
 
+        if _translating(ctx.cfg):  # the network beside histogram matching, and where it is trusted
+            return score_translation_split(ctx.cfg, evaluator, self.records(ctx, "train"))
         return score_split(ctx.cfg, evaluator)
 
     def contract(self, cfg: Any) -> dict[str, Any]:
         from medseg.tasks.reconstruction.training import model_contract
+        from medseg.tasks.reconstruction.translation_training import translation_contract
 
-        return model_contract(cfg)
+        return translation_contract(cfg) if _translating(cfg) else model_contract(cfg)
+
+    def packaged_contract(self, ctx: Any) -> dict[str, Any]:
+        """Translation: with the training targets' quantiles and the trusted threshold the evaluation found."""
+        from medseg.tasks.reconstruction.translation_training import packaged_translation_contract
+
+        return packaged_translation_contract(ctx.cfg, ctx.run_dir) if _translating(ctx.cfg) else super().packaged_contract(ctx)
 
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.tasks.reconstruction.predict import ReconstructionPredictor
+        from medseg.tasks.reconstruction.translation_predict import TranslationPredictor
 
+        if model.contract["recon"].get("problem") == "translation":
+            return TranslationPredictor(model, options, device)
         return ReconstructionPredictor(model, options, device)
+
+
+def _translating(cfg: Any) -> bool:
+    """``recon.problem: translation``: its own transforms, network, scoring and predictor (translation*.py)."""
+    return str(cfg.recon.problem) == "translation"
 
 
 TASK = ReconstructionTask()

@@ -21,6 +21,10 @@ from medseg.config import (
     UNetModelConfig,
     ValidationConfig,
 )
+from medseg.tasks.reconstruction.translation_config import (  # translation
+    TranslationConfig,
+    check_translation_channels,
+)
 
 #: Reconstruction networks: residual U-Net (FBPConvNet for CT), the same with a data-consistency
 #: step, and an unrolled cascade of both (Schlemper et al. 2018).
@@ -41,6 +45,7 @@ class ReconProblem(StrEnum):
     CT = "ct"  # sparse-view parallel-beam CT, filtered back-projection as input
     DENOISE = "denoise"
     SR = "sr"  # through-plane super-resolution: thick slices simulated from thin ones
+    TRANSLATION = "translation"  # one contrast synthesised from others (translation.py)
 
 
 class SliceProfile(StrEnum):
@@ -120,6 +125,8 @@ class ReconConfig(Section):
     # super-resolution
     sr: SuperResolutionConfig = Field(default=SuperResolutionConfig(), description="problem: sr: the thick-slice "
                                       "simulation (factor, through-plane axis, slice profile, gap).")
+    translation: TranslationConfig | None = Field(default=None, description="problem: translation: the target "
+                                                  "contrast and the inputs (translation)")
     phantoms: PhantomConfig | None = Field(
         default=None, description="Generate random-ellipse phantoms into data.root and list them in data.manifest.")
     real_images: list[str] = Field(
@@ -155,9 +162,6 @@ class ReconstructionDataConfig(DataConfig):
         if self.labels is not None:
             raise ValueError("data.labels does not apply to task: reconstruction (the images are their own "
                              "targets); remove it")
-        if len(self.channels) != 1:
-            raise ValueError(f"data.channels has {len(self.channels)} names, but reconstruction takes "
-                             "single-channel images: set data.channels: [image]")
         return self
 
 
@@ -218,6 +222,15 @@ class ReconstructionConfig(RunConfig):
     model: ReconstructionModelConfig = ReconstructionModelConfig()
     loss: ReconstructionLossConfig = ReconstructionLossConfig()
     validation: ReconstructionValidationConfig = ReconstructionValidationConfig()
+
+    @model_validator(mode="after")
+    def _channels_fit_the_problem(self) -> ReconstructionConfig:
+        if self.recon.problem == ReconProblem.TRANSLATION:  # translation: several contrasts, one the target
+            check_translation_channels(self.recon.translation, self.data.channels)
+        elif len(self.data.channels) != 1:
+            raise ValueError(f"data.channels has {len(self.data.channels)} names, but reconstruction takes "
+                             "single-channel images: set data.channels: [image]")
+        return self
 
     @model_validator(mode="after")
     def _network_fits_the_problem(self) -> ReconstructionConfig:
