@@ -64,11 +64,18 @@ def train_sr(manifest: Path, scratch: Path, tracking: str, factor: int, minutes:
     overrides = [f"recon.sr.factor={factor}", f"output_dir={scratch / f'sr_{factor}x'}", f"tracking.uri={tracking}",
                  f"data.manifest={manifest}", f"data.root={HIPPOCAMPUS}", "train.device=cpu", "train.num_threads=1",
                  *_budget(tiny, minutes), *small]
-    started = time.monotonic()
     result = medseg.train(SR_CONFIG, overrides=overrides, progress=False)
-    return {"model_uri": result.model_uri, "run_id": result.run_id, "minutes_budget": None if tiny else minutes,
-            "wall_minutes": round((time.monotonic() - started) / 60, 2), "epochs": result.metrics.get("train/epochs"),
-            "overrides": overrides, **{k: result.metrics.get(k) for k in SR_HEADLINES}}
+    return {**sr_run_record(result.run_dir), "minutes_budget": None if tiny else minutes, "overrides": overrides}
+
+
+def sr_run_record(run_dir: Path) -> dict[str, Any]:
+    """A finished SR run from its ``summary.json``: its MLflow run and model, its own test figures, and
+    the model folder it wrote (loaded from there: no download from the store)."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    metrics = summary["metrics"]
+    return {"model_uri": summary["model_uri"], "run_id": summary["run_id"], "model_folder": str(Path(run_dir) / "model"),
+            "wall_minutes": round(summary["wall_minutes"], 2), "epochs": metrics.get("train/epochs"),
+            **{k: metrics.get(k) for k in SR_HEADLINES}}
 
 
 def train_segmenter(manifest: Path, scratch: Path, tracking: str, minutes: float, tiny: bool) -> str:
@@ -140,13 +147,13 @@ def make_inputs(cases: list[dict[str, str]], factor: int, folder: Path) -> dict[
     return cpu
 
 
-def super_resolve(model_uri: str, tracking: str, folder: Path, case_ids: list[str]) -> list[float]:
+def super_resolve(model: str, tracking: str, folder: Path, case_ids: list[str]) -> list[float]:
     """``medseg predict --measured`` of every thick case into ``folder/sr``; CPU seconds per volume."""
     import nibabel as nib
 
     import medseg
 
-    predictor = medseg.Predictor.from_uri(model_uri, "cpu", tracking_uri=tracking, measured=True)
+    predictor = medseg.Predictor.from_uri(model, "cpu", tracking_uri=tracking, measured=True)
     (folder / "sr").mkdir(exist_ok=True)
     cpu = []
     for case_id in case_ids:
@@ -174,12 +181,13 @@ def run_factor(args: argparse.Namespace, manifest: Path, scratch: Path, tracking
     """One factor: train SR, simulate, super-resolve, judge downstream."""
     import medseg
 
-    sr_model = train_sr(manifest, scratch, tracking, factor, args.sr_minutes, args.tiny)
+    sr_model = {**sr_run_record(args.sr_run), "minutes_budget": args.sr_minutes, "reused": True} if args.sr_run \
+        else train_sr(manifest, scratch, tracking, factor, args.sr_minutes, args.tiny)
     cases = test_cases(manifest, args.cases)
     case_ids = [c["case_id"] for c in cases]
     folder = scratch / f"inputs_{factor}x"
     cpu = make_inputs(cases, factor, folder)
-    cpu["sr"] = super_resolve(sr_model["model_uri"], tracking, folder, case_ids)
+    cpu["sr"] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids)
     scores = medseg.evaluate_downstream(segmenter, write_pairs(folder, case_ids), folder / "downstream",
                                         tracking_uri=tracking, device="cpu", experiment="bench-sr", progress=False)
     failed = [r for r in scores.rows if r["status"] != "ok"]
@@ -212,8 +220,10 @@ def markdown(report: dict[str, Any]) -> str:
         f = report["factors"][key]
         m = f["sr_model"]
         lines += [f"## {key}x through-plane ({f['cases']} test cases)", "",
-                  f"SR model: `{m['model_uri']}`, trained {m['wall_minutes']} min wall "
-                  f"(budget {m['minutes_budget']} min, epochs {m['epochs']}).", "",
+                  f"SR model: `{m['model_uri']}` (run {m['run_id']}), trained {m['wall_minutes']} min wall with its "
+                  f"evaluation (budget {m['minutes_budget']} min, {m['epochs']} epochs); its own test split "
+                  f"(2D slices): PSNR {_f(m.get('test/psnr'), 2)} dB vs trilinear {_f(m.get('test/trilinear_psnr'), 2)}, "
+                  f"SSIM {_f(m.get('test/ssim'))} vs {_f(m.get('test/trilinear_ssim'))}.", "",
                   "| input | Dice mean | Dice anterior | Dice posterior | PSNR dB | SSIM | CPU s / volume |",
                   "|---|---|---|---|---|---|---|"]
         for kind in KINDS:
@@ -234,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--factors", default="3", help="through-plane factors, comma-separated (default 3)")
     parser.add_argument("--sr-minutes", type=float, default=4.0, help="SR training budget per factor")
+    parser.add_argument("--sr-run", type=Path, help="a finished SR run directory of this factor to judge instead "
+                        "of training one (with a single --factors)")
     parser.add_argument("--segmenter", help="frozen segmentation model URI (default: train one)")
     parser.add_argument("--segmenter-minutes", type=float, default=10.0, help="when training the segmenter here")
     parser.add_argument("--tracking-uri", help="MLflow store (default: one in the scratch folder)")
