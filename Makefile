@@ -89,6 +89,13 @@ bench-classification: $(VENV)/.installed-dev
 bench-recon: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_recon.py --repeats 3 --epochs 2 $(BENCH_ARGS)
 
+# Through-plane super-resolution on the held-out hippocampus cases (configs/sr_hippocampus_3x.yaml, 5 minutes of SR
+# training per factor), judged by a frozen segmenter trained here for 15 minutes (or BENCH_ARGS="--segmenter URI
+# --tracking-uri URI"): Dice, PSNR/SSIM and CPU seconds of SR, trilinear and B-spline -> super_resolution.md
+.PHONY: bench-sr
+bench-sr: $(VENV)/.installed-dev
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_sr.py --factors 3 --sr-minutes 5 --segmenter-minutes 15 $(BENCH_ARGS)
+
 # Lesion detection on the synthetic CT lesion set (configs/detection_synthetic_ct.yaml): RetinaNet against a U-Net's
 # connected components, 5 minutes of training each, one torch thread, one arm per invocation (about 15 minutes on 2
 # cores) -> detection.md (FROC at 1/2/4 FP per scan, mAP at IoU 0.1 and 0.5 on the 8 held-out scans)
