@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: browser fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon bench-memory bench-cost-model bench-detection bench-lineage recon medmnist install install-dev ui clean
+.PHONY: browser fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon bench-memory bench-cost-model bench-detection bench-lineage bench-translation recon medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -104,10 +104,17 @@ bench-detection: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 5 --arms segment_components $(BENCH_ARGS)
 
 # The CNN lineage (perceptron ... DenseNet-121) at one training budget per run on PneumoniaMNIST, BreastMNIST and
-# AdrenalMNIST3D, 3 seeds: 8 networks x 3 datasets x 3 seeds x (30 s + about 40 s of evaluation and packaging),
-# about 80 minutes on 2 cores -> lineage.md (--datasets/--networks/--seeds for a part; entries are merged)
+# AdrenalMNIST3D, 3 seeds -> lineage.md: 72 runs, each its 30 s of training plus verify, evaluation and packaging
+# (2 to 10 minutes a run on a loaded 2-core host: hours in all; --datasets/--networks/--seeds run a part, and
+# invocations may run side by side: entries are merged)
 bench-lineage: medmnist $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_lineage.py --budget-s 30 --seeds 0,1,2 $(BENCH_ARGS)
+
+# Image-to-image translation (recon.problem: translation): PGBM-001's FLAIR from its other contrasts on held-out
+# slabs and a known-answer hippocampus phantom, 3 minutes of training each, one torch thread (about 10 minutes on 2
+# cores) -> translation.md (PSNR/SSIM/MAE of the network vs histogram matching, the trusted mask's share)
+bench-translation: $(VENV)/.installed-dev
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_translation.py --minutes 3 $(BENCH_ARGS)
 
 # Peak memory of predicting a 512x512x300 CT, 3 classes: the full buffer before bounded prediction (9b682be), the
 # full buffer now and slab by slab, interleaved: about 10 minutes on 2 cores -> memory.md (the 512x512x1000

@@ -31,7 +31,7 @@ BENCHMARKS = REPO / "benchmarks"
 #: The scripts the Makefile's bench targets run, each covered by a tiny test below; the longest first.
 TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_lineage", "bench_classification",
                 "bench_recon", "bench_memory", "cost_model", "bench_sr",
-                "bench_detection")
+                "bench_detection", "bench_translation")
 #: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
 TINY_TIMEOUT_S = 900
 
@@ -366,6 +366,25 @@ def test_bench_sr_tiny_judges_every_kind_of_input_downstream(tiny_runs: TinyRuns
         _numbers(factor["kinds"][kind], {"dice_mean", "dice/anterior", "dice/posterior", "psnr", "ssim"}, kind)
     _numbers(factor["cpu_s_per_volume"], {"sr", "trilinear", "bspline"}, "cpu_s_per_volume")
     assert [row[0] for row in _table(out / "super_resolution.md")] == list(sr.KINDS)
+
+
+@pytest.mark.parametrize("script", ["bench_translation"])
+def test_bench_translation_tiny_scores_the_network_beside_histogram_matching(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+    translation = _bench("bench_translation")
+
+    report = json.loads((out / "translation.json").read_text(encoding="utf-8"))
+    _keys(report, {"datasets", "command", "host", "host_note"}, "translation.json")
+    assert list(report["datasets"]) == list(translation.DATASETS)
+    for name, entry in report["datasets"].items():
+        _keys(entry, {"cases", "channels", "translation", "run_id", "model_uri", "trust_threshold", "test"}, name)
+        assert entry["cases"] == {"train": 1 if name == "pgbm001" else 2, "val": 1, "test": 1}, name
+        _numbers(entry["test"], {"psnr", "ssim", "mae", "histmatch_psnr", "histmatch_ssim", "histmatch_mae",
+                                 "uncertainty_mean", "trusted_fraction"}, f"{name}.test")
+    methods, trust = _tables(out / "translation.md")
+    assert [row[3] for row in methods] == ["network (U-Net, L1 + SSIM)", "histogram matching"] * 2
+    assert [row[0] for row in trust] == list(translation.DATASETS)
+    assert "shared" in (out / "translation.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("script", ["check_precision"])
