@@ -126,7 +126,7 @@ def plan(task: Any, request: PlanRequest, fp: Fingerprint) -> Plan:
         ExplainRow("class weights", config["loss"]["class_weights"] or "none", "n/a", why["loss"]),
     ]
     return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in probe],
-                explain_rows=explain, notes=notes)
+                explain_rows=explain, notes=notes, steps_in_budget=steps, step_goal=math.ceil(MIN_SAMPLES / batch))
 
 
 def _intensity(fp: Fingerprint) -> tuple[dict[str, Any], str]:
