@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    overrides = [f"output_dir={args.out / 'runs'}", f"tracking.uri=sqlite:///{(args.out / 'mlflow.db').resolve()}",
-                 f"data.manifest={REPO / 'data_manifests' / 'demo_hippocampus.csv'}",
-                 f"data.root={REPO / 'medseg' / 'demo' / 'hippocampus'}"]
+    # the config names its data relative to itself, so it loads from any folder; only the outputs move
+    overrides = [f"output_dir={args.out / 'runs'}", f"tracking.uri=sqlite:///{(args.out / 'mlflow.db').resolve()}"]
     if args.epochs:
         overrides += [f"train.max_epochs={args.epochs}", f"train.val_interval={args.epochs}"]
     cfg = medseg.load_config(REPO / "configs" / "demo_segmentation.yaml", overrides=overrides)
