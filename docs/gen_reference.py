@@ -32,6 +32,7 @@ TASK_CONFIGS = {
     "classification": ("medseg.tasks.classification.config", "ClassificationConfig"),
     "reconstruction": ("medseg.tasks.reconstruction.config", "ReconstructionConfig"),
     "regression": ("medseg.tasks.regression.config", "RegressionConfig"),
+    "detection": ("medseg.tasks.detection.config", "DetectionConfig"),
     "pretraining": ("medseg.tasks.pretraining.config", "PretrainingConfig"),
 }
 
