@@ -111,10 +111,10 @@ bench-lineage: medmnist $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_lineage.py --budget-s 30 --seeds 0,1,2 $(BENCH_ARGS)
 
 # Image-to-image translation (recon.problem: translation): PGBM-001's FLAIR from its other contrasts on held-out
-# slabs and a known-answer hippocampus phantom, 3 minutes of training each, one torch thread (about 10 minutes on 2
+# slabs and a known-answer hippocampus phantom, 6 minutes of training each, one torch thread (about 15 minutes on 2
 # cores) -> translation.md (PSNR/SSIM/MAE of the network vs histogram matching, the trusted mask's share)
 bench-translation: $(VENV)/.installed-dev
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_translation.py --minutes 3 $(BENCH_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_translation.py --minutes 6 $(BENCH_ARGS)
 
 # Peak memory of predicting a 512x512x300 CT, 3 classes: the full buffer before bounded prediction (9b682be), the
 # full buffer now and slab by slab, interleaved: about 10 minutes on 2 cores -> memory.md (the 512x512x1000

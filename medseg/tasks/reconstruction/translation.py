@@ -135,10 +135,13 @@ def volume_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     return {"psnr": psnr, "ssim": ssim, "mae": mae}
 
 
-def trust_threshold(spread: np.ndarray, error: np.ndarray, tolerance: float) -> float:
-    """The largest spread ``t`` for which the voxels with spread at most ``t`` have a mean absolute
-    error of at most ``tolerance`` (0 when even the surest voxel misses it): the trusted mask's
-    threshold, chosen on validation voxels."""
+def trust_threshold(spread: np.ndarray, error: np.ndarray, tolerance: float | None, coverage: float) -> float:
+    """The trusted mask's threshold, chosen on validation voxels: with an error budget
+    ``tolerance``, the largest spread ``t`` for which the voxels with spread at most ``t`` have a
+    mean absolute error of at most ``tolerance`` (0 when even the surest voxel misses it);
+    without, the ``coverage`` quantile of the spreads (that share of voxels is trusted)."""
+    if tolerance is None:
+        return float(np.quantile(spread, coverage))
     order = np.argsort(spread.ravel(), kind="stable")
     running = np.cumsum(error.ravel()[order], dtype=np.float64) / np.arange(1, order.size + 1)
     within = np.flatnonzero(running <= tolerance)

@@ -25,10 +25,14 @@ class TranslationConfig(Section):
         "null: the first input.")
     tta: bool = Field(default=True, description="Average over in-plane flips; their spread per voxel is the "
                       "uncertainty map.")
-    trusted_error: float = Field(
-        default=0.05, gt=0.0, le=1.0, description="The trusted mask keeps the voxels whose uncertainty is at most "
-        "the threshold at which the validation voxels under it reach this mean absolute error (targets scaled "
-        "to [0, 1]).")
+    trusted_error: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="An error budget for the trusted mask: its threshold is the "
+        "largest uncertainty whose validation voxels (those at or below it) keep this mean absolute error "
+        "(targets scaled to [0, 1]). null: the threshold is the trusted_coverage quantile of the validation "
+        "uncertainties instead.")
+    trusted_coverage: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Without trusted_error: the share of validation voxels the "
+        "trusted mask keeps (its threshold is that quantile of their uncertainty).")
 
     def input_channels(self, channels: Sequence[str]) -> list[str]:
         """The network's input channel names, in order."""

@@ -97,7 +97,8 @@ def reference_quantiles(cfg: ReconstructionConfig, train_items: list[dict[str, A
 def score_translation_split(cfg: ReconstructionConfig, ev: Evaluator, train_items: list[dict[str, Any]]) -> SplitScores:
     """Score a checkpoint on whole volumes: the network (TTA mean) beside histogram matching, the
     mean uncertainty, and the trusted mask's share and error. On the validation split the trusted
-    mask's threshold is chosen (``translation.trusted_error``) and kept for the package stage.
+    mask's threshold is chosen (``translation.trusted_error`` or ``trusted_coverage``) and kept for the
+    package stage.
 
     Metric names: ``{prefix}/psnr``, ``/ssim``, ``/mae``, ``{prefix}/histmatch_psnr``..., the gains
     ``{prefix}/psnr_gain``..., ``{prefix}/uncertainty_mean``, ``/trusted_fraction``, ``/trusted_mae``,
@@ -123,7 +124,7 @@ def score_translation_split(cfg: ReconstructionConfig, ev: Evaluator, train_item
             reconstruction_grid(baseline, out.output, target, ev.out_dir / "plots" / f"translation_{ev.split}_{case_id}.png",
                                 f"{ev.split} {case_id}: {BASELINE} SSIM {base['ssim']:.3f} -> network {model['ssim']:.3f}",
                                 BASELINE)
-    threshold = _threshold(translation.trusted_error, cases, ev.out_dir, ev.split == "val")
+    threshold = _threshold(translation, cases, ev.out_dir, ev.split == "val")
     for row, (_, _, _, spread, error) in zip(rows, cases):
         row.update(trusted_scores(spread, error, threshold) if threshold is not None else {})
     return SplitScores(_means(rows, ev.prefix, threshold), list(rows[0]) if rows else [],
@@ -131,18 +132,22 @@ def score_translation_split(cfg: ReconstructionConfig, ev: Evaluator, train_item
                        sorted((ev.out_dir / "plots").glob(f"translation_{ev.split}_*.png")))
 
 
-def _threshold(tolerance: float, cases: list[tuple[Any, ...]], run_dir: Path, choose: bool) -> float | None:
+def _threshold(translation: TranslationConfig, cases: list[tuple[Any, ...]], run_dir: Path,
+               choose: bool) -> float | None:
     """Choose the trusted mask's threshold on these cases (validation) or read the chosen one (None: not yet)."""
     path = run_dir / "evaluation" / TRUST_FILE
     if not choose:
         return float(json.loads(path.read_text())["threshold"]) if path.is_file() else None
     spread = np.concatenate([c[3].ravel() for c in cases])
     error = np.concatenate([c[4].ravel() for c in cases])
-    threshold = trust_threshold(spread, error, tolerance)
+    tolerance, coverage = translation.trusted_error, translation.trusted_coverage
+    threshold = trust_threshold(spread, error, tolerance, coverage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"threshold": threshold, "trusted_error": tolerance, "voxels": int(spread.size)}))
-    log.info("trusted mask: uncertainty <= %.4g keeps %.1f%% of the validation voxels (MAE <= %g)", threshold,
-             100 * float((spread <= threshold).mean()), tolerance)
+    kept = spread <= threshold
+    atomic_write_text(path, json.dumps({"threshold": threshold, "trusted_error": tolerance, "trusted_coverage": coverage,
+                                        "voxels": int(spread.size), "kept": float(kept.mean()),
+                                        "kept_mae": float(error[kept].mean()) if kept.any() else None}))
+    log.info("trusted mask: uncertainty <= %.4g keeps %.1f%% of the validation voxels", threshold, 100 * float(kept.mean()))
     return threshold
 
 

@@ -68,13 +68,14 @@ def test_scores_are_monai_metrics_with_data_range_one() -> None:
     assert off["mae"] == pytest.approx(0.1) and off["psnr"] == pytest.approx(20.0)  # 10 log10(1 / 0.01)
 
 
-def test_the_trusted_threshold_is_the_largest_spread_whose_voxels_keep_the_error() -> None:
+def test_the_trusted_threshold_keeps_the_error_budget_or_the_coverage() -> None:
     spread = np.array([0.4, 0.1, 0.3, 0.2])
     error = np.array([1.0, 0.0, 0.3, 0.0])
     # sorted by spread: errors 0, 0, 0.3, 1 -> running means 0, 0, 0.1, 0.325
-    assert trust_threshold(spread, error, 0.1) == pytest.approx(0.3)
-    assert trust_threshold(spread, error, 0.5) == pytest.approx(0.4)
-    assert trust_threshold(spread, np.ones(4), 0.1) == 0.0  # nothing is good enough
+    assert trust_threshold(spread, error, 0.1, 0.9) == pytest.approx(0.3)
+    assert trust_threshold(spread, error, 0.5, 0.9) == pytest.approx(0.4)
+    assert trust_threshold(spread, np.ones(4), 0.1, 0.9) == 0.0  # nothing is good enough
+    assert trust_threshold(spread, error, None, 0.5) == pytest.approx(0.25)  # no budget: the median spread
     scores = trusted_scores(spread, error, 0.3)
     assert scores == {"trusted_fraction": 0.75, "trusted_mae": pytest.approx(0.1), "untrusted_mae": 1.0}
 
