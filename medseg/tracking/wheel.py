@@ -93,7 +93,7 @@ def medseg_wheel(cache: Path, scratch: Path) -> Path | None:
     folder = private_folder(cache / f"{__version__}-{source_digest(root)[:24]}")
     found = sorted(folder.glob("medseg-*.whl"))
     if found:
-        return found[0]
+        return _snapshot(found[0], scratch)
     with tempfile.TemporaryDirectory(prefix="medseg-wheel-") as tmp:
         # a copy: setuptools' build/ folder in the checkout keeps files that were since deleted
         source = Path(tmp) / "src"
@@ -114,7 +114,16 @@ def medseg_wheel(cache: Path, scratch: Path) -> Path | None:
             return None
         with atomic_path(folder / built[0].name) as target:
             shutil.copyfile(built[0], target)
-    return folder / built[0].name
+    return _snapshot(folder / built[0].name, scratch)
+
+
+def _snapshot(wheel: Path, scratch: Path) -> Path:
+    """A private copy of the cached wheel: another process building the same wheel at the same moment
+    replaces the cached file with bytes of its own (a wheel's zip holds build times), and a model must
+    bundle exactly the bytes its manifest's hash was computed from."""
+    copy = scratch / wheel.name
+    shutil.copyfile(wheel, copy)
+    return copy
 
 
 #: Files pip adds to an installed distribution that are not part of the wheel it came from.

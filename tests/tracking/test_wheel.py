@@ -9,7 +9,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from medseg.tracking.wheel import repack_installed
+from medseg.tracking.wheel import medseg_wheel, private_folder, repack_installed, source_digest, source_root
 
 RECORD_OF_AN_INSTALL = """\
 medseg/__init__.py,sha256=x,10
@@ -69,3 +69,20 @@ def test_an_install_without_a_record_logs_the_model_without_a_wheel(tmp_path: Pa
 
     assert repack_installed(tmp_path, dist) is None
     assert not list(tmp_path.glob("*.whl"))
+
+
+def test_a_cached_wheel_is_handed_out_as_a_private_copy_another_build_cannot_change(tmp_path: Path) -> None:
+    """Two runs logging models at once: one finds the cached wheel while the other replaces it with a
+    wheel built a moment later (other zip times). The first must bundle the bytes it hashed."""
+    from medseg import __version__
+
+    root = source_root()
+    assert root is not None  # the tests run from the checkout
+    cached = private_folder(tmp_path / "cache" / f"{__version__}-{source_digest(root)[:24]}") / "medseg-0-py3-none-any.whl"
+    cached.write_bytes(b"built first")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    wheel = medseg_wheel(tmp_path / "cache", scratch)
+    assert wheel is not None and wheel.parent == scratch and wheel.read_bytes() == b"built first"
+    cached.write_bytes(b"built again by another process")
+    assert wheel.read_bytes() == b"built first"
