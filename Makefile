@@ -97,11 +97,11 @@ bench-sr: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_sr.py --factors 3 --sr-minutes 5 --segmenter-minutes 15 $(BENCH_ARGS)
 
 # Lesion detection on the synthetic CT lesion set (configs/detection_synthetic_ct.yaml): RetinaNet against a U-Net's
-# connected components, 5 minutes of training each, one torch thread, one arm per invocation (about 15 minutes on 2
-# cores) -> detection.md (FROC at 1/2/4 FP per scan, mAP at IoU 0.1 and 0.5 on the 8 held-out scans)
+# connected components, 10 minutes of training each, one torch thread, one arm per invocation (about 30 minutes on
+# 2 cores) -> detection.md (FROC at 1/2/4 FP per scan, mAP at IoU 0.1 and 0.5 on the 8 held-out scans)
 bench-detection: $(VENV)/.installed-dev
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 5 --arms retinanet $(BENCH_ARGS)
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 5 --arms segment_components $(BENCH_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 10 --arms retinanet $(BENCH_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 10 --arms segment_components $(BENCH_ARGS)
 
 # The CNN lineage (perceptron ... DenseNet-121) at one training budget per run on PneumoniaMNIST, BreastMNIST and
 # AdrenalMNIST3D, 3 seeds -> lineage.md: 72 runs, each its 30 s of training plus verify, evaluation and packaging
