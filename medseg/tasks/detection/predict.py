@@ -27,7 +27,7 @@ from medseg.io.discovery import InputCase
 from medseg.io.naming import output_paths
 from medseg.tasks.detection.boxes import Boxes, spatial_affine, voxel_to_world, world_to_voxel
 from medseg.tasks.detection.config import DetectConfig, DetectionModelConfig
-from medseg.tasks.detection.training import detect_boxes
+from medseg.tasks.detection.detect import detect_boxes
 
 #: A box scoring this much or more counts as confident in the report's ``confident_boxes``.
 CONFIDENT = 0.5

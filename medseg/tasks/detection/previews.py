@@ -13,6 +13,7 @@ from torch import nn
 from medseg.data.transforms import IMAGE
 from medseg.tasks.detection.boxes import Boxes
 from medseg.tasks.detection.config import DetectionConfig
+from medseg.tasks.detection.detect import detect_boxes, window_of
 from medseg.tasks.detection.transforms import BOX_CLASSES, BOXES
 
 #: Scans pictured per validation, and predicted boxes drawn per picture.
@@ -58,8 +59,6 @@ def draw_boxes(image: np.ndarray, reference: Boxes, predicted: Boxes) -> np.ndar
 
 def previewer(cfg: DetectionConfig) -> Any:
     """The :data:`~medseg.engine.loop.Previewer` of detection: :func:`draw_boxes` on the first scans."""
-    from medseg.tasks.detection.training import detect_boxes, window_of
-
     def preview(network: nn.Module, dataset: Any, device: torch.device,
                 amp_dtype: torch.dtype | None) -> dict[str, np.ndarray]:
         pictures = {}
