@@ -240,11 +240,15 @@ def main(argv: list[str] | None = None) -> None:
 def _record(out: Path, key: str, entry: dict[str, Any], host: str) -> None:
     """Add one arm's entry to detection.json and rewrite detection.md, under a lock: arms may run at once."""
     import fcntl
+    import hashlib
+    import tempfile
 
     from medseg.io.atomic import atomic_write_text
     from medseg.io.locks import open_lock_file
 
-    fd = open_lock_file(out / ".detection.lock", f"the results in {out}")
+    # the lock lives outside the results folder, which holds committed files only
+    digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    fd = open_lock_file(Path(tempfile.gettempdir()) / f"medseg-bench-detection-{digest}.lock", f"the results in {out}")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         json_path = out / "detection.json"
