@@ -8,7 +8,9 @@ committed train split, ``all`` = 182), two segmentation runs of that config:
 - **scratch**: trained from random weights for ``--minutes``;
 - **pretrained**: ``model.init_from`` the pretraining run's encoder, fine-tuned for ``--minutes`` less
   ``--pretrain-minutes``, so both arms spend the same total wall-clock time (the pretraining is
-  charged in full to every pretrained arm, although one run serves all of them).
+  charged in full to every pretrained arm, although one run serves all of them);
+- **amortised** (only with ``--arms``): the same start, fine-tuned for the whole ``--minutes``, as
+  when one pretraining serves many fine-tunings and its cost is shared.
 
 Both validate on the first ``--val-cases`` of the committed val split and are scored once on the whole
 committed test split (52 cases): test Dice, as the evaluate stage writes it. Each invocation adds its
@@ -44,7 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd_task04_hippocampus"
 HIPPO_MANIFEST = REPO / "data_manifests" / "msd_hippocampus.csv"
 SEGMENTATION_CONFIG = REPO / "configs" / "msd_hippocampus.yaml"
-ARMS = ("scratch", "pretrained")
+ARMS = ("scratch", "pretrained", "amortised")
+#: The arms a run makes unless --arms says otherwise.
+DEFAULT_ARMS = ("scratch", "pretrained")
 #: The network and input of configs/msd_hippocampus.yaml, given to the pretraining run so that every
 #: encoder tensor matches the segmentation U-Net it initialises.
 NETWORK = ["model.name=unet", "model.channels=[16,32,64,128]", "model.strides=[2,2,2]", "model.num_res_units=1",
@@ -117,15 +121,16 @@ def segmentation_arm(arm: str, cases: str, scratch: Path, args: argparse.Namespa
 
     manifest, count = labelled_manifest(scratch, cases, args.val_cases, args.tiny)
     minutes = args.minutes - (args.pretrain_minutes if arm == "pretrained" else 0.0)
+    starts_pretrained = arm in ("pretrained", "amortised")
     overrides = [*_tracking(scratch), *_budget(minutes, args.tiny), *SCHEDULE, f"data.manifest={manifest}",
                  f"data.root={HIPPOCAMPUS}", *(["train.iterations_per_epoch=2"] if args.tiny else [])]
-    if arm == "pretrained":
+    if starts_pretrained:
         overrides.append(f"model.init_from={pretraining['weights']}")
     result = medseg.train(SEGMENTATION_CONFIG, overrides=overrides, progress=False)
     assert result is not None
     metrics = result.metrics
     loaded = None
-    if arm == "pretrained":
+    if starts_pretrained:
         loaded = len(json.loads((result.run_dir / "init_from.json").read_text())["loaded"])
     return {"arm": arm, "cases": count, "fine_tune_minutes": minutes, "total_minutes": args.minutes,
             "epochs": metrics.get("train/epochs"), "test_dice_mean": metrics.get("test/dice_mean"),
@@ -138,11 +143,22 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{float(value):.3f}"
 
 
-def _rows(results: dict[str, Any]) -> list[tuple[int, dict[str, Any] | None, dict[str, Any] | None]]:
+def _rows(results: dict[str, Any]) -> list[tuple[int, dict[str, dict[str, Any]]]]:
+    """(labelled cases, arm -> entry) per row, fewest cases first."""
     by_cases: dict[int, dict[str, dict[str, Any]]] = {}
     for entry in results.get("arms", {}).values():
         by_cases.setdefault(int(entry["cases"]), {})[entry["arm"]] = entry
-    return [(n, arms.get("scratch"), arms.get("pretrained")) for n, arms in sorted(by_cases.items())]
+    return sorted(by_cases.items())
+
+
+def _gain(arms: dict[str, dict[str, Any]], arm: str) -> str:
+    dice = [arms.get(a, {}).get("test_dice_mean") for a in (arm, "scratch")]
+    return "-" if None in dice else f"{float(dice[0]) - float(dice[1]):+.3f}"
+
+
+def _cells(arms: dict[str, dict[str, Any]], arm: str) -> list[str]:
+    entry = arms.get(arm, {})
+    return [str(entry.get("epochs", "-")), _fmt(entry.get("test_dice_mean"))]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -150,45 +166,61 @@ def markdown(results: dict[str, Any]) -> str:
     pre = results.get("pretraining") or {}
     lines = ["# Pretraining: label efficiency on MSD hippocampus", "",
              "Written by `python benchmarks/bench_pretrain.py` (" + results.get("command", "") + "). **The host was "
-             "shared** with other sessions' work (2 cores, `OMP_NUM_THREADS=1`), and the budgets are minutes, not "
-             "the hours such a comparison deserves: every figure is one seed of a short run, a floor rather than "
-             "what either arm reaches.", "",
+             "shared** with other sessions' work (2 cores; each run one thread, no loader workers), and the budgets "
+             "are minutes, not the hours such a comparison deserves: every figure is one seed of a short run, a "
+             "floor rather than what either arm reaches.", "",
              f"Pretraining: the U-Net of `configs/msd_hippocampus.yaml` as a masked autoencoder (60% of 8³ blocks "
              f"blanked, L1 on them) on all {pre.get('images', '?')} images of `data_manifests/msd_hippocampus.csv` "
              f"(train, val and test images alike, labels unread) for {pre.get('minutes', '?')} min: "
-             f"{pre.get('epochs', '?')} epochs, final masked L1 {_fmt(pre.get('train_loss'))}; "
+             f"{pre.get('epochs', '?')} epoch(s), final masked L1 {_fmt(pre.get('train_loss'))}; "
              f"{pre.get('tensors', '?')} encoder tensors handed on (`model.init_from`).", "",
              "Each row trains the segmentation config on the first N cases of the committed train split, validates "
-             "on the first val cases, and is scored once on the whole committed test split (52 cases). Both arms "
-             "have the same total wall-clock time: the pretrained arm fine-tunes for the total less the "
-             "pretraining, charged in full to each row.", "",
+             "on the first val cases, and is scored once on the whole committed test split (52 cases). **scratch** "
+             "trains from random weights for the total budget; **pretrained** starts from the encoder and "
+             "fine-tunes for the total less the pretraining (the same total wall-clock time, the pretraining "
+             "charged in full to each row); **amortised**, where run, starts from the encoder and fine-tunes for "
+             "the whole total (the pretraining a one-off cost shared by every fine-tuning).", "",
              "| labelled cases | total budget (min) | scratch: epochs | scratch: test Dice | pretrained: fine-tune (min) "
-             "| pretrained: epochs | pretrained: test Dice | pretrained - scratch |",
-             "|---|---|---|---|---|---|---|---|"]
-    for n, scratch, pretrained in _rows(results):
-        base = scratch or pretrained or {}
-        gain = (pretrained["test_dice_mean"] - scratch["test_dice_mean"]) if scratch and pretrained and \
-            scratch.get("test_dice_mean") is not None and pretrained.get("test_dice_mean") is not None else None
-        lines.append(f"| {n} | {base.get('total_minutes', '-')} | {(scratch or {}).get('epochs', '-')} | "
-                     f"{_fmt((scratch or {}).get('test_dice_mean'))} | {(pretrained or {}).get('fine_tune_minutes', '-')} "
-                     f"| {(pretrained or {}).get('epochs', '-')} | {_fmt((pretrained or {}).get('test_dice_mean'))} | "
-                     f"{'-' if gain is None else f'{gain:+.3f}'} |")
+             "| pretrained: epochs | pretrained: test Dice | pretrained - scratch | amortised: epochs | "
+             "amortised: test Dice | amortised - scratch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, arms in _rows(results):
+        total = next(iter(arms.values())).get("total_minutes", "-")
+        cells = [str(n), str(total), *_cells(arms, "scratch"),
+                 str(arms.get("pretrained", {}).get("fine_tune_minutes", "-")), *_cells(arms, "pretrained"),
+                 _gain(arms, "pretrained"), *_cells(arms, "amortised"), _gain(arms, "amortised")]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Test Dice: mean over anterior and posterior of the per-class Dice from summed counts "
-              "(`test/dice_mean` of each run); per-structure values and run ids are in `pretrain.json`.", ""]
-    lines += ["The curve: test Dice against the number of labelled training cases.", "", *curve(results), ""]
-    lines += ["Host: " + results.get("host", "?"), ""]
+              "(`test/dice_mean` of each run); per-structure values and run ids are in `pretrain.json`. An epoch is "
+              f"{results.get('steps_per_epoch', 20)} steps of 2 volumes x 2 patches in every run.", "",
+              *_load_note(results),
+              "The curve: test Dice against the number of labelled training cases.", "", *curve(results), "",
+              "Host: " + results.get("host", "?"), ""]
     return "\n".join(lines)
+
+
+def _load_note(results: dict[str, Any]) -> list[str]:
+    """How far the steps a budget bought varied between runs (the shared host's load changed)."""
+    per_minute = [float(e["epochs"]) / float(e["fine_tune_minutes"]) for e in results.get("arms", {}).values()
+                  if e.get("epochs") and e.get("fine_tune_minutes")]
+    if len(per_minute) < 2:
+        return []
+    return [f"The host's load changed from run to run: a minute of training bought {min(per_minute):.1f} to "
+            f"{max(per_minute):.1f} epochs (see the epochs columns), so arms that ran at different times got "
+            "different numbers of steps for the same budget; a difference of a few hundredths in Dice may be those "
+            "steps rather than the start.", ""]
 
 
 def curve(results: dict[str, Any]) -> list[str]:
     """Test Dice against labelled cases as text bars (one per arm and row), readable in the file and on
     the docs page alike; 40 characters are a Dice of 1."""
-    lines = ["```text", "test Dice   0" + " " * 38 + "1"]
-    for n, scratch, pretrained in _rows(results):
-        for label, entry in (("scratch", scratch), ("pretrained", pretrained)):
-            dice = None if entry is None else entry.get("test_dice_mean")
-            bar = "" if dice is None else "#" * round(40 * max(0.0, float(dice)))
-            lines.append(f"{n:>4} {label:<10} |{bar:<40}| {_fmt(dice)}")
+    lines = ["```text", f"{'test Dice':<17}0{' ' * 38}1"]
+    for n, arms in _rows(results):
+        for arm in ARMS:
+            if arm in arms:
+                dice = arms[arm].get("test_dice_mean")
+                bar = "" if dice is None else "#" * round(40 * max(0.0, float(dice)))
+                lines.append(f"{n:>4} {arm:<10} |{bar:<40}| {_fmt(dice)}")
     return [*lines, "```"]
 
 
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-minutes", type=float, default=1.5, help="the pretraining run's budget")
     parser.add_argument("--cases", default=None, help="labelled training cases per row, all = 182 (default "
                         "5,10,20,all; with --tiny 2,all)")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--val-cases", type=int, default=6, help="validation cases of every segmentation run")
     add_tiny_arguments(parser)
     args = parser.parse_args(argv)
@@ -217,11 +249,15 @@ def main(argv: list[str] | None = None) -> None:
                            f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f} when "
                            "the last invocation started, shared with other sessions, "
                            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+        results["steps_per_epoch"] = 2 if args.tiny else 20
         results["command"] = (f"--minutes {args.minutes} --pretrain-minutes {args.pretrain_minutes} "
                               f"--val-cases {args.val_cases}")
     home = out if not arms else scratch_folder("bench-pretrain-", args, out) if args.tiny else \
         Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
-    if "pretrained" in arms:
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
+    if {"pretrained", "amortised"} & set(arms):
         results["pretraining"] = pretrain_once(results, Path(results.get("pretraining_home") or home),
                                                args.pretrain_minutes, args.tiny)
         results["pretraining_home"] = str(Path(results["pretraining"]["weights"]).parents[3])
