@@ -96,6 +96,13 @@ bench-recon: $(VENV)/.installed-dev
 bench-sr: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_sr.py --factors 3 --sr-minutes 5 --segmenter-minutes 15 $(BENCH_ARGS)
 
+# Accelerated MRI (configs/recon_mri_4x.yaml at 4x and 8x, 4 minutes of training each) judged by a frozen hippocampus
+# segmenter trained here for 15 minutes (or BENCH_ARGS="--segmenter URI --tracking-uri URI"): Dice of fully sampled,
+# zero-filled and reconstructed test volumes, beside PSNR/SSIM -> recon_downstream.md
+.PHONY: bench-recon-downstream
+bench-recon-downstream: $(VENV)/.installed-dev
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_recon_downstream.py --accelerations 4,8 --minutes 4 $(BENCH_ARGS)
+
 # Lesion detection on the synthetic CT lesion set (configs/detection_synthetic_ct.yaml): RetinaNet against a U-Net's
 # connected components, 10 minutes of training each, one torch thread, one arm per invocation (about 30 minutes on
 # 2 cores) -> detection.md (FROC at 1/2/4 FP per scan, mAP at IoU 0.1 and 0.5 on the 8 held-out scans)

@@ -30,7 +30,7 @@ from tests.conftest import REPO, require
 BENCHMARKS = REPO / "benchmarks"
 #: The scripts the Makefile's bench targets run, each covered by a tiny test below; the longest first.
 TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_lineage", "bench_classification",
-                "bench_recon", "bench_memory", "cost_model", "bench_sr",
+                "bench_recon", "bench_memory", "cost_model", "bench_sr", "bench_recon_downstream",
                 "bench_detection", "bench_translation")
 #: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
 TINY_TIMEOUT_S = 900
@@ -366,6 +366,27 @@ def test_bench_sr_tiny_judges_every_kind_of_input_downstream(tiny_runs: TinyRuns
         _numbers(factor["kinds"][kind], {"dice_mean", "dice/anterior", "dice/posterior", "psnr", "ssim"}, kind)
     _numbers(factor["cpu_s_per_volume"], {"sr", "trilinear", "bspline"}, "cpu_s_per_volume")
     assert [row[0] for row in _table(out / "super_resolution.md")] == list(sr.KINDS)
+
+
+@pytest.mark.parametrize("script", ["bench_recon_downstream"])
+def test_bench_recon_downstream_tiny_judges_reconstructions_beside_zero_filled(tiny_runs: TinyRuns, script: str) -> None:
+    out = tiny_runs.wait(script)
+    bench = _bench("bench_recon_downstream")
+
+    report = json.loads((out / "recon_downstream.json").read_text(encoding="utf-8"))
+    _keys(report, {"accelerations", "segmenter", "command", "host", "host_note", "segmenter_origin"},
+          "recon_downstream.json")
+    assert list(report["accelerations"]) == ["4", "8"]
+    for key, entry in report["accelerations"].items():
+        _keys(entry, {"acceleration", "cases", "recon_model", "kinds", "delta_dice", "goal_delta_dice"}, key)
+        assert entry["cases"] == 2 and entry["goal_delta_dice"] == bench.GOALS[int(key)]
+        assert list(entry["kinds"]) == list(bench.KINDS)
+        for kind in ("reconstructed", "zero_filled"):  # the fully sampled image's PSNR is infinite: itself
+            _numbers(entry["kinds"][kind], {"dice_mean", "dice/anterior", "dice/posterior", "psnr", "ssim"}, kind)
+        _numbers(entry["delta_dice"], {"reconstructed", "zero_filled"}, f"{key}.delta_dice")
+    page = (out / "recon_downstream.md").read_text(encoding="utf-8")
+    assert [[row[0] for row in rows] for rows in _tables(out / "recon_downstream.md")] == [list(bench.KINDS)] * 2
+    assert "shared" in page
 
 
 @pytest.mark.parametrize("script", ["bench_translation"])
