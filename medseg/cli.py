@@ -113,6 +113,9 @@ def _add_run_and_plan(sub: Any) -> None:
                      help="with --plan: train the rules' choice for the whole budget instead of racing the "
                           "candidates the plan leaves open (successive halving on fold 0)")
     run.add_argument("--root", type=Path, help="with --plan and a manifest: the data root")
+    run.add_argument("--home", type=Path, help="with --plan: the folder for the manifest it builds, the planned config "
+                                               "(configs/planned/), the runs and their MLflow store (default: the "
+                                               "current folder)")
     run.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                      help="continue the newest unfinished run under output_dir, or the given run directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
@@ -469,13 +472,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("medseg run: give a CONFIG, or --plan DATASET (not both)")
     if args.plan is not None:
         planned = medseg.plan(args.plan, task=args.task, budget=args.budget, manifest=args.manifest, root=args.root,
-                              progress=not args.no_progress)
+                              home=args.home, progress=not args.no_progress)
         if not args.no_race:
             raced = medseg.race_plan(planned, progress=not args.no_progress)
             if raced is not None:
                 print(f"race: {raced.winner.name} won ({raced.minutes_used:.1f} min); runs under "
                       f"{planned.config['output_dir']}/race")
-        args.config = Path("configs") / "planned" / f"{planned.request.name}_{args.budget}.yaml"
+        args.config = (args.home or Path()) / "configs" / "planned" / f"{planned.request.name}_{args.budget}.yaml"
         planned.write(args.config)
         print(f"planned config: {args.config}")
     overrides = list(args.overrides) + (["train.deterministic=true"] if args.deterministic else [])

@@ -77,21 +77,23 @@ def test_the_probe_times_candidates_and_its_figures_go_in_the_plan(ct_msd: Path,
 
 def test_run_with_plan_plans_trains_and_logs_the_fingerprint(ct_msd: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    code = main(["run", "--plan", str(ct_msd), "--budget", "0.15m", "--manifest", "m.csv", "--no-progress",
-                 "--set", "train.max_epochs=1",
-                 "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code = main(["run", "--plan", str(ct_msd), "--budget", "0.15m", "--home", str(home), "--no-progress",
+                 "--set", "train.max_epochs=1"])
     assert code == 0
-    written = list((tmp_path / "configs" / "planned").glob("*.yaml"))
-    assert len(written) == 1
+    assert list(work.iterdir()) == []  # --home: nothing where the command was started
+    written = list((home / "configs" / "planned").glob("*.yaml"))
+    assert len(written) == 1 and list((home / "data_manifests").glob("*.csv"))
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{home}/runs/mlflow.db")
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
-    assert "fingerprint" in contexts and contexts["fingerprint"].name == "m/fingerprint"
+    assert "fingerprint" in contexts and contexts["fingerprint"].name == "ct/fingerprint"
     assert contexts["fingerprint"].digest == contexts["train"].digest  # pinned to the manifest
-    assert "m.fingerprint.json" in {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "plan")}
+    assert "ct.fingerprint.json" in {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "plan")}
 
 
 def test_classification_plan_from_an_imported_medmnist_folder(tmp_path: Path) -> None:
