@@ -7,7 +7,7 @@ evaluate stage (MONAI's PSNR / SSIM / MAE per volume, every contrast scaled to [
 * **pgbm001**: TCIA Brain-Tumor-Progression PGBM-001 (../shared/data), four co-registered MR series
   (T1pre, T1post, T2, FLAIR) on one oblique grid of 24 slices, cut into 8 slabs of 3 slices:
   FLAIR is synthesised from T1pre, T1post and T2; slabs 0, 1, 2, 4, 7 train, 6 validates, 3 and 5
-  (the tumour's slices 13-20 are in 4-6) are held out. Histogram matching maps T2 onto the
+  are held out (the tumour's slices 13-20 are in slabs 4-6: one of each split). Histogram matching maps T2 onto the
   training FLAIR histogram.
 * **phantom**: the known answer. MSD hippocampus scans (the manifest's first train / val / test
   cases) and a target made from each by a known monotone map (smoothstep on the scan scaled to
@@ -173,7 +173,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{d['run_id']}, model `{d['model_uri']}`, budget {d['minutes_budget']} min "
                      f"({d['wall_minutes']} min wall for training and evaluation).")
     lines += ["", "pgbm001: FLAIR from T1pre, T1post and T2 of PGBM-001, 8 slabs of 3 slices (train 0, 1, 2, 4, 7; "
-              "val 6; test 3 and 5, beside the tumour's slices 13-20); the baseline matches T2 to the training FLAIR "
+              "val 6; test 3 and 5; the tumour is on slices 13-20, so in slabs 4, 5 and 6); the baseline matches T2 "
+              "to the training FLAIR "
               "histogram. phantom: MSD hippocampus scans and a target 3x^2 - 2x^3 of each scan scaled to [0, 1] "
               "(a perfect translator exists); the baseline matches the scan to the training targets' histogram.",
               ""]
