@@ -4,6 +4,8 @@ Everything reconstruction-specific lives in this package: its config (``config``
 simulated acquisitions, losses and metrics (``operators``), networks (``networks``), transforms,
 phantoms, validation and scoring a split (``training``) and the reconstruction of one
 image (``predict``). :data:`TASK` is what the registry hands out under the name ``reconstruction``.
+``recon.problem: translation`` (one contrast synthesised from others) brings its own transforms,
+network, scoring, contract and predictor (``translation*``), chosen where each piece is handed out.
 """
 
 from __future__ import annotations
