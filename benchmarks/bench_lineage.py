@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -180,8 +181,8 @@ def _row(network: str, entry: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """``lineage.md`` from every entry of ``lineage.json``."""
     lines = ["# The CNN lineage on MedMNIST at one budget", "",
-             f"Written by `{results.get('command', 'python benchmarks/bench_lineage.py')}` (entries of other "
-             "invocations kept, each with its own date in `lineage.json`). Every network trained for the same "
+             "Written by " + ", ".join(f"`{c}`" for c in results.get("commands", [results.get("command", "?")]))
+             + " (each entry with its own date in `lineage.json`). Every network trained for the same "
              "wall-clock budget per run on this CPU, one `medseg.train` of the dataset's config with `model.name` "
              "(and the network's options) overridden; scored once on the official test split with the checkpoint "
              "of the best validation AUC.", "",
@@ -198,6 +199,9 @@ def markdown(results: dict[str, Any]) -> str:
                   "| network | parameters | FLOPs / image (forward) | s / epoch | epochs (last cut by the budget) | "
                   "test AUC | test ACC | seeds |", "|---|---|---|---|---|---|---|---|"]
         lines += [_row(network, entries[network]) for network in NETWORKS if network in entries]
+        missing = [network for network in NETWORKS if network not in entries]
+        if missing:
+            lines += ["", f"Not measured yet on {name}: {', '.join(missing)}."]
         budgets = sorted({e["budget_s"] for e in entries.values()})
         lines += ["", f"Budget per run: {', '.join(f'{b:g}' for b in budgets)} s of training (validation "
                   f"included); width factor {first['widen_factor']:g} and stem `{first['stem']}` from the config "
@@ -242,11 +246,14 @@ def _record(out: Path, key: str, network: str, entry: dict[str, Any], about: dic
     from medseg.io.atomic import atomic_write_text
 
     json_path = out / "lineage.json"
-    lock_path = Path(tempfile.gettempdir()) / f"medseg-bench-lineage-{abs(hash(str(out.resolve())))}.lock"
+    # named by a digest of the folder (str hashes differ between processes)
+    digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"medseg-bench-lineage-{digest}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {"entries": {}}
         results.update(about)
+        results["commands"] = [*[c for c in results.get("commands", []) if c != about["command"]], about["command"]]
         results["entries"].setdefault(key, {})[network] = _merge(results["entries"].get(key, {}).get(network), entry)
         atomic_write_text(json_path, json.dumps(results, indent=2))
         atomic_write_text(out / "lineage.md", markdown(results))
