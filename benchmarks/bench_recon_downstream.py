@@ -183,7 +183,9 @@ def markdown(report: dict[str, Any]) -> str:
 def _section(key: str, entry: dict[str, Any]) -> list[str]:
     m = entry["recon_model"]
     lines = [f"## {key}x ({entry['cases']} test cases)", "",
-             f"Written by `{entry['command']}` ({entry['when']}).", "",
+             f"Written by `{entry['command']}` ({entry['when']}"
+             + (f", 1-minute load average {entry['load_average_at_start']} at its start" if "load_average_at_start" in entry
+                else "") + ").", "",
              f"Reconstruction model: `{m['model_uri']}` (run {m['run_id']}), trained {m['wall_minutes']} min wall "
              f"with its evaluation (budget {m['minutes_budget']} min, {m['epochs']} epochs); its own test split "
              f"(2D slices): PSNR {_f(m.get('test/psnr'), 2)} dB vs zero-filled {_f(m.get('test/zero_filled_psnr'), 2)}, "
@@ -249,15 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     report.update(command="OMP_NUM_THREADS=1 python benchmarks/bench_recon_downstream.py " + " ".join(argv),
                   host=f"{platform.node()} ({os.cpu_count()} CPUs)", when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   host_note="a 2-core host shared with up to five other sessions (their training and tests ran "
-                            f"alongside; 1-minute load average {os.getloadavg()[0]:.1f} at the start); 1 torch thread; times "
-                            "are CPU seconds of this process",
+                            "alongside; each section gives the 1-minute load average when its invocation started); 1 torch "
+                            "thread; times are CPU seconds of this process",
                   segmenter=segmenter_record(segmenter, tracking),
                   segmenter_origin="given with --segmenter" if args.segmenter else
                   f"trained here for {args.segmenter_minutes} min with configs/msd_hippocampus.yaml")
+    load = round(os.getloadavg()[0], 1)
     for acceleration in (int(a) for a in args.accelerations.split(",")):
         report["accelerations"][str(acceleration)] = {
             **run_acceleration(args, manifest, scratch, tracking, segmenter, acceleration),
-            "command": report["command"], "when": report["when"]}
+            "command": report["command"], "when": report["when"], "load_average_at_start": load}
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
         (out / "recon_downstream.md").write_text(markdown(report))
