@@ -37,7 +37,7 @@ from medseg.engine.loop import write_csv
 from medseg.errors import MedsegError, UsageError
 from medseg.io.atomic import atomic_write_text
 from medseg.io.readers import load_volume, strip_volume_suffix
-from medseg.tasks.segmentation.folder_scores import GRID_TOLERANCE_MM, score_folders
+from medseg.tasks.segmentation.folder_scores import GRID_TOLERANCE_MM, json_safe, score_folders
 
 PAIR_COLUMNS = ("case_id", "kind", "image", "reference", "label")
 #: SSIM's Gaussian window (voxels per side): small enough for cropped volumes of ~30 voxels
@@ -248,19 +248,8 @@ def _write(result: DownstreamScores, out: Path) -> None:
     summary = {"labels": {str(v): n for v, n in result.labels.items()}, "means": result.means,
                "per_case": result.rows}
     json_path = out / "downstream.json"
-    atomic_write_text(json_path, json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(json_path, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     result.files = {"csv": str(csv_path), "json": str(json_path)}
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinity (PSNR of the reference itself) as JSON null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _f(value: float | None, digits: int = 4) -> str:

@@ -217,18 +217,19 @@ def _write(result: FolderScores, out: Path) -> None:
                "dice_summed": result.dice, "means": result.means, "failed": result.failed,
                "unpaired_predictions": result.unpaired, "per_case": result.rows}
     json_path = out / "scores.json"
-    atomic_write_text(json_path, json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(json_path, json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     result.files = {"csv": str(csv_path), "json": str(json_path)}
 
 
-def _finite(value: Any) -> Any:
-    """NaN (a score with nothing to score, e.g. HD95 of an absent structure) as JSON null."""
+def json_safe(value: Any) -> Any:
+    """NaN and infinity (a score with nothing to score, e.g. HD95 of an absent structure; the PSNR of
+    a reference against itself) as JSON null, through dicts and lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
