@@ -9,6 +9,7 @@ site-packages, so the registry finds it the way it finds an installed plugin.
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def _write_images(root: Path, n: int, seed: int = 0) -> list[Case]:
 def test_a_task_nobody_registered_is_refused_with_the_known_ones(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"task": "segmentaton", "data": {"manifest": "m.csv"}}))
+    known = ", ".join(repr(name) for name in sorted(medseg.list_tasks()))
+    assert {"classification", "detection", "pretraining", "reconstruction", "regression",
+            "segmentation"} <= set(medseg.list_tasks())
     with pytest.raises(ConfigError, match=r"task 'segmentaton' is not registered; did you mean 'segmentation'\?.*"
-                                          r"Known tasks: \['classification', 'reconstruction', 'regression', 'segmentation'"):
+                                          rf"Known tasks: \[{re.escape(known)}"):
         medseg.load_config(path)
 
 
