@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 import resource
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
 
+from medseg.data.transforms import IMAGE
 from medseg.errors import (
     CaseError,
     MedsegError,
@@ -43,6 +45,29 @@ def reader_source(image: Any) -> str | list[str]:
         return str(image)
     paths = [str(p) for p in image]
     return paths if len(paths) > 1 else paths[0]
+
+
+def preprocess_case(chains: Mapping[bool, Callable[[dict], dict]], image: Any, case_id: str,
+                    contract: dict[str, Any]) -> tuple[MetaTensor, str]:
+    """One input through the model's preprocessing: read first (``chains[True]``) unless it is already a
+    loaded image (``chains[False]``), then checked against the contract's input shape.
+
+    Returns:
+        The preprocessed image, and the input as messages name it.
+
+    Raises:
+        CaseError: the input could not be read or preprocessed (naming it and the root cause), or its
+            shape is not what the model takes.
+    """
+    loaded = isinstance(image, MetaTensor)
+    source = case_id if loaded else shown_source(image)
+    try:
+        data = chains[not loaded]({IMAGE: image if loaded else reader_source(image)})
+    except Exception as err:
+        raise read_error(source, err) from err
+    volume: MetaTensor = data[IMAGE]
+    check_input_shape(contract, volume.shape, source)
+    return volume, source
 
 
 def shown_source(image: Any) -> str:

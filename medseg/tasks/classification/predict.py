@@ -19,7 +19,7 @@ from torch import nn
 from medseg.config import Precision
 from medseg.data.transforms import IMAGE, preprocessing_from_contract
 from medseg.engine.calibration import contract_temperature
-from medseg.engine.case_io import check_input_shape, read_error, reader_source, shown_source
+from medseg.engine.case_io import preprocess_case
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.results import CaseResult, Prediction, PredictOptions
 from medseg.engine.runtime import autocast, autocast_dtype
@@ -72,13 +72,7 @@ class ClassificationPredictor:
                                    axes=self.flip_axes)
 
     def predict(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str) -> Prediction:
-        loaded = isinstance(image, MetaTensor)
-        try:
-            data = self._chains[not loaded]({IMAGE: image if loaded else reader_source(image)})
-        except Exception as err:
-            raise read_error(case_id if isinstance(image, MetaTensor) else shown_source(image), err) from err
-        volume: MetaTensor = data[IMAGE]
-        check_input_shape(self.model.contract, volume.shape, case_id if loaded else shown_source(image))
+        volume, _ = preprocess_case(self._chains, image, case_id, self.model.contract)
         probs = self.class_probabilities(torch.as_tensor(volume))
         k = int(probs.argmax())
         affine = np.asarray(volume.meta.get("original_affine", volume.affine), dtype=np.float64)

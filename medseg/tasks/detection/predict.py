@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from medseg.data.transforms import IMAGE, preprocessing_from_contract
-from medseg.engine.case_io import check_input_shape, read_error, reader_source, shown_source
+from medseg.data.transforms import preprocessing_from_contract
+from medseg.engine.case_io import preprocess_case
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.results import CaseResult, Prediction, PredictOptions
 from medseg.io.atomic import atomic_write_text
@@ -70,13 +70,7 @@ class DetectionPredictor:
 
     def boxes(self, image: str | Path | Sequence[str] | MetaTensor, case_id: str) -> tuple[Boxes, np.ndarray, np.ndarray]:
         """Boxes on the preprocessed grid, that grid's affine and the input's (both RAS)."""
-        loaded = isinstance(image, MetaTensor)
-        try:
-            data = self._chains[not loaded]({IMAGE: image if loaded else reader_source(image)})
-        except Exception as err:
-            raise read_error(case_id if loaded else shown_source(image), err) from err
-        volume: MetaTensor = data[IMAGE]
-        check_input_shape(self.model.contract, volume.shape, case_id if loaded else shown_source(image))
+        volume, _ = preprocess_case(self._chains, image, case_id, self.model.contract)
         dims = self.model_cfg.spatial_dims
         boxes = detect_boxes(self.network, volume.as_tensor(), self.model_cfg, len(self.class_names), self.detect,
                              self.window, self.device)

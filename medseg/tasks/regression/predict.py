@@ -15,8 +15,7 @@ import torch
 from monai.data import MetaTensor
 
 from medseg.config import Precision
-from medseg.data.transforms import IMAGE
-from medseg.engine.case_io import check_input_shape, read_error, reader_source, shown_source
+from medseg.engine.case_io import preprocess_case
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.results import Prediction, PredictOptions
 from medseg.engine.runtime import autocast, autocast_dtype
@@ -60,13 +59,7 @@ class RegressionPredictor(ValuePredictor):
         return np.stack(out)
 
     def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
-        loaded = isinstance(image, MetaTensor)
-        try:
-            data = self._chains[not loaded]({IMAGE: image if loaded else reader_source(image)})
-        except Exception as err:
-            raise read_error(case_id if loaded else shown_source(image), err) from err
-        volume: MetaTensor = data[IMAGE]
-        check_input_shape(self.model.contract, volume.shape, case_id if loaded else shown_source(image))
+        volume, _ = preprocess_case(self._chains, image, case_id, self.model.contract)
         samples = self.samples(torch.as_tensor(volume))
         values: dict[str, float] = {}
         for j, column in enumerate(self.columns):
