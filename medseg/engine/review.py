@@ -12,7 +12,9 @@ by which task wrote it:
 * an integer volume (a mask): three orthogonal planes through the largest predicted structure,
   each label's edge outlined on the image (a fill would hide the edge being judged);
 * floating-point volumes (reconstructions): the input and each output side by side, one window;
-* no output file (classification): the image's middle planes; its class probabilities are bars.
+* no output file (classification): the image's middle planes; its class probabilities are bars;
+* a JSON of boxes (detection): the axial plane through the centre of each of the best boxes, every
+  box crossing it outlined in its class's colour with its score written at its corner.
 
 Every plane is turned to the closest RAS axes first and carries the patient directions at its edges
 (R/L, A/P, S/I), read from the case's affine; a click zooms a thumbnail. A flagged case's reasons are
@@ -36,7 +38,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -239,6 +241,17 @@ def direction_letter(vector: Sequence[float] | np.ndarray) -> str:
 
 
 @dataclass(frozen=True)
+class BoxMark:
+    """A drawn box's label on a panel: its text (the score) at its top-left corner, as fractions of
+    the panel's width and height from its left and top, and its colour."""
+
+    left: float
+    top: float
+    text: str
+    colour: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
 class Panel:
     """One plane of a thumbnail: its PNG, its name, and the patient directions at its
     (left, right, top, bottom) edges, read from the affine: ("R", "L", "A", "P") for an axial plane."""
@@ -246,6 +259,7 @@ class Panel:
     png: bytes
     caption: str
     edges: tuple[str, str, str, str]
+    marks: tuple[BoxMark, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -436,6 +450,100 @@ def _image_thumbnail(image: np.ndarray, affine: np.ndarray) -> Thumbnail:
     return Thumbnail(tuple(panels))
 
 
+#: Boxes a detection thumbnail pictures: the best ones, each on the axial plane through its centre.
+REVIEW_BOXES = 3
+
+
+@dataclass(frozen=True)
+class ReviewBox:
+    """One predicted box as a ``<case>_boxes.json`` holds it: voxel indices of the input as stored
+    (start inclusive, end exclusive), its class value and its score."""
+
+    start: tuple[float, ...]
+    end: tuple[float, ...]
+    value: int
+    score: float
+
+
+def read_boxes(path: str | Path) -> list[ReviewBox]:
+    """The boxes of a ``<case>_boxes.json``, best first.
+
+    Raises:
+        ValueError: the file holds no ``boxes`` list of boxes with ``voxels`` start and end.
+    """
+    records = json.loads(Path(path).read_text()).get("boxes")
+    if not isinstance(records, list):
+        raise ValueError(f"{Path(path).name}: Expected a JSON object with a 'boxes' list. Got {type(records).__name__}")
+    boxes = [ReviewBox(tuple(float(v) for v in r["voxels"]["start"]), tuple(float(v) for v in r["voxels"]["end"]),
+                       int(r.get("class", 1)), float(r.get("score", 1.0))) for r in records]
+    return sorted(boxes, key=lambda b: -b.score)
+
+
+def _turned_box(box: ReviewBox, shape: tuple[int, ...], orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``box``'s start and end on the volume turned by :func:`_canonical` (``orientation``: nibabel's
+    ``io_orientation`` of the input's affine; ``shape``: the input's, padded to 3D)."""
+    start = np.array([*box.start, *(0.0,) * (3 - len(box.start))])
+    end = np.array([*box.end, *(1.0,) * (3 - len(box.end))])
+    turned_start, turned_end = np.zeros(3), np.zeros(3)
+    for axis, (target, direction) in enumerate(orientation):
+        low, high = (start[axis], end[axis]) if direction > 0 else (shape[axis] - end[axis], shape[axis] - start[axis])
+        turned_start[int(target)], turned_end[int(target)] = low, high
+    return turned_start, turned_end
+
+
+def _box_cut(start: np.ndarray, end: np.ndarray, shape: tuple[int, ...], axis: int, index: int) -> np.ndarray | None:
+    """The box's footprint on plane ``index`` along ``axis`` of a turned volume of ``shape``: a slab
+    one plane thick (for :func:`_planes`); None when the box does not cross that plane."""
+    low = np.clip(np.floor(start + 1e-6), 0, shape).astype(int)
+    high = np.clip(np.ceil(end - 1e-6), 0, shape).astype(int)
+    high = np.maximum(high, np.minimum(low + 1, shape))  # a box thinner than a voxel still shows
+    if not low[axis] <= index < high[axis]:
+        return None
+    slab = np.zeros([1 if a == axis else s for a, s in enumerate(shape)], dtype=np.uint8)
+    slab[tuple(slice(0, 1) if a == axis else slice(low[a], high[a]) for a in range(3))] = 1
+    return slab
+
+
+def _box_panel(volume: np.ndarray, turned_affine: np.ndarray, window: tuple[float, float], axis: int,
+               centre: tuple[int, ...], turned: Sequence[tuple[ReviewBox, np.ndarray, np.ndarray]], caption: str) -> Panel:
+    """The plane through ``centre`` along ``axis``, each box crossing it outlined and its score written."""
+    plane = _planes(volume, turned_affine, centre, axes=(axis,))[0]
+    size = _panel_size(plane.pixels.shape, plane.pixel_mm)
+    picture = _grey_panel(plane.pixels, window, size)
+    marks = []
+    at = tuple(0 if a == axis else c for a, c in enumerate(centre))
+    for box, start, end in turned:
+        slab = _box_cut(start, end, volume.shape, axis, centre[axis])
+        if slab is None:
+            continue
+        cut = _planes(slab, turned_affine, at, axes=(axis,))[0].pixels
+        picture = _outline(picture, _nearest(cut * box.value, size))
+        rows, cols = np.nonzero(cut)
+        marks.append(BoxMark(float(cols.min()) / cut.shape[1], float(rows.min()) / cut.shape[0], f"{box.score:.2f}",
+                             PALETTE[(box.value - 1) % len(PALETTE)]))
+    return Panel(_png(picture), caption, plane.edges, tuple(marks))
+
+
+def _boxes_thumbnail(image: np.ndarray, affine: np.ndarray, boxes: Sequence[ReviewBox]) -> Thumbnail:
+    """The axial plane (in-plane for 2D) through the centre of each of the :data:`REVIEW_BOXES` best
+    boxes, every box crossing it outlined in its class's colour with its score at its top-left corner."""
+    if not boxes:
+        return replace(_image_thumbnail(image, affine), note="no boxes predicted: planes through the middle")
+    volume, turned_affine = _canonical(image, affine)
+    orientation = nib.orientations.io_orientation(np.asarray(to_affine_nd(3, affine), dtype=np.float64))
+    shape3 = tuple(image.shape) + (1,) * (3 - image.ndim)
+    turned = [(box, *_turned_box(box, shape3, orientation)) for box in boxes]
+    axis = 2 if volume.shape[2] > 1 else int(np.argmin(volume.shape))
+    window = _window(volume)
+    panels = []
+    for rank, (_, start, end) in enumerate(turned[:REVIEW_BOXES], 1):
+        centre = tuple(int(np.clip(np.floor((s + e) / 2), 0, n - 1)) for s, e, n in zip(start, end, volume.shape))
+        panels.append(_box_panel(volume, turned_affine, window, axis, centre, turned,
+                                 f"box {rank}"))
+    more = len(boxes) - REVIEW_BOXES
+    return Thumbnail(tuple(panels), f"{more} more box(es) with lower scores in the JSON" if more > 0 else "")
+
+
 def case_thumbnail(result: CaseResult, output_columns: Sequence[str]) -> Thumbnail:
     """The thumbnail of one case from its input and written outputs (see the module's docstring).
 
@@ -445,6 +553,9 @@ def case_thumbnail(result: CaseResult, output_columns: Sequence[str]) -> Thumbna
         return Thumbnail(note="failed: no output to show")
     try:
         image, affine = _read_input(result.input)
+        main_output = next((result.outputs[c] for c in output_columns if c in result.outputs), "")
+        if main_output.endswith(".json"):
+            return _boxes_thumbnail(image, affine, read_boxes(main_output))
         files = [(column, result.outputs[column]) for column in output_columns
                  if column in result.outputs and result.outputs[column].endswith(_NIFTI)]
         if not files:
@@ -632,9 +743,19 @@ def _panel_figure(case_id: str, panel: Panel) -> str:
     left, right, top, bottom = panel.edges
     letters = "".join(f'<span class="edge {side}" title="{_e(DIRECTION_WORDS[letter])}">{letter}</span>'
                       for side, letter in zip(_EDGES, panel.edges))
+    letters += "".join(_box_mark(mark) for mark in panel.marks)
     alt = f"{case_id}: {panel.caption}, patient {left} on the left, {top} at the top"
     return (f'<figure class="panel"><div class="frame"><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
             f'{letters}</div><figcaption>{_e(panel.caption)}</figcaption></figure>')
+
+
+def _box_mark(mark: BoxMark) -> str:
+    """A box's score just above its top-left corner, kept inside the picture (inside the box when it
+    touches the top edge; moved left when it would run past the right edge, a thumbnail being narrow)."""
+    placement = f"top:{mark.top * 100:.1f}%" if mark.top < 0.12 else f"bottom:{(1 - mark.top) * 100:.1f}%"
+    left = f"min({mark.left * 100:.1f}%,calc(100% - {len(mark.text)}ch))"
+    return (f'<span class="score" style="left:{left};{placement};color:rgb{mark.colour}" '
+            f'title="the box\'s score">{_e(mark.text)}</span>')
 
 
 def _thumbnail_cell(result: CaseResult, thumbnail: Thumbnail) -> str:
@@ -705,11 +826,13 @@ td.reason{min-width:12em;max-width:22em;font-size:12px}td.reason ul{margin:0;pad
   background:#fff;border-radius:2px}
 .thumb:focus-visible{outline:2px solid #0a6ebd}
 .thumb.zoomed{cursor:zoom-out;position:relative;z-index:3;box-shadow:0 2px 14px rgba(0,0,0,.55);padding:2px}
-figure.panel{margin:0}.frame{position:relative;line-height:0}.frame img{display:block}
+figure.panel{margin:0}.frame{position:relative;line-height:0;width:fit-content}.frame img{display:block}
 .edge{position:absolute;font:700 9px/1 system-ui,sans-serif;color:#ffe14d;text-shadow:0 0 2px #000,0 0 2px #000;
   pointer-events:none}
 .edge.left{left:1px;top:50%;transform:translateY(-50%)}.edge.right{right:1px;top:50%;transform:translateY(-50%)}
 .edge.top{top:1px;left:50%;transform:translateX(-50%)}.edge.bottom{bottom:1px;left:50%;transform:translateX(-50%)}
+.score{position:absolute;font:700 8px/1 system-ui,sans-serif;text-shadow:0 0 2px #000,0 0 2px #000;
+  pointer-events:none;white-space:nowrap}
 figcaption{color:#888;font-size:11px;line-height:1.3;text-align:center}
 td.decision select{display:block;margin-bottom:3px}td.decision input{width:7em}
 tr.accepted td.decision{background:#e8f6e8}tr.rejected td.decision{background:#fde8e8}

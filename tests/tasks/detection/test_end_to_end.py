@@ -96,6 +96,8 @@ def test_predict_writes_boxes_in_world_mm_and_voxels_of_the_input(trained: dict)
             assert (world[:3] <= np.array(box["world_mm"]["min"]) + 0.01).all()
             assert (world[3:] >= np.array(box["world_mm"]["max"]) - 0.01).all()
             assert 0 <= box["score"] <= 1 and box["class_name"] == "lesion"
+    page = (tmp / "out" / "review.html").read_text()  # each scan's best boxes drawn, their scores written
+    assert page.count("<figcaption>box 1</figcaption>") == 5 and page.count('class="score"') >= 5
 
 
 def test_a_broken_scan_fails_alone(trained: dict) -> None:
@@ -109,3 +111,4 @@ def test_a_broken_scan_fails_alone(trained: dict) -> None:
     rows = {r["case_id"]: r for r in _rows(predictor.predict_folder(folder, tmp / "mixed_out", progress=False).report)}
     assert rows["scan_000"]["status"] == "ok" and rows["broken"]["status"] == "failed"
     assert "broken.nii.gz" in rows["broken"]["error"]
+
