@@ -3,8 +3,9 @@
 Everything detection-specific lives in this package: boxes and their conversions (``boxes``),
 box files (``box_files``), FROC and mAP (``metrics``), the config (``config``), the network and
 detector (``networks``), the loss (``losses``), chains (``transforms``), the stages' pieces
-(``training``), one scan's prediction (``predict``),, a synthetic lesion set (``synthetic``) and the
-planner rule (``planner``). :data:`TASK` is what the registry hands out under ``detection``.
+(``training``), one scan's prediction (``predict``), box fusion over an ensemble and TTA flips
+(``fusion``), a synthetic lesion set (``synthetic``) and the planner rule (``planner``).
+:data:`TASK` is what the registry hands out under ``detection``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class DetectionTask(TaskBase):
     name = "detection"
     config_type = DetectionConfig
     selection_metric = "val/froc"
+    predict_options = frozenset({"tta"})
     headline_metrics = ("/sensitivity_at_", "/froc$", "/map_iou")
 
     def build_network(self, cfg: Any) -> nn.Module:

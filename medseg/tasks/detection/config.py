@@ -98,8 +98,14 @@ class DetectionLossConfig(LossConfig):
     atss_candidates: int = Field(default=4, ge=1, description="ATSS matcher: candidate anchors per level and box.")
 
 
+class BoxFusion(StrEnum):
+    NMS = "nms"  # keep the best-scored box of each overlapping group
+    WBF = "wbf"  # average each overlapping group into one box (weighted boxes fusion)
+
+
 class DetectConfig(Section):
-    """How a scan is searched: MONAI's sliding-window inference on the preprocessed grid, then NMS."""
+    """How a scan is searched: MONAI's sliding-window inference on the preprocessed grid, then NMS;
+    several predictions of one scan (an ensemble's members, the flips of ``predict --tta``) fused."""
 
     window: tuple[int, ...] | None = Field(default=None, description="Sliding-window size; null: patch.size.")
     overlap: float = Field(default=0.25, ge=0, lt=1)
@@ -108,6 +114,12 @@ class DetectConfig(Section):
     nms_iou: float = Field(default=0.22, gt=0, le=1, description="Non-maximum suppression: of boxes overlapping "
                            "more than this, the best-scored is kept.")
     max_boxes: int = Field(default=100, ge=1, description="Boxes kept per scan.")
+    fusion: BoxFusion = Field(default=BoxFusion.WBF, description="How the boxes of several predictions of a scan "
+                              "(an ensemble's members, the flips of predict --tta) become one list: wbf (weighted "
+                              "boxes fusion: each overlapping group averaged, scored by how many predictions found "
+                              "it) or nms (the best-scored box of each group kept).")
+    fusion_iou: float = Field(default=0.55, gt=0, lt=1, description="Boxes overlapping more than this (IoU) are "
+                              "one object when predictions are fused.")
 
 
 class DetectionConfig(RunConfig):

@@ -1,6 +1,8 @@
 """Detection of one scan with a loaded model: the contract's preprocessing, MONAI's sliding-window
-detector on the preprocessed grid (box fusion by NMS), and every box given back twice: in world
-millimetres (RAS, the frame medseg's affines are in) and in voxel indices of the input as stored.
+detector on the preprocessed grid (NMS within a prediction), the predictions of every ensemble member
+and TTA flip fused into one list (``detect.fusion``: weighted boxes fusion or NMS, on the preprocessed
+grid the members share; :mod:`medseg.tasks.detection.fusion`), and every box given back twice: in
+world millimetres (RAS, the frame medseg's affines are in) and in voxel indices of the input as stored.
 
 Each case writes ``<case>_boxes.json`` (every box, best first: class, score, ``world_mm`` min/max
 corners, ``voxels`` start/end (end exclusive), the preprocessed grid's too); ``predictions.csv``
@@ -22,12 +24,14 @@ from medseg.data.transforms import preprocessing_from_contract
 from medseg.engine.case_io import preprocess_case
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.results import CaseResult, Prediction, PredictOptions
+from medseg.engine.tta import flip_combinations, flip_spatial, tta_axes
 from medseg.io.atomic import atomic_write_text
 from medseg.io.discovery import InputCase
 from medseg.io.naming import output_paths
 from medseg.tasks.detection.boxes import Boxes, spatial_affine, voxel_to_world, world_to_voxel
 from medseg.tasks.detection.config import DetectConfig, DetectionModelConfig
 from medseg.tasks.detection.detect import detect_boxes
+from medseg.tasks.detection.fusion import fuse_boxes, unflip_boxes
 
 #: A box scoring this much or more counts as confident in the report's ``confident_boxes``.
 CONFIDENT = 0.5
@@ -60,20 +64,30 @@ class DetectionPredictor:
     def __init__(self, model: LoadedModel, options: PredictOptions, device: torch.device):
         self.model, self.options, self.device = model, options, device
         contract = model.contract
-        self.network = model.networks[0]  # box fusion across an ensemble is not done: its first member detects
         self.model_cfg = DetectionModelConfig.model_validate(contract["model"])
         self.detect = DetectConfig.model_validate(contract["detect"])
-        self.window = tuple(int(s) for s in contract["window"])
+        # every member searches with its own window; the flips are those its training flipped
+        self.members = [(network, tuple(int(s) for s in member.get("window", contract["window"])))
+                        for network, member in model.members()]
+        self.flips = flip_combinations(self.model_cfg.spatial_dims, options.tta,
+                                       tta_axes(contract, options.tta, f"model {model.uri}"))
         self.class_names: dict[str, str] = dict(contract.get("box_classes", {}))
         self._chains = {load: preprocessing_from_contract(contract, load=load, allow_constant=options.allow_constant)
                         for load in (True, False)}
 
     def boxes(self, image: str | Path | Sequence[str] | MetaTensor, case_id: str) -> tuple[Boxes, np.ndarray, np.ndarray]:
-        """Boxes on the preprocessed grid, that grid's affine and the input's (both RAS)."""
+        """Boxes on the preprocessed grid (every member's and flip's, fused), that grid's affine and the
+        input's (both RAS)."""
         volume, _ = preprocess_case(self._chains, image, case_id, self.model.contract)
         dims = self.model_cfg.spatial_dims
-        boxes = detect_boxes(self.network, volume.as_tensor(), self.model_cfg, len(self.class_names), self.detect,
-                             self.window, self.device)
+        scan = volume.as_tensor()
+        found = []
+        for network, window in self.members:
+            for flip in self.flips:
+                flipped = detect_boxes(network, flip_spatial(scan, flip, dims), self.model_cfg, len(self.class_names),
+                                       self.detect, window, self.device)
+                found.append(unflip_boxes(flipped, flip, scan.shape[1:]))
+        boxes = fuse_boxes(found, self.detect.fusion, self.detect.fusion_iou, self.detect.max_boxes)
         grid = spatial_affine(np.asarray(volume.affine, dtype=np.float64), dims)
         stored = spatial_affine(np.asarray(volume.meta.get("original_affine", volume.affine), dtype=np.float64), dims)
         return boxes, grid, stored

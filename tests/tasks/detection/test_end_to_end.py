@@ -112,3 +112,30 @@ def test_a_broken_scan_fails_alone(trained: dict) -> None:
     assert rows["scan_000"]["status"] == "ok" and rows["broken"]["status"] == "failed"
     assert "broken.nii.gz" in rows["broken"]["error"]
 
+
+def _boxes_of(predictor: medseg.Predictor, scan: Path, out: Path) -> list[dict]:
+    folder = out / "in"
+    folder.mkdir(parents=True)
+    (folder / scan.name).write_bytes(scan.read_bytes())
+    row = _rows(predictor.predict_folder(folder, out / "boxes", progress=False).report)[0]
+    assert row["status"] == "ok", row
+    return list(json.loads(Path(row["boxes"]).read_text())["boxes"])
+
+
+def test_an_ensemble_and_flips_are_fused_into_one_list(trained: dict) -> None:
+    result, tmp, uri = trained["result"], trained["tmp"], trained["uri"]
+    scan = tmp / "data" / "synthetic_lesions" / "images" / "scan_001.nii.gz"
+    single = _boxes_of(medseg.Predictor.from_uri(result.model_uri, device="cpu", tracking_uri=uri), scan, tmp / "one")
+    # two copies of one model agree on every box: weighted boxes fusion gives each back as it was
+    twice = _boxes_of(medseg.Predictor.from_uri([result.model_uri, result.model_uri], device="cpu", tracking_uri=uri),
+                      scan, tmp / "two")
+    assert [(b["score"], b["voxels"]) for b in twice] == [(b["score"], b["voxels"]) for b in single]
+    # with the flip its training used (axis 0), each flip's boxes are put back and fused
+    flipped = _boxes_of(medseg.Predictor.from_uri(result.model_uri, device="cpu", tracking_uri=uri, tta=True), scan,
+                        tmp / "tta")
+    import nibabel as nib
+
+    shape = nib.load(scan).shape
+    assert 0 < len(flipped) <= 10 and flipped != single
+    for box in flipped:
+        assert all(0 <= s < e <= n + 1 for s, e, n in zip(box["voxels"]["start"], box["voxels"]["end"], shape))
