@@ -449,6 +449,7 @@ class Predictor:
                 export would otherwise get a confident-looking prediction).
             qc: QC thresholds overriding the contract's (segmentation): ``max_abs_volume_z``,
                 ``max_mean_entropy``, ``min_agreement``; a case passing one gets ``qc_flag`` and the reason.
+                Detection's: ``min_boxes``, ``max_confident_boxes``, ``min_top_score``, ``max_edge_boxes``.
             backend: what runs the network: ``torch``, ``onnxruntime`` or ``openvino`` (the network
                 exported to ONNX once, cached by its weights, inside the same preprocessing,
                 sliding-window and inversion path; a ``medseg export`` folder's own graph is used),

@@ -160,6 +160,24 @@ def _entropy_words(entropy: float, limit: float, reference: QcReference) -> str:
     return f"less certain than this batch's limit allows (uncertainty {entropy:.3f}; limit {limit:g}, set with --qc)"
 
 
+def _box_words(part: str) -> str | None:
+    """A detection QC reason in words ("edge boxes 1 > 0" -> "1 confident box touches the image's
+    edge: ..."); None for any other reason."""
+    found = re.fullmatch(r"(boxes|confident boxes|top score|edge boxes) ([-+]?[\d.]+) [<>] ([-+]?[\d.eE]+)", part)
+    if not found:
+        return None
+    kind, value, limit = found.group(1), float(found.group(2)), found.group(3)
+    if kind == "boxes":
+        return ("no box found: a scan without lesions, or lesions the detector missed" if value == 0 else
+                f"only {value:.0f} box(es) found, fewer than the {limit} expected")
+    if kind == "confident boxes":
+        return f"{value:.0f} confident boxes (score 0.5 or more), more than the {limit} this model expects of a scan"
+    if kind == "top score":
+        return f"only low-confidence boxes: the best scores {value:.2f}, below {limit}"
+    return (f"{value:.0f} confident box(es) touching the image's edge (at most {limit} expected): a lesion there "
+            "may be cut off, or the box may be an artefact of the edge")
+
+
 def plain_reasons(result: CaseResult, thresholds: Mapping[str, float], reference: QcReference | None = None) -> list[str]:
     """Why the QC flagged a case, in words a clinician reads without the report's column names.
 
@@ -183,6 +201,8 @@ def plain_reasons(result: CaseResult, thresholds: Mapping[str, float], reference
                                      reference.training_volumes.get(name)))
         elif part.startswith("mean entropy") and entropy is not None and "max_mean_entropy" in thresholds:
             out.append(_entropy_words(entropy, thresholds["max_mean_entropy"], reference))
+        elif _box_words(part) is not None:
+            out.append(str(_box_words(part)))
         elif part.startswith("agreement") and agreement is not None and "min_agreement" in thresholds:
             out.append(f"the flipped or ensembled predictions disagree: they overlap by {agreement:.2f} (Dice), "
                        f"less than the {thresholds['min_agreement']:g} expected")
@@ -624,6 +644,10 @@ _TITLES: dict[str, tuple[str, str]] = {
     "entropy": ("uncertainty (entropy, 0-1)", "normalised entropy of the class probabilities: 0 certain, 1 a coin toss"),
     "agreement": ("agreement (Dice, 0-1)", "mean Dice between the flips or ensemble members' masks: low is unstable"),
     "max_probability": ("top probability", "the probability of the predicted class"),
+    "n_boxes": ("boxes", "boxes found in the scan (every score above the model's threshold)"),
+    "confident_boxes": ("confident boxes", "boxes scoring 0.5 or more"),
+    "max_score": ("best score", "the score of the scan's best box"),
+    "edge_boxes": ("boxes at the edge", "confident boxes touching the image's edge: a lesion there may be cut off"),
     "predicted_name": ("predicted class", "the most probable class"),
     "seconds": ("time (s)", "seconds to read, predict and write this case"),
     VOLUMES: ("volumes (mL; SD from training)",
@@ -948,6 +972,10 @@ _THRESHOLD_WORDS = {
     "max_abs_volume_z": "a label's volume within {} SD of the training average",
     "max_mean_entropy": "uncertainty at most {}",
     "min_agreement": "flips or ensemble members agreeing at least {} (Dice)",
+    "min_boxes": "at least {} box(es) found",
+    "max_confident_boxes": "at most {} confident boxes (score 0.5 or more)",
+    "min_top_score": "a best box scoring at least {}",
+    "max_edge_boxes": "at most {} confident box(es) touching the image's edge",
 }
 
 

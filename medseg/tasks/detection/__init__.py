@@ -27,7 +27,7 @@ class DetectionTask(TaskBase):
     name = "detection"
     config_type = DetectionConfig
     selection_metric = "val/froc"
-    predict_options = frozenset({"tta"})
+    predict_options = frozenset({"tta", "qc"})
     headline_metrics = ("/sensitivity_at_", "/froc$", "/map_iou")
 
     def build_network(self, cfg: Any) -> nn.Module:
@@ -97,6 +97,15 @@ class DetectionTask(TaskBase):
         from medseg.tasks.detection.training import model_contract
 
         return model_contract(cfg)
+
+    def packaged_contract(self, ctx: Any) -> dict[str, Any]:
+        """The contract, with the QC thresholds (:mod:`medseg.tasks.detection.qc`): how many confident
+        boxes are unusually many follows from the validation scans' lesion counts."""
+        from medseg.tasks.detection.qc import contract_qc
+
+        contract = super().packaged_contract(ctx)
+        contract["qc"] = contract_qc(ctx.run_dir / "evaluation" / "val_cases.csv")
+        return contract
 
     def plan(self, request: Any, fingerprint: Any) -> Any:
         from medseg.tasks.detection.planner import plan

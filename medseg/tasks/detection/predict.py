@@ -5,14 +5,16 @@ grid the members share; :mod:`medseg.tasks.detection.fusion`), and every box giv
 world millimetres (RAS, the frame medseg's affines are in) and in voxel indices of the input as stored.
 
 Each case writes ``<case>_boxes.json`` (every box, best first: class, score, ``world_mm`` min/max
-corners, ``voxels`` start/end (end exclusive), the preprocessed grid's too); ``predictions.csv``
-has its path, the box count, the count scoring 0.5 or more and the best score.
+corners, ``voxels`` start/end (end exclusive), the preprocessed grid's too; the input's shape);
+``predictions.csv`` has its path, the box count, the count scoring 0.5 or more, the best score, the
+confident boxes touching the image's edge and the QC flag with its reasons (:mod:`.qc`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,7 @@ from medseg.tasks.detection.boxes import Boxes, spatial_affine, voxel_to_world, 
 from medseg.tasks.detection.config import DetectConfig, DetectionModelConfig
 from medseg.tasks.detection.detect import detect_boxes
 from medseg.tasks.detection.fusion import fuse_boxes, unflip_boxes
-
-#: A box scoring this much or more counts as confident in the report's ``confident_boxes``.
-CONFIDENT = 0.5
+from medseg.tasks.detection.qc import CONFIDENT, box_quality, edge_boxes, qc_thresholds
 
 
 def box_records(boxes: Boxes, grid_affine: np.ndarray, input_affine: np.ndarray,
@@ -55,11 +55,22 @@ def _round(values: np.ndarray) -> list[float]:
     return [round(float(v), 3) for v in values]
 
 
+@dataclass(frozen=True)
+class ScanBoxes:
+    """One scan's fused boxes on the preprocessed grid, that grid's affine and the input's (both RAS),
+    and the input's spatial shape (None when the input does not say)."""
+
+    boxes: Boxes
+    grid: np.ndarray
+    stored: np.ndarray
+    shape: tuple[int, ...] | None
+
+
 class DetectionPredictor:
     """The boxes of the scans of a folder or in memory."""
 
     output_columns: tuple[str, ...] = ("boxes",)
-    value_columns: tuple[str, ...] = ("n_boxes", "confident_boxes", "max_score")
+    value_columns: tuple[str, ...] = ("n_boxes", "confident_boxes", "max_score", "edge_boxes", "qc_flag", "qc_reason")
 
     def __init__(self, model: LoadedModel, options: PredictOptions, device: torch.device):
         self.model, self.options, self.device = model, options, device
@@ -72,12 +83,12 @@ class DetectionPredictor:
         self.flips = flip_combinations(self.model_cfg.spatial_dims, options.tta,
                                        tta_axes(contract, options.tta, f"model {model.uri}"))
         self.class_names: dict[str, str] = dict(contract.get("box_classes", {}))
+        self.qc = qc_thresholds(contract, options.qc)
         self._chains = {load: preprocessing_from_contract(contract, load=load, allow_constant=options.allow_constant)
                         for load in (True, False)}
 
-    def boxes(self, image: str | Path | Sequence[str] | MetaTensor, case_id: str) -> tuple[Boxes, np.ndarray, np.ndarray]:
-        """Boxes on the preprocessed grid (every member's and flip's, fused), that grid's affine and the
-        input's (both RAS)."""
+    def boxes(self, image: str | Path | Sequence[str] | MetaTensor, case_id: str) -> ScanBoxes:
+        """The scan's boxes (every member's and flip's, fused) and its grids."""
         volume, _ = preprocess_case(self._chains, image, case_id, self.model.contract)
         dims = self.model_cfg.spatial_dims
         scan = volume.as_tensor()
@@ -90,37 +101,46 @@ class DetectionPredictor:
         boxes = fuse_boxes(found, self.detect.fusion, self.detect.fusion_iou, self.detect.max_boxes)
         grid = spatial_affine(np.asarray(volume.affine, dtype=np.float64), dims)
         stored = spatial_affine(np.asarray(volume.meta.get("original_affine", volume.affine), dtype=np.float64), dims)
-        return boxes, grid, stored
+        shape = volume.meta.get("spatial_shape")
+        return ScanBoxes(boxes, grid, stored, None if shape is None else tuple(int(n) for n in np.asarray(shape)[:dims]))
 
     def predict(self, image: str | Path | MetaTensor, case_id: str) -> Prediction:
-        boxes, _, stored = self.boxes(image, case_id)
-        return Prediction(case_id, "detection", stored, metrics=self._values(boxes))
+        found = self.boxes(image, case_id)
+        records = box_records(found.boxes, found.grid, found.stored, self.class_names)
+        values = self._values(records, found.shape)
+        return Prediction(case_id, "detection", found.stored,
+                          metrics={k: v for k, v in values.items() if isinstance(v, float)})
 
-    @staticmethod
-    def _values(boxes: Boxes) -> dict[str, float]:
-        scores = boxes.scores if boxes.scores is not None and len(boxes) else np.zeros(0)
-        return {"n_boxes": float(len(boxes)), "confident_boxes": float((scores >= CONFIDENT).sum()),
-                "max_score": float(scores.max()) if len(scores) else float("nan")}
+    def _values(self, records: Sequence[dict[str, Any]], shape: Sequence[int] | None) -> dict[str, Any]:
+        """The report's values of one scan's box records (as its JSON holds them) and its QC."""
+        scores = np.array([r["score"] for r in records], dtype=np.float64)
+        values = {"n_boxes": float(len(scores)), "confident_boxes": float((scores >= CONFIDENT).sum()),
+                  "max_score": float(scores.max()) if len(scores) else float("nan"), "edge_boxes": float("nan")}
+        if shape is not None:
+            dims = self.model_cfg.spatial_dims
+            starts = np.array([r["voxels"]["start"] for r in records], dtype=np.float64).reshape(-1, dims)
+            ends = np.array([r["voxels"]["end"] for r in records], dtype=np.float64).reshape(-1, dims)
+            values["edge_boxes"] = float(edge_boxes(starts, ends, scores, shape))
+        return {**values, **box_quality(values, self.qc)}
 
     def expected_outputs(self, case: InputCase, output_dir: Path) -> dict[str, Path]:
         return output_paths(output_dir, case.case_id, {"boxes": "_boxes.json"})
 
     def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
-        boxes, grid, stored = self.boxes(case.source, case.case_id)
-        records = box_records(boxes, grid, stored, self.class_names)
+        found = self.boxes(case.source, case.case_id)
+        records = box_records(found.boxes, found.grid, found.stored, self.class_names)
         path = self.expected_outputs(case, output_dir)["boxes"]
         atomic_write_text(path, json.dumps({"case_id": case.case_id, "frame": "RAS", "units": "mm",
                                             "voxel_convention": "start inclusive, end exclusive, array index order",
+                                            "input_shape": None if found.shape is None else list(found.shape),
                                             "boxes": records}, indent=1))
         return CaseResult(case.case_id, str(case.path), "ok", outputs={"boxes": str(path)},
-                          values=self._values(boxes))
+                          values=self._values(records, found.shape))
 
     def values_of_finished(self, case: InputCase, outputs: dict[str, Path]) -> dict[str, Any]:
-        """A finished case's values, read back from its boxes JSON."""
-        records = json.loads(Path(outputs["boxes"]).read_text()).get("boxes", [])
-        scores = np.array([r["score"] for r in records], dtype=np.float64)
-        return self._values(Boxes(np.zeros((len(scores), 2 * self.model_cfg.spatial_dims)),
-                                  np.ones(len(scores), dtype=np.int64), scores))
+        """A finished case's values and QC, read back from its boxes JSON."""
+        written = json.loads(Path(outputs["boxes"]).read_text())
+        return self._values(written.get("boxes", []), written.get("input_shape"))
 
     def summarise(self, results: Sequence[CaseResult]) -> tuple[dict[str, Any], dict[str, float]]:
         """Boxes per scan over the batch (summary JSON and MLflow metrics)."""

@@ -96,6 +96,12 @@ def test_predict_writes_boxes_in_world_mm_and_voxels_of_the_input(trained: dict)
             assert (world[:3] <= np.array(box["world_mm"]["min"]) + 0.01).all()
             assert (world[3:] >= np.array(box["world_mm"]["max"]) - 0.01).all()
             assert 0 <= box["score"] <= 1 and box["class_name"] == "lesion"
+        assert boxes["input_shape"] == list(nib.load(images / f"{row['case_id']}.nii.gz").shape)
+        assert row["qc_flag"] in ("True", "False") and float(row["edge_boxes"]) <= float(row["confident_boxes"])
+    with open(result.run_dir / "evaluation" / "val_cases.csv", newline="") as fh:  # QC: twice the most lesions
+        most = max(int(r["reference_boxes"]) for r in csv.DictReader(fh))
+    assert contract["qc"] == {"min_boxes": 1.0, "max_confident_boxes": float(max(2 * most, 1)), "min_top_score": 0.5,
+                              "max_edge_boxes": 0.0}
     page = (tmp / "out" / "review.html").read_text()  # each scan's best boxes drawn, their scores written
     assert page.count("<figcaption>box 1</figcaption>") == 5 and page.count('class="score"') >= 5
 
@@ -139,3 +145,23 @@ def test_an_ensemble_and_flips_are_fused_into_one_list(trained: dict) -> None:
     assert 0 < len(flipped) <= 10 and flipped != single
     for box in flipped:
         assert all(0 <= s < e <= n + 1 for s, e, n in zip(box["voxels"]["start"], box["voxels"]["end"], shape))
+
+
+def test_qc_flags_scans_in_the_report_the_summaries_and_the_review_page(trained: dict) -> None:
+    result, tmp, uri = trained["result"], trained["tmp"], trained["uri"]
+    folder = tmp / "qc_in"
+    folder.mkdir()
+    for case in ("scan_000", "scan_002"):
+        source = tmp / "data" / "synthetic_lesions" / "images" / f"{case}.nii.gz"
+        (folder / source.name).write_bytes(source.read_bytes())
+    # no box can score 1.01: every scan has only low-confidence boxes
+    predictor = medseg.Predictor.from_uri(result.model_uri, device="cpu", tracking_uri=uri, qc={"min_top_score": 1.01})
+    batch = predictor.predict_folder(folder, tmp / "qc_out", progress=False)
+    rows = _rows(batch.report)
+    assert all(r["qc_flag"] == "True" and "top score" in r["qc_reason"] and "< 1.01" in r["qc_reason"] for r in rows)
+    assert batch.summary_dict()["qc_flagged"] == 2
+    summary = json.loads((tmp / "qc_out" / "qc_summary.json").read_text())
+    assert summary["by_reason"]["top score"] == 2 and summary["thresholds"]["min_top_score"] == 1.01
+    page = (tmp / "qc_out" / "review.html").read_text()
+    assert page.count("only low-confidence boxes: the best scores") == 2 and "a best box scoring at least 1.01" in page
+
