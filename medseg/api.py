@@ -62,6 +62,7 @@ from medseg.engine.runtime import resolve_device, tune_allocator
 from medseg.errors import ConfigError, UsageError
 from medseg.io.discovery import discover_paths
 from medseg.io.readers import strip_volume_suffix
+from medseg.io.uris import local_folder
 from medseg.planning.dataset import consecutive_labels, dataset_name, describe_dataset, labels_from_manifest
 from medseg.tasks.base import Task
 from medseg.tasks.registry import get_task, list_tasks, load_config, network_from_spec, validate_config
@@ -572,7 +573,8 @@ class Predictor:
                           review=review)
         check_options(options, self.task.name, self.task.predict_options)
         runner = case_runner(engine, self.case_predictor_factory(options), ray)
-        found = discover_inputs(Path(input), self.model.contract.get("in_channels"))
+        input, output = local_folder(input, "--input"), local_folder(output, "--output")
+        found = discover_inputs(input, self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
         report = record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
                                                self.device, tracker, found, runner), self.model)

@@ -222,10 +222,11 @@ def _add_predict(sub: Any) -> None:
                          help="MLflow model URI (runs:/<id>/model, models:/<name>/<version>, models:/m-...) or folder; "
                               "repeat it, or give a --seeds/--folds parent (runs:/<parent id> or its run directory), "
                               "to average an ensemble")
-    predict.add_argument("-i", "--input", type=Path, required=True,
+    # text, not Path: a file:// URI keeps its two slashes (medseg.io.uris.local_folder reads it)
+    predict.add_argument("-i", "--input", required=True,
                          help="folder of scans (searched recursively), one file, or a .csv/.parquet table whose "
-                              "'path' column lists the scans")
-    predict.add_argument("-o", "--output", type=Path, required=True, help="folder for masks and the report")
+                              "'path' column lists the scans (paths, file:// or fsspec URIs such as s3://...)")
+    predict.add_argument("-o", "--output", required=True, help="folder for masks and the report")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's contract)")
     predict.add_argument("--tta", action="store_true", help="average predictions over all axis flips")
@@ -273,6 +274,9 @@ def _add_ray_flags(predict: Any) -> None:
     ray.add_argument("--ray-gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0; 1: one each)")
     ray.add_argument("--ray-local-cpus", type=int, help="CPUs of a local Ray runtime (default: this machine's)")
     ray.add_argument("--ray-dashboard", action="store_true", help="start the dashboard with a local runtime (:8265)")
+    ray.add_argument("--ray-io-actors", type=int, help="workers reading and writing, each stage (default: --ray-actors)")
+    ray.add_argument("--ray-io-cpus", type=float, default=0.0,
+                     help="CPUs per reading/writing worker (default 0: they share the CPUs the actors leave)")
 
 
 def _add_serve_and_export(sub: Any) -> None:
@@ -605,7 +609,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     tracker = None
     if not args.no_tracking:
         tracker = MlflowTracker(predictor.tracking_uri, args.experiment)
-        tracker.start(f"predict-{args.input.resolve().name}", {"medseg_task": "predict", "task": predictor.task.name})
+        tracker.start(f"predict-{Path(args.input).resolve().name}", {"medseg_task": "predict",
+                                                                      "task": predictor.task.name})
     try:
         batch = predictor.predict_folder(args.input, args.output, overwrite=args.overwrite,
                                          save_probabilities=args.save_probabilities,
@@ -642,7 +647,7 @@ def _ray_options(args: argparse.Namespace) -> Any:
 
     return RayOptions(address=args.ray_address, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
                       gpus_per_actor=args.ray_gpus_per_actor, local_cpus=args.ray_local_cpus,
-                      dashboard=args.ray_dashboard)
+                      dashboard=args.ray_dashboard, io_actors=args.ray_io_actors, io_cpus=args.ray_io_cpus)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -128,3 +128,23 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def portable_history(volume: MetaTensor) -> MetaTensor:
+    """``volume`` with a transform history that names no transform object of this process.
+
+    MONAI inverts a transform only if the history entry carries that transform's ``id()`` (or
+    ``TraceKeys.NONE``); another process's identical chain has other ids, so an entry is given
+    ``NONE`` and the inverse matches transforms by their order, as the chain applied them.
+    """
+    from monai.utils import TraceKeys
+
+    def detached(entry: Any) -> Any:
+        if isinstance(entry, dict):
+            return {k: TraceKeys.NONE if k == TraceKeys.ID else detached(v) for k, v in entry.items()}
+        if isinstance(entry, (list, tuple)):
+            return type(entry)(detached(v) for v in entry)
+        return entry
+
+    volume.applied_operations = [detached(op) for op in volume.applied_operations]
+    return volume

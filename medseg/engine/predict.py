@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ from medseg.errors import (
     UsageError,
 )
 from medseg.io.atomic import atomic_write_text
-from medseg.io.discovery import Discovery, InputCase, discover, discover_paths
+from medseg.io.discovery import Discovery, InputCase, discover, discover_entries
 from medseg.io.locks import open_lock_file, read_holder, write_holder
+from medseg.io.uris import check_uri, fetched, file_uri_path, uri_scheme
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +52,15 @@ def discover_inputs(input_dir: Path, channels: int | None = None) -> Discovery:
     which files are the channel files of one case (:func:`medseg.io.discovery.group_channel_files`).
 
     A ``.csv`` or ``.parquet`` file is a table of scans: its ``path`` column names them (files,
-    DICOM series folders; relative paths are read from the table's folder), and a path that does not
-    exist is a failed case of its own (:func:`medseg.io.discovery.discover_paths`).
+    DICOM series folders; relative paths are read from the table's folder; ``file://`` URIs; other
+    fsspec URIs such as ``s3://bucket/scan.nii.gz``, fetched when the case is read), and a path that
+    does not exist is a failed case of its own (:func:`medseg.io.discovery.discover_entries`).
 
     Raises:
         UsageError: the input does not exist or holds no scans; a table without a ``path`` column.
     """
     if input_dir.is_file() and input_dir.suffix.lower() in PATH_TABLES:
-        found = discover_paths(read_path_table(input_dir), channels)
+        found = discover_entries(read_path_table(input_dir), channels)
         if not found.cases:
             raise UsageError(f"--input {input_dir}: the table lists no paths; give one scan per row in its 'path' column")
         return found
@@ -83,11 +86,14 @@ CaseRunner = Callable[[CasePredictor, Sequence[InputCase], Path, PredictOptions,
 PATH_TABLES = (".csv", ".parquet")
 
 
-def read_path_table(table: Path) -> list[Path]:
-    """The scans a ``.csv``/``.parquet`` table lists in its ``path`` column, relative ones from its folder.
+def read_path_table(table: Path) -> list[Path | str]:
+    """The scans a ``.csv``/``.parquet`` table lists in its ``path`` column: local paths (relative ones
+    from its folder, ``file://`` URIs as the paths they name), and other URIs as text (their schemes
+    checked here, before any case runs).
 
     Raises:
-        UsageError: the table cannot be read, or has no ``path`` column (the columns it has are named).
+        UsageError: the table cannot be read, has no ``path`` column (the columns it has are named), or
+            names a URI no installed file system reads (naming it and the package to install).
     """
     import pandas as pd
 
@@ -102,8 +108,17 @@ def read_path_table(table: Path) -> list[Path]:
     if "path" not in frame.columns:
         raise UsageError(f"--input {table}: expected a 'path' column (one scan per row), found columns "
                          f"{list(frame.columns)[:20]}; rename the column of scan paths to 'path'")
-    return [path if path.is_absolute() else table.parent / path
-            for path in (Path(str(p)) for p in frame["path"] if isinstance(p, str) and p.strip())]
+    entries: list[Path | str] = []
+    for text in (str(p).strip() for p in frame["path"] if isinstance(p, str) and p.strip()):
+        scheme = uri_scheme(text)
+        if scheme == "file":
+            entries.append(file_uri_path(text, f"--input {table}"))
+        elif scheme is not None:
+            check_uri(text, f"--input {table}")
+            entries.append(text)
+        else:
+            entries.append(Path(text) if Path(text).is_absolute() else table.parent / text)
+    return entries
 
 
 def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
@@ -344,32 +359,73 @@ def predict_one_case(predictor: CasePredictor, case: InputCase, output_dir: Path
     written; any failure is the case's ``failed`` result with the reason, never an exception."""
     started = time.monotonic()
     try:
-        if case.problem:
-            raise CaseError(case.problem)
-        expected = predictor.expected_outputs(case, output_dir)
-        _refuse_writing_over_inputs(case, expected)
-        finished = all(p.exists() for p in expected.values()) if expected else previous_row is not None
-        if finished and not overwrite:
-            # Outputs are only ever renamed into place complete, so existing ones are finished work;
-            # their values come from the earlier report (or the files), so the report stays whole.
-            values = ({k: previous_row.get(k, "") for k in predictor.value_columns} if previous_row is not None
-                      else predictor.values_of_finished(case, expected))
-            return CaseResult(case.case_id, case.shown, "skipped", "output exists (use --overwrite to redo)",
-                              time.monotonic() - started, {k: str(p) for k, p in expected.items()}, values)
-        result = predictor.predict_case(case, output_dir)
-    except OSError as err:
+        done = finished_case(predictor, case, output_dir, overwrite, previous_row)
+        if done is not None:
+            done.seconds = time.monotonic() - started
+            return done
+        with readable(case) as local:
+            result = predictor.predict_case(local, output_dir)
+    except Exception as err:  # one bad case must not stop the batch
+        return failed_case(case, output_dir, err, time.monotonic() - started)
+    result.input, result.seconds = case.shown, time.monotonic() - started
+    return result
+
+
+@contextmanager
+def readable(case: InputCase) -> Iterator[InputCase]:
+    """``case`` as the readers take it: a case named by URI has its object fetched to a local file
+    first (removed on exit), and a message about that copy names the URI instead.
+
+    Raises:
+        CaseError: the object cannot be fetched, or the case fails with the copy's name in its message.
+    """
+    if case.uri is None:
+        yield case
+        return
+    with fetched(case.uri) as local:
+        try:
+            yield replace(case, path=local)
+        except MedsegError as err:
+            if str(local) not in str(err):
+                raise
+            raise CaseError(str(err).replace(str(local), case.uri)) from err
+
+
+def finished_case(predictor: CasePredictor, case: InputCase, output_dir: Path, overwrite: bool,
+                  previous_row: dict[str, str] | None) -> CaseResult | None:
+    """The ``skipped`` result of a case an earlier run finished (unless ``overwrite``), else None.
+
+    Raises:
+        CaseError: the case cannot be predicted (discovery's problem with it, or an output that would
+            replace its own input).
+    """
+    if case.problem:
+        raise CaseError(case.problem)
+    expected = predictor.expected_outputs(case, output_dir)
+    _refuse_writing_over_inputs(case, expected)
+    finished = all(p.exists() for p in expected.values()) if expected else previous_row is not None
+    if not finished or overwrite:
+        return None
+    # Outputs are only ever renamed into place complete, so existing ones are finished work;
+    # their values come from the earlier report (or the files), so the report stays whole.
+    values = ({k: previous_row.get(k, "") for k in predictor.value_columns} if previous_row is not None
+              else predictor.values_of_finished(case, expected))
+    return CaseResult(case.case_id, case.shown, "skipped", "output exists (use --overwrite to redo)", 0.0,
+                      {k: str(p) for k, p in expected.items()}, values)
+
+
+def failed_case(case: InputCase, output_dir: Path, err: Exception, seconds: float) -> CaseResult:
+    """The ``failed`` result of a case whose prediction raised ``err``, its message naming the input."""
+    source = case.uri or case.path
+    if isinstance(err, OSError):
         # A failed write (disk full, read-only folder): say where and what to do, not the temp file's
         # name. Any other OSError (an input that cannot be opened) keeps its own cause below.
-        message = (write_error(case.path, output_dir, err) if _is_write_failure(err, output_dir)
-                   else f"{case.path}: {type(err).__name__}: {err}")
-        log.warning("case %s failed: %s", case.case_id, message)
-        return CaseResult(case.case_id, case.shown, "failed", message, time.monotonic() - started)
-    except Exception as err:  # one bad case must not stop the batch
-        message = str(err) if isinstance(err, MedsegError) else f"{case.path}: {type(err).__name__}: {err}"
-        log.warning("case %s failed: %s", case.case_id, message)
-        return CaseResult(case.case_id, case.shown, "failed", message, time.monotonic() - started)
-    result.seconds = time.monotonic() - started
-    return result
+        message = (write_error(source, output_dir, err) if _is_write_failure(err, output_dir)
+                   else f"{source}: {type(err).__name__}: {err}")
+    else:
+        message = str(err) if isinstance(err, MedsegError) else f"{source}: {type(err).__name__}: {err}"
+    log.warning("case %s failed: %s", case.case_id, message)
+    return CaseResult(case.case_id, case.shown, "failed", message, seconds)
 
 
 def _refuse_writing_over_inputs(case: InputCase, expected: dict[str, Path]) -> None:

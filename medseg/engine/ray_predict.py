@@ -1,26 +1,36 @@
-"""Batch prediction on Ray Data: the cases of a batch run by a pool of Ray actors, each of which loads
-the model once, instead of one after the other in this process.
+"""Batch prediction on Ray Data: the cases of a batch run through Ray Data stages, the network on a
+pool of actors that each load the model once, instead of one after the other in this process.
 
 Everything else is :func:`medseg.engine.predict.predict_folder`'s: discovery, the output folder's
 lock and model stamp, resume (a case whose outputs exist is skipped), ``predictions.csv`` (one row
 appended as each case ends, then written whole in case order), ``predict_summary.json``,
 ``review.html`` and the MLflow run. Only the :data:`~medseg.engine.predict.CaseRunner` differs:
 :class:`RayCaseRunner` turns the cases into a Ray Dataset (one row per case) and maps it with
-``map_batches`` over an actor pool. An actor runs :func:`~medseg.engine.predict.predict_one_case`,
-the very function the local path runs (read, preprocess, network, inversion, atomic writes), so the
-outputs are the local path's bit for bit on the same arithmetic (thread count), and a failing case
-is a failed row, never a failed job.
+``map_batches`` through three stages (:mod:`medseg.engine.ray_stages`) when the task's case
+predictor is staged (:class:`~medseg.engine.results.StagedCasePredictor`; segmentation is):
+
+1. **read**: resume (a finished case becomes its ``skipped`` row), then reading and preprocessing
+   (``read_case``), on CPU workers (``io_actors`` of ``io_cpus`` each);
+2. **network**: ``infer_case`` on the model's actors (``actors`` of ``cpus_per_actor`` and
+   ``gpus_per_actor`` each), which reduce the class scores to the mask on the input's grid before
+   anything leaves them: a preprocessed volume goes in, a mask (and the outputs asked for) comes out,
+   never the scores (K float32 volumes);
+3. **write**: ``write_case`` (atomic writes, the mask last) on CPU workers.
+
+The steps are the very methods the local path's ``predict_case`` chains, so the outputs are the local
+path's bit for bit on the same arithmetic (thread count). Another task's case predictor runs as one
+stage (:func:`~medseg.engine.predict.predict_one_case` on the model's actors). A failing case is a
+failed row in whichever stage it fails, never a failed job; later stages pass its row on.
+
+Each actor takes one case at a time (``batch_size=1``, one task in flight), so it holds one case's
+data; between stages, cases wait in Ray's object store under Ray Data's backpressure (spilled to
+disk past its budget), a preprocessed volume as its float32 array with its transform history.
 
 A worker that dies (``kill -9``, the kernel's OOM killer, a crash in native code) is restarted by
 Ray and its case retried (``max_restarts=-1``, ``max_task_retries``); a case whose every try killed
 its worker is a failed row saying so (Ray Data's ``max_errored_blocks``), the others go on. Writes
 are atomic, so a killed write leaves a temp file and never a half-written output; the driver
 removes this batch's temp files once the actors are done.
-
-Why one stage and not three (read, network, write): the task's case predictor owns its reading,
-preprocessing, inversion and writing as one call, and a preprocessed volume carries the MONAI
-transform history its inversion needs; moving it between processes would copy every volume twice
-through the object store for no gain at the sizes measured (``benchmarks/bench_ray.py``).
 """
 
 from __future__ import annotations
@@ -28,32 +38,40 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medseg.config import StrEnum
-from medseg.engine.case_io import peak_rss_mb
-from medseg.engine.predict import CaseRunner, predict_one_case, remove_case_temporaries, write_error
+from medseg.engine.predict import CaseRunner, remove_case_temporaries, write_error
+from medseg.engine.ray_stages import (
+    CaseActor,
+    CasePredictorFactory,
+    NetworkStage,
+    ReadStage,
+    WriteStage,
+    case_rows,
+    result_from_json,
+)
 from medseg.engine.report import ReportAppender
-from medseg.engine.results import COMMON_COLUMNS, BatchReport, CasePredictor, CaseResult, PredictOptions
+from medseg.engine.results import (
+    COMMON_COLUMNS,
+    BatchReport,
+    CasePredictor,
+    CaseResult,
+    PredictOptions,
+    StagedCasePredictor,
+)
 from medseg.errors import RunError, UsageError
 from medseg.io.atomic import atomic_write_text
 from medseg.io.discovery import InputCase
 
 log = logging.getLogger(__name__)
 
-#: Builds the task's case predictor with its model loaded: called once in each actor. It travels to
-#: the actors by Ray (in memory, never through a file), so it must be a picklable module-level
-#: function or a ``functools.partial`` of one.
-CasePredictorFactory = Callable[[], CasePredictor]
 #: Where a Ray cluster is named when no address is given (Ray's own variable).
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
@@ -88,6 +106,9 @@ class RayOptions:
         local_cpus: CPUs of a local runtime (default: this machine's); ignored with ``address``.
         task_retries: how many times a case whose worker died is tried again on a restarted actor.
         dashboard: start Ray's dashboard with a local runtime (http://127.0.0.1:8265).
+        io_actors: workers of the read and of the write stage each (None: as many as ``actors``).
+        io_cpus: CPUs Ray reserves for each of them (0: they share the CPUs the model's actors leave;
+            give 1 or more on a cluster whose CPU nodes should do the reading and writing).
     """
 
     address: str | None = None
@@ -97,6 +118,8 @@ class RayOptions:
     local_cpus: int | None = None
     task_retries: int = 2
     dashboard: bool = False
+    io_actors: int | None = None
+    io_cpus: float = 0.0
 
     def check(self) -> None:
         """Raises:
@@ -108,6 +131,10 @@ class RayOptions:
             raise UsageError(f"--ray-cpus-per-actor {self.cpus_per_actor:g}: must be > 0, e.g. 1 or 4")
         if self.gpus_per_actor < 0:
             raise UsageError(f"--ray-gpus-per-actor {self.gpus_per_actor:g}: must be >= 0 (0: CPU actors)")
+        if self.io_actors is not None and self.io_actors < 1:
+            raise UsageError(f"--ray-io-actors {self.io_actors}: must be at least 1 (workers reading and writing)")
+        if self.io_cpus < 0:
+            raise UsageError(f"--ray-io-cpus {self.io_cpus:g}: must be >= 0 (0: share the actors' CPUs)")
         if self.task_retries < 0:
             raise UsageError(f"task_retries {self.task_retries}: must be >= 0")
         if self.local_cpus is not None and self.local_cpus < self.actors * self.cpus_per_actor:
@@ -168,38 +195,6 @@ def check_fits(options: RayOptions, resources: dict[str, float]) -> None:
                              f"runtime has {have:g}. Use fewer actors or less per actor, or a cluster (--ray-address)")
 
 
-# ----------------------------------------------------------------------------------- rows
-
-
-def _json(value: Any) -> str:
-    def plain(item: Any) -> Any:  # numpy scalars a task may put among its values
-        if isinstance(item, np.generic):
-            return item.item()
-        raise TypeError(f"{type(item).__name__} is not a report value")
-
-    return json.dumps(value, default=plain)
-
-
-def case_to_json(case: InputCase) -> str:
-    """One case as a Dataset row's text: every field of :class:`InputCase`, paths as strings."""
-    return _json({"case_id": case.case_id, "path": str(case.path), "kind": case.kind, "series_uid": case.series_uid,
-                  "problem": case.problem, "channels": [str(p) for p in case.channels]})
-
-
-def case_from_json(text: str) -> InputCase:
-    fields = json.loads(text)
-    return InputCase(fields["case_id"], Path(fields["path"]), fields["kind"], fields["series_uid"], fields["problem"],
-                     tuple(Path(p) for p in fields["channels"]))
-
-
-def result_to_json(result: CaseResult) -> str:
-    return _json(asdict(result))
-
-
-def result_from_json(text: str) -> CaseResult:
-    return CaseResult(**json.loads(text))
-
-
 def case_runner(engine: Engine | str, make_predictor: CasePredictorFactory,
                 options: RayOptions | None = None) -> CaseRunner | None:
     """The runner for ``engine``: None for the local one (``predict_folder``'s default), else a
@@ -210,45 +205,6 @@ def case_runner(engine: Engine | str, make_predictor: CasePredictorFactory,
         return None
     import_ray()
     return RayCaseRunner(make_predictor, options or RayOptions())
-
-
-def _quiet_worker() -> None:
-    """A worker's log says what went wrong, not what MLflow downloaded or which optional decoder MONAI lacks
-    (the CLI quiets the driver the same way)."""
-    for key, value in (("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("MLFLOW_LOGGING_LEVEL", "WARNING"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true")):
-        os.environ.setdefault(key, value)
-    warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("mlflow", "alembic", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-
-
-class CaseActor:
-    """One actor of the pool: the model loaded once (``make_predictor``), then one case per call.
-
-    Each output row also names the worker (``host:pid``) that predicted the case.
-    """
-
-    def __init__(self, make_predictor: CasePredictorFactory, output_dir: str, overwrite: bool):
-        _quiet_worker()
-        self.predictor = make_predictor()
-        self.output_dir = Path(output_dir)
-        self.overwrite = overwrite
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        indices, results = [], []
-        for index, case_text, previous_text in zip(batch["index"], batch["case"], batch["previous"]):
-            previous = json.loads(str(previous_text))
-            result = predict_one_case(self.predictor, case_from_json(str(case_text)), self.output_dir, self.overwrite,
-                                      previous or None)
-            indices.append(int(index))
-            results.append(result_to_json(result))
-        return {"index": np.asarray(indices, dtype=np.int64), "result": np.asarray(results, dtype=object),
-                "worker": np.asarray([self.worker] * len(indices), dtype=object),
-                "worker_peak_rss_mb": np.full(len(indices), peak_rss_mb(), dtype=np.float64)}
 
 
 # ----------------------------------------------------------------------------------- the runner
@@ -265,6 +221,8 @@ class RayCaseRunner:
         workers: after a run, case id -> the ``host:pid`` of the worker that predicted it.
         worker_peak_rss_mb: after a run, ``host:pid`` -> that worker's peak resident memory (MiB) when
             it last returned a case: what one actor needs (the model and one case at a time).
+        stages: after a run, the Ray Data stages it ran: ``read``, ``network``, ``write`` (a staged
+            case predictor), or ``case`` (one stage doing all three).
     """
 
     def __init__(self, make_predictor: CasePredictorFactory, options: RayOptions):
@@ -273,6 +231,7 @@ class RayCaseRunner:
         self.options = options
         self.workers: dict[str, str] = {}
         self.worker_peak_rss_mb: dict[str, float] = {}
+        self.stages: tuple[str, ...] = ()
 
     def __call__(self, predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path,
                  options: PredictOptions, previous: dict[str, dict[str, str]], report_path: Path,
@@ -282,7 +241,7 @@ class RayCaseRunner:
         columns = [*COMMON_COLUMNS, *predictor.output_columns, *predictor.value_columns]
         try:
             with ray_runtime(self.options) as ray, ReportAppender(report_path, columns) as appender:
-                done = self._stream(ray, cases, output_dir, options, previous, appender)
+                done = self._stream(ray, predictor, cases, output_dir, options, previous, appender)
                 results = [done.get(i) or self._lost(case) for i, case in enumerate(cases)]
                 appender.finish([r.row() for r in results])
         except OSError as err:  # the driver's disk filled up: every finished output is whole
@@ -291,9 +250,10 @@ class RayCaseRunner:
         remove_case_temporaries(predictor, cases, output_dir, report_path.stem.removeprefix("predictions"))
         return results
 
-    def _stream(self, ray: Any, cases: Sequence[InputCase], output_dir: Path, options: PredictOptions,
-                previous: dict[str, dict[str, str]], appender: ReportAppender) -> dict[int, CaseResult]:
-        """Map the cases over the actor pool; each result appended to the report as it comes back."""
+    def _stream(self, ray: Any, predictor: CasePredictor, cases: Sequence[InputCase], output_dir: Path,
+                options: PredictOptions, previous: dict[str, dict[str, str]],
+                appender: ReportAppender) -> dict[int, CaseResult]:
+        """Map the cases through the stages; each result appended to the report as it comes back."""
         from ray.data import DataContext
 
         context = DataContext.get_current()
@@ -304,18 +264,9 @@ class RayCaseRunner:
         context.max_errored_blocks, context.enable_progress_bars, context.print_on_execution_start = (
             -1, options.progress, False)
         try:
-            items = [{"index": i, "case": case_to_json(case), "previous": _json(previous.get(case.case_id) or {})}
-                     for i, case in enumerate(cases)]
+            items = case_rows(list(cases), previous)
             dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one case a block: a retry redoes one case
-            with warnings.catch_warnings():
-                # Ray 2.60 names no parameter for the retries that bound a case killing its worker on every
-                # try (an unbounded retry would never end the batch), and warns about passing them as remote args
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-                mapped = dataset.map_batches(
-                    CaseActor, fn_constructor_args=(self.make_predictor, str(output_dir), options.overwrite),
-                    batch_size=1, compute=ray.data.ActorPoolStrategy(size=self.options.actors),
-                    num_cpus=self.options.cpus_per_actor, num_gpus=self.options.gpus_per_actor or None,
-                    max_restarts=-1, max_task_retries=self.options.task_retries)
+            mapped = self._stages(ray, dataset, isinstance(predictor, StagedCasePredictor), output_dir, options)
             done: dict[int, CaseResult] = {}
             started = time.monotonic()
             for row in mapped.iter_rows():
@@ -330,6 +281,32 @@ class RayCaseRunner:
             return done
         finally:
             context.max_errored_blocks, context.enable_progress_bars, context.print_on_execution_start = saved
+
+    def _stages(self, ray: Any, dataset: Any, staged: bool, output_dir: Path, options: PredictOptions) -> Any:
+        """The Dataset mapped by the stages: read, network, write for a staged case predictor (the
+        network's pool sized by ``actors``, the others by ``io_actors``), else one stage doing all three."""
+        args = (self.make_predictor, str(output_dir), options.overwrite)
+        pools = self.options
+
+        def stage(data: Any, fn: Any, size: int, cpus: float, gpus: float, threads: int | None) -> Any:
+            # one case per call and per actor at a time: an actor holds one case's data, and what waits
+            # between stages is bounded by Ray Data's backpressure (spilled to disk beyond it)
+            return data.map_batches(
+                fn, fn_constructor_args=(*args, threads), batch_size=1, zero_copy_batch=True,
+                compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
+                num_cpus=cpus, num_gpus=gpus or None, max_restarts=-1, max_task_retries=pools.task_retries)
+
+        with warnings.catch_warnings():
+            # Ray 2.60 names no parameter for the retries that bound a case killing its worker on every
+            # try (an unbounded retry would never end the batch), and warns about passing them as remote args
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            self.stages = ("read", "network", "write") if staged else ("case",)
+            if not staged:
+                return stage(dataset, CaseActor, pools.actors, pools.cpus_per_actor, pools.gpus_per_actor, None)
+            io_threads = max(1, int(pools.io_cpus))
+            read = stage(dataset, ReadStage, pools.io_actors or pools.actors, pools.io_cpus, 0.0, io_threads)
+            inferred = stage(read, NetworkStage, pools.actors, pools.cpus_per_actor, pools.gpus_per_actor, None)
+            return stage(inferred, WriteStage, pools.io_actors or pools.actors, pools.io_cpus, 0.0, io_threads)
 
     def _lost(self, case: InputCase) -> CaseResult:
         """The row of a case whose every try ended with its worker dead."""
@@ -351,7 +328,8 @@ def record_ray(report: BatchReport, runner: RayCaseRunner, tracker: Any | None =
                for w, n in sorted(cases.items())}
     if report.summary.is_file():
         summary = report.summary_dict()
-        summary.update({"engine": Engine.RAY.value, "ray": {"options": asdict(runner.options), "workers": workers}})
+        summary.update({"engine": Engine.RAY.value, "ray": {"options": asdict(runner.options), "stages": list(runner.stages),
+                                                             "workers": workers}})
         atomic_write_text(report.summary, json.dumps(summary, indent=2))
     if tracker is not None:
         tracker.log_params({"engine": Engine.RAY.value, **{f"ray_{k}": v for k, v in asdict(runner.options).items()}})

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from monai.data import MetaTensor
@@ -198,4 +198,26 @@ class CasePredictor(Protocol):
 
     def summarise(self, results: Sequence[CaseResult]) -> tuple[dict[str, Any], dict[str, float]]:
         """Task entries for the summary JSON, and metrics for the MLflow inference run."""
+        ...
+
+
+@runtime_checkable
+class StagedCasePredictor(CasePredictor, Protocol):
+    """A :class:`CasePredictor` whose ``predict_case`` is three steps an engine may run in different
+    processes (the Ray engine: CPU workers read and write, the model's actors run only the network).
+    ``predict_case(case, out)`` must be ``write_case(case, infer_case(case, read_case(case), out), out)``,
+    so both engines compute the same outputs. What a step returns travels between processes in
+    memory: keep it to arrays and plain values, and what ``infer_case`` returns small (a mask, not
+    the class scores)."""
+
+    def read_case(self, case: InputCase) -> Any:
+        """Read and preprocess one case; raise :class:`CaseError` if it cannot be."""
+        ...
+
+    def infer_case(self, case: InputCase, read: Any, output_dir: Path) -> Any:
+        """The network (and whatever must stay beside it) on ``read_case``'s result."""
+        ...
+
+    def write_case(self, case: InputCase, inferred: Any, output_dir: Path) -> CaseResult:
+        """Write ``infer_case``'s result (atomically) and return the case's result."""
         ...

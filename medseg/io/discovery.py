@@ -24,6 +24,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medseg.io.formats import FORMATS, strip_volume_suffix
+from medseg.io.uris import uri_name
 
 _HEADER_TAGS = ["SeriesInstanceUID", "SeriesDescription", "Rows", "Columns", "NumberOfFrames", "SOPClassUID", "Modality"]
 
@@ -44,6 +45,7 @@ class InputCase:
     series_uid: str | None = None
     problem: str | None = None  # set when discovery already knows the case cannot be read
     channels: tuple[Path, ...] = ()
+    uri: str | None = None  # a scan named by URI in a table (s3://...): fetched to a local ``path`` when read
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -57,8 +59,8 @@ class InputCase:
 
     @property
     def shown(self) -> str:
-        """The input as the report shows it (channel files joined by ``;``)."""
-        return ";".join(str(p) for p in self.paths)
+        """The input as the report shows it (its URI, or channel files joined by ``;``)."""
+        return self.uri or ";".join(str(p) for p in self.paths)
 
 
 @dataclass
@@ -389,6 +391,24 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return -1
+
+
+def discover_entries(entries: Sequence[Path | str], channels: int | None = None) -> Discovery:
+    """:func:`discover_paths` where an entry may also be a URI (a ``str``, already checked by
+    :func:`medseg.io.uris.check_uri`): one single-file case each, named after the URI's file name and
+    fetched when it is read. The cases keep the entries' order."""
+    found = Discovery()
+    for entry in entries:
+        if isinstance(entry, str):
+            name = Path(uri_name(entry))
+            found.cases.append(InputCase(_case_id(name.parent, name, True), name, "file", uri=entry))
+            continue
+        one = discover_paths([entry], channels)
+        found.cases.extend(one.cases)
+        found.notes.extend(one.notes)
+        found.folders.extend(one.folders)
+    found.cases = _refuse_shared_ids(found.cases)
+    return found
 
 
 def discover_paths(paths: list[Path], channels: int | None = None) -> Discovery:

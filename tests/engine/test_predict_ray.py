@@ -158,6 +158,7 @@ def test_ray_engine_gives_the_local_outputs_bit_for_bit_and_resumes(trained_segm
     assert run.data.metrics["predict/ray_worker_peak_rss_mb"] > 100  # torch, MONAI and the model in one actor
     summary = json.loads((out / "predict_summary.json").read_text())
     assert summary["engine"] == "ray" and summary["ray"]["options"]["actors"] == 1
+    assert summary["ray"]["stages"] == ["read", "network", "write"]  # segmentation's case predictor is staged
     (worker,) = summary["ray"]["workers"].values()  # one actor predicted every case of the rerun
     assert worker["cases"] == 1 + len(HOSTILE) + FAST_SCANS and worker["peak_rss_mb"] > 100
     assert run.data.metrics["predict/ok"] == 1 and run.data.metrics["predict/failed"] == len(HOSTILE)
@@ -165,9 +166,10 @@ def test_ray_engine_gives_the_local_outputs_bit_for_bit_and_resumes(trained_segm
 
 
 def case_actor_pids(busy: bool = False) -> list[int]:
-    """The PIDs of the live actors of Ray Data's pool: the processes below this one (the local
-    runtime's raylet started here forks the workers) that Ray titled ``ray::MapWorker(...)``; with
-    ``busy``, only those predicting a case now (titled ``...submit`` while a task runs)."""
+    """The PIDs of the live actors of Ray Data's network pool: the processes below this one (the local
+    runtime's raylet started here forks the workers) that Ray titled ``ray::MapWorker(MapBatches(NetworkStage))``
+    (the reading and writing pools are other ``MapWorker`` s); with ``busy``, only those predicting a
+    case now (titled ``...submit`` while a task runs)."""
     import psutil
 
     found = []
@@ -176,7 +178,7 @@ def case_actor_pids(busy: bool = False) -> list[int]:
             title = " ".join(child.cmdline())
         except psutil.Error:  # gone meanwhile
             continue
-        if title.startswith("ray::") and "MapWorker" in title and (not busy or "submit" in title):
+        if title.startswith("ray::") and "NetworkStage" in title and (not busy or "submit" in title):
             found.append(child.pid)
     return found
 

@@ -30,6 +30,7 @@ from medseg.data.transforms import IMAGE, preprocessing_from_contract
 from medseg.engine.calibration import contract_temperature
 from medseg.engine.case_io import (
     check_input_shape,
+    portable_history,
     read_error,
     reader_source,
     shown_source,
@@ -198,14 +199,30 @@ class SegmentationPredictor:
                 the image's memory as float32).
         """
         loaded = isinstance(image, MetaTensor)
-        chain = self._chains[not loaded]
+        return self.predict_prepared(self.prepare(image, case_id), case_id, keep_probabilities, read=not loaded)
+
+    def prepare(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str) -> dict[Any, Any]:
+        """Read (unless ``image`` is already in memory) and preprocess one image, checked against the
+        contract: the data :meth:`predict_prepared` takes (the volume with its transform history).
+
+        Raises:
+            CaseError: the image cannot be read or preprocessed, or does not fit the model.
+        """
+        loaded = isinstance(image, MetaTensor)
         try:
-            data = chain({IMAGE: image if loaded else reader_source(image)})
+            data: dict[Any, Any] = self._chains[not loaded]({IMAGE: image if loaded else reader_source(image)})
         except Exception as err:
-            raise read_error(case_id if isinstance(image, MetaTensor) else shown_source(image), err) from err
+            raise read_error(case_id if loaded else shown_source(image), err) from err
+        check_input_shape(self.model.contract, data[IMAGE].shape, case_id if loaded else shown_source(image))
+        return data
+
+    def predict_prepared(self, data: dict[Any, Any], case_id: str, keep_probabilities: bool = True,
+                         read: bool = True) -> Prediction:
+        """:meth:`predict` from :meth:`prepare`'s data: the network, then the scores back on the input's grid
+        (``read``: the data was read from a file, so its history starts with the reader)."""
+        chain = self._chains[read]
         volume: MetaTensor = data[IMAGE]
-        source = case_id if loaded else shown_source(image)
-        check_input_shape(self.model.contract, volume.shape, source)
+        source = case_label(volume) if read else case_id
         plan = self.scores_plan(volume)
         if plan.bounded:
             return self._predict_bounded(data, chain, case_id, plan.axis, keep_probabilities)
@@ -359,8 +376,26 @@ class SegmentationPredictor:
         return output_paths(output_dir, case.case_id, suffixes)  # a long case name shortened, with its hash
 
     def predict_case(self, case: InputCase, output_dir: Path) -> CaseResult:
+        return self.write_case(case, self.infer_case(case, self.read_case(case), output_dir), output_dir)
+
+    # the three steps of predict_case, which an engine may run in different processes (medseg.engine.ray_predict)
+
+    def read_case(self, case: InputCase) -> dict[Any, Any]:
+        """Read and preprocess a case: its volume and the transform history its inversion needs, which
+        names no transform object of this process (so another process's identical chain inverts it)."""
+        data = self.prepare(case.source, case.case_id)
+        data[IMAGE] = portable_history(data[IMAGE])
+        return data
+
+    def infer_case(self, case: InputCase, data: dict[Any, Any], output_dir: Path) -> Prediction:
+        """The network on :meth:`read_case`'s data, its scores reduced to the mask (and the outputs asked
+        for) on the input's grid: only these leave the process, never the class scores."""
+        keep = "probabilities" in self.expected_outputs(case, output_dir)
+        return self.predict_prepared(data, case.case_id, keep_probabilities=keep)
+
+    def write_case(self, case: InputCase, prediction: Prediction, output_dir: Path) -> CaseResult:
+        """Write :meth:`infer_case`'s prediction (atomically, the mask last) and the case's report values."""
         paths = self.expected_outputs(case, output_dir)
-        prediction = self.predict(case.source, case.case_id, keep_probabilities="probabilities" in paths)
         label_array = cast(np.ndarray, prediction.label_map)
         outputs: dict[str, str] = {}
         if "dicom_seg" in paths:
