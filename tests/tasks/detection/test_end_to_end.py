@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.numpy import load_file
 
 import medseg
 from medseg.data.manifest import read_manifest
 from medseg.tasks.detection.boxes import voxel_to_world
-from tests.conftest import artifact_paths, train_run
+from tests.conftest import REPO, artifact_paths, train_run
 
 
 def detection_config(tmp: Path, **train: object) -> Path:
@@ -165,3 +170,39 @@ def test_qc_flags_scans_in_the_report_the_summaries_and_the_review_page(trained:
     page = (tmp / "qc_out" / "review.html").read_text()
     assert page.count("only low-confidence boxes: the best scores") == 2 and "a best box scoring at least 1.01" in page
 
+
+#: ``python -c HOOK run CONFIG``: medseg's CLI, SIGKILLed as it renames its second ``last.safetensors``
+#: into place (the checkpoint after training step 2 of epoch 1; every step is checkpointed).
+HOOK = ("import os, signal, sys\nreal, seen = os.replace, []\n"
+        "def replace(src, dst, *a, **k):\n"
+        "    if os.path.basename(os.fspath(dst)) == 'last.safetensors':\n"
+        "        seen.append(dst)\n"
+        "        if len(seen) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(src, dst, *a, **k)\n"
+        "os.replace = replace\nfrom medseg.cli import main\nsys.exit(main())\n")
+
+
+@pytest.mark.slow  # a second training run in a subprocess, then its resumption: 2 minutes on a loaded 2-core host
+def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint_to_the_uninterrupted_weights(
+        trained: dict, tmp_path: Path) -> None:
+    """SIGKILL mid-training, then ``--resume``: the run finishes in the same folder and MLflow run, each
+    validation logged once, with the weights of the module's run that was never stopped (same config
+    and seed; this one checkpoints every step)."""
+    config = detection_config(tmp_path, checkpoint_interval_minutes=0)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+    env.pop("MEDSEG_ALLOCATOR", None)
+    killed = subprocess.run([sys.executable, "-c", HOOK, "run", str(config), "--no-progress"], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").glob("2*")
+    assert (run_dir / "checkpoints" / "last.safetensors").is_file() and not (run_dir / "summary.json").exists()
+    resumed = train_run(config, resume=True)
+    assert resumed.run_dir.resolve() == run_dir.resolve()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(resumed.run_id, "val/froc")] == [1, 2]
+    want = load_file(str(trained["result"].run_dir / "checkpoints" / "last.safetensors"))
+    got = load_file(str(run_dir / "checkpoints" / "last.safetensors"))
+    network = [k for k in want if k.startswith("model.")]
+    assert network and want.keys() == got.keys()
+    assert all(np.array_equal(want[k], got[k]) for k in network), [k for k in network if not np.array_equal(want[k], got[k])][:5]
