@@ -83,6 +83,9 @@ class SuperResolutionConfig(Section):
     profile: SliceProfile = Field(default=SliceProfile.GAUSSIAN, description="The slice profile: box or gaussian.")
     gap: float = Field(default=0.0, ge=0.0, description="Unmeasured space between slices, in thin voxels: the "
                        "slice thickness is factor - gap.")
+    context: int = Field(default=0, ge=0, le=4, description="2.5D input: this many neighbouring slices on each "
+                         "side of a slice (along recon.slice_axis, interpolated from the thick ones like the slice "
+                         "itself) go in as extra channels; 0: the slice alone (2D).")
 
     @property
     def thickness(self) -> float:

@@ -31,21 +31,27 @@ from medseg.tasks.reconstruction.operators import MRI_CHANNELS, data_consistency
 
 class ResidualUNet(nn.Module):
     """``x + std * U((x - mean) / std)``: per-image, per-channel normalisation (fastMRI's NormUnet)
-    so the U-Net sees the same scale whatever the image's brightness, and padding to ``factor``."""
+    so the U-Net sees the same scale whatever the image's brightness, and padding to ``factor``.
 
-    def __init__(self, cfg: UNetModelConfig, channels: int):
+    ``restored`` fewer channels than ``channels`` (2.5D super-resolution: a slice and its
+    neighbours in, the slice out): the U-Net corrects the middle ``restored`` channels of ``x``.
+    """
+
+    def __init__(self, cfg: UNetModelConfig, channels: int, restored: int | None = None):
         super().__init__()
+        self.restored = channels if restored is None else restored
+        self.first = (channels - self.restored) // 2
         given = tuple(cfg.strides or (2,) * (len(cfg.channels) - 1))
         strides = tuple(s for s in given if isinstance(s, int))
         if len(strides) != len(given):
             raise ModelError(f"model.strides {list(given)}: reconstruction U-Nets take one stride per level (an "
                              "int for both axes of a slice), not one per axis")
         self.factor = math.prod(strides)
-        self.unet = UNet(spatial_dims=2, in_channels=channels, out_channels=channels, channels=cfg.channels,
+        self.unet = UNet(spatial_dims=2, in_channels=channels, out_channels=self.restored, channels=cfg.channels,
                          strides=strides, num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout)
         # zero-initialised output layer: the network starts as the identity (the baseline) and
         # learns the correction, instead of first unlearning a random one (SkipInit / ReZero)
-        self.head = nn.Conv2d(channels, channels, kernel_size=1)
+        self.head = nn.Conv2d(self.restored, self.restored, kernel_size=1)
         for param in self.head.parameters():  # weight and bias
             nn.init.zeros_(param)
 
@@ -54,15 +60,17 @@ class ResidualUNet(nn.Module):
         std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
         padded, pads = divisible_pad_t((x - mean) / std, k=self.factor)
         delta = inverse_divisible_pad_t(self.head(self.unet(padded)), pads)
-        return x + delta * std
+        kept = slice(self.first, self.first + self.restored)
+        return x[:, kept] + delta * std[:, kept]
 
 
 class ImageRestorer(nn.Module):
-    """Residual U-Net on a one-channel image (CT: FBPConvNet; denoising)."""
+    """Residual U-Net restoring a one-channel image (CT: FBPConvNet; denoising; super-resolution),
+    from it alone or from it and its neighbours (``channels`` > 1, the image in the middle)."""
 
-    def __init__(self, cfg: UNetModelConfig):
+    def __init__(self, cfg: UNetModelConfig, channels: int = 1):
         super().__init__()
-        self.block = ResidualUNet(cfg, 1)
+        self.block = ResidualUNet(cfg, channels, restored=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -114,6 +122,8 @@ TASK = "reconstruction"
 @register_model(TASK, "unet")
 def _unet(model: ReconstructionModelConfig, recon: ReconConfig) -> nn.Module:
     """Residual U-Net: FBPConvNet for CT, a residual denoiser, or the MRI image-domain network."""
+    if ReconProblem(recon.problem) == ReconProblem.SR:
+        return ImageRestorer(model, 2 * recon.sr.context + 1)
     if ReconProblem(recon.problem) != ReconProblem.MRI:
         return ImageRestorer(model)
     return MriReconstructor(model, 1, dc=False, complex_input=recon.input == "complex")

@@ -41,6 +41,7 @@ from medseg.tasks.reconstruction.config import (
     ReconstructionLoss,
     ReconstructionLossConfig,
 )
+from medseg.tasks.reconstruction.neighbours import neighbour_channels
 from medseg.tasks.reconstruction.slice_profile import thick_slices, upsample
 
 #: channels of an MRI network input: zero-filled real, zero-filled imaginary, sampling mask
@@ -178,6 +179,8 @@ class Acquisition:
 
     @property
     def in_channels(self) -> int:
+        if self.problem == ReconProblem.SR:
+            return 2 * self.cfg.sr.context + 1
         return MRI_CHANNELS if self.problem == ReconProblem.MRI else 1
 
     @property
@@ -201,19 +204,24 @@ class Acquisition:
         c = self.cfg
         return cartesian_mask(c.mask, width, c.acceleration, c.resolved_center_fraction(), seed)
 
+    def thick_input(self, slices: torch.Tensor) -> torch.Tensor:
+        """Super-resolution: the thick slices of ``slices`` (N, 1, H, W) interpolated back onto their thin grid."""
+        dim, sr = self.through_plane_dim, self.cfg.sr
+        return upsample(thick_slices(slices, dim, sr), dim, sr.factor, thin_slices=slices.shape[dim])
+
     def degrade(self, slices: torch.Tensor, seed: int, fbp: torch.Tensor | None = None) -> torch.Tensor:
         """Network inputs (N, C, H, W) for ``slices`` (N, 1, H, W); one mask/noise draw from ``seed``.
 
         For CT the FBP, and for super-resolution the thick slices, are deterministic and usually
-        computed once per volume beforehand (``fbp``).
+        computed once per volume beforehand (``fbp``). Super-resolution with ``recon.sr.context``
+        takes ``slices`` as one volume's consecutive slices: each gets its neighbours as channels.
         """
         if self.problem == ReconProblem.MRI:
             return undersample(slices, self.mask(slices.shape[-1], seed))
         if self.problem == ReconProblem.SR:
             if fbp is not None:
                 return fbp
-            dim, sr = self.through_plane_dim, self.cfg.sr
-            return upsample(thick_slices(slices, dim, sr), dim, sr.factor, thin_slices=slices.shape[dim])
+            return neighbour_channels(self.thick_input(slices), self.cfg.sr.context)
         if self.problem == ReconProblem.CT:
             if fbp is not None:
                 return fbp
@@ -225,6 +233,9 @@ class Acquisition:
         """The classical reconstruction (N, 1, H, W) from network inputs."""
         if self.problem == ReconProblem.MRI:
             return torch.sqrt(inputs[:, 0:1] ** 2 + inputs[:, 1:2] ** 2)
+        if self.problem == ReconProblem.SR:  # the slice itself is the middle of its neighbours
+            centre = self.cfg.sr.context
+            return inputs[:, centre:centre + 1]
         return inputs[:, 0:1]
 
 

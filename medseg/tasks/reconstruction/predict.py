@@ -151,7 +151,7 @@ class ReconstructionPredictor:
         baseline_slices = None
         if self.thin_grid:
             output = restore_slices(self.net, scaled, self.recon.image_size, self.device,
-                                    autocast_dtype(Precision.AUTO, self.device))
+                                    autocast_dtype(Precision.AUTO, self.device), context=self.recon.sr.context)
             baseline_slices = scaled[0].permute(2, 0, 1)[:, None]  # the interpolated thick slices it started from
         elif self.options.measured:
             output = _restore_measured(self.net, scaled, self.recon.image_size, self.device)

@@ -20,6 +20,7 @@ from torch import nn
 from medseg.engine.runtime import autocast
 from medseg.errors import CaseError
 from medseg.tasks.reconstruction.config import SuperResolutionConfig
+from medseg.tasks.reconstruction.neighbours import neighbour_channels
 from medseg.tasks.reconstruction.slice_profile import thin_affine, upsample
 
 #: Overlap of neighbouring windows over a slice larger than the network's training size.
@@ -60,11 +61,12 @@ def to_thin_grid(volume: MetaTensor, orientation: str | None, sr: SuperResolutio
 
 @torch.no_grad()
 def restore_slices(net: nn.Module, volume: torch.Tensor, roi: tuple[int, int], device: torch.device,
-                   amp_dtype: torch.dtype | None, batch_size: int = 16) -> torch.Tensor:
+                   amp_dtype: torch.dtype | None, batch_size: int = 16, context: int = 0) -> torch.Tensor:
     """The network's output (S, 1, H, W) over the slices of ``volume`` (1, H, W, S), each by MONAI's
-    sliding window of the network's training size ``roi`` (Gaussian-blended, ``WINDOW_OVERLAP``)."""
+    sliding window of the network's training size ``roi`` (Gaussian-blended, ``WINDOW_OVERLAP``),
+    with ``context`` neighbours on each side as channels (2.5D, ``recon.sr.context``)."""
     net.eval()
-    slices = volume.float()[0].permute(2, 0, 1)[:, None]
+    slices = neighbour_channels(volume.float()[0].permute(2, 0, 1)[:, None], context)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with autocast(amp_dtype, device):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    BorderPadd,
     Compose,
     EnsureTyped,
     MapTransform,
@@ -33,6 +34,7 @@ from medseg.config import AugmentConfig, PreprocessConfig
 from medseg.io.preflight import CheckImageValuesd
 from medseg.io.readers import make_load_transform
 from medseg.tasks.reconstruction.config import ReconConfig, ReconProblem
+from medseg.tasks.reconstruction.neighbours import NeighboursAsChannelsd
 from medseg.tasks.reconstruction.operators import Acquisition, fbp_volume
 
 IMAGE, TARGET, FBP = "image", "label", "fbp"
@@ -88,7 +90,7 @@ class ThickSliceInputd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             volume = torch.as_tensor(d[key]).float()  # (1, H, W, S): a slice batch's dims 2, 3 are dims 1, 2 here
-            d[self.output_key] = self.acquisition.degrade(volume[None], seed=0)[0]
+            d[self.output_key] = self.acquisition.thick_input(volume[None])[0]
         return d
 
 
@@ -154,9 +156,13 @@ def reconstruction_training_transforms(pre: PreprocessConfig, recon: ReconConfig
     if recon.problem == ReconProblem.CT:
         chain.append(SparseViewFBPd(recon.views))
         keys.append(FBP)
-    chain.append(RandSpatialCropSamplesd(keys=keys, roi_size=[height, width, 1], num_samples=recon.slices_per_volume,
-                                         random_size=False))
-    chain.append(SqueezeDimd(keys=keys, dim=-1))
+    context = recon.sr.context if recon.problem == ReconProblem.SR else 0
+    if context:  # 2.5D: every slice, the first and last too, is drawn with its neighbours (edges replicated)
+        chain.append(BorderPadd(keys=keys, spatial_border=[0, 0, 0, 0, context, context], mode="replicate"))
+    chain.append(RandSpatialCropSamplesd(keys=keys, roi_size=[height, width, 2 * context + 1],
+                                         num_samples=recon.slices_per_volume, random_size=False))
+    chain.append(NeighboursAsChannelsd(context, inputs=THICK, targets=IMAGE) if context
+                 else SqueezeDimd(keys=keys, dim=-1))
     if recon.problem == ReconProblem.SR:  # the truth and its thick slices move together
         chain.extend(augmentation(augment, 2, keys=(IMAGE, THICK)))
     elif recon.problem != ReconProblem.CT:  # CT's input is fixed by its FBP: only the MR/denoising truth is augmented

@@ -66,7 +66,9 @@ def test_a_volume_that_cannot_be_super_resolved_is_refused_by_name() -> None:
 
 
 @pytest.mark.slow
-def test_a_tiny_sr_run_scores_beside_linear_interpolation_and_super_resolves_a_thick_scan(tmp_path: Path) -> None:
+@pytest.mark.parametrize("context", [0, 1])  # 1: 2.5D, each slice with a neighbour on either side as channels
+def test_a_tiny_sr_run_scores_beside_linear_interpolation_and_super_resolves_a_thick_scan(tmp_path: Path,
+                                                                                         context: int) -> None:
     dataset = write_msd_dataset(tmp_path / "dataset", n_cases=5)  # 29 x 37 x 23 on oblique 0.9/1.1/2.3 mm grids
     manifest = tmp_path / "manifest.csv"
     build_manifest(dataset, manifest, val_fraction=0.2, test_fraction=0.2, seed=1)
@@ -75,7 +77,7 @@ def test_a_tiny_sr_run_scores_beside_linear_interpolation_and_super_resolves_a_t
         "task": "reconstruction", "seed": 0, "output_dir": str(tmp_path / "runs"),
         "data": {"manifest": str(manifest), "root": str(dataset)}, "preprocess": {"orientation": "RAS"},
         "recon": {"problem": "sr", "image_size": [40, 24], "slice_axis": 0, "slices_per_volume": 2,
-                  "sr": {"factor": 3, "axis": 2, "profile": "gaussian"}},
+                  "sr": {"factor": 3, "axis": 2, "profile": "gaussian", "context": context}},
         "augment": [{"name": "flip", "prob": 0.5, "axes": [0, 1]}],
         "model": {"name": "unet", "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
         "train": {"max_epochs": 1, "batch_size": 2, "iterations_per_epoch": 2, "num_threads": 1},
