@@ -17,7 +17,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 from tqdm import tqdm
 
 from medseg.data.manifest import Case, Manifest, sha256_of, write_manifest
@@ -84,6 +83,8 @@ def _image_kind(images: np.ndarray, npz: Path) -> tuple[int, int]:
 def _write_image(path: Path, image: np.ndarray, dims: int, channels: int) -> None:
     with atomic_path(path, suffix="".join(path.suffixes)) as tmp:
         if channels == 3:
+            import SimpleITK as sitk  # here: 90 MB of library that predicting never needs
+
             sitk.WriteImage(sitk.GetImageFromArray(image, isVector=True), str(tmp), useCompression=False)
         else:
             # (row, column[, ...]) -> NIfTI (x = column, y = row[, z]): the same picture as the ITK view

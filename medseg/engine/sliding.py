@@ -105,7 +105,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
 Slab = tuple[int, int, torch.Tensor]
 #: The most a finished piece of a sweep holds (bytes): a finished run of slices is given out in
 #: pieces of this size, so the work done on each (averaging, labels, entropy) stays this small.
-PIECE_BYTES = 32 << 20
+PIECE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
     weight = compute_importance_map(roi, mode=blend, sigma_scale=0.125, device=device, dtype=batch.dtype)
     weight = weight.to(dtype=batch.dtype, device=device)[None, None]
     weight_out = weight.to(out_device)
-    acc = _Accumulator(grid, out_device, batch.dtype)
+    acc = _Accumulator(grid, out_device, batch.dtype, weight_out[0])
     n = len(grid.windows)
     for first in range(0, n, sw_batch_size):
         group = range(first, min(first + sw_batch_size, n))
@@ -193,24 +193,30 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
         out *= weight
         out = out.to(out_device)
         for i, scores in zip(group, out):
-            acc.add(i, scores, weight_out[0])
-        done = grid.span(group[-1] + 1)[0] if group[-1] + 1 < n else grid.size[axis]
-        yield from acc.finish(done)
+            acc.add(i, scores)
+            # finished after each window, not each batch: a batch that reaches into the next row of
+            # windows then holds that row's scores only once this row's own slices are given out,
+            # so about one patch of slices is open rather than a patch and a stride
+            yield from acc.finish(grid.span(i + 1)[0] if i + 1 < n else grid.size[axis])
 
 
 class _Accumulator:
-    """The weighted scores and weights of the windows still open along the sweep axis, held in
+    """The weighted scores of the windows still open along the sweep axis, held in
     blocks that run between consecutive window edges along it (a sweep only ever finishes at such
     an edge, so a finished block is freed whole and no open one is copied). A window adds into its
     part of each block it covers: every voxel gets the same additions in the same order as in one
     whole buffer (MONAI's), in a few tensor operations per window rather than two per slice. A
     finished run of slices is divided by its weights, cut to the volume (the padding off) and given
-    out in pieces of at most ``piece_bytes``."""
+    out in pieces of at most ``piece_bytes``. The weights depend on the windows alone, so they are
+    summed for each piece as it is given out (the same additions in the same order, so bitwise
+    MONAI's), never held for the open slices: one channel of K + 1 fewer."""
 
-    def __init__(self, grid: WindowGrid, device: torch.device, dtype: torch.dtype, piece_bytes: int = PIECE_BYTES):
+    def __init__(self, grid: WindowGrid, device: torch.device, dtype: torch.dtype, weight: torch.Tensor,
+                 piece_bytes: int = PIECE_BYTES):
         self.grid, self.device, self.dtype, self.piece_bytes = grid, device, dtype, piece_bytes
+        self.weight = weight  # (1, *roi): one window's blending weights
         self.lo = 0  # where the open blocks start (padded coordinates along the axis)
-        self.blocks: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # start, stop, scores, weights
+        self.blocks: list[tuple[int, int, torch.Tensor]] = []  # start, stop, scores
         spans = {edge for window in range(len(grid.windows)) for edge in grid.span(window)}
         self.edges = sorted(spans | {0, grid.size[grid.axis]})
 
@@ -221,21 +227,35 @@ class _Accumulator:
         for start, end in zip(self.edges, self.edges[1:]):
             if start >= reached and end <= stop:
                 shape = [n if d != axis else end - start for d, n in enumerate(self.grid.size)]
-                self.blocks.append((start, end, torch.zeros((channels, *shape), dtype=self.dtype, device=self.device),
-                                    torch.zeros((1, *shape), dtype=self.dtype, device=self.device)))
+                self.blocks.append((start, end, torch.zeros((channels, *shape), dtype=self.dtype, device=self.device)))
 
-    def add(self, window: int, scores: torch.Tensor, weight: torch.Tensor) -> None:
+    def add(self, window: int, scores: torch.Tensor) -> None:
         axis = self.grid.axis
         start, stop = self.grid.span(window)
         self._open_until(stop, scores.shape[0])
         cut = list(self.grid.windows[window])
-        for block_start, block_stop, block_scores, block_weights in self.blocks:
+        for block_start, block_stop, block_scores in self.blocks:
             lo, hi = max(start, block_start), min(stop, block_stop)
             if hi <= lo:
                 continue
             cut[axis] = slice(lo - block_start, hi - block_start)
             block_scores[(slice(None), *cut)] += scores.narrow(1 + axis, lo - start, hi - lo)
-            block_weights[(slice(None), *cut)] += weight.narrow(1 + axis, lo - start, hi - lo)
+
+    def weights(self, start: int, stop: int) -> torch.Tensor:
+        """The summed weights of the padded slices ``[start, stop)`` along the axis: every window that
+        reaches them, in the order the windows were added (each voxel's sum is the one a whole
+        weight buffer would hold, bitwise)."""
+        axis = self.grid.axis
+        shape = [n if d != axis else stop - start for d, n in enumerate(self.grid.size)]
+        total = torch.zeros((1, *shape), dtype=self.dtype, device=self.device)
+        for window in self.grid.windows:
+            lo, hi = max(start, window[axis].start), min(stop, window[axis].stop)
+            if hi <= lo:
+                continue
+            cut = list(window)
+            cut[axis] = slice(lo - start, hi - start)
+            total[(slice(None), *cut)] += self.weight.narrow(1 + axis, lo - window[axis].start, hi - lo)
+        return total
 
     def finish(self, done: int) -> Iterator[Slab]:
         """The slices ``[lo, done)`` (padded coordinates) once no window still to come touches them,
@@ -257,12 +277,14 @@ class _Accumulator:
             while finished[0][1] <= piece_start:  # given out whole: freed
                 finished.pop(0)
             parts = []
-            for block_start, block_stop, block_scores, block_weights in finished:
+            weights = self.weights(piece_start, piece_stop)
+            for block_start, block_stop, block_scores in finished:
                 lo, hi = max(piece_start, block_start), min(piece_stop, block_stop)
                 if hi <= lo:
                     continue
                 cut[axis] = slice(lo - block_start, hi - block_start)
-                where = (slice(None), *cut)
-                parts.append((block_scores[where] / block_weights[where]).float())
+                scores = block_scores[(slice(None), *cut)]
+                cut[axis] = slice(lo - piece_start, hi - piece_start)
+                parts.append((scores / weights[(slice(None), *cut)]).float())
             yield (piece_start - off[axis], piece_stop - off[axis],
                    parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1 + axis))

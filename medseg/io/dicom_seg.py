@@ -6,11 +6,10 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 from monai.config import PathLike
 from monai.utils import ensure_tuple
 
@@ -19,6 +18,9 @@ from medseg.errors import VolumeReadError, cause_text
 from medseg.io.atomic import atomic_path
 from medseg.io.dicom_sniff import is_dicom_seg
 from medseg.io.sitk_reader import SimpleITKReader
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 #: SOP Class UID of Segmentation Storage.
 
@@ -72,6 +74,8 @@ def read_dicom_seg(path: Path) -> sitk.Image:
         affine[:3, 3] += (array.shape[0] - 1) * columns[:, 2]
         columns[:, 2] *= -1
         array = array[::-1]
+    import SimpleITK as sitk  # here, not at import: 90 MB of library a NIfTI-only prediction never needs
+
     spacing = np.linalg.norm(columns, axis=0)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     image.SetSpacing([float(v) for v in spacing])
@@ -107,6 +111,7 @@ def write_dicom_seg(label_map: np.ndarray, series_folder: Path, series_uid: str,
         path: the ``.dcm`` to write (atomically).
     """
     import highdicom as hd
+    import SimpleITK as sitk
     from pydicom.sr.codedict import codes
 
     # GDCM orders the files by slice position, exactly as the reader stacked them.

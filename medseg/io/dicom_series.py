@@ -16,15 +16,17 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 
 from medseg.errors import VolumeReadError
 from medseg.io.dicom_sniff import is_dicom_file
 from medseg.io.preflight import check_header
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         VolumeReadError: the folder holds no DICOM image series, or several (they are listed), or
             the series fails one of the checks above (the message names the files and values).
     """
+    import SimpleITK as sitk  # here, not at import: 90 MB of library a NIfTI-only prediction never needs
     reader = sitk.ImageSeriesReader()
     series_ids = list(reader.GetGDCMSeriesIDs(str(folder)))
     if not series_ids:
@@ -136,6 +139,7 @@ def _stack_one_row_slices(files: list[Path], step: float | None) -> sitk.Image:
     ``ImageSeriesReader`` takes a slice of size (columns, 1, 1) for a 1D image and stacks the
     slices along y instead, with the step as y spacing; so these are read one by one.
     """
+    import SimpleITK as sitk  # here, not at import: 90 MB of library a NIfTI-only prediction never needs
     image = sitk.GetImageFromArray(np.concatenate([_pixels(path) for path in files], axis=0))
     first = sitk.ImageFileReader()
     first.SetFileName(str(files[0]))
@@ -388,6 +392,7 @@ def _refuse_conflicting(folder: Path, group: list[_SliceHeader]) -> None:
 
 
 def _pixels(path: Path) -> np.ndarray:
+    import SimpleITK as sitk  # here, not at import: 90 MB of library a NIfTI-only prediction never needs
     try:
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except RuntimeError as err:
@@ -448,6 +453,7 @@ def _format_floats(values: Any) -> str:
 
 
 def _describe_series(folder: Path, uid: str) -> str:
+    import SimpleITK as sitk  # here, not at import: 90 MB of library a NIfTI-only prediction never needs
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
     description = ""
     if files:

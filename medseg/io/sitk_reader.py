@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 from monai.config import PathLike
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
@@ -22,6 +21,9 @@ from monai.utils.enums import MetaKeys, SpaceKeys
 from medseg.errors import VolumeReadError
 from medseg.io.dicom_series import DICOM_TAGS, read_dicom_series
 from medseg.io.dicom_sniff import is_dicom_file
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 #: File suffixes this reader handles (NIfTI stays with MONAI's nibabel reader).
 SITK_SUFFIXES = (".dcm", ".dicom", ".ima", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -72,6 +74,7 @@ class SimpleITKReader(ImageReader):
 
     @staticmethod
     def _read_one(path: Path) -> sitk.Image:
+        import SimpleITK as sitk  # here, not at import: 90 MB of library a NIfTI-only prediction never needs
         if path.is_dir():
             return read_dicom_series(path)
         image = sitk.ReadImage(str(path))
@@ -85,6 +88,7 @@ class SimpleITKReader(ImageReader):
         return image
 
     def get_data(self, img: Sequence[sitk.Image] | sitk.Image) -> tuple[np.ndarray, dict]:
+        import SimpleITK as sitk  # here, not at import: 90 MB of library a NIfTI-only prediction never needs
         arrays: list[np.ndarray] = []
         meta: dict[str, Any] = {}
         images = [img] if isinstance(img, sitk.Image) else list(img)  # sitk.Image is itself iterable

@@ -66,17 +66,17 @@ def bounded_scores_bytes(classes: int, net_shape: Sequence[int], patch: Sequence
                          sw_batch_size: int, overlap: float, samples: int = 1, native_plane: int = 0,
                          piece_bytes: int = PIECE_BYTES) -> int:
     """The bounded path's peak for its scores (estimated): per sample, the open slices (a patch
-    thick, and one stride more where a batch of windows spans two rows) of K scores and a weight;
-    the finished pieces (at most ``piece_bytes`` each: one per sample, and three pieces' worth of
-    averaging, labels and entropy); one byte a voxel of labels; for a resampling model, a few
-    K-class slices of the input's grid (``native_plane`` voxels each)."""
+    thick: a sweep gives out a row's own slices before it adds the next row's windows) of K scores
+    (the weights are summed per finished piece); one batch of windows' K scores as the network gives them; the finished pieces (at
+    most ``piece_bytes`` each: one per sample, and three pieces' worth of averaging, labels and
+    entropy); one byte a voxel of labels; for a resampling model, a few K-class slices of the
+    input's grid (``native_plane`` voxels each)."""
     plane = math.prod(int(s) for i, s in enumerate(net_shape) if i != axis)
     stride = max(1, int(patch[axis] * (1 - overlap)))
-    across = math.prod(len(range(0, max(1, int(s) - int(p)) + 1, max(1, int(p * (1 - overlap))))) + 1
-                       for i, (s, p) in enumerate(zip(net_shape, patch)) if i != axis)
-    reach = min(int(net_shape[axis]), patch[axis] + (stride if across % sw_batch_size else 0))
+    reach = min(int(net_shape[axis]), int(patch[axis]))
     piece = min(piece_bytes, F32 * classes * stride * plane)
-    return (F32 * samples * (classes + 1) * reach * plane + (samples + 3) * piece + math.prod(net_shape)
+    batch = F32 * sw_batch_size * classes * math.prod(int(p) for p in patch)
+    return (F32 * samples * classes * reach * plane + batch + (samples + 3) * piece + math.prod(net_shape)
             + 4 * F32 * classes * native_plane)
 
 
@@ -258,7 +258,7 @@ def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tens
     runs = [(m, combo) for m in members for combo in combos]
     streams = [slabs(m, flip_spatial(image, combo, dims)) for m, combo in runs]
     spatial = tuple(image.shape[1:])
-    labels = torch.zeros(spatial, dtype=torch.uint8)
+    labels = torch.empty(spatial, dtype=torch.uint8)  # every slab is written: its pages are touched only then
     kept: torch.Tensor | None = None
     totals = SweepTotals()
     for start, stop, outs in in_step(streams, axis):

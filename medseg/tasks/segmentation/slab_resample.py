@@ -89,7 +89,8 @@ class SlabResampler:
     def start(self, decode: Callable[[torch.Tensor], torch.Tensor], keep_probabilities: bool, classes: int) -> None:
         """Get ready for a sweep: how a slice's probabilities become labels, and whether to keep them."""
         self.decode, self.keep = decode, keep_probabilities
-        self.labels = torch.zeros(self.native_shape, dtype=torch.uint8 if classes < 256 else torch.int32)
+        # every input slice is made (finish() checks): pages touched only as slices are written
+        self.labels = torch.empty(self.native_shape, dtype=torch.uint8 if classes < 256 else torch.int32)
         if keep_probabilities:
             self.probabilities = torch.empty((classes, *self.native_shape), dtype=torch.float32)
 

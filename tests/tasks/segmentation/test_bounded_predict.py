@@ -114,3 +114,52 @@ def test_plan_takes_the_exact_sweep_and_keeps_the_full_buffer_where_the_sweep_wo
     whole_body = plan_scores(contract, (273, 273, 1000), (512, 512, 1000), flip_axes=[()], available=16 << 30,
                              resampled=True, classes=100, samples=1, overlap=0.25)
     assert whole_body.bounded and whole_body.axis == 2 and whole_body.full_bytes > 100 << 30
+
+
+@pytest.mark.parametrize("shape, overrides", [
+    ((37, 17, 11), ["patch.size=[8,8,8]", "validation.sw_batch_size=3", "validation.overlap=0.5"]),  # batches span rows
+    ((9, 40, 21), ["patch.size=[16,8,8]", "validation.sw_batch_size=2"]),  # first axis shorter than the patch
+])
+def test_bounded_ct_window_model_with_many_classes_is_the_full_buffers_bitwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], overrides: list[str]) -> None:
+    """Six classes behind a CT window (scaled a slab at a time), odd shapes, an affine that permutes and
+    flips axes: the same masks and probabilities both ways."""
+    labels = "data.labels={0: background, 1: a, 2: b, 3: c, 4: d, 5: e}"
+    window = ["preprocess.intensity.mode=ct_window", "preprocess.intensity.window=[-1.5,2.0]"]
+    model = _model(_member([*overrides, labels, *window], seed=3))
+    full, bounded = _both(model, _scan(tmp_path, shape), monkeypatch)
+    assert full.label_map.shape == shape and len(np.unique(full.label_map)) >= 4
+    assert np.array_equal(full.label_map, bounded.label_map)
+    assert np.array_equal(full.probabilities, bounded.probabilities)
+
+
+def test_slabwise_ct_window_is_monais_bitwise() -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRanged
+
+    import medseg.data.transforms as transforms
+
+    image = MetaTensor(torch.randn(1, 37, 23, 11, generator=torch.Generator().manual_seed(0)) * 500,
+                       affine=torch.tensor(AFFINE, dtype=torch.float64))
+    whole = ScaleIntensityRanged("image", a_min=-160.0, a_max=240.0, b_min=0.0, b_max=1.0, clip=True)({"image": image})["image"]
+    slabs = transforms.SlabwiseScaleIntensityRanged("image", a_min=-160.0, a_max=240.0, b_min=0.0, b_max=1.0, clip=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transforms, "SLAB_VOXELS", 5 * 23 * 11)  # eight slabs, the last one short
+        out = slabs({"image": image})["image"]
+    assert isinstance(out, MetaTensor) and isinstance(whole, MetaTensor) and out.dtype == whole.dtype
+    assert torch.equal(out.as_tensor(), whole.as_tensor()) and torch.equal(out.affine, whole.affine)
+
+
+def test_bounded_estimate_of_a_known_scan() -> None:
+    """512x512x300, 3 classes, patch 96x96x64, batches of 4, overlap 0.25, swept along the first axis:
+    one patch of open slices (96 of 512x300 voxels, 3 scores each), one batch of 4 windows'
+    scores, four 8 MiB pieces, one byte a voxel of labels."""
+    from medseg.tasks.segmentation.bounded import bounded_scores_bytes, prediction_memory
+
+    expected = 4 * 3 * 96 * 512 * 300 + 4 * 4 * 3 * 96 * 96 * 64 + 4 * (8 << 20) + 512 * 512 * 300
+    assert bounded_scores_bytes(3, (512, 512, 300), (96, 96, 64), 0, 4, 0.25) == expected
+    contract = {"patch_size": [96, 96, 64], "sliding_window": {"sw_batch_size": 4, "overlap": 0.25},
+                "labels": {0: "background", 1: "a", 2: "b"}, "spacing": None}
+    need = prediction_memory((512, 512, 300), (0.7, 0.7, 1.5), contract, available=64 << 30)
+    assert need.bounded and need.axis == 0 and need.bounded_bytes == expected
+    assert need.full_bytes == 4 * (3 * 512 * 512 * 300 + 3 * 512 * 512 * 300 + 512 * 512 * 300)
