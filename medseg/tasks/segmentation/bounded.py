@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from medseg.engine.calibration import contract_temperature
+from medseg.engine.heap import trim_heap
 from medseg.engine.sliding import PIECE_BYTES, Slab, class_sigmoid, class_softmax, label_map, stream_logits
 from medseg.engine.tta import flip_combinations, flip_spatial
 from medseg.engine.uncertainty import voxel_entropy
@@ -256,6 +257,7 @@ def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tens
     if any(axis in combo for combo in combos):
         raise ValueError(f"sweep: axis {axis} is flipped by TTA; sweep an axis no flip turns round")
     runs = [(m, combo) for m in members for combo in combos]
+    trim_heap()  # what reading and preprocessing freed, handed back before the open slices are allocated
     streams = [slabs(m, flip_spatial(image, combo, dims)) for m, combo in runs]
     spatial = tuple(image.shape[1:])
     labels = torch.empty(spatial, dtype=torch.uint8)  # every slab is written: its pages are touched only then
