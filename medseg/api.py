@@ -159,7 +159,7 @@ def train(config: RunConfig | str | Path, *, overrides: Sequence[str] | None = N
         ConfigError: an invalid config. DataVerificationError: the data failed verification.
         RunError: nothing to resume, or a resumed run's config changed.
     """
-    cfg = _as_config(config, overrides)
+    cfg = _pretrained_first(_as_config(config, overrides), resume, progress)
     if seeds is not None and folds is not None:
         raise UsageError("train: give seeds or folds, not both")
     if seeds is not None and cfg.train.folds is not None:
@@ -214,6 +214,23 @@ def demo(out: str | Path = "medseg-demo", *, overrides: Sequence[str] | None = N
     settings = [f"data.manifest={demo_dir / 'demo_hippocampus.csv'}", f"data.root={demo_dir / 'hippocampus'}",
                 f"output_dir={home / 'runs'}", f"tracking.uri=sqlite:///{home / 'mlflow.db'}", *(overrides or [])]
     return train(load_config(demo_dir / "demo_segmentation.yaml", settings), progress=progress)
+
+
+def _pretrained_first(cfg: RunConfig, resume: bool | str | Path, progress: bool) -> RunConfig:
+    """Run the config's ``pretrain`` stage (a planned pretraining) and start ``cfg`` from its weights.
+
+    Nothing happens without one, when ``model.init_from`` is given, or on ``resume`` (the resumed run
+    continues from its own checkpoint, which already holds the pretrained start).
+    """
+    stage = getattr(cfg, "pretrain", None)
+    if stage is None or getattr(cfg.model, "init_from", None) or resume:
+        return cfg
+    result = pretrain(config=stage, progress=progress)
+    if result is None:
+        raise UsageError(f"pretrain: {stage}: a planned pretraining runs in one process; run `medseg pretrain --config "
+                         f"{stage}` first, then this config with --set model.init_from=<its weights>")
+    log.info("pretraining run %s finished; fine-tuning from %s", result.run_id, result.weights)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(result.weights)})})
 
 
 @dataclass(frozen=True)
@@ -894,7 +911,7 @@ def parse_budget(text: str | float | int) -> float:
 def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = "30m", root: str | Path | None = None,
          manifest: str | Path | None = None, out: str | Path | None = None, device: str = "auto",
          name: str | None = None, probe: bool = True, progress: bool = True, seed: int = 0,
-         home: str | Path | None = None) -> Any:
+         home: str | Path | None = None, unlabelled: str | Path | None = None) -> Any:
     """``medseg plan``: fingerprint a dataset and plan a config for it, the budget and this machine.
 
     Args:
@@ -916,6 +933,9 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
         home: the folder the plan's outputs go in: the manifest it builds (``data_manifests/``),
             the runs and their MLflow store (``runs/``, ``runs/mlflow.db``); default ``out``'s
             folder, else the current directory.
+        unlabelled: a folder of scans without labels: the plan pretrains on them and the labelled
+            training images first when the budget leaves the fine-tuning its step goal
+            (:mod:`medseg.planning.pretraining_budget`); ``.pretraining`` is then that config.
 
     Returns:
         A :class:`medseg.planning.plan.Plan`: ``.config`` (a config mapping, paths absolute), ``.why``,
@@ -959,12 +979,32 @@ def plan(dataset: str | Path, *, task: str | None = None, budget: str | float = 
         validation_type = chosen.config_type.model_fields["validation"].annotation
         result.train_on_every_case(len(folds), sum(1 for c in described.manifest.cases if c.fold == folds[0]),
                                    calibrates="calibrate" in getattr(validation_type, "model_fields", {}))
+    if unlabelled is not None:
+        _plan_pretraining(result, _absolute(unlabelled), described, home_dir)
     result.notes.insert(0, described.described.replace("\n", "; "))
     validate_config(result.config)  # the plan is an ordinary config: it must load as one
     if out is not None:
         result.write(out)
         load_config(Path(out))
     return result
+
+
+def _plan_pretraining(planned: Any, unlabelled: Path, described: Any, home: Path) -> None:
+    """Give the plan a pretraining stage on the ``unlabelled`` scans if it pays (``medseg plan --unlabelled``)."""
+    from medseg.planning.pretraining_plan import budget_pretraining
+    from medseg.tasks.pretraining.config import PRETRAINED_NETWORKS
+    from medseg.tasks.pretraining.data import every_image_manifest
+
+    network = planned.config["model"]["name"]
+    if network not in PRETRAINED_NETWORKS:
+        raise UsageError(f"--unlabelled {unlabelled}: pretraining trains segmentation U-Nets "
+                         f"({', '.join(PRETRAINED_NETWORKS)}) and the {planned.task} plan's network is {network!r}; "
+                         "plan without --unlabelled")
+    images = every_image_manifest(unlabelled, described.manifest, described.root,
+                                  home / "data_manifests" / f"{planned.request.name}_pretraining.csv",
+                                  len(planned.config["data"]["channels"]))
+    if budget_pretraining(planned, images.manifest, images.unlabelled, images.labelled).pretrains:
+        validate_config(planned.pretraining, source="the planned pretraining")  # an ordinary config too
 
 
 def _absolute(path: str | Path) -> Path:

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_and_plan(sub: Any) -> None:
-    """``run`` and ``plan``."""
+    """``run``, ``demo``, ``pretrain`` and ``plan``."""
     run = sub.add_parser("run", help="run the pipeline of a config (verify, train, evaluate, log the model)")
     run.add_argument("config", type=Path, nargs="?",
                      help="YAML config, e.g. configs/demo_segmentation.yaml (or --plan DATASET instead)")
@@ -113,6 +113,9 @@ def _add_run_and_plan(sub: Any) -> None:
                      help="with --plan: train the rules' choice for the whole budget instead of racing the "
                           "candidates the plan leaves open (successive halving on fold 0)")
     run.add_argument("--root", type=Path, help="with --plan and a manifest: the data root")
+    run.add_argument("--unlabelled", type=Path, metavar="FOLDER",
+                     help="with --plan: scans without labels; when the budget allows, the plan pretrains on them "
+                          "first (medseg pretrain) and fine-tunes from its weights, both in the one budget")
     run.add_argument("--home", type=Path, help="with --plan: the folder for the manifest it builds, the planned config "
                                                "(configs/planned/), the runs and their MLflow store (default: the "
                                                "current folder)")
@@ -151,7 +154,11 @@ def _add_run_and_plan(sub: Any) -> None:
     pretrain.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                           help="continue the newest unfinished pretraining run under output_dir, or the given one")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    _add_plan(sub)
 
+
+def _add_plan(sub: Any) -> None:
+    """``plan``."""
     plan = sub.add_parser("plan", help="fingerprint a dataset and plan a config for it, a time budget and this machine")
     plan.add_argument("dataset", type=Path, help="dataset folder (MSD, nnU-Net, images/labels, ImageFolder, CSV of "
                                                  "path,label, case folders) or a manifest CSV (with --root)")
@@ -166,6 +173,9 @@ def _add_run_and_plan(sub: Any) -> None:
     plan.add_argument("--home", type=Path, help="the folder for the manifest it builds, the runs and their MLflow "
                                                 "store instead (default: --out's folder, else the current one)")
     plan.add_argument("--root", type=Path, help="data root, when DATASET is a manifest")
+    plan.add_argument("--unlabelled", type=Path, metavar="FOLDER",
+                      help="a folder of scans without labels: the plan pretrains on them (and the labelled images) "
+                           "first when the budget leaves the fine-tuning its step goal; --explain says why or why not")
     plan.add_argument("--name", help="experiment and output folder name (default: the dataset's)")
     plan.add_argument("--device", default="auto", help="plan and probe for this device: auto, cpu, cuda")
     plan.add_argument("--no-probe", action="store_true", help="plan from the rules alone (no timing on this machine)")
@@ -240,8 +250,10 @@ def _add_predict(sub: Any) -> None:
                          help="reconstruction (CT, denoising): the inputs already are the degraded images (FBP, "
                          "noisy scans); default: fully sampled images whose measurement is simulated")
     predict.add_argument("--qc", action="append", type=_qc_threshold, metavar="KEY=VALUE",
-                         help="QC threshold instead of the model's (segmentation; repeatable): max_abs_volume_z, "
-                              "max_mean_entropy, min_agreement; a case passing one gets qc_flag and the reason")
+                         help="QC threshold instead of the model's (repeatable); the keys depend on the task: "
+                              "segmentation max_abs_volume_z, max_mean_entropy, min_agreement; detection min_boxes, "
+                              "max_confident_boxes, min_top_score, max_edge_boxes (an unknown key is refused with "
+                              "the model's list); a case passing one gets qc_flag and the reason")
     predict.add_argument("--allow-constant", action="store_true",
                          help="accept images with one value everywhere (refused by default: usually a blank export)")
     predict.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
@@ -476,7 +488,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("medseg run: give a CONFIG, or --plan DATASET (not both)")
     if args.plan is not None:
         planned = medseg.plan(args.plan, task=args.task, budget=args.budget, manifest=args.manifest, root=args.root,
-                              home=args.home, progress=not args.no_progress)
+                              home=args.home, progress=not args.no_progress, unlabelled=args.unlabelled)
         if not args.no_race:
             raced = medseg.race_plan(planned, progress=not args.no_progress)
             if raced is not None:
@@ -546,7 +558,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     planned = medseg.plan(args.dataset, task=args.task, budget=args.budget, root=args.root, manifest=args.manifest,
                           out=None if args.race else args.out, device=args.device, name=args.name,
                           probe=not args.no_probe, progress=not args.no_progress,
-                          home=args.home or (None if args.out is None else args.out.parent))
+                          home=args.home or (None if args.out is None else args.out.parent),
+                          unlabelled=args.unlabelled)
     if args.race:
         raced = medseg.race_plan(planned, progress=not args.no_progress)
         if raced is not None:
@@ -562,10 +575,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(planned.explain())
     if args.out is not None:
         print(f"\nconfig: {args.out}  (its header has the probe's timings; --explain prints every choice)"
-              f"\nrun it: medseg run {args.out}")
+              + (f"\npretraining: {planned.config['pretrain']}  (run first by `medseg run`)"
+                 if planned.pretraining is not None else "") + f"\nrun it: medseg run {args.out}")
     else:
         print()
         print(planned.to_yaml())
+        if planned.pretraining is not None:
+            print(planned.pretraining_yaml())
     return EXIT_OK
 
 

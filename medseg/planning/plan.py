@@ -26,7 +26,7 @@ from medseg.planning.final_model import choose_final_training
 from medseg.planning.fingerprint import Fingerprint
 
 #: Order of the sections in a written config (the order people read a config in).
-SECTION_ORDER = ("task", "seed", "output_dir", "data", "preprocess", "recon", "augment", "patch", "model", "loss", "optim",
+SECTION_ORDER = ("task", "seed", "output_dir", "pretrain", "data", "preprocess", "recon", "augment", "patch", "model", "loss", "optim",
                  "train", "validation", "postprocess", "tracking")
 
 
@@ -88,6 +88,8 @@ class Plan:
     steps_in_budget: int | None = None  # training steps the probe says the budget buys (None: no probe)
     step_goal: int | None = None  # the steps the planner wants a model to get (the task's goal)
     ensemble_folds: int | None = None  # the final model is this many fold members (None: one model)
+    pretraining: dict[str, Any] | None = None  # the task: pretraining config run first (None: no pretraining)
+    pretraining_why: dict[str, str] = field(default_factory=dict)  # its reasons, as ``why``
 
     @property
     def task(self) -> str:
@@ -173,6 +175,8 @@ class Plan:
         if folder is not None and self.request.home is not None:
             anchors = (self.request.home, *self.request.relative_inputs)
             config = relative_raw_paths(config, path_keys(RunConfig), folder, anchors)
+        if folder is not None and config.get("pretrain"):  # written beside the plan: named relative to it
+            config = {**config, "pretrain": os.path.relpath(config["pretrain"], folder)}
         ordered = {k: config[k] for k in SECTION_ORDER if k in config}
         ordered.update({k: v for k, v in config.items() if k not in ordered})
         _emit(ordered, self.why, "", 0, out)
@@ -180,8 +184,26 @@ class Plan:
 
     def write(self, path: str | Path) -> Path:
         """Write the commented config atomically, what lies in the plan's home (or in a folder given
-        by a relative path) named relative to the file, the rest absolute: it loads from any folder."""
+        by a relative path) named relative to the file, the rest absolute: it loads from any folder.
+        A plan that pretrains also writes ``<name>.pretrain.yaml`` beside it, which ``pretrain`` names."""
+        if self.pretraining is not None:
+            pretrain = Path(path).with_name(Path(path).name.removesuffix(".yaml") + ".pretrain.yaml")
+            atomic_write_text(pretrain, self.pretraining_yaml(config_folder(pretrain)))
+            self.config["pretrain"] = str(pretrain.resolve())
         return atomic_write_text(Path(path), self.to_yaml(config_folder(path)))
+
+    def pretraining_yaml(self, folder: Path | None = None) -> str:
+        """The pretraining stage's config as YAML with its reasons (paths as :meth:`to_yaml` writes them)."""
+        if self.pretraining is None:
+            raise ValueError("this plan does not pretrain")
+        config = self.pretraining
+        if folder is not None and self.request.home is not None:
+            config = relative_raw_paths(config, path_keys(RunConfig), folder,
+                                        (self.request.home, *self.request.relative_inputs))
+        out = [f"# Pretraining planned by `medseg plan` for {self.request.name}: `medseg run` on the plan runs it "
+               "first, then fine-tunes from its weights (model.init_from)."]
+        _emit(config, self.pretraining_why, "", 0, out)
+        return "\n".join(out) + "\n"
 
     def explain(self) -> str:
         """``medseg plan --explain``: each choice beside nnU-Net's default, and why."""
@@ -202,7 +224,7 @@ class Plan:
                 "explain": [vars(r) for r in self.explain_rows],
                 "candidates": [{"name": c.name, "description": c.description, "overrides": c.overrides}
                                for c in self.candidates], "race": self.race,
-                "fingerprint_seconds": self.fingerprint.elapsed_s}
+                "pretraining": self.pretraining, "fingerprint_seconds": self.fingerprint.elapsed_s}
 
 
 def fingerprint_note(fp: Fingerprint) -> str:

@@ -116,7 +116,7 @@ def test_the_path_keys_come_from_the_schema() -> None:
     assert keys == {"output_dir": PathKind.PATH, "data.manifest": PathKind.PATH, "data.root": PathKind.PATH,
                     "data.cache_dir": PathKind.PATH, "data.fingerprint": PathKind.PATH,
                     "data.targets.file": PathKind.PATH, "data.boxes.file": PathKind.PATH,  # regression, detection
-                    "model.init_from": PathKind.MODEL,
+                    "model.init_from": PathKind.MODEL, "pretrain": PathKind.PATH,  # segmentation
                     "tracking.uri": PathKind.TRACKING}
     assert "data.targets.file" not in path_keys(type(medseg.validate_config(
         {"data": {"manifest": "m.csv", "labels": {0: "a", 1: "b"}}, "patch": {"size": [8, 8, 8]}})))

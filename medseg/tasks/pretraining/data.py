@@ -6,9 +6,10 @@ NIfTI, NRRD, MHA, DICOM series, nnU-Net channel files), so whatever predict read
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.data.manifest import Case, write_manifest
+from medseg.data.manifest import Case, Manifest, read_manifest, write_manifest
 from medseg.errors import ManifestError
 from medseg.io.discovery import discover
 from medseg.io.formats import FORMATS
@@ -51,3 +52,30 @@ def _listing(folder: Path) -> str:
     if not names:
         return "an empty folder"
     return f"{len(names)} other file(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+
+
+@dataclass(frozen=True)
+class EveryImage:
+    """A manifest of every image a planned pretraining learns from, and how many of each kind it holds."""
+
+    manifest: Path
+    unlabelled: int
+    labelled: int
+
+
+def every_image_manifest(unlabelled: Path, labelled: Manifest, root: Path, out: Path, channels: int = 1) -> EveryImage:
+    """Write ``out``: the scans under the ``unlabelled`` folder and the images of ``labelled``'s
+    training cases (its test split left out, so that test scores stay those of unseen scans), as
+    absolute paths, one split, no labels. A scan of both is counted once, as labelled.
+
+    Raises:
+        ManifestError: as :func:`folder_manifest`, for the ``unlabelled`` folder.
+    """
+    scans = read_manifest(folder_manifest(unlabelled, out.with_name(out.stem + "_scans.csv"), channels))
+    training = [c for c in labelled.cases if c.split != "test" and c.label]
+    cases = [Case(c.case_id, tuple(str(p.resolve()) for p in c.image_paths(root)), None, "train") for c in training]
+    seen = {case.images for case in cases}
+    extra = [Case(f"unlabelled_{c.case_id}", images, None, "train") for c in scans.cases
+             if (images := tuple(str(p.resolve()) for p in c.image_paths(unlabelled))) not in seen]
+    write_manifest([*cases, *extra], out)
+    return EveryImage(out, len(extra), len(cases))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -192,6 +193,10 @@ class SegmentationConfig(RunConfig):
                                  {"name": "enhancing", "labels": [3]}]],
         description="Region-based training (nnU-Net, BraTS): one sigmoid output per region, Dice + BCE on the "
         "region masks; listed largest first, the order predictions are painted back into label values.")
+    pretrain: Path | None = Field(
+        default=None, examples=["plan.pretrain.yaml"],
+        description="A task: pretraining config that `medseg run` runs first (what `medseg plan --unlabelled` writes); "
+        "its weights start this run (model.init_from), unless model.init_from is given.")
 
     @model_validator(mode="after")
     def _regions_valid(self) -> SegmentationConfig:
