@@ -219,18 +219,33 @@ def demo(out: str | Path = "medseg-demo", *, overrides: Sequence[str] | None = N
 def _pretrained_first(cfg: RunConfig, resume: bool | str | Path, progress: bool) -> RunConfig:
     """Run the config's ``pretrain`` stage (a planned pretraining) and start ``cfg`` from its weights.
 
-    Nothing happens without one, when ``model.init_from`` is given, or on ``resume`` (the resumed run
-    continues from its own checkpoint, which already holds the pretrained start).
+    Nothing happens without one or when ``model.init_from`` is given. On ``resume`` nothing is
+    pretrained: the run continues from its own checkpoint, and its config gets back the weights it
+    started from, as the resume check expects.
     """
     stage = getattr(cfg, "pretrain", None)
-    if stage is None or getattr(cfg.model, "init_from", None) or resume:
+    if stage is None or getattr(cfg.model, "init_from", None):
         return cfg
+    if resume:
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": _started_from(cfg, resume)})})
     result = pretrain(config=stage, progress=progress)
     if result is None:
         raise UsageError(f"pretrain: {stage}: a planned pretraining runs in one process; run `medseg pretrain --config "
                          f"{stage}` first, then this config with --set model.init_from=<its weights>")
     log.info("pretraining run %s finished; fine-tuning from %s", result.run_id, result.weights)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(result.weights)})})
+
+
+def _started_from(cfg: RunConfig, resume: bool | str | Path) -> str | None:
+    """The ``model.init_from`` the run being resumed started with (None: it started fresh)."""
+    import yaml
+
+    from medseg.engine.runner import find_resumable
+
+    run_dir = find_resumable(cfg.output_dir) if isinstance(resume, bool) else Path(resume)
+    saved = run_dir / "resolved_config.yaml"
+    raw = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+    return ((raw or {}).get("model") or {}).get("init_from")
 
 
 @dataclass(frozen=True)

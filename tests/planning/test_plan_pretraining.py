@@ -126,3 +126,21 @@ def test_the_cli_explains_the_decision(tmp_path: Path, probed: None, capsys: pyt
                      r"budget \(~30,000 steps\): 9 unlabelled scan\(s\) beside 4 labelled", printed)
     assert re.search(r"\ntraining length +60 min after 60 min of pretraining", printed)
     assert f"pretraining: {out.with_name('plan.pretrain.yaml').resolve()}" in printed
+
+
+def test_a_resumed_fine_tuning_gets_back_the_weights_it_started_from_and_pretrains_nothing(
+        tmp_path: Path, probed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "home" / "plan.yaml"
+    _plan(tmp_path, unlabelled=9, labelled=4, out=out)
+    cfg = medseg.load_config(out)
+    run_dir = tmp_path / "stopped_run"
+    run_dir.mkdir()
+    started = tmp_path / "pretraining" / "pretrained.safetensors"
+    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump({"model": {"init_from": str(started)}}))
+
+    def no_pretraining(**_: Any) -> None:
+        raise AssertionError("a resumed run pretrained again")
+
+    monkeypatch.setattr(medseg.api, "pretrain", no_pretraining)
+    resumed = medseg.api._pretrained_first(cfg, run_dir, progress=False)
+    assert resumed.model.init_from == str(started) and cfg.model.init_from is None
