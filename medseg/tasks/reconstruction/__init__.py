@@ -43,6 +43,8 @@ class ReconstructionTask(TaskBase):
         recon = contract["recon"]
         # translation: the input contrasts (its in_channels counts the target too: what a case holds)
         channels = MRI_CHANNELS if recon.get("problem") == "mri" else len(contract.get("input_channels", [None]))
+        if recon.get("problem") == "sr":  # 2.5D: a slice and its neighbours on either side
+            channels = 2 * int(recon.get("sr", {}).get("context", 0)) + 1
         return torch.zeros(2, channels, *[int(s) for s in recon["image_size"]]), True
 
     def plan(self, request: Any, fingerprint: Any) -> Any:

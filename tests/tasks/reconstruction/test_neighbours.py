@@ -88,3 +88,17 @@ def test_predict_restores_every_slice_of_a_volume_with_its_neighbours() -> None:
     out = restore_slices(net, volume, (8, 8), torch.device("cpu"), None, context=1)
     assert out.shape == (6, 1, 13, 11)
     torch.testing.assert_close(out[:, 0].permute(1, 2, 0), volume[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_exported_example_of_a_2_5d_model_has_its_neighbour_channels() -> None:
+    """The ONNX export (and the fast backends) feed the network an example from the contract: a
+    2.5D model takes 2 context + 1 channels, not the manifest's one."""
+    from medseg.tasks.reconstruction import TASK
+
+    recon = _sr(2).model_dump(mode="json")
+    example, dynamic = TASK.export_example({"recon": recon, "input_channels": ["image"]})
+    assert example.shape == (2, 5, 12, 10) and dynamic
+    net = ImageRestorer(UNetModelConfig(name="unet", spatial_dims=2, channels=(4, 8), strides=(2,)), 5)
+    assert net(example).shape == (2, 1, 12, 10)
+    plain, _ = TASK.export_example({"recon": _sr(0).model_dump(mode="json"), "input_channels": ["image"]})
+    assert plain.shape == (2, 1, 12, 10)
