@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                                                      f"last one before bounded prediction, {BEFORE}; HEAD with --tiny)")
     parser.add_argument("--skip-ct", action="store_true")
     parser.add_argument("--skip-wb", action="store_true")
+    parser.add_argument("--paths", default="head,full,bounded",
+                        help="the ct300 paths to run (head: the --head commit's code, which cannot load a model "
+                             "logged by a much later commit; leave it out then)")
     parser.add_argument("--wb-spacing", type=float, default=1.5)
     parser.add_argument("--wb-patch", default=None, help="the whole-body model's patch (default 96,96,64; "
                                                          f"{TINY_PATCH} with --tiny)")
@@ -180,28 +183,29 @@ def _unpack(commit: str, tree: Path) -> None:
 
 
 def _ct300(args: argparse.Namespace, work: Path, tracking: str, head: str) -> dict:
+    paths = [p for p in ("head", "full", "bounded") if p in args.paths.split(",")]
     tree = work / "head"
-    _unpack(head, tree)
+    if "head" in paths:
+        _unpack(head, tree)
     inputs = work / "ct300"
     inputs.mkdir()
     shape, spacing = TINY_CT if args.tiny else ((512, 512, 300), (0.7, 0.7, 1.5))
     _make_ct(inputs / "ct.nii.gz", shape, spacing)
     patch = TINY_PATCH if args.tiny else "96,96,64"
     model = _log_model(work, [f"patch.size=[{patch}]", *CT_MODEL, *(TINY_NETWORK if args.tiny else [])], "ct300")
-    paths = ["head", "full", "bounded"]
     runs: dict[str, list[dict]] = {p: [] for p in paths}
     for repeat in range(args.repeats):
-        for path in paths[repeat % 3:] + paths[: repeat % 3]:
+        for path in paths[repeat % len(paths):] + paths[: repeat % len(paths)]:
             runs[path].append(_run(path, model, tracking, inputs, work / f"out_{path}",
                                    str(tree) if path == "head" else None, args.tiny))
     masks = {p: work / f"out_{p}" / "ct.nii.gz" for p in paths}
     network = "4-8-16-32" if args.tiny else "8-16-32-64"
+    compared = {f"bounded_vs_{p}": _compare(masks[p], masks["bounded"]) for p in ("full", "head")
+                if p in paths and "bounded" in paths}
     return {"shape": list(shape), "classes": 3,
             "model": f"lean U-Net {network}, patch {patch.replace(',', 'x')}, overlap 0.25",
             "runs": runs, "seconds": {p: statistics.median(r["seconds"] for r in runs[p]) for p in paths},
-            "peak_rss_mb": {p: max(r["peak_rss_mb"] for r in runs[p]) for p in paths},
-            "bounded_vs_full": _compare(masks["full"], masks["bounded"]),
-            "bounded_vs_head": _compare(masks["head"], masks["bounded"])}
+            "peak_rss_mb": {p: max(r["peak_rss_mb"] for r in runs[p]) for p in paths}, **compared}
 
 
 def _wb1000(args: argparse.Namespace, work: Path, tracking: str) -> dict:
@@ -224,21 +228,36 @@ def _wb1000(args: argparse.Namespace, work: Path, tracking: str) -> dict:
             "peak_rss_mb": {"bounded": run["peak_rss_mb"]}}
 
 
+def _last_commit(path: Path) -> str:
+    """The last commit that changed ``path`` (short hash), or "uncommitted"."""
+    done = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], capture_output=True, text=True,
+                          cwd=REPO, check=False)
+    return done.stdout.strip() or "uncommitted"
+
+
 def _write(out: Path, report: dict) -> None:
     import platform
 
     import torch
 
     report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                         "note": "a shared 2-core host: other jobs ran beside these, so wall times are noisy"}
+                         "note": "a shared 2-core host: other sessions' jobs ran beside these, so wall times are noisy"}
     out.mkdir(parents=True, exist_ok=True)
     if (out / "memory.json").exists():  # a run of one workload keeps the other's last results
         earlier = json.loads((out / "memory.json").read_text())
+        for name, workload in report["workloads"].items():  # and the figures it replaces, for comparison
+            replaced = earlier.get("workloads", {}).get(name)
+            if replaced:
+                workload["earlier"] = replaced.get("earlier") or {
+                    "commit": _last_commit(out / "memory.json"), "seconds": replaced["seconds"],
+                    "peak_rss_mb": replaced["peak_rss_mb"]}
         report["workloads"] = {**earlier.get("workloads", {}), **report["workloads"]}
     (out / "memory.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["| workload | path | s (median) | peak RSS (MiB) | vs head: time | vs head: memory |", "|---|---|---|---|---|---|"]
+    lines = ["| workload | path | s (median) | peak RSS (MiB) | vs head (else full): time | memory |",
+             "|---|---|---|---|---|---|"]
     for name, w in report["workloads"].items():
-        base_s, base_m = w["seconds"].get("head"), w["peak_rss_mb"].get("head")
+        base = "head" if "head" in w["seconds"] else "full"
+        base_s, base_m = w["seconds"].get(base), w["peak_rss_mb"].get(base)
         for path, s in w["seconds"].items():
             m = w["peak_rss_mb"][path]
             lines.append(f"| {name} ({'x'.join(map(str, w['shape']))}, {w['classes']} classes) | {path} | {s:.1f} | "
@@ -251,8 +270,15 @@ def _write(out: Path, report: dict) -> None:
                 c = w[key]
                 lines.append(f"  - masks {key.replace('_', ' ')}: {c['differ']} of {c['voxels']} voxels differ "
                              f"(bitwise equal: {c['bitwise_equal']}, same affine: {c['same_affine']}).")
-    lines.append(f"\nhead = {report['head']} (today's full-buffer code, unpacked from git); full/bounded = this code "
-                 "with MEDSEG_PREDICT_SCORES=full/bounded. Peak RSS is each child process's VmHWM. "
+    for name, w in report["workloads"].items():
+        if w.get("earlier"):
+            e = w["earlier"]
+            shown = ", ".join(f"{p} {e['peak_rss_mb'][p]:.0f} MiB in {e['seconds'][p]:.1f} s" for p in e["seconds"])
+            lines.append(f"- {name}, the run these replace (results committed in {e['commit']}): {shown}.")
+    lines.append(f"\nhead = {report['head']} (the full-buffer code before bounded prediction, unpacked from git; "
+                 "left out where it cannot load a model logged by this code); full/bounded = this code "
+                 "with MEDSEG_PREDICT_SCORES=full/bounded; wb1000 runs the bounded path only (its full buffer "
+                 "would hold ~100 GB of scores). Peak RSS is each child process's VmHWM (the whole process). "
                  f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch "
                  f"{report['machine']['torch']}; {report['machine']['note']}.")
     (out / "memory.md").write_text("\n".join(lines) + "\n")

@@ -52,6 +52,7 @@ from medseg.config import (
     PreprocessConfig,
 )
 from medseg.errors import ConfigError
+from medseg.io.heap import trim_heap
 from medseg.io.preflight import CheckImageValuesd
 from medseg.io.readers import make_load_transform
 
@@ -282,4 +283,14 @@ def preprocessing_from_contract(contract: dict[str, Any], load: bool = True, all
         crop_foreground=contract.get("crop_foreground", False),
         allow_constant=bool(contract.get("allow_constant", False)) or allow_constant,
     )
-    return Compose(preprocessing(cfg, keys=(IMAGE,), load=load))
+    chain = preprocessing(cfg, keys=(IMAGE,), load=load)
+    if load:  # a scan at a time: what reading it freed goes back before the next transform allocates
+        chain.insert(1, _heap_trimmed)
+    return Compose(chain)
+
+
+def _heap_trimmed(data: Any) -> Any:
+    """``data`` unchanged, once glibc has handed back the pages reading freed (:func:`~medseg.io.heap.trim_heap`:
+    a compressed NIfTI is decompressed in many small pieces, about the raw volume's size)."""
+    trim_heap()
+    return data

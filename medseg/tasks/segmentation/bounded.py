@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from medseg.engine.calibration import contract_temperature
-from medseg.engine.heap import trim_heap
 from medseg.engine.sliding import PIECE_BYTES, Slab, class_sigmoid, class_softmax, label_map, stream_logits
 from medseg.engine.tta import flip_combinations, flip_spatial
 from medseg.engine.uncertainty import voxel_entropy
+from medseg.io.heap import trim_heap
 
 #: Bytes of one float32 value.
 F32 = 4
@@ -281,6 +281,7 @@ def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tens
             kept.narrow(1 + axis, start, stop - start).copy_(mean)
         if on_slab is not None:
             on_slab(start, stop, mean)
+        trim_heap()  # a slab's temporaries are small enough for glibc's heap, which would otherwise keep them
     return SweepResult(labels, kept, totals)
 
 
