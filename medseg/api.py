@@ -608,7 +608,7 @@ class Predictor:
         input, output = local_folder(input, "--input"), local_folder(output, "--output")
         found = discover_inputs(input, self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
-        report = record_graphs(predict_folder(case_predictor, self.model, Path(input), Path(output), options,
+        report = record_graphs(predict_folder(case_predictor, self.model, input, output, options,
                                                self.device, tracker, found, runner), self.model)
         return record_ray(report, runner, tracker) if isinstance(runner, RayCaseRunner) else report
 
