@@ -235,3 +235,19 @@ def wait_until_answering(url: str, proc: Any, timeout_s: float, log_path: Path, 
             state = f"exited with {proc.returncode}" if proc.poll() is not None else "still not answering"
             pytest.fail(f"{what} did not come up ({state}); its log:\n{log_path.read_text(errors='replace')[-3000:]}")
         time.sleep(0.5)
+
+
+#: Test files that take minutes (a wheel installed into a fresh venv, the tiny benchmarks, mypy,
+#: several-process runs), from the suite's --durations. pytest-xdist hands out whole files in
+#: collection order, so these start first and the short files fill in around them instead of one
+#: of them starting last and running alone.
+LONG_FILES = ("test_newcomer.py", "test_benchmarks.py", "test_architecture.py", "test_distributed.py",
+              "test_bench_regression.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file and among the other files is kept
