@@ -237,6 +237,17 @@ def wait_until_answering(url: str, proc: Any, timeout_s: float, log_path: Path, 
         time.sleep(0.5)
 
 
+#: ``python -c KILL_AT_SECOND_CHECKPOINT run CONFIG`` (or ``pretrain ...``): medseg's CLI, SIGKILLed as it
+#: renames its second ``last.safetensors`` into place, i.e. mid-training after a checkpoint was written.
+KILL_AT_SECOND_CHECKPOINT = ("import os, signal, sys\nreal, seen = os.replace, []\n"
+                             "def replace(src, dst, *a, **k):\n"
+                             "    if os.path.basename(os.fspath(dst)) == 'last.safetensors':\n"
+                             "        seen.append(dst)\n"
+                             "        if len(seen) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+                             "    return real(src, dst, *a, **k)\n"
+                             "os.replace = replace\nfrom medseg.cli import main\nsys.exit(main())\n")
+
+
 #: Test files that take minutes (a wheel installed into a fresh venv, the tiny benchmarks, mypy,
 #: several-process runs), from the suite's --durations. pytest-xdist hands out whole files in
 #: collection order, so these start first and the short files fill in around them instead of one

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 import medseg
 from medseg.data.manifest import read_manifest
 from medseg.tasks.detection.boxes import voxel_to_world
-from tests.conftest import REPO, artifact_paths, train_run
+from tests.conftest import KILL_AT_SECOND_CHECKPOINT, REPO, artifact_paths, train_run
 
 
 def detection_config(tmp: Path, **train: object) -> Path:
@@ -171,17 +171,6 @@ def test_qc_flags_scans_in_the_report_the_summaries_and_the_review_page(trained:
     assert page.count("only low-confidence boxes: the best scores") == 2 and "a best box scoring at least 1.01" in page
 
 
-#: ``python -c HOOK run CONFIG``: medseg's CLI, SIGKILLed as it renames its second ``last.safetensors``
-#: into place (the checkpoint after training step 2 of epoch 1; every step is checkpointed).
-HOOK = ("import os, signal, sys\nreal, seen = os.replace, []\n"
-        "def replace(src, dst, *a, **k):\n"
-        "    if os.path.basename(os.fspath(dst)) == 'last.safetensors':\n"
-        "        seen.append(dst)\n"
-        "        if len(seen) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(src, dst, *a, **k)\n"
-        "os.replace = replace\nfrom medseg.cli import main\nsys.exit(main())\n")
-
-
 @pytest.mark.slow  # a second training run in a subprocess, then its resumption: 2 minutes on a loaded 2-core host
 def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint_to_the_uninterrupted_weights(
         trained: dict, tmp_path: Path) -> None:
@@ -191,7 +180,7 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint_to_the_unint
     config = detection_config(tmp_path, checkpoint_interval_minutes=0)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
     env.pop("MEDSEG_ALLOCATOR", None)
-    killed = subprocess.run([sys.executable, "-c", HOOK, "run", str(config), "--no-progress"], env=env,
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_SECOND_CHECKPOINT, "run", str(config), "--no-progress"], env=env,
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").glob("2*")

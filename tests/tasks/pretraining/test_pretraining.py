@@ -24,7 +24,14 @@ from medseg.errors import ConfigError, DataVerificationError, ManifestError, Mod
 from medseg.tasks.pretraining.encoder import transferred_names
 from medseg.tasks.pretraining.masking import MaskedReconstructionLoss, RandBlockMaskd
 from medseg.tasks.registry import get_task, validate_config
-from tests.conftest import REPO, make_case, tiny_config, train_run, write_msd_dataset
+from tests.conftest import (
+    KILL_AT_SECOND_CHECKPOINT,
+    REPO,
+    make_case,
+    tiny_config,
+    train_run,
+    write_msd_dataset,
+)
 
 #: The fine-tuning network of ``tiny_config`` (channels 4-8-16, two strides of 2), pretrained on 16x16x8 patches.
 MODEL = ["model.channels=[4,8,16]", "model.num_res_units=1", "patch.size=[16,16,8]", "masking.block=[4,4,4]",
@@ -187,17 +194,10 @@ def test_pretraining_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weig
     common = ["train.deterministic=true", "train.checkpoint_interval_minutes=0", "train.iterations_per_epoch=2"]
     reference = medseg.pretrain(folder, overrides=settings(tmp_path / "ref", *common), progress=False)
     assert reference is not None
-    hook = ("import os, signal, sys\nreal, seen = os.replace, []\n"
-            "def replace(src, dst, *a, **k):\n"
-            "    if os.path.basename(os.fspath(dst)) == 'last.safetensors':\n"
-            "        seen.append(dst)\n"
-            "        if len(seen) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return real(src, dst, *a, **k)\n"
-            "os.replace = replace\nfrom medseg.cli import main\nsys.exit(main())\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
     env.pop("MEDSEG_ALLOCATOR", None)
     args = ["pretrain", str(folder), *[f"--set={s}" for s in settings(tmp_path / "killed", *common)], "--no-progress"]
-    killed = subprocess.run([sys.executable, "-c", hook, *args], env=env, capture_output=True, text=True, timeout=240)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_SECOND_CHECKPOINT, *args], env=env, capture_output=True, text=True, timeout=240)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_dirs = list((tmp_path / "killed" / "pretrain_runs").glob("2*"))
     assert len(run_dirs) == 1 and not (run_dirs[0] / "summary.json").exists()
