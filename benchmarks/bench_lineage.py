@@ -8,20 +8,26 @@ own options overridden (:data:`NETWORKS`), ``train.max_minutes`` set to the budg
 so the learning-rate schedule follows the clock. Per network and dataset the table gives the
 parameters, the FLOPs of one forward pass at the input size (``torch.utils.flop_counter``, one image),
 the seconds per training epoch on this machine (median of the epochs the budget finished; the last
-epoch is cut by the budget), and test AUC and ACC (mean ± std over seeds).
+epoch is cut by the budget; with none finished, the seconds per optimiser step, from the history's
+``time/epoch_steps``, times an epoch's steps), and test AUC and ACC (mean ± std over seeds).
+
+A run is verify, training and the test split's scoring (:func:`_test_only`): the validation
+re-scoring and the packaged MLflow model of ``medseg.train`` cost seconds a run and change no figure
+of the table; ``--full-pipeline`` runs every stage. MLflow system metrics are off.
 
 Every (dataset, network) entry is written into ``lineage.json`` as soon as it is done and
 ``lineage.md`` is rewritten from all entries, so a rerun with ``--datasets``/``--networks``/``--seeds``
 adds or replaces entries.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_lineage.py [--budget-s 30] [--seeds 0,1,2]
-       [--datasets pneumonia,breast,adrenal3d] [--networks perceptron,...] [--out benchmarks/results] [--tiny]
+       [--datasets pneumonia,breast,adrenal3d] [--networks perceptron,...] [--budget-note TEXT]
+       [--full-pipeline] [--out benchmarks/results] [--tiny]
 
 The data come from ``make medmnist`` (the manifests the configs name). ``--tiny`` (benchmarks/tiny.py):
 8/4/4 train/val/test images of each dataset's ``.npz`` (the first of each class, half and half) imported into a temporary folder, one
 epoch of batch 4 per run, one seed, and unless ``--datasets``/``--networks`` say otherwise one 2D and
 one 3D dataset and two networks (:data:`TINY_DATASETS`, :data:`TINY_NETWORKS`: every run is the same
-``medseg.train`` path, and each run costs half a minute of MLflow and packaging); for the test suite,
+run path); for the test suite,
 never into benchmarks/results.
 """
 
@@ -31,8 +37,10 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -108,30 +116,65 @@ def _size(overrides: list[str], key: str) -> dict[str, Any]:
     image = torch.zeros(1, len(cfg.data.channels), *cfg.preprocess.resize)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(image)
+    with open(cfg.data.manifest, newline="") as fh:
+        train_cases = sum(1 for row in csv.DictReader(fh) if row["split"] == "train")
     return {"parameters": sum(p.numel() for p in net.parameters()), "flops": counter.get_total_flops(),
+            "train_cases": train_cases, "batch_size": cfg.train.batch_size,
+            "steps_per_epoch": cfg.train.iterations_per_epoch or math.ceil(train_cases / cfg.train.batch_size),
             "input": list(cfg.preprocess.resize), "dropout": cfg.model.dropout,
             "widen_factor": cfg.model.widen_factor, "stem": str(cfg.model.stem)}
 
 
-def _seconds_per_epoch(run_dir: Path) -> tuple[float | None, float]:
-    """Median training seconds of the epochs finished within the budget (None when none was), and
-    the training seconds of the last, budget-cut epoch."""
+def _timing(run_dir: Path, steps_per_epoch: int) -> dict[str, float | None]:
+    """Median training seconds of the epochs finished within the budget (None when none was), the
+    training seconds and steps of the last, budget-cut epoch, and the seconds per step over every
+    epoch (``time/epoch_steps``) scaled to a whole epoch: the estimate that still says something when
+    the budget ended before the first epoch did."""
     with open(run_dir / "history.csv", newline="") as fh:
-        seconds = [float(row["time/epoch_train_s"]) for row in csv.DictReader(fh)]
-    return (statistics.median(seconds[:-1]) if len(seconds) > 1 else None), seconds[-1]
+        rows = list(csv.DictReader(fh))
+    seconds = [float(row["time/epoch_train_s"]) for row in rows]
+    steps = [int(float(row["time/epoch_steps"])) for row in rows]
+    return {"s_per_epoch": statistics.median(seconds[:-1]) if len(seconds) > 1 else None,
+            "last_epoch_s": seconds[-1], "last_epoch_steps": steps[-1],
+            "s_per_step": sum(seconds) / max(sum(steps), 1),
+            "s_per_epoch_est": sum(seconds) / max(sum(steps), 1) * steps_per_epoch}
 
 
-def _train(key: str, overrides: list[str], seed: int) -> dict[str, Any]:
+def _test_only(task: Any) -> Any:
+    """The standard stages less what the table does not use: verify, train, then the best checkpoint
+    scored on the test split alone; no validation re-scoring (its temperature fit changes neither the
+    test AUC nor the argmax ACC) and no packaged MLflow model (seconds a run, 72 runs)."""
+    test = [(split, prefix) for split, prefix in task.evaluated_splits if split == "test"]
+
+    def pipeline(ctx: Any) -> None:
+        ctx.headline_patterns = task.headline_metrics
+        trained = ctx.verify_and_train(task.train, task.verify_options(ctx.cfg))
+        for split, prefix in test:
+            ctx.metrics.update(task.evaluate(ctx, trained.best_checkpoint, split, prefix))
+    return pipeline
+
+
+def _run(key: str, overrides: list[str], full: bool) -> Any:
+    """One run: ``medseg.train`` (every stage) with ``full``, else the test-only pipeline."""
     import medseg
+    from medseg.engine.runner import run_pipeline
 
-    result = medseg.train(REPO / "configs" / DATASETS[key][1], overrides=[*overrides, f"seed={seed}"], progress=False)
-    assert result is not None  # one process: the main one
-    per_epoch, last = _seconds_per_epoch(result.run_dir)
+    config = REPO / "configs" / DATASETS[key][1]
+    if full:
+        return medseg.train(config, overrides=overrides, progress=False)
+    cfg = medseg.load_config(config, overrides)
+    task = medseg.get_task(str(cfg.task))
+    return medseg.RunResult.from_summary(run_pipeline(cfg, _test_only(task), progress=False,
+                                                      prepare_data=task.prepare_data))
+
+
+def _train(key: str, overrides: list[str], seed: int, steps_per_epoch: int, full: bool) -> dict[str, Any]:
+    result = _run(key, [*overrides, f"seed={seed}"], full)
     with open(result.run_dir / "evaluation" / "test_cases.csv", newline="") as fh:
         test_cases = sum(1 for _ in csv.DictReader(fh))
     metrics = result.metrics
     return {"seed": seed, "epochs": metrics.get("train/epochs"), "train_minutes": metrics.get("train/minutes"),
-            "s_per_epoch": per_epoch, "last_epoch_s": last, "test_auc": metrics.get("test/auc"),
+            **_timing(result.run_dir, steps_per_epoch), "test_auc": metrics.get("test/auc"),
             "test_acc": metrics.get("test/acc"), "test_cases": test_cases, "run_id": result.run_id}
 
 
@@ -162,11 +205,21 @@ def _flops(flops: float) -> str:
 
 
 def _epoch_cell(seeds: list[dict[str, Any]]) -> str:
-    """Median seconds per finished epoch over seeds, or a floor when the budget finished none."""
+    """Median seconds per finished epoch over seeds; when the budget finished none, the seconds per
+    step scaled to an epoch (``≈``), or, for entries from before steps were recorded, a floor."""
     finished = [s["s_per_epoch"] for s in seeds if s["s_per_epoch"] is not None]
     if finished:
         return f"{statistics.median(finished):.1f}"
+    estimates = [s["s_per_epoch_est"] for s in seeds if s.get("s_per_epoch_est") is not None]
+    if estimates:
+        return f"≈ {statistics.median(estimates):.0f} (none finished)"
     return f"> {max(s['last_epoch_s'] for s in seeds):.0f} (none finished)"
+
+
+def _loads(entries: dict[str, Any]) -> str:
+    """The range of the 1-minute load averages seen at the start and end of the entries' runs."""
+    loads = [v for e in entries.values() for v in e.get("load_average", [])]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
 
 
 def _row(network: str, entry: dict[str, Any]) -> str:
@@ -180,8 +233,12 @@ def _row(network: str, entry: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """``lineage.md`` from every entry of ``lineage.json``."""
+    # the commands of the entries shown (an entry replaced by a rerun takes its command with it)
+    entries = [e for d in results.get("entries", {}).values() for e in d.values()]
+    older = results.get("commands", [results.get("command", "?")]) if any("command" not in e for e in entries) else []
+    commands = list(dict.fromkeys([*[e["command"] for e in entries if "command" in e], *older]))
     lines = ["# The CNN lineage on MedMNIST at one budget", "",
-             "Written by " + ", ".join(f"`{c}`" for c in results.get("commands", [results.get("command", "?")]))
+             "Written by " + ", ".join(f"`{c}`" for c in commands)
              + " (each entry with its own date in `lineage.json`). Every network trained for the same "
              "wall-clock budget per run on this CPU, one `medseg.train` of the dataset's config with `model.name` "
              "(and the network's options) overridden; scored once on the official test split with the checkpoint "
@@ -204,14 +261,22 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", f"Not measured yet on {name}: {', '.join(missing)}."]
         budgets = sorted({e["budget_s"] for e in entries.values()})
         lines += ["", f"Budget per run: {', '.join(f'{b:g}' for b in budgets)} s of training (validation "
-                  f"included); width factor {first['widen_factor']:g} and stem `{first['stem']}` from the config "
-                  "(DenseNet-121 has no width factor; VGG no stem choice); test cases: "
-                  f"{int(first['seeds'][0]['test_cases'] or 0)}.", ""]
+                  f"included). {results.get('budget_notes', {}).get(key, '')} Width factor "
+                  f"{first['widen_factor']:g} and stem `{first['stem']}` from the config (DenseNet-121 has no "
+                  "width factor; VGG no stem choice); "
+                  + (f"{first['train_cases']} training images, {first['steps_per_epoch']} steps of batch "
+                     f"{first['batch_size']} per epoch; " if "train_cases" in first else "")
+                  + f"test cases: {int(first['seeds'][0]['test_cases'] or 0)}. Load average (1 min) on the "
+                  f"2-core host while these ran: {_loads(entries)}.", ""]
     lines += ["Networks: " + "; ".join(f"**{n}** `{' '.join(o)}`" for n, o in NETWORKS.items()) + ".", "",
               "FLOPs: `torch.utils.flop_counter.FlopCounterMode` on one forward pass of one image in eval mode "
               "(a multiply-add counts 2). Seconds per epoch: the median training time (validation excluded) of "
-              "the epochs that finished within the budget, over seeds; with none finished, the budget-cut "
-              "epoch's time as a floor.", ""]
+              "the epochs that finished within the budget, over seeds; with none finished, `≈`: the seconds "
+              "per optimiser step of the budget-cut epoch (`time/epoch_steps` in the run's history) times the "
+              "steps of a whole epoch (median over seeds; it includes the first steps' warm-up, so it errs "
+              "high); `>`: a floor, in entries from before steps were recorded. Each run is `verify`, training "
+              "and the test split's scoring (`--full-pipeline` adds the validation re-scoring and the packaged "
+              "MLflow model, which the table does not use); MLflow system metrics off.", ""]
     return "\n".join(lines)
 
 
@@ -252,11 +317,22 @@ def _record(out: Path, key: str, network: str, entry: dict[str, Any], about: dic
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {"entries": {}}
+        notes = about.pop("budget_note", None)
         results.update(about)
+        if notes:
+            results.setdefault("budget_notes", {})[key] = notes
         results["commands"] = [*[c for c in results.get("commands", []) if c != about["command"]], about["command"]]
+        entry["command"] = about["command"]
         results["entries"].setdefault(key, {})[network] = _merge(results["entries"].get(key, {}).get(network), entry)
         atomic_write_text(json_path, json.dumps(results, indent=2))
         atomic_write_text(out / "lineage.md", markdown(results))
+
+
+def _command(argv: list[str]) -> str:
+    """The command line as the table names it: the note, printed under the table, not repeated."""
+    words = [("'<the note under its table>'" if i and argv[i - 1] == "--budget-note" else shlex.quote(w))
+             for i, w in enumerate(argv)]
+    return " ".join(["OMP_NUM_THREADS=1 python benchmarks/bench_lineage.py", *words])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,6 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--datasets", help=f"comma-separated, of {', '.join(DATASETS)} (default: all)")
     parser.add_argument("--networks", help=f"comma-separated, of {', '.join(NETWORKS)} (default: all)")
+    parser.add_argument("--full-pipeline", action="store_true",
+                        help="every stage of medseg.train (validation re-scoring, the packaged MLflow model); "
+                        "default: verify, train and score the test split only")
+    parser.add_argument("--budget-note", help="why this budget: printed under the dataset's table")
     add_tiny_arguments(parser)
     args = parser.parse_args(argv)
     args.datasets = args.datasets or ",".join(TINY_DATASETS if args.tiny else DATASETS)
@@ -276,24 +356,30 @@ def main(argv: list[str] | None = None) -> None:
                                                               "--seeds")]
     out = results_folder(args)
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/bench_lineage.py", *(sys.argv[1:] if argv is None else argv)])
+    command = _command(sys.argv[1:] if argv is None else argv)
     for key in datasets:
         scratch = scratch_folder(f"bench-lineage-{key}-", args, out)
         # one disk cache per dataset, shared by its runs (and by concurrent invocations): each run
         # then reads the preprocessed images instead of loading and resizing every file again
         cache = scratch / "cache" if args.tiny else Path(tempfile.gettempdir()) / "medseg-bench-lineage-cache" / key
         common = [*_data(key, scratch, args.tiny), f"output_dir={scratch / 'runs'}",
-                  f"tracking.uri=sqlite:///{scratch / 'mlflow.db'}", "train.device=cpu", "validation.tsne=false",
+                  f"tracking.uri=sqlite:///{scratch / 'mlflow.db'}", "tracking.system_metrics=false",
+                  "train.device=cpu", "validation.tsne=false",
                   "data.cache=disk", f"data.cache_dir={cache}", *_budget(args)]
         for network in networks:
             overrides = [*common, *NETWORKS[network]]
-            started = time.monotonic()
+            started, load_before = time.monotonic(), os.getloadavg()[0]
             host = _host()
-            entry = {**_size(overrides, key), "overrides": NETWORKS[network], "budget_s": args.budget_s,
-                     "seeds": [_train(key, overrides, seed) for seed in seeds],
+            size = _size(overrides, key)
+            entry = {**size, "overrides": NETWORKS[network], "budget_s": args.budget_s,
+                     "pipeline": "full" if args.full_pipeline else "test-only",
+                     "seeds": [_train(key, overrides, seed, size["steps_per_epoch"], args.full_pipeline)
+                               for seed in seeds],
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             entry["wall_s"] = round(time.monotonic() - started, 1)
-            _record(out, key, network, entry, {"host": host, "command": command})
+            entry["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            _record(out, key, network, entry, {"host": host, "command": command,
+                                               **({"budget_note": args.budget_note} if args.budget_note else {})})
             print(f"{key} {network}: {json.dumps(entry)}", flush=True)
         if not args.tiny:  # the runs and their MLflow store: the figures are in lineage.json
             shutil.rmtree(scratch, ignore_errors=True)

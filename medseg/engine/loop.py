@@ -563,10 +563,10 @@ class _Loop:
         self.last_saved = time.monotonic()
         while not self._epochs_done() and not self.out_of_time and not state.stopped_early:
             self.parts.model.train()
-            epoch_started = time.monotonic()
+            epoch_started, first_step = time.monotonic(), state.iteration
             if not self._train_epoch():
                 break
-            self._end_epoch(epoch_started)
+            self._end_epoch(epoch_started, state.iteration - first_step)
 
     def _epochs_done(self) -> bool:
         epochs = self.cfg.train.max_epochs
@@ -643,8 +643,10 @@ class _Loop:
         parts.scheduler.step()
         state.partial_losses.append(float(shared[0]))
 
-    def _end_epoch(self, epoch_started: float) -> None:
-        """Close the epoch: its record, validation, early stopping, the checkpoint, then the log."""
+    def _end_epoch(self, epoch_started: float, steps: int) -> None:
+        """Close the epoch: its record, validation, early stopping, the checkpoint, then the log.
+        ``steps``: the optimiser steps timed by ``time/epoch_train_s`` (fewer than an epoch's when the
+        budget cut it), so that a cut epoch still gives the time per step."""
         cfg, state = self.cfg, self.state
         if self.resumed_after is not None:
             log.info("epoch %d: resumed after %d of its %d samples, trained %d more", state.epoch + 1,
@@ -655,7 +657,8 @@ class _Loop:
         record: dict[str, float] = {"epoch": state.epoch, "train/loss": float(np.mean(state.partial_losses)),
                                     "lr": self.parts.optimizer.param_groups[0]["lr"],
                                     # training only (a resumed epoch: its remaining part), validation excluded
-                                    "time/epoch_train_s": time.monotonic() - epoch_started}
+                                    "time/epoch_train_s": time.monotonic() - epoch_started,
+                                    "time/epoch_steps": steps}
         last_epoch = self._epochs_done() or self.out_of_time
         if self.data.val is not None and (state.epoch % cfg.train.val_interval == 0 or last_epoch):
             validation_started = time.monotonic()
