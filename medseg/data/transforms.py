@@ -89,14 +89,78 @@ class SlabwiseScaleIntensityRanged(ScaleIntensityRanged):
                 continue
             source = image.as_tensor() if isinstance(image, MetaTensor) else image
             step = max(1, SLAB_VOXELS // max(1, source[:, :1].numel()))
-            first = torch.as_tensor(self.scaler(source[:, :step]))
+            first = torch.as_tensor(self.scaler(_float32(source[:, :step])))
             out = torch.empty(source.shape, dtype=first.dtype)
             out[:, :step] = first
             for start in range(step, source.shape[1], step):
-                out[:, start:start + step] = torch.as_tensor(self.scaler(source[:, start:start + step]))
+                out[:, start:start + step] = torch.as_tensor(self.scaler(_float32(source[:, start:start + step])))
             d[key] = (MetaTensor(out, meta=dict(image.meta), applied_operations=list(image.applied_operations))
                       if isinstance(image, MetaTensor) else out)
         return d
+
+
+def _float32(slab: torch.Tensor) -> torch.Tensor:
+    """A slab of a volume kept in its stored type (a CT's int16) as float32, the type the whole
+    volume would have been cast to (exactly: every int16 is a float32); float slabs as they are."""
+    return slab if slab.is_floating_point() else slab.to(torch.float32)
+
+
+class NarrowFloatd(MapTransform):
+    """A volume read in its stored type, except float64 (nibabel's type for a NIfTI with a scale
+    slope), which becomes float32 at once: the one rounding the float32 reader gives it too, and half
+    the memory while the rest of the chain runs. Integer volumes stay as they are (half a float32's size
+    for int16) until :func:`preprocessing` casts them."""
+
+    def __call__(self, data: Any) -> Any:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], torch.Tensor) and d[key].dtype == torch.float64:
+                d[key] = d[key].to(torch.float32)
+        return d
+
+
+#: Where a prediction chain leaves a CT window it deferred (:class:`DeferredWindowd`).
+WINDOW = "image_window"
+
+
+class DeferredWindowd(MapTransform):
+    """A CT window (:class:`SlabwiseScaleIntensityRanged`) left for later when the image is still in
+    its stored integer type: the window goes into ``data[WINDOW]`` and the image stays int16, half
+    of what the windowed float32 volume would hold, until whoever reads it applies the window to the
+    part it reads (:func:`window_function`: the bounded sweep, window by window) or to the whole
+    (:func:`apply_deferred_window`). The map is voxel-wise, so either way every value is the
+    window's own, bitwise. A float image is windowed at once (there is nothing to save)."""
+
+    def __init__(self, window: SlabwiseScaleIntensityRanged):
+        super().__init__(window.keys)
+        self.window = window
+
+    def __call__(self, data: Any) -> Any:
+        d = dict(data)
+        if all(isinstance(d[k], torch.Tensor) and d[k].is_floating_point() for k in self.key_iterator(d)):
+            return self.window(d)
+        d[WINDOW] = self.window
+        return d
+
+
+def apply_deferred_window(data: dict[Any, Any]) -> dict[Any, Any]:
+    """``data`` with the window :class:`DeferredWindowd` left in it applied to the whole image (and gone)."""
+    window = data.pop(WINDOW, None)
+    return data if window is None else dict(window(data))
+
+
+def window_function(data: dict[Any, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The window :class:`DeferredWindowd` left in ``data``, as a function of any part of the image (its
+    voxels cast to float32 and mapped as the whole volume's would be); None when there is none."""
+    window = data.get(WINDOW)
+    if window is None:
+        return None
+
+    def windowed(part: torch.Tensor) -> torch.Tensor:
+        out = window.scaler(_float32(part))
+        return out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+
+    return windowed
 
 
 def intensity_transform(cfg: IntensityConfig, key: str = IMAGE) -> MapTransform | None:
@@ -123,7 +187,8 @@ def intensity_transform(cfg: IntensityConfig, key: str = IMAGE) -> MapTransform 
 
 
 def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), load: bool = True,
-                  min_size: Sequence[int] | None = None) -> list[Callable]:
+                  min_size: Sequence[int] | None = None, stored_dtype: bool = False,
+                  defer_window: bool = False) -> list[Callable]:
     """Deterministic chain: load -> orientation -> spacing -> intensity -> crop -> pad to ``min_size``.
 
     Args:
@@ -131,24 +196,36 @@ def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), l
         keys: image key first, then the label key if any.
         load: start with the file loader (False when the data are already MetaTensors).
         min_size: pad every volume to at least this size so fixed-size patches fit.
+        stored_dtype: read and reorient the image in the type it is stored in (a CT's int16: half
+            the memory of float32) and cast it to float32 after the orientation, or slab by slab in
+            the CT window when that comes next; every value is the float32 chain's, bitwise (the
+            cast is exact for int16, and orientation only moves voxels).
+        defer_window: with ``stored_dtype``, leave that CT window to the reader of the image
+            (:class:`DeferredWindowd`; only where it is the chain's last step).
     """
     keys = list(keys)
     has_label = LABEL in keys
     chain: list[Callable] = []
     if load:
-        chain.append(make_load_transform(keys))
-    chain.append(EnsureTyped(keys=IMAGE, dtype=np.float32, track_meta=True))
+        chain.append(make_load_transform(keys, dtype=None if stored_dtype else np.float32))
+    chain.append(EnsureTyped(keys=IMAGE, dtype=None if stored_dtype else np.float32, track_meta=True))
+    if stored_dtype:
+        chain.append(NarrowFloatd(keys=IMAGE))
     chain.append(CheckImageValuesd(keys=IMAGE, allow_constant=cfg.allow_constant))  # raw values: NaN, blank
     if cfg.orientation:
         chain.append(Orientationd(keys=keys, axcodes=cfg.orientation))
+    norm = intensity_transform(cfg.intensity)
+    window_casts = isinstance(norm, SlabwiseScaleIntensityRanged) and cfg.spacing is None and not cfg.crop_foreground
+    if stored_dtype and not window_casts:
+        chain.append(EnsureTyped(keys=IMAGE, dtype=np.float32, track_meta=True))
     if cfg.spacing is not None:
         modes = ["bilinear", "nearest"] if has_label else ["bilinear"]
         chain.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes, dtype=np.float32))
     if cfg.crop_foreground:  # on raw intensities: after z-scoring, "> 0" would mean "above the mean"
         chain.append(CropForegroundd(keys=keys, source_key=IMAGE, select_fn=nonzero, allow_smaller=True))
-    norm = intensity_transform(cfg.intensity)
     if norm is not None:
-        chain.append(norm)
+        last = stored_dtype and defer_window and window_casts and not has_label and min_size is None
+        chain.append(DeferredWindowd(norm) if last and isinstance(norm, SlabwiseScaleIntensityRanged) else norm)
     if has_label:
         chain.append(EnsureTyped(keys=LABEL, dtype=np.uint8, track_meta=True))
     if min_size is not None:
@@ -267,7 +344,8 @@ def validation_transforms(pre: PreprocessConfig, with_label: bool = True) -> Com
     return Compose(preprocessing(pre, keys=(IMAGE, LABEL) if with_label else (IMAGE,)))
 
 
-def preprocessing_from_contract(contract: dict[str, Any], load: bool = True, allow_constant: bool = False) -> Compose:
+def preprocessing_from_contract(contract: dict[str, Any], load: bool = True, allow_constant: bool = False,
+                                defer_window: bool = False) -> Compose:
     """The deterministic image chain a model was trained behind, rebuilt from its contract.
 
     Args:
@@ -275,6 +353,7 @@ def preprocessing_from_contract(contract: dict[str, Any], load: bool = True, all
         load: start with the file loader; False for images already in memory (channel-first
             ``MetaTensor`` with their affine).
         allow_constant: accept constant images even if the model was trained without them.
+        defer_window: leave a CT window for the reader of the image (:class:`DeferredWindowd`).
     """
     cfg = PreprocessConfig(
         orientation=contract["orientation"],
@@ -283,7 +362,7 @@ def preprocessing_from_contract(contract: dict[str, Any], load: bool = True, all
         crop_foreground=contract.get("crop_foreground", False),
         allow_constant=bool(contract.get("allow_constant", False)) or allow_constant,
     )
-    chain = preprocessing(cfg, keys=(IMAGE,), load=load)
+    chain = preprocessing(cfg, keys=(IMAGE,), load=load, stored_dtype=True, defer_window=defer_window)
     if load:  # a scan at a time: what reading it freed goes back before the next transform allocates
         chain.insert(1, _heap_trimmed)
     return Compose(chain)

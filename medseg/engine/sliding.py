@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -157,7 +157,9 @@ class WindowGrid:
 @torch.no_grad()
 def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], *, overlap: float = 0.5,
                   sw_batch_size: int = 4, blend: str = "gaussian", device: torch.device | None = None,
-                  amp_dtype: torch.dtype | None = None, axis: int = 0) -> Iterator[Slab]:
+                  amp_dtype: torch.dtype | None = None, axis: int = 0,
+                  window: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  passed: Callable[[int], None] | None = None) -> Iterator[Slab]:
     """:func:`predict_logits` one slab at a time along spatial ``axis``: each slab is given out as
     soon as no later window touches it, so only about one patch's thickness of the volume's scores
     is held at once.
@@ -166,28 +168,41 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
     order along ``axis`` 0; there every slab is bitwise what :func:`predict_logits` gives for it
     (tests/engine/test_sliding.py). Along another axis the windows run in another order, so the
     float sums agree only to rounding.
+
+    ``window``: a voxel-wise map the image still needs (a CT window deferred by the preprocessing,
+    :func:`medseg.data.transforms.window_function`), applied to each batch of windows as it is cut
+    out, so the image is held in its stored type (int16) rather than as float32; the values the
+    network sees are the same. A volume smaller than the patch is windowed whole first (its padding
+    is of windowed values).
+
+    ``passed(row)``: told, after each batch, the first row along ``axis`` a later window still reads
+    (the rows before it are never read again; not called for a padded volume, which is a copy).
     """
     from monai.data.utils import compute_importance_map
 
     device = device or next(model.parameters()).device
     out_device = image.device
     grid = WindowGrid.of(image.shape[1:], roi_size, overlap, axis)
+    if window is not None and any(grid.pad):
+        image, window = window(image), None
     batch = image.unsqueeze(0)
     if any(grid.pad):
         batch = torch.nn.functional.pad(batch, list(grid.pad), mode="constant", value=0.0)
     roi = tuple(int(r) for r in roi_size)
-    weight = compute_importance_map(roi, mode=blend, sigma_scale=0.125, device=device, dtype=batch.dtype)
-    weight = weight.to(dtype=batch.dtype, device=device)[None, None]
+    dtype = torch.float32 if window is not None else batch.dtype  # the windowed image's type
+    weight = compute_importance_map(roi, mode=blend, sigma_scale=0.125, device=device, dtype=dtype)
+    weight = weight.to(dtype=dtype, device=device)[None, None]
     weight_out = weight.to(out_device)
-    acc = _Accumulator(grid, out_device, batch.dtype, weight_out[0])
+    acc = _Accumulator(grid, out_device, dtype, weight_out[0])
     n = len(grid.windows)
     for first in range(0, n, sw_batch_size):
         group = range(first, min(first + sw_batch_size, n))
         cuts = [(slice(0, 1), slice(None), *grid.windows[i]) for i in group]
         if sw_batch_size > 1:
-            data = torch.cat([batch[c] for c in cuts]).to(device)
+            data = torch.cat([batch[c] for c in cuts])
         else:  # MONAI hands a single window over as a view, uncopied
-            data = batch[cuts[0]].to(device)
+            data = batch[cuts[0]]
+        data = (window(data) if window is not None else data).to(device)
         with autocast(amp_dtype, device):
             out = model(data)
         out *= weight
@@ -198,6 +213,8 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
             # windows then holds that row's scores only once this row's own slices are given out,
             # so about one patch of slices is open rather than a patch and a stride
             yield from acc.finish(grid.span(i + 1)[0] if i + 1 < n else grid.size[axis])
+        if passed is not None and not any(grid.pad):
+            passed(grid.span(group[-1] + 1)[0] if group[-1] + 1 < n else grid.size[axis])
 
 
 class _Accumulator:

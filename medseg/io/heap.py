@@ -30,3 +30,40 @@ def trim_heap() -> bool:
     """
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+#: ``madvise``'s advice that drops a private anonymous range's pages (they read back as zeros).
+MADV_DONTNEED = 4
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """The C library's ``madvise``, or None where there is none (Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        function = ctypes.CDLL(name, use_errno=True).madvise if name else None
+    except (OSError, AttributeError):
+        return None
+    if function is not None:
+        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
+
+
+def release_pages(address: int, length: int) -> int:
+    """Hand back to the operating system the whole pages inside ``[address, address + length)`` of
+    memory that will not be read again (``madvise(MADV_DONTNEED)``): its resident size drops, and a
+    later read would see zeros. For a buffer this process allocated and is done with in part (the
+    rows of a scan a sweep has passed); the partial pages at either end stay.
+
+    Returns:
+        The bytes handed back (0 where the C library cannot, or the range holds no whole page).
+    """
+    import mmap
+
+    advise = _madvise()
+    page = mmap.PAGESIZE
+    start = -(-address // page) * page
+    stop = (address + length) // page * page
+    if advise is None or stop <= start:
+        return 0
+    return stop - start if advise(start, stop - start, MADV_DONTNEED) == 0 else 0

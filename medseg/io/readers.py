@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from monai.config import PathLike
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, LoadImaged
@@ -27,9 +29,12 @@ __all__ = [
 ]
 
 
-def make_load_transform(keys: Sequence[str], allow_missing_keys: bool = False) -> LoadImaged:
-    """``LoadImaged`` that reads every file through the format registry (:class:`RegistryReader`)."""
-    loader = LoadImaged(keys=keys, image_only=True, ensure_channel_first=True, allow_missing_keys=allow_missing_keys)
+def make_load_transform(keys: Sequence[str], allow_missing_keys: bool = False,
+                        dtype: Any = np.float32) -> LoadImaged:
+    """``LoadImaged`` that reads every file through the format registry (:class:`RegistryReader`);
+    ``dtype=None`` keeps the values as the reader gives them (a CT's int16: half of float32)."""
+    loader = LoadImaged(keys=keys, image_only=True, ensure_channel_first=True, allow_missing_keys=allow_missing_keys,
+                        dtype=dtype)
     loader.register(RegistryReader())
     return loader
 

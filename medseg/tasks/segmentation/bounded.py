@@ -29,10 +29,22 @@ from medseg.engine.calibration import contract_temperature
 from medseg.engine.sliding import PIECE_BYTES, Slab, class_sigmoid, class_softmax, label_map, stream_logits
 from medseg.engine.tta import flip_combinations, flip_spatial
 from medseg.engine.uncertainty import voxel_entropy
-from medseg.io.heap import trim_heap
+from medseg.io.heap import release_pages, trim_heap
 
 #: Bytes of one float32 value.
 F32 = 4
+#: The most one batch of windows' class scores may hold on a sweep that is not bitwise the full
+#: buffer's anyway (another axis, or a resampling model): 100 classes of a 96x96x64 patch are 236 MB
+#: a window, so the contract's batch of 4 would hold about 1 GB at once (and the runtime its copy).
+BATCH_SCORES_BYTES = 256 << 20
+
+
+def batch_cap(classes: int, patch: Sequence[int], sw_batch_size: int) -> int:
+    """The windows a batch of an inexact sweep runs: the contract's ``sw_batch_size``, fewer where
+    their ``classes`` scores would pass :data:`BATCH_SCORES_BYTES` (at least one). The exact sweep
+    keeps the contract's batch: the full buffer's sums are made in its batches."""
+    per_window = F32 * classes * math.prod(int(p) for p in patch)
+    return max(1, min(int(sw_batch_size), BATCH_SCORES_BYTES // per_window))
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,9 @@ def plan_scores(contract: dict[str, Any], net_shape: Sequence[int], native_shape
     batch = int(contract["sliding_window"]["sw_batch_size"])
     full = full_scores_bytes(classes, math.prod(net_shape), math.prod(native_shape), samples)
     flipped = {a for combo in flip_axes for a in combo}
-    costs = {a: bounded_scores_bytes(classes, net_shape, patch, a, batch, overlap, samples,
+    capped = batch_cap(classes, patch, batch)
+    costs = {a: bounded_scores_bytes(classes, net_shape, patch, a, batch if a == 0 and not resampled else capped,
+                                     overlap, samples,
                                      native_plane=math.prod(native_shape) // max(native_shape) if resampled else 0)
              for a in range(len(net_shape)) if a not in flipped}
     if not costs:
@@ -149,15 +163,49 @@ SampleSweep = Callable[[tuple[nn.Module, dict[str, Any]], torch.Tensor], Iterato
 
 
 def member_slabs(member: tuple[nn.Module, dict[str, Any]], image: torch.Tensor, *, axis: int, device: torch.device,
-                 amp: torch.dtype | None, overlap: float | None, sigmoid: bool) -> Iterator[Slab]:
+                 amp: torch.dtype | None, overlap: float | None, sigmoid: bool,
+                 intensity: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 capped_classes: int | None = None, consumed: bool = False) -> Iterator[Slab]:
     """One member's probabilities slab by slab: its blended logits through its temperature and
-    softmax (or sigmoid for a region model), as :meth:`SegmentationPredictor.samples` makes them."""
+    softmax (or sigmoid for a region model), as :meth:`SegmentationPredictor.samples` makes them
+    (``intensity``: a CT window the preprocessing deferred, applied to each batch of windows;
+    ``capped_classes``: on an inexact sweep, the classes whose scores :func:`batch_cap` bounds a batch by;
+    ``consumed``: the image is this sweep's alone and read by nothing after it, so the rows it has
+    passed are handed back, :func:`row_releaser`)."""
     network, contract = member
     window = contract["sliding_window"]
+    batch = int(window["sw_batch_size"])
+    if capped_classes is not None:
+        batch = batch_cap(capped_classes, contract["patch_size"], batch)
     for start, stop, logits in stream_logits(
             network, image, contract["patch_size"], overlap=overlap if overlap is not None else window["overlap"],
-            sw_batch_size=window["sw_batch_size"], blend=window["blend"], device=device, amp_dtype=amp, axis=axis):
+            sw_batch_size=batch, blend=window["blend"], device=device, amp_dtype=amp, axis=axis,
+            window=intensity, passed=row_releaser(image, axis) if consumed else None):
         yield start, stop, class_sigmoid(logits) if sigmoid else class_softmax(logits, contract_temperature(contract))
+
+
+def row_releaser(image: torch.Tensor, axis: int) -> Callable[[int], None] | None:
+    """For a channel-first CPU image swept along its first spatial axis, a function that hands back
+    the pages of the rows before a given one (:func:`~medseg.io.heap.release_pages`): the scan held
+    during a sweep shrinks as the sweep moves on, so its rows and the sweep's slabs are not both
+    held whole. None where the rows are not contiguous in memory (another axis, a view)."""
+    if axis != 0 or image.device.type != "cpu" or not image.is_contiguous() or image.ndim < 3:
+        return None
+    rows = int(image.shape[1])
+    row_bytes = image[0, :1].numel() * image.element_size()
+    base = image.data_ptr()
+    done = 0
+
+    def release(upto: int) -> None:
+        nonlocal done
+        upto = min(int(upto), rows)
+        if upto <= done:
+            return
+        for channel in range(int(image.shape[0])):
+            release_pages(base + (channel * rows + done) * row_bytes, (upto - done) * row_bytes)
+        done = upto
+
+    return release
 
 
 def in_step(sweeps: Sequence[Iterator[Slab]], axis: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:

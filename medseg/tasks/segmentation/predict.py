@@ -26,7 +26,7 @@ from monai.transforms import Invertd, KeepLargestConnectedComponent
 from torch import nn
 
 from medseg.config import Precision
-from medseg.data.transforms import IMAGE, preprocessing_from_contract
+from medseg.data.transforms import IMAGE, apply_deferred_window, preprocessing_from_contract, window_function
 from medseg.engine.calibration import contract_temperature
 from medseg.engine.case_io import (
     check_input_shape,
@@ -145,7 +145,8 @@ class SegmentationPredictor:
         self.value_columns = [*(f"voxels_{n}" for n in self.foreground), *(f"volume_ml_{n}" for n in self.foreground),
                               *UNCERTAINTY_COLUMNS, *(f"volume_z_{n}" for n in self.foreground if n in self.volume_stats),
                               "qc_flag", "qc_reason"]
-        self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant)
+        # a CT window is deferred: the bounded sweep applies it window by window to the int16 scan
+        self._chains = {load: preprocessing_from_contract(model.contract, load, options.allow_constant, defer_window=True)
                         for load in (True, False)}
         self.flip_axes = tta_axes(model.contract, options.tta, f"model {model.uri}")
         self.keep_largest = options.keep_largest if options.keep_largest is not None else bool(
@@ -203,7 +204,9 @@ class SegmentationPredictor:
 
     def prepare(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str) -> dict[Any, Any]:
         """Read (unless ``image`` is already in memory) and preprocess one image, checked against the
-        contract: the data :meth:`predict_prepared` takes (the volume with its transform history).
+        contract: the data :meth:`predict_prepared` takes (the volume with its transform history). A
+        model's CT window is left in it, not yet applied, with the scan in its stored integer type
+        (:class:`~medseg.data.transforms.DeferredWindowd`; ``apply_deferred_window`` applies it).
 
         Raises:
             CaseError: the image cannot be read or preprocessed, or does not fit the model.
@@ -225,7 +228,9 @@ class SegmentationPredictor:
         source = case_label(volume) if read else case_id
         plan = self.scores_plan(volume)
         if plan.bounded:
-            return self._predict_bounded(data, chain, case_id, plan.axis, keep_probabilities)
+            return self._predict_bounded(data, chain, case_id, plan, keep_probabilities, owned=read)
+        data = apply_deferred_window(data)
+        volume = data[IMAGE]
         many = self.options.tta or len(self.model.networks) > 1  # a spread to measure
         spread = self.samples(volume.as_tensor(), keep_spread=many)
         probs = spread.mean
@@ -282,13 +287,20 @@ class SegmentationPredictor:
         check_scores_memory(plan, case_label(volume), available_memory(), self.options.tta)
         return plan
 
-    def _predict_bounded(self, data: dict[Any, Any], chain: Any, case_id: str, axis: int,
-                         keep_probabilities: bool) -> Prediction:
-        """:meth:`predict` with the scores held one slab at a time (:mod:`~medseg.tasks.segmentation.bounded`)."""
+    def _predict_bounded(self, data: dict[Any, Any], chain: Any, case_id: str, plan: ScoresPlan,
+                         keep_probabilities: bool, owned: bool = False) -> Prediction:
+        """:meth:`predict` with the scores held one slab at a time (:mod:`~medseg.tasks.segmentation.bounded`).
+        ``owned``: the scan was read here (not a caller's tensor), so a single sweep may hand its
+        passed rows back (its values are not read after the sweep: the inversion needs its history)."""
         volume: MetaTensor = data[IMAGE]
+        axis = plan.axis
         sigmoid = self.regions is not None
         slabs = functools.partial(member_slabs, axis=axis, device=self.device, overlap=self.options.overlap,
-                                  amp=autocast_dtype(Precision.AUTO, self.device), sigmoid=sigmoid)
+                                  amp=autocast_dtype(Precision.AUTO, self.device), sigmoid=sigmoid,
+                                  intensity=window_function(data),
+                                  capped_classes=None if plan.exact else len(self.names) if self.regions is None
+                                  else len(self.regions.labels),
+                                  consumed=owned and not self.options.tta and len(self.model.networks) == 1)
         resample = SlabResampler.for_volume(volume, axis) if resamples(self.model.contract) else None
         if resample is not None:
             resample.start(self.label_map, keep_probabilities, len(self.names))
@@ -302,15 +314,17 @@ class SegmentationPredictor:
             labels, native_probs = resample.finish()
         else:
             labels, native_probs = self._invert_bounded(data, chain, result)
+        uncertainty = result.totals.uncertainty()
+        del result  # the network grid's labels: the input grid's are all that is needed now
         if self.keep_largest:
             foreground = [k for k in self.names if k != 0]
             labels = KeepLargestConnectedComponent(applied_labels=foreground, independent=True)(labels[None])[0]
-        label_array = labels.cpu().numpy().astype(np.uint8 if max(self.names) < 256 else np.uint16)
+        label_array = labels.cpu().numpy().astype(np.uint8 if max(self.names) < 256 else np.uint16, copy=False)
         voxels, volumes = self.measure(label_array, affine)
         return Prediction(case_id, "segmentation", affine, label_map=label_array,
                           probabilities=native_probs.numpy().astype(np.float32, copy=False)
                           if native_probs is not None else None,
-                          voxels=voxels, volumes_ml=volumes, uncertainty=result.totals.uncertainty())
+                          voxels=voxels, volumes_ml=volumes, uncertainty=uncertainty)
 
     def _invert_bounded(self, data: dict[Any, Any], chain: Any, result: SweepResult) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The network-grid labels (and kept probabilities) of a sweep on the input's grid, for a model
@@ -329,6 +343,7 @@ class SegmentationPredictor:
 
         native = invert(labels[None], True)[0].to(torch.uint8 if max(self.names) < 256 else torch.int32)
         probs = invert(result.probabilities, False) if result.probabilities is not None else None
+        data.pop(PRED)  # the network grid's labels (or probabilities), not kept beside the input grid's
         expected = tuple(int(s) for s in volume.meta["spatial_shape"])
         if tuple(native.shape) != expected:  # pragma: no cover - Invertd guarantees this; keep it loud
             raise CaseError(f"{case_label(volume)}: prediction shape {tuple(native.shape)} does not match the input {expected}")
@@ -358,7 +373,11 @@ class SegmentationPredictor:
     def measure(self, label_array: np.ndarray, affine: np.ndarray) -> tuple[dict[str, int], dict[str, float]]:
         """Voxel counts and volumes (mL, or mm² / 1000 for 2D) per foreground label."""
         voxel_ml = voxel_volume_ml(affine, label_array.ndim)
-        voxels = {name: int((label_array == value).sum()) for value, name in self.names.items() if value != 0}
+        # counted a few slices at a time: a whole-volume comparison makes a boolean volume per label
+        step = max(1, (4 << 20) // max(1, label_array[:1].size))
+        voxels = {name: sum(int(np.count_nonzero(label_array[i:i + step] == value))
+                            for i in range(0, len(label_array), step))
+                  for value, name in self.names.items() if value != 0}
         return voxels, {name: count * voxel_ml for name, count in voxels.items()}
 
     # ------------------------------------------------------------------------------- one case of a batch

@@ -163,3 +163,82 @@ def test_bounded_estimate_of_a_known_scan() -> None:
     need = prediction_memory((512, 512, 300), (0.7, 0.7, 1.5), contract, available=64 << 30)
     assert need.bounded and need.axis == 0 and need.bounded_bytes == expected
     assert need.full_bytes == 4 * (3 * 512 * 512 * 300 + 3 * 512 * 512 * 300 + 512 * 512 * 300)
+
+
+@pytest.mark.parametrize("shape, overrides, options, extra", [
+    ((37, 17, 11), ["patch.size=[8,8,8]", "validation.sw_batch_size=3", "validation.overlap=0.5"], {}, {}),
+    ((9, 40, 21), ["patch.size=[16,8,8]", "validation.sw_batch_size=1"], {}, {}),  # padded: windowed whole first
+    ((23, 31, 13), ["patch.size=[16,16,8]"], {"tta": True}, {"tta_axes": [1, 2]}),
+], ids=["batches-span-rows", "padded-batch-1", "tta"])
+def test_bounded_int16_ct_with_the_window_deferred_is_the_full_buffers_bitwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], overrides: list[str],
+        options: dict, extra: dict) -> None:
+    """An int16 CT: the prediction chain keeps it int16 and leaves the CT window to the sweep, which
+    windows each batch of windows as it cuts them out (the full path windows the whole volume): the
+    same masks and probabilities both ways."""
+    from medseg.data.transforms import WINDOW
+
+    window = ["preprocess.intensity.mode=ct_window", "preprocess.intensity.window=[-160,240]"]
+    model = _model(_member([*overrides, *window], seed=5), **extra)
+    rng = np.random.default_rng(1)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(40, 150, shape).astype(np.int16), AFFINE), path)
+    prepared = SegmentationPredictor(model, PredictOptions(), torch.device("cpu")).prepare(path, "case")
+    assert prepared["image"].dtype == torch.int16 and WINDOW in prepared  # what the saving rests on
+    full, bounded = _both(model, path, monkeypatch, **options)
+    assert full.label_map.shape == shape and len(np.unique(full.label_map)) >= 2
+    assert np.array_equal(full.label_map, bounded.label_map)
+    assert np.array_equal(full.probabilities, bounded.probabilities)
+
+
+def test_inexact_sweep_of_many_classes_runs_smaller_batches() -> None:
+    """100 classes of a 96x96x64 patch are 236 MB of scores a window: an inexact sweep (here a
+    resampling whole-body model along its last axis) runs them one at a time, and its estimate counts
+    one window's; the exact sweep keeps the contract's batch (the full buffer's sums are made in it)."""
+    from medseg.tasks.segmentation.bounded import BATCH_SCORES_BYTES, batch_cap, bounded_scores_bytes
+
+    patch = (96, 96, 64)
+    assert batch_cap(100, patch, 4) == 1 and batch_cap(3, patch, 4) == 4 and batch_cap(30, patch, 4) == 3
+    assert 3 * 4 * 30 * 96 * 96 * 64 <= BATCH_SCORES_BYTES < 4 * 4 * 30 * 96 * 96 * 64
+    contract = {"patch_size": list(patch), "sliding_window": {"sw_batch_size": 4}}
+    plan = plan_scores(contract, (273, 273, 1000), (512, 512, 1000), flip_axes=[()], available=16 << 30,
+                       resampled=True, classes=100, samples=1, overlap=0.25)
+    assert not plan.exact and plan.bounded_bytes == bounded_scores_bytes(
+        100, (273, 273, 1000), patch, 2, 1, 0.25, native_plane=512 * 512)
+    exact = plan_scores(contract, (512, 512, 300), (512, 512, 300), flip_axes=[()], available=64 << 30,
+                        classes=100, samples=1, overlap=0.25)
+    assert exact.exact and exact.bounded_bytes == bounded_scores_bytes(100, (512, 512, 300), patch, 0, 4, 0.25)
+
+
+def test_a_read_scan_is_handed_back_as_the_sweep_passes_and_a_callers_tensor_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows a single sweep has passed are handed back (madvise) when the scan was read here; the
+    masks stay the full buffer's. A caller's tensor is never touched."""
+    import medseg.tasks.segmentation.bounded as bounded
+    from medseg.io.heap import release_pages
+
+    released: list[int] = []
+
+    def counted(address: int, length: int) -> int:
+        released.append(release_pages(address, length))
+        return released[-1]
+
+    monkeypatch.setattr(bounded, "release_pages", counted)
+    window = ["preprocess.intensity.mode=ct_window", "preprocess.intensity.window=[-160,240]"]
+    model = _model(_member(["patch.size=[16,16,16]", "validation.sw_batch_size=2", *window], seed=7))
+    shape = (96, 64, 40)  # 5 KiB a row of int16: whole pages are handed back
+    path = tmp_path / "ct.nii.gz"
+    lps = np.diag([-0.7, -0.7, 1.5, 1.0])  # as a CT is stored: reoriented to RAS by flips into a new array
+    nib.save(nib.Nifti1Image(np.random.default_rng(2).normal(40, 150, shape).astype(np.int16), lps), path)
+    full, bounded_run = _both(model, path, monkeypatch)
+    assert np.array_equal(full.label_map, bounded_run.label_map)
+    assert np.array_equal(full.probabilities, bounded_run.probabilities)
+    assert sum(released) > 0.9 * np.prod(shape) * 2  # nearly the whole int16 scan, a row range at a time
+    released.clear()
+    from monai.transforms import LoadImage
+
+    given = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)(str(path))  # the caller's int16
+    assert given.dtype == torch.int16
+    kept = given.clone()
+    SegmentationPredictor(model, PredictOptions(), torch.device("cpu")).predict(given, "case")
+    assert not released and torch.equal(given, kept)
