@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -113,13 +111,18 @@ def test_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
         score_folders(tmp_path / "nope", tmp_path)
 
 
-def test_cli_prints_the_mean_table_and_writes_files(folders, tmp_path: Path) -> None:
+def test_cli_prints_the_mean_table_and_writes_files(folders, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # in-process: a subprocess spent ~25 s importing medseg again; `python -m medseg` as an entry point
+    # is run by tests/tasks/classification/test_end_to_end.py and tests/engine/test_distributed.py
+    from medseg.cli import EXIT_OK, main
+
     pred_dir, ref_dir, _ = folders
     out = tmp_path / "cli_scores"
-    done = subprocess.run([sys.executable, "-m", "medseg", "evaluate", str(pred_dir), str(ref_dir), "--labels",
-                           "1=anterior,2=posterior", "-o", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "| anterior |" in done.stdout and "3 cases scored" in done.stdout
+    code = main(["evaluate", str(pred_dir), str(ref_dir), "--labels", "1=anterior,2=posterior", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert code == EXIT_OK, printed[-2000:]
+    assert "| anterior |" in printed and "3 cases scored" in printed
     assert (out / "scores.csv").is_file() and (out / "scores.json").is_file()
 
 
