@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,12 @@ def test_demo_runs_from_any_folder_and_writes_only_under_its_out(tmp_path: Path,
     assert "finished: " in printed and "dice_mean" in printed and "model: " in printed
     assert sorted(p.name for p in elsewhere.iterdir()) == ["first-run"]
     assert (elsewhere / "first-run" / "mlflow.db").is_file() and list((elsewhere / "first-run" / "runs").iterdir())
+    # the shipped real data trained and validated one epoch (the packaged config is the repository's one:
+    # test_the_packaged_demo_config_and_manifest_are_the_repository_ones)
+    (summary,) = (elsewhere / "first-run" / "runs").rglob("summary.json")
+    metrics = json.loads(summary.read_text())["metrics"]
+    assert set(metrics) >= {"val/dice/anterior", "val/dice/posterior", "best_val/dice_mean_per_case"}
+    assert 0.0 <= metrics["val/dice_mean"] <= 1.0 and metrics["train/epochs"] == 1
     assert {p: p.stat().st_mtime_ns for p in package.rglob("*")} == before  # nothing written into the package
 
 

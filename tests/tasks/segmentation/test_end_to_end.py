@@ -177,6 +177,10 @@ def test_2d_dynunet_with_disk_cache_bf16_and_model_registry(tmp_path: Path) -> N
     assert run.info.run_id == result.run_id and "val/dice/blob2" in run.data.metrics
 
 
+# The default run covers this in tests/test_cli.py::test_demo_runs_from_any_folder_and_writes_only_under_its_out
+# (the same config and data, one epoch, the same metrics asserted; validating every epoch, no overlays) and
+# tests/test_newcomer.py (`medseg demo --set train.max_epochs=1` from the wheel); this one took 2 min more.
+@pytest.mark.slow
 def test_demo_config_runs_one_epoch_on_the_shipped_real_data(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
     result = train_run("configs/demo_segmentation.yaml", overrides=[
