@@ -134,6 +134,12 @@ def test_3d_run_with_a_resnet(tmp_path: Path) -> None:
     assert json.loads((result.run_dir / "contract.json").read_text())["resize"] == [12, 12, 12]
 
 
+# Slow: two processes matching one through the shared engine (torchrun, gloo, DDP, the shared sample
+# stream and its per-sample seeds, DistContext's sum and gather) is proved in the default run by
+# tests/engine/test_distributed.py::test_two_gloo_processes_match_one_process_with_the_same_global_batch;
+# classification's own part, scoring predictions gathered from every process, by
+# tests/tasks/classification/test_metrics.py (test_an_empty_share_joins_the_gather and the test above it).
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, imported) -> None:
     """Predictions are gathered from both processes before scoring: AUC, ACC and the loss curve
     of `--nproc 2` equal those of one process (LeNet has no batch norm to differ per process)."""

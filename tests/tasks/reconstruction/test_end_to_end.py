@@ -151,6 +151,12 @@ def test_ct_run_generates_phantoms_scores_real_images_and_predicts_measured_inpu
     assert all(r["status"] == "ok" and r["psnr"] == "" for r in _rows(batch.report))
 
 
+# Slow: two processes matching one through the shared engine (torchrun, gloo, DDP, the shared sample
+# stream and its per-sample seeds, DistContext's sum and gather) is proved in the default run by
+# tests/engine/test_distributed.py::test_two_gloo_processes_match_one_process_with_the_same_global_batch;
+# reconstruction's own part is a DistContext.sum_ of its validation totals, the call segmentation's
+# validation makes in that test.
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path, volumes) -> None:
     """Each process simulates its share of the sample stream's measurements and scores its share of
     the validation volumes; the all-reduced curves equal one process's (instance norm only)."""
