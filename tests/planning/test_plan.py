@@ -80,8 +80,11 @@ def test_run_with_plan_plans_trains_and_logs_the_fingerprint(ct_msd: Path, tmp_p
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
     monkeypatch.chdir(work)
+    # no mirroring TTA when scoring (tests/tasks/segmentation/test_evaluation_tta.py covers it): most of
+    # this test's time went to 8 flips of every validation case, which nothing here looks at
     code = main(["run", "--plan", str(ct_msd), "--budget", "0.15m", "--home", str(home), "--no-progress",
-                 "--set", "train.max_epochs=1"])
+                 "--set", "train.max_epochs=1", "--set", "validation.tta=false",
+                 "--set", "tracking.system_metrics=false"])
     assert code == 0
     assert list(work.iterdir()) == []  # --home: nothing where the command was started
     written = list((home / "configs" / "planned").glob("*.yaml"))

@@ -64,7 +64,10 @@ def test_a_thick_slice_plan_races_the_2d_network_which_trains_and_predicts_on_th
     raw = with_overrides(planned.config, {
         **two_d.overrides, "output_dir": str(tmp_path / "runs"), "train.max_minutes": None, "train.max_epochs": 1,
         "train.folds": None, "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "validation.hd95": False,
-        "validation.overlays": 0})
+        # no mirroring TTA in the evaluate stage: it was half this test's time (8 flips of every
+        # case), and flipping is the network's business nowhere; tests/tasks/segmentation/
+        # test_evaluation_tta.py covers evaluation with mirroring
+        "validation.overlays": 0, "validation.tta": False, "tracking.system_metrics": False})
     result = medseg.train(medseg.validate_config(raw), progress=False)
     assert result is not None and np.isfinite(result.metrics["val/dice_mean"])
     scan = root / "imagesTr" / "case_004.nii.gz"
@@ -80,9 +83,9 @@ def test_a_thick_slice_plan_races_the_2d_network_which_trains_and_predicts_on_th
 def test_the_2d_network_sees_one_slice_whatever_axis_is_thick(thick_axis: int) -> None:
     import torch
 
+    from medseg.tasks.registry import get_task
     from medseg.tasks.segmentation.networks import create_segmentation_network
     from medseg.tasks.segmentation.slice_plan import slice_network
-    from medseg.tasks.registry import get_task
 
     spacing = [0.8, 0.8, 0.8]
     spacing[thick_axis] = 4.0
