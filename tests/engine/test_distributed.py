@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,28 @@ from medseg.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO, make_case, tiny_config, write_msd_dataset
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+#: Validation without overlay figures or HD95 where neither is under test: drawing and logging PNGs and the
+#: distance transforms cost every run seconds (tests/tasks/segmentation cover them).
+QUICK_VALIDATION = {"overlays": 0, "hd95": False}
+
+
+@pytest.fixture(scope="module")
+def migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow store with its schema made, once for the module: MLflow migrates a fresh store
+    in every process that opens one first (seconds each), which these tests are not about; a fresh
+    store opened by several processes at once is tests/tracking/test_concurrent_store.py's."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = tmp_path_factory.mktemp("migrated_store")
+    SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts")).engine.dispose()
+    return folder / "mlflow.db"
+
+
+def store_uri(template: Path, db: Path) -> str:
+    """A copy of the empty migrated store ``template`` at ``db`` (SQLite's backup: a consistent copy); its URI."""
+    with closing(sqlite3.connect(template)) as source, closing(sqlite3.connect(db)) as copy:
+        source.backup(copy)
+    return f"sqlite:///{db}"
 
 
 def _curves(run_dir: Path) -> list[dict[str, str]]:
@@ -46,11 +70,14 @@ def eight_cases(tmp_path: Path) -> tuple[Path, Path]:
     return dataset, manifest
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, eight_cases) -> None:
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, eight_cases,
+                                                                       migrated_store) -> None:
     dataset, manifest = eight_cases
-    common = {"train": {"max_epochs": 3, "num_threads": 1}, "data": {"cache": "disk",
-                                                                     "cache_dir": str(tmp_path / "cache")}}
-    two_uri, one_uri = f"sqlite:///{tmp_path / 'two.db'}", f"sqlite:///{tmp_path / 'one.db'}"
+    # Two epochs: the second starts from weights both processes updated (a third adds no other code path).
+    common = {"train": {"max_epochs": 2, "num_threads": 1}, "data": {"cache": "disk",
+                                                                     "cache_dir": str(tmp_path / "cache")},
+              "validation": QUICK_VALIDATION}
+    two_uri, one_uri = store_uri(migrated_store, tmp_path / "two.db"), store_uri(migrated_store, tmp_path / "one.db")
     config = tiny_config(tmp_path, dataset, manifest, two_uri, **common)
     done = subprocess.run([sys.executable, "-m", "medseg", "run", str(config), "--nproc", "2", "--deterministic",
                            "--no-progress", "--set", "train.batch_size=1", "--set", f"output_dir={tmp_path / 'two'}"],
@@ -70,7 +97,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         two_curve = [m.value for m in sorted(client.get_metric_history(two.info.run_id, key), key=lambda m: m.step)]
         one_curve = [m.value for m in sorted(MlflowClient(one_uri).get_metric_history(one.info.run_id, key),
                                              key=lambda m: m.step)]
-        assert len(two_curve) == len(one_curve) == 3
+        assert len(two_curve) == len(one_curve) == 2
         # Same samples, same augmentation, DDP-averaged gradients: equal up to float summation order.
         assert two_curve == pytest.approx(one_curve, abs=2e-3), key
     # Only the main process wrote the run: one run directory, one checkpoint set.
@@ -103,11 +130,12 @@ def _rank_of(pid: int) -> str | None:
     return ranks[0] if ranks else None
 
 
-def test_a_killed_worker_ends_the_job_with_a_clear_error_and_memory_caches_are_sharded(tmp_path: Path, eight_cases) -> None:
+def test_a_killed_worker_ends_the_job_with_a_clear_error_and_memory_caches_are_sharded(tmp_path: Path, eight_cases,
+                                                                                      migrated_store) -> None:
     dataset, manifest = eight_cases
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(migrated_store, tmp_path / "mlflow.db")
     config = tiny_config(tmp_path, dataset, manifest, uri, train={"max_epochs": 500, "num_threads": 1,
-                                                                  "num_workers": 0})
+                                                                  "num_workers": 0}, validation=QUICK_VALIDATION)
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "run", str(config), "--nproc", "2", "--no-progress"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -179,9 +207,9 @@ def test_validation_metrics_summed_across_processes_equal_the_single_process_val
         assert sorted(case_ids) == [f"case{i}" for i in range(5)]
 
 
-def test_deterministic_runs_repeat_their_curves_exactly(tmp_path: Path, tiny_run_inputs) -> None:
+def test_deterministic_runs_repeat_their_curves_exactly(tmp_path: Path, tiny_run_inputs, migrated_store) -> None:
     dataset, manifest = tiny_run_inputs
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(migrated_store, tmp_path / "mlflow.db")
     config = tiny_config(tmp_path, dataset, manifest, uri,
                          augment=[{"name": "flip", "prob": 0.5, "axes": [0, 1]}, {"name": "noise", "prob": 0.5},
                                   {"name": "affine", "prob": 0.5, "rotate_deg": 15}],
@@ -198,15 +226,15 @@ def test_deterministic_runs_repeat_their_curves_exactly(tmp_path: Path, tiny_run
         assert torch.equal(tensor, load_checkpoint(b / "checkpoints" / "last.safetensors")["model"][key]), key
 
 
-def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path: Path,
-                                                                              tiny_run_inputs) -> None:
+def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path: Path, tiny_run_inputs,
+                                                                              migrated_store) -> None:
     dataset, manifest = tiny_run_inputs
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = tiny_config(tmp_path, dataset, manifest, uri,
+    uri = store_uri(migrated_store, tmp_path / "mlflow.db")
+    config = tiny_config(tmp_path, dataset, manifest, uri, validation=QUICK_VALIDATION,
                          train={"max_epochs": 4, "iterations_per_epoch": 6, "num_threads": 1, "deterministic": True,
                                 "checkpoint_interval_minutes": 0})  # a checkpoint after every iteration
     assert main(["run", str(config), "--no-progress", "--set", f"output_dir={tmp_path / 'whole'}",
-                 "--set", f"tracking.uri=sqlite:///{tmp_path / 'whole.db'}"]) == 0
+                 "--set", f"tracking.uri={store_uri(migrated_store, tmp_path / 'whole.db')}"]) == 0
 
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "run", str(config), "--no-progress"], cwd=tmp_path,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -242,17 +270,18 @@ def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tm
     assert [m.step for m in client.get_metric_history(run.info.run_id, "system/world_size")] == [0]
 
 
-def test_the_documented_multi_node_form_runs_two_torchrun_agents_as_two_machines(tmp_path: Path,
-                                                                                 eight_cases) -> None:
+def test_the_documented_multi_node_form_runs_two_torchrun_agents_as_two_machines(tmp_path: Path, eight_cases,
+                                                                                 migrated_store) -> None:
     """Two torchrun agents meeting at a c10d rendezvous, as two machines would (here on one host)."""
     import socket
 
     dataset, _ = eight_cases
     manifest = tmp_path / "one_val_case.csv"  # one validation case for two processes: one has none to score
     build_manifest(dataset, manifest, val_fraction=0.125, seed=1)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(migrated_store, tmp_path / "mlflow.db")
     # Batch norm and dropout too: CPU processes keep per-process batch statistics (SyncBatchNorm is GPU-only).
     config = tiny_config(tmp_path, dataset, manifest, uri, model={"norm": "batch", "dropout": 0.1},
+                         validation=QUICK_VALIDATION,
                          train={"max_epochs": 1, "num_threads": 1, "num_workers": 0})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -322,19 +351,19 @@ def _stop_mid_epoch(proc: subprocess.Popen, runs: Path) -> dict:
                          + (proc.stdout.read().decode() if proc.stdout else ""))
 
 
-def _resume_config(tmp_path: Path, eight_cases, epochs: int) -> Path:
+def _resume_config(tmp_path: Path, eight_cases, epochs: int, template: Path) -> Path:
     """6 training cases in batches of 1, a checkpoint after every step, one shared sample stream
     (a disk cache; a memory cache would be sharded between processes)."""
     dataset, manifest = eight_cases
-    return tiny_config(tmp_path, dataset, manifest, f"sqlite:///{tmp_path / 'mlflow.db'}",
-                       data={"cache": "disk", "cache_dir": str(tmp_path / "cache")},
+    return tiny_config(tmp_path, dataset, manifest, store_uri(template, tmp_path / "mlflow.db"),
+                       data={"cache": "disk", "cache_dir": str(tmp_path / "cache")}, validation=QUICK_VALIDATION,
                        train={"max_epochs": epochs, "batch_size": 1, "num_threads": 1, "num_workers": 0,
                               "checkpoint_interval_minutes": 0})
 
 
 def test_a_run_of_one_process_resumed_with_two_trains_the_rest_of_its_epoch_once(tmp_path: Path, eight_cases,
-                                                                                 monkeypatch) -> None:
-    config = _resume_config(tmp_path, eight_cases, epochs=2)
+                                                                                 monkeypatch, migrated_store) -> None:
+    config = _resume_config(tmp_path, eight_cases, epochs=2, template=migrated_store)
     from medseg.engine import loop
 
     seed_step = loop.seed_step
@@ -366,8 +395,8 @@ def test_a_run_of_one_process_resumed_with_two_trains_the_rest_of_its_epoch_once
 
 
 def test_a_run_of_two_processes_resumed_with_one_trains_the_rest_of_its_epoch_once(tmp_path: Path, eight_cases,
-                                                                                   caplog) -> None:
-    config = _resume_config(tmp_path, eight_cases, epochs=3)
+                                                                                   caplog, migrated_store) -> None:
+    config = _resume_config(tmp_path, eight_cases, epochs=3, template=migrated_store)
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "run", str(config), "--nproc", "2", "--no-progress"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
