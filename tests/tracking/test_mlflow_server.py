@@ -24,19 +24,27 @@ from medseg.data.manifest import file_sha256
 from tests.conftest import free_port, tiny_config, train_run, wait_until_answering, write_msd_dataset
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def server_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's store, artifact destination and log."""
+    return tmp_path_factory.mktemp("mlflow_server")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(server_folder: Path) -> Iterator[str]:
+    """One server for the module: its start (half a minute on a loaded host) is paid once. The tests
+    find their own runs by run id, so sharing its store changes nothing they look at."""
     port = free_port()
-    log = open(tmp_path / "server.log", "wb")
+    log = open(server_folder / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+         "--backend-store-uri", f"sqlite:///{server_folder / 'server.db'}",
+         "--artifacts-destination", str(server_folder / "server-artifacts"), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_answering(f"{url}/health", proc, 90, tmp_path / "server.log", "mlflow server")
+        wait_until_answering(f"{url}/health", proc, 90, server_folder / "server.log", "mlflow server")
         yield url
     finally:
         proc.terminate()
@@ -47,9 +55,12 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def test_pipeline_logs_a_run_and_model_to_a_real_server(tmp_path: Path, tiny_run_inputs, mlflow_server: str) -> None:
+def test_pipeline_logs_a_run_and_model_to_a_real_server(tmp_path: Path, tiny_run_inputs, mlflow_server: str,
+                                                        server_folder: Path) -> None:
     dataset, manifest = tiny_run_inputs
-    config = tiny_config(tmp_path, dataset, manifest, mlflow_server, train={"max_epochs": 1})
+    # no overlay figures or HD95: images logged through the server are the next test's
+    config = tiny_config(tmp_path, dataset, manifest, mlflow_server, train={"max_epochs": 1},
+                         validation={"overlays": 0, "hd95": False})
     result = train_run(config)
     assert result.model_uri
     assert result.tracking_uri == mlflow_server
@@ -60,7 +71,8 @@ def test_pipeline_logs_a_run_and_model_to_a_real_server(tmp_path: Path, tiny_run
     assert "val/dice/blob1" in run.data.metrics and "train/loss" in run.data.metrics
     assert run.data.params["tracking.uri"] == mlflow_server
     # the artifacts went through the server into its own artifact store, not a local folder
-    stored = list((tmp_path / "server-artifacts").rglob("resolved_config.yaml"))
+    stored = [p for p in (server_folder / "server-artifacts").rglob("resolved_config.yaml")
+              if result.run_id in p.parts]  # this run's, in the shared server's store
     assert stored, "artifacts were not proxied to the server's artifact destination"
 
     mlflow.set_tracking_uri(mlflow_server)
