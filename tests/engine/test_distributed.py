@@ -226,6 +226,12 @@ def test_deterministic_runs_repeat_their_curves_exactly(tmp_path: Path, tiny_run
         assert torch.equal(tensor, load_checkpoint(b / "checkpoints" / "last.safetensors")["model"][key]), key
 
 
+# Slow: the default run proves each part of it: tests/faults/test_kill.py's
+# test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_weights (medseg run SIGKILLed mid-epoch,
+# resumed: the same curves and weights bit for bit, the same MLflow run, each epoch and system/world_size
+# logged once), its disk-full test (a run stopped in its second epoch resumes bit for bit), and the resume
+# tests below (epochs finished before the stop are not logged again).
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path: Path, tiny_run_inputs,
                                                                               migrated_store) -> None:
     dataset, manifest = tiny_run_inputs
