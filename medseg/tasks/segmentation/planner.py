@@ -37,6 +37,7 @@ from medseg.planning.probe import (
     with_overrides,
 )
 from medseg.planning.race import RACE_SHARE, combine_candidates
+from medseg.tasks.segmentation.scoring_plan import decide as decide_scoring
 from medseg.tasks.segmentation.slice_plan import slice_candidate
 from medseg.tasks.segmentation.structures import decide as decide_structures
 
@@ -98,7 +99,7 @@ def _augmentation(dims: int, budget_minutes: float, anisotropic_axis: int | None
               {"name": "noise", "prob": 0.1, "std": 0.05 if not is_ct else 0.1}]
     why = (f"{'nnU-Net' if full else 'light'} augmentation for a {budget_minutes:g}-minute budget"
            + ("" if full else f" (nnU-Net's full set pays off after ~1000 epochs; plans of >= {FULL_AUGMENTATION_MINUTES:g} min use it)")
-           + "; mirroring along every axis, as nnU-Net (val and test are scored with mirroring TTA, validation.tta auto; predict with --tta to match)"
+           + "; mirroring along every axis, as nnU-Net, so predict --tta can mirror the same axes (validation.tta says how val and test are scored)"
            + (f"; rotations kept small: axis {anisotropic_axis} is anisotropic" if anisotropic_axis is not None else ""))
     return items, why
 
@@ -297,7 +298,14 @@ def _assemble(request: PlanRequest, fp: Fingerprint, config: dict[str, Any], d: 
                                                       d.spacing_rule.anisotropic_axis, rules.is_ct(fp.channels[0].name))
     why.update(_reasons(request, fp, config, d))
     why.update(structures.why)
-    explain = [*_explain_rows(request, config, d, why), *_predict_memory_rows(fp, config), *structures.explain]
+    scoring = decide_scoring(fp, d.spacing, topology.patch, config["validation"]["overlap"], d.choice.step_seconds,
+                             d.batch_size, request.budget_minutes)
+    if scoring.tta is not None:
+        config["validation"]["tta"] = scoring.tta
+    why["validation.tta"] = scoring.why
+    explain = [*_explain_rows(request, config, d, why), *_predict_memory_rows(fp, config), *structures.explain,
+               ExplainRow("scoring val/test", "mirrored (TTA)" if scoring.tta is None else "once per case",
+                          "mirrored (TTA)", scoring.why)]
     candidates = combine_candidates(structures.candidates, _topology_candidates(request, fp, d),
                                     request.budget_minutes * RACE_SHARE)
     return Plan(request=request, config=config, why=why, fingerprint=fp, probe=[p.as_dict() for p in d.choice.probe],
