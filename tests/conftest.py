@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,18 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MEDSEG_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
+# Fresh MLflow stores copied from one migrated template, here and in child processes (the folder's
+# sitecustomize.py); tests/site/medseg_test_mlflow_template.py says why.
+SITE = Path(__file__).resolve().parent / "site"
+os.environ.setdefault("MEDSEG_TEST_MLFLOW_TEMPLATE_DIR",
+                      str(Path(tempfile.gettempdir()) / f"medseg-test-mlflow-template-{os.getuid()}"))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH", "")) if p)
+sys.path.insert(0, str(SITE))
+from medseg_test_mlflow_template import TEMPLATE_DIR_ENV, install_after_import  # noqa: E402
+
+install_after_import()
+#: Test files about MLflow's own creation of a new store: they get MLflow's migrations, not the copy.
+REAL_STORE_CREATION = ("test_concurrent_store.py",)
 SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 TCIA = SHARED_DATA / "tcia_brain_tumor_progression_pgbm001"
 HIPPO = SHARED_DATA / "msd_task04_hippocampus"
@@ -254,6 +268,12 @@ KILL_AT_SECOND_CHECKPOINT = ("import os, signal, sys\nreal, seen = os.replace, [
 #: of them starting last and running alone.
 LONG_FILES = ("test_newcomer.py", "test_benchmarks.py", "test_architecture.py", "test_distributed.py",
               "test_bench_regression.py", "test_examples.py")
+
+
+@pytest.fixture(autouse=True)
+def _store_creation_by_mlflow(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.path.name in REAL_STORE_CREATION:
+        monkeypatch.setenv(TEMPLATE_DIR_ENV, "")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

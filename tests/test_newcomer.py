@@ -58,7 +58,10 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((base / "wheel").glob("medseg-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True, timeout=300)
-    install = subprocess.run([str(base / "venv" / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+    # --no-compile: pip byte-compiles every module of every package (torch's thousands) at install, two
+    # thirds of the install's time here; Python compiles the few the session imports when it imports them.
+    install = subprocess.run([str(base / "venv" / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile",
+                              str(wheel)],
                              capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-3000:]
     return base / "venv"
