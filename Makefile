@@ -13,12 +13,14 @@ $(BIN)/python:
 
 # torch is a range whose newest member is the CPU build this machine serves, so a CPU-only
 # install never pulls the multi-GB CUDA wheels; on a GPU machine install your CUDA torch first.
+# --no-compile: byte-compiling every module of every package (torch's, ray's, openvino's thousands) is
+# two thirds of an install's time here; Python compiles the modules a command imports when it imports them.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-compile -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
