@@ -262,12 +262,14 @@ KILL_AT_SECOND_CHECKPOINT = ("import os, signal, sys\nreal, seen = os.replace, [
                              "os.replace = replace\nfrom medseg.cli import main\nsys.exit(main())\n")
 
 
-#: Test files that take minutes (a wheel installed into a fresh venv, the tiny benchmarks, mypy,
-#: several-process runs), from the suite's --durations. pytest-xdist hands out whole files in
-#: collection order, so these start first and the short files fill in around them instead of one
-#: of them starting last and running alone.
-LONG_FILES = ("test_newcomer.py", "test_benchmarks.py", "test_architecture.py", "test_distributed.py",
-              "test_bench_regression.py", "test_examples.py")
+#: Test files that take minutes (the tiny benchmarks, a wheel installed into a fresh venv, several-process
+#: runs, real servers, mypy), longest first, from the suite's durations (junit XML of a whole run).
+#: pytest-xdist hands out whole files in collection order (pyproject's --no-loadscope-reorder: by default
+#: it sorts files by their number of tests, which put the one-test newcomer file last, running alone),
+#: so these start first and the short files fill in around them.
+LONG_FILES = ("test_benchmarks.py", "test_newcomer.py", "test_distributed.py", "test_predict_ray.py", "test_kill.py",
+              "test_concurrent_store.py", "test_mlflow_server.py", "test_architecture.py", "test_end_to_end.py",
+              "test_review.py", "test_bench_regression.py", "test_examples.py")
 
 
 @pytest.fixture(autouse=True)
