@@ -59,7 +59,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         # warn_only: a kernel without a deterministic version warns (and is named) instead of failing a run.
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
-        torch.use_deterministic_algorithms(False)
+        # only to undo an earlier run's demand in this process: the call imports torch._inductor (~2 s)
+        if torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
 
