@@ -15,8 +15,11 @@ Workloads:
   100-class head resampling to ``--wb-spacing`` (default 1.5 mm, TotalSegmentator's) with patch
   ``--wb-patch``; the bounded path only (the full buffer would need ~100 GB).
 
-Usage: python benchmarks/bench_memory.py [--repeats 2] [--head 9b682be] [--skip-ct] [--skip-wb] [--out benchmarks/results] [--tiny]
-Writes memory.json and memory.md to ``--out``.
+Usage: python benchmarks/bench_memory.py [--repeats 2] [--head 9b682be] [--skip-ct] [--skip-wb] [--backend torch] [--out benchmarks/results] [--tiny]
+Writes memory.json and memory.md to ``--out``; a run of one workload keeps the other workloads' rows
+already there (merged by name). ``--backend`` (``MEDSEG_BACKEND`` for every worker) runs the workloads as
+``ct300@torch`` etc., beside the default backend's rows. Each workload records its command, backend and
+the host's load average as it started.
 ``--tiny`` (benchmarks/tiny.py): both workloads and all three paths on toy volumes (45x38x29 and
 37x33x50, patch 16x16x16, U-Nets of 4-32 channels, 5 classes for the whole-body head), 1 repetition,
 ``--head HEAD`` unless given, the ``full`` and ``bounded`` workers in this process; for the test
@@ -146,16 +149,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paths", default="head,full,bounded",
                         help="the ct300 paths to run (head: the --head commit's code, which cannot load a model "
                              "logged by a much later commit; leave it out then)")
+    parser.add_argument("--backend", default=None, help="MEDSEG_BACKEND for the workers (torch, openvino, "
+                                                        "onnxruntime); the workloads are then named NAME@BACKEND")
     parser.add_argument("--wb-spacing", type=float, default=1.5)
     parser.add_argument("--wb-patch", default=None, help="the whole-body model's patch (default 96,96,64; "
                                                          f"{TINY_PATCH} with --tiny)")
     add_tiny_arguments(parser)
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: rewrite memory.md (and what each workload replaced) from --out's memory.json")
     parser.add_argument("--worker", choices=["head", "full", "bounded"])
     for name in ("--model", "--tracking-uri", "--input", "--output", "--tree"):
         parser.add_argument(name)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
+        return
+    if args.table_only:
+        out = results_folder(args)
+        saved = json.loads((out / "memory.json").read_text())
+        _write(out, {"head": saved["head"], "workloads": saved["workloads"]}, rerun=False)
         return
     if args.tiny:
         args.repeats = 1
@@ -166,10 +178,20 @@ def main(argv: list[str] | None = None) -> None:
     head = subprocess.run(["git", "rev-parse", args.head or ("HEAD" if args.tiny else BEFORE)], capture_output=True,
                           text=True, cwd=REPO, check=True).stdout.strip()
     report: dict = {"head": head, "workloads": {}}
+    if args.backend:  # inherited by every worker process
+        os.environ["MEDSEG_BACKEND"] = args.backend
+    suffix = f"@{args.backend}" if args.backend else ""
+    shown = "python benchmarks/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = {"command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} {shown}".strip(),
+               "backend": os.environ.get("MEDSEG_BACKEND", "auto")}
     if not args.skip_ct:
-        report["workloads"]["ct300"] = _ct300(args, work, tracking, head)
+        load = os.getloadavg()
+        report["workloads"]["ct300" + suffix] = {**_ct300(args, work, tracking, head), **started,
+                                                 "load_average_at_start": [round(x, 2) for x in load]}
     if not args.skip_wb:
-        report["workloads"]["wb1000"] = _wb1000(args, work, tracking)
+        load = os.getloadavg()
+        report["workloads"]["wb1000" + suffix] = {**_wb1000(args, work, tracking), **started,
+                                                  "load_average_at_start": [round(x, 2) for x in load]}
     _write(out, report)
 
 
@@ -235,7 +257,44 @@ def _last_commit(path: Path) -> str:
     return done.stdout.strip() or "uncommitted"
 
 
-def _write(out: Path, report: dict) -> None:
+#: Issue 29's memory targets (whole-process peak RSS): 1.45 GB for ct300 slab by slab (half of the 2.9 GB
+#: the full buffer took), 3 GB for wb1000; and slab by slab at most 1.1x the full buffer's wall time.
+TARGET_MIB = {"ct300": 1.45e9 / 2**20, "wb1000": 3e9 / 2**20}
+TARGET_TIME = 1.1
+
+
+def _targets(workloads: dict) -> list[str]:
+    """One line per workload: its bounded peak (and time against the full path's) against the targets."""
+    lines = []
+    for name, w in workloads.items():
+        target = TARGET_MIB.get(name.split("@")[0])
+        peak = w["peak_rss_mb"].get("bounded")
+        if target is None or peak is None:
+            continue
+        text = (f"- target {name}: bounded {peak:.0f} MiB against at most {target:.0f} MiB "
+                f"({'met' if peak <= target else 'not met'})")
+        full = w["seconds"].get("full")
+        if full:
+            ratio = w["seconds"]["bounded"] / full
+            text += (f"; wall {ratio:.2f}x the full path's in the same run, against at most {TARGET_TIME}x "
+                     f"({'met' if ratio <= TARGET_TIME else 'not met'})")
+        lines.append(text + ".")
+    return lines
+
+
+def _committed(out: Path) -> dict:
+    """The workloads of ``out``'s memory.json as the last commit has them ({} outside the repository)."""
+    try:
+        relative = (out / "memory.json").resolve().relative_to(REPO)
+    except ValueError:
+        return {}
+    done = subprocess.run(["git", "show", f"HEAD:{relative}"], capture_output=True, text=True, cwd=REPO, check=False)
+    return json.loads(done.stdout).get("workloads", {}) if done.returncode == 0 else {}
+
+
+def _write(out: Path, report: dict, rerun: bool = True) -> None:
+    """memory.json (the workloads run merged into those already there) and memory.md; ``rerun``: the
+    workloads in ``report`` were just run (False: rewritten from the JSON, nothing replaced in it)."""
     import platform
 
     import torch
@@ -243,11 +302,17 @@ def _write(out: Path, report: dict) -> None:
     report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                          "note": "a shared 2-core host: other sessions' jobs ran beside these, so wall times are noisy"}
     out.mkdir(parents=True, exist_ok=True)
+    committed = _committed(out)
+    for name, workload in report["workloads"].items():  # the figures a rerun replaces, as HEAD has them
+        before = committed.get(name)
+        if before and before["peak_rss_mb"] != workload["peak_rss_mb"]:
+            workload["replaced"] = {"commit": _last_commit(out / "memory.json"), "seconds": before["seconds"],
+                                    "peak_rss_mb": before["peak_rss_mb"]}
     if (out / "memory.json").exists():  # a run of one workload keeps the other's last results
         earlier = json.loads((out / "memory.json").read_text())
         for name, workload in report["workloads"].items():  # and the figures it replaces, for comparison
             replaced = earlier.get("workloads", {}).get(name)
-            if replaced:
+            if replaced and rerun:
                 workload["earlier"] = replaced.get("earlier") or {
                     "commit": _last_commit(out / "memory.json"), "seconds": replaced["seconds"],
                     "peak_rss_mb": replaced["peak_rss_mb"]}
@@ -265,16 +330,22 @@ def _write(out: Path, report: dict) -> None:
     lines.append("")
     for name, w in report["workloads"].items():
         lines.append(f"- {name}: {w['model']}.")
+        if w.get("command"):
+            load = "/".join(f"{x:.1f}" for x in w.get("load_average_at_start", []))
+            lines.append(f"  - `{w['command']}`, backend {w['backend']}, host load average {load} (1/5/15 min) "
+                         "as it started.")
         for key in ("bounded_vs_full", "bounded_vs_head"):
             if key in w:
                 c = w[key]
                 lines.append(f"  - masks {key.replace('_', ' ')}: {c['differ']} of {c['voxels']} voxels differ "
                              f"(bitwise equal: {c['bitwise_equal']}, same affine: {c['same_affine']}).")
+    lines += _targets(report["workloads"])
     for name, w in report["workloads"].items():
-        if w.get("earlier"):
-            e = w["earlier"]
-            shown = ", ".join(f"{p} {e['peak_rss_mb'][p]:.0f} MiB in {e['seconds'][p]:.1f} s" for p in e["seconds"])
-            lines.append(f"- {name}, the run these replace (results committed in {e['commit']}): {shown}.")
+        for key, what in (("replaced", "the run these replace"), ("earlier", "the first run")):
+            if w.get(key) and (key == "replaced" or w.get("replaced", {}).get("commit") != w[key]["commit"]):
+                e = w[key]
+                shown = ", ".join(f"{p} {e['peak_rss_mb'][p]:.0f} MiB in {e['seconds'][p]:.1f} s" for p in e["seconds"])
+                lines.append(f"- {name}, {what} (results committed in {e['commit']}): {shown}.")
     lines.append(f"\nhead = {report['head']} (the full-buffer code before bounded prediction, unpacked from git; "
                  "left out where it cannot load a model logged by this code); full/bounded = this code "
                  "with MEDSEG_PREDICT_SCORES=full/bounded; wb1000 runs the bounded path only (its full buffer "
