@@ -112,12 +112,14 @@ bench-detection: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 10 --arms retinanet $(BENCH_ARGS)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_detection.py --minutes 10 --arms segment_components $(BENCH_ARGS)
 
-# The CNN lineage (perceptron ... DenseNet-121) at one training budget per run on PneumoniaMNIST, BreastMNIST and
-# AdrenalMNIST3D, 3 seeds -> lineage.md: 72 runs, each its 30 s of training plus verify, evaluation and packaging
-# (2 to 10 minutes a run on a loaded 2-core host: hours in all; --datasets/--networks/--seeds run a part, and
-# invocations may run side by side: entries are merged)
+# The CNN lineage (perceptron ... DenseNet-121) at one training budget per dataset on PneumoniaMNIST, BreastMNIST
+# and AdrenalMNIST3D, 3 seeds -> lineage.md: 72 runs, each its budget of training plus verify and test scoring
+# (1.2 to 5 times the budget a run on a loaded 2-core host, the large networks' first step and test scoring the
+# most: about 80 minutes in all; --datasets/--networks/--seeds run a part, and entries are merged)
 bench-lineage: medmnist $(VENV)/.installed-dev
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_lineage.py --budget-s 30 --seeds 0,1,2 $(BENCH_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_lineage.py --budget-s 30 --seeds 0,1,2 --datasets breast $(BENCH_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_lineage.py --budget-s 40 --seeds 0,1,2 --datasets pneumonia $(BENCH_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_lineage.py --budget-s 40 --seeds 0,1,2 --datasets adrenal3d $(BENCH_ARGS)
 
 # Image-to-image translation (recon.problem: translation): PGBM-001's FLAIR from its other contrasts on held-out
 # slabs and a known-answer hippocampus phantom, 6 minutes of training each, one torch thread (about 15 minutes on 2

@@ -222,8 +222,11 @@ def _loads(entries: dict[str, Any]) -> str:
     return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
 
 
-def _row(network: str, entry: dict[str, Any]) -> str:
+def _row(network: str, entry: dict[str, Any], budget: float) -> str:
+    """The entry's table row; an entry of another budget than the dataset's latest says its own."""
     seeds = entry["seeds"]
+    if entry["budget_s"] != budget:
+        network = f"{network} ({entry['budget_s']:g} s, an earlier run)"
     auc, auc_sd = _mean_std([s["test_auc"] for s in seeds])
     acc, acc_sd = _mean_std([s["test_acc"] for s in seeds])
     epochs = statistics.median(float(s["epochs"] or 0) for s in seeds)
@@ -240,9 +243,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# The CNN lineage on MedMNIST at one budget", "",
              "Written by " + ", ".join(f"`{c}`" for c in commands)
              + " (each entry with its own date in `lineage.json`). Every network trained for the same "
-             "wall-clock budget per run on this CPU, one `medseg.train` of the dataset's config with `model.name` "
-             "(and the network's options) overridden; scored once on the official test split with the checkpoint "
-             "of the best validation AUC.", "",
+             "wall-clock budget per run on this CPU (one budget per dataset), one run of the dataset's config with "
+             "`model.name` (and the network's options) overridden: verify, train, then scored once on the official "
+             "test split with the checkpoint of the best validation AUC.", "",
              f"**The host was shared** with other sessions' work while these ran ({results.get('host', '?')}): "
              "seconds per epoch, and so the epochs a budget bought, vary with their load and compare only "
              "roughly across rows. The budgets are far below what these networks need to converge: the table "
@@ -255,7 +258,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"## {name} (`configs/{config}`, input {'x'.join(map(str, first['input']))})", "",
                   "| network | parameters | FLOPs / image (forward) | s / epoch | epochs (last cut by the budget) | "
                   "test AUC | test ACC | seeds |", "|---|---|---|---|---|---|---|---|"]
-        lines += [_row(network, entries[network]) for network in NETWORKS if network in entries]
+        latest = max(entries.values(), key=lambda e: e.get("date", ""))["budget_s"]
+        lines += [_row(network, entries[network], latest) for network in NETWORKS if network in entries]
         missing = [network for network in NETWORKS if network not in entries]
         if missing:
             lines += ["", f"Not measured yet on {name}: {', '.join(missing)}."]
@@ -292,8 +296,15 @@ def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """``new``, with the seeds of ``old`` it did not rerun when both had the same budget."""
     if old and old.get("budget_s") == new["budget_s"]:
         rerun = {s["seed"] for s in new["seeds"]}
-        new["seeds"] = sorted([s for s in old["seeds"] if s["seed"] not in rerun] + new["seeds"],
-                              key=lambda s: s["seed"])
+        kept = [s for s in old["seeds"] if s["seed"] not in rerun]
+        new["seeds"] = sorted(kept + new["seeds"], key=lambda s: s["seed"])
+        if not kept:
+            return new
+        # the invocations' wall time and load averages together (the seeds came from both)
+        new["wall_s"] = round(old.get("wall_s", 0.0) + new.get("wall_s", 0.0), 1)
+        new["load_average"] = [*old.get("load_average", []), *new.get("load_average", [])]
+        if old.get("command") and old["command"] != new.get("command"):
+            new["command"] = f"{old['command']} && {new.get('command', '?')}"
     return new
 
 
