@@ -284,3 +284,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=rank)  # stable: the order within a file and among the other files is kept
+    for item in items:
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT_S))
+
+
+#: A default-run test still running after this long has hung (the longest takes ~3 min on a loaded
+#: 2-core host): it fails with its stack (pytest-timeout) instead of holding the suite until CI's limit.
+DEFAULT_TEST_TIMEOUT_S = 900
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` that survives a crashed worker (tests/xdist_support.py says how xdist does not)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from tests.xdist_support import RecoveringLoadFileScheduling
+
+    return RecoveringLoadFileScheduling(config, log)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def _header(page: Any, column: str) -> Any:
 
 def check_review_page(browser: Any, path: Path, cases: set[str]) -> dict[str, Any]:
     """Open ``path`` from disk and check what any review page must do; returns what a test may look at more."""
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    context = browser.new_context(viewport={"width": 1400, "height": 900})  # its own storage, and room for a 2nd page
+    page = context.new_page()
     errors: list[str] = []
     requests: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
@@ -111,7 +113,21 @@ def check_review_page(browser: Any, path: Path, cases: set[str]) -> dict[str, An
         assert errors == [], errors
         return {"rows": rows, "page": page.content()}
     finally:
-        page.close()
+        context.close()
+
+
+def _wait_until_stored(page: Any, case: str, timeout_s: float = 20.0) -> None:
+    """Wait until a new page of ``page``'s browser reads ``case``'s decision from localStorage."""
+    key = page.evaluate('() => "medseg-review:" + location.pathname')
+    probe = page.context.new_page()
+    try:
+        probe.goto(page.url)
+        deadline = time.monotonic() + timeout_s
+        while case not in (probe.evaluate("key => localStorage.getItem(key) || ''", key)):
+            assert time.monotonic() < deadline, f"the decisions never reached the browser's storage ({key})"
+            time.sleep(0.1)
+    finally:
+        probe.close()
 
 
 def _check_decisions(page: Any, rows: list[str]) -> None:
@@ -125,6 +141,10 @@ def _check_decisions(page: Any, rows: list[str]) -> None:
     row(accepted).locator("td.decision select").select_option("accept")
     assert "rejected" in (row(rejected).get_attribute("class") or "")
     assert "accepted" in (row(accepted).get_attribute("class") or "")
+    # Chromium hands a page's localStorage writes to its other documents asynchronously: a reload
+    # at once raced that on a loaded host (the reloaded page read no decisions). Reload once another
+    # page of the browser sees them, as a reviewer coming back would.
+    _wait_until_stored(page, rejected)
     page.reload()
     page.wait_for_load_state("load")
     assert row(rejected).locator("td.decision select").input_value() == "reject"
