@@ -22,7 +22,7 @@ import torch
 import medseg
 from medseg.errors import UsageError
 from tests.conftest import free_port
-from tests.engine.test_predict_ray import held_out_scans, outputs
+from tests.engine.ray_cases import held_out_scans, outputs
 
 MODEL_KEYS = ("model_uri", "tracking_uri")
 

@@ -298,7 +298,7 @@ def kill_training_at_random_moment(tmp_path: Path, config: Path, seed: int) -> s
                 f"steps done{', summary.json written' if finished else ''}; temp files: {temporaries(runs)}")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_weights(tmp_path: Path, train_inputs,
                                                                                  train_reference) -> None:
     config = train_config(tmp_path, train_inputs)
@@ -307,7 +307,7 @@ def test_training_killed_at_a_random_moment_resumes_to_the_uninterrupted_weights
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", TRAIN_SEEDS[1:])
 def test_training_killed_at_more_random_moments(tmp_path: Path, train_inputs, train_reference, seed: int) -> None:
     config = train_config(tmp_path, train_inputs)
@@ -325,7 +325,7 @@ def kill_training_inside_a_write(tmp_path: Path, config: Path, renames: list[str
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 # before the rename of: a mid-epoch checkpoint, contract.json, evaluation/val_metrics.json, the last checkpoint
 @pytest.mark.parametrize("seed", [0, 5, 6, 9])
 def test_training_killed_inside_a_write_resumes_and_leaves_no_temp_file(tmp_path: Path, train_inputs,
@@ -441,7 +441,7 @@ def kill_predict_at_random_moment(tmp_path: Path, args: list[str], out: Path, pe
                 f"{masks_written(out)} masks then, temp files: {temporaries(out)}")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_predict_killed_at_a_random_moment_reruns_to_the_same_outputs(tmp_path: Path, trained_segmentation, scans,
                                                                       predict_reference) -> None:
     out = tmp_path / "out"
@@ -453,7 +453,7 @@ def test_predict_killed_at_a_random_moment_reruns_to_the_same_outputs(tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", PREDICT_SEEDS[1:])
 def test_predict_killed_at_more_random_moments(tmp_path: Path, trained_segmentation, scans, predict_reference,
                                                seed: int) -> None:
@@ -466,7 +466,7 @@ def test_predict_killed_at_more_random_moments(tmp_path: Path, trained_segmentat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", [0, 1, 3])  # before the rename of predict_summary.json, predictions.csv, a mask
 def test_predict_killed_inside_a_write_reruns_and_leaves_no_temp_file(tmp_path: Path, trained_segmentation, scans,
                                                                       predict_reference, seed: int) -> None:
@@ -516,7 +516,7 @@ def check_rebuilt_manifest(out: Path, inputs: dict[str, Any], where: str) -> Non
     assert temporaries(out.parent) == [], f"{where}: temp files left behind"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_manifest_build_killed_inside_its_write_keeps_the_old_manifest_and_the_rerun_leaves_no_temp_file(
         tmp_path: Path, manifest_inputs) -> None:
     out = tmp_path / "manifests" / "cases.csv"
@@ -545,7 +545,7 @@ def test_writing_a_manifest_removes_only_its_own_stale_temp_files(tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", MANIFEST_SEEDS)
 def test_manifest_build_killed_at_random_moments_reruns_to_the_same_manifest(tmp_path: Path, manifest_inputs,
                                                                              seed: int) -> None:
