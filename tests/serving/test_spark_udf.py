@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,8 @@ def test_spark_udf_over_a_dataframe_of_paths_gives_the_local_rows_and_masks(
            "MLFLOW_TRACKING_URI": trained_segmentation["tracking_uri"]}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    # Spark starts its Python workers with `python3` from PATH unless told otherwise: the one that has medseg
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
     mlflow.set_tracking_uri(trained_segmentation["tracking_uri"])
     spark = (SparkSession.builder.master("local[2]").appName("medseg-spark-recipe")
              .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2").getOrCreate())
