@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: browser fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon bench-memory bench-cost-model bench-detection bench-lineage bench-translation recon medmnist install install-dev ui clean
+.PHONY: browser spark fuzz serve-attacks demo test bench bench-precision bench-predict bench-ddp bench-classification bench-recon bench-memory bench-cost-model bench-detection bench-lineage bench-translation recon medmnist install install-dev ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ browser:
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; \
 	  else echo "make browser: no apt-get here; install Chromium for the review-page browser tests"; fi; }
+
+# The Spark recipe's slow test (docs/how-to/cluster.md, tests/serving/test_spark_udf.py): pyspark (the spark extra)
+# and Java 17+ installed when missing -- Java with apt-get on Debian/Ubuntu, as `browser` installs Chromium.
+spark: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[spark]"
+	@command -v java >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q openjdk-17-jre-headless >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q openjdk-17-jre-headless >/dev/null; }; \
+	  else echo "make spark: no apt-get here; install Java 17+ for Spark"; fi; }
+	$(BIN)/python -m pytest -m slow -n 0 -q tests/serving/test_spark_udf.py
 
 # The fuzz suite, fast and slow parts (thousands of generated hostile files): about 4 minutes
 # -> benchmarks/results/fuzz.{json,md} (inputs tried per class, escapes)
