@@ -531,7 +531,8 @@ class Predictor:
             case_id: the name used in messages (default: the file's name, or ``image``).
 
         Returns:
-            The :class:`~medseg.engine.results.Prediction`, on the input's own grid.
+            The :class:`~medseg.engine.results.Prediction`, on the input's own grid, with the quality
+            check ``predict_folder`` would report for it in ``.qc`` (segmentation and detection).
 
         Raises:
             UsageError: an array without ``affine``. CaseError: the image cannot be read or does not

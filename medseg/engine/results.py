@@ -148,6 +148,9 @@ class Prediction:
             ``entropy`` and ``max_probability``.
         entropy / variance: segmentation, when asked for: the normalised entropy of the averaged
             probabilities and the variance between flips/members, per voxel on the input's grid.
+        qc: the quality check a batch reports for the case, under the model's thresholds or the
+            predictor's ``qc`` overrides: ``qc_flag`` and ``qc_reason`` (segmentation also each
+            label's ``volume_z_<label>`` against the training split); empty where the task has none.
     """
 
     case_id: str
@@ -165,6 +168,7 @@ class Prediction:
     uncertainty: dict[str, float | None] = field(default_factory=dict)
     entropy: np.ndarray | None = None
     variance: np.ndarray | None = None
+    qc: dict[str, Any] = field(default_factory=dict)
 
 
 class CasePredictor(Protocol):

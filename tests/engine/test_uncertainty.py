@@ -138,6 +138,8 @@ def test_predicted_volumes_are_scored_against_the_training_split_and_flagged(tra
     z = result.values["volume_z_blob1"]
     assert z == pytest.approx((result.values["volume_ml_blob1"] - stats["mean"]) / stats["std"], abs=1e-2)
     assert result.values["qc_flag"] is True and "blob1 volume z =" in result.values["qc_reason"]
+    single = strict.predict(tmp_path / "in" / "scan.nii.gz")  # in memory: the same check as the batch's row
+    assert single.qc == {k: v for k, v in result.values.items() if k.startswith(("volume_z_", "qc_"))}
     with pytest.raises(PredictOptionError, match="--qc max_volume=1.0: unknown threshold"):
         medseg.Predictor.from_uri(trained_segmentation["model_uri"], device="cpu", qc={"max_volume": 1.0},
                                   tracking_uri=trained_segmentation["tracking_uri"])

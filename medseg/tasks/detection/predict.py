@@ -109,7 +109,8 @@ class DetectionPredictor:
         records = box_records(found.boxes, found.grid, found.stored, self.class_names)
         values = self._values(records, found.shape)
         return Prediction(case_id, "detection", found.stored,
-                          metrics={k: v for k, v in values.items() if isinstance(v, float)})
+                          metrics={k: v for k, v in values.items() if isinstance(v, float)},
+                          qc={k: values[k] for k in ("qc_flag", "qc_reason")})
 
     def _values(self, records: Sequence[dict[str, Any]], shape: Sequence[int] | None) -> dict[str, Any]:
         """The report's values of one scan's box records (as its JSON holds them) and its QC."""

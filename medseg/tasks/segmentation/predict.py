@@ -200,7 +200,9 @@ class SegmentationPredictor:
                 the image's memory as float32).
         """
         loaded = isinstance(image, MetaTensor)
-        return self.predict_prepared(self.prepare(image, case_id), case_id, keep_probabilities, read=not loaded)
+        prediction = self.predict_prepared(self.prepare(image, case_id), case_id, keep_probabilities, read=not loaded)
+        prediction.qc = self.quality(prediction.volumes_ml, prediction.uncertainty)  # as a batch's row has it
+        return prediction
 
     def prepare(self, image: str | Path | Sequence[str | Path] | MetaTensor, case_id: str) -> dict[Any, Any]:
         """Read (unless ``image`` is already in memory) and preprocess one image, checked against the

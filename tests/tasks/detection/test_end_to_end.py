@@ -165,6 +165,9 @@ def test_qc_flags_scans_in_the_report_the_summaries_and_the_review_page(trained:
     rows = _rows(batch.report)
     assert all(r["qc_flag"] == "True" and "top score" in r["qc_reason"] and "< 1.01" in r["qc_reason"] for r in rows)
     assert batch.summary_dict()["qc_flagged"] == 2
+    single = predictor.predict(folder / "scan_000.nii.gz")  # in memory: the same check as the batch's row
+    (row,) = [r for r in rows if r["case_id"] == "scan_000"]
+    assert single.qc == {"qc_flag": True, "qc_reason": row["qc_reason"]}
     summary = json.loads((tmp / "qc_out" / "qc_summary.json").read_text())
     assert summary["by_reason"]["top score"] == 2 and summary["thresholds"]["min_top_score"] == 1.01
     page = (tmp / "qc_out" / "review.html").read_text()
