@@ -159,14 +159,12 @@ def run_acceleration(args: argparse.Namespace, manifest: Path, scratch: Path, tr
 
 def markdown(report: dict[str, Any]) -> str:
     """The results page from every acceleration in the report."""
-    seg = report["segmenter"]
-    own = (f" (run {seg['run_id']}, {seg.get('train/epochs')} epochs, its own test Dice mean {seg['test/dice_mean']:.4f})"
-           if "test/dice_mean" in seg else "")
     lines = ["# Accelerated MRI reconstruction, judged by a frozen segmenter", "",
              f"Written by `benchmarks/bench_recon_downstream.py` on {report['host']}, one invocation per "
-             "acceleration or several: each section names its command.", "",
+             "acceleration or several: each section names its command and the frozen segmenter that judged it "
+             "(compare ΔDice within a section: each is against that segmenter's Dice on the fully sampled "
+             "volumes).", "",
              f"**Host**: {report['host_note']}", "",
-             f"**Frozen segmenter**: `{seg['model_uri']}`{own}; {report['segmenter_origin']}.", "",
              "Each held-out test volume (fully sampled magnitude MRI) has every axial slice's k-space "
              "undersampled retrospectively (equispaced Cartesian mask, 8% fully sampled centre, seeded by the "
              "case id) and reconstructed by `medseg predict` (retrospective mode) with the `unet_dc` model of "
@@ -176,16 +174,24 @@ def markdown(report: dict[str, Any]) -> str:
              "`medseg evaluate-downstream` (the code of `medseg evaluate`) against the reference labels. The "
              "fully sampled volume's PSNR against itself is infinite (n/a).", ""]
     for key in sorted(report["accelerations"], key=int):
-        lines += _section(key, report["accelerations"][key])
+        entry = report["accelerations"][key]
+        lines += _section(key, entry, entry.get("segmenter", report["segmenter"]),
+                          entry.get("segmenter_origin", report["segmenter_origin"]))
     return "\n".join(lines) + "\n"
 
 
-def _section(key: str, entry: dict[str, Any]) -> list[str]:
+def _segmenter_line(seg: dict[str, Any], origin: str) -> str:
+    own = (f" (run {seg['run_id']}, {seg.get('train/epochs')} epochs, its own test Dice mean {seg['test/dice_mean']:.4f})"
+           if "test/dice_mean" in seg else "")
+    return f"Frozen segmenter: `{seg['model_uri']}`{own}; {origin}."
+
+
+def _section(key: str, entry: dict[str, Any], segmenter: dict[str, Any], origin: str) -> list[str]:
     m = entry["recon_model"]
     lines = [f"## {key}x ({entry['cases']} test cases)", "",
              f"Written by `{entry['command']}` ({entry['when']}"
              + (f", 1-minute load average {entry['load_average_at_start']} at its start" if "load_average_at_start" in entry
-                else "") + ").", "",
+                else "") + ").", "", _segmenter_line(segmenter, origin), "",
              f"Reconstruction model: `{m['model_uri']}` (run {m['run_id']}), trained {m['wall_minutes']} min wall "
              f"with its evaluation (budget {m['minutes_budget']} min, {m['epochs']} epochs); its own test split "
              f"(2D slices): PSNR {_f(m.get('test/psnr'), 2)} dB vs zero-filled {_f(m.get('test/zero_filled_psnr'), 2)}, "
@@ -260,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     for acceleration in (int(a) for a in args.accelerations.split(",")):
         report["accelerations"][str(acceleration)] = {
             **run_acceleration(args, manifest, scratch, tracking, segmenter, acceleration),
-            "command": report["command"], "when": report["when"], "load_average_at_start": load}
+            "command": report["command"], "when": report["when"], "load_average_at_start": load,
+            "segmenter": report["segmenter"], "segmenter_origin": report["segmenter_origin"]}
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
         (out / "recon_downstream.md").write_text(markdown(report))

@@ -378,15 +378,17 @@ def test_bench_recon_downstream_tiny_judges_reconstructions_beside_zero_filled(t
           "recon_downstream.json")
     assert list(report["accelerations"]) == ["4", "8"]
     for key, entry in report["accelerations"].items():
-        _keys(entry, {"acceleration", "cases", "recon_model", "kinds", "delta_dice", "goal_delta_dice"}, key)
+        _keys(entry, {"acceleration", "cases", "recon_model", "kinds", "delta_dice", "goal_delta_dice", "segmenter",
+                      "segmenter_origin"}, key)
         assert entry["cases"] == 2 and entry["goal_delta_dice"] == bench.GOALS[int(key)]
+        assert entry["segmenter"]["model_uri"] == report["segmenter"]["model_uri"]  # the one that judged it
         assert list(entry["kinds"]) == list(bench.KINDS)
         for kind in ("reconstructed", "zero_filled"):  # the fully sampled image's PSNR is infinite: itself
             _numbers(entry["kinds"][kind], {"dice_mean", "dice/anterior", "dice/posterior", "psnr", "ssim"}, kind)
         _numbers(entry["delta_dice"], {"reconstructed", "zero_filled"}, f"{key}.delta_dice")
     page = (out / "recon_downstream.md").read_text(encoding="utf-8")
     assert [[row[0] for row in rows] for rows in _tables(out / "recon_downstream.md")] == [list(bench.KINDS)] * 2
-    assert "shared" in page
+    assert "shared" in page and page.count("Frozen segmenter: `") == 2  # each section names its judge
 
 
 @pytest.mark.parametrize("script", ["bench_translation"])
