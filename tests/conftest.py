@@ -202,6 +202,11 @@ def classification_config(tmp_path: Path, manifest: Path, root: Path, tracking_u
     return write_config(tmp_path, cfg, sections)
 
 
+#: Set by a test that runs tests in a child pytest process (tests/engine/test_predict_ray.py): the
+#: ``trained_segmentation`` it already has, as JSON, so that the child does not train another.
+TRAINED_SEGMENTATION_ENV = "MEDSEG_TEST_TRAINED_SEGMENTATION"
+
+
 @pytest.fixture(scope="session")
 def trained_segmentation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny U-Net trained two epochs on 4 synthetic cases, registered as ``tiny-seg`` with the
@@ -209,6 +214,8 @@ def trained_segmentation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     its files before changing them). Predictions only need to be well-formed, not good."""
     from medseg.data.build import build_manifest
 
+    if os.environ.get(TRAINED_SEGMENTATION_ENV):  # the parent test process's, in a child pytest process
+        return dict(json.loads(os.environ[TRAINED_SEGMENTATION_ENV]))
     tmp = tmp_path_factory.mktemp("trained_segmentation")
     dataset = write_msd_dataset(tmp / "dataset", n_cases=4)
     manifest = tmp / "manifest.csv"

@@ -11,20 +11,25 @@ their own, a driver's end is the child's, and the tests run exactly as they do o
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TRAINED_SEGMENTATION_ENV
 
 CASES = REPO / "tests" / "engine" / "ray_cases.py"
 
 
-def _run_cases(marker: str) -> None:
+def _run_cases(marker: str, trained_segmentation: dict[str, str]) -> None:
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'medseg[ray]' (the dev extra has it)")
+    # The cases use this process's tiny model (and its MLflow store) rather than training their own.
+    env = {**os.environ, TRAINED_SEGMENTATION_ENV: json.dumps(trained_segmentation)}
     run = subprocess.run([sys.executable, "-m", "pytest", str(CASES), "-n", "0", "-m", marker, "-q", "-rA",
-                          "-p", "no:cacheprovider", "--durations=5"], cwd=REPO, capture_output=True, text=True)
+                          "-p", "no:cacheprovider", "--durations=5"], cwd=REPO, capture_output=True, text=True,
+                         env=env)
     output = run.stdout + run.stderr
     print(output[-6000:])  # the cases' own report, shown with -s or -rA
     assert run.returncode == 0, f"{CASES.name} -m {marker!r} exited {run.returncode}:\n{output[-12000:]}"
@@ -32,10 +37,10 @@ def _run_cases(marker: str) -> None:
 
 
 @pytest.mark.timeout(1500)
-def test_the_ray_engine_cases_pass_in_a_process_of_their_own() -> None:
-    _run_cases("not slow")
+def test_the_ray_engine_cases_pass_in_a_process_of_their_own(trained_segmentation: dict[str, str]) -> None:
+    _run_cases("not slow", trained_segmentation)
 
 
 @pytest.mark.slow
-def test_the_slow_ray_engine_cases_pass_in_a_process_of_their_own() -> None:
-    _run_cases("slow")
+def test_the_slow_ray_engine_cases_pass_in_a_process_of_their_own(trained_segmentation: dict[str, str]) -> None:
+    _run_cases("slow", trained_segmentation)
