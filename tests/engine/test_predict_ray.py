@@ -32,7 +32,9 @@ def _run_cases(marker: str, trained_segmentation: dict[str, str]) -> None:
                          env=env)
     output = run.stdout + run.stderr
     print(output[-6000:])  # the cases' own report, shown with -s or -rA
-    assert run.returncode == 0, f"{CASES.name} -m {marker!r} exited {run.returncode}:\n{output[-12000:]}"
+    failures = output.find("= FAILURES =")  # the failing cases' reports come first, the passes' output after
+    shown = output[failures:failures + 12000] if failures >= 0 else output[-12000:]
+    assert run.returncode == 0, f"{CASES.name} -m {marker!r} exited {run.returncode}:\n{shown}"
     assert " passed" in output, output[-12000:]  # exit 0 with nothing run (all deselected) is not a pass
 
 
