@@ -39,10 +39,11 @@ class RecoveringLoadFileScheduling(LoadFileScheduling):
         if not unfinished:
             return None
         crashed = unfinished[0]
-        requeued = OrderedDict(
-            (scope, {nodeid: nodeid == crashed or done for nodeid, done in unit.items()})
-            for scope, unit in workload.items() if not all(unit.values()))
-        requeued = OrderedDict((scope, unit) for scope, unit in requeued.items() if not all(unit.values()))
+        requeued: OrderedDict[str, dict[str, bool]] = OrderedDict()
+        for scope, unit in workload.items():
+            left = {nodeid: done or nodeid == crashed for nodeid, done in unit.items()}
+            if not all(left.values()):
+                requeued[scope] = left
         self.workqueue = OrderedDict([*requeued.items(), *self.workqueue.items()])
         for survivor in self.assigned_work:
             self._reschedule(survivor)
