@@ -31,7 +31,9 @@ BENCHMARKS = REPO / "benchmarks"
 #: The scripts the Makefile's bench targets run, each covered by a tiny test below; the longest first.
 TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_lineage", "bench_classification",
                 "bench_recon", "bench_memory", "cost_model", "bench_sr", "bench_recon_downstream",
-                "bench_detection", "bench_translation")
+                "bench_detection", "bench_detection_brain_tumour", "bench_translation")
+#: Tiny runs of a script with arguments of their own: name -> (script, arguments).
+TINY_VARIANTS = {"bench_detection_brain_tumour": ("bench_detection", ["--dataset", "brain_tumour"])}
 #: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
 TINY_TIMEOUT_S = 900
 
@@ -60,7 +62,9 @@ class TinyRuns:
 
     def _command(self, script: str) -> list[str]:
         work = ["--work", str(self.root / f"{script}-work")] if script == "bench_perf" else []
-        return [sys.executable, str(BENCHMARKS / f"{script}.py"), "--tiny", "--out", str(self.root / script), *work]
+        source, arguments = TINY_VARIANTS.get(script, (script, []))
+        return [sys.executable, str(BENCHMARKS / f"{source}.py"), "--tiny", "--out", str(self.root / script), *work,
+                *arguments]
 
     def _poll(self) -> None:
         for script, (proc, started) in list(self.running.items()):
@@ -351,6 +355,45 @@ def test_bench_detection_tiny_scores_both_arms_the_same_way(tiny_runs: TinyRuns,
     assert [row[0] for row in table] == list(report["arms"])
 
 
+BRAIN_TUMOUR_DATA = REPO.parent / "shared" / "data" / "tcia_brain_tumor_progression_pgbm001"
+
+
+@pytest.mark.parametrize("script", ["bench_detection_brain_tumour"])
+def test_bench_detection_tiny_brain_tumour_scores_the_held_out_scan(tiny_runs: TinyRuns, script: str) -> None:
+    require(BRAIN_TUMOUR_DATA)
+    out = tiny_runs.wait(script)
+    detection = _bench("bench_detection")
+    report = json.loads((out / "detection.json").read_text(encoding="utf-8"))
+    assert list(report["arms"]) == [f"brain_tumour: {arm}, 4 min" for arm in detection.ARMS]
+    for arm, entry in report["arms"].items():
+        where = f"detection.json arms.{arm}"
+        assert entry["dataset"] == "brain_tumour" and entry["epochs"] == [1] and entry["test_scans"] == 1, where
+        _numbers(entry, {"froc", "map_iou0.1", "map_iou0.5", "reference_boxes", "predicted_boxes_per_scan"}, where)
+        [(held_out, fold)] = entry["folds"].items()  # tiny: PGBM-001's fold only
+        assert held_out == "PGBM-001" and fold["trained_on"] == ["brain1", "brain2"], where
+        assert fold["reference_boxes"] == entry["reference_boxes"] == 1, f"{where}: PGBM-001 has one tumour"
+        assert 0 <= entry["froc"] <= 1 and 0 <= entry["map_iou0.1"] <= 1, where
+    tables = _tables(out / "detection.md")
+    assert [row[0] for row in tables[0]] == list(report["arms"])
+    assert [(row[0], row[1]) for row in tables[1]] == [(arm, "PGBM-001") for arm in report["arms"]]
+
+
+def test_bench_detection_brain_tumour_references_read_nrrd_and_dicom_through_the_registry() -> None:
+    """The reference tumours of the three scans, each mask read by medseg's reader registry (NRRD; PGBM-001 a
+    DICOM Secondary Capture series folder): brain1 has its tumour and a 2.4 mL satellite, brain2 and PGBM-001
+    one tumour each (PGBM-001's 60 specks of at most 17 voxels are under the minimum)."""
+    require(BRAIN_TUMOUR_DATA)
+    detection = _bench("bench_detection")
+    root = detection.BRAIN_TUMOUR["root"]
+    scans = [(case, root / image, root / label) for case, (image, label) in detection.BRAIN_TUMOUR["cases"].items()]
+    brain1, brain2, pgbm = detection._references(scans, [1], detection.BRAIN_TUMOUR_MIN_VOLUME_MM3)
+    assert (len(brain1), len(brain2), len(pgbm)) == (2, 1, 1)
+    # brain2's tumour is PyRadiomics' baseline box (x 205-224, y 155-169, z 8-10): the voxels as stored, the
+    # LPS -> RAS turn being the affine's, as in the boxes medseg predict writes
+    assert brain2.corners.tolist() == [[205, 155, 8, 225, 170, 11]]
+    assert pgbm.corners[0, 2:6:3].tolist() == [13, 21]  # slices 13-20, as the data kit's README says
+
+
 @pytest.mark.parametrize("script", ["bench_sr"])
 def test_bench_sr_tiny_judges_every_kind_of_input_downstream(tiny_runs: TinyRuns, script: str) -> None:
     out = tiny_runs.wait(script)
@@ -359,13 +402,43 @@ def test_bench_sr_tiny_judges_every_kind_of_input_downstream(tiny_runs: TinyRuns
     report = json.loads((out / "super_resolution.json").read_text(encoding="utf-8"))
     _keys(report, {"factors", "segmenter", "command", "host", "host_note", "segmenter_origin"}, "super_resolution.json")
     [factor] = report["factors"].values()
-    _keys(factor, {"factor", "cases", "sr_model", "kinds", "cpu_s_per_volume", "dice_sr_minus_original"}, "factors.3")
+    _keys(factor, {"factor", "cases", "sr_model", "kinds", "cpu_s_per_volume", "dice_sr_minus_original", "segmenter",
+                   "segmenter_origin", "host_note"}, "factors.3")
     assert factor["factor"] == 3 and factor["cases"] == 2
+    assert factor["segmenter"]["model_uri"] == report["segmenter"]["model_uri"]  # the one that judged it
     assert list(factor["kinds"]) == list(sr.KINDS)
     for kind in ("sr", "trilinear", "bspline"):  # the original's PSNR is infinite (None): itself
         _numbers(factor["kinds"][kind], {"dice_mean", "dice/anterior", "dice/posterior", "psnr", "ssim"}, kind)
     _numbers(factor["cpu_s_per_volume"], {"sr", "trilinear", "bspline"}, "cpu_s_per_volume")
     assert [row[0] for row in _table(out / "super_resolution.md")] == list(sr.KINDS)
+    page = (out / "super_resolution.md").read_text(encoding="utf-8")
+    assert page.count("Frozen segmenter: `") == 1 and f"Host: {factor['host_note']}." in page  # the section's own
+
+
+def test_bench_sr_page_names_the_segmenter_that_judged_each_entry(tmp_path: Path) -> None:
+    """Entries written before the per-entry record get the page's segmenter when read; an entry judged later by
+    another segmenter keeps its own, in its section and in the 3x table's row (its 'Dice original' is that one's)."""
+    sr = _bench("bench_sr")
+    report = json.loads((BENCHMARKS / "results" / "super_resolution.json").read_text(encoding="utf-8"))
+    old = {"model_uri": "models:/m-01d0000000000", "run_id": "r1", "test/dice_mean": 0.87}
+    for entry in report["factors"].values():
+        for key in ("segmenter", "segmenter_origin", "host_note"):
+            entry.pop(key, None)
+    report.update(segmenter=old, segmenter_origin="given with --segmenter", host_note="shared with five")
+    (tmp_path / "super_resolution.json").write_text(json.dumps(report))
+    report = sr.read_report(tmp_path / "super_resolution.json")
+    assert all(entry["segmenter"] == old and entry["host_note"] == "shared with five"
+               for entry in report["factors"].values())
+    three = next(key for key in report["factors"] if report["factors"][key]["factor"] == 3)
+    report["segmenter"] = {"model_uri": "models:/m-2e10000000000", "run_id": "r2", "test/dice_mean": 0.88}
+    report["factors"]["3/later"] = {**report["factors"][three], "variant": "later", "segmenter": report["segmenter"]}
+    (tmp_path / "page.md").write_text(sr.markdown(report), encoding="utf-8")
+    goal_rows = _tables(tmp_path / "page.md")[0]
+    assert {row[0]: row[4] for row in goal_rows}["later"] == "`m-2e100000` (0.8800)"
+    assert {row[4] for row in goal_rows if row[0] != "later"} == {"`m-01d00000` (0.8700)"}
+    page = (tmp_path / "page.md").read_text(encoding="utf-8")
+    assert page.count("Frozen segmenter: `models:/m-2e1") == 1
+    assert page.count("Frozen segmenter: `models:/m-01d") == len(report["factors"]) - 1
 
 
 @pytest.mark.parametrize("script", ["bench_recon_downstream"])
