@@ -18,11 +18,12 @@ For each through-plane factor (``--factors 3,5``):
 The segmenter is ``--segmenter`` (a model URI, with ``--tracking-uri``) or one trained here for
 ``--segmenter-minutes`` with ``configs/msd_hippocampus.yaml``. Each factor is written into
 ``super_resolution.json`` as it finishes (factors run as separate invocations keep each other's
-entries) and ``super_resolution.md`` is rewritten from all entries.
+entries) with the segmenter that judged it and what shared the host (``--host-note``), and
+``super_resolution.md`` is rewritten from all entries.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_sr.py [--factors 3] [--sr-minutes 4]
        [--segmenter runs:/<id>/model --tracking-uri sqlite:///runs/mlflow.db | --segmenter-minutes 10]
-       [--cases N] [--out benchmarks/results] [--tiny]
+       [--cases N] [--variant NAME --set KEY=VALUE ...] [--host-note TEXT] [--out benchmarks/results] [--tiny]
 
 ``--tiny`` (benchmarks/tiny.py): 4/2/2 hippocampus cases, one short epoch for each model; for the test
 suite, never into benchmarks/results.
@@ -35,6 +36,7 @@ import csv
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -270,14 +272,11 @@ def run_factor(args: argparse.Namespace, manifest: Path, scratch: Path, tracking
 
 def markdown(report: dict[str, Any]) -> str:
     """The results page from every factor in the report."""
-    seg = report["segmenter"]
-    own = (f" (run {seg['run_id']}, {seg.get('train/epochs')} epochs, its own test Dice mean {seg['test/dice_mean']:.4f})"
-           if "test/dice_mean" in seg else "")
     lines = ["# Super-resolution: thick-slice hippocampus MRI, judged by a frozen segmenter", "",
              f"Written by `benchmarks/bench_sr.py` on {report['host']}, one invocation per factor: each section "
-             "names its command.", "",
+             "names its command, what shared the host and the frozen segmenter that judged it (compare "
+             "'SR - original' within a section: each is against that segmenter's Dice on the originals).", "",
              f"**Host**: {report['host_note']}", "",
-             f"**Frozen segmenter**: `{seg['model_uri']}`{own}; {report['segmenter_origin']}.", "",
              "Each test case's original is cropped to its whole thick slices; `thick` is simulated from it "
              "along S (Gaussian slice profile, FWHM = slice thickness, no gap); trilinear and B-spline "
              "interpolate it back onto the thin grid; SR is `medseg predict --measured` on the thick NIfTI. "
@@ -291,6 +290,8 @@ def markdown(report: dict[str, Any]) -> str:
         settings = f" SR overrides: `{' '.join(f['sr_overrides'])}`." if f.get("sr_overrides") else ""
         lines += [f"## {f['factor']}x through-plane{variant} ({f['cases']} test cases)", "",
                   f"Written by `{f['command']}` ({f['when']}{_load(f)}).{settings}", "",
+                  *([f"Host: {f['host_note']}.", ""] if f.get("host_note") else []),
+                  _segmenter_line(f["segmenter"], f["segmenter_origin"]), "",
                   f"SR model: `{m['model_uri']}` (run {m['run_id']}), trained {m['wall_minutes']} min wall with its "
                   f"evaluation (budget {m['minutes_budget']} min, {m['epochs']} epochs); its own test split "
                   f"(2D slices): PSNR {_f(m.get('test/psnr'), 2)} dB vs trilinear {_f(m.get('test/trilinear_psnr'), 2)}, "
@@ -318,19 +319,53 @@ def _goal_summary(report: dict[str, Any]) -> list[str]:
     if len(entries) < 2:
         return []
     lines = ["## 3x: every SR setting against the goal (SR within 0.01 Dice of the original)", "",
-             "| SR setting | SR overrides | budget min | epochs | Dice SR | Dice original | SR - original | PSNR dB | SSIM |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| SR setting | SR overrides | budget min | epochs | segmenter | Dice SR | Dice original | SR - original "
+             "| PSNR dB | SSIM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for f in entries:
         m, sr = f["sr_model"], f["kinds"]["sr"]
         lines.append(f"| {f.get('variant') or 'plain (config as committed)'} | "
                      f"{' '.join(f.get('sr_overrides') or []) or '-'} | {m['minutes_budget']} | {m['epochs']} | "
-                     f"{_f(sr['dice_mean'])} | {_f(f['kinds']['original']['dice_mean'])} | "
-                     f"{f['dice_sr_minus_original']:+.4f} | {_f(sr.get('psnr'), 2)} | {_f(sr.get('ssim'))} |")
+                     f"{_segmenter_cell(f['segmenter'])} | {_f(sr['dice_mean'])} | "
+                     f"{_f(f['kinds']['original']['dice_mean'])} | {f['dice_sr_minus_original']:+.4f} | "
+                     f"{_f(sr.get('psnr'), 2)} | {_f(sr.get('ssim'))} |")
     best = max(entries, key=lambda f: f["dice_sr_minus_original"])
     gap = best["dice_sr_minus_original"]
     verdict = "met" if gap >= -0.01 else f"not met: {-gap - 0.01:.4f} Dice short of it"
-    lines += ["", f"Best: {best.get('variant') or 'plain'}, SR - original {gap:+.4f}; the goal is {verdict}.", ""]
+    lines += ["", "Segmenter: the frozen segmenter that judged the row (its own test Dice mean); 'Dice original' is "
+              "that segmenter's Dice on the cropped originals, so rows judged by different segmenters compare by "
+              "'SR - original' only.", "",
+              f"Best: {best.get('variant') or 'plain'} (segmenter `{_short(best['segmenter'])}`), "
+              f"SR - original {gap:+.4f}; the goal is {verdict}.", ""]
     return lines
+
+
+def _segmenter_line(seg: dict[str, Any], origin: str) -> str:
+    own = (f" (run {seg['run_id']}, {seg.get('train/epochs')} epochs, its own test Dice mean {seg['test/dice_mean']:.4f})"
+           if "test/dice_mean" in seg else "")
+    return f"Frozen segmenter: `{seg['model_uri']}`{own}; {origin}."
+
+
+def _segmenter_cell(seg: dict[str, Any]) -> str:
+    """A table's name for a segmenter: its short name, with its own test Dice."""
+    return f"`{_short(seg)}` ({seg['test/dice_mean']:.4f})" if "test/dice_mean" in seg else f"`{_short(seg)}`"
+
+
+def _short(seg: dict[str, Any]) -> str:
+    """A segmenter's model id cut to 10 characters (``m-b31bfac2``), as the sections' full URIs begin."""
+    return seg["model_uri"].split("/")[-1][:10]
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """``path``'s report, each entry with the segmenter that judged it and the host note of its invocation:
+    entries written before these were recorded per entry get the page's record (the segmenter and host of
+    the invocation that last wrote the page, which judged them: each later invocation records its own)."""
+    report = json.loads(path.read_text())
+    for entry in report["factors"].values():
+        entry.setdefault("segmenter", report["segmenter"])
+        entry.setdefault("segmenter_origin", report["segmenter_origin"])
+        entry.setdefault("host_note", report["host_note"])
+    return report
 
 
 def _load(entry: dict[str, Any]) -> str:
@@ -418,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="an SR config override for the model trained here (repeatable), e.g. loss.name=l1")
     parser.add_argument("--variant", help="name of this SR setting: its entry is '<factor>/<variant>' beside the "
                         "factor's plain entry instead of replacing it")
+    parser.add_argument("--host-note", default="a 2-core host shared with up to five other sessions (their training "
+                        "and tests ran alongside)", help="what shared the host during this invocation (its entry's "
+                        "host note)")
     parser.add_argument("--mni152", action="store_true", help="judge SR on nilearn's MNI152 T1 template instead "
                         "(PSNR/SSIM and CPU time, no segmenter) -> super_resolution_mni152.{json,md}")
     add_tiny_arguments(parser)
@@ -433,18 +471,18 @@ def main(argv: list[str] | None = None) -> None:
     manifest = subset_manifest(MANIFEST, scratch / "hippocampus.csv", {"train": 4, "val": 2, "test": 2}) \
         if args.tiny else MANIFEST
     tracking = args.tracking_uri or f"sqlite:///{scratch / 'mlflow.db'}"
-    command = "OMP_NUM_THREADS=1 python benchmarks/bench_sr.py " + " ".join(argv)
+    command = "OMP_NUM_THREADS=1 python benchmarks/bench_sr.py " + shlex.join(argv)  # --host-note has spaces
     load = round(os.getloadavg()[0], 1)  # what the other sessions were doing when this one started
     if args.mni152:
         main_mni152(args, out, scratch, manifest, tracking, command)
         return
     segmenter = args.segmenter or train_segmenter(manifest, scratch, tracking, args.segmenter_minutes, args.tiny)
     path = out / "super_resolution.json"
-    report = json.loads(path.read_text()) if path.is_file() and not args.tiny else {"factors": {}}
+    report = read_report(path) if path.is_file() and not args.tiny else {"factors": {}}
     report.update(command=command,
                   host=f"{platform.node()} ({os.cpu_count()} CPUs)", when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  host_note="a 2-core host shared with up to five other sessions (their training and tests ran "
-                            "alongside); 1 torch thread; times are CPU seconds of this process",
+                  host_note="a 2-core host shared with other sessions, each section says with what and the 1-minute "
+                            "load average at its start; 1 torch thread; times are CPU seconds of this process",
                   segmenter=segmenter_record(segmenter, tracking),
                   segmenter_origin="given with --segmenter" if args.segmenter else
                   f"trained here for {args.segmenter_minutes} min with configs/msd_hippocampus.yaml")
@@ -452,9 +490,10 @@ def main(argv: list[str] | None = None) -> None:
         key = f"{factor}/{args.variant}" if args.variant else str(factor)
         entry = {**run_factor(args, manifest, scratch, tracking, segmenter, factor), "variant": args.variant,
                  "sr_overrides": args.set, "command": report["command"], "when": report["when"],
-                 "load_average_at_start": load}
+                 "load_average_at_start": load, "host_note": args.host_note,
+                 "segmenter": report["segmenter"], "segmenter_origin": report["segmenter_origin"]}
         if path.is_file() and not args.tiny:  # invocations running side by side keep each other's entries
-            report["factors"] = json.loads(path.read_text())["factors"]
+            report["factors"] = read_report(path)["factors"]
         report["factors"][key] = entry
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(report, indent=2) + "\n")
