@@ -137,10 +137,58 @@ def reference(trained_segmentation: dict[str, str], scans: Path, tmp_path_factor
     return out
 
 
-def test_ray_engine_gives_the_local_outputs_bit_for_bit_and_resumes(trained_segmentation, ray_cluster, scans,
-                                                                     reference, tmp_path: Path) -> None:
+def case_actor_pids(busy: bool = False) -> list[int]:
+    """The PIDs of the live actors of Ray Data's network pool: the processes below this one (the local
+    runtime's raylet started here forks the workers) that Ray titled ``ray::MapWorker(MapBatches(NetworkStage))``
+    (the reading and writing pools are other ``MapWorker`` s); with ``busy``, only those predicting a
+    case now (titled ``...submit`` while a task runs)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(child.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
+        if title.startswith("ray::") and "NetworkStage" in title and (not busy or "submit" in title):
+            found.append(child.pid)
+    return found
+
+
+def predict_killing_a_busy_actor(model: dict[str, str], scans: Path, out: Path, actors: int) -> Any:
+    """``predict_folder`` on Ray with ``actors`` network actors, one of them killed with SIGKILL while it
+    predicts a case (that case is retried on a restarted actor); the batch's report."""
+    predictor = medseg.Predictor.from_uri(model["model_uri"], device="cpu", tracking_uri=model["tracking_uri"])
+    runner: dict[str, Any] = {}
+
+    def run() -> None:
+        # one reading and one writing actor: each actor process costs its imports and a model load
+        runner["report"] = predictor.predict_folder(scans, out, progress=False, engine="ray",
+                                                    ray=RayOptions(actors=actors, io_actors=1))
+
+    job = threading.Thread(target=run, daemon=True)
+    job.start()
+    # Generous: on a loaded 2-core host the actors' start (imports, model load) once took over 120 s
+    deadline = time.monotonic() + 360
+    while not case_actor_pids(busy=True) and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    busy = case_actor_pids(busy=True)
+    assert busy, "no actor of the network pool was seen predicting a case"
+    os.kill(busy[0], signal.SIGKILL)
+    assert job.is_alive(), "the batch ended before the kill: nothing was tested"
+    job.join(timeout=180)
+    assert not job.is_alive(), "the batch did not end within 3 minutes of the kill"
+    assert busy[0] not in case_actor_pids(), "the killed worker is still there"
+    return runner["report"]
+
+
+def test_ray_engine_gives_the_local_outputs_bit_for_bit_with_a_worker_killed_and_resumes(
+        trained_segmentation, ray_cluster, scans, reference, tmp_path: Path) -> None:
+    # one run tests both: two actors give the local path's outputs and row order, and so does the batch
+    # whose busy actor was killed mid-case (each extra Ray run costs minutes on a loaded 2-core host)
     out = tmp_path / "out"
-    assert predict(trained_segmentation, scans, out, "--engine", "ray", "--ray-actors", "2") == 1
+    report = predict_killing_a_busy_actor(trained_segmentation, scans, out, actors=2)
+    assert report.counts == {"ok": FAST_SCANS + 1, "failed": len(HOSTILE), "skipped": 0}
     assert_same_batch(out, reference)
     found = rows(out)
     assert len(found) == FAST_SCANS + 1 + len(HOSTILE) and found["PGBM-001__T1post"]["status"] == "ok"
@@ -166,51 +214,6 @@ def test_ray_engine_gives_the_local_outputs_bit_for_bit_and_resumes(trained_segm
     assert worker["cases"] == 1 + len(HOSTILE) + FAST_SCANS and worker["peak_rss_mb"] > 100
     assert run.data.metrics["predict/ok"] == 1 and run.data.metrics["predict/failed"] == len(HOSTILE)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"predictions.csv", "predict_summary.json"}
-
-
-def case_actor_pids(busy: bool = False) -> list[int]:
-    """The PIDs of the live actors of Ray Data's network pool: the processes below this one (the local
-    runtime's raylet started here forks the workers) that Ray titled ``ray::MapWorker(MapBatches(NetworkStage))``
-    (the reading and writing pools are other ``MapWorker`` s); with ``busy``, only those predicting a
-    case now (titled ``...submit`` while a task runs)."""
-    import psutil
-
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            title = " ".join(child.cmdline())
-        except psutil.Error:  # gone meanwhile
-            continue
-        if title.startswith("ray::") and "NetworkStage" in title and (not busy or "submit" in title):
-            found.append(child.pid)
-    return found
-
-
-def test_a_worker_killed_mid_run_is_replaced_and_the_batch_ends_as_an_uninterrupted_one(
-        trained_segmentation, ray_cluster, scans, reference, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    predictor = medseg.Predictor.from_uri(trained_segmentation["model_uri"], device="cpu",
-                                          tracking_uri=trained_segmentation["tracking_uri"])
-    runner: dict[str, Any] = {}
-
-    def run() -> None:
-        runner["report"] = predictor.predict_folder(scans, out, progress=False, engine="ray", ray=RayOptions(actors=1))
-
-    job = threading.Thread(target=run, daemon=True)
-    job.start()
-    # Generous: on a loaded 2-core host the actor's start (imports, model load) once took over 120 s
-    deadline = time.monotonic() + 360
-    while not case_actor_pids(busy=True) and job.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    actors = case_actor_pids(busy=True)
-    assert len(actors) == 1, f"expected the pool's one actor predicting a case, found {actors}"
-    os.kill(actors[0], signal.SIGKILL)  # while it predicts a case: that case is retried on a restarted actor
-    assert job.is_alive(), "the batch ended before the kill: nothing was tested"
-    job.join(timeout=180)
-    assert not job.is_alive(), "the batch did not end within 3 minutes of the kill"
-    assert_same_batch(out, reference)
-    assert runner["report"].counts == {"ok": FAST_SCANS + 1, "failed": len(HOSTILE), "skipped": 0}
-    assert actors[0] not in case_actor_pids(), "the killed worker is still there"
 
 
 class PoisonedPredictor:
