@@ -10,9 +10,15 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import nibabel as nib
-import numpy as np
-import pytest
+# One intra-op thread per test process, set before numpy or torch starts its thread pool: the suite
+# runs a worker per core (xdist) and many tests start further processes, so a pool per process
+# as wide as the machine only oversubscribes the cores (OpenMP threads spinning while they wait
+# for a core); the training loop honours it too (medseg.engine.runtime.configure_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 if TYPE_CHECKING:
     from medseg import RunResult

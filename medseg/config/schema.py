@@ -348,7 +348,9 @@ class TrainConfig(Section):
         default=None, description="Channels-last memory order for the network and its batches; null: on for 3D "
         "networks (faster convolutions on CPUs and GPUs), off for 2D.")
     num_workers: int | None = Field(default=None, ge=0, description="null picks from the core count.")
-    num_threads: int | None = Field(default=None, ge=1)
+    num_threads: int | None = Field(default=None, ge=1, description="Intra-op CPU threads of each training process; "
+                                    "null: OMP_NUM_THREADS where set, else the cores shared between the processes on "
+                                    "this machine.")
     grad_clip: float | None = 12.0
     deterministic: bool = Field(
         default=False, description="Deterministic algorithms and a step-based LR schedule: reruns give identical "

@@ -38,11 +38,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_threads(num_threads: int | None, processes_here: int = 1) -> int:
-    """Intra-op threads: the configured count, else this machine's cores shared evenly between
-    the ``processes_here`` training processes on it (so DDP workers do not fight over cores)."""
+    """Intra-op threads: the configured count, else ``OMP_NUM_THREADS`` where the user set it (as torch
+    and every OpenMP program honour it: on a shared machine it is how one says "one core"), else this
+    machine's cores shared evenly between the ``processes_here`` training processes on it (so DDP
+    workers do not fight over cores)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, int(num_threads or cores // max(1, processes_here))))
+    torch.set_num_threads(max(1, int(num_threads or _omp_threads() or cores // max(1, processes_here))))
     return torch.get_num_threads()
+
+
+def _omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as a positive count, or None where it is unset or not one (as OpenMP ignores it)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
