@@ -333,8 +333,8 @@ def _goal_summary(report: dict[str, Any]) -> list[str]:
     gap = best["dice_sr_minus_original"]
     verdict = "met" if gap >= -0.01 else f"not met: {-gap - 0.01:.4f} Dice short of it"
     lines += ["", "Segmenter: the frozen segmenter that judged the row (its own test Dice mean); 'Dice original' is "
-              "that segmenter's Dice on the cropped originals, so rows judged by different segmenters compare by "
-              "'SR - original' only.", "",
+              "that segmenter's Dice on the cropped originals and 'SR - original' its own gap, so rows judged by "
+              "different segmenters differ in the judge as well as in the SR setting.", "",
               f"Best: {best.get('variant') or 'plain'} (segmenter `{_short(best['segmenter'])}`), "
               f"SR - original {gap:+.4f}; the goal is {verdict}.", ""]
     return lines
@@ -369,8 +369,9 @@ def read_report(path: Path) -> dict[str, Any]:
 
 
 def _load(entry: dict[str, Any]) -> str:
-    load = entry.get("load_average_at_start")
-    return "" if load is None else f", 1-minute load average {load} at its start"
+    load, end = entry.get("load_average_at_start"), entry.get("load_averages_at_end")
+    return ("" if load is None else f", 1-minute load average {load} at its start") + (
+        "" if end is None else f"; 1/5/15-minute load averages {'/'.join(map(str, end))} at its end")
 
 
 def _entry_order(key: str) -> tuple[int, str]:
@@ -491,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         entry = {**run_factor(args, manifest, scratch, tracking, segmenter, factor), "variant": args.variant,
                  "sr_overrides": args.set, "command": report["command"], "when": report["when"],
                  "load_average_at_start": load, "host_note": args.host_note,
+                 # 1-, 5- and 15-minute: how busy the host was over the run's last stretch, not only at its start
+                 "load_averages_at_end": [round(x, 1) for x in os.getloadavg()],
                  "segmenter": report["segmenter"], "segmenter_origin": report["segmenter_origin"]}
         if path.is_file() and not args.tiny:  # invocations running side by side keep each other's entries
             report["factors"] = read_report(path)["factors"]
