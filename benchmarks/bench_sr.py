@@ -10,7 +10,9 @@ For each through-plane factor (``--factors 3,5``):
    (``n // factor * factor`` thin slices, the grid the thick slices were measured on), and
    interpolate it back linearly (``trilinear``) and by cubic B-spline (``bspline``).
 3. **Super-resolve** each thick NIfTI with ``medseg predict --measured`` (``medseg.Predictor``):
-   thin grid, sliding window; CPU seconds per volume for it and for both interpolations.
+   thin grid, sliding window; CPU seconds per volume for it and for both interpolations. With
+   ``--tta``, ``medseg predict --measured --tta`` (the mean over the model's in-plane flips), and the
+   same model without it is timed too (what the flips cost).
 4. **Judge downstream** with ``medseg.evaluate_downstream``: the frozen hippocampus segmenter's
    Dice on the original, SR, trilinear and B-spline images against the reference labels, beside
    PSNR/SSIM (MONAI's, 3D) against the original.
@@ -23,7 +25,8 @@ entries) with the segmenter that judged it and what shared the host (``--host-no
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_sr.py [--factors 3] [--sr-minutes 4]
        [--segmenter runs:/<id>/model --tracking-uri sqlite:///runs/mlflow.db | --segmenter-minutes 10]
-       [--cases N] [--variant NAME --set KEY=VALUE ...] [--host-note TEXT] [--out benchmarks/results] [--tiny]
+       [--cases N] [--variant NAME --set KEY=VALUE ...] [--sr-run DIR] [--tta] [--host-note TEXT]
+       [--out benchmarks/results] [--tiny]
 
 ``--tiny`` (benchmarks/tiny.py): 4/2/2 hippocampus cases, one short epoch for each model; for the test
 suite, never into benchmarks/results.
@@ -193,21 +196,33 @@ def mni152_t1() -> tuple[Any, Any]:
     return np.asarray(image.dataobj, dtype=np.float32), np.asarray(image.affine, dtype=np.float64)
 
 
-def super_resolve(model: str, tracking: str, folder: Path, case_ids: list[str]) -> list[float]:
-    """``medseg predict --measured`` of every thick case into ``folder/sr``; CPU seconds per volume."""
+def super_resolve(model: str, tracking: str, folder: Path, case_ids: list[str], tta: bool = False,
+                  into: str = "sr") -> list[float]:
+    """``medseg predict --measured`` (with ``--tta``: averaged over the model's in-plane flips) of every
+    thick case into ``folder/<into>``; CPU seconds per volume."""
     import nibabel as nib
 
     import medseg
 
-    predictor = medseg.Predictor.from_uri(model, "cpu", tracking_uri=tracking, measured=True)
-    (folder / "sr").mkdir(exist_ok=True)
+    predictor = medseg.Predictor.from_uri(model, "cpu", tracking_uri=tracking, measured=True, tta=tta)
+    (folder / into).mkdir(exist_ok=True)
     cpu = []
     for case_id in case_ids:
         started = time.process_time()
         prediction = predictor.predict(folder / "thick" / f"{case_id}.nii.gz", case_id=case_id)
         cpu.append(time.process_time() - started)
-        nib.save(nib.Nifti1Image(prediction.reconstruction, prediction.affine), folder / "sr" / f"{case_id}.nii.gz")
+        nib.save(nib.Nifti1Image(prediction.reconstruction, prediction.affine), folder / into / f"{case_id}.nii.gz")
     return cpu
+
+
+def tta_passes(model_folder: str | Path) -> int:
+    """Network passes per slice that ``--tta`` costs for the model in ``model_folder``: the identity and
+    every combination of its contract's in-plane ``tta_axes`` (4 for both axes)."""
+    from medseg.engine.model_format import read_model_folder
+    from medseg.engine.tta import flip_combinations
+
+    contract = read_model_folder(Path(model_folder)).contract
+    return len(flip_combinations(int(contract["spatial_dims"]), True, contract.get("tta_axes")))
 
 
 def write_pairs(folder: Path, case_ids: list[str]) -> Path:
@@ -222,9 +237,31 @@ def write_pairs(folder: Path, case_ids: list[str]) -> Path:
     return path
 
 
+def check_reused_run(run_dir: Path, overrides: list[str], minutes: float) -> None:
+    """With ``--sr-run``, ``--set`` and ``--sr-minutes`` describe the run judged (they go into its entry):
+    each must be what its ``resolved_config.yaml`` says it trained with.
+
+    Raises:
+        SystemExit: a value differs from the run's (Expected / Got / the file).
+    """
+    import yaml
+
+    path = run_dir / "resolved_config.yaml"
+    config = yaml.safe_load(path.read_text())
+    wanted = [("train.max_minutes", minutes), *((k, yaml.safe_load(v)) for k, _, v in (o.partition("=") for o in overrides))]
+    for key, value in wanted:
+        got: Any = config
+        for part in key.split("."):
+            got = got.get(part) if isinstance(got, dict) else None
+        if got != value:
+            raise SystemExit(f"--sr-run {run_dir}: Expected {key}={value} (from --set / --sr-minutes, recorded in the "
+                             f"entry as the run's setting). Got {key}={got} in {path}. Fix: give the run's own values")
+
+
 def sr_model_for(args: argparse.Namespace, manifest: Path, scratch: Path, tracking: str, factor: int) -> dict[str, Any]:
     """The finished run of ``--sr-run``, or an SR model trained here on the hippocampus train split."""
     if args.sr_run:
+        check_reused_run(Path(args.sr_run), args.set, args.sr_minutes)
         return {**sr_run_record(args.sr_run), "minutes_budget": args.sr_minutes, "reused": True}
     return train_sr(manifest, scratch, tracking, factor, args.sr_minutes, args.tiny, args.set)
 
@@ -256,7 +293,11 @@ def run_factor(args: argparse.Namespace, manifest: Path, scratch: Path, tracking
     case_ids = [c["case_id"] for c in cases]
     folder = scratch / f"inputs_{factor}x"
     cpu = make_inputs(cases, factor, folder)
-    cpu["sr"] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids)
+    cpu["sr"] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids, args.tta)
+    tta: dict[str, Any] = {"tta": args.tta}
+    if args.tta:  # the same model without TTA, timed here too: what the flips cost on this host, now
+        cpu["sr_without_tta"] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids, into="sr_without_tta")
+        tta["tta_passes"] = tta_passes(sr_model["model_folder"])
     scores = medseg.evaluate_downstream(segmenter, write_pairs(folder, case_ids), folder / "downstream",
                                         tracking_uri=tracking, device="cpu", experiment="bench-sr", progress=False)
     failed = [r for r in scores.rows if r["status"] != "ok"]
@@ -264,7 +305,7 @@ def run_factor(args: argparse.Namespace, manifest: Path, scratch: Path, tracking
         raise SystemExit(f"downstream scoring failed for {len(failed)} row(s): {failed[0]['error']}")
     kinds = {kind: {k: (None if v != v or abs(v) == float("inf") else round(v, 5)) for k, v in means.items()}
              for kind, means in scores.means.items()}
-    return {"factor": factor, "cases": len(case_ids), "sr_model": sr_model, "kinds": kinds,
+    return {"factor": factor, "cases": len(case_ids), "sr_model": sr_model, "kinds": kinds, **tta,
             "cpu_s_per_volume": {k: round(sum(v) / len(v), 4) for k, v in cpu.items()},
             "dice_sr_minus_original": round(kinds["sr"]["dice_mean"] - kinds["original"]["dice_mean"], 5),
             "downstream_run_id": scores.run_id}
@@ -279,7 +320,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"**Host**: {report['host_note']}", "",
              "Each test case's original is cropped to its whole thick slices; `thick` is simulated from it "
              "along S (Gaussian slice profile, FWHM = slice thickness, no gap); trilinear and B-spline "
-             "interpolate it back onto the thin grid; SR is `medseg predict --measured` on the thick NIfTI. "
+             "interpolate it back onto the thin grid; SR is `medseg predict --measured` on the thick NIfTI "
+             "(with `--tta` where a section says so). "
              "PSNR/SSIM: MONAI's, 3D, against the cropped original (data range its own); Dice: "
              "`medseg evaluate-downstream` (the code of `medseg evaluate`). The original's PSNR against itself "
              "is infinite (n/a).", "", *_goal_summary(report)]
@@ -298,6 +340,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"SSIM {_f(m.get('test/ssim'))} vs {_f(m.get('test/trilinear_ssim'))}."
                   + (" Trained by an earlier invocation of this command without `--sr-run`, judged here from its run "
                      "directory (`--sr-run`)." if m.get("reused") else ""), "",
+                  *_tta_lines(f),
                   "| input | Dice mean | Dice anterior | Dice posterior | PSNR dB | SSIM | CPU s / volume |",
                   "|---|---|---|---|---|---|---|"]
         for kind in KINDS:
@@ -311,6 +354,22 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tta_lines(entry: dict[str, Any]) -> list[str]:
+    """What ``--tta`` did and cost in an entry (nothing for one predicted plainly)."""
+    if not entry.get("tta"):
+        return []
+    cpu, passes = entry["cpu_s_per_volume"], entry["tta_passes"]
+    return [f"SR predicted with `--tta` (`medseg predict --measured --tta`): each slice's output is the mean over "
+            f"{passes} in-plane flips of it (the SR model's contract's `tta_axes`, those its training flipped), "
+            f"flipped back. A test-time setting of the same model, nothing retrained: it costs {passes} network "
+            f"passes per slice. CPU s / volume of SR {_f(cpu.get('sr'), 3)} with TTA (the table's) vs "
+            f"{_f(cpu.get('sr_without_tta'), 3)} without, the same model and cases timed in this invocation.", ""]
+
+
+def _prediction_cell(entry: dict[str, Any]) -> str:
+    return f"TTA ({entry['tta_passes']} flips)" if entry.get("tta") else "plain"
+
+
 def _goal_summary(report: dict[str, Any]) -> list[str]:
     """The 3x settings side by side against the issue's goal (SR within 0.01 Dice of the original),
     when there is more than one; the best one and what is left of the gap."""
@@ -320,23 +379,25 @@ def _goal_summary(report: dict[str, Any]) -> list[str]:
         return []
     lines = ["## 3x: every SR setting against the goal (SR within 0.01 Dice of the original)", "",
              "| SR setting | SR overrides | budget min | epochs | segmenter | Dice SR | Dice original | SR - original "
-             "| PSNR dB | SSIM |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| PSNR dB | SSIM | prediction |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in entries:
         m, sr = f["sr_model"], f["kinds"]["sr"]
         lines.append(f"| {f.get('variant') or 'plain (config as committed)'} | "
                      f"{' '.join(f.get('sr_overrides') or []) or '-'} | {m['minutes_budget']} | {m['epochs']} | "
                      f"{_segmenter_cell(f['segmenter'])} | {_f(sr['dice_mean'])} | "
                      f"{_f(f['kinds']['original']['dice_mean'])} | {f['dice_sr_minus_original']:+.4f} | "
-                     f"{_f(sr.get('psnr'), 2)} | {_f(sr.get('ssim'))} |")
+                     f"{_f(sr.get('psnr'), 2)} | {_f(sr.get('ssim'))} | {_prediction_cell(f)} |")
     best = max(entries, key=lambda f: f["dice_sr_minus_original"])
     gap = best["dice_sr_minus_original"]
     verdict = "met" if gap >= -0.01 else f"not met: {-gap - 0.01:.4f} Dice short of it"
     lines += ["", "Segmenter: the frozen segmenter that judged the row (its own test Dice mean); 'Dice original' is "
               "that segmenter's Dice on the cropped originals and 'SR - original' its own gap, so rows judged by "
-              "different segmenters differ in the judge as well as in the SR setting.", "",
-              f"Best: {best.get('variant') or 'plain'} (segmenter `{_short(best['segmenter'])}`), "
-              f"SR - original {gap:+.4f}; the goal is {verdict}.", ""]
+              "different segmenters differ in the judge as well as in the SR setting. Prediction: `plain` is one "
+              "network pass per slice; `TTA (n flips)` is the same kind of model predicted with `--tta`, the mean "
+              "over n in-plane flips (n passes per slice: its section gives the CPU time with and without).", "",
+              f"Best: {best.get('variant') or 'plain'} (segmenter `{_short(best['segmenter'])}`"
+              f"{', with --tta' if best.get('tta') else ''}), SR - original {gap:+.4f}; the goal is {verdict}.", ""]
     return lines
 
 
@@ -451,17 +512,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", help="MLflow store (default: one in the scratch folder)")
     parser.add_argument("--cases", type=int, help="only the first N test cases")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an SR config override for the model trained here (repeatable), e.g. loss.name=l1")
+                        help="an SR config override for the model trained here (repeatable), e.g. loss.name=l1; with "
+                        "--sr-run, the run's own settings, checked against its resolved_config.yaml")
     parser.add_argument("--variant", help="name of this SR setting: its entry is '<factor>/<variant>' beside the "
                         "factor's plain entry instead of replacing it")
     parser.add_argument("--host-note", default="a 2-core host shared with up to five other sessions (their training "
                         "and tests ran alongside)", help="what shared the host during this invocation (its entry's "
                         "host note)")
+    parser.add_argument("--tta", action="store_true", help="super-resolve with medseg predict --tta (the mean over "
+                        "the SR model's in-plane flips; a test-time setting, the same model): the entry records it and "
+                        "the CPU time without it, timed in the same invocation")
     parser.add_argument("--mni152", action="store_true", help="judge SR on nilearn's MNI152 T1 template instead "
                         "(PSNR/SSIM and CPU time, no segmenter) -> super_resolution_mni152.{json,md}")
     add_tiny_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.tta and args.mni152:
+        parser.error("--tta: judged on the hippocampus cases only; run --mni152 without it")
     import torch
 
     from medseg.io.atomic import atomic_write_text

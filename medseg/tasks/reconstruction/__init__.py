@@ -27,7 +27,9 @@ class ReconstructionTask(TaskBase):
 
     name = "reconstruction"
     config_type = ReconstructionConfig
-    predict_options = frozenset({"measured"})
+    #: ``tta``: super-resolution averages over its trained in-plane flips (the predictor refuses it for the
+    #: other problems); translation always does (its uncertainty map is the flips' spread)
+    predict_options = frozenset({"measured", "tta"})
     selection_metric = "val/ssim"
     evaluated_splits = (("val", "best_val"), ("test", "test"), ("real", "real"))
     headline_metrics = ("/psnr$", "/ssim$", "_psnr$", "_ssim$")

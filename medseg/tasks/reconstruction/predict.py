@@ -13,6 +13,9 @@ Two modes:
   (:mod:`~medseg.tasks.reconstruction.super_resolution`), and the outputs (the network's and the
   linear interpolation, its baseline) are written on that thin grid.
 
+``--tta`` (super-resolution models only): the network's output is averaged over the in-plane flips
+its training augmentation made (the contract's ``tta_axes``), in either mode.
+
 Outputs are NIfTI on the input's own grid and in its intensity units (the [0, 1] scaling is
 undone; orientation and slice-axis moves are inverted with MONAI ``Invertd``), written atomically.
 A case that fails is reported and the batch goes on; a rerun skips finished cases.
@@ -35,8 +38,8 @@ from medseg.engine.case_io import mean_or_none, read_error, reader_source, shown
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.results import CaseResult, Prediction, PredictOptions
 from medseg.engine.runtime import autocast, autocast_dtype
-from medseg.engine.tta import average_predictions
-from medseg.errors import CaseError, UsageError
+from medseg.engine.tta import average_predictions, tta_axes
+from medseg.errors import CaseError, PredictOptionError, UsageError
 from medseg.io.discovery import InputCase
 from medseg.io.naming import output_paths
 from medseg.io.readers import load_volume
@@ -91,6 +94,22 @@ def _restore_measured(net: nn.Module, volume: torch.Tensor, image_size: tuple[in
     return torch.cat(outputs)[..., top:top + h, left:left + w]
 
 
+def _sr_tta_axes(model: LoadedModel, options: PredictOptions, problem: ReconProblem) -> list[int] | None:
+    """The in-plane flips ``--tta`` averages over: the contract's ``tta_axes`` (those the training
+    augmentation flipped; :func:`~medseg.engine.tta.tta_axes` refuses a model trained without flips).
+
+    Raises:
+        PredictOptionError: ``--tta`` for a reconstruction problem other than super-resolution.
+    """
+    if options.tta and problem != ReconProblem.SR:
+        raise PredictOptionError(
+            f"--tta: model {model.uri} reconstructs recon.problem {problem.value}; among reconstruction models "
+            "only super-resolution (recon.problem: sr) averages over flips: an MRI network takes the undersampled "
+            "k-space with its mask, which a mirrored image does not keep, a CT network's FBP input is never flipped "
+            "in training, and denoising has not been measured with it. Leave --tta out")
+    return tta_axes(model.contract, options.tta, f"model {model.uri}")
+
+
 class ReconstructionPredictor:
     """Reconstructions (and their baselines) for the images of a folder or in memory."""
 
@@ -112,6 +131,7 @@ class ReconstructionPredictor:
         self.output_columns = ("output", f"{self.baseline}_output") if with_baseline else ("output",)
         self.value_columns = ["slices", *METRICS, *(f"{self.baseline}_{m}" for m in METRICS)]
         self.net = model.networks[0] if len(model.networks) == 1 else _Ensemble(model.networks)
+        self.flip_axes = _sr_tta_axes(model, options, ReconProblem(self.recon.problem))
         self._chains = {load: recon_preprocessing(model.contract, load, options.allow_constant) for load in (True, False)}
 
     def _on_thin_grid(self, image: str | Path | Sequence[str | Path] | MetaTensor, source: str) -> MetaTensor:
@@ -151,14 +171,16 @@ class ReconstructionPredictor:
         baseline_slices = None
         if self.thin_grid:
             output = restore_slices(self.net, scaled, self.recon.image_size, self.device,
-                                    autocast_dtype(Precision.AUTO, self.device), context=self.recon.sr.context)
+                                    autocast_dtype(Precision.AUTO, self.device), context=self.recon.sr.context,
+                                    tta=self.options.tta, axes=self.flip_axes)
             baseline_slices = scaled[0].permute(2, 0, 1)[:, None]  # the interpolated thick slices it started from
         elif self.options.measured:
             output = _restore_measured(self.net, scaled, self.recon.image_size, self.device)
         else:
             rec: VolumeReconstruction = reconstruct_volume(self.net, scaled, self.acquisition, case_seed(case_id),
                                                            self.recon.image_size, self.device,
-                                                           autocast_dtype(Precision.AUTO, self.device))
+                                                           autocast_dtype(Precision.AUTO, self.device),
+                                                           tta=self.options.tta, axes=self.flip_axes)
             output, baseline_slices = rec.output, rec.baseline
             scores, base_scores = volume_metrics(rec.output, rec.target), volume_metrics(rec.baseline, rec.target)
             metrics = {**scores, **{f"{self.baseline}_{k}": v for k, v in base_scores.items()}}

@@ -6,9 +6,12 @@ found in the file's own voxel order) is interpolated linearly onto the thin grid
 measured on (:func:`~medseg.tasks.reconstruction.slice_profile.thin_affine`), exactly as the
 training inputs were made; the network then runs over the slices that cross that axis with
 MONAI's sliding window, so a slice larger than the network's training size goes through whole.
+With ``--tta`` the output is the mean over the in-plane flips the model was trained with.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,6 +21,7 @@ from nibabel.orientations import axcodes2ornt, io_orientation
 from torch import nn
 
 from medseg.engine.runtime import autocast
+from medseg.engine.tta import average_predictions
 from medseg.errors import CaseError
 from medseg.tasks.reconstruction.config import SuperResolutionConfig
 from medseg.tasks.reconstruction.neighbours import neighbour_channels
@@ -61,19 +65,32 @@ def to_thin_grid(volume: MetaTensor, orientation: str | None, sr: SuperResolutio
 
 @torch.no_grad()
 def restore_slices(net: nn.Module, volume: torch.Tensor, roi: tuple[int, int], device: torch.device,
-                   amp_dtype: torch.dtype | None, batch_size: int = 16, context: int = 0) -> torch.Tensor:
+                   amp_dtype: torch.dtype | None, batch_size: int = 16, context: int = 0, tta: bool = False,
+                   axes: Sequence[int] | None = None) -> torch.Tensor:
     """The network's output (S, 1, H, W) over the slices of ``volume`` (1, H, W, S), each by MONAI's
     sliding window of the network's training size ``roi`` (Gaussian-blended, ``WINDOW_OVERLAP``),
-    with ``context`` neighbours on each side as channels (2.5D, ``recon.sr.context``)."""
+    with ``context`` neighbours on each side as channels (2.5D, ``recon.sr.context``).
+
+    Args:
+        tta: also average over in-plane flips of the slices (medseg's one TTA convention,
+            :mod:`medseg.engine.tta`, as translation does): each flipped slice goes through the
+            sliding window whole and its output is flipped back. The neighbours (channels) flip
+            with their slice; the slice axis itself is never flipped.
+        axes: the in-plane axes TTA may flip (0: H, 1: W; the contract's ``tta_axes``, those the
+            training augmentation flipped); None: both.
+    """
     net.eval()
     slices = neighbour_channels(volume.float()[0].permute(2, 0, 1)[:, None], context)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with autocast(amp_dtype, device):
-            return net(x).float()
+    def window(member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        def run(patch: torch.Tensor) -> torch.Tensor:
+            with autocast(amp_dtype, device):
+                return member(patch).float()
 
-    outputs = [torch.as_tensor(sliding_window_inference(slices[start:start + batch_size].to(device), list(roi),
-                                                        batch_size, run, overlap=WINDOW_OVERLAP, mode="gaussian")).cpu()
+        return torch.as_tensor(sliding_window_inference(x, list(roi), batch_size, run, overlap=WINDOW_OVERLAP,
+                                                        mode="gaussian"))
+
+    outputs = [average_predictions([net], slices[start:start + batch_size].to(device), 2, tta, window, axes=axes).cpu()
                for start in range(0, len(slices), batch_size)]
     return torch.cat(outputs)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from medseg.engine import distributed
 from medseg.engine.evaluation import Evaluator, SplitScores
 from medseg.engine.loop import Previewer, Validator, base_contract
 from medseg.engine.runtime import autocast
+from medseg.engine.tta import average_predictions
 from medseg.errors import UsageError
 from medseg.plots import reconstruction_grid, reconstruction_image
 from medseg.tasks.reconstruction.config import ReconstructionConfig
@@ -66,7 +68,8 @@ def pad_slices(slices: torch.Tensor, height: int, width: int) -> tuple[torch.Ten
 @torch.no_grad()
 def reconstruct_volume(net: nn.Module, volume: torch.Tensor, acquisition: Acquisition, seed: int,
                        image_size: tuple[int, int], device: torch.device, amp_dtype: torch.dtype | None,
-                       batch_size: int = 16) -> VolumeReconstruction:
+                       batch_size: int = 16, tta: bool = False,
+                       axes: Sequence[int] | None = None) -> VolumeReconstruction:
     """Simulate the measurement of every slice of ``volume`` and reconstruct it.
 
     Args:
@@ -75,6 +78,10 @@ def reconstruct_volume(net: nn.Module, volume: torch.Tensor, acquisition: Acquis
         acquisition: the configured measurement.
         seed: one mask / noise draw for the whole volume (from the case id: reproducible).
         image_size: slices are padded to at least this (the grid the network was trained on).
+        tta: average the network's output over in-plane flips of its input (``axes``; None: both;
+            :mod:`medseg.engine.tta`). Only where a mirrored input is a measurement the network
+            learned (super-resolution: its thick slices flip with the truth in training);
+            ``medseg predict`` refuses it for the other problems.
     """
     net.eval()
     target = torch.as_tensor(volume).float()[0].permute(2, 0, 1)[:, None]  # (S, 1, H, W)
@@ -84,12 +91,13 @@ def reconstruct_volume(net: nn.Module, volume: torch.Tensor, acquisition: Acquis
         inputs, _ = pad_slices(acquisition.degrade(target, seed), *image_size)
     else:
         inputs = acquisition.degrade(padded, seed)
-    outputs = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size].to(device)
+
+    def run(member: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
         with autocast(amp_dtype, device):
-            outputs.append(net(chunk).float().cpu())
-    output = torch.cat(outputs)
+            return member(chunk).float()
+
+    output = torch.cat([average_predictions([net], inputs[start:start + batch_size].to(device), 2, tta, run,
+                                            axes=axes).cpu() for start in range(0, len(inputs), batch_size)])
 
     def crop(x: torch.Tensor) -> torch.Tensor:
         return x[..., top:top + h, left:left + w]
