@@ -53,6 +53,8 @@ MANIFEST = REPO / "data_manifests" / "msd_hippocampus.csv"
 SR_CONFIG = REPO / "configs" / "sr_hippocampus_3x.yaml"
 SEG_CONFIG = REPO / "configs" / "msd_hippocampus.yaml"
 KINDS = ("original", "sr", "trilinear", "bspline")
+#: With --tta: the same SR model predicted plainly, judged beside it in the same invocation.
+PLAIN_SR = "sr_without_tta"
 MNI152_CASE = "mni152_t1"
 MNI152_KINDS = ("sr", "trilinear", "bspline")
 SR_HEADLINES = ("test/psnr", "test/trilinear_psnr", "test/ssim", "test/trilinear_ssim")
@@ -225,13 +227,13 @@ def tta_passes(model_folder: str | Path) -> int:
     return len(flip_combinations(int(contract["spatial_dims"]), True, contract.get("tta_axes")))
 
 
-def write_pairs(folder: Path, case_ids: list[str]) -> Path:
+def write_pairs(folder: Path, case_ids: list[str], kinds: tuple[str, ...] = KINDS) -> Path:
     path = folder / "pairs.csv"
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case_id", "kind", "image", "reference", "label"])
         for case_id in case_ids:
-            for kind in KINDS:
+            for kind in kinds:
                 writer.writerow([case_id, kind, f"{kind}/{case_id}.nii.gz", f"original/{case_id}.nii.gz",
                                  f"labels/{case_id}.nii.gz"])
     return path
@@ -295,10 +297,12 @@ def run_factor(args: argparse.Namespace, manifest: Path, scratch: Path, tracking
     cpu = make_inputs(cases, factor, folder)
     cpu["sr"] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids, args.tta)
     tta: dict[str, Any] = {"tta": args.tta}
-    if args.tta:  # the same model without TTA, timed here too: what the flips cost on this host, now
-        cpu["sr_without_tta"] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids, into="sr_without_tta")
+    kinds_judged = KINDS
+    if args.tta:  # the same model without TTA, timed and judged here too: what the flips cost and give, here and now
+        cpu[PLAIN_SR] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids, into=PLAIN_SR)
         tta["tta_passes"] = tta_passes(sr_model["model_folder"])
-    scores = medseg.evaluate_downstream(segmenter, write_pairs(folder, case_ids), folder / "downstream",
+        kinds_judged = (*KINDS, PLAIN_SR)
+    scores = medseg.evaluate_downstream(segmenter, write_pairs(folder, case_ids, kinds_judged), folder / "downstream",
                                         tracking_uri=tracking, device="cpu", experiment="bench-sr", progress=False)
     failed = [r for r in scores.rows if r["status"] != "ok"]
     if failed:
@@ -343,7 +347,7 @@ def markdown(report: dict[str, Any]) -> str:
                   *_tta_lines(f),
                   "| input | Dice mean | Dice anterior | Dice posterior | PSNR dB | SSIM | CPU s / volume |",
                   "|---|---|---|---|---|---|---|"]
-        for kind in KINDS:
+        for kind in [*KINDS, *([PLAIN_SR] if PLAIN_SR in f["kinds"] else [])]:
             k = f["kinds"][kind]
             cpu = f["cpu_s_per_volume"].get(kind)
             lines.append(f"| {kind} | {_f(k.get('dice_mean'))} | {_f(k.get('dice/anterior'))} | "
@@ -359,11 +363,15 @@ def _tta_lines(entry: dict[str, Any]) -> list[str]:
     if not entry.get("tta"):
         return []
     cpu, passes = entry["cpu_s_per_volume"], entry["tta_passes"]
+    plain = entry["kinds"].get(PLAIN_SR, {}).get("dice_mean")
+    gain = "" if plain is None else (f" Dice SR {entry['kinds']['sr']['dice_mean']:.4f} with TTA vs {plain:.4f} "
+                                     f"without ({entry['kinds']['sr']['dice_mean'] - plain:+.4f}).")
     return [f"SR predicted with `--tta` (`medseg predict --measured --tta`): each slice's output is the mean over "
             f"{passes} in-plane flips of it (the SR model's contract's `tta_axes`, those its training flipped), "
             f"flipped back. A test-time setting of the same model, nothing retrained: it costs {passes} network "
-            f"passes per slice. CPU s / volume of SR {_f(cpu.get('sr'), 3)} with TTA (the table's) vs "
-            f"{_f(cpu.get('sr_without_tta'), 3)} without, the same model and cases timed in this invocation.", ""]
+            f"passes per slice. Row `sr` is with TTA; row `{PLAIN_SR}` is the same model predicted without it, "
+            f"judged and timed in this invocation: CPU s / volume of SR {_f(cpu.get('sr'), 3)} with TTA vs "
+            f"{_f(cpu.get(PLAIN_SR), 3)} without.{gain}", ""]
 
 
 def _prediction_cell(entry: dict[str, Any]) -> str:

@@ -49,7 +49,8 @@ def test_a_tta_entry_is_marked_with_its_cost_and_the_plain_entries_as_plain(tmp_
     base = report["factors"][base_key]
     report["factors"]["3/with-tta"] = {
         **base, "variant": "with-tta", "tta": True, "tta_passes": 4, "dice_sr_minus_original": -0.0093,
-        "cpu_s_per_volume": {**base["cpu_s_per_volume"], "sr": 0.1234, "sr_without_tta": 0.0411}}
+        "cpu_s_per_volume": {**base["cpu_s_per_volume"], "sr": 0.1234, "sr_without_tta": 0.0411},
+        "kinds": {**base["kinds"], "sr_without_tta": {**base["kinds"]["sr"], "dice_mean": 0.8700}}}
     page = sr.markdown(report)
     rows = {row[0]: row for row in _table_rows(page, "| SR setting |")}
     assert rows["with-tta"][-1] == "TTA (4 flips)" and rows["with-tta"][7] == "-0.0093"
@@ -58,7 +59,11 @@ def test_a_tta_entry_is_marked_with_its_cost_and_the_plain_entries_as_plain(tmp_
     assert "Best: with-tta (segmenter `" in page and ", with --tta), SR - original -0.0093; the goal is met." in page
     section = page[page.index("## 3x through-plane — with-tta"):]
     assert "4 network passes per slice" in section and "CPU s / volume of SR 0.123 with TTA" in section
-    assert "vs 0.041 without" in section
+    assert "vs 0.041 without." in section
+    assert f"Dice SR {base['kinds']['sr']['dice_mean']:.4f} with TTA vs 0.8700 without" in section
+    own_table = _table_rows(section, "| input |")
+    assert [row[0] for row in own_table] == [*sr.KINDS, "sr_without_tta"] and own_table[-1][1] == "0.8700"
+    assert own_table[-1][-1] == "0.041" and own_table[1][-1] == "0.123"  # CPU s / volume without and with TTA
     assert page.count("SR predicted with `--tta`") == 1  # the plain sections say nothing of it
 
 
