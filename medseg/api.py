@@ -254,7 +254,8 @@ class PretrainResult:
 
     Attributes:
         run_id: its MLflow run (tagged ``medseg.kind=pretraining``).
-        weights: the safetensors file a segmentation run starts from: ``model.init_from: <weights>``.
+        weights: the safetensors file a segmentation or classification run starts from:
+            ``model.init_from: <weights>``.
         metadata: its JSON sidecar (the run, the network, the tensors).
         tensors: the names of the tensors ``weights`` holds.
         run: the run as :func:`train` returns it (run folder, tracking URI, metrics).
@@ -270,8 +271,9 @@ class PretrainResult:
 def pretrain(data: str | Path | None = None, *, config: RunConfig | str | Path | None = None,
              overrides: Sequence[str] | None = None, budget: str | float | None = None, resume: bool | str | Path = False,
              progress: bool = True) -> PretrainResult | None:
-    """Pretrain the segmentation U-Net as a masked autoencoder on every image, labelled or not, as
-    one MLflow run; its weights start a segmentation run (``model.init_from``), which records it.
+    """Pretrain a segmentation U-Net, or a classification network's feature extractor, as a masked
+    autoencoder on every image, labelled or not, as one MLflow run; its weights start a segmentation
+    or classification run (``model.init_from``), which records it.
 
     Args:
         data: a folder of scans (every scan is used; a manifest of them is written into the run's

@@ -141,8 +141,9 @@ def _add_run_and_plan(sub: Any) -> None:
                       help="override a demo config value, e.g. --set train.max_minutes=1 (repeatable)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
 
-    pretrain = sub.add_parser("pretrain", help="pretrain the segmentation U-Net as a masked autoencoder on every "
-                              "image, labelled or not; its weights start a run through model.init_from")
+    pretrain = sub.add_parser("pretrain", help="pretrain a segmentation U-Net or a classification network (resnet18, "
+                              "...) as a masked autoencoder on every image, labelled or not; its weights start a "
+                              "run through model.init_from")
     pretrain.add_argument("data", type=Path, nargs="?",
                           help="a folder of scans (searched recursively) or a manifest CSV (labels ignored); "
                                "default: the config's data.manifest")

@@ -107,6 +107,42 @@ def initialise_from(model: nn.Module, ref: str, tracking_uri: str | None = None)
     return {"loaded": sorted(matched), "fresh": fresh}
 
 
+#: The model-section keys that say which network a pretraining run trained (U-Nets: the first six;
+#: whole-image networks: name, spatial_dims, widen_factor, stem, norm).
+_ARCHITECTURE_KEYS = ("name", "channels", "strides", "kernels", "num_res_units", "norm", "spatial_dims",
+                      "widen_factor", "stem")
+#: Of those, the ones whose mismatch tensor shapes can miss: resnet18's tensors all fit a resnet34,
+#: a small stem's a strided one's; a network of another name or stem is not the one that was pretrained.
+_SAME_NETWORK_KEYS = ("name", "spatial_dims", "stem")
+
+
+def check_pretrained_network(ref: str, model: Any) -> None:
+    """Refuse pretrained weights (``medseg pretrain``'s file, known by its sidecar) for a network of
+    another name, dimensionality or stem than the one pretrained, even where every tensor would fit.
+
+    Args:
+        ref: the ``model.init_from`` value; anything but a pretraining run's weights is let through.
+        model: the fine-tuning run's model section.
+
+    Raises:
+        ModelError: Expected (the pretrained network) / Got (this one) / File / Fix.
+    """
+    about = read_provenance(ref)
+    if about is None:
+        return
+    pretrained = (about.get("network") or {}).get("model", {})
+    differ = [key for key in _SAME_NETWORK_KEYS if key in pretrained and hasattr(model, key)
+              and str(pretrained[key]) != str(getattr(model, key))]
+    if differ:
+        expected = {k: pretrained[k] for k in _ARCHITECTURE_KEYS if k in pretrained}
+        got = ", ".join(f"model.{k}: {getattr(model, k)}" for k in differ)
+        raise ModelError(
+            f"model.init_from {ref}: these weights were pretrained for another network ({got}). Expected: the "
+            f"network that was pretrained ({expected}). Got: {got}. File: {ref} (pretraining run "
+            f"{about.get('run_id')}). Fix: give the fine-tuning run the pretraining run's model section, or pretrain "
+            "again with this one")
+
+
 def _refuse_partial_match(ref: str, source: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
                           about: dict[str, Any]) -> None:
     """A pretraining file holds only what is meant to transfer: a tensor that finds no match means
@@ -115,8 +151,7 @@ def _refuse_partial_match(ref: str, source: dict[str, torch.Tensor], own: dict[s
     reshaped = sorted(k for k in source if k in own and tuple(own[k].shape) != tuple(source[k].shape))
     shown = [f"{k} {list(source[k].shape)} -> {list(own[k].shape)}" for k in reshaped[:4]] + missing[:4]
     model = (about.get("network") or {}).get("model", {})
-    pretrained = {k: model.get(k) for k in ("name", "channels", "strides", "kernels", "num_res_units", "norm")
-                  if k in model}
+    pretrained = {k: model.get(k) for k in _ARCHITECTURE_KEYS if k in model}
     raise ModelError(
         f"model.init_from {ref}: {len(missing) + len(reshaped)} of its {len(source)} pretrained tensors do not fit "
         f"this network ({len(reshaped)} of another shape, {len(missing)} absent: {'; '.join(shown)}). "

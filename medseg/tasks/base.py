@@ -184,9 +184,10 @@ class TaskBase:
         """Say in the run which tensors ``model.init_from`` gives this network and which start fresh
         (``init_from.json``), and tag the run with the source and the pretraining run it came from;
         before any data is read, so a network that does not fit the weights fails at once."""
-        from medseg.engine.transfer import initialise_from, record_transfer
+        from medseg.engine.transfer import check_pretrained_network, initialise_from, record_transfer
 
         source = str(ctx.cfg.model.init_from)
+        check_pretrained_network(source, ctx.cfg.model)
         report = initialise_from(self.build_network(ctx.cfg), source, ctx.cfg.tracking.uri)
         record_transfer(source, report, ctx.run_dir, ctx.tracker)
 

@@ -1,13 +1,15 @@
 """Pretraining: a masked autoencoder on every image the user has, labelled or not, whose weights
-start a segmentation run (``model.init_from``).
+start a segmentation or a classification run (``model.init_from``).
 
-The network is the segmentation task's own U-Net (from the one model registry), trained to fill in
-blanked blocks of each patch (``masking``: masked image modelling, L1/L2 on the masked voxels); the
-engine's loop gives it budgets, checkpoints and exact resume. Its package stage writes
-``pretrained/pretrained.safetensors`` (the encoder, or everything but the output head, under the
-segmentation network's tensor names) and a JSON sidecar naming the run, which a fine-tuning run's
-``model.init_from`` loads and records (the run also logs the whole network as its MLflow model,
-as every run does). :data:`TASK` is what the registry hands out under ``pretraining``.
+The network is the segmentation task's own U-Net (from the one model registry), or a classification
+network's feature extractor (ResNet, DenseNet, LeNet, AlexNet, VGG, GoogLeNet: ``image_encoder``) with
+a light decoder, trained to fill in blanked blocks of each patch or image (``masking``: masked image
+modelling, L1/L2 on the masked voxels); the engine's loop gives it budgets, checkpoints and exact
+resume. Its package stage writes ``pretrained/pretrained.safetensors`` (the encoder, or for a U-Net
+everything but the output head, under the fine-tuning network's tensor names) and a JSON sidecar
+naming the run, which a fine-tuning run's ``model.init_from`` loads and records (the run also logs
+the whole network as its MLflow model, as every run does). :data:`TASK` is what the registry hands
+out under ``pretraining``.
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ class PretrainingTask(TaskBase):
         return records(read_manifest(ctx.manifest).cases, ctx.root, with_label=False) if split == "train" else []
 
     def verify_options(self, cfg: Any) -> Any:
-        """The images are checked as every task's; labels, if the manifest has any, are not required."""
+        """The images are checked as every task's; labels, if the manifest has any, are not required
+        (a classification network's manifest holds class indices there, a U-Net's label-map paths)."""
         from medseg.data.verify import VerifyOptions
+        from medseg.tasks.pretraining.config import is_image_network
 
         return VerifyOptions(labels=None, require_labels_for=(), expected_channels=len(cfg.data.channels),
-                             spatial_dims=cfg.model.spatial_dims, cross_split_duplicates=cfg.data.cross_split_duplicates,
+                             spatial_dims=cfg.model.spatial_dims, class_labels=is_image_network(cfg.model),
+                             cross_split_duplicates=cfg.data.cross_split_duplicates,
                              allow_constant=cfg.preprocess.allow_constant)
 
     def contract_extras(self, cfg: Any) -> dict[str, Any]:
@@ -86,8 +91,8 @@ class PretrainingTask(TaskBase):
     def case_predictor(self, model: Any, options: Any, device: torch.device) -> Any:
         from medseg.errors import UsageError
 
-        raise UsageError("a pretraining run makes weights to start a segmentation run from (model.init_from), not a "
-                         "model to predict with; fine-tune it with `medseg run`")
+        raise UsageError("a pretraining run makes weights to start a segmentation or classification run from "
+                         "(model.init_from), not a model to predict with; fine-tune it with `medseg run`")
 
 
 TASK = PretrainingTask()

@@ -1,6 +1,7 @@
-"""Which tensors of a U-Net are its encoder, and the pretrained-weights file ``model.init_from`` reads.
+"""Which tensors of a pretraining network are its encoder, and the pretrained-weights file ``model.init_from`` reads.
 
-The file is a plain safetensors state dict (tensor names as the segmentation network has them)
+The file is a plain safetensors state dict (tensor names as the segmentation or classification
+network has them)
 with a JSON sidecar of the same name: what it holds, the network it came from and the pretraining
 run. :func:`medseg.engine.transfer.initialise_from` reads the sidecar and then insists that every
 tensor of the file finds its match, so a fine-tuning network of another shape fails loudly.
@@ -22,6 +23,7 @@ from torch import nn
 from medseg.engine.transfer import PRETRAINED_KIND, provenance_path
 from medseg.errors import ModelError
 from medseg.io.atomic import atomic_path, atomic_write_text
+from medseg.tasks.pretraining.image_encoder import MaskedImageAutoencoder
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ def _dynunet_parts(net: DynUNet) -> tuple[list[nn.Module], list[nn.Module]]:
 
 
 def network_parts(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(encoder modules, output-head modules) of a segmentation U-Net.
+    """(encoder modules, output-head modules) of a segmentation U-Net or of a classification network's
+    masked autoencoder (whose head is its decoder: the classifier has no use for it).
 
     Raises:
         ModelError: a network whose encoder medseg does not know.
@@ -69,7 +72,10 @@ def network_parts(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
         return _unet_parts(net)
     if isinstance(net, DynUNet):
         return _dynunet_parts(net)
-    raise ModelError(f"pretraining: no encoder is known for {type(net).__name__}; pretrain a unet or dynunet")
+    if isinstance(net, MaskedImageAutoencoder):
+        return net.encoder_modules(), [net.decoder()]
+    raise ModelError(f"pretraining: no encoder is known for {type(net).__name__}; pretrain a unet, a dynunet or a "
+                     "classification network (medseg.tasks.pretraining.config.PRETRAINED_IMAGE_NETWORKS)")
 
 
 def _names_of(net: nn.Module, modules: Iterable[nn.Module]) -> set[str]:

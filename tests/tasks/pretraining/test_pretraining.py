@@ -142,8 +142,11 @@ def test_config_refuses_labels_unknown_keys_and_another_network() -> None:
         validate_config({**base, "data": {"manifest": "m.csv", "labels": {0: "bg", 1: "fg"}}})
     with pytest.raises(ConfigError, match="masking"):
         validate_config({**base, "masking": {"ratoi": 0.5}})
-    with pytest.raises(ConfigError, match="pretraining trains a segmentation U-Net"):
-        validate_config({**base, "model": {"name": "resnet18"}})
+    with pytest.raises(ConfigError, match=r"model.name 'swin_unetr' cannot be pretrained yet\. Expected: a "
+                                          r"segmentation U-Net \(unet, dynunet\) or a classification network"):
+        validate_config({**base, "model": {"name": "swin_unetr"}})
+    with pytest.raises(ConfigError, match="model.init_from does not apply to task: pretraining"):
+        validate_config({**base, "model": {"name": "resnet18", "init_from": "w.safetensors"}})
     with pytest.raises(ConfigError, match="larger than patch.size"):
         validate_config({**base, "patch": {"size": [8, 8, 8]}, "masking": {"block": [16, 4, 4]}})
 
