@@ -8,8 +8,12 @@ markers around the imports, the model's loading, each transform of the preproces
 Per stage it records the resident memory as the stage starts and the highest sample inside it;
 ``VmHWM`` is the whole process's peak. (tracemalloc sees only Python's own allocations, not torch's.)
 
-Usage: python benchmarks/profile_memory.py [--out benchmarks/results] [--tiny]
-Writes memory_stages.json and memory_stages.md. ``--tiny``: a 45x38x29 scan, patch 16, U-Net 4-32.
+``--workload wb``: bench_memory.py's whole-body scan instead (512x512x``--depth`` int16, 0.8x0.8x1.5 mm,
+an untrained 100-class head resampling to 1.5 mm, patch 96x96x64), written to memory_stages_wb.json/.md.
+
+Usage: python benchmarks/profile_memory.py [--workload ct300|wb] [--depth 1000] [--out benchmarks/results] [--tiny]
+Writes memory_stages.json and memory_stages.md (``wb``: memory_stages_wb.*). ``--tiny``: a 45x38x29 scan
+(``wb``: 37x33x50, 5 classes), patch 16, U-Net 4-32.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ def _hook_stages(sampler: StageSampler) -> None:
     bounded.stream_logits = stream  # type: ignore[assignment]
     sampler.around(predict, "sweep", "sweep: network and first slab")
     sampler.around(predict.SegmentationPredictor, "_invert_bounded", "inversion to the input's grid")
+    sampler.around(predict.SlabResampler, "finish", "slab resampling done")
     sampler.around(predict, "write_nifti", "writing the mask")
 
 
@@ -130,6 +135,8 @@ def _worker(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tiny_arguments(parser)
+    parser.add_argument("--workload", choices=["ct300", "wb"], default="ct300")
+    parser.add_argument("--depth", type=int, default=1000, help="slices of the wb scan (512x512xDEPTH)")
     for name in ("--worker-model", "--tracking-uri", "--input", "--output"):
         parser.add_argument(name)
     args = parser.parse_args(argv)
@@ -137,32 +144,52 @@ def main(argv: list[str] | None = None) -> None:
         args.model = args.worker_model
         _worker(args)
         return
-    import bench_memory
-
     out = results_folder(args)
     work = scratch_folder("profile_memory_", args, out)
-    shape, spacing = bench_memory.TINY_CT if args.tiny else ((512, 512, 300), (0.7, 0.7, 1.5))
     (work / "in").mkdir()
-    bench_memory._make_ct(work / "in" / "ct.nii.gz", shape, spacing)
-    patch = bench_memory.TINY_PATCH if args.tiny else "96,96,64"
-    model = bench_memory._log_model(work, [f"patch.size=[{patch}]", *bench_memory.CT_MODEL,
-                                           *(bench_memory.TINY_NETWORK if args.tiny else [])], "ct300")
+    shape, patch, classes, model = _workload(args, work)
     done = subprocess.run([sys.executable, __file__, "--worker-model", model, "--tracking-uri",
                            f"sqlite:///{work / 'mlflow.db'}", "--input", str(work / "in"), "--output", str(work / "out")],
                           capture_output=True, text=True, cwd=REPO, check=False)
     if done.returncode != 0:
         raise SystemExit(f"worker failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result.update(shape=list(shape), patch=patch, command="python benchmarks/profile_memory.py"
-                  + (" --tiny" if args.tiny else ""), host="a shared 2-core host: other sessions' jobs ran beside this one")
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    result.update(shape=list(shape), patch=patch, classes=classes, workload=args.workload,
+                  command=f"python benchmarks/profile_memory.py {shown}".strip(), load_average_at_end=[
+                      round(x, 2) for x in os.getloadavg()],
+                  host="a shared 2-core host: other sessions' jobs ran beside this one")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_stages.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "memory_stages.md").write_text(markdown(result))
+    name = "memory_stages" if args.workload == "ct300" else "memory_stages_wb"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
 
 
+def _workload(args: argparse.Namespace, work: Path) -> tuple[tuple[int, ...], str, int, str]:
+    """The scan (written to ``work``/in) and the model (logged in ``work``) of ``args.workload``:
+    (shape, patch, classes, model URI)."""
+    import bench_memory
+
+    network = bench_memory.TINY_NETWORK if args.tiny else []
+    patch = bench_memory.TINY_PATCH if args.tiny else "96,96,64"
+    if args.workload == "ct300":
+        shape, spacing = bench_memory.TINY_CT if args.tiny else ((512, 512, 300), (0.7, 0.7, 1.5))
+        bench_memory._make_ct(work / "in" / "ct.nii.gz", shape, spacing)
+        return shape, patch, 3, bench_memory._log_model(work, [f"patch.size=[{patch}]", *bench_memory.CT_MODEL,
+                                                              *network], "ct300")
+    shape, spacing = bench_memory.TINY_WB if args.tiny else ((512, 512, args.depth), (0.8, 0.8, 1.5))
+    classes = bench_memory.TINY_WB_CLASSES if args.tiny else 100
+    bench_memory._make_ct(work / "in" / "wb.nii.gz", shape, spacing)
+    labels = "{" + ", ".join(f"{i}: c{i}" for i in range(classes)) + "}"
+    return shape, patch, classes, bench_memory._log_model(
+        work, [f"patch.size=[{patch}]", *bench_memory.CT_MODEL, f"data.labels={labels}",
+               "preprocess.spacing=[1.5,1.5,1.5]", *network], "wb")
+
+
 def markdown(result: dict) -> str:
-    lines = [f"Bounded prediction of a {'x'.join(map(str, result['shape']))} CT (3 classes, patch "
+    lines = [f"Bounded prediction of a {'x'.join(map(str, result['shape']))} CT ({result.get('classes', 3)} "
+             f"classes{', resampled to 1.5 mm' if result.get('workload') == 'wb' else ''}, patch "
              f"{result['patch'].replace(',', 'x')}, backend {result['backend']}): {result['seconds']:.0f} s, "
              f"peak RSS (VmHWM, whole process) {result['vm_hwm_mib']} MiB.", "",
              "| stage | RSS at its start (MiB) | anonymous | file-backed | highest sample in it (MiB) |",
@@ -170,7 +197,9 @@ def markdown(result: dict) -> str:
     for s in result["stages"]:
         lines.append(f"| {s['stage']} | {s['rss_at_start_mib']} | {s['anon_mib']} | {s['file_mib']} | "
                      f"{s['peak_in_stage_mib']} |")
-    lines += ["", f"Written by `{result['command']}` (OMP_NUM_THREADS=1) on {result['host']}. A stage runs from its "
+    load = "/".join(f"{x:.1f}" for x in result.get("load_average_at_end", []))
+    host = result["host"] + (f" (load average {load}, 1/5/15 min, at its end)" if load else "")
+    lines += ["", f"Written by `{result['command']}` (OMP_NUM_THREADS=1) on {host}. A stage runs from its "
               "row to the next; 'highest sample' is the highest VmRSS read every 5 ms inside it."]
     return "\n".join(lines) + "\n"
 

@@ -51,6 +51,7 @@ from medseg.config import (
     PatchSampler,
     PreprocessConfig,
 )
+from medseg.data.slab_spacing import SlabSpacingd
 from medseg.errors import ConfigError
 from medseg.io.heap import trim_heap
 from medseg.io.preflight import CheckImageValuesd
@@ -90,7 +91,7 @@ class SlabwiseScaleIntensityRanged(ScaleIntensityRanged):
             source = image.as_tensor() if isinstance(image, MetaTensor) else image
             step = max(1, SLAB_VOXELS // max(1, source[:, :1].numel()))
             first = torch.as_tensor(self.scaler(_float32(source[:, :step])))
-            out = torch.empty(source.shape, dtype=first.dtype)
+            out = torch.empty_like(source, dtype=first.dtype)  # the input's layout (SlabSpacingd's, see there)
             out[:, :step] = first
             for start in range(step, source.shape[1], step):
                 out[:, start:start + step] = torch.as_tensor(self.scaler(_float32(source[:, start:start + step])))
@@ -199,7 +200,9 @@ def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), l
         stored_dtype: read and reorient the image in the type it is stored in (a CT's int16: half
             the memory of float32) and cast it to float32 after the orientation, or slab by slab in
             the CT window when that comes next; every value is the float32 chain's, bitwise (the
-            cast is exact for int16, and orientation only moves voxels).
+            cast is exact for int16, and orientation only moves voxels). A resampling of the image
+            alone is :class:`~medseg.data.slab_spacing.SlabSpacingd` (bitwise ``Spacingd`` for an
+            image up to 256 MiB as float32; a larger one slab by slab, the same to float rounding).
         defer_window: with ``stored_dtype``, leave that CT window to the reader of the image
             (:class:`DeferredWindowd`; only where it is the chain's last step).
     """
@@ -216,9 +219,13 @@ def preprocessing(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE, LABEL), l
         chain.append(Orientationd(keys=keys, axcodes=cfg.orientation))
     norm = intensity_transform(cfg.intensity)
     window_casts = isinstance(norm, SlabwiseScaleIntensityRanged) and cfg.spacing is None and not cfg.crop_foreground
-    if stored_dtype and not window_casts:
+    # a large image resampled slab by slab casts each slab's rows itself (no whole float32 copy)
+    slab_spacing = stored_dtype and cfg.spacing is not None and not has_label
+    if stored_dtype and not window_casts and not slab_spacing:
         chain.append(EnsureTyped(keys=IMAGE, dtype=np.float32, track_meta=True))
-    if cfg.spacing is not None:
+    if slab_spacing:
+        chain.append(SlabSpacingd(keys=IMAGE, pixdim=cfg.spacing))
+    elif cfg.spacing is not None:
         modes = ["bilinear", "nearest"] if has_label else ["bilinear"]
         chain.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes, dtype=np.float32))
     if cfg.crop_foreground:  # on raw intensities: after z-scoring, "> 0" would mean "above the mean"

@@ -103,6 +103,10 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
 #: A finished slab of a volume along the sweep axis: ``(start, stop, scores)``, the scores
 #: channel-first with the slab's extent ``stop - start`` along that axis.
 Slab = tuple[int, int, torch.Tensor]
+#: A finished part of a slab (see ``band`` in :func:`stream_logits`): ``(start, stop, band_start,
+#: band_stop, scores)``, the scores channel-first with extents ``stop - start`` along the sweep axis
+#: and ``band_stop - band_start`` along the band axis.
+Tile = tuple[int, int, int, int, torch.Tensor]
 #: The most a finished piece of a sweep holds (bytes): a finished run of slices is given out in
 #: pieces of this size, so the work done on each (averaging, labels, entropy) stays this small.
 PIECE_BYTES = 8 << 20
@@ -159,7 +163,7 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
                   sw_batch_size: int = 4, blend: str = "gaussian", device: torch.device | None = None,
                   amp_dtype: torch.dtype | None = None, axis: int = 0,
                   window: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  passed: Callable[[int], None] | None = None) -> Iterator[Slab]:
+                  passed: Callable[[int], None] | None = None, band: int | None = None) -> Iterator[Slab | Tile]:
     """:func:`predict_logits` one slab at a time along spatial ``axis``: each slab is given out as
     soon as no later window touches it, so only about one patch's thickness of the volume's scores
     is held at once.
@@ -177,6 +181,10 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
 
     ``passed(row)``: told, after each batch, the first row along ``axis`` a later window still reads
     (the rows before it are never read again; not called for a padded volume, which is a copy).
+
+    ``band``: another spatial axis along which a slab is also given out in parts (:data:`Tile`), each
+    once no later window touches it: then only the part of a slab the windows still reach is held,
+    not the whole plane (:class:`_BandAccumulator`; the same sums, bitwise, as without it).
     """
     from monai.data.utils import compute_importance_map
 
@@ -193,7 +201,8 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
     weight = compute_importance_map(roi, mode=blend, sigma_scale=0.125, device=device, dtype=dtype)
     weight = weight.to(dtype=dtype, device=device)[None, None]
     weight_out = weight.to(out_device)
-    acc = _Accumulator(grid, out_device, dtype, weight_out[0])
+    acc: _Accumulator | _BandAccumulator = (_Accumulator(grid, out_device, dtype, weight_out[0]) if band is None
+                                             else _BandAccumulator(grid, band, out_device, dtype, weight_out[0]))
     n = len(grid.windows)
     for first in range(0, n, sw_batch_size):
         group = range(first, min(first + sw_batch_size, n))
@@ -212,7 +221,7 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
             # finished after each window, not each batch: a batch that reaches into the next row of
             # windows then holds that row's scores only once this row's own slices are given out,
             # so about one patch of slices is open rather than a patch and a stride
-            yield from acc.finish(grid.span(i + 1)[0] if i + 1 < n else grid.size[axis])
+            yield from acc.after(i)
         if passed is not None and not any(grid.pad):
             passed(grid.span(group[-1] + 1)[0] if group[-1] + 1 < n else grid.size[axis])
 
@@ -245,6 +254,11 @@ class _Accumulator:
             if start >= reached and end <= stop:
                 shape = [n if d != axis else end - start for d, n in enumerate(self.grid.size)]
                 self.blocks.append((start, end, torch.zeros((channels, *shape), dtype=self.dtype, device=self.device)))
+
+    def after(self, window: int) -> Iterator[Slab]:
+        """The slices finished once ``window`` is added: those before the next window's start."""
+        grid = self.grid
+        yield from self.finish(grid.span(window + 1)[0] if window + 1 < len(grid.windows) else grid.size[grid.axis])
 
     def add(self, window: int, scores: torch.Tensor) -> None:
         axis = self.grid.axis
@@ -305,3 +319,131 @@ class _Accumulator:
                 parts.append((scores / weights[(slice(None), *cut)]).float())
             yield (piece_start - off[axis], piece_stop - off[axis],
                    parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1 + axis))
+
+
+class _BandAccumulator:
+    """:class:`_Accumulator` with the slab also cut along a second axis, ``band``: the open scores are
+    held in blocks between consecutive window edges along both axes (whole along the others), and a
+    block is given out as soon as the last window over it is added. Along ``band`` a row of windows
+    finishes its blocks one column of windows at a time, so a row holds the columns still open and
+    the part of the slab the next row will add to, rather than the whole plane a patch thick. Each
+    voxel gets the same additions in the same order as :class:`_Accumulator` gives it (the windows in
+    the same order), and the same weights, so the scores are bitwise the same. Finished blocks are
+    given out as :data:`Tile` pieces: per column of blocks (band order), a run of slices at a time
+    (at most ``piece_bytes``), and a sweep row's columns before the next row's."""
+
+    def __init__(self, grid: WindowGrid, band: int, device: torch.device, dtype: torch.dtype, weight: torch.Tensor,
+                 piece_bytes: int = PIECE_BYTES):
+        if band == grid.axis:
+            raise ValueError(f"_BandAccumulator: band {band} is the sweep axis; give another spatial axis")
+        self.grid, self.band, self.device, self.dtype, self.piece_bytes = grid, band, device, dtype, piece_bytes
+        self.weight = weight  # (1, *roi)
+        self.edges = tuple(sorted({int(e) for w in grid.windows for e in (w[a].start, w[a].stop)} | {0, grid.size[a]})
+                           for a in (grid.axis, band))
+        self.covered = [self._covered(w) for w in range(len(grid.windows))]
+        last: dict[tuple[int, int], int] = {}
+        for w, keys in enumerate(self.covered):
+            last.update((key, w) for key in keys)
+        self.closing: dict[int, list[tuple[int, int]]] = {}  # window -> the blocks it is the last over
+        for key, w in sorted(last.items()):
+            self.closing.setdefault(w, []).append(key)
+        self.blocks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _covered(self, window: int) -> list[tuple[int, int]]:
+        """The blocks (index along the sweep axis, index along the band) a window covers."""
+        cut = self.grid.windows[window]
+        found = [[i for i in range(len(edges) - 1) if edges[i] >= cut[a].start and edges[i + 1] <= cut[a].stop]
+                 for edges, a in zip(self.edges, (self.grid.axis, self.band))]
+        return [(i, j) for i in found[0] for j in found[1]]
+
+    def _span(self, key: tuple[int, int]) -> tuple[int, int, int, int]:
+        (za, zb), (ba, bb) = ((e[k], e[k + 1]) for e, k in zip(self.edges, key))
+        return za, zb, ba, bb
+
+    def add(self, window: int, scores: torch.Tensor) -> None:
+        axis, band = self.grid.axis, self.band
+        cut = list(self.grid.windows[window])
+        w_axis, w_band = cut[axis].start, cut[band].start
+        cut[axis] = cut[band] = slice(None)  # a block lies inside every window over it along both axes
+        for key in self.covered[window]:
+            z0, z1, b0, b1 = self._span(key)
+            block = self.blocks.get(key)
+            if block is None:
+                shape = list(self.grid.size)
+                shape[axis], shape[band] = z1 - z0, b1 - b0
+                block = self.blocks[key] = torch.zeros((scores.shape[0], *shape), dtype=self.dtype, device=self.device)
+            block[(slice(None), *cut)] += scores.narrow(1 + axis, z0 - w_axis, z1 - z0).narrow(1 + band, b0 - w_band,
+                                                                                              b1 - b0)
+
+    def weights(self, z0: int, z1: int, b0: int, b1: int) -> torch.Tensor:
+        """The summed weights of padded ``[z0, z1)`` x ``[b0, b1)`` (whole along the other axes), the
+        windows in the order they were added (bitwise what :meth:`_Accumulator.weights` sums there)."""
+        axis, band = self.grid.axis, self.band
+        shape = list(self.grid.size)
+        shape[axis], shape[band] = z1 - z0, b1 - b0
+        total = torch.zeros((1, *shape), dtype=self.dtype, device=self.device)
+        for window in self.grid.windows:
+            lo, hi = max(z0, window[axis].start), min(z1, window[axis].stop)
+            blo, bhi = max(b0, window[band].start), min(b1, window[band].stop)
+            if hi <= lo or bhi <= blo:
+                continue
+            cut = list(window)
+            cut[axis], cut[band] = slice(lo - z0, hi - z0), slice(blo - b0, bhi - b0)
+            part = self.weight.narrow(1 + axis, lo - window[axis].start, hi - lo)
+            total[(slice(None), *cut)] += part.narrow(1 + band, blo - window[band].start, bhi - blo)
+        return total
+
+    def after(self, window: int) -> Iterator[Tile]:
+        """The blocks ``window`` was the last over, per column of blocks along the band, in pieces."""
+        columns: dict[int, list[int]] = {}
+        for i, j in self.closing.get(window, []):
+            columns.setdefault(j, []).append(i)
+        for j in sorted(columns):
+            rows = sorted(columns[j])
+            for run in _runs(rows):
+                yield from self._give(run, j)
+
+    def _give(self, rows: list[int], j: int) -> Iterator[Tile]:
+        """Blocks ``rows`` (consecutive along the sweep axis) of column ``j``, cut to the volume, in pieces."""
+        axis, band = self.grid.axis, self.band
+        off, shape = self.grid.offset, self.grid.shape
+        keys = [(i, j) for i in rows]
+        z_start, b0 = self._span(keys[0])[0], self._span(keys[0])[2]
+        z_stop, b1 = self._span(keys[-1])[1], self._span(keys[-1])[3]
+        first, last = max(z_start, off[axis]), min(z_stop, off[axis] + shape[axis])
+        bc0, bc1 = max(b0, off[band]), min(b1, off[band] + shape[band])
+        cut = [slice(o, o + n) for o, n in zip(off, shape)]
+        cut[band] = slice(bc0 - b0, bc1 - b0)
+        slice_bytes = 4 * self.blocks[keys[0]].shape[0] * max(1, bc1 - bc0) * math.prod(
+            n for d, n in enumerate(shape) if d not in (axis, band))
+        per_piece = max(1, -(-self.piece_bytes // slice_bytes))
+        for piece_start in range(first, last if bc1 > bc0 else first, per_piece):
+            piece_stop = min(piece_start + per_piece, last)
+            weights = self.weights(piece_start, piece_stop, b0, b1)
+            parts = []
+            for key in keys:
+                za, zb = self._span(key)[:2]
+                lo, hi = max(piece_start, za), min(piece_stop, zb)
+                if hi <= lo:
+                    continue
+                cut[axis] = slice(lo - za, hi - za)
+                scores = self.blocks[key][(slice(None), *cut)]
+                cut[axis] = slice(lo - piece_start, hi - piece_start)
+                parts.append((scores / weights[(slice(None), *cut)]).float())
+            yield (piece_start - off[axis], piece_stop - off[axis], bc0 - off[band], bc1 - off[band],
+                   parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1 + axis))
+            for key in [k for k in keys if k in self.blocks and self._span(k)[1] <= piece_stop]:
+                del self.blocks[key]  # given out whole: freed
+        for key in keys:
+            self.blocks.pop(key, None)
+
+
+def _runs(values: list[int]) -> list[list[int]]:
+    """Sorted integers split into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][-1] + 1 == v:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return runs

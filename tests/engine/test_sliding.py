@@ -134,3 +134,37 @@ def test_class_softmax_of_a_slab_is_bitwise_the_whole_volumes() -> None:
             assert torch.equal(class_softmax(logits[:, start:stop], 1.3), whole[:, start:stop])
             assert torch.equal(class_sigmoid(logits[:, start:stop]), class_sigmoid(logits)[:, start:stop])
     torch.testing.assert_close(class_sigmoid(logits), torch.sigmoid(logits), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, roi, overlap, axis, band, batch", [
+    ((23, 31, 13), (8, 8, 8), 0.5, 2, 0, 3),  # batches span columns and rows
+    ((9, 40, 21), (16, 8, 8), 0.25, 2, 0, 1),  # the band shorter than the patch: padded
+    ((37, 17, 11), (8, 8, 8), 0.5, 0, 1, 3),
+    ((11, 12, 50), (16, 16, 8), 0.25, 2, 0, 2),  # one column of windows
+])
+def test_tiles_along_a_band_are_the_whole_slabs_bitwise(shape, roi, overlap, axis, band, batch) -> None:
+    """Slabs also cut along a band axis (a block given out once the last window over it is added) hold the
+    whole slabs' scores bitwise, each voxel given out once, a row's tiles in band order before the next row's."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 7, 3, padding=1).eval()
+    image = torch.randn(1, *shape)
+
+    def assemble(pieces, tiled: bool) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        out, order = torch.full((7, *shape), float("nan")), []
+        for piece in pieces:
+            start, stop, *cut, scores = piece
+            where = [slice(None)] * 4
+            where[1 + axis] = slice(start, stop)
+            if tiled:
+                where[1 + band] = slice(*cut)
+                order.append((start, stop, *cut))
+            assert torch.isnan(out[tuple(where)]).all()  # given out once
+            out[tuple(where)] = scores
+        return out, order
+
+    common = dict(overlap=overlap, sw_batch_size=batch, axis=axis, device=torch.device("cpu"))
+    whole, _ = assemble(stream_logits(net, image, roi, **common), False)
+    tiled, order = assemble(stream_logits(net, image, roi, band=band, **common), True)
+    assert not torch.isnan(tiled).any() and torch.equal(whole, tiled)
+    rows = [o for o in order if o[2] == 0]  # a row starts at the band's start, in sweep order
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)

@@ -19,14 +19,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from medseg.engine.calibration import contract_temperature
-from medseg.engine.sliding import PIECE_BYTES, Slab, class_sigmoid, class_softmax, label_map, stream_logits
+from medseg.engine.sliding import (
+    PIECE_BYTES,
+    Slab,
+    Tile,
+    class_sigmoid,
+    class_softmax,
+    label_map,
+    stream_logits,
+)
 from medseg.engine.tta import flip_combinations, flip_spatial
 from medseg.engine.uncertainty import voxel_entropy
 from medseg.io.heap import release_pages, trim_heap
@@ -58,6 +66,8 @@ class ScoresPlan:
         full_bytes: estimated peak of the full-buffer path's scores (bytes).
         bounded_bytes: estimated peak of the bounded path's scores (bytes).
         reason: why this path, in words (for logs and ``medseg plan --explain``).
+        band: where the bounded path also cuts its slabs into tiles, the network axis it cuts
+            along (an inexact sweep of one sample, :func:`tile_band`), else None.
     """
 
     bounded: bool
@@ -66,6 +76,17 @@ class ScoresPlan:
     full_bytes: int
     bounded_bytes: int
     reason: str
+    band: int | None = None
+
+
+def tile_band(axis: int, dims: int, exact: bool, samples: int) -> int | None:
+    """The axis an inexact sweep of one sample also cuts its slabs along: the first spatial axis but
+    the swept one, whose window columns run in MONAI's order within a row of windows (so the tiles'
+    sums are bitwise the whole slabs'). None for the exact sweep (the full buffer's batches are kept)
+    and for several samples (their slabs are cut to common ranges, :func:`in_step`)."""
+    if exact or samples != 1:
+        return None
+    return min(a for a in range(dims) if a != axis)
 
 
 def full_scores_bytes(classes: int, net_voxels: int, native_voxels: int, samples: int = 1) -> int:
@@ -77,13 +98,17 @@ def full_scores_bytes(classes: int, net_voxels: int, native_voxels: int, samples
 
 def bounded_scores_bytes(classes: int, net_shape: Sequence[int], patch: Sequence[int], axis: int,
                          sw_batch_size: int, overlap: float, samples: int = 1, native_plane: int = 0,
-                         piece_bytes: int = PIECE_BYTES) -> int:
+                         piece_bytes: int = PIECE_BYTES, band: int | None = None) -> int:
     """The bounded path's peak for its scores (estimated): per sample, the open slices (a patch
     thick: a sweep gives out a row's own slices before it adds the next row's windows) of K scores
-    (the weights are summed per finished piece); one batch of windows' K scores as the network gives them; the finished pieces (at
-    most ``piece_bytes`` each: one per sample, and three pieces' worth of averaging, labels and
-    entropy); one byte a voxel of labels; for a resampling model, a few K-class slices of the
-    input's grid (``native_plane`` voxels each)."""
+    (the weights are summed per finished piece); one batch of windows' K scores as the network gives
+    them; the finished pieces (at most ``piece_bytes`` each: one per sample, and three pieces' worth
+    of averaging, labels and entropy); one byte a voxel of labels; for a resampling model, a few
+    K-class slices of the input's grid (``native_plane`` voxels each). With ``band`` (tiles, one
+    sample: :func:`tile_band_bytes`) the open slices are those of one column of windows."""
+    if band is not None:
+        return tile_band_bytes(classes, net_shape, patch, axis, band, sw_batch_size, overlap, native_plane,
+                               piece_bytes)
     plane = math.prod(int(s) for i, s in enumerate(net_shape) if i != axis)
     stride = max(1, int(patch[axis] * (1 - overlap)))
     reach = min(int(net_shape[axis]), int(patch[axis]))
@@ -91,6 +116,28 @@ def bounded_scores_bytes(classes: int, net_shape: Sequence[int], patch: Sequence
     batch = F32 * sw_batch_size * classes * math.prod(int(p) for p in patch)
     return (F32 * samples * classes * reach * plane + batch + (samples + 3) * piece + math.prod(net_shape)
             + 4 * F32 * classes * native_plane)
+
+
+def tile_band_bytes(classes: int, net_shape: Sequence[int], patch: Sequence[int], axis: int, band: int,
+                    sw_batch_size: int, overlap: float, native_plane: int = 0, piece_bytes: int = PIECE_BYTES) -> int:
+    """The tiled sweep's peak for its scores (estimated, one sample): the part of the plane the next
+    row of windows adds to (the overlap of two rows, whole), the column of windows now open (a patch
+    wide along ``band``, the rest of a row's thickness); one batch of windows' K scores; four pieces
+    (the piece, its probabilities, their average and labels), each at least one slice of a column;
+    for a resampling model, the last slice of this row and of the row before (whole planes) and the
+    interpolation of one tile of an input slice (a patch's share of ``native_plane``, a few copies);
+    no network-grid labels for a resampling model (``native_plane`` > 0), one byte a voxel otherwise."""
+    plane = math.prod(int(s) for i, s in enumerate(net_shape) if i != axis)
+    rest = plane // max(1, int(net_shape[band]))
+    stride = max(1, int(patch[axis] * (1 - overlap)))
+    reach = min(int(net_shape[axis]), int(patch[axis]))
+    width = min(int(net_shape[band]), int(patch[band]))
+    open_scores = F32 * classes * (max(0, reach - stride) * plane + min(reach, stride) * width * rest)
+    batch = F32 * sw_batch_size * classes * math.prod(int(p) for p in patch)
+    piece = max(piece_bytes, F32 * classes * width * rest)
+    resampling = (2 * F32 * classes * plane + 4 * F32 * classes * native_plane * width // max(1, int(net_shape[band]))
+                  if native_plane else math.prod(net_shape))
+    return open_scores + batch + 4 * piece + resampling
 
 
 def plan_scores(contract: dict[str, Any], net_shape: Sequence[int], native_shape: Sequence[int], *,
@@ -108,9 +155,11 @@ def plan_scores(contract: dict[str, Any], net_shape: Sequence[int], native_shape
     full = full_scores_bytes(classes, math.prod(net_shape), math.prod(native_shape), samples)
     flipped = {a for combo in flip_axes for a in combo}
     capped = batch_cap(classes, patch, batch)
+    bands = {a: tile_band(a, len(net_shape), a == 0 and not resampled, samples) for a in range(len(net_shape))}
     costs = {a: bounded_scores_bytes(classes, net_shape, patch, a, batch if a == 0 and not resampled else capped,
                                      overlap, samples,
-                                     native_plane=math.prod(native_shape) // max(native_shape) if resampled else 0)
+                                     native_plane=math.prod(native_shape) // max(native_shape) if resampled else 0,
+                                     band=bands[a])
              for a in range(len(net_shape)) if a not in flipped}
     if not costs:
         return ScoresPlan(False, 0, False, full, 0, "TTA flips every axis, so no axis can be swept in one direction")
@@ -122,11 +171,11 @@ def plan_scores(contract: dict[str, Any], net_shape: Sequence[int], native_shape
         return ScoresPlan(True, 0, True, full, costs[0], "slab by slab along the first axis: the full buffer's "
                           "labels in less memory")
     if mode == "bounded":
-        return ScoresPlan(True, cheapest, False, full, costs[cheapest], "slab by slab was asked for")
+        return ScoresPlan(True, cheapest, False, full, costs[cheapest], "slab by slab was asked for", bands[cheapest])
     if full <= available:
         return ScoresPlan(False, cheapest, False, full, costs[cheapest], "the full buffer fits")
     return ScoresPlan(True, cheapest, False, full, costs[cheapest],
-                      "the full buffer would not fit in the memory available: slab by slab")
+                      "the full buffer would not fit in the memory available: slab by slab", bands[cheapest])
 
 
 def prediction_memory(shape: Sequence[int], spacing: Sequence[float], contract: dict[str, Any], *,
@@ -159,40 +208,52 @@ def prediction_memory(shape: Sequence[int], spacing: Sequence[float], contract: 
 
 
 #: One sample's probabilities for a preprocessed (flipped) image: (member, flip) -> slabs.
-SampleSweep = Callable[[tuple[nn.Module, dict[str, Any]], torch.Tensor], Iterator[Slab]]
+SampleSweep = Callable[[tuple[nn.Module, dict[str, Any]], torch.Tensor], Iterator[Slab | Tile]]
 
 
 def member_slabs(member: tuple[nn.Module, dict[str, Any]], image: torch.Tensor, *, axis: int, device: torch.device,
                  amp: torch.dtype | None, overlap: float | None, sigmoid: bool,
                  intensity: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 capped_classes: int | None = None, consumed: bool = False) -> Iterator[Slab]:
+                 capped_classes: int | None = None, consumed: bool = False,
+                 band: int | None = None) -> Iterator[Slab | Tile]:
     """One member's probabilities slab by slab: its blended logits through its temperature and
     softmax (or sigmoid for a region model), as :meth:`SegmentationPredictor.samples` makes them
     (``intensity``: a CT window the preprocessing deferred, applied to each batch of windows;
     ``capped_classes``: on an inexact sweep, the classes whose scores :func:`batch_cap` bounds a batch by;
     ``consumed``: the image is this sweep's alone and read by nothing after it, so the rows it has
-    passed are handed back, :func:`row_releaser`)."""
+    passed are handed back, :func:`row_releaser`; ``band``: the slabs come in tiles along that axis,
+    :data:`~medseg.engine.sliding.Tile`)."""
     network, contract = member
     window = contract["sliding_window"]
     batch = int(window["sw_batch_size"])
     if capped_classes is not None:
         batch = batch_cap(capped_classes, contract["patch_size"], batch)
-    for start, stop, logits in stream_logits(
+    for piece in stream_logits(
             network, image, contract["patch_size"], overlap=overlap if overlap is not None else window["overlap"],
             sw_batch_size=batch, blend=window["blend"], device=device, amp_dtype=amp, axis=axis,
-            window=intensity, passed=row_releaser(image, axis) if consumed else None):
-        yield start, stop, class_sigmoid(logits) if sigmoid else class_softmax(logits, contract_temperature(contract))
+            window=intensity, passed=row_releaser(image, axis) if consumed else None, band=band):
+        logits = piece[-1]
+        probs = class_sigmoid(logits) if sigmoid else class_softmax(logits, contract_temperature(contract))
+        yield (piece[0], piece[1], probs) if len(piece) == 3 else (piece[0], piece[1], piece[2], piece[3], probs)
 
 
 def row_releaser(image: torch.Tensor, axis: int) -> Callable[[int], None] | None:
-    """For a channel-first CPU image swept along its first spatial axis, a function that hands back
+    """For a channel-first CPU image whose rows along spatial ``axis`` are whole runs of memory (that
+    axis outermost in each channel: a contiguous image and axis 0, or the permuted layout
+    :class:`~medseg.data.slab_spacing.SlabSpacingd` gives a long scan), a function that hands back
     the pages of the rows before a given one (:func:`~medseg.io.heap.release_pages`): the scan held
     during a sweep shrinks as the sweep moves on, so its rows and the sweep's slabs are not both
-    held whole. None where the rows are not contiguous in memory (another axis, a view)."""
-    if axis != 0 or image.device.type != "cpu" or not image.is_contiguous() or image.ndim < 3:
+    held whole. None where the rows are not runs of memory (another axis, a view)."""
+    if image.device.type != "cpu" or image.ndim < 3:
         return None
-    rows = int(image.shape[1])
-    row_bytes = image[0, :1].numel() * image.element_size()
+    spatial = [int(n) for n in image.shape[1:]]
+    plane = math.prod(n for d, n in enumerate(spatial) if d != axis)
+    # dense, the swept axis outermost in each channel, the channels one after another
+    dense = image[:1].is_contiguous() if axis == 0 else _rows_outermost(image, axis)
+    if not dense or image.stride(1 + axis) != plane or (image.shape[0] > 1 and image.stride(0) != plane * spatial[axis]):
+        return None
+    rows = spatial[axis]
+    row_bytes = plane * image.element_size()
     base = image.data_ptr()
     done = 0
 
@@ -206,6 +267,12 @@ def row_releaser(image: torch.Tensor, axis: int) -> Callable[[int], None] | None
         done = upto
 
     return release
+
+
+def _rows_outermost(image: torch.Tensor, axis: int) -> bool:
+    """Whether ``image`` (channel first) is a dense permutation with spatial ``axis`` moved outermost."""
+    order = [1 + axis] + [d for d in range(1, image.ndim) if d != 1 + axis]
+    return image.permute(0, *order)[:1].is_contiguous()
 
 
 def in_step(sweeps: Sequence[Iterator[Slab]], axis: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
@@ -288,7 +355,7 @@ class SweepTotals:
 class SweepResult:
     """The network-grid outcome of a sweep: the consensus labels, the kept probabilities, the totals."""
 
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     probabilities: torch.Tensor | None
     totals: SweepTotals
 
@@ -296,22 +363,31 @@ class SweepResult:
 def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tensor, *, axis: int, tta: bool,
           flip_axes: Sequence[int] | None, slabs: SampleSweep, decode: Callable[[torch.Tensor], torch.Tensor],
           foreground: Sequence[int], sigmoid: bool, keep_probabilities: bool,
-          on_slab: Callable[[int, int, torch.Tensor], None] | None = None) -> SweepResult:
+          on_slab: Callable[..., None] | None = None, band: int | None = None,
+          keep_labels: bool = True) -> SweepResult:
     """Every (member, flip) sample of ``image`` in step along ``axis``: per slab the samples'
     mean (summed in :func:`~medseg.engine.tta.predict_samples`' order), its labels (``decode``),
-    the uncertainty sums, and ``on_slab(start, stop, mean)`` for whoever resamples it."""
+    the uncertainty sums, and ``on_slab(start, stop, mean)`` for whoever resamples it. With ``band``
+    (one sample only: in-step cutting needs whole slabs) the slabs come in tiles along that axis and
+    ``on_slab`` also gets each tile's ``band_start, band_stop``; ``keep_labels``: False where only
+    ``on_slab`` needs them (a resampling model's labels are made on the input's grid)."""
     dims = image.ndim - 1
     combos = flip_combinations(dims, tta, flip_axes)
     if any(axis in combo for combo in combos):
         raise ValueError(f"sweep: axis {axis} is flipped by TTA; sweep an axis no flip turns round")
     runs = [(m, combo) for m in members for combo in combos]
+    if band is not None and len(runs) != 1:
+        raise ValueError(f"sweep: tiles along band {band} need one sample, got {len(runs)} (members x flips)")
     trim_heap()  # what reading and preprocessing freed, handed back before the open slices are allocated
     streams = [slabs(m, flip_spatial(image, combo, dims)) for m, combo in runs]
     spatial = tuple(image.shape[1:])
-    labels = torch.empty(spatial, dtype=torch.uint8)  # every slab is written: its pages are touched only then
+    # every slab is written: its pages are touched only then
+    labels = torch.empty(spatial, dtype=torch.uint8) if keep_labels else None
     kept: torch.Tensor | None = None
     totals = SweepTotals()
-    for start, stop, outs in in_step(streams, axis):
+    pieces = ((s, e, None, None, o) for s, e, o in in_step(cast(list[Iterator[Slab]], streams), axis)) \
+        if band is None else ((s, e, b0, b1, [x]) for s, e, b0, b1, x in cast(Iterator[Tile], streams[0]))
+    for start, stop, b0, b1, outs in pieces:
         outs = [flip_spatial(o, combo, dims) for o, (_, combo) in zip(outs, runs)]
         sample_labels = [decode(o) for o in outs] if len(outs) > 1 else []
         total = outs[0]
@@ -322,15 +398,28 @@ def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tens
         totals.add_entropy(mean, consensus, sigmoid)
         if sample_labels:
             totals.add_agreement(sample_labels, consensus, foreground)
-        labels.narrow(axis, start, stop - start).copy_(consensus)
+        region = [(axis, start, stop)] + ([(band, int(b0), int(b1))] if band is not None and b0 is not None
+                                          and b1 is not None else [])
+        if labels is not None:
+            _part(labels, region).copy_(consensus)
         if keep_probabilities:
             if kept is None:
                 kept = torch.empty((mean.shape[0], *spatial), dtype=torch.float32)
-            kept.narrow(1 + axis, start, stop - start).copy_(mean)
+            _part(kept, region, 1).copy_(mean)
         if on_slab is not None:
-            on_slab(start, stop, mean)
+            if band is None:
+                on_slab(start, stop, mean)
+            else:
+                on_slab(start, stop, mean, b0, b1)
         trim_heap()  # a slab's temporaries are small enough for glibc's heap, which would otherwise keep them
     return SweepResult(labels, kept, totals)
+
+
+def _part(volume: torch.Tensor, region: Sequence[tuple[int, int, int]], channels: int = 0) -> torch.Tensor:
+    """The view of ``volume`` over ``(axis, start, stop)`` ranges of its spatial axes."""
+    for axis, start, stop in region:
+        volume = volume.narrow(channels + axis, start, stop - start)
+    return volume
 
 
 def argmax_labels(scores: torch.Tensor) -> torch.Tensor:

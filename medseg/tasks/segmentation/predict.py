@@ -302,15 +302,17 @@ class SegmentationPredictor:
                                   intensity=window_function(data),
                                   capped_classes=None if plan.exact else len(self.names) if self.regions is None
                                   else len(self.regions.labels),
-                                  consumed=owned and not self.options.tta and len(self.model.networks) == 1)
-        resample = SlabResampler.for_volume(volume, axis) if resamples(self.model.contract) else None
+                                  consumed=owned and not self.options.tta and len(self.model.networks) == 1,
+                                  band=plan.band)
+        resample = SlabResampler.for_volume(volume, axis, plan.band) if resamples(self.model.contract) else None
         if resample is not None:
             resample.start(self.label_map, keep_probabilities, len(self.names))
         result = sweep(self.model.members(), volume.as_tensor(), axis=axis, tta=self.options.tta,
                        flip_axes=self.flip_axes, slabs=slabs, decode=self.label_map, sigmoid=sigmoid,
                        foreground=[v for v in self.names if v != 0],
                        keep_probabilities=keep_probabilities and resample is None,
-                       on_slab=resample.add if resample is not None else None)
+                       on_slab=resample.add if resample is not None else None, band=plan.band,
+                       keep_labels=resample is None)
         affine = np.asarray(volume.meta["original_affine"], dtype=np.float64)
         if resample is not None:
             labels, native_probs = resample.finish()
@@ -334,6 +336,8 @@ class SegmentationPredictor:
         (nearest) gives the labels of the inverted probabilities."""
         volume: MetaTensor = data[IMAGE]
         labels = result.labels
+        if labels is None:  # pragma: no cover - the sweep keeps them for a model that does not resample
+            raise CaseError(f"{case_label(volume)}: the sweep kept no network-grid labels to invert")
         if self.min_sizes:
             if result.probabilities is not None:
                 result.probabilities = self.remove_small_components(result.probabilities, labels)

@@ -203,8 +203,10 @@ def test_inexact_sweep_of_many_classes_runs_smaller_batches() -> None:
     contract = {"patch_size": list(patch), "sliding_window": {"sw_batch_size": 4}}
     plan = plan_scores(contract, (273, 273, 1000), (512, 512, 1000), flip_axes=[()], available=16 << 30,
                        resampled=True, classes=100, samples=1, overlap=0.25)
-    assert not plan.exact and plan.bounded_bytes == bounded_scores_bytes(
-        100, (273, 273, 1000), patch, 2, 1, 0.25, native_plane=512 * 512)
+    assert not plan.exact and plan.band == 0 and plan.bounded_bytes == bounded_scores_bytes(
+        100, (273, 273, 1000), patch, 2, 1, 0.25, native_plane=512 * 512, band=0)
+    slabs = bounded_scores_bytes(100, (273, 273, 1000), patch, 2, 1, 0.25, native_plane=512 * 512)
+    assert plan.bounded_bytes < 0.6 * slabs  # one column of windows open, not the whole plane
     exact = plan_scores(contract, (512, 512, 300), (512, 512, 300), flip_axes=[()], available=64 << 30,
                         classes=100, samples=1, overlap=0.25)
     assert exact.exact and exact.bounded_bytes == bounded_scores_bytes(100, (512, 512, 300), patch, 0, 4, 0.25)
@@ -242,3 +244,125 @@ def test_a_read_scan_is_handed_back_as_the_sweep_passes_and_a_callers_tensor_is_
     kept = given.clone()
     SegmentationPredictor(model, PredictOptions(), torch.device("cpu")).predict(given, "case")
     assert not released and torch.equal(given, kept)
+
+
+def test_tile_band_estimate_of_the_whole_body_scan() -> None:
+    """273x273x1000 on the network grid (512x512x1000 at 0.8x0.8x1.5 mm resampled to 1.5 mm), 100 classes,
+    patch 96x96x64, overlap 0.25, swept along the last axis in tiles along the first: the overlap of two
+    rows (16 slices) over the whole plane and one column of windows (96 wide) for the rest of a row (48
+    slices); one window's scores; four 8 MiB-or-a-slice pieces; two whole network slices and a tile's
+    interpolation on the input's grid."""
+    from medseg.tasks.segmentation.bounded import tile_band_bytes
+
+    k, plane = 100, 273 * 273
+    piece = max(8 << 20, 4 * k * 96 * 273)
+    expected = (4 * k * (16 * plane + 48 * 96 * 273) + 4 * k * 96 * 96 * 64 + 4 * piece
+                + 2 * 4 * k * plane + 4 * 4 * k * 512 * 512 * 96 // 273)
+    assert tile_band_bytes(k, (273, 273, 1000), (96, 96, 64), 2, 0, 1, 0.25, native_plane=512 * 512) == expected
+
+
+def _forced_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole slabs where the plan would cut tiles (the sweep before tiles, to compare with)."""
+    import medseg.tasks.segmentation.bounded as bounded
+
+    monkeypatch.setattr(bounded, "tile_band", lambda *args: None)
+
+
+@pytest.mark.parametrize("shape, affine, patch, spacing", [
+    ((29, 23, 17), AFFINE, [8, 8, 8], [1.3, 0.7, 1.9]),  # permuted, flipped; 8-voxel windows over odd extents
+    ((19, 41, 26), np.diag([0.8, -0.6, 1.4, 1.0]), [16, 8, 16], [0.9, 1.3, 1.1]),  # the band is the patch's 16
+], ids=["permuted-flipped", "flipped-y"])
+def test_tiled_sweep_of_many_classes_is_the_whole_slabs_bitwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], affine: np.ndarray,
+        patch: list[int], spacing: list[float]) -> None:
+    """A resampling model with 23 classes, an odd shape, anisotropic voxels, an affine that permutes
+    and flips axes, windows whose columns do not divide the plane: the tiled sweep (slabs cut into
+    columns of windows, each input slice made tile by tile) gives the whole-slab sweep's masks and
+    probabilities bitwise, and the full buffer's to float rounding."""
+    labels = "data.labels={" + ", ".join(f"{i}: c{i}" for i in range(23)) + "}"
+    sizes = "[" + ",".join(map(str, patch)) + "]"
+    model = _model(_member([f"patch.size={sizes}", "validation.overlap=0.25", "validation.sw_batch_size=3", labels,
+                            f"preprocess.spacing=[{','.join(map(str, spacing))}]"], seed=11))
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(3).normal(0, 1, shape).astype(np.float32), affine), path)
+    from medseg.tasks.segmentation.slab_resample import SlabResampler
+
+    tiles: set[tuple[int | None, int | None]] = set()
+    add = SlabResampler.add
+
+    def seen(self: SlabResampler, start: int, stop: int, probs: torch.Tensor, b0: int | None = None,
+             b1: int | None = None) -> None:
+        tiles.add((b0, b1))
+        add(self, start, stop, probs, b0, b1)
+
+    monkeypatch.setattr(SlabResampler, "add", seen)
+    full, tiled = _both(model, path, monkeypatch)
+    assert len(tiles) >= 3 and all(b0 is not None for b0, _ in tiles)  # several columns a row
+    predictor = SegmentationPredictor(model, PredictOptions(), torch.device("cpu"))
+    monkeypatch.setenv("MEDSEG_PREDICT_SCORES", "bounded")
+    plan = predictor.scores_plan(predictor.prepare(path, "case")["image"])
+    assert plan.bounded and plan.band is not None and plan.band != plan.axis
+    _forced_slabs(monkeypatch)
+    whole = predictor.predict(path, "case", keep_probabilities=True)
+    assert tiled.label_map.shape == shape and len(np.unique(tiled.label_map)) >= 5
+    assert np.array_equal(tiled.label_map, whole.label_map)
+    assert np.array_equal(tiled.probabilities, whole.probabilities)
+    np.testing.assert_allclose(full.probabilities, tiled.probabilities, atol=1e-5)
+    assert (full.label_map == tiled.label_map).mean() > 0.99
+
+
+def test_large_scan_resampled_slab_by_slab_inverts_and_agrees_with_spacingd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prediction chain resamples a large scan slab by slab (here every scan: the threshold set to 0,
+    slabs of 3 rows): the same grid and transform record as MONAI's Spacingd, values to float rounding,
+    and the full path's Invertd undoes it (the record is Spacingd's own)."""
+    import medseg.data.slab_spacing as slab_spacing
+    from medseg.data.transforms import IMAGE
+
+    model = _model(_member(["patch.size=[16,16,8]", "preprocess.spacing=[1.3,0.8,1.7]"]))
+    path = _scan(tmp_path)
+    whole = SegmentationPredictor(model, PredictOptions(), torch.device("cpu")).prepare(path, "case")[IMAGE]
+    monkeypatch.setattr(slab_spacing, "WHOLE_BYTES", 0)
+    monkeypatch.setattr(slab_spacing, "SLAB_VOXELS", 3 * 31 * 13)
+    slabs = SegmentationPredictor(model, PredictOptions(), torch.device("cpu")).prepare(path, "case")[IMAGE]
+    assert slabs.shape == whole.shape and torch.equal(slabs.affine, whole.affine)
+    torch.testing.assert_close(slabs.as_tensor(), whole.as_tensor(), rtol=0, atol=1e-5)
+    assert [op["class"] for op in slabs.applied_operations] == [op["class"] for op in whole.applied_operations]
+    full, bounded = _both(model, path, monkeypatch)
+    assert full.label_map.shape == bounded.label_map.shape == (23, 31, 13)
+    np.testing.assert_allclose(full.probabilities, bounded.probabilities, atol=1e-5)
+
+
+def test_a_long_resampled_scan_is_laid_out_rows_first_and_handed_back_as_the_tiled_sweep_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resampled slab by slab, a long scan is laid out with its longest axis outermost (the axis the
+    sweep takes), so the tiled sweep hands its passed rows back as it goes; the masks stay the full
+    buffer's to rounding."""
+    import medseg.data.slab_spacing as slab_spacing
+    import medseg.tasks.segmentation.bounded as bounded
+    from medseg.data.transforms import IMAGE
+    from medseg.io.heap import release_pages
+
+    released: list[int] = []
+
+    def counted(address: int, length: int) -> int:
+        released.append(release_pages(address, length))
+        return released[-1]
+
+    monkeypatch.setattr(bounded, "release_pages", counted)
+    monkeypatch.setattr(slab_spacing, "WHOLE_BYTES", 0)
+    model = _model(_member(["patch.size=[16,16,16]", "preprocess.spacing=[0.9,0.9,1.6]",
+                            "data.labels={0: background, 1: a, 2: b, 3: c, 4: d, 5: e, 6: f}"], seed=13))
+    path = tmp_path / "long.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(4).normal(0, 1, (40, 36, 90)).astype(np.float32),
+                             np.diag([-0.8, -0.8, 1.5, 1.0])), path)
+    predictor = SegmentationPredictor(model, PredictOptions(), torch.device("cpu"))
+    image = predictor.prepare(path, "case")[IMAGE]
+    assert image.stride(3) == image.shape[1] * image.shape[2]  # the long axis outermost
+    monkeypatch.setenv("MEDSEG_PREDICT_SCORES", "bounded")
+    plan = predictor.scores_plan(image)
+    assert plan.axis == 2 and plan.band == 0
+    full, tiled = _both(model, path, monkeypatch)
+    assert sum(released) > 0.8 * image.numel() * 4  # nearly every row, a run of rows at a time
+    np.testing.assert_allclose(full.probabilities, tiled.probabilities, atol=1e-5)
+    assert (full.label_map == tiled.label_map).mean() > 0.99
