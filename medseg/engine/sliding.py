@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -103,10 +104,10 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
 #: A finished slab of a volume along the sweep axis: ``(start, stop, scores)``, the scores
 #: channel-first with the slab's extent ``stop - start`` along that axis.
 Slab = tuple[int, int, torch.Tensor]
-#: A finished part of a slab (see ``band`` in :func:`stream_logits`): ``(start, stop, band_start,
-#: band_stop, scores)``, the scores channel-first with extents ``stop - start`` along the sweep axis
-#: and ``band_stop - band_start`` along the band axis.
-Tile = tuple[int, int, int, int, torch.Tensor]
+#: A finished part of a slab (see ``bands`` in :func:`stream_logits`): ``(start, stop, ranges, scores)``,
+#: ``ranges`` its ``(start, stop)`` along each band axis, the scores channel-first with those extents
+#: (and ``stop - start`` along the sweep axis).
+Tile = tuple[int, int, tuple[tuple[int, int], ...], torch.Tensor]
 #: The most a finished piece of a sweep holds (bytes): a finished run of slices is given out in
 #: pieces of this size, so the work done on each (averaging, labels, entropy) stays this small.
 PIECE_BYTES = 8 << 20
@@ -163,7 +164,7 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
                   sw_batch_size: int = 4, blend: str = "gaussian", device: torch.device | None = None,
                   amp_dtype: torch.dtype | None = None, axis: int = 0,
                   window: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  passed: Callable[[int], None] | None = None, band: int | None = None) -> Iterator[Slab | Tile]:
+                  passed: Callable[[int], None] | None = None, bands: Sequence[int] = ()) -> Iterator[Slab | Tile]:
     """:func:`predict_logits` one slab at a time along spatial ``axis``: each slab is given out as
     soon as no later window touches it, so only about one patch's thickness of the volume's scores
     is held at once.
@@ -182,9 +183,9 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
     ``passed(row)``: told, after each batch, the first row along ``axis`` a later window still reads
     (the rows before it are never read again; not called for a padded volume, which is a copy).
 
-    ``band``: another spatial axis along which a slab is also given out in parts (:data:`Tile`), each
+    ``bands``: other spatial axes along which a slab is also given out in parts (:data:`Tile`), each
     once no later window touches it: then only the part of a slab the windows still reach is held,
-    not the whole plane (:class:`_BandAccumulator`; the same sums, bitwise, as without it).
+    not the whole plane (:class:`_BandAccumulator`; the same sums, bitwise, as without them).
     """
     from monai.data.utils import compute_importance_map
 
@@ -201,8 +202,8 @@ def stream_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int]
     weight = compute_importance_map(roi, mode=blend, sigma_scale=0.125, device=device, dtype=dtype)
     weight = weight.to(dtype=dtype, device=device)[None, None]
     weight_out = weight.to(out_device)
-    acc: _Accumulator | _BandAccumulator = (_Accumulator(grid, out_device, dtype, weight_out[0]) if band is None
-                                             else _BandAccumulator(grid, band, out_device, dtype, weight_out[0]))
+    acc: _Accumulator | _BandAccumulator = (_BandAccumulator(grid, bands, out_device, dtype, weight_out[0]) if bands
+                                             else _Accumulator(grid, out_device, dtype, weight_out[0]))
     n = len(grid.windows)
     for first in range(0, n, sw_batch_size):
         group = range(first, min(first + sw_batch_size, n))
@@ -322,107 +323,113 @@ class _Accumulator:
 
 
 class _BandAccumulator:
-    """:class:`_Accumulator` with the slab also cut along a second axis, ``band``: the open scores are
-    held in blocks between consecutive window edges along both axes (whole along the others), and a
-    block is given out as soon as the last window over it is added. Along ``band`` a row of windows
-    finishes its blocks one column of windows at a time, so a row holds the columns still open and
-    the part of the slab the next row will add to, rather than the whole plane a patch thick. Each
-    voxel gets the same additions in the same order as :class:`_Accumulator` gives it (the windows in
-    the same order), and the same weights, so the scores are bitwise the same. Finished blocks are
-    given out as :data:`Tile` pieces: per column of blocks (band order), a run of slices at a time
-    (at most ``piece_bytes``), and a sweep row's columns before the next row's."""
+    """:class:`_Accumulator` with the slab also cut along other axes, ``bands`` (one or two): the open
+    scores are held in blocks between consecutive window edges along the sweep axis and each band (whole
+    along any other axis), and a block is given out as soon as the last window over it is added. A row
+    of windows then finishes its blocks a column of windows (and, with a second band, a window of the
+    column) at a time, so a row holds what its windows still reach and the part of the slab the next
+    row will add to, rather than the whole plane a patch thick. Each voxel gets the same additions in
+    the same order as :class:`_Accumulator` gives it (the windows in the same order), and the same
+    weights, so the scores are bitwise the same. Finished blocks are given out as :data:`Tile` pieces:
+    per block of the bands (in band order, each after the blocks before it along each band), a run of
+    slices at a time (at most ``piece_bytes``), and a sweep row's tiles before the next row's."""
 
-    def __init__(self, grid: WindowGrid, band: int, device: torch.device, dtype: torch.dtype, weight: torch.Tensor,
-                 piece_bytes: int = PIECE_BYTES):
-        if band == grid.axis:
-            raise ValueError(f"_BandAccumulator: band {band} is the sweep axis; give another spatial axis")
-        self.grid, self.band, self.device, self.dtype, self.piece_bytes = grid, band, device, dtype, piece_bytes
+    def __init__(self, grid: WindowGrid, bands: Sequence[int], device: torch.device, dtype: torch.dtype,
+                 weight: torch.Tensor, piece_bytes: int = PIECE_BYTES):
+        if grid.axis in bands or not bands:
+            raise ValueError(f"_BandAccumulator: bands {tuple(bands)} must be other axes than the sweep's ({grid.axis})")
+        self.grid, self.bands, self.device, self.dtype, self.piece_bytes = grid, tuple(bands), device, dtype, piece_bytes
+        self.axes = (grid.axis, *self.bands)
         self.weight = weight  # (1, *roi)
         self.edges = tuple(sorted({int(e) for w in grid.windows for e in (w[a].start, w[a].stop)} | {0, grid.size[a]})
-                           for a in (grid.axis, band))
+                           for a in self.axes)
         self.covered = [self._covered(w) for w in range(len(grid.windows))]
-        last: dict[tuple[int, int], int] = {}
+        last: dict[tuple[int, ...], int] = {}
         for w, keys in enumerate(self.covered):
             last.update((key, w) for key in keys)
-        self.closing: dict[int, list[tuple[int, int]]] = {}  # window -> the blocks it is the last over
+        self.closing: dict[int, list[tuple[int, ...]]] = {}  # window -> the blocks it is the last over
         for key, w in sorted(last.items()):
             self.closing.setdefault(w, []).append(key)
-        self.blocks: dict[tuple[int, int], torch.Tensor] = {}
+        self.blocks: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def _covered(self, window: int) -> list[tuple[int, int]]:
-        """The blocks (index along the sweep axis, index along the band) a window covers."""
+    def _covered(self, window: int) -> list[tuple[int, ...]]:
+        """The blocks (an index along the sweep axis, then along each band) a window covers."""
         cut = self.grid.windows[window]
         found = [[i for i in range(len(edges) - 1) if edges[i] >= cut[a].start and edges[i + 1] <= cut[a].stop]
-                 for edges, a in zip(self.edges, (self.grid.axis, self.band))]
-        return [(i, j) for i in found[0] for j in found[1]]
+                 for edges, a in zip(self.edges, self.axes)]
+        return list(itertools.product(*found))
 
-    def _span(self, key: tuple[int, int]) -> tuple[int, int, int, int]:
-        (za, zb), (ba, bb) = ((e[k], e[k + 1]) for e, k in zip(self.edges, key))
-        return za, zb, ba, bb
+    def _span(self, key: tuple[int, ...]) -> list[tuple[int, int]]:
+        """A block's ``(start, stop)`` along the sweep axis, then along each band (padded coordinates)."""
+        return [(e[k], e[k + 1]) for e, k in zip(self.edges, key)]
 
     def add(self, window: int, scores: torch.Tensor) -> None:
-        axis, band = self.grid.axis, self.band
         cut = list(self.grid.windows[window])
-        w_axis, w_band = cut[axis].start, cut[band].start
-        cut[axis] = cut[band] = slice(None)  # a block lies inside every window over it along both axes
+        starts = [cut[a].start for a in self.axes]
+        for a in self.axes:
+            cut[a] = slice(None)  # a block lies inside every window over it along these axes
         for key in self.covered[window]:
-            z0, z1, b0, b1 = self._span(key)
             block = self.blocks.get(key)
+            spans = self._span(key)
             if block is None:
                 shape = list(self.grid.size)
-                shape[axis], shape[band] = z1 - z0, b1 - b0
+                for a, (lo, hi) in zip(self.axes, spans):
+                    shape[a] = hi - lo
                 block = self.blocks[key] = torch.zeros((scores.shape[0], *shape), dtype=self.dtype, device=self.device)
-            block[(slice(None), *cut)] += scores.narrow(1 + axis, z0 - w_axis, z1 - z0).narrow(1 + band, b0 - w_band,
-                                                                                              b1 - b0)
+            part = scores
+            for a, (lo, hi), start in zip(self.axes, spans, starts):
+                part = part.narrow(1 + a, lo - start, hi - lo)
+            block[(slice(None), *cut)] += part
 
-    def weights(self, z0: int, z1: int, b0: int, b1: int) -> torch.Tensor:
-        """The summed weights of padded ``[z0, z1)`` x ``[b0, b1)`` (whole along the other axes), the
-        windows in the order they were added (bitwise what :meth:`_Accumulator.weights` sums there)."""
-        axis, band = self.grid.axis, self.band
+    def weights(self, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The summed weights over ``spans`` (padded, along the sweep axis then each band; whole along the
+        others), the windows in the order they were added (bitwise what :meth:`_Accumulator.weights` sums)."""
         shape = list(self.grid.size)
-        shape[axis], shape[band] = z1 - z0, b1 - b0
+        for a, (lo, hi) in zip(self.axes, spans):
+            shape[a] = hi - lo
         total = torch.zeros((1, *shape), dtype=self.dtype, device=self.device)
         for window in self.grid.windows:
-            lo, hi = max(z0, window[axis].start), min(z1, window[axis].stop)
-            blo, bhi = max(b0, window[band].start), min(b1, window[band].stop)
-            if hi <= lo or bhi <= blo:
+            meet = [(max(lo, window[a].start), min(hi, window[a].stop)) for a, (lo, hi) in zip(self.axes, spans)]
+            if any(hi <= lo for lo, hi in meet):
                 continue
-            cut = list(window)
-            cut[axis], cut[band] = slice(lo - z0, hi - z0), slice(blo - b0, bhi - b0)
-            part = self.weight.narrow(1 + axis, lo - window[axis].start, hi - lo)
-            total[(slice(None), *cut)] += part.narrow(1 + band, blo - window[band].start, bhi - blo)
+            cut, part = list(window), self.weight
+            for a, (lo, _hi), (m0, m1) in zip(self.axes, spans, meet):
+                cut[a] = slice(m0 - lo, m1 - lo)
+                part = part.narrow(1 + a, m0 - window[a].start, m1 - m0)
+            total[(slice(None), *cut)] += part
         return total
 
     def after(self, window: int) -> Iterator[Tile]:
-        """The blocks ``window`` was the last over, per column of blocks along the band, in pieces."""
-        columns: dict[int, list[int]] = {}
-        for i, j in self.closing.get(window, []):
-            columns.setdefault(j, []).append(i)
-        for j in sorted(columns):
-            rows = sorted(columns[j])
-            for run in _runs(rows):
-                yield from self._give(run, j)
+        """The blocks ``window`` was the last over, per block of the bands (in band order), in pieces."""
+        columns: dict[tuple[int, ...], list[int]] = {}
+        for key in self.closing.get(window, []):
+            columns.setdefault(key[1:], []).append(key[0])
+        for column in sorted(columns):
+            for run in _runs(sorted(columns[column])):
+                yield from self._give(run, column)
 
-    def _give(self, rows: list[int], j: int) -> Iterator[Tile]:
-        """Blocks ``rows`` (consecutive along the sweep axis) of column ``j``, cut to the volume, in pieces."""
-        axis, band = self.grid.axis, self.band
+    def _give(self, rows: list[int], column: tuple[int, ...]) -> Iterator[Tile]:
+        """Blocks ``rows`` (consecutive along the sweep axis) of one block of the bands, cut to the volume,
+        in pieces."""
+        axis = self.grid.axis
         off, shape = self.grid.offset, self.grid.shape
-        keys = [(i, j) for i in rows]
-        z_start, b0 = self._span(keys[0])[0], self._span(keys[0])[2]
-        z_stop, b1 = self._span(keys[-1])[1], self._span(keys[-1])[3]
-        first, last = max(z_start, off[axis]), min(z_stop, off[axis] + shape[axis])
-        bc0, bc1 = max(b0, off[band]), min(b1, off[band] + shape[band])
+        keys = [(i, *column) for i in rows]
+        first_span, last_span = self._span(keys[0]), self._span(keys[-1])
+        first, last = max(first_span[0][0], off[axis]), min(last_span[0][1], off[axis] + shape[axis])
+        # each band cut to the volume: (padded start of the block, volume start, volume stop) in padded coordinates
+        kept = [(lo, max(lo, off[a]), min(hi, off[a] + shape[a])) for a, (lo, hi) in zip(self.bands, first_span[1:])]
         cut = [slice(o, o + n) for o, n in zip(off, shape)]
-        cut[band] = slice(bc0 - b0, bc1 - b0)
-        slice_bytes = 4 * self.blocks[keys[0]].shape[0] * max(1, bc1 - bc0) * math.prod(
-            n for d, n in enumerate(shape) if d not in (axis, band))
-        per_piece = max(1, -(-self.piece_bytes // slice_bytes))
-        for piece_start in range(first, last if bc1 > bc0 else first, per_piece):
+        for a, (lo, c0, c1) in zip(self.bands, kept):
+            cut[a] = slice(c0 - lo, c1 - lo)
+        across = math.prod(max(0, c1 - c0) for _, c0, c1 in kept) * math.prod(
+            n for d, n in enumerate(shape) if d not in self.axes)
+        per_piece = max(1, -(-self.piece_bytes // max(1, 4 * self.blocks[keys[0]].shape[0] * across)))
+        for piece_start in range(first, last if across else first, per_piece):
             piece_stop = min(piece_start + per_piece, last)
-            weights = self.weights(piece_start, piece_stop, b0, b1)
+            weights = self.weights([(piece_start, piece_stop), *first_span[1:]])
             parts = []
             for key in keys:
-                za, zb = self._span(key)[:2]
+                za, zb = self._span(key)[0]
                 lo, hi = max(piece_start, za), min(piece_stop, zb)
                 if hi <= lo:
                     continue
@@ -430,9 +437,10 @@ class _BandAccumulator:
                 scores = self.blocks[key][(slice(None), *cut)]
                 cut[axis] = slice(lo - piece_start, hi - piece_start)
                 parts.append((scores / weights[(slice(None), *cut)]).float())
-            yield (piece_start - off[axis], piece_stop - off[axis], bc0 - off[band], bc1 - off[band],
+            ranges = tuple((c0 - off[a], c1 - off[a]) for a, (_, c0, c1) in zip(self.bands, kept))
+            yield (piece_start - off[axis], piece_stop - off[axis], ranges,
                    parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=1 + axis))
-            for key in [k for k in keys if k in self.blocks and self._span(k)[1] <= piece_stop]:
+            for key in [k for k in keys if k in self.blocks and self._span(k)[0][1] <= piece_stop]:
                 del self.blocks[key]  # given out whole: freed
         for key in keys:
             self.blocks.pop(key, None)

@@ -136,35 +136,43 @@ def test_class_softmax_of_a_slab_is_bitwise_the_whole_volumes() -> None:
     torch.testing.assert_close(class_sigmoid(logits), torch.sigmoid(logits), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, roi, overlap, axis, band, batch", [
-    ((23, 31, 13), (8, 8, 8), 0.5, 2, 0, 3),  # batches span columns and rows
-    ((9, 40, 21), (16, 8, 8), 0.25, 2, 0, 1),  # the band shorter than the patch: padded
-    ((37, 17, 11), (8, 8, 8), 0.5, 0, 1, 3),
-    ((11, 12, 50), (16, 16, 8), 0.25, 2, 0, 2),  # one column of windows
+@pytest.mark.parametrize("shape, roi, overlap, axis, bands, batch", [
+    ((23, 31, 13), (8, 8, 8), 0.5, 2, (0,), 3),  # batches span columns and rows
+    ((23, 31, 13), (8, 8, 8), 0.5, 2, (0, 1), 3),  # a block of a column at a time
+    ((9, 40, 21), (16, 8, 8), 0.25, 2, (0, 1), 1),  # the first band shorter than the patch: padded
+    ((37, 17, 11), (8, 8, 8), 0.5, 0, (1, 2), 3),
+    ((11, 12, 50), (16, 16, 8), 0.25, 2, (0, 1), 2),  # one column of windows
 ])
-def test_tiles_along_a_band_are_the_whole_slabs_bitwise(shape, roi, overlap, axis, band, batch) -> None:
-    """Slabs also cut along a band axis (a block given out once the last window over it is added) hold the
-    whole slabs' scores bitwise, each voxel given out once, a row's tiles in band order before the next row's."""
+def test_tiles_along_bands_are_the_whole_slabs_bitwise(shape, roi, overlap, axis, bands, batch) -> None:
+    """Slabs also cut along band axes (a block given out once the last window over it is added) hold the
+    whole slabs' scores bitwise, each voxel given out once, each tile after its neighbours before it
+    along each band, a row's tiles before the next row's."""
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 7, 3, padding=1).eval()
     image = torch.randn(1, *shape)
 
-    def assemble(pieces, tiled: bool) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    def assemble(pieces, tiled: bool) -> tuple[torch.Tensor, list]:
         out, order = torch.full((7, *shape), float("nan")), []
         for piece in pieces:
-            start, stop, *cut, scores = piece
+            start, stop, *ranges, scores = piece
             where = [slice(None)] * 4
             where[1 + axis] = slice(start, stop)
             if tiled:
-                where[1 + band] = slice(*cut)
-                order.append((start, stop, *cut))
+                for band, (lo, hi) in zip(bands, ranges[0]):
+                    where[1 + band] = slice(lo, hi)
+                for band, (lo, _) in zip(bands, ranges[0]):
+                    if lo > 0:  # the tile before it along this band is out already, for these slices
+                        before = list(where)
+                        before[1 + band] = slice(lo - 1, lo)
+                        assert not torch.isnan(out[tuple(before)]).any()
+                order.append((start, stop, ranges[0]))
             assert torch.isnan(out[tuple(where)]).all()  # given out once
             out[tuple(where)] = scores
         return out, order
 
     common = dict(overlap=overlap, sw_batch_size=batch, axis=axis, device=torch.device("cpu"))
     whole, _ = assemble(stream_logits(net, image, roi, **common), False)
-    tiled, order = assemble(stream_logits(net, image, roi, band=band, **common), True)
+    tiled, order = assemble(stream_logits(net, image, roi, bands=bands, **common), True)
     assert not torch.isnan(tiled).any() and torch.equal(whole, tiled)
-    rows = [o for o in order if o[2] == 0]  # a row starts at the band's start, in sweep order
+    rows = [o for o in order if all(lo == 0 for lo, _ in o[2])]  # a row starts at every band's start
     assert [r[0] for r in rows] == sorted(r[0] for r in rows)

@@ -66,8 +66,8 @@ class ScoresPlan:
         full_bytes: estimated peak of the full-buffer path's scores (bytes).
         bounded_bytes: estimated peak of the bounded path's scores (bytes).
         reason: why this path, in words (for logs and ``medseg plan --explain``).
-        band: where the bounded path also cuts its slabs into tiles, the network axis it cuts
-            along (an inexact sweep of one sample, :func:`tile_band`), else None.
+        bands: where the bounded path also cuts its slabs into tiles, the network axes it cuts
+            along (an inexact sweep of one sample, :func:`tile_bands`), else empty.
     """
 
     bounded: bool
@@ -76,17 +76,17 @@ class ScoresPlan:
     full_bytes: int
     bounded_bytes: int
     reason: str
-    band: int | None = None
+    bands: tuple[int, ...] = ()
 
 
-def tile_band(axis: int, dims: int, exact: bool, samples: int) -> int | None:
-    """The axis an inexact sweep of one sample also cuts its slabs along: the first spatial axis but
-    the swept one, whose window columns run in MONAI's order within a row of windows (so the tiles'
-    sums are bitwise the whole slabs'). None for the exact sweep (the full buffer's batches are kept)
-    and for several samples (their slabs are cut to common ranges, :func:`in_step`)."""
+def tile_bands(axis: int, dims: int, exact: bool, samples: int) -> tuple[int, ...]:
+    """The axes an inexact sweep of one sample also cuts its slabs along: every spatial axis but the
+    swept one (the tiles' sums are the whole slabs', bitwise: the windows run in the same order). None
+    for the exact sweep (the full buffer's batches are kept) and for several samples (their slabs are
+    cut to common ranges, :func:`in_step`)."""
     if exact or samples != 1:
-        return None
-    return min(a for a in range(dims) if a != axis)
+        return ()
+    return tuple(a for a in range(dims) if a != axis)
 
 
 def full_scores_bytes(classes: int, net_voxels: int, native_voxels: int, samples: int = 1) -> int:
@@ -98,16 +98,16 @@ def full_scores_bytes(classes: int, net_voxels: int, native_voxels: int, samples
 
 def bounded_scores_bytes(classes: int, net_shape: Sequence[int], patch: Sequence[int], axis: int,
                          sw_batch_size: int, overlap: float, samples: int = 1, native_plane: int = 0,
-                         piece_bytes: int = PIECE_BYTES, band: int | None = None) -> int:
+                         piece_bytes: int = PIECE_BYTES, bands: Sequence[int] = ()) -> int:
     """The bounded path's peak for its scores (estimated): per sample, the open slices (a patch
     thick: a sweep gives out a row's own slices before it adds the next row's windows) of K scores
     (the weights are summed per finished piece); one batch of windows' K scores as the network gives
     them; the finished pieces (at most ``piece_bytes`` each: one per sample, and three pieces' worth
     of averaging, labels and entropy); one byte a voxel of labels; for a resampling model, a few
-    K-class slices of the input's grid (``native_plane`` voxels each). With ``band`` (tiles, one
-    sample: :func:`tile_band_bytes`) the open slices are those of one column of windows."""
-    if band is not None:
-        return tile_band_bytes(classes, net_shape, patch, axis, band, sw_batch_size, overlap, native_plane,
+    K-class slices of the input's grid (``native_plane`` voxels each). With ``bands`` (tiles, one
+    sample: :func:`tile_band_bytes`) the open scores are those the windows still reach."""
+    if bands:
+        return tile_band_bytes(classes, net_shape, patch, axis, bands, sw_batch_size, overlap, native_plane,
                                piece_bytes)
     plane = math.prod(int(s) for i, s in enumerate(net_shape) if i != axis)
     stride = max(1, int(patch[axis] * (1 - overlap)))
@@ -118,24 +118,35 @@ def bounded_scores_bytes(classes: int, net_shape: Sequence[int], patch: Sequence
             + 4 * F32 * classes * native_plane)
 
 
-def tile_band_bytes(classes: int, net_shape: Sequence[int], patch: Sequence[int], axis: int, band: int,
+def tile_band_bytes(classes: int, net_shape: Sequence[int], patch: Sequence[int], axis: int, bands: Sequence[int],
                     sw_batch_size: int, overlap: float, native_plane: int = 0, piece_bytes: int = PIECE_BYTES) -> int:
     """The tiled sweep's peak for its scores (estimated, one sample): the part of the plane the next
-    row of windows adds to (the overlap of two rows, whole), the column of windows now open (a patch
-    wide along ``band``, the rest of a row's thickness); one batch of windows' K scores; four pieces
-    (the piece, its probabilities, their average and labels), each at least one slice of a column;
-    for a resampling model, the last slice of this row and of the row before (whole planes) and the
-    interpolation of one tile of an input slice (a patch's share of ``native_plane``, a few copies);
-    no network-grid labels for a resampling model (``native_plane`` > 0), one byte a voxel otherwise."""
+    row of windows adds to (the overlap of two rows, whole); for the rest of a row's thickness, the
+    part of the column the next column of windows adds to (whole along a second band) and the window
+    now running (one band: the whole column); one batch of windows' K scores; four pieces (the piece,
+    its probabilities, their average and labels), each at least one slice of a tile; for a resampling
+    model, the last slice of this row and of the row before (whole planes) and the interpolation of
+    one tile of an input slice (a patch's share of ``native_plane``, a few copies); no network-grid
+    labels for a resampling model (``native_plane`` > 0), one byte a voxel otherwise."""
     plane = math.prod(int(s) for i, s in enumerate(net_shape) if i != axis)
-    rest = plane // max(1, int(net_shape[band]))
-    stride = max(1, int(patch[axis] * (1 - overlap)))
-    reach = min(int(net_shape[axis]), int(patch[axis]))
-    width = min(int(net_shape[band]), int(patch[band]))
-    open_scores = F32 * classes * (max(0, reach - stride) * plane + min(reach, stride) * width * rest)
+
+    def reach_and_overlap(a: int) -> tuple[int, int]:
+        reach = min(int(net_shape[a]), int(patch[a]))
+        return reach, max(0, reach - max(1, int(patch[a] * (1 - overlap))))
+
+    reach, shared = reach_and_overlap(axis)
+    width, shared_b = reach_and_overlap(bands[0])
+    along = plane // max(1, int(net_shape[bands[0]]))  # the other axes of a slice, whole
+    if len(bands) > 1:
+        window = math.prod(min(int(net_shape[a]), int(patch[a])) for a in bands[1:])
+        column = shared_b * along + (width - shared_b) * window
+    else:
+        column = width * along
+    open_scores = F32 * classes * (shared * plane + (reach - shared) * column)
     batch = F32 * sw_batch_size * classes * math.prod(int(p) for p in patch)
-    piece = max(piece_bytes, F32 * classes * width * rest)
-    resampling = (2 * F32 * classes * plane + 4 * F32 * classes * native_plane * width // max(1, int(net_shape[band]))
+    tile = width * (along if len(bands) == 1 else math.prod(min(int(net_shape[a]), int(patch[a])) for a in bands[1:]))
+    piece = max(piece_bytes, F32 * classes * tile)
+    resampling = (2 * F32 * classes * plane + 4 * F32 * classes * native_plane * tile // max(1, plane)
                   if native_plane else math.prod(net_shape))
     return open_scores + batch + 4 * piece + resampling
 
@@ -155,11 +166,11 @@ def plan_scores(contract: dict[str, Any], net_shape: Sequence[int], native_shape
     full = full_scores_bytes(classes, math.prod(net_shape), math.prod(native_shape), samples)
     flipped = {a for combo in flip_axes for a in combo}
     capped = batch_cap(classes, patch, batch)
-    bands = {a: tile_band(a, len(net_shape), a == 0 and not resampled, samples) for a in range(len(net_shape))}
+    bands = {a: tile_bands(a, len(net_shape), a == 0 and not resampled, samples) for a in range(len(net_shape))}
     costs = {a: bounded_scores_bytes(classes, net_shape, patch, a, batch if a == 0 and not resampled else capped,
                                      overlap, samples,
                                      native_plane=math.prod(native_shape) // max(native_shape) if resampled else 0,
-                                     band=bands[a])
+                                     bands=bands[a])
              for a in range(len(net_shape)) if a not in flipped}
     if not costs:
         return ScoresPlan(False, 0, False, full, 0, "TTA flips every axis, so no axis can be swept in one direction")
@@ -215,13 +226,13 @@ def member_slabs(member: tuple[nn.Module, dict[str, Any]], image: torch.Tensor, 
                  amp: torch.dtype | None, overlap: float | None, sigmoid: bool,
                  intensity: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  capped_classes: int | None = None, consumed: bool = False,
-                 band: int | None = None) -> Iterator[Slab | Tile]:
+                 bands: Sequence[int] = ()) -> Iterator[Slab | Tile]:
     """One member's probabilities slab by slab: its blended logits through its temperature and
     softmax (or sigmoid for a region model), as :meth:`SegmentationPredictor.samples` makes them
     (``intensity``: a CT window the preprocessing deferred, applied to each batch of windows;
     ``capped_classes``: on an inexact sweep, the classes whose scores :func:`batch_cap` bounds a batch by;
     ``consumed``: the image is this sweep's alone and read by nothing after it, so the rows it has
-    passed are handed back, :func:`row_releaser`; ``band``: the slabs come in tiles along that axis,
+    passed are handed back, :func:`row_releaser`; ``bands``: the slabs come in tiles along those axes,
     :data:`~medseg.engine.sliding.Tile`)."""
     network, contract = member
     window = contract["sliding_window"]
@@ -231,10 +242,10 @@ def member_slabs(member: tuple[nn.Module, dict[str, Any]], image: torch.Tensor, 
     for piece in stream_logits(
             network, image, contract["patch_size"], overlap=overlap if overlap is not None else window["overlap"],
             sw_batch_size=batch, blend=window["blend"], device=device, amp_dtype=amp, axis=axis,
-            window=intensity, passed=row_releaser(image, axis) if consumed else None, band=band):
+            window=intensity, passed=row_releaser(image, axis) if consumed else None, bands=bands):
         logits = piece[-1]
         probs = class_sigmoid(logits) if sigmoid else class_softmax(logits, contract_temperature(contract))
-        yield (piece[0], piece[1], probs) if len(piece) == 3 else (piece[0], piece[1], piece[2], piece[3], probs)
+        yield (piece[0], piece[1], probs) if len(piece) == 3 else (piece[0], piece[1], piece[2], probs)
 
 
 def row_releaser(image: torch.Tensor, axis: int) -> Callable[[int], None] | None:
@@ -363,21 +374,21 @@ class SweepResult:
 def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tensor, *, axis: int, tta: bool,
           flip_axes: Sequence[int] | None, slabs: SampleSweep, decode: Callable[[torch.Tensor], torch.Tensor],
           foreground: Sequence[int], sigmoid: bool, keep_probabilities: bool,
-          on_slab: Callable[..., None] | None = None, band: int | None = None,
+          on_slab: Callable[..., None] | None = None, bands: Sequence[int] = (),
           keep_labels: bool = True) -> SweepResult:
     """Every (member, flip) sample of ``image`` in step along ``axis``: per slab the samples'
     mean (summed in :func:`~medseg.engine.tta.predict_samples`' order), its labels (``decode``),
-    the uncertainty sums, and ``on_slab(start, stop, mean)`` for whoever resamples it. With ``band``
-    (one sample only: in-step cutting needs whole slabs) the slabs come in tiles along that axis and
-    ``on_slab`` also gets each tile's ``band_start, band_stop``; ``keep_labels``: False where only
+    the uncertainty sums, and ``on_slab(start, stop, mean)`` for whoever resamples it. With ``bands``
+    (one sample only: in-step cutting needs whole slabs) the slabs come in tiles along those axes and
+    ``on_slab`` also gets each tile's ``(start, stop)`` along them; ``keep_labels``: False where only
     ``on_slab`` needs them (a resampling model's labels are made on the input's grid)."""
     dims = image.ndim - 1
     combos = flip_combinations(dims, tta, flip_axes)
     if any(axis in combo for combo in combos):
         raise ValueError(f"sweep: axis {axis} is flipped by TTA; sweep an axis no flip turns round")
     runs = [(m, combo) for m in members for combo in combos]
-    if band is not None and len(runs) != 1:
-        raise ValueError(f"sweep: tiles along band {band} need one sample, got {len(runs)} (members x flips)")
+    if bands and len(runs) != 1:
+        raise ValueError(f"sweep: tiles along axes {tuple(bands)} need one sample, got {len(runs)} (members x flips)")
     trim_heap()  # what reading and preprocessing freed, handed back before the open slices are allocated
     streams = [slabs(m, flip_spatial(image, combo, dims)) for m, combo in runs]
     spatial = tuple(image.shape[1:])
@@ -385,9 +396,9 @@ def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tens
     labels = torch.empty(spatial, dtype=torch.uint8) if keep_labels else None
     kept: torch.Tensor | None = None
     totals = SweepTotals()
-    pieces = ((s, e, None, None, o) for s, e, o in in_step(cast(list[Iterator[Slab]], streams), axis)) \
-        if band is None else ((s, e, b0, b1, [x]) for s, e, b0, b1, x in cast(Iterator[Tile], streams[0]))
-    for start, stop, b0, b1, outs in pieces:
+    pieces = ((s, e, None, o) for s, e, o in in_step(cast(list[Iterator[Slab]], streams), axis)) if not bands \
+        else ((s, e, r, [x]) for s, e, r, x in cast(Iterator[Tile], streams[0]))
+    for start, stop, ranges, outs in pieces:
         outs = [flip_spatial(o, combo, dims) for o, (_, combo) in zip(outs, runs)]
         sample_labels = [decode(o) for o in outs] if len(outs) > 1 else []
         total = outs[0]
@@ -398,8 +409,7 @@ def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tens
         totals.add_entropy(mean, consensus, sigmoid)
         if sample_labels:
             totals.add_agreement(sample_labels, consensus, foreground)
-        region = [(axis, start, stop)] + ([(band, int(b0), int(b1))] if band is not None and b0 is not None
-                                          and b1 is not None else [])
+        region = [(axis, start, stop), *((b, lo, hi) for b, (lo, hi) in zip(bands, ranges or ()))]
         if labels is not None:
             _part(labels, region).copy_(consensus)
         if keep_probabilities:
@@ -407,10 +417,10 @@ def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tens
                 kept = torch.empty((mean.shape[0], *spatial), dtype=torch.float32)
             _part(kept, region, 1).copy_(mean)
         if on_slab is not None:
-            if band is None:
+            if ranges is None:
                 on_slab(start, stop, mean)
             else:
-                on_slab(start, stop, mean, b0, b1)
+                on_slab(start, stop, mean, ranges)
         trim_heap()  # a slab's temporaries are small enough for glibc's heap, which would otherwise keep them
     return SweepResult(labels, kept, totals)
 

@@ -303,15 +303,15 @@ class SegmentationPredictor:
                                   capped_classes=None if plan.exact else len(self.names) if self.regions is None
                                   else len(self.regions.labels),
                                   consumed=owned and not self.options.tta and len(self.model.networks) == 1,
-                                  band=plan.band)
-        resample = SlabResampler.for_volume(volume, axis, plan.band) if resamples(self.model.contract) else None
+                                  bands=plan.bands)
+        resample = SlabResampler.for_volume(volume, axis, plan.bands) if resamples(self.model.contract) else None
         if resample is not None:
             resample.start(self.label_map, keep_probabilities, len(self.names))
         result = sweep(self.model.members(), volume.as_tensor(), axis=axis, tta=self.options.tta,
                        flip_axes=self.flip_axes, slabs=slabs, decode=self.label_map, sigmoid=sigmoid,
                        foreground=[v for v in self.names if v != 0],
                        keep_probabilities=keep_probabilities and resample is None,
-                       on_slab=resample.add if resample is not None else None, band=plan.band,
+                       on_slab=resample.add if resample is not None else None, bands=plan.bands,
                        keep_labels=resample is None)
         affine = np.asarray(volume.meta["original_affine"], dtype=np.float64)
         if resample is not None:
