@@ -167,9 +167,10 @@ def plan_scores(contract: dict[str, Any], net_shape: Sequence[int], native_shape
     flipped = {a for combo in flip_axes for a in combo}
     capped = batch_cap(classes, patch, batch)
     bands = {a: tile_bands(a, len(net_shape), a == 0 and not resampled, samples) for a in range(len(net_shape))}
+    # the input slice across swept axis a (taken as the input's axis a: a reorientation that only flips)
     costs = {a: bounded_scores_bytes(classes, net_shape, patch, a, batch if a == 0 and not resampled else capped,
                                      overlap, samples,
-                                     native_plane=math.prod(native_shape) // max(native_shape) if resampled else 0,
+                                     native_plane=math.prod(native_shape) // native_shape[a] if resampled else 0,
                                      bands=bands[a])
              for a in range(len(net_shape)) if a not in flipped}
     if not costs:
