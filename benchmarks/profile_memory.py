@@ -9,11 +9,12 @@ Per stage it records the resident memory as the stage starts and the highest sam
 ``VmHWM`` is the whole process's peak. (tracemalloc sees only Python's own allocations, not torch's.)
 
 ``--workload wb``: bench_memory.py's whole-body scan instead (512x512x``--depth`` int16, 0.8x0.8x1.5 mm,
-an untrained 100-class head resampling to 1.5 mm, patch 96x96x64), written to memory_stages_wb.json/.md.
+an untrained 100-class head resampling to 1.5 mm, patch 96x96x64). Each workload's profile replaces its
+own in the results and keeps the other's.
 
 Usage: python benchmarks/profile_memory.py [--workload ct300|wb] [--depth 1000] [--out benchmarks/results] [--tiny]
-Writes memory_stages.json and memory_stages.md (``wb``: memory_stages_wb.*). ``--tiny``: a 45x38x29 scan
-(``wb``: 37x33x50, 5 classes), patch 16, U-Net 4-32.
+Writes memory_stages.json and memory_stages.md. ``--tiny``: a 45x38x29 scan (``wb``: 37x33x50, 5 classes),
+patch 16, U-Net 4-32.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Any
 from tiny import add_tiny_arguments, results_folder, scratch_folder
 
 REPO = Path(__file__).resolve().parents[1]
+#: The workloads, in the order memory_stages.md shows them.
+TITLES = {"ct300": "ct300: a CT, 3 classes, no resampling", "wb": "wb: a whole-body CT, 100 classes, resampled"}
 
 
 class StageSampler:
@@ -160,10 +163,20 @@ def main(argv: list[str] | None = None) -> None:
                       round(x, 2) for x in os.getloadavg()],
                   host="a shared 2-core host: other sessions' jobs ran beside this one")
     out.mkdir(parents=True, exist_ok=True)
-    name = "memory_stages" if args.workload == "ct300" else "memory_stages_wb"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(result))
+    saved = _saved(out / "memory_stages.json")
+    saved[args.workload] = result  # the other workload's profile stays
+    (out / "memory_stages.json").write_text(json.dumps({"workloads": saved}, indent=2) + "\n")
+    (out / "memory_stages.md").write_text("\n".join(f"### {TITLES[w]}\n\n{markdown(saved[w])}" for w in TITLES
+                                                    if w in saved))
     print(markdown(result))
+
+
+def _saved(path: Path) -> dict[str, dict]:
+    """The profiles memory_stages.json holds, by workload (a file written before workloads: ct300's alone)."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    return saved["workloads"] if "workloads" in saved else {"ct300": saved}
 
 
 def _workload(args: argparse.Namespace, work: Path) -> tuple[tuple[int, ...], str, int, str]:
