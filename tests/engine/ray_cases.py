@@ -170,8 +170,10 @@ def predict_killing_a_busy_actor(model: dict[str, str], scans: Path, out: Path, 
     job.start()
     # Generous: on a loaded 2-core host the actors' start (imports, model load) once took over 120 s
     deadline = time.monotonic() + 360
+    # a case keeps its actor busy for a few tenths of a second; a tighter poll (each one walks every process under
+    # this one) took CPU from the actors it waits for on a 2-core host
     while not case_actor_pids(busy=True) and job.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.05)
     busy = case_actor_pids(busy=True)
     assert busy, "no actor of the network pool was seen predicting a case"
     os.kill(busy[0], signal.SIGKILL)
