@@ -33,7 +33,11 @@ Each arm writes its entry into ``detection.json`` (arms run as separate invocati
 and ``detection.md`` is rewritten from all entries. The host is shared: run with OMP_NUM_THREADS=1.
 
 Usage: python benchmarks/bench_detection.py [--minutes 4] [--arms retinanet,segment_components]
-[--dataset synthetic|hippocampus|brain_tumour] [--out DIR] [--tiny]
+[--dataset synthetic|hippocampus|brain_tumour] [--tracking-uri URI] [--out DIR] [--tiny]
+
+``--tracking-uri`` keeps the arms' MLflow runs in a store of the user's (each entry then names its run,
+per fold for brain_tumour) to compare them in the MLflow UI; by default each arm's store sits in its
+scratch folder and goes with it.
 
 ``--tiny`` (benchmarks/tiny.py): 5 small scans (hippocampus: 4/2/2 cases of the split; brain_tumour:
 the fold that holds PGBM-001 out, on a 3 mm grid), one epoch per arm; for the test suite, never into
@@ -282,29 +286,33 @@ def _component_boxes(result: Any, scans: list[tuple[str, Path, Path]], classes: 
     return out
 
 
-def run_arm(name: str, scratch: Path, minutes: float, tiny: bool, dataset: str = "synthetic") -> dict[str, Any]:
-    """Train one arm, find the test scans' lesions (or structures) with it and score them."""
+def run_arm(name: str, scratch: Path, minutes: float, tiny: bool, dataset: str = "synthetic",
+            tracking_uri: str | None = None) -> dict[str, Any]:
+    """Train one arm, find the test scans' lesions (or structures) with it and score them; its runs are
+    logged to ``tracking_uri`` (default: a store in ``scratch``)."""
     from medseg.tasks.detection.config import SyntheticLesionsConfig
     from medseg.tasks.detection.synthetic import write_lesion_dataset
 
     if dataset == "brain_tumour":
-        return _brain_tumour_arm(name, scratch, minutes, tiny)
+        return _brain_tumour_arm(name, scratch, minutes, tiny, tracking_uri)
     if dataset == "hippocampus":
         detection, min_volume = _hippocampus_config(scratch, minutes, tiny), HIPPOCAMPUS_MIN_VOLUME_MM3
     else:
         detection, min_volume = _detection_config(scratch, minutes, tiny), MIN_VOLUME_MM3
         write_lesion_dataset(SyntheticLesionsConfig.model_validate(detection["data"]["synthetic"]), scratch / "data",
                              scratch / "lesions.csv")
-    found, references, run = _train_and_find(name, detection, scratch, min_volume)
+    found, references, run = _train_and_find(name, detection, scratch, min_volume, tracking_uri)
     return {**run, **_scores(found, references, _classes(detection))}
 
 
-def _train_and_find(name: str, detection: dict[str, Any], scratch: Path,
-                    min_volume_mm3: float) -> tuple[list[Any], list[Any], dict[str, Any]]:
+def _train_and_find(name: str, detection: dict[str, Any], scratch: Path, min_volume_mm3: float,
+                    tracking_uri: str | None = None) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Train one arm on ``detection``'s data: the test scans' found and reference boxes, and the run's
-    epochs, minutes and patches."""
+    epochs, minutes, patches and MLflow run."""
     import medseg
 
+    if tracking_uri:  # a store that outlives the scratch folder, to compare the arms' runs in the MLflow UI
+        detection = {**detection, "tracking": {**detection["tracking"], "uri": tracking_uri}}
     cfg = detection if name == "retinanet" else _segmentation_config(detection)
     result = medseg.train(_write_config(scratch / f"{name}.yaml", cfg), progress=False)
     assert result is not None and result.model_uri
@@ -314,7 +322,8 @@ def _train_and_find(name: str, detection: dict[str, Any], scratch: Path,
     return found, _references(scans, classes, min_volume_mm3), {
         "epochs": result.metrics.get("train/epochs"), "train_minutes": result.metrics.get("train/minutes"),
         "patches_per_step": f"{cfg['train']['batch_size']} x {patch['samples_per_volume']} of "
-                            f"{'x'.join(map(str, patch['size']))}", "test_scans": len(scans)}
+                            f"{'x'.join(map(str, patch['size']))}", "test_scans": len(scans),
+        **({"run_id": result.run_id, "tracking_uri": result.tracking_uri} if tracking_uri else {})}
 
 
 def _scores(found: list[Any], references: list[Any], classes: list[int]) -> dict[str, float]:
@@ -323,7 +332,8 @@ def _scores(found: list[Any], references: list[Any], classes: list[int]) -> dict
     return {k.removeprefix("test/"): v for k, v in detection_scores(found, references, classes, "test").items()}
 
 
-def _brain_tumour_arm(name: str, scratch: Path, minutes: float, tiny: bool) -> dict[str, Any]:
+def _brain_tumour_arm(name: str, scratch: Path, minutes: float, tiny: bool,
+                      tracking_uri: str | None = None) -> dict[str, Any]:
     """Leave-one-case-out: one fold per scan (tiny: PGBM-001's only), each arm trained on the other two
     for ``minutes``; scored on the held-out scans pooled (FP per scan over all three) and per fold."""
     cases = list(BRAIN_TUMOUR["cases"])
@@ -336,7 +346,8 @@ def _brain_tumour_arm(name: str, scratch: Path, minutes: float, tiny: bool) -> d
         fold.mkdir(parents=True, exist_ok=True)
         detection = _brain_tumour_config(scratch, fold, _brain_tumour_manifest(held_out, fold / "cases.csv"),
                                          minutes, tiny)
-        fold_found, fold_references, run = _train_and_find(name, detection, fold, BRAIN_TUMOUR_MIN_VOLUME_MM3)
+        fold_found, fold_references, run = _train_and_find(name, detection, fold, BRAIN_TUMOUR_MIN_VOLUME_MM3,
+                                                           tracking_uri)
         found += fold_found
         references += fold_references
         folds[held_out] = {"trained_on": [c for c in cases if c != held_out], **run,
@@ -475,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", choices=DATASETS, default="synthetic",
                         help="synthetic CT lesions, MSD hippocampus's anterior and posterior structures as boxes, or the "
                              "three brain tumour scans of ../shared/data, leave-one-case-out")
+    parser.add_argument("--tracking-uri", help="MLflow store of the arms' runs (default: one in each arm's scratch "
+                        "folder, gone with it)")
     add_tiny_arguments(parser)
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -487,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"load average {os.getloadavg()[0]:.1f} when the last arm started, shared with other sessions")
         started = time.monotonic()
         entry = run_arm(name, scratch_folder(f"bench-detection-{name}-", args, out), args.minutes, args.tiny,
-                        args.dataset)
+                        args.dataset, args.tracking_uri)
         entry = {**entry, "minutes": args.minutes, "wall_s": round(time.monotonic() - started, 1),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": host}
         key = f"{name}, {args.minutes:g} min"

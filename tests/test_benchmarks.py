@@ -32,8 +32,9 @@ BENCHMARKS = REPO / "benchmarks"
 TINY_SCRIPTS = ("bench_perf", "bench_ddp", "bench_predict", "check_precision", "bench_lineage", "bench_classification",
                 "bench_recon", "bench_memory", "cost_model", "bench_sr", "bench_recon_downstream",
                 "bench_detection", "bench_detection_brain_tumour", "bench_translation")
-#: Tiny runs of a script with arguments of their own: name -> (script, arguments).
-TINY_VARIANTS = {"bench_detection_brain_tumour": ("bench_detection", ["--dataset", "brain_tumour"])}
+#: Tiny runs of a script with arguments of their own: name -> (script, arguments); ``{root}`` is the runs' folder.
+TINY_VARIANTS = {"bench_detection_brain_tumour": ("bench_detection", ["--dataset", "brain_tumour", "--tracking-uri",
+                                                                      "sqlite:///{root}/detection-mlflow.db"])}
 #: Seconds one tiny run may take on a loaded 2-core host before it counts as hung.
 TINY_TIMEOUT_S = 900
 
@@ -64,7 +65,7 @@ class TinyRuns:
         work = ["--work", str(self.root / f"{script}-work")] if script == "bench_perf" else []
         source, arguments = TINY_VARIANTS.get(script, (script, []))
         return [sys.executable, str(BENCHMARKS / f"{source}.py"), "--tiny", "--out", str(self.root / script), *work,
-                *arguments]
+                *(a.replace("{root}", str(self.root)) for a in arguments)]
 
     def _poll(self) -> None:
         for script, (proc, started) in list(self.running.items()):
@@ -373,6 +374,13 @@ def test_bench_detection_tiny_brain_tumour_scores_the_held_out_scan(tiny_runs: T
         assert held_out == "PGBM-001" and fold["trained_on"] == ["brain1", "brain2"], where
         assert fold["reference_boxes"] == entry["reference_boxes"] == 1, f"{where}: PGBM-001 has one tumour"
         assert 0 <= entry["froc"] <= 1 and 0 <= entry["map_iou0.1"] <= 1, where
+        # --tracking-uri: each fold's run is in the store given, under its arm's experiment
+        from mlflow import MlflowClient
+
+        store = f"sqlite:///{tiny_runs.root}/detection-mlflow.db"
+        assert fold["tracking_uri"] == store, where
+        run = MlflowClient(store).get_run(fold["run_id"])
+        assert MlflowClient(store).get_experiment(run.info.experiment_id).name == "bench-detection-brain-tumour"
     tables = _tables(out / "detection.md")
     assert [row[0] for row in tables[0]] == list(report["arms"])
     assert [(row[0], row[1]) for row in tables[1]] == [(arm, "PGBM-001") for arm in report["arms"]]
