@@ -56,12 +56,14 @@ from medseg.engine.ray_predict import (
     case_runner,
     record_ray,
 )
+from medseg.engine.remote_output import publish_batch, publishing, publishing_factory, staging_folder
 from medseg.engine.results import BatchReport, CasePredictor, Prediction, PredictOptions, check_options
 from medseg.engine.runner import RepeatKind, headline, run_pipeline, run_repeated
 from medseg.engine.runtime import resolve_device, tune_allocator
 from medseg.errors import ConfigError, UsageError
 from medseg.io.discovery import discover_paths
 from medseg.io.readers import strip_volume_suffix
+from medseg.io.remote_folder import remote_folder
 from medseg.io.uris import local_folder
 from medseg.planning.dataset import consecutive_labels, dataset_name, describe_dataset, labels_from_manifest
 from medseg.tasks.base import Task
@@ -584,7 +586,10 @@ class Predictor:
 
         Args:
             input: a folder (or one file).
-            output: the output folder.
+            output: the output folder: a path, a ``file://`` URI, or an fsspec URI (``s3://bucket/prefix``,
+                ``gs://...``, ``az://...``, with s3fs, gcsfs or adlfs installed), where each case's files
+                are put whole once written and the batch's files when it ends
+                (:mod:`medseg.engine.remote_output`).
             overwrite: redo cases that already have their outputs.
             save_probabilities: also write the class probabilities (segmentation).
             save_uncertainty: also write ``<case>_entropy.nii.gz`` and, with TTA or an ensemble,
@@ -601,19 +606,29 @@ class Predictor:
 
         Raises:
             UsageError: no such input, no scans in it, an option its task does not use; Ray asked
-                for and not installed.
+                for and not installed; an output URI no installed file system writes.
+            RunError: an output URI that cannot be written (credentials, no such bucket).
         """
         options = replace(self.options, overwrite=overwrite, save_probabilities=save_probabilities,
                           save_uncertainty=save_uncertainty, num_parts=num_parts, part_id=part_id, progress=progress,
                           review=review)
         check_options(options, self.task.name, self.task.predict_options)
-        runner = case_runner(engine, self.case_predictor_factory(options), ray)
-        input, output = local_folder(input, "--input"), local_folder(output, "--output")
+        remote = remote_folder(output, "--output")  # None: a local folder (a path or a file:// URI)
+        factory = self.case_predictor_factory(options)
+        if remote is not None:  # each Ray worker puts the outputs it writes at the URI, opened there
+            factory = functools.partial(publishing_factory, factory, remote.uri)
+        runner = case_runner(engine, factory, ray)
+        input = local_folder(input, "--input")
         found = discover_inputs(input, self.model.contract.get("in_channels"))
         case_predictor = self.task.case_predictor(self.model, options, self.device)
-        report = record_graphs(predict_folder(case_predictor, self.model, input, output, options,
-                                               self.device, tracker, found, runner), self.model)
-        return record_ray(report, runner, tracker) if isinstance(runner, RayCaseRunner) else report
+        if remote is None:
+            out = local_folder(output, "--output")
+        else:  # after discovery: an empty input writes nothing there
+            case_predictor, out = publishing(case_predictor, remote), staging_folder(remote)
+        report = record_graphs(predict_folder(case_predictor, self.model, input, out, options, self.device, tracker,
+                                              found, runner), self.model)
+        report = record_ray(report, runner, tracker) if isinstance(runner, RayCaseRunner) else report
+        return publish_batch(report, remote) if remote is not None else report
 
     def case_predictor_factory(self, options: PredictOptions) -> CasePredictorFactory:
         """What rebuilds this predictor's case predictor in another process (a Ray actor): the same
@@ -662,7 +677,8 @@ def predict_dataset(model: str | Path | Sequence[str | Path], input: str | Path,
     Args:
         model: the model reference(s), as for :meth:`Predictor.from_uri`.
         input: a folder of scans (searched recursively) or one file.
-        output: the output folder (on a file system every Ray worker sees at the same path).
+        output: the output folder, on a file system every Ray worker sees at the same path, or an
+            fsspec URI every worker may write (``s3://bucket/prefix``: see :meth:`Predictor.predict_folder`).
         engine: ``local`` (default) or ``ray`` (:mod:`medseg.engine.ray_predict`).
         ray: cluster address, actors, CPUs and GPUs per actor (default: a local runtime, one actor).
         device / tracking_uri / backend: as for :meth:`Predictor.from_uri`; with Ray, ``device``

@@ -237,7 +237,10 @@ def _add_predict(sub: Any) -> None:
     predict.add_argument("-i", "--input", required=True,
                          help="folder of scans (searched recursively), one file, or a .csv/.parquet table whose "
                               "'path' column lists the scans (paths, file:// or fsspec URIs such as s3://...)")
-    predict.add_argument("-o", "--output", required=True, help="folder for masks and the report")
+    predict.add_argument("-o", "--output", required=True,
+                         help="folder for masks and the report: a path, or an fsspec URI (s3://bucket/prefix, "
+                              "gs://..., az://...; pip install s3fs, gcsfs or adlfs) where each case's files are put "
+                              "whole and the report when the batch ends")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's contract)")
     predict.add_argument("--tta", action="store_true", help="average predictions over all axis flips")
@@ -649,8 +652,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print("mean over cases: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     for case_id, error in summary["failed"].items():
         print(f"  FAILED {case_id}: {error}")
-    print(f"report: {batch.report}")
-    print(f"summary: {batch.summary}")
+    print(f"report: {batch.report_location}")
+    print(f"summary: {batch.summary_location}")
     if summary.get("review"):
         print(f"review: {summary['review']}")
     return EXIT_OK if batch.n_failed == 0 else EXIT_FAILED

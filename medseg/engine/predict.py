@@ -5,7 +5,10 @@ the scans, sharding (``num_parts``), skipping finished cases or redoing them (``
 per-case error isolation (one bad scan is reported, the rest go on), the report (one row per
 case, appended as each case ends so a crash keeps what is done, then written whole atomically:
 :mod:`medseg.engine.report`), the summary and the MLflow inference run. A task supplies a :class:`CasePredictor`: the files a case produces, and
-how to predict and write one case.
+how to predict and write one case. An output at an fsspec URI (``s3://bucket/prefix``) is this
+driver's too: the folder here stages the batch's files, and a
+:class:`~medseg.engine.results.PublishingCasePredictor` puts each case's files at the URI
+(:mod:`medseg.engine.remote_output`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from medseg._version import __version__ as medseg_version
 from medseg.engine.case_io import mean_or_none, peak_rss_mb
 from medseg.engine.model_loading import LoadedModel
 from medseg.engine.report import ReportAppender, finished_rows
-from medseg.engine.results import COMMON_COLUMNS, BatchReport, CasePredictor, CaseResult, PredictOptions
+from medseg.engine.results import (
+    COMMON_COLUMNS,
+    BatchReport,
+    CasePredictor,
+    CaseResult,
+    PredictOptions,
+    PublishingCasePredictor,
+)
 from medseg.engine.review import write_qc_summary, write_review
 from medseg.errors import (
     CaseError,
@@ -146,10 +156,15 @@ def predict_folder(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     check_output_outside_inputs(output_dir, found.folders)
     cases = found.cases[options.part_id::options.num_parts]
     output_dir.mkdir(parents=True, exist_ok=True)
-    suffix = f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
+    suffix = shard_suffix(options)
     with _only_writer(output_dir, suffix):
         return _predict_cases(predictor, model, input_dir, output_dir, options, device, tracker, found, cases, suffix,
                               runner or run_cases)
+
+
+def shard_suffix(options: PredictOptions) -> str:
+    """What a shard's batch files add to their names (``predictions_part0of4.csv``); "" unsharded."""
+    return f"_part{options.part_id}of{options.num_parts}" if options.num_parts > 1 else ""
 
 
 def check_output_outside_inputs(output_dir: Path, input_folders: Sequence[Path]) -> None:
@@ -200,6 +215,16 @@ def _review_page(predictor: CasePredictor, model: LoadedModel, report: BatchRepo
                  thresholds: dict[str, float], qc_path: Path, review_path: Path, progress: bool) -> Path | None:
     """``review.html``, or None when it could not be written (a convenience page: every case's output
     is written, so the failure is logged and the batch goes on)."""
+    if isinstance(predictor, PublishingCasePredictor):
+        # the outputs are at the destination: their thumbnails are made from copies fetched beside the
+        # page, whose links then name them relative to it, as they will be once the page is put there
+        with predictor.local_copies(results, review_path.parent) as copies:
+            return _write_review_page(predictor, model, report, copies, thresholds, qc_path, review_path, progress)
+    return _write_review_page(predictor, model, report, results, thresholds, qc_path, review_path, progress)
+
+
+def _write_review_page(predictor: CasePredictor, model: LoadedModel, report: BatchReport, results: list[CaseResult],
+                       thresholds: dict[str, float], qc_path: Path, review_path: Path, progress: bool) -> Path | None:
     try:
         write_review(results, review_path, task=model.task, model_uri=model.uri, labels=model.label_names,
                      output_columns=predictor.output_columns, value_columns=predictor.value_columns,
@@ -215,7 +240,10 @@ def _review_page(predictor: CasePredictor, model: LoadedModel, report: BatchRepo
 def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path, output_dir: Path,
                    options: PredictOptions, device: torch.device, tracker: Any | None, found: Discovery,
                    cases: Sequence[InputCase], suffix: str, runner: CaseRunner) -> BatchReport:
-    _claim_output_folder(output_dir, model, options.overwrite)
+    if isinstance(predictor, PublishingCasePredictor):  # the output folder stages a URI's batch files
+        predictor.stage(output_dir, suffix, model, options.overwrite)
+    else:
+        claim_output_folder(output_dir, model, options.overwrite)
     remove_case_temporaries(predictor, cases, output_dir, suffix)
     report_path = output_dir / f"predictions{suffix}.csv"
     previous = {} if options.overwrite else finished_rows(report_path)
@@ -231,6 +259,13 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
     qc = write_qc_summary(results, thresholds, qc_path)
     review_path = (_review_page(predictor, model, report, results, thresholds, qc_path,
                                 output_dir / f"review{suffix}.html", options.progress) if options.review else None)
+    # with an output URI the batch files are put there after this (remote_output.publish_batch): name them there
+    destination = predictor.destination if isinstance(predictor, PublishingCasePredictor) else None
+    output = destination or str(output_dir)
+
+    def shown(path: Path) -> str:
+        return f"{destination}/{path.name}" if destination else str(path)
+
     summary = {
         "model_uri": model.uri,
         "weights_sha256": list(model.weights_sha256),
@@ -242,7 +277,7 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         "medseg_version": medseg_version,
         "device": str(device),
         "input": str(input_dir),
-        "output": str(output_dir),
+        "output": output,
         "part": {"part_id": options.part_id, "num_parts": options.num_parts},
         "options": {k: v for k, v in vars(options).items() if k not in ("device", "progress", "num_parts", "part_id")},
         "counts": report.counts,
@@ -253,14 +288,14 @@ def _predict_cases(predictor: CasePredictor, model: LoadedModel, input_dir: Path
         "discovery_notes": list(found.notes),
         "failed": {r.case_id: r.error for r in results if r.status == "failed"},
         "qc_flagged": qc["flagged"],
-        "qc_summary": str(qc_path),
-        "review": str(review_path) if review_path is not None else None,
+        "qc_summary": shown(qc_path),
+        "review": shown(review_path) if review_path is not None else None,
         **task_summary,
     }
     atomic_write_text(report.summary, json.dumps(summary, indent=2))
     if tracker is not None:
         tracker.set_tags({"source_run_id": model.source_run_id or "", "model_uri": model.uri})
-        tracker.log_params({"model_uri": model.uri, "backend": model.backend, "input": str(input_dir), "output": str(output_dir),
+        tracker.log_params({"model_uri": model.uri, "backend": model.backend, "input": str(input_dir), "output": output,
                             "device": str(device), "part_id": options.part_id, "num_parts": options.num_parts,
                             **{k: v for k, v in summary["options"].items()}})
         tracker.log_metrics({f"predict/{k}": v for k, v in report.counts.items()}, step=0)
@@ -322,7 +357,7 @@ def _only_writer(output_dir: Path, suffix: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _claim_output_folder(output_dir: Path, model: LoadedModel, overwrite: bool) -> None:
+def claim_output_folder(output_dir: Path, model: LoadedModel, overwrite: bool) -> None:
     """Record which model writes into ``output_dir``; refuse to mix two models' outputs.
 
     A rerun with the same weights skips finished cases; one with other weights would skip them
@@ -403,7 +438,12 @@ def finished_case(predictor: CasePredictor, case: InputCase, output_dir: Path, o
         raise CaseError(case.problem)
     expected = predictor.expected_outputs(case, output_dir)
     _refuse_writing_over_inputs(case, expected)
-    finished = all(p.exists() for p in expected.values()) if expected else previous_row is not None
+    if isinstance(predictor, PublishingCasePredictor):  # the outputs are (or are not) at the destination
+        where = predictor.published(expected) if expected and not overwrite else None
+        finished = where is not None if expected else previous_row is not None
+    else:
+        where = {k: str(p) for k, p in expected.items()}
+        finished = all(p.exists() for p in expected.values()) if expected else previous_row is not None
     if not finished or overwrite:
         return None
     # Outputs are only ever renamed into place complete, so existing ones are finished work;
@@ -411,7 +451,7 @@ def finished_case(predictor: CasePredictor, case: InputCase, output_dir: Path, o
     values = ({k: previous_row.get(k, "") for k in predictor.value_columns} if previous_row is not None
               else predictor.values_of_finished(case, expected))
     return CaseResult(case.case_id, case.shown, "skipped", "output exists (use --overwrite to redo)", 0.0,
-                      {k: str(p) for k, p in expected.items()}, values)
+                      where or {}, values)
 
 
 def failed_case(case: InputCase, output_dir: Path, err: Exception, seconds: float) -> CaseResult:

@@ -15,7 +15,8 @@ predictor is staged (:class:`~medseg.engine.results.StagedCasePredictor`; segmen
    ``gpus_per_actor`` each), which reduce the class scores to the mask on the input's grid before
    anything leaves them: a preprocessed volume goes in, a mask (and the outputs asked for) comes out,
    never the scores (K float32 volumes);
-3. **write**: ``write_case`` (atomic writes, the mask last) on CPU workers.
+3. **write**: ``write_case`` (atomic writes, the mask last) on CPU workers; with an output URI
+   (``s3://bucket/prefix``) each worker puts the files it wrote there (:mod:`medseg.engine.remote_output`).
 
 The steps are the very methods the local path's ``predict_case`` chains, so the outputs are the local
 path's bit for bit on the same arithmetic (thread count). Another task's case predictor runs as one

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from monai.data import MetaTensor
@@ -18,6 +20,9 @@ from medseg.errors import (
     UsageError,
 )
 from medseg.io.discovery import InputCase
+
+if TYPE_CHECKING:
+    from medseg.engine.model_loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +114,30 @@ def _cell(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class BatchReport:
-    """What :func:`predict_folder` wrote: the per-case CSV, the summary JSON and every case's result."""
+    """What :func:`predict_folder` wrote: the per-case CSV, the summary JSON and every case's result.
+
+    Attributes:
+        report / summary: ``predictions.csv`` and ``predict_summary.json`` on this machine; with an
+            ``output`` URI, this machine's copies of what was put at ``destination``.
+        results: every case's result, in case order.
+        destination: the output URI (``s3://bucket/prefix``) the batch was written to, or None for
+            a local folder.
+    """
 
     report: Path
     summary: Path
     results: tuple[CaseResult, ...]
+    destination: str | None = None
+
+    @property
+    def report_location(self) -> str:
+        """Where ``predictions.csv`` is: its URI at the destination, else its local path."""
+        return f"{self.destination}/{self.report.name}" if self.destination else str(self.report)
+
+    @property
+    def summary_location(self) -> str:
+        """Where ``predict_summary.json`` is: its URI at the destination, else its local path."""
+        return f"{self.destination}/{self.summary.name}" if self.destination else str(self.summary)
 
     @property
     def n_failed(self) -> int:
@@ -225,3 +249,32 @@ class StagedCasePredictor(CasePredictor, Protocol):
     def write_case(self, case: InputCase, inferred: Any, output_dir: Path) -> CaseResult:
         """Write ``infer_case``'s result (atomically) and return the case's result."""
         ...
+
+
+class PublishingCasePredictor(ABC):
+    """A :class:`CasePredictor` whose outputs are put elsewhere once written (an fsspec URI:
+    :class:`medseg.engine.remote_output.RemoteOutput`): each case is written to a local staging folder
+    and then put at ``destination``, so whether a case is finished, and what its row names, is the
+    destination's. A base class, not a protocol: the driver asks ``isinstance`` once per case, and a
+    runtime protocol's check (every member looked up) would cost the local path time."""
+
+    destination: str
+
+    @abstractmethod
+    def stage(self, output_dir: Path, suffix: str, model: LoadedModel, overwrite: bool) -> None:
+        """Make ``output_dir`` (the driver's staging folder, locked) the destination's working copy before
+        a batch (shard ``suffix``): its report and model stamp fetched, this model's claim put there.
+
+        Raises:
+            UsageError: the destination holds another model's outputs. RunError: it cannot be written.
+        """
+
+    @abstractmethod
+    def published(self, expected: dict[str, Path]) -> dict[str, str] | None:
+        """The destination URI of each of a case's expected outputs (report column -> URI), or None when
+        one of them is not there yet (the case is not finished)."""
+
+    @abstractmethod
+    def local_copies(self, results: Sequence[CaseResult], folder: Path) -> AbstractContextManager[list[CaseResult]]:
+        """``results`` with their outputs fetched into ``folder`` (for the review page's thumbnails and
+        relative links), removed on exit."""

@@ -42,8 +42,9 @@ def file_uri_path(uri: str, where: str) -> Path:
     return Path(unquote(parsed.path))
 
 
-def check_uri(uri: str, where: str) -> None:
-    """Refuse a URI no installed fsspec file system reads, before any case runs.
+def check_uri(uri: str, where: str, use: str = "reading") -> None:
+    """Refuse a URI no installed fsspec file system reads (or, ``use="writing"``, writes), before any
+    case runs.
 
     Raises:
         UsageError: names the URI, what was expected and the package to install (or the fix).
@@ -55,12 +56,14 @@ def check_uri(uri: str, where: str) -> None:
         fsspec.get_filesystem_class(scheme)
     except ImportError as err:
         package = BACKENDS.get(scheme, f"the fsspec package for {scheme}://")
-        raise UsageError(f"{where}: {uri}: reading {scheme}:// URIs needs {package} ({err}); install it "
+        instead = "local paths" if use == "reading" else "a local folder"
+        raise UsageError(f"{where}: {uri}: {use} {scheme}:// URIs needs {package} ({err}); install it "
                          f"(pip install {package.split()[0] if scheme in BACKENDS else 'fsspec[full]'}) on the "
-                         "driver and every worker, or give local paths") from None
+                         f"driver and every worker, or give {instead}") from None
     except ValueError:
+        fix = "fix the table's row" if use == "reading" else f"fix {where}"
         raise UsageError(f"{where}: {uri}: unknown URI scheme {scheme!r}; expected a path, a file:// URI or a "
-                         "scheme fsspec reads (s3://, gs://, az://, memory://...); fix the table's row") from None
+                         f"scheme fsspec reads (s3://, gs://, az://, memory://...); {fix}") from None
 
 
 def uri_name(uri: str) -> str:
@@ -98,16 +101,15 @@ def local_folder(text: str | Path, flag: str) -> Path:
     """A folder argument as a path: a path as it is, a ``file://`` URI as the path it names.
 
     Raises:
-        UsageError: another URI scheme: predict's folders must be on a file system every worker mounts
-            (outputs are renamed into place complete and the folder is locked while a batch writes).
+        UsageError: another URI scheme: predict searches its ``--input`` folder on a file system (every
+            worker's, on Ray); an ``--output`` URI is :func:`medseg.io.remote_folder.remote_folder`'s.
     """
     scheme = uri_scheme(str(text))
     if scheme is None:
         return Path(text)
     if scheme == "file":
         return file_uri_path(str(text), flag)
-    raise UsageError(f"{flag} {text}: expected a folder on a file system every worker mounts (outputs are renamed "
-                     f"into place whole, and the folder is locked while a batch writes there); got a {scheme}:// URI. "
-                     "Mount the bucket (s3fs-fuse, gcsfuse, a CSI driver on Kubernetes) and give its path, or write "
-                     "to a local or shared folder and copy it afterwards; scans named by URI go in a table (--input "
-                     "cases.csv with a 'path' column)")
+    raise UsageError(f"{flag} {text}: expected a folder or file on a file system every worker mounts (its scans are "
+                     f"searched there); got a {scheme}:// URI. List scans named by URI in a table (--input cases.csv "
+                     "with a 'path' column, one URI per row), or mount the bucket (s3fs-fuse, gcsfuse, a CSI driver "
+                     "on Kubernetes) and give its path")
