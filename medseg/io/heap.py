@@ -67,3 +67,33 @@ def release_pages(address: int, length: int) -> int:
     if advise is None or stop <= start:
         return 0
     return stop - start if advise(start, stop - start, MADV_DONTNEED) == 0 else 0
+
+
+#: ``mallopt``'s parameter for the size from which an allocation gets pages of its own (``mmap``).
+M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def fix_mmap_threshold(size: int) -> bool:
+    """Give every allocation of ``size`` bytes or more pages of its own, handed back when it is freed.
+
+    glibc raises its threshold up to 32 MiB as large blocks are freed, so a sweep's many short-lived
+    tensors of a few MiB (tiles of class scores, their weights and probabilities) land in the heap,
+    where freed ones in between live ones leave it fragmented: resident, and growing as the sweep goes
+    on (a gigabyte of a 100-class whole-body sweep). A fixed threshold also stops the raising. For
+    the rest of the process (glibc cannot go back to the moving threshold).
+
+    Returns:
+        Whether the C library took it (False where it has no ``mallopt``).
+    """
+    mallopt = _mallopt()
+    return bool(mallopt(M_MMAP_THRESHOLD, int(size))) if mallopt is not None else False

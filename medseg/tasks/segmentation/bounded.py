@@ -37,7 +37,7 @@ from medseg.engine.sliding import (
 )
 from medseg.engine.tta import flip_combinations, flip_spatial
 from medseg.engine.uncertainty import voxel_entropy
-from medseg.io.heap import release_pages, trim_heap
+from medseg.io.heap import fix_mmap_threshold, release_pages, trim_heap
 
 #: Bytes of one float32 value.
 F32 = 4
@@ -45,6 +45,8 @@ F32 = 4
 #: buffer's anyway (another axis, or a resampling model): 100 classes of a 96x96x64 patch are 236 MB
 #: a window, so the contract's batch of 4 would hold about 1 GB at once (and the runtime its copy).
 BATCH_SCORES_BYTES = 256 << 20
+#: Allocations from this size get pages of their own during a tiled sweep (:func:`~medseg.io.heap.fix_mmap_threshold`).
+TILE_MMAP_BYTES = 1 << 20
 
 
 def batch_cap(classes: int, patch: Sequence[int], sw_batch_size: int) -> int:
@@ -391,6 +393,8 @@ def sweep(members: Sequence[tuple[nn.Module, dict[str, Any]]], image: torch.Tens
     if bands and len(runs) != 1:
         raise ValueError(f"sweep: tiles along axes {tuple(bands)} need one sample, got {len(runs)} (members x flips)")
     trim_heap()  # what reading and preprocessing freed, handed back before the open slices are allocated
+    if bands:  # tiles come and go in many sizes of a few MiB: pages of their own, not a fragmented heap
+        fix_mmap_threshold(TILE_MMAP_BYTES)
     streams = [slabs(m, flip_spatial(image, combo, dims)) for m, combo in runs]
     spatial = tuple(image.shape[1:])
     # every slab is written: its pages are touched only then
