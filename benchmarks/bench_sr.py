@@ -297,7 +297,7 @@ def run_factor(args: argparse.Namespace, manifest: Path, scratch: Path, tracking
     cpu = make_inputs(cases, factor, folder)
     cpu["sr"] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids, args.tta)
     tta: dict[str, Any] = {"tta": args.tta}
-    kinds_judged = KINDS
+    kinds_judged: tuple[str, ...] = KINDS
     if args.tta:  # the same model without TTA, timed and judged here too: what the flips cost and give, here and now
         cpu[PLAIN_SR] = super_resolve(sr_model["model_folder"], tracking, folder, case_ids, into=PLAIN_SR)
         tta["tta_passes"] = tta_passes(sr_model["model_folder"])

@@ -5,7 +5,7 @@ on the thin grid of the thick scan, in either mode; other reconstruction problem
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -69,7 +69,7 @@ def _seeded_sr_network_and_contract(tmp_path: Path, context: int = 1) -> tuple[n
     torch.manual_seed(0)
     net = task.build_network(cfg).eval()
     with torch.no_grad():
-        for param in net.block.head.parameters():
+        for param in net.get_submodule("block.head").parameters():
             param.normal_(0.0, 0.5)
     return net, task.contract(cfg), network_spec(cfg)
 
@@ -151,7 +151,7 @@ def test_medseg_predict_tta_reaches_an_sr_model_folder(tmp_path: Path) -> None:
     scan, thick_affine = _thick_scan(tmp_path / "thick")
     assert main(["predict", "--model", str(tmp_path / "model"), "--measured", "--tta", "-i", str(tmp_path / "thick"),
                  "-o", str(tmp_path / "thin"), "--device", "cpu"]) == 0
-    written = nib.load(tmp_path / "thin" / "scan_reconstruction.nii.gz")
+    written = cast(nib.Nifti1Image, nib.load(tmp_path / "thin" / "scan_reconstruction.nii.gz"))
     np.testing.assert_allclose(written.affine, thin_affine(thick_affine, 0, 3), atol=1e-4)
     np.testing.assert_allclose(np.asarray(written.dataobj), _predict(net, contract, scan, tta=True).reconstruction,
                                rtol=1e-5, atol=1e-3)
