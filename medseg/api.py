@@ -1031,9 +1031,10 @@ def _plan_pretraining(planned: Any, unlabelled: Path, described: Any, home: Path
 
     network = planned.config["model"]["name"]
     if network not in PRETRAINED_NETWORKS:
-        raise UsageError(f"--unlabelled {unlabelled}: pretraining trains segmentation U-Nets "
+        raise UsageError(f"--unlabelled {unlabelled}: the planner budgets pretraining for segmentation U-Nets "
                          f"({', '.join(PRETRAINED_NETWORKS)}) and the {planned.task} plan's network is {network!r}; "
-                         "plan without --unlabelled")
+                         "plan without --unlabelled (a classification network is pretrained by `medseg pretrain` "
+                         "and fine-tuned with model.init_from: docs/how-to/pretrain.md)")
     images = every_image_manifest(unlabelled, described.manifest, described.root,
                                   home / "data_manifests" / f"{planned.request.name}_pretraining.csv",
                                   len(planned.config["data"]["channels"]))

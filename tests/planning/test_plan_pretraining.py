@@ -110,8 +110,9 @@ def test_a_network_pretraining_cannot_train_is_refused(tmp_path: Path, monkeypat
         return planned
 
     monkeypatch.setattr(task, "plan", resnet_plan)
-    with pytest.raises(UsageError, match=r"--unlabelled .*pretraining trains segmentation U-Nets \(unet, dynunet\).*"
-                                         r"'resnet18'; plan without --unlabelled"):
+    with pytest.raises(UsageError, match=r"--unlabelled .*the planner budgets pretraining for segmentation U-Nets "
+                                         r"\(unet, dynunet\).*'resnet18'; plan without --unlabelled \(a classification "
+                                         r"network is pretrained by `medseg pretrain`"):
         _plan(tmp_path, unlabelled=9)
 
 
