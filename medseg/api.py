@@ -477,8 +477,9 @@ class Predictor:
             device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``...
             tracking_uri: the MLflow store for ``runs:/`` and ``models:/`` URIs (default:
                 ``$MLFLOW_TRACKING_URI``, else medseg's ``sqlite:///runs/mlflow.db``).
-            tta: average over every axis flip (segmentation, classification); detection fuses the
-                flips' boxes (the contract's ``detect.fusion``).
+            tta: average over the axis flips the model was trained with (segmentation, classification;
+                super-resolution over its in-plane flips); detection fuses the flips' boxes (the
+                contract's ``detect.fusion``).
             overlap: sliding-window overlap instead of the contract's (segmentation).
             keep_largest: keep each label's largest connected component; None: the contract's (segmentation).
             measured: the inputs already are the degraded images (reconstruction).

@@ -243,7 +243,9 @@ def _add_predict(sub: Any) -> None:
                               "whole and the report when the batch ends")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's contract)")
-    predict.add_argument("--tta", action="store_true", help="average predictions over all axis flips")
+    predict.add_argument("--tta", action="store_true",
+                         help="average predictions over the axis flips the model was trained with (segmentation, "
+                              "classification, detection; super-resolution in-plane)")
     predict.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     predict.add_argument("--num-parts", type=int, default=1, help="split the folder into N shards ...")
     predict.add_argument("--part-id", type=int, default=0, help="... and predict shard I (0-based)")
