@@ -16,19 +16,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from nibabel.orientations import axcodes2ornt, io_orientation
 from torch import nn
 
-from medseg.engine.runtime import autocast
 from medseg.engine.tta import average_predictions
 from medseg.errors import CaseError
 from medseg.tasks.reconstruction.config import SuperResolutionConfig
 from medseg.tasks.reconstruction.neighbours import neighbour_channels
 from medseg.tasks.reconstruction.slice_profile import thin_affine, upsample
-
-#: Overlap of neighbouring windows over a slice larger than the network's training size.
-WINDOW_OVERLAP = 0.25
+from medseg.tasks.reconstruction.slice_window import slice_window
 
 
 def file_axis(affine: np.ndarray, orientation: str | None, oriented_axis: int) -> int:
@@ -82,13 +78,7 @@ def restore_slices(net: nn.Module, volume: torch.Tensor, roi: tuple[int, int], d
     net.eval()
     slices = neighbour_channels(volume.float()[0].permute(2, 0, 1)[:, None], context)
 
-    def window(member: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        def run(patch: torch.Tensor) -> torch.Tensor:
-            with autocast(amp_dtype, device):
-                return member(patch).float()
-
-        return torch.as_tensor(sliding_window_inference(x, list(roi), batch_size, run, overlap=WINDOW_OVERLAP,
-                                                        mode="gaussian"))
+    window = slice_window(roi, batch_size, amp_dtype, device)
 
     outputs = [average_predictions([net], slices[start:start + batch_size].to(device), 2, tta, window, axes=axes).cpu()
                for start in range(0, len(slices), batch_size)]

@@ -22,22 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.apps.reconstruction.networks.nets.utils import divisible_pad_t, inverse_divisible_pad_t
-from monai.inferers import sliding_window_inference
 from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
 from monai.networks.nets import UNet
 from torch import nn
 
 from medseg.config import UNetModelConfig
-from medseg.engine.runtime import autocast
 from medseg.engine.tta import predict_samples
 from medseg.errors import ModelError
+from medseg.tasks.reconstruction.slice_window import slice_window
 
 #: The name of the baseline in metric names and output files.
 BASELINE = "histmatch"
 #: Quantiles of the training targets kept for histogram matching (stored in the model's contract).
 QUANTILE_LEVELS = 1001
-#: Overlap of neighbouring windows over a slice larger than the network's training size.
-WINDOW_OVERLAP = 0.25
 #: SSIM's window on 2D slices (scikit-image's and fastMRI's 7x7).
 SSIM_WINDOW = 7
 METRICS = ("psnr", "ssim", "mae")
@@ -86,13 +83,7 @@ def translate_volume(net: nn.Module, inputs: torch.Tensor, roi: Sequence[int], d
     net.eval()
     slices = inputs.float().permute(3, 0, 1, 2)  # (S, C, H, W)
 
-    def window(member: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        def run(patch: torch.Tensor) -> torch.Tensor:
-            with autocast(amp_dtype, device):
-                return member(patch).float()
-
-        return torch.as_tensor(sliding_window_inference(x, list(roi), batch_size, run, overlap=WINDOW_OVERLAP,
-                                                        mode="gaussian"))
+    window = slice_window(roi, batch_size, amp_dtype, device)
 
     outputs, spreads = [], []
     for start in range(0, len(slices), batch_size):
