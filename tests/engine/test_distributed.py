@@ -351,7 +351,7 @@ def _stop_mid_epoch(proc: subprocess.Popen, runs: Path) -> dict:
                     proc.wait()
                     return state
                 _signal_job(proc.pid, signal.SIGCONT)
-        time.sleep(0.05)
+        time.sleep(0.01)
     _signal_job(proc.pid, signal.SIGKILL)
     raise AssertionError("the run ended before it could be stopped mid-epoch:\n"
                          + (proc.stdout.read().decode() if proc.stdout else ""))
@@ -402,7 +402,9 @@ def test_a_run_of_one_process_resumed_with_two_trains_the_rest_of_its_epoch_once
 
 def test_a_run_of_two_processes_resumed_with_one_trains_the_rest_of_its_epoch_once(tmp_path: Path, eight_cases,
                                                                                    caplog, migrated_store) -> None:
-    config = _resume_config(tmp_path, eight_cases, epochs=3, template=migrated_store)
+    # 8 epochs: each one after the first offers a moment to stop it mid-epoch (its steps 1-2 of 3, a tenth
+    # of a second); with 3, a poll on a loaded host once missed both before the run ended
+    config = _resume_config(tmp_path, eight_cases, epochs=8, template=migrated_store)
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "run", str(config), "--nproc", "2", "--no-progress"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -418,4 +420,4 @@ def test_a_run_of_two_processes_resumed_with_one_trains_the_rest_of_its_epoch_on
     # went back to position samples_done / 2 and trained those positions twice).
     assert (f"epoch {state['epoch'] + 1}: resumed after {samples_done} of its 6 samples, "
             f"trained {6 - samples_done} more") in caplog.text
-    _finished_as_one_run(run_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", epochs=3, steps=3 * 6)
+    _finished_as_one_run(run_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", epochs=8, steps=8 * 6)
