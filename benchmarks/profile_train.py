@@ -21,6 +21,9 @@ over medseg's compute is the most W4's ratio can reach with this network on this
 
 Usage: python benchmarks/profile_train.py [--epochs 3] [--repeats 1] [--out benchmarks/results] [--tiny]
 
+Both loops take torch's default threads (the machine's cores), as ``make bench``'s W4 does, unless
+``OMP_NUM_THREADS`` says otherwise (then the command in the results file says so).
+
 Each path runs in its own child process (bench_perf.py's W4 worker), the paths interleaved. ``--tiny``
 (benchmarks/tiny.py): bench_perf's tiny W4 (3 training cases, a small U-Net), 2 epochs, the workers in
 this process; for the test suite, never into benchmarks/results.
@@ -122,7 +125,10 @@ def worker(path: str, epochs: int, work: Path) -> dict[str, Any]:
         result = bench_perf.worker_w4(path, epochs, work)
     finally:
         clock.remove()
-    return {"path": path, "epoch_s": result["epoch_s"], "stages": per_epoch(clock.steps, epochs)}
+    import torch
+
+    return {"path": path, "epoch_s": result["epoch_s"], "stages": per_epoch(clock.steps, epochs),
+            "threads": torch.get_num_threads()}
 
 
 def _child(work: Path, path: str, epochs: int, tiny: bool) -> dict[str, Any]:
@@ -140,6 +146,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         row["cycle"] = sum(row[stage] for stage in STAGES)  # an epoch of step cycles, its end included
         row["epoch_s"] = statistics.median(e for r in results for e in r["epoch_s"][1:])  # the loop's own timer
         row["steps_per_epoch"] = results[0]["stages"]["steps_per_epoch"]
+        row["threads"] = results[0]["threads"]
         summary[path] = row
     plain, medseg = summary["plain"], summary["medseg"]
     summary["ratio"] = plain["cycle"] / medseg["cycle"]
@@ -166,8 +173,8 @@ def markdown(summary: dict[str, Any], command: str, load: tuple[float, float], m
         "Where a W4 training epoch (configs/msd_hippocampus.yaml on MSD Task04 Hippocampus, the epochs after the first) "
         "spends its time: plain MONAI's tutorial loop against medseg's, the same network, patches and augmentations "
         f"(`python benchmarks/profile_train.py`; stages as its docstring defines them). {plain['steps_per_epoch']} "
-        f"optimiser steps per epoch (plain), {medseg['steps_per_epoch']} (medseg); the median of "
-        f"{summary['repeats']} run(s) of each.", "", *lines, "",
+        f"optimiser steps per epoch (plain), {medseg['steps_per_epoch']} (medseg); torch threads {plain['threads']} "
+        f"(plain), {medseg['threads']} (medseg); the median of {summary['repeats']} run(s) of each.", "", *lines, "",
         f"**What bounds the ratio:** medseg's compute stages take {medseg['compute']:.2f} s of its {medseg['cycle']:.2f} s "
         f"epoch; even with its data stage at zero, plain MONAI's {plain['cycle']:.2f} s epoch over that compute is "
         f"**{summary['bound']:.2f}x**, the most this network allows on this machine "
@@ -200,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         for path in PATHS if repeat % 2 == 0 else PATHS[::-1]:
             runs[path].append(_child(work, path, args.epochs, args.tiny))
     summary = summarise(runs)
-    command = "OMP_NUM_THREADS=1 python benchmarks/profile_train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/profile_train.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_stages.json").write_text(json.dumps({"runs": runs, "summary": summary, "command": command,
                                                         "epochs": args.epochs, "repeats": args.repeats}, indent=1))
