@@ -40,7 +40,7 @@ def write_sitk_series(folder: Path, seed: int = 0) -> tuple[Path, str]:
     volume.SetOrigin(ORIGIN)
     volume.SetDirection(_oblique_direction())
     direction = volume.GetDirection()
-    stamp = time.strftime("%H%M%S")
+    stamp = int(time.time())  # a UID component has no leading zero (an %H%M%S stamp had one before 10:00)
     series_uid = f"1.2.826.0.1.3680043.2.1125.{seed}.{stamp}.1"
     common = [
         ("0008|0060", "CT"), ("0008|0016", "1.2.840.10008.5.1.4.1.1.2"), ("0010|0010", "Test^Patient"),
