@@ -4,8 +4,6 @@ counted from the SR model's own contract."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,20 +12,13 @@ from torch import nn
 
 from medseg.engine.model_format import write_model_folder
 from tests.conftest import REPO
+from tests.test_benchmarks import _bench
 
 BENCHMARKS = REPO / "benchmarks"
 
 
 def _bench_sr() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))  # it imports its sibling tiny.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_sr", BENCHMARKS / "bench_sr.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return _bench("bench_sr")
 
 
 def _table_rows(page: str, header_start: str) -> list[list[str]]:

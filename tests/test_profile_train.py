@@ -3,9 +3,7 @@ backward and step (known answers on a toy loop), and a tiny run profiles both W4
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -14,20 +12,11 @@ import pytest
 import torch
 
 from tests.conftest import REPO, require
-
-BENCHMARKS = REPO / "benchmarks"
+from tests.test_benchmarks import _bench
 
 
 def _profile_train() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))  # it imports its siblings (bench_perf, interleaved, tiny)
-    try:
-        spec = importlib.util.spec_from_file_location("profile_train", BENCHMARKS / "profile_train.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return _bench("profile_train")
 
 
 class SlowLoss(torch.nn.Module):
